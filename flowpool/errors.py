@@ -1,0 +1,190 @@
+"""The one error tree of flowpool, and what each client-facing error means in HTTP.
+
+    FlowpoolError                      500 internal_error
+    ├── RequestError                   400 invalid_request_error
+    │   ├── MalformedJSON
+    │   ├── InputSchemaError
+    │   └── ValidationFailed           (script rules; carries [{line, message}])
+    ├── AuthenticationError            401 authentication_error
+    ├── NotFound                       404 not_found
+    ├── PayloadTooLarge                413 payload_too_large
+    ├── QuotaExceeded                  429 rate_limit_exceeded
+    ├── Unavailable                    503 service_unavailable
+    ├── RunError                       errors of a run, stored on its record
+    │   ├── TimeLimitExceeded          408 timeout
+    │   ├── ScriptError                500 script_error
+    │   ├── OutputSchemaError          500 output_schema_error
+    │   ├── ResultTooLarge             413 payload_too_large
+    │   ├── SandboxError               500 sandbox_error
+    │   └── WorkerLost                 500 worker_lost
+    └── ConfigurationError             raised at start-up, never rendered
+
+The API registers one handler on :class:`FlowpoolError` and renders
+``{"error": {"message", "type", "code"}}`` from ``status`` and ``type``.
+Run errors travel from the worker to the API as plain dicts
+(:meth:`RunError.to_dict` / :func:`run_error_from_dict`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+class FlowpoolError(Exception):
+    """Root of every error flowpool raises on purpose."""
+
+    status: int = 500
+    type: str = "internal_error"
+
+    def __init__(self, message: str = "", **details: Any) -> None:
+        super().__init__(message)
+        self.message = message or self.__class__.__doc__ or self.type
+        self.details = details
+
+    def to_body(self) -> dict[str, Any]:
+        """The JSON body the API answers with."""
+        error: dict[str, Any] = {"message": self.message, "type": self.type, "code": self.status}
+        error.update(self.details)
+        return {"error": error}
+
+
+class ConfigurationError(FlowpoolError):
+    """A setting is missing or inconsistent."""
+
+
+class RequestError(FlowpoolError):
+    """The request is malformed."""
+
+    status = 400
+    type = "invalid_request_error"
+
+
+class MalformedJSON(RequestError):
+    """The body is not valid JSON."""
+
+
+class InputSchemaError(RequestError):
+    """The input breaks the workflow's INPUT_SCHEMA."""
+
+
+class ValidationFailed(RequestError):
+    """The script breaks the workflow rules; ``errors`` lists them with line numbers."""
+
+    type = "script_validation_error"
+
+
+class AuthenticationError(FlowpoolError):
+    """The API key is missing or unknown."""
+
+    status = 401
+    type = "authentication_error"
+
+
+class NotFound(FlowpoolError):
+    """No such resource for this account."""
+
+    status = 404
+    type = "not_found"
+
+
+class PayloadTooLarge(FlowpoolError):
+    """A body, input or result is over its size limit."""
+
+    status = 413
+    type = "payload_too_large"
+
+
+class QuotaExceeded(FlowpoolError):
+    """The account is over a quota."""
+
+    status = 429
+    type = "rate_limit_exceeded"
+
+
+class Unavailable(FlowpoolError):
+    """The broker or the workers cannot take the request; nothing was started."""
+
+    status = 503
+    type = "service_unavailable"
+    retry_after = 5
+
+
+class RunError(FlowpoolError):
+    """A run ended in error; the worker records it and the API renders it."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": type(self).__name__, "message": self.message, **self.details}
+
+
+class TimeLimitExceeded(RunError):
+    """The run passed its time limit."""
+
+    status = 408
+    type = "timeout"
+
+
+class ScriptError(RunError):
+    """The workflow script raised."""
+
+    type = "script_error"
+
+
+class OutputSchemaError(RunError):
+    """The result breaks the workflow's OUTPUT_SCHEMA."""
+
+    type = "output_schema_error"
+
+
+class ResultTooLarge(RunError):
+    """The result is over the configured size limit."""
+
+    status = 413
+    type = "payload_too_large"
+
+
+class SandboxError(RunError):
+    """The sandbox process crashed or broke the protocol."""
+
+    type = "sandbox_error"
+
+
+class WorkerLost(RunError):
+    """The worker running the request stopped answering."""
+
+    type = "worker_lost"
+
+
+_RUN_ERRORS: dict[str, type[RunError]] = {
+    cls.__name__: cls
+    for cls in (TimeLimitExceeded, ScriptError, OutputSchemaError, ResultTooLarge, SandboxError, WorkerLost)
+}
+
+
+def run_error_from_dict(data: dict[str, Any]) -> RunError:
+    """Rebuild a run error recorded by a worker."""
+    data = dict(data)
+    cls = _RUN_ERRORS.get(data.pop("kind", ""), SandboxError)
+    message = data.pop("message", "")
+    return cls(message, **data)
+
+
+__all__ = [
+    "AuthenticationError",
+    "ConfigurationError",
+    "FlowpoolError",
+    "InputSchemaError",
+    "MalformedJSON",
+    "NotFound",
+    "OutputSchemaError",
+    "PayloadTooLarge",
+    "QuotaExceeded",
+    "RequestError",
+    "ResultTooLarge",
+    "RunError",
+    "SandboxError",
+    "ScriptError",
+    "TimeLimitExceeded",
+    "Unavailable",
+    "ValidationFailed",
+    "WorkerLost",
+    "run_error_from_dict",
+]

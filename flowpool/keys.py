@@ -1,0 +1,79 @@
+"""Every Redis key flowpool writes, in one place (data lives under ``fp:``)."""
+from __future__ import annotations
+
+__all__ = [
+    "ACCOUNTS", "SECRET", "WORKERS",
+    "account", "api_key", "workflows", "workflow", "versions", "version", "version_hashes",
+    "run", "run_events", "run_lease", "workflow_runs", "cache", "inflight",
+]
+
+PREFIX = "fp:"
+
+ACCOUNTS = PREFIX + "accounts"            # hash: account name -> account id
+SECRET = PREFIX + "secret"                # generated key for hashing request secrets
+WORKERS = PREFIX + "workers"              # zset: worker name -> last heartbeat (unix time)
+
+
+def account(account_id: str) -> str:
+    """Hash: name, created_at."""
+    return f"{PREFIX}acct:{account_id}"
+
+
+def api_key(key_hash: str) -> str:
+    """String: account id owning the key whose SHA-256 is ``key_hash``."""
+    return f"{PREFIX}key:{key_hash}"
+
+
+def workflows(account_id: str) -> str:
+    """Zset: workflow ref names by creation time."""
+    return f"{PREFIX}a:{account_id}:wfs"
+
+
+def workflow(account_id: str, ref: str) -> str:
+    """Hash: the workflow's mutable settings and its active version."""
+    return f"{PREFIX}a:{account_id}:wf:{ref}"
+
+
+def versions(account_id: str, ref: str) -> str:
+    """Zset: version strings by creation order."""
+    return f"{PREFIX}a:{account_id}:wf:{ref}:versions"
+
+
+def version(account_id: str, ref: str, number: str) -> str:
+    """Hash: one immutable version (script, content hash, declared constants)."""
+    return f"{PREFIX}a:{account_id}:wf:{ref}:v:{number}"
+
+
+def version_hashes(account_id: str, ref: str) -> str:
+    """Hash: content hash -> version string, so an identical upload makes no new version."""
+    return f"{PREFIX}a:{account_id}:wf:{ref}:hashes"
+
+
+def workflow_runs(account_id: str, ref: str) -> str:
+    """Zset: request ids of the workflow's runs by queue time."""
+    return f"{PREFIX}a:{account_id}:wf:{ref}:runs"
+
+
+def run(request_id: str) -> str:
+    """Hash: the run record."""
+    return f"{PREFIX}run:{request_id}"
+
+
+def run_events(request_id: str) -> str:
+    """Stream: the run's emitted chunks, then one final ``done`` entry."""
+    return f"{PREFIX}run:{request_id}:events"
+
+
+def run_lease(request_id: str) -> str:
+    """String with a TTL, kept fresh by the worker while the run is alive."""
+    return f"{PREFIX}run:{request_id}:lease"
+
+
+def cache(account_id: str, cache_key: str) -> str:
+    """String: the cached result of a successful run."""
+    return f"{PREFIX}a:{account_id}:cache:{cache_key}"
+
+
+def inflight(account_id: str, cache_key: str) -> str:
+    """String: request id of the run computing this cache key right now (single flight)."""
+    return f"{PREFIX}a:{account_id}:inflight:{cache_key}"

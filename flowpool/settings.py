@@ -1,0 +1,90 @@
+"""The one settings object: every default declared once, read from ``FLOWPOOL_*`` variables."""
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "DEFAULT_REDIS_URL"]
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class Settings(BaseSettings):
+    """flowpool's configuration. Each field is the variable ``FLOWPOOL_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="FLOWPOOL_", extra="ignore", frozen=True)
+
+    # Where things are.
+    redis_url: Optional[str] = Field(
+        None, description="Redis for the registry, runs and cache. `flowpool dev` starts its own when unset; "
+        f"the other commands fall back to {DEFAULT_REDIS_URL}.")
+    broker_url: Optional[str] = Field(
+        None, description="Celery broker (redis:// or amqp://). Defaults to the Redis URL.")
+    api_url: str = Field("http://127.0.0.1:8080", description="Where the command line finds the API.")
+    api_key: Optional[str] = Field(None, description="API key the command line sends.")
+    secret_key: Optional[str] = Field(
+        None, description="Key for the keyed hash of request secrets in cache keys. When unset, one is "
+        "generated once and kept in Redis; set it in production so it lives outside Redis.")
+
+    # Time limits.
+    default_timeout_seconds: float = Field(60, gt=0, description="Soft limit when the workflow sets none.")
+    max_timeout_seconds: float = Field(600, gt=0, description="Operator cap on any workflow's soft limit.")
+    hard_timeout_grace_seconds: float = Field(
+        5, gt=0, description="Seconds between the soft limit (script interrupted) and the hard one (killed).")
+    queue_wait_seconds: float = Field(
+        60, gt=0, description="How long a run may wait for a free worker before the caller gets a 503.")
+
+    # Workers.
+    worker_concurrency: int = Field(64, ge=1, description="Runs one worker holds at once.")
+    worker_heartbeat_seconds: float = Field(1.0, gt=0, description="How often a worker says it is alive.")
+    worker_ttl_seconds: float = Field(
+        5.0, gt=0, description="A worker (and its runs) silent this long is taken for dead.")
+    worker_events: bool = Field(False, description="Send Celery task events (for Flower).")
+    script_cache_size: int = Field(256, ge=1, description="Compiled script versions kept warm per worker.")
+
+    # Sizes.
+    max_body_bytes: int = Field(8 << 20, description="Largest request body.")
+    max_input_bytes: int = Field(2 << 20, description="Largest `input` plus `messages`, as JSON.")
+    max_result_bytes: int = Field(2 << 20, description="Largest workflow result, as JSON.")
+    max_log_bytes: int = Field(256 << 10, description="Log text kept per run; the rest is cut.")
+    max_chunks: int = Field(10_000, description="Emitted chunks kept per run.")
+    max_chunk_bytes: int = Field(64 << 10, description="Largest emitted chunk, as JSON.")
+
+    # Sandbox.
+    sandbox_memory_mb: int = Field(512, ge=64, description="Address-space limit of a run's process.")
+    sandbox_max_processes: int = Field(32, ge=1, description="Processes a run may have (needs an unprivileged uid).")
+    sandbox_max_open_files: int = Field(64, ge=16, description="Open files per run process.")
+    sandbox_max_file_mb: int = Field(64, ge=1, description="Largest file a run may write.")
+    sandbox_uid_base: int = Field(
+        61000, description="When workers run as root, each run slot gets uid/gid base + slot.")
+
+    # Cache and records.
+    default_cache_ttl_seconds: int = Field(3600, ge=0, description="Result cache TTL when the workflow sets none.")
+    run_ttl_seconds: int = Field(7 * 86400, ge=60, description="How long run records are kept.")
+    runs_per_workflow: int = Field(1000, ge=1, description="Run ids indexed per workflow.")
+
+    # Serving.
+    api_threads: int = Field(32, ge=1, description="Threads per API process (gunicorn gthread).")
+    api_workers: int = Field(2, ge=1, description="API processes (gunicorn workers).")
+    log_level: str = Field("INFO", description="Log level of every process.")
+
+    @property
+    def redis(self) -> str:
+        """The Redis URL in force."""
+        return self.redis_url or DEFAULT_REDIS_URL
+
+    @property
+    def broker(self) -> str:
+        """The broker URL in force."""
+        return self.broker_url or self.redis
+
+    def clamp_timeout(self, seconds: float | None) -> float:
+        """The soft limit of a run: the workflow's own, or the default, never over the operator cap."""
+        return min(seconds or self.default_timeout_seconds, self.max_timeout_seconds)
+
+    @property
+    def run_deadline_slack(self) -> float:
+        """Seconds the API waits past a run's hard limit before calling the worker lost."""
+        return self.hard_timeout_grace_seconds + self.worker_ttl_seconds

@@ -1,0 +1,91 @@
+"""What a workflow script sees: ``from flowpool_workflow import WorkflowContext``.
+
+The sandbox runtime builds one :class:`WorkflowContext` per run and passes it
+to ``execute(ctx)``. Everything a script does with the outside world goes
+through it; the calls are synchronous and travel over the run's channel to
+the worker.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol
+
+__all__ = ["WorkflowContext", "WorkflowLog", "SoftTimeLimitExceeded", "WorkflowError"]
+
+
+class WorkflowError(Exception):
+    """A ctx call failed; the message says why."""
+
+
+class SoftTimeLimitExceeded(Exception):
+    """The run reached its soft time limit. Clean up quickly: the hard limit kills the process."""
+
+
+class Transport(Protocol):
+    def send(self, message: dict[str, Any]) -> None: ...
+
+
+_LEVELS = ("debug", "info", "warning", "error")
+
+
+class WorkflowLog:
+    """Structured log lines kept with the run: ``ctx.log.info("fetched", n=3)``."""
+
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
+
+    def _log(self, level: str, msg: object, fields: dict[str, Any]) -> None:
+        self._transport.send({"op": "log", "level": level, "msg": str(msg), "fields": _jsonable(fields)})
+
+    def debug(self, msg: object, **fields: Any) -> None:
+        self._log("debug", msg, fields)
+
+    def info(self, msg: object, **fields: Any) -> None:
+        self._log("info", msg, fields)
+
+    def warning(self, msg: object, **fields: Any) -> None:
+        self._log("warning", msg, fields)
+
+    def error(self, msg: object, **fields: Any) -> None:
+        self._log("error", msg, fields)
+
+
+class WorkflowContext:
+    """The runtime API of one run (see the ctx table in the product contract)."""
+
+    def __init__(self, job: dict[str, Any], transport: Transport) -> None:
+        self.input: Any = job.get("input")
+        self.messages: list[dict[str, Any]] = job.get("messages") or []
+        self.secrets: dict[str, str] = dict(job.get("secrets") or {})
+        self.metadata: dict[str, Any] = dict(job.get("metadata") or {})
+        self.params: dict[str, Any] = dict(job.get("params") or {})
+        self.env: dict[str, str] = dict(job.get("env") or {})
+        self.session_id: str = job.get("session_id") or ""
+        self.request_id: str = job.get("request_id") or ""
+        self.log = WorkflowLog(transport)
+        self._transport = transport
+
+    def emit(self, type: str, content: Any = None) -> None:
+        """Send an intermediate chunk to the caller."""
+        if not isinstance(type, str) or not type:
+            raise WorkflowError("emit type must be a non-empty string")
+        try:
+            json.dumps(content)
+        except (TypeError, ValueError) as exc:
+            raise WorkflowError(f"emit content is not JSON-serializable: {exc}") from exc
+        self._transport.send({"op": "emit", "type": type, "content": content})
+
+    def __repr__(self) -> str:
+        return f"<WorkflowContext request_id={self.request_id!r}>"
+
+
+def _jsonable(fields: dict[str, Any]) -> dict[str, Any]:
+    """Log fields as JSON values, falling back to repr for anything else."""
+    out: dict[str, Any] = {}
+    for key, value in fields.items():
+        try:
+            json.dumps(value)
+            out[key] = value
+        except (TypeError, ValueError):
+            out[key] = repr(value)
+    return out

@@ -1,0 +1,68 @@
+"""Runtime checks of a run's input and output against the workflow's INPUT_SCHEMA and OUTPUT_SCHEMA."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flowpool.errors import InputSchemaError, OutputSchemaError, RequestError, RunError
+
+__all__ = ["JSON_TYPES", "check_input", "check_output"]
+
+
+def _is_number(value: object) -> bool:
+    """True for an int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# A schema `type` → whether a decoded JSON value has that type; bool is an int subclass, hence the exclusions.
+JSON_TYPES: dict[str, Callable[[object], bool]] = {
+    "string": lambda value: isinstance(value, str),
+    "number": _is_number,
+    "integer": lambda value: isinstance(value, int) and not isinstance(value, bool),
+    "boolean": lambda value: isinstance(value, bool),
+    "object": lambda value: isinstance(value, dict),
+    "array": lambda value: isinstance(value, list),
+}
+
+
+def check_input(schema: dict | None, value: object) -> None:
+    """Raise InputSchemaError when a run's input breaks the workflow's INPUT_SCHEMA."""
+    _check(schema, value, "input", InputSchemaError)
+
+
+def check_output(schema: dict | None, value: object) -> None:
+    """Raise OutputSchemaError when a run's result breaks the workflow's OUTPUT_SCHEMA."""
+    _check(schema, value, "output", OutputSchemaError)
+
+
+def _check(
+    schema: dict | None, value: object, side: str, error: type[RequestError] | type[RunError]
+) -> None:
+    """Raise error for the first field of value that breaks schema."""
+    if schema is None:
+        return
+    if not isinstance(value, dict):
+        fields = ", ".join(str(field) for field in schema)
+        raise error(f"{side} must be a JSON object" + (f" with fields: {fields}" if fields else ""))
+    for field, spec in schema.items():
+        required = spec.get("required", False)
+        if field not in value:
+            if required:
+                raise error(f"{side} field {field!r} is required", field=field)
+            continue
+        item = value[field]
+        if item is None and not required:
+            continue
+        accepts = JSON_TYPES.get(spec.get("type", ""))
+        if accepts is not None and not accepts(item):
+            raise error(f"{side} field {field!r} must be {spec['type']}, got {_json_type(item)}", field=field)
+
+
+def _json_type(value: object) -> str:
+    """The JSON type name of value, or its Python type name when it has none."""
+    if value is None:
+        return "null"
+    # integer before number so that 3 reads as integer and 3.0 as number.
+    for name in ("boolean", "integer", "number", "string", "object", "array"):
+        if JSON_TYPES[name](value):
+            return name
+    return type(value).__name__

@@ -1,0 +1,135 @@
+"""The code that runs inside a sandboxed run process: build ``ctx``, run the script, report.
+
+Protocol (one JSON frame each, see :mod:`.channel`):
+  worker -> run:   {"op": "run", "code": <base64 marshal>, "job": {...}, "soft_seconds": s}
+  run -> worker:   {"op": "emit", "type", "content"} | {"op": "log", "level", "msg", "fields"}
+                   then exactly one {"op": "result", "value"} or
+                   {"op": "error", "kind": "script"|"timeout"|"result", "type", "message", "traceback"}
+"""
+from __future__ import annotations
+
+import base64
+import json
+import marshal
+import os
+import signal
+import socket
+import sys
+import threading
+import traceback
+import types
+from typing import Any
+
+from flowpool_workflow import SoftTimeLimitExceeded, WorkflowContext
+
+from .channel import Channel
+
+__all__ = ["serve"]
+
+SCRIPT_FILENAME = "workflow.py"
+
+
+class _Transport:
+    """Sends frames to the worker; safe to use from threads the script starts."""
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+        self._lock = threading.Lock()
+
+    def send(self, message: dict[str, Any]) -> None:
+        with self._lock:
+            self._channel.send(message)
+
+
+class _StreamToLog:
+    """Turns ``print`` output into log lines of the run, one per line written."""
+
+    def __init__(self, transport: _Transport, level: str, stream: str) -> None:
+        self._transport, self._level, self._stream = transport, level, stream
+        self._buf = ""
+
+    def write(self, text: str) -> int:
+        self._buf += text
+        # Flush whole lines, and long partial lines too, so a print without
+        # end cannot grow memory here; the worker caps what it keeps.
+        while "\n" in self._buf or len(self._buf) >= 8192:
+            line, sep, rest = self._buf.partition("\n") if "\n" in self._buf else (self._buf[:8192], "", self._buf[8192:])
+            self._buf = rest
+            self._transport.send({"op": "log", "level": self._level, "msg": line, "fields": {"stream": self._stream}})
+        return len(text)
+
+    def flush(self) -> None:
+        if self._buf:
+            line, self._buf = self._buf, ""
+            self._transport.send({"op": "log", "level": self._level, "msg": line, "fields": {"stream": self._stream}})
+
+    def isatty(self) -> bool:
+        return False
+
+
+def _on_soft_limit(signum: int, frame: object) -> None:
+    raise SoftTimeLimitExceeded("the run reached its soft time limit")
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _script_traceback(exc: BaseException) -> str:
+    """The traceback from the script's own frames on, without the runtime's."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename != SCRIPT_FILENAME:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb or exc.__traceback__))
+
+
+def serve(fd: int) -> None:
+    """Run one job received on ``fd`` and report its outcome; the process exits afterwards."""
+    channel = Channel(socket.socket(fileno=fd))
+    transport = _Transport(channel)
+    request = channel.recv()
+    job = request["job"]
+    os.environ.clear()
+    os.environ.update({str(k): str(v) for k, v in (job.get("env") or {}).items()})
+    os.environ.update({"HOME": os.getcwd(), "TMPDIR": os.getcwd(), "PATH": "/usr/local/bin:/usr/bin:/bin"})
+    ctx = WorkflowContext(job, transport)
+    sys.stdout = _StreamToLog(transport, "info", "stdout")  # type: ignore[assignment]
+    sys.stderr = _StreamToLog(transport, "warning", "stderr")  # type: ignore[assignment]
+
+    signal.signal(signal.SIGALRM, _on_soft_limit)
+    signal.setitimer(signal.ITIMER_REAL, float(request["soft_seconds"]))
+    outcome: dict[str, Any]
+    try:
+        try:
+            module = types.ModuleType("workflow")
+            module.__file__ = SCRIPT_FILENAME
+            sys.modules["workflow"] = module
+            exec(marshal.loads(base64.b64decode(request["code"])), module.__dict__)
+            result = module.execute(ctx)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        try:
+            payload = json.dumps({"op": "result", "value": result}, separators=(",", ":"), ensure_ascii=False)
+        except (TypeError, ValueError) as exc:
+            outcome = {"op": "error", "kind": "result", "type": type(exc).__name__,
+                       "message": f"the result is not JSON-serializable: {exc}"}
+        else:
+            _flush_streams()
+            channel.send_bytes(payload.encode())
+            return
+    except SoftTimeLimitExceeded as exc:
+        outcome = {"op": "error", "kind": "timeout", "type": type(exc).__name__, "message": str(exc),
+                   "traceback": _script_traceback(exc)}
+    except BaseException as exc:  # the script may raise anything, SystemExit included
+        outcome = {"op": "error", "kind": "script", "type": type(exc).__name__, "message": _describe(exc),
+                   "traceback": _script_traceback(exc)}
+    _flush_streams()
+    channel.send(outcome)
+
+
+def _flush_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # the script may have replaced them
+            pass

@@ -1,0 +1,399 @@
+"""The worker's side of the sandbox: start the zygote, run one job per process, enforce limits.
+
+Time limits are enforced here, not by Celery (whose limits only the prefork
+pool enforces): the run process arms its own soft-limit timer, which raises
+:class:`flowpool_workflow.SoftTimeLimitExceeded` in the script so its
+``finally`` blocks run; the supervisor kills the process group at the hard
+limit, whatever the script does. Each supervisor call blocks one worker thread
+on a socket, so a thread pool holds many runs waiting on slow model calls.
+"""
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..errors import ResultTooLarge, SandboxError, ScriptError, TimeLimitExceeded
+from ..procs import set_parent_death_signal
+from .channel import Channel, ChannelClosed, ProtocolError
+
+__all__ = ["Sandbox", "SandboxLimits", "RunOutcome", "Zygote"]
+
+_SIGNAL_HINTS = {signal.SIGKILL: "killed (memory or CPU limit, or from outside)",
+                 signal.SIGXCPU: "CPU time limit", signal.SIGSEGV: "segmentation fault"}
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    """Resource limits of one run process."""
+
+    memory_bytes: int = 512 << 20
+    processes: int = 32
+    open_files: int = 64
+    file_bytes: int = 64 << 20
+    max_result_bytes: int = 2 << 20
+    max_log_bytes: int = 256 << 10
+    max_chunks: int = 10_000
+    max_chunk_bytes: int = 64 << 10
+
+
+@dataclass
+class RunOutcome:
+    """What a run produced: a result or an error, plus its logs."""
+
+    result: Any = None
+    result_json: str | None = None
+    error: ScriptError | TimeLimitExceeded | SandboxError | ResultTooLarge | None = None
+    logs: list[dict[str, Any]] = field(default_factory=list)
+    logs_truncated: bool = False
+    chunks: int = 0
+    pid: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class _Pending:
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.reply: dict[str, Any] | None = None
+
+
+class Zygote:
+    """Client of the zygote process; thread-safe, restarts it if it dies."""
+
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        self._env = env or {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._exits: dict[int, dict[str, int]] = {}
+        self._exit_events: dict[int, threading.Event] = {}
+        self._exit_lock = threading.Lock()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._control: socket.socket | None = None
+
+    def start(self) -> None:
+        """Start the zygote and wait until it answers."""
+        with self._lock:
+            self._start_locked()
+
+    def _start_locked(self) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._process = subprocess.Popen(
+            [sys.executable, "-I", "-m", "flowpool.sandbox.zygote", str(child.fileno())],
+            env=self._env, stdin=subprocess.DEVNULL, close_fds=True, pass_fds=(child.fileno(),),
+            preexec_fn=set_parent_death_signal,
+        )
+        child.close()
+        self._control = parent
+        reader = threading.Thread(target=self._read, args=(parent,), name="flowpool-zygote-reader", daemon=True)
+        reader.start()
+
+    def _read(self, control: socket.socket) -> None:
+        while True:
+            try:
+                data = control.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                self._fail_pending(control)
+                return
+            message = json.loads(data)
+            if message["op"] == "exited":
+                with self._exit_lock:
+                    self._exits[message["pid"]] = message["status"]
+                    event = self._exit_events.get(message["pid"])
+                if event is not None:
+                    event.set()
+                continue
+            pending = self._pending.pop(message.get("id"), None)
+            if pending is not None:
+                pending.reply = message
+                pending.event.set()
+
+    def _fail_pending(self, control: socket.socket) -> None:
+        with self._lock:
+            if self._control is control:
+                self._control = None
+        for key in list(self._pending):
+            pending = self._pending.pop(key, None)
+            if pending is not None:
+                pending.reply = {"op": "failed", "message": "the sandbox zygote exited"}
+                pending.event.set()
+
+    def _request(self, message: dict[str, Any], fds: list[int] | None = None, timeout: float = 10.0) -> dict[str, Any]:
+        pending = _Pending()
+        with self._lock:
+            if self._control is None or self._process is None or self._process.poll() is not None:
+                self._stop_locked()
+                self._start_locked()
+            message["id"] = next(self._ids)
+            self._pending[message["id"]] = pending
+            assert self._control is not None
+            socket.send_fds(self._control, [json.dumps(message).encode()], fds or [])
+        if not pending.event.wait(timeout):
+            self._pending.pop(message["id"], None)
+            raise SandboxError(f"the sandbox zygote did not answer {message['op']} within {timeout}s")
+        assert pending.reply is not None
+        if pending.reply["op"] == "failed":
+            raise SandboxError(f"could not {message['op']} a sandbox process: {pending.reply['message']}")
+        return pending.reply
+
+    def spawn(self, workdir: str, limits: dict[str, int | None], uid: int | None, gid: int | None) -> tuple[int, socket.socket]:
+        """Fork a run process; returns its pid and the worker's end of its channel."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            reply = self._request({"op": "spawn", "workdir": workdir, "limits": limits, "uid": uid, "gid": gid},
+                                  [theirs.fileno()])
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        pid = reply["pid"]
+        with self._exit_lock:
+            self._exit_events.setdefault(pid, threading.Event())
+        return pid, ours
+
+    def wait_exit(self, pid: int, timeout: float) -> dict[str, int] | None:
+        """The exit status of a run process, or None if it is still running after ``timeout``."""
+        with self._exit_lock:
+            event = self._exit_events.setdefault(pid, threading.Event())
+        event.wait(timeout)
+        with self._exit_lock:
+            return self._exits.get(pid)
+
+    def reap(self, pid: int, workdir: str, uid: int | None, gid: int | None) -> None:
+        """Kill whatever the run left and remove its files."""
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self._request({"op": "reap", "pid": pid, "workdir": workdir, "uid": uid, "gid": gid})
+        finally:
+            with self._exit_lock:
+                self._exits.pop(pid, None)
+                self._exit_events.pop(pid, None)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop_locked()
+
+    def _stop_locked(self) -> None:
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        if self._process is not None:
+            if self._process.poll() is None:
+                self._process.kill()
+            self._process.wait()
+            self._process = None
+
+
+class Sandbox:
+    """Runs jobs in sandboxed processes forked from a zygote, one run per process."""
+
+    def __init__(self, limits: SandboxLimits, slots: int, uid_base: int | None = None,
+                 hard_grace_seconds: float = 5.0) -> None:
+        self.limits = limits
+        self.hard_grace_seconds = hard_grace_seconds
+        # As root, each slot runs under its own uid, so RLIMIT_NPROC counts one
+        # run's processes and a run's leftovers can be killed by uid.
+        self._uid_base = uid_base if os.geteuid() == 0 else None
+        self._slots: queue.LifoQueue[int] = queue.LifoQueue()
+        for slot in reversed(range(slots)):
+            self._slots.put(slot)
+        self._root = tempfile.mkdtemp(prefix="flowpool-sandbox-")
+        os.chmod(self._root, 0o711)
+        self._zygote = Zygote()
+        self._runs = itertools.count(1)
+        # Cleaning up after a run (killing leftovers, removing files) happens
+        # off the caller's path; the slot, and so its uid, is reused only after.
+        self._cleanup: queue.Queue[tuple[int | None, str, int, int | None] | None] = queue.Queue()
+        self._cleaner = threading.Thread(target=self._clean, name="flowpool-sandbox-cleaner", daemon=True)
+
+    @property
+    def backend(self) -> str:
+        return "process"
+
+    def start(self) -> None:
+        self._zygote.start()
+        self._cleaner.start()
+
+    def stop(self) -> None:
+        self._cleanup.put(None)
+        if self._cleaner.is_alive():
+            self._cleaner.join(10)
+        self._zygote.stop()
+        shutil.rmtree(self._root, ignore_errors=True)
+
+    def _clean(self) -> None:
+        while True:
+            item = self._cleanup.get()
+            if item is None:
+                return
+            pid, workdir, slot, uid = item
+            try:
+                if pid is not None:
+                    self._zygote.reap(pid, workdir, uid, uid)
+                else:
+                    shutil.rmtree(workdir, ignore_errors=True)
+            except Exception:  # a lost zygote takes its processes with it
+                shutil.rmtree(workdir, ignore_errors=True)
+            finally:
+                self._slots.put(slot)
+
+    def run(self, code: bytes, job: dict[str, Any], soft_seconds: float,
+            on_emit: Callable[[str, Any], None] | None = None) -> RunOutcome:
+        """Run ``execute(ctx)`` of the compiled ``code`` for ``job``; never raises for the script's faults."""
+        slot = self._slots.get()
+        uid = gid = None
+        if self._uid_base is not None:
+            uid = gid = self._uid_base + slot
+        workdir = os.path.join(self._root, f"run-{next(self._runs)}")
+        started = time.monotonic()
+        hard_deadline = started + soft_seconds + self.hard_grace_seconds
+        limits = {
+            "memory_bytes": self.limits.memory_bytes,
+            "processes": self.limits.processes if uid is not None else None,
+            "open_files": self.limits.open_files,
+            "file_bytes": self.limits.file_bytes,
+            # CPU time is a backstop for the hard limit, in whole seconds.
+            "cpu_seconds": int(soft_seconds + self.hard_grace_seconds) + 1,
+        }
+        outcome = RunOutcome()
+        pid = None
+        try:
+            pid, sock = self._zygote.spawn(workdir, limits, uid, gid)
+            outcome.pid = pid
+            channel = Channel(sock, max_frame=self.limits.max_result_bytes + (64 << 10))
+            try:
+                channel.send({"op": "run", "code": base64.b64encode(code).decode(), "job": job,
+                              "soft_seconds": soft_seconds})
+                self._supervise(channel, pid, hard_deadline, soft_seconds, started, outcome, on_emit)
+            finally:
+                channel.close()
+        except SandboxError as exc:
+            outcome.error = exc
+        finally:
+            if pid is not None:
+                self._kill(pid)
+            self._cleanup.put((pid, workdir, slot, uid))
+        return outcome
+
+    def _supervise(self, channel: Channel, pid: int, hard_deadline: float, soft_seconds: float,
+                   started: float, outcome: RunOutcome, on_emit: Callable[[str, Any], None] | None) -> None:
+        limits = self.limits
+        log_bytes = 0
+        while True:
+            remaining = hard_deadline - time.monotonic()
+            if remaining <= 0:
+                self._kill(pid)
+                outcome.error = TimeLimitExceeded(
+                    f"the run passed its hard time limit ({soft_seconds + self.hard_grace_seconds:g}s) and was killed",
+                    limit="hard", seconds=soft_seconds)
+                return
+            channel.sock.settimeout(remaining)
+            try:
+                message = channel.recv()
+            except socket.timeout:
+                continue
+            except ChannelClosed:
+                outcome.error = self._crash(pid)
+                return
+            except ProtocolError as exc:
+                self._kill(pid)
+                if "over the limit" in str(exc):
+                    outcome.error = ResultTooLarge(
+                        f"the run sent a message over the size limit ({limits.max_result_bytes} bytes for a result)")
+                else:
+                    outcome.error = SandboxError(f"the run broke the sandbox protocol: {exc}")
+                return
+            op = message["op"]
+            if op == "emit":
+                outcome.chunks += 1
+                if outcome.chunks > limits.max_chunks:
+                    self._kill(pid)
+                    outcome.error = ResultTooLarge(f"the run emitted more than {limits.max_chunks} chunks")
+                    return
+                if len(json.dumps(message.get("content"))) > limits.max_chunk_bytes:
+                    self._kill(pid)
+                    outcome.error = ResultTooLarge(f"an emitted chunk is over {limits.max_chunk_bytes} bytes")
+                    return
+                if on_emit is not None:
+                    on_emit(str(message.get("type")), message.get("content"))
+            elif op == "log":
+                if outcome.logs_truncated:
+                    continue
+                line = {"level": str(message.get("level", "info")), "msg": str(message.get("msg", "")),
+                        "time": time.time()}
+                if isinstance(message.get("fields"), dict) and message["fields"]:
+                    line["fields"] = message["fields"]
+                log_bytes += len(line["msg"]) + 40
+                if log_bytes > limits.max_log_bytes:
+                    outcome.logs_truncated = True
+                    outcome.logs.append({"level": "warning", "msg": f"log cut at {limits.max_log_bytes} bytes",
+                                         "time": time.time()})
+                else:
+                    outcome.logs.append(line)
+            elif op == "result":
+                outcome.result = message.get("value")
+                outcome.result_json = json.dumps(outcome.result, separators=(",", ":"), ensure_ascii=False)
+                if len(outcome.result_json.encode()) > limits.max_result_bytes:
+                    outcome.result = outcome.result_json = None
+                    outcome.error = ResultTooLarge(f"the result is over {limits.max_result_bytes} bytes")
+                elif time.monotonic() - started > soft_seconds:
+                    outcome.result = outcome.result_json = None
+                    outcome.error = TimeLimitExceeded(
+                        f"the run passed its soft time limit ({soft_seconds:g}s)", limit="soft", seconds=soft_seconds)
+                return
+            elif op == "error":
+                kind = message.get("kind")
+                if kind == "timeout":
+                    outcome.error = TimeLimitExceeded(
+                        f"the run passed its soft time limit ({soft_seconds:g}s) and was interrupted",
+                        limit="soft", seconds=soft_seconds)
+                else:
+                    outcome.error = ScriptError(str(message.get("message", "the script failed")),
+                                                exception=str(message.get("type", "")),
+                                                traceback=str(message.get("traceback", ""))[-8192:])
+                return
+            else:
+                self._kill(pid)
+                outcome.error = SandboxError(f"the run sent an unknown message {op!r}")
+                return
+
+    def _kill(self, pid: int) -> None:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _crash(self, pid: int) -> SandboxError:
+        status = self._zygote.wait_exit(pid, 2.0)
+        if status is None:
+            self._kill(pid)
+            return SandboxError("the sandbox process closed its channel without a result")
+        if "signal" in status:
+            sig = status["signal"]
+            hint = _SIGNAL_HINTS.get(sig, "")
+            name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+            return SandboxError(f"the sandbox process died from signal {name}" + (f" ({hint})" if hint else ""),
+                                signal=sig)
+        return SandboxError(f"the sandbox process exited with code {status['code']} without a result",
+                            exit_code=status["code"])
