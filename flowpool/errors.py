@@ -16,7 +16,8 @@
     │   ├── OutputSchemaError          500 output_schema_error
     │   ├── ResultTooLarge             413 payload_too_large
     │   ├── SandboxError               500 sandbox_error
-    │   └── WorkerLost                 500 worker_lost
+    │   ├── WorkerLost                 500 worker_lost
+    │   └── RunNotStarted              503 service_unavailable
     └── ConfigurationError             raised at start-up, never rendered
 
 The API registers one handler on :class:`FlowpoolError` and renders
@@ -153,9 +154,18 @@ class WorkerLost(RunError):
     type = "worker_lost"
 
 
+class RunNotStarted(RunError):
+    """No worker started the run in time; it was dropped before it did anything."""
+
+    status = 503
+    type = "service_unavailable"
+    retry_after = 5
+
+
 _RUN_ERRORS: dict[str, type[RunError]] = {
     cls.__name__: cls
-    for cls in (TimeLimitExceeded, ScriptError, OutputSchemaError, ResultTooLarge, SandboxError, WorkerLost)
+    for cls in (TimeLimitExceeded, ScriptError, OutputSchemaError, ResultTooLarge, SandboxError, WorkerLost,
+                RunNotStarted)
 }
 
 
@@ -180,6 +190,7 @@ __all__ = [
     "RequestError",
     "ResultTooLarge",
     "RunError",
+    "RunNotStarted",
     "SandboxError",
     "ScriptError",
     "TimeLimitExceeded",

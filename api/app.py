@@ -1,0 +1,101 @@
+"""The Flask app factory and the services each API process shares between requests."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from flask import Flask, current_app, g, request
+
+from flowpool import keys
+from flowpool.cache import ResultCache
+from flowpool.errors import AuthenticationError
+from flowpool.registry import Account, Accounts, Registry
+from flowpool.runs import RunStore
+from flowpool.settings import Settings
+from flowpool.tasks import create_celery
+from flowpool.tasks.worker import connect_redis
+
+from .errors import register_error_handlers
+
+__all__ = ["Services", "create_app", "services", "authenticate"]
+
+
+class Services:
+    """Redis-backed stores and the Celery sender of one API process."""
+
+    # How long a "some worker is alive" answer is reused: a dead pool is
+    # noticed within this plus the worker TTL.
+    _WORKERS_MEMORY_SECONDS = 1.0
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.redis = connect_redis(settings)
+        self.accounts = Accounts(self.redis)
+        self.registry = Registry(self.redis)
+        self.runs = RunStore(self.redis, settings.run_ttl_seconds, settings.runs_per_workflow)
+        self.cache = ResultCache(self.redis, settings.secret_key)
+        self.celery = create_celery(settings)
+        self._workers_seen_until = 0.0
+        self._lock = threading.Lock()
+
+    def live_workers(self) -> int:
+        """How many workers sent a heartbeat within the worker TTL."""
+        now = time.time()
+        return self.redis.zcount(keys.WORKERS, now - self.settings.worker_ttl_seconds, "+inf")
+
+    def workers_alive(self) -> bool:
+        """Whether any worker is alive (answered from memory for up to a second)."""
+        if time.monotonic() < self._workers_seen_until:
+            return True
+        if self.live_workers() > 0:
+            self._workers_seen_until = time.monotonic() + self._WORKERS_MEMORY_SECONDS
+            return True
+        return False
+
+
+def services() -> Services:
+    return current_app.extensions["flowpool"]
+
+
+def authenticate() -> Account:
+    """The account of the request's API key (``x-api-key`` or ``Authorization: Bearer``)."""
+    account = g.get("account")
+    if account is None:
+        key = request.headers.get("x-api-key")
+        if not key:
+            auth = request.headers.get("Authorization", "")
+            scheme, _, token = auth.partition(" ")
+            if auth and scheme.lower() != "bearer":
+                raise AuthenticationError("the Authorization header must be 'Bearer <key>'")
+            key = token.strip()
+        account = g.account = services().accounts.authenticate(key)
+    return account
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the API app from ``settings`` (read from the environment when not given)."""
+    from . import health, invoke, runs, workflows
+
+    settings = settings or Settings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = Flask("flowpool", static_folder=None)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False
+    app.extensions["flowpool"] = Services(settings)
+    register_error_handlers(app)
+    for blueprint in (invoke.bp, workflows.bp, runs.bp, health.bp):
+        app.register_blueprint(blueprint)
+
+    @app.before_request
+    def _start_timer() -> None:
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def _server_timing(response):  # type: ignore[no-untyped-def]
+        started = g.get("started")
+        if started is not None:
+            response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.3f}"
+        return response
+
+    return app

@@ -1,0 +1,57 @@
+"""The one place that renders errors: ``{"error": {"message", "type", "code"}}``."""
+from __future__ import annotations
+
+import logging
+
+import redis
+from flask import Flask, Response, jsonify
+from kombu.exceptions import OperationalError
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from flowpool.errors import FlowpoolError, PayloadTooLarge, Unavailable
+
+__all__ = ["register_error_handlers", "render"]
+
+log = logging.getLogger("flowpool.api")
+
+
+def render(error: FlowpoolError) -> Response:
+    """The HTTP response of one of our errors."""
+    response = jsonify(error.to_body())
+    response.status_code = error.status
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after is not None and error.status in (429, 503):
+        response.headers["Retry-After"] = str(retry_after)
+    return response
+
+
+def register_error_handlers(app: Flask) -> None:
+    app.register_error_handler(FlowpoolError, render)
+
+    @app.errorhandler(redis.ConnectionError)
+    @app.errorhandler(redis.TimeoutError)
+    def _redis_down(exc: Exception) -> Response:
+        log.warning("Redis unreachable: %s", exc)
+        return render(Unavailable(f"Redis is unreachable: {exc}"))
+
+    @app.errorhandler(OperationalError)
+    def _broker_down(exc: Exception) -> Response:
+        log.warning("broker unreachable: %s", exc)
+        return render(Unavailable(f"the broker is unreachable: {exc}"))
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(exc: RequestEntityTooLarge) -> Response:
+        limit = app.config.get("MAX_CONTENT_LENGTH")
+        return render(PayloadTooLarge(f"the request body is over the limit of {limit} bytes"))
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> Response:
+        error = FlowpoolError(exc.description or exc.name)
+        error.status = exc.code or 500
+        error.type = exc.name.lower().replace(" ", "_")
+        return render(error)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        log.exception("unexpected error")
+        return render(FlowpoolError(f"internal error: {type(exc).__name__}"))

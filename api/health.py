@@ -1,0 +1,30 @@
+"""Liveness and readiness probes."""
+from __future__ import annotations
+
+from flask import Blueprint, jsonify
+
+from .app import services
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/healthz")
+def healthz():  # type: ignore[no-untyped-def]
+    """The process is up."""
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/readyz")
+def readyz():  # type: ignore[no-untyped-def]
+    """Redis answers and at least one worker sent a heartbeat recently."""
+    svc = services()
+    checks: dict[str, object] = {}
+    try:
+        svc.redis.ping()
+        checks["redis"] = "ok"
+        checks["workers"] = svc.live_workers()
+    except Exception as exc:  # any failure here means not ready
+        checks["redis"] = f"unreachable: {exc}"
+        checks["workers"] = 0
+    ready = checks["redis"] == "ok" and checks["workers"] > 0  # type: ignore[operator]
+    return jsonify({"status": "ready" if ready else "not ready", "checks": checks}), 200 if ready else 503

@@ -1,0 +1,158 @@
+"""``POST /workflow/chat/completions``: invoke a workflow like a model."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from flask import Blueprint, Response, jsonify
+
+from flowpool.errors import (FlowpoolError, PayloadTooLarge, RequestError, RunNotStarted, Unavailable,
+                             run_error_from_dict)
+from flowpool.registry import ResolvedWorkflow, check_input
+from flowpool.runs import RunStatus
+from flowpool.tasks import RUN_TASK
+
+from .app import Services, authenticate, services
+from .models import InvokeRequest, parse_model
+from .parsing import json_body, model_from
+
+bp = Blueprint("invoke", __name__)
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex}"
+
+
+def completion(body: InvokeRequest, request_id: str, session_id: str, done: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAI ``chat.completion`` answer of a finished run, with flowpool's own fields."""
+    return {
+        "id": f"chatcmpl-{request_id}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": body.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": done.get("content")},
+                     "finish_reason": "stop"}],
+        "usage": done.get("usage") or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+        "request_id": request_id,
+        "session_id": session_id,
+        "output": done.get("output"),
+    }
+
+
+def _check_input(body: InvokeRequest, workflow: ResolvedWorkflow, limit: int) -> None:
+    size = len(json.dumps(body.input)) + len(json.dumps([m.model_dump() for m in body.messages or []]))
+    if size > limit:
+        raise PayloadTooLarge(f"input and messages are {size} bytes as JSON, over the limit of {limit}")
+    schema = workflow.input_schema
+    if body.input is None and schema and not any(spec.get("required") for spec in schema.values()):
+        return  # only messages came, and the schema asks for nothing
+    check_input(schema, body.input if body.input is not None else {})
+
+
+def _answer(body: InvokeRequest, request_id: str, session_id: str, done: dict[str, Any], cache: str) -> Response:
+    if done.get("error"):
+        error = run_error_from_dict(done["error"])
+        error.details["request_id"] = request_id
+        raise error
+    response = jsonify(completion(body, request_id, session_id, done))
+    response.headers["X-Request-Id"] = request_id
+    response.headers["X-Cache"] = cache
+    return response
+
+
+@bp.post("/workflow/chat/completions")
+def chat_completions() -> Response:
+    svc = services()
+    settings = svc.settings
+    account = authenticate()
+    body = model_from(InvokeRequest, json_body())
+    if body.messages is None and body.input is None:
+        raise RequestError("send 'messages', 'input' or both", param="input")
+    if body.stream:
+        raise RequestError("streaming ('stream': true) is not available on this server yet", param="stream")
+    ref, pinned = parse_model(body.model)
+    workflow = svc.registry.resolve(account.id, ref, pinned)
+    _check_input(body, workflow, settings.max_input_bytes)
+
+    request_id = _new_id("req_")
+    session_id = body.session_id or _new_id("sess_")
+    soft = settings.clamp_timeout(workflow.timeout_seconds)
+    run_seconds = soft + settings.run_deadline_slack
+    ttl = workflow.cache_ttl_seconds if workflow.cache_ttl_seconds is not None else settings.default_cache_ttl_seconds
+    request = body.model_dump(include={"input", "max_tokens", "temperature", "metadata"})
+    request["messages"] = [m.model_dump(exclude_none=True) for m in body.messages] if body.messages else None
+
+    cache_key = None
+    if body.cache and ttl > 0:
+        cache_key = svc.cache.key(account.id, workflow.content_hash, workflow.config_hash, request, body.secrets)
+        entry = svc.cache.get(account.id, cache_key)
+        if entry is not None:
+            _record_hit(svc, body, workflow, request_id, session_id, entry)
+            return _answer(body, request_id, session_id, dict(entry, status="succeeded"), "HIT")
+        leader = svc.cache.lead(account.id, cache_key, request_id, settings.queue_wait_seconds + run_seconds)
+        if leader is not None:
+            # An identical request is running: share its run instead of starting one.
+            done = svc.runs.wait(leader, settings.queue_wait_seconds, run_seconds)
+            return _answer(body, leader, session_id, done, "HIT")
+
+    try:
+        if not svc.workers_alive():
+            raise Unavailable("no flowpool worker is running; start one with 'flowpool worker'")
+        _submit(svc, body, workflow, request_id, session_id, soft, request, cache_key, ttl)
+    except BaseException:
+        if cache_key is not None:
+            svc.cache.release(account.id, cache_key, request_id)
+        raise
+    done = svc.runs.wait(request_id, settings.queue_wait_seconds, run_seconds)
+    return _answer(body, request_id, session_id, done, "MISS")
+
+
+def _record_hit(svc: Services, body: InvokeRequest, workflow: ResolvedWorkflow, request_id: str,
+                session_id: str, entry: dict[str, Any]) -> None:
+    now = time.time()
+    pipe = svc.redis.pipeline(transaction=False)
+    svc.runs.create(pipe, workflow.account_id, workflow.ref, request_id, {
+        "status": RunStatus.SUCCEEDED, "version": entry.get("version"), "session_id": session_id,
+        "cache_hit": True, "origin_request_id": entry.get("request_id"), "queued_at": now, "started_at": now,
+        "finished_at": now, "output": entry.get("output"), "usage": entry.get("usage"),
+        "chunk_count": len(entry.get("chunks") or ()), "metadata": body.metadata,
+    })
+    pipe.execute()
+
+
+def _submit(svc: Services, body: InvokeRequest, workflow: ResolvedWorkflow, request_id: str, session_id: str,
+            soft: float, request: dict[str, Any], cache_key: str | None, ttl: int) -> None:
+    """Record the run as queued and hand it to the workers."""
+    settings = svc.settings
+    job = {
+        "request_id": request_id, "account": workflow.account_id, "workflow": workflow.ref,
+        "version": workflow.version, "content_hash": workflow.content_hash, "soft_seconds": soft,
+        "input": body.input, "messages": request["messages"] or [], "secrets": body.secrets or {},
+        "metadata": body.metadata or {}, "session_id": session_id, "env": workflow.env,
+        "params": {"max_tokens": body.max_tokens, "temperature": body.temperature, "stream": body.stream},
+        "output_schema": workflow.output_schema,
+        "cache": {"key": cache_key, "ttl": ttl} if cache_key else None,
+    }
+    pipe = svc.redis.pipeline(transaction=False)
+    svc.runs.create(pipe, workflow.account_id, workflow.ref, request_id, {
+        "status": RunStatus.QUEUED, "version": workflow.version, "session_id": session_id, "cache_hit": False,
+        "queued_at": time.time(), "timeout_seconds": soft, "metadata": body.metadata,
+    })
+    pipe.execute()
+    try:
+        svc.celery.send_task(
+            RUN_TASK, kwargs={"job": job}, task_id=request_id, expires=settings.queue_wait_seconds,
+            # Keep secrets out of worker logs and task events (Flower).
+            argsrepr="()", kwargsrepr=f"{{'job': <run {request_id} of {workflow.ref}@{workflow.version}>}}",
+        )
+    except FlowpoolError:
+        raise
+    except Exception as exc:
+        message = f"the broker did not take the run: {exc}"
+        svc.runs.abandon(request_id, RunStatus.QUEUED, RunNotStarted(message), workflow.version)
+        raise Unavailable(message) from exc
+
+
+__all__ = ["bp", "completion"]

@@ -1,0 +1,77 @@
+"""Request bodies of the API, validated with pydantic; unknown fields are ignored like OpenAI does."""
+from __future__ import annotations
+
+import re
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
+
+__all__ = ["ActivateRequest", "InvokeRequest", "Message", "UploadRequest", "ValidateRequest", "parse_model"]
+
+MODEL_PATTERN = re.compile(r"^workflow:([A-Za-z0-9][A-Za-z0-9_.\-]{0,63})(?:@(\d+\.\d+\.\d+))?$")
+
+
+def parse_model(model: str) -> tuple[str, str | None]:
+    """``workflow:<ref>[@<version>]`` split into ref and version."""
+    match = MODEL_PATTERN.match(model)
+    if match is None:
+        raise ValueError(f"model must look like 'workflow:<ref_name>' or 'workflow:<ref_name>@<x.y.z>', got {model!r}")
+    return match.group(1), match.group(2)
+
+
+class Message(BaseModel):
+    """One OpenAI-format chat message; extra keys (name, tool_calls...) are kept."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: StrictStr
+    content: Union[StrictStr, list[Any], None] = None
+
+
+class InvokeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr
+    messages: Optional[list[Message]] = None
+    input: Any = None
+    session_id: Optional[StrictStr] = Field(None, max_length=200)
+    stream: bool = False
+    secrets: Optional[dict[str, StrictStr]] = None
+    metadata: Optional[dict[str, Any]] = None
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    cache: bool = True
+
+    @field_validator("model")
+    @classmethod
+    def _model_format(cls, value: str) -> str:
+        parse_model(value)
+        return value
+
+
+class Accessory(BaseModel):
+    key: StrictStr = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+    content_base64: StrictStr
+
+
+class UploadRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    workflow_ref_name: StrictStr
+    script: StrictStr = Field(min_length=1)
+    description: Optional[StrictStr] = None
+    timeout_seconds: Optional[float] = Field(None, gt=0)
+    cache_ttl_seconds: Optional[int] = Field(None, ge=0)
+    application_name: Optional[StrictStr] = None
+    env: Optional[dict[str, StrictStr]] = None
+    version_notes: Optional[StrictStr] = None
+    version_bump: Literal["major", "minor", "patch"] = "patch"
+    accessories: list[Accessory] = []
+
+
+class ValidateRequest(BaseModel):
+    code: StrictStr
+
+
+class ActivateRequest(BaseModel):
+    version: StrictStr = Field(pattern=r"^\d+\.\d+\.\d+$")

@@ -1,0 +1,62 @@
+"""Run records: ``GET /api/v1/runs/{request_id}`` and ``GET /api/v1/workflows/{ref}/runs``."""
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, jsonify
+
+from flowpool.errors import NotFound
+
+from .app import Services, authenticate, services
+from .parsing import page_args, paginated
+
+bp = Blueprint("runs", __name__, url_prefix="/api/v1")
+
+_SUMMARY = ("request_id", "workflow", "version", "status", "session_id", "cache_hit", "queued_at", "started_at",
+            "finished_at", "worker")
+
+
+def run_view(svc: Services, record: dict[str, Any], full: bool = True) -> dict[str, Any]:
+    """A run as the API shows it; never the secrets, which are not stored at all."""
+    view = {name: record.get(name) for name in _SUMMARY}
+    view["cache_hit"] = bool(record.get("cache_hit"))
+    view["timings"] = {
+        "queued_at": record.get("queued_at"), "started_at": record.get("started_at"),
+        "finished_at": record.get("finished_at"),
+        "queue_ms": _ms(record.get("queued_at"), record.get("started_at")),
+        "run_ms": _ms(record.get("started_at"), record.get("finished_at")),
+    }
+    view["error"] = record.get("error")
+    if full:
+        view.update(
+            output=record.get("output"), usage=record.get("usage"), metadata=record.get("metadata"),
+            timeout_seconds=record.get("timeout_seconds"), origin_request_id=record.get("origin_request_id"),
+            model_calls=record.get("model_calls") or [], logs=record.get("logs") or [],
+            logs_truncated=bool(record.get("logs_truncated")),
+            chunks=svc.runs.chunks(record["request_id"]) if record.get("chunk_count") else [],
+        )
+    return view
+
+
+def _ms(start: float | None, end: float | None) -> float | None:
+    return round((end - start) * 1000, 3) if start and end else None
+
+
+@bp.get("/runs/<request_id>")
+def get_run(request_id: str):  # type: ignore[no-untyped-def]
+    svc, account = services(), authenticate()
+    record = svc.runs.get(request_id)
+    if record is None or record.get("account") != account.id:
+        raise NotFound(f"no run with request_id {request_id!r}")
+    return jsonify({"data": run_view(svc, record)})
+
+
+@bp.get("/workflows/<ref>/runs")
+def list_runs(ref: str):  # type: ignore[no-untyped-def]
+    svc, account = services(), authenticate()
+    offset, limit = page_args()
+    svc.registry.get(account.id, ref)
+    ids, total = svc.runs.list_for_workflow(account.id, ref, offset, limit)
+    records = [svc.runs.get(i) for i in ids]
+    items = [run_view(svc, r, full=False) for r in records if r is not None]
+    return jsonify(paginated(items, total, offset, limit))

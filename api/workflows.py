@@ -1,0 +1,128 @@
+"""Workflows: upload, validate, list, get, delete, versions, activate."""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+from flask import Blueprint, jsonify, request
+
+from flowpool.errors import RequestError
+from flowpool.registry import Upload, validate_script
+
+from .app import authenticate, services
+from .models import ActivateRequest, UploadRequest, ValidateRequest
+from .parsing import json_body, model_from, page_args, paginated
+
+bp = Blueprint("workflows", __name__, url_prefix="/api/v1/workflows")
+
+DEFAULT_SCRIPT = '''\
+from flowpool_workflow import WorkflowContext
+
+INPUT_SCHEMA = {"text": {"type": "string", "description": "What to echo back", "required": True}}
+OUTPUT_SCHEMA = {"echo": {"type": "string"}, "words": {"type": "integer"}}
+TIMEOUT_SECONDS = 30
+CACHE_TTL_SECONDS = 3600
+
+
+def execute(ctx: WorkflowContext):
+    text = ctx.input["text"]
+    ctx.log.info("echoing", length=len(text))
+    ctx.emit("progress", "counted words")
+    return {"echo": text, "words": len(text.split())}
+'''
+
+
+def _upload_from_multipart() -> dict[str, Any]:
+    form: dict[str, Any] = {k: v for k, v in request.form.items()}
+    script_file = request.files.get("script_file")
+    if script_file is not None:
+        try:
+            form["script"] = script_file.read().decode()
+        except UnicodeDecodeError as exc:
+            raise RequestError(f"script_file is not UTF-8 text: {exc}", param="script_file") from exc
+    if "env" in form:
+        try:
+            form["env"] = json.loads(form["env"])
+        except ValueError as exc:
+            raise RequestError(f"env must be a JSON object: {exc}", param="env") from exc
+    form["accessories"] = [
+        {"key": name[len("accessory_"):], "content_base64": base64.b64encode(file.read()).decode()}
+        for name, file in request.files.items() if name.startswith("accessory_")
+    ]
+    return form
+
+
+@bp.post("/upload")
+def upload():  # type: ignore[no-untyped-def]
+    svc, account = services(), authenticate()
+    if request.mimetype == "multipart/form-data":
+        data = _upload_from_multipart()
+    else:
+        data = json_body()
+    body = model_from(UploadRequest, data)
+    accessories: dict[str, bytes] = {}
+    for accessory in body.accessories:
+        try:
+            accessories[accessory.key] = base64.b64decode(accessory.content_base64, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise RequestError(f"accessory {accessory.key!r}: content_base64 is not base64: {exc}",
+                               param="accessories") from exc
+    workflow, version, created = svc.registry.upload(account.id, Upload(
+        ref=body.workflow_ref_name, script=body.script, description=body.description,
+        timeout_seconds=body.timeout_seconds, cache_ttl_seconds=body.cache_ttl_seconds,
+        application_name=body.application_name, env=body.env, version_notes=body.version_notes,
+        version_bump=body.version_bump, accessories=accessories,
+    ))
+    return jsonify({"data": {"workflow": workflow, "version": version, "created": created}}), 201 if created else 200
+
+
+@bp.post("/validate")
+def validate():  # type: ignore[no-untyped-def]
+    authenticate()
+    body = model_from(ValidateRequest, json_body())
+    result = validate_script(body.code)
+    return jsonify({"data": {"ok": result.ok, "errors": [p.to_dict() for p in result.problems]}})
+
+
+@bp.get("/default-script")
+def default_script():  # type: ignore[no-untyped-def]
+    authenticate()
+    return jsonify({"data": {"script": DEFAULT_SCRIPT}})
+
+
+@bp.get("")
+def list_workflows():  # type: ignore[no-untyped-def]
+    svc, account = services(), authenticate()
+    offset, limit = page_args()
+    items, total = svc.registry.list(account.id, offset, limit)
+    return jsonify(paginated(items, total, offset, limit))
+
+
+@bp.get("/<ref>")
+def get_workflow(ref: str):  # type: ignore[no-untyped-def]
+    svc, account = services(), authenticate()
+    return jsonify({"data": svc.registry.get(account.id, ref)})
+
+
+@bp.delete("/<ref>")
+def delete_workflow(ref: str):  # type: ignore[no-untyped-def]
+    svc, account = services(), authenticate()
+    svc.registry.delete(account.id, ref)
+    return jsonify({"data": {"workflow_ref_name": ref, "deleted": True}})
+
+
+@bp.get("/<ref>/versions")
+def list_versions(ref: str):  # type: ignore[no-untyped-def]
+    svc, account = services(), authenticate()
+    offset, limit = page_args()
+    items, total = svc.registry.versions(account.id, ref, offset, limit)
+    return jsonify(paginated(items, total, offset, limit))
+
+
+@bp.post("/<ref>/activate")
+def activate(ref: str):  # type: ignore[no-untyped-def]
+    svc, account = services(), authenticate()
+    body = model_from(ActivateRequest, json_body())
+    return jsonify({"data": svc.registry.activate(account.id, ref, body.version)})

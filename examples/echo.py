@@ -1,0 +1,14 @@
+"""Echo the input back, counting words: the smallest useful workflow."""
+from flowpool_workflow import WorkflowContext
+
+INPUT_SCHEMA = {"text": {"type": "string", "description": "What to echo back", "required": True}}
+OUTPUT_SCHEMA = {"echo": {"type": "string"}, "words": {"type": "integer"}}
+TIMEOUT_SECONDS = 30
+CACHE_TTL_SECONDS = 3600
+
+
+def execute(ctx: WorkflowContext):
+    text = ctx.input["text"]
+    ctx.log.info("echoing", length=len(text))
+    ctx.emit("progress", "counted words")
+    return {"echo": text, "words": len(text.split())}

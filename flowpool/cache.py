@@ -1,0 +1,84 @@
+"""The result cache, keyed by a hash of everything that decides a run's output, with single flight.
+
+The key is the SHA-256 of the canonical JSON of the account, the script
+version's content hash, the workflow's env, ``input``, ``messages``, the
+inference params, ``metadata`` and an HMAC of the request secrets: two
+requests differing only in a secret never share a result, and the secrets
+themselves are never written. Only successful runs are stored.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets as _secrets
+from typing import Any
+
+import redis
+
+from . import keys
+
+__all__ = ["ResultCache", "canonical_json"]
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def canonical_json(value: Any) -> bytes:
+    """One byte string per JSON value, whatever the key order."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class ResultCache:
+    """Look up, store and single-flight cached results of one Redis."""
+
+    def __init__(self, client: redis.Redis, secret_key: str | None) -> None:
+        self.redis = client
+        self._secret_key = secret_key.encode() if secret_key else None
+        self._release = client.register_script(_RELEASE)
+
+    def _hmac_key(self) -> bytes:
+        if self._secret_key is None:
+            # Generated once per Redis, shared by every API process.
+            self.redis.set(keys.SECRET, _secrets.token_hex(32), nx=True)
+            self._secret_key = self.redis.get(keys.SECRET)
+        return self._secret_key
+
+    def key(self, account_id: str, content_hash: str, config_hash: str, request: dict[str, Any],
+            secrets: dict[str, str] | None) -> str:
+        """The cache key of a request to one workflow version."""
+        secrets_mac = ""
+        if secrets:
+            secrets_mac = hmac.new(self._hmac_key(), canonical_json(secrets), hashlib.sha256).hexdigest()
+        material = {
+            "account": account_id, "version": content_hash, "config": config_hash,
+            "input": request.get("input"), "messages": request.get("messages"),
+            "params": {k: request.get(k) for k in ("max_tokens", "temperature")},
+            "metadata": request.get("metadata"), "secrets": secrets_mac,
+        }
+        return hashlib.sha256(canonical_json(material)).hexdigest()
+
+    def get(self, account_id: str, cache_key: str) -> dict[str, Any] | None:
+        raw = self.redis.get(keys.cache(account_id, cache_key))
+        return json.loads(raw) if raw is not None else None
+
+    def put(self, pipe: Any, account_id: str, cache_key: str, entry: dict[str, Any], ttl: int) -> None:
+        """Queue the write of a result for ``ttl`` seconds."""
+        pipe.set(keys.cache(account_id, cache_key), canonical_json(entry), ex=ttl)
+
+    def lead(self, account_id: str, cache_key: str, request_id: str, ttl: float) -> str | None:
+        """Become the one run computing ``cache_key``; else the request id of the run that is."""
+        key = keys.inflight(account_id, cache_key)
+        if self.redis.set(key, request_id, nx=True, px=int(ttl * 1000)):
+            return None
+        leader = self.redis.get(key)
+        if leader is None:  # it just finished: try once more
+            return None if self.redis.set(key, request_id, nx=True, px=int(ttl * 1000)) else self.lead(
+                account_id, cache_key, request_id, ttl)
+        return leader.decode()
+
+    def release(self, account_id: str, cache_key: str, request_id: str, pipe: Any = None) -> None:
+        """Stop leading ``cache_key`` (only if ``request_id`` still leads it)."""
+        self._release(keys=[keys.inflight(account_id, cache_key)], args=[request_id], client=pipe)

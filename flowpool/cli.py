@@ -1,0 +1,244 @@
+"""The ``flowpool`` command line."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .settings import Settings
+
+__all__ = ["main"]
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except Exception as exc:  # pydantic says which variable is wrong
+        raise click.ClickException(f"bad FLOWPOOL_* setting: {exc}") from exc
+
+
+def _client(settings: Settings):  # type: ignore[no-untyped-def]
+    from .client import Flowpool
+
+    if not settings.api_key:
+        raise click.ClickException("set FLOWPOOL_API_KEY (from 'flowpool accounts create NAME' or 'flowpool dev')")
+    return Flowpool(api_key=settings.api_key, base_url=settings.api_url)
+
+
+def _api_call(fn, *args: Any, **kwargs: Any) -> Any:  # type: ignore[no-untyped-def]
+    from .client import APIError
+
+    import requests
+
+    try:
+        return fn(*args, **kwargs)
+    except APIError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except requests.ConnectionError as exc:
+        raise click.ClickException(f"cannot reach the API: {exc}") from exc
+
+
+def _echo_json(value: Any) -> None:
+    click.echo(json.dumps(value.to_dict() if hasattr(value, "to_dict") else value, indent=2, default=str))
+
+
+@click.group()
+def main() -> None:
+    """flowpool: multi-step AI workflows as one API call."""
+
+
+@main.command()
+@click.option("--port", default=8080, show_default=True, help="API port.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="API address.")
+@click.option("--flower", is_flag=True, help="Also run Celery Flower on port 5555.")
+def dev(port: int, host: str, flower: bool) -> None:
+    """Everything on one machine: Redis (unless FLOWPOOL_REDIS_URL is set), a worker and the API."""
+    from .devstack import DevStack
+
+    stack = DevStack(_settings(), host=host, port=port, flower=flower)
+    stack.run()
+
+
+@main.command()
+@click.option("--port", default=8080, show_default=True)
+@click.option("--host", default="0.0.0.0", show_default=True)
+def api(port: int, host: str) -> None:
+    """Serve the API with gunicorn (threads, FLOWPOOL_API_WORKERS processes)."""
+    from gunicorn.app.base import BaseApplication
+
+    from .api import create_app
+
+    settings = _settings()
+
+    class _Server(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            for key, value in {
+                "bind": f"{host}:{port}", "workers": settings.api_workers, "threads": settings.api_threads,
+                "worker_class": "gthread", "timeout": int(settings.max_timeout_seconds + 120),
+                "graceful_timeout": 30, "keepalive": 5, "accesslog": None, "loglevel": settings.log_level.lower(),
+            }.items():
+                self.cfg.set(key, value)
+
+        def load(self):  # type: ignore[no-untyped-def]
+            return create_app(settings)
+
+    _Server().run()
+
+
+@main.command()
+@click.option("--concurrency", type=int, default=None, help="Runs held at once (default FLOWPOOL_WORKER_CONCURRENCY).")
+@click.option("--name", default=None, help="Worker node name (default flowpool@<host>-<pid>).")
+def worker(concurrency: int | None, name: str | None) -> None:
+    """Run a Celery worker that executes workflows in the sandbox."""
+    import socket
+
+    from .tasks import QUEUE, create_celery
+
+    settings = _settings()
+    app = create_celery(settings)
+    # The thread pool: each run is a sandboxed process the thread supervises
+    # (time limits included), so a thread costs little while a run waits on I/O.
+    app.worker_main([
+        "worker", "--pool", "threads", "--concurrency", str(concurrency or settings.worker_concurrency),
+        "--loglevel", settings.log_level, "-Q", QUEUE, "--without-gossip", "--without-mingle",
+        "-n", name or f"flowpool@{socket.gethostname()}-{os.getpid()}",
+    ] + (["-E"] if settings.worker_events else []))
+
+
+@main.command()
+def doctor() -> None:
+    """Show what is configured, what is reachable, and the sandbox backend."""
+    import redis
+
+    from . import keys
+    from .redis_server import find_redis_server
+
+    settings = _settings()
+    ok = True
+
+    def line(name: str, value: str, good: bool = True) -> None:
+        nonlocal ok
+        ok = ok and good
+        click.echo(f"{'ok ' if good else 'BAD'} {name:<16} {value}")
+
+    line("redis", settings.redis + ("" if settings.redis_url else "  (default; `flowpool dev` starts its own)"))
+    try:
+        client = redis.Redis.from_url(settings.redis, socket_connect_timeout=2)
+        client.ping()
+        line("redis reachable", "yes")
+        now = time.time()
+        workers = client.zrangebyscore(keys.WORKERS, now - settings.worker_ttl_seconds, "+inf")
+        line("workers", ", ".join(w.decode() for w in workers) or "none answering", bool(workers))
+    except redis.RedisError as exc:
+        line("redis reachable", f"no: {exc}", False)
+    line("broker", settings.broker)
+    try:
+        line("redis-server", find_redis_server())
+    except Exception as exc:
+        line("redis-server", str(exc), settings.redis_url is not None)
+    uid_mode = "one unprivileged uid per slot" if os.geteuid() == 0 else "the worker's own uid (run as root for per-run uids)"
+    line("sandbox", f"process (zygote fork, rlimits, new session; {uid_mode})")
+    line("api", settings.api_url)
+    line("api key", "set" if settings.api_key else "not set (FLOWPOOL_API_KEY)", True)
+    sys.exit(0 if ok else 1)
+
+
+@main.group()
+def accounts() -> None:
+    """Accounts and API keys."""
+
+
+@accounts.command("create")
+@click.argument("name")
+def accounts_create(name: str) -> None:
+    """Create account NAME (or add a key to it) and print a new API key."""
+    from .registry import Accounts
+    from .tasks.worker import connect_redis
+
+    account, key, created = Accounts(connect_redis(_settings())).create(name)
+    click.echo(f"{'created account' if created else 'new key for account'} {account.name} ({account.id})", err=True)
+    click.echo(key)
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--name", "ref", required=True, help="workflow_ref_name to register it under.")
+@click.option("--accessory", multiple=True, help="KEY=FILE, a JSON accessory bundled with the version.")
+@click.option("--timeout", "timeout_seconds", type=float, default=None)
+@click.option("--bump", "version_bump", type=click.Choice(["major", "minor", "patch"]), default="patch")
+def push(file: Path, ref: str, accessory: tuple[str, ...], timeout_seconds: float | None, version_bump: str) -> None:
+    """Upload FILE as workflow REF (a new version if it changed)."""
+    accessories = {}
+    for item in accessory:
+        key, sep, path = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not KEY=FILE", param_hint="--accessory")
+        accessories[key] = path
+    client = _client(_settings())
+    result = _api_call(client.workflows.upload, ref, file, accessories=accessories,
+                       timeout_seconds=timeout_seconds, version_bump=version_bump)
+    state = "new version" if result.created else "unchanged, active"
+    click.echo(f"{ref}@{result.version.version} ({state})")
+
+
+@main.command()
+@click.argument("ref")
+@click.option("--input", "input_json", default=None, help="The input as JSON.")
+@click.option("--message", "messages", multiple=True, help="A user message (repeatable).")
+@click.option("--stream", is_flag=True, help="Print chunks as they arrive.")
+@click.option("--no-cache", is_flag=True, help="Bypass the result cache.")
+def invoke(ref: str, input_json: str | None, messages: tuple[str, ...], stream: bool, no_cache: bool) -> None:
+    """Invoke workflow REF and print its output."""
+    try:
+        value = json.loads(input_json) if input_json is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--input") from exc
+    client = _client(_settings())
+    kwargs: dict[str, Any] = {"input": value, "stream": stream, "cache": not no_cache}
+    if messages:
+        kwargs["messages"] = [{"role": "user", "content": m} for m in messages]
+    if value is None and not messages:
+        raise click.UsageError("give --input or --message")
+    model = ref if ref.startswith("workflow:") else f"workflow:{ref}"
+    if stream:
+        for chunk in _api_call(lambda: list(client.workflow.completions.create(model=model, **kwargs))):
+            _echo_json(chunk)
+        return
+    _echo_json(_api_call(client.workflow.completions.create, model=model, **kwargs).output)
+
+
+@main.command()
+@click.argument("ref")
+@click.option("--limit", default=25, show_default=True)
+def runs(ref: str, limit: int) -> None:
+    """List the latest runs of workflow REF."""
+    client = _client(_settings())
+    for run in _api_call(client.workflows.runs, ref, limit=limit):
+        timing = run.timings.run_ms
+        click.echo(f"{run.request_id}  {run.status:<10} {run.version or '-':<8} "
+                   f"{'hit ' if run.cache_hit else 'miss'} {'' if timing is None else f'{timing:.1f}ms'}")
+
+
+@main.command()
+@click.argument("request_id")
+def logs(request_id: str) -> None:
+    """Print the log lines of run REQUEST_ID."""
+    client = _client(_settings())
+    run = _api_call(client.runs.get, request_id)
+    for entry in run.to_dict().get("logs") or []:
+        fields = " ".join(f"{k}={json.dumps(v)}" for k, v in (entry.get("fields") or {}).items())
+        stamp = time.strftime("%H:%M:%S", time.localtime(entry.get("time", 0)))
+        click.echo(f"{stamp} {entry.get('level', 'info').upper():<7} {entry.get('msg', '')} {fields}".rstrip())
+    if run.error:
+        click.echo(f"error: {run.error.get('message')}", err=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""The run store: one record per request, its event stream, and waiting for its end.
+
+A run record is a Redis hash (``keys.run``); its emitted chunks and, last, one
+``done`` entry go to a Redis stream (``keys.run_events``) that every waiter
+reads without consuming, so any number of callers (single-flight joiners,
+later the streaming API) can follow one run. While a worker runs it, the run
+has a lease key the worker refreshes; a running run without a lease belongs
+to a worker that died.
+"""
+from __future__ import annotations
+
+import json
+import time
+from enum import Enum
+from typing import Any, Callable
+
+import redis
+
+from . import keys
+from .errors import RunError, RunNotStarted, WorkerLost
+
+__all__ = ["RunStatus", "RunStore", "Done"]
+
+Done = dict[str, Any]  # the payload of a run's final event
+
+_CLAIM = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[2], 'worker', ARGV[1])
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
+return 1
+"""
+
+# End a run that can no longer finish by itself: still queued (nobody took
+# it), or running without a lease (its worker died). Atomic, so of two API
+# processes noticing at once only one writes the end.
+_ABANDON = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= ARGV[1] then return 0 end
+if status == 'running' and redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], 'error', ARGV[4])
+redis.call('XADD', KEYS[3], '*', 'kind', 'done', 'data', ARGV[5])
+redis.call('PEXPIRE', KEYS[3], ARGV[6])
+redis.call('DEL', KEYS[4])
+return 1
+"""
+
+
+class RunStatus(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    LOST = "lost"
+    EXPIRED = "expired"
+
+    @classmethod
+    def for_error(cls, error: RunError | None) -> RunStatus:
+        if error is None:
+            return cls.SUCCEEDED
+        if error.status == 408:
+            return cls.TIMED_OUT
+        if isinstance(error, WorkerLost):
+            return cls.LOST
+        return cls.FAILED
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _encode(record: dict[str, Any]) -> dict[str, str]:
+    """Record fields as stored: the status as-is, everything else as JSON."""
+    return {k: (v.value if isinstance(v, RunStatus) else v) if k == "status" else _dumps(v)
+            for k, v in record.items() if v is not None}
+
+
+class RunStore:
+    """Read and write run records and their event streams."""
+
+    def __init__(self, client: redis.Redis, ttl_seconds: int, runs_per_workflow: int) -> None:
+        self.redis = client
+        self.ttl_ms = ttl_seconds * 1000
+        self.runs_per_workflow = runs_per_workflow
+        self._claim = client.register_script(_CLAIM)
+        self._abandon = client.register_script(_ABANDON)
+
+    # Writing
+
+    def create(self, pipe: redis.client.Pipeline, account_id: str, ref: str, request_id: str,
+               fields: dict[str, Any]) -> None:
+        """Queue the writes that create a run record and index it under its workflow."""
+        record = {"request_id": request_id, "account": account_id, "workflow": ref, **fields}
+        pipe.hset(keys.run(request_id), mapping=_encode(record))
+        pipe.pexpire(keys.run(request_id), self.ttl_ms)
+        index = keys.workflow_runs(account_id, ref)
+        pipe.zadd(index, {request_id: fields.get("queued_at") or time.time()})
+        pipe.zremrangebyrank(index, 0, -self.runs_per_workflow - 1)
+
+    def claim(self, request_id: str, worker: str, lease_ms: int) -> bool:
+        """Mark a queued run as running on ``worker``; False if it is not queued any more."""
+        return bool(self._claim(keys=[keys.run(request_id), keys.run_lease(request_id)],
+                                args=[_dumps(worker), _dumps(time.time()), lease_ms]))
+
+    def add_chunk(self, request_id: str, chunk_type: str, content: Any, pipe: Any = None) -> None:
+        """Append one emitted chunk to the run's stream."""
+        (pipe or self.redis).xadd(keys.run_events(request_id),
+                                  {"kind": "chunk", "data": _dumps({"type": chunk_type, "content": content})})
+
+    def finish(self, pipe: redis.client.Pipeline, request_id: str, done: Done, fields: dict[str, Any]) -> None:
+        """Queue the writes that end a run: its record, the ``done`` event, the lease gone."""
+        now = time.time()
+        record = {"status": done["status"], "finished_at": now, **fields}
+        pipe.hset(keys.run(request_id), mapping=_encode(record))
+        pipe.xadd(keys.run_events(request_id), {"kind": "done", "data": _dumps(done)})
+        pipe.pexpire(keys.run_events(request_id), self.ttl_ms)
+        pipe.pexpire(keys.run(request_id), self.ttl_ms)
+        pipe.delete(keys.run_lease(request_id))
+
+    def abandon(self, request_id: str, expected: RunStatus, error: RunError, version: str | None) -> bool:
+        """End a run stuck in ``expected`` state with ``error``; False if it moved on meanwhile."""
+        status = RunStatus.for_error(error) if expected is RunStatus.RUNNING else RunStatus.EXPIRED
+        done = {"status": status.value, "version": version, "error": error.to_dict()}
+        return bool(self._abandon(
+            keys=[keys.run(request_id), keys.run_lease(request_id), keys.run_events(request_id), "fp:none"],
+            args=[expected.value, status.value, _dumps(time.time()), _dumps(error.to_dict()), _dumps(done),
+                  self.ttl_ms]))
+
+    # Reading
+
+    def get(self, request_id: str) -> dict[str, Any] | None:
+        """The raw record with JSON fields decoded, or None."""
+        raw = self.redis.hgetall(keys.run(request_id))
+        if not raw:
+            return None
+        return {k.decode(): v.decode() if k == b"status" else json.loads(v) for k, v in raw.items()}
+
+    def chunks(self, request_id: str) -> list[dict[str, Any]]:
+        """The chunks the run emitted, in order."""
+        return [json.loads(fields[b"data"]) for _, fields in self.redis.xrange(keys.run_events(request_id))
+                if fields.get(b"kind") == b"chunk"]
+
+    def list_for_workflow(self, account_id: str, ref: str, offset: int, limit: int) -> tuple[list[str], int]:
+        """Request ids of a workflow's runs, newest first, and the total."""
+        index = keys.workflow_runs(account_id, ref)
+        total = self.redis.zcard(index)
+        ids = [i.decode() for i in self.redis.zrevrange(index, offset, offset + limit - 1)]
+        return ids, total
+
+    def wait(self, request_id: str, queue_wait: float, run_seconds: float,
+             on_chunk: Callable[[dict[str, Any]], None] | None = None, poll: float = 1.0) -> Done:
+        """Block until the run's ``done`` event; end the run ourselves if it cannot finish.
+
+        ``queue_wait`` bounds the time before a worker claims the run (then the
+        caller gets a 503 and the run is dropped); ``run_seconds`` bounds the
+        time after the claim (then the worker is taken for lost).
+        """
+        stream = keys.run_events(request_id)
+        last_id = "0-0"
+        started_by = time.monotonic() + queue_wait
+        run_deadline: float | None = None
+        while True:
+            reply = self.redis.xread({stream: last_id}, block=int(poll * 1000), count=500)
+            for _, entries in reply or ():
+                for entry_id, fields in entries:
+                    last_id = entry_id
+                    data = json.loads(fields[b"data"])
+                    if fields.get(b"kind") == b"done":
+                        return data
+                    if on_chunk is not None:
+                        on_chunk(data)
+            if reply:
+                continue
+            status, has_lease, version = self._state(request_id)
+            now = time.monotonic()
+            if status == RunStatus.QUEUED.value and now > started_by:
+                error = RunNotStarted(f"no worker started the run within {queue_wait:g}s; it was dropped")
+                if self.abandon(request_id, RunStatus.QUEUED, error, version):
+                    raise error
+            elif status == RunStatus.RUNNING.value:
+                run_deadline = run_deadline or now + run_seconds
+                if not has_lease or now > run_deadline:
+                    lost = WorkerLost("the worker running this request stopped answering; the run was lost")
+                    if self.abandon(request_id, RunStatus.RUNNING, lost, version) or not has_lease:
+                        raise lost
+
+    def _state(self, request_id: str) -> tuple[str | None, bool, str | None]:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hmget(keys.run(request_id), "status", "version")
+        pipe.exists(keys.run_lease(request_id))
+        (status, version), lease = pipe.execute()
+        return status.decode() if status else None, bool(lease), json.loads(version) if version else None

@@ -1,0 +1,288 @@
+"""Workflows and their immutable, content-addressed versions.
+
+A workflow (per account, by ref name) holds mutable settings from its latest
+upload (description, timeout, cache TTL, application, env) and points at one
+active version. A version holds the script and accessories exactly as
+uploaded, their content hash and the constants the script declares; it never
+changes. Uploading content that matches an existing version activates that
+version instead of creating a new one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import redis
+
+from flowpool import keys
+from flowpool.errors import NotFound, RequestError
+
+from .validation import ScriptInfo, validate_script
+
+__all__ = ["Registry", "ResolvedWorkflow", "Upload", "REF_PATTERN", "bump_version"]
+
+REF_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+_VERSION = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
+FIRST_VERSION = "1.0.0"
+BUMPS = ("major", "minor", "patch")
+
+
+def bump_version(current: str | None, bump: str) -> str:
+    """The version after ``current`` for a major, minor or patch bump."""
+    if current is None:
+        return FIRST_VERSION
+    major, minor, patch = (int(x) for x in _VERSION.match(current).groups())  # type: ignore[union-attr]
+    if bump == "major":
+        return f"{major + 1}.0.0"
+    if bump == "minor":
+        return f"{major}.{minor + 1}.0"
+    return f"{major}.{minor}.{patch + 1}"
+
+
+def check_ref(ref: str) -> str:
+    """A valid workflow ref name, or a 400 naming the rule."""
+    if not isinstance(ref, str) or not REF_PATTERN.match(ref):
+        raise RequestError(
+            f"invalid workflow_ref_name {ref!r}: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit",
+            param="workflow_ref_name")
+    return ref
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One upload, already decoded from JSON or multipart."""
+
+    ref: str
+    script: str
+    description: str | None = None
+    timeout_seconds: float | None = None
+    cache_ttl_seconds: int | None = None
+    application_name: str | None = None
+    env: dict[str, str] | None = None
+    version_notes: str | None = None
+    version_bump: str = "patch"
+    accessories: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ResolvedWorkflow:
+    """What an invocation needs to know about one version of a workflow."""
+
+    account_id: str
+    ref: str
+    version: str
+    content_hash: str
+    config_hash: str
+    timeout_seconds: float | None
+    cache_ttl_seconds: int | None
+    input_schema: dict | None
+    output_schema: dict | None
+    application: str | None
+    env: dict[str, str]
+
+
+def _content_hash(script: str, accessories: dict[str, bytes]) -> str:
+    digest = hashlib.sha256()
+    digest.update(b"script\0" + script.encode() + b"\0")
+    for key in sorted(accessories):
+        digest.update(b"accessory\0" + key.encode() + b"\0" + hashlib.sha256(accessories[key]).digest())
+    return digest.hexdigest()
+
+
+def _decode(mapping: dict[bytes, bytes]) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in mapping.items()}
+
+
+class Registry:
+    """Upload, list, resolve and roll back workflows of an account."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+
+    # Writing
+
+    def upload(self, account_id: str, upload: Upload) -> tuple[dict[str, Any], dict[str, Any], bool]:
+        """Validate and store an upload; returns the workflow, the active version and whether it is new."""
+        check_ref(upload.ref)
+        if upload.version_bump not in BUMPS:
+            raise RequestError(f"version_bump must be one of {', '.join(BUMPS)}", param="version_bump")
+        validation = validate_script(upload.script)
+        validation.raise_for_problems()
+        for key, content in upload.accessories.items():
+            try:
+                json.loads(content)
+            except ValueError as exc:
+                raise RequestError(f"accessory {key!r} is not valid JSON: {exc}", param="accessories") from exc
+        content_hash = _content_hash(upload.script, upload.accessories)
+        wf_key = keys.workflow(account_id, upload.ref)
+        now = time.time()
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(wf_key)
+                    current = _decode(pipe.hgetall(wf_key))
+                    existing = pipe.hget(keys.version_hashes(account_id, upload.ref), content_hash)
+                    config = json.loads(current["config"]) if current else {"ref": upload.ref, "created_at": now}
+                    config = self._merge_config(config, upload, now)
+                    if existing is not None:
+                        number, created = existing.decode(), False
+                        meta = json.loads(pipe.hget(keys.version(account_id, upload.ref, number), "meta"))
+                    else:
+                        number, created = bump_version(current.get("latest"), upload.version_bump), True
+                        meta = self._version_meta(number, content_hash, validation.info, upload, now)
+                    pipe.multi()
+                    if created:
+                        vkey = keys.version(account_id, upload.ref, number)
+                        pipe.hset(vkey, mapping={"meta": json.dumps(meta), "script": upload.script})
+                        for key, content in upload.accessories.items():
+                            pipe.hset(vkey, f"accessory:{key}", content)
+                        pipe.zadd(keys.versions(account_id, upload.ref), {number: now})
+                        pipe.hset(keys.version_hashes(account_id, upload.ref), content_hash, number)
+                        pipe.hset(wf_key, "latest", number)
+                    pipe.hset(wf_key, mapping={"config": json.dumps(config), "active": number,
+                                               "active_meta": json.dumps(meta)})
+                    pipe.zadd(keys.workflows(account_id), {upload.ref: config["created_at"]}, nx=True)
+                    pipe.execute()
+                    break
+                except redis.WatchError:
+                    continue
+        return self._workflow_view(config, number, meta), meta, created
+
+    @staticmethod
+    def _merge_config(config: dict[str, Any], upload: Upload, now: float) -> dict[str, Any]:
+        """The workflow's settings after an upload: fields the upload gives replace the old ones."""
+        config = dict(config)
+        for name in ("description", "timeout_seconds", "cache_ttl_seconds", "application_name", "env"):
+            value = getattr(upload, name)
+            if value is not None:
+                config[name] = value
+        config["updated_at"] = now
+        return config
+
+    @staticmethod
+    def _version_meta(number: str, content_hash: str, info: ScriptInfo | None, upload: Upload,
+                      now: float) -> dict[str, Any]:
+        return {
+            "version": number,
+            "content_hash": content_hash,
+            "created_at": now,
+            "notes": upload.version_notes,
+            "accessories": sorted(upload.accessories),
+            **(asdict(info) if info is not None else {}),
+        }
+
+    def activate(self, account_id: str, ref: str, number: str) -> dict[str, Any]:
+        """Make an existing version the active one (a rollback or roll forward)."""
+        self._require(account_id, ref)
+        raw = self.redis.hget(keys.version(account_id, ref, number), "meta")
+        if raw is None:
+            raise NotFound(f"workflow {ref!r} has no version {number!r}")
+        self.redis.hset(keys.workflow(account_id, ref), mapping={"active": number, "active_meta": raw})
+        return self.get(account_id, ref)
+
+    def delete(self, account_id: str, ref: str) -> None:
+        """Delete a workflow with all its versions."""
+        self._require(account_id, ref)
+        numbers = [n.decode() for n in self.redis.zrange(keys.versions(account_id, ref), 0, -1)]
+        self.redis.delete(
+            keys.workflow(account_id, ref), keys.versions(account_id, ref), keys.version_hashes(account_id, ref),
+            keys.workflow_runs(account_id, ref), *(keys.version(account_id, ref, n) for n in numbers))
+        self.redis.zrem(keys.workflows(account_id), ref)
+
+    # Reading
+
+    def _require(self, account_id: str, ref: str) -> dict[str, str]:
+        raw = _decode(self.redis.hgetall(keys.workflow(account_id, ref)))
+        if not raw:
+            raise NotFound(f"no workflow named {ref!r}")
+        return raw
+
+    @staticmethod
+    def _workflow_view(config: dict[str, Any], active: str, meta: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "workflow_ref_name": config["ref"],
+            "description": config.get("description"),
+            "active_version": active,
+            "timeout_seconds": config.get("timeout_seconds", meta.get("timeout_seconds")),
+            "cache_ttl_seconds": config.get("cache_ttl_seconds", meta.get("cache_ttl_seconds")),
+            "application_name": config.get("application_name", meta.get("application")),
+            "env_keys": sorted((config.get("env") or {}).keys()),
+            "input_schema": meta.get("input_schema"),
+            "output_schema": meta.get("output_schema"),
+            "created_at": config.get("created_at"),
+            "updated_at": config.get("updated_at"),
+        }
+
+    def get(self, account_id: str, ref: str) -> dict[str, Any]:
+        """The workflow as the API shows it."""
+        raw = self._require(account_id, ref)
+        return self._workflow_view(json.loads(raw["config"]), raw["active"], json.loads(raw["active_meta"]))
+
+    def list(self, account_id: str, offset: int, limit: int) -> tuple[list[dict[str, Any]], int]:
+        """A page of the account's workflows, oldest first, and the total."""
+        total = self.redis.zcard(keys.workflows(account_id))
+        refs = [r.decode() for r in self.redis.zrange(keys.workflows(account_id), offset, offset + limit - 1)]
+        pipe = self.redis.pipeline(transaction=False)
+        for ref in refs:
+            pipe.hmget(keys.workflow(account_id, ref), "config", "active", "active_meta")
+        items = [self._workflow_view(json.loads(c), a.decode(), json.loads(m))
+                 for c, a, m in pipe.execute() if c is not None]
+        return items, total
+
+    def versions(self, account_id: str, ref: str, offset: int, limit: int) -> tuple[list[dict[str, Any]], int]:
+        """A page of the workflow's versions, oldest first, and the total."""
+        raw = self._require(account_id, ref)
+        key = keys.versions(account_id, ref)
+        total = self.redis.zcard(key)
+        numbers = [n.decode() for n in self.redis.zrange(key, offset, offset + limit - 1)]
+        pipe = self.redis.pipeline(transaction=False)
+        for number in numbers:
+            pipe.hget(keys.version(account_id, ref, number), "meta")
+        metas = [json.loads(m) for m in pipe.execute() if m is not None]
+        for meta in metas:
+            meta["active"] = meta["version"] == raw["active"]
+        return metas, total
+
+    def resolve(self, account_id: str, ref: str, number: str | None = None) -> ResolvedWorkflow:
+        """The version an invocation runs: the pinned one, or the active one (one Redis round trip)."""
+        wf_key = keys.workflow(account_id, ref)
+        if number is None:
+            config, active, meta = self.redis.hmget(wf_key, "config", "active", "active_meta")
+            if config is None or active is None:
+                raise NotFound(f"no workflow named {ref!r}")
+        else:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hget(wf_key, "config")
+            pipe.hget(keys.version(account_id, ref, number), "meta")
+            config, meta = pipe.execute()
+            if config is None:
+                raise NotFound(f"no workflow named {ref!r}")
+            if meta is None:
+                raise NotFound(f"workflow {ref!r} has no version {number!r}")
+        cfg, info = json.loads(config), json.loads(meta)
+        env = {str(k): str(v) for k, v in (cfg.get("env") or {}).items()}
+        return ResolvedWorkflow(
+            account_id=account_id,
+            ref=ref,
+            version=info["version"],
+            content_hash=info["content_hash"],
+            config_hash=hashlib.sha256(json.dumps(env, sort_keys=True).encode()).hexdigest(),
+            timeout_seconds=cfg.get("timeout_seconds") or info.get("timeout_seconds"),
+            cache_ttl_seconds=cfg["cache_ttl_seconds"] if cfg.get("cache_ttl_seconds") is not None
+            else info.get("cache_ttl_seconds"),
+            input_schema=info.get("input_schema"),
+            output_schema=info.get("output_schema"),
+            application=cfg.get("application_name") or info.get("application"),
+            env=env,
+        )
+
+    def load_script(self, account_id: str, ref: str, number: str) -> str:
+        """The script source of one version."""
+        raw = self.redis.hget(keys.version(account_id, ref, number), "script")
+        if raw is None:
+            raise NotFound(f"workflow {ref!r} has no version {number!r}")
+        return raw.decode()

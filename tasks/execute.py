@@ -1,0 +1,121 @@
+"""Run one job on a worker: claim it, run the script in the sandbox, record and cache the outcome."""
+from __future__ import annotations
+
+import logging
+import marshal
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+from flowpool.errors import RunError, ScriptError
+from flowpool.registry import Registry, check_output
+from flowpool.runs import RunStatus
+
+__all__ = ["ScriptCache", "execute_run", "redact"]
+
+log = logging.getLogger("flowpool.worker")
+
+ZERO_USAGE = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+
+
+class ScriptCache:
+    """Compiled script versions kept warm in a worker, by content hash (LRU)."""
+
+    def __init__(self, registry: Registry, size: int) -> None:
+        self.registry = registry
+        self.size = size
+        self._code: OrderedDict[str, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, account_id: str, ref: str, version: str, content_hash: str) -> bytes:
+        """The marshalled code object of a version, compiled on first use."""
+        with self._lock:
+            code = self._code.get(content_hash)
+            if code is not None:
+                self._code.move_to_end(content_hash)
+                return code
+        source = self.registry.load_script(account_id, ref, version)
+        code = marshal.dumps(compile(source, "workflow.py", "exec", dont_inherit=True))
+        with self._lock:
+            self._code[content_hash] = code
+            while len(self._code) > self.size:
+                self._code.popitem(last=False)
+        return code
+
+
+def redact(value: Any, secrets: list[str]) -> Any:
+    """``value`` with every secret string replaced by ``[redacted]``."""
+    if not secrets:
+        return value
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, "[redacted]")
+        return value
+    if isinstance(value, list):
+        return [redact(v, secrets) for v in value]
+    if isinstance(value, dict):
+        return {k: redact(v, secrets) for k, v in value.items()}
+    return value
+
+
+def execute_run(runtime: Any, job: dict[str, Any]) -> str:
+    """Run ``job`` (built by the API) to its end; returns the final status. Never raises for the script."""
+    request_id = job["request_id"]
+    runs = runtime.runs
+    if not runs.claim(request_id, runtime.name, runtime.lease_ms):
+        log.info("run %s is not queued any more (the caller gave up); skipped", request_id)
+        return "skipped"
+    runtime.active.add(request_id)
+    secrets = [s for s in (job.get("secrets") or {}).values() if isinstance(s, str) and len(s) >= 4]
+    try:
+        outcome = None
+        try:
+            code = runtime.scripts.get(job["account"], job["workflow"], job["version"], job["content_hash"])
+        except SyntaxError as exc:  # stored scripts are validated; only an edited Redis gets here
+            error: RunError | None = ScriptError(f"SyntaxError: {exc}")
+        else:
+            sandbox_job = {k: job.get(k) for k in
+                           ("input", "messages", "secrets", "metadata", "params", "env", "session_id", "request_id")}
+
+            def on_emit(chunk_type: str, content: Any) -> None:
+                runs.add_chunk(request_id, chunk_type, redact(content, secrets))
+
+            outcome = runtime.sandbox.run(code, sandbox_job, job["soft_seconds"], on_emit=on_emit)
+            error = outcome.error
+            if error is None:
+                try:
+                    check_output(job.get("output_schema"), outcome.result)
+                except RunError as exc:
+                    error = exc
+        status = RunStatus.for_error(error)
+        done: dict[str, Any] = {"status": status.value, "version": job["version"]}
+        fields: dict[str, Any] = {"usage": ZERO_USAGE}
+        if error is None:
+            assert outcome is not None
+            content = outcome.result if isinstance(outcome.result, str) else outcome.result_json
+            done.update(output=outcome.result, content=content, usage=ZERO_USAGE)
+            fields["output"] = redact(outcome.result, secrets)
+        else:
+            error.message = redact(error.message, secrets)
+            error.details = redact(error.details, secrets)
+            done["error"] = error.to_dict()
+            fields["error"] = done["error"]
+        if outcome is not None:
+            fields["logs"] = redact(outcome.logs, secrets)
+            fields["logs_truncated"] = outcome.logs_truncated
+            fields["chunk_count"] = outcome.chunks
+        pipe = runtime.redis.pipeline(transaction=False)
+        cache = job.get("cache")
+        if cache:
+            if error is None and cache.get("ttl"):
+                entry = {"output": done["output"], "content": done["content"], "usage": done["usage"],
+                         "version": job["version"], "request_id": request_id, "created_at": time.time(),
+                         "chunks": runs.chunks(request_id) if outcome and outcome.chunks else []}
+                runtime.cache.put(pipe, job["account"], cache["key"], entry, int(cache["ttl"]))
+            runtime.cache.release(job["account"], cache["key"], request_id, pipe=pipe)
+        runs.finish(pipe, request_id, done, fields)
+        pipe.execute()
+        return status.value
+    finally:
+        runtime.active.discard(request_id)

@@ -1,0 +1,89 @@
+"""What a worker process holds besides Celery: Redis stores, the sandbox, warm scripts, a heartbeat."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+import redis
+
+from flowpool import keys
+from flowpool.cache import ResultCache
+from flowpool.registry import Registry
+from flowpool.runs import RunStore
+from flowpool.sandbox import Sandbox, SandboxLimits
+from flowpool.settings import Settings
+
+from .execute import ScriptCache
+
+__all__ = ["WorkerRuntime", "connect_redis"]
+
+log = logging.getLogger("flowpool.worker")
+
+
+def connect_redis(settings: Settings) -> redis.Redis:
+    """The Redis client every flowpool process uses (fails fast when Redis is away)."""
+    return redis.Redis.from_url(settings.redis, socket_connect_timeout=2, socket_keepalive=True,
+                                health_check_interval=30, max_connections=1024)
+
+
+class WorkerRuntime:
+    """Owns a worker's sandbox and Redis state; started and stopped with the Celery worker."""
+
+    def __init__(self, settings: Settings, name: str | None = None) -> None:
+        self.settings = settings
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.redis = connect_redis(settings)
+        self.runs = RunStore(self.redis, settings.run_ttl_seconds, settings.runs_per_workflow)
+        self.cache = ResultCache(self.redis, settings.secret_key)
+        self.scripts = ScriptCache(Registry(self.redis), settings.script_cache_size)
+        self.sandbox = Sandbox(
+            SandboxLimits(
+                memory_bytes=settings.sandbox_memory_mb << 20,
+                processes=settings.sandbox_max_processes,
+                open_files=settings.sandbox_max_open_files,
+                file_bytes=settings.sandbox_max_file_mb << 20,
+                max_result_bytes=settings.max_result_bytes,
+                max_log_bytes=settings.max_log_bytes,
+                max_chunks=settings.max_chunks,
+                max_chunk_bytes=settings.max_chunk_bytes,
+            ),
+            slots=settings.worker_concurrency,
+            uid_base=settings.sandbox_uid_base,
+            hard_grace_seconds=settings.hard_timeout_grace_seconds,
+        )
+        self.lease_ms = int(settings.worker_ttl_seconds * 1000)
+        self.active: set[str] = set()
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, name="flowpool-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self.sandbox.start()
+        self._beat.start()
+        log.info("flowpool worker %s ready: sandbox backend %s, %d slots", self.name, self.sandbox.backend,
+                 self.settings.worker_concurrency)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._beat.is_alive():
+            self._beat.join(5)
+        try:
+            self.redis.zrem(keys.WORKERS, self.name)
+        except redis.RedisError:
+            pass
+        self.sandbox.stop()
+
+    def _heartbeat(self) -> None:
+        """Say the worker is alive and keep the leases of its runs fresh."""
+        while not self._stop.is_set():
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.zadd(keys.WORKERS, {self.name: time.time()})
+                for request_id in list(self.active):
+                    pipe.pexpire(keys.run_lease(request_id), self.lease_ms)
+                pipe.execute()
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed: %s", exc)
+            self._stop.wait(self.settings.worker_heartbeat_seconds)
