@@ -18,7 +18,7 @@ from flowpool.tasks.worker import connect_redis
 
 from .errors import register_error_handlers
 
-__all__ = ["Services", "create_app", "services", "authenticate"]
+__all__ = ["Services", "create_app", "services", "authenticate", "mark"]
 
 
 class Services:
@@ -52,6 +52,13 @@ class Services:
             self._workers_seen_until = time.monotonic() + self._WORKERS_MEMORY_SECONDS
             return True
         return False
+
+
+def mark(name: str) -> None:
+    """Close a phase of this request, reported in its ``Server-Timing`` header."""
+    now = time.perf_counter()
+    g.phases.append((name, now - g.phase_start))
+    g.phase_start = now
 
 
 def services() -> Services:
@@ -89,13 +96,15 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.before_request
     def _start_timer() -> None:
-        g.started = time.perf_counter()
+        g.started = g.phase_start = time.perf_counter()
+        g.phases = []
 
     @app.after_request
     def _server_timing(response):  # type: ignore[no-untyped-def]
         started = g.get("started")
         if started is not None:
-            response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.3f}"
+            phases = "".join(f", {name};dur={seconds * 1000:.3f}" for name, seconds in g.phases)
+            response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.3f}{phases}"
         return response
 
     return app

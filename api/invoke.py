@@ -14,7 +14,7 @@ from flowpool.registry import ResolvedWorkflow, check_input
 from flowpool.runs import RunStatus
 from flowpool.tasks import RUN_TASK
 
-from .app import Services, authenticate, services
+from .app import Services, authenticate, mark, services
 from .models import InvokeRequest, parse_model
 from .parsing import json_body, model_from
 
@@ -73,8 +73,10 @@ def chat_completions() -> Response:
     if body.stream:
         raise RequestError("streaming ('stream': true) is not available on this server yet", param="stream")
     ref, pinned = parse_model(body.model)
+    mark("parse")
     workflow = svc.registry.resolve(account.id, ref, pinned)
     _check_input(body, workflow, settings.max_input_bytes)
+    mark("resolve")
 
     request_id = _new_id("req_")
     session_id = body.session_id or _new_id("sess_")
@@ -87,25 +89,33 @@ def chat_completions() -> Response:
     cache_key = None
     if body.cache and ttl > 0:
         cache_key = svc.cache.key(account.id, workflow.content_hash, workflow.config_hash, request, body.secrets)
-        entry = svc.cache.get(account.id, cache_key)
-        if entry is not None:
-            _record_hit(svc, body, workflow, request_id, session_id, entry)
-            return _answer(body, request_id, session_id, dict(entry, status="succeeded"), "HIT")
-        leader = svc.cache.lead(account.id, cache_key, request_id, settings.queue_wait_seconds + run_seconds)
-        if leader is not None:
-            # An identical request is running: share its run instead of starting one.
-            done = svc.runs.wait(leader, settings.queue_wait_seconds, run_seconds)
-            return _answer(body, leader, session_id, done, "HIT")
+    queued = {"status": RunStatus.QUEUED, "version": workflow.version, "session_id": session_id,
+              "cache_hit": False, "queued_at": time.time(), "timeout_seconds": soft, "metadata": body.metadata}
+    state, found = svc.runs.begin(
+        account.id, workflow.ref, request_id, queued,
+        cache_keys=svc.cache.redis_keys(account.id, cache_key) if cache_key else None,
+        lock_seconds=settings.queue_wait_seconds + run_seconds)
+    mark("begin")
+    if state == "hit":
+        _record_hit(svc, body, workflow, request_id, session_id, found)
+        return _answer(body, request_id, session_id, dict(found, status="succeeded"), "HIT")
+    if state == "join":
+        # An identical request is running: share its run instead of starting one.
+        done = svc.runs.take_reply(found, svc.runs.wait(found, settings.queue_wait_seconds, run_seconds))
+        return _answer(body, found, session_id, done, "HIT")
 
     try:
         if not svc.workers_alive():
             raise Unavailable("no flowpool worker is running; start one with 'flowpool worker'")
         _submit(svc, body, workflow, request_id, session_id, soft, request, cache_key, ttl)
-    except BaseException:
+    except BaseException as exc:
         if cache_key is not None:
             svc.cache.release(account.id, cache_key, request_id)
+        svc.runs.abandon(request_id, RunStatus.QUEUED, RunNotStarted(str(exc)), workflow.version)
         raise
-    done = svc.runs.wait(request_id, settings.queue_wait_seconds, run_seconds)
+    mark("submit")
+    done = svc.runs.take_reply(request_id, svc.runs.wait(request_id, settings.queue_wait_seconds, run_seconds))
+    mark("wait")
     return _answer(body, request_id, session_id, done, "MISS")
 
 
@@ -124,7 +134,7 @@ def _record_hit(svc: Services, body: InvokeRequest, workflow: ResolvedWorkflow, 
 
 def _submit(svc: Services, body: InvokeRequest, workflow: ResolvedWorkflow, request_id: str, session_id: str,
             soft: float, request: dict[str, Any], cache_key: str | None, ttl: int) -> None:
-    """Record the run as queued and hand it to the workers."""
+    """Hand a queued run to the workers."""
     settings = svc.settings
     job = {
         "request_id": request_id, "account": workflow.account_id, "workflow": workflow.ref,
@@ -135,12 +145,6 @@ def _submit(svc: Services, body: InvokeRequest, workflow: ResolvedWorkflow, requ
         "output_schema": workflow.output_schema,
         "cache": {"key": cache_key, "ttl": ttl} if cache_key else None,
     }
-    pipe = svc.redis.pipeline(transaction=False)
-    svc.runs.create(pipe, workflow.account_id, workflow.ref, request_id, {
-        "status": RunStatus.QUEUED, "version": workflow.version, "session_id": session_id, "cache_hit": False,
-        "queued_at": time.time(), "timeout_seconds": soft, "metadata": body.metadata,
-    })
-    pipe.execute()
     try:
         svc.celery.send_task(
             RUN_TASK, kwargs={"job": job}, task_id=request_id, expires=settings.queue_wait_seconds,
@@ -150,9 +154,7 @@ def _submit(svc: Services, body: InvokeRequest, workflow: ResolvedWorkflow, requ
     except FlowpoolError:
         raise
     except Exception as exc:
-        message = f"the broker did not take the run: {exc}"
-        svc.runs.abandon(request_id, RunStatus.QUEUED, RunNotStarted(message), workflow.version)
-        raise Unavailable(message) from exc
+        raise Unavailable(f"the broker did not take the run: {exc}") from exc
 
 
 __all__ = ["bp", "completion"]

@@ -60,6 +60,11 @@ class ResultCache:
         }
         return hashlib.sha256(canonical_json(material)).hexdigest()
 
+    @staticmethod
+    def redis_keys(account_id: str, cache_key: str) -> tuple[str, str]:
+        """The Redis keys of a cache entry and of its in-flight lock."""
+        return keys.cache(account_id, cache_key), keys.inflight(account_id, cache_key)
+
     def get(self, account_id: str, cache_key: str) -> dict[str, Any] | None:
         raw = self.redis.get(keys.cache(account_id, cache_key))
         return json.loads(raw) if raw is not None else None

@@ -66,6 +66,28 @@ def dev(port: int, host: str, flower: bool) -> None:
     stack.run()
 
 
+def _gunicorn_post_fork(server: Any, worker: Any) -> None:
+    """A gunicorn worker dies with its arbiter, even one killed outright (it would be left behind)."""
+    from .procs import set_parent_death_signal
+
+    set_parent_death_signal()
+
+
+def _gunicorn_post_worker_init(worker: Any) -> None:
+    """Quit at once on SIGINT and SIGQUIT (Ctrl-C, or the arbiter's quick shutdown)."""
+    # gunicorn's gthread handler for these shuts the worker's thread pool down
+    # under the pool's lock, which is not re-entrant: a signal landing while
+    # the main thread holds it (submitting a request, or inside the handler
+    # for the other signal, as Ctrl-C sends SIGINT and the arbiter SIGQUIT)
+    # deadlocks the worker for good (CPython issue #121649).
+    signal.signal(signal.SIGINT, _quit_now)
+    signal.signal(signal.SIGQUIT, _quit_now)
+
+
+def _quit_now(signum: int, frame: Any) -> None:
+    os._exit(0)
+
+
 @main.command()
 @click.option("--port", default=8080, show_default=True)
 @click.option("--host", default="0.0.0.0", show_default=True)
@@ -83,6 +105,7 @@ def api(port: int, host: str) -> None:
                 "bind": f"{host}:{port}", "workers": settings.api_workers, "threads": settings.api_threads,
                 "worker_class": "gthread", "timeout": int(settings.max_timeout_seconds + 120),
                 "graceful_timeout": 30, "keepalive": 5, "accesslog": None, "loglevel": settings.log_level.lower(),
+                "post_fork": _gunicorn_post_fork, "post_worker_init": _gunicorn_post_worker_init,
             }.items():
                 self.cfg.set(key, value)
 
@@ -143,8 +166,20 @@ def doctor() -> None:
         line("redis-server", find_redis_server())
     except Exception as exc:
         line("redis-server", str(exc), settings.redis_url is not None)
-    uid_mode = "one unprivileged uid per slot" if os.geteuid() == 0 else "the worker's own uid (run as root for per-run uids)"
-    line("sandbox", f"process (zygote fork, rlimits, new session; {uid_mode})")
+    from .sandbox import Zygote
+
+    zygote = Zygote()
+    try:
+        zygote.start()
+        isolated = zygote.isolation.get("network") == "none"
+        uid_mode = "one unprivileged uid per slot" if os.geteuid() == 0 else \
+            "WARNING: the worker's own uid (run workers as root for a uid per slot)"
+        line("sandbox", f"process: zygote fork, rlimits, new session; {uid_mode}; {zygote.describe()}",
+             isolated)
+    except Exception as exc:
+        line("sandbox", f"the zygote did not start: {exc}", False)
+    finally:
+        zygote.stop()
     line("api", settings.api_url)
     line("api key", "set" if settings.api_key else "not set (FLOWPOOL_API_KEY)", True)
     sys.exit(0 if ok else 1)

@@ -40,8 +40,10 @@ class Stack:
     def spawn(self, *args: str, env: dict[str, str] | None = None, quiet: bool = False) -> subprocess.Popen[bytes]:
         """Start ``flowpool ARGS`` with this stack's environment."""
         output = subprocess.DEVNULL if quiet else None
+        # -I: the working directory is not put on sys.path, so a file there
+        # named like a module (redis.py, amqp.py...) cannot shadow it.
         process = subprocess.Popen(
-            [sys.executable, "-m", "flowpool.cli", *args], env={**self.env, **(env or {})},
+            [sys.executable, "-I", "-m", "flowpool.cli", *args], env={**self.env, **(env or {})},
             stdin=subprocess.DEVNULL, stdout=output, stderr=output, preexec_fn=set_parent_death_signal,
         )
         self.processes.append(process)
@@ -64,7 +66,7 @@ class Stack:
         while time.monotonic() < deadline:
             for process in self.processes:
                 if process.poll() is not None:
-                    raise RuntimeError(f"{process.args[3:]} exited with {process.returncode} during start-up")
+                    raise RuntimeError(f"{process.args[4:]} exited with {process.returncode} during start-up")
             try:
                 response = requests.get(self.api_url + "/readyz", timeout=2)
                 last = response.json()
@@ -114,6 +116,12 @@ class Stack:
             self.redis = None
 
 
+def _settings_env(settings: Settings) -> dict[str, str]:
+    """The FLOWPOOL_* variables that give a child process the settings that were set explicitly."""
+    return {f"FLOWPOOL_{name.upper()}": str(value)
+            for name, value in settings.model_dump(exclude_unset=True).items() if value is not None}
+
+
 class DevStack:
     """`flowpool dev`: run a stack in the foreground until Ctrl-C."""
 
@@ -122,7 +130,8 @@ class DevStack:
         self.host, self.port, self.flower = host, port, flower
 
     def run(self) -> None:
-        stack = Stack(redis_url=self.settings.redis_url)
+        # Stack keeps the caller's FLOWPOOL_* variables from its children; dev hands them its settings.
+        stack = Stack(env=_settings_env(self.settings), redis_url=self.settings.redis_url)
         stopping = False
 
         def stop(signum: int, frame: object) -> None:
@@ -140,7 +149,7 @@ class DevStack:
             api_url = stack.start_api(port=self.port, host=self.host)
             if self.flower:
                 stack.processes.append(subprocess.Popen(
-                    [sys.executable, "-m", "celery", "-A", "flowpool.tasks.celery_app", "flower", "--port=5555"],
+                    [sys.executable, "-I", "-m", "celery", "-A", "flowpool.tasks.celery_app", "flower", "--port=5555"],
                     env=stack.env, stdin=subprocess.DEVNULL, preexec_fn=set_parent_death_signal))
             stack.wait_ready(timeout=120)
             key = stack.create_account("dev")
@@ -148,7 +157,7 @@ class DevStack:
             while True:
                 for process in stack.processes:
                     if process.poll() is not None:
-                        print(f"flowpool dev: {' '.join(map(str, process.args[2:]))} exited "
+                        print(f"flowpool dev: {' '.join(map(str, process.args[3:]))} exited "
                               f"({process.returncode}); stopping", file=sys.stderr, flush=True)
                         return
                 time.sleep(0.5)

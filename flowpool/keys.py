@@ -4,7 +4,7 @@ from __future__ import annotations
 __all__ = [
     "ACCOUNTS", "SECRET", "WORKERS",
     "account", "api_key", "workflows", "workflow", "versions", "version", "version_hashes",
-    "run", "run_events", "run_lease", "workflow_runs", "cache", "inflight",
+    "run", "run_events", "run_lease", "run_reply", "workflow_runs", "cache", "inflight",
 ]
 
 PREFIX = "fp:"
@@ -62,6 +62,11 @@ def run(request_id: str) -> str:
 def run_events(request_id: str) -> str:
     """Stream: the run's emitted chunks, then one final ``done`` entry."""
     return f"{PREFIX}run:{request_id}:events"
+
+
+def run_reply(request_id: str) -> str:
+    """String with a short TTL: a final output the run's stream keeps only redacted (it carries a secret)."""
+    return f"{PREFIX}run:{request_id}:reply"
 
 
 def run_lease(request_id: str) -> str:

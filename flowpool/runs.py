@@ -36,12 +36,31 @@ return 1
 _ABANDON = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= ARGV[1] then return 0 end
-if status == 'running' and redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+if status == 'running' and ARGV[7] ~= '1' and redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], 'error', ARGV[4])
 redis.call('XADD', KEYS[3], '*', 'kind', 'done', 'data', ARGV[5])
 redis.call('PEXPIRE', KEYS[3], ARGV[6])
-redis.call('DEL', KEYS[4])
 return 1
+"""
+
+
+# Start a run unless its result is cached or an identical run is in flight:
+# one round trip for the cache lookup, the single-flight lock and the record.
+# KEYS: run, workflow runs index, cache entry, in-flight lock (the last two may be "")
+# ARGV: request id, ttl ms, queued-at score, runs kept, lock ms, field, value, ...
+_BEGIN = """
+if KEYS[3] ~= '' then
+  local hit = redis.call('GET', KEYS[3])
+  if hit then return {'hit', hit} end
+  local leader = redis.call('GET', KEYS[4])
+  if leader then return {'join', leader} end
+  redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[5])
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -tonumber(ARGV[4]) - 1)
+return {'queued'}
 """
 
 
@@ -83,6 +102,7 @@ class RunStore:
         self.ttl_ms = ttl_seconds * 1000
         self.runs_per_workflow = runs_per_workflow
         self._claim = client.register_script(_CLAIM)
+        self._begin = client.register_script(_BEGIN)
         self._abandon = client.register_script(_ABANDON)
 
     # Writing
@@ -96,6 +116,29 @@ class RunStore:
         index = keys.workflow_runs(account_id, ref)
         pipe.zadd(index, {request_id: fields.get("queued_at") or time.time()})
         pipe.zremrangebyrank(index, 0, -self.runs_per_workflow - 1)
+
+    def begin(self, account_id: str, ref: str, request_id: str, fields: dict[str, Any],
+              cache_keys: tuple[str, str] | None = None, lock_seconds: float = 0) -> tuple[str, Any]:
+        """Queue a run record, unless the cache answers or an identical run is in flight.
+
+        With ``cache_keys`` (the cache entry's key and the in-flight lock's)
+        returns ``("hit", entry)`` or ``("join", leader_request_id)`` when the
+        run is not needed; otherwise ``("queued", None)`` after taking the lock
+        and writing the record.
+        """
+        record = _encode({"request_id": request_id, "account": account_id, "workflow": ref, **fields})
+        flat = [item for pair in record.items() for item in pair]
+        entry_key, lock_key = cache_keys or ("", "")
+        reply = self._begin(
+            keys=[keys.run(request_id), keys.workflow_runs(account_id, ref), entry_key, lock_key],
+            args=[request_id, self.ttl_ms, fields.get("queued_at") or time.time(), self.runs_per_workflow,
+                  int(lock_seconds * 1000), *flat])
+        state = reply[0].decode()
+        if state == "hit":
+            return state, json.loads(reply[1])
+        if state == "join":
+            return state, reply[1].decode()
+        return state, None
 
     def claim(self, request_id: str, worker: str, lease_ms: int) -> bool:
         """Mark a queued run as running on ``worker``; False if it is not queued any more."""
@@ -117,14 +160,32 @@ class RunStore:
         pipe.pexpire(keys.run(request_id), self.ttl_ms)
         pipe.delete(keys.run_lease(request_id))
 
-    def abandon(self, request_id: str, expected: RunStatus, error: RunError, version: str | None) -> bool:
-        """End a run stuck in ``expected`` state with ``error``; False if it moved on meanwhile."""
+    # How long a clear output waits for its caller before Redis drops it.
+    REPLY_SECONDS = 60
+
+    def put_reply(self, pipe: redis.client.Pipeline, request_id: str, reply: dict[str, Any]) -> None:
+        """Queue the write of the clear output of a run whose stream keeps it redacted."""
+        pipe.set(keys.run_reply(request_id), _dumps(reply), ex=self.REPLY_SECONDS)
+
+    def take_reply(self, request_id: str, done: Done) -> Done:
+        """``done`` with its clear output, taken (and deleted) if this caller is the first to ask."""
+        if not done.get("reply"):
+            return done
+        raw = self.redis.getdel(keys.run_reply(request_id))
+        return {**done, **json.loads(raw)} if raw is not None else done
+
+    def abandon(self, request_id: str, expected: RunStatus, error: RunError, version: str | None,
+                force: bool = False) -> bool:
+        """End a run stuck in ``expected`` state with ``error``; False if it moved on meanwhile.
+
+        A running run with a live lease is left alone unless ``force`` (it is overdue).
+        """
         status = RunStatus.for_error(error) if expected is RunStatus.RUNNING else RunStatus.EXPIRED
         done = {"status": status.value, "version": version, "error": error.to_dict()}
         return bool(self._abandon(
-            keys=[keys.run(request_id), keys.run_lease(request_id), keys.run_events(request_id), "fp:none"],
+            keys=[keys.run(request_id), keys.run_lease(request_id), keys.run_events(request_id)],
             args=[expected.value, status.value, _dumps(time.time()), _dumps(error.to_dict()), _dumps(done),
-                  self.ttl_ms]))
+                  self.ttl_ms, "1" if force else "0"]))
 
     # Reading
 
@@ -179,9 +240,12 @@ class RunStore:
                     raise error
             elif status == RunStatus.RUNNING.value:
                 run_deadline = run_deadline or now + run_seconds
-                if not has_lease or now > run_deadline:
+                overdue = now > run_deadline
+                if not has_lease or overdue:
                     lost = WorkerLost("the worker running this request stopped answering; the run was lost")
-                    if self.abandon(request_id, RunStatus.RUNNING, lost, version) or not has_lease:
+                    # Overdue with a live lease: the worker is up but the run is stuck;
+                    # without force it would be waited on for as long as the lease is kept.
+                    if self.abandon(request_id, RunStatus.RUNNING, lost, version, force=overdue) or not has_lease:
                         raise lost
 
     def _state(self, request_id: str) -> tuple[str | None, bool, str | None]:

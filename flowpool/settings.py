@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     sandbox_max_processes: int = Field(32, ge=1, description="Processes a run may have (needs an unprivileged uid).")
     sandbox_max_open_files: int = Field(64, ge=16, description="Open files per run process.")
     sandbox_max_file_mb: int = Field(64, ge=1, description="Largest file a run may write.")
+    sandbox_prestart: int = Field(
+        2, ge=0, description="Run processes kept started and waiting for a job, so a run skips the fork.")
     sandbox_uid_base: int = Field(
         61000, description="When workers run as root, each run slot gets uid/gid base + slot.")
 

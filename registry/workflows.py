@@ -26,6 +26,7 @@ from .validation import ScriptInfo, validate_script
 __all__ = ["Registry", "ResolvedWorkflow", "Upload", "REF_PATTERN", "bump_version"]
 
 REF_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+RESERVED_REFS = frozenset({"default-script", "upload", "validate"})  # routes under /api/v1/workflows/
 _VERSION = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
 FIRST_VERSION = "1.0.0"
 BUMPS = ("major", "minor", "patch")
@@ -45,10 +46,15 @@ def bump_version(current: str | None, bump: str) -> str:
 
 def check_ref(ref: str) -> str:
     """A valid workflow ref name, or a 400 naming the rule."""
-    if not isinstance(ref, str) or not REF_PATTERN.match(ref):
+    # fullmatch: with match, '$' also accepts a name ending in a newline.
+    if not isinstance(ref, str) or not REF_PATTERN.fullmatch(ref):
         raise RequestError(
             f"invalid workflow_ref_name {ref!r}: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit",
             param="workflow_ref_name")
+    if ref in RESERVED_REFS:
+        # /api/v1/workflows/<ref> would answer with the route of that name, not the workflow.
+        raise RequestError(f"invalid workflow_ref_name {ref!r}: {', '.join(sorted(RESERVED_REFS))} are reserved",
+                           param="workflow_ref_name")
     return ref
 
 
@@ -196,6 +202,10 @@ class Registry:
     # Reading
 
     def _require(self, account_id: str, ref: str) -> dict[str, str]:
+        # A name no upload accepts could address another key of a workflow
+        # ("x:v:1.0.0" is the key of x's version 1.0.0): there is no such workflow.
+        if not isinstance(ref, str) or not REF_PATTERN.fullmatch(ref):
+            raise NotFound(f"no workflow named {ref!r}")
         raw = _decode(self.redis.hgetall(keys.workflow(account_id, ref)))
         if not raw:
             raise NotFound(f"no workflow named {ref!r}")
@@ -249,6 +259,8 @@ class Registry:
 
     def resolve(self, account_id: str, ref: str, number: str | None = None) -> ResolvedWorkflow:
         """The version an invocation runs: the pinned one, or the active one (one Redis round trip)."""
+        if not isinstance(ref, str) or not REF_PATTERN.fullmatch(ref):
+            raise NotFound(f"no workflow named {ref!r}")
         wf_key = keys.workflow(account_id, ref)
         if number is None:
             config, active, meta = self.redis.hmget(wf_key, "config", "active", "active_meta")

@@ -46,7 +46,7 @@ class Channel:
         body = self._read(size)
         try:
             message = json.loads(body)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # nesting deep enough to exhaust the stack is no frame either
             raise ProtocolError(f"frame is not JSON: {exc}") from exc
         if not isinstance(message, dict) or not isinstance(message.get("op"), str):
             raise ProtocolError("frame is not an object with an 'op'")

@@ -10,10 +10,12 @@ on a socket, so a thread pool holds many runs waiting on slow model calls.
 from __future__ import annotations
 
 import base64
+import fcntl
 import itertools
 import json
 import os
 import queue
+import select
 import shutil
 import signal
 import socket
@@ -85,13 +87,28 @@ class Zygote:
         self._exit_lock = threading.Lock()
         self._process: subprocess.Popen[bytes] | None = None
         self._control: socket.socket | None = None
+        self._hello = threading.Event()
+        self.isolation: dict[str, Any] = {}
 
-    def start(self) -> None:
-        """Start the zygote and wait until it answers."""
+    def describe(self) -> str:
+        """What isolation the zygote achieved, in a line for people."""
+        if not self.isolation:
+            return "not started"
+        if self.isolation.get("network") == "none":
+            exposed = ", ".join(self.isolation.get("exposed") or []) or "nothing"
+            return f"empty network namespace; interpreter paths bound read-only: {exposed}"
+        reason = self.isolation.get("error") or "not running as root"
+        return f"WARNING: runs share the host network ({reason})"
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the zygote and wait until it says hello."""
         with self._lock:
             self._start_locked()
+        if not self._hello.wait(timeout):
+            raise SandboxError(f"the sandbox zygote did not start within {timeout}s")
 
     def _start_locked(self) -> None:
+        self._hello.clear()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._process = subprocess.Popen(
             [sys.executable, "-I", "-m", "flowpool.sandbox.zygote", str(child.fileno())],
@@ -113,6 +130,10 @@ class Zygote:
                 self._fail_pending(control)
                 return
             message = json.loads(data)
+            if message["op"] == "hello":
+                self.isolation = message
+                self._hello.set()
+                continue
             if message["op"] == "exited":
                 with self._exit_lock:
                     self._exits[message["pid"]] = message["status"]
@@ -177,14 +198,15 @@ class Zygote:
         with self._exit_lock:
             return self._exits.get(pid)
 
-    def reap(self, pid: int, workdir: str, uid: int | None, gid: int | None) -> None:
-        """Kill whatever the run left and remove its files."""
+    def reap(self, pid: int, workdir: str, uid: int | None, gid: int | None, sweep: bool = True) -> None:
+        """Kill whatever the run left and remove its files.
+
+        Without ``sweep`` only the run's process group is killed: the caller
+        promises to start the slot's next process at once, which kills every
+        other process of the uid before it takes a job.
+        """
         try:
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self._request({"op": "reap", "pid": pid, "workdir": workdir, "uid": uid, "gid": gid})
+            self._request({"op": "reap", "pid": pid, "workdir": workdir, "uid": uid, "gid": gid, "sweep": sweep})
         finally:
             with self._exit_lock:
                 self._exits.pop(pid, None)
@@ -205,35 +227,112 @@ class Zygote:
             self._process = None
 
 
+@dataclass
+class _Process:
+    """A run process started ahead of its job, holding a slot (and so a uid)."""
+
+    slot: int
+    uid: int | None
+    workdir: str
+    pid: int | None = None
+    sock: socket.socket | None = None
+    pidfd: int | None = None  # signals reach this process even after its pid is reused
+
+    def kill(self) -> None:
+        """Kill the run process, and its process group when it has no uid of its own."""
+        if self.pidfd is not None:
+            try:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.uid is None and self.pid is not None:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def close(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
 class Sandbox:
-    """Runs jobs in sandboxed processes forked from a zygote, one run per process."""
+    """Runs jobs in sandboxed processes forked from a zygote, one run per process.
+
+    A few processes are started ahead of need (``prestart``), already under
+    their limits and uid and waiting for a job, so a run costs one message on
+    its critical path; the one it used is cleaned up and replaced afterwards.
+    """
 
     def __init__(self, limits: SandboxLimits, slots: int, uid_base: int | None = None,
-                 hard_grace_seconds: float = 5.0) -> None:
+                 hard_grace_seconds: float = 5.0, max_seconds: float = 600.0, prestart: int = 2) -> None:
         self.limits = limits
         self.hard_grace_seconds = hard_grace_seconds
+        self.max_seconds = max_seconds
+        self.prestart = prestart
         # As root, each slot runs under its own uid, so RLIMIT_NPROC counts one
         # run's processes and a run's leftovers can be killed by uid.
-        self._uid_base = uid_base if os.geteuid() == 0 else None
+        self._uid_lock: int | None = None
+        self._uid_count = slots + prestart
+        self._uid_base = self._claim_uids(uid_base, slots + prestart) if uid_base is not None and os.geteuid() == 0 else None
         self._slots: queue.LifoQueue[int] = queue.LifoQueue()
-        for slot in reversed(range(slots)):
+        for slot in reversed(range(slots + prestart)):
             self._slots.put(slot)
         self._root = tempfile.mkdtemp(prefix="flowpool-sandbox-")
         os.chmod(self._root, 0o711)
         self._zygote = Zygote()
         self._runs = itertools.count(1)
+        self._ready: queue.SimpleQueue[_Process] = queue.SimpleQueue()
         # Cleaning up after a run (killing leftovers, removing files) happens
         # off the caller's path; the slot, and so its uid, is reused only after.
-        self._cleanup: queue.Queue[tuple[int | None, str, int, int | None] | None] = queue.Queue()
+        self._cleanup: queue.Queue[_Process | None] = queue.Queue()
         self._cleaner = threading.Thread(target=self._clean, name="flowpool-sandbox-cleaner", daemon=True)
 
     @property
     def backend(self) -> str:
         return "process"
 
+    def describe(self) -> str:
+        """The isolation in force, in a line for people."""
+        uids = f"uids {self.uid_range.start}-{self.uid_range.stop - 1}" if self.uid_range else \
+            "WARNING: runs share the worker's uid (start workers as root for a uid per slot)"
+        return f"{uids}; {self._zygote.describe()}"
+
+    @property
+    def uid_range(self) -> range | None:
+        """The uids this sandbox's runs use (None when not started as root)."""
+        if self._uid_base is None:
+            return None
+        # Not the free-slot count: that shrinks while runs hold their slots.
+        return range(self._uid_base, self._uid_base + self._uid_count)
+
+    def _claim_uids(self, base: int, count: int) -> int:
+        """A block of ``count`` uids no other worker on this host uses, held by a file lock.
+
+        Runs are cleaned up by killing every process of their uid, so two
+        workers on one host (or one pid namespace) must never share a uid. The
+        lock dies with the process, so a crashed worker's block is free again.
+        """
+        directory = os.path.join(tempfile.gettempdir(), "flowpool-uid-blocks")
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        block_size = max(count, 1000)
+        for block in range(64):
+            fd = os.open(os.path.join(directory, f"{base}-{block}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            self._uid_lock = fd
+            return base + block * block_size
+        raise SandboxError(f"no free block of {block_size} sandbox uids from {base}: 64 workers on this host already")
+
     def start(self) -> None:
         self._zygote.start()
         self._cleaner.start()
+        for _ in range(self.prestart):
+            self._prestart()
 
     def stop(self) -> None:
         self._cleanup.put(None)
@@ -241,69 +340,120 @@ class Sandbox:
             self._cleaner.join(10)
         self._zygote.stop()
         shutil.rmtree(self._root, ignore_errors=True)
+        if self._uid_lock is not None:
+            os.close(self._uid_lock)
+            self._uid_lock = None
 
-    def _clean(self) -> None:
-        while True:
-            item = self._cleanup.get()
-            if item is None:
-                return
-            pid, workdir, slot, uid = item
-            try:
-                if pid is not None:
-                    self._zygote.reap(pid, workdir, uid, uid)
-                else:
-                    shutil.rmtree(workdir, ignore_errors=True)
-            except Exception:  # a lost zygote takes its processes with it
-                shutil.rmtree(workdir, ignore_errors=True)
-            finally:
-                self._slots.put(slot)
-
-    def run(self, code: bytes, job: dict[str, Any], soft_seconds: float,
-            on_emit: Callable[[str, Any], None] | None = None) -> RunOutcome:
-        """Run ``execute(ctx)`` of the compiled ``code`` for ``job``; never raises for the script's faults."""
-        slot = self._slots.get()
-        uid = gid = None
-        if self._uid_base is not None:
-            uid = gid = self._uid_base + slot
-        workdir = os.path.join(self._root, f"run-{next(self._runs)}")
-        started = time.monotonic()
-        hard_deadline = started + soft_seconds + self.hard_grace_seconds
+    def _spawn(self, slot: int) -> _Process:
+        """Start a run process in ``slot``, under every limit but the job's own CPU budget."""
+        uid = self._uid_base + slot if self._uid_base is not None else None
+        process = _Process(slot, uid, os.path.join(self._root, f"run-{next(self._runs)}"))
         limits = {
             "memory_bytes": self.limits.memory_bytes,
             "processes": self.limits.processes if uid is not None else None,
             "open_files": self.limits.open_files,
             "file_bytes": self.limits.file_bytes,
-            # CPU time is a backstop for the hard limit, in whole seconds.
-            "cpu_seconds": int(soft_seconds + self.hard_grace_seconds) + 1,
+            # Lowered by the run to its own budget once it knows its job.
+            "cpu_seconds": int(self.max_seconds + self.hard_grace_seconds) + 1,
         }
-        outcome = RunOutcome()
-        pid = None
         try:
-            pid, sock = self._zygote.spawn(workdir, limits, uid, gid)
-            outcome.pid = pid
-            channel = Channel(sock, max_frame=self.limits.max_result_bytes + (64 << 10))
+            process.pid, process.sock = self._zygote.spawn(process.workdir, limits, uid, uid)
+            process.pidfd = os.pidfd_open(process.pid)
+        except BaseException:
+            self._cleanup.put(process)
+            raise
+        return process
+
+    def _prestart(self, slot: int | None = None) -> None:
+        """Start a waiting process, in ``slot`` or a free one."""
+        if slot is None:
             try:
-                channel.send({"op": "run", "code": base64.b64encode(code).decode(), "job": job,
-                              "soft_seconds": soft_seconds})
-                self._supervise(channel, pid, hard_deadline, soft_seconds, started, outcome, on_emit)
+                slot = self._slots.get_nowait()
+            except queue.Empty:
+                return  # every slot is busy: the next run starts its own process
+        try:
+            self._ready.put(self._spawn(slot))
+        except SandboxError:
+            pass  # _spawn handed the slot to the cleaner
+
+    def _clean(self) -> None:
+        while True:
+            process = self._cleanup.get()
+            if process is None:
+                break
+            # The slot's next process sweeps the uid as it starts, so when one
+            # is wanted anyway, the zygote forks once per run instead of twice.
+            refill = self._ready.qsize() < self.prestart
+            try:
+                if process.pid is not None:
+                    self._zygote.reap(process.pid, process.workdir, process.uid, process.uid, sweep=not refill)
+                else:
+                    shutil.rmtree(process.workdir, ignore_errors=True)
+            except Exception:  # a lost zygote takes its processes with it
+                shutil.rmtree(process.workdir, ignore_errors=True)
+                refill = False
+            process.close()
+            if refill:
+                self._prestart(process.slot)
+            else:
+                self._slots.put(process.slot)
+        while not self._ready.empty():  # stopping: the zygote's end kills them
+            process = self._ready.get_nowait()
+            process.close()
+            if process.sock is not None:
+                process.sock.close()
+
+    def _take_ready(self) -> _Process | None:
+        """A started process waiting for a job, passing over any that died meanwhile (with a lost zygote)."""
+        while True:
+            try:
+                process = self._ready.get_nowait()
+            except queue.Empty:
+                return None
+            # A pidfd reads as ready once its process has exited.
+            if process.pidfd is None or not select.select([process.pidfd], [], [], 0)[0]:
+                return process
+            self._cleanup.put(process)
+
+    def run(self, code: bytes, job: dict[str, Any], soft_seconds: float,
+            on_emit: Callable[[str, Any], None] | None = None, source: str | None = None) -> RunOutcome:
+        """Run ``execute(ctx)`` of the compiled ``code`` for ``job``; never raises for the script's faults."""
+        outcome = RunOutcome()
+        process: _Process | None = None
+        try:
+            process = self._take_ready() or self._spawn(self._slots.get())
+            assert process.pid is not None and process.sock is not None
+            outcome.pid = process.pid
+            started = time.monotonic()
+            hard_deadline = started + soft_seconds + self.hard_grace_seconds
+            channel = Channel(process.sock, max_frame=self.limits.max_result_bytes + (64 << 10))
+            try:
+                channel.send({"op": "run", "code": base64.b64encode(code).decode(), "source": source, "job": job,
+                              "soft_seconds": soft_seconds,
+                              # CPU time is a backstop for the hard limit, in whole seconds.
+                              "cpu_seconds": int(soft_seconds + self.hard_grace_seconds) + 1})
+                self._supervise(channel, process, hard_deadline, soft_seconds, started, outcome, on_emit)
+            except OSError as exc:  # the process died before it took the job
+                outcome.error = self._crash(process) if isinstance(exc, BrokenPipeError) else SandboxError(
+                    f"could not hand the job to the sandbox process: {exc}")
             finally:
                 channel.close()
         except SandboxError as exc:
             outcome.error = exc
         finally:
-            if pid is not None:
-                self._kill(pid)
-            self._cleanup.put((pid, workdir, slot, uid))
+            if process is not None:
+                process.kill()
+                self._cleanup.put(process)
         return outcome
 
-    def _supervise(self, channel: Channel, pid: int, hard_deadline: float, soft_seconds: float,
+    def _supervise(self, channel: Channel, process: _Process, hard_deadline: float, soft_seconds: float,
                    started: float, outcome: RunOutcome, on_emit: Callable[[str, Any], None] | None) -> None:
         limits = self.limits
         log_bytes = 0
         while True:
             remaining = hard_deadline - time.monotonic()
             if remaining <= 0:
-                self._kill(pid)
+                process.kill()
                 outcome.error = TimeLimitExceeded(
                     f"the run passed its hard time limit ({soft_seconds + self.hard_grace_seconds:g}s) and was killed",
                     limit="hard", seconds=soft_seconds)
@@ -314,10 +464,10 @@ class Sandbox:
             except socket.timeout:
                 continue
             except ChannelClosed:
-                outcome.error = self._crash(pid)
+                outcome.error = self._crash(process)
                 return
             except ProtocolError as exc:
-                self._kill(pid)
+                process.kill()
                 if "over the limit" in str(exc):
                     outcome.error = ResultTooLarge(
                         f"the run sent a message over the size limit ({limits.max_result_bytes} bytes for a result)")
@@ -328,11 +478,11 @@ class Sandbox:
             if op == "emit":
                 outcome.chunks += 1
                 if outcome.chunks > limits.max_chunks:
-                    self._kill(pid)
+                    process.kill()
                     outcome.error = ResultTooLarge(f"the run emitted more than {limits.max_chunks} chunks")
                     return
                 if len(json.dumps(message.get("content"))) > limits.max_chunk_bytes:
-                    self._kill(pid)
+                    process.kill()
                     outcome.error = ResultTooLarge(f"an emitted chunk is over {limits.max_chunk_bytes} bytes")
                     return
                 if on_emit is not None:
@@ -374,20 +524,15 @@ class Sandbox:
                                                 traceback=str(message.get("traceback", ""))[-8192:])
                 return
             else:
-                self._kill(pid)
+                process.kill()
                 outcome.error = SandboxError(f"the run sent an unknown message {op!r}")
                 return
 
-    def _kill(self, pid: int) -> None:
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    def _crash(self, pid: int) -> SandboxError:
-        status = self._zygote.wait_exit(pid, 2.0)
+    def _crash(self, process: _Process) -> SandboxError:
+        assert process.pid is not None
+        status = self._zygote.wait_exit(process.pid, 2.0)
         if status is None:
-            self._kill(pid)
+            process.kill()
             return SandboxError("the sandbox process closed its channel without a result")
         if "signal" in status:
             sig = status["signal"]

@@ -6,7 +6,7 @@ connections: a forked run inherits nothing of the worker. It talks to the
 worker over a SOCK_SEQPACKET control socket (its fd number is argv[1]), one JSON message per packet:
 
   worker -> zygote  {"op": "spawn", "id", "limits": {...}, "uid", "gid", "workdir"} + the run's channel fd
-                    {"op": "reap", "id", "pid", "uid", "workdir"}   (kill what is left of a run, remove its files)
+                    {"op": "reap", "id", "pid", "uid", "workdir", "sweep"}   (kill what is left of a run, remove its files)
   zygote -> worker  {"op": "spawned", "id", "pid"} | {"op": "reaped", "id"} | {"op": "failed", "id", "message"}
                     {"op": "exited", "pid", "status": {"code": n} | {"signal": n}}
 
@@ -20,7 +20,9 @@ import base64  # noqa: F401
 import collections  # noqa: F401
 import dataclasses  # noqa: F401
 import datetime  # noqa: F401
+import ctypes
 import errno
+import gc
 import functools  # noqa: F401
 import hashlib  # noqa: F401
 import itertools  # noqa: F401
@@ -35,6 +37,7 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import sys
 import time  # noqa: F401
 import traceback
@@ -48,6 +51,10 @@ from . import runtime
 
 _PR_SET_CHILD_SUBREAPER = 36
 _PR_SET_NO_NEW_PRIVS = 38
+_CLONE_NEWNS = 0x00020000
+_CLONE_NEWNET = 0x40000000
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT = 1, 2, 4, 32
+_MS_BIND, _MS_REC, _MS_PRIVATE = 4096, 16384, 1 << 18
 
 _LIMITS = {
     "memory_bytes": (resource.RLIMIT_AS,),
@@ -59,8 +66,65 @@ _LIMITS = {
 
 
 def _prctl(option: int, arg: int) -> None:
-    import ctypes
-    ctypes.CDLL(None, use_errno=True).prctl(option, arg, 0, 0, 0)
+    _libc.prctl(option, arg, 0, 0, 0)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    _check(_libc.mount(source and source.encode(), target.encode(), fstype and fstype.encode(), flags,
+                       data and data.encode()), f"mount {target}")
+
+
+def _blocked_ancestor(path: str) -> str | None:
+    """The topmost directory above ``path`` that users other than its owner cannot traverse."""
+    current = "/"
+    for part in [p for p in path.split("/") if p][:-1]:
+        current = os.path.join(current, part)
+        if not os.stat(current).st_mode & stat.S_IXOTH:
+            return current
+    return None
+
+
+def _isolate(needed: list[str]) -> dict:
+    """Give the zygote, and so every run, an empty network and the interpreter's files.
+
+    Runs forked from here share one network namespace that holds only a
+    loopback that is down: a script reaches nothing over the network (not
+    Redis, not the broker, not the host); what it does outside goes through
+    ctx, served by the worker. Its private mount namespace also makes the
+    interpreter readable to the runs' unprivileged uids when it lives under a
+    directory they cannot enter (Python under /root/.pyenv, say): a tmpfs
+    hides that directory and only the paths Python needs are bound back,
+    read-only. Needs root (CAP_SYS_ADMIN); done once, so it costs no run
+    anything.
+    """
+    _check(_libc.unshare(_CLONE_NEWNS | _CLONE_NEWNET), "unshare")
+    _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
+    by_blocker: dict[str, list[str]] = {}
+    for path in sorted(set(needed)):
+        blocker = _blocked_ancestor(path)
+        if blocker is not None:
+            by_blocker.setdefault(blocker, []).append(path)
+    exposed = []
+    for blocker, paths in by_blocker.items():
+        keep = [p for p in paths if not any(p != q and p.startswith(q.rstrip("/") + "/") for q in paths)]
+        handles = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in keep}
+        _mount("tmpfs", blocker, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=0755,size=64k")
+        for path, fd in handles.items():
+            os.makedirs(path, mode=0o755, exist_ok=True)
+            _mount(f"/proc/self/fd/{fd}", path, None, _MS_BIND | _MS_REC)
+            _mount(None, path, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
+            os.close(fd)
+            exposed.append(path)
+    return {"network": "none", "exposed": exposed}
 
 
 def _decode_status(status: int) -> dict[str, int]:
@@ -72,6 +136,7 @@ def _decode_status(status: int) -> dict[str, int]:
 def _become_run(request: dict, fd: int, control: socket.socket) -> None:
     """In the forked child: drop everything of the zygote, apply limits, run the job. Never returns."""
     code = 0
+    zygote = os.getppid()
     try:
         control.close()
         os.setsid()
@@ -94,6 +159,14 @@ def _become_run(request: dict, fd: int, control: socket.socket) -> None:
             os.setgroups([])
             os.setgid(gid)
             os.setuid(uid)
+            # Changing credentials clears the parent-death signal: arm it again,
+            # so the run still dies with the zygote (and so with the worker).
+            set_parent_death_signal(signal.SIGKILL)
+            if os.getppid() != zygote:
+                return  # the zygote died before the signal was armed
+            # Whatever an earlier run of this uid left behind dies now, before
+            # this process takes a job (the signal spares the sender).
+            os.kill(-1, signal.SIGKILL)
         _prctl(_PR_SET_NO_NEW_PRIVS, 1)
         runtime.serve(fd)
     except BaseException:
@@ -115,11 +188,16 @@ def _start_reap(request: dict) -> int | None:
     """
     uid = request.get("uid")
     if uid is None:
+        # Without a uid of its own the run can only be found by its process
+        # group. (Once the group is empty its id may be reused: a weaker
+        # guarantee, like everything about running runs as the worker's uid.)
         try:
             os.killpg(request["pid"], signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
         return None
+    if not request.get("sweep"):
+        return None  # the slot's next process sweeps the uid when it starts
     helper = os.fork()
     if helper == 0:
         try:
@@ -133,6 +211,52 @@ def _start_reap(request: dict) -> int | None:
     return helper
 
 
+class _Spares:
+    """One process forked ahead of need, so a spawn costs a message instead of a fork."""
+
+    def __init__(self, close_in_child: list[int]) -> None:
+        self._close_in_child = close_in_child
+        self.pid: int | None = None
+        self._sock: socket.socket | None = None
+
+    def refill(self) -> None:
+        if self.pid is not None:
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            ours.close()
+            signal.set_wakeup_fd(-1)
+            for fd in self._close_in_child:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            try:
+                data, fds, _, _ = socket.recv_fds(theirs, 65536, 1)
+            except BaseException:
+                os._exit(0)
+            if not data or not fds:
+                os._exit(0)  # the zygote went away before using us
+            _become_run(json.loads(data), fds[0], theirs)
+        theirs.close()
+        self.pid, self._sock = pid, ours
+
+    def take(self, request: dict, fd: int) -> int | None:
+        """Hand a run to the spare; its pid, or None if there was none or it is gone."""
+        pid, sock = self.pid, self._sock
+        self.pid = self._sock = None
+        if pid is None or sock is None:
+            return None
+        try:
+            socket.send_fds(sock, [json.dumps(request).encode()], [fd])
+            return pid
+        except OSError:
+            return None
+        finally:
+            sock.close()
+
+
 def main(control_fd: int) -> None:
     set_parent_death_signal(signal.SIGKILL)
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
@@ -143,9 +267,18 @@ def main(control_fd: int) -> None:
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the worker, which stops us
     reaping: dict[int, dict] = {}  # helper pid -> its reap request
+    spares = _Spares([control_fd, wake_r, wake_w])
 
     def send(message: dict) -> None:
         control.send(json.dumps(message).encode())
+
+    isolation: dict = {"network": "shared", "exposed": []}
+    if os.geteuid() == 0:
+        try:
+            isolation = _isolate([p for p in sys.path if p and os.path.isdir(p)])
+        except OSError as exc:  # e.g. a container without CAP_SYS_ADMIN
+            isolation["error"] = str(exc)
+    send({"op": "hello", "pid": os.getpid(), **isolation})
 
     def collect_exits() -> None:
         while True:
@@ -155,6 +288,8 @@ def main(control_fd: int) -> None:
                 return
             if pid == 0:
                 return
+            if pid == spares.pid:
+                spares.pid = None
             request = reaping.pop(pid, None)
             if request is not None:
                 shutil.rmtree(request["workdir"], ignore_errors=True)
@@ -162,6 +297,22 @@ def main(control_fd: int) -> None:
             else:
                 send({"op": "exited", "pid": pid, "status": _decode_status(status)})
 
+    def spawn(request: dict, fd: int) -> int:
+        os.makedirs(request["workdir"], mode=0o700)
+        if request.get("uid") is not None:
+            os.chown(request["workdir"], request["uid"], request["gid"])
+        pid = spares.take(request, fd)
+        if pid is None:
+            pid = os.fork()
+            if pid == 0:
+                _become_run(request, fd, control)
+        return pid
+
+    # Move everything imported so far out of the collector's reach, so runs
+    # forked from here do not copy those pages when a collection walks them.
+    gc.collect()
+    gc.freeze()
+    spares.refill()
     while True:
         try:
             ready, _, _ = select.select([control, wake_r], [], [])
@@ -181,14 +332,10 @@ def main(control_fd: int) -> None:
         request = json.loads(data)
         try:
             if request["op"] == "spawn":
-                os.makedirs(request["workdir"], mode=0o700)
-                if request.get("uid") is not None:
-                    os.chown(request["workdir"], request["uid"], request["gid"])
-                pid = os.fork()
-                if pid == 0:
-                    _become_run(request, fds[0], control)
+                pid = spawn(request, fds[0])
                 os.close(fds[0])
                 send({"op": "spawned", "id": request["id"], "pid": pid})
+                spares.refill()  # after answering: the fork is off the caller's path
             elif request["op"] == "reap":
                 helper = _start_reap(request)
                 if helper is None:

@@ -6,17 +6,22 @@ import marshal
 import threading
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import Any, NamedTuple
 
 from flowpool.errors import RunError, ScriptError
 from flowpool.registry import Registry, check_output
 from flowpool.runs import RunStatus
 
-__all__ = ["ScriptCache", "execute_run", "redact"]
+__all__ = ["CompiledScript", "ScriptCache", "execute_run", "redact"]
 
 log = logging.getLogger("flowpool.worker")
 
 ZERO_USAGE = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+
+
+class CompiledScript(NamedTuple):
+    code: bytes  # marshalled code object
+    source: str  # for the tracebacks of the run
 
 
 class ScriptCache:
@@ -25,18 +30,18 @@ class ScriptCache:
     def __init__(self, registry: Registry, size: int) -> None:
         self.registry = registry
         self.size = size
-        self._code: OrderedDict[str, bytes] = OrderedDict()
+        self._code: OrderedDict[str, CompiledScript] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, account_id: str, ref: str, version: str, content_hash: str) -> bytes:
-        """The marshalled code object of a version, compiled on first use."""
+    def get(self, account_id: str, ref: str, version: str, content_hash: str) -> CompiledScript:
+        """The compiled script of a version, compiled on first use."""
         with self._lock:
             code = self._code.get(content_hash)
             if code is not None:
                 self._code.move_to_end(content_hash)
                 return code
         source = self.registry.load_script(account_id, ref, version)
-        code = marshal.dumps(compile(source, "workflow.py", "exec", dont_inherit=True))
+        code = CompiledScript(marshal.dumps(compile(source, "workflow.py", "exec", dont_inherit=True)), source)
         with self._lock:
             self._code[content_hash] = code
             while len(self._code) > self.size:
@@ -71,7 +76,7 @@ def execute_run(runtime: Any, job: dict[str, Any]) -> str:
     try:
         outcome = None
         try:
-            code = runtime.scripts.get(job["account"], job["workflow"], job["version"], job["content_hash"])
+            script = runtime.scripts.get(job["account"], job["workflow"], job["version"], job["content_hash"])
         except SyntaxError as exc:  # stored scripts are validated; only an edited Redis gets here
             error: RunError | None = ScriptError(f"SyntaxError: {exc}")
         else:
@@ -81,7 +86,8 @@ def execute_run(runtime: Any, job: dict[str, Any]) -> str:
             def on_emit(chunk_type: str, content: Any) -> None:
                 runs.add_chunk(request_id, chunk_type, redact(content, secrets))
 
-            outcome = runtime.sandbox.run(code, sandbox_job, job["soft_seconds"], on_emit=on_emit)
+            outcome = runtime.sandbox.run(script.code, sandbox_job, job["soft_seconds"], on_emit=on_emit,
+                                          source=script.source)
             error = outcome.error
             if error is None:
                 try:
@@ -106,14 +112,21 @@ def execute_run(runtime: Any, job: dict[str, Any]) -> str:
             fields["logs_truncated"] = outcome.logs_truncated
             fields["chunk_count"] = outcome.chunks
         pipe = runtime.redis.pipeline(transaction=False)
+        carries_secret = error is None and fields["output"] != done["output"]
         cache = job.get("cache")
         if cache:
-            if error is None and cache.get("ttl"):
+            # An output carrying a request secret is not cached: the entry would hold the secret in clear.
+            if error is None and cache.get("ttl") and not carries_secret:
                 entry = {"output": done["output"], "content": done["content"], "usage": done["usage"],
                          "version": job["version"], "request_id": request_id, "created_at": time.time(),
                          "chunks": runs.chunks(request_id) if outcome and outcome.chunks else []}
                 runtime.cache.put(pipe, job["account"], cache["key"], entry, int(cache["ttl"]))
             runtime.cache.release(job["account"], cache["key"], request_id, pipe=pipe)
+        if carries_secret:
+            # The stream keeps the run's final event as long as the record; the
+            # clear output goes to the caller through a key it takes at once.
+            runs.put_reply(pipe, request_id, {"output": done["output"], "content": done["content"]})
+            done.update(output=fields["output"], content=redact(done["content"], secrets), reply=True)
         runs.finish(pipe, request_id, done, fields)
         pipe.execute()
         return status.value

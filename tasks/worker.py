@@ -53,6 +53,8 @@ class WorkerRuntime:
             slots=settings.worker_concurrency,
             uid_base=settings.sandbox_uid_base,
             hard_grace_seconds=settings.hard_timeout_grace_seconds,
+            max_seconds=settings.max_timeout_seconds,
+            prestart=settings.sandbox_prestart,
         )
         self.lease_ms = int(settings.worker_ttl_seconds * 1000)
         self.active: set[str] = set()
@@ -62,8 +64,8 @@ class WorkerRuntime:
     def start(self) -> None:
         self.sandbox.start()
         self._beat.start()
-        log.info("flowpool worker %s ready: sandbox backend %s, %d slots", self.name, self.sandbox.backend,
-                 self.settings.worker_concurrency)
+        log.info("flowpool worker %s ready: sandbox backend %s (%s), %d slots", self.name, self.sandbox.backend,
+                 self.sandbox.describe(), self.settings.worker_concurrency)
 
     def stop(self) -> None:
         self._stop.set()

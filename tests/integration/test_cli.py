@@ -1,0 +1,300 @@
+"""The ``flowpool`` command line, run as a user runs it: real subprocesses.
+
+``flowpool dev`` starts everything (its own Redis, a worker, the API) and is
+stopped with SIGINT as Ctrl-C does; the other commands talk to it, or to the
+session's stack, through the ``FLOWPOOL_*`` variables.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import psutil
+import pytest
+import redis
+import requests
+
+from flowpool.devstack import Stack
+from flowpool.procs import free_port
+from flowpool.redis_server import RedisServer
+
+REPO = Path(__file__).resolve().parents[2]
+ECHO_EXAMPLE = REPO / "examples" / "echo.py"
+
+
+def _env(**settings: str) -> dict[str, str]:
+    """The test process's environment without any FLOWPOOL_* variable, plus ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWPOOL_")}
+    env.update(settings)
+    return env
+
+
+def _cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``flowpool ARGS`` to its end."""
+    return subprocess.run([sys.executable, "-m", "flowpool.cli", *args], env=env, cwd=REPO, capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL, timeout=timeout)
+
+
+def _ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}"
+    return result.stdout
+
+
+class Dev:
+    """A ``flowpool dev`` process in its own process group, its output read as it comes."""
+
+    def __init__(self, port: int, settings: dict[str, str]) -> None:
+        self.port = port
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "flowpool.cli", "dev", "--port", str(port)], env=_env(**settings), cwd=REPO,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True)
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        # Drained to the end: the worker shares this pipe and would block on a full one.
+        self._reader = threading.Thread(target=self._read, name="flowpool-dev-output", daemon=True)
+        self._reader.start()
+        self.api_url = self.key = self.curl_url = self.curl_key = ""
+        self.curl_body: dict[str, object] = {}
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    @property
+    def output(self) -> str:
+        with self._changed:
+            return "\n".join(self.lines)
+
+    def wait_for_banner(self, timeout: float = 120) -> None:
+        """Wait until dev printed its key and the whole curl line, and parse them."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not any(line.lstrip().startswith("-d '") for line in self.lines):
+                if self.process.poll() is not None and not self._reader.is_alive():
+                    pytest.fail(f"flowpool dev exited with {self.process.returncode}:\n{self.output}")
+                if not self._changed.wait(max(0.0, deadline - time.monotonic())) and time.monotonic() > deadline:
+                    pytest.fail(f"flowpool dev printed no banner within {timeout}s:\n{self.output}")
+        text = self.output
+        self.api_url = re.search(r"^\s+API:\s+(\S+)$", text, re.M).group(1)  # type: ignore[union-attr]
+        self.key = re.search(r"^\s+API key:\s+(\S+)$", text, re.M).group(1)  # type: ignore[union-attr]
+        self.curl_url = re.search(r"^\s+curl -s (\S+) \\$", text, re.M).group(1)  # type: ignore[union-attr]
+        self.curl_key = re.search(r'-H "Authorization: Bearer (\S+)"', text).group(1)  # type: ignore[union-attr]
+        self.curl_body = json.loads(re.search(r"^\s+-d '(.*)'$", text, re.M).group(1))  # type: ignore[union-attr]
+
+    def cli_env(self) -> dict[str, str]:
+        return _env(FLOWPOOL_API_URL=self.api_url, FLOWPOOL_API_KEY=self.key)
+
+    def curl(self) -> requests.Response:
+        """What the printed curl command sends."""
+        return requests.post(self.curl_url, json=self.curl_body, timeout=60,
+                             headers={"Authorization": f"Bearer {self.curl_key}"})
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def kill(self) -> None:
+        """Kill dev and everything it started (for a test that failed before stopping it)."""
+        left = self.descendants()
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+        for process in left:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(left, timeout=10)
+
+
+def _cmdline(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:  # gone, or a zombie about to be reaped
+        return ""
+
+
+def _describe(process: psutil.Process) -> str:
+    try:
+        return f"{process.pid} {process.status()} {_cmdline(process)}"
+    except psutil.Error:
+        return f"{process.pid} (gone)"
+
+
+def _start_dev(**settings: str) -> Dev:
+    dev = Dev(free_port(), settings)
+    try:
+        dev.wait_for_banner()
+    except BaseException:
+        dev.kill()
+        raise
+    return dev
+
+
+@pytest.fixture
+def dev() -> Iterator[Dev]:
+    dev = _start_dev()
+    try:
+        yield dev
+    finally:
+        dev.kill()
+
+
+# flowpool dev and the commands a user runs against it.
+
+@pytest.mark.slow
+def test_dev_prints_a_key_and_a_curl_line_that_works_after_the_push_it_shows(dev: Dev) -> None:
+    assert dev.api_url == f"http://127.0.0.1:{dev.port}"
+    assert dev.curl_url == f"{dev.api_url}/workflow/chat/completions"
+    assert dev.curl_key == dev.key
+    assert f"export FLOWPOOL_API_URL={dev.api_url} FLOWPOOL_API_KEY={dev.key}" in dev.output
+    assert "flowpool push examples/echo.py --name echo" in dev.output
+    pushed = _ok(_cli("push", "examples/echo.py", "--name", "echo", env=dev.cli_env()))
+    assert re.fullmatch(r"echo@\d+\.\d+\.\d+ \(new version\)\n", pushed), pushed
+    response = dev.curl()
+    assert response.status_code == 200, response.text
+    assert response.json()["output"] == {"echo": "hello flowpool", "words": 2}
+    assert response.headers["X-Cache"] == "MISS"
+
+
+@pytest.mark.slow
+def test_push_invoke_runs_and_logs_against_dev(dev: Dev) -> None:
+    env = dev.cli_env()
+    pushed = _ok(_cli("push", str(ECHO_EXAMPLE), "--name", "echo", env=env))
+    version = re.fullmatch(r"echo@(\d+\.\d+\.\d+) \(new version\)\n", pushed)
+    assert version, pushed
+    assert _ok(_cli("push", str(ECHO_EXAMPLE), "--name", "echo", env=env)) == \
+        f"echo@{version.group(1)} (unchanged, active)\n"
+
+    invoked = _ok(_cli("invoke", "echo", "--input", '{"text": "from the command line"}', env=env))
+    assert json.loads(invoked) == {"echo": "from the command line", "words": 4}
+    by_http = dev.curl()
+    assert by_http.status_code == 200, by_http.text
+    again = dev.curl()
+    assert again.headers["X-Cache"] == "HIT"
+    request_id = by_http.json()["request_id"]
+
+    lines = _ok(_cli("runs", "echo", env=env)).splitlines()
+    assert len(lines) == 3, lines
+    runs = {line.split()[0]: line.split()[1:] for line in lines}
+    assert runs[request_id][:3] == ["succeeded", version.group(1), "miss"]
+    assert runs[again.json()["request_id"]][:3] == ["succeeded", version.group(1), "hit"]
+    assert lines[0].split()[0] == again.json()["request_id"]  # newest first
+    assert all(fields[0] == "succeeded" for fields in runs.values())
+
+    logs = _ok(_cli("logs", request_id, env=env))
+    assert re.fullmatch(r"\d\d:\d\d:\d\d INFO +echoing length=14\n", logs), logs
+    missing = _cli("logs", "req_doesnotexist", env=env)
+    assert missing.returncode != 0
+    assert "404" in missing.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["dev-process", "process-group"])
+def test_sigint_stops_dev_and_every_process_it_started(target: str) -> None:
+    dev = _start_dev()
+    try:
+        _ok(_cli("push", str(ECHO_EXAMPLE), "--name", "echo", env=dev.cli_env()))
+        assert dev.curl().status_code == 200  # so the sandbox has run processes too
+        started = dev.descendants()
+        names = " ".join(_cmdline(p) for p in started)
+        for part in ("redis-server", "flowpool.cli worker", "flowpool.cli api", "flowpool.sandbox.zygote"):
+            assert part in names, names
+        if target == "dev-process":
+            dev.process.send_signal(signal.SIGINT)
+        else:  # what a terminal's Ctrl-C does
+            os.killpg(dev.process.pid, signal.SIGINT)
+        assert dev.process.wait(60) == 0, dev.output
+        gone, alive = psutil.wait_procs(started, timeout=15)
+        assert not alive, [_describe(p) for p in alive]
+        assert "flowpool dev: stopping" in dev.output
+    finally:
+        dev.kill()
+
+
+@pytest.mark.slow
+def test_dev_hands_its_flowpool_settings_to_the_processes_it_starts() -> None:
+    dev = _start_dev(FLOWPOOL_MAX_BODY_BYTES=str(16 << 10))
+    try:
+        response = requests.post(dev.curl_url, headers={"Authorization": f"Bearer {dev.key}"}, timeout=30,
+                                 json={**dev.curl_body, "input": {"text": "x" * (32 << 10)}})
+        assert response.status_code == 413, response.text
+    finally:
+        dev.kill()
+
+
+# Commands against the session's stack.
+
+def test_accounts_create_prints_a_key_that_authenticates(stack: Stack) -> None:
+    env = _env(FLOWPOOL_REDIS_URL=stack.redis_url)
+    name = f"cli-{os.urandom(4).hex()}"
+    first = _cli("accounts", "create", name, env=env)
+    key = _ok(first).strip()
+    assert f"created account {name}" in first.stderr
+    second = _cli("accounts", "create", name, env=env)
+    other_key = _ok(second).strip()
+    assert f"new key for account {name}" in second.stderr
+    assert key != other_key
+
+    assert stack.api_url is not None
+    upload = requests.post(stack.api_url + "/api/v1/workflows/upload", headers={"x-api-key": key}, timeout=30,
+                           json={"workflow_ref_name": "mine", "script": "def execute(ctx):\n    return 1\n"})
+    assert upload.status_code == 201, upload.text
+    listed = requests.get(stack.api_url + "/api/v1/workflows", headers={"x-api-key": other_key}, timeout=30)
+    assert listed.status_code == 200, listed.text
+    assert [w["workflow_ref_name"] for w in listed.json()["data"]] == ["mine"]
+    unknown = requests.get(stack.api_url + "/api/v1/workflows", headers={"x-api-key": key + "x"}, timeout=30)
+    assert unknown.status_code == 401
+
+
+def _doctor(redis_url: str) -> tuple[int, dict[str, tuple[str, str]]]:
+    """Exit code and ``{check: (ok|BAD, value)}`` of ``flowpool doctor``."""
+    result = _cli("doctor", env=_env(FLOWPOOL_REDIS_URL=redis_url))
+    checks = {}
+    for line in result.stdout.splitlines():
+        match = re.fullmatch(r"(ok |BAD) (.{16}) ?(.*)", line)
+        assert match, f"unexpected doctor line {line!r} in:\n{result.stdout}"
+        checks[match.group(2).strip()] = (match.group(1).strip(), match.group(3))
+    return result.returncode, checks
+
+
+def test_doctor_reports_redis_and_the_workers_of_the_stack(stack: Stack) -> None:
+    code, checks = _doctor(stack.redis_url)
+    assert checks["redis"] == ("ok", stack.redis_url)
+    assert checks["redis reachable"] == ("ok", "yes")
+    status, workers = checks["workers"]
+    assert status == "ok" and workers.startswith("flowpool@"), checks["workers"]
+    assert checks["sandbox"][0] == "ok"
+    assert code == 0, checks
+
+
+def test_doctor_reports_unreachable_redis_and_fails() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    code, checks = _doctor(url)
+    assert checks["redis"] == ("ok", url)
+    assert checks["redis reachable"][0] == "BAD"
+    assert "workers" not in checks
+    assert code == 1
+
+
+def test_doctor_reports_no_worker_answering_and_fails(redis_server: RedisServer, redis_db: redis.Redis) -> None:
+    code, checks = _doctor(f"redis://127.0.0.1:{redis_server.port}/15")
+    assert checks["redis reachable"] == ("ok", "yes")
+    assert checks["workers"] == ("BAD", "none answering")
+    assert code == 1

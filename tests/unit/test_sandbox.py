@@ -1,0 +1,799 @@
+"""Tests of flowpool.sandbox.Sandbox with real processes: results, ctx, limits, isolation and clean-up.
+
+One sandbox serves the module (its zygote outlives each test), started as
+root so each run slot has a uid of its own, without processes started ahead
+of need so that after a run nothing at all may be left under its uids. The
+few tests that need another shape (a prestarted slot, a zygote that dies)
+start their own sandbox and stop it.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import marshal
+import os
+import queue
+import shutil
+import signal
+import struct
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import psutil
+import pytest
+
+from flowpool.errors import ResultTooLarge, SandboxError, ScriptError, TimeLimitExceeded
+from flowpool.sandbox import RunOutcome, Sandbox, SandboxLimits
+from tests.helpers import running
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs get uids of their own only as root")
+
+T = TypeVar("T")
+
+LIMITS = SandboxLimits(
+    memory_bytes=256 << 20,
+    processes=16,
+    open_files=64,
+    file_bytes=1 << 20,
+    max_result_bytes=64 << 10,
+    max_log_bytes=64 << 10,
+    max_chunks=20,
+    max_chunk_bytes=4 << 10,
+)
+SLOTS = 8
+HARD_GRACE = 1.0
+# Not the workers' default (61000): other flowpool workers on this host (the
+# integration tier's, a dev stack) claim blocks from there, and a run killed by
+# a stray sweep of the same uid would fail a test here for no fault of ours.
+UID_BASE = 111000
+# Set in the worker's environment while the sandbox starts: no run may see it.
+WORKER_SECRET_NAME = "FLOWPOOL_TEST_WORKER_SECRET"
+WORKER_SECRET = "worker-only-7d1f0c"
+ZYGOTE_MODULE = "flowpool.sandbox.zygote"
+
+
+# Helpers
+
+
+def compiled(source: str) -> bytes:
+    """A script as the worker hands it to the sandbox: marshalled code of ``workflow.py``."""
+    return marshal.dumps(compile(textwrap.dedent(source), "workflow.py", "exec"))
+
+
+def eventually(probe: Callable[[], T], timeout: float = 5.0) -> T:
+    """Poll ``probe`` until it returns something falsy or ``timeout`` passes; its last answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = probe()
+        if not answer or time.monotonic() > deadline:
+            return answer
+        time.sleep(0.05)
+
+
+def live_processes(uids: Iterable[int]) -> list[psutil.Process]:
+    """Processes running (not zombies) under one of ``uids``."""
+    wanted = set(uids)
+    found = []
+    for proc in psutil.process_iter(["uids", "status"]):
+        ids = proc.info["uids"]
+        if ids is not None and ids.real in wanted and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(proc)
+    return found
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        return running(psutil.Process(pid))
+    except psutil.Error:
+        return False
+
+
+def alive(pids: Iterable[int], uid: int) -> list[int]:
+    """Those of ``pids`` still running under ``uid`` (a reused pid under another uid does not count)."""
+    wanted = set(pids)
+    return [p.pid for p in live_processes([uid]) if p.pid in wanted]
+
+
+def zygotes() -> set[int]:
+    """Pids of the sandbox zygotes this test session runs (the processes they fork share their command line)."""
+    found = set()
+    for proc in psutil.Process().children():
+        try:
+            if ZYGOTE_MODULE in proc.cmdline():
+                found.add(proc.pid)
+        except psutil.Error:
+            pass
+    return found
+
+
+def run(sandbox: Sandbox, source: str, job: dict[str, Any] | None = None, soft_seconds: float = 10.0,
+        on_emit: Callable[[str, Any], None] | None = None) -> RunOutcome:
+    return sandbox.run(compiled(source), job or {}, soft_seconds, on_emit=on_emit)
+
+
+def assert_serves_next_run(sandbox: Sandbox) -> None:
+    outcome = run(sandbox, "def execute(ctx):\n    return {'still': 'here'}\n")
+    assert outcome.ok, outcome.error
+    assert outcome.result == {"still": "here"}
+
+
+# Fixtures
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[Sandbox]:
+    """The module's sandbox, started from a worker environment holding a secret no run may see."""
+    box = Sandbox(LIMITS, slots=SLOTS, uid_base=UID_BASE, hard_grace_seconds=HARD_GRACE, prestart=0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(WORKER_SECRET_NAME, WORKER_SECRET)
+        box.start()
+    try:
+        yield box
+    finally:
+        box.stop()
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_processes(sandbox: Sandbox) -> Iterator[None]:
+    """Fail a test that leaves processes behind (this module's version of the conftest check).
+
+    The module's zygote outlives the tests and forks a spare process (as root)
+    after each run, so new root processes under a zygote are expected. Nothing
+    may run under the sandbox's uids once its cleanup thread has caught up, and
+    nothing else the test started may outlive it.
+    """
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    yield
+    assert sandbox.uid_range is not None
+    stragglers = eventually(lambda: live_processes(sandbox.uid_range))
+    if stragglers:
+        described = [(p.pid, p.info["uids"].real) for p in stragglers]
+        for proc in stragglers:
+            proc.kill()
+        pytest.fail(f"processes left under the sandbox's uids: {described}")
+    kept: set[int] = set()
+    for pid in zygotes() & before:
+        try:
+            kept |= {pid} | {p.pid for p in psutil.Process(pid).children(recursive=True)}
+        except psutil.Error:
+            pass
+    leaked = [p for p in me.children(recursive=True)
+              if p.pid not in before and p.pid not in kept and running(p)]
+    if leaked:
+        _, still = psutil.wait_procs(leaked, timeout=5)
+        if still:
+            for proc in still:
+                proc.kill()
+            pytest.fail(f"test left processes behind: {[p.pid for p in still]}")
+
+
+# Results and ctx
+
+
+def test_run_returns_the_result_and_sees_every_ctx_field(sandbox: Sandbox) -> None:
+    job = {
+        "input": {"query": "capital of France", "n": [1, 2.5, None, True]},
+        "messages": [{"role": "user", "content": "hi"}],
+        "secrets": {"api_token": "tok-123456"},
+        "metadata": {"customer": "acme"},
+        "params": {"max_tokens": 64, "temperature": 0.2, "stream": False},
+        "env": {"REGION": "eu-west", "RETRIES": "3"},
+        "session_id": "sess-1",
+        "request_id": "req-1",
+    }
+    outcome = run(sandbox, """
+        import os
+
+        def execute(ctx):
+            return {
+                "input": ctx.input, "messages": ctx.messages, "secrets": ctx.secrets,
+                "metadata": ctx.metadata, "params": ctx.params, "env": ctx.env,
+                "environ": {k: os.environ.get(k) for k in ("REGION", "RETRIES")},
+                "session_id": ctx.session_id, "request_id": ctx.request_id,
+            }
+    """, job)
+
+    assert outcome.ok, outcome.error
+    expected = {k: job[k] for k in ("input", "messages", "secrets", "metadata", "params", "env",
+                                     "session_id", "request_id")}
+    assert outcome.result == {**expected, "environ": job["env"]}
+    assert json.loads(outcome.result_json) == outcome.result  # type: ignore[arg-type]
+
+
+def test_ctx_has_empty_defaults_for_a_job_without_fields(sandbox: Sandbox) -> None:
+    outcome = run(sandbox, """
+        def execute(ctx):
+            return [ctx.input, ctx.messages, ctx.secrets, ctx.metadata, ctx.params, ctx.env,
+                    ctx.session_id, ctx.request_id]
+    """)
+
+    assert outcome.ok, outcome.error
+    assert outcome.result == [None, [], {}, {}, {}, {}, "", ""]
+
+
+def test_emit_log_and_print_reach_the_outcome_in_order(sandbox: Sandbox) -> None:
+    emitted: list[tuple[str, Any]] = []
+    outcome = run(sandbox, """
+        import sys
+
+        def execute(ctx):
+            ctx.emit("progress", "drafted")
+            ctx.log.info("fetched", n=3)
+            print("hello from print")
+            ctx.emit("partial", {"tokens": [1, 2]})
+            ctx.log.error("odd", obj=object())
+            print("to stderr", file=sys.stderr)
+            print("no newline at the end", end="")
+            return "done"
+    """, on_emit=lambda kind, content: emitted.append((kind, content)))
+
+    assert outcome.ok, outcome.error
+    assert outcome.result == "done"
+    assert emitted == [("progress", "drafted"), ("partial", {"tokens": [1, 2]})]
+    assert outcome.chunks == 2
+    lines = [(line["level"], line["msg"], line.get("fields")) for line in outcome.logs]
+    assert lines[:3] == [
+        ("info", "fetched", {"n": 3}),
+        ("info", "hello from print", {"stream": "stdout"}),
+        ("error", "odd", {"obj": lines[2][2]["obj"]}),  # type: ignore[index]
+    ]
+    assert lines[2][2]["obj"].startswith("<object object at")  # type: ignore[index]
+    assert lines[3:] == [
+        ("warning", "to stderr", {"stream": "stderr"}),
+        ("info", "no newline at the end", {"stream": "stdout"}),  # flushed when the run ends
+    ]
+    assert not outcome.logs_truncated
+
+
+def test_script_exception_becomes_script_error_with_its_own_traceback(sandbox: Sandbox) -> None:
+    outcome = run(sandbox, """
+        def helper():
+            raise ValueError("boom")
+
+        def execute(ctx):
+            return helper()
+    """)
+
+    error = outcome.error
+    assert isinstance(error, ScriptError)
+    assert error.status == 500
+    assert error.message == "ValueError: boom"
+    assert error.details["exception"] == "ValueError"
+    trace = error.details["traceback"]
+    assert 'File "workflow.py", line 3, in helper' in trace
+    assert 'File "workflow.py", line 6, in execute' in trace
+    assert trace.rstrip().endswith("ValueError: boom")
+    assert "runtime.py" not in trace  # the sandbox's own frames are cut
+    assert outcome.result is None
+
+
+def test_result_that_is_not_json_serializable_is_a_script_error(sandbox: Sandbox) -> None:
+    outcome = run(sandbox, "def execute(ctx):\n    return {'ids': {1, 2}}\n")
+
+    assert isinstance(outcome.error, ScriptError)
+    assert "not JSON-serializable" in outcome.error.message
+    assert "set" in outcome.error.message
+    assert outcome.result is None
+
+
+# Time limits
+
+
+def test_soft_limit_raises_in_the_script_and_its_finally_runs(sandbox: Sandbox) -> None:
+    outcome = run(sandbox, """
+        import time
+
+        def execute(ctx):
+            try:
+                time.sleep(30)
+            finally:
+                ctx.log.info("cleaned up in finally")
+            return "never"
+    """, soft_seconds=0.3)
+
+    error = outcome.error
+    assert isinstance(error, TimeLimitExceeded)
+    assert error.status == 408
+    assert error.details["limit"] == "soft"
+    assert "cleaned up in finally" in [line["msg"] for line in outcome.logs]
+    assert outcome.result is None
+
+
+def test_script_that_swallows_the_soft_limit_is_killed_at_the_hard_limit(sandbox: Sandbox) -> None:
+    outcome = run(sandbox, """
+        import time
+        from flowpool_workflow import SoftTimeLimitExceeded
+
+        def execute(ctx):
+            try:
+                time.sleep(30)
+            except SoftTimeLimitExceeded:
+                ctx.log.warning("ignoring the soft limit")
+            while True:
+                time.sleep(0.05)
+    """, soft_seconds=0.3)
+
+    error = outcome.error
+    assert isinstance(error, TimeLimitExceeded)
+    assert error.details["limit"] == "hard"
+    assert "killed" in error.message
+    assert "ignoring the soft limit" in [line["msg"] for line in outcome.logs]
+    assert outcome.pid is not None
+    assert not eventually(lambda: _pid_running(outcome.pid))  # type: ignore[arg-type]
+
+
+# Resource limits
+
+
+def test_run_is_unprivileged_and_under_its_limits(sandbox: Sandbox) -> None:
+    outcome = run(sandbox, """
+        import os
+        import resource
+
+        def execute(ctx):
+            with open("/proc/self/status") as status:
+                no_new_privs = [line.split()[1] for line in status if line.startswith("NoNewPrivs:")]
+            return {
+                "uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(), "groups": os.getgroups(),
+                "no_new_privs": no_new_privs,
+                "limits": {name: resource.getrlimit(getattr(resource, name))[0]
+                           for name in ("RLIMIT_AS", "RLIMIT_NPROC", "RLIMIT_NOFILE", "RLIMIT_FSIZE",
+                                        "RLIMIT_CPU", "RLIMIT_CORE")},
+            }
+    """, soft_seconds=4)
+
+    assert outcome.ok, outcome.error
+    result = outcome.result
+    assert sandbox.uid_range is not None
+    assert result["uid"] in sandbox.uid_range
+    assert result["euid"] == result["uid"] == result["gid"]
+    assert result["groups"] == []
+    assert result["no_new_privs"] == ["1"]
+    assert result["limits"] == {
+        "RLIMIT_AS": LIMITS.memory_bytes, "RLIMIT_NPROC": LIMITS.processes,
+        "RLIMIT_NOFILE": LIMITS.open_files, "RLIMIT_FSIZE": LIMITS.file_bytes,
+        "RLIMIT_CPU": int(4 + HARD_GRACE) + 1,  # the job's own budget, a backstop for the hard limit
+        "RLIMIT_CORE": 0,
+    }
+
+
+def test_memory_bomb_fails_the_run_and_the_sandbox_serves_the_next_one(sandbox: Sandbox) -> None:
+    outcome = run(sandbox, """
+        def execute(ctx):
+            blocks = []
+            for _ in range(32):  # at most 2 GiB, in 64 MiB steps
+                blocks.append(bytearray(64 << 20))
+            return len(blocks)
+    """)
+
+    error = outcome.error
+    assert isinstance(error, (ScriptError, SandboxError)), error
+    if isinstance(error, ScriptError):
+        assert error.details["exception"] == "MemoryError"
+    assert_serves_next_run(sandbox)
+
+
+def test_fork_bomb_is_capped_by_the_process_limit_and_its_children_are_killed(sandbox: Sandbox) -> None:
+    outcome = run(sandbox, """
+        import os
+        import time
+
+        def execute(ctx):
+            children, refused = [], None
+            for _ in range(300):
+                try:
+                    pid = os.fork()
+                except OSError as exc:
+                    refused = type(exc).__name__
+                    break
+                if pid == 0:
+                    try:
+                        time.sleep(30)
+                    finally:
+                        os._exit(0)
+                children.append(pid)
+            return {"uid": os.getuid(), "children": children, "refused": refused}
+    """)
+
+    assert outcome.ok, outcome.error
+    result = outcome.result
+    assert result["refused"] == "BlockingIOError"
+    # The run process counts against its own limit.
+    assert 0 < len(result["children"]) <= LIMITS.processes - 1
+    assert eventually(lambda: alive(result["children"], result["uid"])) == []
+    assert eventually(lambda: live_processes([result["uid"]])) == []
+    assert_serves_next_run(sandbox)
+
+
+DAEMON_SCRIPT = """
+    import os
+    import time
+
+    def execute(ctx):
+        read_end, write_end = os.pipe()
+        child = os.fork()
+        if child == 0:  # leave the run's session, then fork again and let the middle process exit
+            try:
+                os.setsid()
+                if os.fork() == 0:
+                    os.write(write_end, str(os.getpid()).encode())
+                    time.sleep(60)
+            finally:
+                os._exit(0)
+        os.waitpid(child, 0)
+        os.close(write_end)
+        daemon = int(os.read(read_end, 32))
+        with open(f"/proc/{daemon}/stat") as stat:
+            session = int(stat.read().rsplit(")", 1)[1].split()[4])
+        return {"uid": os.getuid(), "daemon": daemon, "session": session, "own_session": os.getsid(0)}
+"""
+
+
+def test_background_daemon_is_killed_after_the_run(sandbox: Sandbox) -> None:
+    outcome = run(sandbox, DAEMON_SCRIPT)
+
+    assert outcome.ok, outcome.error
+    result = outcome.result
+    assert result["session"] != result["own_session"]  # out of reach of the run's process group
+    assert eventually(lambda: alive([result["daemon"]], result["uid"])) == []
+
+
+def test_daemon_left_in_a_prestarted_slot_dies_when_the_slot_next_process_starts() -> None:
+    # With a process wanted ahead of need, the slot's next process (same uid)
+    # sweeps the uid as it starts instead of a separate reap.
+    box = Sandbox(LIMITS, slots=1, uid_base=UID_BASE, hard_grace_seconds=HARD_GRACE, prestart=1)
+    box.start()
+    try:
+        outcome = run(box, DAEMON_SCRIPT)
+        assert outcome.ok, outcome.error
+        result = outcome.result
+        assert eventually(lambda: alive([result["daemon"]], result["uid"])) == []
+        assert_serves_next_run(box)
+        uids = box.uid_range
+    finally:
+        box.stop()
+    assert uids is not None
+    assert eventually(lambda: live_processes(uids)) == []
+
+
+def test_file_over_the_size_limit_cannot_be_written(sandbox: Sandbox) -> None:
+    outcome = run(sandbox, """
+        import errno
+
+        def execute(ctx):
+            try:
+                with open("big.bin", "wb") as f:
+                    f.write(b"x" * (2 << 20))
+            except OSError as exc:
+                return errno.errorcode[exc.errno]
+            return "written"
+    """)
+
+    assert outcome.ok, outcome.error
+    assert outcome.result == "EFBIG"
+
+
+def test_open_files_are_capped(sandbox: Sandbox) -> None:
+    outcome = run(sandbox, """
+        import errno
+
+        def execute(ctx):
+            files = []
+            try:
+                for _ in range(1000):
+                    files.append(open("/dev/null"))
+            except OSError as exc:
+                return {"opened": len(files), "error": errno.errorcode[exc.errno]}
+            return {"opened": len(files)}
+    """)
+
+    assert outcome.ok, outcome.error
+    assert outcome.result["error"] == "EMFILE"
+    assert outcome.result["opened"] < LIMITS.open_files
+
+
+# Isolation
+
+
+def test_run_environment_holds_only_the_workflow_env(sandbox: Sandbox) -> None:
+    assert WORKER_SECRET_NAME not in os.environ  # set only while the sandbox started
+    outcome = run(sandbox, """
+        import os
+
+        def execute(ctx):
+            try:
+                with open(f"/proc/{os.getppid()}/environ", "rb") as f:
+                    parent = f.read().decode(errors="replace")
+            except OSError as exc:
+                parent = type(exc).__name__
+            return {"environ": dict(os.environ), "cwd": os.getcwd(), "parent": parent}
+    """, {"env": {"GREETING": "hello"}, "secrets": {"api_token": "tok-secret-42"}})
+
+    assert outcome.ok, outcome.error
+    environ, cwd = outcome.result["environ"], outcome.result["cwd"]
+    assert environ == {"GREETING": "hello", "HOME": cwd, "TMPDIR": cwd, "PATH": "/usr/local/bin:/usr/bin:/bin"}
+    assert not [name for name in environ if name.startswith("FLOWPOOL")]
+    assert "tok-secret-42" not in json.dumps(environ)
+    # Nor can the run read it from the process that forked it.
+    assert WORKER_SECRET not in outcome.result["parent"]
+
+
+def test_run_cannot_read_another_runs_workdir_and_its_files_are_removed(sandbox: Sandbox) -> None:
+    announced: queue.Queue[dict[str, Any]] = queue.Queue()
+    first: dict[str, RunOutcome] = {}
+
+    def first_run() -> None:
+        first["outcome"] = run(sandbox, """
+            import os
+            import time
+
+            def execute(ctx):
+                with open("note.txt", "w") as f:
+                    f.write("private")
+                info = os.stat(".")
+                ctx.emit("workdir", {"path": os.getcwd(), "mode": info.st_mode & 0o777,
+                                     "owner": info.st_uid, "uid": os.getuid()})
+                for _ in range(400):  # until the test lets go, at most ~20 s
+                    if os.path.exists("release"):
+                        break
+                    time.sleep(0.05)
+                return "released"
+        """, soft_seconds=30, on_emit=lambda kind, content: announced.put(content))
+
+    thread = threading.Thread(target=first_run)
+    thread.start()
+    workdir: dict[str, Any] = {}
+    try:
+        workdir = announced.get(timeout=10)
+        second = run(sandbox, """
+            import os
+
+            def execute(ctx):
+                path = ctx.input
+                attempts = {
+                    "read": lambda: open(os.path.join(path, "note.txt")).read(),
+                    "list": lambda: os.listdir(path),
+                    "list_root": lambda: os.listdir(os.path.dirname(path)),
+                    "write": lambda: open(os.path.join(path, "planted.txt"), "w").close(),
+                }
+                out = {"uid": os.getuid()}
+                for name, attempt in attempts.items():
+                    try:
+                        out[name] = attempt()
+                    except OSError as exc:
+                        out[name] = type(exc).__name__
+                return out
+        """, {"input": workdir["path"]})
+    finally:
+        if workdir:
+            open(os.path.join(workdir["path"], "release"), "w").close()
+        thread.join(30)
+
+    assert second.ok, second.error
+    assert second.result["uid"] != workdir["uid"]
+    assert {k: second.result[k] for k in ("read", "list", "list_root", "write")} == dict.fromkeys(
+        ("read", "list", "list_root", "write"), "PermissionError")
+    assert workdir["mode"] == 0o700
+    assert workdir["owner"] == workdir["uid"]
+    assert first["outcome"].ok, first["outcome"].error
+    assert first["outcome"].result == "released"
+    assert not eventually(lambda: os.path.exists(workdir["path"]))
+
+
+# Crashes
+
+
+def test_exit_without_a_result_becomes_sandbox_error_with_the_exit_code(sandbox: Sandbox) -> None:
+    outcome = run(sandbox, "import os\n\ndef execute(ctx):\n    os._exit(3)\n")
+
+    error = outcome.error
+    assert isinstance(error, SandboxError)
+    assert "exited with code 3" in error.message
+    assert error.details["exit_code"] == 3
+
+
+def test_killed_run_becomes_sandbox_error_naming_the_signal(sandbox: Sandbox) -> None:
+    outcome = run(sandbox, "import os\n\ndef execute(ctx):\n    os.kill(os.getpid(), 9)\n")
+
+    error = outcome.error
+    assert isinstance(error, SandboxError)
+    assert "SIGKILL" in error.message
+    assert error.details["signal"] == signal.SIGKILL
+
+
+# Sizes
+
+
+@pytest.mark.parametrize("size", [LIMITS.max_result_bytes + 100, 4 << 20],
+                         ids=["just-over-the-limit", "over-the-frame-limit"])
+def test_result_over_max_result_bytes_is_result_too_large(sandbox: Sandbox, size: int) -> None:
+    outcome = run(sandbox, "def execute(ctx):\n    return 'x' * ctx.input\n", {"input": size})
+
+    assert isinstance(outcome.error, ResultTooLarge)
+    assert outcome.error.status == 413
+    assert outcome.result is None and outcome.result_json is None
+    assert_serves_next_run(sandbox)
+
+
+def test_print_without_newline_is_cut_at_max_log_bytes(sandbox: Sandbox) -> None:
+    outcome = run(sandbox, """
+        def execute(ctx):
+            for _ in range(1000):  # 10 MB on one line
+                print("x" * 10_000, end="")
+            return "done"
+    """)
+
+    assert outcome.ok, outcome.error
+    assert outcome.result == "done"
+    assert outcome.logs_truncated
+    *kept, notice = outcome.logs
+    assert kept and sum(len(line["msg"]) for line in kept) <= LIMITS.max_log_bytes
+    assert notice["level"] == "warning" and "log cut" in notice["msg"]
+
+
+def test_too_many_chunks_is_result_too_large(sandbox: Sandbox) -> None:
+    emitted: list[Any] = []
+    outcome = run(sandbox, """
+        def execute(ctx):
+            for i in range(ctx.input):
+                ctx.emit("step", i)
+            return "done"
+    """, {"input": LIMITS.max_chunks + 5}, on_emit=lambda kind, content: emitted.append(content))
+
+    assert isinstance(outcome.error, ResultTooLarge)
+    assert str(LIMITS.max_chunks) in outcome.error.message
+    assert emitted == list(range(LIMITS.max_chunks))
+    assert_serves_next_run(sandbox)
+
+
+def test_chunk_over_max_chunk_bytes_is_result_too_large(sandbox: Sandbox) -> None:
+    emitted: list[Any] = []
+    outcome = run(sandbox, "def execute(ctx):\n    ctx.emit('big', 'x' * ctx.input)\n    return 1\n",
+                  {"input": LIMITS.max_chunk_bytes + 1}, on_emit=lambda kind, content: emitted.append(content))
+
+    assert isinstance(outcome.error, ResultTooLarge)
+    assert emitted == []
+
+
+# The channel
+
+
+def frame(body: bytes, announced: int | None = None) -> bytes:
+    return struct.pack(">I", len(body) if announced is None else announced) + body
+
+
+NESTED = b'{"op":"emit","type":"x","content":' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+MALFORMED = {
+    "length-over-the-limit": (frame(b"", announced=0xFFFF_FFF0), False, (ResultTooLarge, SandboxError)),
+    "not-json": (frame(b"hello"), False, SandboxError),
+    "not-utf8": (frame(b"\xff\xfe\xfd\xfc"), False, SandboxError),
+    "json-without-op": (frame(b'{"value": 1}'), False, SandboxError),
+    "not-an-object": (frame(b"[1, 2]"), False, SandboxError),
+    "unknown-op": (frame(b'{"op": "shell", "cmd": "id"}'), False, SandboxError),
+    "nested-too-deep": (frame(NESTED), False, SandboxError),
+    "truncated-then-exit": (frame(b'{"op"', announced=100), True, SandboxError),
+}
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_malformed_frame_ends_the_run_and_the_next_run_works(sandbox: Sandbox, name: str) -> None:
+    data, then_exit, expected = MALFORMED[name]
+    assert len(data) < LIMITS.max_result_bytes + (64 << 10)  # malformed, not merely too long
+    outcome = run(sandbox, """
+        import base64
+        import os
+        import time
+
+        def channel_fd():
+            for fd in range(3, 64):
+                try:
+                    if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                        return fd
+                except OSError:
+                    pass
+
+        def execute(ctx):
+            os.write(channel_fd(), base64.b64decode(ctx.input["frame"]))
+            if ctx.input["exit"]:
+                os._exit(0)
+            time.sleep(30)
+    """, {"input": {"frame": base64.b64encode(data).decode(), "exit": then_exit}}, soft_seconds=5)
+
+    assert isinstance(outcome.error, expected), outcome.error
+    assert_serves_next_run(sandbox)
+
+
+# Concurrency and the zygote
+
+
+def test_concurrent_runs_all_succeed_each_under_its_own_uid(sandbox: Sandbox) -> None:
+    meeting = tempfile.mkdtemp(prefix="flowpool-test-meeting-")
+    os.chmod(meeting, 0o777)
+    source = """
+        import os
+        import time
+
+        def execute(ctx):
+            open(os.path.join(ctx.input["meeting"], str(ctx.input["n"])), "w").close()
+            for _ in range(200):  # wait for all the others, at most ~10 s
+                if len(os.listdir(ctx.input["meeting"])) == ctx.input["of"]:
+                    break
+                time.sleep(0.05)
+            return {"n": ctx.input["n"], "uid": os.getuid(), "met": len(os.listdir(ctx.input["meeting"]))}
+    """
+    try:
+        with ThreadPoolExecutor(SLOTS) as pool:
+            outcomes = list(pool.map(
+                lambda n: run(sandbox, source, {"input": {"meeting": meeting, "n": n, "of": SLOTS}}, soft_seconds=20),
+                range(SLOTS)))
+    finally:
+        shutil.rmtree(meeting, ignore_errors=True)
+
+    assert [o.error for o in outcomes] == [None] * SLOTS
+    assert [o.result["n"] for o in outcomes] == list(range(SLOTS))
+    assert [o.result["met"] for o in outcomes] == [SLOTS] * SLOTS  # all were running at once
+    assert len({o.result["uid"] for o in outcomes}) == SLOTS
+
+
+def _start_own_sandbox(prestart: int) -> tuple[Sandbox, int]:
+    """A sandbox of this test and the pid of its zygote."""
+    before = zygotes()
+    box = Sandbox(LIMITS, slots=2, uid_base=UID_BASE, hard_grace_seconds=HARD_GRACE, prestart=prestart)
+    box.start()
+    (zygote,) = zygotes() - before
+    return box, zygote
+
+
+def _kill_zygote(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+    assert not eventually(lambda: _pid_running(pid))
+
+
+def test_run_process_dies_with_its_zygote() -> None:
+    box, zygote = _start_own_sandbox(prestart=0)
+    try:
+        started = threading.Event()
+        result: dict[str, RunOutcome] = {}
+        thread = threading.Thread(target=lambda: result.update(outcome=run(box, """
+            import time
+
+            def execute(ctx):
+                ctx.emit("started", None)
+                time.sleep(30)
+        """, soft_seconds=5, on_emit=lambda kind, content: started.set())))
+        thread.start()
+        assert started.wait(10)
+        _kill_zygote(zygote)
+        thread.join(30)
+
+        # Not carried on to the soft limit by an orphaned process.
+        assert isinstance(result["outcome"].error, SandboxError), result["outcome"].error
+        assert_serves_next_run(box)
+        uids = box.uid_range
+    finally:
+        box.stop()
+    assert uids is not None
+    assert eventually(lambda: live_processes(uids)) == []
+
+
+def test_sandbox_serves_runs_after_its_zygote_died() -> None:
+    box, zygote = _start_own_sandbox(prestart=2)
+    try:
+        assert_serves_next_run(box)
+        uids = box.uid_range
+        assert uids is not None
+        _kill_zygote(zygote)
+        # The processes it had started ahead of need die with it.
+        assert eventually(lambda: live_processes(uids)) == []
+
+        for _ in range(3):
+            assert_serves_next_run(box)
+    finally:
+        box.stop()
+    assert eventually(lambda: live_processes(uids)) == []

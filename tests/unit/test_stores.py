@@ -1,0 +1,734 @@
+"""Tests of the Redis stores against a real Redis: Registry, Accounts, ResultCache and RunStore."""
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from flowpool import keys
+from flowpool.cache import ResultCache
+from flowpool.errors import (
+    AuthenticationError, NotFound, RequestError, RunNotStarted, ValidationFailed, WorkerLost,
+)
+from flowpool.registry import Accounts, Registry, Upload
+from flowpool.runs import RunStatus, RunStore
+
+ACCOUNT = "acct-1"
+OTHER_ACCOUNT = "acct-2"
+
+SCRIPT = '''\
+TIMEOUT_SECONDS = 30
+CACHE_TTL_SECONDS = 3600
+INPUT_SCHEMA = {"query": {"type": "string", "required": True}}
+
+
+def execute(ctx):
+    return {"echo": ctx.input}
+'''
+CHANGED_SCRIPT = SCRIPT.replace('"echo"', '"copy"')
+
+
+def snapshot(client: redis.Redis) -> dict[bytes, list[bytes]]:
+    """Every key of the database with its value's parts (fields, members, entries) in order."""
+    found: dict[bytes, list[bytes]] = {}
+    for key in client.scan_iter():
+        kind = client.type(key)
+        if kind == b"string":
+            parts = [client.get(key) or b""]
+        elif kind == b"hash":
+            parts = [item for pair in sorted(client.hgetall(key).items()) for item in pair]
+        elif kind == b"zset":
+            parts = [member for member, _ in client.zrange(key, 0, -1, withscores=True)]
+        elif kind == b"set":
+            parts = sorted(client.smembers(key))
+        elif kind == b"list":
+            parts = client.lrange(key, 0, -1)
+        elif kind == b"stream":
+            parts = [item for _, fields in client.xrange(key) for pair in fields.items() for item in pair]
+        else:
+            raise AssertionError(f"no reader for a {kind!r} at {key!r}")
+        found[key] = parts
+    return found
+
+
+def everything(client: redis.Redis) -> bytes:
+    """Every key name and value in the database, as one byte string to search."""
+    return b"\n".join(key + b"\n" + b"\n".join(parts) for key, parts in snapshot(client).items())
+
+
+def key_names(client: redis.Redis) -> set[str]:
+    return {k.decode() for k in client.scan_iter()}
+
+
+# Registry
+
+
+@pytest.fixture
+def registry(redis_db: redis.Redis) -> Registry:
+    return Registry(redis_db)
+
+
+def upload(registry: Registry, script: str = SCRIPT, ref: str = "summarize", account: str = ACCOUNT,
+           **fields: Any) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    return registry.upload(account, Upload(ref=ref, script=script, **fields))
+
+
+def test_first_upload_creates_version_1_0_0_and_makes_it_active(registry: Registry) -> None:
+    workflow, version, created = upload(registry, description="echoes", env={"REGION": "eu"})
+
+    assert created
+    assert version["version"] == "1.0.0"
+    assert version["content_hash"] == registry.resolve(ACCOUNT, "summarize").content_hash
+    assert version["timeout_seconds"] == 30 and version["cache_ttl_seconds"] == 3600
+    assert workflow["workflow_ref_name"] == "summarize"
+    assert workflow["active_version"] == "1.0.0"
+    assert workflow["description"] == "echoes"
+    assert workflow["env_keys"] == ["REGION"]
+    assert workflow["input_schema"] == {"query": {"type": "string", "required": True}}
+    assert registry.load_script(ACCOUNT, "summarize", "1.0.0") == SCRIPT
+
+
+def test_identical_reupload_creates_no_new_version(registry: Registry) -> None:
+    upload(registry)
+    workflow, version, created = upload(registry, description="new words only")
+
+    assert not created
+    assert version["version"] == "1.0.0"
+    assert workflow["description"] == "new words only"  # settings still follow the latest upload
+    assert registry.versions(ACCOUNT, "summarize", 0, 25)[1] == 1
+
+
+def test_env_only_change_keeps_the_version_but_changes_the_config_hash(registry: Registry) -> None:
+    upload(registry, env={"REGION": "eu"})
+    before = registry.resolve(ACCOUNT, "summarize")
+    _, version, created = upload(registry, env={"REGION": "us"})
+    after = registry.resolve(ACCOUNT, "summarize")
+
+    assert not created and version["version"] == "1.0.0"
+    assert after.content_hash == before.content_hash
+    assert after.config_hash != before.config_hash
+    assert after.env == {"REGION": "us"}
+
+
+@pytest.mark.parametrize(("bump", "expected"), [("patch", "1.0.1"), ("minor", "1.1.0"), ("major", "2.0.0")])
+def test_changed_script_creates_the_next_version_by_its_bump(registry: Registry, bump: str, expected: str) -> None:
+    upload(registry)
+    workflow, version, created = upload(registry, CHANGED_SCRIPT, version_bump=bump, version_notes="copy now")
+
+    assert created
+    assert version["version"] == expected
+    assert version["notes"] == "copy now"
+    assert workflow["active_version"] == expected
+    assert registry.load_script(ACCOUNT, "summarize", expected) == CHANGED_SCRIPT
+    assert registry.load_script(ACCOUNT, "summarize", "1.0.0") == SCRIPT  # versions are immutable
+
+
+def test_unknown_version_bump_is_a_request_error_and_writes_nothing(registry: Registry,
+                                                                    redis_db: redis.Redis) -> None:
+    with pytest.raises(RequestError, match="version_bump"):
+        upload(registry, version_bump="huge")
+    assert redis_db.dbsize() == 0
+
+
+def test_accessories_are_part_of_the_content_hash(registry: Registry) -> None:
+    _, plain, _ = upload(registry)
+    _, with_accessory, created = upload(registry, accessories={"prompts": b'{"system": "be brief"}'})
+    _, changed_accessory, created_again = upload(registry, accessories={"prompts": b'{"system": "be long"}'})
+    _, same_again, created_third = upload(registry, accessories={"prompts": b'{"system": "be long"}'})
+
+    assert created and created_again and not created_third
+    hashes = [plain["content_hash"], with_accessory["content_hash"], changed_accessory["content_hash"]]
+    assert len(set(hashes)) == 3
+    assert same_again["content_hash"] == changed_accessory["content_hash"]
+    assert with_accessory["accessories"] == ["prompts"]
+    assert [v["version"] for v in (plain, with_accessory, changed_accessory)] == ["1.0.0", "1.0.1", "1.0.2"]
+
+
+def test_accessory_that_is_not_json_is_a_request_error(registry: Registry, redis_db: redis.Redis) -> None:
+    with pytest.raises(RequestError, match="accessory 'prompts'"):
+        upload(registry, accessories={"prompts": b"not json"})
+    assert redis_db.dbsize() == 0
+
+
+def test_activate_rolls_back_and_resolve_then_returns_the_old_version(registry: Registry) -> None:
+    _, first, _ = upload(registry)
+    upload(registry, CHANGED_SCRIPT)
+
+    workflow = registry.activate(ACCOUNT, "summarize", "1.0.0")
+    resolved = registry.resolve(ACCOUNT, "summarize")
+
+    assert workflow["active_version"] == "1.0.0"
+    assert resolved.version == "1.0.0"
+    assert resolved.content_hash == first["content_hash"]
+    versions, total = registry.versions(ACCOUNT, "summarize", 0, 25)
+    assert total == 2
+    assert [(v["version"], v["active"]) for v in versions] == [("1.0.0", True), ("1.0.1", False)]
+
+
+def test_upload_after_a_rollback_numbers_from_the_latest_version(registry: Registry) -> None:
+    upload(registry)
+    upload(registry, CHANGED_SCRIPT)
+    registry.activate(ACCOUNT, "summarize", "1.0.0")
+
+    _, reuploaded, created = upload(registry, CHANGED_SCRIPT)  # content of 1.0.1: activates it again
+    assert not created and reuploaded["version"] == "1.0.1"
+
+    _, newest, created = upload(registry, SCRIPT + "\n# third\n")
+    assert created and newest["version"] == "1.0.2"
+
+
+def test_resolve_with_a_pinned_version_returns_that_version(registry: Registry) -> None:
+    _, first, _ = upload(registry)
+    upload(registry, CHANGED_SCRIPT)
+
+    pinned = registry.resolve(ACCOUNT, "summarize", "1.0.0")
+    active = registry.resolve(ACCOUNT, "summarize")
+
+    assert (pinned.version, pinned.content_hash) == ("1.0.0", first["content_hash"])
+    assert active.version == "1.0.1"
+
+
+def test_upload_settings_win_over_the_script_constants(registry: Registry) -> None:
+    upload(registry, timeout_seconds=5, cache_ttl_seconds=0, application_name="support")
+    resolved = registry.resolve(ACCOUNT, "summarize")
+
+    assert resolved.timeout_seconds == 5
+    assert resolved.cache_ttl_seconds == 0  # 0 turns caching off; it must not fall back to the script's 3600
+    assert resolved.application == "support"
+
+
+def test_unknown_versions_and_workflows_are_not_found(registry: Registry) -> None:
+    upload(registry)
+
+    with pytest.raises(NotFound, match="no version '9.9.9'"):
+        registry.resolve(ACCOUNT, "summarize", "9.9.9")
+    with pytest.raises(NotFound):
+        registry.activate(ACCOUNT, "summarize", "9.9.9")
+    with pytest.raises(NotFound):
+        registry.load_script(ACCOUNT, "summarize", "9.9.9")
+    with pytest.raises(NotFound):
+        registry.resolve(ACCOUNT, "missing")
+    with pytest.raises(NotFound):
+        registry.get(ACCOUNT, "missing")
+    assert registry.resolve(ACCOUNT, "summarize").version == "1.0.0"
+
+
+def test_workflows_of_one_account_are_invisible_to_another(registry: Registry) -> None:
+    upload(registry)
+
+    with pytest.raises(NotFound):
+        registry.resolve(OTHER_ACCOUNT, "summarize")
+    with pytest.raises(NotFound):
+        registry.get(OTHER_ACCOUNT, "summarize")
+    assert registry.list(OTHER_ACCOUNT, 0, 25) == ([], 0)
+    _, version, created = upload(registry, CHANGED_SCRIPT, account=OTHER_ACCOUNT)
+    assert created and version["version"] == "1.0.0"  # numbered on its own
+
+
+@pytest.mark.parametrize("name", ["summarize:v:1.0.0", "summarize:versions", "summarize:hashes"])
+def test_names_addressing_other_keys_of_a_workflow_are_not_found(registry: Registry, redis_db: redis.Redis,
+                                                                 name: str) -> None:
+    upload(registry)
+    stored = snapshot(redis_db)
+
+    for call in (lambda: registry.get(ACCOUNT, name), lambda: registry.resolve(ACCOUNT, name),
+                 lambda: registry.versions(ACCOUNT, name, 0, 25), lambda: registry.delete(ACCOUNT, name),
+                 lambda: registry.activate(ACCOUNT, name, "1.0.0")):
+        with pytest.raises(NotFound):
+            call()
+    assert snapshot(redis_db) == stored
+    assert registry.load_script(ACCOUNT, "summarize", "1.0.0") == SCRIPT
+
+
+def test_delete_removes_every_key_of_the_workflow(registry: Registry, redis_db: redis.Redis) -> None:
+    upload(registry, accessories={"prompts": b"{}"})
+    upload(registry, CHANGED_SCRIPT)
+    upload(registry, ref="keep")
+    redis_db.zadd(keys.workflow_runs(ACCOUNT, "summarize"), {"req_1": 1.0})
+
+    registry.delete(ACCOUNT, "summarize")
+
+    assert not [k for k in key_names(redis_db) if ":wf:summarize" in k]
+    assert registry.list(ACCOUNT, 0, 25)[1] == 1
+    assert registry.resolve(ACCOUNT, "keep").version == "1.0.0"
+    with pytest.raises(NotFound):
+        registry.get(ACCOUNT, "summarize")
+    with pytest.raises(NotFound):
+        registry.delete(ACCOUNT, "summarize")
+    _, version, created = upload(registry)  # the name is free again, numbered from scratch
+    assert created and version["version"] == "1.0.0"
+
+
+def test_list_and_versions_are_paginated_with_totals(registry: Registry) -> None:
+    for ref in ("alpha", "beta", "gamma"):
+        upload(registry, ref=ref)
+    for n in range(4):
+        upload(registry, SCRIPT + f"\n# revision {n}\n", ref="beta")
+
+    page, total = registry.list(ACCOUNT, 1, 1)
+    assert total == 3
+    assert [w["workflow_ref_name"] for w in page] == ["beta"]
+    assert [w["workflow_ref_name"] for w in registry.list(ACCOUNT, 0, 25)[0]] == ["alpha", "beta", "gamma"]
+    assert registry.list(ACCOUNT, 3, 25) == ([], 3)
+
+    versions, total = registry.versions(ACCOUNT, "beta", 1, 2)
+    assert total == 5
+    assert [v["version"] for v in versions] == ["1.0.1", "1.0.2"]
+    assert registry.versions(ACCOUNT, "beta", 10, 2) == ([], 5)
+
+
+@pytest.mark.parametrize("ref", ["", "has space", "-leading-dash", "a/b", "x" * 65, "name\n", "colon:name", "é"])
+def test_invalid_ref_name_is_a_request_error_and_writes_nothing(registry: Registry, redis_db: redis.Redis,
+                                                                ref: str) -> None:
+    with pytest.raises(RequestError) as caught:
+        upload(registry, ref=ref)
+
+    assert caught.value.details["param"] == "workflow_ref_name"
+    assert redis_db.dbsize() == 0
+
+
+def test_invalid_script_is_rejected_with_line_numbers_and_nothing_written(registry: Registry,
+                                                                          redis_db: redis.Redis) -> None:
+    script = 'INPUT_SCHEMA = {"q": {"type": "str"}}\n\ndef execute(ctx):\n    return\n'
+
+    with pytest.raises(ValidationFailed) as caught:
+        upload(registry, script)
+
+    assert caught.value.status == 400
+    assert [e["line"] for e in caught.value.details["errors"]] == [1, 4]
+    assert "line 1" in caught.value.message and "line 4" in caught.value.message
+    assert redis_db.dbsize() == 0
+
+
+# Accounts
+
+
+@pytest.fixture
+def accounts(redis_db: redis.Redis) -> Accounts:
+    return Accounts(redis_db)
+
+
+def test_create_returns_an_fp_key_that_authenticates(accounts: Accounts) -> None:
+    account, key, created = accounts.create("  acme  ")
+
+    assert created
+    assert key.startswith("fp_") and len(key) > 32
+    assert account.name == "acme"
+    assert accounts.authenticate(key) == account
+    assert Accounts(accounts.redis).authenticate(key) == account  # from Redis, not this object's memory
+
+
+def test_only_the_sha256_of_a_key_is_stored(accounts: Accounts, redis_db: redis.Redis) -> None:
+    account, key, _ = accounts.create("acme")
+
+    stored = everything(redis_db)
+    assert key.encode() not in stored
+    assert key[3:].encode() not in stored  # nor the random part alone
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    assert redis_db.get(keys.api_key(digest)) == account.id.encode()
+
+
+def test_second_key_of_an_account_names_the_same_account(accounts: Accounts) -> None:
+    first, key_one, created_one = accounts.create("acme")
+    second, key_two, created_two = accounts.create("acme")
+
+    assert created_one and not created_two
+    assert first == second
+    assert key_one != key_two
+    assert accounts.authenticate(key_one) == accounts.authenticate(key_two) == first
+    assert accounts.create("other")[0].id != first.id
+
+
+@pytest.mark.parametrize("key", [None, "", "fp_not-a-key", "x" * 300])
+def test_missing_or_unknown_key_is_an_authentication_error(accounts: Accounts, key: str | None) -> None:
+    accounts.create("acme")
+
+    with pytest.raises(AuthenticationError) as caught:
+        accounts.authenticate(key)
+    assert caught.value.status == 401
+
+
+def test_blank_account_name_is_refused(accounts: Accounts, redis_db: redis.Redis) -> None:
+    with pytest.raises(ValueError):
+        accounts.create("   ")
+    assert redis_db.dbsize() == 0
+
+
+# Result cache
+
+
+@pytest.fixture
+def cache(redis_db: redis.Redis) -> ResultCache:
+    return ResultCache(redis_db, secret_key=None)
+
+
+REQUEST = {"input": {"query": "q", "options": {"a": 1, "b": [1, 2]}}, "messages": None, "max_tokens": 64,
+           "temperature": 0.2, "metadata": {"team": "x"}}
+
+
+def cache_key(cache: ResultCache, request: dict[str, Any] = REQUEST, secrets: dict[str, str] | None = None,
+              account: str = ACCOUNT, content_hash: str = "c" * 64, config_hash: str = "e" * 64) -> str:
+    return cache.key(account, content_hash, config_hash, request, secrets)
+
+
+def test_cache_key_is_the_same_for_the_same_content_in_another_order(cache: ResultCache) -> None:
+    reordered = {"metadata": {"team": "x"}, "temperature": 0.2, "max_tokens": 64, "messages": None,
+                 "input": {"options": {"b": [1, 2], "a": 1}, "query": "q"}}
+
+    assert cache_key(cache, reordered) == cache_key(cache, REQUEST)
+    assert cache_key(cache, secrets={"a": "1", "b": "2"}) == cache_key(cache, secrets={"b": "2", "a": "1"})
+    assert cache_key(cache, dict(REQUEST, stream=True)) == cache_key(cache)  # streaming changes no output
+
+
+@pytest.mark.parametrize("change", [
+    {"input": {"query": "other"}}, {"messages": [{"role": "user", "content": "hi"}]}, {"max_tokens": 65},
+    {"temperature": 0.3}, {"metadata": {"team": "y"}},
+])
+def test_cache_key_changes_with_anything_that_decides_the_output(cache: ResultCache, change: dict[str, Any]) -> None:
+    assert cache_key(cache, {**REQUEST, **change}) != cache_key(cache)
+
+
+def test_cache_key_changes_with_account_version_config_and_secrets(cache: ResultCache) -> None:
+    base = cache_key(cache)
+    variants = [
+        cache_key(cache, account=OTHER_ACCOUNT), cache_key(cache, content_hash="d" * 64),
+        cache_key(cache, config_hash="f" * 64), cache_key(cache, secrets={"token": "one"}),
+        cache_key(cache, secrets={"token": "two"}),
+    ]
+    assert len({base, *variants}) == 6
+
+
+def test_cache_key_is_a_hash_and_no_secret_is_stored(cache: ResultCache, redis_db: redis.Redis) -> None:
+    secret = "sk-live-very-secret-value"
+    key = cache_key(cache, secrets={"token": secret})
+    pipe = redis_db.pipeline()
+    cache.put(pipe, ACCOUNT, key, {"output": "ok"}, ttl=60)
+    pipe.execute()
+    cache.lead(ACCOUNT, key, "req_1", ttl=10)
+
+    assert len(key) == 64 and int(key, 16) >= 0
+    assert secret not in key
+    assert secret.encode() not in everything(redis_db)
+    # The secrets' keyed hash uses a key generated once per Redis: another API process agrees.
+    assert ResultCache(redis_db, secret_key=None).key(ACCOUNT, "c" * 64, "e" * 64, REQUEST,
+                                                      {"token": secret}) == key
+
+
+def test_configured_secret_key_is_used_and_never_stored(redis_db: redis.Redis) -> None:
+    one = ResultCache(redis_db, secret_key="configured-one")
+    two = ResultCache(redis_db, secret_key="configured-two")
+    secrets = {"token": "abc"}
+
+    assert cache_key(one, secrets=secrets) != cache_key(two, secrets=secrets)
+    assert cache_key(one) == cache_key(two)  # without secrets the key is keyless
+    assert not redis_db.exists(keys.SECRET)
+    assert b"configured-one" not in everything(redis_db)
+
+
+def test_put_then_get_round_trips_an_entry_with_its_ttl(cache: ResultCache, redis_db: redis.Redis) -> None:
+    key = cache_key(cache)
+    assert cache.get(ACCOUNT, key) is None
+    pipe = redis_db.pipeline()
+    cache.put(pipe, ACCOUNT, key, {"output": {"answer": 42}, "chunks": []}, ttl=60)
+    pipe.execute()
+
+    assert cache.get(ACCOUNT, key) == {"output": {"answer": 42}, "chunks": []}
+    assert cache.get(OTHER_ACCOUNT, key) is None
+    assert 0 < redis_db.ttl(keys.cache(ACCOUNT, key)) <= 60
+
+
+def test_lead_is_single_flight_and_only_the_leader_releases(cache: ResultCache, redis_db: redis.Redis) -> None:
+    key = cache_key(cache)
+
+    assert cache.lead(ACCOUNT, key, "req_1", ttl=10) is None
+    assert cache.lead(ACCOUNT, key, "req_2", ttl=10) == "req_1"
+    assert cache.lead(OTHER_ACCOUNT, key, "req_3", ttl=10) is None  # another account leads on its own
+
+    cache.release(ACCOUNT, key, "req_2")  # not the leader: nothing happens
+    assert cache.lead(ACCOUNT, key, "req_4", ttl=10) == "req_1"
+
+    cache.release(ACCOUNT, key, "req_1")
+    assert cache.lead(ACCOUNT, key, "req_5", ttl=10) is None
+    assert cache.lead(ACCOUNT, key, "req_6", ttl=10) == "req_5"
+
+
+def test_lead_expires_with_its_ttl(cache: ResultCache, redis_db: redis.Redis) -> None:
+    key = cache_key(cache)
+    cache.lead(ACCOUNT, key, "req_1", ttl=2.5)
+
+    assert 0 < redis_db.pttl(keys.inflight(ACCOUNT, key)) <= 2500
+
+
+def test_release_in_a_pipeline_takes_effect_on_execute(cache: ResultCache, redis_db: redis.Redis) -> None:
+    key = cache_key(cache)
+    cache.lead(ACCOUNT, key, "req_1", ttl=10)
+    pipe = redis_db.pipeline()
+    cache.release(ACCOUNT, key, "req_1", pipe=pipe)
+
+    assert cache.lead(ACCOUNT, key, "req_2", ttl=10) == "req_1"
+    pipe.execute()
+    assert cache.lead(ACCOUNT, key, "req_2", ttl=10) is None
+
+
+# Run store
+
+
+@pytest.fixture
+def runs(redis_db: redis.Redis) -> RunStore:
+    return RunStore(redis_db, ttl_seconds=60, runs_per_workflow=3)
+
+
+@pytest.fixture(autouse=True)
+def _json_values_only(redis_db: redis.Redis) -> Iterator[None]:
+    """Every run-record field the stores write is JSON (or the bare status)."""
+    yield
+    for key in redis_db.scan_iter(match="fp:run:*"):
+        if redis_db.type(key) != b"hash":
+            continue
+        for field, value in redis_db.hgetall(key).items():
+            if field != b"status":
+                json.loads(value)
+
+
+def queue_run(runs: RunStore, request_id: str, ref: str = "summarize", **fields: Any) -> None:
+    pipe = runs.redis.pipeline()
+    runs.create(pipe, ACCOUNT, ref, request_id, {"status": RunStatus.QUEUED, "version": "1.0.0",
+                                                  "queued_at": time.time(), **fields})
+    pipe.execute()
+
+
+def finish_run(runs: RunStore, request_id: str, output: Any = "ok") -> None:
+    pipe = runs.redis.pipeline()
+    runs.finish(pipe, request_id, {"status": "succeeded", "version": "1.0.0", "output": output},
+                {"output": output})
+    pipe.execute()
+
+
+def test_create_writes_a_queued_record_that_expires(runs: RunStore, redis_db: redis.Redis) -> None:
+    queue_run(runs, "req_1", metadata={"team": "x"}, cache_hit=False)
+
+    record = runs.get("req_1")
+    assert record is not None
+    assert record["status"] == "queued"
+    assert (record["request_id"], record["account"], record["workflow"]) == ("req_1", ACCOUNT, "summarize")
+    assert record["metadata"] == {"team": "x"} and record["cache_hit"] is False
+    assert redis_db.hget(keys.run("req_1"), "status") == b"queued"  # stored as-is, not as JSON
+    assert 0 < redis_db.pttl(keys.run("req_1")) <= 60_000
+    assert runs.get("req_unknown") is None
+
+
+def test_runs_of_a_workflow_are_listed_newest_first_and_trimmed(runs: RunStore) -> None:
+    for n in range(5):
+        queue_run(runs, f"req_{n}", queued_at=1000.0 + n)
+
+    ids, total = runs.list_for_workflow(ACCOUNT, "summarize", 0, 25)
+    assert total == 3
+    assert ids == ["req_4", "req_3", "req_2"]
+    assert runs.list_for_workflow(ACCOUNT, "summarize", 1, 1) == (["req_3"], 3)
+    assert runs.list_for_workflow(ACCOUNT, "other", 0, 25) == ([], 0)
+
+
+def test_claim_works_only_once_on_a_queued_run(runs: RunStore, redis_db: redis.Redis) -> None:
+    queue_run(runs, "req_1")
+
+    assert runs.claim("req_1", "worker-a", lease_ms=5000)
+    assert not runs.claim("req_1", "worker-b", lease_ms=5000)
+
+    record = runs.get("req_1")
+    assert record is not None and record["status"] == "running" and record["worker"] == "worker-a"
+    assert isinstance(record["started_at"], float)
+    assert 0 < redis_db.pttl(keys.run_lease("req_1")) <= 5000
+
+
+def test_claim_of_an_unknown_or_finished_run_does_nothing(runs: RunStore, redis_db: redis.Redis) -> None:
+    assert not runs.claim("req_unknown", "worker-a", lease_ms=5000)
+    assert redis_db.dbsize() == 0
+
+    queue_run(runs, "req_1")
+    runs.claim("req_1", "worker-a", lease_ms=5000)
+    finish_run(runs, "req_1")
+    assert not runs.claim("req_1", "worker-b", lease_ms=5000)
+    assert runs.get("req_1")["status"] == "succeeded"  # type: ignore[index]
+
+
+def test_finish_records_the_end_writes_a_done_event_and_drops_the_lease(runs: RunStore,
+                                                                        redis_db: redis.Redis) -> None:
+    queue_run(runs, "req_1")
+    runs.claim("req_1", "worker-a", lease_ms=5000)
+    runs.add_chunk("req_1", "progress", "drafted")
+    runs.add_chunk("req_1", "partial", {"n": 1})
+    finish_run(runs, "req_1", output={"answer": 42})
+
+    seen: list[dict[str, Any]] = []
+    done = runs.wait("req_1", queue_wait=1, run_seconds=1, on_chunk=seen.append, poll=0.05)
+
+    assert done == {"status": "succeeded", "version": "1.0.0", "output": {"answer": 42}}
+    assert seen == [{"type": "progress", "content": "drafted"}, {"type": "partial", "content": {"n": 1}}]
+    assert runs.chunks("req_1") == seen
+    record = runs.get("req_1")
+    assert record is not None and record["status"] == "succeeded" and record["output"] == {"answer": 42}
+    assert not redis_db.exists(keys.run_lease("req_1"))
+    assert 0 < redis_db.pttl(keys.run_events("req_1")) <= 60_000
+
+
+def test_wait_returns_when_the_run_finishes_later(runs: RunStore) -> None:
+    queue_run(runs, "req_1")
+    runs.claim("req_1", "worker-a", lease_ms=10_000)
+    seen: list[dict[str, Any]] = []
+
+    def work() -> None:
+        time.sleep(0.2)
+        runs.add_chunk("req_1", "progress", 1)
+        time.sleep(0.2)
+        finish_run(runs, "req_1")
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    try:
+        done = runs.wait("req_1", queue_wait=10, run_seconds=10, on_chunk=seen.append, poll=0.05)
+    finally:
+        worker.join()
+
+    assert done["status"] == "succeeded"
+    assert seen == [{"type": "progress", "content": 1}]
+
+
+def test_abandon_of_a_running_run_with_a_live_lease_does_nothing(runs: RunStore, redis_db: redis.Redis) -> None:
+    queue_run(runs, "req_1")
+    runs.claim("req_1", "worker-a", lease_ms=10_000)
+
+    assert not runs.abandon("req_1", RunStatus.RUNNING, WorkerLost("gone"), "1.0.0")
+
+    assert runs.get("req_1")["status"] == "running"  # type: ignore[index]
+    assert not redis_db.exists(keys.run_events("req_1"))
+
+
+def test_abandon_of_a_running_run_without_lease_marks_it_lost_and_wait_returns_the_end(
+        runs: RunStore, redis_db: redis.Redis) -> None:
+    queue_run(runs, "req_1")
+    runs.claim("req_1", "worker-a", lease_ms=10_000)
+    redis_db.delete(keys.run_lease("req_1"))  # what a dead worker leaves: its lease runs out
+
+    assert runs.abandon("req_1", RunStatus.RUNNING, WorkerLost("the worker died"), "1.0.0")
+    assert not runs.abandon("req_1", RunStatus.RUNNING, WorkerLost("again"), "1.0.0")  # once only
+
+    record = runs.get("req_1")
+    assert record is not None and record["status"] == "lost"
+    assert record["error"] == {"kind": "WorkerLost", "message": "the worker died"}
+    done = runs.wait("req_1", queue_wait=1, run_seconds=1, poll=0.05)
+    assert done == {"status": "lost", "version": "1.0.0", "error": {"kind": "WorkerLost", "message": "the worker died"}}
+    assert len(redis_db.xrange(keys.run_events("req_1"))) == 1
+
+
+def test_abandon_of_a_queued_run_marks_it_expired(runs: RunStore) -> None:
+    queue_run(runs, "req_1")
+
+    assert runs.abandon("req_1", RunStatus.QUEUED, RunNotStarted("no worker"), "1.0.0")
+
+    assert runs.get("req_1")["status"] == "expired"  # type: ignore[index]
+    assert not runs.claim("req_1", "worker-a", lease_ms=5000)  # a worker coming late skips it
+    done = runs.wait("req_1", queue_wait=1, run_seconds=1, poll=0.05)
+    assert done["status"] == "expired" and done["error"]["kind"] == "RunNotStarted"
+
+
+def test_abandon_expecting_another_state_does_nothing(runs: RunStore) -> None:
+    queue_run(runs, "req_1")
+    assert not runs.abandon("req_1", RunStatus.RUNNING, WorkerLost("x"), "1.0.0")
+    runs.claim("req_1", "worker-a", lease_ms=5000)
+    finish_run(runs, "req_1")
+    assert not runs.abandon("req_1", RunStatus.RUNNING, WorkerLost("x"), "1.0.0")
+    assert not runs.abandon("req_1", RunStatus.QUEUED, RunNotStarted("x"), "1.0.0")
+
+    assert runs.get("req_1")["status"] == "succeeded"  # type: ignore[index]
+
+
+def test_wait_drops_a_run_no_worker_claims_in_time(runs: RunStore) -> None:
+    queue_run(runs, "req_1")
+
+    with pytest.raises(RunNotStarted):
+        runs.wait("req_1", queue_wait=0.2, run_seconds=10, poll=0.05)
+
+    assert runs.get("req_1")["status"] == "expired"  # type: ignore[index]
+    assert not runs.claim("req_1", "worker-a", lease_ms=5000)
+    # Another waiter of the same run (a single-flight joiner) gets the end, not a hang.
+    assert runs.wait("req_1", queue_wait=0.2, run_seconds=10, poll=0.05)["status"] == "expired"
+
+
+def test_wait_takes_a_run_whose_lease_ran_out_for_lost(runs: RunStore) -> None:
+    queue_run(runs, "req_1")
+    runs.claim("req_1", "worker-a", lease_ms=100)  # and nobody refreshes it
+
+    with pytest.raises(WorkerLost):
+        runs.wait("req_1", queue_wait=10, run_seconds=10, poll=0.05)
+
+    assert runs.get("req_1")["status"] == "lost"  # type: ignore[index]
+
+
+def test_wait_gives_up_on_a_run_past_its_deadline_even_with_a_live_lease(runs: RunStore) -> None:
+    queue_run(runs, "req_1")
+    runs.claim("req_1", "worker-a", lease_ms=60_000)  # the worker is alive, the run is stuck
+    outcome: dict[str, Any] = {}
+
+    def waiter() -> None:
+        try:
+            outcome["done"] = runs.wait("req_1", queue_wait=10, run_seconds=0.3, poll=0.05)
+        except WorkerLost as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=waiter, daemon=True)
+    thread.start()
+    thread.join(10)
+
+    assert not thread.is_alive(), "wait went on past run_seconds"
+    assert isinstance(outcome.get("error"), WorkerLost)
+    assert runs.get("req_1")["status"] == "lost"  # type: ignore[index]
+
+
+# begin: cache lookup, single flight and the record in one step
+
+
+def test_begin_without_cache_queues_the_run(runs: RunStore) -> None:
+    state, found = runs.begin(ACCOUNT, "summarize", "req_1", {"status": RunStatus.QUEUED, "version": "1.0.0"})
+
+    assert (state, found) == ("queued", None)
+    assert runs.get("req_1")["status"] == "queued"  # type: ignore[index]
+    assert runs.list_for_workflow(ACCOUNT, "summarize", 0, 25) == (["req_1"], 1)
+
+
+def test_begin_answers_hit_join_or_queued(runs: RunStore, redis_db: redis.Redis) -> None:
+    cache = ResultCache(redis_db, secret_key=None)
+    key = cache_key(cache)
+    cache_keys = ResultCache.redis_keys(ACCOUNT, key)
+    fields = {"status": RunStatus.QUEUED, "version": "1.0.0"}
+
+    assert runs.begin(ACCOUNT, "summarize", "req_1", fields, cache_keys, lock_seconds=10) == ("queued", None)
+    assert runs.begin(ACCOUNT, "summarize", "req_2", fields, cache_keys, lock_seconds=10) == ("join", "req_1")
+    assert runs.get("req_2") is None  # a joiner starts no run
+    assert 0 < redis_db.pttl(keys.inflight(ACCOUNT, key)) <= 10_000
+
+    pipe = redis_db.pipeline()
+    cache.put(pipe, ACCOUNT, key, {"output": "cached"}, ttl=60)
+    cache.release(ACCOUNT, key, "req_1", pipe=pipe)
+    pipe.execute()
+    assert runs.begin(ACCOUNT, "summarize", "req_3", fields, cache_keys, lock_seconds=10) == (
+        "hit", {"output": "cached"})
+    assert runs.get("req_3") is None
+    assert runs.list_for_workflow(ACCOUNT, "summarize", 0, 25) == (["req_1"], 1)
+
+
+def test_run_record_fields_round_trip_as_json(runs: RunStore) -> None:
+    fields = {"logs": [{"level": "info", "msg": "ünïcode ✓", "time": 1.5}], "usage": {"total_tokens": 3},
+              "error": None, "output": {"nested": [1, None, True]}}
+    queue_run(runs, "req_1", **fields)
+
+    record = runs.get("req_1")
+    assert record is not None
+    assert record["logs"] == fields["logs"] and record["usage"] == fields["usage"]
+    assert record["output"] == fields["output"]
+    assert "error" not in record  # None fields are not written
