@@ -19,6 +19,8 @@ def render(error: FlowpoolError) -> Response:
     """The HTTP response of one of our errors."""
     response = jsonify(error.to_body())
     response.status_code = error.status
+    if error.details.get("request_id"):
+        response.headers["X-Request-Id"] = str(error.details["request_id"])
     retry_after = getattr(error, "retry_after", None)
     if retry_after is not None and error.status in (429, 503):
         response.headers["Retry-After"] = str(retry_after)

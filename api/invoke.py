@@ -8,7 +8,7 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
-from flowpool.errors import (FlowpoolError, PayloadTooLarge, RequestError, RunNotStarted, Unavailable,
+from flowpool.errors import (FlowpoolError, PayloadTooLarge, RequestError, RunError, RunNotStarted, Unavailable,
                              run_error_from_dict)
 from flowpool.registry import ResolvedWorkflow, check_input
 from flowpool.runs import RunStatus
@@ -101,7 +101,7 @@ def chat_completions() -> Response:
         return _answer(body, request_id, session_id, dict(found, status="succeeded"), "HIT")
     if state == "join":
         # An identical request is running: share its run instead of starting one.
-        done = svc.runs.take_reply(found, svc.runs.wait(found, settings.queue_wait_seconds, run_seconds))
+        done = _wait(svc, found, run_seconds)
         return _answer(body, found, session_id, done, "HIT")
 
     try:
@@ -114,9 +114,19 @@ def chat_completions() -> Response:
         svc.runs.abandon(request_id, RunStatus.QUEUED, RunNotStarted(str(exc)), workflow.version)
         raise
     mark("submit")
-    done = svc.runs.take_reply(request_id, svc.runs.wait(request_id, settings.queue_wait_seconds, run_seconds))
+    done = _wait(svc, request_id, run_seconds)
     mark("wait")
     return _answer(body, request_id, session_id, done, "MISS")
+
+
+def _wait(svc: Services, request_id: str, run_seconds: float) -> dict[str, Any]:
+    """The end of a run; an error raised while waiting names the run, so the caller can look it up."""
+    try:
+        return svc.runs.take_reply(request_id, svc.runs.wait(request_id, svc.settings.queue_wait_seconds,
+                                                             run_seconds))
+    except RunError as exc:
+        exc.details.setdefault("request_id", request_id)
+        raise
 
 
 def _record_hit(svc: Services, body: InvokeRequest, workflow: ResolvedWorkflow, request_id: str,

@@ -90,6 +90,9 @@ class Stack:
             client.close()
 
     def stop_process(self, process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+        """Stop one process (TERM, then KILL after ``timeout``) and forget it."""
+        if process in self.processes:
+            self.processes.remove(process)
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
             try:
@@ -145,7 +148,8 @@ class DevStack:
         try:
             where = "started on " + stack.redis_url if stack.redis else "at " + stack.redis_url
             print(f"flowpool dev: Redis {where}", flush=True)
-            stack.start_worker()
+            # Flower shows only what workers report as task events.
+            stack.start_worker(env={"FLOWPOOL_WORKER_EVENTS": "true"} if self.flower else None)
             api_url = stack.start_api(port=self.port, host=self.host)
             if self.flower:
                 stack.processes.append(subprocess.Popen(

@@ -1,7 +1,6 @@
 """Helpers shared by the tests: an HTTP client of the test stack and error-envelope checks."""
 from __future__ import annotations
 
-import json
 import textwrap
 from typing import Any
 

@@ -129,6 +129,7 @@ def test_worker_killed_mid_run_gives_500_worker_lost_before_the_time_limit(stack
     assert response.status_code == 500, response.text
     error = error_of(response)
     assert error["type"] == "worker_lost"
+    assert error["request_id"] == response.headers["X-Request-Id"] == run["request_id"]
     record = client.run(run["request_id"])
     assert record["status"] == "lost"
     assert record["error"]["message"] == error["message"]
@@ -155,9 +156,7 @@ def test_redis_down_gives_503_with_retry_after_quickly(stack: Stack, client: Cli
 
 def test_no_worker_gives_503_with_retry_after_and_runs_nothing_later(stack: Stack, client: Client) -> None:
     client.upload("echo", ECHO)
-    worker = _worker(stack)
-    stack.stop_process(worker)
-    _forget(stack, worker)
+    stack.stop_process(_worker(stack))
     _until(lambda: _readiness(stack) == 503, 15, "/readyz says 503 without a worker")
 
     response = client.post("/workflow/chat/completions", json={"model": "workflow:echo", "input": {"n": 1}},

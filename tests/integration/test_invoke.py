@@ -671,21 +671,6 @@ def test_script_sees_its_env_and_nothing_of_the_workers(client: Client) -> None:
     assert not [name for name in output["os_environ"] if name.startswith(("FLOWPOOL_", "CELERY", "REDIS"))]
 
 
-def _stdlib_readable_by_others() -> bool:
-    """Whether a run's unprivileged uid can read the interpreter's standard library."""
-    import stat
-    import sysconfig
-
-    path = sysconfig.get_paths()["stdlib"]
-    while path != os.path.dirname(path):
-        if not os.stat(path).st_mode & stat.S_IXOTH:
-            return False
-        path = os.path.dirname(path)
-    return True
-
-
-@pytest.mark.skipif(os.geteuid() == 0 and not _stdlib_readable_by_others(),
-                    reason="runs get their own uid, and this interpreter's stdlib is not readable by other users")
 def test_script_can_import_the_standard_library(client: Client) -> None:
     ref = _ref("stdlib")
     client.upload(ref, IMPORTS_STDLIB)
