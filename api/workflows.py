@@ -18,19 +18,29 @@ from .parsing import json_body, model_from, page_args, paginated
 bp = Blueprint("workflows", __name__, url_prefix="/api/v1/workflows")
 
 DEFAULT_SCRIPT = '''\
+"""A starter workflow: answer from the conversation, or from `input` when there is one."""
 from flowpool_workflow import WorkflowContext
 
-INPUT_SCHEMA = {"text": {"type": "string", "description": "What to echo back", "required": True}}
-OUTPUT_SCHEMA = {"echo": {"type": "string"}, "words": {"type": "integer"}}
-TIMEOUT_SECONDS = 30
+APPLICATION = "default"          # the application whose intents route model calls
+INPUT_SCHEMA = {"question": {"type": "string", "description": "Asked when no messages are sent"}}
+OUTPUT_SCHEMA = {"answer": {"type": "string"}, "turns": {"type": "integer"}}
+TIMEOUT_SECONDS = 60
 CACHE_TTL_SECONDS = 3600
 
 
+def last_user_message(messages):
+    """The text of the latest user turn, if any."""
+    for message in reversed(messages):
+        if message.get("role") == "user" and isinstance(message.get("content"), str):
+            return message["content"]
+    return None
+
+
 def execute(ctx: WorkflowContext):
-    text = ctx.input["text"]
-    ctx.log.info("echoing", length=len(text))
-    ctx.emit("progress", "counted words")
-    return {"echo": text, "words": len(text.split())}
+    question = last_user_message(ctx.messages) or (ctx.input or {}).get("question") or ""
+    ctx.log.info("received", turns=len(ctx.messages), session=ctx.session_id)
+    ctx.emit("progress", "read the question")
+    return {"answer": f"You asked: {question}", "turns": len(ctx.messages)}
 '''
 
 

@@ -1,5 +1,8 @@
 """The result cache, keyed by a hash of everything that decides a run's output, with single flight.
 
+Lookups and taking the single-flight lock happen in :meth:`RunStore.begin`,
+in the same round trip that queues the run record.
+
 The key is the SHA-256 of the canonical JSON of the account, the script
 version's content hash, the workflow's env, ``input``, ``messages``, the
 inference params, ``metadata`` and an HMAC of the request secrets: two
@@ -65,24 +68,9 @@ class ResultCache:
         """The Redis keys of a cache entry and of its in-flight lock."""
         return keys.cache(account_id, cache_key), keys.inflight(account_id, cache_key)
 
-    def get(self, account_id: str, cache_key: str) -> dict[str, Any] | None:
-        raw = self.redis.get(keys.cache(account_id, cache_key))
-        return json.loads(raw) if raw is not None else None
-
     def put(self, pipe: Any, account_id: str, cache_key: str, entry: dict[str, Any], ttl: int) -> None:
         """Queue the write of a result for ``ttl`` seconds."""
         pipe.set(keys.cache(account_id, cache_key), canonical_json(entry), ex=ttl)
-
-    def lead(self, account_id: str, cache_key: str, request_id: str, ttl: float) -> str | None:
-        """Become the one run computing ``cache_key``; else the request id of the run that is."""
-        key = keys.inflight(account_id, cache_key)
-        if self.redis.set(key, request_id, nx=True, px=int(ttl * 1000)):
-            return None
-        leader = self.redis.get(key)
-        if leader is None:  # it just finished: try once more
-            return None if self.redis.set(key, request_id, nx=True, px=int(ttl * 1000)) else self.lead(
-                account_id, cache_key, request_id, ttl)
-        return leader.decode()
 
     def release(self, account_id: str, cache_key: str, request_id: str, pipe: Any = None) -> None:
         """Stop leading ``cache_key`` (only if ``request_id`` still leads it)."""

@@ -90,6 +90,11 @@ class _NullTransport:
         json.dumps(message)
 
 
+# Compiled once, in the zygote: a run process pays no compilation to warm up.
+_WARM_CODE = base64.b64encode(marshal.dumps(compile("def execute(ctx):\n    return {'ok': [1, 2.0, None]}\n",
+                                                    SCRIPT_FILENAME, "exec"))).decode()
+
+
 def _warm_up() -> None:
     """Walk the code paths a run takes, before the job comes.
 
@@ -97,9 +102,7 @@ def _warm_up() -> None:
     and merely using an object writes its reference count: the first run of
     each path copies pages. Doing that here keeps it off the caller's clock.
     """
-    code = base64.b64encode(marshal.dumps(compile("def execute(ctx):\n    return {'ok': [1, 2.0, None]}\n",
-                                                  SCRIPT_FILENAME, "exec")))
-    message = json.loads(json.dumps({"op": "run", "code": code.decode(), "job": {"input": {"a": [1]}}}))
+    message = json.loads(json.dumps({"op": "run", "code": _WARM_CODE, "job": {"input": {"a": [1]}}}))
     module = types.ModuleType("warm")
     exec(marshal.loads(base64.b64decode(message["code"])), module.__dict__)
     ctx = WorkflowContext(message["job"], _NullTransport())

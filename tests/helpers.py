@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import textwrap
-from typing import Any
+from typing import Any, Iterator
 
 import psutil
+import redis
 import requests
 
 
@@ -62,3 +63,41 @@ def error_of(response: requests.Response) -> dict[str, Any]:
     assert body["error"]["code"] == response.status_code, body
     assert isinstance(body["error"]["message"], str) and body["error"]["message"], body
     return body["error"]
+
+
+def every_value_in(server: Any) -> Iterator[bytes]:
+    """Every key name and every stored value of every database of ``server``."""
+    first = redis.Redis(port=server.port)
+    try:
+        databases = int(first.config_get("databases")["databases"])
+    finally:
+        first.close()
+    for db in range(databases):
+        store = redis.Redis(port=server.port, db=db)
+        try:
+            for key in store.scan_iter(count=1000):
+                yield key
+                kind = store.type(key)
+                if kind == b"string":
+                    value = store.get(key)
+                    if value is not None:
+                        yield value
+                elif kind == b"hash":
+                    for field, value in store.hgetall(key).items():
+                        yield field
+                        yield value
+                elif kind == b"list":
+                    yield from store.lrange(key, 0, -1)
+                elif kind == b"set":
+                    yield from store.smembers(key)
+                elif kind == b"zset":
+                    yield from store.zrange(key, 0, -1)
+                elif kind == b"stream":
+                    for _, fields in store.xrange(key):
+                        for field, value in fields.items():
+                            yield field
+                            yield value
+                elif kind != b"none":  # the key expired between SCAN and TYPE
+                    raise AssertionError(f"unexpected Redis type {kind!r} of {key!r}")
+        finally:
+            store.close()

@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -23,7 +23,7 @@ import requests
 from flowpool.devstack import Stack
 from flowpool.redis_server import RedisServer
 from flowpool.registry import Accounts
-from tests.helpers import Client, error_of
+from tests.helpers import Client, error_of, every_value_in
 
 INVOKE = "/workflow/chat/completions"
 
@@ -182,44 +182,6 @@ def _keys(stack: Stack, pattern: str) -> list[bytes]:
 def _cache_keys(stack: Stack, client: Client) -> list[bytes]:
     """The account's cache entries in Redis."""
     return _keys(stack, f"fp:a:{_account_id(stack, client)}:cache:*")
-
-
-def _every_value_in(server: RedisServer) -> Iterator[bytes]:
-    """Every key name and every stored value of every database of ``server``."""
-    first = redis.Redis(port=server.port)
-    try:
-        databases = int(first.config_get("databases")["databases"])
-    finally:
-        first.close()
-    for db in range(databases):
-        store = redis.Redis(port=server.port, db=db)
-        try:
-            for key in store.scan_iter(count=1000):
-                yield key
-                kind = store.type(key)
-                if kind == b"string":
-                    value = store.get(key)
-                    if value is not None:
-                        yield value
-                elif kind == b"hash":
-                    for field, value in store.hgetall(key).items():
-                        yield field
-                        yield value
-                elif kind == b"list":
-                    yield from store.lrange(key, 0, -1)
-                elif kind == b"set":
-                    yield from store.smembers(key)
-                elif kind == b"zset":
-                    yield from store.zrange(key, 0, -1)
-                elif kind == b"stream":
-                    for _, fields in store.xrange(key):
-                        for field, value in fields.items():
-                            yield field
-                            yield value
-                elif kind != b"none":  # the key expired between SCAN and TYPE
-                    raise AssertionError(f"unexpected Redis type {kind!r} of {key!r}")
-        finally:
-            store.close()
 
 
 @pytest.fixture
@@ -504,7 +466,7 @@ def test_secret_used_by_a_cached_run_is_nowhere_in_redis(client: Client, redis_s
     record = client.run(_ok(first)["request_id"])
     assert record["status"] == "succeeded" and record["logs"] and record["chunks"]
     assert secret not in json.dumps(record)
-    assert not [value for value in _every_value_in(redis_server) if secret.encode() in value]
+    assert not [value for value in every_value_in(redis_server) if secret.encode() in value]
 
 
 def test_output_carrying_a_secret_reaches_the_caller_but_is_not_cached(client: Client, stack: Stack,
@@ -529,7 +491,7 @@ def test_output_carrying_a_secret_is_nowhere_in_redis_after_the_run(client: Clie
     ref = _ref("returns-secret")
     client.upload(ref, RETURNS_SECRET)
     assert _ok(client.invoke(ref, input={"q": 1}, secrets={"token": secret}))["output"] == {"echoed": secret}
-    assert not [value for value in _every_value_in(redis_server) if secret.encode() in value]
+    assert not [value for value in every_value_in(redis_server) if secret.encode() in value]
 
 
 @pytest.mark.xfail(strict=True, reason="the clear output of a run whose output carries a secret is kept in "
@@ -544,4 +506,4 @@ def test_concurrent_identical_requests_all_get_an_output_carrying_their_secret(c
     assert [_ok(r)["output"] for r in responses] == [{"echoed": secret}] * 3
     assert sorted(r.headers["X-Cache"] for r in responses) == ["HIT", "HIT", "MISS"]
     assert _runs(client, ref)[1] == 1
-    assert not [value for value in _every_value_in(redis_server) if secret.encode() in value]
+    assert not [value for value in every_value_in(redis_server) if secret.encode() in value]

@@ -12,16 +12,15 @@ import os
 import threading
 import time
 import uuid
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
-import redis
 import requests
 
 from flowpool.devstack import Stack
 from flowpool.redis_server import RedisServer
 from tests.conftest import TEST_ENV
-from tests.helpers import Client, error_of
+from tests.helpers import Client, error_of, every_value_in
 
 INVOKE = "/workflow/chat/completions"
 
@@ -775,30 +774,6 @@ def test_run_record_of_a_failed_run_carries_the_error(client: Client) -> None:
     assert run["timings"]["finished_at"] is not None
 
 
-def _every_value_in(client: redis.Redis) -> Iterator[bytes]:
-    """Every key and value stored in Redis, whatever the key's type."""
-    for key in client.scan_iter(count=1000):
-        yield key
-        kind = client.type(key)
-        if kind == b"string":
-            yield client.get(key) or b""
-        elif kind == b"hash":
-            for field, value in client.hgetall(key).items():
-                yield field
-                yield value
-        elif kind == b"list":
-            yield from client.lrange(key, 0, -1)
-        elif kind == b"set":
-            yield from client.smembers(key)
-        elif kind == b"zset":
-            yield from client.zrange(key, 0, -1)
-        elif kind == b"stream":
-            for _, fields in client.xrange(key):
-                for field, value in fields.items():
-                    yield field
-                    yield value
-
-
 def test_secrets_never_reach_the_run_record_or_redis(client: Client, redis_server: RedisServer) -> None:
     secret = f"sk-live-{uuid.uuid4().hex}"
     ref = _ref("leaky")
@@ -817,11 +792,7 @@ def test_secrets_never_reach_the_run_record_or_redis(client: Client, redis_serve
     assert secret not in response.text
     runs = client.get(f"/api/v1/workflows/{ref}/runs")
     assert secret not in runs.text
-    store = redis.Redis(port=redis_server.port)
-    try:
-        assert not [value for value in _every_value_in(store) if secret.encode() in value]
-    finally:
-        store.close()
+    assert not [value for value in every_value_in(redis_server) if secret.encode() in value]
 
 
 def test_output_carrying_a_secret_is_redacted_in_the_run_record(client: Client) -> None:

@@ -377,6 +377,20 @@ def cache_key(cache: ResultCache, request: dict[str, Any] = REQUEST, secrets: di
     return cache.key(account, content_hash, config_hash, request, secrets)
 
 
+def begin(client: redis.Redis, account: str, key: str, request_id: str, ttl: float = 10) -> tuple[str, Any]:
+    """Start run ``request_id`` for cache key ``key`` the way the API does."""
+    runs = RunStore(client, ttl_seconds=60, runs_per_workflow=10)
+    return runs.begin(account, "wf", request_id, {"status": RunStatus.QUEUED},
+                      cache_keys=ResultCache.redis_keys(account, key), lock_seconds=ttl)
+
+
+def lead(client: redis.Redis, account: str, key: str, request_id: str, ttl: float = 10) -> str | None:
+    """None when ``request_id`` now leads ``key``; else the request id of the run that does."""
+    state, found = begin(client, account, key, request_id, ttl)
+    assert state in ("queued", "join")
+    return found
+
+
 def test_cache_key_is_the_same_for_the_same_content_in_another_order(cache: ResultCache) -> None:
     reordered = {"metadata": {"team": "x"}, "temperature": 0.2, "max_tokens": 64, "messages": None,
                  "input": {"options": {"b": [1, 2], "a": 1}, "query": "q"}}
@@ -410,7 +424,7 @@ def test_cache_key_is_a_hash_and_no_secret_is_stored(cache: ResultCache, redis_d
     pipe = redis_db.pipeline()
     cache.put(pipe, ACCOUNT, key, {"output": "ok"}, ttl=60)
     pipe.execute()
-    cache.lead(ACCOUNT, key, "req_1", ttl=10)
+    lead(redis_db, ACCOUNT, cache_key(cache, secrets={"token": secret, "other": "x"}), "req_1")
 
     assert len(key) == 64 and int(key, 16) >= 0
     assert secret not in key
@@ -431,49 +445,50 @@ def test_configured_secret_key_is_used_and_never_stored(redis_db: redis.Redis) -
     assert b"configured-one" not in everything(redis_db)
 
 
-def test_put_then_get_round_trips_an_entry_with_its_ttl(cache: ResultCache, redis_db: redis.Redis) -> None:
+def test_a_put_entry_is_a_hit_for_its_account_with_its_ttl(cache: ResultCache, redis_db: redis.Redis) -> None:
     key = cache_key(cache)
-    assert cache.get(ACCOUNT, key) is None
+    assert begin(redis_db, ACCOUNT, key, "req_1")[0] == "queued"
     pipe = redis_db.pipeline()
     cache.put(pipe, ACCOUNT, key, {"output": {"answer": 42}, "chunks": []}, ttl=60)
     pipe.execute()
 
-    assert cache.get(ACCOUNT, key) == {"output": {"answer": 42}, "chunks": []}
-    assert cache.get(OTHER_ACCOUNT, key) is None
+    assert begin(redis_db, ACCOUNT, key, "req_2") == ("hit", {"output": {"answer": 42}, "chunks": []})
+    assert begin(redis_db, OTHER_ACCOUNT, key, "req_3")[0] == "queued"
+    assert not redis_db.exists(keys.run("req_2"))  # a hit starts no run
     assert 0 < redis_db.ttl(keys.cache(ACCOUNT, key)) <= 60
 
 
-def test_lead_is_single_flight_and_only_the_leader_releases(cache: ResultCache, redis_db: redis.Redis) -> None:
+def test_begin_is_single_flight_and_only_the_leader_releases(cache: ResultCache, redis_db: redis.Redis) -> None:
     key = cache_key(cache)
 
-    assert cache.lead(ACCOUNT, key, "req_1", ttl=10) is None
-    assert cache.lead(ACCOUNT, key, "req_2", ttl=10) == "req_1"
-    assert cache.lead(OTHER_ACCOUNT, key, "req_3", ttl=10) is None  # another account leads on its own
+    assert lead(redis_db, ACCOUNT, key, "req_1") is None
+    assert lead(redis_db, ACCOUNT, key, "req_2") == "req_1"
+    assert lead(redis_db, OTHER_ACCOUNT, key, "req_3") is None  # another account leads on its own
 
     cache.release(ACCOUNT, key, "req_2")  # not the leader: nothing happens
-    assert cache.lead(ACCOUNT, key, "req_4", ttl=10) == "req_1"
+    assert lead(redis_db, ACCOUNT, key, "req_4") == "req_1"
 
     cache.release(ACCOUNT, key, "req_1")
-    assert cache.lead(ACCOUNT, key, "req_5", ttl=10) is None
-    assert cache.lead(ACCOUNT, key, "req_6", ttl=10) == "req_5"
+    assert lead(redis_db, ACCOUNT, key, "req_5") is None
+    assert lead(redis_db, ACCOUNT, key, "req_6") == "req_5"
 
 
-def test_lead_expires_with_its_ttl(cache: ResultCache, redis_db: redis.Redis) -> None:
+def test_the_single_flight_lock_expires_with_its_ttl(cache: ResultCache, redis_db: redis.Redis) -> None:
     key = cache_key(cache)
-    cache.lead(ACCOUNT, key, "req_1", ttl=2.5)
+    lead(redis_db, ACCOUNT, key, "req_1", ttl=2.5)
 
     assert 0 < redis_db.pttl(keys.inflight(ACCOUNT, key)) <= 2500
 
 
 def test_release_in_a_pipeline_takes_effect_on_execute(cache: ResultCache, redis_db: redis.Redis) -> None:
     key = cache_key(cache)
-    cache.lead(ACCOUNT, key, "req_1", ttl=10)
+    lead(redis_db, ACCOUNT, key, "req_1")
     pipe = redis_db.pipeline()
     cache.release(ACCOUNT, key, "req_1", pipe=pipe)
 
-    assert cache.lead(ACCOUNT, key, "req_2", ttl=10) == "req_1"
+    assert lead(redis_db, ACCOUNT, key, "req_2") == "req_1"
     pipe.execute()
-    assert cache.lead(ACCOUNT, key, "req_2", ttl=10) is None
+    assert lead(redis_db, ACCOUNT, key, "req_2") is None
 
 
 # Run store
