@@ -10,7 +10,7 @@ from flask import Flask, current_app, g, request
 from flowpool import keys
 from flowpool.cache import ResultCache
 from flowpool.errors import AuthenticationError
-from flowpool.registry import Account, Accounts, Registry
+from flowpool.registry import Account, Accounts, Registry, ResolvedWorkflow
 from flowpool.runs import RunStore
 from flowpool.settings import Settings
 from flowpool.tasks import create_celery
@@ -37,7 +37,27 @@ class Services:
         self.cache = ResultCache(self.redis, settings.secret_key)
         self.celery = create_celery(settings)
         self._workers_seen_until = 0.0
+        self._resolved: dict[tuple[str, str, str | None], tuple[float, ResolvedWorkflow]] = {}
         self._lock = threading.Lock()
+
+    # Resolved workflows are remembered; RunStore.begin checks the workflow's
+    # revision in the same round trip, so a stale answer is never acted on.
+    _RESOLVED_SECONDS = 30.0
+
+    def resolve(self, account_id: str, ref: str, version: str | None, fresh: bool = False) -> ResolvedWorkflow:
+        """The workflow version a request runs, from memory unless ``fresh``."""
+        key = (account_id, ref, version)
+        now = time.monotonic()
+        if not fresh:
+            remembered = self._resolved.get(key)
+            if remembered is not None and remembered[0] > now:
+                return remembered[1]
+        workflow = self.registry.resolve(account_id, ref, version)
+        with self._lock:
+            if len(self._resolved) > 10_000:
+                self._resolved.clear()
+            self._resolved[key] = (now + self._RESOLVED_SECONDS, workflow)
+        return workflow
 
     def live_workers(self) -> int:
         """How many workers sent a heartbeat within the worker TTL."""

@@ -73,28 +73,33 @@ def chat_completions() -> Response:
     if body.stream:
         raise RequestError("streaming ('stream': true) is not available on this server yet", param="stream")
     ref, pinned = parse_model(body.model)
-    mark("parse")
-    workflow = svc.registry.resolve(account.id, ref, pinned)
-    _check_input(body, workflow, settings.max_input_bytes)
-    mark("resolve")
-
     request_id = _new_id("req_")
     session_id = body.session_id or _new_id("sess_")
-    soft = settings.clamp_timeout(workflow.timeout_seconds)
-    run_seconds = soft + settings.run_deadline_slack
-    ttl = workflow.cache_ttl_seconds if workflow.cache_ttl_seconds is not None else settings.default_cache_ttl_seconds
     request = body.model_dump(include={"input", "max_tokens", "temperature", "metadata"})
     request["messages"] = [m.model_dump(exclude_none=True) for m in body.messages] if body.messages else None
+    mark("parse")
 
-    cache_key = None
-    if body.cache and ttl > 0:
-        cache_key = svc.cache.key(account.id, workflow.content_hash, workflow.config_hash, request, body.secrets)
-    queued = {"status": RunStatus.QUEUED, "version": workflow.version, "session_id": session_id,
-              "cache_hit": False, "queued_at": time.time(), "timeout_seconds": soft, "metadata": body.metadata}
-    state, found = svc.runs.begin(
-        account.id, workflow.ref, request_id, queued,
-        cache_keys=svc.cache.redis_keys(account.id, cache_key) if cache_key else None,
-        lock_seconds=settings.queue_wait_seconds + run_seconds)
+    workflow = svc.resolve(account.id, ref, pinned)
+    for _ in range(3):
+        _check_input(body, workflow, settings.max_input_bytes)
+        soft = settings.clamp_timeout(workflow.timeout_seconds)
+        run_seconds = soft + settings.run_deadline_slack
+        ttl = workflow.cache_ttl_seconds if workflow.cache_ttl_seconds is not None \
+            else settings.default_cache_ttl_seconds
+        cache_key = None
+        if body.cache and ttl > 0:
+            cache_key = svc.cache.key(account.id, workflow.content_hash, workflow.config_hash, request, body.secrets)
+        queued = {"status": RunStatus.QUEUED, "version": workflow.version, "session_id": session_id,
+                  "cache_hit": False, "queued_at": time.time(), "timeout_seconds": soft, "metadata": body.metadata}
+        state, found = svc.runs.begin(
+            account.id, workflow.ref, request_id, queued,
+            cache_keys=svc.cache.redis_keys(account.id, cache_key) if cache_key else None,
+            lock_seconds=settings.queue_wait_seconds + run_seconds, rev=workflow.rev)
+        if state != "stale":
+            break
+        workflow = svc.resolve(account.id, ref, pinned, fresh=True)
+    else:
+        raise Unavailable(f"workflow {ref!r} changed three times while this request started; try again")
     mark("begin")
     if state == "hit":
         _record_hit(svc, body, workflow, request_id, session_id, found)

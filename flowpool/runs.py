@@ -45,10 +45,13 @@ return 1
 
 
 # Start a run unless its result is cached or an identical run is in flight:
-# one round trip for the cache lookup, the single-flight lock and the record.
-# KEYS: run, workflow runs index, cache entry, in-flight lock (the last two may be "")
-# ARGV: request id, ttl ms, queued-at score, runs kept, lock ms, field, value, ...
+# one round trip for the workflow's revision check, the cache lookup, the
+# single-flight lock and the record. The API resolves workflows from memory;
+# a revision that moved on answers 'stale' and it resolves again.
+# KEYS: run, workflow runs index, cache entry, in-flight lock (these two may be ""), workflow
+# ARGV: request id, ttl ms, queued-at score, runs kept, lock ms, expected revision, field, value, ...
 _BEGIN = """
+if (redis.call('HGET', KEYS[5], 'rev') or '') ~= ARGV[6] then return {'stale'} end
 if KEYS[3] ~= '' then
   local hit = redis.call('GET', KEYS[3])
   if hit then return {'hit', hit} end
@@ -56,7 +59,7 @@ if KEYS[3] ~= '' then
   if leader then return {'join', leader} end
   redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[5])
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -tonumber(ARGV[4]) - 1)
@@ -118,21 +121,24 @@ class RunStore:
         pipe.zremrangebyrank(index, 0, -self.runs_per_workflow - 1)
 
     def begin(self, account_id: str, ref: str, request_id: str, fields: dict[str, Any],
-              cache_keys: tuple[str, str] | None = None, lock_seconds: float = 0) -> tuple[str, Any]:
+              cache_keys: tuple[str, str] | None = None, lock_seconds: float = 0,
+              rev: str = "") -> tuple[str, Any]:
         """Queue a run record, unless the cache answers or an identical run is in flight.
 
         With ``cache_keys`` (the cache entry's key and the in-flight lock's)
         returns ``("hit", entry)`` or ``("join", leader_request_id)`` when the
         run is not needed; otherwise ``("queued", None)`` after taking the lock
-        and writing the record.
+        and writing the record. ``("stale", None)`` when the workflow's
+        revision is no longer ``rev``: nothing was written.
         """
         record = _encode({"request_id": request_id, "account": account_id, "workflow": ref, **fields})
         flat = [item for pair in record.items() for item in pair]
         entry_key, lock_key = cache_keys or ("", "")
         reply = self._begin(
-            keys=[keys.run(request_id), keys.workflow_runs(account_id, ref), entry_key, lock_key],
+            keys=[keys.run(request_id), keys.workflow_runs(account_id, ref), entry_key, lock_key,
+                  keys.workflow(account_id, ref)],
             args=[request_id, self.ttl_ms, fields.get("queued_at") or time.time(), self.runs_per_workflow,
-                  int(lock_seconds * 1000), *flat])
+                  int(lock_seconds * 1000), rev, *flat])
         state = reply[0].decode()
         if state == "hit":
             return state, json.loads(reply[1])

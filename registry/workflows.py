@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -89,6 +90,7 @@ class ResolvedWorkflow:
     output_schema: dict | None
     application: str | None
     env: dict[str, str]
+    rev: str = ""  # the workflow's revision when resolved; a later upload or activate changes it
 
 
 def _content_hash(script: str, accessories: dict[str, bytes]) -> str:
@@ -97,6 +99,11 @@ def _content_hash(script: str, accessories: dict[str, bytes]) -> str:
     for key in sorted(accessories):
         digest.update(b"accessory\0" + key.encode() + b"\0" + hashlib.sha256(accessories[key]).digest())
     return digest.hexdigest()
+
+
+def _new_rev() -> str:
+    """A fresh revision token: any change to what invocations resolve to gets a new one."""
+    return uuid.uuid4().hex
 
 
 def _decode(mapping: dict[bytes, bytes]) -> dict[str, str]:
@@ -150,7 +157,7 @@ class Registry:
                         pipe.hset(keys.version_hashes(account_id, upload.ref), content_hash, number)
                         pipe.hset(wf_key, "latest", number)
                     pipe.hset(wf_key, mapping={"config": json.dumps(config), "active": number,
-                                               "active_meta": json.dumps(meta)})
+                                               "active_meta": json.dumps(meta), "rev": _new_rev()})
                     pipe.zadd(keys.workflows(account_id), {upload.ref: config["created_at"]}, nx=True)
                     pipe.execute()
                     break
@@ -187,7 +194,8 @@ class Registry:
         raw = self.redis.hget(keys.version(account_id, ref, number), "meta")
         if raw is None:
             raise NotFound(f"workflow {ref!r} has no version {number!r}")
-        self.redis.hset(keys.workflow(account_id, ref), mapping={"active": number, "active_meta": raw})
+        self.redis.hset(keys.workflow(account_id, ref), mapping={"active": number, "active_meta": raw,
+                                                                 "rev": _new_rev()})
         return self.get(account_id, ref)
 
     def delete(self, account_id: str, ref: str) -> None:
@@ -263,14 +271,14 @@ class Registry:
             raise NotFound(f"no workflow named {ref!r}")
         wf_key = keys.workflow(account_id, ref)
         if number is None:
-            config, active, meta = self.redis.hmget(wf_key, "config", "active", "active_meta")
+            config, active, meta, rev = self.redis.hmget(wf_key, "config", "active", "active_meta", "rev")
             if config is None or active is None:
                 raise NotFound(f"no workflow named {ref!r}")
         else:
             pipe = self.redis.pipeline(transaction=False)
-            pipe.hget(wf_key, "config")
+            pipe.hmget(wf_key, "config", "rev")
             pipe.hget(keys.version(account_id, ref, number), "meta")
-            config, meta = pipe.execute()
+            (config, rev), meta = pipe.execute()
             if config is None:
                 raise NotFound(f"no workflow named {ref!r}")
             if meta is None:
@@ -290,6 +298,7 @@ class Registry:
             output_schema=info.get("output_schema"),
             application=cfg.get("application_name") or info.get("application"),
             env=env,
+            rev=rev.decode() if rev else "",
         )
 
     def load_script(self, account_id: str, ref: str, number: str) -> str:

@@ -62,6 +62,7 @@ class RunOutcome:
     logs_truncated: bool = False
     chunks: int = 0
     pid: int | None = None
+    skipped: bool = False  # the gate closed: the run was killed before it was followed
 
     @property
     def ok(self) -> bool:
@@ -416,8 +417,14 @@ class Sandbox:
             self._cleanup.put(process)
 
     def run(self, code: bytes, job: dict[str, Any], soft_seconds: float,
-            on_emit: Callable[[str, Any], None] | None = None, source: str | None = None) -> RunOutcome:
-        """Run ``execute(ctx)`` of the compiled ``code`` for ``job``; never raises for the script's faults."""
+            on_emit: Callable[[str, Any], None] | None = None, source: str | None = None,
+            gate: Callable[[], bool] | None = None) -> RunOutcome:
+        """Run ``execute(ctx)`` of the compiled ``code`` for ``job``; never raises for the script's faults.
+
+        ``gate`` is called once the job is handed over, so the caller's own
+        bookkeeping overlaps the run's start; when it returns False the run is
+        killed before anything it sent is read, and the outcome is ``skipped``.
+        """
         outcome = RunOutcome()
         process: _Process | None = None
         try:
@@ -432,6 +439,9 @@ class Sandbox:
                               "soft_seconds": soft_seconds,
                               # CPU time is a backstop for the hard limit, in whole seconds.
                               "cpu_seconds": int(soft_seconds + self.hard_grace_seconds) + 1})
+                if gate is not None and not gate():
+                    outcome.skipped = True
+                    return outcome
                 self._supervise(channel, process, hard_deadline, soft_seconds, started, outcome, on_emit)
             except OSError as exc:  # the process died before it took the job
                 outcome.error = self._crash(process) if isinstance(exc, BrokenPipeError) else SandboxError(

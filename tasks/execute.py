@@ -8,7 +8,7 @@ import time
 from collections import OrderedDict
 from typing import Any, NamedTuple
 
-from flowpool.errors import RunError, ScriptError
+from flowpool.errors import NotFound, RunError, ScriptError
 from flowpool.registry import Registry, check_output
 from flowpool.runs import RunStatus
 
@@ -64,21 +64,32 @@ def redact(value: Any, secrets: list[str]) -> Any:
     return value
 
 
+def _skipped(request_id: str) -> str:
+    log.info("run %s is not queued any more (the caller gave up); skipped", request_id)
+    return "skipped"
+
+
 def execute_run(runtime: Any, job: dict[str, Any]) -> str:
     """Run ``job`` (built by the API) to its end; returns the final status. Never raises for the script."""
     request_id = job["request_id"]
     runs = runtime.runs
-    if not runs.claim(request_id, runtime.name, runtime.lease_ms):
-        log.info("run %s is not queued any more (the caller gave up); skipped", request_id)
-        return "skipped"
-    runtime.active.add(request_id)
+
+    def claim() -> bool:
+        """Mark the run as ours; False when the caller gave up on it meanwhile."""
+        if not runs.claim(request_id, runtime.name, runtime.lease_ms):
+            return False
+        runtime.active.add(request_id)
+        return True
+
     secrets = [s for s in (job.get("secrets") or {}).values() if isinstance(s, str) and len(s) >= 4]
     try:
         outcome = None
         try:
             script = runtime.scripts.get(job["account"], job["workflow"], job["version"], job["content_hash"])
-        except SyntaxError as exc:  # stored scripts are validated; only an edited Redis gets here
-            error: RunError | None = ScriptError(f"SyntaxError: {exc}")
+        except (SyntaxError, NotFound) as exc:  # an edited Redis, or a version deleted since the request
+            error: RunError | None = ScriptError(f"the workflow version could not be loaded: {exc}")
+            if not claim():
+                return _skipped(request_id)
         else:
             sandbox_job = {k: job.get(k) for k in
                            ("input", "messages", "secrets", "metadata", "params", "env", "session_id", "request_id")}
@@ -86,8 +97,11 @@ def execute_run(runtime: Any, job: dict[str, Any]) -> str:
             def on_emit(chunk_type: str, content: Any) -> None:
                 runs.add_chunk(request_id, chunk_type, redact(content, secrets))
 
+            # The claim's round trip overlaps the run process's start.
             outcome = runtime.sandbox.run(script.code, sandbox_job, job["soft_seconds"], on_emit=on_emit,
-                                          source=script.source)
+                                          source=script.source, gate=claim)
+            if outcome.skipped:
+                return _skipped(request_id)
             error = outcome.error
             if error is None:
                 try:

@@ -797,3 +797,29 @@ def test_sandbox_serves_runs_after_its_zygote_died() -> None:
     finally:
         box.stop()
     assert eventually(lambda: live_processes(uids)) == []
+
+
+def test_a_closed_gate_kills_the_run_before_anything_it_sent_is_read(sandbox: Sandbox) -> None:
+    emitted: list[Any] = []
+    asked: list[bool] = []
+
+    def gate() -> bool:
+        asked.append(True)
+        return False
+
+    outcome = sandbox.run(compiled("""
+        def execute(ctx):
+            ctx.emit("early", 1)
+            return {"ran": True}
+    """), {}, 5.0, on_emit=lambda t, c: emitted.append((t, c)), gate=gate)
+
+    assert asked == [True]
+    assert outcome.skipped and outcome.result is None and outcome.error is None
+    assert emitted == []
+    assert not eventually(lambda: _pid_running(outcome.pid))  # type: ignore[arg-type]
+    assert_serves_next_run(sandbox)
+
+
+def test_an_open_gate_lets_the_run_finish(sandbox: Sandbox) -> None:
+    outcome = sandbox.run(compiled("def execute(ctx):\n    return 7\n"), {}, 5.0, gate=lambda: True)
+    assert outcome.ok and outcome.result == 7 and not outcome.skipped
