@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from celery import Celery, bootsteps
+from celery.worker import state
 
 from flowpool.settings import Settings
 
@@ -86,7 +88,15 @@ class _RuntimeStep(bootsteps.StartStopStep):
 
     def stop(self, worker: Any) -> None:
         runtime = worker.app.flowpool_runtime
-        if runtime is not None:
-            worker.app.flowpool_ready.clear()
-            runtime.stop()
-            worker.app.flowpool_runtime = None
+        if runtime is None:
+            return
+        # This step stops before the pool does: on a warm shutdown (SIGTERM)
+        # the consumer takes no more messages, and the runs still going get
+        # up to their hard limit to finish before the sandbox goes away.
+        settings = worker.app.flowpool_settings
+        deadline = time.monotonic() + settings.max_timeout_seconds + settings.hard_timeout_grace_seconds
+        while state.active_requests and time.monotonic() < deadline and not state.should_terminate:
+            time.sleep(0.05)
+        worker.app.flowpool_ready.clear()
+        runtime.stop()
+        worker.app.flowpool_runtime = None

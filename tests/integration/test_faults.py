@@ -189,3 +189,26 @@ def test_worker_restarted_after_a_crash_serves_again(stack: Stack, client: Clien
     response = client.invoke("echo", input={"after": True})
     assert response.status_code == 200, response.text
     assert response.json()["output"] == {"echo": {"after": True}}
+
+
+NAPS = """
+    import time
+
+    def execute(ctx):
+        time.sleep(1.5)
+        return {"napped": True}
+"""
+
+
+def test_warm_shutdown_lets_the_running_run_finish(stack: Stack, client: Client) -> None:
+    client.upload("napper", NAPS, timeout_seconds=20)
+    thread, result = _invoke_in_background(client, "napper", timeout=15)
+    _until(lambda: [r for r in _runs(client, "napper") if r["status"] == "running"], 15, "the run is running")
+    worker = _worker(stack)
+    worker.send_signal(signal.SIGTERM)  # what Kubernetes and Ctrl-C send first
+    thread.join(30)
+    assert "exception" not in result, result.get("exception")
+    assert result["response"].status_code == 200, result["response"].text
+    assert result["response"].json()["output"] == {"napped": True}
+    assert worker.wait(15) == 0
+    _forget(stack, worker)
