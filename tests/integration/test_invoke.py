@@ -845,3 +845,16 @@ def test_workflow_runs_page_arguments_are_checked(client: Client, echo: str) -> 
         response = client.get(f"/api/v1/workflows/{echo}/runs", params=params)
         assert response.status_code == 400, params
         error_of(response)
+
+
+def test_scripts_written_for_maitai_workflow_run_unchanged(client: Client) -> None:
+    ref = _ref("maitai")
+    client.upload(ref, """
+        from maitai_workflow import WorkflowContext
+        import flowpool_workflow
+
+        def execute(ctx: WorkflowContext):
+            return {"same_class": WorkflowContext is flowpool_workflow.WorkflowContext,
+                    "is_ctx": isinstance(ctx, WorkflowContext)}
+    """)
+    assert _ok(client.invoke(ref, input={}))["output"] == {"same_class": True, "is_ctx": True}
