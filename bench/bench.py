@@ -39,6 +39,7 @@ def percentile(samples: list[float], q: float) -> float:
 
 
 def latency(call: Callable[[], object], n: int, warmup: int = 30) -> list[float]:
+    """Milliseconds of ``n`` sequential calls, after ``warmup`` unmeasured ones."""
     for _ in range(warmup):
         call()
     samples = []
@@ -77,6 +78,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400, help="sequential calls per latency row")
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients for throughput rows")
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each throughput row")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the latency rows")
     args = parser.parse_args()
 
     redis_server = RedisServer().start()
@@ -122,37 +124,40 @@ def main() -> None:
                 if response.status != 200:
                     raise RuntimeError(data)
                 timings.append(float(response.getheader("Server-Timing").split("dur=")[1].split(",")[0]))
+
+            # The server's own time of each call, from its Server-Timing header.
             call.server_ms = timings  # type: ignore[attr-defined]
             return call
 
-        rows = []
-        print(f"measuring ({args.requests} sequential calls per row, {args.clients} clients x "
-              f"{args.seconds:g}s for throughput)...", file=sys.stderr)
-        samples = latency(bare, args.requests)
-        rows.append(("bare Celery delay().get()", samples, None, throughput(lambda: bare, args.clients, args.seconds)))
-        call = invoker(cache=False)
-        samples = latency(call, args.requests)
-        rows.append(("flowpool no-op invoke (HTTP, cache off)", samples, call.server_ms[-len(samples):],
-                     throughput(lambda: invoker(False), args.clients, args.seconds)))
+        print(f"measuring ({args.requests} sequential calls per row in {args.rounds} interleaved rounds, "
+              f"{args.clients} clients x {args.seconds:g}s for throughput)...", file=sys.stderr)
         invoker(True)()  # fill the cache
-        call = invoker(cache=True)
-        samples = latency(call, args.requests)
-        rows.append(("flowpool cache hit (HTTP)", samples, call.server_ms[-len(samples):],
-                     throughput(lambda: invoker(True), args.clients, args.seconds)))
+        calls = {"bare": bare, "miss": invoker(cache=False), "hit": invoker(cache=True)}
+        samples: dict[str, list[float]] = {name: [] for name in calls}
+        # Rounds interleave the rows, so a noisy moment of a shared machine
+        # weighs on every row alike instead of on one.
+        for _ in range(args.rounds):
+            for name, call in calls.items():
+                samples[name] += latency(call, args.requests // args.rounds, warmup=10)
+        rates = {"bare": throughput(lambda: bare, args.clients, args.seconds),
+                 "miss": throughput(lambda: invoker(False), args.clients, args.seconds),
+                 "hit": throughput(lambda: invoker(True), args.clients, args.seconds)}
+        server = {name: getattr(calls[name], "server_ms", None) for name in calls}
+        titles = {"bare": "bare Celery delay().get()", "miss": "flowpool no-op invoke (HTTP, cache off)",
+                  "hit": "flowpool cache hit (HTTP)"}
 
-        base_p50 = statistics.median(rows[0][1])
-        base_tput = rows[0][3]
+        base_p50, base_rate = statistics.median(samples["bare"]), rates["bare"]
         print()
         print(f"{'row':<42} {'p50 ms':>8} {'p99 ms':>8} {'server p50':>10} {'x bare p50':>10} "
               f"{'req/s':>8} {'x bare req/s':>12}")
-        for name, samples, server, tput in rows:
-            p50 = statistics.median(samples)
-            server_p50 = f"{statistics.median(server):.3f}" if server else "-"
-            print(f"{name:<42} {p50:>8.3f} {percentile(samples, 99):>8.3f} {server_p50:>10} "
-                  f"{p50 / base_p50:>10.2f} {tput:>8.0f} {tput / base_tput:>12.2f}")
-        miss_p50 = statistics.median(rows[1][1])
-        hit_p50 = statistics.median(rows[2][1])
-        print(f"\ncache hit vs miss (client p50): {miss_p50 / hit_p50:.1f}x faster")
+        for name, title in titles.items():
+            p50 = statistics.median(samples[name])
+            server_p50 = f"{statistics.median(server[name]):.3f}" if server[name] else "-"
+            print(f"{title:<42} {p50:>8.3f} {percentile(samples[name], 99):>8.3f} {server_p50:>10} "
+                  f"{p50 / base_p50:>10.2f} {rates[name]:>8.0f} {rates[name] / base_rate:>12.2f}")
+        print(f"\ncache hit vs miss, p50: {statistics.median(samples['miss']) / statistics.median(samples['hit']):.1f}x "
+              f"faster at the client, {statistics.median(server['miss']) / statistics.median(server['hit']):.1f}x "
+              "at the server")
         print("targets: no-op invoke p50 <= 2.00x bare; cache hit server p50 < 1 ms and >= 10x faster than a miss; "
               "invoke throughput >= 0.50x bare")
     finally:
