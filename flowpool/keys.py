@@ -3,7 +3,7 @@ from __future__ import annotations
 
 __all__ = [
     "ACCOUNTS", "SECRET", "WORKERS",
-    "account", "api_key", "workflows", "workflow", "versions", "version", "version_hashes",
+    "account", "api_key", "applications", "session_runs", "workflows", "workflow", "versions", "version", "version_hashes",
     "run", "run_events", "run_lease", "run_reply", "workflow_runs", "cache", "inflight",
 ]
 
@@ -22,6 +22,16 @@ def account(account_id: str) -> str:
 def api_key(key_hash: str) -> str:
     """String: account id owning the key whose SHA-256 is ``key_hash``."""
     return f"{PREFIX}key:{key_hash}"
+
+
+def applications(account_id: str) -> str:
+    """Hash: application name -> its intents and routes (JSON)."""
+    return f"{PREFIX}a:{account_id}:apps"
+
+
+def session_runs(account_id: str, session_id: str) -> str:
+    """Zset: request ids of a session's runs by queue time."""
+    return f"{PREFIX}a:{account_id}:session:{session_id}"
 
 
 def workflows(account_id: str) -> str:

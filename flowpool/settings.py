@@ -62,6 +62,13 @@ class Settings(BaseSettings):
     sandbox_uid_base: int = Field(
         61000, description="When workers run as root, each run slot gets uid/gid base + slot.")
 
+    # Outbound calls made for runs (model providers, agents, ctx.http).
+    egress_allow: str = Field(
+        "", description="Comma-separated CIDRs or host names runs may reach although they are loopback, private, "
+        "link-local or metadata addresses (e.g. a local vLLM: 127.0.0.1/32).")
+    model_retries: int = Field(2, ge=0, description="Retries of a model call answered 429 or 5xx, per route.")
+    model_connect_timeout_seconds: float = Field(5.0, gt=0, description="Connect timeout of a model call.")
+
     # Cache and records.
     default_cache_ttl_seconds: int = Field(3600, ge=0, description="Result cache TTL when the workflow sets none.")
     run_ttl_seconds: int = Field(7 * 86400, ge=60, description="How long run records are kept.")

@@ -8,13 +8,25 @@ the worker.
 from __future__ import annotations
 
 import json
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
-__all__ = ["WorkflowContext", "WorkflowLog", "SoftTimeLimitExceeded", "WorkflowError"]
+__all__ = ["WorkflowContext", "WorkflowLog", "SoftTimeLimitExceeded", "WorkflowError", "ModelError", "EgressDenied"]
 
 
 class WorkflowError(Exception):
     """A ctx call failed; the message says why."""
+
+
+class ModelError(WorkflowError):
+    """A model call failed on every route (the primary and each fallback); the message lists why."""
+
+
+class EgressDenied(WorkflowError):
+    """An outbound address is not allowed (loopback, private, link-local or metadata, unless the operator allows it)."""
+
+
+# How a worker's error kinds become exceptions in the script.
+CALL_ERRORS: dict[str, type[WorkflowError]] = {"model": ModelError, "egress": EgressDenied}
 
 
 class SoftTimeLimitExceeded(Exception):
@@ -23,6 +35,37 @@ class SoftTimeLimitExceeded(Exception):
 
 class Transport(Protocol):
     def send(self, message: dict[str, Any]) -> None: ...
+
+    def call(self, method: str, params: dict[str, Any]) -> Any: ...
+
+    def stream(self, method: str, params: dict[str, Any]) -> Iterator[Any]: ...
+
+
+class _Completions:
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
+
+    def create(self, messages: list[dict[str, Any]] | None = None, intent: str | None = None,
+               application: str | None = None, model: str | None = None, stream: bool = False,
+               *, action_type: str | None = None, application_ref_name: str | None = None,
+               **params: Any) -> Any:
+        """A monitored model call, routed by the application's intent; an OpenAI-format dict.
+
+        With ``stream=True``, an iterator of chunk dicts as the provider sends them.
+        Unknown keyword arguments are forwarded to the provider.
+        """
+        request = {
+            "messages": messages, "intent": intent or action_type,
+            "application": application or application_ref_name, "model": model, "params": params,
+        }
+        if stream:
+            return self._transport.stream("chat.stream", request)
+        return self._transport.call("chat", request)
+
+
+class _Chat:
+    def __init__(self, transport: Transport) -> None:
+        self.completions = _Completions(transport)
 
 
 _LEVELS = ("debug", "info", "warning", "error")
@@ -63,6 +106,7 @@ class WorkflowContext:
         self.session_id: str = job.get("session_id") or ""
         self.request_id: str = job.get("request_id") or ""
         self.log = WorkflowLog(transport)
+        self.chat = _Chat(transport)
         self._transport = transport
 
     def emit(self, type: str, content: Any = None) -> None:

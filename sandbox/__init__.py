@@ -1,4 +1,4 @@
 """Isolation of workflow runs: the zygote, the run process runtime and the worker-side supervisor."""
-from .supervisor import RunOutcome, Sandbox, SandboxLimits, Zygote
+from .supervisor import CallFailed, CallHandler, RunOutcome, Sandbox, SandboxLimits, Streamed, Zygote
 
-__all__ = ["RunOutcome", "Sandbox", "SandboxLimits", "Zygote"]
+__all__ = ["CallFailed", "CallHandler", "RunOutcome", "Sandbox", "SandboxLimits", "Streamed", "Zygote"]

@@ -3,12 +3,16 @@
 Protocol (one JSON frame each, see :mod:`.channel`):
   worker -> run:   {"op": "run", "code": <base64 marshal>, "source", "job": {...}, "soft_seconds": s, "cpu_seconds": n}
   run -> worker:   {"op": "emit", "type", "content"} | {"op": "log", "level", "msg", "fields"}
+                   {"op": "call", "id", "method", "params"}, answered by
+                   {"op": "reply", "id", "value"} | {"op": "reply", "id", "error": {"kind", "message"}}
+                   or {"op": "chunk", "id", "value"}... then {"op": "reply", "id", "end": true}
                    then exactly one {"op": "result", "value"} or
                    {"op": "error", "kind": "script"|"timeout"|"result", "type", "message", "traceback"}
 """
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import linecache
 import marshal
@@ -20,9 +24,9 @@ import sys
 import threading
 import traceback
 import types
-from typing import Any
+from typing import Any, Iterator
 
-from flowpool_workflow import SoftTimeLimitExceeded, WorkflowContext
+from flowpool_workflow import CALL_ERRORS, SoftTimeLimitExceeded, WorkflowContext, WorkflowError
 
 from .channel import Channel
 
@@ -32,15 +36,46 @@ SCRIPT_FILENAME = "workflow.py"
 
 
 class _Transport:
-    """Sends frames to the worker; safe to use from threads the script starts."""
+    """Frames to and from the worker; safe to use from threads the script starts."""
 
     def __init__(self, channel: Channel) -> None:
         self._channel = channel
         self._lock = threading.Lock()
+        self._call_lock = threading.Lock()
+        self._ids = itertools.count(1)
 
     def send(self, message: dict[str, Any]) -> None:
         with self._lock:
             self._channel.send(message)
+
+    def _replies(self, method: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """The worker's answers to one call. Answers to an earlier call that the
+        soft limit interrupted are passed over."""
+        call_id = next(self._ids)
+        self.send({"op": "call", "id": call_id, "method": method, "params": params})
+        while True:
+            message = self._channel.recv()
+            if message.get("id") != call_id:
+                continue
+            error = message.get("error")
+            if error:
+                raise CALL_ERRORS.get(error.get("kind"), WorkflowError)(error.get("message", "the call failed"))
+            yield message
+            if message["op"] == "reply":
+                return
+
+    def call(self, method: str, params: dict[str, Any]) -> Any:
+        with self._call_lock:
+            for message in self._replies(method, params):
+                if message["op"] == "reply":
+                    return message.get("value")
+        return None
+
+    def stream(self, method: str, params: dict[str, Any]) -> Iterator[Any]:
+        with self._call_lock:
+            for message in self._replies(method, params):
+                if message["op"] == "chunk":
+                    yield message.get("value")
 
 
 class _StreamToLog:
@@ -88,6 +123,12 @@ def _script_traceback(exc: BaseException) -> str:
 class _NullTransport:
     def send(self, message: dict[str, Any]) -> None:
         json.dumps(message)
+
+    def call(self, method: str, params: dict[str, Any]) -> Any:
+        return None
+
+    def stream(self, method: str, params: dict[str, Any]) -> Iterator[Any]:
+        return iter(())
 
 
 # Compiled once, in the zygote: a run process pays no compilation to warm up.

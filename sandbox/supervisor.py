@@ -26,16 +26,35 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..errors import ResultTooLarge, SandboxError, ScriptError, TimeLimitExceeded
 from ..procs import set_parent_death_signal
 from .channel import Channel, ChannelClosed, ProtocolError
 
-__all__ = ["Sandbox", "SandboxLimits", "RunOutcome", "Zygote"]
+__all__ = ["CallFailed", "CallHandler", "RunOutcome", "Sandbox", "SandboxLimits", "Streamed", "Zygote"]
 
 _SIGNAL_HINTS = {signal.SIGKILL: "killed (memory or CPU limit, or from outside)",
                  signal.SIGXCPU: "CPU time limit", signal.SIGSEGV: "segmentation fault"}
+
+
+class CallFailed(Exception):
+    """A ctx call the worker could not serve; the script gets ``kind`` and ``message``."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind, self.message = kind, message
+
+
+@dataclass
+class Streamed:
+    """What a ctx call handler returns to answer with a stream of chunks."""
+
+    chunks: Iterator[Any]
+
+
+# on_call(method, params, deadline) -> a JSON value, or Streamed; deadline is on the monotonic clock.
+CallHandler = Callable[[str, dict, float], Any]
 
 
 @dataclass(frozen=True)
@@ -419,7 +438,7 @@ class Sandbox:
 
     def run(self, code: bytes, job: dict[str, Any], soft_seconds: float,
             on_emit: Callable[[str, Any], None] | None = None, source: str | None = None,
-            gate: Callable[[], bool] | None = None) -> RunOutcome:
+            gate: Callable[[], bool] | None = None, on_call: CallHandler | None = None) -> RunOutcome:
         """Run ``execute(ctx)`` of the compiled ``code`` for ``job``; never raises for the script's faults.
 
         ``gate`` is called once the job is handed over, so the caller's own
@@ -443,7 +462,7 @@ class Sandbox:
                 if gate is not None and not gate():
                     outcome.skipped = True
                     return outcome
-                self._supervise(channel, process, hard_deadline, soft_seconds, started, outcome, on_emit)
+                self._supervise(channel, process, hard_deadline, soft_seconds, started, outcome, on_emit, on_call)
             except OSError as exc:  # the process died before it took the job
                 outcome.error = self._crash(process) if isinstance(exc, BrokenPipeError) else SandboxError(
                     f"could not hand the job to the sandbox process: {exc}")
@@ -458,7 +477,8 @@ class Sandbox:
         return outcome
 
     def _supervise(self, channel: Channel, process: _Process, hard_deadline: float, soft_seconds: float,
-                   started: float, outcome: RunOutcome, on_emit: Callable[[str, Any], None] | None) -> None:
+                   started: float, outcome: RunOutcome, on_emit: Callable[[str, Any], None] | None,
+                   on_call: CallHandler | None = None) -> None:
         limits = self.limits
         log_bytes = 0
         while True:
@@ -486,6 +506,12 @@ class Sandbox:
                     outcome.error = SandboxError(f"the run broke the sandbox protocol: {exc}")
                 return
             op = message["op"]
+            if op == "call":
+                try:
+                    self._answer_call(channel, message, on_call, started + soft_seconds, hard_deadline)
+                except (OSError, socket.timeout):
+                    continue  # the run died or stopped reading: the next recv or the deadline says which
+                continue
             if op == "emit":
                 outcome.chunks += 1
                 if outcome.chunks > limits.max_chunks:
@@ -538,6 +564,28 @@ class Sandbox:
                 process.kill()
                 outcome.error = SandboxError(f"the run sent an unknown message {op!r}")
                 return
+
+    @staticmethod
+    def _answer_call(channel: Channel, message: dict[str, Any], on_call: CallHandler | None,
+                     soft_deadline: float, hard_deadline: float) -> None:
+        """Serve one ctx call of the run: a reply, or chunks then an end, or an error."""
+        call_id = message.get("id")
+        try:
+            if on_call is None:
+                raise CallFailed("unsupported", "this worker serves no ctx calls")
+            method, params = message.get("method"), message.get("params")
+            if not isinstance(method, str) or not isinstance(params, dict):
+                raise CallFailed("invalid", "a ctx call needs a method name and a params object")
+            value = on_call(method, params, soft_deadline)
+            if isinstance(value, Streamed):
+                for chunk in value.chunks:
+                    channel.sock.settimeout(max(0.01, hard_deadline - time.monotonic()))
+                    channel.send({"op": "chunk", "id": call_id, "value": chunk})
+                channel.send({"op": "reply", "id": call_id, "end": True})
+            else:
+                channel.send({"op": "reply", "id": call_id, "value": value})
+        except CallFailed as exc:
+            channel.send({"op": "reply", "id": call_id, "error": {"kind": exc.kind, "message": exc.message}})
 
     def _crash(self, process: _Process) -> SandboxError:
         assert process.pid is not None

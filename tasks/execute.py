@@ -11,12 +11,13 @@ from typing import Any, NamedTuple
 from flowpool.errors import NotFound, RunError, ScriptError
 from flowpool.registry import Registry, check_output
 from flowpool.runs import RunStatus
+from flowpool.sandbox import CallFailed
+
+from .models import RunCalls
 
 __all__ = ["CompiledScript", "ScriptCache", "execute_run", "redact"]
 
 log = logging.getLogger("flowpool.worker")
-
-ZERO_USAGE = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
 
 
 class CompiledScript(NamedTuple):
@@ -82,6 +83,9 @@ def execute_run(runtime: Any, job: dict[str, Any]) -> str:
         return True
 
     secrets = [s for s in (job.get("secrets") or {}).values() if isinstance(s, str) and len(s) >= 4]
+    calls = RunCalls(account_id=job["account"], request_id=request_id, session_id=job.get("session_id") or "",
+                     messages=job.get("messages") or [], secrets=job.get("secrets") or {},
+                     application=job.get("application"))
     try:
         outcome = None
         try:
@@ -97,9 +101,14 @@ def execute_run(runtime: Any, job: dict[str, Any]) -> str:
             def on_emit(chunk_type: str, content: Any) -> None:
                 runs.add_chunk(request_id, chunk_type, redact(content, secrets))
 
+            def on_call(method: str, params: dict[str, Any], deadline: float) -> Any:
+                if method in ("chat", "chat.stream"):
+                    return runtime.models.chat(calls, params, deadline, stream=method == "chat.stream")
+                raise CallFailed("unsupported", f"this worker does not serve ctx call {method!r}")
+
             # The claim's round trip overlaps the run process's start.
             outcome = runtime.sandbox.run(script.code, sandbox_job, job["soft_seconds"], on_emit=on_emit,
-                                          source=script.source, gate=claim)
+                                          source=script.source, gate=claim, on_call=on_call)
             if outcome.skipped:
                 return _skipped(request_id)
             error = outcome.error
@@ -109,12 +118,13 @@ def execute_run(runtime: Any, job: dict[str, Any]) -> str:
                 except RunError as exc:
                     error = exc
         status = RunStatus.for_error(error)
-        done: dict[str, Any] = {"status": status.value, "version": job["version"]}
-        fields: dict[str, Any] = {"usage": ZERO_USAGE}
+        usage = calls.usage()
+        done: dict[str, Any] = {"status": status.value, "version": job["version"], "usage": usage}
+        fields: dict[str, Any] = {"usage": usage, "model_calls": redact(calls.records, secrets)}
         if error is None:
             assert outcome is not None
             content = outcome.result if isinstance(outcome.result, str) else outcome.result_json
-            done.update(output=outcome.result, content=content, usage=ZERO_USAGE)
+            done.update(output=outcome.result, content=content)
             fields["output"] = redact(outcome.result, secrets)
         else:
             error.message = redact(error.message, secrets)

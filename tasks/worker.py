@@ -11,12 +11,14 @@ import redis
 
 from flowpool import keys
 from flowpool.cache import ResultCache
-from flowpool.registry import Registry
+from flowpool.egress import EgressPolicy
+from flowpool.registry import Applications, Registry
 from flowpool.runs import RunStore
 from flowpool.sandbox import Sandbox, SandboxLimits
 from flowpool.settings import Settings
 
 from .execute import ScriptCache
+from .models import ModelRouter
 
 __all__ = ["WorkerRuntime", "connect_redis"]
 
@@ -39,6 +41,11 @@ class WorkerRuntime:
         self.runs = RunStore(self.redis, settings.run_ttl_seconds, settings.runs_per_workflow)
         self.cache = ResultCache(self.redis, settings.secret_key)
         self.scripts = ScriptCache(Registry(self.redis), settings.script_cache_size)
+        # Provider keys named by api_key_env are read from the worker's own
+        # environment, at call time; they never enter the sandbox.
+        self.models = ModelRouter(Applications(self.redis), EgressPolicy(settings.egress_allow), os.environ,
+                                  retries=settings.model_retries,
+                                  connect_timeout=settings.model_connect_timeout_seconds)
         self.sandbox = Sandbox(
             SandboxLimits(
                 memory_bytes=settings.sandbox_memory_mb << 20,

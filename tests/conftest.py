@@ -20,6 +20,7 @@ from flowpool.devstack import Stack
 from flowpool.redis_server import RedisServer
 
 from .helpers import Client, running
+from .provider import StandInProvider
 
 # Settings of the shared test stack: short limits so time-limit tests are quick.
 TEST_ENV = {
@@ -34,6 +35,9 @@ TEST_ENV = {
     "FLOWPOOL_SANDBOX_MEMORY_MB": "256",
     "FLOWPOOL_API_WORKERS": "1",
     "FLOWPOOL_LOG_LEVEL": "WARNING",
+    # The stand-in model provider listens on 127.0.0.1; 127.0.0.2 stays refused.
+    "FLOWPOOL_EGRESS_ALLOW": "127.0.0.1/32",
+    "STANDIN_API_KEY": "sk-from-the-worker-environment",  # a provider key only the workers hold
 }
 
 
@@ -80,6 +84,14 @@ def redis_db(redis_server: RedisServer) -> Iterator[redis.Redis]:
     client.flushdb()
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def provider() -> Iterator[StandInProvider]:
+    """The stand-in OpenAI-compatible vendor, on loopback."""
+    server = StandInProvider().start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,44 @@
+"""Applications: ``PUT|GET /api/v1/applications/{name}`` and the list."""
+from __future__ import annotations
+
+import re
+
+from flask import Blueprint, jsonify
+
+from flowpool.errors import RequestError
+from flowpool.registry import Application
+from flowpool.registry.applications import NAME_PATTERN
+
+from .app import authenticate, services
+from .parsing import json_body, model_from, page_args, paginated
+
+bp = Blueprint("applications", __name__, url_prefix="/api/v1/applications")
+
+
+def _check_name(name: str) -> str:
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise RequestError(f"invalid application name {name!r}: use 1-64 letters, digits, '_', '-' or '.'",
+                           param="name")
+    return name
+
+
+@bp.put("/<name>")
+def put_application(name: str):  # type: ignore[no-untyped-def]
+    svc, account = services(), authenticate()
+    application = model_from(Application, json_body())
+    created = svc.applications.put(account.id, _check_name(name), application)
+    return jsonify({"data": {"name": name, **application.model_dump()}}), 201 if created else 200
+
+
+@bp.get("/<name>")
+def get_application(name: str):  # type: ignore[no-untyped-def]
+    svc, account = services(), authenticate()
+    return jsonify({"data": {"name": name, **svc.applications.get(account.id, _check_name(name)).model_dump()}})
+
+
+@bp.get("")
+def list_applications():  # type: ignore[no-untyped-def]
+    svc, account = services(), authenticate()
+    offset, limit = page_args()
+    items, total = svc.applications.list(account.id, offset, limit)
+    return jsonify(paginated(items, total, offset, limit))

@@ -1,0 +1,205 @@
+"""Model calls made by the worker for a run: routing, retries, fallbacks, monitoring.
+
+The script asks ``ctx.chat.completions.create(intent=...)``; the worker looks
+up the account's application, calls the intent's OpenAI-compatible endpoint
+with the provider key (which never enters the sandbox), retries 429 and 5xx
+answers with backoff, moves down the fallback list, and records every call on
+the run. Each call times out inside the run's remaining budget.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+from urllib.parse import urlsplit
+
+import requests
+
+from flowpool.egress import EgressDenied, EgressPolicy
+from flowpool.errors import NotFound
+from flowpool.registry import Applications, Route
+from flowpool.sandbox import CallFailed, Streamed
+
+__all__ = ["ModelRouter", "RunCalls"]
+
+_RETRYABLE = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+@dataclass
+class RunCalls:
+    """What the model calls of one run need to know, and the records they leave."""
+
+    account_id: str
+    request_id: str
+    session_id: str
+    messages: list[dict[str, Any]]
+    secrets: dict[str, str]
+    application: str | None
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def usage(self) -> dict[str, int]:
+        """Token usage summed over the run's calls."""
+        total = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        for record in self.records:
+            for key in total:
+                total[key] += int(record.get(key) or 0)
+        return total
+
+
+class _Failed(Exception):
+    def __init__(self, message: str, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class ModelRouter:
+    """Serves the ``chat`` and ``chat.stream`` ctx calls of a worker's runs."""
+
+    def __init__(self, applications: Applications, egress: EgressPolicy, environ: Mapping[str, str],
+                 retries: int = 2, connect_timeout: float = 5.0) -> None:
+        self.applications = applications
+        self.egress = egress
+        self.environ = environ
+        self.retries = retries
+        self.connect_timeout = connect_timeout
+        self._local = threading.local()
+
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+            session.trust_env = False  # no proxies from the environment: egress is checked here
+        return session
+
+    def chat(self, run: RunCalls, params: dict[str, Any], deadline: float, stream: bool) -> Any:
+        """One monitored model call: the response dict, or a Streamed of chunk dicts."""
+        name = params.get("application") or run.application
+        if not name:
+            raise CallFailed("model", "no application: pass application=... or set APPLICATION in the script")
+        try:
+            app = self.applications.get(run.account_id, name)
+            intent, primary = app.route(params.get("intent"))
+        except NotFound as exc:
+            raise CallFailed("model", exc.message) from exc
+        except KeyError as exc:
+            raise CallFailed("model", f"application {name!r}: {exc.args[0]}") from exc
+        routes: list[Route] = [primary, *primary.fallbacks]
+        body_params = {k: v for k, v in (params.get("params") or {}).items() if v is not None}
+        messages = params.get("messages")
+        if messages is None:
+            messages = run.messages
+        failures = []
+        for index, route in enumerate(routes):
+            model = params.get("model") if index == 0 and params.get("model") else route.model
+            body = {"model": model, "messages": messages, **route.params, **body_params}
+            record = {"application": name, "intent": intent, "model": model,
+                      "provider_host": urlsplit(route.base_url).hostname, "fallback": index,
+                      "stream": stream, "started_at": time.time(), "attempts": 0}
+            try:
+                if stream:
+                    return Streamed(self._stream(run, route, body, record, deadline))
+                return self._complete(run, route, body, record, deadline)
+            except _Failed as exc:
+                failures.append(f"{model} at {record['provider_host']}: {exc}")
+        raise CallFailed("model", f"every route of {name}/{intent} failed: " + "; ".join(failures))
+
+    def _headers(self, run: RunCalls, route: Route) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "X-Flowpool-Request-Id": run.request_id,
+                   "X-Flowpool-Session-Id": run.session_id}
+        key = None
+        if route.api_key_secret:
+            key = run.secrets.get(route.api_key_secret)
+        elif route.api_key_env:
+            key = self.environ.get(route.api_key_env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    def _post(self, run: RunCalls, route: Route, body: dict[str, Any], record: dict[str, Any], deadline: float,
+              stream: bool) -> requests.Response:
+        """POST with retries of 429/5xx inside the budget; the response of the first success."""
+        url = route.base_url.rstrip("/") + "/chat/completions"
+        delay = 0.2
+        for attempt in range(self.retries + 1):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0.05:
+                raise _Failed("the run's time budget is spent", retryable=False)
+            record["attempts"] = attempt + 1
+            try:
+                self.egress.check_url(url)
+                response = self._session().post(
+                    url, data=json.dumps({**body, **({"stream": True} if stream else {})}),
+                    headers=self._headers(run, route), stream=stream,
+                    timeout=(min(self.connect_timeout, remaining), remaining), allow_redirects=False)
+            except EgressDenied as exc:
+                self._finish(run, record, error=str(exc))
+                raise _Failed(str(exc), retryable=False) from exc
+            except requests.RequestException as exc:
+                error: _Failed = _Failed(f"{type(exc).__name__}: {exc}", retryable=True)
+            else:
+                if response.status_code < 300:
+                    return response
+                error = _Failed(f"HTTP {response.status_code}: {response.text[:200]}",
+                                retryable=response.status_code in _RETRYABLE)
+                record["status_code"] = response.status_code
+                response.close()
+            if not error.retryable or attempt == self.retries:
+                self._finish(run, record, error=str(error))
+                raise error
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic() - 0.05)))
+            delay *= 2
+        raise AssertionError("unreachable")
+
+    def _complete(self, run: RunCalls, route: Route, body: dict[str, Any], record: dict[str, Any],
+                  deadline: float) -> dict[str, Any]:
+        started = time.monotonic()
+        response = self._post(run, route, body, record, deadline, stream=False)
+        try:
+            data = response.json()
+        except ValueError as exc:
+            self._finish(run, record, error="the provider answered with something that is not JSON")
+            raise _Failed("the provider answered with something that is not JSON", retryable=False) from exc
+        latency = (time.monotonic() - started) * 1000
+        self._finish(run, record, latency_ms=latency, ttft_ms=latency, usage=data.get("usage"))
+        return data
+
+    def _stream(self, run: RunCalls, route: Route, body: dict[str, Any], record: dict[str, Any],
+                deadline: float) -> Iterator[dict[str, Any]]:
+        started = time.monotonic()
+        response = self._post(run, route, body, record, deadline, stream=True)
+        first = None
+        usage = None
+        try:
+            for line in response.iter_lines(decode_unicode=True):
+                if not line or not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if first is None:
+                    first = time.monotonic()
+                usage = chunk.get("usage") or usage
+                yield chunk
+        except (requests.RequestException, ValueError) as exc:
+            self._finish(run, record, error=f"the stream broke: {exc}",
+                         latency_ms=(time.monotonic() - started) * 1000)
+            raise CallFailed("model", f"the stream from {record['provider_host']} broke: {exc}") from exc
+        finally:
+            response.close()
+        self._finish(run, record, latency_ms=(time.monotonic() - started) * 1000,
+                     ttft_ms=((first or time.monotonic()) - started) * 1000, usage=usage)
+
+    @staticmethod
+    def _finish(run: RunCalls, record: dict[str, Any], error: str | None = None, latency_ms: float | None = None,
+                ttft_ms: float | None = None, usage: dict[str, Any] | None = None) -> None:
+        usage = usage or {}
+        record.update(status="error" if error else "ok", error=error,
+                      latency_ms=round(latency_ms, 3) if latency_ms is not None else None,
+                      ttft_ms=round(ttft_ms, 3) if ttft_ms is not None else None,
+                      prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                      completion_tokens=int(usage.get("completion_tokens") or 0),
+                      total_tokens=int(usage.get("total_tokens") or 0))
+        run.records.append(record)

@@ -1,0 +1,117 @@
+"""A small, real OpenAI-compatible server on loopback that stands in for a model vendor.
+
+The model name says how it behaves:
+  echo            answers "echo: <last user message>"
+  fail            500, always
+  ratelimit-N-X   429 for the first N calls with this exact name, then echo (X makes the name unique)
+  slow-MS         waits MS milliseconds, then echo
+  notjson         200 with a body that is not JSON
+Streams (``"stream": true``) send one chunk per word, then a chunk with usage, then [DONE].
+Usage counts words: prompt = words of every message, completion = words of the answer.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+__all__ = ["StandInProvider"]
+
+
+def _words(text: Any) -> int:
+    return len(str(text or "").split())
+
+
+class StandInProvider:
+    """Start with ``start()``; ``base_url`` ends in /v1; ``requests`` logs what it was sent."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        provider = self
+        self.requests: list[dict[str, Any]] = []
+        self._counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802 - the http.server API
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                with provider._lock:
+                    provider.requests.append({"path": self.path, "body": body, "headers": dict(self.headers)})
+                    count = provider._counts[body.get("model", "")] = provider._counts.get(body.get("model", ""), 0) + 1
+                if self.path != "/v1/chat/completions":
+                    return self._json(404, {"error": {"message": f"no route {self.path}"}})
+                model = str(body.get("model", ""))
+                if model == "fail":
+                    return self._json(500, {"error": {"message": "the stand-in fails on purpose"}})
+                if model.startswith("ratelimit-") and count <= int(model.split("-")[1]):
+                    return self._json(429, {"error": {"message": "slow down"}})
+                if model.startswith("slow-"):
+                    time.sleep(int(model.split("-")[1]) / 1000)
+                if model == "notjson":
+                    return self._raw(200, b"<html>oops</html>", "text/html")
+                messages = body.get("messages") or []
+                last = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), "")
+                answer = f"echo: {last}"
+                usage = {"prompt_tokens": sum(_words(m.get("content")) for m in messages),
+                         "completion_tokens": _words(answer)}
+                usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+                if body.get("stream"):
+                    return self._stream(model, answer, usage)
+                self._json(200, {
+                    "id": f"cmpl-{count}", "object": "chat.completion", "created": int(time.time()), "model": model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
+                                 "finish_reason": "stop"}],
+                    "usage": usage,
+                })
+
+            def _stream(self, model: str, answer: str, usage: dict[str, int]) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                words = answer.split(" ")
+                for i, word in enumerate(words):
+                    delta = {"content": word + (" " if i < len(words) - 1 else "")}
+                    chunk = {"object": "chat.completion.chunk", "model": model,
+                             "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                    self.wfile.flush()
+                final = {"object": "chat.completion.chunk", "model": model,
+                         "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": usage}
+                self.wfile.write(f"data: {json.dumps(final)}\n\ndata: [DONE]\n\n".encode())
+                self.close_connection = True
+
+            def _json(self, status: int, payload: dict[str, Any]) -> None:
+                self._raw(status, json.dumps(payload).encode(), "application/json")
+
+            def _raw(self, status: int, data: bytes, content_type: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer((host, 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.base_url = f"http://{host}:{self.port}/v1"
+        self._thread = threading.Thread(target=self.server.serve_forever, name="stand-in-provider", daemon=True)
+
+    def start(self) -> StandInProvider:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def sent(self, model: str) -> list[dict[str, Any]]:
+        """The requests received for ``model``."""
+        with self._lock:
+            return [r for r in self.requests if r["body"].get("model") == model]
