@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["EgressDenied", "EgressPolicy"]
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+__all__ = ["EgressDenied", "EgressPolicy", "guarded_session"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -67,8 +73,11 @@ class EgressPolicy:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise EgressDenied(f"only http and https URLs with a host can be reached, not {url!r}")
-        host = parts.hostname.lower().rstrip(".")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return self.check_host(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+
+    def check_host(self, host: str, port: int) -> list[IPAddress]:
+        """Resolve ``host`` and check every address it resolves to; returns them."""
+        host = host.lower().rstrip(".").strip("[]")
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
@@ -79,3 +88,42 @@ class EgressPolicy:
         for address in addresses:
             self.check_address(address, host)
         return addresses
+
+
+class _GuardedConnection:
+    """A urllib3 connection that resolves and checks its host itself, then connects to the checked address.
+
+    Checking at connect time covers every redirect and defeats a name that
+    resolves to a public address when checked and a private one when used:
+    the socket goes to the address that passed. TLS still verifies the name.
+    """
+
+    policy: EgressPolicy
+
+    def _new_conn(self) -> socket.socket:
+        addresses = self.policy.check_host(self.host, self.port)  # type: ignore[attr-defined]
+        self._dns_host = str(addresses[0])
+        return super()._new_conn()  # type: ignore[misc]
+
+
+def guarded_session(policy: EgressPolicy, max_redirects: int = 5) -> requests.Session:
+    """A requests session whose every connection passes ``policy``; no proxies from the environment."""
+    http_conn = type("GuardedHTTPConnection", (_GuardedConnection, HTTPConnection), {"policy": policy})
+    https_conn = type("GuardedHTTPSConnection", (_GuardedConnection, HTTPSConnection), {"policy": policy})
+    pools = {
+        "http": type("GuardedHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": http_conn}),
+        "https": type("GuardedHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": https_conn}),
+    }
+
+    class GuardedAdapter(HTTPAdapter):
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = pools
+
+    session = requests.Session()
+    session.trust_env = False
+    session.max_redirects = max_redirects
+    adapter = GuardedAdapter()
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session

@@ -7,10 +7,12 @@ the worker.
 """
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any, Iterator, Protocol
 
-__all__ = ["WorkflowContext", "WorkflowLog", "SoftTimeLimitExceeded", "WorkflowError", "ModelError", "EgressDenied"]
+__all__ = ["WorkflowContext", "WorkflowLog", "SoftTimeLimitExceeded", "WorkflowError", "ModelError", "EgressDenied", "HttpError",
+           "HttpResponse"]
 
 
 class WorkflowError(Exception):
@@ -21,12 +23,16 @@ class ModelError(WorkflowError):
     """A model call failed on every route (the primary and each fallback); the message lists why."""
 
 
+class HttpError(WorkflowError):
+    """ctx.http could not get an answer (or ``raise_for_status`` saw an error status)."""
+
+
 class EgressDenied(WorkflowError):
     """An outbound address is not allowed (loopback, private, link-local or metadata, unless the operator allows it)."""
 
 
 # How a worker's error kinds become exceptions in the script.
-CALL_ERRORS: dict[str, type[WorkflowError]] = {"model": ModelError, "egress": EgressDenied}
+CALL_ERRORS: dict[str, type[WorkflowError]] = {"model": ModelError, "egress": EgressDenied, "http": HttpError}
 
 
 class SoftTimeLimitExceeded(Exception):
@@ -68,6 +74,65 @@ class _Chat:
         self.completions = _Completions(transport)
 
 
+class HttpResponse:
+    """An answer to ``ctx.http``: ``status_code``, ``headers``, ``content``, ``text``, ``json()``."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.status_code: int = data["status_code"]
+        self.url: str = data["url"]
+        self.headers: dict[str, str] = data.get("headers") or {}
+        self.history: list[str] = data.get("history") or []
+        self.content: bytes = base64.b64decode(data.get("content_base64") or "")
+        self._encoding = data.get("encoding") or "utf-8"
+
+    @property
+    def text(self) -> str:
+        return self.content.decode(self._encoding, errors="replace")
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+    @property
+    def ok(self) -> bool:
+        return self.status_code < 400
+
+    def raise_for_status(self) -> None:
+        if not self.ok:
+            raise HttpError(f"HTTP {self.status_code} from {self.url}")
+
+    def __repr__(self) -> str:
+        return f"<HttpResponse {self.status_code} {self.url}>"
+
+
+class _Http:
+    """Outbound HTTP, performed by the worker with timeouts, a size cap and the egress guard."""
+
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
+
+    def request(self, method: str, url: str, *, params: dict[str, Any] | None = None,
+                headers: dict[str, str] | None = None, json: Any = None, data: str | bytes | None = None,
+                timeout: float | None = None, allow_redirects: bool = True) -> HttpResponse:
+        body: Any = data
+        if isinstance(data, bytes):
+            body = {"base64": base64.b64encode(data).decode()}
+        return HttpResponse(self._transport.call("http", {
+            "method": method, "url": url, "params": params, "headers": headers, "json": json, "data": body,
+            "timeout": timeout, "allow_redirects": allow_redirects}))
+
+    def get(self, url: str, **kwargs: Any) -> HttpResponse:
+        return self.request("GET", url, **kwargs)
+
+    def post(self, url: str, **kwargs: Any) -> HttpResponse:
+        return self.request("POST", url, **kwargs)
+
+    def put(self, url: str, **kwargs: Any) -> HttpResponse:
+        return self.request("PUT", url, **kwargs)
+
+    def delete(self, url: str, **kwargs: Any) -> HttpResponse:
+        return self.request("DELETE", url, **kwargs)
+
+
 _LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -107,6 +172,7 @@ class WorkflowContext:
         self.request_id: str = job.get("request_id") or ""
         self.log = WorkflowLog(transport)
         self.chat = _Chat(transport)
+        self.http = _Http(transport)
         self._transport = transport
 
     def emit(self, type: str, content: Any = None) -> None:

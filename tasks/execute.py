@@ -104,6 +104,8 @@ def execute_run(runtime: Any, job: dict[str, Any]) -> str:
             def on_call(method: str, params: dict[str, Any], deadline: float) -> Any:
                 if method in ("chat", "chat.stream"):
                     return runtime.models.chat(calls, params, deadline, stream=method == "chat.stream")
+                if method == "http":
+                    return runtime.http.request(params, deadline)
                 raise CallFailed("unsupported", f"this worker does not serve ctx call {method!r}")
 
             # The claim's round trip overlaps the run process's start.

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from flowpool.egress import EgressDenied, EgressPolicy
+from flowpool.egress import EgressDenied, EgressPolicy, guarded_session
 from flowpool.errors import NotFound
 from flowpool.registry import Applications, Route
 from flowpool.sandbox import CallFailed, Streamed
@@ -69,8 +69,7 @@ class ModelRouter:
     def _session(self) -> requests.Session:
         session = getattr(self._local, "session", None)
         if session is None:
-            session = self._local.session = requests.Session()
-            session.trust_env = False  # no proxies from the environment: egress is checked here
+            session = self._local.session = guarded_session(self.egress)
         return session
 
     def chat(self, run: RunCalls, params: dict[str, Any], deadline: float, stream: bool) -> Any:
@@ -128,7 +127,6 @@ class ModelRouter:
                 raise _Failed("the run's time budget is spent", retryable=False)
             record["attempts"] = attempt + 1
             try:
-                self.egress.check_url(url)
                 response = self._session().post(
                     url, data=json.dumps({**body, **({"stream": True} if stream else {})}),
                     headers=self._headers(run, route), stream=stream,

@@ -19,6 +19,7 @@ from flowpool.settings import Settings
 
 from .execute import ScriptCache
 from .models import ModelRouter
+from .outbound import HttpClient
 
 __all__ = ["WorkerRuntime", "connect_redis"]
 
@@ -43,7 +44,9 @@ class WorkerRuntime:
         self.scripts = ScriptCache(Registry(self.redis), settings.script_cache_size)
         # Provider keys named by api_key_env are read from the worker's own
         # environment, at call time; they never enter the sandbox.
-        self.models = ModelRouter(Applications(self.redis), EgressPolicy(settings.egress_allow), os.environ,
+        egress = EgressPolicy(settings.egress_allow)
+        self.http = HttpClient(egress, settings.http_max_response_bytes)
+        self.models = ModelRouter(Applications(self.redis), egress, os.environ,
                                   retries=settings.model_retries,
                                   connect_timeout=settings.model_connect_timeout_seconds)
         self.sandbox = Sandbox(

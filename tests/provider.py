@@ -8,6 +8,9 @@ The model name says how it behaves:
   notjson         200 with a body that is not JSON
 Streams (``"stream": true``) send one chunk per word, then a chunk with usage, then [DONE].
 Usage counts words: prompt = words of every message, completion = words of the answer.
+
+It also serves plain HTTP for ctx.http tests: GET /doc/NAME (JSON), GET /big?kb=N,
+GET /slow?ms=N, GET /redirect?to=URL (302), POST /echo (the body back).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 __all__ = ["StandInProvider"]
 
@@ -39,7 +43,30 @@ class StandInProvider:
             def log_message(self, *args: Any) -> None:
                 pass
 
+            def do_GET(self) -> None:  # noqa: N802 - the http.server API
+                parts = urlsplit(self.path)
+                query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+                with provider._lock:
+                    provider.requests.append({"path": self.path, "body": None, "headers": dict(self.headers)})
+                if parts.path.startswith("/doc/"):
+                    return self._json(200, {"name": parts.path[5:], "sections": ["intro", "usage", "faq"]})
+                if parts.path == "/big":
+                    return self._raw(200, b"x" * (int(query.get("kb", "1")) << 10), "text/plain")
+                if parts.path == "/slow":
+                    time.sleep(int(query.get("ms", "0")) / 1000)
+                    return self._json(200, {"slept_ms": int(query.get("ms", "0"))})
+                if parts.path == "/redirect":
+                    self.send_response(302)
+                    self.send_header("Location", query["to"])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return None
+                return self._json(404, {"error": {"message": f"no route {self.path}"}})
+
             def do_POST(self) -> None:  # noqa: N802 - the http.server API
+                if self.path == "/echo":
+                    data = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                    return self._raw(200, data, self.headers.get("Content-Type", "application/octet-stream"))
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 with provider._lock:
                     provider.requests.append({"path": self.path, "body": body, "headers": dict(self.headers)})
@@ -91,16 +118,20 @@ class StandInProvider:
                 self._raw(status, json.dumps(payload).encode(), "application/json")
 
             def _raw(self, status: int, data: bytes, content_type: str) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", content_type)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the caller gave up (a timeout under test)
 
         self.server = ThreadingHTTPServer((host, 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
-        self.base_url = f"http://{host}:{self.port}/v1"
+        self.origin = f"http://{host}:{self.port}"
+        self.base_url = f"{self.origin}/v1"
         self._thread = threading.Thread(target=self.server.serve_forever, name="stand-in-provider", daemon=True)
 
     def start(self) -> StandInProvider:
@@ -114,4 +145,4 @@ class StandInProvider:
     def sent(self, model: str) -> list[dict[str, Any]]:
         """The requests received for ``model``."""
         with self._lock:
-            return [r for r in self.requests if r["body"].get("model") == model]
+            return [r for r in self.requests if (r["body"] or {}).get("model") == model]
