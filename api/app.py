@@ -10,7 +10,7 @@ from flask import Flask, current_app, g, request
 from flowpool import keys
 from flowpool.cache import ResultCache
 from flowpool.errors import AuthenticationError
-from flowpool.registry import Account, Accounts, Applications, Registry, ResolvedWorkflow
+from flowpool.registry import Account, Accounts, Agents, Applications, Registry, ResolvedWorkflow
 from flowpool.runs import RunStore
 from flowpool.settings import Settings
 from flowpool.tasks import create_celery
@@ -34,6 +34,7 @@ class Services:
         self.accounts = Accounts(self.redis)
         self.registry = Registry(self.redis)
         self.applications = Applications(self.redis)
+        self.agents = Agents(self.redis)
         self.runs = RunStore(self.redis, settings.run_ttl_seconds, settings.runs_per_workflow)
         self.cache = ResultCache(self.redis, settings.secret_key)
         self.celery = create_celery(settings)
@@ -103,7 +104,7 @@ def authenticate() -> Account:
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the API app from ``settings`` (read from the environment when not given)."""
-    from . import applications, health, invoke, runs, workflows
+    from . import agents, applications, health, invoke, runs, workflows
 
     settings = settings or Settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -112,7 +113,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False
     app.extensions["flowpool"] = Services(settings)
     register_error_handlers(app)
-    for blueprint in (invoke.bp, workflows.bp, runs.bp, applications.bp, health.bp):
+    for blueprint in (invoke.bp, workflows.bp, runs.bp, applications.bp, agents.bp, health.bp):
         app.register_blueprint(blueprint)
 
     @app.before_request

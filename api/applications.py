@@ -15,7 +15,8 @@ from .parsing import json_body, model_from, page_args, paginated
 bp = Blueprint("applications", __name__, url_prefix="/api/v1/applications")
 
 
-def _check_name(name: str) -> str:
+def check_name(name: str) -> str:
+    """A valid application or agent name, or a 400."""
     if not re.fullmatch(NAME_PATTERN, name):
         raise RequestError(f"invalid application name {name!r}: use 1-64 letters, digits, '_', '-' or '.'",
                            param="name")
@@ -26,14 +27,14 @@ def _check_name(name: str) -> str:
 def put_application(name: str):  # type: ignore[no-untyped-def]
     svc, account = services(), authenticate()
     application = model_from(Application, json_body())
-    created = svc.applications.put(account.id, _check_name(name), application)
+    created = svc.applications.put(account.id, check_name(name), application)
     return jsonify({"data": {"name": name, **application.model_dump()}}), 201 if created else 200
 
 
 @bp.get("/<name>")
 def get_application(name: str):  # type: ignore[no-untyped-def]
     svc, account = services(), authenticate()
-    return jsonify({"data": {"name": name, **svc.applications.get(account.id, _check_name(name)).model_dump()}})
+    return jsonify({"data": {"name": name, **svc.applications.get(account.id, check_name(name)).model_dump()}})
 
 
 @bp.get("")

@@ -31,7 +31,8 @@ def run_view(svc: Services, record: dict[str, Any], full: bool = True) -> dict[s
         view.update(
             output=record.get("output"), usage=record.get("usage"), metadata=record.get("metadata"),
             timeout_seconds=record.get("timeout_seconds"), origin_request_id=record.get("origin_request_id"),
-            model_calls=record.get("model_calls") or [], logs=record.get("logs") or [],
+            model_calls=record.get("model_calls") or [], workflow_calls=record.get("workflow_calls") or [],
+            logs=record.get("logs") or [],
             logs_truncated=bool(record.get("logs_truncated")),
             chunks=svc.runs.chunks(record["request_id"]) if record.get("chunk_count") else [],
         )

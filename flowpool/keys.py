@@ -3,7 +3,7 @@ from __future__ import annotations
 
 __all__ = [
     "ACCOUNTS", "SECRET", "WORKERS",
-    "account", "api_key", "applications", "session_runs", "workflows", "workflow", "versions", "version", "version_hashes",
+    "account", "agents", "api_key", "applications", "session_runs", "workflows", "workflow", "versions", "version", "version_hashes",
     "run", "run_events", "run_lease", "run_reply", "workflow_runs", "cache", "inflight",
 ]
 
@@ -27,6 +27,11 @@ def api_key(key_hash: str) -> str:
 def applications(account_id: str) -> str:
     """Hash: application name -> its intents and routes (JSON)."""
     return f"{PREFIX}a:{account_id}:apps"
+
+
+def agents(account_id: str) -> str:
+    """Hash: agent name -> its endpoint or workflow (JSON)."""
+    return f"{PREFIX}a:{account_id}:agents"
 
 
 def session_runs(account_id: str, session_id: str) -> str:

@@ -67,6 +67,7 @@ class Settings(BaseSettings):
         "", description="Comma-separated CIDRs or host names runs may reach although they are loopback, private, "
         "link-local or metadata addresses (e.g. a local vLLM: 127.0.0.1/32).")
     http_max_response_bytes: int = Field(5 << 20, ge=1024, description="Largest response body ctx.http reads.")
+    max_call_depth: int = Field(5, ge=1, description="How deep workflows may call each other (ctx.workflows.call).")
     model_retries: int = Field(2, ge=0, description="Retries of a model call answered 429 or 5xx, per route.")
     model_connect_timeout_seconds: float = Field(5.0, gt=0, description="Connect timeout of a model call.")
 

@@ -11,7 +11,7 @@ import base64
 import json
 from typing import Any, Iterator, Protocol
 
-__all__ = ["WorkflowContext", "WorkflowLog", "SoftTimeLimitExceeded", "WorkflowError", "ModelError", "EgressDenied", "HttpError",
+__all__ = ["WorkflowContext", "WorkflowLog", "SoftTimeLimitExceeded", "WorkflowError", "ModelError", "EgressDenied", "HttpError", "WorkflowCallError",
            "HttpResponse"]
 
 
@@ -23,6 +23,10 @@ class ModelError(WorkflowError):
     """A model call failed on every route (the primary and each fallback); the message lists why."""
 
 
+class WorkflowCallError(WorkflowError):
+    """ctx.workflows.call failed: unknown workflow, bad input, a cycle, too deep, or the callee failed."""
+
+
 class HttpError(WorkflowError):
     """ctx.http could not get an answer (or ``raise_for_status`` saw an error status)."""
 
@@ -32,7 +36,8 @@ class EgressDenied(WorkflowError):
 
 
 # How a worker's error kinds become exceptions in the script.
-CALL_ERRORS: dict[str, type[WorkflowError]] = {"model": ModelError, "egress": EgressDenied, "http": HttpError}
+CALL_ERRORS: dict[str, type[WorkflowError]] = {
+    "model": ModelError, "egress": EgressDenied, "http": HttpError, "workflow": WorkflowCallError}
 
 
 class SoftTimeLimitExceeded(Exception):
@@ -72,6 +77,24 @@ class _Completions:
 class _Chat:
     def __init__(self, transport: Transport) -> None:
         self.completions = _Completions(transport)
+
+
+class _Workflows:
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
+
+    def call(self, ref_name: str, input: Any = None, messages: list[dict[str, Any]] | None = None) -> Any:
+        """Run another workflow of this account inline, under this run's time budget; its output."""
+        return self._transport.call("workflows.call", {"ref_name": ref_name, "input": input, "messages": messages})
+
+
+class _Agents:
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
+
+    def create(self, agent: str, messages: list[dict[str, Any]] | None = None, **params: Any) -> Any:
+        """Call a configured agent; an OpenAI-format dict. Monitored like a model call."""
+        return self._transport.call("agents.create", {"agent": agent, "messages": messages, "params": params})
 
 
 class HttpResponse:
@@ -173,6 +196,8 @@ class WorkflowContext:
         self.log = WorkflowLog(transport)
         self.chat = _Chat(transport)
         self.http = _Http(transport)
+        self.workflows = _Workflows(transport)
+        self.agents = _Agents(transport)
         self._transport = transport
 
     def emit(self, type: str, content: Any = None) -> None:

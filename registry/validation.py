@@ -117,7 +117,8 @@ def _check_execute(tree: ast.Module) -> list[Problem]:
 def _check_returns(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> list[Problem]:
     """Problems with the return statements of execute's own body."""
     returns = [node for node in _own_nodes(fn) if isinstance(node, ast.Return)]
-    if not returns:
+    if not returns and not isinstance(fn.body[-1], ast.Raise):
+        # Falling off the end returns None; a body that ends by raising never does.
         return [Problem(fn.lineno, "execute must return a value; it has no return statement")]
     return [
         Problem(node.lineno, f"execute must return a value; {what} at line {node.lineno}")

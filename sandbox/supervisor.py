@@ -438,7 +438,8 @@ class Sandbox:
 
     def run(self, code: bytes, job: dict[str, Any], soft_seconds: float,
             on_emit: Callable[[str, Any], None] | None = None, source: str | None = None,
-            gate: Callable[[], bool] | None = None, on_call: CallHandler | None = None) -> RunOutcome:
+            gate: Callable[[], bool] | None = None, on_call: CallHandler | None = None,
+            slot_timeout: float | None = None) -> RunOutcome:
         """Run ``execute(ctx)`` of the compiled ``code`` for ``job``; never raises for the script's faults.
 
         ``gate`` is called once the job is handed over, so the caller's own
@@ -448,7 +449,12 @@ class Sandbox:
         outcome = RunOutcome()
         process: _Process | None = None
         try:
-            process = self._take_ready() or self._spawn(self._slots.get())
+            process = self._take_ready()
+            if process is None:
+                try:
+                    process = self._spawn(self._slots.get(timeout=slot_timeout))
+                except queue.Empty:
+                    raise SandboxError(f"no free sandbox slot within {slot_timeout:g}s") from None
             assert process.pid is not None and process.sock is not None
             outcome.pid = process.pid
             started = time.monotonic()

@@ -11,8 +11,7 @@ from typing import Any, NamedTuple
 from flowpool.errors import NotFound, RunError, ScriptError
 from flowpool.registry import Registry, check_output
 from flowpool.runs import RunStatus
-from flowpool.sandbox import CallFailed
-
+from .calls import CallRouter
 from .models import RunCalls
 
 __all__ = ["CompiledScript", "ScriptCache", "execute_run", "redact"]
@@ -86,6 +85,7 @@ def execute_run(runtime: Any, job: dict[str, Any]) -> str:
     calls = RunCalls(account_id=job["account"], request_id=request_id, session_id=job.get("session_id") or "",
                      messages=job.get("messages") or [], secrets=job.get("secrets") or {},
                      application=job.get("application"))
+    router: CallRouter | None = None
     try:
         outcome = None
         try:
@@ -101,16 +101,11 @@ def execute_run(runtime: Any, job: dict[str, Any]) -> str:
             def on_emit(chunk_type: str, content: Any) -> None:
                 runs.add_chunk(request_id, chunk_type, redact(content, secrets))
 
-            def on_call(method: str, params: dict[str, Any], deadline: float) -> Any:
-                if method in ("chat", "chat.stream"):
-                    return runtime.models.chat(calls, params, deadline, stream=method == "chat.stream")
-                if method == "http":
-                    return runtime.http.request(params, deadline)
-                raise CallFailed("unsupported", f"this worker does not serve ctx call {method!r}")
+            router = CallRouter(runtime, job, calls, [job["workflow"]], on_emit)
 
             # The claim's round trip overlaps the run process's start.
             outcome = runtime.sandbox.run(script.code, sandbox_job, job["soft_seconds"], on_emit=on_emit,
-                                          source=script.source, gate=claim, on_call=on_call)
+                                          source=script.source, gate=claim, on_call=router)
             if outcome.skipped:
                 return _skipped(request_id)
             error = outcome.error
@@ -122,7 +117,8 @@ def execute_run(runtime: Any, job: dict[str, Any]) -> str:
         status = RunStatus.for_error(error)
         usage = calls.usage()
         done: dict[str, Any] = {"status": status.value, "version": job["version"], "usage": usage}
-        fields: dict[str, Any] = {"usage": usage, "model_calls": redact(calls.records, secrets)}
+        fields: dict[str, Any] = {"usage": usage, "model_calls": redact(calls.records, secrets),
+                                  "workflow_calls": redact(router.workflow_calls, secrets) if router else []}
         if error is None:
             assert outcome is not None
             content = outcome.result if isinstance(outcome.result, str) else outcome.result_json

@@ -19,7 +19,7 @@ import requests
 
 from flowpool.egress import EgressDenied, EgressPolicy, guarded_session
 from flowpool.errors import NotFound
-from flowpool.registry import Applications, Route
+from flowpool.registry import Agent, Applications, Route
 from flowpool.sandbox import CallFailed, Streamed
 
 __all__ = ["ModelRouter", "RunCalls"]
@@ -38,6 +38,7 @@ class RunCalls:
     secrets: dict[str, str]
     application: str | None
     records: list[dict[str, Any]] = field(default_factory=list)
+    workflow: str | None = None  # set for a workflow this run calls inline
 
     def usage(self) -> dict[str, int]:
         """Token usage summed over the run's calls."""
@@ -93,7 +94,7 @@ class ModelRouter:
         for index, route in enumerate(routes):
             model = params.get("model") if index == 0 and params.get("model") else route.model
             body = {"model": model, "messages": messages, **route.params, **body_params}
-            record = {"application": name, "intent": intent, "model": model,
+            record = {"kind": "model", "application": name, "intent": intent, "model": model,
                       "provider_host": urlsplit(route.base_url).hostname, "fallback": index,
                       "stream": stream, "started_at": time.time(), "attempts": 0}
             try:
@@ -103,6 +104,22 @@ class ModelRouter:
             except _Failed as exc:
                 failures.append(f"{model} at {record['provider_host']}: {exc}")
         raise CallFailed("model", f"every route of {name}/{intent} failed: " + "; ".join(failures))
+
+    def agent(self, run: RunCalls, name: str, agent: Agent, messages: list[dict[str, Any]],
+              params: dict[str, Any], deadline: float) -> dict[str, Any]:
+        """Call an agent endpoint (OpenAI-compatible), monitored like a model call."""
+        assert agent.base_url is not None
+        route = Route(model=agent.model or name, base_url=agent.base_url, api_key_env=agent.api_key_env,
+                      api_key_secret=agent.api_key_secret, params=agent.params)
+        body = {"model": route.model, "messages": messages, **route.params,
+                **{k: v for k, v in params.items() if v is not None}}
+        record = {"kind": "agent", "agent": name, "model": route.model,
+                  "provider_host": urlsplit(route.base_url).hostname, "fallback": 0, "stream": False,
+                  "started_at": time.time(), "attempts": 0}
+        try:
+            return self._complete(run, route, body, record, deadline)
+        except _Failed as exc:
+            raise CallFailed("model", f"agent {name!r} at {record['provider_host']} failed: {exc}") from exc
 
     def _headers(self, run: RunCalls, route: Route) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "X-Flowpool-Request-Id": run.request_id,
@@ -194,6 +211,8 @@ class ModelRouter:
     def _finish(run: RunCalls, record: dict[str, Any], error: str | None = None, latency_ms: float | None = None,
                 ttft_ms: float | None = None, usage: dict[str, Any] | None = None) -> None:
         usage = usage or {}
+        if run.workflow:
+            record["workflow"] = run.workflow
         record.update(status="error" if error else "ok", error=error,
                       latency_ms=round(latency_ms, 3) if latency_ms is not None else None,
                       ttft_ms=round(ttft_ms, 3) if ttft_ms is not None else None,

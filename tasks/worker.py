@@ -60,7 +60,8 @@ class WorkerRuntime:
                 max_chunks=settings.max_chunks,
                 max_chunk_bytes=settings.max_chunk_bytes,
             ),
-            slots=settings.worker_concurrency,
+            # Twice the concurrency: each run may have a workflow it calls inline running too.
+            slots=2 * settings.worker_concurrency,
             uid_base=settings.sandbox_uid_base,
             hard_grace_seconds=settings.hard_timeout_grace_seconds,
             max_seconds=settings.max_timeout_seconds,

@@ -457,3 +457,7 @@ def test_problem_to_dict_has_line_and_message() -> None:
 def test_script_is_never_executed() -> None:
     source = "raise SystemExit('ran')\ndef execute(ctx):\n    return 1\n"
     assert validate_script(source).ok
+
+
+def test_an_execute_that_only_raises_needs_no_return() -> None:
+    assert validate_script("def execute(ctx):\n    raise ValueError('always')\n").ok

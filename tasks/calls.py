@@ -1,0 +1,112 @@
+"""The ctx calls of one run, served by its worker thread: models, agents, HTTP, and workflows called inline.
+
+A workflow called with ``ctx.workflows.call`` runs in a sandboxed process of
+its own, on the caller's thread and under the caller's remaining budget: it
+takes no queue slot, so a full pool cannot deadlock on nested calls. Depth is
+limited and a workflow already on the call chain cannot be called again.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from flowpool.errors import FlowpoolError, NotFound
+from flowpool.registry import Agents, Registry, check_input, check_output
+from flowpool.sandbox import CallFailed
+
+from .models import RunCalls
+
+__all__ = ["CallRouter"]
+
+
+@dataclass
+class CallRouter:
+    """Serves ``on_call`` for one run; workflows it calls inline get a router of their own."""
+
+    runtime: Any
+    job: dict[str, Any]
+    calls: RunCalls
+    chain: list[str]
+    on_emit: Callable[[str, Any], None] | None = None
+    workflow_calls: list[dict[str, Any]] = field(default_factory=list)
+
+    def __call__(self, method: str, params: dict[str, Any], deadline: float) -> Any:
+        if method in ("chat", "chat.stream"):
+            return self.runtime.models.chat(self.calls, params, deadline, stream=method == "chat.stream")
+        if method == "http":
+            return self.runtime.http.request(params, deadline)
+        if method == "workflows.call":
+            return self.call_workflow(params.get("ref_name"), params.get("input"), params.get("messages"), deadline)
+        if method == "agents.create":
+            return self.call_agent(params, deadline)
+        raise CallFailed("unsupported", f"this worker does not serve ctx call {method!r}")
+
+    def call_workflow(self, ref: Any, input: Any, messages: Any, deadline: float) -> Any:
+        """Run workflow ``ref`` of the same account inline and return its output."""
+        settings = self.runtime.settings
+        if not isinstance(ref, str) or not ref:
+            raise CallFailed("workflow", "ctx.workflows.call needs a workflow ref name")
+        if ref in self.chain:
+            raise CallFailed("workflow", "call cycle: " + " -> ".join([*self.chain, ref]))
+        if len(self.chain) > settings.max_call_depth:
+            raise CallFailed("workflow", f"workflows may call each other at most {settings.max_call_depth} deep: "
+                             + " -> ".join([*self.chain, ref]))
+        account = self.job["account"]
+        try:
+            workflow = Registry(self.runtime.redis).resolve(account, ref)
+            if input is not None or workflow.input_schema and any(
+                    s.get("required") for s in workflow.input_schema.values()):
+                check_input(workflow.input_schema, input if input is not None else {})
+            script = self.runtime.scripts.get(account, ref, workflow.version, workflow.content_hash)
+        except FlowpoolError as exc:
+            raise CallFailed("workflow", f"cannot call workflow {ref!r}: {exc.message}") from exc
+        remaining = deadline - time.monotonic()
+        if remaining <= 0.05:
+            raise CallFailed("workflow", "the run's time budget is spent")
+        soft = min(settings.clamp_timeout(workflow.timeout_seconds), remaining)
+        job = {**{k: self.job.get(k) for k in ("secrets", "metadata", "params", "session_id", "request_id")},
+               "input": input, "messages": messages if messages is not None else [], "env": workflow.env}
+        calls = RunCalls(account_id=account, request_id=self.calls.request_id, session_id=self.calls.session_id,
+                         messages=job["messages"], secrets=self.calls.secrets, application=workflow.application,
+                         records=self.calls.records, workflow=ref)
+        nested = CallRouter(self.runtime, {**self.job, **job}, calls, [*self.chain, ref], self.on_emit,
+                            self.workflow_calls)
+        started = time.monotonic()
+        outcome = self.runtime.sandbox.run(script.code, job, soft, on_emit=self.on_emit, source=script.source,
+                                           on_call=nested, slot_timeout=max(0.05, remaining - soft / 2))
+        error = outcome.error
+        if error is None:
+            try:
+                check_output(workflow.output_schema, outcome.result)
+            except FlowpoolError as exc:
+                error = exc  # type: ignore[assignment]
+        self.workflow_calls.append({
+            "workflow": ref, "version": workflow.version, "caller": self.chain[-1], "depth": len(self.chain),
+            "status": "ok" if error is None else "error", "error": error.message if error else None,
+            "latency_ms": round((time.monotonic() - started) * 1000, 3), "logs": outcome.logs,
+        })
+        if error is not None:
+            raise CallFailed("workflow", f"workflow {ref}@{workflow.version} failed: {error.message}")
+        return outcome.result
+
+    def call_agent(self, params: dict[str, Any], deadline: float) -> dict[str, Any]:
+        """Call a configured agent: an endpoint, or a workflow answering in the chat.completion shape."""
+        name = params.get("agent")
+        if not isinstance(name, str):
+            raise CallFailed("model", "ctx.agents.create needs an agent name")
+        try:
+            agent = Agents(self.runtime.redis).get(self.job["account"], name)
+        except NotFound as exc:
+            raise CallFailed("model", exc.message) from exc
+        messages = params.get("messages")
+        if messages is None:
+            messages = self.calls.messages
+        if agent.workflow is None:
+            return self.runtime.models.agent(self.calls, name, agent, messages, params.get("params") or {}, deadline)
+        output = self.call_workflow(agent.workflow, None, messages, deadline)
+        content = output if isinstance(output, str) else json.dumps(output)
+        return {"object": "chat.completion", "model": f"workflow:{agent.workflow}", "output": output,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                             "finish_reason": "stop"}]}
