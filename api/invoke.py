@@ -1,10 +1,11 @@
 """``POST /workflow/chat/completions``: invoke a workflow like a model."""
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import uuid
-from typing import Any
+from typing import Any, Iterator
 
 from flask import Blueprint, Response, jsonify
 
@@ -70,8 +71,6 @@ def chat_completions() -> Response:
     body = model_from(InvokeRequest, json_body())
     if body.messages is None and body.input is None:
         raise RequestError("send 'messages', 'input' or both", param="input")
-    if body.stream:
-        raise RequestError("streaming ('stream': true) is not available on this server yet", param="stream")
     ref, pinned = parse_model(body.model)
     request_id = _new_id("req_")
     session_id = body.session_id or _new_id("sess_")
@@ -103,9 +102,16 @@ def chat_completions() -> Response:
     mark("begin")
     if state == "hit":
         _record_hit(svc, body, workflow, request_id, session_id, found)
-        return _answer(body, request_id, session_id, dict(found, status="succeeded"), "HIT")
+        done = dict(found, status="succeeded")
+        if body.stream:
+            replay = [("chunk", chunk) for chunk in found.get("chunks") or ()] + [("done", done)]
+            return _stream(svc, body, request_id, session_id, iter(replay), "HIT")
+        return _answer(body, request_id, session_id, done, "HIT")
     if state == "join":
         # An identical request is running: share its run instead of starting one.
+        if body.stream:
+            return _stream(svc, body, found, session_id, svc.runs.events(
+                found, settings.queue_wait_seconds, run_seconds), "HIT")
         done = _wait(svc, found, run_seconds)
         return _answer(body, found, session_id, done, "HIT")
 
@@ -119,9 +125,62 @@ def chat_completions() -> Response:
         svc.runs.abandon(request_id, RunStatus.QUEUED, RunNotStarted(str(exc)), workflow.version)
         raise
     mark("submit")
+    if body.stream:
+        return _stream(svc, body, request_id, session_id,
+                       svc.runs.events(request_id, settings.queue_wait_seconds, run_seconds), "MISS")
     done = _wait(svc, request_id, run_seconds)
     mark("wait")
     return _answer(body, request_id, session_id, done, "MISS")
+
+
+def _sse(payload: Any) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+def _stream(svc: Services, body: InvokeRequest, request_id: str, session_id: str,
+            events: Iterator[tuple[str, dict[str, Any]]], cache: str) -> Response:
+    """Answer as ``text/event-stream``: each emitted chunk, then the chat.completion, then ``[DONE]``.
+
+    A run that fails before its first event is answered with the plain JSON
+    error and its status; after it, with an ``error`` event.
+    """
+    try:
+        first = next(events)
+    except RunError as exc:
+        exc.details.setdefault("request_id", request_id)
+        raise
+    if first[0] == "done" and first[1].get("error"):
+        _answer(body, request_id, session_id, first[1], cache)  # raises the run's error
+
+    def generate() -> Iterator[str]:
+        index = 0
+        try:
+            for kind, data in itertools.chain([first], events):
+                if kind == "chunk":
+                    # "choices": [] keeps OpenAI clients, which read every event as a chunk, happy.
+                    yield _sse({"object": "workflow.chunk", "type": data.get("type"), "content": data.get("content"),
+                                "index": index, "request_id": request_id, "choices": []})
+                    index += 1
+                    continue
+                done = svc.runs.take_reply(request_id, data)
+                if done.get("error"):
+                    error = run_error_from_dict(done["error"])
+                    error.details["request_id"] = request_id
+                    yield _sse(error.to_body())
+                else:
+                    final = completion(body, request_id, session_id, done)
+                    final["choices"][0]["delta"] = dict(final["choices"][0]["message"])
+                    yield _sse(final)
+                break
+        except RunError as exc:
+            exc.details.setdefault("request_id", request_id)
+            yield _sse(exc.to_body())
+        yield "data: [DONE]\n\n"
+
+    response = Response(generate(), mimetype="text/event-stream")
+    response.headers.update({"X-Request-Id": request_id, "X-Cache": cache, "Cache-Control": "no-cache",
+                             "X-Accel-Buffering": "no"})
+    return response
 
 
 def _wait(svc: Services, request_id: str, run_seconds: float) -> dict[str, Any]:

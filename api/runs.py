@@ -61,3 +61,18 @@ def list_runs(ref: str):  # type: ignore[no-untyped-def]
     records = [svc.runs.get(i) for i in ids]
     items = [run_view(svc, r, full=False) for r in records if r is not None]
     return jsonify(paginated(items, total, offset, limit))
+
+
+@bp.get("/sessions/<session_id>")
+def get_session(session_id: str):  # type: ignore[no-untyped-def]
+    """The runs of a session, oldest first, each with its model calls."""
+    svc, account = services(), authenticate()
+    offset, limit = page_args()
+    ids, total = svc.runs.list_for_session(account.id, session_id, offset, limit)
+    if total == 0:
+        raise NotFound(f"no session {session_id!r}")
+    records = [svc.runs.get(i) for i in ids]
+    items = [run_view(svc, r) for r in records if r is not None and r.get("account") == account.id]
+    calls = sum((item["model_calls"] for item in items), [])
+    return jsonify({"data": {"session_id": session_id, "runs": items, "model_calls": calls},
+                    "pagination": {"total": total, "offset": offset, "limit": limit}})

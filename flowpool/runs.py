@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from enum import Enum
-from typing import Any, Callable
+from typing import Any, Iterator
 
 import redis
 
@@ -48,7 +48,7 @@ return 1
 # one round trip for the workflow's revision check, the cache lookup, the
 # single-flight lock and the record. The API resolves workflows from memory;
 # a revision that moved on answers 'stale' and it resolves again.
-# KEYS: run, workflow runs index, cache entry, in-flight lock (these two may be ""), workflow
+# KEYS: run, workflow runs index, cache entry, in-flight lock (these two may be ""), workflow, session index
 # ARGV: request id, ttl ms, queued-at score, runs kept, lock ms, expected revision, field, value, ...
 _BEGIN = """
 if (redis.call('HGET', KEYS[5], 'rev') or '') ~= ARGV[6] then return {'stale'} end
@@ -63,6 +63,8 @@ redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -tonumber(ARGV[4]) - 1)
+redis.call('ZADD', KEYS[6], ARGV[3], ARGV[1])
+redis.call('PEXPIRE', KEYS[6], ARGV[2])
 return {'queued'}
 """
 
@@ -119,6 +121,10 @@ class RunStore:
         index = keys.workflow_runs(account_id, ref)
         pipe.zadd(index, {request_id: fields.get("queued_at") or time.time()})
         pipe.zremrangebyrank(index, 0, -self.runs_per_workflow - 1)
+        if fields.get("session_id"):
+            session = keys.session_runs(account_id, fields["session_id"])
+            pipe.zadd(session, {request_id: fields.get("queued_at") or time.time()})
+            pipe.pexpire(session, self.ttl_ms)
 
     def begin(self, account_id: str, ref: str, request_id: str, fields: dict[str, Any],
               cache_keys: tuple[str, str] | None = None, lock_seconds: float = 0,
@@ -136,7 +142,7 @@ class RunStore:
         entry_key, lock_key = cache_keys or ("", "")
         reply = self._begin(
             keys=[keys.run(request_id), keys.workflow_runs(account_id, ref), entry_key, lock_key,
-                  keys.workflow(account_id, ref)],
+                  keys.workflow(account_id, ref), keys.session_runs(account_id, str(fields.get("session_id") or ""))],
             args=[request_id, self.ttl_ms, fields.get("queued_at") or time.time(), self.runs_per_workflow,
                   int(lock_seconds * 1000), rev, *flat])
         state = reply[0].decode()
@@ -207,6 +213,11 @@ class RunStore:
         return [json.loads(fields[b"data"]) for _, fields in self.redis.xrange(keys.run_events(request_id))
                 if fields.get(b"kind") == b"chunk"]
 
+    def list_for_session(self, account_id: str, session_id: str, offset: int, limit: int) -> tuple[list[str], int]:
+        """Request ids of a session's runs, oldest first, and the total."""
+        index = keys.session_runs(account_id, session_id)
+        return [i.decode() for i in self.redis.zrange(index, offset, offset + limit - 1)], self.redis.zcard(index)
+
     def list_for_workflow(self, account_id: str, ref: str, offset: int, limit: int) -> tuple[list[str], int]:
         """Request ids of a workflow's runs, newest first, and the total."""
         index = keys.workflow_runs(account_id, ref)
@@ -214,13 +225,22 @@ class RunStore:
         ids = [i.decode() for i in self.redis.zrevrange(index, offset, offset + limit - 1)]
         return ids, total
 
-    def wait(self, request_id: str, queue_wait: float, run_seconds: float,
-             on_chunk: Callable[[dict[str, Any]], None] | None = None, poll: float = 1.0) -> Done:
-        """Block until the run's ``done`` event; end the run ourselves if it cannot finish.
+    def wait(self, request_id: str, queue_wait: float, run_seconds: float, poll: float = 1.0) -> Done:
+        """Block until the run's ``done`` event (see :meth:`events`)."""
+        for kind, data in self.events(request_id, queue_wait, run_seconds, poll=poll, chunks=False):
+            if kind == "done":
+                return data
+        raise AssertionError("events() ends with done")
 
-        ``queue_wait`` bounds the time before a worker claims the run (then the
-        caller gets a 503 and the run is dropped); ``run_seconds`` bounds the
-        time after the claim (then the worker is taken for lost).
+    def events(self, request_id: str, queue_wait: float, run_seconds: float, poll: float = 1.0,
+               chunks: bool = True) -> Iterator[tuple[str, dict[str, Any]]]:
+        """The run's chunks as they come (``("chunk", data)``), then ``("done", data)``.
+
+        Ends the run itself if it cannot finish: ``queue_wait`` bounds the
+        time before a worker claims it (then RunNotStarted, a 503, and the run
+        is dropped); ``run_seconds`` bounds the time after the claim (then the
+        worker is taken for lost). Nothing is consumed: any number of callers
+        can follow one run.
         """
         stream = keys.run_events(request_id)
         last_id = "0-0"
@@ -231,11 +251,12 @@ class RunStore:
             for _, entries in reply or ():
                 for entry_id, fields in entries:
                     last_id = entry_id
-                    data = json.loads(fields[b"data"])
-                    if fields.get(b"kind") == b"done":
-                        return data
-                    if on_chunk is not None:
-                        on_chunk(data)
+                    kind = fields.get(b"kind")
+                    if kind == b"done":
+                        yield "done", json.loads(fields[b"data"])
+                        return
+                    if chunks:
+                        yield "chunk", json.loads(fields[b"data"])
             if reply:
                 continue
             status, has_lease, version = self._state(request_id)

@@ -10,7 +10,8 @@ Streams (``"stream": true``) send one chunk per word, then a chunk with usage, t
 Usage counts words: prompt = words of every message, completion = words of the answer.
 
 It also serves plain HTTP for ctx.http tests: GET /doc/NAME (JSON), GET /big?kb=N,
-GET /slow?ms=N, GET /redirect?to=URL (302), POST /echo (the body back).
+GET /slow?ms=N, GET /redirect?to=URL (302), POST /echo (the body back), and gates a
+script can wait on: GET /gate/NAME says {"open": ...}, POST /gate/NAME opens it.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ class StandInProvider:
     def __init__(self, host: str = "127.0.0.1") -> None:
         provider = self
         self.requests: list[dict[str, Any]] = []
+        self.open_gates: set[str] = set()  # GET /gate/NAME says whether a test opened it (POST /gate/NAME)
         self._counts: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -48,6 +50,8 @@ class StandInProvider:
                 query = {k: v[0] for k, v in parse_qs(parts.query).items()}
                 with provider._lock:
                     provider.requests.append({"path": self.path, "body": None, "headers": dict(self.headers)})
+                if parts.path.startswith("/gate/"):
+                    return self._json(200, {"open": parts.path[6:] in provider.open_gates})
                 if parts.path.startswith("/doc/"):
                     return self._json(200, {"name": parts.path[5:], "sections": ["intro", "usage", "faq"]})
                 if parts.path == "/big":
@@ -64,6 +68,9 @@ class StandInProvider:
                 return self._json(404, {"error": {"message": f"no route {self.path}"}})
 
             def do_POST(self) -> None:  # noqa: N802 - the http.server API
+                if self.path.startswith("/gate/"):
+                    provider.open_gates.add(self.path[6:])
+                    return self._json(200, {"open": True})
                 if self.path == "/echo":
                     data = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                     return self._raw(200, data, self.headers.get("Content-Type", "application/octet-stream"))

@@ -210,3 +210,19 @@ def test_a_script_without_application_gets_a_clear_model_error(client: Client) -
     response = client.invoke(ref, input={})
     assert response.status_code == 500
     assert "no application" in error_of(response)["message"]
+
+
+def test_a_session_lists_its_runs_and_their_model_calls(client: Client, provider: StandInProvider) -> None:
+    app, ref, session = _name("app"), _name("asks"), _name("session")
+    _put_app(client, app, {"answer": {"model": "echo", "base_url": provider.base_url}})
+    client.upload(ref, ASKS.format(app=app))
+    first = _ok(client.invoke(ref, input={"q": "one"}, session_id=session))
+    second = _ok(client.invoke(ref, input={"q": "two"}, session_id=session))
+    hit = _ok(client.invoke(ref, input={"q": "one"}, session_id=session))  # a cache hit belongs to the session too
+    _ok(client.invoke(ref, input={"q": "elsewhere"}, session_id=_name("other")))
+    body = client.get(f"/api/v1/sessions/{session}").json()
+    assert [r["request_id"] for r in body["data"]["runs"]] == [first["request_id"], second["request_id"],
+                                                               hit["request_id"]]
+    assert [c["status"] for c in body["data"]["model_calls"]] == ["ok", "ok"]
+    assert body["pagination"]["total"] == 3
+    assert client.get(f"/api/v1/sessions/{_name('none')}").status_code == 404

@@ -580,9 +580,12 @@ def test_finish_records_the_end_writes_a_done_event_and_drops_the_lease(runs: Ru
     runs.add_chunk("req_1", "partial", {"n": 1})
     finish_run(runs, "req_1", output={"answer": 42})
 
-    seen: list[dict[str, Any]] = []
-    done = runs.wait("req_1", queue_wait=1, run_seconds=1, on_chunk=seen.append, poll=0.05)
+    events = list(runs.events("req_1", queue_wait=1, run_seconds=1, poll=0.05))
+    seen = [data for kind, data in events if kind == "chunk"]
+    done = events[-1][1]
 
+    assert [kind for kind, _ in events] == ["chunk", "chunk", "done"]
+    assert done == runs.wait("req_1", queue_wait=1, run_seconds=1, poll=0.05)
     assert done == {"status": "succeeded", "version": "1.0.0", "output": {"answer": 42}}
     assert seen == [{"type": "progress", "content": "drafted"}, {"type": "partial", "content": {"n": 1}}]
     assert runs.chunks("req_1") == seen
@@ -592,7 +595,7 @@ def test_finish_records_the_end_writes_a_done_event_and_drops_the_lease(runs: Ru
     assert 0 < redis_db.pttl(keys.run_events("req_1")) <= 60_000
 
 
-def test_wait_returns_when_the_run_finishes_later(runs: RunStore) -> None:
+def test_events_follow_a_run_that_finishes_later(runs: RunStore) -> None:
     queue_run(runs, "req_1")
     runs.claim("req_1", "worker-a", lease_ms=10_000)
     seen: list[dict[str, Any]] = []
@@ -606,7 +609,10 @@ def test_wait_returns_when_the_run_finishes_later(runs: RunStore) -> None:
     worker = threading.Thread(target=work)
     worker.start()
     try:
-        done = runs.wait("req_1", queue_wait=10, run_seconds=10, on_chunk=seen.append, poll=0.05)
+        for kind, data in runs.events("req_1", queue_wait=10, run_seconds=10, poll=0.05):
+            if kind == "chunk":
+                seen.append(data)
+            done = data
     finally:
         worker.join()
 
