@@ -30,6 +30,9 @@ from flowpool.devstack import Stack  # noqa: E402
 from flowpool.procs import set_parent_death_signal  # noqa: E402
 from flowpool.redis_server import RedisServer  # noqa: E402
 
+sys.path.insert(0, str(ROOT))
+from tests.provider import StandInProvider  # noqa: E402
+
 NOOP = "def execute(ctx):\n    return {'ok': True}\n"
 
 
@@ -73,6 +76,66 @@ def throughput(make_call: Callable[[], Callable[[], object]], clients: int, seco
     return sum(counts) / (time.perf_counter() - started)
 
 
+MODEL_CALLS = """
+import time
+
+def execute(ctx):
+    times = []
+    for _ in range(ctx.input["n"]):
+        start = time.perf_counter()
+        ctx.chat.completions.create(application="bench", intent="answer",
+                                    messages=[{"role": "user", "content": "ping"}])
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+"""
+
+
+def model_call_rows(api: str, session: requests.Session, provider: StandInProvider, n: int) -> None:
+    """One model call through ctx (timed inside the script) against the same call made directly."""
+    session.put(api + "/api/v1/applications/bench",
+                json={"intents": {"answer": {"model": "echo", "base_url": provider.base_url}}}).raise_for_status()
+    session.post(api + "/api/v1/workflows/upload",
+                 json={"workflow_ref_name": "model-calls", "script": MODEL_CALLS}).raise_for_status()
+    session.post(api + "/api/v1/workflows/upload", json={
+        "workflow_ref_name": "one-call", "script": MODEL_CALLS.replace('ctx.input["n"]', "1")}).raise_for_status()
+    direct = requests.Session()
+    body = {"model": "echo", "messages": [{"role": "user", "content": "ping"}]}
+
+    def direct_call() -> None:
+        direct.post(provider.base_url + "/chat/completions", json=body, timeout=10).raise_for_status()
+
+    first_calls: list[float] = []
+
+    def invoke_one() -> None:
+        response = session.post(api + "/workflow/chat/completions", json={"model": "workflow:one-call", "input": {},
+                                                                          "cache": False})
+        response.raise_for_status()
+        first_calls.extend(response.json()["output"])
+
+    direct_ms: list[float] = []
+    via_ctx: list[float] = []
+    invoke_ms: list[float] = []
+    for _ in range(5):  # interleaved rounds, as above
+        direct_ms += latency(direct_call, n // 5, warmup=5)
+        response = session.post(api + "/workflow/chat/completions", json={
+            "model": "workflow:model-calls", "input": {"n": n // 5}, "cache": False}, timeout=300)
+        response.raise_for_status()
+        via_ctx += response.json()["output"]
+        invoke_ms += latency(invoke_one, max(1, n // 20), warmup=2)
+    p50 = statistics.median
+    print()
+    print(f"{'model call row':<52} {'p50 ms':>8} {'p99 ms':>8} {'added p50 ms':>12}")
+    print(f"{'direct requests.post to the stand-in vendor':<52} {p50(direct_ms):>8.3f} "
+          f"{percentile(direct_ms, 99):>8.3f} {'-':>12}")
+    print(f"{'ctx.chat.completions.create (timed in the script)':<52} {p50(via_ctx):>8.3f} "
+          f"{percentile(via_ctx, 99):>8.3f} {p50(via_ctx) - p50(direct_ms):>12.3f}")
+    print(f"{'the first ctx call of a fresh run (timed in the script)':<52} {p50(first_calls):>8.3f} "
+          f"{percentile(first_calls, 99):>8.3f} {p50(first_calls) - p50(direct_ms):>12.3f}")
+    print(f"{'invoke of a workflow making one model call (HTTP)':<52} {p50(invoke_ms):>8.3f} "
+          f"{percentile(invoke_ms, 99):>8.3f} {p50(invoke_ms) - p50(direct_ms):>12.3f}")
+    print("target: a model call through ctx adds at most 3 ms p50 over the direct call")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=400, help="sequential calls per latency row")
@@ -89,7 +152,9 @@ def main() -> None:
          "--loglevel", "WARNING", "-Q", "bare", "--without-gossip", "--without-mingle"],
         env=env, cwd=ROOT / "bench", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         preexec_fn=set_parent_death_signal)
-    stack = Stack(env={"FLOWPOOL_LOG_LEVEL": "WARNING"}, redis_url=redis_server.url)
+    provider = StandInProvider().start()
+    stack = Stack(env={"FLOWPOOL_LOG_LEVEL": "WARNING", "FLOWPOOL_EGRESS_ALLOW": "127.0.0.1/32"},
+                  redis_url=redis_server.url)
     try:
         os.environ["BENCH_REDIS_URL"] = redis_server.url
         import bare_celery
@@ -160,7 +225,9 @@ def main() -> None:
               "at the server")
         print("targets: no-op invoke p50 <= 2.00x bare; cache hit server p50 < 1 ms and >= 10x faster than a miss; "
               "invoke throughput >= 0.50x bare")
+        model_call_rows(api, session, provider, args.requests)
     finally:
+        provider.stop()
         stack.stop()
         bare_worker.terminate()
         bare_worker.wait(10)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from http.cookiejar import DefaultCookiePolicy
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -107,7 +108,11 @@ class _GuardedConnection:
 
 
 def guarded_session(policy: EgressPolicy, max_redirects: int = 5) -> requests.Session:
-    """A requests session whose every connection passes ``policy``; no proxies from the environment."""
+    """A requests session whose every connection passes ``policy``; no proxies from the environment, no cookies.
+
+    Its connection pools (urllib3's) are safe to share between threads, and
+    sharing them keeps connections to providers warm across runs.
+    """
     http_conn = type("GuardedHTTPConnection", (_GuardedConnection, HTTPConnection), {"policy": policy})
     https_conn = type("GuardedHTTPSConnection", (_GuardedConnection, HTTPSConnection), {"policy": policy})
     pools = {
@@ -123,6 +128,8 @@ def guarded_session(policy: EgressPolicy, max_redirects: int = 5) -> requests.Se
     session = requests.Session()
     session.trust_env = False
     session.max_redirects = max_redirects
+    # Shared by every run of a worker: no cookie may carry over from one run to another.
+    session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
     adapter = GuardedAdapter()
     session.mount("http://", adapter)
     session.mount("https://", adapter)

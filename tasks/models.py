@@ -9,7 +9,6 @@ the run. Each call times out inside the run's remaining budget.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
@@ -65,13 +64,10 @@ class ModelRouter:
         self.environ = environ
         self.retries = retries
         self.connect_timeout = connect_timeout
-        self._local = threading.local()
+        self._shared = guarded_session(egress)
 
     def _session(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = guarded_session(self.egress)
-        return session
+        return self._shared
 
     def chat(self, run: RunCalls, params: dict[str, Any], deadline: float, stream: bool) -> Any:
         """One monitored model call: the response dict, or a Streamed of chunk dicts."""

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import base64
-import threading
 import time
 from typing import Any
 
@@ -23,13 +22,10 @@ class HttpClient:
         self.egress = egress
         self.max_response_bytes = max_response_bytes
         self.connect_timeout = connect_timeout
-        self._local = threading.local()
+        self._shared = guarded_session(egress)
 
     def _session(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = guarded_session(self.egress)
-        return session
+        return self._shared
 
     def request(self, params: dict[str, Any], deadline: float) -> dict[str, Any]:
         method = str(params.get("method", "GET")).upper()

@@ -9,7 +9,8 @@ The model name says how it behaves:
 Streams (``"stream": true``) send one chunk per word, then a chunk with usage, then [DONE].
 Usage counts words: prompt = words of every message, completion = words of the answer.
 
-It also serves plain HTTP for ctx.http tests: GET /doc/NAME (JSON), GET /big?kb=N,
+It also serves plain HTTP for ctx.http tests: GET /doc/NAME (JSON), GET /article?paragraphs=N
+(plain text, paragraphs a blank line apart), GET /big?kb=N,
 GET /slow?ms=N, GET /redirect?to=URL (302), POST /echo (the body back), and gates a
 script can wait on: GET /gate/NAME says {"open": ...}, POST /gate/NAME opens it.
 """
@@ -41,6 +42,9 @@ class StandInProvider:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body go out in separate writes: without this, Nagle's
+            # algorithm and the client's delayed ACK add 40 ms to every answer.
+            disable_nagle_algorithm = True
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -52,6 +56,10 @@ class StandInProvider:
                     provider.requests.append({"path": self.path, "body": None, "headers": dict(self.headers)})
                 if parts.path.startswith("/gate/"):
                     return self._json(200, {"open": parts.path[6:] in provider.open_gates})
+                if parts.path == "/article":
+                    count = int(query.get("paragraphs", "3"))
+                    text = "\n\n".join(f"Paragraph {i + 1} says something worth knowing." for i in range(count))
+                    return self._raw(200, text.encode(), "text/plain; charset=utf-8")
                 if parts.path.startswith("/doc/"):
                     return self._json(200, {"name": parts.path[5:], "sections": ["intro", "usage", "faq"]})
                 if parts.path == "/big":

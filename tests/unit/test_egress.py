@@ -51,3 +51,53 @@ def test_an_allowed_host_name_passes_whatever_it_resolves_to() -> None:
 def test_only_http_urls_with_a_host_are_reachable(url: str) -> None:
     with pytest.raises(EgressDenied):
         EgressPolicy("127.0.0.1/32").check_url(url)
+
+
+def test_a_connection_goes_to_the_checked_address_and_a_name_resolving_to_a_refused_one_never_connects(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name whose DNS answer is 127.0.0.2 is refused at connect time, redirects included.
+
+    The DNS answer is injected (no resolver here can be made to give it for
+    real); the server listens on 127.0.0.1 and must see nothing.
+    """
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from flowpool.egress import guarded_session
+
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            seen.append(self.path)
+            target = "http://rebound.test:%d/inside" % self.server.server_address[1]
+            self.send_response(302 if self.path == "/hop" else 200)
+            self.send_header("Location", target)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    real = socket.getaddrinfo
+
+    def fake_getaddrinfo(host: str, *args: object, **kwargs: object) -> object:
+        if host == "rebound.test":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.2", port))]
+        return real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
+    session = guarded_session(EgressPolicy("127.0.0.1/32"))
+    try:
+        with pytest.raises(EgressDenied, match="127.0.0.2"):
+            session.get(f"http://rebound.test:{port}/direct", timeout=5)
+        with pytest.raises(EgressDenied, match="127.0.0.2"):
+            session.get(f"http://127.0.0.1:{port}/hop", timeout=5)  # allowed, then redirected to the name
+        assert seen == ["/hop"]
+    finally:
+        server.shutdown()
+        server.server_close()
