@@ -26,13 +26,13 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex}"
 
 
-def completion(body: InvokeRequest, request_id: str, session_id: str, done: dict[str, Any]) -> dict[str, Any]:
+def completion(model: str, request_id: str, session_id: str, done: dict[str, Any]) -> dict[str, Any]:
     """The OpenAI ``chat.completion`` answer of a finished run, with flowpool's own fields."""
     return {
         "id": f"chatcmpl-{request_id}",
         "object": "chat.completion",
         "created": int(time.time()),
-        "model": body.model,
+        "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": done.get("content")},
                      "finish_reason": "stop"}],
         "usage": done.get("usage") or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
@@ -57,7 +57,7 @@ def _answer(body: InvokeRequest, request_id: str, session_id: str, done: dict[st
         error = run_error_from_dict(done["error"])
         error.details["request_id"] = request_id
         raise error
-    response = jsonify(completion(body, request_id, session_id, done))
+    response = jsonify(completion(body.model, request_id, session_id, done))
     response.headers["X-Request-Id"] = request_id
     response.headers["X-Cache"] = cache
     return response
@@ -104,14 +104,14 @@ def chat_completions() -> Response:
         _record_hit(svc, body, workflow, request_id, session_id, found)
         done = dict(found, status="succeeded")
         if body.stream:
-            replay = [("chunk", chunk) for chunk in found.get("chunks") or ()] + [("done", done)]
-            return _stream(svc, body, request_id, session_id, iter(replay), "HIT")
+            return stream_response(svc, body.model, request_id, session_id,
+                                   _replay(found.get("chunks") or [], done), "HIT")
         return _answer(body, request_id, session_id, done, "HIT")
     if state == "join":
         # An identical request is running: share its run instead of starting one.
         if body.stream:
-            return _stream(svc, body, found, session_id, svc.runs.events(
-                found, settings.queue_wait_seconds, run_seconds), "HIT")
+            return stream_response(svc, body.model, found, session_id, svc.runs.events(
+                found, settings.queue_wait_seconds, run_seconds, keepalive=settings.stream_keepalive_seconds), "HIT")
         done = _wait(svc, found, run_seconds)
         return _answer(body, found, session_id, done, "HIT")
 
@@ -126,61 +126,89 @@ def chat_completions() -> Response:
         raise
     mark("submit")
     if body.stream:
-        return _stream(svc, body, request_id, session_id,
-                       svc.runs.events(request_id, settings.queue_wait_seconds, run_seconds), "MISS")
+        return stream_response(svc, body.model, request_id, session_id, svc.runs.events(
+            request_id, settings.queue_wait_seconds, run_seconds, keepalive=settings.stream_keepalive_seconds),
+            "MISS", cancel_on_disconnect=body.on_disconnect == "cancel")
     done = _wait(svc, request_id, run_seconds)
     mark("wait")
     return _answer(body, request_id, session_id, done, "MISS")
 
 
-def _sse(payload: Any) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n"
+def _sse(payload: Any, event_id: str = "") -> str:
+    data = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    return f"id: {event_id}\ndata: {data}\n\n" if event_id else f"data: {data}\n\n"
 
 
-def _stream(svc: Services, body: InvokeRequest, request_id: str, session_id: str,
-            events: Iterator[tuple[str, dict[str, Any]]], cache: str) -> Response:
+Events = Iterator[tuple[str, str, dict[str, Any]]]
+
+
+def stream_response(svc: Services, model: str, request_id: str, session_id: str, events: Events, cache: str,
+                    cancel_on_disconnect: bool = False) -> Response:
     """Answer as ``text/event-stream``: each emitted chunk, then the chat.completion, then ``[DONE]``.
 
-    A run that fails before its first event is answered with the plain JSON
-    error and its status; after it, with an ``error`` event.
+    Each event carries the run's stream entry id as its SSE ``id``, so
+    ``GET /api/v1/runs/{request_id}/stream`` with ``Last-Event-ID`` resumes a
+    dropped connection. A run that fails before its first event is answered
+    with the plain JSON error and its status; after it, with an ``error``
+    event. A caller that goes away leaves the run going, unless it asked for
+    ``"on_disconnect": "cancel"``.
     """
     try:
         first = next(events)
+        while first[1] == "ping":
+            first = next(events)
     except RunError as exc:
         exc.details.setdefault("request_id", request_id)
         raise
-    if first[0] == "done" and first[1].get("error"):
-        _answer(body, request_id, session_id, first[1], cache)  # raises the run's error
+    if first[1] == "done" and first[2].get("error"):
+        error = run_error_from_dict(first[2]["error"])
+        error.details["request_id"] = request_id
+        raise error
 
     def generate() -> Iterator[str]:
-        index = 0
+        finished = False
         try:
-            for kind, data in itertools.chain([first], events):
+            for event_id, kind, data in itertools.chain([first], events):
+                if kind == "ping":
+                    yield ": keep-alive\n\n"
+                    continue
                 if kind == "chunk":
                     # "choices": [] keeps OpenAI clients, which read every event as a chunk, happy.
                     yield _sse({"object": "workflow.chunk", "type": data.get("type"), "content": data.get("content"),
-                                "index": index, "request_id": request_id, "choices": []})
-                    index += 1
+                                "index": data.get("index"), "request_id": request_id, "choices": []}, event_id)
                     continue
+                finished = True
                 done = svc.runs.take_reply(request_id, data)
                 if done.get("error"):
                     error = run_error_from_dict(done["error"])
                     error.details["request_id"] = request_id
-                    yield _sse(error.to_body())
+                    yield _sse(error.to_body(), event_id)
                 else:
-                    final = completion(body, request_id, session_id, done)
+                    final = completion(model, request_id, session_id, done)
                     final["choices"][0]["delta"] = dict(final["choices"][0]["message"])
-                    yield _sse(final)
+                    yield _sse(final, event_id)
                 break
         except RunError as exc:
+            finished = True
             exc.details.setdefault("request_id", request_id)
             yield _sse(exc.to_body())
+        except GeneratorExit:  # the caller went away
+            if cancel_on_disconnect and not finished:
+                svc.runs.request_cancel(request_id)
+            raise
         yield "data: [DONE]\n\n"
 
     response = Response(generate(), mimetype="text/event-stream")
     response.headers.update({"X-Request-Id": request_id, "X-Cache": cache, "Cache-Control": "no-cache",
                              "X-Accel-Buffering": "no"})
     return response
+
+
+def _replay(chunks: list[dict[str, Any]], done: dict[str, Any]) -> Events:
+    """A cached run's events: its stored chunks, then its end."""
+    for index, chunk in enumerate(chunks):
+        yield "", "chunk", {**chunk, "index": index}
+    yield "", "done", done
 
 
 def _wait(svc: Services, request_id: str, run_seconds: float) -> dict[str, Any]:
@@ -231,4 +259,4 @@ def _submit(svc: Services, body: InvokeRequest, workflow: ResolvedWorkflow, requ
         raise Unavailable(f"the broker did not take the run: {exc}") from exc
 
 
-__all__ = ["bp", "completion"]
+__all__ = ["bp", "completion", "stream_response"]

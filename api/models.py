@@ -41,6 +41,7 @@ class InvokeRequest(BaseModel):
     max_tokens: Optional[int] = Field(None, ge=1)
     temperature: Optional[float] = Field(None, ge=0, le=2)
     cache: bool = True
+    on_disconnect: Literal["continue", "cancel"] = "continue"
 
     @field_validator("model")
     @classmethod

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, jsonify
+import re
 
-from flowpool.errors import NotFound
+from flask import Blueprint, jsonify, request
+
+from flowpool.errors import NotFound, RequestError
 
 from .app import Services, authenticate, services
+from .invoke import stream_response
 from .parsing import page_args, paginated
 
 bp = Blueprint("runs", __name__, url_prefix="/api/v1")
@@ -76,3 +79,23 @@ def get_session(session_id: str):  # type: ignore[no-untyped-def]
     calls = sum((item["model_calls"] for item in items), [])
     return jsonify({"data": {"session_id": session_id, "runs": items, "model_calls": calls},
                     "pagination": {"total": total, "offset": offset, "limit": limit}})
+
+
+@bp.get("/runs/<request_id>/stream")
+def stream_run(request_id: str):  # type: ignore[no-untyped-def]
+    """Follow a run as SSE from the start, or resume after ``Last-Event-ID``."""
+    svc, account = services(), authenticate()
+    record = svc.runs.get(request_id)
+    if record is None or record.get("account") != account.id:
+        raise NotFound(f"no run with request_id {request_id!r}")
+    source = record.get("origin_request_id") or request_id  # a cache hit follows the run it came from
+    after = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0-0"
+    if not re.fullmatch(r"\d+-\d+", after):
+        raise RequestError(f"Last-Event-ID must be a stream entry id like 1700000000000-0, got {after!r}",
+                           param="Last-Event-ID")
+    settings = svc.settings
+    run_seconds = float(record.get("timeout_seconds") or settings.default_timeout_seconds) + settings.run_deadline_slack
+    events = svc.runs.events(source, settings.queue_wait_seconds, run_seconds, after=after,
+                             keepalive=settings.stream_keepalive_seconds)
+    return stream_response(svc, f"workflow:{record.get('workflow')}", request_id, record.get("session_id") or "",
+                           events, "HIT" if record.get("cache_hit") else "MISS")

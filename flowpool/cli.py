@@ -91,24 +91,31 @@ def _quit_now(signum: int, frame: Any) -> None:
 @click.option("--port", default=8080, show_default=True)
 @click.option("--host", default="0.0.0.0", show_default=True)
 def api(port: int, host: str) -> None:
-    """Serve the API with gunicorn (threads, FLOWPOOL_API_WORKERS processes)."""
+    """Serve the API with gunicorn (FLOWPOOL_API_WORKERS processes of FLOWPOOL_API_WORKER_CLASS)."""
     from gunicorn.app.base import BaseApplication
-
-    from .api import create_app
 
     settings = _settings()
 
     class _Server(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
-            for key, value in {
-                "bind": f"{host}:{port}", "workers": settings.api_workers, "threads": settings.api_threads,
-                "worker_class": "gthread", "timeout": int(settings.max_timeout_seconds + 120),
+            config = {
+                "bind": f"{host}:{port}", "workers": settings.api_workers,
+                "worker_class": settings.api_worker_class, "timeout": int(settings.max_timeout_seconds + 120),
                 "graceful_timeout": 30, "keepalive": 5, "accesslog": None, "loglevel": settings.log_level.lower(),
                 "post_fork": _gunicorn_post_fork, "post_worker_init": _gunicorn_post_worker_init,
-            }.items():
+            }
+            if settings.api_worker_class == "gthread":
+                config["threads"] = settings.api_threads
+            else:
+                config["worker_connections"] = settings.api_connections
+            for key, value in config.items():
                 self.cfg.set(key, value)
 
         def load(self):  # type: ignore[no-untyped-def]
+            # Imported here, in the worker: with gevent the worker patches the
+            # standard library first, and the app's modules must come after.
+            from .api import create_app
+
             return create_app(settings)
 
     _Server().run()
@@ -242,8 +249,15 @@ def invoke(ref: str, input_json: str | None, messages: tuple[str, ...], stream: 
         raise click.UsageError("give --input or --message")
     model = ref if ref.startswith("workflow:") else f"workflow:{ref}"
     if stream:
-        for chunk in _api_call(lambda: list(client.workflow.completions.create(model=model, **kwargs))):
-            _echo_json(chunk)
+        def follow() -> None:
+            for chunk in client.workflow.completions.create(model=model, **kwargs):  # printed as they arrive
+                data = chunk.to_dict()
+                if data.get("object") == "workflow.chunk":
+                    click.echo(json.dumps({"type": data.get("type"), "content": data.get("content")}))
+                else:
+                    _echo_json(data.get("output"))
+
+        _api_call(follow)
         return
     _echo_json(_api_call(client.workflow.completions.create, model=model, **kwargs).output)
 

@@ -17,6 +17,7 @@
     │   ├── ResultTooLarge             413 payload_too_large
     │   ├── SandboxError               500 sandbox_error
     │   ├── WorkerLost                 500 worker_lost
+    │   ├── Cancelled                  499 cancelled (the caller went away and asked for it)
     │   └── RunNotStarted              503 service_unavailable
     └── ConfigurationError             raised at start-up, never rendered
 
@@ -154,6 +155,13 @@ class WorkerLost(RunError):
     type = "worker_lost"
 
 
+class Cancelled(RunError):
+    """The caller went away and asked for the run to be stopped."""
+
+    status = 499
+    type = "cancelled"
+
+
 class RunNotStarted(RunError):
     """No worker started the run in time; it was dropped before it did anything."""
 
@@ -165,7 +173,7 @@ class RunNotStarted(RunError):
 _RUN_ERRORS: dict[str, type[RunError]] = {
     cls.__name__: cls
     for cls in (TimeLimitExceeded, ScriptError, OutputSchemaError, ResultTooLarge, SandboxError, WorkerLost,
-                RunNotStarted)
+                RunNotStarted, Cancelled)
 }
 
 
@@ -179,6 +187,7 @@ def run_error_from_dict(data: dict[str, Any]) -> RunError:
 
 __all__ = [
     "AuthenticationError",
+    "Cancelled",
     "ConfigurationError",
     "FlowpoolError",
     "InputSchemaError",

@@ -4,7 +4,7 @@ from __future__ import annotations
 __all__ = [
     "ACCOUNTS", "SECRET", "WORKERS",
     "account", "agents", "api_key", "applications", "session_runs", "workflows", "workflow", "versions", "version", "version_hashes",
-    "run", "run_events", "run_lease", "run_reply", "workflow_runs", "cache", "inflight",
+    "run", "run_cancel", "run_events", "run_lease", "run_reply", "workflow_runs", "cache", "inflight",
 ]
 
 PREFIX = "fp:"
@@ -82,6 +82,11 @@ def run_events(request_id: str) -> str:
 def run_reply(request_id: str) -> str:
     """String with a short TTL: a final output the run's stream keeps only redacted (it carries a secret)."""
     return f"{PREFIX}run:{request_id}:reply"
+
+
+def run_cancel(request_id: str) -> str:
+    """String: set when the caller asked for the run to stop (a streaming caller that went away)."""
+    return f"{PREFIX}run:{request_id}:cancel"
 
 
 def run_lease(request_id: str) -> str:

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import redis
 
 from . import keys
-from .errors import RunError, RunNotStarted, WorkerLost
+from .errors import Cancelled, RunError, RunNotStarted, WorkerLost
 
 __all__ = ["RunStatus", "RunStore", "Done"]
 
@@ -77,6 +77,7 @@ class RunStatus(str, Enum):
     TIMED_OUT = "timed_out"
     LOST = "lost"
     EXPIRED = "expired"
+    CANCELLED = "cancelled"
 
     @classmethod
     def for_error(cls, error: RunError | None) -> RunStatus:
@@ -86,6 +87,8 @@ class RunStatus(str, Enum):
             return cls.TIMED_OUT
         if isinstance(error, WorkerLost):
             return cls.LOST
+        if isinstance(error, Cancelled):
+            return cls.CANCELLED
         return cls.FAILED
 
 
@@ -157,10 +160,17 @@ class RunStore:
         return bool(self._claim(keys=[keys.run(request_id), keys.run_lease(request_id)],
                                 args=[_dumps(worker), _dumps(time.time()), lease_ms]))
 
-    def add_chunk(self, request_id: str, chunk_type: str, content: Any, pipe: Any = None) -> None:
-        """Append one emitted chunk to the run's stream."""
-        (pipe or self.redis).xadd(keys.run_events(request_id),
-                                  {"kind": "chunk", "data": _dumps({"type": chunk_type, "content": content})})
+    def add_chunk(self, request_id: str, chunk_type: str, content: Any, index: int | None = None,
+                  pipe: Any = None) -> None:
+        """Append one emitted chunk (the run's ``index``-th) to the run's stream."""
+        data: dict[str, Any] = {"type": chunk_type, "content": content}
+        if index is not None:
+            data["index"] = index
+        (pipe or self.redis).xadd(keys.run_events(request_id), {"kind": "chunk", "data": _dumps(data)})
+
+    def request_cancel(self, request_id: str) -> None:
+        """Ask the worker running ``request_id`` to stop it (it checks within its heartbeat)."""
+        self.redis.set(keys.run_cancel(request_id), 1, px=self.ttl_ms)
 
     def finish(self, pipe: redis.client.Pipeline, request_id: str, done: Done, fields: dict[str, Any]) -> None:
         """Queue the writes that end a run: its record, the ``done`` event, the lease gone."""
@@ -210,8 +220,11 @@ class RunStore:
 
     def chunks(self, request_id: str) -> list[dict[str, Any]]:
         """The chunks the run emitted, in order."""
-        return [json.loads(fields[b"data"]) for _, fields in self.redis.xrange(keys.run_events(request_id))
-                if fields.get(b"kind") == b"chunk"]
+        chunks = [json.loads(fields[b"data"]) for _, fields in self.redis.xrange(keys.run_events(request_id))
+                  if fields.get(b"kind") == b"chunk"]
+        for chunk in chunks:
+            chunk.pop("index", None)
+        return chunks
 
     def list_for_session(self, account_id: str, session_id: str, offset: int, limit: int) -> tuple[list[str], int]:
         """Request ids of a session's runs, oldest first, and the total."""
@@ -227,14 +240,19 @@ class RunStore:
 
     def wait(self, request_id: str, queue_wait: float, run_seconds: float, poll: float = 1.0) -> Done:
         """Block until the run's ``done`` event (see :meth:`events`)."""
-        for kind, data in self.events(request_id, queue_wait, run_seconds, poll=poll, chunks=False):
+        for _, kind, data in self.events(request_id, queue_wait, run_seconds, poll=poll, chunks=False):
             if kind == "done":
                 return data
         raise AssertionError("events() ends with done")
 
     def events(self, request_id: str, queue_wait: float, run_seconds: float, poll: float = 1.0,
-               chunks: bool = True) -> Iterator[tuple[str, dict[str, Any]]]:
-        """The run's chunks as they come (``("chunk", data)``), then ``("done", data)``.
+               chunks: bool = True, after: str = "0-0",
+               keepalive: float | None = None) -> Iterator[tuple[str, str, dict[str, Any]]]:
+        """The run's chunks as they come (``(entry_id, "chunk", data)``), then ``(entry_id, "done", data)``.
+
+        ``after`` is a stream entry id (an SSE Last-Event-ID) to resume from.
+        With ``keepalive``, ``("", "ping", {})`` comes after that many seconds
+        without an event, so a streaming caller can keep its connection open.
 
         Ends the run itself if it cannot finish: ``queue_wait`` bounds the
         time before a worker claims it (then RunNotStarted, a 503, and the run
@@ -243,9 +261,10 @@ class RunStore:
         can follow one run.
         """
         stream = keys.run_events(request_id)
-        last_id = "0-0"
+        last_id = after
         started_by = time.monotonic() + queue_wait
         run_deadline: float | None = None
+        quiet_since = time.monotonic()
         while True:
             reply = self.redis.xread({stream: last_id}, block=int(poll * 1000), count=500)
             for _, entries in reply or ():
@@ -253,12 +272,16 @@ class RunStore:
                     last_id = entry_id
                     kind = fields.get(b"kind")
                     if kind == b"done":
-                        yield "done", json.loads(fields[b"data"])
+                        yield entry_id.decode(), "done", json.loads(fields[b"data"])
                         return
                     if chunks:
-                        yield "chunk", json.loads(fields[b"data"])
+                        yield entry_id.decode(), "chunk", json.loads(fields[b"data"])
             if reply:
+                quiet_since = time.monotonic()
                 continue
+            if keepalive is not None and time.monotonic() - quiet_since >= keepalive:
+                quiet_since = time.monotonic()
+                yield "", "ping", {}
             status, has_lease, version = self._state(request_id)
             now = time.monotonic()
             if status == RunStatus.QUEUED.value and now > started_by:

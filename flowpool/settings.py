@@ -77,7 +77,13 @@ class Settings(BaseSettings):
     runs_per_workflow: int = Field(1000, ge=1, description="Run ids indexed per workflow.")
 
     # Serving.
-    api_threads: int = Field(32, ge=1, description="Threads per API process (gunicorn gthread).")
+    stream_keepalive_seconds: float = Field(15.0, gt=0, description="A comment line every so often on an idle stream.")
+    api_worker_class: str = Field(
+        "gevent", pattern="^(gevent|gthread)$",
+        description="gunicorn worker class. gevent: an open stream costs a greenlet, so thousands of streams "
+        "never starve other requests; gthread: a thread per open request.")
+    api_connections: int = Field(1000, ge=1, description="Open connections per API process (gevent).")
+    api_threads: int = Field(32, ge=1, description="Threads per API process (gthread).")
     api_workers: int = Field(2, ge=1, description="API processes (gunicorn workers).")
     log_level: str = Field("INFO", description="Log level of every process.")
 

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from ..errors import ResultTooLarge, SandboxError, ScriptError, TimeLimitExceeded
+from ..errors import Cancelled, ResultTooLarge, SandboxError, ScriptError, TimeLimitExceeded
 from ..procs import set_parent_death_signal
 from .channel import Channel, ChannelClosed, ProtocolError
 
@@ -77,7 +77,7 @@ class RunOutcome:
 
     result: Any = None
     result_json: str | None = None
-    error: ScriptError | TimeLimitExceeded | SandboxError | ResultTooLarge | None = None
+    error: ScriptError | TimeLimitExceeded | SandboxError | ResultTooLarge | Cancelled | None = None
     logs: list[dict[str, Any]] = field(default_factory=list)
     logs_truncated: bool = False
     chunks: int = 0
@@ -439,7 +439,7 @@ class Sandbox:
     def run(self, code: bytes, job: dict[str, Any], soft_seconds: float,
             on_emit: Callable[[str, Any], None] | None = None, source: str | None = None,
             gate: Callable[[], bool] | None = None, on_call: CallHandler | None = None,
-            slot_timeout: float | None = None) -> RunOutcome:
+            slot_timeout: float | None = None, cancel: threading.Event | None = None) -> RunOutcome:
         """Run ``execute(ctx)`` of the compiled ``code`` for ``job``; never raises for the script's faults.
 
         ``gate`` is called once the job is handed over, so the caller's own
@@ -468,7 +468,8 @@ class Sandbox:
                 if gate is not None and not gate():
                     outcome.skipped = True
                     return outcome
-                self._supervise(channel, process, hard_deadline, soft_seconds, started, outcome, on_emit, on_call)
+                self._supervise(channel, process, hard_deadline, soft_seconds, started, outcome, on_emit, on_call,
+                                cancel)
             except OSError as exc:  # the process died before it took the job
                 outcome.error = self._crash(process) if isinstance(exc, BrokenPipeError) else SandboxError(
                     f"could not hand the job to the sandbox process: {exc}")
@@ -484,10 +485,14 @@ class Sandbox:
 
     def _supervise(self, channel: Channel, process: _Process, hard_deadline: float, soft_seconds: float,
                    started: float, outcome: RunOutcome, on_emit: Callable[[str, Any], None] | None,
-                   on_call: CallHandler | None = None) -> None:
+                   on_call: CallHandler | None = None, cancel: threading.Event | None = None) -> None:
         limits = self.limits
         log_bytes = 0
         while True:
+            if cancel is not None and cancel.is_set():
+                process.kill()
+                outcome.error = Cancelled("the caller went away and asked for the run to be cancelled")
+                return
             remaining = hard_deadline - time.monotonic()
             if remaining <= 0:
                 process.kill()
@@ -495,7 +500,8 @@ class Sandbox:
                     f"the run passed its hard time limit ({soft_seconds + self.hard_grace_seconds:g}s) and was killed",
                     limit="hard", seconds=soft_seconds)
                 return
-            channel.sock.settimeout(remaining)
+            # With a cancel event, wake up now and then to look at it.
+            channel.sock.settimeout(min(remaining, 0.25) if cancel is not None else remaining)
             try:
                 message = channel.recv()
             except socket.timeout:

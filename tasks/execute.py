@@ -1,6 +1,7 @@
 """Run one job on a worker: claim it, run the script in the sandbox, record and cache the outcome."""
 from __future__ import annotations
 
+import itertools
 import logging
 import marshal
 import threading
@@ -74,10 +75,13 @@ def execute_run(runtime: Any, job: dict[str, Any]) -> str:
     request_id = job["request_id"]
     runs = runtime.runs
 
+    cancel = threading.Event()
+
     def claim() -> bool:
         """Mark the run as ours; False when the caller gave up on it meanwhile."""
         if not runs.claim(request_id, runtime.name, runtime.lease_ms):
             return False
+        runtime.cancels[request_id] = cancel
         runtime.active.add(request_id)
         return True
 
@@ -98,14 +102,16 @@ def execute_run(runtime: Any, job: dict[str, Any]) -> str:
             sandbox_job = {k: job.get(k) for k in
                            ("input", "messages", "secrets", "metadata", "params", "env", "session_id", "request_id")}
 
+            emitted = itertools.count()
+
             def on_emit(chunk_type: str, content: Any) -> None:
-                runs.add_chunk(request_id, chunk_type, redact(content, secrets))
+                runs.add_chunk(request_id, chunk_type, redact(content, secrets), index=next(emitted))
 
             router = CallRouter(runtime, job, calls, [job["workflow"]], on_emit)
 
             # The claim's round trip overlaps the run process's start.
             outcome = runtime.sandbox.run(script.code, sandbox_job, job["soft_seconds"], on_emit=on_emit,
-                                          source=script.source, gate=claim, on_call=router)
+                                          source=script.source, gate=claim, on_call=router, cancel=cancel)
             if outcome.skipped:
                 return _skipped(request_id)
             error = outcome.error
@@ -154,3 +160,4 @@ def execute_run(runtime: Any, job: dict[str, Any]) -> str:
         return status.value
     finally:
         runtime.active.discard(request_id)
+        runtime.cancels.pop(request_id, None)

@@ -69,6 +69,7 @@ class WorkerRuntime:
         )
         self.lease_ms = int(settings.worker_ttl_seconds * 1000)
         self.active: set[str] = set()
+        self.cancels: dict[str, threading.Event] = {}  # request id -> set when its caller asked to stop it
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat, name="flowpool-heartbeat", daemon=True)
 
@@ -94,9 +95,15 @@ class WorkerRuntime:
             try:
                 pipe = self.redis.pipeline(transaction=False)
                 pipe.zadd(keys.WORKERS, {self.name: time.time()})
-                for request_id in list(self.active):
+                active = list(self.active)
+                for request_id in active:
                     pipe.pexpire(keys.run_lease(request_id), self.lease_ms)
-                pipe.execute()
+                    pipe.exists(keys.run_cancel(request_id))
+                replies = pipe.execute()
+                for request_id, asked in zip(active, replies[2::2]):
+                    event = self.cancels.get(request_id)
+                    if asked and event is not None:
+                        event.set()
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
             self._stop.wait(self.settings.worker_heartbeat_seconds)

@@ -38,6 +38,7 @@ TEST_ENV = {
     # The stand-in model provider listens on 127.0.0.1; 127.0.0.2 stays refused.
     "FLOWPOOL_EGRESS_ALLOW": "127.0.0.1/32",
     "FLOWPOOL_HTTP_MAX_RESPONSE_BYTES": str(64 << 10),
+    "FLOWPOOL_STREAM_KEEPALIVE_SECONDS": "0.3",
     "STANDIN_API_KEY": "sk-from-the-worker-environment",  # a provider key only the workers hold
 }
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from typing import Any, Iterator
 
@@ -128,3 +129,147 @@ def test_the_openai_client_sees_errors_as_its_own_exceptions(client: Client) -> 
         pass
     else:
         raise AssertionError("expected a 401")
+
+
+def _raw_events(response: requests.Response) -> Iterator[dict[str, Any]]:
+    """SSE events with their id, comments included, as they arrive."""
+    event: dict[str, Any] = {}
+    for line in response.iter_lines(decode_unicode=True):
+        if line.startswith(":"):
+            yield {"comment": line}
+        elif line.startswith("id: "):
+            event["id"] = line[4:]
+        elif line.startswith("data: "):
+            data = line[6:]
+            event["data"] = data if data == "[DONE]" else json.loads(data)
+        elif not line and event:
+            yield event
+            event = {}
+
+
+def test_many_chunks_arrive_in_order_and_complete_with_ids(client: Client) -> None:
+    ref = _ref("many")
+    client.upload(ref, "def execute(ctx):\n    for i in range(500):\n        ctx.emit('n', i)\n    return 'done'\n")
+    response = client.post("/workflow/chat/completions", json={"model": f"workflow:{ref}", "input": {},
+                                                               "stream": True}, stream=True)
+    events = list(_raw_events(response))
+    chunks = [e for e in events if e.get("data", {}) != "[DONE]" and "data" in e][:-1]
+    assert [e["data"]["content"] for e in chunks] == list(range(500))
+    assert [e["data"]["index"] for e in chunks] == list(range(500))
+    ids = [e["id"] for e in chunks]
+    assert len(set(ids)) == 500 and ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
+
+
+def test_a_dropped_stream_resumes_after_the_last_event_id(client: Client, provider: StandInProvider) -> None:
+    ref, gate = _ref("resume"), f"{provider.origin}/gate/{uuid.uuid4().hex}"
+    client.upload(ref, WAITS_ON_A_GATE.format(gate=gate))
+    with client.post("/workflow/chat/completions", json={"model": f"workflow:{ref}", "input": {}, "stream": True},
+                     stream=True, timeout=30) as response:
+        request_id = response.headers["X-Request-Id"]
+        first = next(e for e in _raw_events(response) if "data" in e)
+    # The connection is gone; the run goes on.
+    requests.post(gate, timeout=5)
+    with client.get(f"/api/v1/runs/{request_id}/stream", headers={"Last-Event-ID": first["id"]},
+                    stream=True, timeout=30) as resumed:
+        assert resumed.status_code == 200
+        rest = [e["data"] for e in _raw_events(resumed) if "data" in e]
+    assert [e["content"] for e in rest[:3]] == [0, 1, 2]
+    assert rest[3]["output"] == {"done": True} and rest[-1] == "[DONE]"
+    # From the start, everything again.
+    with client.get(f"/api/v1/runs/{request_id}/stream", stream=True, timeout=30) as again:
+        assert [e["data"]["content"] for e in [e for e in _raw_events(again) if "data" in e][:4]] == \
+            ["started", 0, 1, 2]
+    assert client.get(f"/api/v1/runs/{request_id}/stream", headers={"Last-Event-ID": "nonsense"}).status_code == 400
+
+
+def test_an_idle_stream_gets_keep_alive_comments(client: Client, provider: StandInProvider) -> None:
+    ref, gate = _ref("idle"), f"{provider.origin}/gate/{uuid.uuid4().hex}"
+    client.upload(ref, WAITS_ON_A_GATE.format(gate=gate))
+    with client.post("/workflow/chat/completions", json={"model": f"workflow:{ref}", "input": {}, "stream": True},
+                     stream=True, timeout=30) as response:
+        events = _raw_events(response)
+        assert "data" in next(events)
+        assert next(events) == {"comment": ": keep-alive"}  # nothing happens until the gate opens
+        requests.post(gate, timeout=5)
+        assert [e for e in events if "data" in e][-1]["data"] == "[DONE]"
+
+
+def test_a_caller_that_disconnects_leaves_the_run_going_and_cached(client: Client,
+                                                                  provider: StandInProvider) -> None:
+    ref, gate = _ref("leaves"), f"{provider.origin}/gate/{uuid.uuid4().hex}"
+    client.upload(ref, WAITS_ON_A_GATE.format(gate=gate))
+    body = {"model": f"workflow:{ref}", "input": {}, "stream": True}
+    with client.post("/workflow/chat/completions", json=body, stream=True, timeout=30) as response:
+        request_id = response.headers["X-Request-Id"]
+        next(_raw_events(response))
+    requests.post(gate, timeout=5)
+    deadline = time.monotonic() + 20
+    while client.run(request_id)["status"] != "succeeded":
+        assert time.monotonic() < deadline, client.run(request_id)
+        time.sleep(0.1)
+    assert client.post("/workflow/chat/completions", json=body).headers["X-Cache"] == "HIT"
+
+
+def test_on_disconnect_cancel_stops_the_run(client: Client, provider: StandInProvider) -> None:
+    ref, gate = _ref("cancels"), f"{provider.origin}/gate/{uuid.uuid4().hex}"
+    client.upload(ref, WAITS_ON_A_GATE.format(gate=gate))
+    with client.post("/workflow/chat/completions", json={"model": f"workflow:{ref}", "input": {}, "stream": True,
+                                                         "on_disconnect": "cancel"}, stream=True, timeout=30) as r:
+        request_id = r.headers["X-Request-Id"]
+        next(_raw_events(r))
+    deadline = time.monotonic() + 20
+    while client.run(request_id)["status"] != "cancelled":
+        assert time.monotonic() < deadline, client.run(request_id)
+        time.sleep(0.1)
+    assert "cancelled" in client.run(request_id)["error"]["message"]
+
+
+def test_an_identical_request_joins_the_running_stream(client: Client, provider: StandInProvider) -> None:
+    ref, gate = _ref("joins"), f"{provider.origin}/gate/{uuid.uuid4().hex}"
+    client.upload(ref, WAITS_ON_A_GATE.format(gate=gate))
+    body = {"model": f"workflow:{ref}", "input": {"same": 1}, "stream": True}
+    with client.post("/workflow/chat/completions", json=body, stream=True, timeout=30) as leader, \
+            client.post("/workflow/chat/completions", json=body, stream=True, timeout=30) as joiner:
+        assert joiner.headers["X-Cache"] == "HIT"
+        assert joiner.headers["X-Request-Id"] == leader.headers["X-Request-Id"]
+        requests.post(gate, timeout=5)
+        one = [e["data"] for e in _raw_events(leader) if "data" in e]
+        two = [e["data"] for e in _raw_events(joiner) if "data" in e]
+    assert one[:-2] == two[:-2] and len(one) == len(two)
+    assert one[-2]["output"] == two[-2]["output"] == {"done": True} and one[-1] == two[-1] == "[DONE]"
+    assert client.get(f"/api/v1/workflows/{ref}/runs").json()["pagination"]["total"] == 1
+
+
+def test_many_open_streams_do_not_starve_other_requests(client: Client, provider: StandInProvider) -> None:
+    """60 streams stay open on an API of one process while their run waits on a gate; other requests still answer.
+
+    The 60 requests are identical, so they share one run (single flight) and
+    the worker's slots do not limit how many streams are open.
+    """
+    import concurrent.futures
+
+    ref, gate = _ref("crowd"), f"{provider.origin}/gate/{uuid.uuid4().hex}"
+    client.upload(ref, WAITS_ON_A_GATE.format(gate=gate), timeout_seconds=60)
+    cached = _ref("cached")
+    client.upload(cached, "def execute(ctx):\n    return 'warm'\n")
+    assert client.invoke(cached, input={}).status_code == 200
+
+    def open_stream(n: int) -> requests.Response:
+        return client.post("/workflow/chat/completions", json={"model": f"workflow:{ref}", "input": {},
+                                                               "stream": True}, stream=True, timeout=(5, 10))
+
+    with concurrent.futures.ThreadPoolExecutor(60) as pool:
+        streams = list(pool.map(open_stream, range(60)))
+        try:
+            assert [s.status_code for s in streams] == [200] * 60
+            # Other requests are answered meanwhile (a read timeout here would be starvation).
+            assert client.get("/healthz", timeout=5).status_code == 200
+            assert client.get("/api/v1/workflows", timeout=5).status_code == 200
+            hit = client.invoke(cached, input={}, timeout=5)
+            assert hit.status_code == 200 and hit.headers["X-Cache"] == "HIT"
+        finally:
+            requests.post(gate, timeout=5)
+            finished = list(pool.map(lambda s: [e for e in _raw_events(s) if "data" in e][-1]["data"], streams))
+            for s in streams:
+                s.close()
+    assert finished == ["[DONE]"] * 60

@@ -581,10 +581,12 @@ def test_finish_records_the_end_writes_a_done_event_and_drops_the_lease(runs: Ru
     finish_run(runs, "req_1", output={"answer": 42})
 
     events = list(runs.events("req_1", queue_wait=1, run_seconds=1, poll=0.05))
-    seen = [data for kind, data in events if kind == "chunk"]
-    done = events[-1][1]
+    seen = [data for _, kind, data in events if kind == "chunk"]
+    done = events[-1][2]
 
-    assert [kind for kind, _ in events] == ["chunk", "chunk", "done"]
+    assert [kind for _, kind, _ in events] == ["chunk", "chunk", "done"]
+    # Resuming after the first chunk's id gives the rest.
+    assert [kind for _, kind, _ in runs.events("req_1", 1, 1, poll=0.05, after=events[0][0])] == ["chunk", "done"]
     assert done == runs.wait("req_1", queue_wait=1, run_seconds=1, poll=0.05)
     assert done == {"status": "succeeded", "version": "1.0.0", "output": {"answer": 42}}
     assert seen == [{"type": "progress", "content": "drafted"}, {"type": "partial", "content": {"n": 1}}]
@@ -609,7 +611,7 @@ def test_events_follow_a_run_that_finishes_later(runs: RunStore) -> None:
     worker = threading.Thread(target=work)
     worker.start()
     try:
-        for kind, data in runs.events("req_1", queue_wait=10, run_seconds=10, poll=0.05):
+        for _, kind, data in runs.events("req_1", queue_wait=10, run_seconds=10, poll=0.05):
             if kind == "chunk":
                 seen.append(data)
             done = data
