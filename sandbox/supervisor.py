@@ -439,7 +439,8 @@ class Sandbox:
     def run(self, code: bytes, job: dict[str, Any], soft_seconds: float,
             on_emit: Callable[[str, Any], None] | None = None, source: str | None = None,
             gate: Callable[[], bool] | None = None, on_call: CallHandler | None = None,
-            slot_timeout: float | None = None, cancel: threading.Event | None = None) -> RunOutcome:
+            slot_timeout: float | None = None, cancel: threading.Event | None = None,
+            on_idle: Callable[[], None] | None = None) -> RunOutcome:
         """Run ``execute(ctx)`` of the compiled ``code`` for ``job``; never raises for the script's faults.
 
         ``gate`` is called once the job is handed over, so the caller's own
@@ -469,7 +470,7 @@ class Sandbox:
                     outcome.skipped = True
                     return outcome
                 self._supervise(channel, process, hard_deadline, soft_seconds, started, outcome, on_emit, on_call,
-                                cancel)
+                                cancel, on_idle)
             except OSError as exc:  # the process died before it took the job
                 outcome.error = self._crash(process) if isinstance(exc, BrokenPipeError) else SandboxError(
                     f"could not hand the job to the sandbox process: {exc}")
@@ -485,10 +486,17 @@ class Sandbox:
 
     def _supervise(self, channel: Channel, process: _Process, hard_deadline: float, soft_seconds: float,
                    started: float, outcome: RunOutcome, on_emit: Callable[[str, Any], None] | None,
-                   on_call: CallHandler | None = None, cancel: threading.Event | None = None) -> None:
+                   on_call: CallHandler | None = None, cancel: threading.Event | None = None,
+                   on_idle: Callable[[], None] | None = None) -> None:
         limits = self.limits
         log_bytes = 0
+        emitted = False
         while True:
+            # on_idle runs once the run has nothing more to send right now, so
+            # a burst of emits is handed on in one batch.
+            if emitted and on_idle is not None and not select.select([channel.sock], [], [], 0)[0]:
+                on_idle()
+                emitted = False
             if cancel is not None and cancel.is_set():
                 process.kill()
                 outcome.error = Cancelled("the caller went away and asked for the run to be cancelled")
@@ -536,6 +544,7 @@ class Sandbox:
                     return
                 if on_emit is not None:
                     on_emit(str(message.get("type")), message.get("content"))
+                    emitted = True
             elif op == "log":
                 if outcome.logs_truncated:
                     continue

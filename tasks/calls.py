@@ -31,6 +31,7 @@ class CallRouter:
     chain: list[str]
     on_emit: Callable[[str, Any], None] | None = None
     workflow_calls: list[dict[str, Any]] = field(default_factory=list)
+    on_idle: Callable[[], None] | None = None
 
     def __call__(self, method: str, params: dict[str, Any], deadline: float) -> Any:
         if method in ("chat", "chat.stream"):
@@ -72,10 +73,11 @@ class CallRouter:
                          messages=job["messages"], secrets=self.calls.secrets, application=workflow.application,
                          records=self.calls.records, workflow=ref)
         nested = CallRouter(self.runtime, {**self.job, **job}, calls, [*self.chain, ref], self.on_emit,
-                            self.workflow_calls)
+                            self.workflow_calls, self.on_idle)
         started = time.monotonic()
         outcome = self.runtime.sandbox.run(script.code, job, soft, on_emit=self.on_emit, source=script.source,
-                                           on_call=nested, slot_timeout=max(0.05, remaining - soft / 2))
+                                           on_call=nested, slot_timeout=max(0.05, remaining - soft / 2),
+                                           on_idle=self.on_idle)
         error = outcome.error
         if error is None:
             try:

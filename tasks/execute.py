@@ -103,15 +103,29 @@ def execute_run(runtime: Any, job: dict[str, Any]) -> str:
                            ("input", "messages", "secrets", "metadata", "params", "env", "session_id", "request_id")}
 
             emitted = itertools.count()
+            batch: list[tuple[str, Any, int]] = []
+
+            def flush() -> None:
+                """Write the chunks emitted since the last flush, in one round trip."""
+                if batch:
+                    pipe = runtime.redis.pipeline(transaction=False)
+                    for chunk_type, content, index in batch:
+                        runs.add_chunk(request_id, chunk_type, content, index=index, pipe=pipe)
+                    pipe.execute()
+                    batch.clear()
 
             def on_emit(chunk_type: str, content: Any) -> None:
-                runs.add_chunk(request_id, chunk_type, redact(content, secrets), index=next(emitted))
+                batch.append((chunk_type, redact(content, secrets), next(emitted)))
+                if len(batch) >= 256:
+                    flush()
 
-            router = CallRouter(runtime, job, calls, [job["workflow"]], on_emit)
+            router = CallRouter(runtime, job, calls, [job["workflow"]], on_emit, on_idle=flush)
 
             # The claim's round trip overlaps the run process's start.
             outcome = runtime.sandbox.run(script.code, sandbox_job, job["soft_seconds"], on_emit=on_emit,
-                                          source=script.source, gate=claim, on_call=router, cancel=cancel)
+                                          source=script.source, gate=claim, on_call=router, cancel=cancel,
+                                          on_idle=flush)
+            flush()
             if outcome.skipped:
                 return _skipped(request_id)
             error = outcome.error

@@ -273,3 +273,18 @@ def test_many_open_streams_do_not_starve_other_requests(client: Client, provider
             for s in streams:
                 s.close()
     assert finished == ["[DONE]"] * 60
+
+
+def test_a_timeout_before_the_first_event_is_a_408_and_after_it_an_error_event(client: Client) -> None:
+    early, late = _ref("slow-early"), _ref("slow-late")
+    client.upload(early, "import time\ndef execute(ctx):\n    time.sleep(10)\n    return 1\n", timeout_seconds=1)
+    client.upload(late, "import time\ndef execute(ctx):\n    ctx.emit('p', 1)\n    time.sleep(10)\n    return 1\n",
+                  timeout_seconds=1)
+    response = client.post("/workflow/chat/completions", json={"model": f"workflow:{early}", "input": {},
+                                                               "stream": True}, timeout=20)
+    assert response.status_code == 408 and error_of(response)["type"] == "timeout"
+    response = client.post("/workflow/chat/completions", json={"model": f"workflow:{late}", "input": {},
+                                                               "stream": True}, stream=True, timeout=20)
+    assert response.status_code == 200
+    chunk, error, end = list(_events(response))
+    assert chunk["content"] == 1 and error["error"]["code"] == 408 and end == "[DONE]"
