@@ -25,6 +25,7 @@ import requests
 from flowpool.devstack import Stack
 from flowpool.procs import free_port
 from flowpool.redis_server import RedisServer
+from tests.helpers import Client
 
 REPO = Path(__file__).resolve().parents[2]
 ECHO_EXAMPLE = REPO / "examples" / "echo.py"
@@ -298,3 +299,12 @@ def test_doctor_reports_no_worker_answering_and_fails(redis_server: RedisServer,
     assert checks["redis reachable"] == ("ok", "yes")
     assert checks["workers"] == ("BAD", "none answering")
     assert code == 1
+
+
+def test_invoke_stream_prints_each_chunk_then_the_output(client: Client) -> None:
+    client.upload("steps", "def execute(ctx):\n    for i in range(3):\n        ctx.emit('step', i)\n    return {'n': 3}\n")
+    env = _env(FLOWPOOL_API_URL=client.base_url, FLOWPOOL_API_KEY=client.key)
+    result = _cli("invoke", "steps", "--input", "{}", "--stream", env=env)
+    lines = _ok(result).strip().splitlines()
+    assert [json.loads(line) for line in lines[:3]] == [{"type": "step", "content": i} for i in range(3)]
+    assert json.loads("\n".join(lines[3:])) == {"n": 3}
