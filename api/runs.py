@@ -46,13 +46,18 @@ def _ms(start: float | None, end: float | None) -> float | None:
     return round((end - start) * 1000, 3) if start and end else None
 
 
+def _own_run(svc: Services, account_id: str, request_id: str) -> dict[str, Any]:
+    """The account's run record, or the same 404 whether it exists elsewhere or not."""
+    record = svc.runs.get(request_id)
+    if record is None or record.get("account") != account_id:
+        raise NotFound(f"no run with request_id {request_id!r}")
+    return record
+
+
 @bp.get("/runs/<request_id>")
 def get_run(request_id: str):  # type: ignore[no-untyped-def]
     svc, account = services(), authenticate()
-    record = svc.runs.get(request_id)
-    if record is None or record.get("account") != account.id:
-        raise NotFound(f"no run with request_id {request_id!r}")
-    return jsonify({"data": run_view(svc, record)})
+    return jsonify({"data": run_view(svc, _own_run(svc, account.id, request_id))})
 
 
 @bp.get("/workflows/<ref>/runs")
@@ -61,8 +66,7 @@ def list_runs(ref: str):  # type: ignore[no-untyped-def]
     offset, limit = page_args()
     svc.registry.get(account.id, ref)
     ids, total = svc.runs.list_for_workflow(account.id, ref, offset, limit)
-    records = [svc.runs.get(i) for i in ids]
-    items = [run_view(svc, r, full=False) for r in records if r is not None]
+    items = [run_view(svc, r, full=False) for r in svc.runs.get_many(ids) if r is not None]
     return jsonify(paginated(items, total, offset, limit))
 
 
@@ -74,8 +78,7 @@ def get_session(session_id: str):  # type: ignore[no-untyped-def]
     ids, total = svc.runs.list_for_session(account.id, session_id, offset, limit)
     if total == 0:
         raise NotFound(f"no session {session_id!r}")
-    records = [svc.runs.get(i) for i in ids]
-    items = [run_view(svc, r) for r in records if r is not None and r.get("account") == account.id]
+    items = [run_view(svc, r) for r in svc.runs.get_many(ids) if r is not None and r.get("account") == account.id]
     calls = sum((item["model_calls"] for item in items), [])
     return jsonify({"data": {"session_id": session_id, "runs": items, "model_calls": calls},
                     "pagination": {"total": total, "offset": offset, "limit": limit}})
@@ -85,9 +88,7 @@ def get_session(session_id: str):  # type: ignore[no-untyped-def]
 def stream_run(request_id: str):  # type: ignore[no-untyped-def]
     """Follow a run as SSE from the start, or resume after ``Last-Event-ID``."""
     svc, account = services(), authenticate()
-    record = svc.runs.get(request_id)
-    if record is None or record.get("account") != account.id:
-        raise NotFound(f"no run with request_id {request_id!r}")
+    record = _own_run(svc, account.id, request_id)
     source = record.get("origin_request_id") or request_id  # a cache hit follows the run it came from
     after = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0-0"
     if not re.fullmatch(r"\d+-\d+", after):

@@ -213,7 +213,17 @@ class RunStore:
 
     def get(self, request_id: str) -> dict[str, Any] | None:
         """The raw record with JSON fields decoded, or None."""
-        raw = self.redis.hgetall(keys.run(request_id))
+        return self._decode(self.redis.hgetall(keys.run(request_id)))
+
+    def get_many(self, request_ids: list[str]) -> list[dict[str, Any] | None]:
+        """Several records in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for request_id in request_ids:
+            pipe.hgetall(keys.run(request_id))
+        return [self._decode(raw) for raw in pipe.execute()]
+
+    @staticmethod
+    def _decode(raw: dict[bytes, bytes]) -> dict[str, Any] | None:
         if not raw:
             return None
         return {k.decode(): v.decode() if k == b"status" else json.loads(v) for k, v in raw.items()}

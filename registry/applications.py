@@ -1,14 +1,13 @@
 """Applications: per account, which model, provider and fallbacks serve each intent of a workflow."""
 from __future__ import annotations
 
-import json
 from typing import Any, Optional
 
-import redis
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 
 from flowpool import keys
-from flowpool.errors import NotFound
+
+from .documents import AccountDocuments
 
 __all__ = ["Application", "Applications", "Route", "IntentRoute"]
 
@@ -56,25 +55,9 @@ class Application(BaseModel):
         return intent, self.intents[intent]
 
 
-class Applications:
-    """Store and read the applications of an account."""
+class Applications(AccountDocuments[Application]):
+    """The applications of an account."""
 
-    def __init__(self, client: redis.Redis) -> None:
-        self.redis = client
-
-    def put(self, account_id: str, name: str, application: Application) -> bool:
-        """Create or replace ``name``; True when it is new."""
-        return bool(self.redis.hset(keys.applications(account_id), name, application.model_dump_json()))
-
-    def get(self, account_id: str, name: str) -> Application:
-        raw = self.redis.hget(keys.applications(account_id), name)
-        if raw is None:
-            raise NotFound(f"no application named {name!r}")
-        return Application.model_validate_json(raw)
-
-    def list(self, account_id: str, offset: int, limit: int) -> tuple[list[dict[str, Any]], int]:
-        """A page of the account's applications by name, and the total."""
-        names = sorted(n.decode() for n in self.redis.hkeys(keys.applications(account_id)))
-        page = names[offset:offset + limit]
-        raws = self.redis.hmget(keys.applications(account_id), page) if page else []
-        return [{"name": n, **json.loads(r)} for n, r in zip(page, raws) if r is not None], len(names)
+    model = Application
+    noun = "application"
+    key = staticmethod(keys.applications)
