@@ -5,6 +5,7 @@ way, so what they exercise is what a user runs.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -133,6 +134,9 @@ class DevStack:
         self.host, self.port, self.flower = host, port, flower
 
     def run(self) -> None:
+        if self.flower and importlib.util.find_spec("flower") is None:
+            print("flowpool dev: --flower needs Flower: pip install 'flowpool[flower]'", file=sys.stderr)
+            sys.exit(2)
         # Stack keeps the caller's FLOWPOOL_* variables from its children; dev hands them its settings.
         stack = Stack(env=_settings_env(self.settings), redis_url=self.settings.redis_url)
         stopping = False
