@@ -100,8 +100,9 @@ def chat_completions() -> Response:
     else:
         raise Unavailable(f"workflow {ref!r} changed three times while this request started; try again")
     mark("begin")
-    if state == "hit":
-        _record_hit(svc, body, workflow, request_id, session_id, found)
+    if state in ("hit", "hit-unrecorded"):
+        if state == "hit-unrecorded":
+            _record_hit(svc, body, workflow, request_id, session_id, found)
         done = dict(found, status="succeeded")
         if body.stream:
             return stream_response(svc, body.model, request_id, session_id,

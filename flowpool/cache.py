@@ -64,13 +64,20 @@ class ResultCache:
         return hashlib.sha256(canonical_json(material)).hexdigest()
 
     @staticmethod
-    def redis_keys(account_id: str, cache_key: str) -> tuple[str, str]:
-        """The Redis keys of a cache entry and of its in-flight lock."""
-        return keys.cache(account_id, cache_key), keys.inflight(account_id, cache_key)
+    def redis_keys(account_id: str, cache_key: str) -> tuple[str, str, str]:
+        """The Redis keys of a cache entry, of its in-flight lock and of the run-record fields a hit copies."""
+        return (keys.cache(account_id, cache_key), keys.inflight(account_id, cache_key),
+                keys.cache_record(account_id, cache_key))
 
-    def put(self, pipe: Any, account_id: str, cache_key: str, entry: dict[str, Any], ttl: int) -> None:
-        """Queue the write of a result for ``ttl`` seconds."""
-        pipe.set(keys.cache(account_id, cache_key), canonical_json(entry), ex=ttl)
+    def put(self, pipe: Any, account_id: str, cache_key: str, entry: dict[str, Any], ttl: int,
+            record_fields: dict[str, str] | None = None) -> None:
+        """Queue the write of a result for ``ttl`` seconds, with what a hit's run record copies."""
+        entry_key, _, record_key = self.redis_keys(account_id, cache_key)
+        pipe.set(entry_key, canonical_json(entry), ex=ttl)
+        if record_fields:
+            pipe.delete(record_key)
+            pipe.hset(record_key, mapping=record_fields)
+            pipe.expire(record_key, ttl)
 
     def release(self, account_id: str, cache_key: str, request_id: str, pipe: Any = None) -> None:
         """Stop leading ``cache_key`` (only if ``request_id`` still leads it)."""

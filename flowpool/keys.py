@@ -3,8 +3,9 @@ from __future__ import annotations
 
 __all__ = [
     "ACCOUNTS", "SECRET", "WORKERS",
-    "account", "agents", "api_key", "applications", "session_runs", "workflows", "workflow", "versions", "version", "version_hashes",
-    "run", "run_cancel", "run_events", "run_lease", "run_reply", "workflow_runs", "cache", "inflight",
+    "account", "agents", "api_key", "applications", "session_runs", "workflows", "workflow", "versions", "version",
+    "version_hashes", "run", "run_cancel", "run_events", "run_lease", "run_reply", "workflow_runs", "cache",
+    "cache_record", "inflight",
 ]
 
 PREFIX = "fp:"
@@ -97,6 +98,11 @@ def run_lease(request_id: str) -> str:
 def cache(account_id: str, cache_key: str) -> str:
     """String: the cached result of a successful run."""
     return f"{PREFIX}a:{account_id}:cache:{cache_key}"
+
+
+def cache_record(account_id: str, cache_key: str) -> str:
+    """Hash: the run-record fields a cache hit copies from the run that filled the entry (same TTL)."""
+    return f"{PREFIX}a:{account_id}:cache-record:{cache_key}"
 
 
 def inflight(account_id: str, cache_key: str) -> str:

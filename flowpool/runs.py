@@ -48,24 +48,36 @@ return 1
 # one round trip for the workflow's revision check, the cache lookup, the
 # single-flight lock and the record. The API resolves workflows from memory;
 # a revision that moved on answers 'stale' and it resolves again.
-# KEYS: run, workflow runs index, cache entry, in-flight lock (these two may be ""), workflow, session index
+# A hit writes its own run record from the fields the worker stored with the
+# entry, so a cache hit costs a single round trip.
+# KEYS: run, workflow runs index, cache entry, in-flight lock, the entry's record fields (these three may be ""),
+#       workflow, session index
 # ARGV: request id, ttl ms, queued-at score, runs kept, lock ms, expected revision, field, value, ...
 _BEGIN = """
-if (redis.call('HGET', KEYS[5], 'rev') or '') ~= ARGV[6] then return {'stale'} end
+if (redis.call('HGET', KEYS[6], 'rev') or '') ~= ARGV[6] then return {'stale'} end
+local state = {'queued'}
 if KEYS[3] ~= '' then
   local hit = redis.call('GET', KEYS[3])
-  if hit then return {'hit', hit} end
-  local leader = redis.call('GET', KEYS[4])
-  if leader then return {'join', leader} end
-  redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[5])
+  if hit then
+    local copied = redis.call('HGETALL', KEYS[5])
+    if #copied == 0 then return {'hit', hit} end
+    redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+    redis.call('HSET', KEYS[1], 'status', 'succeeded', 'cache_hit', 'true', 'started_at', ARGV[3],
+               'finished_at', ARGV[3], unpack(copied))
+    state = {'hit', hit, 'recorded'}
+  else
+    local leader = redis.call('GET', KEYS[4])
+    if leader then return {'join', leader} end
+    redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[5])
+  end
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+if state[1] == 'queued' then redis.call('HSET', KEYS[1], unpack(ARGV, 7)) end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -tonumber(ARGV[4]) - 1)
-redis.call('ZADD', KEYS[6], ARGV[3], ARGV[1])
-redis.call('PEXPIRE', KEYS[6], ARGV[2])
-return {'queued'}
+redis.call('ZADD', KEYS[7], ARGV[3], ARGV[1])
+redis.call('PEXPIRE', KEYS[7], ARGV[2])
+return state
 """
 
 
@@ -134,26 +146,35 @@ class RunStore:
               rev: str = "") -> tuple[str, Any]:
         """Queue a run record, unless the cache answers or an identical run is in flight.
 
-        With ``cache_keys`` (the cache entry's key and the in-flight lock's)
-        returns ``("hit", entry)`` or ``("join", leader_request_id)`` when the
-        run is not needed; otherwise ``("queued", None)`` after taking the lock
-        and writing the record. ``("stale", None)`` when the workflow's
-        revision is no longer ``rev``: nothing was written.
+        With ``cache_keys`` (the keys of the cache entry, the in-flight lock
+        and the entry's record fields) returns ``("hit", entry)`` (the hit's
+        run record written too), ``("hit-unrecorded", entry)`` (an entry
+        without stored record fields: the caller records the hit) or
+        ``("join", leader_request_id)`` when the run is not needed; otherwise
+        ``("queued", None)`` after taking the lock and writing the record.
+        ``("stale", None)`` when the workflow's revision is no longer ``rev``:
+        nothing was written.
         """
         record = _encode({"request_id": request_id, "account": account_id, "workflow": ref, **fields})
         flat = [item for pair in record.items() for item in pair]
-        entry_key, lock_key = cache_keys or ("", "")
+        entry_key, lock_key, record_key = cache_keys or ("", "", "")
         reply = self._begin(
-            keys=[keys.run(request_id), keys.workflow_runs(account_id, ref), entry_key, lock_key,
+            keys=[keys.run(request_id), keys.workflow_runs(account_id, ref), entry_key, lock_key, record_key,
                   keys.workflow(account_id, ref), keys.session_runs(account_id, str(fields.get("session_id") or ""))],
             args=[request_id, self.ttl_ms, fields.get("queued_at") or time.time(), self.runs_per_workflow,
                   int(lock_seconds * 1000), rev, *flat])
         state = reply[0].decode()
         if state == "hit":
-            return state, json.loads(reply[1])
+            return ("hit" if len(reply) > 2 else "hit-unrecorded"), json.loads(reply[1])
         if state == "join":
             return state, reply[1].decode()
         return state, None
+
+    @staticmethod
+    def hit_fields(entry_request_id: str, version: str, output: Any, usage: Any, chunk_count: int) -> dict[str, str]:
+        """What a cache hit's run record copies from the run that filled the entry, encoded as stored."""
+        return _encode({"origin_request_id": entry_request_id, "version": version, "output": output, "usage": usage,
+                        "chunk_count": chunk_count})
 
     def claim(self, request_id: str, worker: str, lease_ms: int) -> bool:
         """Mark a queued run as running on ``worker``; False if it is not queued any more."""

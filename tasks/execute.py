@@ -162,7 +162,8 @@ def execute_run(runtime: Any, job: dict[str, Any]) -> str:
                 entry = {"output": done["output"], "content": done["content"], "usage": done["usage"],
                          "version": job["version"], "request_id": request_id, "created_at": time.time(),
                          "chunks": runs.chunks(request_id) if outcome and outcome.chunks else []}
-                runtime.cache.put(pipe, job["account"], cache["key"], entry, int(cache["ttl"]))
+                runtime.cache.put(pipe, job["account"], cache["key"], entry, int(cache["ttl"]), runs.hit_fields(
+                    request_id, job["version"], fields["output"], done["usage"], len(entry["chunks"])))
             runtime.cache.release(job["account"], cache["key"], request_id, pipe=pipe)
         if carries_secret:
             # The stream keeps the run's final event as long as the record; the

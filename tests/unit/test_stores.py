@@ -452,10 +452,29 @@ def test_a_put_entry_is_a_hit_for_its_account_with_its_ttl(cache: ResultCache, r
     cache.put(pipe, ACCOUNT, key, {"output": {"answer": 42}, "chunks": []}, ttl=60)
     pipe.execute()
 
-    assert begin(redis_db, ACCOUNT, key, "req_2") == ("hit", {"output": {"answer": 42}, "chunks": []})
+    # Without stored record fields the caller records the hit itself.
+    assert begin(redis_db, ACCOUNT, key, "req_2") == ("hit-unrecorded", {"output": {"answer": 42}, "chunks": []})
     assert begin(redis_db, OTHER_ACCOUNT, key, "req_3")[0] == "queued"
-    assert not redis_db.exists(keys.run("req_2"))  # a hit starts no run
+    assert not redis_db.exists(keys.run("req_2"))
     assert 0 < redis_db.ttl(keys.cache(ACCOUNT, key)) <= 60
+
+
+def test_a_hit_writes_its_own_run_record_in_the_same_call(cache: ResultCache, redis_db: redis.Redis) -> None:
+    key = cache_key(cache)
+    pipe = redis_db.pipeline()
+    cache.put(pipe, ACCOUNT, key, {"output": [], "chunks": []}, ttl=60,
+              record_fields=RunStore.hit_fields("req_0", "1.2.3", [], {"total_tokens": 5}, 0))
+    pipe.execute()
+
+    state, entry = begin(redis_db, ACCOUNT, key, "req_9")
+    assert (state, entry) == ("hit", {"output": [], "chunks": []})
+    record = RunStore(redis_db, ttl_seconds=60, runs_per_workflow=10).get("req_9")
+    assert record is not None
+    assert record["status"] == "succeeded" and record["cache_hit"] is True
+    assert record["origin_request_id"] == "req_0" and record["version"] == "1.2.3"
+    assert record["output"] == [] and record["usage"] == {"total_tokens": 5}  # an empty list stays a list
+    assert record["started_at"] == record["finished_at"]
+    assert 0 < redis_db.ttl(ResultCache.redis_keys(ACCOUNT, key)[2]) <= 60
 
 
 def test_begin_is_single_flight_and_only_the_leader_releases(cache: ResultCache, redis_db: redis.Redis) -> None:
@@ -740,8 +759,8 @@ def test_begin_answers_hit_join_or_queued(runs: RunStore, redis_db: redis.Redis)
     cache.release(ACCOUNT, key, "req_1", pipe=pipe)
     pipe.execute()
     assert runs.begin(ACCOUNT, "summarize", "req_3", fields, cache_keys, lock_seconds=10) == (
-        "hit", {"output": "cached"})
-    assert runs.get("req_3") is None
+        "hit-unrecorded", {"output": "cached"})
+    assert runs.get("req_3") is None  # an entry without record fields: the caller writes the hit's record
     assert runs.list_for_workflow(ACCOUNT, "summarize", 0, 25) == (["req_1"], 1)
 
 
