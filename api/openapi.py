@@ -1,0 +1,73 @@
+"""``GET /openapi.json``: the API described from its routes and its pydantic request models."""
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, current_app, jsonify
+from pydantic import BaseModel
+
+import flowpool
+from flowpool.registry import Agent, Application
+
+from .models import ActivateRequest, InvokeRequest, UploadRequest, ValidateRequest
+
+bp = Blueprint("openapi", __name__)
+
+# Request bodies by endpoint; everything else takes no body.
+_BODIES: dict[str, type[BaseModel]] = {
+    "invoke.chat_completions": InvokeRequest,
+    "workflows.upload": UploadRequest,
+    "workflows.validate": ValidateRequest,
+    "workflows.activate": ActivateRequest,
+    "applications.put_application": Application,
+    "agents.put_agent": Agent,
+}
+_PUBLIC = {"health.healthz", "health.readyz", "openapi.openapi"}
+_ERROR = {"description": "an error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+def build_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the app being served."""
+    schemas: dict[str, Any] = {
+        "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+            "type": "object", "required": ["message", "type", "code"],
+            "properties": {"message": {"type": "string"}, "type": {"type": "string"}, "code": {"type": "integer"}}}}},
+    }
+    paths: dict[str, dict[str, Any]] = {}
+    for rule in current_app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        path = rule.rule.replace("<", "{").replace(">", "}")
+        view = current_app.view_functions[rule.endpoint]
+        for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
+            operation: dict[str, Any] = {
+                "operationId": rule.endpoint.replace(".", "_") + ("" if method == "GET" else f"_{method.lower()}"),
+                "summary": (view.__doc__ or rule.endpoint).strip().splitlines()[0],
+                "parameters": [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                               for name in rule.arguments],
+                "responses": {"200": {"description": "OK"}, "default": _ERROR},
+            }
+            model = _BODIES.get(rule.endpoint)
+            if model is not None and method in ("POST", "PUT"):
+                schemas[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                schemas.update(schemas[model.__name__].pop("$defs", {}))
+                operation["requestBody"] = {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+            if rule.endpoint not in _PUBLIC:
+                operation["security"] = [{"apiKey": []}, {"bearer": []}]
+            paths.setdefault(path, {})[method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "flowpool", "version": flowpool.__version__,
+                 "description": "Run multi-step AI workflows as one API call."},
+        "paths": dict(sorted(paths.items())),
+        "components": {"schemas": schemas, "securitySchemes": {
+            "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+            "bearer": {"type": "http", "scheme": "bearer"}}},
+    }
+
+
+@bp.get("/openapi.json")
+def openapi():  # type: ignore[no-untyped-def]
+    """The OpenAPI description of this API."""
+    return jsonify(build_document())
