@@ -104,7 +104,7 @@ def authenticate() -> Account:
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the API app from ``settings`` (read from the environment when not given)."""
-    from . import agents, applications, health, invoke, openapi, runs, workflows
+    from . import agents, applications, health, invoke, metrics, openapi, runs, workflows
 
     settings = settings or Settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -113,7 +113,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False
     app.extensions["flowpool"] = Services(settings)
     register_error_handlers(app)
-    for blueprint in (invoke.bp, workflows.bp, runs.bp, applications.bp, agents.bp, health.bp, openapi.bp):
+    for blueprint in (invoke.bp, workflows.bp, runs.bp, applications.bp, agents.bp, health.bp, openapi.bp,
+                      metrics.bp):
         app.register_blueprint(blueprint)
 
     @app.before_request

@@ -22,7 +22,7 @@ _BODIES: dict[str, type[BaseModel]] = {
     "applications.put_application": Application,
     "agents.put_agent": Agent,
 }
-_PUBLIC = {"health.healthz", "health.readyz", "openapi.openapi"}
+_PUBLIC = {"health.healthz", "health.readyz", "openapi.openapi", "metrics.metrics"}
 _ERROR = {"description": "an error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 
 

@@ -51,7 +51,7 @@ return 1
 # A hit writes its own run record from the fields the worker stored with the
 # entry, so a cache hit costs a single round trip.
 # KEYS: run, workflow runs index, cache entry, in-flight lock, the entry's record fields (these three may be ""),
-#       workflow, session index
+#       workflow, session index, metrics
 # ARGV: request id, ttl ms, queued-at score, runs kept, lock ms, expected revision, field, value, ...
 _BEGIN = """
 if (redis.call('HGET', KEYS[6], 'rev') or '') ~= ARGV[6] then return {'stale'} end
@@ -60,6 +60,7 @@ if KEYS[3] ~= '' then
   local hit = redis.call('GET', KEYS[3])
   if hit then
     local copied = redis.call('HGETALL', KEYS[5])
+    redis.call('HINCRBY', KEYS[8], 'cache_hits', 1)
     if #copied == 0 then return {'hit', hit} end
     redis.call('HSET', KEYS[1], unpack(ARGV, 7))
     redis.call('HSET', KEYS[1], 'status', 'succeeded', 'cache_hit', 'true', 'started_at', ARGV[3],
@@ -160,7 +161,8 @@ class RunStore:
         entry_key, lock_key, record_key = cache_keys or ("", "", "")
         reply = self._begin(
             keys=[keys.run(request_id), keys.workflow_runs(account_id, ref), entry_key, lock_key, record_key,
-                  keys.workflow(account_id, ref), keys.session_runs(account_id, str(fields.get("session_id") or ""))],
+                  keys.workflow(account_id, ref), keys.session_runs(account_id, str(fields.get("session_id") or "")),
+                  keys.METRICS],
             args=[request_id, self.ttl_ms, fields.get("queued_at") or time.time(), self.runs_per_workflow,
                   int(lock_seconds * 1000), rev, *flat])
         state = reply[0].decode()
@@ -202,6 +204,7 @@ class RunStore:
         pipe.pexpire(keys.run_events(request_id), self.ttl_ms)
         pipe.pexpire(keys.run(request_id), self.ttl_ms)
         pipe.delete(keys.run_lease(request_id))
+        pipe.hincrby(keys.METRICS, f"runs:{done['status']}", 1)
 
     # How long a clear output waits for its caller before Redis drops it.
     REPLY_SECONDS = 60

@@ -9,6 +9,7 @@ import time
 from collections import OrderedDict
 from typing import Any, NamedTuple
 
+from flowpool import keys
 from flowpool.errors import NotFound, RunError, ScriptError
 from flowpool.registry import Registry, check_output
 from flowpool.runs import RunStatus
@@ -171,6 +172,8 @@ def execute_run(runtime: Any, job: dict[str, Any]) -> str:
             runs.put_reply(pipe, request_id, {"output": done["output"], "content": done["content"]})
             done.update(output=fields["output"], content=redact(done["content"], secrets), reply=True)
         runs.finish(pipe, request_id, done, fields)
+        for record in calls.records:
+            pipe.hincrby(keys.METRICS, f"{record.get('kind', 'model')}_calls:{record['status']}", 1)
         pipe.execute()
         return status.value
     finally:

@@ -1,0 +1,62 @@
+"""``GET /metrics``: Prometheus text, from counters every flowpool process keeps in Redis.
+
+The counters live in one Redis hash, so every API process and every worker
+adds to the same numbers and any API process can answer the scrape. The
+queue length is what a KEDA or HPA rule scales workers on.
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+from flask import Blueprint, Response
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from flowpool import keys
+from flowpool.tasks import QUEUE
+
+from .app import Services, services
+
+bp = Blueprint("metrics", __name__)
+
+
+class _RedisCollector:
+    def __init__(self, svc: Services) -> None:
+        self.svc = svc
+
+    def collect(self) -> Iterator[Metric]:
+        svc = self.svc
+        pipe = svc.redis.pipeline(transaction=False)
+        pipe.hgetall(keys.METRICS)
+        pipe.zcount(keys.WORKERS, time.time() - svc.settings.worker_ttl_seconds, "+inf")
+        counters, workers = pipe.execute()
+        runs = CounterMetricFamily("flowpool_runs_finished", "Runs that ended, by status", labels=["status"])
+        calls = CounterMetricFamily("flowpool_calls", "Model and agent calls of runs, by kind and status",
+                                    labels=["kind", "status"])
+        hits = CounterMetricFamily("flowpool_cache_hits", "Requests answered from the result cache")
+        for raw_name, raw_value in sorted(counters.items()):
+            name, value = raw_name.decode(), int(raw_value)
+            if name.startswith("runs:"):
+                runs.add_metric([name[5:]], value)
+            elif name.endswith(tuple(f"_calls:{s}" for s in ("ok", "error"))):
+                kind, status = name.split("_calls:")
+                calls.add_metric([kind, status], value)
+            elif name == "cache_hits":
+                hits.add_metric([], value)
+        yield runs
+        yield calls
+        yield hits
+        yield GaugeMetricFamily("flowpool_workers", "Workers that sent a heartbeat within the worker TTL",
+                                value=workers)
+        if svc.settings.broker.startswith("redis"):
+            # With the Redis broker, the Celery queue is a list in the same Redis.
+            yield GaugeMetricFamily("flowpool_queue_length", "Runs waiting for a worker", value=svc.redis.llen(QUEUE))
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    """Prometheus metrics of the whole installation."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_RedisCollector(services()))  # type: ignore[arg-type]
+    return Response(generate_latest(registry), mimetype="text/plain; version=0.0.4")
