@@ -174,10 +174,13 @@ class Zygote:
         for key in list(self._pending):
             pending = self._pending.pop(key, None)
             if pending is not None:
-                pending.reply = {"op": "failed", "message": "the sandbox zygote exited"}
+                pending.reply = {"op": "failed", "message": self._EXITED}
                 pending.event.set()
 
-    def _request(self, message: dict[str, Any], fds: list[int] | None = None, timeout: float = 10.0) -> dict[str, Any]:
+    _EXITED = "the sandbox zygote exited"
+
+    def _request(self, message: dict[str, Any], fds: list[int] | None = None, timeout: float = 10.0,
+                 retry: bool = True) -> dict[str, Any]:
         pending = _Pending()
         with self._lock:
             if self._control is None or self._process is None or self._process.poll() is not None:
@@ -186,7 +189,16 @@ class Zygote:
             message["id"] = next(self._ids)
             self._pending[message["id"]] = pending
             assert self._control is not None
-            socket.send_fds(self._control, [json.dumps(message).encode()], fds or [])
+            try:
+                socket.send_fds(self._control, [json.dumps(message).encode()], fds or [])
+            except OSError:
+                self._pending.pop(message["id"], None)
+                pending.reply = {"op": "failed", "message": self._EXITED}
+                pending.event.set()
+        if pending.event.wait(timeout) and pending.reply is not None and retry \
+                and pending.reply.get("message") == self._EXITED:
+            # The zygote died as the request went out: the next request starts a new one.
+            return self._request(message, fds, timeout, retry=False)
         if not pending.event.wait(timeout):
             self._pending.pop(message["id"], None)
             raise SandboxError(f"the sandbox zygote did not answer {message['op']} within {timeout}s")

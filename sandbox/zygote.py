@@ -133,14 +133,15 @@ def _decode_status(status: int) -> dict[str, int]:
     return {"code": os.WEXITSTATUS(status)}
 
 
-def _become_run(request: dict, fd: int, control: socket.socket) -> None:
+def _become_run(request: dict, fd: int, control: socket.socket, zygote: int) -> None:
     """In the forked child: drop everything of the zygote, apply limits, run the job. Never returns."""
     code = 0
-    zygote = os.getppid()
     try:
         control.close()
         os.setsid()
         set_parent_death_signal(signal.SIGKILL)
+        if os.getppid() != zygote:
+            return  # the zygote is gone already: its runs go with it
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
@@ -216,6 +217,7 @@ class _Spares:
 
     def __init__(self, close_in_child: list[int]) -> None:
         self._close_in_child = close_in_child
+        self._zygote = os.getpid()  # known before any fork: a child asking later may get its new parent
         self.pid: int | None = None
         self._sock: socket.socket | None = None
 
@@ -226,6 +228,10 @@ class _Spares:
         pid = os.fork()
         if pid == 0:
             ours.close()
+            # Die with the zygote from now on; if it is already gone, go too.
+            set_parent_death_signal(signal.SIGKILL)
+            if os.getppid() != self._zygote:
+                os._exit(0)
             signal.set_wakeup_fd(-1)
             for fd in self._close_in_child:
                 try:
@@ -238,7 +244,7 @@ class _Spares:
                 os._exit(0)
             if not data or not fds:
                 os._exit(0)  # the zygote went away before using us
-            _become_run(json.loads(data), fds[0], theirs)
+            _become_run(json.loads(data), fds[0], theirs, self._zygote)
         theirs.close()
         self.pid, self._sock = pid, ours
 
@@ -268,6 +274,7 @@ def main(control_fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the worker, which stops us
     reaping: dict[int, dict] = {}  # helper pid -> its reap request
     spares = _Spares([control_fd, wake_r, wake_w])
+    zygote_pid = os.getpid()
 
     def send(message: dict) -> None:
         control.send(json.dumps(message).encode())
@@ -305,7 +312,7 @@ def main(control_fd: int) -> None:
         if pid is None:
             pid = os.fork()
             if pid == 0:
-                _become_run(request, fd, control)
+                _become_run(request, fd, control, zygote_pid)
         return pid
 
     # Move everything imported so far out of the collector's reach, so runs
