@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from flowpool.errors import FlowpoolError, NotFound
+from flowpool.errors import FlowpoolError, NotFound, TimeLimitExceeded
 from flowpool.registry import Agents, Registry, check_input, check_output
 from flowpool.sandbox import CallFailed
 
@@ -90,6 +90,10 @@ class CallRouter:
             "latency_ms": round((time.monotonic() - started) * 1000, 3), "logs": outcome.logs,
         })
         if error is not None:
+            if isinstance(error, TimeLimitExceeded) and soft >= remaining:
+                # The caller's own budget bounded the callee: let the caller's
+                # soft limit, a moment away, end it as a 408 of its own.
+                time.sleep(max(0.0, deadline - time.monotonic()) + 0.2)
             raise CallFailed("workflow", f"workflow {ref}@{workflow.version} failed: {error.message}")
         return outcome.result
 
