@@ -78,6 +78,17 @@ class Stack:
             time.sleep(0.1)
         raise RuntimeError(f"the stack was not ready within {timeout}s: {last}")
 
+    def start(self, quiet: bool = True) -> Stack:
+        """Start one worker and the API, and wait until they are ready; stops everything if that fails."""
+        try:
+            self.start_worker(quiet=quiet)
+            self.start_api(quiet=quiet)
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
     def create_account(self, name: str) -> str:
         """A new API key for account ``name``."""
         import redis

@@ -32,11 +32,8 @@ pytestmark = [
 def rabbit_stack(redis_server: RedisServer) -> Iterator[Stack]:
     stack = Stack(env={"FLOWPOOL_BROKER_URL": f"amqp://guest:guest@{RABBIT[0]}:{RABBIT[1]}//",
                        "FLOWPOOL_LOG_LEVEL": "WARNING", "FLOWPOOL_WORKER_CONCURRENCY": "4"},
-                  redis_url=redis_server.url)
+                  redis_url=redis_server.url).start()
     try:
-        stack.start_worker(quiet=True)
-        stack.start_api(quiet=True)
-        stack.wait_ready()
         yield stack
     finally:
         stack.stop()

@@ -50,11 +50,8 @@ ECHO = """
 @pytest.fixture
 def stack() -> Iterator[Stack]:
     """A stack of this test's own (its Redis, one worker, one API), in place of the session's."""
-    stack = Stack(env=FAULT_ENV)
+    stack = Stack(env=FAULT_ENV).start()
     try:
-        stack.start_worker(quiet=True)
-        stack.start_api(quiet=True)
-        stack.wait_ready()
         yield stack
     finally:
         stack.stop()
