@@ -172,20 +172,21 @@ def doctor() -> None:
         line("redis-server", find_redis_server())
     except Exception as exc:
         line("redis-server", str(exc), settings.redis_url is not None)
-    from .sandbox import Zygote
+    from .sandbox import Sandbox, SandboxLimits
 
-    zygote = Zygote()
+    sandbox = None
     try:
-        zygote.start()
-        isolated = zygote.isolation.get("network") == "none"
-        uid_mode = "one unprivileged uid per slot" if os.geteuid() == 0 else \
-            "WARNING: the worker's own uid (run workers as root for a uid per slot)"
-        line("sandbox", f"process: zygote fork, rlimits, new session; {uid_mode}; {zygote.describe()}",
-             isolated)
+        sandbox = Sandbox(SandboxLimits(), slots=1, uid_base=settings.sandbox_uid_base, prestart=0,
+                          backend=settings.sandbox_backend)
+        sandbox.start()
+        line("sandbox backend", sandbox.backend + ("" if settings.sandbox_backend == "bwrap" else
+                                                   f" ({settings.sandbox_backend}: {sandbox.backend_note})"))
+        line("sandbox", sandbox.describe(), not sandbox.weaknesses)
     except Exception as exc:
-        line("sandbox", f"the zygote did not start: {exc}", False)
+        line("sandbox", f"the sandbox did not start: {exc}", False)
     finally:
-        zygote.stop()
+        if sandbox is not None:
+            sandbox.stop()
     line("api", settings.api_url)
     line("api key", "set" if settings.api_key else "not set (FLOWPOOL_API_KEY)", True)
     sys.exit(0 if ok else 1)

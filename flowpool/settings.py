@@ -6,9 +6,22 @@ from typing import Optional
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings", "DEFAULT_REDIS_URL"]
+__all__ = ["Settings", "DEFAULT_REDIS_URL", "WORKFLOW_LIMITS"]
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+# What a workflow's LIMITS may set -> (the setting holding the default, the setting holding the operator's cap).
+WORKFLOW_LIMITS: dict[str, tuple[str, str | None]] = {
+    "memory_mb": ("sandbox_memory_mb", "sandbox_memory_mb_cap"),
+    "cpu_seconds": ("sandbox_cpu_seconds", None),  # capped by the run's own hard time limit
+    "processes": ("sandbox_max_processes", "sandbox_max_processes_cap"),
+    "open_files": ("sandbox_max_open_files", "sandbox_max_open_files_cap"),
+    "tmp_mb": ("sandbox_tmp_mb", "sandbox_tmp_mb_cap"),
+    "result_bytes": ("max_result_bytes", "max_result_bytes_cap"),
+    "log_bytes": ("max_log_bytes", "max_log_bytes_cap"),
+    "chunks": ("max_chunks", "max_chunks_cap"),
+}
 
 
 class Settings(BaseSettings):
@@ -48,15 +61,30 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(8 << 20, description="Largest request body.")
     max_input_bytes: int = Field(2 << 20, description="Largest `input` plus `messages`, as JSON.")
     max_result_bytes: int = Field(2 << 20, description="Largest workflow result, as JSON.")
+    max_result_bytes_cap: int = Field(16 << 20, description="Largest result a workflow's LIMITS may ask for.")
     max_log_bytes: int = Field(256 << 10, description="Log text kept per run; the rest is cut.")
+    max_log_bytes_cap: int = Field(4 << 20, description="Most log text a workflow's LIMITS may ask for.")
     max_chunks: int = Field(10_000, description="Emitted chunks kept per run.")
+    max_chunks_cap: int = Field(100_000, description="Most chunks a workflow's LIMITS may ask for.")
     max_chunk_bytes: int = Field(64 << 10, description="Largest emitted chunk, as JSON.")
 
-    # Sandbox.
+    # Sandbox. Each per-run limit has a default and an operator cap: a workflow's LIMITS may ask for
+    # more or less than the default, never more than the cap.
+    sandbox_backend: str = Field(
+        "auto", pattern="^(auto|bwrap|process)$",
+        description="Isolation of runs: bwrap (namespaces, a minimal read-only root), process (fork, uid, rlimits, "
+        "seccomp; weaker) or auto, the strongest that works on the host.")
     sandbox_memory_mb: int = Field(512, ge=64, description="Address-space limit of a run's process.")
+    sandbox_memory_mb_cap: int = Field(2048, ge=64, description="Most memory a workflow's LIMITS may ask for.")
+    sandbox_cpu_seconds: Optional[int] = Field(
+        None, ge=1, description="CPU seconds a run may use; unset: as long as its hard time limit.")
     sandbox_max_processes: int = Field(32, ge=1, description="Processes a run may have (needs an unprivileged uid).")
+    sandbox_max_processes_cap: int = Field(256, ge=1, description="Most processes a workflow's LIMITS may ask for.")
     sandbox_max_open_files: int = Field(64, ge=16, description="Open files per run process.")
+    sandbox_max_open_files_cap: int = Field(1024, ge=16, description="Most open files a workflow's LIMITS may ask for.")
     sandbox_max_file_mb: int = Field(64, ge=1, description="Largest file a run may write.")
+    sandbox_tmp_mb: int = Field(64, ge=1, description="Size of a run's private /tmp (with per-run namespaces).")
+    sandbox_tmp_mb_cap: int = Field(1024, ge=1, description="Largest /tmp a workflow's LIMITS may ask for.")
     sandbox_prestart: int = Field(
         2, ge=0, description="Run processes kept started and waiting for a job, so a run skips the fork.")
     sandbox_uid_base: int = Field(
@@ -100,6 +128,16 @@ class Settings(BaseSettings):
     def clamp_timeout(self, seconds: float | None) -> float:
         """The soft limit of a run: the workflow's own, or the default, never over the operator cap."""
         return min(seconds or self.default_timeout_seconds, self.max_timeout_seconds)
+
+    def run_limits(self, asked: dict[str, int] | None = None) -> dict[str, int | None]:
+        """The limits of one run, by LIMITS key: the workflow's own where it asked, else the default; never over the cap."""
+        asked = asked or {}
+        limits: dict[str, int | None] = {}
+        for key, (default_field, cap_field) in WORKFLOW_LIMITS.items():
+            value = asked.get(key, getattr(self, default_field))
+            cap = getattr(self, cap_field) if cap_field else None
+            limits[key] = value if value is None or cap is None else min(value, cap)
+        return limits
 
     @property
     def run_deadline_slack(self) -> float:

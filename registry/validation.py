@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flowpool.errors import ValidationFailed
+from flowpool.settings import WORKFLOW_LIMITS
 
 from .schema import JSON_TYPES
 
@@ -40,6 +41,7 @@ class ScriptInfo:
     output_schema: dict | None
     timeout_seconds: float | None
     cache_ttl_seconds: int | None
+    limits: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ def validate_script(source: str) -> Validation:
         output_schema=values.get("OUTPUT_SCHEMA"),
         timeout_seconds=None if timeout is None else float(timeout),
         cache_ttl_seconds=values.get("CACHE_TTL_SECONDS"),
+        limits=values.get("LIMITS"),
     )
     return Validation(sorted(problems, key=lambda p: p.line), info)
 
@@ -178,6 +181,11 @@ _CONSTANTS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "CACHE_TTL_SECONDS": (
         lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
         "a whole number of seconds, 0 or more",
+    ),
+    "LIMITS": (
+        lambda v: isinstance(v, dict) and all(k in WORKFLOW_LIMITS and isinstance(n, int) and not isinstance(n, bool)
+                                               and n > 0 for k, n in v.items()),
+        f"a dict of limit name to a whole number greater than 0, names from {', '.join(WORKFLOW_LIMITS)}",
     ),
     "INPUT_SCHEMA": (lambda v: isinstance(v, dict), _SCHEMA_SHAPE),
     "OUTPUT_SCHEMA": (lambda v: isinstance(v, dict), _SCHEMA_SHAPE),

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator
 
 from ..errors import Cancelled, ResultTooLarge, SandboxError, ScriptError, TimeLimitExceeded
 from ..procs import set_parent_death_signal
+from .backends import PROCESS_WARNING, Backend, choose, hidden_paths
 from .channel import Channel, ChannelClosed, ProtocolError
 
 __all__ = ["CallFailed", "CallHandler", "RunOutcome", "Sandbox", "SandboxLimits", "Streamed", "Zygote"]
@@ -65,6 +66,8 @@ class SandboxLimits:
     processes: int = 32
     open_files: int = 64
     file_bytes: int = 64 << 20
+    tmp_bytes: int = 64 << 20
+    cpu_seconds: int | None = None  # None: the time limit's own backstop
     max_result_bytes: int = 2 << 20
     max_log_bytes: int = 256 << 10
     max_chunks: int = 10_000
@@ -98,8 +101,9 @@ class _Pending:
 class Zygote:
     """Client of the zygote process; thread-safe, restarts it if it dies."""
 
-    def __init__(self, env: dict[str, str] | None = None) -> None:
+    def __init__(self, env: dict[str, str] | None = None, backend: Backend | None = None) -> None:
         self._env = env or {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+        self.backend = backend or Backend("process")
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
@@ -113,13 +117,29 @@ class Zygote:
 
     def describe(self) -> str:
         """What isolation the zygote achieved, in a line for people."""
-        if not self.isolation:
+        info = self.isolation
+        if not info:
             return "not started"
-        if self.isolation.get("network") == "none":
-            exposed = ", ".join(self.isolation.get("exposed") or []) or "nothing"
-            return f"empty network namespace; interpreter paths bound read-only: {exposed}"
-        reason = self.isolation.get("error") or "not running as root"
-        return f"WARNING: runs share the host network ({reason})"
+        parts = []
+        if info.get("backend") == "bwrap":
+            parts.append("bwrap: read-only root holding only the runtime, no capabilities"
+                         + ("" if os.geteuid() == 0 else ", user namespace"))
+        if info.get("network") == "none":
+            parts.append("empty network namespace")
+        else:
+            parts.append(f"WARNING: runs share the host network ({info.get('error') or 'not running as root'})")
+        parts.append("per-run PID, mount and IPC namespaces with a private size-limited /tmp"
+                     if info.get("namespaces") else
+                     "WARNING: no per-run namespaces (/tmp is a directory on disk, only file size is limited)")
+        parts.append("seccomp filter" if info.get("seccomp") else "WARNING: no seccomp filter on this host")
+        if info.get("backend") != "bwrap":
+            parts.append(PROCESS_WARNING)
+        return "; ".join(parts)
+
+    @property
+    def weaknesses(self) -> list[str]:
+        """What is missing from full isolation here, one line each (empty when nothing is)."""
+        return [part for part in self.describe().split("; ") if part.startswith("WARNING")]
 
     def start(self, timeout: float = 30.0) -> None:
         """Start the zygote and wait until it says hello."""
@@ -131,8 +151,10 @@ class Zygote:
     def _start_locked(self) -> None:
         self._hello.clear()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        config = {"backend": self.backend.name, "hide": hidden_paths()}
         self._process = subprocess.Popen(
-            [sys.executable, "-I", "-m", "flowpool.sandbox.zygote", str(child.fileno())],
+            [*self.backend.prefix, sys.executable, "-I", "-m", "flowpool.sandbox.zygote", str(child.fileno()),
+             json.dumps(config)],
             env=self._env, stdin=subprocess.DEVNULL, close_fds=True, pass_fds=(child.fileno(),),
             preexec_fn=set_parent_death_signal,
         )
@@ -299,7 +321,12 @@ class Sandbox:
     """
 
     def __init__(self, limits: SandboxLimits, slots: int, uid_base: int | None = None,
-                 hard_grace_seconds: float = 5.0, max_seconds: float = 600.0, prestart: int = 2) -> None:
+                 hard_grace_seconds: float = 5.0, max_seconds: float = 600.0, prestart: int = 2,
+                 backend: str = "auto") -> None:
+        try:
+            self._backend = choose(backend)
+        except ValueError as exc:
+            raise SandboxError(str(exc)) from None
         self.limits = limits
         self.hard_grace_seconds = hard_grace_seconds
         self.max_seconds = max_seconds
@@ -314,7 +341,7 @@ class Sandbox:
             self._slots.put(slot)
         self._root = tempfile.mkdtemp(prefix="flowpool-sandbox-")
         os.chmod(self._root, 0o711)
-        self._zygote = Zygote()
+        self._zygote = Zygote(backend=self._backend)
         self._runs = itertools.count(1)
         self._ready: queue.SimpleQueue[_Process] = queue.SimpleQueue()
         # Cleaning up after a run (killing leftovers, removing files) happens
@@ -324,13 +351,29 @@ class Sandbox:
 
     @property
     def backend(self) -> str:
-        return "process"
+        """The isolation backend in force: bwrap or process."""
+        return self._backend.name
+
+    @property
+    def backend_note(self) -> str:
+        """Why this backend: the bwrap binary used, or why bwrap was passed over."""
+        return self._backend.note
+
+    @property
+    def isolation(self) -> dict[str, Any]:
+        """What the zygote reported of the isolation it achieved."""
+        return dict(self._zygote.isolation)
+
+    @property
+    def weaknesses(self) -> list[str]:
+        """Warnings about isolation missing here (empty when nothing is)."""
+        return [part for part in self.describe().split("; ") if part.startswith("WARNING")]
 
     def describe(self) -> str:
         """The isolation in force, in a line for people."""
         uids = f"uids {self.uid_range.start}-{self.uid_range.stop - 1}" if self.uid_range else \
             "WARNING: runs share the worker's uid (start workers as root for a uid per slot)"
-        return f"{uids}; {self._zygote.describe()}"
+        return f"{self.backend} backend; {uids}; {self._zygote.describe()}"
 
     @property
     def uid_range(self) -> range | None:
@@ -377,20 +420,23 @@ class Sandbox:
             os.close(self._uid_lock)
             self._uid_lock = None
 
-    def _spawn(self, slot: int) -> _Process:
+    def _spawn(self, slot: int, limits: SandboxLimits | None = None) -> _Process:
         """Start a run process in ``slot``, under every limit but the job's own CPU budget."""
+        limits = limits or self.limits
         uid = self._uid_base + slot if self._uid_base is not None else None
         process = _Process(slot, uid, os.path.join(self._root, f"run-{next(self._runs)}"))
-        limits = {
-            "memory_bytes": self.limits.memory_bytes,
-            "processes": self.limits.processes if uid is not None else None,
-            "open_files": self.limits.open_files,
-            "file_bytes": self.limits.file_bytes,
-            # Lowered by the run to its own budget once it knows its job.
-            "cpu_seconds": int(self.max_seconds + self.hard_grace_seconds) + 1,
+        # CPU time is lowered by the run to its own budget once it knows its job.
+        backstop = int(self.max_seconds + self.hard_grace_seconds) + 1
+        spawn_limits = {
+            "memory_bytes": limits.memory_bytes,
+            "processes": limits.processes if uid is not None else None,
+            "open_files": limits.open_files,
+            "file_bytes": limits.file_bytes,
+            "tmp_bytes": limits.tmp_bytes,
+            "cpu_seconds": min(backstop, limits.cpu_seconds or backstop),
         }
         try:
-            process.pid, process.sock = self._zygote.spawn(process.workdir, limits, uid, uid)
+            process.pid, process.sock = self._zygote.spawn(process.workdir, spawn_limits, uid, uid)
             process.pidfd = os.pidfd_open(process.pid)
         except BaseException:
             self._cleanup.put(process)
@@ -436,6 +482,12 @@ class Sandbox:
             if process.sock is not None:
                 process.sock.close()
 
+    _PROCESS_LIMITS = ("memory_bytes", "processes", "open_files", "file_bytes", "tmp_bytes", "cpu_seconds")
+
+    def _same_process_limits(self, limits: SandboxLimits) -> bool:
+        """Whether a prestarted process (started under the sandbox's limits) suits a run under ``limits``."""
+        return all(getattr(limits, name) == getattr(self.limits, name) for name in self._PROCESS_LIMITS)
+
     def _take_ready(self) -> _Process | None:
         """A started process waiting for a job, passing over any that died meanwhile (with a lost zygote)."""
         while True:
@@ -452,37 +504,41 @@ class Sandbox:
             on_emit: Callable[[str, Any], None] | None = None, source: str | None = None,
             gate: Callable[[], bool] | None = None, on_call: CallHandler | None = None,
             slot_timeout: float | None = None, cancel: threading.Event | None = None,
-            on_idle: Callable[[], None] | None = None) -> RunOutcome:
+            on_idle: Callable[[], None] | None = None, limits: SandboxLimits | None = None) -> RunOutcome:
         """Run ``execute(ctx)`` of the compiled ``code`` for ``job``; never raises for the script's faults.
 
         ``gate`` is called once the job is handed over, so the caller's own
         bookkeeping overlaps the run's start; when it returns False the run is
         killed before anything it sent is read, and the outcome is ``skipped``.
+        ``limits`` replaces the sandbox's own for this run (a workflow's
+        overrides); a run whose process limits differ gets a process of its
+        own instead of a prestarted one.
         """
+        limits = limits or self.limits
         outcome = RunOutcome()
         process: _Process | None = None
         try:
-            process = self._take_ready()
+            process = self._take_ready() if self._same_process_limits(limits) else None
             if process is None:
                 try:
-                    process = self._spawn(self._slots.get(timeout=slot_timeout))
+                    process = self._spawn(self._slots.get(timeout=slot_timeout), limits)
                 except queue.Empty:
                     raise SandboxError(f"no free sandbox slot within {slot_timeout:g}s") from None
             assert process.pid is not None and process.sock is not None
             outcome.pid = process.pid
             started = time.monotonic()
             hard_deadline = started + soft_seconds + self.hard_grace_seconds
-            channel = Channel(process.sock, max_frame=self.limits.max_result_bytes + (64 << 10))
+            channel = Channel(process.sock, max_frame=limits.max_result_bytes + (64 << 10))
+            # CPU time is a backstop for the hard limit, in whole seconds, and the workflow's own limit.
+            cpu = int(soft_seconds + self.hard_grace_seconds) + 1
             try:
                 channel.send({"op": "run", "code": base64.b64encode(code).decode(), "source": source, "job": job,
-                              "soft_seconds": soft_seconds,
-                              # CPU time is a backstop for the hard limit, in whole seconds.
-                              "cpu_seconds": int(soft_seconds + self.hard_grace_seconds) + 1})
+                              "soft_seconds": soft_seconds, "cpu_seconds": min(cpu, limits.cpu_seconds or cpu)})
                 if gate is not None and not gate():
                     outcome.skipped = True
                     return outcome
                 self._supervise(channel, process, hard_deadline, soft_seconds, started, outcome, on_emit, on_call,
-                                cancel, on_idle)
+                                cancel, on_idle, limits)
             except OSError as exc:  # the process died before it took the job
                 outcome.error = self._crash(process) if isinstance(exc, BrokenPipeError) else SandboxError(
                     f"could not hand the job to the sandbox process: {exc}")
@@ -499,8 +555,8 @@ class Sandbox:
     def _supervise(self, channel: Channel, process: _Process, hard_deadline: float, soft_seconds: float,
                    started: float, outcome: RunOutcome, on_emit: Callable[[str, Any], None] | None,
                    on_call: CallHandler | None = None, cancel: threading.Event | None = None,
-                   on_idle: Callable[[], None] | None = None) -> None:
-        limits = self.limits
+                   on_idle: Callable[[], None] | None = None, limits: SandboxLimits | None = None) -> None:
+        limits = limits or self.limits
         log_bytes = 0
         emitted = False
         while True:

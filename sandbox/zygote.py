@@ -45,15 +45,16 @@ import typing  # noqa: F401
 import uuid  # noqa: F401
 
 import flowpool_workflow  # noqa: F401
+import maitai_workflow  # noqa: F401  (scripts written for it import it; its files are hidden from runs)
 
 from ..procs import set_parent_death_signal
-from . import runtime
+from . import runtime, seccomp
 
 _PR_SET_CHILD_SUBREAPER = 36
 _PR_SET_NO_NEW_PRIVS = 38
-_CLONE_NEWNS = 0x00020000
-_CLONE_NEWNET = 0x40000000
-_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT = 1, 2, 4, 32
+_PR_CAPBSET_DROP = 24
+_CLONE_NEWNS, _CLONE_NEWIPC, _CLONE_NEWPID, _CLONE_NEWNET = 0x00020000, 0x08000000, 0x20000000, 0x40000000
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REMOUNT = 1, 2, 4, 8, 32
 _MS_BIND, _MS_REC, _MS_PRIVATE = 4096, 16384, 1 << 18
 
 _LIMITS = {
@@ -127,10 +128,143 @@ def _isolate(needed: list[str]) -> dict:
     return {"network": "none", "exposed": exposed}
 
 
+def _hide(paths: list[str]) -> list[str]:
+    """Cover flowpool's own code with empty read-only directories, in the zygote's mount namespace.
+
+    Everything a run needs of it is imported already; what a script could
+    read there (settings, the worker's code, a checkout's tests) it never sees.
+    """
+    hidden = []
+    for path in paths:
+        if os.path.isdir(path):
+            _mount("tmpfs", path, "tmpfs", _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "mode=0555,size=4k")
+            hidden.append(path)
+    return hidden
+
+
+def _seccomp_works() -> bool:
+    """Whether the seccomp filter installs here: tried in a throwaway child."""
+    if not seccomp.available():
+        return False
+    pid = os.fork()
+    if pid == 0:
+        try:
+            seccomp.install()
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+def _drop_capabilities() -> None:
+    """Drop every capability, bounding set included (the zygote holds them in a user namespace of its own)."""
+    for cap in range(64):
+        if _libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() == errno.EINVAL:
+            break  # past the last capability this kernel knows
+    empty = (ctypes.c_uint32 * 6)()
+    _check(_libc.capset(ctypes.byref(_CapHeader(0x20080522, 0)), empty), "capset")
+
+
+def _stand_in(child: int, status_fd: int | None = None, reap_all: bool = False) -> None:
+    """Wait for ``child`` and end as it ended; never returns.
+
+    ``status_fd`` may carry the status the child itself relayed (a PID 1
+    passing on how the run ended, since it cannot die of a signal it sends
+    itself). With ``reap_all`` it also reaps every orphan reparented to it.
+    """
+    while True:
+        try:
+            pid, status = os.waitpid(-1 if reap_all else child, 0)
+        except InterruptedError:
+            continue
+        if pid == child:
+            break
+    if status_fd is not None:
+        relayed = os.read(status_fd, 4)
+        if len(relayed) == 4:
+            status = int.from_bytes(relayed, "little")
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 70)
+
+
+def _own_namespaces(request: dict, fd: int) -> str:
+    """Give the run namespaces of its own; returns its working directory. Called as root (of the zygote's namespace).
+
+    Three processes: this one stays in the zygote's PID namespace and stands
+    in for the run (the worker's pidfd, the exit status); its child is PID 1
+    of a new PID namespace, which reaps orphans and, when it ends, makes the
+    kernel kill every process the run left; the run itself is PID 2, an
+    ordinary process that can be signalled, even by itself. PID 1 mounts a
+    /proc that shows only the run's processes and a private tmpfs /tmp whose
+    size is the run's disk limit.
+    """
+    _check(_libc.unshare(_CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWIPC), "unshare")
+    status_r, status_w = os.pipe()
+    alive_r, alive_w = os.pipe()
+    init = os.fork()
+    if init:
+        os.close(fd)
+        os.close(status_w)
+        os.close(alive_r)
+        _stand_in(init, status_fd=status_r)
+    # PID 1 of the run's namespace.
+    os.close(status_r)
+    os.close(alive_w)
+    set_parent_death_signal(signal.SIGKILL)
+    if select.select([alive_r], [], [], 0)[0]:
+        os._exit(0)  # the stand-in is gone already (from in here the parent's pid reads 0: the pipe tells)
+    _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
+    _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    owner = f",uid={request['uid']},gid={request['gid']}" if request.get("uid") is not None else ""
+    size = int(request["limits"].get("tmp_bytes") or (64 << 20))
+    _mount("tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={size},mode=0700,nr_inodes=16384{owner}")
+    run_alive_r, run_alive_w = os.pipe()
+    run = os.fork()
+    if run:
+        os.close(fd)
+        os.close(run_alive_r)
+        os.close(alive_r)
+        while True:
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except InterruptedError:
+                continue
+            if pid == run:
+                break
+        os.write(status_w, status.to_bytes(4, "little"))
+        os._exit(0)
+    # PID 2: the run.
+    os.close(status_w)
+    os.close(alive_r)
+    os.close(run_alive_w)
+    set_parent_death_signal(signal.SIGKILL)
+    if select.select([run_alive_r], [], [], 0)[0]:
+        os._exit(0)
+    request["_alive_fd"] = run_alive_r
+    return "/tmp"
+
+
 def _decode_status(status: int) -> dict[str, int]:
     if os.WIFSIGNALED(status):
         return {"signal": os.WTERMSIG(status)}
     return {"code": os.WEXITSTATUS(status)}
+
+
+def _parent_gone(request: dict, zygote: int) -> bool:
+    """Whether the process this one must die with is gone already (so its death signal came too early)."""
+    alive = request.get("_alive_fd")
+    if alive is not None:
+        return bool(select.select([alive], [], [], 0)[0])
+    return os.getppid() != zygote
 
 
 def _become_run(request: dict, fd: int, control: socket.socket, zygote: int) -> None:
@@ -150,7 +284,10 @@ def _become_run(request: dict, fd: int, control: socket.socket, zygote: int) -> 
             os.dup2(devnull, target)
         os.closerange(3, fd)
         os.closerange(fd + 1, 65536)
-        os.chdir(request["workdir"])
+        workdir = request["workdir"]
+        if request.get("namespaces"):
+            workdir = _own_namespaces(request, fd)
+        os.chdir(workdir)
         for name, value in request["limits"].items():
             if value is not None and name in _LIMITS:
                 resource.setrlimit(_LIMITS[name][0], (int(value), int(value)))
@@ -163,12 +300,23 @@ def _become_run(request: dict, fd: int, control: socket.socket, zygote: int) -> 
             # Changing credentials clears the parent-death signal: arm it again,
             # so the run still dies with the zygote (and so with the worker).
             set_parent_death_signal(signal.SIGKILL)
-            if os.getppid() != zygote:
+            if _parent_gone(request, zygote):
                 return  # the zygote died before the signal was armed
             # Whatever an earlier run of this uid left behind dies now, before
-            # this process takes a job (the signal spares the sender).
-            os.kill(-1, signal.SIGKILL)
-        _prctl(_PR_SET_NO_NEW_PRIVS, 1)
+            # this process takes a job (the signal spares the sender). In a
+            # PID namespace of its own there is nobody else to find.
+            try:
+                os.kill(-1, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        elif request.get("namespaces"):
+            _drop_capabilities()
+        if request.get("_alive_fd") is not None:
+            os.close(request["_alive_fd"])
+        if request.get("seccomp"):
+            seccomp.install()  # sets no_new_privs too
+        else:
+            _prctl(_PR_SET_NO_NEW_PRIVS, 1)
         runtime.serve(fd)
     except BaseException:
         code = 70
@@ -263,7 +411,7 @@ class _Spares:
             sock.close()
 
 
-def main(control_fd: int) -> None:
+def main(control_fd: int, config: dict) -> None:
     set_parent_death_signal(signal.SIGKILL)
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     control = socket.socket(fileno=control_fd)
@@ -279,12 +427,20 @@ def main(control_fd: int) -> None:
     def send(message: dict) -> None:
         control.send(json.dumps(message).encode())
 
-    isolation: dict = {"network": "shared", "exposed": []}
-    if os.geteuid() == 0:
-        try:
-            isolation = _isolate([p for p in sys.path if p and os.path.isdir(p)])
-        except OSError as exc:  # e.g. a container without CAP_SYS_ADMIN
-            isolation["error"] = str(exc)
+    isolation: dict = {"backend": config.get("backend", "process"), "network": "shared", "exposed": [],
+                       "namespaces": False, "hidden": []}
+    try:
+        if isolation["backend"] == "bwrap":
+            # bwrap built the root, the empty network and (when not root) the user namespace in which
+            # this process holds the capabilities it needs to give each run namespaces of its own.
+            isolation.update(network="none", namespaces=True)
+        elif os.geteuid() == 0:
+            isolation.update(_isolate([p for p in sys.path if p and os.path.isdir(p)]), namespaces=True)
+        if isolation["namespaces"]:
+            isolation["hidden"] = _hide(config.get("hide") or [])
+    except OSError as exc:  # e.g. a container without CAP_SYS_ADMIN
+        isolation["error"] = str(exc)
+    isolation["seccomp"] = _seccomp_works()
     send({"op": "hello", "pid": os.getpid(), **isolation})
 
     def collect_exits() -> None:
@@ -305,6 +461,7 @@ def main(control_fd: int) -> None:
                 send({"op": "exited", "pid": pid, "status": _decode_status(status)})
 
     def spawn(request: dict, fd: int) -> int:
+        request.update(namespaces=isolation["namespaces"], seccomp=isolation["seccomp"])
         os.makedirs(request["workdir"], mode=0o700)
         if request.get("uid") is not None:
             os.chown(request["workdir"], request["uid"], request["gid"])
@@ -361,7 +518,7 @@ def main(control_fd: int) -> None:
 
 if __name__ == "__main__":
     try:
-        main(int(sys.argv[1]))
+        main(int(sys.argv[1]), json.loads(sys.argv[2]) if len(sys.argv) > 2 else {})
     except OSError as exc:
         if exc.errno not in (errno.EPIPE, errno.ECONNRESET):
             raise

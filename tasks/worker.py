@@ -49,23 +49,16 @@ class WorkerRuntime:
         self.models = ModelRouter(Applications(self.redis), egress, os.environ,
                                   retries=settings.model_retries,
                                   connect_timeout=settings.model_connect_timeout_seconds)
+        self._limits: dict[tuple, SandboxLimits] = {}
         self.sandbox = Sandbox(
-            SandboxLimits(
-                memory_bytes=settings.sandbox_memory_mb << 20,
-                processes=settings.sandbox_max_processes,
-                open_files=settings.sandbox_max_open_files,
-                file_bytes=settings.sandbox_max_file_mb << 20,
-                max_result_bytes=settings.max_result_bytes,
-                max_log_bytes=settings.max_log_bytes,
-                max_chunks=settings.max_chunks,
-                max_chunk_bytes=settings.max_chunk_bytes,
-            ),
+            self.limits_for(None),
             # Twice the concurrency: each run may have a workflow it calls inline running too.
             slots=2 * settings.worker_concurrency,
             uid_base=settings.sandbox_uid_base,
             hard_grace_seconds=settings.hard_timeout_grace_seconds,
             max_seconds=settings.max_timeout_seconds,
             prestart=settings.sandbox_prestart,
+            backend=settings.sandbox_backend,
         )
         self.lease_ms = int(settings.worker_ttl_seconds * 1000)
         self.active: set[str] = set()
@@ -73,11 +66,35 @@ class WorkerRuntime:
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat, name="flowpool-heartbeat", daemon=True)
 
+    def limits_for(self, asked: dict[str, int] | None) -> SandboxLimits:
+        """The sandbox limits of a run of a workflow whose LIMITS are ``asked``, capped by the operator's settings."""
+        key = tuple(sorted((asked or {}).items()))
+        limits = self._limits.get(key)
+        if limits is None:
+            settings = self.settings
+            values = settings.run_limits(asked)
+            limits = SandboxLimits(
+                memory_bytes=int(values["memory_mb"] or 0) << 20,
+                processes=int(values["processes"] or 0),
+                open_files=int(values["open_files"] or 0),
+                file_bytes=min(settings.sandbox_max_file_mb, int(values["tmp_mb"] or 0)) << 20,
+                tmp_bytes=int(values["tmp_mb"] or 0) << 20,
+                cpu_seconds=values["cpu_seconds"],
+                max_result_bytes=int(values["result_bytes"] or 0),
+                max_log_bytes=int(values["log_bytes"] or 0),
+                max_chunks=int(values["chunks"] or 0),
+                max_chunk_bytes=settings.max_chunk_bytes,
+            )
+            self._limits[key] = limits
+        return limits
+
     def start(self) -> None:
         self.sandbox.start()
         self._beat.start()
-        log.info("flowpool worker %s ready: sandbox backend %s (%s), %d slots", self.name, self.sandbox.backend,
-                 self.sandbox.describe(), self.settings.worker_concurrency)
+        log.info("flowpool worker %s ready, %d slots; sandbox: %s", self.name, self.settings.worker_concurrency,
+                 self.sandbox.describe())
+        for weakness in self.sandbox.weaknesses:
+            log.warning("sandbox: %s", weakness)
 
     def stop(self) -> None:
         self._stop.set()

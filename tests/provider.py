@@ -30,6 +30,11 @@ def _words(text: Any) -> int:
     return len(str(text or "").split())
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # hundreds of runs may call at once (the default backlog is 5)
+
+
 class StandInProvider:
     """Start with ``start()``; ``base_url`` ends in /v1; ``requests`` logs what it was sent."""
 
@@ -142,8 +147,7 @@ class StandInProvider:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the caller gave up (a timeout under test)
 
-        self.server = ThreadingHTTPServer((host, 0), Handler)
-        self.server.daemon_threads = True
+        self.server = _Server((host, 0), Handler)
         self.port = self.server.server_address[1]
         self.origin = f"http://{host}:{self.port}"
         self.base_url = f"{self.origin}/v1"

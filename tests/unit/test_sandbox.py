@@ -9,14 +9,15 @@ start their own sandbox and stop it.
 from __future__ import annotations
 
 import base64
+import dataclasses
+import errno
 import json
 import marshal
 import os
 import queue
-import shutil
 import signal
+import socket
 import struct
-import tempfile
 import textwrap
 import threading
 import time
@@ -29,6 +30,7 @@ import pytest
 
 from flowpool.errors import ResultTooLarge, SandboxError, ScriptError, TimeLimitExceeded
 from flowpool.sandbox import RunOutcome, Sandbox, SandboxLimits
+from flowpool.sandbox.backends import bwrap_binary, probe_bwrap
 from tests.helpers import running
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs get uids of their own only as root")
@@ -40,6 +42,7 @@ LIMITS = SandboxLimits(
     processes=16,
     open_files=64,
     file_bytes=1 << 20,
+    tmp_bytes=8 << 20,
     max_result_bytes=64 << 10,
     max_log_bytes=64 << 10,
     max_chunks=20,
@@ -93,12 +96,6 @@ def _pid_running(pid: int) -> bool:
         return False
 
 
-def alive(pids: Iterable[int], uid: int) -> list[int]:
-    """Those of ``pids`` still running under ``uid`` (a reused pid under another uid does not count)."""
-    wanted = set(pids)
-    return [p.pid for p in live_processes([uid]) if p.pid in wanted]
-
-
 def zygotes() -> set[int]:
     """Pids of the sandbox zygotes this test session runs (the processes they fork share their command line)."""
     found = set()
@@ -109,6 +106,11 @@ def zygotes() -> set[int]:
         except psutil.Error:
             pass
     return found
+
+
+def zygotes_of(sandbox: Sandbox) -> list[int]:
+    """The pid of ``sandbox``'s zygote process (the interpreter, not a bwrap in front of it)."""
+    return [sandbox.isolation["pid"]]
 
 
 def run(sandbox: Sandbox, source: str, job: dict[str, Any] | None = None, soft_seconds: float = 10.0,
@@ -125,10 +127,16 @@ def assert_serves_next_run(sandbox: Sandbox) -> None:
 # Fixtures
 
 
-@pytest.fixture(scope="module")
-def sandbox() -> Iterator[Sandbox]:
-    """The module's sandbox, started from a worker environment holding a secret no run may see."""
-    box = Sandbox(LIMITS, slots=SLOTS, uid_base=UID_BASE, hard_grace_seconds=HARD_GRACE, prestart=0)
+def _backends() -> list[Any]:
+    problem = probe_bwrap(bwrap_binary())
+    return ["process", pytest.param("bwrap", marks=pytest.mark.skipif(problem is not None, reason=str(problem)))]
+
+
+@pytest.fixture(scope="module", params=_backends())
+def sandbox(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
+    """The module's sandbox on each backend, started from a worker environment holding a secret no run may see."""
+    box = Sandbox(LIMITS, slots=SLOTS, uid_base=UID_BASE, hard_grace_seconds=HARD_GRACE, prestart=0,
+                  backend=request.param)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(WORKER_SECRET_NAME, WORKER_SECRET)
         box.start()
@@ -406,7 +414,7 @@ def test_fork_bomb_is_capped_by_the_process_limit_and_its_children_are_killed(sa
     assert result["refused"] == "BlockingIOError"
     # The run process counts against its own limit.
     assert 0 < len(result["children"]) <= LIMITS.processes - 1
-    assert eventually(lambda: alive(result["children"], result["uid"])) == []
+    # Pids the run saw may be those of its own PID namespace: look for its uid instead.
     assert eventually(lambda: live_processes([result["uid"]])) == []
     assert_serves_next_run(sandbox)
 
@@ -430,7 +438,7 @@ DAEMON_SCRIPT = """
         os.close(write_end)
         daemon = int(os.read(read_end, 32))
         with open(f"/proc/{daemon}/stat") as stat:
-            session = int(stat.read().rsplit(")", 1)[1].split()[4])
+            session = int(stat.read().rsplit(")", 1)[1].split()[3])
         return {"uid": os.getuid(), "daemon": daemon, "session": session, "own_session": os.getsid(0)}
 """
 
@@ -441,7 +449,7 @@ def test_background_daemon_is_killed_after_the_run(sandbox: Sandbox) -> None:
     assert outcome.ok, outcome.error
     result = outcome.result
     assert result["session"] != result["own_session"]  # out of reach of the run's process group
-    assert eventually(lambda: alive([result["daemon"]], result["uid"])) == []
+    assert eventually(lambda: live_processes([result["uid"]])) == []
 
 
 def test_daemon_left_in_a_prestarted_slot_dies_when_the_slot_next_process_starts() -> None:
@@ -453,7 +461,8 @@ def test_daemon_left_in_a_prestarted_slot_dies_when_the_slot_next_process_starts
         outcome = run(box, DAEMON_SCRIPT)
         assert outcome.ok, outcome.error
         result = outcome.result
-        assert eventually(lambda: alive([result["daemon"]], result["uid"])) == []
+        # Only the slot's next process, waiting for a job, may run under the uid: not the daemon too.
+        assert not eventually(lambda: len(live_processes([result["uid"]])) > 1)
         assert_serves_next_run(box)
         uids = box.uid_range
     finally:
@@ -504,47 +513,57 @@ def test_open_files_are_capped(sandbox: Sandbox) -> None:
 def test_run_environment_holds_only_the_workflow_env(sandbox: Sandbox) -> None:
     assert WORKER_SECRET_NAME not in os.environ  # set only while the sandbox started
     outcome = run(sandbox, """
+        import json
         import os
 
         def execute(ctx):
-            try:
-                with open(f"/proc/{os.getppid()}/environ", "rb") as f:
-                    parent = f.read().decode(errors="replace")
-            except OSError as exc:
-                parent = type(exc).__name__
-            return {"environ": dict(os.environ), "cwd": os.getcwd(), "parent": parent}
-    """, {"env": {"GREETING": "hello"}, "secrets": {"api_token": "tok-secret-42"}})
+            found = {}
+            for pid in (os.getppid(), ctx.metadata["worker"]):  # its parent, and the worker by its host pid
+                for what in ("environ", "mem", "cmdline"):
+                    try:
+                        with open(f"/proc/{pid}/{what}", "rb") as f:
+                            found[f"{pid} {what}"] = f.read(1 << 16).decode(errors="replace")
+                    except OSError as exc:
+                        found[f"{pid} {what}"] = type(exc).__name__
+            return {"environ": dict(os.environ), "cwd": os.getcwd(), "parent": json.dumps(found)}
+    """, {"env": {"GREETING": "hello"}, "secrets": {"api_token": "tok-secret-42"},
+          "metadata": {"worker": os.getpid()}})
 
     assert outcome.ok, outcome.error
     environ, cwd = outcome.result["environ"], outcome.result["cwd"]
     assert environ == {"GREETING": "hello", "HOME": cwd, "TMPDIR": cwd, "PATH": "/usr/local/bin:/usr/bin:/bin"}
     assert not [name for name in environ if name.startswith("FLOWPOOL")]
     assert "tok-secret-42" not in json.dumps(environ)
-    # Nor can the run read it from the process that forked it.
+    # Nor can the run read it from the process that forked it, or from the worker.
     assert WORKER_SECRET not in outcome.result["parent"]
+    assert WORKER_SECRET_NAME not in outcome.result["parent"]
 
 
-def test_run_cannot_read_another_runs_workdir_and_its_files_are_removed(sandbox: Sandbox) -> None:
+def test_run_cannot_reach_another_runs_files_and_they_are_removed(sandbox: Sandbox) -> None:
     announced: queue.Queue[dict[str, Any]] = queue.Queue()
+    release = threading.Event()
     first: dict[str, RunOutcome] = {}
 
+    def hold(method: str, params: dict, deadline: float) -> Any:
+        release.wait(20)  # the first run waits in a ctx call until the second is done
+        return {"choices": []}
+
     def first_run() -> None:
-        first["outcome"] = run(sandbox, """
+        first["outcome"] = sandbox.run(compiled("""
             import os
-            import time
+            import tempfile
 
             def execute(ctx):
                 with open("note.txt", "w") as f:
                     f.write("private")
+                with open(os.path.join(tempfile.gettempdir(), "tmp-note.txt"), "w") as f:
+                    f.write("private")
                 info = os.stat(".")
-                ctx.emit("workdir", {"path": os.getcwd(), "mode": info.st_mode & 0o777,
-                                     "owner": info.st_uid, "uid": os.getuid()})
-                for _ in range(400):  # until the test lets go, at most ~20 s
-                    if os.path.exists("release"):
-                        break
-                    time.sleep(0.05)
-                return "released"
-        """, soft_seconds=30, on_emit=lambda kind, content: announced.put(content))
+                ctx.emit("workdir", {"path": os.getcwd(), "tmp": tempfile.gettempdir(),
+                                     "mode": info.st_mode & 0o777, "owner": info.st_uid, "uid": os.getuid()})
+                ctx.chat.completions.create(messages=[])
+                return sorted(os.listdir(".")) + sorted(os.listdir(tempfile.gettempdir()))
+        """), {}, 30, on_emit=lambda kind, content: announced.put(content), on_call=hold)
 
     thread = threading.Thread(target=first_run)
     thread.start()
@@ -555,35 +574,264 @@ def test_run_cannot_read_another_runs_workdir_and_its_files_are_removed(sandbox:
             import os
 
             def execute(ctx):
-                path = ctx.input
-                attempts = {
-                    "read": lambda: open(os.path.join(path, "note.txt")).read(),
-                    "list": lambda: os.listdir(path),
-                    "list_root": lambda: os.listdir(os.path.dirname(path)),
-                    "write": lambda: open(os.path.join(path, "planted.txt"), "w").close(),
-                }
                 out = {"uid": os.getuid()}
-                for name, attempt in attempts.items():
-                    try:
-                        out[name] = attempt()
-                    except OSError as exc:
-                        out[name] = type(exc).__name__
+                for name in ("path", "tmp"):
+                    where = ctx.input[name]
+                    for verb, attempt in {
+                        "read": lambda: open(os.path.join(where, "note.txt" if name == "path" else "tmp-note.txt")).read(),
+                        "list": lambda: os.listdir(where),
+                        "write": lambda: open(os.path.join(where, "planted.txt"), "w").close(),
+                    }.items():
+                        try:
+                            out[f"{name} {verb}"] = attempt()
+                        except OSError as exc:
+                            out[f"{name} {verb}"] = type(exc).__name__
                 return out
-        """, {"input": workdir["path"]})
+        """, {"input": workdir})
     finally:
-        if workdir:
-            open(os.path.join(workdir["path"], "release"), "w").close()
+        release.set()
         thread.join(30)
 
     assert second.ok, second.error
-    assert second.result["uid"] != workdir["uid"]
-    assert {k: second.result[k] for k in ("read", "list", "list_root", "write")} == dict.fromkeys(
-        ("read", "list", "list_root", "write"), "PermissionError")
+    found = second.result
+    assert found["uid"] != workdir["uid"]
+    # Another uid (process backend) or another mount namespace (per-run namespaces): never the note.
+    assert found["path read"] in ("PermissionError", "FileNotFoundError")
+    assert found["tmp read"] in ("PermissionError", "FileNotFoundError")
+    assert "note.txt" not in json.dumps(found)
     assert workdir["mode"] == 0o700
     assert workdir["owner"] == workdir["uid"]
     assert first["outcome"].ok, first["outcome"].error
-    assert first["outcome"].result == "released"
-    assert not eventually(lambda: os.path.exists(workdir["path"]))
+    # What the second run wrote, if anything, landed elsewhere.
+    assert "planted.txt" not in first["outcome"].result
+    if sandbox.isolation.get("namespaces"):
+        assert workdir["path"] == workdir["tmp"] == "/tmp"  # a tmpfs of its own
+    else:
+        assert not eventually(lambda: os.path.exists(workdir["path"]))
+
+
+# Escapes: each attempt is contained, the sandbox serves the next run
+
+
+def test_files_outside_the_sandbox_cannot_be_read(sandbox: Sandbox) -> None:
+    import flowpool.settings
+    outcome = run(sandbox, """
+        def execute(ctx):
+            found = {}
+            for path in ctx.input:
+                try:
+                    with open(path, "rb") as f:
+                        found[path] = f.read(64).decode(errors="replace")
+                except OSError as exc:
+                    found[path] = type(exc).__name__
+            return found
+    """, {"input": ["/etc/shadow", flowpool.settings.__file__, os.path.abspath(__file__)]})
+
+    assert outcome.ok, outcome.error
+    found = outcome.result
+    assert found["/etc/shadow"] in ("PermissionError", "FileNotFoundError")
+    # flowpool's own code is covered once the zygote has imported it.
+    assert found[flowpool.settings.__file__] in ("PermissionError", "FileNotFoundError")
+    if sandbox.backend == "bwrap":  # only the runtime is there: not the checkout, not this test
+        assert found[os.path.abspath(__file__)] in ("PermissionError", "FileNotFoundError")
+
+
+def test_the_network_and_sockets_are_out_of_reach(sandbox: Sandbox) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.5)
+    try:
+        outcome = run(sandbox, """
+            import socket
+
+            def execute(ctx):
+                found = {}
+                for name, attempt in {
+                    "tcp": lambda: socket.create_connection(("127.0.0.1", ctx.input), timeout=2),
+                    "unix": lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM),
+                    "udp": lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM),
+                    "raw": lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW),
+                }.items():
+                    try:
+                        attempt()
+                        found[name] = "connected"
+                    except OSError as exc:
+                        found[name] = type(exc).__name__
+                return found
+        """, {"input": listener.getsockname()[1]})
+        with pytest.raises(socket.timeout):
+            listener.accept()  # nothing came through
+    finally:
+        listener.close()
+
+    assert outcome.ok, outcome.error
+    assert set(outcome.result.values()) <= {"PermissionError", "ConnectionRefusedError", "OSError"}, outcome.result
+    if sandbox.isolation.get("seccomp"):
+        assert set(outcome.result.values()) == {"PermissionError"}
+
+
+def test_kernel_interfaces_for_escaping_are_denied(sandbox: Sandbox) -> None:
+    outcome = run(sandbox, """
+        import ctypes
+        import os
+
+        libc = ctypes.CDLL(None, use_errno=True)
+
+        def attempt(call, *args):
+            return "allowed" if call(*args) == 0 else os.strerror(ctypes.get_errno())
+
+        def execute(ctx):
+            return {
+                "unshare user": attempt(libc.unshare, 0x10000000),
+                "unshare mount": attempt(libc.unshare, 0x00020000),
+                "ptrace": attempt(libc.ptrace, 16, 1, 0, 0),  # PTRACE_ATTACH to PID 1
+                "mount": attempt(libc.mount, b"none", b"/tmp", b"tmpfs", 0, None),
+                "chroot": attempt(libc.chroot, b"/tmp"),
+                "keyctl": attempt(libc.syscall, 250 if os.uname().machine == "x86_64" else 219, 0, 0, 0),
+            }
+    """)
+
+    assert outcome.ok, outcome.error
+    assert "allowed" not in outcome.result.values(), outcome.result
+    if sandbox.isolation.get("seccomp"):
+        assert set(outcome.result.values()) == {os.strerror(errno.EPERM)}
+    assert_serves_next_run(sandbox)
+
+
+def test_signals_to_the_zygote_and_the_worker_are_refused(sandbox: Sandbox) -> None:
+    (zygote,) = [p for p in zygotes_of(sandbox)]
+    outcome = run(sandbox, """
+        import os
+        import signal
+
+        def execute(ctx):
+            found = {}
+            for name, pid in {"parent": os.getppid(), "zygote": ctx.input["zygote"], "worker": ctx.input["worker"],
+                              "everyone": -1}.items():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    found[name] = "sent"
+                except OSError as exc:
+                    found[name] = type(exc).__name__
+            return found
+    """, {"input": {"zygote": zygote, "worker": os.getpid()}})
+
+    assert outcome.ok, outcome.error
+    # The run's parent is the stand-in for its namespace (pid 0 from in there) or the zygote: either way not ours.
+    assert outcome.result["zygote"] in ("PermissionError", "ProcessLookupError")
+    assert outcome.result["worker"] in ("PermissionError", "ProcessLookupError")
+    assert outcome.result["parent"] in ("PermissionError", "ProcessLookupError")
+    assert _pid_running(zygote)
+    assert_serves_next_run(sandbox)
+
+
+def test_filling_tmp_stops_at_the_run_disk_limit_and_the_next_run_starts_empty(sandbox: Sandbox) -> None:
+    outcome = run(sandbox, """
+        import errno
+        import os
+        import tempfile
+
+        def execute(ctx):
+            where = tempfile.gettempdir()
+            written = 0
+            try:
+                for n in range(1000):  # bounded: 1000 x 512 KiB, far over any limit here
+                    with open(os.path.join(where, f"fill-{n}"), "wb") as f:
+                        f.write(b"x" * (512 << 10))
+                    written += 512 << 10
+            except OSError as exc:
+                return {"error": errno.errorcode[exc.errno], "written": written}
+            return {"error": None, "written": written}
+    """)
+    after = run(sandbox, """
+        import os
+        import tempfile
+
+        def execute(ctx):
+            return os.listdir(tempfile.gettempdir())
+    """)
+
+    assert outcome.ok, outcome.error
+    if sandbox.isolation.get("namespaces"):
+        assert outcome.result["error"] == "ENOSPC"
+        assert outcome.result["written"] <= LIMITS.tmp_bytes
+    else:  # only each file's size is limited
+        assert outcome.result["error"] in ("EFBIG", "ENOSPC", None)
+    assert after.ok, after.error
+    assert after.result == []
+
+
+def test_one_runs_secrets_are_out_of_another_runs_reach(sandbox: Sandbox) -> None:
+    release = threading.Event()
+    holding = threading.Event()
+
+    def hold(method: str, params: dict, deadline: float) -> Any:
+        holding.set()
+        release.wait(20)
+        return {"choices": []}
+
+    holder: dict[str, RunOutcome] = {}
+    thread = threading.Thread(target=lambda: holder.update(outcome=sandbox.run(compiled("""
+        import os
+
+        def execute(ctx):
+            os.environ["HELD"] = ctx.secrets["token"]
+            kept = [ctx.secrets["token"]] * 3
+            ctx.chat.completions.create(messages=[])
+            return len(kept)
+    """), {"secrets": {"token": "tok-held-9c2e"}}, 30, on_call=hold)))
+    thread.start()
+    try:
+        assert holding.wait(10)
+        outcome = run(sandbox, """
+            import os
+
+            def execute(ctx):
+                seen, refused = [], 0
+                for entry in os.listdir("/proc"):
+                    if not entry.isdigit():
+                        continue
+                    for what in ("environ", "cmdline", "mem"):
+                        try:
+                            with open(f"/proc/{entry}/{what}", "rb") as f:
+                                seen.append(f.read(1 << 20).decode(errors="replace"))
+                        except OSError:
+                            refused += 1
+                return {"found": any("tok-held" in text for text in seen), "pids": len(os.listdir("/proc"))}
+        """)
+    finally:
+        release.set()
+        thread.join(30)
+
+    assert outcome.ok, outcome.error
+    assert outcome.result["found"] is False
+    assert holder["outcome"].ok, holder["outcome"].error
+
+
+def test_a_runs_own_limits_replace_the_sandboxs(sandbox: Sandbox) -> None:
+    own = dataclasses.replace(LIMITS, memory_bytes=200 << 20, open_files=32, tmp_bytes=2 << 20, cpu_seconds=2,
+                              max_result_bytes=1 << 10)
+    outcome = sandbox.run(compiled("""
+        import os
+        import resource
+        import tempfile
+
+        def execute(ctx):
+            stat = os.statvfs(tempfile.gettempdir())
+            return {"as": resource.getrlimit(resource.RLIMIT_AS)[0],
+                    "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                    "cpu": resource.getrlimit(resource.RLIMIT_CPU)[0],
+                    "tmp": stat.f_blocks * stat.f_frsize}
+    """), {}, 10, limits=own)
+    too_big = sandbox.run(compiled("def execute(ctx):\n    return 'x' * 4096\n"), {}, 10, limits=own)
+
+    assert outcome.ok, outcome.error
+    assert outcome.result["as"] == 200 << 20
+    assert outcome.result["nofile"] == 32
+    assert outcome.result["cpu"] == 2
+    if sandbox.isolation.get("namespaces"):
+        assert outcome.result["tmp"] == 2 << 20
+    assert isinstance(too_big.error, ResultTooLarge)
+    assert_serves_next_run(sandbox)  # under the sandbox's own limits again
 
 
 # Crashes
@@ -713,31 +961,25 @@ def test_malformed_frame_ends_the_run_and_the_next_run_works(sandbox: Sandbox, n
 
 
 def test_concurrent_runs_all_succeed_each_under_its_own_uid(sandbox: Sandbox) -> None:
-    meeting = tempfile.mkdtemp(prefix="flowpool-test-meeting-")
-    os.chmod(meeting, 0o777)
-    source = """
+    # Each run waits in a ctx call until every run is in one: all were running at once.
+    meeting = threading.Barrier(SLOTS)
+
+    def meet(method: str, params: dict, deadline: float) -> Any:
+        return {"met": meeting.wait(10) is not None}
+
+    source = compiled("""
         import os
-        import time
 
         def execute(ctx):
-            open(os.path.join(ctx.input["meeting"], str(ctx.input["n"])), "w").close()
-            for _ in range(200):  # wait for all the others, at most ~10 s
-                if len(os.listdir(ctx.input["meeting"])) == ctx.input["of"]:
-                    break
-                time.sleep(0.05)
-            return {"n": ctx.input["n"], "uid": os.getuid(), "met": len(os.listdir(ctx.input["meeting"]))}
-    """
-    try:
-        with ThreadPoolExecutor(SLOTS) as pool:
-            outcomes = list(pool.map(
-                lambda n: run(sandbox, source, {"input": {"meeting": meeting, "n": n, "of": SLOTS}}, soft_seconds=20),
-                range(SLOTS)))
-    finally:
-        shutil.rmtree(meeting, ignore_errors=True)
+            met = ctx.chat.completions.create(messages=[])["met"]
+            return {"n": ctx.input, "uid": os.getuid(), "met": met}
+    """)
+    with ThreadPoolExecutor(SLOTS) as pool:
+        outcomes = list(pool.map(lambda n: sandbox.run(source, {"input": n}, 20, on_call=meet), range(SLOTS)))
 
     assert [o.error for o in outcomes] == [None] * SLOTS
     assert [o.result["n"] for o in outcomes] == list(range(SLOTS))
-    assert [o.result["met"] for o in outcomes] == [SLOTS] * SLOTS  # all were running at once
+    assert [o.result["met"] for o in outcomes] == [True] * SLOTS
     assert len({o.result["uid"] for o in outcomes}) == SLOTS
 
 

