@@ -179,8 +179,9 @@ class Zygote:
                 continue
             if message["op"] == "exited":
                 with self._exit_lock:
-                    self._exits[message["pid"]] = message["status"]
                     event = self._exit_events.get(message["pid"])
+                    if event is not None:  # else a process already forgotten
+                        self._exits[message["pid"]] = message["status"]
                 if event is not None:
                     event.set()
                 continue
@@ -263,9 +264,13 @@ class Zygote:
         try:
             self._request({"op": "reap", "pid": pid, "workdir": workdir, "uid": uid, "gid": gid, "sweep": sweep})
         finally:
-            with self._exit_lock:
-                self._exits.pop(pid, None)
-                self._exit_events.pop(pid, None)
+            self.forget(pid)
+
+    def forget(self, pid: int) -> None:
+        """Drop what is known of a run process's exit (it is gone, or will be reaped without anyone asking)."""
+        with self._exit_lock:
+            self._exits.pop(pid, None)
+            self._exit_events.pop(pid, None)
 
     def stop(self) -> None:
         with self._lock:
@@ -464,7 +469,14 @@ class Sandbox:
             # is wanted anyway, the zygote forks once per run instead of twice.
             refill = self._ready.qsize() < self.prestart
             try:
-                if process.pid is not None:
+                if process.pid is not None and self._zygote.isolation.get("namespaces"):
+                    # Killed already: the end of the PID namespace it was init of takes everything the
+                    # run started, and its files were a tmpfs of that namespace. Once it is gone, the
+                    # slot (and so the uid) is free.
+                    if process.pidfd is not None:
+                        select.select([process.pidfd], [], [], 5.0)
+                    self._zygote.forget(process.pid)
+                elif process.pid is not None:
                     self._zygote.reap(process.pid, process.workdir, process.uid, process.uid, sweep=not refill)
                 else:
                     shutil.rmtree(process.workdir, ignore_errors=True)

@@ -170,68 +170,28 @@ def _drop_capabilities() -> None:
     _check(_libc.capset(ctypes.byref(_CapHeader(0x20080522, 0)), empty), "capset")
 
 
-def _stand_in(child: int, status_fd: int | None = None, reap_all: bool = False) -> None:
-    """Wait for ``child`` and end as it ended; never returns.
-
-    ``status_fd`` may carry the status the child itself relayed (a PID 1
-    passing on how the run ended, since it cannot die of a signal it sends
-    itself). With ``reap_all`` it also reaps every orphan reparented to it.
-    """
-    while True:
-        try:
-            pid, status = os.waitpid(-1 if reap_all else child, 0)
-        except InterruptedError:
-            continue
-        if pid == child:
-            break
-    if status_fd is not None:
-        relayed = os.read(status_fd, 4)
-        if len(relayed) == 4:
-            status = int.from_bytes(relayed, "little")
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        if sig not in (signal.SIGKILL, signal.SIGSTOP):
-            signal.signal(sig, signal.SIG_DFL)
-        os.kill(os.getpid(), sig)
-    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 70)
-
-
 def _own_namespaces(request: dict, fd: int) -> str:
-    """Give the run namespaces of its own; returns its working directory. Called as root (of the zygote's namespace).
+    """Give the run mount and IPC namespaces of its own, then fork the run; returns its working directory.
 
-    Three processes: this one stays in the zygote's PID namespace and stands
-    in for the run (the worker's pidfd, the exit status); its child is PID 1
-    of a new PID namespace, which reaps orphans and, when it ends, makes the
-    kernel kill every process the run left; the run itself is PID 2, an
-    ordinary process that can be signalled, even by itself. PID 1 mounts a
+    Called in PID 1 of a new PID namespace (the zygote forked this process
+    into it), as root of the zygote's user namespace. This process mounts a
     /proc that shows only the run's processes and a private tmpfs /tmp whose
-    size is the run's disk limit.
+    size is the run's disk limit, then forks the run as PID 2, an ordinary
+    process (PID 1 cannot even be signalled by itself), and stays behind as
+    its init: it reaps orphans, and when the run ends it exits, so the kernel
+    kills whatever the run left. It exits with the run's code, or 128 plus
+    the signal that killed it.
     """
-    _check(_libc.unshare(_CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWIPC), "unshare")
-    status_r, status_w = os.pipe()
-    alive_r, alive_w = os.pipe()
-    init = os.fork()
-    if init:
-        os.close(fd)
-        os.close(status_w)
-        os.close(alive_r)
-        _stand_in(init, status_fd=status_r)
-    # PID 1 of the run's namespace.
-    os.close(status_r)
-    os.close(alive_w)
-    set_parent_death_signal(signal.SIGKILL)
-    if select.select([alive_r], [], [], 0)[0]:
-        os._exit(0)  # the stand-in is gone already (from in here the parent's pid reads 0: the pipe tells)
+    _check(_libc.unshare(_CLONE_NEWNS | _CLONE_NEWIPC), "unshare")
     _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
     _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
     owner = f",uid={request['uid']},gid={request['gid']}" if request.get("uid") is not None else ""
     size = int(request["limits"].get("tmp_bytes") or (64 << 20))
     _mount("tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={size},mode=0700,nr_inodes=16384{owner}")
-    run_alive_r, run_alive_w = os.pipe()
+    alive_r, alive_w = os.pipe()
     run = os.fork()
     if run:
         os.close(fd)
-        os.close(run_alive_r)
         os.close(alive_r)
         while True:
             try:
@@ -240,41 +200,79 @@ def _own_namespaces(request: dict, fd: int) -> str:
                 continue
             if pid == run:
                 break
-        os.write(status_w, status.to_bytes(4, "little"))
-        os._exit(0)
-    # PID 2: the run.
-    os.close(status_w)
-    os.close(alive_r)
-    os.close(run_alive_w)
+        os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
+    os.close(alive_w)
     set_parent_death_signal(signal.SIGKILL)
-    if select.select([run_alive_r], [], [], 0)[0]:
-        os._exit(0)
-    request["_alive_fd"] = run_alive_r
+    if select.select([alive_r], [], [], 0)[0]:
+        os._exit(0)  # its init is gone already (from in here a parent's pid reads 0: the pipe tells)
+    request["_alive_fd"] = alive_r
     return "/tmp"
 
 
-def _decode_status(status: int) -> dict[str, int]:
+class _Forker:
+    """Forks the zygote's run processes: into a PID namespace of their own each, when runs get namespaces.
+
+    Each child is PID 1 of its namespace, so its end takes every process of
+    the run with it; the zygote joins its own namespace again after each fork.
+    A pipe only the zygote holds open tells a child whether the zygote died
+    before the child's parent-death signal was armed.
+    """
+
+    def __init__(self) -> None:
+        self.zygote = os.getpid()
+        self.pid_ns: int | None = None
+        self.alive_r, self._alive_w = os.pipe()
+
+    def use_pid_namespaces(self) -> None:
+        self.pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+
+    def fork(self) -> int:
+        if self.pid_ns is None:
+            pid = os.fork()
+        else:
+            _check(_libc.unshare(_CLONE_NEWPID), "unshare")
+            try:
+                pid = os.fork()
+            finally:
+                if os.getpid() == self.zygote:
+                    _check(_libc.setns(self.pid_ns, _CLONE_NEWPID), "setns")
+        if pid == 0:
+            os.close(self._alive_w)
+            if self.pid_ns is not None:
+                os.close(self.pid_ns)
+        return pid
+
+    def zygote_gone(self) -> bool:
+        """In a child: whether the zygote has died."""
+        return bool(select.select([self.alive_r], [], [], 0)[0])
+
+
+def _decode_status(status: int, relayed: bool) -> dict[str, int]:
+    """A child's exit status for the worker; ``relayed``: by an init that exits 128 + the run's signal."""
     if os.WIFSIGNALED(status):
         return {"signal": os.WTERMSIG(status)}
-    return {"code": os.WEXITSTATUS(status)}
+    code = os.WEXITSTATUS(status)
+    if relayed and code > 128:
+        return {"signal": code - 128}
+    return {"code": code}
 
 
-def _parent_gone(request: dict, zygote: int) -> bool:
+def _parent_gone(request: dict, forker: _Forker) -> bool:
     """Whether the process this one must die with is gone already (so its death signal came too early)."""
     alive = request.get("_alive_fd")
     if alive is not None:
         return bool(select.select([alive], [], [], 0)[0])
-    return os.getppid() != zygote
+    return forker.zygote_gone()
 
 
-def _become_run(request: dict, fd: int, control: socket.socket, zygote: int) -> None:
+def _become_run(request: dict, fd: int, control: socket.socket, forker: _Forker) -> None:
     """In the forked child: drop everything of the zygote, apply limits, run the job. Never returns."""
     code = 0
     try:
         control.close()
         os.setsid()
         set_parent_death_signal(signal.SIGKILL)
-        if os.getppid() != zygote:
+        if forker.zygote_gone():
             return  # the zygote is gone already: its runs go with it
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL)
@@ -282,8 +280,10 @@ def _become_run(request: dict, fd: int, control: socket.socket, zygote: int) -> 
         devnull = os.open(os.devnull, os.O_RDWR)
         for target in (0, 1, 2):
             os.dup2(devnull, target)
-        os.closerange(3, fd)
-        os.closerange(fd + 1, 65536)
+        low, high = sorted((fd, forker.alive_r))
+        os.closerange(3, low)
+        os.closerange(low + 1, high)
+        os.closerange(high + 1, 65536)
         workdir = request["workdir"]
         if request.get("namespaces"):
             workdir = _own_namespaces(request, fd)
@@ -300,8 +300,8 @@ def _become_run(request: dict, fd: int, control: socket.socket, zygote: int) -> 
             # Changing credentials clears the parent-death signal: arm it again,
             # so the run still dies with the zygote (and so with the worker).
             set_parent_death_signal(signal.SIGKILL)
-            if _parent_gone(request, zygote):
-                return  # the zygote died before the signal was armed
+            if _parent_gone(request, forker):
+                return  # the parent died before the signal was armed
             # Whatever an earlier run of this uid left behind dies now, before
             # this process takes a job (the signal spares the sender). In a
             # PID namespace of its own there is nobody else to find.
@@ -313,6 +313,7 @@ def _become_run(request: dict, fd: int, control: socket.socket, zygote: int) -> 
             _drop_capabilities()
         if request.get("_alive_fd") is not None:
             os.close(request["_alive_fd"])
+        os.close(forker.alive_r)
         if request.get("seccomp"):
             seccomp.install()  # sets no_new_privs too
         else:
@@ -336,6 +337,8 @@ def _start_reap(request: dict) -> int | None:
     it, so spawns go on meanwhile; its exit finishes the reap.
     """
     uid = request.get("uid")
+    if request.get("namespaces"):
+        return None  # the run's PID namespace ended with it, and everything in it
     if uid is None:
         # Without a uid of its own the run can only be found by its process
         # group. (Once the group is empty its id may be reused: a weaker
@@ -363,9 +366,9 @@ def _start_reap(request: dict) -> int | None:
 class _Spares:
     """One process forked ahead of need, so a spawn costs a message instead of a fork."""
 
-    def __init__(self, close_in_child: list[int]) -> None:
+    def __init__(self, close_in_child: list[int], forker: _Forker) -> None:
         self._close_in_child = close_in_child
-        self._zygote = os.getpid()  # known before any fork: a child asking later may get its new parent
+        self._forker = forker
         self.pid: int | None = None
         self._sock: socket.socket | None = None
 
@@ -373,12 +376,12 @@ class _Spares:
         if self.pid is not None:
             return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = os.fork()
+        pid = self._forker.fork()
         if pid == 0:
             ours.close()
             # Die with the zygote from now on; if it is already gone, go too.
             set_parent_death_signal(signal.SIGKILL)
-            if os.getppid() != self._zygote:
+            if self._forker.zygote_gone():
                 os._exit(0)
             signal.set_wakeup_fd(-1)
             for fd in self._close_in_child:
@@ -392,7 +395,7 @@ class _Spares:
                 os._exit(0)
             if not data or not fds:
                 os._exit(0)  # the zygote went away before using us
-            _become_run(json.loads(data), fds[0], theirs, self._zygote)
+            _become_run(json.loads(data), fds[0], theirs, self._forker)
         theirs.close()
         self.pid, self._sock = pid, ours
 
@@ -421,8 +424,8 @@ def main(control_fd: int, config: dict) -> None:
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the worker, which stops us
     reaping: dict[int, dict] = {}  # helper pid -> its reap request
-    spares = _Spares([control_fd, wake_r, wake_w])
-    zygote_pid = os.getpid()
+    forker = _Forker()
+    spares = _Spares([control_fd, wake_r, wake_w], forker)
 
     def send(message: dict) -> None:
         control.send(json.dumps(message).encode())
@@ -438,8 +441,10 @@ def main(control_fd: int, config: dict) -> None:
             isolation.update(_isolate([p for p in sys.path if p and os.path.isdir(p)]), namespaces=True)
         if isolation["namespaces"]:
             isolation["hidden"] = _hide(config.get("hide") or [])
+        if isolation["namespaces"]:
+            forker.use_pid_namespaces()
     except OSError as exc:  # e.g. a container without CAP_SYS_ADMIN
-        isolation["error"] = str(exc)
+        isolation.update(error=str(exc), namespaces=False)
     isolation["seccomp"] = _seccomp_works()
     send({"op": "hello", "pid": os.getpid(), **isolation})
 
@@ -458,18 +463,19 @@ def main(control_fd: int, config: dict) -> None:
                 shutil.rmtree(request["workdir"], ignore_errors=True)
                 send({"op": "reaped", "id": request["id"]})
             else:
-                send({"op": "exited", "pid": pid, "status": _decode_status(status)})
+                send({"op": "exited", "pid": pid, "status": _decode_status(status, isolation["namespaces"])})
 
     def spawn(request: dict, fd: int) -> int:
         request.update(namespaces=isolation["namespaces"], seccomp=isolation["seccomp"])
-        os.makedirs(request["workdir"], mode=0o700)
-        if request.get("uid") is not None:
-            os.chown(request["workdir"], request["uid"], request["gid"])
+        if not isolation["namespaces"]:  # else the run works in a tmpfs of its own
+            os.makedirs(request["workdir"], mode=0o700)
+            if request.get("uid") is not None:
+                os.chown(request["workdir"], request["uid"], request["gid"])
         pid = spares.take(request, fd)
         if pid is None:
-            pid = os.fork()
+            pid = forker.fork()
             if pid == 0:
-                _become_run(request, fd, control, zygote_pid)
+                _become_run(request, fd, control, forker)
         return pid
 
     # Move everything imported so far out of the collector's reach, so runs
@@ -501,7 +507,7 @@ def main(control_fd: int, config: dict) -> None:
                 send({"op": "spawned", "id": request["id"], "pid": pid})
                 spares.refill()  # after answering: the fork is off the caller's path
             elif request["op"] == "reap":
-                helper = _start_reap(request)
+                helper = _start_reap({**request, "namespaces": isolation["namespaces"]})
                 if helper is None:
                     shutil.rmtree(request["workdir"], ignore_errors=True)
                     send({"op": "reaped", "id": request["id"]})
