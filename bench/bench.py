@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from flowpool.devstack import Stack  # noqa: E402
 from flowpool.procs import set_parent_death_signal  # noqa: E402
 from flowpool.redis_server import RedisServer  # noqa: E402
+from sandbox_bench import sandbox_rows, waiting_runs_row  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 from tests.provider import StandInProvider  # noqa: E402
@@ -187,6 +188,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients for throughput rows")
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each throughput row")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the latency rows")
+    parser.add_argument("--waiting-runs", type=int, default=200,
+                        help="runs at once, each waiting 1 s on a model call, through one worker")
     args = parser.parse_args()
 
     redis_server = RedisServer().start()
@@ -272,6 +275,9 @@ def main() -> None:
               "invoke throughput >= 0.50x bare")
         model_call_rows(api, session, provider, args.requests)
         stream_rows(api, key, args.requests, 9_000)
+        stack.stop()  # its worker must not take the next row's runs
+        waiting_runs_row(redis_server.url, key, args.waiting_runs)
+        sandbox_rows(args.requests)
     finally:
         provider.stop()
         stack.stop()

@@ -59,6 +59,8 @@ class _Transport:
                 continue
             error = message.get("error")
             if error:
+                if error.get("kind") == "timeout":  # the worker saw the soft limit pass before our alarm rang
+                    raise SoftTimeLimitExceeded(f"the run reached its soft time limit: {error.get('message')}")
                 raise CALL_ERRORS.get(error.get("kind"), WorkflowError)(error.get("message", "the call failed"))
             yield message
             if message["op"] == "reply":

@@ -652,7 +652,8 @@ class Sandbox:
                 return
             elif op == "error":
                 kind = message.get("kind")
-                if kind == "timeout":
+                if kind == "timeout" or time.monotonic() - started > soft_seconds:
+                    # Past the soft limit whatever failed is the limit's doing (a cleanup that raised, say).
                     outcome.error = TimeLimitExceeded(
                         f"the run passed its soft time limit ({soft_seconds:g}s) and was interrupted",
                         limit="soft", seconds=soft_seconds)
@@ -686,7 +687,12 @@ class Sandbox:
             else:
                 channel.send({"op": "reply", "id": call_id, "value": value})
         except CallFailed as exc:
-            channel.send({"op": "reply", "id": call_id, "error": {"kind": exc.kind, "message": exc.message}})
+            kind = exc.kind
+            if time.monotonic() >= soft_deadline:
+                # The call failed because the run's budget ran out (its own alarm may not have rung yet):
+                # the script sees the soft limit, not a model or HTTP error it might not expect.
+                kind = "timeout"
+            channel.send({"op": "reply", "id": call_id, "error": {"kind": kind, "message": exc.message}})
 
     def _crash(self, process: _Process) -> SandboxError:
         assert process.pid is not None

@@ -5,6 +5,7 @@ The model name says how it behaves:
   fail            500, always
   ratelimit-N-X   429 for the first N calls with this exact name, then echo (X makes the name unique)
   slow-MS         waits MS milliseconds, then echo
+  hold-NAME       waits until gate NAME opens (see below; at most 60 s), then echo
   notjson         200 with a body that is not JSON
 Streams (``"stream": true``) send one chunk per word, then a chunk with usage, then [DONE].
 Usage counts words: prompt = words of every message, completion = words of the answer.
@@ -44,6 +45,8 @@ class StandInProvider:
         self.open_gates: set[str] = set()  # GET /gate/NAME says whether a test opened it (POST /gate/NAME)
         self._counts: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._held: dict[str, int] = {}  # gate name -> calls waiting at it now
+        self._gate_opened = threading.Condition(self._lock)
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -82,7 +85,7 @@ class StandInProvider:
 
             def do_POST(self) -> None:  # noqa: N802 - the http.server API
                 if self.path.startswith("/gate/"):
-                    provider.open_gates.add(self.path[6:])
+                    provider.open_gate(self.path[6:])
                     return self._json(200, {"open": True})
                 if self.path == "/echo":
                     data = self.rfile.read(int(self.headers.get("Content-Length", 0)))
@@ -100,6 +103,8 @@ class StandInProvider:
                     return self._json(429, {"error": {"message": "slow down"}})
                 if model.startswith("slow-"):
                     time.sleep(int(model.split("-")[1]) / 1000)
+                if model.startswith("hold-"):
+                    provider._hold(model[5:])
                 if model == "notjson":
                     return self._raw(200, b"<html>oops</html>", "text/html")
                 messages = body.get("messages") or []
@@ -152,6 +157,25 @@ class StandInProvider:
         self.origin = f"http://{host}:{self.port}"
         self.base_url = f"{self.origin}/v1"
         self._thread = threading.Thread(target=self.server.serve_forever, name="stand-in-provider", daemon=True)
+
+    def _hold(self, gate: str) -> None:
+        """Keep a model call waiting until ``gate`` opens (at most 60 s)."""
+        with self._gate_opened:
+            self._held[gate] = self._held.get(gate, 0) + 1
+            try:
+                self._gate_opened.wait_for(lambda: gate in self.open_gates, timeout=60)
+            finally:
+                self._held[gate] -= 1
+
+    def held(self, gate: str) -> int:
+        """How many model calls wait at ``gate`` right now."""
+        with self._lock:
+            return self._held.get(gate, 0)
+
+    def open_gate(self, gate: str) -> None:
+        with self._gate_opened:
+            self.open_gates.add(gate)
+            self._gate_opened.notify_all()
 
     def start(self) -> StandInProvider:
         self._thread.start()

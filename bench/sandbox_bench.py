@@ -1,0 +1,252 @@
+"""Sandbox rows of the benchmark: what isolation adds per run, warm and cold, and many runs waiting at once.
+
+    python bench/sandbox_bench.py [--runs 400]      (the per-run rows alone; as root for a uid per slot)
+
+``bench/bench.py`` prints these rows too, with the concurrency row measured
+against its stack.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import marshal
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import psutil
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+
+sys.path.insert(0, str(ROOT))
+from flowpool.devstack import Stack  # noqa: E402
+from flowpool.redis_server import RedisServer  # noqa: E402
+from flowpool.sandbox import Sandbox, SandboxLimits  # noqa: E402
+from flowpool.sandbox.backends import bwrap_binary, bwrap_command, probe_bwrap  # noqa: E402
+from flowpool.procs import set_parent_death_signal  # noqa: E402
+
+NOOP = marshal.dumps(compile("def execute(ctx):\n    return {'ok': True}\n", "workflow.py", "exec"))
+# Away from the workers' uids (61000 on): a bench beside a dev stack must not share them.
+UID_BASE = 141000
+
+
+def _p50(samples: list[float]) -> float:
+    return statistics.median(samples)
+
+
+def _p99(samples: list[float]) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]
+
+
+def _timed(call: Callable[[], object], n: int, warmup: int = 5) -> list[float]:
+    for _ in range(warmup):
+        call()
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter()
+        call()
+        samples.append((time.perf_counter() - start) * 1000)
+    return samples
+
+
+def bare_fork() -> None:
+    """The floor: fork this (warm) interpreter, hear one byte from the child, reap it."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(write_end, b"x")
+        os._exit(0)
+    os.read(read_end, 1)
+    os.close(read_end)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+
+
+def sandbox_rows(n: int) -> None:
+    """Per-run cost of each backend: prestarted (warm), forked on demand, and a cold interpreter start."""
+    backends = ["process"]
+    problem = probe_bwrap(bwrap_binary())
+    if problem is None:
+        backends.append("bwrap")
+    else:
+        print(f"(bwrap rows skipped: {problem})", file=sys.stderr)
+    rows: list[tuple[str, list[float]]] = []
+    uid_base = UID_BASE if os.geteuid() == 0 else None
+    boxes = {}
+    for backend in backends:
+        for prestart in (2, 0):
+            box = Sandbox(SandboxLimits(), slots=4, uid_base=uid_base, prestart=prestart, backend=backend)
+            box.start()
+            boxes[(backend, prestart)] = box
+    interpreter = [sys.executable, "-I", "-c", "import flowpool.sandbox.runtime"]
+    cold = {"process": interpreter}
+    if "bwrap" in backends:
+        cold["bwrap"] = bwrap_command(str(bwrap_binary())) + interpreter
+    try:
+        samples: dict[str, list[float]] = {}
+
+        def add(name: str, call: Callable[[], object], count: int) -> None:
+            samples.setdefault(name, []).extend(_timed(call, count, warmup=2))
+
+        def run_in(box: Sandbox) -> Callable[[], object]:
+            def call() -> None:
+                outcome = box.run(NOOP, {}, 10)
+                if not outcome.ok:
+                    raise RuntimeError(outcome.error)
+                # Back-to-back runs would outpace the refill of prestarted processes;
+                # a caller's own work between runs leaves the refill its time.
+                time.sleep(0.003)
+            return call
+
+        for _ in range(5):  # interleaved rounds: a noisy moment weighs on every row alike
+            add("bare fork of a warm interpreter (floor)", bare_fork, n // 5)
+            for backend in backends:
+                add(f"{backend}: warm (prestarted run process)", run_in(boxes[(backend, 2)]), n // 5)
+                add(f"{backend}: forked from the zygote on demand", run_in(boxes[(backend, 0)]), n // 10)
+                add(f"{backend}: cold interpreter start",
+                    lambda command=cold[backend]: subprocess.run(command, check=True), max(2, n // 50))
+        rows = list(samples.items())
+    finally:
+        for box in boxes.values():
+            box.stop()
+    floor = _p50(samples["bare fork of a warm interpreter (floor)"])
+    print()
+    print(f"{'sandbox row (one no-op run)':<48} {'p50 ms':>8} {'p99 ms':>8} {'added p50 ms':>12} {'x floor':>8}")
+    for name, values in rows:
+        # The warm rows include 3 ms of pause between runs: not part of the run.
+        shown = [v - 3.0 for v in values] if "prestarted" in name or "on demand" in name else values
+        print(f"{name:<48} {_p50(shown):>8.3f} {_p99(shown):>8.3f} {_p50(shown) - floor:>12.3f} "
+              f"{_p50(shown) / floor:>8.1f}")
+    print("target: warm bwrap adds at most 2 ms p50 over a bare fork")
+
+
+WAIT_ON_MODEL = """
+def execute(ctx):
+    reply = ctx.chat.completions.create(application="waits", intent="answer",
+                                        messages=[{"role": "user", "content": str(ctx.input)}])
+    return reply["choices"][0]["message"]["content"]
+"""
+
+
+def _tree_pss(root: psutil.Process) -> int:
+    """Proportional set size of a process and all its descendants, in bytes (shared pages counted once)."""
+    total = 0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            total += proc.memory_full_info().pss
+        except psutil.Error:
+            pass
+    return total
+
+
+def concurrency_row(api: str, key: str, provider_url: str, worker: psutil.Process, runs: int = 200,
+                    wait_ms: int = 1000) -> None:
+    """``runs`` invokes at once, each waiting ``wait_ms`` on a model call, through one worker."""
+    session = requests.Session()
+    session.headers["x-api-key"] = key
+    session.put(api + "/api/v1/applications/waits",
+                json={"intents": {"answer": {"model": f"slow-{wait_ms}", "base_url": provider_url}}}).raise_for_status()
+    session.post(api + "/api/v1/workflows/upload",
+                 json={"workflow_ref_name": "waits", "script": WAIT_ON_MODEL}).raise_for_status()
+    idle = _tree_pss(worker)
+    peak = [idle]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _tree_pss(worker))
+            done.wait(0.2)
+
+    results: list[int] = []
+    barrier = threading.Barrier(runs + 1)
+    host, port = api.split("//")[1].split(":")
+
+    def invoke(i: int) -> None:
+        # http.client rather than requests: the clients share this process's GIL with each other.
+        connection = http.client.HTTPConnection(host, int(port), timeout=60)
+        body = json.dumps({"model": "workflow:waits", "input": i, "cache": False})
+        barrier.wait()
+        connection.request("POST", "/workflow/chat/completions", body,
+                           {"x-api-key": key, "Content-Type": "application/json"})
+        response = connection.getresponse()
+        response.read()
+        results.append(response.status)
+        connection.close()
+
+    threads = [threading.Thread(target=invoke, args=(i,)) for i in range(runs)]
+    for thread in threads:
+        thread.start()
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    done.set()
+    sampler.join()
+    ok = sum(1 for status in results if status == 200)
+    print()
+    print(f"{runs} runs at once, each waiting {wait_ms} ms on a model call, one worker: {ok}/{runs} answered 200 "
+          f"in {elapsed:.2f} s; worker memory (PSS of the worker, its zygote and runs): {idle / 2**20:.0f} MiB idle, "
+          f"{peak[0] / 2**20:.0f} MiB at peak")
+    print("target: all done within 4 s")
+
+
+class ProviderProcess:
+    """The stand-in vendor in a process of its own, so hundreds of waiting calls do not share the bench's GIL."""
+
+    def __init__(self) -> None:
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+             "from tests.provider import StandInProvider; p = StandInProvider().start(); "
+             "print(p.base_url, flush=True); time.sleep(1e9)", str(ROOT)],
+            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, preexec_fn=set_parent_death_signal)
+        assert self._process.stdout is not None
+        self.base_url = self._process.stdout.readline().decode().strip()
+
+    def stop(self) -> None:
+        self._process.kill()
+        self._process.wait()
+
+
+def waiting_runs_row(redis_url: str, key: str, runs: int) -> None:
+    """The concurrency row, against a stack of one worker holding ``runs`` at once, on ``redis_url``."""
+    provider = ProviderProcess()
+    stack = Stack(env={"FLOWPOOL_LOG_LEVEL": "WARNING", "FLOWPOOL_EGRESS_ALLOW": "127.0.0.1/32",
+                       "FLOWPOOL_WORKER_CONCURRENCY": str(runs)}, redis_url=redis_url)
+    try:
+        worker = stack.start_worker(quiet=True)
+        api = stack.start_api(quiet=True)
+        stack.wait_ready()
+        concurrency_row(api, key, provider.base_url, psutil.Process(worker.pid), runs=runs)
+    finally:
+        stack.stop()
+        provider.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=400, help="runs per warm row")
+    parser.add_argument("--waiting-runs", type=int, default=200,
+                        help="runs at once, each waiting 1 s on a model call, through one worker")
+    args = parser.parse_args()
+    redis_server = RedisServer().start()
+    try:
+        key = Stack(redis_url=redis_server.url).create_account("bench")
+        waiting_runs_row(redis_server.url, key, args.waiting_runs)
+    finally:
+        redis_server.stop()
+    sandbox_rows(args.runs)
+
+
+if __name__ == "__main__":
+    main()
