@@ -35,6 +35,8 @@ from flowpool.procs import set_parent_death_signal  # noqa: E402
 NOOP = marshal.dumps(compile("def execute(ctx):\n    return {'ok': True}\n", "workflow.py", "exec"))
 # Away from the workers' uids (61000 on): a bench beside a dev stack must not share them.
 UID_BASE = 141000
+PAUSE = 0.02
+FLOOR = "bare fork of a warm interpreter (floor)"
 
 
 def _p50(samples: list[float]) -> float:
@@ -46,19 +48,27 @@ def _p99(samples: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]
 
 
-def _timed(call: Callable[[], object], n: int, warmup: int = 5) -> list[float]:
+def _timed(call: Callable[[], object], n: int, warmup: int = 5, pause: float = 0.0) -> list[float]:
+    """Milliseconds of ``n`` calls, ``pause`` seconds apart (not counted)."""
     for _ in range(warmup):
         call()
     samples = []
     for _ in range(n):
+        time.sleep(pause)
         start = time.perf_counter()
         call()
         samples.append((time.perf_counter() - start) * 1000)
     return samples
 
 
-def bare_fork() -> None:
-    """The floor: fork this (warm) interpreter, hear one byte from the child, reap it."""
+BARE_FORK = """
+import gc, json, os, sys, time
+import flowpool.sandbox.runtime  # as warm as the zygote: the runtime imported, the heap frozen
+gc.collect(); gc.freeze()
+samples = []
+for _ in range(int(sys.argv[1])):
+    time.sleep(float(sys.argv[2]))
+    start = time.perf_counter()
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -68,6 +78,20 @@ def bare_fork() -> None:
     os.close(read_end)
     os.close(write_end)
     os.waitpid(pid, 0)
+    samples.append((time.perf_counter() - start) * 1000)
+print(json.dumps(samples))
+"""
+
+
+def bare_forks(n: int, pause: float) -> list[float]:
+    """The floor: fork a warm interpreter of the zygote's size, hear one byte from the child, reap it.
+
+    Measured in a fresh interpreter, not here: a fork costs with the parent's
+    size, and this process holds four sandboxes' worth of threads and state.
+    """
+    done = subprocess.run([sys.executable, "-I", "-c", BARE_FORK, str(n), str(pause)],
+                          capture_output=True, check=True, timeout=300)
+    return json.loads(done.stdout)
 
 
 def sandbox_rows(n: int) -> None:
@@ -93,38 +117,36 @@ def sandbox_rows(n: int) -> None:
     try:
         samples: dict[str, list[float]] = {}
 
-        def add(name: str, call: Callable[[], object], count: int) -> None:
-            samples.setdefault(name, []).extend(_timed(call, count, warmup=2))
+        def add(name: str, call: Callable[[], object], count: int, pause: float = 0.0) -> None:
+            samples.setdefault(name, []).extend(_timed(call, count, warmup=2, pause=pause))
 
         def run_in(box: Sandbox) -> Callable[[], object]:
             def call() -> None:
                 outcome = box.run(NOOP, {}, 10)
                 if not outcome.ok:
                     raise RuntimeError(outcome.error)
-                # Back-to-back runs would outpace the refill of prestarted processes;
-                # a caller's own work between runs leaves the refill its time.
-                time.sleep(0.003)
             return call
 
         for _ in range(5):  # interleaved rounds: a noisy moment weighs on every row alike
-            add("bare fork of a warm interpreter (floor)", bare_fork, n // 5)
+            # Runs 20 ms apart, as a worker's runs are while it is not saturated: the prestarted process
+            # a run used is replaced in the background meanwhile (the burst rows say what happens when not).
+            samples.setdefault(FLOOR, []).extend(bare_forks(n // 5, PAUSE))
             for backend in backends:
-                add(f"{backend}: warm (prestarted run process)", run_in(boxes[(backend, 2)]), n // 5)
-                add(f"{backend}: forked from the zygote on demand", run_in(boxes[(backend, 0)]), n // 10)
+                add(f"{backend}: warm (prestarted run process)", run_in(boxes[(backend, 2)]), n // 5, pause=PAUSE)
+                add(f"{backend}: forked from the zygote on demand", run_in(boxes[(backend, 0)]), n // 10,
+                    pause=PAUSE)
                 add(f"{backend}: cold interpreter start",
                     lambda command=cold[backend]: subprocess.run(command, check=True), max(2, n // 50))
         rows = list(samples.items())
     finally:
         for box in boxes.values():
             box.stop()
-    floor = _p50(samples["bare fork of a warm interpreter (floor)"])
+    floor = _p50(samples[FLOOR])
     print()
     print(f"{'sandbox row (one no-op run)':<48} {'p50 ms':>8} {'p99 ms':>8} {'added p50 ms':>12} {'x floor':>8}")
     for name, values in rows:
-        # The warm rows include 3 ms of pause between runs: not part of the run.
-        shown = [v - 3.0 for v in values] if "prestarted" in name or "on demand" in name else values
-        print(f"{name:<48} {_p50(shown):>8.3f} {_p99(shown):>8.3f} {_p50(shown) - floor:>12.3f} "
-              f"{_p50(shown) / floor:>8.1f}")
+        print(f"{name:<48} {_p50(values):>8.3f} {_p99(values):>8.3f} {_p50(values) - floor:>12.3f} "
+              f"{_p50(values) / floor:>8.1f}")
     print("target: warm bwrap adds at most 2 ms p50 over a bare fork")
 
 
