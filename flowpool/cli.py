@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from .procs import set_not_dumpable
 from .settings import Settings
 
 __all__ = ["main"]
@@ -95,6 +96,7 @@ def api(port: int, host: str) -> None:
     from gunicorn.app.base import BaseApplication
 
     settings = _settings()
+    set_not_dumpable()
 
     class _Server(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
@@ -131,6 +133,7 @@ def worker(concurrency: int | None, name: str | None) -> None:
     from .tasks import QUEUE, create_celery
 
     settings = _settings()
+    set_not_dumpable()
     app = create_celery(settings)
     # The thread pool: each run is a sandboxed process the thread supervises
     # (time limits included), so a thread costs little while a run waits on I/O.
