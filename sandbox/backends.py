@@ -98,6 +98,8 @@ def bwrap_command(binary: str) -> list[str]:
     if os.geteuid() != 0:
         command.append("--unshare-user")  # as root the zygote keeps real uids, to give each slot one
     runtime = runtime_paths()
+    # The tmpfs first: binds of a runtime that lives under /tmp (a checkout there, say) go on top of it.
+    command += ["--tmpfs", "/tmp"]
     # bwrap makes the parents of a bind point 0700: a run's uid could not reach the runtime through them.
     parents: list[str] = []
     for path in [*_SYSTEM_PATHS, *runtime]:
@@ -111,7 +113,7 @@ def bwrap_command(binary: str) -> list[str]:
         command += ["--ro-bind-try", path, path]
     for path in runtime:
         command += ["--ro-bind", path, path]
-    command += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--remount-ro", "/", "--chdir", "/",
+    command += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/", "--chdir", "/",
                 # The zygote builds each run's namespaces; the runs themselves drop every capability.
                 "--cap-add", "ALL", "--"]
     return command

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 
 from ..errors import Cancelled, ResultTooLarge, SandboxError, ScriptError, TimeLimitExceeded
 from ..procs import set_parent_death_signal
-from .backends import PROCESS_WARNING, Backend, choose, hidden_paths
+from .backends import PROCESS_WARNING, Backend, choose, hidden_paths, runtime_paths
 from .channel import Channel, ChannelClosed, ProtocolError
 
 __all__ = ["CallFailed", "CallHandler", "RunOutcome", "Sandbox", "SandboxLimits", "Streamed", "Zygote"]
@@ -151,7 +151,7 @@ class Zygote:
     def _start_locked(self) -> None:
         self._hello.clear()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        config = {"backend": self.backend.name, "hide": hidden_paths()}
+        config = {"backend": self.backend.name, "hide": hidden_paths(), "runtime": runtime_paths()}
         self._process = subprocess.Popen(
             [*self.backend.prefix, sys.executable, "-I", "-m", "flowpool.sandbox.zygote", str(child.fileno()),
              json.dumps(config)],

@@ -10,8 +10,16 @@ worker over a SOCK_SEQPACKET control socket (its fd number is argv[1]), one JSON
   zygote -> worker  {"op": "spawned", "id", "pid"} | {"op": "reaped", "id"} | {"op": "failed", "id", "message"}
                     {"op": "exited", "pid", "status": {"code": n} | {"signal": n}}
 
-It is a child subreaper, so processes a run leaves behind are reparented to it
-and reaped, never zombies. It dies with the worker (parent-death signal).
+argv[2] is a JSON config: the backend it was started under and flowpool's own
+package directories, which it covers once imported.
+
+Where it is privileged (under bwrap; as root with the process backend) each
+run gets PID, mount and IPC namespaces of its own (see ``_Forker`` and
+``_own_namespaces``): the worker's pid is the run's init, killing it ends the
+run and everything it started, and no reap or work directory is needed.
+Otherwise it is a child subreaper, so processes a run leaves behind are
+reparented to it and reaped, never zombies, and a reap kills them by uid.
+It dies with the worker (parent-death signal).
 """
 from __future__ import annotations
 
@@ -185,9 +193,16 @@ def _own_namespaces(request: dict, fd: int) -> str:
     _check(_libc.unshare(_CLONE_NEWNS | _CLONE_NEWIPC), "unshare")
     _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
     _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    # The runtime may live under /tmp (a checkout there): keep it visible, read-only, over the new tmpfs.
+    kept = {path: os.open(path, os.O_PATH | os.O_DIRECTORY) for path in request.get("keep") or ()}
     owner = f",uid={request['uid']},gid={request['gid']}" if request.get("uid") is not None else ""
     size = int(request["limits"].get("tmp_bytes") or (64 << 20))
     _mount("tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={size},mode=0700,nr_inodes=16384{owner}")
+    for path, handle in kept.items():
+        os.makedirs(path, mode=0o755, exist_ok=True)
+        _mount(f"/proc/self/fd/{handle}", path, None, _MS_BIND | _MS_REC)
+        _mount(None, path, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
+        os.close(handle)
     alive_r, alive_w = os.pipe()
     run = os.fork()
     if run:
@@ -446,6 +461,9 @@ def main(control_fd: int, config: dict) -> None:
     except OSError as exc:  # e.g. a container without CAP_SYS_ADMIN
         isolation.update(error=str(exc), namespaces=False)
     isolation["seccomp"] = _seccomp_works()
+    hidden = set(config.get("hide") or [])
+    kept_under_tmp = [p for p in config.get("runtime") or [] if p.startswith("/tmp/") and p not in hidden
+                      and os.path.isdir(p)]
     send({"op": "hello", "pid": os.getpid(), **isolation})
 
     def collect_exits() -> None:
@@ -466,7 +484,7 @@ def main(control_fd: int, config: dict) -> None:
                 send({"op": "exited", "pid": pid, "status": _decode_status(status, isolation["namespaces"])})
 
     def spawn(request: dict, fd: int) -> int:
-        request.update(namespaces=isolation["namespaces"], seccomp=isolation["seccomp"])
+        request.update(namespaces=isolation["namespaces"], seccomp=isolation["seccomp"], keep=kept_under_tmp)
         if not isolation["namespaces"]:  # else the run works in a tmpfs of its own
             os.makedirs(request["workdir"], mode=0o700)
             if request.get("uid") is not None:
