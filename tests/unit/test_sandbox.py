@@ -757,7 +757,8 @@ def test_filling_tmp_stops_at_the_run_disk_limit_and_the_next_run_starts_empty(s
     else:  # only each file's size is limited
         assert outcome.result["error"] in ("EFBIG", "ENOSPC", None)
     assert after.ok, after.error
-    assert after.result == []
+    # (A runtime that lives under /tmp, a checkout there, is bound back into each run's /tmp.)
+    assert [name for name in after.result if name.startswith("fill-")] == []
 
 
 def test_one_runs_secrets_are_out_of_another_runs_reach(sandbox: Sandbox) -> None:
