@@ -132,6 +132,9 @@ class Zygote:
                      if info.get("namespaces") else
                      "WARNING: no per-run namespaces (/tmp is a directory on disk, only file size is limited)")
         parts.append("seccomp filter" if info.get("seccomp") else "WARNING: no seccomp filter on this host")
+        if info.get("unreadable"):
+            parts.append(f"WARNING: runs' uids cannot enter {', '.join(info['unreadable'])}, where the interpreter "
+                         "lives: scripts can import only what the zygote imported (install Python elsewhere)")
         if info.get("backend") != "bwrap":
             parts.append(PROCESS_WARNING)
         return "; ".join(parts)
@@ -327,9 +330,9 @@ class Sandbox:
 
     def __init__(self, limits: SandboxLimits, slots: int, uid_base: int | None = None,
                  hard_grace_seconds: float = 5.0, max_seconds: float = 600.0, prestart: int = 2,
-                 backend: str = "auto") -> None:
+                 backend: str | Backend = "auto") -> None:
         try:
-            self._backend = choose(backend)
+            self._backend = backend if isinstance(backend, Backend) else choose(backend)
         except ValueError as exc:
             raise SandboxError(str(exc)) from None
         self.limits = limits

@@ -23,11 +23,24 @@ It dies with the worker (parent-death signal).
 """
 from __future__ import annotations
 
-# Pre-import what runs commonly use, so a forked run starts warm.
+# Pre-import what runs commonly use, so a forked run starts warm (and, where the
+# run's uid cannot read the interpreter's directory, so that it can use them at all).
 import base64  # noqa: F401
 import collections  # noqa: F401
+import copy  # noqa: F401
+import csv  # noqa: F401
 import dataclasses  # noqa: F401
 import datetime  # noqa: F401
+import decimal  # noqa: F401
+import encodings.idna  # noqa: F401  (host names)
+import enum  # noqa: F401
+import heapq  # noqa: F401
+import html  # noqa: F401
+import statistics  # noqa: F401
+import string  # noqa: F401
+import textwrap  # noqa: F401
+import unicodedata  # noqa: F401
+import urllib.parse  # noqa: F401
 import ctypes
 import errno
 import gc
@@ -461,6 +474,9 @@ def main(control_fd: int, config: dict) -> None:
     except OSError as exc:  # e.g. a container without CAP_SYS_ADMIN
         isolation.update(error=str(exc), namespaces=False)
     isolation["seccomp"] = _seccomp_works()
+    if os.geteuid() == 0 and not isolation["namespaces"] and isolation["backend"] == "process":
+        # Runs get uids of their own but no mount namespace to make the interpreter readable to them.
+        isolation["unreadable"] = sorted({b for p in sys.path if p and (b := _blocked_ancestor(p))})
     hidden = set(config.get("hide") or [])
     kept_under_tmp = [p for p in config.get("runtime") or [] if p.startswith("/tmp/") and p not in hidden
                       and os.path.isdir(p)]
