@@ -821,6 +821,21 @@ def test_one_runs_secrets_are_out_of_another_runs_reach(sandbox: Sandbox) -> Non
     assert holder["outcome"].ok, holder["outcome"].error
 
 
+def test_a_run_over_its_cpu_time_is_killed_and_the_caller_is_told(sandbox: Sandbox) -> None:
+    own = dataclasses.replace(LIMITS, cpu_seconds=1)
+    outcome = sandbox.run(compiled("""
+        def execute(ctx):
+            while True:
+                pass
+    """), {}, 30, limits=own)
+
+    error = outcome.error
+    assert isinstance(error, SandboxError), error
+    assert error.details["signal"] in (signal.SIGXCPU, signal.SIGKILL)
+    assert "CPU time limit" in error.message or "SIGKILL" in error.message
+    assert_serves_next_run(sandbox)
+
+
 def test_a_runs_own_limits_replace_the_sandboxs(sandbox: Sandbox) -> None:
     own = dataclasses.replace(LIMITS, memory_bytes=200 << 20, open_files=32, tmp_bytes=2 << 20, cpu_seconds=2,
                               max_result_bytes=1 << 10)
