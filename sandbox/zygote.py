@@ -191,6 +191,16 @@ def _drop_capabilities() -> None:
     _check(_libc.capset(ctypes.byref(_CapHeader(0x20080522, 0)), empty), "capset")
 
 
+def _enter_run_namespaces() -> None:
+    """In PID 1 of a run's new PID namespace: mount and IPC namespaces of its own, and a /proc of that PID namespace.
+
+    Nothing here depends on the job, so a spare does it before one comes.
+    """
+    _check(_libc.unshare(_CLONE_NEWNS | _CLONE_NEWIPC), "unshare")
+    _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
+    _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+
+
 def _own_namespaces(request: dict, fd: int) -> str:
     """Give the run mount and IPC namespaces of its own, then fork the run; returns its working directory.
 
@@ -203,9 +213,8 @@ def _own_namespaces(request: dict, fd: int) -> str:
     kills whatever the run left. It exits with the run's code, or 128 plus
     the signal that killed it.
     """
-    _check(_libc.unshare(_CLONE_NEWNS | _CLONE_NEWIPC), "unshare")
-    _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
-    _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    if not request.get("_entered"):
+        _enter_run_namespaces()
     # The runtime may live under /tmp (a checkout there): keep it visible, read-only, over the new tmpfs.
     kept = {path: os.open(path, os.O_PATH | os.O_DIRECTORY) for path in request.get("keep") or ()}
     owner = f",uid={request['uid']},gid={request['gid']}" if request.get("uid") is not None else ""
@@ -417,13 +426,20 @@ class _Spares:
                     os.close(fd)
                 except OSError:
                     pass
+            entered = False
+            if self._forker.pid_ns is not None:  # runs get namespaces: enter them ahead of the job
+                try:
+                    _enter_run_namespaces()
+                    entered = True
+                except OSError:
+                    pass  # tried again, and reported, once a job comes
             try:
                 data, fds, _, _ = socket.recv_fds(theirs, 65536, 1)
             except BaseException:
                 os._exit(0)
             if not data or not fds:
                 os._exit(0)  # the zygote went away before using us
-            _become_run(json.loads(data), fds[0], theirs, self._forker)
+            _become_run({**json.loads(data), "_entered": entered}, fds[0], theirs, self._forker)
         theirs.close()
         self.pid, self._sock = pid, ours
 
