@@ -192,3 +192,31 @@ def test_doctor_names_the_backend_and_what_isolation_is_missing(redis_server: Re
     assert "process backend" in forced.stdout
     assert "WARNING: the process backend gives weaker isolation" in forced.stdout
     assert forced.returncode == 1
+
+
+def test_a_worker_says_at_start_which_backend_isolates_its_runs() -> None:
+    own_redis = RedisServer().start()  # a queue of its own: this worker must take no other test's runs
+    worker = subprocess.Popen(
+        [sys.executable, "-I", "-m", "flowpool.cli", "worker", "--concurrency", "1"],
+        env={"FLOWPOOL_REDIS_URL": own_redis.url, "FLOWPOOL_LOG_LEVEL": "INFO", "PATH": "/usr/bin:/bin",
+             "FLOWPOOL_SANDBOX_BACKEND": "process"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    said: list[str] = []
+    try:
+        assert worker.stderr is not None
+        for line in worker.stderr:
+            said.append(line)
+            if "WARNING" in line and "weaker isolation" in line:
+                break
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(15)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+        own_redis.stop()
+    ready = [line for line in said if "ready" in line and "sandbox:" in line]
+    assert ready and "process backend" in ready[0], "".join(said[-20:])
+    assert any("WARNING: the process backend gives weaker isolation" in line for line in said)
+
