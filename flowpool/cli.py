@@ -168,6 +168,11 @@ def doctor() -> None:
         now = time.time()
         workers = client.zrangebyscore(keys.WORKERS, now - settings.worker_ttl_seconds, "+inf")
         line("workers", ", ".join(w.decode() for w in workers) or "none answering", bool(workers))
+        described = client.hmget(keys.WORKER_SANDBOXES, workers) if workers else []
+        for worker_name, info in zip(workers, described):
+            sandbox_info = json.loads(info) if info else {}
+            line("worker sandbox", f"{worker_name.decode()}: {sandbox_info.get('backend', 'unknown')}; "
+                 f"{sandbox_info.get('isolation', 'not published')}", bool(info) and not sandbox_info["weaknesses"])
     except redis.RedisError as exc:
         line("redis reachable", f"no: {exc}", False)
     line("broker", settings.broker)
@@ -182,6 +187,7 @@ def doctor() -> None:
         sandbox = Sandbox(SandboxLimits(), slots=1, uid_base=settings.sandbox_uid_base, prestart=0,
                           backend=settings.sandbox_backend)
         sandbox.start()
+        # What a worker started here, with these settings, would get.
         line("sandbox backend", sandbox.backend + ("" if settings.sandbox_backend == "bwrap" else
                                                    f" ({settings.sandbox_backend}: {sandbox.backend_note})"))
         line("sandbox", sandbox.describe(), not sandbox.weaknesses)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 __all__ = [
-    "ACCOUNTS", "METRICS", "SECRET", "WORKERS",
+    "ACCOUNTS", "METRICS", "SECRET", "WORKERS", "WORKER_SANDBOXES",
     "account", "agents", "api_key", "applications", "session_runs", "workflows", "workflow", "versions", "version",
     "version_hashes", "run", "run_cancel", "run_events", "run_lease", "run_reply", "workflow_runs", "cache",
     "cache_record", "inflight",
@@ -13,6 +13,7 @@ PREFIX = "fp:"
 ACCOUNTS = PREFIX + "accounts"            # hash: account name -> account id
 SECRET = PREFIX + "secret"                # generated key for hashing request secrets
 WORKERS = PREFIX + "workers"              # zset: worker name -> last heartbeat (unix time)
+WORKER_SANDBOXES = PREFIX + "workers:sandbox"  # hash: worker name -> JSON {backend, isolation, weaknesses}
 METRICS = PREFIX + "metrics"              # hash: counter name -> value, shared by every process
 
 

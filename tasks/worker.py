@@ -1,6 +1,7 @@
 """What a worker process holds besides Celery: Redis stores, the sandbox, warm scripts, a heartbeat."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -95,6 +96,12 @@ class WorkerRuntime:
                  self.sandbox.describe())
         for weakness in self.sandbox.weaknesses:
             log.warning("sandbox: %s", weakness)
+        try:  # for `flowpool doctor`, which may run elsewhere than this worker
+            self.redis.hset(keys.WORKER_SANDBOXES, self.name, json.dumps({
+                "backend": self.sandbox.backend, "isolation": self.sandbox.describe(),
+                "weaknesses": self.sandbox.weaknesses}))
+        except redis.RedisError as exc:
+            log.warning("could not publish the sandbox's description: %s", exc)
 
     def stop(self) -> None:
         self._stop.set()
@@ -102,6 +109,7 @@ class WorkerRuntime:
             self._beat.join(5)
         try:
             self.redis.zrem(keys.WORKERS, self.name)
+            self.redis.hdel(keys.WORKER_SANDBOXES, self.name)
         except redis.RedisError:
             pass
         self.sandbox.stop()

@@ -174,6 +174,17 @@ def test_limits_naming_an_unknown_limit_are_refused_at_upload(client: Client) ->
     assert "LIMITS" in response.text and "line 1" in response.text
 
 
+def test_doctor_names_each_running_workers_backend(stack: Stack) -> None:
+    assert stack.redis_url is not None
+    done = subprocess.run([sys.executable, "-I", "-m", "flowpool.cli", "doctor"], capture_output=True, text=True,
+                          env={"FLOWPOOL_REDIS_URL": stack.redis_url, "PATH": "/usr/bin:/bin"}, timeout=120)
+    workers = [line for line in done.stdout.splitlines() if "worker sandbox" in line]
+
+    assert workers, done.stdout
+    assert all(" backend; " in line for line in workers)
+    assert all(line.startswith("BAD") == ("WARNING" in line) for line in workers)
+
+
 def test_doctor_names_the_backend_and_what_isolation_is_missing(redis_server: RedisServer) -> None:
     done = subprocess.run([sys.executable, "-I", "-m", "flowpool.cli", "doctor"], capture_output=True, text=True,
                           env={"FLOWPOOL_REDIS_URL": redis_server.url, "PATH": "/usr/bin:/bin"}, timeout=120)
