@@ -313,6 +313,12 @@ def test_non_literal_constant_is_a_problem_at_its_assignment(assignment: str) ->
         ("CACHE_TTL_SECONDS = False", "CACHE_TTL_SECONDS must be a whole number of seconds, 0 or more"),
         ("INPUT_SCHEMA = ['query']", "INPUT_SCHEMA must be a dict"),
         ("OUTPUT_SCHEMA = None", "OUTPUT_SCHEMA must be a dict"),
+        ("LIMITS = {'gpus': 1}", "LIMITS must be a dict of limit name to a whole number greater than 0, names "
+                                 "from memory_mb, cpu_seconds"),
+        ("LIMITS = {'memory_mb': 0}", "LIMITS must be a dict of limit name to a whole number greater than 0"),
+        ("LIMITS = {'memory_mb': 1.5}", "LIMITS must be a dict of limit name to a whole number greater than 0"),
+        ("LIMITS = {'tmp_mb': True}", "LIMITS must be a dict of limit name to a whole number greater than 0"),
+        ("LIMITS = [('memory_mb', 64)]", "LIMITS must be a dict of limit name to a whole number greater than 0"),
     ],
 )
 def test_constant_of_the_wrong_type_or_range_is_a_problem(assignment: str, expected: str) -> None:
@@ -329,6 +335,7 @@ def test_constant_of_the_wrong_type_or_range_is_a_problem(assignment: str, expec
         ("CACHE_TTL_SECONDS = 0", "cache_ttl_seconds", 0),
         ("APPLICATION: str = 'typed'", "application", "typed"),
         ("INPUT_SCHEMA = {}", "input_schema", {}),
+        ("LIMITS = {'memory_mb': 1024, 'tmp_mb': 8}", "limits", {"memory_mb": 1024, "tmp_mb": 8}),
     ],
 )
 def test_valid_constant_is_read_into_script_info(assignment: str, field: str, value: object) -> None:
