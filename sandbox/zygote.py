@@ -27,6 +27,7 @@ from __future__ import annotations
 # run's uid cannot read the interpreter's directory, so that it can use them at all).
 import base64  # noqa: F401
 import collections  # noqa: F401
+import concurrent.futures  # noqa: F401
 import copy  # noqa: F401
 import csv  # noqa: F401
 import dataclasses  # noqa: F401
@@ -38,6 +39,8 @@ import heapq  # noqa: F401
 import html  # noqa: F401
 import statistics  # noqa: F401
 import string  # noqa: F401
+import subprocess  # noqa: F401
+import tempfile  # noqa: F401
 import textwrap  # noqa: F401
 import unicodedata  # noqa: F401
 import urllib.parse  # noqa: F401

@@ -624,6 +624,41 @@ def test_run_cannot_reach_another_runs_files_and_they_are_removed(sandbox: Sandb
 # Escapes: each attempt is contained, the sandbox serves the next run
 
 
+def test_what_scripts_commonly_use_still_works_inside(sandbox: Sandbox) -> None:
+    if sandbox.isolation.get("unreadable"):
+        assert any("can import only what the zygote imported" in w for w in sandbox.weaknesses)
+        pytest.skip("the runs' uids cannot read this interpreter (a warned-about setup): only pre-imports work")
+    outcome = run(sandbox, """
+        import asyncio
+        import concurrent.futures
+        import json
+        import sqlite3
+        import subprocess
+        import tempfile
+
+        async def twice(x):
+            await asyncio.sleep(0)
+            return 2 * x
+
+        def execute(ctx):
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                squares = list(pool.map(lambda n: n * n, range(5)))
+            with tempfile.NamedTemporaryFile("w+") as f:
+                f.write("kept"); f.flush(); f.seek(0)
+                kept = f.read()
+            db = sqlite3.connect(":memory:")
+            db.execute("create table t (x)"); db.execute("insert into t values (42)")
+            echoed = subprocess.run(["echo", "child"], capture_output=True, text=True, check=True).stdout.strip()
+            return {"async": asyncio.run(twice(21)), "threads": squares, "tmp": kept,
+                    "sqlite": db.execute("select x from t").fetchone()[0], "subprocess": echoed,
+                    "json": json.loads('[1]')}
+    """)
+
+    assert outcome.ok, outcome.error
+    assert outcome.result == {"async": 42, "threads": [0, 1, 4, 9, 16], "tmp": "kept", "sqlite": 42,
+                              "subprocess": "child", "json": [1]}
+
+
 def test_files_outside_the_sandbox_cannot_be_read(sandbox: Sandbox) -> None:
     import flowpool.settings
     outcome = run(sandbox, """
