@@ -357,10 +357,12 @@ def test_run_is_unprivileged_and_under_its_limits(sandbox: Sandbox) -> None:
 
         def execute(ctx):
             with open("/proc/self/status") as status:
-                no_new_privs = [line.split()[1] for line in status if line.startswith("NoNewPrivs:")]
+                fields = dict(line.rstrip("\\n").split(":\\t", 1) for line in status if ":\\t" in line)
             return {
                 "uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(), "groups": os.getgroups(),
-                "no_new_privs": no_new_privs,
+                "no_new_privs": [fields["NoNewPrivs"]], "seccomp": fields.get("Seccomp"),
+                "caps": {name: int(fields[name], 16) for name in ("CapInh", "CapPrm", "CapEff", "CapAmb")},
+                "session_leader": os.getsid(0) == os.getpid(),
                 "limits": {name: resource.getrlimit(getattr(resource, name))[0]
                            for name in ("RLIMIT_AS", "RLIMIT_NPROC", "RLIMIT_NOFILE", "RLIMIT_FSIZE",
                                         "RLIMIT_CPU", "RLIMIT_CORE")},
@@ -374,6 +376,11 @@ def test_run_is_unprivileged_and_under_its_limits(sandbox: Sandbox) -> None:
     assert result["euid"] == result["uid"] == result["gid"]
     assert result["groups"] == []
     assert result["no_new_privs"] == ["1"]
+    assert result["caps"] == {"CapInh": 0, "CapPrm": 0, "CapEff": 0, "CapAmb": 0}
+    if sandbox.isolation.get("seccomp"):
+        assert result["seccomp"] == "2"  # a filter
+    if not sandbox.isolation.get("namespaces"):  # else its session leader is its init, outside its view
+        assert result["session_leader"]
     assert result["limits"] == {
         "RLIMIT_AS": LIMITS.memory_bytes, "RLIMIT_NPROC": LIMITS.processes,
         "RLIMIT_NOFILE": LIMITS.open_files, "RLIMIT_FSIZE": LIMITS.file_bytes,
