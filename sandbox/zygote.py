@@ -194,6 +194,31 @@ def _drop_capabilities() -> None:
     _check(_libc.capset(ctypes.byref(_CapHeader(0x20080522, 0)), empty), "capset")
 
 
+# Directories every uid may write to on a usual host: what a run leaves there outlives it
+# unless the run has them in a mount namespace of its own, or they are swept by uid.
+_SHARED_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+
+
+def _remove_files_of(uid: int) -> None:
+    """Remove what ``uid`` left in the shared writable directories. Run as that uid, never as root:
+    what it can remove is exactly what it owns there (the directories are sticky), links are not followed."""
+    for directory in _SHARED_WRITABLE:
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.stat(follow_symlinks=False).st_uid != uid:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.unlink(entry.path)
+            except OSError:
+                pass
+
+
 def _enter_run_namespaces() -> None:
     """In PID 1 of a run's new PID namespace: mount and IPC namespaces of its own, and a /proc of that PID namespace.
 
@@ -228,6 +253,10 @@ def _own_namespaces(request: dict, fd: int) -> str:
         _mount(f"/proc/self/fd/{handle}", path, None, _MS_BIND | _MS_REC)
         _mount(None, path, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
         os.close(handle)
+    # Every other place a run could leave a file for the next one shows the same private tmpfs.
+    for path in _SHARED_WRITABLE[1:]:
+        if os.path.isdir(path) and not os.path.islink(path):
+            _mount("/tmp", path, None, _MS_BIND)
     alive_r, alive_w = os.pipe()
     run = os.fork()
     if run:
@@ -328,6 +357,7 @@ def _become_run(request: dict, fd: int, control: socket.socket, forker: _Forker)
         if request.get("namespaces"):
             workdir = _own_namespaces(request, fd)
         os.chdir(workdir)
+        os.umask(0o077)  # what a run writes where others could look (a shared /tmp) is its own
         for name, value in request["limits"].items():
             if value is not None and name in _LIMITS:
                 resource.setrlimit(_LIMITS[name][0], (int(value), int(value)))
@@ -349,6 +379,8 @@ def _become_run(request: dict, fd: int, control: socket.socket, forker: _Forker)
                 os.kill(-1, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            if not request.get("namespaces"):
+                _remove_files_of(uid)  # and the files it left outside its work directory
         elif request.get("namespaces"):
             _drop_capabilities()
         if request.get("_alive_fd") is not None:
@@ -396,7 +428,11 @@ def _start_reap(request: dict) -> int | None:
             os.setgroups([])
             os.setgid(request["gid"])
             os.setuid(uid)
-            os.kill(-1, signal.SIGKILL)
+            try:
+                os.kill(-1, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # nothing of the uid runs
+            _remove_files_of(uid)
         except BaseException:
             pass
         os._exit(0)

@@ -816,6 +816,49 @@ def test_filling_tmp_stops_at_the_run_disk_limit_and_the_next_run_starts_empty(s
     assert [name for name in after.result if name.startswith("fill-")] == []
 
 
+def test_files_left_in_shared_writable_places_are_gone_after_the_run(sandbox: Sandbox) -> None:
+    tag = f"left-{os.getpid()}-{time.monotonic_ns()}"
+    places = ["/tmp", "/var/tmp", "/dev/shm"]
+    outcome = run(sandbox, """
+        import os
+
+        def execute(ctx):
+            written = []
+            for place in ctx.input["places"]:
+                try:
+                    with open(os.path.join(place, ctx.input["tag"]), "w") as f:
+                        f.write("for the next run")
+                    written.append(place)
+                except OSError:
+                    pass
+            return written
+    """, {"input": {"places": places, "tag": tag}})
+    assert outcome.ok, outcome.error
+    assert outcome.result  # somewhere was writable: /tmp at least
+    # The next runs, whatever their slot, cannot read them; with namespaces of their own they never see them.
+    for _ in range(3):
+        after = run(sandbox, """
+            import os
+
+            def execute(ctx):
+                found = {}
+                for place in ctx.input["places"]:
+                    path = os.path.join(place, ctx.input["tag"])
+                    try:
+                        with open(path) as f:
+                            found[place] = f.read()
+                    except OSError as exc:
+                        found[place] = type(exc).__name__
+                return found
+        """, {"input": {"places": places, "tag": tag}})
+        assert after.ok, after.error
+        assert "for the next run" not in after.result.values()
+        if sandbox.isolation.get("namespaces"):
+            assert set(after.result.values()) == {"FileNotFoundError"}
+    # Without namespaces the slot's sweep removes them from the host (as the run's own uid).
+    assert eventually(lambda: [p for p in places if os.path.exists(os.path.join(p, tag))]) == []
+
+
 def test_one_runs_secrets_are_out_of_another_runs_reach(sandbox: Sandbox) -> None:
     release = threading.Event()
     holding = threading.Event()
