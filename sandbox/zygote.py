@@ -278,6 +278,28 @@ def _own_namespaces(request: dict, fd: int) -> str:
     return "/tmp"
 
 
+def _check_run_namespaces(forker: "_Forker") -> None:
+    """Build a run's namespaces once in a throwaway child, so a host that refuses them (a masked
+    /proc, say) is known at start instead of failing every run. Raises OSError saying why."""
+    read_end, write_end = os.pipe()
+    pid = forker.fork()
+    if pid == 0:
+        os.close(read_end)
+        try:
+            _enter_run_namespaces()
+            _mount("tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, "size=64k")
+            os._exit(0)
+        except BaseException as exc:
+            os.write(write_end, str(exc).encode()[:500])
+            os._exit(1)
+    os.close(write_end)
+    said = os.read(read_end, 512).decode(errors="replace")
+    os.close(read_end)
+    _, status = os.waitpid(pid, 0)
+    if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+        raise OSError(errno.EPERM, f"per-run namespaces do not work here: {said or status}")
+
+
 class _Forker:
     """Forks the zygote's run processes: into a PID namespace of their own each, when runs get namespaces.
 
@@ -524,10 +546,11 @@ def main(control_fd: int, config: dict) -> None:
             isolation.update(_isolate([p for p in sys.path if p and os.path.isdir(p)]), namespaces=True)
         if isolation["namespaces"]:
             isolation["hidden"] = _hide(config.get("hide") or [])
-        if isolation["namespaces"]:
             forker.use_pid_namespaces()
-    except OSError as exc:  # e.g. a container without CAP_SYS_ADMIN
+            _check_run_namespaces(forker)
+    except OSError as exc:  # e.g. a container without CAP_SYS_ADMIN, or a masked /proc
         isolation.update(error=str(exc), namespaces=False)
+        forker.pid_ns = None
     isolation["seccomp"] = _seccomp_works()
     if os.geteuid() == 0 and not isolation["namespaces"] and isolation["backend"] == "process":
         # Runs get uids of their own but no mount namespace to make the interpreter readable to them.
