@@ -4,9 +4,10 @@ Time limits are enforced here, not by Celery (whose limits only the prefork
 pool enforces): the run process arms its own soft-limit timer, which raises
 :class:`flowpool_workflow.SoftTimeLimitExceeded` in the script so its
 ``finally`` blocks run; the supervisor kills it at the hard limit, whatever
-the script does, and whatever the run left behind dies with its uid. Each
-supervisor call blocks one worker thread on a socket, so a thread pool holds
-many runs waiting on slow model calls.
+the script does, and whatever the run left behind dies with its PID
+namespace (or, without one, with its uid). Each supervisor call blocks one
+worker thread on a socket, so a thread pool holds many runs waiting on slow
+model calls. The zygote starts under the backend :mod:`.backends` chooses.
 """
 from __future__ import annotations
 
