@@ -245,7 +245,7 @@ def _submit(svc: Services, body: InvokeRequest, workflow: ResolvedWorkflow, requ
         "input": body.input, "messages": request["messages"] or [], "secrets": body.secrets or {},
         "metadata": body.metadata or {}, "session_id": session_id, "env": workflow.env,
         "params": {"max_tokens": body.max_tokens, "temperature": body.temperature, "stream": body.stream},
-        "output_schema": workflow.output_schema, "application": workflow.application,
+        "output_schema": workflow.output_schema, "application": workflow.application, "limits": workflow.limits,
         "cache": {"key": cache_key, "ttl": ttl} if cache_key else None,
     }
     try:

@@ -91,6 +91,7 @@ class ResolvedWorkflow:
     application: str | None
     env: dict[str, str]
     rev: str = ""  # the workflow's revision when resolved; a later upload or activate changes it
+    limits: dict[str, int] | None = None  # the script's LIMITS, as validated at upload
 
 
 def _content_hash(script: str, accessories: dict[str, bytes]) -> str:
@@ -299,6 +300,7 @@ class Registry:
             application=cfg.get("application_name") or info.get("application"),
             env=env,
             rev=rev.decode() if rev else "",
+            limits=info.get("limits"),
         )
 
     def load_script(self, account_id: str, ref: str, number: str) -> str:

@@ -118,9 +118,11 @@ class Zygote:
 
     def describe(self) -> str:
         """What isolation the zygote achieved, in a line for people."""
+        return "; ".join(self.findings()) if self.isolation else "not started"
+
+    def findings(self) -> list[str]:
+        """What isolation the zygote achieved, a part each; what is missing starts with WARNING."""
         info = self.isolation
-        if not info:
-            return "not started"
         parts = []
         if info.get("backend") == "bwrap":
             parts.append("bwrap: read-only root holding only the runtime, no capabilities"
@@ -138,12 +140,7 @@ class Zygote:
                          "lives: scripts can import only what the zygote imported (install Python elsewhere)")
         if info.get("backend") != "bwrap":
             parts.append(PROCESS_WARNING)
-        return "; ".join(parts)
-
-    @property
-    def weaknesses(self) -> list[str]:
-        """What is missing from full isolation here, one line each (empty when nothing is)."""
-        return [part for part in self.describe().split("; ") if part.startswith("WARNING")]
+        return parts
 
     def start(self, timeout: float = 30.0) -> None:
         """Start the zygote and wait until it says hello."""
@@ -376,13 +373,16 @@ class Sandbox:
     @property
     def weaknesses(self) -> list[str]:
         """Warnings about isolation missing here (empty when nothing is)."""
-        return [part for part in self.describe().split("; ") if part.startswith("WARNING")]
+        return [part for part in self._findings() if part.startswith("WARNING")]
 
     def describe(self) -> str:
         """The isolation in force, in a line for people."""
+        return "; ".join([f"{self.backend} backend", *self._findings()])
+
+    def _findings(self) -> list[str]:
         uids = f"uids {self.uid_range.start}-{self.uid_range.stop - 1}" if self.uid_range else \
             "WARNING: runs share the worker's uid (start workers as root for a uid per slot)"
-        return f"{self.backend} backend; {uids}; {self._zygote.describe()}"
+        return [uids, *(self._zygote.findings() if self._zygote.isolation else ["zygote not started"])]
 
     @property
     def uid_range(self) -> range | None:
@@ -431,21 +431,11 @@ class Sandbox:
 
     def _spawn(self, slot: int, limits: SandboxLimits | None = None) -> _Process:
         """Start a run process in ``slot``, under every limit but the job's own CPU budget."""
-        limits = limits or self.limits
         uid = self._uid_base + slot if self._uid_base is not None else None
         process = _Process(slot, uid, os.path.join(self._root, f"run-{next(self._runs)}"))
-        # CPU time is lowered by the run to its own budget once it knows its job.
-        backstop = int(self.max_seconds + self.hard_grace_seconds) + 1
-        spawn_limits = {
-            "memory_bytes": limits.memory_bytes,
-            "processes": limits.processes if uid is not None else None,
-            "open_files": limits.open_files,
-            "file_bytes": limits.file_bytes,
-            "tmp_bytes": limits.tmp_bytes,
-            "cpu_seconds": min(backstop, limits.cpu_seconds or backstop),
-        }
         try:
-            process.pid, process.sock = self._zygote.spawn(process.workdir, spawn_limits, uid, uid)
+            process.pid, process.sock = self._zygote.spawn(process.workdir, self._process_limits(limits or self.limits),
+                                                           uid, uid)
             process.pidfd = os.pidfd_open(process.pid)
         except BaseException:
             self._cleanup.put(process)
@@ -498,11 +488,23 @@ class Sandbox:
             if process.sock is not None:
                 process.sock.close()
 
-    _PROCESS_LIMITS = ("memory_bytes", "processes", "open_files", "file_bytes", "tmp_bytes", "cpu_seconds")
+    def _process_limits(self, limits: SandboxLimits) -> dict[str, int | None]:
+        """The limits a run process is started under (the rest the supervisor enforces)."""
+        # CPU time is lowered by the run to its own budget once it knows its job.
+        backstop = int(self.max_seconds + self.hard_grace_seconds) + 1
+        return {
+            "memory_bytes": limits.memory_bytes,
+            # Counted per uid: without a uid of its own a run would share the worker's count.
+            "processes": limits.processes if self._uid_base is not None else None,
+            "open_files": limits.open_files,
+            "file_bytes": limits.file_bytes,
+            "tmp_bytes": limits.tmp_bytes,
+            "cpu_seconds": min(backstop, limits.cpu_seconds or backstop),
+        }
 
     def _same_process_limits(self, limits: SandboxLimits) -> bool:
         """Whether a prestarted process (started under the sandbox's limits) suits a run under ``limits``."""
-        return all(getattr(limits, name) == getattr(self.limits, name) for name in self._PROCESS_LIMITS)
+        return limits is self.limits or self._process_limits(limits) == self._process_limits(self.limits)
 
     def _take_ready(self) -> _Process | None:
         """A started process waiting for a job, passing over any that died meanwhile (with a lost zygote)."""

@@ -66,6 +66,7 @@ import sys
 import time  # noqa: F401
 import traceback
 import typing  # noqa: F401
+from typing import Callable
 import uuid  # noqa: F401
 
 import flowpool_workflow  # noqa: F401
@@ -166,19 +167,28 @@ def _hide(paths: list[str]) -> list[str]:
     return hidden
 
 
-def _seccomp_works() -> bool:
-    """Whether the seccomp filter installs here: tried in a throwaway child."""
-    if not seccomp.available():
-        return False
-    pid = os.fork()
+def _fails_in_a_child(action: Callable[[], None], fork: Callable[[], int] = os.fork) -> str | None:
+    """Try ``action`` in a throwaway child, so its effects stay there: why it failed, or None."""
+    read_end, write_end = os.pipe()
+    pid = fork()
     if pid == 0:
+        os.close(read_end)
         try:
-            seccomp.install()
+            action()
             os._exit(0)
-        except BaseException:
+        except BaseException as exc:
+            os.write(write_end, (str(exc) or type(exc).__name__).encode()[:500])
             os._exit(1)
+    os.close(write_end)
+    said = os.read(read_end, 512).decode(errors="replace")
+    os.close(read_end)
     _, status = os.waitpid(pid, 0)
-    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    return None if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 else (said or f"status {status}")
+
+
+def _seccomp_works() -> bool:
+    """Whether the seccomp filter installs here."""
+    return seccomp.available() and _fails_in_a_child(seccomp.install) is None
 
 
 class _CapHeader(ctypes.Structure):
@@ -281,23 +291,13 @@ def _own_namespaces(request: dict, fd: int) -> str:
 def _check_run_namespaces(forker: "_Forker") -> None:
     """Build a run's namespaces once in a throwaway child, so a host that refuses them (a masked
     /proc, say) is known at start instead of failing every run. Raises OSError saying why."""
-    read_end, write_end = os.pipe()
-    pid = forker.fork()
-    if pid == 0:
-        os.close(read_end)
-        try:
-            _enter_run_namespaces()
-            _mount("tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, "size=64k")
-            os._exit(0)
-        except BaseException as exc:
-            os.write(write_end, str(exc).encode()[:500])
-            os._exit(1)
-    os.close(write_end)
-    said = os.read(read_end, 512).decode(errors="replace")
-    os.close(read_end)
-    _, status = os.waitpid(pid, 0)
-    if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
-        raise OSError(errno.EPERM, f"per-run namespaces do not work here: {said or status}")
+    def build() -> None:
+        _enter_run_namespaces()
+        _mount("tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, "size=64k")
+
+    problem = _fails_in_a_child(build, forker.fork)
+    if problem is not None:
+        raise OSError(errno.EPERM, f"per-run namespaces do not work here: {problem}")
 
 
 class _Forker:

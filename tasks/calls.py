@@ -77,7 +77,7 @@ class CallRouter:
         started = time.monotonic()
         outcome = self.runtime.sandbox.run(script.code, job, soft, on_emit=self.on_emit, source=script.source,
                                            on_call=nested, slot_timeout=max(0.05, remaining - soft / 2),
-                                           on_idle=self.on_idle, limits=self.runtime.limits_for(script.limits))
+                                           on_idle=self.on_idle, limits=self.runtime.limits_for(workflow.limits))
         error = outcome.error
         if error is None:
             try:

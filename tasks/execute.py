@@ -12,7 +12,6 @@ from typing import Any, NamedTuple
 from flowpool import keys
 from flowpool.errors import NotFound, RunError, ScriptError
 from flowpool.registry import Registry, check_output
-from flowpool.registry.validation import validate_script
 from flowpool.runs import RunStatus
 from .calls import CallRouter
 from .models import RunCalls
@@ -25,7 +24,6 @@ log = logging.getLogger("flowpool.worker")
 class CompiledScript(NamedTuple):
     code: bytes  # marshalled code object
     source: str  # for the tracebacks of the run
-    limits: dict[str, int] | None = None  # the script's LIMITS, as validated at upload
 
 
 class ScriptCache:
@@ -45,9 +43,7 @@ class ScriptCache:
                 self._code.move_to_end(content_hash)
                 return code
         source = self.registry.load_script(account_id, ref, version)
-        info = validate_script(source).info
-        code = CompiledScript(marshal.dumps(compile(source, "workflow.py", "exec", dont_inherit=True)), source,
-                              info.limits if info is not None else None)
+        code = CompiledScript(marshal.dumps(compile(source, "workflow.py", "exec", dont_inherit=True)), source)
         with self._lock:
             self._code[content_hash] = code
             while len(self._code) > self.size:
@@ -129,7 +125,7 @@ def execute_run(runtime: Any, job: dict[str, Any]) -> str:
             # The claim's round trip overlaps the run process's start.
             outcome = runtime.sandbox.run(script.code, sandbox_job, job["soft_seconds"], on_emit=on_emit,
                                           source=script.source, gate=claim, on_call=router, cancel=cancel,
-                                          on_idle=flush, limits=runtime.limits_for(script.limits))
+                                          on_idle=flush, limits=runtime.limits_for(job.get("limits")))
             flush()
             if outcome.skipped:
                 return _skipped(request_id)

@@ -64,10 +64,7 @@ class ModelRouter:
         self.environ = environ
         self.retries = retries
         self.connect_timeout = connect_timeout
-        self._shared = guarded_session(egress)
-
-    def _session(self) -> requests.Session:
-        return self._shared
+        self._session = guarded_session(egress)
 
     def chat(self, run: RunCalls, params: dict[str, Any], deadline: float, stream: bool) -> Any:
         """One monitored model call: the response dict, or a Streamed of chunk dicts."""
@@ -140,7 +137,7 @@ class ModelRouter:
                 raise _Failed("the run's time budget is spent", retryable=False)
             record["attempts"] = attempt + 1
             try:
-                response = self._session().post(
+                response = self._session.post(
                     url, data=json.dumps({**body, **({"stream": True} if stream else {})}),
                     headers=self._headers(run, route), stream=stream,
                     timeout=(min(self.connect_timeout, remaining), remaining), allow_redirects=False)

@@ -22,10 +22,7 @@ class HttpClient:
         self.egress = egress
         self.max_response_bytes = max_response_bytes
         self.connect_timeout = connect_timeout
-        self._shared = guarded_session(egress)
-
-    def _session(self) -> requests.Session:
-        return self._shared
+        self._session = guarded_session(egress)
 
     def request(self, params: dict[str, Any], deadline: float) -> dict[str, Any]:
         method = str(params.get("method", "GET")).upper()
@@ -44,14 +41,14 @@ class HttpClient:
             body = base64.b64decode(body["base64"])
         try:
             self.egress.check_url(url)  # a clear error before any connection; connections check again
-            response = self._session().request(
+            response = self._session.request(
                 method, url, params=params.get("params"), headers=params.get("headers"), json=params.get("json"),
                 data=body, timeout=(min(self.connect_timeout, total), total), stream=True,
                 allow_redirects=bool(params.get("allow_redirects", True)))
         except EgressDenied as exc:
             raise CallFailed("egress", str(exc)) from exc
         except requests.TooManyRedirects as exc:
-            raise CallFailed("http", f"more than {self._session().max_redirects} redirects from {url}") from exc
+            raise CallFailed("http", f"more than {self._session.max_redirects} redirects from {url}") from exc
         except requests.RequestException as exc:
             cause = exc.__context__ if isinstance(exc.__context__, EgressDenied) else None
             if cause is not None:

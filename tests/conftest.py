@@ -19,7 +19,7 @@ import redis
 from flowpool.devstack import Stack
 from flowpool.redis_server import RedisServer
 
-from .helpers import Client, running
+from .helpers import Client, fail_on_leftovers, running
 from .provider import StandInProvider
 
 # Settings of the shared test stack: short limits so time-limit tests are quick.
@@ -60,14 +60,8 @@ def _no_leaked_processes() -> Iterator[None]:
     me = psutil.Process()
     before = {p.pid for p in me.children(recursive=True)}
     yield
-    leaked = [p for p in me.children(recursive=True)
-              if p.pid not in before and running(p) and not _belongs_to_session(p)]
-    if leaked:
-        gone, alive = psutil.wait_procs(leaked, timeout=5)
-        if alive:
-            for p in alive:
-                p.kill()
-            pytest.fail(f"test left processes behind: {[p.cmdline() for p in alive]}")
+    fail_on_leftovers([p for p in me.children(recursive=True)
+                       if p.pid not in before and running(p) and not _belongs_to_session(p)], psutil.Process.cmdline)
 
 
 @pytest.fixture(scope="session")

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import textwrap
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import psutil
+import pytest
 import redis
 import requests
 
@@ -15,6 +16,18 @@ def running(process: psutil.Process) -> bool:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def fail_on_leftovers(leaked: list[psutil.Process], name: Callable[[psutil.Process], Any]) -> None:
+    """Give processes a test left 5 s to end; kill those still there and fail the test, naming each."""
+    if not leaked:
+        return
+    _, still = psutil.wait_procs(leaked, timeout=5)
+    if still:
+        names = [name(p) for p in still]
+        for proc in still:
+            proc.kill()
+        pytest.fail(f"test left processes behind: {names}")
 
 
 class Client:

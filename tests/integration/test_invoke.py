@@ -492,28 +492,27 @@ def test_unknown_pinned_version_is_404(client: Client, echo: str) -> None:
 # 408
 
 
-def test_soft_limit_returns_408_and_runs_finally(client: Client) -> None:
-    ref = _ref("soft")
-    client.upload(ref, SOFT_LIMIT, timeout_seconds=1)
+def _timed_out_run(client: Client, name: str, script: str) -> dict[str, Any]:
+    """Upload ``script`` with a 1 s limit and invoke it: the 408 and the timed-out run it recorded."""
+    ref = _ref(name)
+    client.upload(ref, script, timeout_seconds=1)
     response = client.invoke(ref, input={})
     assert response.status_code == 408, response.text
     error = error_of(response)
     assert error["type"] == "timeout"
     run = client.run(error["request_id"])
     assert run["status"] == "timed_out"
+    return run
+
+
+def test_soft_limit_returns_408_and_runs_finally(client: Client) -> None:
+    run = _timed_out_run(client, "soft", SOFT_LIMIT)
     assert run["error"]["limit"] == "soft"
     assert [line["msg"] for line in run["logs"]] == ["finally ran"]
 
 
 def test_hard_limit_returns_408_when_the_script_ignores_the_soft_one(client: Client) -> None:
-    ref = _ref("hard")
-    client.upload(ref, HARD_LIMIT, timeout_seconds=1)
-    response = client.invoke(ref, input={})
-    assert response.status_code == 408, response.text
-    error = error_of(response)
-    assert error["type"] == "timeout"
-    run = client.run(error["request_id"])
-    assert run["status"] == "timed_out"
+    run = _timed_out_run(client, "hard", HARD_LIMIT)
     assert run["error"]["limit"] == "hard"
     assert "ignoring SoftTimeLimitExceeded" in [line["msg"] for line in run["logs"]]
 

@@ -32,7 +32,7 @@ import pytest
 from flowpool.errors import ResultTooLarge, SandboxError, ScriptError, TimeLimitExceeded
 from flowpool.sandbox import RunOutcome, Sandbox, SandboxLimits
 from flowpool.sandbox.backends import Backend, bwrap_binary, probe_bwrap
-from tests.helpers import running
+from tests.helpers import fail_on_leftovers, running
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs get uids of their own only as root")
 
@@ -182,14 +182,8 @@ def _no_leaked_processes(sandbox: Sandbox) -> Iterator[None]:
             kept |= {pid} | {p.pid for p in psutil.Process(pid).children(recursive=True)}
         except psutil.Error:
             pass
-    leaked = [p for p in me.children(recursive=True)
-              if p.pid not in before and p.pid not in kept and running(p)]
-    if leaked:
-        _, still = psutil.wait_procs(leaked, timeout=5)
-        if still:
-            for proc in still:
-                proc.kill()
-            pytest.fail(f"test left processes behind: {[p.pid for p in still]}")
+    fail_on_leftovers([p for p in me.children(recursive=True)
+                       if p.pid not in before and p.pid not in kept and running(p)], lambda p: p.pid)
 
 
 # Results and ctx
