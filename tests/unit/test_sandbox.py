@@ -383,6 +383,22 @@ def test_run_is_unprivileged_and_under_its_limits(sandbox: Sandbox) -> None:
     }
 
 
+def test_run_is_in_a_session_of_its_own(sandbox: Sandbox) -> None:
+    seen: dict[str, int] = {}
+
+    def look(method: str, params: dict, deadline: float) -> Any:
+        assert sandbox.uid_range is not None
+        (proc,) = live_processes(sandbox.uid_range)  # the run, seen from the host, while it waits here
+        seen.update(run=os.getsid(proc.pid), zygote=os.getsid(sandbox.isolation["pid"]))
+        return {}
+
+    outcome = sandbox.run(compiled("def execute(ctx):\n    ctx.chat.completions.create(messages=[])\n    return 1\n"),
+                          {}, 10, on_call=look)
+
+    assert outcome.ok, outcome.error
+    assert seen["run"] not in (seen["zygote"], os.getsid(0))
+
+
 def test_memory_bomb_fails_the_run_and_the_sandbox_serves_the_next_one(sandbox: Sandbox) -> None:
     outcome = run(sandbox, """
         def execute(ctx):
