@@ -24,7 +24,9 @@
 The API registers one handler on :class:`FlowpoolError` and renders
 ``{"error": {"message", "type", "code"}}`` from ``status`` and ``type``.
 Run errors travel from the worker to the API as plain dicts
-(:meth:`RunError.to_dict` / :func:`run_error_from_dict`).
+(:meth:`RunError.to_dict` / :func:`run_error_from_dict`), named by class:
+every subclass of :class:`RunError` registers itself under its name as it is
+defined, so a new one travels without being listed anywhere.
 """
 from __future__ import annotations
 
@@ -110,10 +112,23 @@ class Unavailable(FlowpoolError):
     retry_after = 5
 
 
+# Every subclass of RunError by its class name, as it travels in a run error's "kind".
+_RUN_ERRORS: dict[str, type[RunError]] = {}
+
+
 class RunError(FlowpoolError):
     """A run ended in error; the worker records it and the API renders it."""
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        taken = _RUN_ERRORS.get(cls.__name__)
+        if taken is not None and taken is not cls:
+            # The name is what travels: two classes of one name would come back as the same one.
+            raise TypeError(f"a run error named {cls.__name__} exists already ({taken.__module__})")
+        _RUN_ERRORS[cls.__name__] = cls
+
     def to_dict(self) -> dict[str, Any]:
+        """The error as it travels to the API: ``{"kind": class name, "message", **details}``."""
         return {"kind": type(self).__name__, "message": self.message, **self.details}
 
 
@@ -170,15 +185,8 @@ class RunNotStarted(RunError):
     retry_after = 5
 
 
-_RUN_ERRORS: dict[str, type[RunError]] = {
-    cls.__name__: cls
-    for cls in (TimeLimitExceeded, ScriptError, OutputSchemaError, ResultTooLarge, SandboxError, WorkerLost,
-                RunNotStarted, Cancelled)
-}
-
-
 def run_error_from_dict(data: dict[str, Any]) -> RunError:
-    """Rebuild a run error recorded by a worker."""
+    """Rebuild a run error recorded by a worker; one of an unknown kind comes back as a SandboxError."""
     data = dict(data)
     cls = _RUN_ERRORS.get(data.pop("kind", ""), SandboxError)
     message = data.pop("message", "")

@@ -11,6 +11,8 @@ import base64
 import json
 from typing import Any, Iterator, Protocol
 
+from flowpool.sandbox.protocol import CallErrorKind
+
 __all__ = ["WorkflowContext", "WorkflowLog", "SoftTimeLimitExceeded", "WorkflowError", "ModelError", "EgressDenied", "HttpError", "WorkflowCallError",
            "HttpResponse"]
 
@@ -35,13 +37,20 @@ class EgressDenied(WorkflowError):
     """An outbound address is not allowed (loopback, private, link-local or metadata, unless the operator allows it)."""
 
 
-# How a worker's error kinds become exceptions in the script.
-CALL_ERRORS: dict[str, type[WorkflowError]] = {
-    "model": ModelError, "egress": EgressDenied, "http": HttpError, "workflow": WorkflowCallError}
-
-
 class SoftTimeLimitExceeded(Exception):
     """The run reached its soft time limit. Clean up quickly: the hard limit kills the process."""
+
+
+# The exception a failed ctx call raises in the script, for each kind of failure the worker reports.
+CALL_ERRORS: dict[CallErrorKind, type[Exception]] = {
+    CallErrorKind.MODEL: ModelError,
+    CallErrorKind.EGRESS: EgressDenied,
+    CallErrorKind.HTTP: HttpError,
+    CallErrorKind.WORKFLOW: WorkflowCallError,
+    CallErrorKind.TIMEOUT: SoftTimeLimitExceeded,
+    CallErrorKind.UNSUPPORTED: WorkflowError,
+    CallErrorKind.INVALID: WorkflowError,
+}
 
 
 class Transport(Protocol):

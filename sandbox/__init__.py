@@ -1,4 +1,28 @@
-"""Isolation of workflow runs: the zygote, the run process runtime and the worker-side supervisor."""
-from .supervisor import CallFailed, CallHandler, RunOutcome, Sandbox, SandboxLimits, Streamed, Zygote
+"""Isolation of workflow runs: the zygote, the run process runtime and the worker's side of each run.
 
-__all__ = ["CallFailed", "CallHandler", "RunOutcome", "Sandbox", "SandboxLimits", "Streamed", "Zygote"]
+The worker's side (:class:`Sandbox`, :class:`Zygote`) is imported on first
+use: the in-sandbox side imports :mod:`.protocol` through this package, and
+must not pull in threads, subprocesses and flowpool's errors with it.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .protocol import CallErrorKind, CallFailed, CallHandler, RunOutcome, SandboxLimits, Streamed
+
+if TYPE_CHECKING:
+    from .sandbox import Sandbox
+    from .zygote_client import Zygote
+
+__all__ = ["CallErrorKind", "CallFailed", "CallHandler", "RunOutcome", "Sandbox", "SandboxLimits", "Streamed",
+           "Zygote"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Sandbox":
+        from .sandbox import Sandbox
+        return Sandbox
+    if name == "Zygote":
+        from .zygote_client import Zygote
+        return Zygote
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

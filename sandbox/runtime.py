@@ -1,13 +1,10 @@
 """The code that runs inside a sandboxed run process: build ``ctx``, run the script, report.
 
-Protocol (one JSON frame each, see :mod:`.channel`):
-  worker -> run:   {"op": "run", "code": <base64 marshal>, "source", "job": {...}, "soft_seconds": s, "cpu_seconds": n}
-  run -> worker:   {"op": "emit", "type", "content"} | {"op": "log", "level", "msg", "fields"}
-                   {"op": "call", "id", "method", "params"}, answered by
-                   {"op": "reply", "id", "value"} | {"op": "reply", "id", "error": {"kind", "message"}}
-                   or {"op": "chunk", "id", "value"}... then {"op": "reply", "id", "end": true}
-                   then exactly one {"op": "result", "value"} or
-                   {"op": "error", "kind": "script"|"timeout"|"result", "type", "message", "traceback"}
+It speaks the run's half of the protocol :mod:`.protocol` specifies: it
+takes one ``run`` job, sends what the script emits, logs and asks of ``ctx``,
+turns each failed ctx call into the exception :mod:`flowpool_workflow` maps
+its kind to, and ends with one ``result`` or ``error``. It imports the stdlib
+and flowpool_workflow only, all of it before the zygote covers flowpool's code.
 """
 from __future__ import annotations
 
@@ -29,6 +26,7 @@ from typing import Any, Iterator
 from flowpool_workflow import CALL_ERRORS, SoftTimeLimitExceeded, WorkflowContext, WorkflowError
 
 from .channel import Channel
+from .protocol import CallErrorKind
 
 __all__ = ["serve"]
 
@@ -59,9 +57,7 @@ class _Transport:
                 continue
             error = message.get("error")
             if error:
-                if error.get("kind") == "timeout":  # the worker saw the soft limit pass before our alarm rang
-                    raise SoftTimeLimitExceeded(f"the run reached its soft time limit: {error.get('message')}")
-                raise CALL_ERRORS.get(error.get("kind"), WorkflowError)(error.get("message", "the call failed"))
+                raise _call_error(error)
             yield message
             if message["op"] == "reply":
                 return
@@ -78,6 +74,18 @@ class _Transport:
             for message in self._replies(method, params):
                 if message["op"] == "chunk":
                     yield message.get("value")
+
+
+def _call_error(error: dict[str, Any]) -> Exception:
+    """The exception a ctx call raises in the script for the worker's ``error`` answer."""
+    message = error.get("message", "the call failed")
+    try:
+        kind = CallErrorKind(error.get("kind"))
+    except ValueError:  # not a kind this runtime knows: still an error the script can catch
+        return WorkflowError(message)
+    if kind is CallErrorKind.TIMEOUT:  # the worker saw the soft limit pass before our alarm rang
+        message = f"the run reached its soft time limit: {error.get('message')}"
+    return CALL_ERRORS[kind](message)
 
 
 class _StreamToLog:

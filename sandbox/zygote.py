@@ -14,9 +14,9 @@ argv[2] is a JSON config: the backend it was started under and flowpool's own
 package directories, which it covers once imported.
 
 Where it is privileged (under bwrap; as root with the process backend) each
-run gets PID, mount and IPC namespaces of its own (see ``_Forker`` and
-``_own_namespaces``): the worker's pid is the run's init, killing it ends the
-run and everything it started, and no reap or work directory is needed.
+run gets PID, mount and IPC namespaces of its own (see :mod:`.namespaces`):
+the worker's pid is the run's init, killing it ends the run and everything
+it started, and no reap or work directory is needed.
 Otherwise it is a child subreaper, so processes a run leaves behind are
 reparented to it and reaped, never zombies, and a reap kills them by uid.
 It dies with the worker (parent-death signal).
@@ -44,7 +44,6 @@ import tempfile  # noqa: F401
 import textwrap  # noqa: F401
 import unicodedata  # noqa: F401
 import urllib.parse  # noqa: F401
-import ctypes
 import errno
 import gc
 import functools  # noqa: F401
@@ -61,26 +60,20 @@ import select
 import shutil
 import signal
 import socket
-import stat
 import sys
 import time  # noqa: F401
 import traceback
 import typing  # noqa: F401
-from typing import Callable
 import uuid  # noqa: F401
 
 import flowpool_workflow  # noqa: F401
 import maitai_workflow  # noqa: F401  (scripts written for it import it; its files are hidden from runs)
 
-from ..procs import set_parent_death_signal
-from . import runtime, seccomp
+from flowpool.procs import set_parent_death_signal
 
-_PR_SET_CHILD_SUBREAPER = 36
-_PR_SET_NO_NEW_PRIVS = 38
-_PR_CAPBSET_DROP = 24
-_CLONE_NEWNS, _CLONE_NEWIPC, _CLONE_NEWPID, _CLONE_NEWNET = 0x00020000, 0x08000000, 0x20000000, 0x40000000
-_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REMOUNT = 1, 2, 4, 8, 32
-_MS_BIND, _MS_REC, _MS_PRIVATE = 4096, 16384, 1 << 18
+from . import linux, runtime, seccomp
+from .namespaces import (SHARED_WRITABLE, Forker, blocked_ancestor, check_run_namespaces, drop_capabilities,
+                         enter_run_namespaces, fails_in_a_child, hide, isolate_zygote, own_namespaces)
 
 _LIMITS = {
     "memory_bytes": (resource.RLIMIT_AS,),
@@ -91,128 +84,15 @@ _LIMITS = {
 }
 
 
-def _prctl(option: int, arg: int) -> None:
-    _libc.prctl(option, arg, 0, 0, 0)
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-
-
-def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
-    _check(_libc.mount(source and source.encode(), target.encode(), fstype and fstype.encode(), flags,
-                       data and data.encode()), f"mount {target}")
-
-
-def _blocked_ancestor(path: str) -> str | None:
-    """The topmost directory above ``path`` that users other than its owner cannot traverse."""
-    current = "/"
-    for part in [p for p in path.split("/") if p][:-1]:
-        current = os.path.join(current, part)
-        if not os.stat(current).st_mode & stat.S_IXOTH:
-            return current
-    return None
-
-
-def _isolate(needed: list[str]) -> dict:
-    """Give the zygote, and so every run, an empty network and the interpreter's files.
-
-    Runs forked from here share one network namespace that holds only a
-    loopback that is down: a script reaches nothing over the network (not
-    Redis, not the broker, not the host); what it does outside goes through
-    ctx, served by the worker. Its private mount namespace also makes the
-    interpreter readable to the runs' unprivileged uids when it lives under a
-    directory they cannot enter (Python under /root/.pyenv, say): a tmpfs
-    hides that directory and only the paths Python needs are bound back,
-    read-only. Needs root (CAP_SYS_ADMIN); done once, so it costs no run
-    anything.
-    """
-    _check(_libc.unshare(_CLONE_NEWNS | _CLONE_NEWNET), "unshare")
-    _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
-    by_blocker: dict[str, list[str]] = {}
-    for path in sorted(set(needed)):
-        blocker = _blocked_ancestor(path)
-        if blocker is not None:
-            by_blocker.setdefault(blocker, []).append(path)
-    exposed = []
-    for blocker, paths in by_blocker.items():
-        keep = [p for p in paths if not any(p != q and p.startswith(q.rstrip("/") + "/") for q in paths)]
-        handles = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in keep}
-        _mount("tmpfs", blocker, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=0755,size=64k")
-        for path, fd in handles.items():
-            os.makedirs(path, mode=0o755, exist_ok=True)
-            _mount(f"/proc/self/fd/{fd}", path, None, _MS_BIND | _MS_REC)
-            _mount(None, path, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
-            os.close(fd)
-            exposed.append(path)
-    return {"network": "none", "exposed": exposed}
-
-
-def _hide(paths: list[str]) -> list[str]:
-    """Cover flowpool's own code with empty read-only directories, in the zygote's mount namespace.
-
-    Everything a run needs of it is imported already; what a script could
-    read there (settings, the worker's code, a checkout's tests) it never sees.
-    """
-    hidden = []
-    for path in paths:
-        if os.path.isdir(path):
-            _mount("tmpfs", path, "tmpfs", _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "mode=0555,size=4k")
-            hidden.append(path)
-    return hidden
-
-
-def _fails_in_a_child(action: Callable[[], None], fork: Callable[[], int] = os.fork) -> str | None:
-    """Try ``action`` in a throwaway child, so its effects stay there: why it failed, or None."""
-    read_end, write_end = os.pipe()
-    pid = fork()
-    if pid == 0:
-        os.close(read_end)
-        try:
-            action()
-            os._exit(0)
-        except BaseException as exc:
-            os.write(write_end, (str(exc) or type(exc).__name__).encode()[:500])
-            os._exit(1)
-    os.close(write_end)
-    said = os.read(read_end, 512).decode(errors="replace")
-    os.close(read_end)
-    _, status = os.waitpid(pid, 0)
-    return None if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 else (said or f"status {status}")
-
-
 def _seccomp_works() -> bool:
     """Whether the seccomp filter installs here."""
-    return seccomp.available() and _fails_in_a_child(seccomp.install) is None
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-def _drop_capabilities() -> None:
-    """Drop every capability, bounding set included (the zygote holds them in a user namespace of its own)."""
-    for cap in range(64):
-        if _libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() == errno.EINVAL:
-            break  # past the last capability this kernel knows
-    empty = (ctypes.c_uint32 * 6)()
-    _check(_libc.capset(ctypes.byref(_CapHeader(0x20080522, 0)), empty), "capset")
-
-
-# Directories every uid may write to on a usual host: what a run leaves there outlives it
-# unless the run has them in a mount namespace of its own, or they are swept by uid.
-_SHARED_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+    return seccomp.available() and fails_in_a_child(seccomp.install) is None
 
 
 def _remove_files_of(uid: int) -> None:
     """Remove what ``uid`` left in the shared writable directories. Run as that uid, never as root:
     what it can remove is exactly what it owns there (the directories are sticky), links are not followed."""
-    for directory in _SHARED_WRITABLE:
+    for directory in SHARED_WRITABLE:
         try:
             entries = list(os.scandir(directory))
         except OSError:
@@ -229,115 +109,6 @@ def _remove_files_of(uid: int) -> None:
                 pass
 
 
-def _enter_run_namespaces() -> None:
-    """In PID 1 of a run's new PID namespace: mount and IPC namespaces of its own, and a /proc of that PID namespace.
-
-    Nothing here depends on the job, so a spare does it before one comes.
-    """
-    _check(_libc.unshare(_CLONE_NEWNS | _CLONE_NEWIPC), "unshare")
-    _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
-    _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
-
-
-def _own_namespaces(request: dict, fd: int) -> str:
-    """Give the run mount and IPC namespaces of its own, then fork the run; returns its working directory.
-
-    Called in PID 1 of a new PID namespace (the zygote forked this process
-    into it), as root of the zygote's user namespace. This process mounts a
-    /proc that shows only the run's processes and a private tmpfs /tmp whose
-    size is the run's disk limit, then forks the run as PID 2, an ordinary
-    process (PID 1 cannot even be signalled by itself), and stays behind as
-    its init: it reaps orphans, and when the run ends it exits, so the kernel
-    kills whatever the run left. It exits with the run's code, or 128 plus
-    the signal that killed it.
-    """
-    if not request.get("_entered"):
-        _enter_run_namespaces()
-    # The runtime may live under /tmp (a checkout there): keep it visible, read-only, over the new tmpfs.
-    kept = {path: os.open(path, os.O_PATH | os.O_DIRECTORY) for path in request.get("keep") or ()}
-    owner = f",uid={request['uid']},gid={request['gid']}" if request.get("uid") is not None else ""
-    size = int(request["limits"].get("tmp_bytes") or (64 << 20))
-    _mount("tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={size},mode=0700,nr_inodes=16384{owner}")
-    for path, handle in kept.items():
-        os.makedirs(path, mode=0o755, exist_ok=True)
-        _mount(f"/proc/self/fd/{handle}", path, None, _MS_BIND | _MS_REC)
-        _mount(None, path, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
-        os.close(handle)
-    # Every other place a run could leave a file for the next one shows the same private tmpfs.
-    for path in _SHARED_WRITABLE[1:]:
-        if os.path.isdir(path) and not os.path.islink(path):
-            _mount("/tmp", path, None, _MS_BIND)
-    alive_r, alive_w = os.pipe()
-    run = os.fork()
-    if run:
-        os.close(fd)
-        os.close(alive_r)
-        while True:
-            try:
-                pid, status = os.waitpid(-1, 0)
-            except InterruptedError:
-                continue
-            if pid == run:
-                break
-        os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
-    os.close(alive_w)
-    set_parent_death_signal(signal.SIGKILL)
-    if select.select([alive_r], [], [], 0)[0]:
-        os._exit(0)  # its init is gone already (from in here a parent's pid reads 0: the pipe tells)
-    request["_alive_fd"] = alive_r
-    return "/tmp"
-
-
-def _check_run_namespaces(forker: "_Forker") -> None:
-    """Build a run's namespaces once in a throwaway child, so a host that refuses them (a masked
-    /proc, say) is known at start instead of failing every run. Raises OSError saying why."""
-    def build() -> None:
-        _enter_run_namespaces()
-        _mount("tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, "size=64k")
-
-    problem = _fails_in_a_child(build, forker.fork)
-    if problem is not None:
-        raise OSError(errno.EPERM, f"per-run namespaces do not work here: {problem}")
-
-
-class _Forker:
-    """Forks the zygote's run processes: into a PID namespace of their own each, when runs get namespaces.
-
-    Each child is PID 1 of its namespace, so its end takes every process of
-    the run with it; the zygote joins its own namespace again after each fork.
-    A pipe only the zygote holds open tells a child whether the zygote died
-    before the child's parent-death signal was armed.
-    """
-
-    def __init__(self) -> None:
-        self.zygote = os.getpid()
-        self.pid_ns: int | None = None
-        self.alive_r, self._alive_w = os.pipe()
-
-    def use_pid_namespaces(self) -> None:
-        self.pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-
-    def fork(self) -> int:
-        if self.pid_ns is None:
-            pid = os.fork()
-        else:
-            _check(_libc.unshare(_CLONE_NEWPID), "unshare")
-            try:
-                pid = os.fork()
-            finally:
-                if os.getpid() == self.zygote:
-                    _check(_libc.setns(self.pid_ns, _CLONE_NEWPID), "setns")
-        if pid == 0:
-            os.close(self._alive_w)
-            if self.pid_ns is not None:
-                os.close(self.pid_ns)
-        return pid
-
-    def zygote_gone(self) -> bool:
-        """In a child: whether the zygote has died."""
-        return bool(select.select([self.alive_r], [], [], 0)[0])
-
-
 def _decode_status(status: int, relayed: bool) -> dict[str, int]:
     """A child's exit status for the worker; ``relayed``: by an init that exits 128 + the run's signal."""
     if os.WIFSIGNALED(status):
@@ -348,7 +119,7 @@ def _decode_status(status: int, relayed: bool) -> dict[str, int]:
     return {"code": code}
 
 
-def _parent_gone(request: dict, forker: _Forker) -> bool:
+def _parent_gone(request: dict, forker: Forker) -> bool:
     """Whether the process this one must die with is gone already (so its death signal came too early)."""
     alive = request.get("_alive_fd")
     if alive is not None:
@@ -356,7 +127,7 @@ def _parent_gone(request: dict, forker: _Forker) -> bool:
     return forker.zygote_gone()
 
 
-def _become_run(request: dict, fd: int, control: socket.socket, forker: _Forker) -> None:
+def _become_run(request: dict, fd: int, control: socket.socket, forker: Forker) -> None:
     """In the forked child: drop everything of the zygote, apply limits, run the job. Never returns."""
     code = 0
     try:
@@ -377,7 +148,7 @@ def _become_run(request: dict, fd: int, control: socket.socket, forker: _Forker)
         os.closerange(high + 1, 65536)
         workdir = request["workdir"]
         if request.get("namespaces"):
-            workdir = _own_namespaces(request, fd)
+            workdir = own_namespaces(request, fd)
         os.chdir(workdir)
         os.umask(0o077)  # what a run writes where others could look (a shared /tmp) is its own
         for name, value in request["limits"].items():
@@ -404,14 +175,14 @@ def _become_run(request: dict, fd: int, control: socket.socket, forker: _Forker)
             if not request.get("namespaces"):
                 _remove_files_of(uid)  # and the files it left outside its work directory
         elif request.get("namespaces"):
-            _drop_capabilities()
+            drop_capabilities()
         if request.get("_alive_fd") is not None:
             os.close(request["_alive_fd"])
         os.close(forker.alive_r)
         if request.get("seccomp"):
             seccomp.install()  # sets no_new_privs too
         else:
-            _prctl(_PR_SET_NO_NEW_PRIVS, 1)
+            linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
         runtime.serve(fd)
     except BaseException:
         code = 70
@@ -464,7 +235,7 @@ def _start_reap(request: dict) -> int | None:
 class _Spares:
     """One process forked ahead of need, so a spawn costs a message instead of a fork."""
 
-    def __init__(self, close_in_child: list[int], forker: _Forker) -> None:
+    def __init__(self, close_in_child: list[int], forker: Forker) -> None:
         self._close_in_child = close_in_child
         self._forker = forker
         self.pid: int | None = None
@@ -490,7 +261,7 @@ class _Spares:
             entered = False
             if self._forker.pid_ns is not None:  # runs get namespaces: enter them ahead of the job
                 try:
-                    _enter_run_namespaces()
+                    enter_run_namespaces()
                     entered = True
                 except OSError:
                     pass  # tried again, and reported, once a job comes
@@ -521,7 +292,7 @@ class _Spares:
 
 def main(control_fd: int, config: dict) -> None:
     set_parent_death_signal(signal.SIGKILL)
-    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)
     control = socket.socket(fileno=control_fd)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
@@ -529,7 +300,7 @@ def main(control_fd: int, config: dict) -> None:
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the worker, which stops us
     reaping: dict[int, dict] = {}  # helper pid -> its reap request
-    forker = _Forker()
+    forker = Forker()
     spares = _Spares([control_fd, wake_r, wake_w], forker)
 
     def send(message: dict) -> None:
@@ -543,18 +314,18 @@ def main(control_fd: int, config: dict) -> None:
             # this process holds the capabilities it needs to give each run namespaces of its own.
             isolation.update(network="none", namespaces=True)
         elif os.geteuid() == 0:
-            isolation.update(_isolate([p for p in sys.path if p and os.path.isdir(p)]), namespaces=True)
+            isolation.update(isolate_zygote([p for p in sys.path if p and os.path.isdir(p)]), namespaces=True)
         if isolation["namespaces"]:
-            isolation["hidden"] = _hide(config.get("hide") or [])
+            isolation["hidden"] = hide(config.get("hide") or [])
             forker.use_pid_namespaces()
-            _check_run_namespaces(forker)
+            check_run_namespaces(forker)
     except OSError as exc:  # e.g. a container without CAP_SYS_ADMIN, or a masked /proc
         isolation.update(error=str(exc), namespaces=False)
         forker.pid_ns = None
     isolation["seccomp"] = _seccomp_works()
     if os.geteuid() == 0 and not isolation["namespaces"] and isolation["backend"] == "process":
         # Runs get uids of their own but no mount namespace to make the interpreter readable to them.
-        isolation["unreadable"] = sorted({b for p in sys.path if p and (b := _blocked_ancestor(p))})
+        isolation["unreadable"] = sorted({b for p in sys.path if p and (b := blocked_ancestor(p))})
     hidden = set(config.get("hide") or [])
     kept_under_tmp = [p for p in config.get("runtime") or [] if p.startswith("/tmp/") and p not in hidden
                       and os.path.isdir(p)]

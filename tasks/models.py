@@ -19,7 +19,7 @@ import requests
 from flowpool.egress import EgressDenied, EgressPolicy, guarded_session
 from flowpool.errors import NotFound
 from flowpool.registry import Agent, Applications, Route
-from flowpool.sandbox import CallFailed, Streamed
+from flowpool.sandbox import CallErrorKind, CallFailed, Streamed
 
 __all__ = ["ModelRouter", "RunCalls"]
 
@@ -70,14 +70,15 @@ class ModelRouter:
         """One monitored model call: the response dict, or a Streamed of chunk dicts."""
         name = params.get("application") or run.application
         if not name:
-            raise CallFailed("model", "no application: pass application=... or set APPLICATION in the script")
+            raise CallFailed(CallErrorKind.MODEL,
+                             "no application: pass application=... or set APPLICATION in the script")
         try:
             app = self.applications.get(run.account_id, name)
             intent, primary = app.route(params.get("intent"))
         except NotFound as exc:
-            raise CallFailed("model", exc.message) from exc
+            raise CallFailed(CallErrorKind.MODEL, exc.message) from exc
         except KeyError as exc:
-            raise CallFailed("model", f"application {name!r}: {exc.args[0]}") from exc
+            raise CallFailed(CallErrorKind.MODEL, f"application {name!r}: {exc.args[0]}") from exc
         routes: list[Route] = [primary, *primary.fallbacks]
         body_params = {k: v for k, v in (params.get("params") or {}).items() if v is not None}
         messages = params.get("messages")
@@ -96,7 +97,7 @@ class ModelRouter:
                 return self._complete(run, route, body, record, deadline)
             except _Failed as exc:
                 failures.append(f"{model} at {record['provider_host']}: {exc}")
-        raise CallFailed("model", f"every route of {name}/{intent} failed: " + "; ".join(failures))
+        raise CallFailed(CallErrorKind.MODEL, f"every route of {name}/{intent} failed: " + "; ".join(failures))
 
     def agent(self, run: RunCalls, name: str, agent: Agent, messages: list[dict[str, Any]],
               params: dict[str, Any], deadline: float) -> dict[str, Any]:
@@ -112,7 +113,7 @@ class ModelRouter:
         try:
             return self._complete(run, route, body, record, deadline)
         except _Failed as exc:
-            raise CallFailed("model", f"agent {name!r} at {record['provider_host']} failed: {exc}") from exc
+            raise CallFailed(CallErrorKind.MODEL, f"agent {name!r} at {record['provider_host']} failed: {exc}") from exc
 
     def _headers(self, run: RunCalls, route: Route) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "X-Flowpool-Request-Id": run.request_id,
@@ -194,7 +195,7 @@ class ModelRouter:
         except (requests.RequestException, ValueError) as exc:
             self._finish(run, record, error=f"the stream broke: {exc}",
                          latency_ms=(time.monotonic() - started) * 1000)
-            raise CallFailed("model", f"the stream from {record['provider_host']} broke: {exc}") from exc
+            raise CallFailed(CallErrorKind.MODEL, f"the stream from {record['provider_host']} broke: {exc}") from exc
         finally:
             response.close()
         self._finish(run, record, latency_ms=(time.monotonic() - started) * 1000,

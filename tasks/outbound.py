@@ -8,7 +8,7 @@ from typing import Any
 import requests
 
 from flowpool.egress import EgressDenied, EgressPolicy, guarded_session
-from flowpool.sandbox import CallFailed
+from flowpool.sandbox import CallErrorKind, CallFailed
 
 __all__ = ["HttpClient"]
 
@@ -27,13 +27,13 @@ class HttpClient:
     def request(self, params: dict[str, Any], deadline: float) -> dict[str, Any]:
         method = str(params.get("method", "GET")).upper()
         if method not in _METHODS:
-            raise CallFailed("http", f"unsupported HTTP method {method!r}")
+            raise CallFailed(CallErrorKind.HTTP, f"unsupported HTTP method {method!r}")
         url = params.get("url")
         if not isinstance(url, str):
-            raise CallFailed("http", "ctx.http needs a url string")
+            raise CallFailed(CallErrorKind.HTTP, "ctx.http needs a url string")
         remaining = deadline - time.monotonic()
         if remaining <= 0.05:
-            raise CallFailed("http", "the run's time budget is spent")
+            raise CallFailed(CallErrorKind.HTTP, "the run's time budget is spent")
         timeout = params.get("timeout")
         total = min(remaining, float(timeout)) if isinstance(timeout, (int, float)) and timeout > 0 else remaining
         body = params.get("data")
@@ -46,26 +46,27 @@ class HttpClient:
                 data=body, timeout=(min(self.connect_timeout, total), total), stream=True,
                 allow_redirects=bool(params.get("allow_redirects", True)))
         except EgressDenied as exc:
-            raise CallFailed("egress", str(exc)) from exc
+            raise CallFailed(CallErrorKind.EGRESS, str(exc)) from exc
         except requests.TooManyRedirects as exc:
-            raise CallFailed("http", f"more than {self._session.max_redirects} redirects from {url}") from exc
+            raise CallFailed(CallErrorKind.HTTP,
+                             f"more than {self._session.max_redirects} redirects from {url}") from exc
         except requests.RequestException as exc:
             cause = exc.__context__ if isinstance(exc.__context__, EgressDenied) else None
             if cause is not None:
-                raise CallFailed("egress", str(cause)) from exc
-            raise CallFailed("http", f"{type(exc).__name__}: {exc}") from exc
+                raise CallFailed(CallErrorKind.EGRESS, str(cause)) from exc
+            raise CallFailed(CallErrorKind.HTTP, f"{type(exc).__name__}: {exc}") from exc
         with response:
             content = bytearray()
             try:
                 for piece in response.iter_content(65536):
                     content += piece
                     if len(content) > self.max_response_bytes:
-                        raise CallFailed("http", f"the response from {response.url} is over "
-                                                 f"{self.max_response_bytes} bytes")
+                        raise CallFailed(CallErrorKind.HTTP, f"the response from {response.url} is over "
+                                                             f"{self.max_response_bytes} bytes")
                     if time.monotonic() > deadline:
-                        raise CallFailed("http", "the run's time budget ran out while reading the response")
+                        raise CallFailed(CallErrorKind.HTTP, "the run's time budget ran out while reading the response")
             except requests.RequestException as exc:
-                raise CallFailed("http", f"reading the response failed: {exc}") from exc
+                raise CallFailed(CallErrorKind.HTTP, f"reading the response failed: {exc}") from exc
         return {
             "status_code": response.status_code, "url": response.url, "headers": dict(response.headers),
             "content_base64": base64.b64encode(bytes(content)).decode(), "encoding": response.encoding,

@@ -1,0 +1,111 @@
+"""What the worker and a run process say to each other, and the types a sandbox's caller handles.
+
+Stdlib only: the in-sandbox side (:mod:`.runtime`, :mod:`flowpool_workflow`)
+imports this module as well as the worker's side, so the ctx-call error kinds
+are written down once.
+
+The run's channel carries one JSON object per frame (see :mod:`.channel`);
+every object has an ``op``. A run process takes exactly one job:
+
+  worker -> run   {"op": "run", "code": <base64 marshal>, "source", "job": {...}, "soft_seconds": s,
+                   "cpu_seconds": n}
+  run -> worker   any number of
+                    {"op": "emit", "type", "content"}           a chunk for the caller
+                    {"op": "log", "level", "msg", "fields"}     a log line of the run
+                    {"op": "call", "id", "method", "params"}    a ctx call, answered by the worker with
+                      {"op": "reply", "id", "value"}
+                      | {"op": "chunk", "id", "value"}... then {"op": "reply", "id", "end": true}
+                      | {"op": "reply", "id", "error": {"kind": <CallErrorKind>, "message"}}
+                  then exactly one
+                    {"op": "result", "value"}
+                    | {"op": "error", "kind": "script"|"timeout"|"result", "type", "message", "traceback"}
+
+A call is answered before the run makes the next one; the run passes over
+answers to an earlier call that its soft limit interrupted (their ``id`` is
+not the one it waits for). The worker answers a call that fails once the
+run's soft limit has passed with the ``timeout`` kind, whatever failed, so
+the script sees its time limit rather than an error it may not expect.
+
+The worker kills the run at its hard limit, on a frame over the size limit,
+on one that is not a JSON object with an ``op``, or on an ``op`` it does not
+know; the run's outcome then says why (:class:`RunOutcome`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+if TYPE_CHECKING:  # the in-sandbox side must not import the worker's errors
+    from flowpool.errors import Cancelled, ResultTooLarge, SandboxError, ScriptError, TimeLimitExceeded
+
+__all__ = ["CallErrorKind", "CallFailed", "CallHandler", "RunOutcome", "SandboxLimits", "Streamed"]
+
+
+class CallErrorKind(str, Enum):
+    """Why a ctx call failed, as it crosses the run's channel; :mod:`flowpool_workflow` maps each to an exception."""
+
+    MODEL = "model"  # every route of a model or agent call failed
+    EGRESS = "egress"  # the egress policy refused an address
+    HTTP = "http"  # ctx.http got no usable answer
+    WORKFLOW = "workflow"  # ctx.workflows.call could not run its callee, or the callee failed
+    TIMEOUT = "timeout"  # the run's soft limit passed while the call was served
+    UNSUPPORTED = "unsupported"  # this worker serves no such call
+    INVALID = "invalid"  # the call is malformed
+
+
+class CallFailed(Exception):
+    """A ctx call the worker could not serve; the script gets ``kind`` and ``message``.
+
+    ``kind`` may be given as its string value; one that is no
+    :class:`CallErrorKind` raises ValueError, being a mistake of the caller.
+    """
+
+    def __init__(self, kind: CallErrorKind | str, message: str) -> None:
+        super().__init__(message)
+        self.kind, self.message = CallErrorKind(kind), message
+
+
+@dataclass
+class Streamed:
+    """What a ctx call handler returns to answer with a stream of chunks."""
+
+    chunks: Iterator[Any]
+
+
+# on_call(method, params, deadline) -> a JSON value, or Streamed; deadline is on the monotonic clock.
+CallHandler = Callable[[str, dict, float], Any]
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    """Resource limits of one run process."""
+
+    memory_bytes: int = 512 << 20
+    processes: int = 32
+    open_files: int = 64
+    file_bytes: int = 64 << 20
+    tmp_bytes: int = 64 << 20
+    cpu_seconds: int | None = None  # None: the time limit's own backstop
+    max_result_bytes: int = 2 << 20
+    max_log_bytes: int = 256 << 10
+    max_chunks: int = 10_000
+    max_chunk_bytes: int = 64 << 10
+
+
+@dataclass
+class RunOutcome:
+    """What a run produced: a result or an error, plus its logs."""
+
+    result: Any = None
+    result_json: str | None = None
+    error: ScriptError | TimeLimitExceeded | SandboxError | ResultTooLarge | Cancelled | None = None
+    logs: list[dict[str, Any]] = field(default_factory=list)
+    logs_truncated: bool = False
+    chunks: int = 0
+    pid: int | None = None
+    skipped: bool = False  # the gate closed: the run was killed before it was followed
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None

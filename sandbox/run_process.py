@@ -1,0 +1,40 @@
+"""A run process as the worker holds it: the slot and uid it runs under, its channel, a pidfd to kill it by."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from dataclasses import dataclass
+
+__all__ = ["RunProcess"]
+
+
+@dataclass
+class RunProcess:
+    """A run process started ahead of its job, holding a slot (and so a uid)."""
+
+    slot: int
+    uid: int | None
+    workdir: str
+    pid: int | None = None
+    sock: socket.socket | None = None
+    pidfd: int | None = None  # signals reach this process even after its pid is reused
+
+    def kill(self) -> None:
+        """Kill the run process, and its process group when it has no uid of its own."""
+        if self.pidfd is not None:
+            try:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.uid is None and self.pid is not None:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def close(self) -> None:
+        """Close the pidfd (the channel is the caller's to close)."""
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None

@@ -1,0 +1,280 @@
+"""The sandbox a worker runs jobs in: slots and their uids, run processes started ahead of need, clean-up.
+
+Each run gets a process of its own, forked by the zygote (:mod:`.zygote`,
+reached through :mod:`.zygote_client`) under the backend :mod:`.backends`
+chooses, and is followed by a :class:`~.session.RunSession`, which enforces
+its time limits; whatever the run left behind dies with its PID namespace
+(or, without one, with its uid). A call of :meth:`Sandbox.run` blocks one
+worker thread on a socket, so a thread pool holds many runs waiting on slow
+model calls.
+"""
+from __future__ import annotations
+
+import fcntl
+import itertools
+import os
+import queue
+import select
+import shutil
+import tempfile
+import threading
+from typing import Any, Callable
+
+from flowpool.errors import SandboxError
+
+from .backends import Backend, choose
+from .protocol import CallHandler, RunOutcome, SandboxLimits
+from .run_process import RunProcess
+from .session import RunSession
+from .zygote_client import Zygote
+
+__all__ = ["Sandbox"]
+
+
+class Sandbox:
+    """Runs jobs in sandboxed processes forked from a zygote, one run per process.
+
+    A few processes are started ahead of need (``prestart``), already under
+    their limits and uid and waiting for a job, so a run costs one message on
+    its critical path; the one it used is cleaned up and replaced afterwards.
+    """
+
+    def __init__(self, limits: SandboxLimits, slots: int, uid_base: int | None = None,
+                 hard_grace_seconds: float = 5.0, max_seconds: float = 600.0, prestart: int = 2,
+                 backend: str | Backend = "auto") -> None:
+        try:
+            self._backend = backend if isinstance(backend, Backend) else choose(backend)
+        except ValueError as exc:
+            raise SandboxError(str(exc)) from None
+        self.limits = limits
+        self.hard_grace_seconds = hard_grace_seconds
+        self.max_seconds = max_seconds
+        self.prestart = prestart
+        # As root, each slot runs under its own uid, so RLIMIT_NPROC counts one
+        # run's processes and a run's leftovers can be killed by uid.
+        self._uid_lock: int | None = None
+        self._uid_count = slots + prestart
+        self._uid_base = self._claim_uids(uid_base, slots + prestart) if uid_base is not None and os.geteuid() == 0 else None
+        self._slots: queue.LifoQueue[int] = queue.LifoQueue()
+        for slot in reversed(range(slots + prestart)):
+            self._slots.put(slot)
+        self._root = tempfile.mkdtemp(prefix="flowpool-sandbox-")
+        os.chmod(self._root, 0o711)
+        self._zygote = Zygote(backend=self._backend)
+        self._runs = itertools.count(1)
+        self._ready: queue.SimpleQueue[RunProcess] = queue.SimpleQueue()
+        # Cleaning up after a run (killing leftovers, removing files) happens
+        # off the caller's path; the slot, and so its uid, is reused only after.
+        self._cleanup: queue.Queue[RunProcess | None] = queue.Queue()
+        self._cleaner = threading.Thread(target=self._clean, name="flowpool-sandbox-cleaner", daemon=True)
+
+    @property
+    def backend(self) -> str:
+        """The isolation backend in force: bwrap or process."""
+        return self._backend.name
+
+    @property
+    def backend_note(self) -> str:
+        """Why this backend: the bwrap binary used, or why bwrap was passed over."""
+        return self._backend.note
+
+    @property
+    def isolation(self) -> dict[str, Any]:
+        """What the zygote reported of the isolation it achieved."""
+        return dict(self._zygote.isolation)
+
+    @property
+    def weaknesses(self) -> list[str]:
+        """Warnings about isolation missing here (empty when nothing is)."""
+        return [part for part in self._findings() if part.startswith("WARNING")]
+
+    def describe(self) -> str:
+        """The isolation in force, in a line for people."""
+        return "; ".join([f"{self.backend} backend", *self._findings()])
+
+    def _findings(self) -> list[str]:
+        uids = f"uids {self.uid_range.start}-{self.uid_range.stop - 1}" if self.uid_range else \
+            "WARNING: runs share the worker's uid (start workers as root for a uid per slot)"
+        return [uids, *(self._zygote.findings() if self._zygote.isolation else ["zygote not started"])]
+
+    @property
+    def uid_range(self) -> range | None:
+        """The uids this sandbox's runs use (None when not started as root)."""
+        if self._uid_base is None:
+            return None
+        # Not the free-slot count: that shrinks while runs hold their slots.
+        return range(self._uid_base, self._uid_base + self._uid_count)
+
+    def _claim_uids(self, base: int, count: int) -> int:
+        """A block of ``count`` uids no other worker on this host uses, held by a file lock.
+
+        Runs are cleaned up by killing every process of their uid, so two
+        workers on one host (or one pid namespace) must never share a uid. The
+        lock dies with the process, so a crashed worker's block is free again.
+        """
+        directory = os.path.join(tempfile.gettempdir(), "flowpool-uid-blocks")
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        block_size = max(count, 1000)
+        for block in range(64):
+            fd = os.open(os.path.join(directory, f"{base}-{block}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            self._uid_lock = fd
+            return base + block * block_size
+        raise SandboxError(f"no free block of {block_size} sandbox uids from {base}: 64 workers on this host already")
+
+    def start(self) -> None:
+        """Start the zygote, the cleaner and the processes started ahead of need."""
+        self._zygote.start()
+        self._cleaner.start()
+        for _ in range(self.prestart):
+            self._prestart()
+
+    def stop(self) -> None:
+        """Stop the zygote (and with it every run process), remove the runs' files and free the uids."""
+        self._cleanup.put(None)
+        if self._cleaner.is_alive():
+            self._cleaner.join(10)
+        self._zygote.stop()
+        shutil.rmtree(self._root, ignore_errors=True)
+        if self._uid_lock is not None:
+            os.close(self._uid_lock)
+            self._uid_lock = None
+
+    def _spawn(self, slot: int, limits: SandboxLimits | None = None) -> RunProcess:
+        """Start a run process in ``slot``, under every limit but the job's own CPU budget."""
+        uid = self._uid_base + slot if self._uid_base is not None else None
+        process = RunProcess(slot, uid, os.path.join(self._root, f"run-{next(self._runs)}"))
+        try:
+            process.pid, process.sock = self._zygote.spawn(process.workdir, self._process_limits(limits or self.limits),
+                                                           uid, uid)
+            process.pidfd = os.pidfd_open(process.pid)
+        except BaseException:
+            self._cleanup.put(process)
+            raise
+        return process
+
+    def _prestart(self, slot: int | None = None) -> None:
+        """Start a waiting process, in ``slot`` or a free one."""
+        if slot is None:
+            try:
+                slot = self._slots.get_nowait()
+            except queue.Empty:
+                return  # every slot is busy: the next run starts its own process
+        try:
+            self._ready.put(self._spawn(slot))
+        except SandboxError:
+            pass  # _spawn handed the slot to the cleaner
+
+    def _clean(self) -> None:
+        while True:
+            process = self._cleanup.get()
+            if process is None:
+                break
+            # The slot's next process sweeps the uid as it starts, so when one
+            # is wanted anyway, the zygote forks once per run instead of twice.
+            refill = self._ready.qsize() < self.prestart
+            try:
+                if process.pid is not None and self._zygote.isolation.get("namespaces"):
+                    # Killed already: the end of the PID namespace it was init of takes everything the
+                    # run started, and its files were a tmpfs of that namespace. Once it is gone, the
+                    # slot (and so the uid) is free.
+                    if process.pidfd is not None:
+                        select.select([process.pidfd], [], [], 5.0)
+                    self._zygote.forget(process.pid)
+                elif process.pid is not None:
+                    self._zygote.reap(process.pid, process.workdir, process.uid, process.uid, sweep=not refill)
+                else:
+                    shutil.rmtree(process.workdir, ignore_errors=True)
+            except Exception:  # a lost zygote takes its processes with it
+                shutil.rmtree(process.workdir, ignore_errors=True)
+                refill = False
+            process.close()
+            if refill:
+                self._prestart(process.slot)
+            else:
+                self._slots.put(process.slot)
+        while not self._ready.empty():  # stopping: the zygote's end kills them
+            process = self._ready.get_nowait()
+            process.close()
+            if process.sock is not None:
+                process.sock.close()
+
+    def _process_limits(self, limits: SandboxLimits) -> dict[str, int | None]:
+        """The limits a run process is started under (the rest its session enforces)."""
+        # CPU time is lowered by the run to its own budget once it knows its job.
+        backstop = int(self.max_seconds + self.hard_grace_seconds) + 1
+        return {
+            "memory_bytes": limits.memory_bytes,
+            # Counted per uid: without a uid of its own a run would share the worker's count.
+            "processes": limits.processes if self._uid_base is not None else None,
+            "open_files": limits.open_files,
+            "file_bytes": limits.file_bytes,
+            "tmp_bytes": limits.tmp_bytes,
+            "cpu_seconds": min(backstop, limits.cpu_seconds or backstop),
+        }
+
+    def _same_process_limits(self, limits: SandboxLimits) -> bool:
+        """Whether a prestarted process (started under the sandbox's limits) suits a run under ``limits``."""
+        return limits is self.limits or self._process_limits(limits) == self._process_limits(self.limits)
+
+    def _take_ready(self) -> RunProcess | None:
+        """A started process waiting for a job, passing over any that died meanwhile (with a lost zygote)."""
+        while True:
+            try:
+                process = self._ready.get_nowait()
+            except queue.Empty:
+                return None
+            # A pidfd reads as ready once its process has exited.
+            if process.pidfd is None or not select.select([process.pidfd], [], [], 0)[0]:
+                return process
+            self._cleanup.put(process)
+
+    def run(self, code: bytes, job: dict[str, Any], soft_seconds: float,
+            on_emit: Callable[[str, Any], None] | None = None, source: str | None = None,
+            gate: Callable[[], bool] | None = None, on_call: CallHandler | None = None,
+            slot_timeout: float | None = None, cancel: threading.Event | None = None,
+            on_idle: Callable[[], None] | None = None, limits: SandboxLimits | None = None) -> RunOutcome:
+        """Run ``execute(ctx)`` of the compiled ``code`` for ``job``; never raises for the script's faults.
+
+        ``gate`` is called once the job is handed over, so the caller's own
+        bookkeeping overlaps the run's start; when it returns False the run is
+        killed before anything it sent is read, and the outcome is ``skipped``.
+        ``limits`` replaces the sandbox's own for this run (a workflow's
+        overrides); a run whose process limits differ gets a process of its
+        own instead of a prestarted one.
+        """
+        limits = limits or self.limits
+        outcome = RunOutcome()
+        process: RunProcess | None = None
+        try:
+            process = self._take_ready() if self._same_process_limits(limits) else None
+            if process is None:
+                try:
+                    process = self._spawn(self._slots.get(timeout=slot_timeout), limits)
+                except queue.Empty:
+                    raise SandboxError(f"no free sandbox slot within {slot_timeout:g}s") from None
+            outcome.pid = process.pid
+            session = RunSession(process, self._zygote, limits, soft_seconds, self.hard_grace_seconds, outcome,
+                                 on_emit=on_emit, on_call=on_call, cancel=cancel, on_idle=on_idle)
+            try:
+                session.start(code, job, source)
+                if gate is not None and not gate():
+                    outcome.skipped = True
+                    return outcome
+                session.follow()
+            except OSError as exc:  # the process died before it took the job
+                outcome.error = session.crashed() if isinstance(exc, BrokenPipeError) else SandboxError(
+                    f"could not hand the job to the sandbox process: {exc}")
+            finally:
+                session.close()
+        except SandboxError as exc:
+            outcome.error = exc
+        finally:
+            if process is not None:
+                process.kill()
+                self._cleanup.put(process)
+        return outcome

@@ -1,0 +1,231 @@
+"""One run followed from the worker's side: hand it its job, serve and record what it sends, enforce its limits.
+
+A :class:`RunSession` speaks the worker's half of :mod:`.protocol` over the
+run's channel, one method per ``op``. Time limits are enforced here, not by
+Celery (whose limits only the prefork pool enforces): the run process arms
+its own soft-limit timer, which raises
+:class:`flowpool_workflow.SoftTimeLimitExceeded` in the script so its
+``finally`` blocks run; the session kills it at the hard limit, whatever the
+script does. A session blocks its worker thread on the run's socket.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import select
+import signal
+import socket
+import threading
+import time
+from typing import Any, Callable
+
+from flowpool.errors import Cancelled, ResultTooLarge, SandboxError, ScriptError, TimeLimitExceeded
+
+from .channel import Channel, ChannelClosed, ProtocolError
+from .protocol import CallErrorKind, CallFailed, CallHandler, RunOutcome, SandboxLimits, Streamed
+from .run_process import RunProcess
+from .zygote_client import Zygote
+
+__all__ = ["RunSession"]
+
+_SIGNAL_HINTS = {signal.SIGKILL: "killed (memory or CPU limit, or from outside)",
+                 signal.SIGXCPU: "CPU time limit", signal.SIGSEGV: "segmentation fault"}
+
+# A frame may hold a whole result, plus the envelope around it.
+_FRAME_OVERHEAD = 64 << 10
+
+
+class RunSession:
+    """The worker's side of one run: its deadlines, its callbacks, and the outcome it fills in."""
+
+    def __init__(self, process: RunProcess, zygote: Zygote, limits: SandboxLimits, soft_seconds: float,
+                 hard_grace_seconds: float, outcome: RunOutcome, *,
+                 on_emit: Callable[[str, Any], None] | None = None, on_call: CallHandler | None = None,
+                 cancel: threading.Event | None = None, on_idle: Callable[[], None] | None = None) -> None:
+        assert process.pid is not None and process.sock is not None
+        self.process = process
+        self.limits = limits
+        self.soft_seconds = soft_seconds
+        self.hard_grace_seconds = hard_grace_seconds
+        self.outcome = outcome
+        self.started = time.monotonic()
+        self.soft_deadline = self.started + soft_seconds
+        self.hard_deadline = self.soft_deadline + hard_grace_seconds
+        self.channel = Channel(process.sock, max_frame=limits.max_result_bytes + _FRAME_OVERHEAD)
+        self._zygote = zygote
+        self._emit_to = on_emit
+        self._serve_call = on_call
+        self._cancel = cancel
+        self._idle = on_idle
+        self._log_bytes = 0
+        self._emitted = False  # emits not yet handed on by on_idle
+        self._handlers: dict[str, Callable[[dict[str, Any]], bool]] = {
+            "call": self.on_call, "emit": self.on_emit, "log": self.on_log, "result": self.on_result,
+            "error": self.on_error}
+
+    def start(self, code: bytes, job: dict[str, Any], source: str | None) -> None:
+        """Hand the job to the run process; OSError when it died before it took the job."""
+        # CPU time is a backstop for the hard limit, in whole seconds, and the workflow's own limit.
+        cpu = int(self.soft_seconds + self.hard_grace_seconds) + 1
+        self.channel.send({"op": "run", "code": base64.b64encode(code).decode(), "source": source, "job": job,
+                           "soft_seconds": self.soft_seconds, "cpu_seconds": min(cpu, self.limits.cpu_seconds or cpu)})
+
+    def follow(self) -> None:
+        """Serve and record what the run sends until it is over: a result, an error, a limit, a crash or a cancel."""
+        while True:
+            # on_idle runs once the run has nothing more to send right now, so
+            # a burst of emits is handed on in one batch.
+            if self._emitted and self._idle is not None and not select.select([self.channel.sock], [], [], 0)[0]:
+                self._idle()
+                self._emitted = False
+            if self._cancel is not None and self._cancel.is_set():
+                self._kill(Cancelled("the caller went away and asked for the run to be cancelled"))
+                return
+            remaining = self.hard_deadline - time.monotonic()
+            if remaining <= 0:
+                self._kill(TimeLimitExceeded(
+                    f"the run passed its hard time limit ({self.soft_seconds + self.hard_grace_seconds:g}s) "
+                    "and was killed", limit="hard", seconds=self.soft_seconds))
+                return
+            # With a cancel event, wake up now and then to look at it.
+            self.channel.sock.settimeout(min(remaining, 0.25) if self._cancel is not None else remaining)
+            try:
+                message = self.channel.recv()
+            except socket.timeout:
+                continue
+            except ChannelClosed:
+                self.outcome.error = self.crashed()
+                return
+            except ProtocolError as exc:
+                self.on_protocol_error(exc)
+                return
+            if self._handlers.get(message["op"], self.on_unknown)(message):
+                return
+
+    # One method per op the run sends: each returns whether the run is over.
+
+    def on_call(self, message: dict[str, Any]) -> bool:
+        """Serve one ctx call of the run: a reply, or chunks then an end, or an error."""
+        try:
+            self._answer_call(message)
+        except (OSError, socket.timeout):
+            pass  # the run died or stopped reading: the next recv or the deadline says which
+        return False
+
+    def on_emit(self, message: dict[str, Any]) -> bool:
+        """Hand a chunk to the caller, killing a run past its chunk limits."""
+        self.outcome.chunks += 1
+        if self.outcome.chunks > self.limits.max_chunks:
+            self._kill(ResultTooLarge(f"the run emitted more than {self.limits.max_chunks} chunks"))
+            return True
+        if len(json.dumps(message.get("content"))) > self.limits.max_chunk_bytes:
+            self._kill(ResultTooLarge(f"an emitted chunk is over {self.limits.max_chunk_bytes} bytes"))
+            return True
+        if self._emit_to is not None:
+            self._emit_to(str(message.get("type")), message.get("content"))
+            self._emitted = True
+        return False
+
+    def on_log(self, message: dict[str, Any]) -> bool:
+        """Keep a log line, until the log reaches its size limit."""
+        outcome, limit = self.outcome, self.limits.max_log_bytes
+        if outcome.logs_truncated:
+            return False
+        line = {"level": str(message.get("level", "info")), "msg": str(message.get("msg", "")), "time": time.time()}
+        if isinstance(message.get("fields"), dict) and message["fields"]:
+            line["fields"] = message["fields"]
+        self._log_bytes += len(line["msg"]) + 40
+        if self._log_bytes > limit:
+            outcome.logs_truncated = True
+            outcome.logs.append({"level": "warning", "msg": f"log cut at {limit} bytes", "time": time.time()})
+        else:
+            outcome.logs.append(line)
+        return False
+
+    def on_result(self, message: dict[str, Any]) -> bool:
+        """Record the run's result, unless it is too large or came past the soft limit."""
+        outcome = self.outcome
+        outcome.result = message.get("value")
+        outcome.result_json = json.dumps(outcome.result, separators=(",", ":"), ensure_ascii=False)
+        if len(outcome.result_json.encode()) > self.limits.max_result_bytes:
+            outcome.result = outcome.result_json = None
+            outcome.error = ResultTooLarge(f"the result is over {self.limits.max_result_bytes} bytes")
+        elif time.monotonic() > self.soft_deadline:
+            outcome.result = outcome.result_json = None
+            outcome.error = TimeLimitExceeded(f"the run passed its soft time limit ({self.soft_seconds:g}s)",
+                                              limit="soft", seconds=self.soft_seconds)
+        return True
+
+    def on_error(self, message: dict[str, Any]) -> bool:
+        """Record how the script failed."""
+        if message.get("kind") == "timeout" or time.monotonic() > self.soft_deadline:
+            # Past the soft limit whatever failed is the limit's doing (a cleanup that raised, say).
+            self.outcome.error = TimeLimitExceeded(
+                f"the run passed its soft time limit ({self.soft_seconds:g}s) and was interrupted",
+                limit="soft", seconds=self.soft_seconds)
+        else:
+            self.outcome.error = ScriptError(str(message.get("message", "the script failed")),
+                                             exception=str(message.get("type", "")),
+                                             traceback=str(message.get("traceback", ""))[-8192:])
+        return True
+
+    def on_unknown(self, message: dict[str, Any]) -> bool:
+        """Kill a run that sends an op outside the protocol."""
+        self._kill(SandboxError(f"the run sent an unknown message {message['op']!r}"))
+        return True
+
+    def on_protocol_error(self, exc: ProtocolError) -> None:
+        """Kill a run that sent a frame over the size limit, or one that is no message."""
+        if "over the limit" in str(exc):
+            self._kill(ResultTooLarge(
+                f"the run sent a message over the size limit ({self.limits.max_result_bytes} bytes for a result)"))
+        else:
+            self._kill(SandboxError(f"the run broke the sandbox protocol: {exc}"))
+
+    def crashed(self) -> SandboxError:
+        """Why the run process ended without a result, from the exit status the zygote saw."""
+        assert self.process.pid is not None
+        status = self._zygote.wait_exit(self.process.pid, 2.0)
+        if status is None:
+            self.process.kill()
+            return SandboxError("the sandbox process closed its channel without a result")
+        if "signal" in status:
+            sig = status["signal"]
+            hint = _SIGNAL_HINTS.get(sig, "")
+            name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+            return SandboxError(f"the sandbox process died from signal {name}" + (f" ({hint})" if hint else ""),
+                                signal=sig)
+        return SandboxError(f"the sandbox process exited with code {status['code']} without a result",
+                            exit_code=status["code"])
+
+    def close(self) -> None:
+        """Close the worker's end of the run's channel."""
+        self.channel.close()
+
+    def _kill(self, error: Cancelled | TimeLimitExceeded | ResultTooLarge | SandboxError) -> None:
+        self.process.kill()
+        self.outcome.error = error
+
+    def _answer_call(self, message: dict[str, Any]) -> None:
+        call_id = message.get("id")
+        try:
+            if self._serve_call is None:
+                raise CallFailed(CallErrorKind.UNSUPPORTED, "this worker serves no ctx calls")
+            method, params = message.get("method"), message.get("params")
+            if not isinstance(method, str) or not isinstance(params, dict):
+                raise CallFailed(CallErrorKind.INVALID, "a ctx call needs a method name and a params object")
+            value = self._serve_call(method, params, self.soft_deadline)
+            if isinstance(value, Streamed):
+                for chunk in value.chunks:
+                    self.channel.sock.settimeout(max(0.01, self.hard_deadline - time.monotonic()))
+                    self.channel.send({"op": "chunk", "id": call_id, "value": chunk})
+                self.channel.send({"op": "reply", "id": call_id, "end": True})
+            else:
+                self.channel.send({"op": "reply", "id": call_id, "value": value})
+        except CallFailed as exc:
+            kind = exc.kind
+            if time.monotonic() >= self.soft_deadline:
+                # The call failed because the run's budget ran out (its own alarm may not have rung yet):
+                # the script sees the soft limit, not a model or HTTP error it might not expect.
+                kind = CallErrorKind.TIMEOUT
+            self.channel.send({"op": "reply", "id": call_id, "error": {"kind": kind.value, "message": exc.message}})

@@ -1,0 +1,223 @@
+"""The worker's client of the zygote: starts it, asks it to spawn and reap run processes, hears of their exits.
+
+It speaks the control protocol :mod:`.zygote` specifies. One reader thread
+takes every message the zygote sends; callers block on their own request only,
+so any number of worker threads may spawn at once. A zygote that dies is
+started again by the next request; one it died under is sent once more.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from typing import Any
+
+from flowpool.errors import SandboxError
+from flowpool.procs import set_parent_death_signal
+
+from .backends import PROCESS_WARNING, Backend, hidden_paths, runtime_paths
+
+__all__ = ["Zygote"]
+
+
+class _Pending:
+    """A request waiting for the zygote's answer."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.reply: dict[str, Any] | None = None
+
+
+class Zygote:
+    """Client of the zygote process; thread-safe, restarts it if it dies."""
+
+    def __init__(self, env: dict[str, str] | None = None, backend: Backend | None = None) -> None:
+        self._env = env or {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+        self.backend = backend or Backend("process")
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._exits: dict[int, dict[str, int]] = {}
+        self._exit_events: dict[int, threading.Event] = {}
+        self._exit_lock = threading.Lock()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._control: socket.socket | None = None
+        self._hello = threading.Event()
+        self.isolation: dict[str, Any] = {}
+
+    def describe(self) -> str:
+        """What isolation the zygote achieved, in a line for people."""
+        return "; ".join(self.findings()) if self.isolation else "not started"
+
+    def findings(self) -> list[str]:
+        """What isolation the zygote achieved, a part each; what is missing starts with WARNING."""
+        info = self.isolation
+        parts = []
+        if info.get("backend") == "bwrap":
+            parts.append("bwrap: read-only root holding only the runtime, no capabilities"
+                         + ("" if os.geteuid() == 0 else ", user namespace"))
+        if info.get("network") == "none":
+            parts.append("empty network namespace")
+        else:
+            parts.append(f"WARNING: runs share the host network ({info.get('error') or 'not running as root'})")
+        parts.append("per-run PID, mount and IPC namespaces with a private size-limited /tmp"
+                     if info.get("namespaces") else
+                     "WARNING: no per-run namespaces (/tmp is a directory on disk, only file size is limited)")
+        parts.append("seccomp filter" if info.get("seccomp") else "WARNING: no seccomp filter on this host")
+        if info.get("unreadable"):
+            parts.append(f"WARNING: runs' uids cannot enter {', '.join(info['unreadable'])}, where the interpreter "
+                         "lives: scripts can import only what the zygote imported (install Python elsewhere)")
+        if info.get("backend") != "bwrap":
+            parts.append(PROCESS_WARNING)
+        return parts
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the zygote and wait until it says hello."""
+        with self._lock:
+            self._start_locked()
+        if not self._hello.wait(timeout):
+            raise SandboxError(f"the sandbox zygote did not start within {timeout}s")
+
+    def _start_locked(self) -> None:
+        self._hello.clear()
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        config = {"backend": self.backend.name, "hide": hidden_paths(), "runtime": runtime_paths()}
+        self._process = subprocess.Popen(
+            [*self.backend.prefix, sys.executable, "-I", "-m", "flowpool.sandbox.zygote", str(child.fileno()),
+             json.dumps(config)],
+            env=self._env, stdin=subprocess.DEVNULL, close_fds=True, pass_fds=(child.fileno(),),
+            preexec_fn=set_parent_death_signal,
+        )
+        child.close()
+        self._control = parent
+        reader = threading.Thread(target=self._read, args=(parent,), name="flowpool-zygote-reader", daemon=True)
+        reader.start()
+
+    def _read(self, control: socket.socket) -> None:
+        while True:
+            try:
+                data = control.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                self._fail_pending(control)
+                return
+            message = json.loads(data)
+            if message["op"] == "hello":
+                self.isolation = message
+                self._hello.set()
+                continue
+            if message["op"] == "exited":
+                with self._exit_lock:
+                    event = self._exit_events.get(message["pid"])
+                    if event is not None:  # else a process already forgotten
+                        self._exits[message["pid"]] = message["status"]
+                if event is not None:
+                    event.set()
+                continue
+            pending = self._pending.pop(message.get("id"), None)
+            if pending is not None:
+                pending.reply = message
+                pending.event.set()
+
+    def _fail_pending(self, control: socket.socket) -> None:
+        with self._lock:
+            if self._control is control:
+                self._control = None
+        for key in list(self._pending):
+            pending = self._pending.pop(key, None)
+            if pending is not None:
+                pending.reply = {"op": "failed", "message": self._EXITED}
+                pending.event.set()
+
+    _EXITED = "the sandbox zygote exited"
+
+    def _request(self, message: dict[str, Any], fds: list[int] | None = None, timeout: float = 10.0,
+                 retry: bool = True) -> dict[str, Any]:
+        pending = _Pending()
+        with self._lock:
+            if self._control is None or self._process is None or self._process.poll() is not None:
+                self._stop_locked()
+                self._start_locked()
+            message["id"] = next(self._ids)
+            self._pending[message["id"]] = pending
+            assert self._control is not None
+            try:
+                socket.send_fds(self._control, [json.dumps(message).encode()], fds or [])
+            except OSError:
+                self._pending.pop(message["id"], None)
+                pending.reply = {"op": "failed", "message": self._EXITED}
+                pending.event.set()
+        if pending.event.wait(timeout) and pending.reply is not None and retry \
+                and pending.reply.get("message") == self._EXITED:
+            # The zygote died as the request went out: the next request starts a new one.
+            return self._request(message, fds, timeout, retry=False)
+        if not pending.event.wait(timeout):
+            self._pending.pop(message["id"], None)
+            raise SandboxError(f"the sandbox zygote did not answer {message['op']} within {timeout}s")
+        assert pending.reply is not None
+        if pending.reply["op"] == "failed":
+            raise SandboxError(f"could not {message['op']} a sandbox process: {pending.reply['message']}")
+        return pending.reply
+
+    def spawn(self, workdir: str, limits: dict[str, int | None], uid: int | None, gid: int | None) -> tuple[int, socket.socket]:
+        """Fork a run process; returns its pid and the worker's end of its channel."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            reply = self._request({"op": "spawn", "workdir": workdir, "limits": limits, "uid": uid, "gid": gid},
+                                  [theirs.fileno()])
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        pid = reply["pid"]
+        with self._exit_lock:
+            self._exit_events.setdefault(pid, threading.Event())
+        return pid, ours
+
+    def wait_exit(self, pid: int, timeout: float) -> dict[str, int] | None:
+        """The exit status of a run process, or None if it is still running after ``timeout``."""
+        with self._exit_lock:
+            event = self._exit_events.setdefault(pid, threading.Event())
+        event.wait(timeout)
+        with self._exit_lock:
+            return self._exits.get(pid)
+
+    def reap(self, pid: int, workdir: str, uid: int | None, gid: int | None, sweep: bool = True) -> None:
+        """Kill whatever the run left and remove its files.
+
+        Without ``sweep`` only the run's process group is killed: the caller
+        promises to start the slot's next process at once, which kills every
+        other process of the uid before it takes a job.
+        """
+        try:
+            self._request({"op": "reap", "pid": pid, "workdir": workdir, "uid": uid, "gid": gid, "sweep": sweep})
+        finally:
+            self.forget(pid)
+
+    def forget(self, pid: int) -> None:
+        """Drop what is known of a run process's exit (it is gone, or will be reaped without anyone asking)."""
+        with self._exit_lock:
+            self._exits.pop(pid, None)
+            self._exit_events.pop(pid, None)
+
+    def stop(self) -> None:
+        """Stop the zygote; the run processes it forked die with it."""
+        with self._lock:
+            self._stop_locked()
+
+    def _stop_locked(self) -> None:
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        if self._process is not None:
+            if self._process.poll() is None:
+                self._process.kill()
+            self._process.wait()
+            self._process = None
+
