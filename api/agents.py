@@ -5,9 +5,9 @@ from flask import Blueprint, jsonify
 
 from flowpool.registry import Agent
 
-from .app import authenticate, services
 from .applications import check_name
 from .parsing import json_body, model_from, page_args, paginated
+from .services import authenticate, services
 
 bp = Blueprint("agents", __name__, url_prefix="/api/v1/agents")
 

@@ -1,23 +1,21 @@
 """Applications: ``PUT|GET /api/v1/applications/{name}`` and the list."""
 from __future__ import annotations
 
-import re
-
 from flask import Blueprint, jsonify
 
 from flowpool.errors import RequestError
 from flowpool.registry import Application
-from flowpool.registry.applications import NAME_PATTERN
+from flowpool.registry.names import is_name
 
-from .app import authenticate, services
 from .parsing import json_body, model_from, page_args, paginated
+from .services import authenticate, services
 
 bp = Blueprint("applications", __name__, url_prefix="/api/v1/applications")
 
 
 def check_name(name: str) -> str:
     """A valid application or agent name, or a 400."""
-    if not re.fullmatch(NAME_PATTERN, name):
+    if not is_name(name):
         raise RequestError(f"invalid application name {name!r}: use 1-64 letters, digits, '_', '-' or '.'",
                            param="name")
     return name

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify
 
-from .app import services
+from .services import services
 
 bp = Blueprint("health", __name__)
 

@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from flowpool import keys
 from flowpool.tasks import QUEUE
 
-from .app import Services, services
+from .services import Services, services
 
 bp = Blueprint("metrics", __name__)
 

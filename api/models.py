@@ -6,9 +6,11 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
+from flowpool.registry.names import NAME
+
 __all__ = ["ActivateRequest", "InvokeRequest", "Message", "UploadRequest", "ValidateRequest", "parse_model"]
 
-MODEL_PATTERN = re.compile(r"^workflow:([A-Za-z0-9][A-Za-z0-9_.\-]{0,63})(?:@(\d+\.\d+\.\d+))?$")
+MODEL_PATTERN = re.compile(rf"^workflow:({NAME})(?:@(\d+\.\d+\.\d+))?$")
 
 
 def parse_model(model: str) -> tuple[str, str | None]:

@@ -11,9 +11,9 @@ from flask import Blueprint, jsonify, request
 from flowpool.errors import RequestError
 from flowpool.registry import Upload, validate_script
 
-from .app import authenticate, services
 from .models import ActivateRequest, UploadRequest, ValidateRequest
 from .parsing import json_body, model_from, page_args, paginated
+from .services import authenticate, services
 
 bp = Blueprint("workflows", __name__, url_prefix="/api/v1/workflows")
 
@@ -79,7 +79,7 @@ def upload():  # type: ignore[no-untyped-def]
         except (binascii.Error, ValueError) as exc:
             raise RequestError(f"accessory {accessory.key!r}: content_base64 is not base64: {exc}",
                                param="accessories") from exc
-    workflow, version, created = svc.registry.upload(account.id, Upload(
+    workflow, version, created = svc.workflows.upload(account.id, Upload(
         ref=body.workflow_ref_name, script=body.script, description=body.description,
         timeout_seconds=body.timeout_seconds, cache_ttl_seconds=body.cache_ttl_seconds,
         application_name=body.application_name, env=body.env, version_notes=body.version_notes,
@@ -106,20 +106,20 @@ def default_script():  # type: ignore[no-untyped-def]
 def list_workflows():  # type: ignore[no-untyped-def]
     svc, account = services(), authenticate()
     offset, limit = page_args()
-    items, total = svc.registry.list(account.id, offset, limit)
+    items, total = svc.workflows.list(account.id, offset, limit)
     return jsonify(paginated(items, total, offset, limit))
 
 
 @bp.get("/<ref>")
 def get_workflow(ref: str):  # type: ignore[no-untyped-def]
     svc, account = services(), authenticate()
-    return jsonify({"data": svc.registry.get(account.id, ref)})
+    return jsonify({"data": svc.workflows.get(account.id, ref)})
 
 
 @bp.delete("/<ref>")
 def delete_workflow(ref: str):  # type: ignore[no-untyped-def]
     svc, account = services(), authenticate()
-    svc.registry.delete(account.id, ref)
+    svc.workflows.delete(account.id, ref)
     return jsonify({"data": {"workflow_ref_name": ref, "deleted": True}})
 
 
@@ -127,7 +127,7 @@ def delete_workflow(ref: str):  # type: ignore[no-untyped-def]
 def list_versions(ref: str):  # type: ignore[no-untyped-def]
     svc, account = services(), authenticate()
     offset, limit = page_args()
-    items, total = svc.registry.versions(account.id, ref, offset, limit)
+    items, total = svc.workflows.versions(account.id, ref, offset, limit)
     return jsonify(paginated(items, total, offset, limit))
 
 
@@ -135,4 +135,4 @@ def list_versions(ref: str):  # type: ignore[no-untyped-def]
 def activate(ref: str):  # type: ignore[no-untyped-def]
     svc, account = services(), authenticate()
     body = model_from(ActivateRequest, json_body())
-    return jsonify({"data": svc.registry.activate(account.id, ref, body.version)})
+    return jsonify({"data": svc.workflows.activate(account.id, ref, body.version)})

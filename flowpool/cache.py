@@ -23,8 +23,10 @@ from . import keys
 
 __all__ = ["ResultCache", "canonical_json"]
 
+# Drop the single-flight lock, only if this run still holds it (it may have expired and passed on).
 _RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+local lock_key, request_id = KEYS[1], ARGV[1]
+if redis.call('GET', lock_key) == request_id then return redis.call('DEL', lock_key) end
 return 0
 """
 

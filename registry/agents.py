@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 from flowpool import keys
 
 from .documents import AccountDocuments
+from .names import NAME
 
 __all__ = ["Agent", "Agents"]
 
@@ -22,7 +23,7 @@ class Agent(BaseModel):
     api_key_env: Optional[StrictStr] = None
     api_key_secret: Optional[StrictStr] = None
     params: dict[str, Any] = Field(default_factory=dict)
-    workflow: Optional[StrictStr] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+    workflow: Optional[StrictStr] = Field(None, pattern=f"^{NAME}$")
 
     @model_validator(mode="after")
     def _one_kind(self) -> Agent:

@@ -8,11 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 from flowpool import keys
 
 from .documents import AccountDocuments
+from .names import NAME
 
 __all__ = ["Application", "Applications", "Route", "IntentRoute"]
-
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
-
 
 class Route(BaseModel):
     """One OpenAI-compatible endpoint serving a model."""

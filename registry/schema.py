@@ -5,7 +5,7 @@ from collections.abc import Callable
 
 from flowpool.errors import InputSchemaError, OutputSchemaError, RequestError, RunError
 
-__all__ = ["JSON_TYPES", "check_input", "check_output"]
+__all__ = ["JSON_TYPES", "check_input", "check_invocation_input", "check_output"]
 
 
 def _is_number(value: object) -> bool:
@@ -27,6 +27,13 @@ JSON_TYPES: dict[str, Callable[[object], bool]] = {
 def check_input(schema: dict | None, value: object) -> None:
     """Raise InputSchemaError when a run's input breaks the workflow's INPUT_SCHEMA."""
     _check(schema, value, "input", InputSchemaError)
+
+
+def check_invocation_input(schema: dict | None, value: object) -> None:
+    """Check the input of an invocation: none at all is fine while the schema requires no field (only messages came)."""
+    if value is None and not any(spec.get("required") for spec in (schema or {}).values()):
+        return
+    check_input(schema, value if value is not None else {})
 
 
 def check_output(schema: dict | None, value: object) -> None:

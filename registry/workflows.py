@@ -22,11 +22,11 @@ import redis
 from flowpool import keys
 from flowpool.errors import NotFound, RequestError
 
+from .names import is_name
 from .validation import ScriptInfo, validate_script
 
-__all__ = ["Registry", "ResolvedWorkflow", "Upload", "REF_PATTERN", "bump_version"]
+__all__ = ["Workflows", "ResolvedWorkflow", "Upload", "bump_version"]
 
-REF_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 RESERVED_REFS = frozenset({"default-script", "upload", "validate"})  # routes under /api/v1/workflows/
 _VERSION = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
 FIRST_VERSION = "1.0.0"
@@ -47,8 +47,7 @@ def bump_version(current: str | None, bump: str) -> str:
 
 def check_ref(ref: str) -> str:
     """A valid workflow ref name, or a 400 naming the rule."""
-    # fullmatch: with match, '$' also accepts a name ending in a newline.
-    if not isinstance(ref, str) or not REF_PATTERN.fullmatch(ref):
+    if not is_name(ref):
         raise RequestError(
             f"invalid workflow_ref_name {ref!r}: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit",
             param="workflow_ref_name")
@@ -111,7 +110,7 @@ def _decode(mapping: dict[bytes, bytes]) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in mapping.items()}
 
 
-class Registry:
+class Workflows:
     """Upload, list, resolve and roll back workflows of an account."""
 
     def __init__(self, client: redis.Redis) -> None:
@@ -213,7 +212,7 @@ class Registry:
     def _require(self, account_id: str, ref: str) -> dict[str, str]:
         # A name no upload accepts could address another key of a workflow
         # ("x:v:1.0.0" is the key of x's version 1.0.0): there is no such workflow.
-        if not isinstance(ref, str) or not REF_PATTERN.fullmatch(ref):
+        if not is_name(ref):
             raise NotFound(f"no workflow named {ref!r}")
         raw = _decode(self.redis.hgetall(keys.workflow(account_id, ref)))
         if not raw:
@@ -268,7 +267,7 @@ class Registry:
 
     def resolve(self, account_id: str, ref: str, number: str | None = None) -> ResolvedWorkflow:
         """The version an invocation runs: the pinned one, or the active one (one Redis round trip)."""
-        if not isinstance(ref, str) or not REF_PATTERN.fullmatch(ref):
+        if not is_name(ref):
             raise NotFound(f"no workflow named {ref!r}")
         wf_key = keys.workflow(account_id, ref)
         if number is None:

@@ -1,16 +1,13 @@
-"""The Celery app: broker settings chosen for long, non-idempotent runs, and the one task."""
+"""The Celery app: broker settings chosen for long, non-idempotent runs, and the names of the queue and task.
+
+This is all an API process needs to send a run: it sends the task by name
+and never imports the worker side (:mod:`.run_task` registers the task).
+"""
 from __future__ import annotations
 
-import threading
-import time
-from typing import Any
-
-from celery import Celery, bootsteps
-from celery.worker import state
+from celery import Celery
 
 from flowpool.settings import Settings
-
-from .execute import execute_run
 
 __all__ = ["create_celery", "RUN_TASK", "QUEUE"]
 
@@ -19,7 +16,7 @@ QUEUE = "flowpool"
 
 
 def create_celery(settings: Settings) -> Celery:
-    """The Celery app for API processes (which only send) and workers (which also run)."""
+    """The Celery app as API processes use it: configured to send runs, with no task of its own."""
     app = Celery("flowpool", broker=settings.broker, set_as_current=False)
     longest_run = settings.max_timeout_seconds + settings.hard_timeout_grace_seconds
     app.conf.update(
@@ -58,45 +55,4 @@ def create_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=True,
         worker_redirect_stdouts=False,
     )
-    app.flowpool_settings = settings
-    app.flowpool_runtime = None
-    app.flowpool_ready = threading.Event()
-
-    @app.task(name=RUN_TASK, bind=True, ignore_result=True)
-    def run_workflow(self: Any, job: dict[str, Any]) -> str:
-        if not self.app.flowpool_ready.wait(60):
-            raise RuntimeError("the flowpool worker runtime did not start")
-        return execute_run(self.app.flowpool_runtime, job)
-
-    app.steps["worker"].add(_RuntimeStep)
     return app
-
-
-class _RuntimeStep(bootsteps.StartStopStep):
-    """Starts the sandbox and the heartbeat with the worker, and stops them with it."""
-
-    requires = {"celery.worker.components:Pool"}
-
-    def start(self, worker: Any) -> None:
-        from .worker import WorkerRuntime
-
-        app = worker.app
-        runtime = WorkerRuntime(app.flowpool_settings, name=worker.hostname)
-        runtime.start()
-        app.flowpool_runtime = runtime
-        app.flowpool_ready.set()
-
-    def stop(self, worker: Any) -> None:
-        runtime = worker.app.flowpool_runtime
-        if runtime is None:
-            return
-        # This step stops before the pool does: on a warm shutdown (SIGTERM)
-        # the consumer takes no more messages, and the runs still going get
-        # up to their hard limit to finish before the sandbox goes away.
-        settings = worker.app.flowpool_settings
-        deadline = time.monotonic() + settings.max_timeout_seconds + settings.hard_timeout_grace_seconds
-        while state.active_requests and time.monotonic() < deadline and not state.should_terminate:
-            time.sleep(0.05)
-        worker.app.flowpool_ready.clear()
-        runtime.stop()
-        worker.app.flowpool_runtime = None

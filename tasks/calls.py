@@ -10,13 +10,17 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from flowpool.errors import FlowpoolError, NotFound, TimeLimitExceeded
-from flowpool.registry import Agents, Registry, check_input, check_output
-from flowpool.sandbox import CallFailed
+from flowpool.registry import Agents, Workflows, check_invocation_input, check_output
+from flowpool.run import RunJob
+from flowpool.sandbox import CallErrorKind, CallFailed
 
-from .models import RunCalls
+from .model_calls import RunCalls
+
+if TYPE_CHECKING:
+    from .worker import WorkerRuntime
 
 __all__ = ["CallRouter"]
 
@@ -25,8 +29,8 @@ __all__ = ["CallRouter"]
 class CallRouter:
     """Serves ``on_call`` for one run; workflows it calls inline get a router of their own."""
 
-    runtime: Any
-    job: dict[str, Any]
+    runtime: WorkerRuntime
+    job: RunJob
     calls: RunCalls
     chain: list[str]
     on_emit: Callable[[str, Any], None] | None = None
@@ -42,40 +46,38 @@ class CallRouter:
             return self.call_workflow(params.get("ref_name"), params.get("input"), params.get("messages"), deadline)
         if method == "agents.create":
             return self.call_agent(params, deadline)
-        raise CallFailed("unsupported", f"this worker does not serve ctx call {method!r}")
+        raise CallFailed(CallErrorKind.UNSUPPORTED, f"this worker does not serve ctx call {method!r}")
 
     def call_workflow(self, ref: Any, input: Any, messages: Any, deadline: float) -> Any:
         """Run workflow ``ref`` of the same account inline and return its output."""
         settings = self.runtime.settings
         if not isinstance(ref, str) or not ref:
-            raise CallFailed("workflow", "ctx.workflows.call needs a workflow ref name")
+            raise CallFailed(CallErrorKind.WORKFLOW, "ctx.workflows.call needs a workflow ref name")
         if ref in self.chain:
-            raise CallFailed("workflow", "call cycle: " + " -> ".join([*self.chain, ref]))
+            raise CallFailed(CallErrorKind.WORKFLOW, "call cycle: " + " -> ".join([*self.chain, ref]))
         if len(self.chain) > settings.max_call_depth:
-            raise CallFailed("workflow", f"workflows may call each other at most {settings.max_call_depth} deep: "
-                             + " -> ".join([*self.chain, ref]))
-        account = self.job["account"]
+            raise CallFailed(CallErrorKind.WORKFLOW, f"workflows may call each other at most "
+                             f"{settings.max_call_depth} deep: " + " -> ".join([*self.chain, ref]))
+        account = self.job.account
         try:
-            workflow = Registry(self.runtime.redis).resolve(account, ref)
-            if input is not None or workflow.input_schema and any(
-                    s.get("required") for s in workflow.input_schema.values()):
-                check_input(workflow.input_schema, input if input is not None else {})
+            workflow = Workflows(self.runtime.redis).resolve(account, ref)
+            check_invocation_input(workflow.input_schema, input)
             script = self.runtime.scripts.get(account, ref, workflow.version, workflow.content_hash)
         except FlowpoolError as exc:
-            raise CallFailed("workflow", f"cannot call workflow {ref!r}: {exc.message}") from exc
+            raise CallFailed(CallErrorKind.WORKFLOW, f"cannot call workflow {ref!r}: {exc.message}") from exc
         remaining = deadline - time.monotonic()
         if remaining <= 0.05:
-            raise CallFailed("workflow", "the run's time budget is spent")
+            raise CallFailed(CallErrorKind.WORKFLOW, "the run's time budget is spent")
         soft = min(settings.clamp_timeout(workflow.timeout_seconds), remaining)
-        job = {**{k: self.job.get(k) for k in ("secrets", "metadata", "params", "session_id", "request_id")},
-               "input": input, "messages": messages if messages is not None else [], "env": workflow.env}
+        job = self.job.child(workflow, soft, input, messages)
         calls = RunCalls(account_id=account, request_id=self.calls.request_id, session_id=self.calls.session_id,
-                         messages=job["messages"], secrets=self.calls.secrets, application=workflow.application,
+                         messages=job.messages, secrets=self.calls.secrets, application=workflow.application,
                          records=self.calls.records, workflow=ref)
-        nested = CallRouter(self.runtime, {**self.job, **job}, calls, [*self.chain, ref], self.on_emit,
-                            self.workflow_calls, self.on_idle)
+        nested = CallRouter(self.runtime, job, calls, [*self.chain, ref], self.on_emit, self.workflow_calls,
+                            self.on_idle)
         started = time.monotonic()
-        outcome = self.runtime.sandbox.run(script.code, job, soft, on_emit=self.on_emit, source=script.source,
+        outcome = self.runtime.sandbox.run(script.code, job.sandbox_view(), soft, on_emit=self.on_emit,
+                                           source=script.source,
                                            on_call=nested, slot_timeout=max(0.05, remaining - soft / 2),
                                            on_idle=self.on_idle, limits=self.runtime.limits_for(workflow.limits))
         error = outcome.error
@@ -94,18 +96,18 @@ class CallRouter:
                 # The caller's own budget bounded the callee: let the caller's
                 # soft limit, a moment away, end it as a 408 of its own.
                 time.sleep(max(0.0, deadline - time.monotonic()) + 0.2)
-            raise CallFailed("workflow", f"workflow {ref}@{workflow.version} failed: {error.message}")
+            raise CallFailed(CallErrorKind.WORKFLOW, f"workflow {ref}@{workflow.version} failed: {error.message}")
         return outcome.result
 
     def call_agent(self, params: dict[str, Any], deadline: float) -> dict[str, Any]:
         """Call a configured agent: an endpoint, or a workflow answering in the chat.completion shape."""
         name = params.get("agent")
         if not isinstance(name, str):
-            raise CallFailed("model", "ctx.agents.create needs an agent name")
+            raise CallFailed(CallErrorKind.MODEL, "ctx.agents.create needs an agent name")
         try:
-            agent = Agents(self.runtime.redis).get(self.job["account"], name)
+            agent = Agents(self.runtime.redis).get(self.job.account, name)
         except NotFound as exc:
-            raise CallFailed("model", exc.message) from exc
+            raise CallFailed(CallErrorKind.MODEL, exc.message) from exc
         messages = params.get("messages")
         if messages is None:
             messages = self.calls.messages

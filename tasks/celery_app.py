@@ -1,6 +1,6 @@
-"""``celery -A flowpool.tasks.celery_app worker|flower``: the app built from the environment."""
+"""``celery -A flowpool.tasks.celery_app worker|flower``: the worker's app built from the environment."""
 from flowpool.settings import Settings
 
-from .app import create_celery
+from .run_task import worker_celery
 
-app = create_celery(Settings())
+app = worker_celery(Settings())

@@ -12,25 +12,20 @@ import redis
 
 from flowpool import keys
 from flowpool.cache import ResultCache
+from flowpool.connections import connect_redis
 from flowpool.egress import EgressPolicy
-from flowpool.registry import Applications, Registry
+from flowpool.registry import Applications, Workflows
 from flowpool.runs import RunStore
 from flowpool.sandbox import Sandbox, SandboxLimits
 from flowpool.settings import Settings
 
-from .execute import ScriptCache
-from .models import ModelRouter
+from .model_calls import ModelRouter
 from .outbound import HttpClient
+from .scripts import ScriptCache
 
-__all__ = ["WorkerRuntime", "connect_redis"]
+__all__ = ["WorkerRuntime"]
 
 log = logging.getLogger("flowpool.worker")
-
-
-def connect_redis(settings: Settings) -> redis.Redis:
-    """The Redis client every flowpool process uses (fails fast when Redis is away)."""
-    return redis.Redis.from_url(settings.redis, socket_connect_timeout=2, socket_keepalive=True,
-                                health_check_interval=30, max_connections=1024)
 
 
 class WorkerRuntime:
@@ -42,7 +37,7 @@ class WorkerRuntime:
         self.redis = connect_redis(settings)
         self.runs = RunStore(self.redis, settings.run_ttl_seconds, settings.runs_per_workflow)
         self.cache = ResultCache(self.redis, settings.secret_key)
-        self.scripts = ScriptCache(Registry(self.redis), settings.script_cache_size)
+        self.scripts = ScriptCache(Workflows(self.redis), settings.script_cache_size)
         # Provider keys named by api_key_env are read from the worker's own
         # environment, at call time; they never enter the sandbox.
         egress = EgressPolicy(settings.egress_allow)

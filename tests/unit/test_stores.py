@@ -1,4 +1,4 @@
-"""Tests of the Redis stores against a real Redis: Registry, Accounts, ResultCache and RunStore."""
+"""Tests of the Redis stores against a real Redis: Workflows, Accounts, ResultCache and RunStore."""
 from __future__ import annotations
 
 import hashlib
@@ -16,8 +16,9 @@ from flowpool.cache import ResultCache
 from flowpool.errors import (
     AuthenticationError, NotFound, RequestError, RunNotStarted, ValidationFailed, WorkerLost,
 )
-from flowpool.registry import Accounts, Registry, Upload
-from flowpool.runs import RunStatus, RunStore
+from flowpool.registry import Accounts, Upload, Workflows
+from flowpool.run import RunEnd, RunRecord, RunStatus
+from flowpool.runs import RunStore
 
 ACCOUNT = "acct-1"
 OTHER_ACCOUNT = "acct-2"
@@ -66,49 +67,49 @@ def key_names(client: redis.Redis) -> set[str]:
     return {k.decode() for k in client.scan_iter()}
 
 
-# Registry
+# Workflows
 
 
 @pytest.fixture
-def registry(redis_db: redis.Redis) -> Registry:
-    return Registry(redis_db)
+def workflows(redis_db: redis.Redis) -> Workflows:
+    return Workflows(redis_db)
 
 
-def upload(registry: Registry, script: str = SCRIPT, ref: str = "summarize", account: str = ACCOUNT,
+def upload(workflows: Workflows, script: str = SCRIPT, ref: str = "summarize", account: str = ACCOUNT,
            **fields: Any) -> tuple[dict[str, Any], dict[str, Any], bool]:
-    return registry.upload(account, Upload(ref=ref, script=script, **fields))
+    return workflows.upload(account, Upload(ref=ref, script=script, **fields))
 
 
-def test_first_upload_creates_version_1_0_0_and_makes_it_active(registry: Registry) -> None:
-    workflow, version, created = upload(registry, description="echoes", env={"REGION": "eu"})
+def test_first_upload_creates_version_1_0_0_and_makes_it_active(workflows: Workflows) -> None:
+    workflow, version, created = upload(workflows, description="echoes", env={"REGION": "eu"})
 
     assert created
     assert version["version"] == "1.0.0"
-    assert version["content_hash"] == registry.resolve(ACCOUNT, "summarize").content_hash
+    assert version["content_hash"] == workflows.resolve(ACCOUNT, "summarize").content_hash
     assert version["timeout_seconds"] == 30 and version["cache_ttl_seconds"] == 3600
     assert workflow["workflow_ref_name"] == "summarize"
     assert workflow["active_version"] == "1.0.0"
     assert workflow["description"] == "echoes"
     assert workflow["env_keys"] == ["REGION"]
     assert workflow["input_schema"] == {"query": {"type": "string", "required": True}}
-    assert registry.load_script(ACCOUNT, "summarize", "1.0.0") == SCRIPT
+    assert workflows.load_script(ACCOUNT, "summarize", "1.0.0") == SCRIPT
 
 
-def test_identical_reupload_creates_no_new_version(registry: Registry) -> None:
-    upload(registry)
-    workflow, version, created = upload(registry, description="new words only")
+def test_identical_reupload_creates_no_new_version(workflows: Workflows) -> None:
+    upload(workflows)
+    workflow, version, created = upload(workflows, description="new words only")
 
     assert not created
     assert version["version"] == "1.0.0"
     assert workflow["description"] == "new words only"  # settings still follow the latest upload
-    assert registry.versions(ACCOUNT, "summarize", 0, 25)[1] == 1
+    assert workflows.versions(ACCOUNT, "summarize", 0, 25)[1] == 1
 
 
-def test_env_only_change_keeps_the_version_but_changes_the_config_hash(registry: Registry) -> None:
-    upload(registry, env={"REGION": "eu"})
-    before = registry.resolve(ACCOUNT, "summarize")
-    _, version, created = upload(registry, env={"REGION": "us"})
-    after = registry.resolve(ACCOUNT, "summarize")
+def test_env_only_change_keeps_the_version_but_changes_the_config_hash(workflows: Workflows) -> None:
+    upload(workflows, env={"REGION": "eu"})
+    before = workflows.resolve(ACCOUNT, "summarize")
+    _, version, created = upload(workflows, env={"REGION": "us"})
+    after = workflows.resolve(ACCOUNT, "summarize")
 
     assert not created and version["version"] == "1.0.0"
     assert after.content_hash == before.content_hash
@@ -117,30 +118,30 @@ def test_env_only_change_keeps_the_version_but_changes_the_config_hash(registry:
 
 
 @pytest.mark.parametrize(("bump", "expected"), [("patch", "1.0.1"), ("minor", "1.1.0"), ("major", "2.0.0")])
-def test_changed_script_creates_the_next_version_by_its_bump(registry: Registry, bump: str, expected: str) -> None:
-    upload(registry)
-    workflow, version, created = upload(registry, CHANGED_SCRIPT, version_bump=bump, version_notes="copy now")
+def test_changed_script_creates_the_next_version_by_its_bump(workflows: Workflows, bump: str, expected: str) -> None:
+    upload(workflows)
+    workflow, version, created = upload(workflows, CHANGED_SCRIPT, version_bump=bump, version_notes="copy now")
 
     assert created
     assert version["version"] == expected
     assert version["notes"] == "copy now"
     assert workflow["active_version"] == expected
-    assert registry.load_script(ACCOUNT, "summarize", expected) == CHANGED_SCRIPT
-    assert registry.load_script(ACCOUNT, "summarize", "1.0.0") == SCRIPT  # versions are immutable
+    assert workflows.load_script(ACCOUNT, "summarize", expected) == CHANGED_SCRIPT
+    assert workflows.load_script(ACCOUNT, "summarize", "1.0.0") == SCRIPT  # versions are immutable
 
 
-def test_unknown_version_bump_is_a_request_error_and_writes_nothing(registry: Registry,
+def test_unknown_version_bump_is_a_request_error_and_writes_nothing(workflows: Workflows,
                                                                     redis_db: redis.Redis) -> None:
     with pytest.raises(RequestError, match="version_bump"):
-        upload(registry, version_bump="huge")
+        upload(workflows, version_bump="huge")
     assert redis_db.dbsize() == 0
 
 
-def test_accessories_are_part_of_the_content_hash(registry: Registry) -> None:
-    _, plain, _ = upload(registry)
-    _, with_accessory, created = upload(registry, accessories={"prompts": b'{"system": "be brief"}'})
-    _, changed_accessory, created_again = upload(registry, accessories={"prompts": b'{"system": "be long"}'})
-    _, same_again, created_third = upload(registry, accessories={"prompts": b'{"system": "be long"}'})
+def test_accessories_are_part_of_the_content_hash(workflows: Workflows) -> None:
+    _, plain, _ = upload(workflows)
+    _, with_accessory, created = upload(workflows, accessories={"prompts": b'{"system": "be brief"}'})
+    _, changed_accessory, created_again = upload(workflows, accessories={"prompts": b'{"system": "be long"}'})
+    _, same_again, created_third = upload(workflows, accessories={"prompts": b'{"system": "be long"}'})
 
     assert created and created_again and not created_third
     hashes = [plain["content_hash"], with_accessory["content_hash"], changed_accessory["content_hash"]]
@@ -150,155 +151,155 @@ def test_accessories_are_part_of_the_content_hash(registry: Registry) -> None:
     assert [v["version"] for v in (plain, with_accessory, changed_accessory)] == ["1.0.0", "1.0.1", "1.0.2"]
 
 
-def test_accessory_that_is_not_json_is_a_request_error(registry: Registry, redis_db: redis.Redis) -> None:
+def test_accessory_that_is_not_json_is_a_request_error(workflows: Workflows, redis_db: redis.Redis) -> None:
     with pytest.raises(RequestError, match="accessory 'prompts'"):
-        upload(registry, accessories={"prompts": b"not json"})
+        upload(workflows, accessories={"prompts": b"not json"})
     assert redis_db.dbsize() == 0
 
 
-def test_activate_rolls_back_and_resolve_then_returns_the_old_version(registry: Registry) -> None:
-    _, first, _ = upload(registry)
-    upload(registry, CHANGED_SCRIPT)
+def test_activate_rolls_back_and_resolve_then_returns_the_old_version(workflows: Workflows) -> None:
+    _, first, _ = upload(workflows)
+    upload(workflows, CHANGED_SCRIPT)
 
-    workflow = registry.activate(ACCOUNT, "summarize", "1.0.0")
-    resolved = registry.resolve(ACCOUNT, "summarize")
+    workflow = workflows.activate(ACCOUNT, "summarize", "1.0.0")
+    resolved = workflows.resolve(ACCOUNT, "summarize")
 
     assert workflow["active_version"] == "1.0.0"
     assert resolved.version == "1.0.0"
     assert resolved.content_hash == first["content_hash"]
-    versions, total = registry.versions(ACCOUNT, "summarize", 0, 25)
+    versions, total = workflows.versions(ACCOUNT, "summarize", 0, 25)
     assert total == 2
     assert [(v["version"], v["active"]) for v in versions] == [("1.0.0", True), ("1.0.1", False)]
 
 
-def test_upload_after_a_rollback_numbers_from_the_latest_version(registry: Registry) -> None:
-    upload(registry)
-    upload(registry, CHANGED_SCRIPT)
-    registry.activate(ACCOUNT, "summarize", "1.0.0")
+def test_upload_after_a_rollback_numbers_from_the_latest_version(workflows: Workflows) -> None:
+    upload(workflows)
+    upload(workflows, CHANGED_SCRIPT)
+    workflows.activate(ACCOUNT, "summarize", "1.0.0")
 
-    _, reuploaded, created = upload(registry, CHANGED_SCRIPT)  # content of 1.0.1: activates it again
+    _, reuploaded, created = upload(workflows, CHANGED_SCRIPT)  # content of 1.0.1: activates it again
     assert not created and reuploaded["version"] == "1.0.1"
 
-    _, newest, created = upload(registry, SCRIPT + "\n# third\n")
+    _, newest, created = upload(workflows, SCRIPT + "\n# third\n")
     assert created and newest["version"] == "1.0.2"
 
 
-def test_resolve_with_a_pinned_version_returns_that_version(registry: Registry) -> None:
-    _, first, _ = upload(registry)
-    upload(registry, CHANGED_SCRIPT)
+def test_resolve_with_a_pinned_version_returns_that_version(workflows: Workflows) -> None:
+    _, first, _ = upload(workflows)
+    upload(workflows, CHANGED_SCRIPT)
 
-    pinned = registry.resolve(ACCOUNT, "summarize", "1.0.0")
-    active = registry.resolve(ACCOUNT, "summarize")
+    pinned = workflows.resolve(ACCOUNT, "summarize", "1.0.0")
+    active = workflows.resolve(ACCOUNT, "summarize")
 
     assert (pinned.version, pinned.content_hash) == ("1.0.0", first["content_hash"])
     assert active.version == "1.0.1"
 
 
-def test_upload_settings_win_over_the_script_constants(registry: Registry) -> None:
-    upload(registry, timeout_seconds=5, cache_ttl_seconds=0, application_name="support")
-    resolved = registry.resolve(ACCOUNT, "summarize")
+def test_upload_settings_win_over_the_script_constants(workflows: Workflows) -> None:
+    upload(workflows, timeout_seconds=5, cache_ttl_seconds=0, application_name="support")
+    resolved = workflows.resolve(ACCOUNT, "summarize")
 
     assert resolved.timeout_seconds == 5
     assert resolved.cache_ttl_seconds == 0  # 0 turns caching off; it must not fall back to the script's 3600
     assert resolved.application == "support"
 
 
-def test_unknown_versions_and_workflows_are_not_found(registry: Registry) -> None:
-    upload(registry)
+def test_unknown_versions_and_workflows_are_not_found(workflows: Workflows) -> None:
+    upload(workflows)
 
     with pytest.raises(NotFound, match="no version '9.9.9'"):
-        registry.resolve(ACCOUNT, "summarize", "9.9.9")
+        workflows.resolve(ACCOUNT, "summarize", "9.9.9")
     with pytest.raises(NotFound):
-        registry.activate(ACCOUNT, "summarize", "9.9.9")
+        workflows.activate(ACCOUNT, "summarize", "9.9.9")
     with pytest.raises(NotFound):
-        registry.load_script(ACCOUNT, "summarize", "9.9.9")
+        workflows.load_script(ACCOUNT, "summarize", "9.9.9")
     with pytest.raises(NotFound):
-        registry.resolve(ACCOUNT, "missing")
+        workflows.resolve(ACCOUNT, "missing")
     with pytest.raises(NotFound):
-        registry.get(ACCOUNT, "missing")
-    assert registry.resolve(ACCOUNT, "summarize").version == "1.0.0"
+        workflows.get(ACCOUNT, "missing")
+    assert workflows.resolve(ACCOUNT, "summarize").version == "1.0.0"
 
 
-def test_workflows_of_one_account_are_invisible_to_another(registry: Registry) -> None:
-    upload(registry)
+def test_workflows_of_one_account_are_invisible_to_another(workflows: Workflows) -> None:
+    upload(workflows)
 
     with pytest.raises(NotFound):
-        registry.resolve(OTHER_ACCOUNT, "summarize")
+        workflows.resolve(OTHER_ACCOUNT, "summarize")
     with pytest.raises(NotFound):
-        registry.get(OTHER_ACCOUNT, "summarize")
-    assert registry.list(OTHER_ACCOUNT, 0, 25) == ([], 0)
-    _, version, created = upload(registry, CHANGED_SCRIPT, account=OTHER_ACCOUNT)
+        workflows.get(OTHER_ACCOUNT, "summarize")
+    assert workflows.list(OTHER_ACCOUNT, 0, 25) == ([], 0)
+    _, version, created = upload(workflows, CHANGED_SCRIPT, account=OTHER_ACCOUNT)
     assert created and version["version"] == "1.0.0"  # numbered on its own
 
 
 @pytest.mark.parametrize("name", ["summarize:v:1.0.0", "summarize:versions", "summarize:hashes"])
-def test_names_addressing_other_keys_of_a_workflow_are_not_found(registry: Registry, redis_db: redis.Redis,
+def test_names_addressing_other_keys_of_a_workflow_are_not_found(workflows: Workflows, redis_db: redis.Redis,
                                                                  name: str) -> None:
-    upload(registry)
+    upload(workflows)
     stored = snapshot(redis_db)
 
-    for call in (lambda: registry.get(ACCOUNT, name), lambda: registry.resolve(ACCOUNT, name),
-                 lambda: registry.versions(ACCOUNT, name, 0, 25), lambda: registry.delete(ACCOUNT, name),
-                 lambda: registry.activate(ACCOUNT, name, "1.0.0")):
+    for call in (lambda: workflows.get(ACCOUNT, name), lambda: workflows.resolve(ACCOUNT, name),
+                 lambda: workflows.versions(ACCOUNT, name, 0, 25), lambda: workflows.delete(ACCOUNT, name),
+                 lambda: workflows.activate(ACCOUNT, name, "1.0.0")):
         with pytest.raises(NotFound):
             call()
     assert snapshot(redis_db) == stored
-    assert registry.load_script(ACCOUNT, "summarize", "1.0.0") == SCRIPT
+    assert workflows.load_script(ACCOUNT, "summarize", "1.0.0") == SCRIPT
 
 
-def test_delete_removes_every_key_of_the_workflow(registry: Registry, redis_db: redis.Redis) -> None:
-    upload(registry, accessories={"prompts": b"{}"})
-    upload(registry, CHANGED_SCRIPT)
-    upload(registry, ref="keep")
+def test_delete_removes_every_key_of_the_workflow(workflows: Workflows, redis_db: redis.Redis) -> None:
+    upload(workflows, accessories={"prompts": b"{}"})
+    upload(workflows, CHANGED_SCRIPT)
+    upload(workflows, ref="keep")
     redis_db.zadd(keys.workflow_runs(ACCOUNT, "summarize"), {"req_1": 1.0})
 
-    registry.delete(ACCOUNT, "summarize")
+    workflows.delete(ACCOUNT, "summarize")
 
     assert not [k for k in key_names(redis_db) if ":wf:summarize" in k]
-    assert registry.list(ACCOUNT, 0, 25)[1] == 1
-    assert registry.resolve(ACCOUNT, "keep").version == "1.0.0"
+    assert workflows.list(ACCOUNT, 0, 25)[1] == 1
+    assert workflows.resolve(ACCOUNT, "keep").version == "1.0.0"
     with pytest.raises(NotFound):
-        registry.get(ACCOUNT, "summarize")
+        workflows.get(ACCOUNT, "summarize")
     with pytest.raises(NotFound):
-        registry.delete(ACCOUNT, "summarize")
-    _, version, created = upload(registry)  # the name is free again, numbered from scratch
+        workflows.delete(ACCOUNT, "summarize")
+    _, version, created = upload(workflows)  # the name is free again, numbered from scratch
     assert created and version["version"] == "1.0.0"
 
 
-def test_list_and_versions_are_paginated_with_totals(registry: Registry) -> None:
+def test_list_and_versions_are_paginated_with_totals(workflows: Workflows) -> None:
     for ref in ("alpha", "beta", "gamma"):
-        upload(registry, ref=ref)
+        upload(workflows, ref=ref)
     for n in range(4):
-        upload(registry, SCRIPT + f"\n# revision {n}\n", ref="beta")
+        upload(workflows, SCRIPT + f"\n# revision {n}\n", ref="beta")
 
-    page, total = registry.list(ACCOUNT, 1, 1)
+    page, total = workflows.list(ACCOUNT, 1, 1)
     assert total == 3
     assert [w["workflow_ref_name"] for w in page] == ["beta"]
-    assert [w["workflow_ref_name"] for w in registry.list(ACCOUNT, 0, 25)[0]] == ["alpha", "beta", "gamma"]
-    assert registry.list(ACCOUNT, 3, 25) == ([], 3)
+    assert [w["workflow_ref_name"] for w in workflows.list(ACCOUNT, 0, 25)[0]] == ["alpha", "beta", "gamma"]
+    assert workflows.list(ACCOUNT, 3, 25) == ([], 3)
 
-    versions, total = registry.versions(ACCOUNT, "beta", 1, 2)
+    versions, total = workflows.versions(ACCOUNT, "beta", 1, 2)
     assert total == 5
     assert [v["version"] for v in versions] == ["1.0.1", "1.0.2"]
-    assert registry.versions(ACCOUNT, "beta", 10, 2) == ([], 5)
+    assert workflows.versions(ACCOUNT, "beta", 10, 2) == ([], 5)
 
 
 @pytest.mark.parametrize("ref", ["", "has space", "-leading-dash", "a/b", "x" * 65, "name\n", "colon:name", "é"])
-def test_invalid_ref_name_is_a_request_error_and_writes_nothing(registry: Registry, redis_db: redis.Redis,
+def test_invalid_ref_name_is_a_request_error_and_writes_nothing(workflows: Workflows, redis_db: redis.Redis,
                                                                 ref: str) -> None:
     with pytest.raises(RequestError) as caught:
-        upload(registry, ref=ref)
+        upload(workflows, ref=ref)
 
     assert caught.value.details["param"] == "workflow_ref_name"
     assert redis_db.dbsize() == 0
 
 
-def test_invalid_script_is_rejected_with_line_numbers_and_nothing_written(registry: Registry,
+def test_invalid_script_is_rejected_with_line_numbers_and_nothing_written(workflows: Workflows,
                                                                           redis_db: redis.Redis) -> None:
     script = 'INPUT_SCHEMA = {"q": {"type": "str"}}\n\ndef execute(ctx):\n    return\n'
 
     with pytest.raises(ValidationFailed) as caught:
-        upload(registry, script)
+        upload(workflows, script)
 
     assert caught.value.status == 400
     assert [e["line"] for e in caught.value.details["errors"]] == [1, 4]
@@ -380,7 +381,7 @@ def cache_key(cache: ResultCache, request: dict[str, Any] = REQUEST, secrets: di
 def begin(client: redis.Redis, account: str, key: str, request_id: str, ttl: float = 10) -> tuple[str, Any]:
     """Start run ``request_id`` for cache key ``key`` the way the API does."""
     runs = RunStore(client, ttl_seconds=60, runs_per_workflow=10)
-    return runs.begin(account, "wf", request_id, {"status": RunStatus.QUEUED},
+    return runs.begin(RunRecord(request_id=request_id, account=account, workflow="wf", status=RunStatus.QUEUED),
                       cache_keys=ResultCache.redis_keys(account, key), lock_seconds=ttl)
 
 
@@ -470,10 +471,10 @@ def test_a_hit_writes_its_own_run_record_in_the_same_call(cache: ResultCache, re
     assert (state, entry) == ("hit", {"output": [], "chunks": []})
     record = RunStore(redis_db, ttl_seconds=60, runs_per_workflow=10).get("req_9")
     assert record is not None
-    assert record["status"] == "succeeded" and record["cache_hit"] is True
-    assert record["origin_request_id"] == "req_0" and record["version"] == "1.2.3"
-    assert record["output"] == [] and record["usage"] == {"total_tokens": 5}  # an empty list stays a list
-    assert record["started_at"] == record["finished_at"]
+    assert record.status == "succeeded" and record.cache_hit is True
+    assert record.origin_request_id == "req_0" and record.version == "1.2.3"
+    assert record.output == [] and record.usage == {"total_tokens": 5}  # an empty list stays a list
+    assert record.started_at == record.finished_at
     assert 0 < redis_db.ttl(ResultCache.redis_keys(ACCOUNT, key)[2]) <= 60
 
 
@@ -532,15 +533,21 @@ def _json_values_only(redis_db: redis.Redis) -> Iterator[None]:
 
 def queue_run(runs: RunStore, request_id: str, ref: str = "summarize", **fields: Any) -> None:
     pipe = runs.redis.pipeline()
-    runs.create(pipe, ACCOUNT, ref, request_id, {"status": RunStatus.QUEUED, "version": "1.0.0",
-                                                  "queued_at": time.time(), **fields})
+    runs.create(pipe, RunRecord(**{"request_id": request_id, "account": ACCOUNT, "workflow": ref,
+                                    "status": RunStatus.QUEUED, "version": "1.0.0", "queued_at": time.time(),
+                                    **fields}))
     pipe.execute()
+
+
+def queued(request_id: str) -> RunRecord:
+    """The record the API queues for a run of workflow summarize."""
+    return RunRecord(request_id=request_id, account=ACCOUNT, workflow="summarize", status=RunStatus.QUEUED,
+                     version="1.0.0")
 
 
 def finish_run(runs: RunStore, request_id: str, output: Any = "ok") -> None:
     pipe = runs.redis.pipeline()
-    runs.finish(pipe, request_id, {"status": "succeeded", "version": "1.0.0", "output": output},
-                {"output": output})
+    runs.finish(pipe, request_id, RunEnd(status="succeeded", version="1.0.0", output=output), {"output": output})
     pipe.execute()
 
 
@@ -549,9 +556,9 @@ def test_create_writes_a_queued_record_that_expires(runs: RunStore, redis_db: re
 
     record = runs.get("req_1")
     assert record is not None
-    assert record["status"] == "queued"
-    assert (record["request_id"], record["account"], record["workflow"]) == ("req_1", ACCOUNT, "summarize")
-    assert record["metadata"] == {"team": "x"} and record["cache_hit"] is False
+    assert record.status == "queued"
+    assert (record.request_id, record.account, record.workflow) == ("req_1", ACCOUNT, "summarize")
+    assert record.metadata == {"team": "x"} and record.cache_hit is False
     assert redis_db.hget(keys.run("req_1"), "status") == b"queued"  # stored as-is, not as JSON
     assert 0 < redis_db.pttl(keys.run("req_1")) <= 60_000
     assert runs.get("req_unknown") is None
@@ -575,8 +582,8 @@ def test_claim_works_only_once_on_a_queued_run(runs: RunStore, redis_db: redis.R
     assert not runs.claim("req_1", "worker-b", lease_ms=5000)
 
     record = runs.get("req_1")
-    assert record is not None and record["status"] == "running" and record["worker"] == "worker-a"
-    assert isinstance(record["started_at"], float)
+    assert record is not None and record.status == "running" and record.worker == "worker-a"
+    assert isinstance(record.started_at, float)
     assert 0 < redis_db.pttl(keys.run_lease("req_1")) <= 5000
 
 
@@ -588,7 +595,7 @@ def test_claim_of_an_unknown_or_finished_run_does_nothing(runs: RunStore, redis_
     runs.claim("req_1", "worker-a", lease_ms=5000)
     finish_run(runs, "req_1")
     assert not runs.claim("req_1", "worker-b", lease_ms=5000)
-    assert runs.get("req_1")["status"] == "succeeded"  # type: ignore[index]
+    assert runs.get("req_1").status == "succeeded"  # type: ignore[union-attr]
 
 
 def test_finish_records_the_end_writes_a_done_event_and_drops_the_lease(runs: RunStore,
@@ -607,11 +614,11 @@ def test_finish_records_the_end_writes_a_done_event_and_drops_the_lease(runs: Ru
     # Resuming after the first chunk's id gives the rest.
     assert [kind for _, kind, _ in runs.events("req_1", 1, 1, poll=0.05, after=events[0][0])] == ["chunk", "done"]
     assert done == runs.wait("req_1", queue_wait=1, run_seconds=1, poll=0.05)
-    assert done == {"status": "succeeded", "version": "1.0.0", "output": {"answer": 42}}
+    assert done.to_message() == {"status": "succeeded", "version": "1.0.0", "output": {"answer": 42}}
     assert seen == [{"type": "progress", "content": "drafted"}, {"type": "partial", "content": {"n": 1}}]
     assert runs.chunks("req_1") == seen
     record = runs.get("req_1")
-    assert record is not None and record["status"] == "succeeded" and record["output"] == {"answer": 42}
+    assert record is not None and record.status == "succeeded" and record.output == {"answer": 42}
     assert not redis_db.exists(keys.run_lease("req_1"))
     assert 0 < redis_db.pttl(keys.run_events("req_1")) <= 60_000
 
@@ -637,7 +644,7 @@ def test_events_follow_a_run_that_finishes_later(runs: RunStore) -> None:
     finally:
         worker.join()
 
-    assert done["status"] == "succeeded"
+    assert done.status == "succeeded"
     assert seen == [{"type": "progress", "content": 1}]
 
 
@@ -647,7 +654,7 @@ def test_abandon_of_a_running_run_with_a_live_lease_does_nothing(runs: RunStore,
 
     assert not runs.abandon("req_1", RunStatus.RUNNING, WorkerLost("gone"), "1.0.0")
 
-    assert runs.get("req_1")["status"] == "running"  # type: ignore[index]
+    assert runs.get("req_1").status == "running"  # type: ignore[union-attr]
     assert not redis_db.exists(keys.run_events("req_1"))
 
 
@@ -661,10 +668,11 @@ def test_abandon_of_a_running_run_without_lease_marks_it_lost_and_wait_returns_t
     assert not runs.abandon("req_1", RunStatus.RUNNING, WorkerLost("again"), "1.0.0")  # once only
 
     record = runs.get("req_1")
-    assert record is not None and record["status"] == "lost"
-    assert record["error"] == {"kind": "WorkerLost", "message": "the worker died"}
+    assert record is not None and record.status == "lost"
+    assert record.error == {"kind": "WorkerLost", "message": "the worker died"}
     done = runs.wait("req_1", queue_wait=1, run_seconds=1, poll=0.05)
-    assert done == {"status": "lost", "version": "1.0.0", "error": {"kind": "WorkerLost", "message": "the worker died"}}
+    assert done.to_message() == {"status": "lost", "version": "1.0.0",
+                                 "error": {"kind": "WorkerLost", "message": "the worker died"}}
     assert len(redis_db.xrange(keys.run_events("req_1"))) == 1
 
 
@@ -673,10 +681,10 @@ def test_abandon_of_a_queued_run_marks_it_expired(runs: RunStore) -> None:
 
     assert runs.abandon("req_1", RunStatus.QUEUED, RunNotStarted("no worker"), "1.0.0")
 
-    assert runs.get("req_1")["status"] == "expired"  # type: ignore[index]
+    assert runs.get("req_1").status == "expired"  # type: ignore[union-attr]
     assert not runs.claim("req_1", "worker-a", lease_ms=5000)  # a worker coming late skips it
     done = runs.wait("req_1", queue_wait=1, run_seconds=1, poll=0.05)
-    assert done["status"] == "expired" and done["error"]["kind"] == "RunNotStarted"
+    assert done.status == "expired" and done.error["kind"] == "RunNotStarted"
 
 
 def test_abandon_expecting_another_state_does_nothing(runs: RunStore) -> None:
@@ -687,7 +695,7 @@ def test_abandon_expecting_another_state_does_nothing(runs: RunStore) -> None:
     assert not runs.abandon("req_1", RunStatus.RUNNING, WorkerLost("x"), "1.0.0")
     assert not runs.abandon("req_1", RunStatus.QUEUED, RunNotStarted("x"), "1.0.0")
 
-    assert runs.get("req_1")["status"] == "succeeded"  # type: ignore[index]
+    assert runs.get("req_1").status == "succeeded"  # type: ignore[union-attr]
 
 
 def test_wait_drops_a_run_no_worker_claims_in_time(runs: RunStore) -> None:
@@ -696,10 +704,10 @@ def test_wait_drops_a_run_no_worker_claims_in_time(runs: RunStore) -> None:
     with pytest.raises(RunNotStarted):
         runs.wait("req_1", queue_wait=0.2, run_seconds=10, poll=0.05)
 
-    assert runs.get("req_1")["status"] == "expired"  # type: ignore[index]
+    assert runs.get("req_1").status == "expired"  # type: ignore[union-attr]
     assert not runs.claim("req_1", "worker-a", lease_ms=5000)
     # Another waiter of the same run (a single-flight joiner) gets the end, not a hang.
-    assert runs.wait("req_1", queue_wait=0.2, run_seconds=10, poll=0.05)["status"] == "expired"
+    assert runs.wait("req_1", queue_wait=0.2, run_seconds=10, poll=0.05).status == "expired"
 
 
 def test_wait_takes_a_run_whose_lease_ran_out_for_lost(runs: RunStore) -> None:
@@ -709,7 +717,7 @@ def test_wait_takes_a_run_whose_lease_ran_out_for_lost(runs: RunStore) -> None:
     with pytest.raises(WorkerLost):
         runs.wait("req_1", queue_wait=10, run_seconds=10, poll=0.05)
 
-    assert runs.get("req_1")["status"] == "lost"  # type: ignore[index]
+    assert runs.get("req_1").status == "lost"  # type: ignore[union-attr]
 
 
 def test_wait_gives_up_on_a_run_past_its_deadline_even_with_a_live_lease(runs: RunStore) -> None:
@@ -729,17 +737,17 @@ def test_wait_gives_up_on_a_run_past_its_deadline_even_with_a_live_lease(runs: R
 
     assert not thread.is_alive(), "wait went on past run_seconds"
     assert isinstance(outcome.get("error"), WorkerLost)
-    assert runs.get("req_1")["status"] == "lost"  # type: ignore[index]
+    assert runs.get("req_1").status == "lost"  # type: ignore[union-attr]
 
 
 # begin: cache lookup, single flight and the record in one step
 
 
 def test_begin_without_cache_queues_the_run(runs: RunStore) -> None:
-    state, found = runs.begin(ACCOUNT, "summarize", "req_1", {"status": RunStatus.QUEUED, "version": "1.0.0"})
+    state, found = runs.begin(queued("req_1"))
 
     assert (state, found) == ("queued", None)
-    assert runs.get("req_1")["status"] == "queued"  # type: ignore[index]
+    assert runs.get("req_1").status == "queued"  # type: ignore[union-attr]
     assert runs.list_for_workflow(ACCOUNT, "summarize", 0, 25) == (["req_1"], 1)
 
 
@@ -747,10 +755,9 @@ def test_begin_answers_hit_join_or_queued(runs: RunStore, redis_db: redis.Redis)
     cache = ResultCache(redis_db, secret_key=None)
     key = cache_key(cache)
     cache_keys = ResultCache.redis_keys(ACCOUNT, key)
-    fields = {"status": RunStatus.QUEUED, "version": "1.0.0"}
 
-    assert runs.begin(ACCOUNT, "summarize", "req_1", fields, cache_keys, lock_seconds=10) == ("queued", None)
-    assert runs.begin(ACCOUNT, "summarize", "req_2", fields, cache_keys, lock_seconds=10) == ("join", "req_1")
+    assert runs.begin(queued("req_1"), cache_keys, lock_seconds=10) == ("queued", None)
+    assert runs.begin(queued("req_2"), cache_keys, lock_seconds=10) == ("join", "req_1")
     assert runs.get("req_2") is None  # a joiner starts no run
     assert 0 < redis_db.pttl(keys.inflight(ACCOUNT, key)) <= 10_000
 
@@ -758,7 +765,7 @@ def test_begin_answers_hit_join_or_queued(runs: RunStore, redis_db: redis.Redis)
     cache.put(pipe, ACCOUNT, key, {"output": "cached"}, ttl=60)
     cache.release(ACCOUNT, key, "req_1", pipe=pipe)
     pipe.execute()
-    assert runs.begin(ACCOUNT, "summarize", "req_3", fields, cache_keys, lock_seconds=10) == (
+    assert runs.begin(queued("req_3"), cache_keys, lock_seconds=10) == (
         "hit-unrecorded", {"output": "cached"})
     assert runs.get("req_3") is None  # an entry without record fields: the caller writes the hit's record
     assert runs.list_for_workflow(ACCOUNT, "summarize", 0, 25) == (["req_1"], 1)
@@ -771,6 +778,6 @@ def test_run_record_fields_round_trip_as_json(runs: RunStore) -> None:
 
     record = runs.get("req_1")
     assert record is not None
-    assert record["logs"] == fields["logs"] and record["usage"] == fields["usage"]
-    assert record["output"] == fields["output"]
-    assert "error" not in record  # None fields are not written
+    assert record.logs == fields["logs"] and record.usage == fields["usage"]
+    assert record.output == fields["output"]
+    assert b"error" not in runs.redis.hgetall(keys.run("req_1"))  # None fields are not written

@@ -1,0 +1,141 @@
+"""Admission of one invocation: what to run, whether the cache answers, and handing the run to the workers.
+
+:func:`admit` resolves the workflow, checks the input, works out the cache
+key and, in one Redis round trip (:meth:`RunStore.begin`), either finds the
+answer cached, joins an identical run in flight, or queues a run record. A
+queued run's :class:`RunJob` is built here, once; :func:`submit` sends it to
+the workers by the task's name. Neither touches the HTTP request: the view
+parses, admits, and answers or streams.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from flowpool.errors import FlowpoolError, PayloadTooLarge, RequestError, RunNotStarted, Unavailable
+from flowpool.registry import Account, ResolvedWorkflow, check_invocation_input
+from flowpool.run import CachePlan, RunEnd, RunJob, RunRecord, RunStatus
+from flowpool.tasks.app import RUN_TASK
+
+from .models import InvokeRequest, parse_model
+from .services import Services
+
+__all__ = ["Admission", "admit", "submit"]
+
+# How often admission resolves again when the workflow changes under it before giving up with a 503.
+_STALE_TRIES = 3
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What admitting one invocation decided: answered from the cache, joined a run in flight, or queued one."""
+
+    verdict: Literal["hit", "join", "queued"]
+    request_id: str  # the run the answer follows and names: this request's, or for a join the leader's
+    session_id: str
+    run_seconds: float  # how long a waiter gives the run once a worker has claimed it
+    end: RunEnd | None = None  # a hit's cached end
+    chunks: list[dict[str, Any]] = field(default_factory=list)  # a hit's cached chunks
+    job: RunJob | None = None  # a queued run's job, for submit
+
+    @property
+    def cache_header(self) -> str:
+        """The ``X-Cache`` value: a run of its own is a miss; a cached answer or a joined run is a hit."""
+        return "MISS" if self.verdict == "queued" else "HIT"
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex}"
+
+
+def _check_input(body: InvokeRequest, workflow: ResolvedWorkflow, limit: int) -> None:
+    size = len(json.dumps(body.input)) + len(json.dumps([m.model_dump() for m in body.messages or []]))
+    if size > limit:
+        raise PayloadTooLarge(f"input and messages are {size} bytes as JSON, over the limit of {limit}")
+    check_invocation_input(workflow.input_schema, body.input)
+
+
+def admit(svc: Services, account: Account, body: InvokeRequest) -> Admission:
+    """Decide how ``body`` is answered; a queued run is recorded and its job built, not yet sent."""
+    if body.messages is None and body.input is None:
+        raise RequestError("send 'messages', 'input' or both", param="input")
+    settings = svc.settings
+    ref, pinned = parse_model(body.model)
+    request_id = _new_id("req_")
+    session_id = body.session_id or _new_id("sess_")
+    messages = [m.model_dump(exclude_none=True) for m in body.messages] if body.messages else None
+    request = body.model_dump(include={"input", "max_tokens", "temperature", "metadata"})
+    request["messages"] = messages
+
+    workflow = svc.resolve(account.id, ref, pinned)
+    for _ in range(_STALE_TRIES):
+        _check_input(body, workflow, settings.max_input_bytes)
+        soft = settings.clamp_timeout(workflow.timeout_seconds)
+        run_seconds = soft + settings.run_deadline_slack
+        ttl = workflow.cache_ttl_seconds if workflow.cache_ttl_seconds is not None \
+            else settings.default_cache_ttl_seconds
+        cache_key = None
+        if body.cache and ttl > 0:
+            cache_key = svc.cache.key(account.id, workflow.content_hash, workflow.config_hash, request, body.secrets)
+        queued = RunRecord(request_id=request_id, account=account.id, workflow=workflow.ref, status=RunStatus.QUEUED,
+                           version=workflow.version, session_id=session_id, cache_hit=False, queued_at=time.time(),
+                           timeout_seconds=soft, metadata=body.metadata)
+        state, found = svc.runs.begin(
+            queued, cache_keys=svc.cache.redis_keys(account.id, cache_key) if cache_key else None,
+            lock_seconds=settings.queue_wait_seconds + run_seconds, rev=workflow.rev)
+        if state != "stale":
+            break
+        workflow = svc.resolve(account.id, ref, pinned, fresh=True)
+    else:
+        raise Unavailable(f"workflow {ref!r} changed {_STALE_TRIES} times while this request started; try again")
+
+    if state in ("hit", "hit-unrecorded"):
+        if state == "hit-unrecorded":
+            now = time.time()
+            svc.runs.record(RunRecord(
+                request_id=request_id, account=account.id, workflow=workflow.ref, status=RunStatus.SUCCEEDED,
+                version=found.get("version"), session_id=session_id, cache_hit=True,
+                origin_request_id=found.get("request_id"), queued_at=now, started_at=now, finished_at=now,
+                output=found.get("output"), usage=found.get("usage"), chunk_count=len(found.get("chunks") or ()),
+                metadata=body.metadata))
+        end = RunEnd(status=RunStatus.SUCCEEDED.value, version=found.get("version"), usage=found.get("usage"),
+                     output=found.get("output"), content=found.get("content"))
+        return Admission("hit", request_id, session_id, run_seconds, end=end, chunks=found.get("chunks") or [])
+    if state == "join":
+        return Admission("join", found, session_id, run_seconds)
+    job = RunJob(
+        request_id=request_id, account=workflow.account_id, workflow=workflow.ref, version=workflow.version,
+        content_hash=workflow.content_hash, soft_seconds=soft, session_id=session_id, input=body.input,
+        messages=messages or [], secrets=body.secrets or {}, metadata=body.metadata or {},
+        params={"max_tokens": body.max_tokens, "temperature": body.temperature, "stream": body.stream},
+        env=workflow.env, output_schema=workflow.output_schema, application=workflow.application,
+        limits=workflow.limits, cache=CachePlan(cache_key, ttl) if cache_key else None)
+    return Admission("queued", request_id, session_id, run_seconds, job=job)
+
+
+def submit(svc: Services, admission: Admission) -> None:
+    """Hand a queued run to the workers; if that fails, the run ends as never started and the error is raised."""
+    job = admission.job
+    assert job is not None, "only a queued admission has a job to submit"
+    try:
+        if not svc.workers_alive():
+            raise Unavailable("no flowpool worker is running; start one with 'flowpool worker'")
+        try:
+            svc.celery.send_task(
+                RUN_TASK, kwargs={"job": job.to_message()}, task_id=job.request_id,
+                expires=svc.settings.queue_wait_seconds,
+                # Keep secrets out of worker logs and task events (Flower).
+                argsrepr="()", kwargsrepr=f"{{'job': <run {job.request_id} of {job.workflow}@{job.version}>}}",
+            )
+        except FlowpoolError:
+            raise
+        except Exception as exc:
+            raise Unavailable(f"the broker did not take the run: {exc}") from exc
+    except BaseException as exc:
+        if job.cache is not None:
+            svc.cache.release(job.account, job.cache.key, job.request_id)
+        svc.runs.abandon(job.request_id, RunStatus.QUEUED, RunNotStarted(str(exc)), job.version)
+        raise

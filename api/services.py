@@ -1,0 +1,106 @@
+"""What every request of an API process shares: the stores, the Celery sender, and who is asking.
+
+Blueprints reach these through the app (``current_app.extensions``), never by
+importing ``api/app.py``: the app imports the blueprints, not the other way.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+from flask import current_app, g, request
+
+from flowpool import keys
+from flowpool.cache import ResultCache
+from flowpool.connections import connect_redis
+from flowpool.errors import AuthenticationError
+from flowpool.registry import Account, Accounts, Agents, Applications, ResolvedWorkflow, Workflows
+from flowpool.runs import RunStore
+from flowpool.settings import Settings
+from flowpool.tasks.app import create_celery
+
+__all__ = ["EXTENSION", "Services", "authenticate", "mark", "services"]
+
+EXTENSION = "flowpool"  # the key of the Services in app.extensions
+
+
+class Services:
+    """Redis-backed stores and the Celery sender of one API process."""
+
+    # How long a "some worker is alive" answer is reused: a dead pool is
+    # noticed within this plus the worker TTL.
+    _WORKERS_MEMORY_SECONDS = 1.0
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.redis = connect_redis(settings)
+        self.accounts = Accounts(self.redis)
+        self.workflows = Workflows(self.redis)
+        self.applications = Applications(self.redis)
+        self.agents = Agents(self.redis)
+        self.runs = RunStore(self.redis, settings.run_ttl_seconds, settings.runs_per_workflow)
+        self.cache = ResultCache(self.redis, settings.secret_key)
+        self.celery = create_celery(settings)
+        self._workers_seen_until = 0.0
+        self._resolved: dict[tuple[str, str, str | None], tuple[float, ResolvedWorkflow]] = {}
+        self._lock = threading.Lock()
+
+    # Resolved workflows are remembered; RunStore.begin checks the workflow's
+    # revision in the same round trip, so a stale answer is never acted on.
+    _RESOLVED_SECONDS = 30.0
+
+    def resolve(self, account_id: str, ref: str, version: str | None, fresh: bool = False) -> ResolvedWorkflow:
+        """The workflow version a request runs, from memory unless ``fresh``."""
+        key = (account_id, ref, version)
+        now = time.monotonic()
+        if not fresh:
+            remembered = self._resolved.get(key)
+            if remembered is not None and remembered[0] > now:
+                return remembered[1]
+        workflow = self.workflows.resolve(account_id, ref, version)
+        with self._lock:
+            if len(self._resolved) > 10_000:
+                self._resolved.clear()
+            self._resolved[key] = (now + self._RESOLVED_SECONDS, workflow)
+        return workflow
+
+    def live_workers(self) -> int:
+        """How many workers sent a heartbeat within the worker TTL."""
+        now = time.time()
+        return self.redis.zcount(keys.WORKERS, now - self.settings.worker_ttl_seconds, "+inf")
+
+    def workers_alive(self) -> bool:
+        """Whether any worker is alive (answered from memory for up to a second)."""
+        if time.monotonic() < self._workers_seen_until:
+            return True
+        if self.live_workers() > 0:
+            self._workers_seen_until = time.monotonic() + self._WORKERS_MEMORY_SECONDS
+            return True
+        return False
+
+
+def mark(name: str) -> None:
+    """Close a phase of this request, reported in its ``Server-Timing`` header."""
+    now = time.perf_counter()
+    g.phases.append((name, now - g.phase_start))
+    g.phase_start = now
+
+
+def services() -> Services:
+    """The services of the app serving this request."""
+    return current_app.extensions[EXTENSION]
+
+
+def authenticate() -> Account:
+    """The account of the request's API key (``x-api-key`` or ``Authorization: Bearer``)."""
+    account = g.get("account")
+    if account is None:
+        key = request.headers.get("x-api-key")
+        if not key:
+            auth = request.headers.get("Authorization", "")
+            scheme, _, token = auth.partition(" ")
+            if auth and scheme.lower() != "bearer":
+                raise AuthenticationError("the Authorization header must be 'Bearer <key>'")
+            key = token.strip()
+        account = g.account = services().accounts.authenticate(key)
+    return account

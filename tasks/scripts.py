@@ -1,0 +1,41 @@
+"""Compiled workflow scripts kept warm in a worker, so a run of a known version skips compiling."""
+from __future__ import annotations
+
+import marshal
+import threading
+from collections import OrderedDict
+from typing import NamedTuple
+
+from flowpool.registry import Workflows
+
+__all__ = ["CompiledScript", "ScriptCache"]
+
+
+class CompiledScript(NamedTuple):
+    code: bytes  # marshalled code object
+    source: str  # for the tracebacks of the run
+
+
+class ScriptCache:
+    """Compiled script versions kept warm in a worker, by content hash (LRU)."""
+
+    def __init__(self, workflows: Workflows, size: int) -> None:
+        self.workflows = workflows
+        self.size = size
+        self._code: OrderedDict[str, CompiledScript] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, account_id: str, ref: str, version: str, content_hash: str) -> CompiledScript:
+        """The compiled script of a version, compiled on first use."""
+        with self._lock:
+            code = self._code.get(content_hash)
+            if code is not None:
+                self._code.move_to_end(content_hash)
+                return code
+        source = self.workflows.load_script(account_id, ref, version)
+        code = CompiledScript(marshal.dumps(compile(source, "workflow.py", "exec", dont_inherit=True)), source)
+        with self._lock:
+            self._code[content_hash] = code
+            while len(self._code) > self.size:
+                self._code.popitem(last=False)
+        return code
