@@ -308,3 +308,83 @@ def test_invoke_stream_prints_each_chunk_then_the_output(client: Client) -> None
     lines = _ok(result).strip().splitlines()
     assert [json.loads(line) for line in lines[:3]] == [{"type": "step", "content": i} for i in range(3)]
     assert json.loads("\n".join(lines[3:])) == {"n": 3}
+
+
+# flowpool validate: the rules of an upload, checked offline.
+
+BROKEN_SCRIPT = ('OUTPUT_SCHEMA = {"a": {"type": "float"}}\n\n'
+                 "async def execute(ctx: WorkflowContext):\n    return\n")
+
+
+def _offline_env() -> dict[str, str]:
+    """An environment whose API address answers nothing: validate must not need it."""
+    return _env(FLOWPOOL_API_URL=f"http://127.0.0.1:{free_port()}")
+
+
+def test_validate_prints_ok_for_a_good_script_and_exits_0() -> None:
+    assert _ok(_cli("validate", "examples/echo.py", env=_offline_env())) == "examples/echo.py: ok\n"
+
+
+def test_validate_prints_each_problem_as_file_line_message_like_the_api_and_exits_1(
+        client: Client, tmp_path: Path) -> None:
+    script = tmp_path / "broken.py"
+    script.write_text(BROKEN_SCRIPT)
+    result = _cli("validate", str(script), env=_offline_env())
+    assert result.returncode == 1, result.stderr
+    response = client.post("/api/v1/workflows/validate", json={"code": BROKEN_SCRIPT})
+    assert response.status_code == 200, response.text
+    errors = response.json()["data"]["errors"]
+    assert {1, 3, 4} <= {error["line"] for error in errors}, errors
+    assert result.stdout.splitlines() == [f"{script}:{error['line']}: {error['message']}" for error in errors]
+
+
+def test_validate_names_the_line_of_a_syntax_error(tmp_path: Path) -> None:
+    script = tmp_path / "unclosed.py"
+    script.write_text("import json\n\ndef execute(ctx):\n    return {'a': 1\n")
+    result = _cli("validate", str(script), env=_offline_env())
+    assert result.returncode == 1, result.stderr
+    assert re.fullmatch(rf"{re.escape(str(script))}:4: .+\n", result.stdout), result.stdout
+
+
+def test_validate_refuses_a_file_that_is_not_utf8_in_one_line(tmp_path: Path) -> None:
+    script = tmp_path / "latin1.py"
+    script.write_bytes("def execute(ctx):\n    return 'café'\n".encode("latin-1"))
+    result = _cli("validate", str(script), env=_offline_env())
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert re.fullmatch(rf"Error: {re.escape(str(script))} is not UTF-8 text: .+\n", result.stderr), result.stderr
+
+
+# Server commands where a server dependency is missing. test_install.py runs them on a
+# real client-only install; here one import is made to fail in this environment.
+
+_WITHOUT_MODULE = """\
+import sys
+sys.modules[sys.argv[1]] = None  # importing it now fails as if it were not installed
+from flowpool.cli import main
+main(sys.argv[2:], prog_name="flowpool")
+"""
+
+
+def _cli_without(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``flowpool ARGS`` in a process where ``module`` cannot be imported."""
+    return subprocess.run([sys.executable, "-c", _WITHOUT_MODULE, module, *args], env=_env(), cwd=REPO,
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+
+
+@pytest.mark.parametrize("module, command, argv", [
+    ("redis", "dev", "dev"), ("gunicorn", "api", "api"), ("celery", "worker", "worker"),
+    ("redis", "doctor", "doctor"), ("redis", "accounts create", "accounts create someone"),
+])
+def test_a_server_command_missing_a_server_dependency_prints_what_to_install_and_fails(
+        module: str, command: str, argv: str) -> None:
+    result = _cli_without(module, *argv.split())
+    assert result.returncode == 1
+    assert result.stderr == f"Error: flowpool {command} needs the server extra: pip install 'flowpool[server]'\n"
+
+
+def test_a_server_command_missing_one_of_its_own_modules_shows_the_traceback() -> None:
+    result = _cli_without("flowpool.keys", "doctor")
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "ModuleNotFoundError" in result.stderr, result.stderr
+    assert "server extra" not in result.stderr
