@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -61,13 +62,13 @@ def bwrap_binary() -> str | None:
 
 
 def _package_dirs() -> list[str]:
-    """Where flowpool's own packages live (a source checkout when installed editable)."""
-    import flowpool
-    import flowpool.sandbox
-    import flowpool_workflow
-    import maitai_workflow
-    return sorted({os.path.dirname(os.path.abspath(m.__file__ or "")) for m in
-                   (flowpool, flowpool.sandbox, flowpool_workflow, maitai_workflow)})
+    """Where flowpool's own packages live (a source checkout when installed editable), found without importing them."""
+    dirs = set()
+    for name in ("flowpool", "flowpool.sandbox", "flowpool_workflow", "maitai_workflow"):
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.submodule_search_locations, f"{name} is not installed as a package"
+        dirs.update(os.path.abspath(path) for path in spec.submodule_search_locations)
+    return sorted(dirs)
 
 
 def runtime_paths() -> list[str]:
