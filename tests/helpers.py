@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import textwrap
+import time
 from typing import Any, Callable, Iterator
 
 import psutil
@@ -28,6 +29,18 @@ def fail_on_leftovers(leaked: list[psutil.Process], name: Callable[[psutil.Proce
         for proc in still:
             proc.kill()
         pytest.fail(f"test left processes behind: {names}")
+
+
+def eventually(check: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
+    """The first true value of ``check()``, polled; fails the test, saying ``what``, after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout:g}s: {what or check}")
+        time.sleep(0.05)
 
 
 class Client:

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import psutil
 import pytest
@@ -20,7 +20,7 @@ import requests
 
 from flowpool.devstack import Stack
 from tests.conftest import TEST_ENV
-from tests.helpers import Client, error_of
+from tests.helpers import Client, error_of, eventually
 
 pytestmark = pytest.mark.slow
 
@@ -67,18 +67,6 @@ def _forget(stack: Stack, process: subprocess.Popen[bytes]) -> None:
     stack.processes.remove(process)
 
 
-def _until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``condition`` until it returns something true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout}s: {what}")
-        time.sleep(0.1)
-
-
 def _readiness(stack: Stack) -> int:
     assert stack.api_url is not None
     return requests.get(stack.api_url + "/readyz", timeout=5).status_code
@@ -111,7 +99,7 @@ def test_worker_killed_mid_run_gives_500_worker_lost_before_the_time_limit(stack
     client.upload("sleeper", SLEEPS, timeout_seconds=20)
     # A 408 would come after the 20 s soft limit: the read timeout turns that into a failure here.
     thread, result = _invoke_in_background(client, "sleeper", timeout=15)
-    [run] = _until(lambda: [r for r in _runs(client, "sleeper") if r["status"] == "running"], 15,
+    [run] = eventually(lambda: [r for r in _runs(client, "sleeper") if r["status"] == "running"], 15,
                    "the run is running")
     worker = _worker(stack)
     descendants = psutil.Process(worker.pid).children(recursive=True)
@@ -154,7 +142,7 @@ def test_redis_down_gives_503_with_retry_after_quickly(stack: Stack, client: Cli
 def test_no_worker_gives_503_with_retry_after_and_runs_nothing_later(stack: Stack, client: Client) -> None:
     client.upload("echo", ECHO)
     stack.stop_process(_worker(stack))
-    _until(lambda: _readiness(stack) == 503, 15, "/readyz says 503 without a worker")
+    eventually(lambda: _readiness(stack) == 503, 15, "/readyz says 503 without a worker")
 
     response = client.post("/workflow/chat/completions", json={"model": "workflow:echo", "input": {"n": 1}},
                            timeout=(3, 15))
@@ -179,7 +167,7 @@ def test_worker_restarted_after_a_crash_serves_again(stack: Stack, client: Clien
     worker.wait(10)
     _forget(stack, worker)
     # Its last heartbeat counts until the worker TTL passes.
-    _until(lambda: _readiness(stack) == 503, 15, "/readyz says 503 once the dead worker's heartbeat is stale")
+    eventually(lambda: _readiness(stack) == 503, 15, "/readyz says 503 once the dead worker's heartbeat is stale")
 
     stack.start_worker(quiet=True)
     stack.wait_ready()
@@ -200,7 +188,7 @@ NAPS = """
 def test_warm_shutdown_lets_the_running_run_finish(stack: Stack, client: Client) -> None:
     client.upload("napper", NAPS, timeout_seconds=20)
     thread, result = _invoke_in_background(client, "napper", timeout=15)
-    _until(lambda: [r for r in _runs(client, "napper") if r["status"] == "running"], 15, "the run is running")
+    eventually(lambda: [r for r in _runs(client, "napper") if r["status"] == "running"], 15, "the run is running")
     worker = _worker(stack)
     worker.send_signal(signal.SIGTERM)  # what Kubernetes and Ctrl-C send first
     thread.join(30)

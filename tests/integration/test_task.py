@@ -46,6 +46,7 @@ from flowpool.runs import RunStore
 from flowpool.settings import Settings
 from flowpool.tasks import RUN_TASK, worker_celery
 from tests.conftest import TEST_ENV
+from tests.helpers import eventually
 
 DB = 14  # no other test uses it
 ACCOUNT = "acct-task"
@@ -152,18 +153,6 @@ def _stop_warm(worker: WorkController, timeout: float = 30.0) -> None:
         state.should_stop = None  # module-global: a later worker in this process would stop at once
 
 
-def _eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
-    """The first truthy value of ``check()``, polled; fails the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"not true within {timeout:g}s: {check}")
-        time.sleep(0.05)
-
-
 def _queue_run(runs: RunStore, workflow: ResolvedWorkflow, settings: Settings) -> str:
     """Write a queued run record, as the API does before it sends the job; returns the request id."""
     request_id = f"req_{uuid.uuid4().hex}"
@@ -200,8 +189,8 @@ def test_worker_publishes_its_heartbeat_and_sandbox_and_removes_both_when_it_sto
     assert celery_app.flowpool_ready.is_set()
     assert runtime is not None and runtime.name == name
 
-    first_beat = _eventually(lambda: db.zscore(keys.WORKERS, name))
-    _eventually(lambda: (db.zscore(keys.WORKERS, name) or 0) > first_beat)  # it keeps beating
+    first_beat = eventually(lambda: db.zscore(keys.WORKERS, name))
+    eventually(lambda: (db.zscore(keys.WORKERS, name) or 0) > first_beat)  # it keeps beating
     sandbox = json.loads(db.hget(keys.WORKER_SANDBOXES, name) or b"null")
     assert sandbox == {"backend": runtime.sandbox.backend, "isolation": runtime.sandbox.describe(),
                        "weaknesses": runtime.sandbox.weaknesses}
@@ -219,7 +208,7 @@ def test_cold_shutdown_stops_the_runtime_too(celery_app: Celery, celery_worker_p
     try:
         with start_worker(celery_app, pool=celery_worker_pool, **celery_worker_parameters) as worker:
             name = worker.hostname
-            _eventually(lambda: db.hexists(keys.WORKER_SANDBOXES, name))
+            eventually(lambda: db.hexists(keys.WORKER_SANDBOXES, name))
 
         assert celery_app.flowpool_runtime is None
         assert not db.hexists(keys.WORKER_SANDBOXES, name)
@@ -251,7 +240,7 @@ def test_run_sent_by_name_runs_the_workflow_in_the_sandbox_and_records_its_end(
     assert record.chunk_count == 1
     assert runs.chunks(request_id) == [{"type": "progress", "content": "half way"}]
     assert not db.exists(keys.run_lease(request_id))
-    assert _eventually(lambda: outcomes.get(request_id)) == "succeeded"
+    assert eventually(lambda: outcomes.get(request_id)) == "succeeded"
 
 
 def _give_up(runs: RunStore, request_id: str, version: str) -> None:
@@ -277,7 +266,7 @@ def test_job_of_a_run_no_longer_queued_is_skipped_and_changes_nothing(
 
     _send(celery_app, _job(workflow, request_id, settings, input={"text": "late"}), settings)
 
-    assert _eventually(lambda: outcomes.get(request_id), timeout=WAIT_SECONDS) == "skipped"
+    assert eventually(lambda: outcomes.get(request_id), timeout=WAIT_SECONDS) == "skipped"
     after = (db.hgetall(keys.run(request_id)), db.xrange(keys.run_events(request_id)),
              db.get(keys.run_lease(request_id)))
     assert after == before  # the script never ran: no chunk, no output, no second end
