@@ -17,7 +17,7 @@ Only the store writes Redis; these classes only say what is written.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +26,7 @@ from flowpool.errors import Cancelled, RunError, WorkerLost, run_error_from_dict
 if TYPE_CHECKING:
     from flowpool.registry import ResolvedWorkflow
 
-__all__ = ["CachePlan", "RunEnd", "RunJob", "RunRecord", "RunStatus", "dumps"]
+__all__ = ["CachePlan", "RunEnd", "RunJob", "RunRecord", "RunStatus", "dumps", "encode"]
 
 
 class RunStatus(str, Enum):
@@ -150,6 +150,7 @@ class RunEnd:
 
     @classmethod
     def from_message(cls, message: dict[str, Any]) -> RunEnd:
+        """The end as read from the run's stream."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in message.items() if k in known})
 
@@ -201,11 +202,11 @@ class RunRecord:
     @classmethod
     def from_fields(cls, raw: dict[bytes, bytes]) -> RunRecord | None:
         """The record of a Redis hash, or None when there is none."""
-        if not raw:
-            return None
-        known = _RECORD_FIELDS
         values = {k.decode(): v for k, v in raw.items()}
-        return cls(**{k: v.decode() if k == "status" else json.loads(v) for k, v in values.items() if k in known})
+        if not _REQUIRED <= values.keys():
+            return None  # nothing, or what a worker wrote after the record expired mid-run: no run to show
+        return cls(**{k: v.decode() if k == "status" else json.loads(v) for k, v in values.items()
+                      if k in _RECORD_FIELDS})
 
     def to_view(self, chunks: list[dict[str, Any]] | None = None, full: bool = True) -> dict[str, Any]:
         """The run as the API shows it: a summary, or (``full``) everything kept of it."""
@@ -231,6 +232,7 @@ class RunRecord:
 
 
 _RECORD_FIELDS = frozenset(f.name for f in fields(RunRecord))
+_REQUIRED = frozenset(f.name for f in fields(RunRecord) if f.default is MISSING)
 
 
 def encode(values: dict[str, Any]) -> dict[str, str]:

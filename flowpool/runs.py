@@ -37,11 +37,12 @@ return 1
 # processes noticing at once only one writes the end.
 _ABANDON = """
 local run_key, lease_key, events_key = KEYS[1], KEYS[2], KEYS[3]
-local expected, status, finished_at, error, done, ttl_ms, force = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+local expected, status, finished_at, error_json, done, ttl_ms, force = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5],
+  ARGV[6], ARGV[7]
 local current = redis.call('HGET', run_key, 'status')
 if current ~= expected then return 0 end
 if current == 'running' and force ~= '1' and redis.call('EXISTS', lease_key) == 1 then return 0 end
-redis.call('HSET', run_key, 'status', status, 'finished_at', finished_at, 'error', error)
+redis.call('HSET', run_key, 'status', status, 'finished_at', finished_at, 'error', error_json)
 redis.call('XADD', events_key, '*', 'kind', 'done', 'data', done)
 redis.call('PEXPIRE', events_key, ttl_ms)
 return 1
@@ -174,8 +175,7 @@ class RunStore:
         self.redis.set(keys.run_cancel(request_id), 1, px=self.ttl_ms)
 
     def finish(self, pipe: redis.client.Pipeline, request_id: str, end: RunEnd, fields: dict[str, Any]) -> None:
-        """Queue the writes that end a run: its record (``fields`` of a :class:`RunRecord`), the ``done`` event,
-        the lease gone."""
+        """Queue the writes that end a run: the record's final ``fields``, the ``done`` event, the lease gone."""
         now = time.time()
         pipe.hset(keys.run(request_id), mapping=encode({"status": end.status, "finished_at": now, **fields}))
         pipe.xadd(keys.run_events(request_id), {"kind": "done", "data": dumps(end.to_message())})

@@ -8,7 +8,6 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 from flowpool import keys
 
 from .documents import AccountDocuments
-from .names import NAME
 
 __all__ = ["Application", "Applications", "Route", "IntentRoute"]
 

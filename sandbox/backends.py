@@ -66,7 +66,8 @@ def _package_dirs() -> list[str]:
     dirs = set()
     for name in ("flowpool", "flowpool.sandbox", "flowpool_workflow", "maitai_workflow"):
         spec = importlib.util.find_spec(name)
-        assert spec is not None and spec.submodule_search_locations, f"{name} is not installed as a package"
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError(f"{name} is not installed as a package")
         dirs.update(os.path.abspath(path) for path in spec.submodule_search_locations)
     return sorted(dirs)
 

@@ -57,6 +57,7 @@ class _Chunks:
         self._batch: list[tuple[str, Any, int]] = []
 
     def emit(self, chunk_type: str, content: Any) -> None:
+        """Take one emitted chunk; a full batch goes out at once."""
         self._batch.append((chunk_type, redact(content, self.secrets), next(self._count)))
         if len(self._batch) >= self._BATCH:
             self.flush()

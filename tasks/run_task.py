@@ -50,26 +50,16 @@ class _RuntimeStep(bootsteps.StartStopStep):
         app.flowpool_ready.set()
 
     def stop(self, worker: Any) -> None:
-        """A warm shutdown (SIGTERM): the runs still going get up to their hard limit, then the runtime stops."""
-        if worker.app.flowpool_runtime is None:
+        runtime = worker.app.flowpool_runtime
+        if runtime is None:
             return
-        # This step stops before the pool does: the consumer takes no more
-        # messages, and the runs still going finish before the sandbox goes away.
+        # This step stops before the pool does: on a warm shutdown (SIGTERM)
+        # the consumer takes no more messages, and the runs still going get
+        # up to their hard limit to finish before the sandbox goes away.
         settings = worker.app.flowpool_settings
         deadline = time.monotonic() + settings.max_timeout_seconds + settings.hard_timeout_grace_seconds
         while state.active_requests and time.monotonic() < deadline and not state.should_terminate:
             time.sleep(0.05)
-        self._stop_runtime(worker)
-
-    def terminate(self, worker: Any) -> None:
-        """A cold shutdown (SIGQUIT, a second Ctrl-C): the runtime stops at once, and the runs still going with it."""
-        self._stop_runtime(worker)
-
-    @staticmethod
-    def _stop_runtime(worker: Any) -> None:
-        runtime = worker.app.flowpool_runtime
-        if runtime is None:
-            return
         worker.app.flowpool_ready.clear()
         runtime.stop()
         worker.app.flowpool_runtime = None

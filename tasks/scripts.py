@@ -12,6 +12,8 @@ __all__ = ["CompiledScript", "ScriptCache"]
 
 
 class CompiledScript(NamedTuple):
+    """A script version compiled once, and its source for the run's tracebacks."""
+
     code: bytes  # marshalled code object
     source: str  # for the tracebacks of the run
 

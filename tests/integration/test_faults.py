@@ -100,7 +100,7 @@ def test_worker_killed_mid_run_gives_500_worker_lost_before_the_time_limit(stack
     # A 408 would come after the 20 s soft limit: the read timeout turns that into a failure here.
     thread, result = _invoke_in_background(client, "sleeper", timeout=15)
     [run] = eventually(lambda: [r for r in _runs(client, "sleeper") if r["status"] == "running"], 15,
-                   "the run is running")
+                        "the run is running")
     worker = _worker(stack)
     descendants = psutil.Process(worker.pid).children(recursive=True)
     assert descendants, "the worker has no sandbox processes"
