@@ -85,6 +85,8 @@ def test_a_record_reads_back_what_was_stored_and_passes_over_unknown_fields() ->
 
     assert RunRecord.from_fields({**stored, b"later_field": b"1"}) == record
     assert RunRecord.from_fields({}) is None
+    # What a worker writes when the record expired during the run is no run to show.
+    assert RunRecord.from_fields({b"status": b"succeeded", b"finished_at": b"1.5", b"output": b"1"}) is None
 
 
 def test_the_served_view_of_a_record_has_its_timings() -> None:
