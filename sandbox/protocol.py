@@ -1,8 +1,8 @@
 """What the worker and a run process say to each other, and the types a sandbox's caller handles.
 
 Stdlib only: the in-sandbox side (:mod:`.runtime`, :mod:`flowpool_workflow`)
-imports this module as well as the worker's side, so the ctx-call error kinds
-are written down once.
+imports this module as well as the worker's side, so the error kinds of ctx
+calls and of runs are written down once.
 
 The run's channel carries one JSON object per frame (see :mod:`.channel`);
 every object has an ``op``. A run process takes exactly one job:
@@ -18,13 +18,18 @@ every object has an ``op``. A run process takes exactly one job:
                       | {"op": "reply", "id", "error": {"kind": <CallErrorKind>, "message"}}
                   then exactly one
                     {"op": "result", "value"}
-                    | {"op": "error", "kind": "script"|"timeout"|"result", "type", "message", "traceback"}
+                    | {"op": "error", "kind": <RunErrorKind>, "type", "message", "traceback"}
 
 A call is answered before the run makes the next one; the run passes over
 answers to an earlier call that its soft limit interrupted (their ``id`` is
 not the one it waits for). The worker answers a call that fails once the
 run's soft limit has passed with the ``timeout`` kind, whatever failed, so
 the script sees its time limit rather than an error it may not expect.
+
+A run that ends in ``error`` says why in its ``kind`` (:class:`RunErrorKind`):
+the script raised, the soft limit interrupted it, or its result is not JSON.
+The worker takes ``timeout``, and any error once the soft limit has passed,
+as the time limit; every other kind as the script's own failure.
 
 The worker kills the run at its hard limit, on a frame over the size limit,
 on one that is not a JSON object with an ``op``, or on an ``op`` it does not
@@ -39,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 if TYPE_CHECKING:  # the in-sandbox side must not import the worker's errors
     from flowpool.errors import Cancelled, ResultTooLarge, SandboxError, ScriptError, TimeLimitExceeded
 
-__all__ = ["CallErrorKind", "CallFailed", "CallHandler", "RunOutcome", "SandboxLimits", "Streamed"]
+__all__ = ["CallErrorKind", "CallFailed", "CallHandler", "RunErrorKind", "RunOutcome", "SandboxLimits", "Streamed"]
 
 
 class CallErrorKind(str, Enum):
@@ -52,6 +57,14 @@ class CallErrorKind(str, Enum):
     TIMEOUT = "timeout"  # the run's soft limit passed while the call was served
     UNSUPPORTED = "unsupported"  # this worker serves no such call
     INVALID = "invalid"  # the call is malformed
+
+
+class RunErrorKind(str, Enum):
+    """Why a run ended in an ``error`` instead of a ``result``, as it crosses the run's channel."""
+
+    SCRIPT = "script"  # the script raised (SystemExit included)
+    TIMEOUT = "timeout"  # the soft limit's SoftTimeLimitExceeded ended the script
+    RESULT = "result"  # execute() returned a value that is not JSON-serializable
 
 
 class CallFailed(Exception):

@@ -19,6 +19,7 @@ class RunProcess:
     pid: int | None = None
     sock: socket.socket | None = None
     pidfd: int | None = None  # signals reach this process even after its pid is reused
+    zygote: int | None = None  # the generation of the zygote that forked it (see Zygote.running)
 
     def kill(self) -> None:
         """Kill the run process, and its process group when it has no uid of its own."""

@@ -26,7 +26,7 @@ from typing import Any, Iterator
 from flowpool_workflow import CALL_ERRORS, SoftTimeLimitExceeded, WorkflowContext, WorkflowError
 
 from .channel import Channel
-from .protocol import CallErrorKind
+from .protocol import CallErrorKind, RunErrorKind
 
 __all__ = ["serve"]
 
@@ -197,18 +197,18 @@ def serve(fd: int) -> None:
         try:
             payload = json.dumps({"op": "result", "value": result}, separators=(",", ":"), ensure_ascii=False)
         except (TypeError, ValueError) as exc:
-            outcome = {"op": "error", "kind": "result", "type": type(exc).__name__,
+            outcome = {"op": "error", "kind": RunErrorKind.RESULT.value, "type": type(exc).__name__,
                        "message": f"the result is not JSON-serializable: {exc}"}
         else:
             _flush_streams()
             channel.send_bytes(payload.encode())
             return
     except SoftTimeLimitExceeded as exc:
-        outcome = {"op": "error", "kind": "timeout", "type": type(exc).__name__, "message": str(exc),
-                   "traceback": _script_traceback(exc)}
+        outcome = {"op": "error", "kind": RunErrorKind.TIMEOUT.value, "type": type(exc).__name__,
+                   "message": str(exc), "traceback": _script_traceback(exc)}
     except BaseException as exc:  # the script may raise anything, SystemExit included
-        outcome = {"op": "error", "kind": "script", "type": type(exc).__name__, "message": _describe(exc),
-                   "traceback": _script_traceback(exc)}
+        outcome = {"op": "error", "kind": RunErrorKind.SCRIPT.value, "type": type(exc).__name__,
+                   "message": _describe(exc), "traceback": _script_traceback(exc)}
     _flush_streams()
     channel.send(outcome)
 

@@ -149,8 +149,8 @@ class Sandbox:
         uid = self._uid_base + slot if self._uid_base is not None else None
         process = RunProcess(slot, uid, os.path.join(self._root, f"run-{next(self._runs)}"))
         try:
-            process.pid, process.sock = self._zygote.spawn(process.workdir, self._process_limits(limits or self.limits),
-                                                           uid, uid)
+            process.pid, process.sock, process.zygote = self._zygote.spawn(
+                process.workdir, self._process_limits(limits or self.limits), uid, uid)
             process.pidfd = os.pidfd_open(process.pid)
         except BaseException:
             self._cleanup.put(process)
@@ -222,15 +222,19 @@ class Sandbox:
         return limits is self.limits or self._process_limits(limits) == self._process_limits(self.limits)
 
     def _take_ready(self) -> RunProcess | None:
-        """A started process waiting for a job, passing over any that died meanwhile (with a lost zygote)."""
+        """A started process waiting for a job, passing over any that died meanwhile or whose zygote did."""
         while True:
             try:
                 process = self._ready.get_nowait()
             except queue.Empty:
                 return None
-            # A pidfd reads as ready once its process has exited.
-            if process.pidfd is None or not select.select([process.pidfd], [], [], 0)[0]:
+            # A pidfd reads as ready once its process has exited. One whose zygote died is dying too, but
+            # may not have exited yet: handed the job, it would die under it and fail a run that a fresh
+            # process, from a new zygote, serves.
+            exited = process.pidfd is not None and bool(select.select([process.pidfd], [], [], 0)[0])
+            if not exited and self._zygote.running(process.zygote):
                 return process
+            process.kill()  # the clean-up takes it for dead, and it must not outlive its zygote unnoticed
             self._cleanup.put(process)
 
     def run(self, code: bytes, job: dict[str, Any], soft_seconds: float,

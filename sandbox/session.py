@@ -22,7 +22,7 @@ from typing import Any, Callable
 from flowpool.errors import Cancelled, ResultTooLarge, SandboxError, ScriptError, TimeLimitExceeded
 
 from .channel import Channel, ChannelClosed, ProtocolError
-from .protocol import CallErrorKind, CallFailed, CallHandler, RunOutcome, SandboxLimits, Streamed
+from .protocol import CallErrorKind, CallFailed, CallHandler, RunErrorKind, RunOutcome, SandboxLimits, Streamed
 from .run_process import RunProcess
 from .zygote_client import Zygote
 
@@ -158,7 +158,7 @@ class RunSession:
 
     def on_error(self, message: dict[str, Any]) -> bool:
         """Record how the script failed."""
-        if message.get("kind") == "timeout" or time.monotonic() > self.soft_deadline:
+        if message.get("kind") == RunErrorKind.TIMEOUT.value or time.monotonic() > self.soft_deadline:
             # Past the soft limit whatever failed is the limit's doing (a cleanup that raised, say).
             self.outcome.error = TimeLimitExceeded(
                 f"the run passed its soft time limit ({self.soft_seconds:g}s) and was interrupted",

@@ -3,7 +3,8 @@
 It speaks the control protocol :mod:`.zygote` specifies. One reader thread
 takes every message the zygote sends; callers block on their own request only,
 so any number of worker threads may spawn at once. A zygote that dies is
-started again by the next request; one it died under is sent once more.
+started again by the next request; one it died under is sent once more (a
+request fails only with the zygote it was sent to).
 """
 from __future__ import annotations
 
@@ -25,9 +26,10 @@ __all__ = ["Zygote"]
 
 
 class _Pending:
-    """A request waiting for the zygote's answer."""
+    """A request waiting for the answer of the zygote it was sent to."""
 
-    def __init__(self) -> None:
+    def __init__(self, zygote: int) -> None:
+        self.zygote = zygote  # the generation of that zygote: only its end fails the request
         self.event = threading.Event()
         self.reply: dict[str, Any] | None = None
 
@@ -46,6 +48,7 @@ class Zygote:
         self._exit_lock = threading.Lock()
         self._process: subprocess.Popen[bytes] | None = None
         self._control: socket.socket | None = None
+        self._generation = 0  # counts the zygotes started: a run process belongs to the one that forked it
         self._hello = threading.Event()
         self.isolation: dict[str, Any] = {}
 
@@ -94,17 +97,19 @@ class Zygote:
         )
         child.close()
         self._control = parent
-        reader = threading.Thread(target=self._read, args=(parent,), name="flowpool-zygote-reader", daemon=True)
+        self._generation += 1
+        reader = threading.Thread(target=self._read, args=(parent, self._generation), name="flowpool-zygote-reader",
+                                  daemon=True)
         reader.start()
 
-    def _read(self, control: socket.socket) -> None:
+    def _read(self, control: socket.socket, generation: int) -> None:
         while True:
             try:
                 data = control.recv(65536)
             except OSError:
                 data = b""
             if not data:
-                self._fail_pending(control)
+                self._fail_pending(control, generation)
                 return
             message = json.loads(data)
             if message["op"] == "hello":
@@ -124,25 +129,27 @@ class Zygote:
                 pending.reply = message
                 pending.event.set()
 
-    def _fail_pending(self, control: socket.socket) -> None:
+    def _fail_pending(self, control: socket.socket, generation: int) -> None:
         with self._lock:
             if self._control is control:
                 self._control = None
-        for key in list(self._pending):
-            pending = self._pending.pop(key, None)
-            if pending is not None:
+        # Only the requests sent to this zygote: one a successor has already taken must not be sent
+        # again, or a run's channel goes to two processes, which split the job's frame between them.
+        for key, pending in list(self._pending.items()):
+            if pending.zygote == generation and self._pending.pop(key, None) is not None:
                 pending.reply = {"op": "failed", "message": self._EXITED}
                 pending.event.set()
 
     _EXITED = "the sandbox zygote exited"
 
     def _request(self, message: dict[str, Any], fds: list[int] | None = None, timeout: float = 10.0,
-                 retry: bool = True) -> dict[str, Any]:
-        pending = _Pending()
+                 retry: bool = True) -> _Pending:
+        """Send ``message`` and wait for the answer; returns the answered request (``.zygote``: who answered)."""
         with self._lock:
             if self._control is None or self._process is None or self._process.poll() is not None:
                 self._stop_locked()
                 self._start_locked()
+            pending = _Pending(self._generation)
             message["id"] = next(self._ids)
             self._pending[message["id"]] = pending
             assert self._control is not None
@@ -162,23 +169,35 @@ class Zygote:
         assert pending.reply is not None
         if pending.reply["op"] == "failed":
             raise SandboxError(f"could not {message['op']} a sandbox process: {pending.reply['message']}")
-        return pending.reply
+        return pending
 
-    def spawn(self, workdir: str, limits: dict[str, int | None], uid: int | None, gid: int | None) -> tuple[int, socket.socket]:
-        """Fork a run process; returns its pid and the worker's end of its channel."""
+    def spawn(self, workdir: str, limits: dict[str, int | None], uid: int | None,
+              gid: int | None) -> tuple[int, socket.socket, int]:
+        """Fork a run process; returns its pid, the worker's end of its channel and the generation of its zygote."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            reply = self._request({"op": "spawn", "workdir": workdir, "limits": limits, "uid": uid, "gid": gid},
-                                  [theirs.fileno()])
+            answered = self._request({"op": "spawn", "workdir": workdir, "limits": limits, "uid": uid, "gid": gid},
+                                     [theirs.fileno()])
         except BaseException:
             ours.close()
             raise
         finally:
             theirs.close()
-        pid = reply["pid"]
+        assert answered.reply is not None
+        pid = answered.reply["pid"]
         with self._exit_lock:
             self._exit_events.setdefault(pid, threading.Event())
-        return pid, ours
+        return pid, ours, answered.zygote
+
+    def running(self, generation: int | None) -> bool:
+        """Whether the zygote of ``generation`` (as :meth:`spawn` gave it) is the one running now.
+
+        What a zygote forked dies with it (a parent-death signal), but not at
+        the same instant: until then its pidfd says it is alive.
+        """
+        with self._lock:
+            return (generation == self._generation and self._control is not None and self._process is not None
+                    and self._process.poll() is None)
 
     def wait_exit(self, pid: int, timeout: float) -> dict[str, int] | None:
         """The exit status of a run process, or None if it is still running after ``timeout``."""

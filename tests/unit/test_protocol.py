@@ -1,8 +1,10 @@
-"""The ctx-call error kinds: one enum both ends import, each kind an exception in the script, end to end."""
+"""The error kinds: ctx calls' and runs', one enum each that both ends import, and what each becomes, end to end."""
 from __future__ import annotations
 
+import base64
 import json
 import marshal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -10,7 +12,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from flowpool.sandbox import CallErrorKind, CallFailed, Sandbox, SandboxLimits
+from flowpool.sandbox import CallErrorKind, CallFailed, RunErrorKind, Sandbox, SandboxLimits
+from flowpool.sandbox.channel import Channel
 from flowpool_workflow import CALL_ERRORS, SoftTimeLimitExceeded
 
 
@@ -85,3 +88,35 @@ def test_each_kind_a_handler_raises_reaches_the_script_as_its_exception(sandbox:
                      "the run reached its soft time limit: refused by the test" if kind is CallErrorKind.TIMEOUT
                      else "refused by the test"]
         for kind in CallErrorKind}
+
+
+# A script that ends in each way a run reports as an error.
+FAILING_SCRIPTS = {
+    RunErrorKind.SCRIPT: "def execute(ctx):\n    raise ValueError('boom')\n",
+    RunErrorKind.TIMEOUT: "import time\n\ndef execute(ctx):\n    time.sleep(30)\n",
+    RunErrorKind.RESULT: "def execute(ctx):\n    return object()\n",
+}
+
+
+@pytest.mark.parametrize("kind", list(RunErrorKind), ids=lambda kind: kind.value)
+def test_the_runtime_ends_each_kind_of_failed_run_with_that_kind(kind: RunErrorKind) -> None:
+    ours, theirs = socket.socketpair()
+    # The runtime takes over its process (environment, stdout, signals): it gets one of its own.
+    runtime = subprocess.Popen([sys.executable, "-I", "-c", "import sys; from flowpool.sandbox import runtime; "
+                                "runtime.serve(int(sys.argv[1]))", str(theirs.fileno())], pass_fds=[theirs.fileno()])
+    theirs.close()
+    try:
+        channel = Channel(ours)
+        code = marshal.dumps(compile(FAILING_SCRIPTS[kind], "workflow.py", "exec"))
+        channel.send({"op": "run", "code": base64.b64encode(code).decode(), "source": None, "job": {},
+                      "soft_seconds": 0.5, "cpu_seconds": 10})
+        ours.settimeout(30)
+        message = channel.recv()
+
+        assert message["op"] == "error"
+        assert RunErrorKind(message["kind"]) is kind
+        assert runtime.wait(30) == 0
+    finally:
+        runtime.kill()
+        runtime.wait()
+        ours.close()

@@ -24,14 +24,16 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 import psutil
 import pytest
 
 from flowpool.errors import ResultTooLarge, SandboxError, ScriptError, TimeLimitExceeded
-from flowpool.sandbox import RunOutcome, Sandbox, SandboxLimits
+from flowpool.sandbox import RunOutcome, Sandbox, SandboxLimits, Zygote
 from flowpool.sandbox.backends import Backend, bwrap_binary, probe_bwrap
+from flowpool.sandbox.run_process import RunProcess
 from tests.helpers import fail_on_leftovers, running
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs get uids of their own only as root")
@@ -1165,6 +1167,32 @@ def test_sandbox_serves_runs_after_its_zygote_died() -> None:
     finally:
         box.stop()
     assert eventually(lambda: live_processes(uids)) == []
+
+
+def test_a_process_counts_as_its_zygotes_only_while_that_zygote_runs(tmp_path: Path) -> None:
+    # What a zygote forked dies with it, but not at once (its pidfd says it is alive till then): the
+    # sandbox asks whether a process's zygote still runs before it hands the process a job.
+    zygote = Zygote()
+    zygote.start()
+    first, second = RunProcess(0, None, str(tmp_path / "first")), RunProcess(1, None, str(tmp_path / "second"))
+    try:
+        first.pid, first.sock, first.zygote = zygote.spawn(first.workdir, {}, None, None)
+        first.pidfd = os.pidfd_open(first.pid)
+        assert zygote.running(first.zygote)
+        os.kill(zygote.isolation["pid"], signal.SIGKILL)
+        assert not eventually(lambda: zygote.running(first.zygote))
+
+        second.pid, second.sock, second.zygote = zygote.spawn(second.workdir, {}, None, None)
+        second.pidfd = os.pidfd_open(second.pid)
+        assert second.zygote != first.zygote
+        assert zygote.running(second.zygote) and not zygote.running(first.zygote)
+    finally:
+        zygote.stop()
+        for process in (first, second):
+            process.kill()  # as the sandbox kills a process it passes over
+            process.close()
+            if process.sock is not None:
+                process.sock.close()
 
 
 def test_a_closed_gate_kills_the_run_before_anything_it_sent_is_read(sandbox: Sandbox) -> None:
