@@ -9,7 +9,8 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    # Imported lazily: the sandbox imports this package and must stay light.
+    # Written out rather than with flowpool.lazy: the in-sandbox runtime imports this package, and
+    # importing flowpool_workflow loads no other module of flowpool than the protocol (a test holds it).
     if name == "Flowpool":
         from .client import Flowpool
         return Flowpool

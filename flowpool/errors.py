@@ -121,10 +121,9 @@ class RunError(FlowpoolError):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        taken = _RUN_ERRORS.get(cls.__name__)
-        if taken is not None and taken is not cls:
+        if cls.__name__ in _RUN_ERRORS:
             # The name is what travels: two classes of one name would come back as the same one.
-            raise TypeError(f"a run error named {cls.__name__} exists already ({taken.__module__})")
+            raise TypeError(f"a run error named {cls.__name__} exists already ({_RUN_ERRORS[cls.__name__].__module__})")
         _RUN_ERRORS[cls.__name__] = cls
 
     def to_dict(self) -> dict[str, Any]:

@@ -60,7 +60,8 @@ return 1
 _BEGIN = """
 local run_key, workflow_runs_key, entry_key, lock_key, entry_record_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local workflow_key, session_runs_key, metrics_key = KEYS[6], KEYS[7], KEYS[8]
-local request_id, ttl_ms, queued_at, runs_kept, lock_ms, expected_rev = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local request_id, ttl_ms, queued_at, runs_kept, lock_ms = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local expected_rev = ARGV[6]
 local RECORD_FROM = 7
 if (redis.call('HGET', workflow_key, 'rev') or '') ~= expected_rev then return {'stale'} end
 local state = {'queued'}

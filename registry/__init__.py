@@ -1,8 +1,9 @@
 """Accounts and keys, workflows and their versions, applications, agents, names, script validation, schemas."""
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from flowpool.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .accounts import Account, Accounts, hash_key
@@ -30,12 +31,4 @@ _MODULES = {
     "Workflows": "workflows", "ResolvedWorkflow": "workflows", "Upload": "workflows", "bump_version": "workflows",
 }
 
-
-def __getattr__(name: str) -> Any:
-    """A public name, imported from its module on first use."""
-    module = _MODULES.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
+__getattr__ = lazy_exports(__name__, _MODULES)

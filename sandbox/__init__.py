@@ -19,6 +19,8 @@ __all__ = ["CallErrorKind", "CallFailed", "CallHandler", "RunErrorKind", "RunOut
 
 
 def __getattr__(name: str) -> Any:
+    # Written out rather than with flowpool.lazy: the in-sandbox runtime imports this package, and
+    # importing flowpool_workflow loads no other module of flowpool than the protocol (a test holds it).
     if name == "Sandbox":
         from .sandbox import Sandbox
         return Sandbox

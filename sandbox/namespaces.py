@@ -67,12 +67,17 @@ def isolate_zygote(needed: list[str]) -> dict:
         handles = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in keep}
         mount("tmpfs", blocker, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64k")
         for path, fd in handles.items():
-            os.makedirs(path, mode=0o755, exist_ok=True)
-            mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
-            mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
-            os.close(fd)
+            _bind_read_only(fd, path)
             exposed.append(path)
     return {"network": "none", "exposed": exposed}
+
+
+def _bind_read_only(handle: int, path: str) -> None:
+    """Mount the directory open as ``handle`` (O_PATH, taken before it was covered) at ``path``, read-only; close it."""
+    os.makedirs(path, mode=0o755, exist_ok=True)
+    mount(f"/proc/self/fd/{handle}", path, None, MS_BIND | MS_REC)
+    mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    os.close(handle)
 
 
 def hide(paths: list[str]) -> list[str]:
@@ -153,10 +158,7 @@ def own_namespaces(request: dict, fd: int) -> str:
     size = int(request["limits"].get("tmp_bytes") or (64 << 20))
     mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={size},mode=0700,nr_inodes=16384{owner}")
     for path, handle in kept.items():
-        os.makedirs(path, mode=0o755, exist_ok=True)
-        mount(f"/proc/self/fd/{handle}", path, None, MS_BIND | MS_REC)
-        mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
-        os.close(handle)
+        _bind_read_only(handle, path)
     # Every other place a run could leave a file for the next one shows the same private tmpfs.
     for path in SHARED_WRITABLE[1:]:
         if os.path.isdir(path) and not os.path.islink(path):

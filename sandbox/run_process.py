@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 from dataclasses import dataclass
 
 __all__ = ["RunProcess"]
@@ -19,7 +20,7 @@ class RunProcess:
     pid: int | None = None
     sock: socket.socket | None = None
     pidfd: int | None = None  # signals reach this process even after its pid is reused
-    zygote: int | None = None  # the generation of the zygote that forked it (see Zygote.running)
+    zygote: subprocess.Popen[bytes] | None = None  # the zygote that forked it (see Zygote.running)
 
     def kill(self) -> None:
         """Kill the run process, and its process group when it has no uid of its own."""

@@ -48,8 +48,7 @@ class RunSession:
         self.soft_seconds = soft_seconds
         self.hard_grace_seconds = hard_grace_seconds
         self.outcome = outcome
-        self.started = time.monotonic()
-        self.soft_deadline = self.started + soft_seconds
+        self.soft_deadline = time.monotonic() + soft_seconds
         self.hard_deadline = self.soft_deadline + hard_grace_seconds
         self.channel = Channel(process.sock, max_frame=limits.max_result_bytes + _FRAME_OVERHEAD)
         self._zygote = zygote

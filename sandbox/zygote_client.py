@@ -28,8 +28,8 @@ __all__ = ["Zygote"]
 class _Pending:
     """A request waiting for the answer of the zygote it was sent to."""
 
-    def __init__(self, zygote: int) -> None:
-        self.zygote = zygote  # the generation of that zygote: only its end fails the request
+    def __init__(self, zygote: subprocess.Popen[bytes]) -> None:
+        self.zygote = zygote  # only that zygote's end fails the request
         self.event = threading.Event()
         self.reply: dict[str, Any] | None = None
 
@@ -48,7 +48,6 @@ class Zygote:
         self._exit_lock = threading.Lock()
         self._process: subprocess.Popen[bytes] | None = None
         self._control: socket.socket | None = None
-        self._generation = 0  # counts the zygotes started: a run process belongs to the one that forked it
         self._hello = threading.Event()
         self.isolation: dict[str, Any] = {}
 
@@ -97,19 +96,18 @@ class Zygote:
         )
         child.close()
         self._control = parent
-        self._generation += 1
-        reader = threading.Thread(target=self._read, args=(parent, self._generation), name="flowpool-zygote-reader",
+        reader = threading.Thread(target=self._read, args=(parent, self._process), name="flowpool-zygote-reader",
                                   daemon=True)
         reader.start()
 
-    def _read(self, control: socket.socket, generation: int) -> None:
+    def _read(self, control: socket.socket, zygote: subprocess.Popen[bytes]) -> None:
         while True:
             try:
                 data = control.recv(65536)
             except OSError:
                 data = b""
             if not data:
-                self._fail_pending(control, generation)
+                self._fail_pending(control, zygote)
                 return
             message = json.loads(data)
             if message["op"] == "hello":
@@ -129,14 +127,14 @@ class Zygote:
                 pending.reply = message
                 pending.event.set()
 
-    def _fail_pending(self, control: socket.socket, generation: int) -> None:
+    def _fail_pending(self, control: socket.socket, zygote: subprocess.Popen[bytes]) -> None:
         with self._lock:
             if self._control is control:
                 self._control = None
         # Only the requests sent to this zygote: one a successor has already taken must not be sent
         # again, or a run's channel goes to two processes, which split the job's frame between them.
         for key, pending in list(self._pending.items()):
-            if pending.zygote == generation and self._pending.pop(key, None) is not None:
+            if pending.zygote is zygote and self._pending.pop(key, None) is not None:
                 pending.reply = {"op": "failed", "message": self._EXITED}
                 pending.event.set()
 
@@ -146,10 +144,11 @@ class Zygote:
                  retry: bool = True) -> _Pending:
         """Send ``message`` and wait for the answer; returns the answered request (``.zygote``: who answered)."""
         with self._lock:
-            if self._control is None or self._process is None or self._process.poll() is not None:
+            if not self._alive_locked():
                 self._stop_locked()
                 self._start_locked()
-            pending = _Pending(self._generation)
+            assert self._process is not None
+            pending = _Pending(self._process)
             message["id"] = next(self._ids)
             self._pending[message["id"]] = pending
             assert self._control is not None
@@ -172,8 +171,8 @@ class Zygote:
         return pending
 
     def spawn(self, workdir: str, limits: dict[str, int | None], uid: int | None,
-              gid: int | None) -> tuple[int, socket.socket, int]:
-        """Fork a run process; returns its pid, the worker's end of its channel and the generation of its zygote."""
+              gid: int | None) -> tuple[int, socket.socket, subprocess.Popen[bytes]]:
+        """Fork a run process; returns its pid, the worker's end of its channel and the zygote that forked it."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             answered = self._request({"op": "spawn", "workdir": workdir, "limits": limits, "uid": uid, "gid": gid},
@@ -189,15 +188,18 @@ class Zygote:
             self._exit_events.setdefault(pid, threading.Event())
         return pid, ours, answered.zygote
 
-    def running(self, generation: int | None) -> bool:
-        """Whether the zygote of ``generation`` (as :meth:`spawn` gave it) is the one running now.
+    def running(self, zygote: subprocess.Popen[bytes] | None) -> bool:
+        """Whether ``zygote`` (as :meth:`spawn` gave it) is the one running now.
 
         What a zygote forked dies with it (a parent-death signal), but not at
         the same instant: until then its pidfd says it is alive.
         """
         with self._lock:
-            return (generation == self._generation and self._control is not None and self._process is not None
-                    and self._process.poll() is None)
+            return zygote is not None and zygote is self._process and self._alive_locked()
+
+    def _alive_locked(self) -> bool:
+        """Whether the current zygote is up and its control socket open (the caller holds the lock)."""
+        return self._control is not None and self._process is not None and self._process.poll() is None
 
     def wait_exit(self, pid: int, timeout: float) -> dict[str, int] | None:
         """The exit status of a run process, or None if it is still running after ``timeout``."""

@@ -6,18 +6,16 @@ loads on first use of its names, so an API process never imports it.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+from flowpool.lazy import lazy_exports
 
 from .app import QUEUE, RUN_TASK, create_celery
 
+if TYPE_CHECKING:
+    from .execute import execute_run
+    from .run_task import worker_celery
+
 __all__ = ["QUEUE", "RUN_TASK", "create_celery", "execute_run", "worker_celery"]
 
-
-def __getattr__(name: str) -> Any:
-    if name == "worker_celery":
-        from .run_task import worker_celery
-        return worker_celery
-    if name == "execute_run":
-        from .execute import execute_run
-        return execute_run
-    raise AttributeError(name)
+__getattr__ = lazy_exports(__name__, {"execute_run": "execute", "worker_celery": "run_task"})

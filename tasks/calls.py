@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from flowpool.errors import FlowpoolError, NotFound, TimeLimitExceeded
 from flowpool.registry import Agents, Workflows, check_invocation_input, check_output
-from flowpool.run import RunJob
 from flowpool.sandbox import CallErrorKind, CallFailed
 
 from .model_calls import RunCalls
@@ -30,8 +29,7 @@ class CallRouter:
     """Serves ``on_call`` for one run; workflows it calls inline get a router of their own."""
 
     runtime: WorkerRuntime
-    job: RunJob
-    calls: RunCalls
+    calls: RunCalls  # and, in calls.job, the job this router serves
     chain: list[str]
     on_emit: Callable[[str, Any], None] | None = None
     workflow_calls: list[dict[str, Any]] = field(default_factory=list)
@@ -58,7 +56,7 @@ class CallRouter:
         if len(self.chain) > settings.max_call_depth:
             raise CallFailed(CallErrorKind.WORKFLOW, f"workflows may call each other at most "
                              f"{settings.max_call_depth} deep: " + " -> ".join([*self.chain, ref]))
-        account = self.job.account
+        account = self.calls.job.account
         try:
             workflow = Workflows(self.runtime.redis).resolve(account, ref)
             check_invocation_input(workflow.input_schema, input)
@@ -69,12 +67,9 @@ class CallRouter:
         if remaining <= 0.05:
             raise CallFailed(CallErrorKind.WORKFLOW, "the run's time budget is spent")
         soft = min(settings.clamp_timeout(workflow.timeout_seconds), remaining)
-        job = self.job.child(workflow, soft, input, messages)
-        calls = RunCalls(account_id=account, request_id=self.calls.request_id, session_id=self.calls.session_id,
-                         messages=job.messages, secrets=self.calls.secrets, application=workflow.application,
-                         records=self.calls.records, workflow=ref)
-        nested = CallRouter(self.runtime, job, calls, [*self.chain, ref], self.on_emit, self.workflow_calls,
-                            self.on_idle)
+        job = self.calls.job.child(workflow, soft, input, messages)
+        nested = CallRouter(self.runtime, self.calls.child(job), [*self.chain, ref], self.on_emit,
+                            self.workflow_calls, self.on_idle)
         started = time.monotonic()
         outcome = self.runtime.sandbox.run(script.code, job.sandbox_view(), soft, on_emit=self.on_emit,
                                            source=script.source,
@@ -105,12 +100,12 @@ class CallRouter:
         if not isinstance(name, str):
             raise CallFailed(CallErrorKind.MODEL, "ctx.agents.create needs an agent name")
         try:
-            agent = Agents(self.runtime.redis).get(self.job.account, name)
+            agent = Agents(self.runtime.redis).get(self.calls.job.account, name)
         except NotFound as exc:
             raise CallFailed(CallErrorKind.MODEL, exc.message) from exc
         messages = params.get("messages")
         if messages is None:
-            messages = self.calls.messages
+            messages = self.calls.job.messages
         if agent.workflow is None:
             return self.runtime.models.agent(self.calls, name, agent, messages, params.get("params") or {}, deadline)
         output = self.call_workflow(agent.workflow, None, messages, deadline)

@@ -85,8 +85,8 @@ def execute_run(runtime: WorkerRuntime, job: RunJob) -> str:
         runtime.active.add(request_id)
         return True
 
-    calls = RunCalls(account_id=job.account, request_id=request_id, session_id=job.session_id,
-                     messages=job.messages, secrets=job.secrets, application=job.application)
+    calls = RunCalls(job)
+    secrets = job.secret_values()
     router: CallRouter | None = None
     try:
         outcome = None
@@ -97,8 +97,8 @@ def execute_run(runtime: WorkerRuntime, job: RunJob) -> str:
             if not claim():
                 return _skipped(request_id)
         else:
-            chunks = _Chunks(runtime, request_id, job.secret_values())
-            router = CallRouter(runtime, job, calls, [job.workflow], chunks.emit, on_idle=chunks.flush)
+            chunks = _Chunks(runtime, request_id, secrets)
+            router = CallRouter(runtime, calls, [job.workflow], chunks.emit, on_idle=chunks.flush)
             # The claim's round trip overlaps the run process's start.
             outcome = runtime.sandbox.run(script.code, job.sandbox_view(), job.soft_seconds, on_emit=chunks.emit,
                                           source=script.source, gate=claim, on_call=router, cancel=cancel,
@@ -112,17 +112,16 @@ def execute_run(runtime: WorkerRuntime, job: RunJob) -> str:
                     check_output(job.output_schema, outcome.result)
                 except RunError as exc:
                     error = exc
-        return _record_end(runtime, job, outcome, error, calls, router.workflow_calls if router else [])
+        return _record_end(runtime, job, outcome, error, calls, router.workflow_calls if router else [], secrets)
     finally:
         runtime.active.discard(request_id)
         runtime.cancels.pop(request_id, None)
 
 
 def _record_end(runtime: WorkerRuntime, job: RunJob, outcome: RunOutcome | None, error: RunError | None,
-                calls: RunCalls, workflow_calls: list[dict[str, Any]]) -> str:
+                calls: RunCalls, workflow_calls: list[dict[str, Any]], secrets: list[str]) -> str:
     """Write the run's end in one round trip: record, ``done`` event, cache entry, metrics; the final status."""
     request_id, runs = job.request_id, runtime.runs
-    secrets = job.secret_values()
     status = RunStatus.for_error(error)
     usage = calls.usage()
     fields: dict[str, Any] = {"usage": usage, "model_calls": redact(calls.records, secrets),

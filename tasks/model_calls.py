@@ -19,7 +19,9 @@ import requests
 from flowpool.egress import EgressDenied, EgressPolicy, guarded_session
 from flowpool.errors import NotFound
 from flowpool.registry import Agent, Applications, Route
+from flowpool.run import RunJob
 from flowpool.sandbox import CallErrorKind, CallFailed, Streamed
+from flowpool.sse import sse_data
 
 __all__ = ["ModelRouter", "RunCalls"]
 
@@ -28,16 +30,15 @@ _RETRYABLE = {408, 409, 425, 429, 500, 502, 503, 504}
 
 @dataclass
 class RunCalls:
-    """What the model calls of one run need to know, and the records they leave."""
+    """The model calls of one run: the job they serve (account, ids, messages, secrets) and the records they leave."""
 
-    account_id: str
-    request_id: str
-    session_id: str
-    messages: list[dict[str, Any]]
-    secrets: dict[str, str]
-    application: str | None
+    job: RunJob
     records: list[dict[str, Any]] = field(default_factory=list)
-    workflow: str | None = None  # set for a workflow this run calls inline
+    inline: bool = False  # the job of a workflow the run called: its calls are recorded under its name
+
+    def child(self, job: RunJob) -> RunCalls:
+        """The calls of a workflow this run calls inline with ``job``, recorded with the run's own."""
+        return RunCalls(job, self.records, inline=True)
 
     def usage(self) -> dict[str, int]:
         """Token usage summed over the run's calls."""
@@ -68,12 +69,12 @@ class ModelRouter:
 
     def chat(self, run: RunCalls, params: dict[str, Any], deadline: float, stream: bool) -> Any:
         """One monitored model call: the response dict, or a Streamed of chunk dicts."""
-        name = params.get("application") or run.application
+        name = params.get("application") or run.job.application
         if not name:
             raise CallFailed(CallErrorKind.MODEL,
                              "no application: pass application=... or set APPLICATION in the script")
         try:
-            app = self.applications.get(run.account_id, name)
+            app = self.applications.get(run.job.account, name)
             intent, primary = app.route(params.get("intent"))
         except NotFound as exc:
             raise CallFailed(CallErrorKind.MODEL, exc.message) from exc
@@ -83,7 +84,7 @@ class ModelRouter:
         body_params = {k: v for k, v in (params.get("params") or {}).items() if v is not None}
         messages = params.get("messages")
         if messages is None:
-            messages = run.messages
+            messages = run.job.messages
         failures = []
         for index, route in enumerate(routes):
             model = params.get("model") if index == 0 and params.get("model") else route.model
@@ -116,11 +117,11 @@ class ModelRouter:
             raise CallFailed(CallErrorKind.MODEL, f"agent {name!r} at {record['provider_host']} failed: {exc}") from exc
 
     def _headers(self, run: RunCalls, route: Route) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", "X-Flowpool-Request-Id": run.request_id,
-                   "X-Flowpool-Session-Id": run.session_id}
+        headers = {"Content-Type": "application/json", "X-Flowpool-Request-Id": run.job.request_id,
+                   "X-Flowpool-Session-Id": run.job.session_id}
         key = None
         if route.api_key_secret:
-            key = run.secrets.get(route.api_key_secret)
+            key = run.job.secrets.get(route.api_key_secret)
         elif route.api_key_env:
             key = self.environ.get(route.api_key_env)
         if key:
@@ -181,13 +182,7 @@ class ModelRouter:
         first = None
         usage = None
         try:
-            for line in response.iter_lines(decode_unicode=True):
-                if not line or not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
+            for chunk in sse_data(response):
                 if first is None:
                     first = time.monotonic()
                 usage = chunk.get("usage") or usage
@@ -205,8 +200,8 @@ class ModelRouter:
     def _finish(run: RunCalls, record: dict[str, Any], error: str | None = None, latency_ms: float | None = None,
                 ttft_ms: float | None = None, usage: dict[str, Any] | None = None) -> None:
         usage = usage or {}
-        if run.workflow:
-            record["workflow"] = run.workflow
+        if run.inline:
+            record["workflow"] = run.job.workflow
         record.update(status="error" if error else "ok", error=error,
                       latency_ms=round(latency_ms, 3) if latency_ms is not None else None,
                       ttft_ms=round(ttft_ms, 3) if ttft_ms is not None else None,
