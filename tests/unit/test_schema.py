@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from flowpool.errors import InputSchemaError, OutputSchemaError
-from flowpool.registry.schema import check_input, check_output
+from flowpool.registry.schema import check_input, check_invocation_input, check_output
 
 SCHEMA = {
     "query": {"type": "string", "description": "what to look for", "required": True},
@@ -114,3 +114,15 @@ def test_first_broken_field_in_schema_order_is_reported() -> None:
     with pytest.raises(InputSchemaError) as caught:
         check_input(SCHEMA, {"tags": "x", "n": "y"})
     assert caught.value.details == {"field": "query"}
+
+
+def test_an_invocation_without_input_is_fine_until_the_schema_requires_a_field() -> None:
+    optional = {"q": {"type": "string"}}
+    required = {"q": {"type": "string", "required": True}}
+
+    check_invocation_input(None, None)
+    check_invocation_input(optional, None)  # only messages came
+    with pytest.raises(InputSchemaError, match="'q' is required"):
+        check_invocation_input(required, None)
+    with pytest.raises(InputSchemaError):
+        check_invocation_input(optional, {"q": 1})  # input that does come is checked
