@@ -197,7 +197,7 @@ class RunRecord:
 
     def to_fields(self) -> dict[str, str]:
         """The fields as stored (unset ones left out)."""
-        return encode({f.name: getattr(self, f.name) for f in fields(self)})
+        return encode({name: value for name in _RECORD_NAMES if (value := getattr(self, name)) is not None})
 
     @classmethod
     def from_fields(cls, raw: dict[bytes, bytes]) -> RunRecord | None:
@@ -231,7 +231,8 @@ class RunRecord:
         return view
 
 
-_RECORD_FIELDS = frozenset(f.name for f in fields(RunRecord))
+_RECORD_NAMES = tuple(f.name for f in fields(RunRecord))
+_RECORD_FIELDS = frozenset(_RECORD_NAMES)
 _REQUIRED = frozenset(f.name for f in fields(RunRecord) if f.default is MISSING)
 
 
