@@ -18,6 +18,7 @@ from typing import Any, Literal
 from flowpool.errors import FlowpoolError, PayloadTooLarge, RequestError, RunNotStarted, Unavailable
 from flowpool.registry import Account, ResolvedWorkflow, check_invocation_input
 from flowpool.run import CachePlan, RunEnd, RunJob, RunRecord, RunStatus
+from flowpool.sealing import InvalidToken, SecretBox
 from flowpool.tasks.app import RUN_TASK
 
 from .models import InvokeRequest, parse_model
@@ -40,6 +41,7 @@ class Admission:
     end: RunEnd | None = None  # a hit's cached end
     chunks: list[dict[str, Any]] = field(default_factory=list)  # a hit's cached chunks
     job: RunJob | None = None  # a queued run's job, for submit
+    box: SecretBox | None = None  # opens an output sealed for this request's secrets (flowpool.sealing)
 
     @property
     def cache_header(self) -> str:
@@ -92,6 +94,7 @@ def admit(svc: Services, account: Account, body: InvokeRequest) -> Admission:
     else:
         raise Unavailable(f"workflow {ref!r} changed {_STALE_TRIES} times while this request started; try again")
 
+    box = svc.sealer.box(body.secrets)
     if state in ("hit", "hit-unrecorded"):
         if state == "hit-unrecorded":
             now = time.time()
@@ -102,10 +105,10 @@ def admit(svc: Services, account: Account, body: InvokeRequest) -> Admission:
                 output=found.get("output"), usage=found.get("usage"), chunk_count=len(found.get("chunks") or ()),
                 metadata=body.metadata))
         end = RunEnd(status=RunStatus.SUCCEEDED.value, version=found.get("version"), usage=found.get("usage"),
-                     output=found.get("output"), content=found.get("content"))
+                     **_clear_output(found, box))
         return Admission("hit", request_id, session_id, run_seconds, end=end, chunks=found.get("chunks") or [])
     if state == "join":
-        return Admission("join", found, session_id, run_seconds)
+        return Admission("join", found, session_id, run_seconds, box=box)
     job = RunJob(
         request_id=request_id, account=workflow.account_id, workflow=workflow.ref, version=workflow.version,
         content_hash=workflow.content_hash, soft_seconds=soft, session_id=session_id, input=body.input,
@@ -113,7 +116,26 @@ def admit(svc: Services, account: Account, body: InvokeRequest) -> Admission:
         params={"max_tokens": body.max_tokens, "temperature": body.temperature, "stream": body.stream},
         env=workflow.env, output_schema=workflow.output_schema, application=workflow.application,
         limits=workflow.limits, cache=CachePlan(cache_key, ttl) if cache_key else None)
-    return Admission("queued", request_id, session_id, run_seconds, job=job)
+    return Admission("queued", request_id, session_id, run_seconds, job=job, box=box)
+
+
+def _clear_output(entry: dict[str, Any], box: SecretBox | None) -> dict[str, Any]:
+    """A cache entry's output and content, opened for this request when sealed for its secrets.
+
+    Only a request holding the same secrets finds such an entry (the cache
+    key holds their keyed hash), so one that does not open means the server
+    key changed under it: a 503, never the redacted output as an answer.
+    """
+    sealed = entry.get("sealed")
+    if sealed is None:
+        return {"output": entry.get("output"), "content": entry.get("content")}
+    if box is not None:
+        try:
+            return box.open(sealed)
+        except InvalidToken:
+            pass
+    raise Unavailable("a cached result could not be opened with this request's secrets; "
+                      "send the request with \"cache\": false")
 
 
 def submit(svc: Services, admission: Admission) -> None:
@@ -125,7 +147,7 @@ def submit(svc: Services, admission: Admission) -> None:
             raise Unavailable("no flowpool worker is running; start one with 'flowpool worker'")
         try:
             svc.celery.send_task(
-                RUN_TASK, kwargs={"job": job.to_message()}, task_id=job.request_id,
+                RUN_TASK, kwargs={"job": job.to_message(svc.sealer)}, task_id=job.request_id,
                 expires=svc.settings.queue_wait_seconds,
                 # Keep secrets out of worker logs and task events (Flower).
                 argsrepr="()", kwargsrepr=f"{{'job': <run {job.request_id} of {job.workflow}@{job.version}>}}",

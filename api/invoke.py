@@ -35,7 +35,8 @@ def chat_completions() -> Response:
     if body.stream:
         cancel = admission.verdict == "queued" and body.on_disconnect == "cancel"
         return stream_response(svc.runs, body.model, admission.request_id, admission.session_id,
-                               _events(svc, admission), admission.cache_header, cancel_on_disconnect=cancel)
+                               _events(svc, admission), admission.cache_header, cancel_on_disconnect=cancel,
+                               box=admission.box)
     end = admission.end
     if end is None:
         end = _wait(svc, admission)
@@ -56,8 +57,8 @@ def _wait(svc: Services, admission: Admission) -> RunEnd:
     """The end of the run; an error raised while waiting names the run, so the caller can look it up."""
     request_id = admission.request_id
     try:
-        return svc.runs.take_reply(request_id, svc.runs.wait(request_id, svc.settings.queue_wait_seconds,
-                                                             admission.run_seconds))
+        end = svc.runs.wait(request_id, svc.settings.queue_wait_seconds, admission.run_seconds)
+        return svc.runs.take_reply(request_id, end, admission.box)
     except RunError as exc:
         exc.details.setdefault("request_id", request_id)
         raise

@@ -14,8 +14,9 @@ from flowpool import keys
 from flowpool.cache import ResultCache
 from flowpool.connections import connect_redis
 from flowpool.errors import AuthenticationError
-from flowpool.registry import Account, Accounts, Agents, Applications, ResolvedWorkflow, Workflows
+from flowpool.registry import Account, Accounts, Agents, Applications, ProviderKeys, ResolvedWorkflow, Workflows
 from flowpool.runs import RunStore
+from flowpool.sealing import Sealer, ServerKey
 from flowpool.settings import Settings
 from flowpool.tasks.app import create_celery
 
@@ -35,11 +36,14 @@ class Services:
         self.settings = settings
         self.redis = connect_redis(settings)
         self.accounts = Accounts(self.redis)
-        self.workflows = Workflows(self.redis)
+        self.workflows = Workflows(self.redis, settings.max_script_bytes)
         self.applications = Applications(self.redis)
         self.agents = Agents(self.redis)
+        self.provider_keys = ProviderKeys(settings.provider_keys)
         self.runs = RunStore(self.redis, settings.run_ttl_seconds, settings.runs_per_workflow)
-        self.cache = ResultCache(self.redis, settings.secret_key)
+        server_key = ServerKey(self.redis, settings.secret_key)
+        self.cache = ResultCache(self.redis, server_key)
+        self.sealer = Sealer(server_key)  # the secrets of jobs on their way to the workers
         self.celery = create_celery(settings)
         self._workers_seen_until = 0.0
         self._resolved: dict[tuple[str, str, str | None], tuple[float, ResolvedWorkflow]] = {}

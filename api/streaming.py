@@ -11,6 +11,7 @@ from flask import Response, jsonify
 from flowpool.errors import RunError
 from flowpool.run import RunEnd
 from flowpool.runs import RunStore
+from flowpool.sealing import SecretBox
 
 __all__ = ["Events", "answer", "completion", "replay", "stream_response"]
 
@@ -51,7 +52,7 @@ def _sse(payload: Any, event_id: str = "") -> str:
 
 
 def stream_response(runs: RunStore, model: str, request_id: str, session_id: str, events: Events, cache: str,
-                    cancel_on_disconnect: bool = False) -> Response:
+                    cancel_on_disconnect: bool = False, box: SecretBox | None = None) -> Response:
     """Answer as ``text/event-stream``: each emitted chunk, then the chat.completion, then ``[DONE]``.
 
     Each event carries the run's stream entry id as its SSE ``id``, so
@@ -59,7 +60,8 @@ def stream_response(runs: RunStore, model: str, request_id: str, session_id: str
     dropped connection. A run that fails before its first event is answered
     with the plain JSON error and its status; after it, with an ``error``
     event. A caller that goes away leaves the run going, unless it asked for
-    ``"on_disconnect": "cancel"``.
+    ``"on_disconnect": "cancel"``. An output sealed for the request's secrets
+    is opened with ``box``; without it (a resumed stream) it stays redacted.
     """
     try:
         first = next(events)
@@ -86,7 +88,7 @@ def stream_response(runs: RunStore, model: str, request_id: str, session_id: str
                                 "index": data.get("index"), "request_id": request_id, "choices": []}, event_id)
                     continue
                 finished = True
-                end = runs.take_reply(request_id, data)
+                end = runs.take_reply(request_id, data, box)
                 error = end.exception(request_id)
                 if error is not None:
                     yield _sse(error.to_body(), event_id)

@@ -7,19 +7,20 @@ The key is the SHA-256 of the canonical JSON of the account, the script
 version's content hash, the workflow's env, ``input``, ``messages``, the
 inference params, ``metadata`` and an HMAC of the request secrets: two
 requests differing only in a secret never share a result, and the secrets
-themselves are never written. Only successful runs are stored.
+themselves are never written. Only successful runs are stored. An output
+that carries a request secret is stored redacted, with its clear form sealed
+for the requests holding those secrets (:class:`~flowpool.sealing.SecretBox`):
+only they find the entry, and only they can open it.
 """
 from __future__ import annotations
 
 import hashlib
-import hmac
-import json
-import secrets as _secrets
 from typing import Any
 
 import redis
 
 from . import keys
+from .sealing import ServerKey, canonical_json
 
 __all__ = ["ResultCache", "canonical_json"]
 
@@ -31,32 +32,18 @@ return 0
 """
 
 
-def canonical_json(value: Any) -> bytes:
-    """One byte string per JSON value, whatever the key order."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
 class ResultCache:
     """Look up, store and single-flight cached results of one Redis."""
 
-    def __init__(self, client: redis.Redis, secret_key: str | None) -> None:
+    def __init__(self, client: redis.Redis, server_key: ServerKey) -> None:
         self.redis = client
-        self._secret_key = secret_key.encode() if secret_key else None
+        self.server_key = server_key
         self._release = client.register_script(_RELEASE)
-
-    def _hmac_key(self) -> bytes:
-        if self._secret_key is None:
-            # Generated once per Redis, shared by every API process.
-            self.redis.set(keys.SECRET, _secrets.token_hex(32), nx=True)
-            self._secret_key = self.redis.get(keys.SECRET)
-        return self._secret_key
 
     def key(self, account_id: str, content_hash: str, config_hash: str, request: dict[str, Any],
             secrets: dict[str, str] | None) -> str:
         """The cache key of a request to one workflow version."""
-        secrets_mac = ""
-        if secrets:
-            secrets_mac = hmac.new(self._hmac_key(), canonical_json(secrets), hashlib.sha256).hexdigest()
+        secrets_mac = self.server_key.mac(secrets) if secrets else ""
         material = {
             "account": account_id, "version": content_hash, "config": config_hash,
             "input": request.get("input"), "messages": request.get("messages"),

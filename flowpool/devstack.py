@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import IO, Any
 
 import requests
 
@@ -25,7 +25,9 @@ __all__ = ["Stack", "DevStack"]
 class Stack:
     """Child processes of one flowpool installation, sharing one environment."""
 
-    def __init__(self, env: dict[str, str] | None = None, redis_url: str | None = None) -> None:
+    def __init__(self, env: dict[str, str] | None = None, redis_url: str | None = None,
+                 output: IO[bytes] | None = None) -> None:
+        self.output = output  # where the processes write, unless quiet; None: this process's own stdout/stderr
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWPOOL_")}
         self.env.update(env or {})
         self.redis: RedisServer | None = None
@@ -40,7 +42,7 @@ class Stack:
 
     def spawn(self, *args: str, env: dict[str, str] | None = None, quiet: bool = False) -> subprocess.Popen[bytes]:
         """Start ``flowpool ARGS`` with this stack's environment."""
-        output = subprocess.DEVNULL if quiet else None
+        output = subprocess.DEVNULL if quiet else self.output
         # -I: the working directory is not put on sys.path, so a file there
         # named like a module (redis.py, amqp.py...) cannot shadow it.
         process = subprocess.Popen(

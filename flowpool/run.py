@@ -22,9 +22,11 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from flowpool.errors import Cancelled, RunError, WorkerLost, run_error_from_dict
+from flowpool.jsonsafe import find_problem
 
 if TYPE_CHECKING:
     from flowpool.registry import ResolvedWorkflow
+    from flowpool.sealing import Sealer
 
 __all__ = ["CachePlan", "RunEnd", "RunJob", "RunRecord", "RunStatus", "dumps", "encode"]
 
@@ -81,7 +83,7 @@ class RunJob:
     session_id: str = ""
     input: Any = None
     messages: list[dict[str, Any]] = field(default_factory=list)
-    secrets: dict[str, str] = field(default_factory=dict)  # travel to the worker, never stored
+    secrets: dict[str, str] = field(default_factory=dict)  # travel to the worker sealed, never stored
     metadata: dict[str, Any] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)  # the request's inference params
     env: dict[str, str] = field(default_factory=dict)
@@ -90,20 +92,26 @@ class RunJob:
     limits: dict[str, int] | None = None  # the workflow's own LIMITS
     cache: CachePlan | None = None
 
-    def to_message(self) -> dict[str, Any]:
-        """The job as the JSON body of its Celery message."""
-        message = {f.name: getattr(self, f.name) for f in fields(self)}
+    def to_message(self, sealer: Sealer) -> dict[str, Any]:
+        """The job as the JSON body of its Celery message, its secrets sealed: a message at rest holds none in clear."""
+        message = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "secrets"}
         message["cache"] = {"key": self.cache.key, "ttl": self.cache.ttl} if self.cache else None
+        if self.secrets:
+            message["sealed_secrets"] = sealer.seal(self.secrets)
         return message
 
     @classmethod
-    def from_message(cls, message: dict[str, Any]) -> RunJob:
-        """The job of a Celery message (unknown keys, from a newer sender, are passed over)."""
-        known = {f.name for f in fields(cls)}
+    def from_message(cls, message: dict[str, Any], sealer: Sealer) -> RunJob:
+        """The job of a Celery message (unknown keys, from a newer sender, are passed over).
+
+        Raises ``InvalidToken`` when its secrets were sealed by another installation's key.
+        """
+        known = {f.name for f in fields(cls)} - {"secrets"}
         values = {k: v for k, v in message.items() if k in known}
         cache = values.get("cache")
         values["cache"] = CachePlan(key=cache["key"], ttl=int(cache["ttl"])) if cache else None
-        return cls(**values)
+        sealed = message.get("sealed_secrets")
+        return cls(**values, secrets=sealer.open(sealed) if sealed else {})
 
     def child(self, workflow: ResolvedWorkflow, soft_seconds: float, input: Any,
               messages: list[dict[str, Any]] | None) -> RunJob:
@@ -139,7 +147,7 @@ class RunEnd:
     output: Any = None
     content: Any = None  # the chat.completion's message content: the output, as text
     error: dict[str, Any] | None = None  # RunError.to_dict()
-    reply: bool = False  # the clear output waits under keys.run_reply; the stream keeps it redacted
+    reply: bool = False  # the clear output waits sealed under keys.run_reply; the stream keeps it redacted
 
     def to_message(self) -> dict[str, Any]:
         """The end as stored in the run's stream."""
@@ -205,7 +213,7 @@ class RunRecord:
         values = {k.decode(): v for k, v in raw.items()}
         if not _REQUIRED <= values.keys():
             return None  # nothing, or what a worker wrote after the record expired mid-run: no run to show
-        return cls(**{k: v.decode() if k == "status" else json.loads(v) for k, v in values.items()
+        return cls(**{k: v.decode() if k == "status" else _load_field(v) for k, v in values.items()
                       if k in _RECORD_FIELDS})
 
     def to_view(self, chunks: list[dict[str, Any]] | None = None, full: bool = True) -> dict[str, Any]:
@@ -229,6 +237,22 @@ class RunRecord:
                 logs_truncated=bool(self.logs_truncated), chunks=chunks or [],
             )
         return view
+
+
+# Deeper than anything the API or a worker lets in, and far below Python's recursion limit.
+_READABLE_DEPTH = 256
+_UNREADABLE = {"unreadable": "this field was stored nested too deeply or with NaN/Infinity, and is not shown"}
+
+
+def _load_field(raw: bytes) -> Any:
+    """A stored field decoded; one that could not be shown as JSON (kept from before results were checked) is a note."""
+    if raw.count(b"[") + raw.count(b"{") <= _READABLE_DEPTH and b"NaN" not in raw and b"Infinity" not in raw:
+        return json.loads(raw)  # the common case: nothing can be wrong, nothing to walk
+    try:
+        value = json.loads(raw)
+    except RecursionError:
+        return _UNREADABLE
+    return _UNREADABLE if find_problem(value, _READABLE_DEPTH) else value
 
 
 _RECORD_NAMES = tuple(f.name for f in fields(RunRecord))

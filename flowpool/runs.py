@@ -19,6 +19,7 @@ import redis
 from flowpool import keys
 from flowpool.errors import RunError, RunNotStarted, WorkerLost
 from flowpool.run import RunEnd, RunRecord, RunStatus, dumps, encode
+from flowpool.sealing import InvalidToken, SecretBox
 
 __all__ = ["RunStatus", "RunStore"]
 
@@ -185,19 +186,29 @@ class RunStore:
         pipe.delete(keys.run_lease(request_id))
         pipe.hincrby(keys.METRICS, f"runs:{end.status}", 1)
 
-    # How long a clear output waits for its caller before Redis drops it.
+    # How long the sealed output of a secret-bearing run waits for its callers before Redis drops it.
     REPLY_SECONDS = 60
 
-    def put_reply(self, pipe: redis.client.Pipeline, request_id: str, reply: dict[str, Any]) -> None:
-        """Queue the write of the clear output of a run whose stream keeps it redacted."""
-        pipe.set(keys.run_reply(request_id), dumps(reply), ex=self.REPLY_SECONDS)
+    def put_reply(self, pipe: redis.client.Pipeline, request_id: str, sealed: str) -> None:
+        """Queue the write of the output of a run whose stream keeps it redacted, sealed for its callers' secrets."""
+        pipe.set(keys.run_reply(request_id), sealed, ex=self.REPLY_SECONDS)
 
-    def take_reply(self, request_id: str, end: RunEnd) -> RunEnd:
-        """``end`` with its clear output, taken (and deleted) if this caller is the first to ask."""
-        if not end.reply:
+    def take_reply(self, request_id: str, end: RunEnd, box: SecretBox | None) -> RunEnd:
+        """``end`` with its clear output, for a caller holding the secrets it was sealed for.
+
+        Every caller of the run (its own and those that joined it) opens the
+        same sealed reply with its own secrets; anyone else, or a caller after
+        the reply expired, keeps the redacted end.
+        """
+        if not end.reply or box is None:
             return end
-        raw = self.redis.getdel(keys.run_reply(request_id))
-        return replace(end, **json.loads(raw)) if raw is not None else end
+        sealed = self.redis.get(keys.run_reply(request_id))
+        if sealed is None:
+            return end
+        try:
+            return replace(end, **box.open(sealed.decode()), reply=False)
+        except InvalidToken:
+            return end
 
     def abandon(self, request_id: str, expected: RunStatus, error: RunError, version: str | None,
                 force: bool = False) -> bool:

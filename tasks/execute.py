@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
+import sys
 import threading
 import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+import flowpool
 from flowpool import keys
 from flowpool.errors import NotFound, RunError, ScriptError
 from flowpool.registry import check_output
@@ -25,19 +28,26 @@ if TYPE_CHECKING:
 log = logging.getLogger("flowpool.worker")
 
 
-def redact(value: Any, secrets: list[str]) -> Any:
-    """``value`` with every secret string replaced by ``[redacted]``."""
+def redact(value: Any, secrets: list[str], replacement: str = "[redacted]") -> Any:
+    """``value`` with every occurrence of a secret, in any string of it (keys included), replaced."""
     if not secrets:
         return value
     if isinstance(value, str):
         for secret in secrets:
-            value = value.replace(secret, "[redacted]")
+            value = value.replace(secret, replacement)
         return value
-    if isinstance(value, list):
-        return [redact(v, secrets) for v in value]
-    if isinstance(value, dict):
-        return {k: redact(v, secrets) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v, secrets, replacement) for v in value]
+    if isinstance(value, dict):  # keys too: ``{secret: 1}`` must not keep it
+        return {redact(k, secrets, replacement): redact(v, secrets, replacement) for k, v in value.items()}
     return value
+
+
+# Where this worker's Python and flowpool live, longest first: an error's text
+# (an ImportError names the module's file) shows them to no caller.
+_HOST_PATHS = sorted({path for path in (sys.prefix, sys.base_prefix, sys.exec_prefix,
+                                        os.path.dirname(os.path.dirname(os.path.abspath(flowpool.__file__))))
+                      if len(path) > 1}, key=len, reverse=True)
 
 
 def _skipped(request_id: str) -> str:
@@ -58,7 +68,7 @@ class _Chunks:
 
     def emit(self, chunk_type: str, content: Any) -> None:
         """Take one emitted chunk; a full batch goes out at once."""
-        self._batch.append((chunk_type, redact(content, self.secrets), next(self._count)))
+        self._batch.append((redact(chunk_type, self.secrets), redact(content, self.secrets), next(self._count)))
         if len(self._batch) >= self._BATCH:
             self.flush()
 
@@ -109,7 +119,7 @@ def execute_run(runtime: WorkerRuntime, job: RunJob) -> str:
             error = outcome.error
             if error is None:
                 try:
-                    check_output(job.output_schema, outcome.result)
+                    check_output(job.output_schema, outcome.result, runtime.settings.max_json_depth)
                 except RunError as exc:
                     error = exc
         return _record_end(runtime, job, outcome, error, calls, router.workflow_calls if router else [], secrets)
@@ -133,8 +143,8 @@ def _record_end(runtime: WorkerRuntime, job: RunJob, outcome: RunOutcome | None,
         content = output if isinstance(output, str) else outcome.result_json
         fields["output"] = redact(output, secrets)
     else:
-        error.message = redact(error.message, secrets)
-        error.details = redact(error.details, secrets)
+        error.message = redact(redact(error.message, secrets), _HOST_PATHS, "<runtime>")
+        error.details = redact(redact(error.details, secrets), _HOST_PATHS, "<runtime>")
         fields["error"] = error.to_dict()
     end = RunEnd(status=status.value, version=job.version, usage=usage, output=output, content=content,
                  error=fields.get("error"))
@@ -143,21 +153,29 @@ def _record_end(runtime: WorkerRuntime, job: RunJob, outcome: RunOutcome | None,
         fields["logs_truncated"] = outcome.logs_truncated
         fields["chunk_count"] = outcome.chunks
     pipe = runtime.redis.pipeline(transaction=False)
-    carries_secret = error is None and fields["output"] != output
+    # An output carrying a request secret is kept redacted; its clear form is
+    # sealed for the requests holding the same secrets (flowpool.sealing).
+    sealed = None
+    if error is None and fields["output"] != output:
+        box = runtime.sealer.box(job.secrets)
+        assert box is not None, "only a request's secrets are redacted"
+        sealed = box.seal({"output": output, "content": content})
+        output, content = fields["output"], redact(content, secrets)
     if job.cache is not None:
-        # An output carrying a request secret is not cached: the entry would hold the secret in clear.
-        if error is None and job.cache.ttl and not carries_secret:
+        if error is None and job.cache.ttl:
             entry = {"output": output, "content": content, "usage": usage, "version": job.version,
                      "request_id": request_id, "created_at": time.time(),
                      "chunks": runs.chunks(request_id) if outcome and outcome.chunks else []}
+            if sealed is not None:
+                entry["sealed"] = sealed
             runtime.cache.put(pipe, job.account, job.cache.key, entry, job.cache.ttl, runs.hit_fields(
                 request_id, job.version, fields["output"], usage, len(entry["chunks"])))
         runtime.cache.release(job.account, job.cache.key, request_id, pipe=pipe)
-    if carries_secret:
-        # The stream keeps the run's final event as long as the record; the
-        # clear output goes to the caller through a key it takes at once.
-        runs.put_reply(pipe, request_id, {"output": output, "content": content})
-        end = replace(end, output=fields["output"], content=redact(content, secrets), reply=True)
+    if sealed is not None:
+        # The stream keeps the run's final event, redacted, as long as the
+        # record; every caller opens the sealed reply with its own secrets.
+        runs.put_reply(pipe, request_id, sealed)
+        end = replace(end, output=output, content=content, reply=True)
     runs.finish(pipe, request_id, end, fields)
     for record in calls.records:
         pipe.hincrby(keys.METRICS, f"{record.get('kind', 'model')}_calls:{record['status']}", 1)

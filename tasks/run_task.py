@@ -2,21 +2,27 @@
 that starts and stops the worker's runtime (sandbox, heartbeat) with the Celery worker."""
 from __future__ import annotations
 
+import logging
 import threading
 import time
+import traceback
 from typing import Any
 
 from celery import Celery, bootsteps
 from celery.worker import state
 
-from flowpool.run import RunJob
+from flowpool.errors import RunNotStarted, SandboxError
+from flowpool.run import RunJob, RunStatus
+from flowpool.sealing import InvalidToken
 from flowpool.settings import Settings
 
 from .app import RUN_TASK, create_celery
-from .execute import execute_run
+from .execute import execute_run, redact
 from .worker import WorkerRuntime
 
 __all__ = ["worker_celery"]
+
+log = logging.getLogger("flowpool.worker")
 
 
 def worker_celery(settings: Settings) -> Celery:
@@ -31,10 +37,43 @@ def worker_celery(settings: Settings) -> Celery:
     def run_workflow(self: Any, job: dict[str, Any]) -> str:
         if not self.app.flowpool_ready.wait(60):
             raise RuntimeError("the flowpool worker runtime did not start")
-        return execute_run(self.app.flowpool_runtime, RunJob.from_message(job))
+        runtime = self.app.flowpool_runtime
+        try:
+            run_job = RunJob.from_message(job, runtime.sealer)
+        except InvalidToken:
+            return _unopenable(runtime, job)
+        try:
+            return execute_run(runtime, run_job)
+        except Exception as exc:  # never Celery's own log line, which would show the exception's args
+            return _failed_in_worker(runtime, run_job, exc)
 
     app.steps["worker"].add(_RuntimeStep)
     return app
+
+
+def _unopenable(runtime: WorkerRuntime, job: dict[str, Any]) -> str:
+    """End a run whose secrets this worker cannot open: its key differs from the API's."""
+    message = ("the worker could not open the request's secrets: FLOWPOOL_SECRET_KEY differs between "
+               "the API and the workers")
+    request_id = str(job.get("request_id"))
+    log.error("run %s: %s", request_id, message)
+    cache = job.get("cache")
+    if cache:
+        runtime.cache.release(str(job.get("account")), cache["key"], request_id)
+    runtime.runs.abandon(request_id, RunStatus.QUEUED, RunNotStarted(message), job.get("version"))
+    return RunStatus.EXPIRED.value
+
+
+def _failed_in_worker(runtime: WorkerRuntime, job: RunJob, exc: Exception) -> str:
+    """End a run the worker itself failed on (not its script): logged redacted, answered at once."""
+    trace = redact("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), job.secret_values())
+    log.error("run %s: the worker failed: %s", job.request_id, trace.encode("utf-8", "backslashreplace").decode())
+    error = SandboxError(f"the worker could not run this run ({type(exc).__name__}); see the worker's log")
+    runtime.runs.claim(job.request_id, runtime.name, runtime.lease_ms)  # a run not yet claimed fails all the same
+    runtime.runs.abandon(job.request_id, RunStatus.RUNNING, error, job.version, force=True)
+    if job.cache is not None:
+        runtime.cache.release(job.account, job.cache.key, job.request_id)
+    return RunStatus.FAILED.value
 
 
 class _RuntimeStep(bootsteps.StartStopStep):

@@ -1,6 +1,8 @@
 """Helpers shared by the tests: an HTTP client of the test stack and error-envelope checks."""
 from __future__ import annotations
 
+import base64
+import json
 import textwrap
 import time
 from typing import Any, Callable, Iterator
@@ -91,8 +93,29 @@ def error_of(response: requests.Response) -> dict[str, Any]:
     return body["error"]
 
 
+def _with_message_bodies(values: Iterator[bytes]) -> Iterator[bytes]:
+    """Each value, and after a Celery (kombu) message its body decoded: the body travels base64-encoded."""
+    for value in values:
+        yield value
+        if not value.startswith((b"{", b"[")) or b'"body"' not in value:
+            continue
+        try:
+            message = json.loads(value)
+        except ValueError:
+            continue
+        if isinstance(message, list):  # the unacked hash keeps [message, exchange, routing key]
+            message = message[0] if message and isinstance(message[0], dict) else {}
+        body = message.get("body") if isinstance(message, dict) else None
+        if isinstance(body, str) and message.get("properties", {}).get("body_encoding") == "base64":
+            yield base64.b64decode(body)
+
+
 def every_value_in(server: Any) -> Iterator[bytes]:
-    """Every key name and every stored value of every database of ``server``."""
+    """Every key name and every stored value of every database of ``server``, Celery message bodies decoded."""
+    return _with_message_bodies(_every_raw_value_in(server))
+
+
+def _every_raw_value_in(server: Any) -> Iterator[bytes]:
     first = redis.Redis(port=server.port)
     try:
         databases = int(first.config_get("databases")["databases"])

@@ -469,20 +469,26 @@ def test_secret_used_by_a_cached_run_is_nowhere_in_redis(client: Client, redis_s
     assert not [value for value in every_value_in(redis_server) if secret.encode() in value]
 
 
-def test_output_carrying_a_secret_reaches_the_caller_but_is_not_cached(client: Client, stack: Stack,
-                                                                       redis_server: RedisServer) -> None:
+def test_output_carrying_a_secret_is_cached_sealed_for_the_same_secrets(client: Client, stack: Stack,
+                                                                        redis_server: RedisServer) -> None:
     secret = f"sk-live-{uuid.uuid4().hex}{uuid.uuid4().hex}"
     ref = _ref("returns-secret")
     client.upload(ref, RETURNS_SECRET)
     first = client.invoke(ref, input={"q": 1}, secrets={"token": secret})
     assert _ok(first)["output"] == {"echoed": secret}
-    assert _cache_keys(stack, client) == []
+    assert len(_cache_keys(stack, client)) == 1
     second = client.invoke(ref, input={"q": 1}, secrets={"token": secret})
-    assert second.headers["X-Cache"] == "MISS"
+    assert second.headers["X-Cache"] == "HIT"
     assert _ok(second)["output"] == {"echoed": secret}
-    record = client.run(_ok(first)["request_id"])
-    assert record["output"] == {"echoed": "[redacted]"}
-    assert secret not in json.dumps(record)
+    assert secret in _ok(second)["choices"][0]["message"]["content"]
+    other = f"sk-live-{uuid.uuid4().hex}"
+    third = client.invoke(ref, input={"q": 1}, secrets={"token": other})
+    assert third.headers["X-Cache"] == "MISS" and _ok(third)["output"] == {"echoed": other}
+    for response in (first, second):
+        record = client.run(_ok(response)["request_id"])
+        assert record["output"] == {"echoed": "[redacted]"}
+        assert secret not in json.dumps(record)
+    assert not [value for value in every_value_in(redis_server) if secret.encode() in value]
 
 
 def test_output_carrying_a_secret_is_nowhere_in_redis_after_the_run(client: Client,
@@ -494,16 +500,13 @@ def test_output_carrying_a_secret_is_nowhere_in_redis_after_the_run(client: Clie
     assert not [value for value in every_value_in(redis_server) if secret.encode() in value]
 
 
-@pytest.mark.xfail(strict=True, reason="the clear output of a run whose output carries a secret is kept in "
-                                       "fp:run:<id>:reply, which the first waiter takes with GETDEL: joiners of "
-                                       "the same run get the redacted output")
 def test_concurrent_identical_requests_all_get_an_output_carrying_their_secret(client: Client,
                                                                             redis_server: RedisServer) -> None:
     secret = f"sk-live-{uuid.uuid4().hex}{uuid.uuid4().hex}"
     ref = _ref("single-flight-secret")
     client.upload(ref, SLOW_RETURNS_SECRET)
-    responses = _concurrently(client, ref, 3, input={"q": 1}, secrets={"token": secret})
-    assert [_ok(r)["output"] for r in responses] == [{"echoed": secret}] * 3
-    assert sorted(r.headers["X-Cache"] for r in responses) == ["HIT", "HIT", "MISS"]
+    responses = _concurrently(client, ref, 4, input={"q": 1}, secrets={"token": secret})
+    assert [_ok(r)["output"] for r in responses] == [{"echoed": secret}] * 4
+    assert sorted(r.headers["X-Cache"] for r in responses) == ["HIT", "HIT", "HIT", "MISS"]
     assert _runs(client, ref)[1] == 1
     assert not [value for value in every_value_in(redis_server) if secret.encode() in value]

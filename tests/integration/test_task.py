@@ -27,6 +27,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -44,6 +45,7 @@ from flowpool.redis_server import RedisServer
 from flowpool.registry import ResolvedWorkflow, Upload, Workflows
 from flowpool.run import RunJob, RunRecord, RunStatus
 from flowpool.runs import RunStore
+from flowpool.sealing import Sealer, ServerKey
 from flowpool.settings import Settings
 from flowpool.tasks import RUN_TASK, worker_celery
 from tests.conftest import TEST_ENV
@@ -174,10 +176,15 @@ def _job(workflow: ResolvedWorkflow, request_id: str, settings: Settings, input:
         limits=workflow.limits)
 
 
-def _send(app: Celery, job: RunJob, settings: Settings) -> None:
+def _send(app: Celery, job: RunJob, settings: Settings, server_key: str | None = None) -> None:
     """Send a job by the task's name, as api/admission.py's ``submit`` does (an API never imports the task)."""
-    app.send_task(RUN_TASK, kwargs={"job": job.to_message()}, task_id=job.request_id,
-                  expires=settings.queue_wait_seconds)
+    client = redis.Redis.from_url(settings.redis)
+    try:
+        sealer = Sealer(ServerKey(client, server_key or settings.secret_key))
+        app.send_task(RUN_TASK, kwargs={"job": job.to_message(sealer)}, task_id=job.request_id,
+                      expires=settings.queue_wait_seconds)
+    finally:
+        client.close()
 
 
 # The bootstep
@@ -194,7 +201,7 @@ def test_worker_publishes_its_heartbeat_and_sandbox_and_removes_both_when_it_sto
     eventually(lambda: (db.zscore(keys.WORKERS, name) or 0) > first_beat)  # it keeps beating
     sandbox = json.loads(db.hget(keys.WORKER_SANDBOXES, name) or b"null")
     assert sandbox == {"backend": runtime.sandbox.backend, "isolation": runtime.sandbox.describe(),
-                       "weaknesses": runtime.sandbox.weaknesses}
+                       "weaknesses": runtime.sandbox.weaknesses, "run_limits": runtime.sandbox.run_limits}
 
     _stop_warm(celery_worker)
 
@@ -244,6 +251,36 @@ def test_run_sent_by_name_runs_the_workflow_in_the_sandbox_and_records_its_end(
     assert runs.chunks(request_id) == [{"type": "progress", "content": "half way"}]
     assert not db.exists(keys.run_lease(request_id))
     assert eventually(lambda: outcomes.get(request_id)) == "succeeded"
+
+
+def test_run_whose_secrets_the_worker_cannot_open_ends_at_once_naming_the_key(
+        celery_app: Celery, celery_worker: WorkController, outcomes: dict[str, Any], settings: Settings,
+        workflow: ResolvedWorkflow, runs: RunStore) -> None:
+    request_id = _queue_run(runs, workflow, settings)
+    job = replace(_job(workflow, request_id, settings, input={"text": "hi"}), secrets={"token": "sk-1"})
+
+    _send(celery_app, job, settings, server_key="not-the-workers-key")
+    end = runs.wait(request_id, queue_wait=WAIT_SECONDS, run_seconds=WAIT_SECONDS, poll=0.05)
+
+    assert end.status == "expired"
+    assert end.error is not None and "FLOWPOOL_SECRET_KEY" in end.error["message"]
+    assert eventually(lambda: outcomes.get(request_id)) == "expired"
+
+
+def test_run_the_worker_fails_on_ends_at_once_and_logs_no_secret(
+        celery_app: Celery, celery_worker: WorkController, outcomes: dict[str, Any], settings: Settings,
+        workflow: ResolvedWorkflow, runs: RunStore, caplog: pytest.LogCaptureFixture) -> None:
+    request_id = _queue_run(runs, workflow, settings)
+    secret = f"sk-{uuid.uuid4().hex}"
+    # A lone surrogate cannot be encoded for the sandbox: the front door refuses it, this worker must survive it.
+    job = replace(_job(workflow, request_id, settings, input={"text": "\ud800"}), secrets={"token": secret})
+
+    _send(celery_app, job, settings)
+    end = runs.wait(request_id, queue_wait=WAIT_SECONDS, run_seconds=WAIT_SECONDS, poll=0.05)
+
+    assert end.status == "failed" and end.error is not None and end.error["kind"] == "SandboxError", end
+    assert eventually(lambda: outcomes.get(request_id)) == "failed"
+    assert "the worker failed" in caplog.text and secret not in caplog.text
 
 
 def _give_up(runs: RunStore, request_id: str, version: str) -> None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any, Iterator
 
 import pytest
@@ -15,6 +15,7 @@ from flowpool.errors import InputSchemaError, RequestError, TimeLimitExceeded
 from flowpool.redis_server import RedisServer
 from flowpool.registry import Account, Accounts, ResolvedWorkflow, Upload
 from flowpool.run import CachePlan, RunEnd, RunJob, RunRecord, RunStatus, encode
+from flowpool.sealing import InvalidToken, Sealer, ServerKey
 from flowpool.settings import Settings
 
 JOB = RunJob(
@@ -25,12 +26,34 @@ JOB = RunJob(
     application="app", limits={"memory_mb": 128}, cache=CachePlan(key="k" * 64, ttl=60))
 
 
-def test_a_job_round_trips_through_its_json_message() -> None:
-    message = json.loads(json.dumps(JOB.to_message()))
+def test_a_job_round_trips_through_its_json_message_with_its_secrets_sealed(redis_db: redis.Redis) -> None:
+    sealer = Sealer(ServerKey(redis_db, "the-server-key"))
+    text = json.dumps(JOB.to_message(sealer))
+    message = json.loads(text)
 
-    assert RunJob.from_message(message) == JOB
+    assert RunJob.from_message(message, sealer) == JOB
     assert message["cache"] == {"key": "k" * 64, "ttl": 60}
-    assert RunJob.from_message({**message, "from_a_newer_sender": 1}) == JOB
+    assert RunJob.from_message({**message, "from_a_newer_sender": 1}, sealer) == JOB
+    assert "sk-secret" not in text and "secrets" not in message
+    # Another installation's key opens nothing; a job without secrets carries no token.
+    with pytest.raises(InvalidToken):
+        RunJob.from_message(message, Sealer(ServerKey(redis_db, "another-key")))
+    bare = replace(JOB, secrets={})
+    assert "sealed_secrets" not in bare.to_message(sealer) and RunJob.from_message(bare.to_message(sealer), sealer) == bare
+
+
+def test_an_output_sealed_for_secrets_opens_only_with_the_same_secrets(redis_db: redis.Redis) -> None:
+    sealer = Sealer(ServerKey(redis_db, "the-server-key"))
+    box = sealer.box({"token": "sk-1", "pin": "2"})
+    sealed = box.seal({"output": "sk-1"})
+
+    assert "sk-1" not in sealed
+    assert sealer.box({"pin": "2", "token": "sk-1"}).open(sealed) == {"output": "sk-1"}  # order does not matter
+    assert sealer.box(None) is None
+    foreign = Sealer(ServerKey(redis_db, "k2")).box({"token": "sk-1", "pin": "2"})
+    for other in (sealer.box({"token": "sk-2", "pin": "2"}), foreign):
+        with pytest.raises(InvalidToken):
+            other.open(sealed)
 
 
 def test_a_child_job_keeps_the_request_and_takes_the_callee() -> None:

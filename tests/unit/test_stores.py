@@ -13,6 +13,7 @@ import redis
 
 from flowpool import keys
 from flowpool.cache import ResultCache
+from flowpool.sealing import ServerKey
 from flowpool.errors import (
     AuthenticationError, NotFound, RequestError, RunNotStarted, ValidationFailed, WorkerLost,
 )
@@ -366,7 +367,7 @@ def test_blank_account_name_is_refused(accounts: Accounts, redis_db: redis.Redis
 
 @pytest.fixture
 def cache(redis_db: redis.Redis) -> ResultCache:
-    return ResultCache(redis_db, secret_key=None)
+    return ResultCache(redis_db, ServerKey(redis_db, None))
 
 
 REQUEST = {"input": {"query": "q", "options": {"a": 1, "b": [1, 2]}}, "messages": None, "max_tokens": 64,
@@ -431,13 +432,13 @@ def test_cache_key_is_a_hash_and_no_secret_is_stored(cache: ResultCache, redis_d
     assert secret not in key
     assert secret.encode() not in everything(redis_db)
     # The secrets' keyed hash uses a key generated once per Redis: another API process agrees.
-    assert ResultCache(redis_db, secret_key=None).key(ACCOUNT, "c" * 64, "e" * 64, REQUEST,
+    assert ResultCache(redis_db, ServerKey(redis_db, None)).key(ACCOUNT, "c" * 64, "e" * 64, REQUEST,
                                                       {"token": secret}) == key
 
 
 def test_configured_secret_key_is_used_and_never_stored(redis_db: redis.Redis) -> None:
-    one = ResultCache(redis_db, secret_key="configured-one")
-    two = ResultCache(redis_db, secret_key="configured-two")
+    one = ResultCache(redis_db, ServerKey(redis_db, "configured-one"))
+    two = ResultCache(redis_db, ServerKey(redis_db, "configured-two"))
     secrets = {"token": "abc"}
 
     assert cache_key(one, secrets=secrets) != cache_key(two, secrets=secrets)
@@ -752,7 +753,7 @@ def test_begin_without_cache_queues_the_run(runs: RunStore) -> None:
 
 
 def test_begin_answers_hit_join_or_queued(runs: RunStore, redis_db: redis.Redis) -> None:
-    cache = ResultCache(redis_db, secret_key=None)
+    cache = ResultCache(redis_db, ServerKey(redis_db, None))
     key = cache_key(cache)
     cache_keys = ResultCache.redis_keys(ACCOUNT, key)
 

@@ -1,0 +1,110 @@
+"""Keeping request secrets out of every place a run leaves data at rest.
+
+A request's ``secrets`` reach the worker through the broker, and a run's
+output may carry one. Neither may sit anywhere in clear, so:
+
+- The job's secrets cross the broker sealed (:meth:`Sealer.seal`) under a key
+  derived from the installation's :class:`ServerKey`. A queued message, or
+  one left ``unacked`` by a dead worker, holds only ciphertext.
+- An output that carries a secret is stored for its callers, and in the
+  cache, sealed in a :class:`SecretBox`: a key derived from the server key
+  and the request's secrets together. Only a request holding the same
+  secrets opens it, which is exactly who may read that output: callers that
+  joined the run, and later cache hits (the cache key already holds a keyed
+  hash of the secrets, so no other request finds the entry).
+
+Both use Fernet (AES-128-CBC with HMAC-SHA256, from ``cryptography``), so a
+tampered or foreign token fails to open instead of opening to garbage.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets as _secrets
+from typing import Any
+
+import redis
+from cryptography.fernet import Fernet, InvalidToken
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from . import keys
+
+__all__ = ["InvalidToken", "SecretBox", "Sealer", "ServerKey", "canonical_json"]
+
+
+def canonical_json(value: Any) -> bytes:
+    """One byte string per JSON value, whatever the key order."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _fernet(material: bytes, purpose: bytes) -> Fernet:
+    """A Fernet keyed by HKDF of ``material`` for one ``purpose``: no key is used for two things."""
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"flowpool:" + purpose).derive(material)
+    return Fernet(base64.urlsafe_b64encode(key))
+
+
+class ServerKey:
+    """The installation's secret key: ``FLOWPOOL_SECRET_KEY``, or one generated once and kept in Redis.
+
+    Every API process and worker of one installation derives the same keys
+    from it. A key kept in Redis sits beside what it protects, so production
+    sets ``FLOWPOOL_SECRET_KEY`` (``flowpool doctor`` says which is in force).
+    """
+
+    def __init__(self, client: redis.Redis, configured: str | None) -> None:
+        self.redis = client
+        self.configured = bool(configured)
+        self._key = configured.encode() if configured else None
+
+    def get(self) -> bytes:
+        """The key's bytes, generated in Redis on first use when none is configured."""
+        if self._key is None:
+            self.redis.set(keys.SECRET, _secrets.token_hex(32), nx=True)
+            self._key = self.redis.get(keys.SECRET)
+        return self._key
+
+    def mac(self, value: Any) -> str:
+        """A keyed hash of a JSON value: names it (a cache key's secrets) without revealing it."""
+        return hmac.new(self.get(), canonical_json(value), hashlib.sha256).hexdigest()
+
+
+class Sealer:
+    """Seals values under the server key, e.g. a job's secrets on their way through the broker."""
+
+    def __init__(self, server_key: ServerKey) -> None:
+        self.server_key = server_key
+        self._box: Fernet | None = None
+
+    def _fernet(self) -> Fernet:
+        if self._box is None:
+            self._box = _fernet(self.server_key.get(), b"sealed")
+        return self._box
+
+    def seal(self, value: Any) -> str:
+        """``value`` (JSON) as a token only this installation opens."""
+        return self._fernet().encrypt(canonical_json(value)).decode()
+
+    def open(self, token: str) -> Any:
+        """The value of a token from :meth:`seal`; raises ``InvalidToken`` for anything else."""
+        return json.loads(self._fernet().decrypt(token.encode()))
+
+    def box(self, secrets: dict[str, str] | None) -> SecretBox | None:
+        """The box of a request holding ``secrets``; None for a request with none."""
+        return SecretBox(self.server_key.mac(secrets), self.server_key.get()) if secrets else None
+
+
+class SecretBox:
+    """Seals an output for the requests holding one set of secrets, and opens it for them only."""
+
+    def __init__(self, secrets_mac: str, server_key: bytes) -> None:
+        self._fernet = _fernet(server_key + b"\0" + secrets_mac.encode(), b"secret-output")
+
+    def seal(self, value: Any) -> str:
+        return self._fernet.encrypt(canonical_json(value)).decode()
+
+    def open(self, token: str) -> Any:
+        """The sealed value; raises ``InvalidToken`` when sealed for other secrets or altered."""
+        return json.loads(self._fernet.decrypt(token.encode()))
