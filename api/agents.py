@@ -16,6 +16,7 @@ bp = Blueprint("agents", __name__, url_prefix="/api/v1/agents")
 def put_agent(name: str):  # type: ignore[no-untyped-def]
     svc, account = services(), authenticate()
     agent = model_from(Agent, json_body())
+    svc.provider_keys.check(agent.key_envs())
     created = svc.agents.put(account.id, check_name(name), agent)
     return jsonify({"data": {"name": name, **agent.model_dump(exclude_none=True)}}), 201 if created else 200
 

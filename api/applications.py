@@ -25,6 +25,7 @@ def check_name(name: str) -> str:
 def put_application(name: str):  # type: ignore[no-untyped-def]
     svc, account = services(), authenticate()
     application = model_from(Application, json_body())
+    svc.provider_keys.check(application.key_envs())
     created = svc.applications.put(account.id, check_name(name), application)
     return jsonify({"data": {"name": name, **application.model_dump()}}), 201 if created else 200
 

@@ -2,18 +2,21 @@
 
 The counters live in one Redis hash, so every API process and every worker
 adds to the same numbers and any API process can answer the scrape. The
-queue length is what a KEDA or HPA rule scales workers on.
+queue length is what a KEDA or HPA rule scales workers on. With
+``FLOWPOOL_METRICS_TOKEN`` set, a scrape must carry it as a bearer token.
 """
 from __future__ import annotations
 
+import hmac
 import time
 from typing import Iterator
 
-from flask import Blueprint, Response
+from flask import Blueprint, Response, request
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from flowpool import keys
+from flowpool.errors import AuthenticationError
 from flowpool.tasks import QUEUE
 
 from .services import Services, services
@@ -54,9 +57,19 @@ class _RedisCollector:
             yield GaugeMetricFamily("flowpool_queue_length", "Runs waiting for a worker", value=svc.redis.llen(QUEUE))
 
 
+def check_scrape_token(expected: str | None, authorization: str | None) -> None:
+    """Refuse (401) a scrape without the operator's metrics token, when one is set; compared in constant time."""
+    if expected is None:
+        return
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
+        raise AuthenticationError("/metrics needs the metrics token: send Authorization: Bearer <FLOWPOOL_METRICS_TOKEN>")
+
+
 @bp.get("/metrics")
 def metrics() -> Response:
     """Prometheus metrics of the whole installation."""
+    check_scrape_token(services().settings.metrics_token, request.headers.get("Authorization"))
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_RedisCollector(services()))  # type: ignore[arg-type]
     return Response(generate_latest(registry), mimetype="text/plain; version=0.0.4")

@@ -8,14 +8,14 @@ from flowpool.lazy import lazy_exports
 if TYPE_CHECKING:
     from .accounts import Account, Accounts, hash_key
     from .agents import Agent, Agents
-    from .applications import Application, Applications, IntentRoute, Route
+    from .applications import Application, Applications, IntentRoute, ProviderKeys, Route
     from .schema import check_input, check_invocation_input, check_output
     from .validation import Problem, ScriptInfo, Validation, validate_script
     from .workflows import ResolvedWorkflow, Upload, Workflows, bump_version
 
 __all__ = [
     "Account", "Accounts", "Agent", "Agents", "Application", "Applications", "IntentRoute", "Problem",
-    "ResolvedWorkflow", "Route", "ScriptInfo", "Upload", "Validation", "Workflows",
+    "ProviderKeys", "ResolvedWorkflow", "Route", "ScriptInfo", "Upload", "Validation", "Workflows",
     "bump_version", "check_input", "check_invocation_input", "check_output", "hash_key", "validate_script",
 ]
 
@@ -25,7 +25,7 @@ _MODULES = {
     "Account": "accounts", "Accounts": "accounts", "hash_key": "accounts",
     "Agent": "agents", "Agents": "agents",
     "Application": "applications", "Applications": "applications",
-    "IntentRoute": "applications", "Route": "applications",
+    "IntentRoute": "applications", "ProviderKeys": "applications", "Route": "applications",
     "check_input": "schema", "check_invocation_input": "schema", "check_output": "schema",
     "Problem": "validation", "ScriptInfo": "validation", "Validation": "validation", "validate_script": "validation",
     "Workflows": "workflows", "ResolvedWorkflow": "workflows", "Upload": "workflows", "bump_version": "workflows",

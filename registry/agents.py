@@ -25,6 +25,10 @@ class Agent(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
     workflow: Optional[StrictStr] = Field(None, pattern=f"^{NAME}$")
 
+    def key_envs(self) -> dict[str, tuple[str, str]]:
+        """The environment variable the agent names as its key and where it sends it, by field path."""
+        return {"api_key_env": (self.api_key_env, self.base_url or "")} if self.api_key_env else {}
+
     @model_validator(mode="after")
     def _one_kind(self) -> Agent:
         if (self.base_url is None) == (self.workflow is None):

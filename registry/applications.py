@@ -2,14 +2,53 @@
 from __future__ import annotations
 
 from typing import Any, Optional
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 
 from flowpool import keys
+from flowpool.errors import RequestError
 
 from .documents import AccountDocuments
 
-__all__ = ["Application", "Applications", "Route", "IntentRoute"]
+__all__ = ["Application", "Applications", "IntentRoute", "ProviderKeys", "Route"]
+
+
+class ProviderKeys:
+    """The operator's provider keys (``FLOWPOOL_PROVIDER_KEYS``): which worker variables accounts may name, and where they go.
+
+    Each entry is ``NAME`` or ``NAME@host``. With a host, the key is sent only
+    to a ``base_url`` on that host: listing the operator's ``OPENAI_API_KEY``
+    as ``OPENAI_API_KEY@api.openai.com`` lets accounts spend it, never send it
+    to a server of their own. Without this check any account could have the
+    workers send any of their environment variables (the Redis URL, another
+    vendor's key) wherever it likes.
+    """
+
+    def __init__(self, setting: str) -> None:
+        self.hosts: dict[str, str | None] = {}
+        for entry in (part.strip() for part in setting.split(",")):
+            if entry:
+                name, _, host = entry.partition("@")
+                self.hosts[name.strip()] = host.strip().lower() or None
+
+    def refusal(self, name: str, base_url: str) -> str | None:
+        """Why a route may not send variable ``name`` to ``base_url``; None when it may."""
+        if name not in self.hosts:
+            return (f"api_key_env {name!r} is not a provider key the operator allows: name one listed in "
+                    "FLOWPOOL_PROVIDER_KEYS, or pass the key as a request secret with api_key_secret")
+        host = self.hosts[name]
+        if host is not None and (urlsplit(base_url).hostname or "").lower() != host:
+            return f"api_key_env {name!r} may only be sent to {host}, and base_url {base_url!r} is elsewhere"
+        return None
+
+    def check(self, named: dict[str, tuple[str, str]]) -> None:
+        """Refuse (400) a document whose routes name a key they may not use; ``named``: field path -> (name, base_url)."""
+        for field, (name, base_url) in named.items():
+            refusal = self.refusal(name, base_url)
+            if refusal is not None:
+                raise RequestError(refusal, param=field)
+
 
 class Route(BaseModel):
     """One OpenAI-compatible endpoint serving a model."""
@@ -22,11 +61,22 @@ class Route(BaseModel):
     api_key_secret: Optional[StrictStr] = Field(None, description="Request secret holding the key")
     params: dict[str, Any] = Field(default_factory=dict, description="Default params sent with every call")
 
+    def key_envs(self, path: str) -> dict[str, tuple[str, str]]:
+        """The environment variable this route names as its key and where it sends it, by field path under ``path``."""
+        return {f"{path}.api_key_env": (self.api_key_env, self.base_url)} if self.api_key_env else {}
+
 
 class IntentRoute(Route):
     """The primary route of an intent, and the routes tried after it, in order."""
 
     fallbacks: list[Route] = Field(default_factory=list)
+
+    def key_envs(self, path: str) -> dict[str, tuple[str, str]]:
+        """The variables named as keys by this route and its fallbacks, by field path."""
+        named = super().key_envs(path)
+        for index, fallback in enumerate(self.fallbacks):
+            named.update(fallback.key_envs(f"{path}.fallbacks.{index}"))
+        return named
 
 
 class Application(BaseModel):
@@ -40,6 +90,13 @@ class Application(BaseModel):
         if self.default_intent is not None and self.default_intent not in self.intents:
             raise ValueError(f"default_intent {self.default_intent!r} is not one of the intents")
         return self
+
+    def key_envs(self) -> dict[str, tuple[str, str]]:
+        """Every environment variable the application names as a provider key, with its base_url, by field path."""
+        named: dict[str, tuple[str, str]] = {}
+        for intent, route in self.intents.items():
+            named.update(route.key_envs(f"intents.{intent}"))
+        return named
 
     def route(self, intent: str | None) -> tuple[str, IntentRoute]:
         """The intent a call names (or the default, or the only one) and its route."""

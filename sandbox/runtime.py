@@ -30,7 +30,7 @@ from .protocol import CallErrorKind, RunErrorKind
 
 __all__ = ["serve"]
 
-SCRIPT_FILENAME = "workflow.py"
+_WARM_FILENAME = "workflow:warm-up"  # the name of the script the zygote runs to warm up
 
 
 class _Transport:
@@ -122,12 +122,25 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-def _script_traceback(exc: BaseException) -> str:
-    """The traceback from the script's own frames on, without the runtime's."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_frame.f_code.co_filename != SCRIPT_FILENAME:
-        tb = tb.tb_next
-    return "".join(traceback.format_exception(type(exc), exc, tb or exc.__traceback__))
+def _script_traceback(exc: BaseException, filename: str) -> str:
+    """The traceback of the script's own frames only: no frame of the runtime, flowpool or the stdlib.
+
+    The worker compiles each script under the name ``workflow:<ref>``, so the
+    frames kept name the workflow, never a path of the worker's host.
+    Chained exceptions (``raise ... from``, or raised while handling another)
+    are cut the same way.
+    """
+    shown = traceback.TracebackException.from_exception(exc)
+    seen: set[int] = set()
+    pending = [shown]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        current.stack = traceback.StackSummary.from_list([f for f in current.stack if f.filename == filename])
+        pending += [c for c in (current.__cause__, current.__context__) if c is not None]
+    return "".join(shown.format())
 
 
 class _NullTransport:
@@ -143,7 +156,7 @@ class _NullTransport:
 
 # Compiled once, in the zygote: a run process pays no compilation to warm up.
 _WARM_CODE = base64.b64encode(marshal.dumps(compile("def execute(ctx):\n    return {'ok': [1, 2.0, None]}\n",
-                                                    SCRIPT_FILENAME, "exec"))).decode()
+                                                    _WARM_FILENAME, "exec"))).decode()
 
 
 def _warm_up() -> None:
@@ -179,18 +192,20 @@ def serve(fd: int) -> None:
     sys.stdout = _StreamToLog(transport, "info", "stdout")  # type: ignore[assignment]
     sys.stderr = _StreamToLog(transport, "warning", "stderr")  # type: ignore[assignment]
 
+    code = marshal.loads(base64.b64decode(request["code"]))
+    filename = code.co_filename  # the worker's name for the script: workflow:<ref>
     signal.signal(signal.SIGALRM, _on_soft_limit)
     signal.setitimer(signal.ITIMER_REAL, float(request["soft_seconds"]))
     outcome: dict[str, Any]
     try:
         try:
             module = types.ModuleType("workflow")
-            module.__file__ = SCRIPT_FILENAME
+            module.__file__ = filename
             sys.modules["workflow"] = module
             if request.get("source"):
                 source = request["source"]
-                linecache.cache[SCRIPT_FILENAME] = (len(source), None, source.splitlines(True), SCRIPT_FILENAME)
-            exec(marshal.loads(base64.b64decode(request["code"])), module.__dict__)
+                linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+            exec(code, module.__dict__)
             result = module.execute(ctx)
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
@@ -205,10 +220,10 @@ def serve(fd: int) -> None:
             return
     except SoftTimeLimitExceeded as exc:
         outcome = {"op": "error", "kind": RunErrorKind.TIMEOUT.value, "type": type(exc).__name__,
-                   "message": str(exc), "traceback": _script_traceback(exc)}
+                   "message": str(exc), "traceback": _script_traceback(exc, filename)}
     except BaseException as exc:  # the script may raise anything, SystemExit included
         outcome = {"op": "error", "kind": RunErrorKind.SCRIPT.value, "type": type(exc).__name__,
-                   "message": _describe(exc), "traceback": _script_traceback(exc)}
+                   "message": _describe(exc), "traceback": _script_traceback(exc, filename)}
     _flush_streams()
     channel.send(outcome)
 

@@ -5,6 +5,12 @@ up the account's application, calls the intent's OpenAI-compatible endpoint
 with the provider key (which never enters the sandbox), retries 429 and 5xx
 answers with backoff, moves down the fallback list, and records every call on
 the run. Each call times out inside the run's remaining budget.
+
+Provider keys come only from the environment variables the operator lists
+in ``FLOWPOOL_PROVIDER_KEYS``: the router holds those values and nothing else
+of the worker's environment, so an application that names another variable
+(stored before the operator changed the list, or written behind the API's
+back) fails its call without anything being sent.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ import requests
 
 from flowpool.egress import EgressDenied, EgressPolicy, guarded_session
 from flowpool.errors import NotFound
-from flowpool.registry import Agent, Applications, Route
+from flowpool.registry import Agent, Applications, ProviderKeys, Route
 from flowpool.run import RunJob
 from flowpool.sandbox import CallErrorKind, CallFailed, Streamed
 from flowpool.sse import sse_data
@@ -59,10 +65,12 @@ class ModelRouter:
     """Serves the ``chat`` and ``chat.stream`` ctx calls of a worker's runs."""
 
     def __init__(self, applications: Applications, egress: EgressPolicy, environ: Mapping[str, str],
-                 retries: int = 2, connect_timeout: float = 5.0) -> None:
+                 provider_keys: ProviderKeys, retries: int = 2, connect_timeout: float = 5.0) -> None:
         self.applications = applications
         self.egress = egress
-        self.environ = environ
+        # Only the variables the operator lists: the rest of ``environ`` is never kept.
+        self._keys = {name: environ[name] for name in provider_keys.hosts if name in environ}
+        self._provider_keys = provider_keys
         self.retries = retries
         self.connect_timeout = connect_timeout
         self._session = guarded_session(egress)
@@ -123,15 +131,27 @@ class ModelRouter:
         if route.api_key_secret:
             key = run.job.secrets.get(route.api_key_secret)
         elif route.api_key_env:
-            key = self.environ.get(route.api_key_env)
+            key = self._keys.get(route.api_key_env)
         if key:
             headers["Authorization"] = f"Bearer {key}"
         return headers
+
+    def _check_key(self, route: Route) -> None:
+        """Refuse a route naming a key it may not use (stored before the operator changed FLOWPOOL_PROVIDER_KEYS)."""
+        if route.api_key_env and not route.api_key_secret:
+            refusal = self._provider_keys.refusal(route.api_key_env, route.base_url)
+            if refusal is not None:
+                raise _Failed(refusal, retryable=False)
 
     def _post(self, run: RunCalls, route: Route, body: dict[str, Any], record: dict[str, Any], deadline: float,
               stream: bool) -> requests.Response:
         """POST with retries of 429/5xx inside the budget; the response of the first success."""
         url = route.base_url.rstrip("/") + "/chat/completions"
+        try:
+            self._check_key(route)
+        except _Failed as exc:
+            self._finish(run, record, error=str(exc))
+            raise
         delay = 0.2
         for attempt in range(self.retries + 1):
             remaining = deadline - time.monotonic()

@@ -40,6 +40,10 @@ TEST_ENV = {
     "FLOWPOOL_HTTP_MAX_RESPONSE_BYTES": str(64 << 10),
     "FLOWPOOL_STREAM_KEEPALIVE_SECONDS": "0.3",
     "STANDIN_API_KEY": "sk-from-the-worker-environment",  # a provider key only the workers hold
+    # The only variables accounts may name as api_key_env; the second only for a base_url on 127.0.0.1.
+    "FLOWPOOL_PROVIDER_KEYS": "STANDIN_API_KEY,STANDIN_BOUND_KEY@127.0.0.1",
+    "STANDIN_BOUND_KEY": "sk-bound-to-the-stand-in-host",
+    "FLOWPOOL_TEST_CANARY": "canary-7f3a9c-never-leaves-the-worker",  # a worker variable no account may name
 }
 
 
