@@ -4,15 +4,29 @@ from __future__ import annotations
 import logging
 import time
 
+from typing import Any
+
 from flask import Flask, g
+from flask.json.provider import DefaultJSONProvider
 
 from flowpool.settings import Settings
 
 from . import agents, applications, health, invoke, metrics, openapi, runs, workflows
+from .body import read_body
 from .errors import register_error_handlers
 from .services import EXTENSION, Services
 
 __all__ = ["create_app"]
+
+
+class StrictJSONProvider(DefaultJSONProvider):
+    """Flask's JSON, refusing NaN and Infinity: Python would write them as bare words no JSON parser reads."""
+
+    sort_keys = False
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        kwargs.setdefault("allow_nan", False)
+        return super().dumps(obj, **kwargs)
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -21,7 +35,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = Flask("flowpool", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.json.sort_keys = False
+    app.json = StrictJSONProvider(app)
     app.extensions[EXTENSION] = Services(settings)
     register_error_handlers(app)
     for blueprint in (invoke.bp, workflows.bp, runs.bp, applications.bp, agents.bp, health.bp, openapi.bp,
@@ -32,6 +46,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     def _start_timer() -> None:
         g.started = g.phase_start = time.perf_counter()
         g.phases = []
+
+    app.before_request(read_body)
 
     @app.after_request
     def _server_timing(response):  # type: ignore[no-untyped-def]

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, StringConstraints, field_validator
 
 from flowpool.registry.names import NAME
+from flowpool.registry.validation import MAX_CACHE_TTL_SECONDS, MAX_TIMEOUT_SECONDS
+from flowpool.registry.workflows import ENV_NAME
 
 __all__ = ["ActivateRequest", "InvokeRequest", "Message", "UploadRequest", "ValidateRequest", "parse_model"]
 
@@ -63,10 +65,10 @@ class UploadRequest(BaseModel):
     workflow_ref_name: StrictStr
     script: StrictStr = Field(min_length=1)
     description: Optional[StrictStr] = None
-    timeout_seconds: Optional[float] = Field(None, gt=0)
-    cache_ttl_seconds: Optional[int] = Field(None, ge=0)
+    timeout_seconds: Optional[float] = Field(None, gt=0, le=MAX_TIMEOUT_SECONDS, allow_inf_nan=False)
+    cache_ttl_seconds: Optional[int] = Field(None, ge=0, le=MAX_CACHE_TTL_SECONDS)
     application_name: Optional[StrictStr] = None
-    env: Optional[dict[str, StrictStr]] = None
+    env: Optional[dict[Annotated[str, StringConstraints(pattern=ENV_NAME)], StrictStr]] = None
     version_notes: Optional[StrictStr] = None
     version_bump: Literal["major", "minor", "patch"] = "patch"
     accessories: list[Accessory] = []

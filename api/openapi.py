@@ -10,6 +10,8 @@ import flowpool
 from flowpool.registry import Agent, Application
 
 from .models import ActivateRequest, InvokeRequest, UploadRequest, ValidateRequest
+from .parsing import MAX_OFFSET, MAX_PAGE
+from .services import services
 
 bp = Blueprint("openapi", __name__)
 
@@ -23,6 +25,15 @@ _BODIES: dict[str, type[BaseModel]] = {
     "agents.put_agent": Agent,
 }
 _PUBLIC = {"health.healthz", "health.readyz", "openapi.openapi", "metrics.metrics"}
+# Endpoints that page their answer with ``offset`` and ``limit`` (api/parsing.py page_args).
+_PAGED = {"workflows.list_workflows", "workflows.list_versions", "runs.list_runs", "runs.get_session",
+          "applications.list_applications", "agents.list_agents"}
+_PAGE_PARAMETERS = [
+    {"name": "offset", "in": "query", "required": False,
+     "schema": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET, "default": 0}},
+    {"name": "limit", "in": "query", "required": False,
+     "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": 25}},
+]
 _ERROR = {"description": "an error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 
 
@@ -44,7 +55,8 @@ def build_document() -> dict[str, Any]:
                 "operationId": rule.endpoint.replace(".", "_") + ("" if method == "GET" else f"_{method.lower()}"),
                 "summary": (view.__doc__ or rule.endpoint).strip().splitlines()[0],
                 "parameters": [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-                               for name in rule.arguments],
+                               for name in sorted(rule.arguments)]
+                + (_PAGE_PARAMETERS if rule.endpoint in _PAGED else []),
                 "responses": {"200": {"description": "OK"}, "default": _ERROR},
             }
             model = _BODIES.get(rule.endpoint)
@@ -53,7 +65,9 @@ def build_document() -> dict[str, Any]:
                 schemas.update(schemas[model.__name__].pop("$defs", {}))
                 operation["requestBody"] = {"required": True, "content": {"application/json": {
                     "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
-            if rule.endpoint not in _PUBLIC:
+            if rule.endpoint == "metrics.metrics" and services().settings.metrics_token is not None:
+                operation["security"] = [{"metricsToken": []}]  # FLOWPOOL_METRICS_TOKEN is set
+            elif rule.endpoint not in _PUBLIC:
                 operation["security"] = [{"apiKey": []}, {"bearer": []}]
             paths.setdefault(path, {})[method.lower()] = operation
     return {
@@ -63,7 +77,8 @@ def build_document() -> dict[str, Any]:
         "paths": dict(sorted(paths.items())),
         "components": {"schemas": schemas, "securitySchemes": {
             "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
-            "bearer": {"type": "http", "scheme": "bearer"}}},
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "metricsToken": {"type": "http", "scheme": "bearer", "description": "FLOWPOOL_METRICS_TOKEN"}}},
     }
 
 

@@ -2,18 +2,27 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, TypeVar
 
 from flask import request
 from pydantic import BaseModel, ValidationError
 
 from flowpool.errors import MalformedJSON, RequestError
+from flowpool.jsonsafe import find_problem
 
-__all__ = ["json_body", "model_from", "page_args", "describe_validation_error"]
+from .services import services
+
+__all__ = ["json_body", "loads", "model_from", "page_args", "describe_validation_error"]
 
 M = TypeVar("M", bound=BaseModel)
 
 MAX_PAGE = 100
+# Far past any real list, and small enough that offset + limit fits Redis's 64-bit indexes.
+MAX_OFFSET = 1_000_000_000
+
+# A \uXXXX escape of a surrogate: the one way a lone surrogate gets into strictly decoded UTF-8 JSON text.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def json_body() -> Any:
@@ -22,11 +31,46 @@ def json_body() -> Any:
     if not data:
         raise MalformedJSON("the request body is empty; send a JSON object")
     try:
-        return json.loads(data)
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise MalformedJSON(f"the request body is not UTF-8: {exc}") from exc
+    return loads(text, "body")
+
+
+def loads(text: str, what: str) -> Any:
+    """``text`` parsed as JSON that flowpool can carry; a 400 naming ``what`` (and the field) otherwise.
+
+    Refused: nesting past FLOWPOOL_MAX_JSON_DEPTH, NaN, Infinity and numbers
+    that overflow to it, and lone surrogates. Each would parse here and fail
+    later (a RecursionError, invalid JSON out, a string Redis cannot store).
+    """
+    max_depth = services().settings.max_json_depth
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise MalformedJSON(f"{what} is nested deeper than {max_depth} levels of arrays and objects",
+                            param=what) from None
     except ValueError as exc:
-        raise MalformedJSON(f"malformed JSON body: {exc}") from exc
+        raise MalformedJSON(f"malformed JSON {what}: {exc}", param=what) from exc
+    # Cheap tests first: a text with few brackets and no surrogate escape cannot hold a problem.
+    if text.count("[") + text.count("{") > max_depth or _SURROGATE_ESCAPE.search(text):
+        problem = find_problem(value, max_depth)
+        if problem is not None:
+            path, message = problem
+            field = path or what
+            raise MalformedJSON(f"{field} {message}", param=field)
+    return value
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"the number {text[:40]} is too large")
+    return value
 
 
 def describe_validation_error(exc: ValidationError) -> tuple[str, str]:
@@ -54,17 +98,16 @@ def model_from(model: type[M], data: Any) -> M:
 
 
 def page_args() -> tuple[int, int]:
-    """``offset`` and ``limit`` from the query string (limit at most 100)."""
+    """``offset`` and ``limit`` from the query string (limit at most 100, offset at most a billion)."""
     values = []
-    for name, default, low, high in (("offset", 0, 0, None), ("limit", 25, 1, MAX_PAGE)):
+    for name, default, low, high in (("offset", 0, 0, MAX_OFFSET), ("limit", 25, 1, MAX_PAGE)):
         raw = request.args.get(name, default)
         try:
             value = int(raw)
         except (TypeError, ValueError):
-            raise RequestError(f"{name} must be an integer, got {raw!r}", param=name) from None
-        if value < low or (high is not None and value > high):
-            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
-            raise RequestError(f"{name} must be {bound}, got {value}", param=name)
+            raise RequestError(f"{name} must be an integer, got {str(raw)[:40]!r}", param=name) from None
+        if not low <= value <= high:
+            raise RequestError(f"{name} must be between {low} and {high}, got {str(value)[:40]}", param=name)
         values.append(value)
     return values[0], values[1]
 

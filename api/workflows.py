@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from typing import Any
 
 from flask import Blueprint, jsonify, request
@@ -12,7 +11,7 @@ from flowpool.errors import RequestError
 from flowpool.registry import Upload, validate_script
 
 from .models import ActivateRequest, UploadRequest, ValidateRequest
-from .parsing import json_body, model_from, page_args, paginated
+from .parsing import json_body, loads, model_from, page_args, paginated
 from .services import authenticate, services
 
 bp = Blueprint("workflows", __name__, url_prefix="/api/v1/workflows")
@@ -53,10 +52,7 @@ def _upload_from_multipart() -> dict[str, Any]:
         except UnicodeDecodeError as exc:
             raise RequestError(f"script_file is not UTF-8 text: {exc}", param="script_file") from exc
     if "env" in form:
-        try:
-            form["env"] = json.loads(form["env"])
-        except ValueError as exc:
-            raise RequestError(f"env must be a JSON object: {exc}", param="env") from exc
+        form["env"] = loads(form["env"], "env")
     form["accessories"] = [
         {"key": name[len("accessory_"):], "content_base64": base64.b64encode(file.read()).decode()}
         for name, file in request.files.items() if name.startswith("accessory_")
@@ -90,9 +86,9 @@ def upload():  # type: ignore[no-untyped-def]
 
 @bp.post("/validate")
 def validate():  # type: ignore[no-untyped-def]
-    authenticate()
+    svc, _ = services(), authenticate()
     body = model_from(ValidateRequest, json_body())
-    result = validate_script(body.code)
+    result = validate_script(body.code, svc.settings.max_script_bytes)
     return jsonify({"data": {"ok": result.ok, "errors": [p.to_dict() for p in result.problems]}})
 
 

@@ -4,6 +4,7 @@
     ├── RequestError                   400 invalid_request_error
     │   ├── MalformedJSON
     │   ├── InputSchemaError
+    │   ├── RequestTimeout             408 request_timeout (the body did not arrive in time)
     │   └── ValidationFailed           (script rules; carries [{line, message}])
     ├── AuthenticationError            401 authentication_error
     ├── NotFound                       404 not_found
@@ -15,7 +16,9 @@
     │   ├── ScriptError                500 script_error
     │   ├── OutputSchemaError          500 output_schema_error
     │   ├── ResultTooLarge             413 payload_too_large
+    │   ├── InvalidResult              500 invalid_result (too deep, or not valid JSON)
     │   ├── SandboxError               500 sandbox_error
+    │   ├── MemoryLimitExceeded        500 memory_limit (all the run's processes together)
     │   ├── WorkerLost                 500 worker_lost
     │   ├── Cancelled                  499 cancelled (the caller went away and asked for it)
     │   └── RunNotStarted              503 service_unavailable
@@ -68,6 +71,13 @@ class MalformedJSON(RequestError):
 
 class InputSchemaError(RequestError):
     """The input breaks the workflow's INPUT_SCHEMA."""
+
+
+class RequestTimeout(RequestError):
+    """The request body did not arrive in full in time (or was shorter than its Content-Length)."""
+
+    status = 408
+    type = "request_timeout"
 
 
 class ValidationFailed(RequestError):
@@ -157,10 +167,22 @@ class ResultTooLarge(RunError):
     type = "payload_too_large"
 
 
+class InvalidResult(RunError):
+    """The result cannot be shown as JSON: nested too deeply, or holding NaN, Infinity or a lone surrogate."""
+
+    type = "invalid_result"
+
+
 class SandboxError(RunError):
     """The sandbox process crashed or broke the protocol."""
 
     type = "sandbox_error"
+
+
+class MemoryLimitExceeded(RunError):
+    """The run's processes together used more than its memory limit; it was killed."""
+
+    type = "memory_limit"
 
 
 class WorkerLost(RunError):
@@ -198,12 +220,15 @@ __all__ = [
     "ConfigurationError",
     "FlowpoolError",
     "InputSchemaError",
+    "InvalidResult",
     "MalformedJSON",
+    "MemoryLimitExceeded",
     "NotFound",
     "OutputSchemaError",
     "PayloadTooLarge",
     "QuotaExceeded",
     "RequestError",
+    "RequestTimeout",
     "ResultTooLarge",
     "RunError",
     "RunNotStarted",

@@ -8,11 +8,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from flowpool.errors import ValidationFailed
-from flowpool.settings import WORKFLOW_LIMITS
+from flowpool.settings import DEFAULT_MAX_SCRIPT_BYTES, WORKFLOW_LIMITS
 
 from .schema import JSON_TYPES
 
-__all__ = ["Problem", "ScriptInfo", "Validation", "validate_script"]
+__all__ = ["MAX_CACHE_TTL_SECONDS", "MAX_TIMEOUT_SECONDS", "Problem", "ScriptInfo", "Validation", "validate_script"]
+
+# Sane bounds on what a workflow may declare (script constants and upload fields alike): past
+# them a value only breaks things later (Redis refuses the TTL, a timer overflows).
+MAX_CACHE_TTL_SECONDS = 30 * 86400
+MAX_TIMEOUT_SECONDS = 86400
+_MAX_LIMIT = 2**31 - 1  # a LIMITS value becomes an rlimit or a byte count
+# Statements and expressions nested deeper than this are no script anyone writes, and the
+# compiler and the checks below recurse over them.
+MAX_AST_DEPTH = 100
 
 _CONTEXT_MODULES = ("flowpool_workflow", "maitai_workflow")
 _SCHEMA_KEYS = ("type", "description", "required")
@@ -68,16 +77,27 @@ class Validation:
         )
 
 
-def validate_script(source: str) -> Validation:
-    """Check a workflow script against every rule, collecting all problems in line order."""
+def validate_script(source: str, max_bytes: int = DEFAULT_MAX_SCRIPT_BYTES) -> Validation:
+    """Check a workflow script against every rule, collecting all problems in line order.
+
+    ``max_bytes`` is FLOWPOOL_MAX_SCRIPT_BYTES; the default is that setting's default.
+    """
+    size = len(source.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        return Validation([Problem(1, f"the script is {size} bytes; the limit is {max_bytes}")], None)
     try:
         # dont_inherit: this module's own __future__ imports must not change how the script compiles.
         compile(source, "workflow.py", "exec", dont_inherit=True)
+        tree = ast.parse(source)
     except SyntaxError as exc:
         return Validation([Problem(exc.lineno or 1, exc.msg)], None)
-    except (ValueError, RecursionError) as exc:  # null bytes (ValueError before 3.12) or absurd nesting
-        return Validation([Problem(1, str(exc) or type(exc).__name__)], None)
-    tree = ast.parse(source)
+    except (ValueError, RecursionError, MemoryError) as exc:
+        # Null bytes (ValueError before 3.12), too many digits, or nesting past the parser's or
+        # compiler's stack (a long chain of unary minus signs raises MemoryError).
+        return Validation([Problem(1, f"the script cannot be compiled: {_reason(exc)}")], None)
+    deep = _too_deep(tree)
+    if deep is not None:
+        return Validation([Problem(deep, f"the code is nested more than {MAX_AST_DEPTH} levels deep")], None)
     values, problems = _read_constants(tree)
     problems += _check_execute(tree) + _check_context_import(tree)
     timeout = values.get("TIMEOUT_SECONDS")
@@ -90,6 +110,24 @@ def validate_script(source: str) -> Validation:
         limits=values.get("LIMITS"),
     )
     return Validation(sorted(problems, key=lambda p: p.line), info)
+
+
+def _reason(exc: BaseException) -> str:
+    """What a compile error says, with the type of those that say nothing."""
+    if isinstance(exc, MemoryError):
+        return "it is nested too deeply or too complex to parse"
+    return str(exc) or type(exc).__name__
+
+
+def _too_deep(tree: ast.Module) -> int | None:
+    """The line of the first node nested past MAX_AST_DEPTH, or None (walked without recursing)."""
+    stack: list[tuple[ast.AST, int]] = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_AST_DEPTH:
+            return getattr(node, "lineno", 1)
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    return None
 
 
 def _check_execute(tree: ast.Module) -> list[Problem]:
@@ -177,15 +215,19 @@ def _is_number(value: Any) -> bool:
 _SCHEMA_SHAPE = "a dict of field name to {'type': ..., 'description': ..., 'required': ...}"
 _CONSTANTS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "APPLICATION": (lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty string"),
-    "TIMEOUT_SECONDS": (lambda v: _is_number(v) and v > 0, "a number of seconds greater than 0"),
+    "TIMEOUT_SECONDS": (
+        lambda v: _is_number(v) and 0 < v <= MAX_TIMEOUT_SECONDS,
+        f"a number of seconds greater than 0, at most {MAX_TIMEOUT_SECONDS}",
+    ),
     "CACHE_TTL_SECONDS": (
-        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-        "a whole number of seconds, 0 or more",
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_CACHE_TTL_SECONDS,
+        f"a whole number of seconds, 0 or more, at most {MAX_CACHE_TTL_SECONDS}",
     ),
     "LIMITS": (
         lambda v: isinstance(v, dict) and all(k in WORKFLOW_LIMITS and isinstance(n, int) and not isinstance(n, bool)
-                                               and n > 0 for k, n in v.items()),
-        f"a dict of limit name to a whole number greater than 0, names from {', '.join(WORKFLOW_LIMITS)}",
+                                               and 0 < n <= _MAX_LIMIT for k, n in v.items()),
+        f"a dict of limit name to a whole number greater than 0, names from {', '.join(WORKFLOW_LIMITS)}, "
+        f"each at most {_MAX_LIMIT}",
     ),
     "INPUT_SCHEMA": (lambda v: isinstance(v, dict), _SCHEMA_SHAPE),
     "OUTPUT_SCHEMA": (lambda v: isinstance(v, dict), _SCHEMA_SHAPE),

@@ -21,9 +21,10 @@ import redis
 
 from flowpool import keys
 from flowpool.errors import NotFound, RequestError
+from flowpool.settings import DEFAULT_MAX_SCRIPT_BYTES
 
 from .names import is_name
-from .validation import ScriptInfo, validate_script
+from .validation import MAX_CACHE_TTL_SECONDS, MAX_TIMEOUT_SECONDS, ScriptInfo, validate_script
 
 __all__ = ["Workflows", "ResolvedWorkflow", "Upload", "bump_version"]
 
@@ -31,6 +32,9 @@ RESERVED_REFS = frozenset({"default-script", "upload", "validate"})  # routes un
 _VERSION = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
 FIRST_VERSION = "1.0.0"
 BUMPS = ("major", "minor", "patch")
+# A POSIX environment variable name: anything else ("A=B", "") breaks the run process's environment.
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+_ENV_NAME = re.compile(ENV_NAME)
 
 
 def bump_version(current: str | None, bump: str) -> str:
@@ -56,6 +60,21 @@ def check_ref(ref: str) -> str:
         raise RequestError(f"invalid workflow_ref_name {ref!r}: {', '.join(sorted(RESERVED_REFS))} are reserved",
                            param="workflow_ref_name")
     return ref
+
+
+def check_upload_fields(upload: Upload) -> None:
+    """A 400 naming the first field of an upload whose value would break every run of the workflow."""
+    timeout, ttl = upload.timeout_seconds, upload.cache_ttl_seconds
+    if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout <= MAX_TIMEOUT_SECONDS):
+        raise RequestError(f"timeout_seconds must be a number of seconds greater than 0 and at most "
+                           f"{MAX_TIMEOUT_SECONDS}, got {timeout!r}", param="timeout_seconds")
+    if ttl is not None and not (isinstance(ttl, int) and 0 <= ttl <= MAX_CACHE_TTL_SECONDS):
+        raise RequestError(f"cache_ttl_seconds must be a whole number of seconds from 0 to {MAX_CACHE_TTL_SECONDS}, "
+                           f"got {ttl!r}", param="cache_ttl_seconds")
+    for name in upload.env or {}:
+        if not _ENV_NAME.match(name):
+            raise RequestError(f"env name {name[:64]!r} is not a valid variable name: use letters, digits and '_', "
+                               "not starting with a digit", param="env")
 
 
 @dataclass(frozen=True)
@@ -113,8 +132,9 @@ def _decode(mapping: dict[bytes, bytes]) -> dict[str, str]:
 class Workflows:
     """Upload, list, resolve and roll back workflows of an account."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, max_script_bytes: int = DEFAULT_MAX_SCRIPT_BYTES) -> None:
         self.redis = client
+        self.max_script_bytes = max_script_bytes
 
     # Writing
 
@@ -123,7 +143,8 @@ class Workflows:
         check_ref(upload.ref)
         if upload.version_bump not in BUMPS:
             raise RequestError(f"version_bump must be one of {', '.join(BUMPS)}", param="version_bump")
-        validation = validate_script(upload.script)
+        check_upload_fields(upload)
+        validation = validate_script(upload.script, self.max_script_bytes)
         validation.raise_for_problems()
         for key, content in upload.accessories.items():
             try:

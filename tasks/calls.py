@@ -78,7 +78,7 @@ class CallRouter:
         error = outcome.error
         if error is None:
             try:
-                check_output(workflow.output_schema, outcome.result)
+                check_output(workflow.output_schema, outcome.result, self.runtime.settings.max_json_depth)
             except FlowpoolError as exc:
                 error = exc  # type: ignore[assignment]
         self.workflow_calls.append({

@@ -1,0 +1,100 @@
+"""Reading a request body off the connection before any view runs: bounded in size and in time.
+
+Every route takes a small JSON or multipart body, so the body is read whole
+into memory first, and the views parse it from there. Reading it here, rather
+than lazily through werkzeug, settles three things in one place:
+
+- A body that stalls (a client that sends fewer bytes than its
+  ``Content-Length``, or stops mid-chunk) is answered 408 once no byte has
+  arrived for FLOWPOOL_BODY_TIMEOUT_SECONDS, instead of holding the request
+  (and, under gthread, a thread) until the client goes away. The wait is a
+  timeout on the socket gunicorn hands over (``gunicorn.socket``), which a
+  gevent socket honours by yielding, so other requests go on meanwhile.
+- A chunked body over FLOWPOOL_MAX_BODY_BYTES is a 413, like a
+  ``Content-Length`` over it; werkzeug would cut it at the limit silently and
+  the view would see truncated JSON.
+- After either, the connection is closed rather than drained for keep-alive:
+  where the next request would start on it is unknown, or far away.
+"""
+from __future__ import annotations
+
+import io
+import socket
+from typing import Any
+
+from flask import current_app, request
+
+from flowpool.errors import PayloadTooLarge, RequestError, RequestTimeout
+
+from .services import services
+
+__all__ = ["read_body"]
+
+_PIECE = 64 << 10
+
+
+def read_body() -> None:
+    """A ``before_request`` hook: the body read into memory, or a 408/413/400 saying why it cannot be."""
+    environ = request.environ
+    chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+    length = _content_length(environ.get("CONTENT_LENGTH"))
+    if not chunked and not length:
+        return
+    stream = environ["wsgi.input"]
+    limit = int(current_app.config["MAX_CONTENT_LENGTH"])
+    if length is not None and length > limit and not chunked:
+        _close_after(stream)
+        raise PayloadTooLarge(f"the request body is {length} bytes, over the limit of {limit} bytes")
+    want = limit + 1 if chunked else int(length or 0)
+    data = _read(stream, environ.get("gunicorn.socket"), want, services().settings.body_timeout_seconds)
+    if chunked and len(data) > limit:
+        _close_after(stream)
+        raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes")
+    if not chunked and len(data) < want:
+        raise RequestError(f"the request body ended after {len(data)} of its {want} bytes (Content-Length)")
+    environ["wsgi.input"] = io.BytesIO(data)
+    environ["CONTENT_LENGTH"] = str(len(data))
+    environ.pop("HTTP_TRANSFER_ENCODING", None)  # the body is now a plain one of known length
+
+
+def _content_length(raw: str | None) -> int | None:
+    """The Content-Length as a number (gunicorn has already refused a malformed one)."""
+    return int(raw) if raw and raw.strip().isdigit() else None
+
+
+def _read(stream: Any, sock: socket.socket | None, want: int, timeout: float) -> bytes:
+    """Up to ``want`` bytes of ``stream``; RequestTimeout when none arrives for ``timeout`` seconds."""
+    prior = sock.gettimeout() if sock is not None else None
+    pieces: list[bytes] = []
+    got = 0
+    try:
+        if sock is not None:
+            sock.settimeout(timeout)
+        while got < want:
+            piece = stream.read(min(_PIECE, want - got))
+            if not piece:
+                break
+            pieces.append(piece)
+            got += len(piece)
+    except (socket.timeout, TimeoutError):
+        # gunicorn marks the body failed when its read raises, and closes the connection after the answer.
+        raise RequestTimeout(f"the request body stopped arriving: no byte for {timeout:g} s "
+                             f"after {got} bytes") from None
+    finally:
+        if sock is not None:
+            try:
+                sock.settimeout(prior)
+            except OSError:
+                pass  # the client is gone; nothing is sent on this socket again
+    return b"".join(pieces)
+
+
+def _close_after(stream: Any) -> None:
+    """Have gunicorn close the connection after this answer instead of draining the unread body.
+
+    ``failed`` is how gunicorn's own body marks a connection that must not be
+    reused (``gunicorn.http.body.Body``); other servers have no such flag and
+    are left to do as they do.
+    """
+    if hasattr(stream, "failed"):
+        stream.failed = True
