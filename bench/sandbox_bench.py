@@ -30,6 +30,7 @@ from flowpool.devstack import Stack  # noqa: E402
 from flowpool.redis_server import RedisServer  # noqa: E402
 from flowpool.sandbox import Sandbox, SandboxLimits  # noqa: E402
 from flowpool.sandbox.backends import bwrap_binary, bwrap_command, probe_bwrap  # noqa: E402
+from flowpool.sandbox.staging import stage_runtime  # noqa: E402
 from flowpool.procs import set_parent_death_signal  # noqa: E402
 
 NOOP = marshal.dumps(compile("def execute(ctx):\n    return {'ok': True}\n", "workflow.py", "exec"))
@@ -110,10 +111,11 @@ def sandbox_rows(n: int) -> None:
             box = Sandbox(SandboxLimits(), slots=4, uid_base=uid_base, prestart=prestart, backend=backend)
             box.start()
             boxes[(backend, prestart)] = box
-    interpreter = [sys.executable, "-I", "-c", "import flowpool.sandbox.runtime"]
-    cold = {"process": interpreter}
+    warm_up = ["-I", "-c", "import flowpool.sandbox.runtime"]
+    cold = {"process": [sys.executable, *warm_up]}
     if "bwrap" in backends:
-        cold["bwrap"] = bwrap_command(str(bwrap_binary())) + interpreter
+        stage = stage_runtime()  # under bwrap the interpreter runs from the staged runtime
+        cold["bwrap"] = bwrap_command(str(bwrap_binary()), stage) + [stage.interpreter, *warm_up]
     try:
         samples: dict[str, list[float]] = {}
 

@@ -103,7 +103,10 @@ def _gunicorn_post_fork(server: Any, worker: Any) -> None:
 
 
 def _gunicorn_post_worker_init(worker: Any) -> None:
-    """Quit at once on SIGINT and SIGQUIT (Ctrl-C, or the arbiter's quick shutdown)."""
+    """Answer gunicorn's own errors as JSON; quit at once on SIGINT and SIGQUIT (Ctrl-C, or a quick shutdown)."""
+    from .api.serving import use_json_error_pages
+
+    use_json_error_pages()
     # gunicorn's gthread handler for these shuts the worker's thread pool down
     # under the pool's lock, which is not re-entrant: a signal landing while
     # the main thread holds it (submitting a request, or inside the handler
@@ -119,7 +122,8 @@ def _quit_now(signum: int, frame: Any) -> None:
 
 @main.command()
 @click.option("--port", default=8080, show_default=True)
-@click.option("--host", default="0.0.0.0", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. Loopback by default; a container or a host serving others passes --host 0.0.0.0.")
 def api(port: int, host: str) -> None:
     """Serve the API with gunicorn (FLOWPOOL_API_WORKERS processes of FLOWPOOL_API_WORKER_CLASS)."""
     with _server_extra("api"):
@@ -206,9 +210,15 @@ def doctor() -> None:
             sandbox_info = json.loads(info) if info else {}
             line("worker sandbox", f"{worker_name.decode()}: {sandbox_info.get('backend', 'unknown')}; "
                  f"{sandbox_info.get('isolation', 'not published')}", bool(info) and not sandbox_info["weaknesses"])
+            line("worker limits", f"{worker_name.decode()}: {sandbox_info.get('run_limits', 'not published')}",
+                 "WARNING" not in sandbox_info.get("run_limits", "WARNING"))
     except redis.RedisError as exc:
         line("redis reachable", f"no: {exc}", False)
     line("broker", settings.broker)
+    line("secret key", "FLOWPOOL_SECRET_KEY" if settings.secret_key else
+         "generated and kept in Redis, beside what it seals: set FLOWPOOL_SECRET_KEY in production")
+    line("provider keys", settings.provider_keys or "none: accounts pass keys as request secrets")
+    line("metrics", "bearer token required" if settings.metrics_token else "public (FLOWPOOL_METRICS_TOKEN unset)")
     try:
         line("redis-server", find_redis_server())
     except Exception as exc:
@@ -216,12 +226,13 @@ def doctor() -> None:
     sandbox = None
     try:
         sandbox = Sandbox(SandboxLimits(), slots=1, uid_base=settings.sandbox_uid_base, prestart=0,
-                          backend=settings.sandbox_backend)
+                          backend=settings.sandbox_backend, cgroups=settings.sandbox_cgroups)
         sandbox.start()
         # What a worker started here, with these settings, would get.
         line("sandbox backend", sandbox.backend + ("" if settings.sandbox_backend == "bwrap" else
                                                    f" ({settings.sandbox_backend}: {sandbox.backend_note})"))
         line("sandbox", sandbox.describe(), not sandbox.weaknesses)
+        line("run limits", sandbox.run_limits, "WARNING" not in sandbox.run_limits)
     except Exception as exc:
         line("sandbox", f"the sandbox did not start: {exc}", False)
     finally:

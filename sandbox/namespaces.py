@@ -23,12 +23,31 @@ from flowpool.procs import set_parent_death_signal
 from .linux import (CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWPID, MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID,
                     MS_PRIVATE, MS_RDONLY, MS_REC, MS_REMOUNT, PR_CAPBSET_DROP, check, libc, mount)
 
-__all__ = ["SHARED_WRITABLE", "Forker", "blocked_ancestor", "check_run_namespaces", "drop_capabilities",
+__all__ = ["SHARED_WRITABLE", "Forker", "blank_command_line", "blocked_ancestor", "check_run_namespaces",
+           "drop_capabilities",
            "enter_run_namespaces", "fails_in_a_child", "hide", "isolate_zygote", "own_namespaces"]
 
 # Directories every uid may write to on a usual host: what a run leaves there outlives it
 # unless the run has them in a mount namespace of its own, or they are swept by uid.
 SHARED_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+
+
+def blank_command_line(words: tuple[str, ...] = ("python3", "-I", "-m", "flowpool.sandbox.zygote")) -> None:
+    """Overwrite this process's command line, as ``/proc/<pid>/cmdline`` shows it, with ``words``.
+
+    The zygote's real command line holds host paths (the interpreter's, the
+    runtime's in its config) and every run is forked from it, so a script
+    would read them in ``/proc/1/cmdline``. The kernel reads that file from
+    the argument area of the process's own memory: writing over it (as
+    setproctitle does) changes what every later fork shows, and costs a run
+    nothing. Python keeps its own copy of argv, so ``sys.argv`` is untouched.
+    """
+    with open("/proc/self/stat", "rb") as stat_file:
+        fields = stat_file.read().rsplit(b")", 1)[1].split()
+    # proc(5): arg_start and arg_end are fields 48 and 49; ``fields`` starts at field 3.
+    start, end = int(fields[45]), int(fields[46])
+    title = "\0".join(words).encode()[:max(0, end - start - 1)]
+    ctypes.memmove(start, title.ljust(end - start, b"\0"), end - start)
 
 
 def blocked_ancestor(path: str) -> str | None:

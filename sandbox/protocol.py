@@ -104,6 +104,7 @@ class SandboxLimits:
     max_log_bytes: int = 256 << 10
     max_chunks: int = 10_000
     max_chunk_bytes: int = 64 << 10
+    max_json_depth: int = 64  # of an emitted chunk's content and of log fields, as of a request body
 
 
 @dataclass
@@ -112,7 +113,7 @@ class RunOutcome:
 
     result: Any = None
     result_json: str | None = None
-    error: ScriptError | TimeLimitExceeded | SandboxError | ResultTooLarge | Cancelled | None = None
+    error: ScriptError | TimeLimitExceeded | SandboxError | ResultTooLarge | InvalidResult | Cancelled | None = None
     logs: list[dict[str, Any]] = field(default_factory=list)
     logs_truncated: bool = False
     chunks: int = 0

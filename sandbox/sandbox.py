@@ -23,6 +23,7 @@ from typing import Any, Callable
 from flowpool.errors import SandboxError
 
 from .backends import Backend, choose
+from .containment import Containment
 from .protocol import CallHandler, RunOutcome, SandboxLimits
 from .run_process import RunProcess
 from .session import RunSession
@@ -41,9 +42,11 @@ class Sandbox:
 
     def __init__(self, limits: SandboxLimits, slots: int, uid_base: int | None = None,
                  hard_grace_seconds: float = 5.0, max_seconds: float = 600.0, prestart: int = 2,
-                 backend: str | Backend = "auto") -> None:
+                 backend: str | Backend = "auto", cgroups: str = "auto") -> None:
         try:
             self._backend = backend if isinstance(backend, Backend) else choose(backend)
+            # Bounds each run as a whole: a cgroup per slot (unless ``cgroups`` is off), else a watchdog.
+            self._containment = Containment(slots + prestart, cgroups)
         except ValueError as exc:
             raise SandboxError(str(exc)) from None
         self.limits = limits
@@ -88,6 +91,11 @@ class Sandbox:
         """Warnings about isolation missing here (empty when nothing is)."""
         return [part for part in self._findings() if part.startswith("WARNING")]
 
+    @property
+    def run_limits(self) -> str:
+        """How the processes of each run are bounded together: by a cgroup per slot, or a watchdog."""
+        return self._containment.describe()
+
     def describe(self) -> str:
         """The isolation in force, in a line for people."""
         return "; ".join([f"{self.backend} backend", *self._findings()])
@@ -95,7 +103,8 @@ class Sandbox:
     def _findings(self) -> list[str]:
         uids = f"uids {self.uid_range.start}-{self.uid_range.stop - 1}" if self.uid_range else \
             "WARNING: runs share the worker's uid (start workers as root for a uid per slot)"
-        return [uids, *(self._zygote.findings() if self._zygote.isolation else ["zygote not started"])]
+        return [uids, *(self._zygote.findings() if self._zygote.isolation else ["zygote not started"]),
+                self.run_limits]
 
     @property
     def uid_range(self) -> range | None:
@@ -127,7 +136,8 @@ class Sandbox:
         raise SandboxError(f"no free block of {block_size} sandbox uids from {base}: 64 workers on this host already")
 
     def start(self) -> None:
-        """Start the zygote, the cleaner and the processes started ahead of need."""
+        """Make the slots' cgroups, start the zygote, the cleaner and the processes started ahead of need."""
+        self._containment.start()  # first: on cgroup v2 the worker may move itself to a leaf cgroup
         self._zygote.start()
         self._cleaner.start()
         for _ in range(self.prestart):
@@ -139,6 +149,7 @@ class Sandbox:
         if self._cleaner.is_alive():
             self._cleaner.join(10)
         self._zygote.stop()
+        self._containment.stop()
         shutil.rmtree(self._root, ignore_errors=True)
         if self._uid_lock is not None:
             os.close(self._uid_lock)
@@ -148,9 +159,14 @@ class Sandbox:
         """Start a run process in ``slot``, under every limit but the job's own CPU budget."""
         uid = self._uid_base + slot if self._uid_base is not None else None
         process = RunProcess(slot, uid, os.path.join(self._root, f"run-{next(self._runs)}"))
+        limits = limits or self.limits
         try:
+            try:
+                cgroup_fds = self._containment.prepare(slot, limits, bool(self._zygote.isolation.get("namespaces")))
+            except OSError as exc:
+                raise SandboxError(f"could not set the run's cgroup limits: {exc}") from exc
             process.pid, process.sock, process.zygote = self._zygote.spawn(
-                process.workdir, self._process_limits(limits or self.limits), uid, uid)
+                process.workdir, self._process_limits(limits), uid, uid, cgroup_fds)
             process.pidfd = os.pidfd_open(process.pid)
         except BaseException:
             self._cleanup.put(process)
@@ -191,6 +207,10 @@ class Sandbox:
                     shutil.rmtree(process.workdir, ignore_errors=True)
             except Exception:  # a lost zygote takes its processes with it
                 shutil.rmtree(process.workdir, ignore_errors=True)
+                refill = False
+            try:
+                self._containment.clear(process.slot)
+            except OSError:
                 refill = False
             process.close()
             if refill:
@@ -264,6 +284,7 @@ class Sandbox:
             outcome.pid = process.pid
             session = RunSession(process, self._zygote, limits, soft_seconds, self.hard_grace_seconds, outcome,
                                  on_emit=on_emit, on_call=on_call, cancel=cancel, on_idle=on_idle)
+            watch = self._containment.watch(process, limits, session.cpu_seconds)
             try:
                 session.start(code, job, source)
                 if gate is not None and not gate():
@@ -275,6 +296,9 @@ class Sandbox:
                     f"could not hand the job to the sandbox process: {exc}")
             finally:
                 session.close()
+                verdict = watch.end()
+                if verdict is not None and not outcome.skipped:  # what killed it, rather than how it died
+                    outcome.error, outcome.result, outcome.result_json = verdict, None, None
         except SandboxError as exc:
             outcome.error = exc
         finally:

@@ -19,7 +19,8 @@ import threading
 import time
 from typing import Any, Callable
 
-from flowpool.errors import Cancelled, ResultTooLarge, SandboxError, ScriptError, TimeLimitExceeded
+from flowpool.errors import Cancelled, InvalidResult, ResultTooLarge, SandboxError, ScriptError, TimeLimitExceeded
+from flowpool.jsonsafe import find_problem
 
 from .channel import Channel, ChannelClosed, ProtocolError
 from .protocol import CallErrorKind, CallFailed, CallHandler, RunErrorKind, RunOutcome, SandboxLimits, Streamed
@@ -62,12 +63,16 @@ class RunSession:
             "call": self.on_call, "emit": self.on_emit, "log": self.on_log, "result": self.on_result,
             "error": self.on_error}
 
+    @property
+    def cpu_seconds(self) -> int:
+        """The run's CPU time budget: the workflow's own limit, within a backstop for the hard limit (whole seconds)."""
+        backstop = int(self.soft_seconds + self.hard_grace_seconds) + 1
+        return min(backstop, self.limits.cpu_seconds or backstop)
+
     def start(self, code: bytes, job: dict[str, Any], source: str | None) -> None:
         """Hand the job to the run process; OSError when it died before it took the job."""
-        # CPU time is a backstop for the hard limit, in whole seconds, and the workflow's own limit.
-        cpu = int(self.soft_seconds + self.hard_grace_seconds) + 1
         self.channel.send({"op": "run", "code": base64.b64encode(code).decode(), "source": source, "job": job,
-                           "soft_seconds": self.soft_seconds, "cpu_seconds": min(cpu, self.limits.cpu_seconds or cpu)})
+                           "soft_seconds": self.soft_seconds, "cpu_seconds": self.cpu_seconds})
 
     def follow(self) -> None:
         """Serve and record what the run sends until it is over: a result, an error, a limit, a crash or a cancel."""
@@ -117,7 +122,12 @@ class RunSession:
         if self.outcome.chunks > self.limits.max_chunks:
             self._kill(ResultTooLarge(f"the run emitted more than {self.limits.max_chunks} chunks"))
             return True
-        if len(json.dumps(message.get("content"))) > self.limits.max_chunk_bytes:
+        problem = find_problem(message.get("content"), self.limits.max_json_depth)
+        if problem is not None:  # it would break every reader of the run's stream
+            path, what = problem
+            self._kill(InvalidResult(f"an emitted chunk's content{' field ' + path if path else ''} {what}"))
+            return True
+        if len(json.dumps(message.get("content"))) + len(str(message.get("type"))) > self.limits.max_chunk_bytes:
             self._kill(ResultTooLarge(f"an emitted chunk is over {self.limits.max_chunk_bytes} bytes"))
             return True
         if self._emit_to is not None:
@@ -131,9 +141,12 @@ class RunSession:
         if outcome.logs_truncated:
             return False
         line = {"level": str(message.get("level", "info")), "msg": str(message.get("msg", "")), "time": time.time()}
-        if isinstance(message.get("fields"), dict) and message["fields"]:
-            line["fields"] = message["fields"]
-        self._log_bytes += len(line["msg"]) + 40
+        fields = message.get("fields")
+        if isinstance(fields, dict) and fields:
+            problem = find_problem(fields, self.limits.max_json_depth)
+            line["fields"] = fields if problem is None else {"unreadable": f"field {problem[0]} {problem[1]}"}
+            self._log_bytes += len(json.dumps(line["fields"]))
+        self._log_bytes += len(line["msg"]) + len(line["level"]) + 40
         if self._log_bytes > limit:
             outcome.logs_truncated = True
             outcome.logs.append({"level": "warning", "msg": f"log cut at {limit} bytes", "time": time.time()})

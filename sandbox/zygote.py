@@ -5,7 +5,8 @@ with a scrubbed environment, so it holds no settings, no secrets and no
 connections: a forked run inherits nothing of the worker. It talks to the
 worker over a SOCK_SEQPACKET control socket (its fd number is argv[1]), one JSON message per packet:
 
-  worker -> zygote  {"op": "spawn", "id", "limits": {...}, "uid", "gid", "workdir"} + the run's channel fd
+  worker -> zygote  {"op": "spawn", "id", "limits": {...}, "uid", "gid", "workdir"} + the run's channel fd,
+                      then the slot's cgroup.procs files, if any (the run joins them before anything else)
                     {"op": "reap", "id", "pid", "uid", "workdir", "sweep"}   (kill what is left of a run, remove its files)
   zygote -> worker  {"op": "spawned", "id", "pid"} | {"op": "reaped", "id"} | {"op": "failed", "id", "message"}
                     {"op": "exited", "pid", "status": {"code": n} | {"signal": n}}
@@ -72,8 +73,9 @@ import maitai_workflow  # noqa: F401  (scripts written for it import it; its fil
 from flowpool.procs import set_parent_death_signal
 
 from . import linux, runtime, seccomp
-from .namespaces import (SHARED_WRITABLE, Forker, blocked_ancestor, check_run_namespaces, drop_capabilities,
-                         enter_run_namespaces, fails_in_a_child, hide, isolate_zygote, own_namespaces)
+from .namespaces import (SHARED_WRITABLE, Forker, blank_command_line, blocked_ancestor, check_run_namespaces,
+                         drop_capabilities, enter_run_namespaces, fails_in_a_child, hide, isolate_zygote,
+                         own_namespaces)
 
 _LIMITS = {
     "memory_bytes": (resource.RLIMIT_AS,),
@@ -82,6 +84,10 @@ _LIMITS = {
     "file_bytes": (resource.RLIMIT_FSIZE,),
     "cpu_seconds": (resource.RLIMIT_CPU,),
 }
+
+
+# A spawn's file descriptors: the run's channel and up to one cgroup.procs per cgroup hierarchy.
+_MAX_FDS = 8
 
 
 def _seccomp_works() -> bool:
@@ -127,10 +133,22 @@ def _parent_gone(request: dict, forker: Forker) -> bool:
     return forker.zygote_gone()
 
 
-def _become_run(request: dict, fd: int, control: socket.socket, forker: Forker) -> None:
+def _join_cgroups(fds: list[int]) -> None:
+    """Move this process into its slot's cgroups (``0`` names the writer), so all it forks is born there.
+
+    The files were opened by the worker: the kernel checks its credentials and
+    cgroup namespace, which a zygote inside bwrap lacks.
+    """
+    for fd in fds:
+        os.write(fd, b"0")
+        os.close(fd)
+
+
+def _become_run(request: dict, fd: int, control: socket.socket, forker: Forker, cgroup_fds: list[int]) -> None:
     """In the forked child: drop everything of the zygote, apply limits, run the job. Never returns."""
     code = 0
     try:
+        _join_cgroups(cgroup_fds)  # fails closed: a run that cannot join its cgroup never takes its job
         control.close()
         os.setsid()
         set_parent_death_signal(signal.SIGKILL)
@@ -266,23 +284,23 @@ class _Spares:
                 except OSError:
                     pass  # tried again, and reported, once a job comes
             try:
-                data, fds, _, _ = socket.recv_fds(theirs, 65536, 1)
+                data, fds, _, _ = socket.recv_fds(theirs, 65536, _MAX_FDS)
             except BaseException:
                 os._exit(0)
             if not data or not fds:
                 os._exit(0)  # the zygote went away before using us
-            _become_run({**json.loads(data), "_entered": entered}, fds[0], theirs, self._forker)
+            _become_run({**json.loads(data), "_entered": entered}, fds[0], theirs, self._forker, fds[1:])
         theirs.close()
         self.pid, self._sock = pid, ours
 
-    def take(self, request: dict, fd: int) -> int | None:
-        """Hand a run to the spare; its pid, or None if there was none or it is gone."""
+    def take(self, request: dict, fds: list[int]) -> int | None:
+        """Hand a run (its channel, then its cgroup files) to the spare: its pid, or None if it is gone."""
         pid, sock = self.pid, self._sock
         self.pid = self._sock = None
         if pid is None or sock is None:
             return None
         try:
-            socket.send_fds(sock, [json.dumps(request).encode()], [fd])
+            socket.send_fds(sock, [json.dumps(request).encode()], fds)
             return pid
         except OSError:
             return None
@@ -291,6 +309,7 @@ class _Spares:
 
 
 def main(control_fd: int, config: dict) -> None:
+    blank_command_line()  # runs forked from here must not read host paths in /proc/1/cmdline
     set_parent_death_signal(signal.SIGKILL)
     linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)
     control = socket.socket(fileno=control_fd)
@@ -348,17 +367,17 @@ def main(control_fd: int, config: dict) -> None:
             else:
                 send({"op": "exited", "pid": pid, "status": _decode_status(status, isolation["namespaces"])})
 
-    def spawn(request: dict, fd: int) -> int:
+    def spawn(request: dict, fds: list[int]) -> int:
         request.update(namespaces=isolation["namespaces"], seccomp=isolation["seccomp"], keep=kept_under_tmp)
         if not isolation["namespaces"]:  # else the run works in a tmpfs of its own
             os.makedirs(request["workdir"], mode=0o700)
             if request.get("uid") is not None:
                 os.chown(request["workdir"], request["uid"], request["gid"])
-        pid = spares.take(request, fd)
+        pid = spares.take(request, fds)
         if pid is None:
             pid = forker.fork()
             if pid == 0:
-                _become_run(request, fd, control, forker)
+                _become_run(request, fds[0], control, forker, fds[1:])
         return pid
 
     # Move everything imported so far out of the collector's reach, so runs
@@ -377,7 +396,7 @@ def main(control_fd: int, config: dict) -> None:
         if control not in ready:
             continue
         try:
-            data, fds, _, _ = socket.recv_fds(control, 65536, 4)
+            data, fds, _, _ = socket.recv_fds(control, 65536, _MAX_FDS)
         except InterruptedError:
             continue
         if not data:
@@ -385,8 +404,9 @@ def main(control_fd: int, config: dict) -> None:
         request = json.loads(data)
         try:
             if request["op"] == "spawn":
-                pid = spawn(request, fds[0])
-                os.close(fds[0])
+                pid = spawn(request, fds)
+                for fd in fds:
+                    os.close(fd)
                 send({"op": "spawned", "id": request["id"], "pid": pid})
                 spares.refill()  # after answering: the fork is off the caller's path
             elif request["op"] == "reap":

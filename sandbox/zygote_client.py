@@ -20,7 +20,7 @@ from typing import Any
 from flowpool.errors import SandboxError
 from flowpool.procs import set_parent_death_signal
 
-from .backends import PROCESS_WARNING, Backend, hidden_paths, runtime_paths
+from .backends import PROCESS_WARNING, Backend
 
 __all__ = ["Zygote"]
 
@@ -87,9 +87,9 @@ class Zygote:
     def _start_locked(self) -> None:
         self._hello.clear()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        config = {"backend": self.backend.name, "hide": hidden_paths(), "runtime": runtime_paths()}
+        config = {"backend": self.backend.name, "hide": self.backend.hidden, "runtime": self.backend.runtime}
         self._process = subprocess.Popen(
-            [*self.backend.prefix, sys.executable, "-I", "-m", "flowpool.sandbox.zygote", str(child.fileno()),
+            [*self.backend.prefix, self.backend.interpreter, "-I", "-m", "flowpool.sandbox.zygote", str(child.fileno()),
              json.dumps(config)],
             env=self._env, stdin=subprocess.DEVNULL, close_fds=True, pass_fds=(child.fileno(),),
             preexec_fn=set_parent_death_signal,
@@ -170,13 +170,14 @@ class Zygote:
             raise SandboxError(f"could not {message['op']} a sandbox process: {pending.reply['message']}")
         return pending
 
-    def spawn(self, workdir: str, limits: dict[str, int | None], uid: int | None,
-              gid: int | None) -> tuple[int, socket.socket, subprocess.Popen[bytes]]:
-        """Fork a run process; returns its pid, the worker's end of its channel and the zygote that forked it."""
+    def spawn(self, workdir: str, limits: dict[str, int | None], uid: int | None, gid: int | None,
+              cgroup_fds: list[int] | None = None) -> tuple[int, socket.socket, subprocess.Popen[bytes]]:
+        """Fork a run process, in the cgroups whose ``cgroup.procs`` files are open as ``cgroup_fds``;
+        returns its pid, the worker's end of its channel and the zygote that forked it."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             answered = self._request({"op": "spawn", "workdir": workdir, "limits": limits, "uid": uid, "gid": gid},
-                                     [theirs.fileno()])
+                                     [theirs.fileno(), *(cgroup_fds or [])])
         except BaseException:
             ours.close()
             raise

@@ -14,8 +14,9 @@ from flowpool import keys
 from flowpool.cache import ResultCache
 from flowpool.connections import connect_redis
 from flowpool.egress import EgressPolicy
-from flowpool.registry import Applications, Workflows
+from flowpool.registry import Applications, ProviderKeys, Workflows
 from flowpool.runs import RunStore
+from flowpool.sealing import Sealer, ServerKey
 from flowpool.sandbox import Sandbox, SandboxLimits
 from flowpool.settings import Settings
 
@@ -36,13 +37,15 @@ class WorkerRuntime:
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.redis = connect_redis(settings)
         self.runs = RunStore(self.redis, settings.run_ttl_seconds, settings.runs_per_workflow)
-        self.cache = ResultCache(self.redis, settings.secret_key)
+        server_key = ServerKey(self.redis, settings.secret_key)
+        self.cache = ResultCache(self.redis, server_key)
+        self.sealer = Sealer(server_key)  # opens the jobs' secrets and seals outputs carrying them
         self.scripts = ScriptCache(Workflows(self.redis), settings.script_cache_size)
         # Provider keys named by api_key_env are read from the worker's own
         # environment, at call time; they never enter the sandbox.
         egress = EgressPolicy(settings.egress_allow)
         self.http = HttpClient(egress, settings.http_max_response_bytes)
-        self.models = ModelRouter(Applications(self.redis), egress, os.environ,
+        self.models = ModelRouter(Applications(self.redis), egress, os.environ, ProviderKeys(settings.provider_keys),
                                   retries=settings.model_retries,
                                   connect_timeout=settings.model_connect_timeout_seconds)
         self._limits: dict[tuple, SandboxLimits] = {}
@@ -55,6 +58,7 @@ class WorkerRuntime:
             max_seconds=settings.max_timeout_seconds,
             prestart=settings.sandbox_prestart,
             backend=settings.sandbox_backend,
+            cgroups=settings.sandbox_cgroups,
         )
         self.lease_ms = int(settings.worker_ttl_seconds * 1000)
         self.active: set[str] = set()
@@ -80,6 +84,7 @@ class WorkerRuntime:
                 max_log_bytes=int(values["log_bytes"] or 0),
                 max_chunks=int(values["chunks"] or 0),
                 max_chunk_bytes=settings.max_chunk_bytes,
+                max_json_depth=settings.max_json_depth,
             )
             self._limits[key] = limits
         return limits
@@ -94,7 +99,7 @@ class WorkerRuntime:
         try:  # for `flowpool doctor`, which may run elsewhere than this worker
             self.redis.hset(keys.WORKER_SANDBOXES, self.name, json.dumps({
                 "backend": self.sandbox.backend, "isolation": self.sandbox.describe(),
-                "weaknesses": self.sandbox.weaknesses}))
+                "run_limits": self.sandbox.run_limits, "weaknesses": self.sandbox.weaknesses}))
         except redis.RedisError as exc:
             log.warning("could not publish the sandbox's description: %s", exc)
 

@@ -282,6 +282,12 @@ def test_doctor_reports_redis_and_the_workers_of_the_stack(stack: Stack) -> None
     status, workers = checks["workers"]
     assert status == "ok" and workers.startswith("flowpool@"), checks["workers"]
     assert checks["sandbox"][0] == "ok"
+    # How runs are bounded as a whole, and what the operator has opened up.
+    assert checks["run limits"][1].startswith("run limits: ")
+    assert checks["worker limits"][1].startswith(workers.split(",")[0] + ": run limits: ")
+    assert checks["secret key"][1].startswith("generated and kept in Redis")
+    assert checks["provider keys"] == ("ok", "none: accounts pass keys as request secrets")
+    assert checks["metrics"] == ("ok", "public (FLOWPOOL_METRICS_TOKEN unset)")
     assert code == 0, checks
 
 

@@ -1,13 +1,21 @@
 """Choosing a sandbox backend, and the bwrap command line the zygote starts under."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
 from flowpool.sandbox import backends
-from flowpool.sandbox.backends import Backend, bwrap_command, choose, hidden_paths, runtime_paths
+from flowpool.sandbox.backends import Backend, bwrap_binary, bwrap_command, choose, probe_bwrap
+from flowpool.sandbox import staging
+from flowpool.sandbox.staging import RUNTIME, stage_runtime
+
+REPO = str(Path(__file__).resolve().parents[2])
 
 
 def test_process_is_chosen_when_asked_for_without_probing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -43,17 +51,71 @@ def test_a_binary_that_fails_is_reported_with_what_it_said(tmp_path) -> None:
     assert problem is not None and "No permissions to create new namespace" in problem
 
 
-def test_bwrap_command_builds_a_read_only_root_with_only_the_runtime() -> None:
-    command = bwrap_command("/usr/bin/bwrap")
+def test_bwrap_command_builds_a_read_only_root_with_only_the_staged_runtime() -> None:
+    stage = stage_runtime()
+    command = bwrap_command("/usr/bin/bwrap", stage)
     assert command[0] == "/usr/bin/bwrap" and command[-1] == "--"
     for flag in ("--die-with-parent", "--unshare-net", "--unshare-ipc", "--unshare-uts"):
         assert flag in command
     assert ("--unshare-user" in command) == (os.geteuid() != 0)  # as root, real uids: one per slot
-    binds = [command[i + 1] for i, arg in enumerate(command) if arg == "--ro-bind"]
-    assert set(binds) == set(runtime_paths())
-    assert os.path.realpath(sys.prefix) in map(os.path.realpath, binds) or sys.prefix in binds
-    assert "/" not in binds and "/home" not in binds and "/etc" not in binds
-    # The tmpfs comes before the binds, so a runtime under /tmp lies on top of it; the root ends read-only.
+    # One bind of the runtime, the stage, at a neutral place: no host path of the installation is a mount.
+    binds = [(command[i + 1], command[i + 2]) for i, arg in enumerate(command) if arg == "--ro-bind"]
+    assert binds == [(stage.root, RUNTIME)]
+    for host_path in (sys.prefix, sys.base_prefix, os.path.realpath(sys.executable), REPO):
+        assert not any(arg.startswith(host_path) for arg in command if arg != stage.root), host_path
+    assert "/" not in [dest for _, dest in binds] and "/home" not in command
+    # The tmpfs comes first; the root ends read-only; the host's /usr/local is an empty tmpfs.
     assert command.index("--tmpfs") < command.index("--ro-bind")
-    assert command[command.index("--remount-ro") + 1] == "/"
-    assert set(hidden_paths()) <= set(binds) | {p for p in hidden_paths() if any(p.startswith(b + "/") for b in binds)}
+    remounted = [command[i + 1] for i, arg in enumerate(command) if arg == "--remount-ro"]
+    assert remounted[-1] == "/" and "/usr/local" in remounted
+
+
+def test_the_stage_holds_the_interpreter_its_stdlib_and_flowpools_sandbox_side_only() -> None:
+    stage = stage_runtime()
+
+    def inside(path: str) -> str:
+        """Where a path of the sandbox's /runtime lies in the stage on the host."""
+        return os.path.join(stage.root, os.path.relpath(path, RUNTIME))
+
+    assert os.access(inside(stage.interpreter), os.X_OK)
+    stdlib = inside(f"{RUNTIME}/{sys.platlibdir}/python{sys.version_info.major}.{sys.version_info.minor}")
+    assert os.path.isfile(os.path.join(stdlib, "os.py")) and os.path.isdir(os.path.join(stdlib, "lib-dynload"))
+    assert not os.path.exists(os.path.join(stdlib, "test")) and not os.path.exists(os.path.join(stdlib, "idlelib"))
+    packages = os.path.dirname(inside(stage.hidden[0]))
+    assert sorted(os.listdir(packages)) == ["flowpool", "flowpool_workflow", "maitai_workflow"]  # no celery, no redis
+    assert os.path.isfile(os.path.join(packages, "flowpool", "sandbox", "zygote.py"))
+    assert not os.path.exists(os.path.join(packages, "flowpool", "api"))  # the worker's and the API's code stay out
+    assert all(path.startswith(RUNTIME + "/") for path in stage.hidden)
+
+
+def test_the_staged_interpreter_runs_under_bwrap_from_runtime_only() -> None:
+    binary = bwrap_binary()
+    if probe_bwrap(binary) is not None:
+        pytest.skip(str(probe_bwrap(binary)))
+    assert binary is not None
+    stage = stage_runtime()
+    done = subprocess.run(bwrap_command(binary, stage) + [stage.interpreter, "-I", "-c", textwrap.dedent("""
+        import json, sys, flowpool.sandbox.zygote
+        print(json.dumps([sys.prefix, sys.executable, *sys.path, flowpool.sandbox.zygote.__file__]))
+    """)], capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    for path in json.loads(done.stdout):
+        assert path.startswith(RUNTIME + "/") or path == RUNTIME, path
+
+
+def test_a_stage_left_by_a_dead_worker_is_swept_and_a_live_or_new_ones_kept(tmp_path: Path) -> None:
+    dead, live, new = (tmp_path / f"flowpool-runtime-{name}" for name in ("dead", "live", "new"))
+    for stage in (dead, live, new):
+        (stage / "lib").mkdir(parents=True)
+    for stage in (dead, live):
+        os.utime(stage, (0, 0))  # made long ago
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+                               "fcntl.flock(fd, fcntl.LOCK_SH); print(flush=True); sys.stdin.read()", str(live)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline()  # it holds the lock
+        staging._remove_stale(str(tmp_path))
+        assert not dead.exists() and live.exists() and new.exists()
+    finally:
+        holder.kill()
+        holder.wait()

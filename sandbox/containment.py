@@ -1,0 +1,263 @@
+"""Limits on a run as a whole: memory, processes and CPU time of all its processes together.
+
+Per-process rlimits alone let a run hold its memory limit once per process
+it forks. :class:`Containment` bounds the sum, in the strongest way the host
+allows, chosen when the sandbox starts:
+
+``cgroup``     a cgroup per run slot (:mod:`.cgroups`): the kernel holds the
+               run's memory (the OOM killer acts inside the cgroup), its
+               process count (``fork`` fails with EAGAIN) and counts its CPU
+               time; a monitor thread ends a run whose cgroup saw an OOM kill
+               or passed its CPU budget.
+``watchdog``   where no cgroup is usable (or ``FLOWPOOL_SANDBOX_CGROUPS=off``):
+               the per-process rlimits stay, and the monitor sums the
+               proportional set size (PSS) and CPU time of the run's processes
+               (its descendants, and everything of its uid) every
+               :data:`WATCHDOG_TICK` seconds, killing a run over its limit.
+               It bounds the sum only up to what a run allocates in one tick.
+
+A run the monitor stops ends in :class:`~flowpool.errors.MemoryLimitExceeded`
+(or a SandboxError naming the CPU time limit); the worker's next run in the
+slot starts clean.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from dataclasses import dataclass, field
+
+from flowpool.errors import MemoryLimitExceeded, RunError, SandboxError
+
+from .cgroups import SlotCgroups, open_cgroups
+from .protocol import SandboxLimits
+from .run_process import RunProcess
+
+__all__ = ["CGROUP_TICK", "Containment", "RunWatch", "WATCHDOG_TICK"]
+
+CGROUP_TICK = 0.1  # the kernel enforces the limits; the monitor only ends the run that hit one
+WATCHDOG_TICK = 0.05
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class RunWatch:
+    """One run the monitor follows, and its verdict once it broke a limit."""
+
+    process: RunProcess
+    memory_bytes: int
+    cpu_seconds: float
+    oom_base: int = 0
+    cpu_base: float = 0.0
+    verdict: RunError | None = None
+    _owner: Containment | None = field(default=None, repr=False)
+
+    def end(self) -> RunError | None:
+        """Stop following the run (its processes are done or being killed): the limit it broke, if any."""
+        assert self._owner is not None
+        return self._owner.release(self)
+
+
+@dataclass
+class _Proc:
+    """A process as one /proc scan saw it."""
+
+    ppid: int
+    uid: int
+    start: str  # start time in clock ticks since boot: with the pid, names the process
+    cpu: float  # its own and its waited-for children's CPU seconds
+
+
+class Containment:
+    """Bounds each run as a whole; one per sandbox, with a cgroup per slot where it can."""
+
+    def __init__(self, slots: int, mode: str = "auto") -> None:
+        if mode not in ("auto", "off"):
+            raise ValueError(f"unknown sandbox cgroups setting {mode!r}: use auto or off")
+        self._slots = slots
+        self._mode = mode
+        self.cgroups: SlotCgroups | None = None
+        self._why = "turned off by FLOWPOOL_SANDBOX_CGROUPS=off"
+        self._watches: list[RunWatch] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._monitor = threading.Thread(target=self._follow, name="flowpool-sandbox-monitor", daemon=True)
+
+    def start(self) -> None:
+        """Make the slots' cgroups (where the host allows and the setting does not forbid) and start the monitor."""
+        if self._mode == "auto":
+            self.cgroups, self._why = open_cgroups(self._slots)
+        self._monitor.start()
+
+    def stop(self) -> None:
+        """Stop the monitor; kill what is left in the cgroups and remove them."""
+        self._stop.set()
+        if self._monitor.is_alive():
+            self._monitor.join(5)
+        if self.cgroups is not None:
+            self.cgroups.remove()
+            self.cgroups = None
+
+    def describe(self) -> str:
+        """How runs are bounded as a whole, for people; a WARNING when only by a watchdog."""
+        if self.cgroups is not None:
+            return f"run limits: {self.cgroups.describe()}"
+        return (f"WARNING: run limits: per-process rlimits + memory watchdog (no cgroup per run: {self._why}); "
+                f"a run's processes together may pass its memory limit by what they allocate in {WATCHDOG_TICK}s")
+
+    def prepare(self, slot: int, limits: SandboxLimits, has_init: bool) -> list[int]:
+        """Set ``slot``'s limits for its next run process: the files that process joins the slot's cgroup through."""
+        if self.cgroups is None:
+            return []
+        # A run in namespaces of its own has an init above the process that takes the job.
+        self.cgroups.configure(slot, limits.memory_bytes, limits.processes + (1 if has_init else 0))
+        return self.cgroups.procs_fds(slot)
+
+    def clear(self, slot: int) -> None:
+        """Kill whatever a run left in its slot's cgroup before the slot is used again."""
+        if self.cgroups is not None:
+            self.cgroups.kill(slot, wait=5.0)
+
+    def watch(self, process: RunProcess, limits: SandboxLimits, cpu_seconds: float) -> RunWatch:
+        """Follow a run from before its job starts until :meth:`RunWatch.end`."""
+        watch = RunWatch(process, limits.memory_bytes, cpu_seconds, _owner=self)
+        if self.cgroups is not None:
+            watch.oom_base = self.cgroups.oom_kills(process.slot)
+            watch.cpu_base = self.cgroups.cpu_seconds(process.slot) or 0.0
+        with self._lock:
+            self._watches.append(watch)
+        return watch
+
+    def release(self, watch: RunWatch) -> RunError | None:
+        """Stop following ``watch``, after a last look (an OOM kill the run outlived still fails it)."""
+        with self._lock:  # once out of the list, the monitor no longer touches the run's process
+            if watch in self._watches:
+                self._watches.remove(watch)
+        if watch.verdict is None and self.cgroups is not None:
+            watch.verdict = self._judge_cgroup(watch)
+        return watch.verdict
+
+    def _follow(self) -> None:
+        tick = CGROUP_TICK if self.cgroups is not None else WATCHDOG_TICK
+        while not self._stop.wait(tick):
+            with self._lock:
+                watches = [w for w in self._watches if w.verdict is None]
+            if not watches:
+                continue
+            try:
+                if self.cgroups is not None:
+                    for watch in watches:
+                        verdict = self._judge_cgroup(watch)
+                        if verdict is not None:
+                            self._stop_run(watch, verdict, [])
+                else:
+                    self._judge_processes(watches)
+            except OSError:
+                pass  # a run that ended meanwhile: its session sees it
+
+    def _judge_cgroup(self, watch: RunWatch) -> RunError | None:
+        """The limit the run's cgroup says it broke, if any."""
+        assert self.cgroups is not None
+        slot = watch.process.slot
+        if self.cgroups.oom_kills(slot) > watch.oom_base:
+            return self._memory_verdict(watch)
+        used = self.cgroups.cpu_seconds(slot)
+        if used is not None and used - watch.cpu_base > watch.cpu_seconds:
+            return self._cpu_verdict(watch)
+        return None
+
+    def _judge_processes(self, watches: list[RunWatch]) -> None:
+        """The watchdog: sum each run's processes' PSS and CPU time from one scan of /proc."""
+        table = _scan()
+        for watch in watches:
+            members = _members(table, watch)
+            if sum(_pss(pid) for pid in members) > watch.memory_bytes:
+                self._stop_run(watch, self._memory_verdict(watch), [(pid, table[pid].start) for pid in members])
+            elif sum(table[pid].cpu for pid in members) > watch.cpu_seconds:
+                self._stop_run(watch, self._cpu_verdict(watch), [(pid, table[pid].start) for pid in members])
+
+    @staticmethod
+    def _memory_verdict(watch: RunWatch) -> MemoryLimitExceeded:
+        mib = watch.memory_bytes >> 20
+        return MemoryLimitExceeded(f"the run used more than its {mib} MiB memory limit (all its processes together)",
+                                   limit_mb=mib)
+
+    @staticmethod
+    def _cpu_verdict(watch: RunWatch) -> SandboxError:
+        return SandboxError(f"the run passed its CPU time limit ({watch.cpu_seconds:g}s, all its processes together) "
+                            "and was killed", signal=int(signal.SIGKILL))
+
+    def _stop_run(self, watch: RunWatch, verdict: RunError, members: list[tuple[int, str]]) -> None:
+        """Record why the run ends, then kill it and everything it started (unless it ended meanwhile)."""
+        with self._lock:  # its session may be done with it: then its pidfd and slot are no longer its own
+            if watch not in self._watches:
+                return
+            watch.verdict = verdict
+            watch.process.kill()
+            if self.cgroups is not None:
+                self.cgroups.kill(watch.process.slot)
+            for pid, start in members:
+                _kill_if_same(pid, start)
+
+
+def _scan() -> dict[int, _Proc]:
+    """Every process on the host: parent, uid, start time and CPU time, from /proc."""
+    table = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as handle:
+                stat = handle.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry.name}/status") as handle:
+                uid = next(int(line.split()[1]) for line in handle if line.startswith("Uid:"))
+        except (OSError, StopIteration, IndexError):
+            continue  # exited meanwhile
+        # Fields after the command: state(0) ppid(1) ... utime(11) stime(12) cutime(13) cstime(14) ... start(19).
+        cpu = sum(int(value) for value in stat[11:15]) / _CLOCK_TICKS
+        table[int(entry.name)] = _Proc(int(stat[1]), uid, stat[19], cpu)
+    return table
+
+
+def _members(table: dict[int, _Proc], watch: RunWatch) -> list[int]:
+    """A run's processes: its descendants, and any process of its uid (one that left its tree)."""
+    root, uid = watch.process.pid, watch.process.uid
+    children: dict[int, list[int]] = {}
+    for pid, proc in table.items():
+        children.setdefault(proc.ppid, []).append(pid)
+    found, todo = set(), [root] if root in table else []
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo.extend(children.get(pid, []))
+    if uid is not None:
+        found |= {pid for pid, proc in table.items() if proc.uid == uid}
+    return sorted(found)
+
+
+def _pss(pid: int) -> int:
+    """Proportional set size of a process in bytes (pages it shares are split among their sharers); 0 if gone."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as handle:
+            for line in handle:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) << 10
+    except OSError:
+        pass
+    return 0
+
+
+def _kill_if_same(pid: int, start: str) -> None:
+    """SIGKILL ``pid`` if it is still the process the scan saw (not a new one that took its pid)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            if handle.read().rsplit(")", 1)[1].split()[19] == start:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except (OSError, IndexError):
+        pass
+    finally:
+        os.close(pidfd)
