@@ -1,12 +1,14 @@
-"""The Linux calls the zygote makes that :mod:`os` lacks (prctl, mount, unshare, setns, capset), through ctypes."""
+"""The Linux calls the sandbox makes that :mod:`os` lacks (prctl, mount, unshare, setns, capset), through ctypes,
+and :func:`readable`, a readiness check that works for any file descriptor number."""
 from __future__ import annotations
 
 import ctypes
 import os
+import select
 
 __all__ = ["CLONE_NEWIPC", "CLONE_NEWNET", "CLONE_NEWNS", "CLONE_NEWPID", "MS_BIND", "MS_NODEV", "MS_NOEXEC",
            "MS_NOSUID", "MS_PRIVATE", "MS_RDONLY", "MS_REC", "MS_REMOUNT", "PR_CAPBSET_DROP",
-           "PR_SET_CHILD_SUBREAPER", "PR_SET_NO_NEW_PRIVS", "check", "libc", "mount", "prctl"]
+           "PR_SET_CHILD_SUBREAPER", "PR_SET_NO_NEW_PRIVS", "check", "libc", "mount", "prctl", "readable"]
 
 PR_CAPBSET_DROP = 24
 PR_SET_CHILD_SUBREAPER = 36
@@ -34,3 +36,14 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int, data:
     """``mount(2)``; OSError when it fails."""
     check(libc.mount(source and source.encode(), target.encode(), fstype and fstype.encode(), flags,
                      data and data.encode()), f"mount {target}")
+
+
+def readable(fd: int, timeout: float = 0.0) -> bool:
+    """Whether ``fd`` (a pidfd, a pipe, a socket) is readable within ``timeout`` seconds.
+
+    poll, not select: a worker holding hundreds of run slots (each with its
+    cgroup files, pidfd and channel open) has descriptors past select's 1024.
+    """
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import select
 import signal
 import stat
 from typing import Callable
@@ -21,7 +20,7 @@ from typing import Callable
 from flowpool.procs import set_parent_death_signal
 
 from .linux import (CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWPID, MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID,
-                    MS_PRIVATE, MS_RDONLY, MS_REC, MS_REMOUNT, PR_CAPBSET_DROP, check, libc, mount)
+                    MS_PRIVATE, MS_RDONLY, MS_REC, MS_REMOUNT, PR_CAPBSET_DROP, check, libc, mount, readable)
 
 __all__ = ["SHARED_WRITABLE", "Forker", "blank_command_line", "blocked_ancestor", "check_run_namespaces",
            "drop_capabilities",
@@ -197,7 +196,7 @@ def own_namespaces(request: dict, fd: int) -> str:
         os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
     os.close(alive_w)
     set_parent_death_signal(signal.SIGKILL)
-    if select.select([alive_r], [], [], 0)[0]:
+    if readable(alive_r):
         os._exit(0)  # its init is gone already (from in here a parent's pid reads 0: the pipe tells)
     request["_alive_fd"] = alive_r
     return "/tmp"
@@ -252,4 +251,4 @@ class Forker:
 
     def zygote_gone(self) -> bool:
         """In a child: whether the zygote has died."""
-        return bool(select.select([self.alive_r], [], [], 0)[0])
+        return readable(self.alive_r)

@@ -14,7 +14,6 @@ import fcntl
 import itertools
 import os
 import queue
-import select
 import shutil
 import tempfile
 import threading
@@ -24,6 +23,7 @@ from flowpool.errors import SandboxError
 
 from .backends import Backend, choose
 from .containment import Containment
+from .linux import readable
 from .protocol import CallHandler, RunOutcome, SandboxLimits
 from .run_process import RunProcess
 from .session import RunSession
@@ -199,7 +199,7 @@ class Sandbox:
                     # run started, and its files were a tmpfs of that namespace. Once it is gone, the
                     # slot (and so the uid) is free.
                     if process.pidfd is not None:
-                        select.select([process.pidfd], [], [], 5.0)
+                        readable(process.pidfd, 5.0)
                     self._zygote.forget(process.pid)
                 elif process.pid is not None:
                     self._zygote.reap(process.pid, process.workdir, process.uid, process.uid, sweep=not refill)
@@ -251,7 +251,7 @@ class Sandbox:
             # A pidfd reads as ready once its process has exited. One whose zygote died is dying too, but
             # may not have exited yet: handed the job, it would die under it and fail a run that a fresh
             # process, from a new zygote, serves.
-            exited = process.pidfd is not None and bool(select.select([process.pidfd], [], [], 0)[0])
+            exited = process.pidfd is not None and readable(process.pidfd)
             if not exited and self._zygote.running(process.zygote):
                 return process
             process.kill()  # the clean-up takes it for dead, and it must not outlive its zygote unnoticed

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import json
-import select
 import signal
 import socket
 import threading
@@ -23,6 +22,7 @@ from flowpool.errors import Cancelled, InvalidResult, ResultTooLarge, SandboxErr
 from flowpool.jsonsafe import find_problem
 
 from .channel import Channel, ChannelClosed, ProtocolError
+from .linux import readable
 from .protocol import CallErrorKind, CallFailed, CallHandler, RunErrorKind, RunOutcome, SandboxLimits, Streamed
 from .run_process import RunProcess
 from .zygote_client import Zygote
@@ -79,7 +79,7 @@ class RunSession:
         while True:
             # on_idle runs once the run has nothing more to send right now, so
             # a burst of emits is handed on in one batch.
-            if self._emitted and self._idle is not None and not select.select([self.channel.sock], [], [], 0)[0]:
+            if self._emitted and self._idle is not None and not readable(self.channel.sock.fileno()):
                 self._idle()
                 self._emitted = False
             if self._cancel is not None and self._cancel.is_set():

@@ -129,7 +129,7 @@ def _parent_gone(request: dict, forker: Forker) -> bool:
     """Whether the process this one must die with is gone already (so its death signal came too early)."""
     alive = request.get("_alive_fd")
     if alive is not None:
-        return bool(select.select([alive], [], [], 0)[0])
+        return linux.readable(alive)
     return forker.zygote_gone()
 
 
@@ -385,15 +385,18 @@ def main(control_fd: int, config: dict) -> None:
     gc.collect()
     gc.freeze()
     spares.refill()
+    poller = select.poll()  # not select(): the worker may hand over descriptors numbered past 1024
+    poller.register(control, select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
     while True:
         try:
-            ready, _, _ = select.select([control, wake_r], [], [])
+            ready = {fd for fd, _ in poller.poll()}  # descriptor numbers
         except InterruptedError:
             continue
         if wake_r in ready:
             os.read(wake_r, 4096)
             collect_exits()
-        if control not in ready:
+        if control.fileno() not in ready:
             continue
         try:
             data, fds, _, _ = socket.recv_fds(control, 65536, _MAX_FDS)

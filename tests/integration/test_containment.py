@@ -267,3 +267,30 @@ def test_the_cgroups_and_what_runs_left_in_them_are_gone_after_stop() -> None:
 
     assert not os.path.exists(parent)
     assert cgroup_dirs() - before == set()
+
+
+EMITS_AND_CALLS_NOTHING = """
+def execute(ctx):
+    for n in range(3):
+        ctx.emit("progress", n)
+    return "served"
+"""
+
+
+def test_a_worker_with_descriptors_past_1024_still_serves_runs() -> None:
+    # A worker with hundreds of slots holds each slot's cgroup files, pidfd and channel: its descriptors pass
+    # 1024, where select() refuses them. Taken here by opening that many before the sandbox starts.
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    box = Sandbox(LIMITS, slots=2, uid_base=UID_BASE + 300, hard_grace_seconds=1.0, prestart=1)
+    try:
+        box.start()
+        chunks: list[object] = []
+        outcomes = [box.run(compiled(EMITS_AND_CALLS_NOTHING), {}, 10, on_emit=lambda t, c: chunks.append(c),
+                            on_idle=lambda: None) for _ in range(3)]
+    finally:
+        box.stop()
+        for fd in filler:
+            os.close(fd)
+
+    assert [outcome.result if outcome.ok else repr(outcome.error) for outcome in outcomes] == ["served"] * 3
+    assert chunks == [0, 1, 2] * 3
