@@ -128,7 +128,8 @@ class Settings(BaseSettings):
     api_workers: int = Field(2, ge=1, description="API processes (gunicorn workers).")
     log_level: str = Field("INFO", description="Log level of every process.")
     metrics_token: Optional[str] = Field(
-        None, min_length=1, description="When set, GET /metrics answers only requests carrying `Authorization: Bearer <token>` "
+        None, min_length=1,
+        description="When set, GET /metrics answers only requests carrying `Authorization: Bearer <token>` "
         "(401 otherwise); unset, /metrics is public, so keep it off networks you do not trust.")
 
     # Malformed requests: each bound answers a 4xx at once instead of a 5xx or a hang.

@@ -15,7 +15,7 @@ __all__ = ["Application", "Applications", "IntentRoute", "ProviderKeys", "Route"
 
 
 class ProviderKeys:
-    """The operator's provider keys (``FLOWPOOL_PROVIDER_KEYS``): which worker variables accounts may name, and where they go.
+    """The operator's provider keys (``FLOWPOOL_PROVIDER_KEYS``): which worker variables accounts may name, and where to.
 
     Each entry is ``NAME`` or ``NAME@host``. With a host, the key is sent only
     to a ``base_url`` on that host: listing the operator's ``OPENAI_API_KEY``
@@ -43,7 +43,7 @@ class ProviderKeys:
         return None
 
     def check(self, named: dict[str, tuple[str, str]]) -> None:
-        """Refuse (400) a document whose routes name a key they may not use; ``named``: field path -> (name, base_url)."""
+        """Refuse (400) a document whose routes name a key they may not use; ``named``: path -> (name, base_url)."""
         for field, (name, base_url) in named.items():
             refusal = self.refusal(name, base_url)
             if refusal is not None:

@@ -14,6 +14,7 @@ import fcntl
 import itertools
 import os
 import queue
+import resource
 import shutil
 import tempfile
 import threading
@@ -30,6 +31,18 @@ from .session import RunSession
 from .zygote_client import Zygote
 
 __all__ = ["Sandbox"]
+
+
+def _allow_open_files() -> None:
+    """Raise this process's soft limit of open files to its hard one.
+
+    Each slot holds a few descriptors (its cgroup files, a waiting process's
+    pidfd and channel): a worker of a few hundred slots passes the soft limit
+    many hosts set (1024). Runs are not affected: each gets its own limit.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 class Sandbox:
@@ -137,6 +150,7 @@ class Sandbox:
 
     def start(self) -> None:
         """Make the slots' cgroups, start the zygote, the cleaner and the processes started ahead of need."""
+        _allow_open_files()
         self._containment.start()  # first: on cgroup v2 the worker may move itself to a leaf cgroup
         self._zygote.start()
         self._cleaner.start()

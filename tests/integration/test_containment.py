@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import marshal
 import os
+import resource
 import textwrap
 import threading
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ UID_BASE = 116000
 # Eight children each touch 100 MiB, 2 MiB at a time, and hold it: 800 MiB in all, under a 256 MiB limit.
 MANY_CHILDREN = f"""
 import os
+import resource
 import time
 
 def execute(ctx):
@@ -55,6 +57,7 @@ def execute(ctx):
 
 FORKS_UNTIL_REFUSED = """
 import os
+import resource
 import time
 
 def execute(ctx):
@@ -77,6 +80,7 @@ def execute(ctx):
 # Four children spin until something stops them; each alone stays under its own CPU limit for a while.
 SPINNING_CHILDREN = """
 import os
+import resource
 
 def execute(ctx):
     children = []
@@ -198,6 +202,7 @@ def test_spinning_children_together_over_the_cpu_limit_end_the_run(sandbox: Sand
 # Three children hold 48 MiB each at once for a moment, then exit: 144 MiB together.
 THREE_CHILDREN_HOLD_A_MOMENT = """
 import os
+import resource
 import time
 
 def execute(ctx):
@@ -294,3 +299,19 @@ def test_a_worker_with_descriptors_past_1024_still_serves_runs() -> None:
 
     assert [outcome.result if outcome.ok else repr(outcome.error) for outcome in outcomes] == ["served"] * 3
     assert chunks == [0, 1, 2] * 3
+
+
+def test_the_sandbox_raises_its_soft_limit_of_open_files_to_the_hard_one() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    box = Sandbox(LIMITS, slots=1, uid_base=UID_BASE + 400, hard_grace_seconds=1.0, prestart=0)
+    try:
+        box.start()
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+        # A run keeps its own, much lower, limit.
+        outcome = run(box, "import resource\n\ndef execute(ctx):\n"
+                           "    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]\n")
+        assert outcome.ok and outcome.result == LIMITS.open_files, outcome.error
+    finally:
+        box.stop()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
