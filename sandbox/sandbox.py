@@ -55,9 +55,10 @@ class Sandbox:
 
     def __init__(self, limits: SandboxLimits, slots: int, uid_base: int | None = None,
                  hard_grace_seconds: float = 5.0, max_seconds: float = 600.0, prestart: int = 2,
-                 backend: str | Backend = "auto", cgroups: str = "auto") -> None:
+                 backend: str | Backend = "auto", cgroups: str = "auto", packages: str = "") -> None:
         try:
-            self._backend = backend if isinstance(backend, Backend) else choose(backend)
+            # ``packages``: the distributions scripts may import under bwrap (FLOWPOOL_SANDBOX_PACKAGES).
+            self._backend = backend if isinstance(backend, Backend) else choose(backend, packages)
             # Bounds each run as a whole: a cgroup per slot (unless ``cgroups`` is off), else a watchdog.
             self._containment = Containment(slots + prestart, cgroups)
         except ValueError as exc:
@@ -116,8 +117,9 @@ class Sandbox:
     def _findings(self) -> list[str]:
         uids = f"uids {self.uid_range.start}-{self.uid_range.stop - 1}" if self.uid_range else \
             "WARNING: runs share the worker's uid (start workers as root for a uid per slot)"
+        packages = [f"packages: {self._backend.packages}"] if self._backend.packages else []
         return [uids, *(self._zygote.findings() if self._zygote.isolation else ["zygote not started"]),
-                self.run_limits]
+                *packages, self.run_limits]
 
     @property
     def uid_range(self) -> range | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import select
 import signal
 import socket
 import threading
@@ -22,7 +23,6 @@ from flowpool.errors import Cancelled, InvalidResult, ResultTooLarge, SandboxErr
 from flowpool.jsonsafe import find_problem
 
 from .channel import Channel, ChannelClosed, ProtocolError
-from .linux import readable
 from .protocol import CallErrorKind, CallFailed, CallHandler, RunErrorKind, RunOutcome, SandboxLimits, Streamed
 from .run_process import RunProcess
 from .zygote_client import Zygote
@@ -34,6 +34,31 @@ _SIGNAL_HINTS = {signal.SIGKILL: "killed (memory or CPU limit, or from outside)"
 
 # A frame may hold a whole result, plus the envelope around it.
 _FRAME_OVERHEAD = 64 << 10
+
+
+def _unshowable(content: Any, chunk_type: str, max_depth: int) -> int | str:
+    """The size of an emitted chunk's content as JSON, or why it cannot be stored and shown.
+
+    The content is serialized anyway, for its size; the walk that finds
+    nesting past ``max_depth``, a NaN or a lone surrogate runs only when that
+    text hints at one (enough brackets, an escaped surrogate, no text at
+    all), so an ordinary chunk costs no second pass.
+    """
+    try:
+        text: str | None = json.dumps(content, allow_nan=False)
+    except (ValueError, RecursionError):
+        text = None
+    if text is None or "\\ud" in text or text.count("[") + text.count("{") > max_depth:
+        problem = find_problem(content, max_depth)
+        if problem is not None:
+            path, what = problem
+            return f"an emitted chunk's content{' field ' + path if path else ''} {what}"
+    if not chunk_type.isascii():
+        try:
+            chunk_type.encode()
+        except UnicodeEncodeError:
+            return "an emitted chunk's type holds a lone surrogate, which is not valid Unicode"
+    return len(text) if text is not None else 0
 
 
 class RunSession:
@@ -59,6 +84,8 @@ class RunSession:
         self._idle = on_idle
         self._log_bytes = 0
         self._emitted = False  # emits not yet handed on by on_idle
+        self._pending = select.poll()  # whether the run has sent more (poll: descriptors may be past 1024)
+        self._pending.register(process.sock, select.POLLIN)
         self._handlers: dict[str, Callable[[dict[str, Any]], bool]] = {
             "call": self.on_call, "emit": self.on_emit, "log": self.on_log, "result": self.on_result,
             "error": self.on_error}
@@ -79,7 +106,7 @@ class RunSession:
         while True:
             # on_idle runs once the run has nothing more to send right now, so
             # a burst of emits is handed on in one batch.
-            if self._emitted and self._idle is not None and not readable(self.channel.sock.fileno()):
+            if self._emitted and self._idle is not None and not self._pending.poll(0):
                 self._idle()
                 self._emitted = False
             if self._cancel is not None and self._cancel.is_set():
@@ -122,16 +149,16 @@ class RunSession:
         if self.outcome.chunks > self.limits.max_chunks:
             self._kill(ResultTooLarge(f"the run emitted more than {self.limits.max_chunks} chunks"))
             return True
-        problem = find_problem(message.get("content"), self.limits.max_json_depth)
-        if problem is not None:  # it would break every reader of the run's stream
-            path, what = problem
-            self._kill(InvalidResult(f"an emitted chunk's content{' field ' + path if path else ''} {what}"))
+        content, chunk_type = message.get("content"), str(message.get("type"))
+        problem = _unshowable(content, chunk_type, self.limits.max_json_depth)
+        if isinstance(problem, str):  # it would break every reader of the run's stream
+            self._kill(InvalidResult(problem))
             return True
-        if len(json.dumps(message.get("content"))) + len(str(message.get("type"))) > self.limits.max_chunk_bytes:
+        if problem + len(chunk_type) > self.limits.max_chunk_bytes:
             self._kill(ResultTooLarge(f"an emitted chunk is over {self.limits.max_chunk_bytes} bytes"))
             return True
         if self._emit_to is not None:
-            self._emit_to(str(message.get("type")), message.get("content"))
+            self._emit_to(chunk_type, content)
             self._emitted = True
         return False
 

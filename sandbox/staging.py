@@ -16,13 +16,16 @@ What is staged: the standard library without its test suites, IDLE, Tk and
 installers, the compiled files of this interpreter only; the executable and
 its shared library; flowpool's sandbox-side packages (``flowpool``'s own
 modules, ``flowpool.sandbox``, ``flowpool_workflow``, ``maitai_workflow``).
-Not the virtual environment's third-party packages: the sandbox imports
-none. Files are hard links where the filesystem allows (no copy, no memory),
-else copies (about 60 MB, once per worker start). The worker holds a shared
-``flock`` on the directory while it lives, which also keeps systemd-tmpfiles'
-age-based clean-up of ``/tmp`` away from it; it is removed when the worker
-exits, and one left by a worker that was killed (its lock gone with it) by
-the next worker that stages.
+Of the virtual environment's third-party packages, only the distributions
+``FLOWPOOL_SANDBOX_PACKAGES`` lists and those they need
+(:mod:`.distributions`), in the stage's site-packages: the sandbox itself
+imports none, and a script imports one only if it asks for it. Files are
+hard links where the filesystem allows (no copy, no memory), else copies
+(about 60 MB, once per worker start, plus the packages). The worker holds a
+shared ``flock`` on the directory while it lives, which also keeps
+systemd-tmpfiles' age-based clean-up of ``/tmp`` away from it; it is removed
+when the worker exits, and one left by a worker that was killed (its lock
+gone with it) by the next worker that stages.
 """
 from __future__ import annotations
 
@@ -38,6 +41,9 @@ import sysconfig
 import tempfile
 import time
 from dataclasses import dataclass
+from importlib import metadata
+
+from .distributions import importable_files, resolve, summary
 
 __all__ = ["RUNTIME", "Stage", "stage_runtime"]
 
@@ -59,6 +65,7 @@ class Stage:
     library_path: str | None  # LD_LIBRARY_PATH inside, where the executable links libpython
     hidden: tuple[str, ...]  # flowpool's package directories inside, covered by the zygote once imported
     copied_bytes: int  # what could not be hard-linked and was copied
+    packages: str = ""  # the third-party distributions staged, in a short line ("" when none)
 
 
 def _ignore(directory: str, names: list[str]) -> set[str]:
@@ -129,7 +136,18 @@ def _lock(root: str) -> None:
     fcntl.flock(fd, fcntl.LOCK_SH)
 
 
-def _lay_out(root: str) -> Stage:
+def _stage_distributions(copy: _Copier, distributions: tuple[metadata.Distribution, ...], site_packages: str) -> None:
+    """Put what an import of each distribution reads in ``site_packages``, where the sandbox's interpreter looks."""
+    for distribution in distributions:
+        for source, relative in importable_files(distribution):
+            destination = os.path.join(site_packages, relative)
+            if os.path.exists(destination):  # flowpool's own, or a file two distributions share
+                continue
+            os.makedirs(os.path.dirname(destination), exist_ok=True)
+            copy(source, destination)
+
+
+def _lay_out(root: str, distributions: tuple[metadata.Distribution, ...] = ()) -> Stage:
     """Stage the runtime in ``root``: an installation whose prefix is RUNTIME once bound there."""
     copy = _Copier()
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
@@ -152,14 +170,20 @@ def _lay_out(root: str) -> Stage:
     for name in _PACKAGES:
         copy.tree(_package_dir(name), os.path.join(root, packages, *name.split(".")),
                   top_level_only=name == "flowpool")
+    _stage_distributions(copy, distributions, os.path.join(root, packages))
     hidden = tuple(os.path.join(RUNTIME, packages, name) for name in _PACKAGES if "." not in name)
     return Stage(root, os.path.join(RUNTIME, "bin", os.path.basename(executable)), library_path, hidden,
-                 copy.copied_bytes)
+                 copy.copied_bytes, summary(distributions))
 
 
 @functools.lru_cache(maxsize=None)
-def stage_runtime() -> Stage:
-    """The runtime staged for this worker process (laid out on first use, removed when the process exits)."""
+def stage_runtime(packages: tuple[str, ...] = ()) -> Stage:
+    """The runtime staged for this worker process with ``packages`` (from :func:`.distributions.listed`).
+
+    Laid out on first use, once per set of packages, and removed when the
+    process exits. Raises ConfigurationError when a package is not installed.
+    """
+    distributions = resolve(packages)  # before anything is made: a wrong name stops the worker at once
     directory = tempfile.gettempdir()
     _remove_stale(directory)
     root = tempfile.mkdtemp(prefix=_PREFIX, dir=directory)
@@ -167,7 +191,7 @@ def stage_runtime() -> Stage:
     os.chmod(root, 0o755)  # the runs' uids read it, as /runtime
     atexit.register(_remove, root, os.getpid())
     try:
-        return _lay_out(root)
+        return _lay_out(root, distributions)
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)
         raise

@@ -59,6 +59,7 @@ class WorkerRuntime:
             prestart=settings.sandbox_prestart,
             backend=settings.sandbox_backend,
             cgroups=settings.sandbox_cgroups,
+            packages=settings.sandbox_packages,
         )
         self.lease_ms = int(settings.worker_ttl_seconds * 1000)
         self.active: set[str] = set()

@@ -9,8 +9,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from packaging.utils import canonicalize_name
 
-from flowpool.sandbox import backends
+from flowpool.errors import ConfigurationError
+from flowpool.sandbox import backends, distributions
 from flowpool.sandbox.backends import Backend, bwrap_binary, bwrap_command, choose, probe_bwrap
 from flowpool.sandbox import staging
 from flowpool.sandbox.staging import RUNTIME, stage_runtime
@@ -119,3 +121,71 @@ def test_a_stage_left_by_a_dead_worker_is_swept_and_a_live_or_new_ones_kept(tmp_
     finally:
         holder.kill()
         holder.wait()
+
+
+def _installed_probe(directory: Path) -> None:
+    """A distribution installed in ``directory`` the way pip lays one out: a module, its .dist-info and RECORD."""
+    info = directory / "fp_probe-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(textwrap.dedent("""\
+        Metadata-Version: 2.1
+        Name: fp-probe
+        Version: 1.0
+        Requires-Dist: typing-extensions
+        Requires-Dist: fp-windows-only; sys_platform == "win32"
+        Requires-Dist: fp-fancy-only; extra == "fancy"
+        Provides-Extra: fancy
+    """))
+    (info / "direct_url.json").write_text(json.dumps({"url": f"file://{directory}"}))
+    (directory / "fp_probe.py").write_text("VALUE = 1\n")
+    (directory / "fp_probe.pth").write_text("import fp_probe\n")
+    (info / "RECORD").write_text("\n".join(f"{path},," for path in (
+        "fp_probe.py", "fp_probe.pth", "fp_probe-1.0.dist-info/METADATA", "fp_probe-1.0.dist-info/RECORD",
+        "fp_probe-1.0.dist-info/direct_url.json", "../../../bin/fp-probe")) + "\n")
+
+
+def test_a_listed_distribution_brings_what_it_needs_here_and_not_what_other_platforms_or_extras_need(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _installed_probe(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    found = distributions.resolve(distributions.listed("FP_Probe"))
+    assert [canonicalize_name(d.name) for d in found] == ["fp-probe", "typing-extensions"]
+    # Its module and its METADATA: not its .pth (site would run it), the rest of its .dist-info, or its scripts.
+    assert sorted(relative for _, relative in distributions.importable_files(found[0])) == [
+        "fp_probe-1.0.dist-info/METADATA", "fp_probe.py"]
+    with pytest.raises(ConfigurationError, match="fp-fancy-only, which fp-probe needs, is not installed"):
+        distributions.resolve(distributions.listed("fp-probe[fancy]"))
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("flowpool", "may not list flowpool"),
+    ("pydantic, Flowpool", "may not list flowpool"),
+    ("pydantic>=2", "'pydantic>=2' is more than a name"),
+    ("no such name", "is not a distribution name"),
+])
+def test_flowpool_itself_and_what_is_not_a_plain_name_are_refused(setting: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        choose("process", setting)
+
+
+def test_a_distribution_not_installed_is_refused_on_the_process_backend_too() -> None:
+    with pytest.raises(ConfigurationError, match="no-such-dist-for-flowpool is not installed in the worker's Python"):
+        choose("process", "no-such-dist-for-flowpool")
+    assert choose("process", "pydantic").name == "process"
+
+
+def test_a_stage_with_a_package_holds_what_its_imports_read_and_nothing_of_the_worker_side() -> None:
+    stage = stage_runtime(distributions.listed("pydantic"))
+    site_packages = os.path.dirname(os.path.join(stage.root, os.path.relpath(stage.hidden[0], RUNTIME)))
+    staged = set(os.listdir(site_packages))
+
+    assert {"pydantic", "pydantic_core", "typing_extensions.py", "annotated_types"} <= staged
+    assert any(name.endswith(".so") for name in os.listdir(os.path.join(site_packages, "pydantic_core")))
+    info = next(name for name in staged if name.startswith("pydantic-") and name.endswith(".dist-info"))
+    assert os.listdir(os.path.join(site_packages, info)) == ["METADATA"]
+    assert not staged & {"celery", "redis", "kombu", "flask", "email_validator", "bin"}
+    assert not any(name.endswith(".pth") for name in staged)
+    assert not os.path.exists(os.path.join(site_packages, "flowpool", "tasks"))
+    assert stage.packages.startswith("pydantic 2.") and "pydantic_core 2." in stage.packages
+    assert stage_runtime().packages == ""
