@@ -94,7 +94,7 @@ def admit(svc: Services, account: Account, body: InvokeRequest) -> Admission:
     else:
         raise Unavailable(f"workflow {ref!r} changed {_STALE_TRIES} times while this request started; try again")
 
-    box = svc.sealer.box(body.secrets)
+    box = svc.sealer.box(account.id, body.secrets)
     if state in ("hit", "hit-unrecorded"):
         if state == "hit-unrecorded":
             now = time.time()

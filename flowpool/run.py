@@ -96,22 +96,31 @@ class RunJob:
         """The job as the JSON body of its Celery message, its secrets sealed: a message at rest holds none in clear."""
         message = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "secrets"}
         message["cache"] = {"key": self.cache.key, "ttl": self.cache.ttl} if self.cache else None
-        if self.secrets:
-            message["sealed_secrets"] = sealer.seal(self.secrets)
+        if self.secrets:  # sealed with the job's ids: a token copied into another job does not open there
+            message["sealed_secrets"] = sealer.seal({"request_id": self.request_id, "account": self.account,
+                                                     "secrets": self.secrets})
         return message
 
     @classmethod
     def from_message(cls, message: dict[str, Any], sealer: Sealer) -> RunJob:
         """The job of a Celery message (unknown keys, from a newer sender, are passed over).
 
-        Raises ``InvalidToken`` when its secrets were sealed by another installation's key.
+        Raises ``InvalidToken`` when its secrets were sealed by another installation's key, or for another job.
         """
         known = {f.name for f in fields(cls)} - {"secrets"}
         values = {k: v for k, v in message.items() if k in known}
         cache = values.get("cache")
         values["cache"] = CachePlan(key=cache["key"], ttl=int(cache["ttl"])) if cache else None
+        job = cls(**values)
         sealed = message.get("sealed_secrets")
-        return cls(**values, secrets=sealer.open(sealed) if sealed else {})
+        if not sealed:
+            return job
+        opened = sealer.open(sealed)
+        if (opened.get("request_id"), opened.get("account")) != (job.request_id, job.account):
+            from flowpool.sealing import InvalidToken  # the server side only: it needs cryptography
+
+            raise InvalidToken("the secrets were sealed for another job")
+        return replace(job, secrets=opened["secrets"])
 
     def child(self, workflow: ResolvedWorkflow, soft_seconds: float, input: Any,
               messages: list[dict[str, Any]] | None) -> RunJob:
@@ -133,8 +142,19 @@ class RunJob:
                 "request_id": self.request_id}
 
     def secret_values(self) -> list[str]:
-        """The request secrets long enough to redact from what is stored."""
-        return [s for s in self.secrets.values() if isinstance(s, str) and len(s) >= 4]
+        """What to redact from what is stored: each secret long enough to, as written and as JSON or a repr escapes it.
+
+        A secret holding a quote, a backslash or a control character appears
+        escaped in JSON text and in an exception's repr (a traceback's last
+        line), so those spellings are redacted too. Longest first, so a secret
+        holding another is replaced whole.
+        """
+        spellings = set()
+        for secret in self.secrets.values():
+            if isinstance(secret, str) and len(secret) >= 4:
+                spellings.update((secret, json.dumps(secret, ensure_ascii=False)[1:-1], json.dumps(secret)[1:-1],
+                                  repr(secret)[1:-1]))
+        return sorted(spellings, key=len, reverse=True)
 
 
 @dataclass(frozen=True)

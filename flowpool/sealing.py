@@ -7,11 +7,12 @@ output may carry one. Neither may sit anywhere in clear, so:
   derived from the installation's :class:`ServerKey`. A queued message, or
   one left ``unacked`` by a dead worker, holds only ciphertext.
 - An output that carries a secret is stored for its callers, and in the
-  cache, sealed in a :class:`SecretBox`: a key derived from the server key
-  and the request's secrets together. Only a request holding the same
-  secrets opens it, which is exactly who may read that output: callers that
-  joined the run, and later cache hits (the cache key already holds a keyed
-  hash of the secrets, so no other request finds the entry).
+  cache, sealed in a :class:`SecretBox`: a key derived from the server key,
+  the account and the request's secrets together. Only a request of the
+  same account holding the same secrets opens it, which is exactly who may
+  read that output: callers that joined the run, and later cache hits (the
+  cache key already holds the account and a keyed hash of the secrets, so
+  no other request finds the entry).
 
 Both use Fernet (AES-128-CBC with HMAC-SHA256, from ``cryptography``), so a
 tampered or foreign token fails to open instead of opening to garbage.
@@ -91,9 +92,15 @@ class Sealer:
         """The value of a token from :meth:`seal`; raises ``InvalidToken`` for anything else."""
         return json.loads(self._fernet().decrypt(token.encode()))
 
-    def box(self, secrets: dict[str, str] | None) -> SecretBox | None:
-        """The box of a request holding ``secrets``; None for a request with none."""
-        return SecretBox(self.server_key.mac(secrets), self.server_key.get()) if secrets else None
+    def box(self, account: str, secrets: dict[str, str] | None) -> SecretBox | None:
+        """The box of a request of ``account`` holding ``secrets``; None for a request with none.
+
+        The account is part of the key: another account sending the same
+        secrets never opens what was sealed for this one's runs.
+        """
+        if not secrets:
+            return None
+        return SecretBox(self.server_key.mac({"account": account, "secrets": secrets}), self.server_key.get())
 
 
 class SecretBox:

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 from flowpool import keys
 
 from .documents import AccountDocuments
-from .names import NAME
+from .names import BASE_URL, NAME
 
 __all__ = ["Agent", "Agents"]
 
@@ -18,7 +18,7 @@ class Agent(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    base_url: Optional[StrictStr] = Field(None, pattern=r"^https?://[^\s/]+")
+    base_url: Optional[StrictStr] = Field(None, pattern=BASE_URL)
     model: Optional[StrictStr] = None
     api_key_env: Optional[StrictStr] = None
     api_key_secret: Optional[StrictStr] = None

@@ -1,15 +1,18 @@
 """Applications: per account, which model, provider and fallbacks serve each intent of a workflow."""
 from __future__ import annotations
 
+import re
 from typing import Any, Optional
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
+from urllib3.exceptions import LocationParseError
+from urllib3.util import parse_url
 
 from flowpool import keys
 from flowpool.errors import RequestError
 
 from .documents import AccountDocuments
+from .names import BASE_URL
 
 __all__ = ["Application", "Applications", "IntentRoute", "ProviderKeys", "Route"]
 
@@ -38,7 +41,7 @@ class ProviderKeys:
             return (f"api_key_env {name!r} is not a provider key the operator allows: name one listed in "
                     "FLOWPOOL_PROVIDER_KEYS, or pass the key as a request secret with api_key_secret")
         host = self.hosts[name]
-        if host is not None and (urlsplit(base_url).hostname or "").lower() != host:
+        if host is not None and _host(base_url) != host:
             return f"api_key_env {name!r} may only be sent to {host}, and base_url {base_url!r} is elsewhere"
         return None
 
@@ -50,13 +53,29 @@ class ProviderKeys:
                 raise RequestError(refusal, param=field)
 
 
+def _host(base_url: str) -> str | None:
+    """The host a request to ``base_url`` goes to, as requests (urllib3) reads it; None for a URL it would not send.
+
+    A stored document may predate the BASE_URL pattern (or bypass the API), so
+    the call-time check parses with the sender's own parser and refuses user
+    info and backslashes outright, on which parsers disagree.
+    """
+    if not re.fullmatch(BASE_URL, base_url):
+        return None
+    try:
+        parsed = parse_url(base_url)
+    except LocationParseError:
+        return None
+    return (parsed.host or "").lower() or None
+
+
 class Route(BaseModel):
     """One OpenAI-compatible endpoint serving a model."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: StrictStr = Field(min_length=1)
-    base_url: StrictStr = Field(pattern=r"^https?://[^\s/]+", description="e.g. https://api.openai.com/v1")
+    base_url: StrictStr = Field(pattern=BASE_URL, description="e.g. https://api.openai.com/v1")
     api_key_env: Optional[StrictStr] = Field(None, description="Environment variable of the workers holding the key")
     api_key_secret: Optional[StrictStr] = Field(None, description="Request secret holding the key")
     params: dict[str, Any] = Field(default_factory=dict, description="Default params sent with every call")

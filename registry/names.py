@@ -1,13 +1,19 @@
-"""The one pattern for names a user gives things: workflow ref names, application and agent names."""
+"""The one pattern for names a user gives things (workflow ref names, application and agent names), and for
+the endpoints they name (``base_url``)."""
 from __future__ import annotations
 
 import re
 
-__all__ = ["NAME", "NAME_PATTERN", "is_name"]
+__all__ = ["BASE_URL", "NAME", "NAME_PATTERN", "is_name"]
 
 # 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit: safe inside a Redis key and a URL path.
 NAME = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}"
 NAME_PATTERN = re.compile(NAME)
+
+# An http(s) endpoint: no user info ('@' before the path), no backslash, no whitespace or control character.
+# Parsers disagree on such URLs ("http://evil\\@api.example/" is api.example to urlsplit, evil to requests),
+# and a provider key bound to a host must go where the check saw it going.
+BASE_URL = r"^https?://[^\s/\\@?#\x00-\x1f\x7f]+(/[^\s\\\x00-\x1f\x7f]*)?$"
 
 
 def is_name(value: object) -> bool:

@@ -118,8 +118,11 @@ class Sandbox:
         uids = f"uids {self.uid_range.start}-{self.uid_range.stop - 1}" if self.uid_range else \
             "WARNING: runs share the worker's uid (start workers as root for a uid per slot)"
         packages = [f"packages: {self._backend.packages}"] if self._backend.packages else []
+        # Without bwrap a run sees /sys/fs/cgroup, and with the worker's uid it owns the slot's cgroup files.
+        shared = ["WARNING: runs share the worker's uid and see its cgroups: a run could lift its own limits"] \
+            if self.backend == "process" and self.uid_range is None and self._containment.cgroups is not None else []
         return [uids, *(self._zygote.findings() if self._zygote.isolation else ["zygote not started"]),
-                *packages, self.run_limits]
+                *packages, self.run_limits, *shared]
 
     @property
     def uid_range(self) -> range | None:
@@ -300,8 +303,9 @@ class Sandbox:
             outcome.pid = process.pid
             session = RunSession(process, self._zygote, limits, soft_seconds, self.hard_grace_seconds, outcome,
                                  on_emit=on_emit, on_call=on_call, cancel=cancel, on_idle=on_idle)
-            watch = self._containment.watch(process, limits, session.cpu_seconds)
+            watch = None
             try:
+                watch = self._containment.watch(process, limits, session.cpu_seconds)
                 session.start(code, job, source)
                 if gate is not None and not gate():
                     outcome.skipped = True
@@ -312,7 +316,7 @@ class Sandbox:
                     f"could not hand the job to the sandbox process: {exc}")
             finally:
                 session.close()
-                verdict = watch.end()
+                verdict = watch.end() if watch is not None else None
                 if verdict is not None and not outcome.skipped:  # what killed it, rather than how it died
                     outcome.error, outcome.result, outcome.result_json = verdict, None, None
         except SandboxError as exc:

@@ -14,7 +14,7 @@ import flowpool
 from flowpool import keys
 from flowpool.errors import NotFound, RunError, ScriptError
 from flowpool.registry import check_output
-from flowpool.run import RunEnd, RunJob, RunStatus
+from flowpool.run import RunEnd, RunJob, RunStatus, dumps
 from flowpool.sandbox import RunOutcome
 
 from .calls import CallRouter
@@ -157,10 +157,12 @@ def _record_end(runtime: WorkerRuntime, job: RunJob, outcome: RunOutcome | None,
     # sealed for the requests holding the same secrets (flowpool.sealing).
     sealed = None
     if error is None and fields["output"] != output:
-        box = runtime.sealer.box(job.secrets)
+        box = runtime.sealer.box(job.account, job.secrets)
         assert box is not None, "only a request's secrets are redacted"
         sealed = box.seal({"output": output, "content": content})
-        output, content = fields["output"], redact(content, secrets)
+        # The text of the redacted output, not the output's text redacted: in JSON a secret may be escaped.
+        output = fields["output"]
+        content = output if isinstance(output, str) else dumps(output)
     if job.cache is not None:
         if error is None and job.cache.ttl:
             entry = {"output": output, "content": content, "usage": usage, "version": job.version,

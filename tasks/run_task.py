@@ -54,7 +54,7 @@ def worker_celery(settings: Settings) -> Celery:
 def _unopenable(runtime: WorkerRuntime, job: dict[str, Any]) -> str:
     """End a run whose secrets this worker cannot open: its key differs from the API's."""
     message = ("the worker could not open the request's secrets: FLOWPOOL_SECRET_KEY differs between "
-               "the API and the workers")
+               "the API and the workers (or the message was altered)")
     request_id = str(job.get("request_id"))
     log.error("run %s: %s", request_id, message)
     cache = job.get("cache")
@@ -69,10 +69,13 @@ def _failed_in_worker(runtime: WorkerRuntime, job: RunJob, exc: Exception) -> st
     trace = redact("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), job.secret_values())
     log.error("run %s: the worker failed: %s", job.request_id, trace.encode("utf-8", "backslashreplace").decode())
     error = SandboxError(f"the worker could not run this run ({type(exc).__name__}); see the worker's log")
-    runtime.runs.claim(job.request_id, runtime.name, runtime.lease_ms)  # a run not yet claimed fails all the same
-    runtime.runs.abandon(job.request_id, RunStatus.RUNNING, error, job.version, force=True)
-    if job.cache is not None:
-        runtime.cache.release(job.account, job.cache.key, job.request_id)
+    try:
+        runtime.runs.claim(job.request_id, runtime.name, runtime.lease_ms)  # a run not yet claimed fails all the same
+        runtime.runs.abandon(job.request_id, RunStatus.RUNNING, error, job.version, force=True)
+        if job.cache is not None:
+            runtime.cache.release(job.account, job.cache.key, job.request_id)
+    except Exception as unrecorded:  # e.g. Redis gone: its lease lapses and the caller hears worker_lost
+        log.error("run %s: could not record that the worker failed: %s", job.request_id, type(unrecorded).__name__)
     return RunStatus.FAILED.value
 
 

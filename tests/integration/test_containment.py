@@ -315,3 +315,15 @@ def test_the_sandbox_raises_its_soft_limit_of_open_files_to_the_hard_one() -> No
     finally:
         box.stop()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_runs_sharing_the_workers_uid_without_bwrap_are_a_weakness_when_cgroups_bound_them() -> None:
+    # The process backend leaves /sys/fs/cgroup visible; with the worker's own uid a run owns its slot's files.
+    box = Sandbox(LIMITS, slots=1, hard_grace_seconds=1.0, prestart=0, backend="process")
+    box.start()
+    try:
+        if not has_cgroups(box):
+            pytest.skip(f"no usable cgroup here: {box.run_limits}")
+        assert any("could lift its own limits" in weakness for weakness in box.weaknesses), box.weaknesses
+    finally:
+        box.stop()

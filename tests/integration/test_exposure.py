@@ -9,14 +9,16 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+import psutil
 import pytest
 import requests
 
 from flowpool.devstack import Stack
+from flowpool.procs import free_port
 from flowpool.redis_server import RedisServer
 from flowpool.sandbox.backends import bwrap_binary, probe_bwrap
 from tests.conftest import TEST_ENV
-from tests.helpers import Client, error_of
+from tests.helpers import Client, error_of, eventually
 
 REPO = str(Path(__file__).resolve().parents[2])
 VENV = sys.prefix
@@ -170,3 +172,18 @@ def test_the_api_command_binds_loopback_unless_told() -> None:
     assert done.returncode == 0, done.stderr
     assert "[default: 127.0.0.1]" in " ".join(done.stdout.split())
     assert "--host 0.0.0.0" in done.stdout  # the help says how to serve others
+
+
+def test_the_api_listens_on_loopback_only_when_started_without_host(redis_server: RedisServer) -> None:
+    stack = Stack(env=TEST_ENV, redis_url=redis_server.url)
+    port = free_port()
+    try:
+        api = stack.spawn("api", "--port", str(port), quiet=True)
+
+        def listening() -> list[str]:
+            return [conn.laddr.ip for child in [psutil.Process(api.pid), *psutil.Process(api.pid).children()]
+                    for conn in child.net_connections(kind="inet") if conn.status == psutil.CONN_LISTEN]
+
+        assert set(eventually(listening, 30, "the API listens")) == {"127.0.0.1"}
+    finally:
+        stack.stop()

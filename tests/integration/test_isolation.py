@@ -103,3 +103,23 @@ def test_an_identical_request_of_another_account_is_never_answered_from_the_firs
     assert response.json()["output"] == {"owner": "mallory", "n": 1}
     again = alice["client"].invoke("private", input={"n": 1})
     assert again.headers["X-Cache"] == "HIT" and again.json()["output"] == {"owner": "alice", "n": 1}
+
+
+SECRET_ECHO = """
+    def execute(ctx):
+        return {"echoed": ctx.secrets["token"], "n": ctx.input["n"]}
+"""
+
+
+def test_the_same_secret_sent_by_two_accounts_never_shares_a_run_or_a_cached_output(alice: dict[str, Any],
+                                                                                   mallory: Client) -> None:
+    secret = f"sk-shared-{uuid.uuid4().hex}"
+    owner = alice["client"]
+    owner.upload("echo-secret", SECRET_ECHO)
+    mallory.upload("echo-secret", SECRET_ECHO)
+    first = owner.invoke("echo-secret", input={"n": 1}, secrets={"token": secret})
+    assert first.status_code == 200 and first.json()["output"] == {"echoed": secret, "n": 1}
+    theirs = mallory.invoke("echo-secret", input={"n": 1}, secrets={"token": secret})
+    assert theirs.status_code == 200, theirs.text
+    assert theirs.headers["X-Cache"] == "MISS" and theirs.json()["request_id"] != first.json()["request_id"]
+    assert owner.invoke("echo-secret", input={"n": 1}, secrets={"token": secret}).headers["X-Cache"] == "HIT"

@@ -30,13 +30,22 @@ USES_SECRET_EVERYWHERE = """
         ctx.emit("t-" + secret, {secret: "as a key"})
         ctx.log.info("seen " + secret, **{secret: 1, "field": "x" + secret})
         if ctx.input.get("fail"):
-            raise ValueError("bad token " + secret)
+            raise KeyError("bad token " + secret)  # a traceback shows a KeyError's repr
         return {secret: 1, "nested": [{"k-" + secret: secret[::-1]}]}
 """
 
 
-def _secret() -> str:
+def _secret(awkward: bool = False) -> str:
+    """A long random secret; an awkward one holds what JSON and a repr escape (quote, backslash, control, non-ASCII)."""
+    if awkward:
+        return f'sk-"live\\{uuid.uuid4().hex}\t\u00e9{uuid.uuid4().hex}'
     return f"sk-live-{uuid.uuid4().hex}{uuid.uuid4().hex}"
+
+
+def _spellings(secret: str) -> set[bytes]:
+    """The secret as written, and as JSON (ASCII-only or not) and a repr escape it."""
+    return {text.encode() for text in (secret, json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1],
+                                       repr(secret)[1:-1])}
 
 
 def _everything_served(client: Client, request_id: str) -> str:
@@ -49,13 +58,15 @@ def _everything_served(client: Client, request_id: str) -> str:
 
 
 def _in_redis(server: RedisServer, *secrets: str) -> list[bytes]:
-    return [value for value in every_value_in(server) if any(s.encode() in value for s in secrets)]
+    spellings = set().union(*(_spellings(secret) for secret in secrets))
+    return [value for value in every_value_in(server) if any(spelling in value for spelling in spellings)]
 
 
+@pytest.mark.parametrize("awkward", [False, True], ids=["plain", "awkward"])
 @pytest.mark.parametrize("fail", [False, True], ids=["succeeds", "fails"])
 def test_a_secret_used_as_key_chunk_type_log_field_or_error_text_is_nowhere(
-        client: Client, redis_server: RedisServer, fail: bool) -> None:
-    secret = _secret()
+        client: Client, redis_server: RedisServer, fail: bool, awkward: bool) -> None:
+    secret = _secret(awkward)
     client.upload("everywhere", USES_SECRET_EVERYWHERE)
 
     response = client.invoke("everywhere", input={"fail": fail}, secrets={"token": secret})
@@ -69,9 +80,9 @@ def test_a_secret_used_as_key_chunk_type_log_field_or_error_text_is_nowhere(
         # The caller, who sent the secret, gets its clear output.
         assert response.json()["output"] == {secret: 1, "nested": [{"k-" + secret: secret[::-1]}]}
     request_id = response.headers["X-Request-Id"]
-    served = _everything_served(client, request_id)
-    assert secret not in served
-    assert "t-[redacted]" in served and "seen [redacted]" in served
+    served = _everything_served(client, request_id).encode()
+    assert not [spelling for spelling in _spellings(secret) if spelling in served]
+    assert b"t-[redacted]" in served and b"seen [redacted]" in served
     assert not _in_redis(redis_server, secret)
 
 
@@ -164,26 +175,27 @@ CONCURRENT_SECRET = """
 
 def test_streaming_joiners_with_the_same_secrets_all_get_the_clear_output(client: Client,
                                                                           redis_server: RedisServer) -> None:
-    secret = _secret()
+    secret = _secret(awkward=True)
     client.upload("joined", CONCURRENT_SECRET)
     barrier = threading.Barrier(4)
 
-    def stream(_: int) -> str:
+    def stream(_: int) -> tuple[str, str]:
         barrier.wait(10)
         with requests.post(client.base_url + "/workflow/chat/completions", headers={"x-api-key": client.key},
                            json={"model": "workflow:joined", "input": {"q": 1}, "secrets": {"token": secret},
                                  "stream": True}, stream=True, timeout=30) as response:
             assert response.status_code == 200, response.text
-            return response.text
+            return response.headers["X-Cache"], response.text
 
-    results: list[str] = []
+    results: list[tuple[str, str]] = []
     threads = [threading.Thread(target=lambda i=i: results.append(stream(i))) for i in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(40)
     assert len(results) == 4
-    for text in results:
+    assert sorted(cache for cache, _ in results) == ["HIT", "HIT", "HIT", "MISS"]  # one run, three joined it
+    for _, text in results:
         finals = [json.loads(line[6:]) for line in text.splitlines()
                   if line.startswith("data: {") and '"chat.completion' in line]
         assert finals and finals[-1]["output"] == {"echoed": secret}, text

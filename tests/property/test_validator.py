@@ -58,3 +58,14 @@ def test_hostile_sources_get_an_answer(source: str) -> None:
                 max_size=30).map("\n".join))
 def test_scripts_made_of_plausible_lines_get_an_answer(source: str) -> None:
     _answers(source)
+
+
+@bounded(60)
+@given(declaration=st.sampled_from(["CACHE_TTL_SECONDS = 10**400", "CACHE_TTL_SECONDS = 1e20", "TIMEOUT_SECONDS = 1e999",
+                                    "TIMEOUT_SECONDS = float('inf')", "TIMEOUT_SECONDS = 10**12",
+                                    "LIMITS = {'memory_mb': 2**70}", "X = " + "(" * 300 + "1" + ")" * 300,
+                                    "X = " + "-" * 200_000 + "1"]),
+       padding=st.integers(min_value=0, max_value=20))
+def test_a_working_script_with_one_absurd_part_is_refused(declaration: str, padding: int) -> None:
+    result = validate_script("\n" * padding + declaration + _EXECUTE)
+    assert not result.ok and result.problems, declaration[:40]

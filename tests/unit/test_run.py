@@ -38,20 +38,26 @@ def test_a_job_round_trips_through_its_json_message_with_its_secrets_sealed(redi
     # Another installation's key opens nothing; a job without secrets carries no token.
     with pytest.raises(InvalidToken):
         RunJob.from_message(message, Sealer(ServerKey(redis_db, "another-key")))
+    # Sealed secrets copied into another job's message do not open there.
+    with pytest.raises(InvalidToken):
+        RunJob.from_message({**message, "request_id": "req_2"}, sealer)
+    with pytest.raises(InvalidToken):
+        RunJob.from_message({**message, "account": "another"}, sealer)
     bare = replace(JOB, secrets={})
     assert "sealed_secrets" not in bare.to_message(sealer) and RunJob.from_message(bare.to_message(sealer), sealer) == bare
 
 
 def test_an_output_sealed_for_secrets_opens_only_with_the_same_secrets(redis_db: redis.Redis) -> None:
     sealer = Sealer(ServerKey(redis_db, "the-server-key"))
-    box = sealer.box({"token": "sk-1", "pin": "2"})
+    box = sealer.box("acct", {"token": "sk-1", "pin": "2"})
     sealed = box.seal({"output": "sk-1"})
 
     assert "sk-1" not in sealed
-    assert sealer.box({"pin": "2", "token": "sk-1"}).open(sealed) == {"output": "sk-1"}  # order does not matter
-    assert sealer.box(None) is None
-    foreign = Sealer(ServerKey(redis_db, "k2")).box({"token": "sk-1", "pin": "2"})
-    for other in (sealer.box({"token": "sk-2", "pin": "2"}), foreign):
+    assert sealer.box("acct", {"pin": "2", "token": "sk-1"}).open(sealed) == {"output": "sk-1"}  # any order
+    assert sealer.box("acct", None) is None
+    foreign = Sealer(ServerKey(redis_db, "k2")).box("acct", {"token": "sk-1", "pin": "2"})
+    other_account = sealer.box("another", {"token": "sk-1", "pin": "2"})
+    for other in (sealer.box("acct", {"token": "sk-2", "pin": "2"}), foreign, other_account):
         with pytest.raises(InvalidToken):
             other.open(sealed)
 
