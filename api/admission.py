@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from flowpool.errors import FlowpoolError, PayloadTooLarge, RequestError, RunNotStarted, Unavailable
-from flowpool.registry import Account, ResolvedWorkflow, check_invocation_input
+from flowpool.registry import Account, check_invocation_input
 from flowpool.run import CachePlan, RunEnd, RunJob, RunRecord, RunStatus
 from flowpool.sealing import InvalidToken, SecretBox
 from flowpool.tasks.app import RUN_TASK
@@ -53,11 +53,10 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex}"
 
 
-def _check_input(body: InvokeRequest, workflow: ResolvedWorkflow, limit: int) -> None:
+def _check_size(body: InvokeRequest, limit: int) -> None:
     size = len(json.dumps(body.input)) + len(json.dumps([m.model_dump() for m in body.messages or []]))
     if size > limit:
         raise PayloadTooLarge(f"input and messages are {size} bytes as JSON, over the limit of {limit}")
-    check_invocation_input(workflow.input_schema, body.input)
 
 
 def admit(svc: Services, account: Account, body: InvokeRequest) -> Admission:
@@ -73,8 +72,9 @@ def admit(svc: Services, account: Account, body: InvokeRequest) -> Admission:
     request["messages"] = messages
 
     workflow = svc.resolve(account.id, ref, pinned)
-    for _ in range(_STALE_TRIES):
-        _check_input(body, workflow, settings.max_input_bytes)
+    _check_size(body, settings.max_input_bytes)
+    for _ in range(_STALE_TRIES):  # a workflow changed under the request is resolved and checked again
+        check_invocation_input(workflow.input_schema, body.input)
         soft = settings.clamp_timeout(workflow.timeout_seconds)
         run_seconds = soft + settings.run_deadline_slack
         ttl = workflow.cache_ttl_seconds if workflow.cache_ttl_seconds is not None \

@@ -22,7 +22,7 @@ import io
 import socket
 from typing import Any
 
-from flask import current_app, request
+from flask import request
 
 from flowpool.errors import PayloadTooLarge, RequestError, RequestTimeout
 
@@ -41,12 +41,13 @@ def read_body() -> None:
     if not chunked and not length:
         return
     stream = environ["wsgi.input"]
-    limit = int(current_app.config["MAX_CONTENT_LENGTH"])
+    settings = services().settings
+    limit = settings.max_body_bytes
     if length is not None and length > limit and not chunked:
         _close_after(stream)
         raise PayloadTooLarge(f"the request body is {length} bytes, over the limit of {limit} bytes")
     want = limit + 1 if chunked else int(length or 0)
-    data = _read(stream, environ.get("gunicorn.socket"), want, services().settings.body_timeout_seconds)
+    data = _read(stream, environ.get("gunicorn.socket"), want, settings.body_timeout_seconds)
     if chunked and len(data) > limit:
         _close_after(stream)
         raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes")

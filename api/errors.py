@@ -10,7 +10,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from flowpool.errors import FlowpoolError, PayloadTooLarge, Unavailable
 
-__all__ = ["register_error_handlers", "render"]
+__all__ = ["http_error", "register_error_handlers", "render"]
 
 log = logging.getLogger("flowpool.api")
 
@@ -25,6 +25,14 @@ def render(error: FlowpoolError) -> Response:
     if retry_after is not None and error.status in (429, 503):
         response.headers["Retry-After"] = str(retry_after)
     return response
+
+
+def http_error(status: int, reason: str, message: str) -> FlowpoolError:
+    """An HTTP error raised outside our code (werkzeug's, gunicorn's) as one of ours, its type named by its reason."""
+    error = FlowpoolError(message or reason)
+    error.status = status
+    error.type = reason.lower().replace(" ", "_")
+    return error
 
 
 def register_error_handlers(app: Flask) -> None:
@@ -48,10 +56,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Response:
-        error = FlowpoolError(exc.description or exc.name)
-        error.status = exc.code or 500
-        error.type = exc.name.lower().replace(" ", "_")
-        return render(error)
+        return render(http_error(exc.code or 500, exc.name, exc.description or ""))
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:

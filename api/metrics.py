@@ -19,7 +19,7 @@ from flowpool import keys
 from flowpool.errors import AuthenticationError
 from flowpool.tasks import QUEUE
 
-from .services import Services, services
+from .services import Services, bearer_token, services
 
 bp = Blueprint("metrics", __name__)
 
@@ -61,8 +61,8 @@ def check_scrape_token(expected: str | None, authorization: str | None) -> None:
     """Refuse (401) a scrape without the operator's metrics token, when one is set; compared in constant time."""
     if expected is None:
         return
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
+    token = bearer_token(authorization)
+    if token is None or not hmac.compare_digest(token.encode(), expected.encode()):
         raise AuthenticationError("/metrics needs the metrics token: send Authorization: Bearer <FLOWPOOL_METRICS_TOKEN>")
 
 

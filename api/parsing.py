@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import json
-import re
 from typing import Any, TypeVar
 
 from flask import request
 from pydantic import BaseModel, ValidationError
 
 from flowpool.errors import MalformedJSON, RequestError
-from flowpool.jsonsafe import find_problem
+from flowpool.jsonsafe import find_problem_in
 
 from .services import services
 
@@ -20,9 +19,6 @@ M = TypeVar("M", bound=BaseModel)
 MAX_PAGE = 100
 # Far past any real list, and small enough that offset + limit fits Redis's 64-bit indexes.
 MAX_OFFSET = 1_000_000_000
-
-# A \uXXXX escape of a surrogate: the one way a lone surrogate gets into strictly decoded UTF-8 JSON text.
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def json_body() -> Any:
@@ -52,13 +48,11 @@ def loads(text: str, what: str) -> Any:
                             param=what) from None
     except ValueError as exc:
         raise MalformedJSON(f"malformed JSON {what}: {exc}", param=what) from exc
-    # Cheap tests first: a text with few brackets and no surrogate escape cannot hold a problem.
-    if text.count("[") + text.count("{") > max_depth or _SURROGATE_ESCAPE.search(text):
-        problem = find_problem(value, max_depth)
-        if problem is not None:
-            path, message = problem
-            field = path or what
-            raise MalformedJSON(f"{field} {message}", param=field)
+    problem = find_problem_in(value, text, max_depth)
+    if problem is not None:
+        path, message = problem
+        field = path or what
+        raise MalformedJSON(f"{field} {message}", param=field)
     return value
 
 

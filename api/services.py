@@ -20,7 +20,7 @@ from flowpool.sealing import Sealer, ServerKey
 from flowpool.settings import Settings
 from flowpool.tasks.app import create_celery
 
-__all__ = ["EXTENSION", "Services", "authenticate", "mark", "services"]
+__all__ = ["EXTENSION", "Services", "authenticate", "bearer_token", "mark", "services"]
 
 EXTENSION = "flowpool"  # the key of the Services in app.extensions
 
@@ -102,9 +102,15 @@ def authenticate() -> Account:
         key = request.headers.get("x-api-key")
         if not key:
             auth = request.headers.get("Authorization", "")
-            scheme, _, token = auth.partition(" ")
-            if auth and scheme.lower() != "bearer":
+            token = bearer_token(auth)
+            if auth and token is None:
                 raise AuthenticationError("the Authorization header must be 'Bearer <key>'")
-            key = token.strip()
+            key = token or ""
         account = g.account = services().accounts.authenticate(key)
     return account
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header; None without one, or for another scheme."""
+    scheme, _, token = (authorization or "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None

@@ -17,6 +17,8 @@ import socket
 
 from gunicorn import util
 
+from .errors import http_error
+
 __all__ = ["use_json_error_pages", "write_json_error"]
 
 # gunicorn's reasons that say the client sent something wrong, as our error types.
@@ -30,8 +32,9 @@ def use_json_error_pages() -> None:
 
 def error_document(status: int, reason: str, message: str) -> bytes:
     """The HTTP answer, head and body, of one of gunicorn's errors."""
-    kind = _TYPES.get(status) or reason.lower().replace(" ", "_")
-    body = json.dumps({"error": {"message": message or reason, "type": kind, "code": status}}).encode()
+    error = http_error(status, reason, message)
+    error.type = _TYPES.get(status, error.type)
+    body = json.dumps(error.to_body()).encode()
     head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
     return head + body

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from typing import Any, Iterator
 
 from flask import Response, jsonify
 
 from flowpool.errors import RunError
-from flowpool.run import RunEnd
+from flowpool.run import RunEnd, dumps
 from flowpool.runs import RunStore
 from flowpool.sealing import SecretBox
 
@@ -47,7 +46,7 @@ def answer(model: str, request_id: str, session_id: str, end: RunEnd, cache: str
 
 
 def _sse(payload: Any, event_id: str = "") -> str:
-    data = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    data = dumps(payload)
     return f"id: {event_id}\ndata: {data}\n\n" if event_id else f"data: {data}\n\n"
 
 

@@ -20,9 +20,10 @@ from typing import Any
 import redis
 
 from . import keys
-from .sealing import ServerKey, canonical_json
+from .jsonsafe import canonical_json
+from .sealing import ServerKey
 
-__all__ = ["ResultCache", "canonical_json"]
+__all__ = ["ResultCache"]
 
 # Drop the single-flight lock, only if this run still holds it (it may have expired and passed on).
 _RELEASE = """

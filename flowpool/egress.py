@@ -18,6 +18,8 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from flowpool.settings import split_list
+
 __all__ = ["EgressDenied", "EgressPolicy", "guarded_session"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -34,7 +36,7 @@ class EgressPolicy:
     """The operator's allow list, and the check of a URL against it."""
 
     def __init__(self, allow: str | list[str] = "") -> None:
-        items = [a.strip() for a in (allow.split(",") if isinstance(allow, str) else allow) if a.strip()]
+        items = split_list(allow) if isinstance(allow, str) else [a.strip() for a in allow if a.strip()]
         self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         self.hosts: set[str] = set()
         for item in items:

@@ -22,7 +22,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from flowpool.errors import Cancelled, RunError, WorkerLost, run_error_from_dict
-from flowpool.jsonsafe import find_problem
+from flowpool.jsonsafe import find_problem_in
 
 if TYPE_CHECKING:
     from flowpool.registry import ResolvedWorkflow
@@ -266,13 +266,12 @@ _UNREADABLE = {"unreadable": "this field was stored nested too deeply or with Na
 
 def _load_field(raw: bytes) -> Any:
     """A stored field decoded; one that could not be shown as JSON (kept from before results were checked) is a note."""
-    if raw.count(b"[") + raw.count(b"{") <= _READABLE_DEPTH and b"NaN" not in raw and b"Infinity" not in raw:
-        return json.loads(raw)  # the common case: nothing can be wrong, nothing to walk
+    text = raw.decode()
     try:
-        value = json.loads(raw)
+        value = json.loads(text)
     except RecursionError:
         return _UNREADABLE
-    return _UNREADABLE if find_problem(value, _READABLE_DEPTH) else value
+    return _UNREADABLE if find_problem_in(value, text, _READABLE_DEPTH) else value
 
 
 _RECORD_NAMES = tuple(f.name for f in fields(RunRecord))

@@ -24,7 +24,7 @@ import hashlib
 import hmac
 import json
 import secrets as _secrets
-from typing import Any
+from typing import Any, Callable
 
 import redis
 from cryptography.fernet import Fernet, InvalidToken
@@ -32,13 +32,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from . import keys
+from .jsonsafe import canonical_json
 
-__all__ = ["InvalidToken", "SecretBox", "Sealer", "ServerKey", "canonical_json"]
-
-
-def canonical_json(value: Any) -> bytes:
-    """One byte string per JSON value, whatever the key order."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+__all__ = ["InvalidToken", "SecretBox", "Sealer", "ServerKey"]
 
 
 def _fernet(material: bytes, purpose: bytes) -> Fernet:
@@ -72,46 +68,43 @@ class ServerKey:
         return hmac.new(self.get(), canonical_json(value), hashlib.sha256).hexdigest()
 
 
-class Sealer:
-    """Seals values under the server key, e.g. a job's secrets on their way through the broker."""
+class SecretBox:
+    """Seals JSON values under one derived key and opens only what it sealed; the key is derived on first use."""
 
-    def __init__(self, server_key: ServerKey) -> None:
-        self.server_key = server_key
-        self._box: Fernet | None = None
+    def __init__(self, material: Callable[[], bytes], purpose: bytes) -> None:
+        self._material, self._purpose = material, purpose
+        self._key: Fernet | None = None
 
     def _fernet(self) -> Fernet:
-        if self._box is None:
-            self._box = _fernet(self.server_key.get(), b"sealed")
-        return self._box
+        if self._key is None:
+            self._key = _fernet(self._material(), self._purpose)
+        return self._key
 
     def seal(self, value: Any) -> str:
-        """``value`` (JSON) as a token only this installation opens."""
+        """``value`` (JSON) as a token only this box opens."""
         return self._fernet().encrypt(canonical_json(value)).decode()
 
     def open(self, token: str) -> Any:
-        """The value of a token from :meth:`seal`; raises ``InvalidToken`` for anything else."""
+        """The sealed value; raises ``InvalidToken`` for a token sealed under another key, or altered."""
         return json.loads(self._fernet().decrypt(token.encode()))
+
+
+class Sealer(SecretBox):
+    """The installation's box (e.g. for a job's secrets on their way through the broker), and the boxes of requests."""
+
+    def __init__(self, server_key: ServerKey) -> None:
+        super().__init__(server_key.get, b"sealed")
+        self.server_key = server_key
 
     def box(self, account: str, secrets: dict[str, str] | None) -> SecretBox | None:
         """The box of a request of ``account`` holding ``secrets``; None for a request with none.
 
         The account is part of the key: another account sending the same
-        secrets never opens what was sealed for this one's runs.
+        secrets never opens what was sealed for this one's runs. Nothing is
+        derived until the box is used, which most requests never do.
         """
         if not secrets:
             return None
-        return SecretBox(self.server_key.mac({"account": account, "secrets": secrets}), self.server_key.get())
-
-
-class SecretBox:
-    """Seals an output for the requests holding one set of secrets, and opens it for them only."""
-
-    def __init__(self, secrets_mac: str, server_key: bytes) -> None:
-        self._fernet = _fernet(server_key + b"\0" + secrets_mac.encode(), b"secret-output")
-
-    def seal(self, value: Any) -> str:
-        return self._fernet.encrypt(canonical_json(value)).decode()
-
-    def open(self, token: str) -> Any:
-        """The sealed value; raises ``InvalidToken`` when sealed for other secrets or altered."""
-        return json.loads(self._fernet.decrypt(token.encode()))
+        key = self.server_key
+        return SecretBox(lambda: key.get() + b"\0" + key.mac({"account": account, "secrets": secrets}).encode(),
+                         b"secret-output")

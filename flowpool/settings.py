@@ -6,7 +6,8 @@ from typing import Optional
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings", "DEFAULT_MAX_JSON_DEPTH", "DEFAULT_MAX_SCRIPT_BYTES", "DEFAULT_REDIS_URL", "WORKFLOW_LIMITS"]
+__all__ = ["Settings", "DEFAULT_MAX_JSON_DEPTH", "DEFAULT_MAX_SCRIPT_BYTES", "DEFAULT_REDIS_URL", "WORKFLOW_LIMITS",
+           "split_list"]
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_MAX_JSON_DEPTH = 64  # FLOWPOOL_MAX_JSON_DEPTH; also the bound of code that has no Settings at hand
@@ -24,6 +25,11 @@ WORKFLOW_LIMITS: dict[str, tuple[str, str | None]] = {
     "log_bytes": ("max_log_bytes", "max_log_bytes_cap"),
     "chunks": ("max_chunks", "max_chunks_cap"),
 }
+
+
+def split_list(value: str) -> list[str]:
+    """The entries of a comma-separated setting, stripped, empty ones left out."""
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 class Settings(BaseSettings):

@@ -13,11 +13,6 @@ if TYPE_CHECKING:
     from .validation import Problem, ScriptInfo, Validation, validate_script
     from .workflows import ResolvedWorkflow, Upload, Workflows, bump_version
 
-__all__ = [
-    "Account", "Accounts", "Agent", "Agents", "Application", "Applications", "IntentRoute", "Problem",
-    "ProviderKeys", "ResolvedWorkflow", "Route", "ScriptInfo", "Upload", "Validation", "Workflows",
-    "bump_version", "check_input", "check_invocation_input", "check_output", "hash_key", "validate_script",
-]
 
 # The module of each public name. Imported on first use: the stores need redis (the
 # server extra), while `flowpool validate` imports .validation on a client-only install.
@@ -31,4 +26,5 @@ _MODULES = {
     "Workflows": "workflows", "ResolvedWorkflow": "workflows", "Upload": "workflows", "bump_version": "workflows",
 }
 
+__all__ = sorted(_MODULES)
 __getattr__ = lazy_exports(__name__, _MODULES)

@@ -10,6 +10,7 @@ from urllib3.util import parse_url
 
 from flowpool import keys
 from flowpool.errors import RequestError
+from flowpool.settings import split_list
 
 from .documents import AccountDocuments
 from .names import BASE_URL
@@ -30,10 +31,9 @@ class ProviderKeys:
 
     def __init__(self, setting: str) -> None:
         self.hosts: dict[str, str | None] = {}
-        for entry in (part.strip() for part in setting.split(",")):
-            if entry:
-                name, _, host = entry.partition("@")
-                self.hosts[name.strip()] = host.strip().lower() or None
+        for entry in split_list(setting):
+            name, _, host = entry.partition("@")
+            self.hosts[name.strip()] = host.strip().lower() or None
 
     def refusal(self, name: str, base_url: str) -> str | None:
         """Why a route may not send variable ``name`` to ``base_url``; None when it may."""

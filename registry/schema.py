@@ -4,10 +4,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from flowpool.errors import InputSchemaError, InvalidResult, OutputSchemaError, RequestError, RunError
-from flowpool.jsonsafe import find_problem
+from flowpool.jsonsafe import find_problem, find_problem_in
 from flowpool.settings import DEFAULT_MAX_JSON_DEPTH
 
-__all__ = ["JSON_TYPES", "check_input", "check_invocation_input", "check_output", "check_result"]
+__all__ = ["JSON_TYPES", "check_input", "check_invocation_input", "check_output"]
 
 
 def _is_number(value: object) -> bool:
@@ -38,28 +38,23 @@ def check_invocation_input(schema: dict | None, value: object) -> None:
     check_input(schema, value if value is not None else {})
 
 
-def check_output(schema: dict | None, value: object, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> None:
+def check_output(schema: dict | None, value: object, max_depth: int = DEFAULT_MAX_JSON_DEPTH,
+                 text: str | None = None) -> None:
     """Raise InvalidResult when a run's result cannot be shown as JSON, OutputSchemaError when it breaks OUTPUT_SCHEMA.
 
-    Pass ``max_depth=settings.max_json_depth``; the default is that setting's default.
+    A result nested deeper than ``max_depth`` or holding NaN, Infinity or a
+    lone surrogate would be recorded as a success and then break every reader
+    of the record, so the run fails here instead. Workers pass
+    ``settings.max_json_depth`` and the result's JSON ``text``, which spares
+    the walk over a plain result.
     """
-    check_result(value, max_depth)
-    _check(schema, value, "output", OutputSchemaError)
-
-
-def check_result(value: object, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> None:
-    """Raise InvalidResult when a result is nested deeper than ``max_depth`` or holds NaN, Infinity or a lone surrogate.
-
-    Such a result would be recorded as a success and then break every reader
-    of the record (a RecursionError, or text that is not JSON), so the run
-    fails here instead, with an error its caller can act on.
-    """
-    problem = find_problem(value, max_depth)
+    problem = find_problem(value, max_depth) if text is None else find_problem_in(value, text, max_depth)
     if problem is not None:
         path, what = problem
         where = f"result field {path}" if path else "the result"
         raise InvalidResult(f"{where} {what}; return plain JSON nested at most {max_depth} levels",
                             **({"field": path} if path else {}))
+    _check(schema, value, "output", OutputSchemaError)
 
 
 def _check(

@@ -12,7 +12,8 @@ from flowpool.settings import DEFAULT_MAX_SCRIPT_BYTES, WORKFLOW_LIMITS
 
 from .schema import JSON_TYPES
 
-__all__ = ["MAX_CACHE_TTL_SECONDS", "MAX_TIMEOUT_SECONDS", "Problem", "ScriptInfo", "Validation", "validate_script"]
+__all__ = ["MAX_CACHE_TTL_SECONDS", "MAX_TIMEOUT_SECONDS", "Problem", "ScriptInfo", "Validation", "valid_cache_ttl",
+           "valid_timeout", "validate_script"]
 
 # Sane bounds on what a workflow may declare (script constants and upload fields alike): past
 # them a value only breaks things later (Redis refuses the TTL, a timer overflows).
@@ -211,18 +212,22 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def valid_timeout(value: Any) -> bool:
+    """A soft time limit a run can have: seconds, finite, over 0, at most a day (TIMEOUT_SECONDS, timeout_seconds)."""
+    return _is_number(value) and 0 < value <= MAX_TIMEOUT_SECONDS
+
+
+def valid_cache_ttl(value: Any) -> bool:
+    """A cache TTL: whole seconds, 0 (off) to 30 days (CACHE_TTL_SECONDS, cache_ttl_seconds)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_CACHE_TTL_SECONDS
+
+
 # Constant name → (what its value must satisfy, how to say it); the schemas get field-by-field checks on top.
 _SCHEMA_SHAPE = "a dict of field name to {'type': ..., 'description': ..., 'required': ...}"
 _CONSTANTS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "APPLICATION": (lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty string"),
-    "TIMEOUT_SECONDS": (
-        lambda v: _is_number(v) and 0 < v <= MAX_TIMEOUT_SECONDS,
-        f"a number of seconds greater than 0, at most {MAX_TIMEOUT_SECONDS}",
-    ),
-    "CACHE_TTL_SECONDS": (
-        lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_CACHE_TTL_SECONDS,
-        f"a whole number of seconds, 0 or more, at most {MAX_CACHE_TTL_SECONDS}",
-    ),
+    "TIMEOUT_SECONDS": (valid_timeout, f"a number of seconds greater than 0, at most {MAX_TIMEOUT_SECONDS}"),
+    "CACHE_TTL_SECONDS": (valid_cache_ttl, f"a whole number of seconds, 0 or more, at most {MAX_CACHE_TTL_SECONDS}"),
     "LIMITS": (
         lambda v: isinstance(v, dict) and all(k in WORKFLOW_LIMITS and isinstance(n, int) and not isinstance(n, bool)
                                                and 0 < n <= _MAX_LIMIT for k, n in v.items()),

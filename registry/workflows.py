@@ -24,7 +24,8 @@ from flowpool.errors import NotFound, RequestError
 from flowpool.settings import DEFAULT_MAX_SCRIPT_BYTES
 
 from .names import is_name
-from .validation import MAX_CACHE_TTL_SECONDS, MAX_TIMEOUT_SECONDS, ScriptInfo, validate_script
+from .validation import (MAX_CACHE_TTL_SECONDS, MAX_TIMEOUT_SECONDS, ScriptInfo, valid_cache_ttl, valid_timeout,
+                         validate_script)
 
 __all__ = ["Workflows", "ResolvedWorkflow", "Upload", "bump_version"]
 
@@ -65,14 +66,14 @@ def check_ref(ref: str) -> str:
 def check_upload_fields(upload: Upload) -> None:
     """A 400 naming the first field of an upload whose value would break every run of the workflow."""
     timeout, ttl = upload.timeout_seconds, upload.cache_ttl_seconds
-    if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout <= MAX_TIMEOUT_SECONDS):
+    if timeout is not None and not valid_timeout(timeout):
         raise RequestError(f"timeout_seconds must be a number of seconds greater than 0 and at most "
                            f"{MAX_TIMEOUT_SECONDS}, got {timeout!r}", param="timeout_seconds")
-    if ttl is not None and not (isinstance(ttl, int) and 0 <= ttl <= MAX_CACHE_TTL_SECONDS):
+    if ttl is not None and not valid_cache_ttl(ttl):
         raise RequestError(f"cache_ttl_seconds must be a whole number of seconds from 0 to {MAX_CACHE_TTL_SECONDS}, "
                            f"got {ttl!r}", param="cache_ttl_seconds")
     for name in upload.env or {}:
-        if not _ENV_NAME.match(name):
+        if not _ENV_NAME.fullmatch(name):
             raise RequestError(f"env name {name[:64]!r} is not a valid variable name: use letters, digits and '_', "
                                "not starting with a digit", param="env")
 

@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -30,7 +29,7 @@ import sysconfig
 from dataclasses import dataclass
 
 from .distributions import listed, resolve
-from .staging import RUNTIME, Stage, stage_runtime
+from .staging import PACKAGES, RUNTIME, Stage, package_dirs, stage_runtime
 
 __all__ = ["BACKENDS", "Backend", "bwrap_binary", "choose", "probe_bwrap"]
 
@@ -61,7 +60,7 @@ class Backend:
     @property
     def hidden(self) -> list[str]:
         """flowpool's package directories as the zygote sees them, which it covers once imported."""
-        return list(self.stage.hidden) if self.stage is not None else hidden_paths()
+        return list(self.stage.hidden) if self.stage is not None else _package_dirs()
 
     @property
     def runtime(self) -> list[str]:
@@ -87,14 +86,8 @@ def bwrap_binary() -> str | None:
 
 
 def _package_dirs() -> list[str]:
-    """Where flowpool's own packages live (a source checkout when installed editable), found without importing them."""
-    dirs = set()
-    for name in ("flowpool", "flowpool.sandbox", "flowpool_workflow", "maitai_workflow"):
-        spec = importlib.util.find_spec(name)
-        if spec is None or not spec.submodule_search_locations:
-            raise RuntimeError(f"{name} is not installed as a package")
-        dirs.update(os.path.abspath(path) for path in spec.submodule_search_locations)
-    return sorted(dirs)
+    """flowpool's own code on the host: the zygote imports it, then covers it so no run can read it."""
+    return sorted({directory for name in PACKAGES for directory in package_dirs(name)})
 
 
 def runtime_paths() -> list[str]:
@@ -117,19 +110,13 @@ def runtime_paths() -> list[str]:
     return kept
 
 
-def hidden_paths() -> list[str]:
-    """flowpool's own code: the zygote imports it, then covers it so no run can read it."""
-    return _package_dirs()
-
-
-def bwrap_command(binary: str, stage: Stage | None = None) -> list[str]:
+def bwrap_command(binary: str, stage: Stage) -> list[str]:
     """The bwrap command line the zygote starts under: the system's libraries, and the staged runtime at /runtime.
 
     The interpreter runs from the stage (:mod:`.staging`), not from its host
     paths, so no mount a run can list names where Python, the virtual
     environment or flowpool's checkout live.
     """
-    stage = stage or stage_runtime()
     command = [binary, "--die-with-parent", "--unshare-ipc", "--unshare-net", "--unshare-uts",
                "--unshare-cgroup-try", "--hostname", "flowpool-sandbox"]
     if os.geteuid() != 0:

@@ -23,10 +23,12 @@ back to a watchdog (:mod:`.containment`).
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import os
-import signal
 import time
+
+from .linux import kill_if
 
 __all__ = ["SlotCgroups", "open_cgroups"]
 
@@ -51,6 +53,11 @@ def _field(text: bytes, name: bytes) -> int:
         if key == name:
             return int(value)
     return 0
+
+
+def _in_cgroup(pid: int, tail: str) -> bool:
+    """Whether ``pid`` is in the cgroup whose path ends in ``tail``, as ``/proc/<pid>/cgroup`` says."""
+    return any(line.endswith(tail) for line in _read(f"/proc/{pid}/cgroup").splitlines())
 
 
 def _pread(fd: int) -> bytes:
@@ -107,9 +114,10 @@ class SlotCgroups:
     """The parent cgroup of one sandbox and a child per slot; every read and write of their files.
 
     A run reads its slot's counters when it starts and ends, so their files
-    stay open (one ``pread`` each, no open and close per run), and a slot's
-    limits are written only when they change: runs under the sandbox's own
-    limits write nothing at all.
+    stay open (one ``pread`` each, no open and close per run), as do the
+    ``cgroup.procs`` files each run process joins through; a slot's limits
+    are written only when they change: runs under the sandbox's own limits
+    write nothing at all.
     """
 
     version = ""
@@ -119,13 +127,15 @@ class SlotCgroups:
     def __init__(self, parents: dict[str, str], slots: int) -> None:
         self._parents = parents  # controller (v1) or "" (v2) -> the sandbox's parent directory
         self.slots = slots
-        self._fds: dict[int, list[int]] = {}
+        self._fds: dict[int, list[int]] = {}  # slot -> its open cgroup.procs files, one per hierarchy
         self._limits: dict[int, tuple[int, int]] = {}  # slot -> the (memory, processes) its files hold
         self._counters: dict[int, list[int]] = {}  # slot -> open counter files, as _counter_files lists them
         for slot in range(slots):
             for parent in parents.values():
                 os.makedirs(self._dir(parent, slot), exist_ok=True)
             self._set_up(slot)
+            self._fds[slot] = [os.open(os.path.join(self._dir(parent, slot), "cgroup.procs"),
+                                       os.O_WRONLY | os.O_CLOEXEC) for parent in parents.values()]
             self._counters[slot] = [os.open(os.path.join(self.path(controller, slot), name),
                                             os.O_RDONLY | os.O_CLOEXEC)
                                     for controller, name in self._counter_files if controller in parents]
@@ -151,9 +161,6 @@ class SlotCgroups:
 
     def procs_fds(self, slot: int) -> list[int]:
         """The slot's ``cgroup.procs`` files, open for writing (one per hierarchy), kept for the slot's next runs."""
-        if slot not in self._fds:
-            self._fds[slot] = [os.open(os.path.join(self._dir(parent, slot), "cgroup.procs"),
-                                       os.O_WRONLY | os.O_CLOEXEC) for parent in self._parents.values()]
         return self._fds[slot]
 
     def configure(self, slot: int, memory_bytes: int, processes: int) -> None:
@@ -169,7 +176,7 @@ class SlotCgroups:
 
     def oom_kills(self, slot: int) -> int:
         """How many processes the kernel killed in the slot for its memory limit, ever (a counter)."""
-        raise NotImplementedError
+        return _field(_pread(self._counters[slot][0]), b"oom_kill")
 
     def cpu_seconds(self, slot: int) -> float | None:
         """CPU time the slot's processes used, ever (a counter); None where it cannot be read."""
@@ -183,32 +190,28 @@ class SlotCgroups:
     _procs_controller = ""
 
     def kill(self, slot: int, wait: float = 0.0) -> bool:
-        """Kill every process in the slot; with ``wait``, until it is empty or ``wait`` seconds pass: whether it is."""
+        """Kill every process in the slot; with ``wait``, until it is empty or ``wait`` seconds pass: whether it is.
+
+        A slot is most often empty already (its run's namespace took its
+        processes with it): then one read of ``cgroup.procs`` is all it costs.
+        """
         deadline = time.monotonic() + wait
-        while True:
-            pids = self.members(slot)
-            if not pids:
-                return True
-            for pid in pids:
-                self._kill_member(pid, slot)
+        pids = self.members(slot)
+        if not pids:
+            return True
+        self._kill_all(slot)
+        tail = self._relative(self.path(self._procs_controller, slot))
+        while pids:
+            for pid in pids:  # only a pid still the slot's member: one read from cgroup.procs may be reused meanwhile
+                kill_if(pid, functools.partial(_in_cgroup, pid, tail))
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.005)
+            pids = self.members(slot)
+        return True
 
-    def _kill_member(self, pid: int, slot: int) -> None:
-        """SIGKILL ``pid`` if it is still the slot's member (a pid read from cgroup.procs may be reused meanwhile)."""
-        try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:
-            return  # gone already
-        try:
-            relative = self.path(self._procs_controller, slot)
-            if any(line.endswith(self._relative(relative)) for line in _read(f"/proc/{pid}/cgroup").splitlines()):
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        except OSError:
-            pass
-        finally:
-            os.close(pidfd)
+    def _kill_all(self, slot: int) -> None:
+        """Kill the slot's processes at once where the kernel can (before each is killed by pid)."""
 
     @staticmethod
     def _relative(directory: str) -> str:
@@ -267,9 +270,6 @@ class _V1(SlotCgroups):
             _write(limit, str(memory_bytes))
         _write(os.path.join(self.path("pids", slot), "pids.max"), str(processes))
 
-    def oom_kills(self, slot: int) -> int:
-        return _field(_pread(self._counters[slot][0]), b"oom_kill")
-
     def cpu_seconds(self, slot: int) -> float | None:
         counters = self._counters[slot]
         return int(_pread(counters[1])) / 1e9 if len(counters) > 1 else None
@@ -296,18 +296,14 @@ class _V2(SlotCgroups):
         _write(os.path.join(directory, "memory.max"), str(memory_bytes))
         _write(os.path.join(directory, "pids.max"), str(processes))
 
-    def oom_kills(self, slot: int) -> int:
-        return _field(_pread(self._counters[slot][0]), b"oom_kill")
-
     def cpu_seconds(self, slot: int) -> float | None:
         return _field(_pread(self._counters[slot][1]), b"usage_usec") / 1e6
 
-    def kill(self, slot: int, wait: float = 0.0) -> bool:
+    def _kill_all(self, slot: int) -> None:
         try:  # one write kills every process in the cgroup, forks in flight included (Linux 5.14+)
             _write(os.path.join(self.path("", slot), "cgroup.kill"), "1")
         except OSError:
             pass
-        return super().kill(slot, wait)
 
 
 def _name() -> str:

@@ -22,14 +22,16 @@ slot starts clean.
 """
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from flowpool.errors import MemoryLimitExceeded, RunError, SandboxError
 
 from .cgroups import SlotCgroups, open_cgroups
+from .linux import kill_if, stat_fields
 from .protocol import SandboxLimits
 from .run_process import RunProcess
 
@@ -50,12 +52,6 @@ class RunWatch:
     oom_base: int = 0
     cpu_base: float = 0.0
     verdict: RunError | None = None
-    _owner: Containment | None = field(default=None, repr=False)
-
-    def end(self) -> RunError | None:
-        """Stop following the run (its processes are done or being killed): the limit it broke, if any."""
-        assert self._owner is not None
-        return self._owner.release(self)
 
 
 @dataclass
@@ -63,7 +59,7 @@ class _Proc:
     """A process as one /proc scan saw it."""
 
     ppid: int
-    uid: int
+    uid: int | None  # read only when a run followed has a uid of its own
     start: str  # start time in clock ticks since boot: with the pid, names the process
     cpu: float  # its own and its waited-for children's CPU seconds
 
@@ -119,8 +115,8 @@ class Containment:
             self.cgroups.kill(slot, wait=5.0)
 
     def watch(self, process: RunProcess, limits: SandboxLimits, cpu_seconds: float) -> RunWatch:
-        """Follow a run from before its job starts until :meth:`RunWatch.end`."""
-        watch = RunWatch(process, limits.memory_bytes, cpu_seconds, _owner=self)
+        """Follow a run from before its job starts until :meth:`release`."""
+        watch = RunWatch(process, limits.memory_bytes, cpu_seconds)
         if self.cgroups is not None:
             watch.oom_base = self.cgroups.oom_kills(process.slot)
             watch.cpu_base = self.cgroups.cpu_seconds(process.slot) or 0.0
@@ -129,7 +125,10 @@ class Containment:
         return watch
 
     def release(self, watch: RunWatch) -> RunError | None:
-        """Stop following ``watch``, after a last look (an OOM kill the run outlived still fails it)."""
+        """Stop following ``watch`` (its processes are done or being killed): the limit it broke, if any.
+
+        The cgroup gets a last look: an OOM kill the run outlived still fails it.
+        """
         with self._lock:  # once out of the list, the monitor no longer touches the run's process
             if watch in self._watches:
                 self._watches.remove(watch)
@@ -168,9 +167,12 @@ class Containment:
 
     def _judge_processes(self, watches: list[RunWatch]) -> None:
         """The watchdog: sum each run's processes' PSS and CPU time from one scan of /proc."""
-        table = _scan()
+        table = _scan(uids=any(watch.process.uid is not None for watch in watches))
+        children: dict[int, list[int]] = {}
+        for pid, proc in table.items():
+            children.setdefault(proc.ppid, []).append(pid)
         for watch in watches:
-            members = _members(table, watch)
+            members = _members(table, children, watch)
             if sum(_pss(pid) for pid in members) > watch.memory_bytes:
                 self._stop_run(watch, self._memory_verdict(watch), [(pid, table[pid].start) for pid in members])
             elif sum(table[pid].cpu for pid in members) > watch.cpu_seconds:
@@ -196,21 +198,25 @@ class Containment:
             watch.process.kill()
             if self.cgroups is not None:
                 self.cgroups.kill(watch.process.slot)
-            for pid, start in members:
-                _kill_if_same(pid, start)
+            for pid, start in members:  # only a process the scan saw, not one that took its pid since
+                kill_if(pid, functools.partial(_started_at, pid, start))
 
 
-def _scan() -> dict[int, _Proc]:
-    """Every process on the host: parent, uid, start time and CPU time, from /proc."""
+def _uid(pid: str) -> int:
+    """The real uid of a process, from its /proc status."""
+    with open(f"/proc/{pid}/status", "rb") as handle:
+        return next(int(line.split()[1]) for line in handle if line.startswith(b"Uid:"))
+
+
+def _scan(uids: bool) -> dict[int, _Proc]:
+    """Every process on the host: parent, start time, CPU time and, when ``uids``, uid, from /proc."""
     table = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
-            with open(f"/proc/{entry.name}/stat") as handle:
-                stat = handle.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{entry.name}/status") as handle:
-                uid = next(int(line.split()[1]) for line in handle if line.startswith("Uid:"))
+            stat = stat_fields(entry.name)
+            uid = _uid(entry.name) if uids else None
         except (OSError, StopIteration, IndexError):
             continue  # exited meanwhile
         # Fields after the command: state(0) ppid(1) ... utime(11) stime(12) cutime(13) cstime(14) ... start(19).
@@ -219,12 +225,10 @@ def _scan() -> dict[int, _Proc]:
     return table
 
 
-def _members(table: dict[int, _Proc], watch: RunWatch) -> list[int]:
-    """A run's processes: its descendants, and any process of its uid (one that left its tree)."""
+def _members(table: dict[int, _Proc], children: dict[int, list[int]], watch: RunWatch) -> list[int]:
+    """A run's processes: its descendants (``children``: the table's pids by parent), and any process of its uid
+    (one that left its tree)."""
     root, uid = watch.process.pid, watch.process.uid
-    children: dict[int, list[int]] = {}
-    for pid, proc in table.items():
-        children.setdefault(proc.ppid, []).append(pid)
     found, todo = set(), [root] if root in table else []
     while todo:
         pid = todo.pop()
@@ -247,17 +251,6 @@ def _pss(pid: int) -> int:
     return 0
 
 
-def _kill_if_same(pid: int, start: str) -> None:
-    """SIGKILL ``pid`` if it is still the process the scan saw (not a new one that took its pid)."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:
-        return
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            if handle.read().rsplit(")", 1)[1].split()[19] == start:
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-    except (OSError, IndexError):
-        pass
-    finally:
-        os.close(pidfd)
+def _started_at(pid: int, start: str) -> bool:
+    """Whether ``pid`` started at ``start`` (clock ticks since boot): the process a scan saw, if so."""
+    return stat_fields(pid)[19] == start

@@ -31,6 +31,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
 from flowpool.errors import ConfigurationError
+from flowpool.settings import split_list
 
 __all__ = ["importable_files", "listed", "resolve", "summary"]
 
@@ -43,7 +44,7 @@ _SHOWN = 6  # distributions a summary names before it counts the rest
 def listed(setting: str) -> tuple[str, ...]:
     """The requirements a comma-separated ``setting`` lists, normalised and sorted (the same set, the same tuple)."""
     wanted = []
-    for entry in filter(None, (part.strip() for part in setting.split(","))):
+    for entry in split_list(setting):
         try:
             requirement = Requirement(entry)
         except InvalidRequirement as exc:

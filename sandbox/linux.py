@@ -1,14 +1,18 @@
-"""The Linux calls the sandbox makes that :mod:`os` lacks (prctl, mount, unshare, setns, capset), through ctypes,
-and :func:`readable`, a readiness check that works for any file descriptor number."""
+"""The Linux calls the sandbox makes that :mod:`os` lacks (prctl, mount, unshare, setns, capset), through ctypes;
+:func:`readable`, a readiness check that works for any file descriptor number; and the reading and killing of
+other processes by pid (:func:`stat_fields`, :func:`kill_if`)."""
 from __future__ import annotations
 
 import ctypes
 import os
 import select
+import signal
+from typing import Callable
 
 __all__ = ["CLONE_NEWIPC", "CLONE_NEWNET", "CLONE_NEWNS", "CLONE_NEWPID", "MS_BIND", "MS_NODEV", "MS_NOEXEC",
            "MS_NOSUID", "MS_PRIVATE", "MS_RDONLY", "MS_REC", "MS_REMOUNT", "PR_CAPBSET_DROP",
-           "PR_SET_CHILD_SUBREAPER", "PR_SET_NO_NEW_PRIVS", "check", "libc", "mount", "prctl", "readable"]
+           "PR_SET_CHILD_SUBREAPER", "PR_SET_NO_NEW_PRIVS", "check", "kill_if", "libc", "mount", "prctl", "readable",
+           "stat_fields"]
 
 PR_CAPBSET_DROP = 24
 PR_SET_CHILD_SUBREAPER = 36
@@ -47,3 +51,34 @@ def readable(fd: int, timeout: float = 0.0) -> bool:
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     return bool(poller.poll(timeout * 1000))
+
+
+def stat_fields(pid: int | str) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command name: the state (field 3 in proc(5)) is ``[0]``.
+
+    The command name, in parentheses, may itself hold spaces, parentheses and
+    bytes that are not UTF-8: the fields start after the last ``)``, and only
+    they are decoded. OSError when the process is gone.
+    """
+    with open(f"/proc/{pid}/stat", "rb") as handle:
+        return handle.read().rsplit(b")", 1)[1].decode().split()
+
+
+def kill_if(pid: int, still_it: Callable[[], bool]) -> None:
+    """SIGKILL ``pid`` if ``still_it()`` says it is still the process meant, not a new one that took its pid.
+
+    The pidfd is opened before the check, so the signal goes to the process
+    checked or to none (one that exited meanwhile). A check that fails to
+    read the process (OSError, or IndexError on a short read) counts as no.
+    """
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return  # gone already
+    try:
+        if still_it():
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except (OSError, IndexError):
+        pass
+    finally:
+        os.close(pidfd)

@@ -20,7 +20,8 @@ from typing import Callable
 from flowpool.procs import set_parent_death_signal
 
 from .linux import (CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWPID, MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID,
-                    MS_PRIVATE, MS_RDONLY, MS_REC, MS_REMOUNT, PR_CAPBSET_DROP, check, libc, mount, readable)
+                    MS_PRIVATE, MS_RDONLY, MS_REC, MS_REMOUNT, PR_CAPBSET_DROP, check, libc, mount, readable,
+                    stat_fields)
 
 __all__ = ["SHARED_WRITABLE", "Forker", "blank_command_line", "blocked_ancestor", "check_run_namespaces",
            "drop_capabilities",
@@ -41,8 +42,7 @@ def blank_command_line(words: tuple[str, ...] = ("python3", "-I", "-m", "flowpoo
     setproctitle does) changes what every later fork shows, and costs a run
     nothing. Python keeps its own copy of argv, so ``sys.argv`` is untouched.
     """
-    with open("/proc/self/stat", "rb") as stat_file:
-        fields = stat_file.read().rsplit(b")", 1)[1].split()
+    fields = stat_fields("self")
     # proc(5): arg_start and arg_end are fields 48 and 49; ``fields`` starts at field 3.
     start, end = int(fields[45]), int(fields[46])
     title = "\0".join(words).encode()[:max(0, end - start - 1)]

@@ -44,7 +44,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 if TYPE_CHECKING:  # the in-sandbox side must not import the worker's errors
     from flowpool.errors import Cancelled, ResultTooLarge, SandboxError, ScriptError, TimeLimitExceeded
 
-__all__ = ["CallErrorKind", "CallFailed", "CallHandler", "RunErrorKind", "RunOutcome", "SandboxLimits", "Streamed"]
+__all__ = ["CallErrorKind", "CallFailed", "CallHandler", "RunErrorKind", "RunOutcome", "SandboxLimits", "Streamed",
+           "cpu_budget"]
 
 
 class CallErrorKind(str, Enum):
@@ -105,6 +106,17 @@ class SandboxLimits:
     max_chunks: int = 10_000
     max_chunk_bytes: int = 64 << 10
     max_json_depth: int = 64  # of an emitted chunk's content and of log fields, as of a request body
+
+
+def cpu_budget(wall_seconds: float, limit: int | None) -> int:
+    """CPU seconds a run may use: its own ``limit``, within a backstop just past ``wall_seconds`` (whole seconds).
+
+    Without a limit of its own, a run may use a CPU for as long as it may
+    run at all: the worker starts each run process under the backstop for
+    the longest run, and the run lowers it to its own once it knows its job.
+    """
+    backstop = int(wall_seconds) + 1
+    return min(backstop, limit or backstop)
 
 
 @dataclass

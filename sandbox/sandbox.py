@@ -25,7 +25,7 @@ from flowpool.errors import SandboxError
 from .backends import Backend, choose
 from .containment import Containment
 from .linux import readable
-from .protocol import CallHandler, RunOutcome, SandboxLimits
+from .protocol import CallHandler, RunOutcome, SandboxLimits, cpu_budget
 from .run_process import RunProcess
 from .session import RunSession
 from .zygote_client import Zygote
@@ -72,6 +72,7 @@ class Sandbox:
         self._uid_lock: int | None = None
         self._uid_count = slots + prestart
         self._uid_base = self._claim_uids(uid_base, slots + prestart) if uid_base is not None and os.geteuid() == 0 else None
+        self._own_process_limits = self._process_limits(limits)  # what prestarted processes start under
         self._slots: queue.LifoQueue[int] = queue.LifoQueue()
         for slot in reversed(range(slots + prestart)):
             self._slots.put(slot)
@@ -121,8 +122,7 @@ class Sandbox:
         # Without bwrap a run sees /sys/fs/cgroup, and with the worker's uid it owns the slot's cgroup files.
         shared = ["WARNING: runs share the worker's uid and see its cgroups: a run could lift its own limits"] \
             if self.backend == "process" and self.uid_range is None and self._containment.cgroups is not None else []
-        return [uids, *(self._zygote.findings() if self._zygote.isolation else ["zygote not started"]),
-                *packages, self.run_limits, *shared]
+        return [uids, *self._zygote.findings(), *packages, self.run_limits, *shared]
 
     @property
     def uid_range(self) -> range | None:
@@ -179,13 +179,14 @@ class Sandbox:
         uid = self._uid_base + slot if self._uid_base is not None else None
         process = RunProcess(slot, uid, os.path.join(self._root, f"run-{next(self._runs)}"))
         limits = limits or self.limits
+        process_limits = self._own_process_limits if limits is self.limits else self._process_limits(limits)
         try:
             try:
                 cgroup_fds = self._containment.prepare(slot, limits, bool(self._zygote.isolation.get("namespaces")))
             except OSError as exc:
                 raise SandboxError(f"could not set the run's cgroup limits: {exc}") from exc
             process.pid, process.sock, process.zygote = self._zygote.spawn(
-                process.workdir, self._process_limits(limits), uid, uid, cgroup_fds)
+                process.workdir, process_limits, uid, uid, cgroup_fds)
             process.pidfd = os.pidfd_open(process.pid)
         except BaseException:
             self._cleanup.put(process)
@@ -244,8 +245,6 @@ class Sandbox:
 
     def _process_limits(self, limits: SandboxLimits) -> dict[str, int | None]:
         """The limits a run process is started under (the rest its session enforces)."""
-        # CPU time is lowered by the run to its own budget once it knows its job.
-        backstop = int(self.max_seconds + self.hard_grace_seconds) + 1
         return {
             "memory_bytes": limits.memory_bytes,
             # Counted per uid: without a uid of its own a run would share the worker's count.
@@ -253,12 +252,13 @@ class Sandbox:
             "open_files": limits.open_files,
             "file_bytes": limits.file_bytes,
             "tmp_bytes": limits.tmp_bytes,
-            "cpu_seconds": min(backstop, limits.cpu_seconds or backstop),
+            # CPU time is lowered by the run to its own budget once it knows its job.
+            "cpu_seconds": cpu_budget(self.max_seconds + self.hard_grace_seconds, limits.cpu_seconds),
         }
 
     def _same_process_limits(self, limits: SandboxLimits) -> bool:
         """Whether a prestarted process (started under the sandbox's limits) suits a run under ``limits``."""
-        return limits is self.limits or self._process_limits(limits) == self._process_limits(self.limits)
+        return limits is self.limits or self._process_limits(limits) == self._own_process_limits
 
     def _take_ready(self) -> RunProcess | None:
         """A started process waiting for a job, passing over any that died meanwhile or whose zygote did."""
@@ -316,7 +316,7 @@ class Sandbox:
                     f"could not hand the job to the sandbox process: {exc}")
             finally:
                 session.close()
-                verdict = watch.end() if watch is not None else None
+                verdict = self._containment.release(watch) if watch is not None else None
                 if verdict is not None and not outcome.skipped:  # what killed it, rather than how it died
                     outcome.error, outcome.result, outcome.result_json = verdict, None, None
         except SandboxError as exc:

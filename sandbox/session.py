@@ -20,10 +20,11 @@ import time
 from typing import Any, Callable
 
 from flowpool.errors import Cancelled, InvalidResult, ResultTooLarge, SandboxError, ScriptError, TimeLimitExceeded
-from flowpool.jsonsafe import find_problem
+from flowpool.jsonsafe import find_problem, find_problem_in
 
 from .channel import Channel, ChannelClosed, ProtocolError
-from .protocol import CallErrorKind, CallFailed, CallHandler, RunErrorKind, RunOutcome, SandboxLimits, Streamed
+from .protocol import (CallErrorKind, CallFailed, CallHandler, RunErrorKind, RunOutcome, SandboxLimits, Streamed,
+                       cpu_budget)
 from .run_process import RunProcess
 from .zygote_client import Zygote
 
@@ -41,18 +42,17 @@ def _unshowable(content: Any, chunk_type: str, max_depth: int) -> int | str:
 
     The content is serialized anyway, for its size; the walk that finds
     nesting past ``max_depth``, a NaN or a lone surrogate runs only when that
-    text hints at one (enough brackets, an escaped surrogate, no text at
-    all), so an ordinary chunk costs no second pass.
+    text hints at one (:func:`~flowpool.jsonsafe.find_problem_in`), or when
+    there is no text at all, so an ordinary chunk costs no second pass.
     """
     try:
         text: str | None = json.dumps(content, allow_nan=False)
     except (ValueError, RecursionError):
         text = None
-    if text is None or "\\ud" in text or text.count("[") + text.count("{") > max_depth:
-        problem = find_problem(content, max_depth)
-        if problem is not None:
-            path, what = problem
-            return f"an emitted chunk's content{' field ' + path if path else ''} {what}"
+    problem = find_problem(content, max_depth) if text is None else find_problem_in(content, text, max_depth)
+    if problem is not None:
+        path, what = problem
+        return f"an emitted chunk's content{' field ' + path if path else ''} {what}"
     if not chunk_type.isascii():
         try:
             chunk_type.encode()
@@ -93,8 +93,7 @@ class RunSession:
     @property
     def cpu_seconds(self) -> int:
         """The run's CPU time budget: the workflow's own limit, within a backstop for the hard limit (whole seconds)."""
-        backstop = int(self.soft_seconds + self.hard_grace_seconds) + 1
-        return min(backstop, self.limits.cpu_seconds or backstop)
+        return cpu_budget(self.soft_seconds + self.hard_grace_seconds, self.limits.cpu_seconds)
 
     def start(self, code: bytes, job: dict[str, Any], source: str | None) -> None:
         """Hand the job to the run process; OSError when it died before it took the job."""

@@ -45,7 +45,7 @@ from importlib import metadata
 
 from .distributions import importable_files, resolve, summary
 
-__all__ = ["RUNTIME", "Stage", "stage_runtime"]
+__all__ = ["PACKAGES", "RUNTIME", "Stage", "package_dirs", "stage_runtime"]
 
 RUNTIME = "/runtime"  # where the sandbox sees the staged tree
 _PREFIX = "flowpool-runtime-"
@@ -53,7 +53,8 @@ _PREFIX = "flowpool-runtime-"
 _SKIPPED = {"test", "tests", "idle_test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3",
             "site-packages", "dist-packages", "__phello__"}
 _YOUNG = 60.0  # seconds a new stage is spared by the sweep, before its worker locks it
-_PACKAGES = ("flowpool", "flowpool.sandbox", "flowpool_workflow", "maitai_workflow")
+# flowpool's own packages the sandbox imports: staged under bwrap, bound from the host under the process backend.
+PACKAGES = ("flowpool", "flowpool.sandbox", "flowpool_workflow", "maitai_workflow")
 
 
 @dataclass(frozen=True)
@@ -97,12 +98,12 @@ class _Copier:
         shutil.copytree(source, destination, ignore=ignore, copy_function=self, dirs_exist_ok=True)
 
 
-def _package_dir(name: str) -> str:
+def package_dirs(name: str) -> list[str]:
     """Where package ``name`` lives (a source checkout when installed editable), found without importing it."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(f"{name} is not installed as a package")
-    return os.path.abspath(list(spec.submodule_search_locations)[0])
+    return [os.path.abspath(path) for path in spec.submodule_search_locations]
 
 
 def _remove_stale(directory: str) -> None:
@@ -167,11 +168,11 @@ def _lay_out(root: str, distributions: tuple[metadata.Distribution, ...] = ()) -
         library_path = f"{RUNTIME}/lib"
     # The first directory the interpreter's site module adds for the prefix RUNTIME (dist-packages on Debian).
     packages = os.path.relpath(site.getsitepackages([RUNTIME])[0], RUNTIME)
-    for name in _PACKAGES:
-        copy.tree(_package_dir(name), os.path.join(root, packages, *name.split(".")),
+    for name in PACKAGES:
+        copy.tree(package_dirs(name)[0], os.path.join(root, packages, *name.split(".")),
                   top_level_only=name == "flowpool")
     _stage_distributions(copy, distributions, os.path.join(root, packages))
-    hidden = tuple(os.path.join(RUNTIME, packages, name) for name in _PACKAGES if "." not in name)
+    hidden = tuple(os.path.join(RUNTIME, packages, name) for name in PACKAGES if "." not in name)
     return Stage(root, os.path.join(RUNTIME, "bin", os.path.basename(executable)), library_path, hidden,
                  copy.copied_bytes, summary(distributions))
 

@@ -51,13 +51,11 @@ class Zygote:
         self._hello = threading.Event()
         self.isolation: dict[str, Any] = {}
 
-    def describe(self) -> str:
-        """What isolation the zygote achieved, in a line for people."""
-        return "; ".join(self.findings()) if self.isolation else "not started"
-
     def findings(self) -> list[str]:
         """What isolation the zygote achieved, a part each; what is missing starts with WARNING."""
         info = self.isolation
+        if not info:
+            return ["zygote not started"]
         parts = []
         if info.get("backend") == "bwrap":
             parts.append("bwrap: read-only root holding only the runtime, no capabilities"
@@ -158,14 +156,13 @@ class Zygote:
                 self._pending.pop(message["id"], None)
                 pending.reply = {"op": "failed", "message": self._EXITED}
                 pending.event.set()
-        if pending.event.wait(timeout) and pending.reply is not None and retry \
-                and pending.reply.get("message") == self._EXITED:
-            # The zygote died as the request went out: the next request starts a new one.
-            return self._request(message, fds, timeout, retry=False)
         if not pending.event.wait(timeout):
             self._pending.pop(message["id"], None)
             raise SandboxError(f"the sandbox zygote did not answer {message['op']} within {timeout}s")
         assert pending.reply is not None
+        if retry and pending.reply.get("message") == self._EXITED:
+            # The zygote died as the request went out: the next request starts a new one.
+            return self._request(message, fds, timeout, retry=False)
         if pending.reply["op"] == "failed":
             raise SandboxError(f"could not {message['op']} a sandbox process: {pending.reply['message']}")
         return pending

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 from flowpool.errors import FlowpoolError, NotFound, TimeLimitExceeded
@@ -68,8 +68,7 @@ class CallRouter:
             raise CallFailed(CallErrorKind.WORKFLOW, "the run's time budget is spent")
         soft = min(settings.clamp_timeout(workflow.timeout_seconds), remaining)
         job = self.calls.job.child(workflow, soft, input, messages)
-        nested = CallRouter(self.runtime, self.calls.child(job), [*self.chain, ref], self.on_emit,
-                            self.workflow_calls, self.on_idle)
+        nested = replace(self, calls=self.calls.child(job), chain=[*self.chain, ref])
         started = time.monotonic()
         outcome = self.runtime.sandbox.run(script.code, job.sandbox_view(), soft, on_emit=self.on_emit,
                                            source=script.source,
@@ -78,7 +77,8 @@ class CallRouter:
         error = outcome.error
         if error is None:
             try:
-                check_output(workflow.output_schema, outcome.result, self.runtime.settings.max_json_depth)
+                check_output(workflow.output_schema, outcome.result, self.runtime.settings.max_json_depth,
+                             outcome.result_json)
             except FlowpoolError as exc:
                 error = exc  # type: ignore[assignment]
         self.workflow_calls.append({

@@ -7,8 +7,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import flowpool
 from flowpool import keys
@@ -20,7 +19,7 @@ from flowpool.sandbox import RunOutcome
 from .calls import CallRouter
 from .model_calls import RunCalls
 
-__all__ = ["execute_run", "redact"]
+__all__ = ["execute_run", "redact", "secret_redactions"]
 
 if TYPE_CHECKING:
     from .worker import WorkerRuntime
@@ -28,26 +27,35 @@ if TYPE_CHECKING:
 log = logging.getLogger("flowpool.worker")
 
 
-def redact(value: Any, secrets: list[str], replacement: str = "[redacted]") -> Any:
-    """``value`` with every occurrence of a secret, in any string of it (keys included), replaced."""
-    if not secrets:
+Replacements = Sequence[tuple[str, str]]  # (what to find in any string, what to put in its place), in order
+
+
+def redact(value: Any, replacements: Replacements) -> Any:
+    """``value`` with each replacement made in every string of it, keys included: one walk for all of them."""
+    if not replacements:
         return value
     if isinstance(value, str):
-        for secret in secrets:
-            value = value.replace(secret, replacement)
+        for needle, replacement in replacements:
+            value = value.replace(needle, replacement)
         return value
     if isinstance(value, (list, tuple)):
-        return [redact(v, secrets, replacement) for v in value]
+        return [redact(v, replacements) for v in value]
     if isinstance(value, dict):  # keys too: ``{secret: 1}`` must not keep it
-        return {redact(k, secrets, replacement): redact(v, secrets, replacement) for k, v in value.items()}
+        return {redact(k, replacements): redact(v, replacements) for k, v in value.items()}
     return value
+
+
+def secret_redactions(secrets: list[str]) -> list[tuple[str, str]]:
+    """The replacements that hide a run's secrets (:meth:`RunJob.secret_values`)."""
+    return [(secret, "[redacted]") for secret in secrets]
 
 
 # Where this worker's Python and flowpool live, longest first: an error's text
 # (an ImportError names the module's file) shows them to no caller.
-_HOST_PATHS = sorted({path for path in (sys.prefix, sys.base_prefix, sys.exec_prefix,
-                                        os.path.dirname(os.path.dirname(os.path.abspath(flowpool.__file__))))
-                      if len(path) > 1}, key=len, reverse=True)
+_HOST_PATHS = [(path, "<runtime>") for path in sorted(
+    {path for path in (sys.prefix, sys.base_prefix, sys.exec_prefix,
+                       os.path.dirname(os.path.dirname(os.path.abspath(flowpool.__file__)))) if len(path) > 1},
+    key=len, reverse=True)]
 
 
 def _skipped(request_id: str) -> str:
@@ -56,19 +64,27 @@ def _skipped(request_id: str) -> str:
 
 
 class _Chunks:
-    """The chunks a run emits, redacted and numbered, written to its stream in batches."""
+    """The chunks a run emits, redacted and numbered, written to its stream in batches.
+
+    With ``keep`` they are also kept, as stored, for the run's cache entry,
+    so caching them costs no read of the stream back.
+    """
 
     # A burst of emits goes out in one round trip of at most this many chunks.
     _BATCH = 256
 
-    def __init__(self, runtime: WorkerRuntime, request_id: str, secrets: list[str]) -> None:
-        self.runtime, self.request_id, self.secrets = runtime, request_id, secrets
+    def __init__(self, runtime: WorkerRuntime, request_id: str, redactions: Replacements, keep: bool) -> None:
+        self.runtime, self.request_id, self.redactions = runtime, request_id, redactions
+        self.kept: list[dict[str, Any]] | None = [] if keep else None
         self._count = itertools.count()
         self._batch: list[tuple[str, Any, int]] = []
 
     def emit(self, chunk_type: str, content: Any) -> None:
         """Take one emitted chunk; a full batch goes out at once."""
-        self._batch.append((redact(chunk_type, self.secrets), redact(content, self.secrets), next(self._count)))
+        chunk_type, content = redact(chunk_type, self.redactions), redact(content, self.redactions)
+        self._batch.append((chunk_type, content, next(self._count)))
+        if self.kept is not None:
+            self.kept.append({"type": chunk_type, "content": content})
         if len(self._batch) >= self._BATCH:
             self.flush()
 
@@ -96,8 +112,9 @@ def execute_run(runtime: WorkerRuntime, job: RunJob) -> str:
         return True
 
     calls = RunCalls(job)
-    secrets = job.secret_values()
+    redactions = secret_redactions(job.secret_values())
     router: CallRouter | None = None
+    chunks: _Chunks | None = None
     try:
         outcome = None
         try:
@@ -107,7 +124,7 @@ def execute_run(runtime: WorkerRuntime, job: RunJob) -> str:
             if not claim():
                 return _skipped(request_id)
         else:
-            chunks = _Chunks(runtime, request_id, secrets)
+            chunks = _Chunks(runtime, request_id, redactions, keep=job.cache is not None and job.cache.ttl > 0)
             router = CallRouter(runtime, calls, [job.workflow], chunks.emit, on_idle=chunks.flush)
             # The claim's round trip overlaps the run process's start.
             outcome = runtime.sandbox.run(script.code, job.sandbox_view(), job.soft_seconds, on_emit=chunks.emit,
@@ -119,55 +136,56 @@ def execute_run(runtime: WorkerRuntime, job: RunJob) -> str:
             error = outcome.error
             if error is None:
                 try:
-                    check_output(job.output_schema, outcome.result, runtime.settings.max_json_depth)
+                    check_output(job.output_schema, outcome.result, runtime.settings.max_json_depth, outcome.result_json)
                 except RunError as exc:
                     error = exc
-        return _record_end(runtime, job, outcome, error, calls, router.workflow_calls if router else [], secrets)
+        return _record_end(runtime, job, outcome, error, calls, router.workflow_calls if router else [], redactions,
+                           chunks.kept if chunks is not None else None)
     finally:
         runtime.active.discard(request_id)
         runtime.cancels.pop(request_id, None)
 
 
 def _record_end(runtime: WorkerRuntime, job: RunJob, outcome: RunOutcome | None, error: RunError | None,
-                calls: RunCalls, workflow_calls: list[dict[str, Any]], secrets: list[str]) -> str:
-    """Write the run's end in one round trip: record, ``done`` event, cache entry, metrics; the final status."""
+                calls: RunCalls, workflow_calls: list[dict[str, Any]], redactions: Replacements,
+                chunks: list[dict[str, Any]] | None) -> str:
+    """Write the run's end in one round trip: record, ``done`` event, cache entry, metrics; the final status.
+
+    ``chunks`` are the run's emitted chunks as stored, when it may be cached.
+    """
     request_id, runs = job.request_id, runtime.runs
     status = RunStatus.for_error(error)
     usage = calls.usage()
-    fields: dict[str, Any] = {"usage": usage, "model_calls": redact(calls.records, secrets),
-                              "workflow_calls": redact(workflow_calls, secrets)}
-    output = content = None
+    fields: dict[str, Any] = {"usage": usage, "model_calls": redact(calls.records, redactions),
+                              "workflow_calls": redact(workflow_calls, redactions)}
+    output = content = sealed = None
     if error is None:
         assert outcome is not None
         output = outcome.result
         content = output if isinstance(output, str) else outcome.result_json
-        fields["output"] = redact(output, secrets)
+        fields["output"] = redact(output, redactions)
+        if fields["output"] != output:
+            # An output carrying a request secret is kept redacted; its clear form is
+            # sealed for the requests holding the same secrets (flowpool.sealing).
+            box = runtime.sealer.box(job.account, job.secrets)
+            assert box is not None, "only a request's secrets are redacted"
+            sealed = box.seal({"output": output, "content": content})
+            # The text of the redacted output, not the output's text redacted: in JSON a secret may be escaped.
+            output = fields["output"]
+            content = output if isinstance(output, str) else dumps(output)
     else:
-        error.message = redact(redact(error.message, secrets), _HOST_PATHS, "<runtime>")
-        error.details = redact(redact(error.details, secrets), _HOST_PATHS, "<runtime>")
+        scrub = [*redactions, *_HOST_PATHS]
+        error.message, error.details = redact(error.message, scrub), redact(error.details, scrub)
         fields["error"] = error.to_dict()
-    end = RunEnd(status=status.value, version=job.version, usage=usage, output=output, content=content,
-                 error=fields.get("error"))
     if outcome is not None:
-        fields["logs"] = redact(outcome.logs, secrets)
+        fields["logs"] = redact(outcome.logs, redactions)
         fields["logs_truncated"] = outcome.logs_truncated
         fields["chunk_count"] = outcome.chunks
     pipe = runtime.redis.pipeline(transaction=False)
-    # An output carrying a request secret is kept redacted; its clear form is
-    # sealed for the requests holding the same secrets (flowpool.sealing).
-    sealed = None
-    if error is None and fields["output"] != output:
-        box = runtime.sealer.box(job.account, job.secrets)
-        assert box is not None, "only a request's secrets are redacted"
-        sealed = box.seal({"output": output, "content": content})
-        # The text of the redacted output, not the output's text redacted: in JSON a secret may be escaped.
-        output = fields["output"]
-        content = output if isinstance(output, str) else dumps(output)
     if job.cache is not None:
         if error is None and job.cache.ttl:
             entry = {"output": output, "content": content, "usage": usage, "version": job.version,
-                     "request_id": request_id, "created_at": time.time(),
-                     "chunks": runs.chunks(request_id) if outcome and outcome.chunks else []}
+                     "request_id": request_id, "created_at": time.time(), "chunks": chunks or []}
             if sealed is not None:
                 entry["sealed"] = sealed
             runtime.cache.put(pipe, job.account, job.cache.key, entry, job.cache.ttl, runs.hit_fields(
@@ -177,8 +195,9 @@ def _record_end(runtime: WorkerRuntime, job: RunJob, outcome: RunOutcome | None,
         # The stream keeps the run's final event, redacted, as long as the
         # record; every caller opens the sealed reply with its own secrets.
         runs.put_reply(pipe, request_id, sealed)
-        end = replace(end, output=output, content=content, reply=True)
-    runs.finish(pipe, request_id, end, fields)
+    runs.finish(pipe, request_id, RunEnd(status=status.value, version=job.version, usage=usage, output=output,
+                                         content=content, error=fields.get("error"), reply=sealed is not None),
+                fields)
     for record in calls.records:
         pipe.hincrby(keys.METRICS, f"{record.get('kind', 'model')}_calls:{record['status']}", 1)
     pipe.execute()

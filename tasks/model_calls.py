@@ -136,22 +136,21 @@ class ModelRouter:
             headers["Authorization"] = f"Bearer {key}"
         return headers
 
-    def _check_key(self, route: Route) -> None:
-        """Refuse a route naming a key it may not use (stored before the operator changed FLOWPOOL_PROVIDER_KEYS)."""
+    def _key_refusal(self, route: Route) -> str | None:
+        """Why a route may not use its key (stored before the operator changed FLOWPOOL_PROVIDER_KEYS); None if it may."""
         if route.api_key_env and not route.api_key_secret:
-            refusal = self._provider_keys.refusal(route.api_key_env, route.base_url)
-            if refusal is not None:
-                raise _Failed(refusal, retryable=False)
+            return self._provider_keys.refusal(route.api_key_env, route.base_url)
+        return None
 
     def _post(self, run: RunCalls, route: Route, body: dict[str, Any], record: dict[str, Any], deadline: float,
               stream: bool) -> requests.Response:
         """POST with retries of 429/5xx inside the budget; the response of the first success."""
         url = route.base_url.rstrip("/") + "/chat/completions"
-        try:
-            self._check_key(route)
-        except _Failed as exc:
-            self._finish(run, record, error=str(exc))
-            raise
+        refusal = self._key_refusal(route)
+        if refusal is not None:
+            self._finish(run, record, error=refusal)
+            raise _Failed(refusal, retryable=False)
+        data, headers = json.dumps({**body, **({"stream": True} if stream else {})}), self._headers(run, route)
         delay = 0.2
         for attempt in range(self.retries + 1):
             remaining = deadline - time.monotonic()
@@ -160,8 +159,7 @@ class ModelRouter:
             record["attempts"] = attempt + 1
             try:
                 response = self._session.post(
-                    url, data=json.dumps({**body, **({"stream": True} if stream else {})}),
-                    headers=self._headers(run, route), stream=stream,
+                    url, data=data, headers=headers, stream=stream,
                     timeout=(min(self.connect_timeout, remaining), remaining), allow_redirects=False)
             except EgressDenied as exc:
                 self._finish(run, record, error=str(exc))

@@ -17,7 +17,7 @@ from flowpool.sealing import InvalidToken
 from flowpool.settings import Settings
 
 from .app import RUN_TASK, create_celery
-from .execute import execute_run, redact
+from .execute import execute_run, redact, secret_redactions
 from .worker import WorkerRuntime
 
 __all__ = ["worker_celery"]
@@ -66,7 +66,8 @@ def _unopenable(runtime: WorkerRuntime, job: dict[str, Any]) -> str:
 
 def _failed_in_worker(runtime: WorkerRuntime, job: RunJob, exc: Exception) -> str:
     """End a run the worker itself failed on (not its script): logged redacted, answered at once."""
-    trace = redact("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), job.secret_values())
+    trace = redact("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+                   secret_redactions(job.secret_values()))
     log.error("run %s: the worker failed: %s", job.request_id, trace.encode("utf-8", "backslashreplace").decode())
     error = SandboxError(f"the worker could not run this run ({type(exc).__name__}); see the worker's log")
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from contextlib import contextmanager
 from typing import Iterator
 
 import psutil
@@ -106,6 +107,19 @@ def stack(redis_server: RedisServer) -> Iterator[Stack]:
         yield stack
     finally:
         stack.stop()
+
+
+@contextmanager
+def second_api(redis_server: RedisServer, **settings: str) -> Iterator[Stack]:
+    """A second API on the session's Redis (the shared stack's worker answers it), with ``settings`` over TEST_ENV."""
+    api = Stack(env={**TEST_ENV, **settings}, redis_url=redis_server.url)
+    try:
+        api.start_api(quiet=True)
+        api.wait_ready()
+        assert api.api_url is not None
+        yield api
+    finally:
+        api.stop()
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import json
+import marshal
 import textwrap
 import time
 from typing import Any, Callable, Iterator
@@ -108,6 +109,11 @@ def _with_message_bodies(values: Iterator[bytes]) -> Iterator[bytes]:
         body = message.get("body") if isinstance(message, dict) else None
         if isinstance(body, str) and message.get("properties", {}).get("body_encoding") == "base64":
             yield base64.b64decode(body)
+
+
+def compiled(source: str) -> bytes:
+    """A script as the worker hands it to the sandbox: marshalled code of ``workflow.py``."""
+    return marshal.dumps(compile(textwrap.dedent(source), "workflow.py", "exec"))
 
 
 def every_value_in(server: Any) -> Iterator[bytes]:

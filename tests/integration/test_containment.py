@@ -8,10 +8,8 @@ have their own timeout.
 from __future__ import annotations
 
 import dataclasses
-import marshal
 import os
 import resource
-import textwrap
 import threading
 from collections.abc import Iterator
 
@@ -21,6 +19,7 @@ import pytest
 from flowpool.errors import MemoryLimitExceeded, SandboxError
 from flowpool.sandbox import RunOutcome, Sandbox, SandboxLimits
 from tests.conftest import SESSION_PIDS
+from tests.helpers import compiled
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180),
               pytest.mark.skipif(os.geteuid() != 0, reason="cgroups and a uid per slot need root")]
@@ -33,7 +32,6 @@ UID_BASE = 116000
 # Eight children each touch 100 MiB, 2 MiB at a time, and hold it: 800 MiB in all, under a 256 MiB limit.
 MANY_CHILDREN = f"""
 import os
-import resource
 import time
 
 def execute(ctx):
@@ -57,7 +55,6 @@ def execute(ctx):
 
 FORKS_UNTIL_REFUSED = """
 import os
-import resource
 import time
 
 def execute(ctx):
@@ -80,7 +77,6 @@ def execute(ctx):
 # Four children spin until something stops them; each alone stays under its own CPU limit for a while.
 SPINNING_CHILDREN = """
 import os
-import resource
 
 def execute(ctx):
     children = []
@@ -94,10 +90,6 @@ def execute(ctx):
         os.waitpid(pid, 0)
     return "children died"
 """
-
-
-def compiled(source: str) -> bytes:
-    return marshal.dumps(compile(textwrap.dedent(source), "workflow.py", "exec"))
 
 
 def pss(pid: int) -> int:
@@ -202,7 +194,6 @@ def test_spinning_children_together_over_the_cpu_limit_end_the_run(sandbox: Sand
 # Three children hold 48 MiB each at once for a moment, then exit: 144 MiB together.
 THREE_CHILDREN_HOLD_A_MOMENT = """
 import os
-import resource
 import time
 
 def execute(ctx):

@@ -17,7 +17,7 @@ from flowpool.devstack import Stack
 from flowpool.procs import free_port
 from flowpool.redis_server import RedisServer
 from flowpool.sandbox.backends import bwrap_binary, probe_bwrap
-from tests.conftest import TEST_ENV
+from tests.conftest import TEST_ENV, second_api
 from tests.helpers import Client, error_of, eventually
 
 REPO = str(Path(__file__).resolve().parents[2])
@@ -135,14 +135,9 @@ def test_a_run_reads_no_host_path_in_its_process_table_mounts_or_modules_and_no_
 def guarded_api(redis_server: RedisServer, stack: Stack) -> Iterator[tuple[str, str]]:
     """A second API on the shared stack's Redis (its worker answers), with a metrics token set."""
     token = f"scrape-{uuid.uuid4().hex}"
-    api = Stack(env={**TEST_ENV, "FLOWPOOL_METRICS_TOKEN": token}, redis_url=redis_server.url)
-    try:
-        api.start_api(quiet=True)
-        api.wait_ready()
+    with second_api(redis_server, FLOWPOOL_METRICS_TOKEN=token) as api:
         assert api.api_url is not None
         yield api.api_url, token
-    finally:
-        api.stop()
 
 
 def test_metrics_with_a_token_set_answer_only_the_right_bearer(guarded_api: tuple[str, str]) -> None:

@@ -16,7 +16,7 @@ import requests
 
 from flowpool.devstack import Stack
 from flowpool.redis_server import RedisServer
-from tests.conftest import TEST_ENV
+from tests.conftest import second_api
 from tests.helpers import Client, error_of
 
 QUICK = 5.0  # seconds: an answer slower than this is a hang
@@ -269,15 +269,10 @@ def test_log_fields_too_deep_are_kept_as_a_note_and_count_against_the_log_limit(
 @pytest.fixture(scope="module", params=["gevent", "gthread"])
 def quick_api(request: pytest.FixtureRequest, redis_server: RedisServer, stack: Stack) -> Iterator[tuple[str, str]]:
     """A second API (each worker class): bodies time out after 1 s, scripts up to 64 KiB; the stack's worker answers."""
-    api = Stack(env={**TEST_ENV, "FLOWPOOL_BODY_TIMEOUT_SECONDS": "1", "FLOWPOOL_API_WORKER_CLASS": request.param,
-                     "FLOWPOOL_MAX_SCRIPT_BYTES": str(64 << 10)}, redis_url=redis_server.url)
-    try:
-        api.start_api(quiet=True)
-        api.wait_ready()
+    with second_api(redis_server, FLOWPOOL_BODY_TIMEOUT_SECONDS="1", FLOWPOOL_API_WORKER_CLASS=request.param,
+                    FLOWPOOL_MAX_SCRIPT_BYTES=str(64 << 10)) as api:
         assert api.api_url is not None
         yield api.api_url, api.create_account(f"quick-{uuid.uuid4().hex[:8]}")
-    finally:
-        api.stop()
 
 
 def test_a_body_shorter_than_its_content_length_is_a_408_quickly(quick_api: tuple[str, str]) -> None:

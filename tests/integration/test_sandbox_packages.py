@@ -4,10 +4,8 @@ Real sandboxes on the bwrap backend (where it works), started and stopped by eac
 """
 from __future__ import annotations
 
-import marshal
 import os
 import sys
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from flowpool.errors import ConfigurationError
 from flowpool.sandbox import RunOutcome, Sandbox, SandboxLimits
 from flowpool.sandbox.backends import bwrap_binary, probe_bwrap
 from tests.conftest import TEST_ENV
+from tests.helpers import compiled
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 needs_bwrap = pytest.mark.skipif(probe_bwrap(bwrap_binary()) is not None, reason="the bwrap backend does not work here")
@@ -69,7 +68,7 @@ def sandbox(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
 
 
 def run(sandbox: Sandbox, source: str) -> RunOutcome:
-    outcome = sandbox.run(marshal.dumps(compile(textwrap.dedent(source), "workflow.py", "exec")), {}, 30)
+    outcome = sandbox.run(compiled(source), {}, 30)
     assert outcome.ok, outcome.error
     return outcome
 

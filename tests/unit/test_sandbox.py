@@ -12,14 +12,12 @@ import base64
 import dataclasses
 import errno
 import json
-import marshal
 import os
 import queue
 import shutil
 import signal
 import socket
 import struct
-import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -34,7 +32,7 @@ from flowpool.errors import ResultTooLarge, SandboxError, ScriptError, TimeLimit
 from flowpool.sandbox import RunOutcome, Sandbox, SandboxLimits, Zygote
 from flowpool.sandbox.backends import Backend, bwrap_binary, probe_bwrap
 from flowpool.sandbox.run_process import RunProcess
-from tests.helpers import fail_on_leftovers, running
+from tests.helpers import compiled, fail_on_leftovers, running
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs get uids of their own only as root")
 
@@ -64,11 +62,6 @@ ZYGOTE_MODULE = "flowpool.sandbox.zygote"
 
 
 # Helpers
-
-
-def compiled(source: str) -> bytes:
-    """A script as the worker hands it to the sandbox: marshalled code of ``workflow.py``."""
-    return marshal.dumps(compile(textwrap.dedent(source), "workflow.py", "exec"))
 
 
 def eventually(probe: Callable[[], T], timeout: float = 5.0) -> T:
