@@ -86,12 +86,18 @@ def main() -> None:
 @click.option("--port", default=8080, show_default=True, help="API port.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="API address.")
 @click.option("--flower", is_flag=True, help="Also run Celery Flower on port 5555.")
-def dev(port: int, host: str, flower: bool) -> None:
-    """Everything on one machine: Redis (unless FLOWPOOL_REDIS_URL is set), a worker and the API."""
+@click.option("--reset", is_flag=True,
+              help="First wipe what dev keeps in FLOWPOOL_DATA_DIR: its Redis data and API key.")
+def dev(port: int, host: str, flower: bool, reset: bool) -> None:
+    """Everything on one machine: Redis (unless FLOWPOOL_REDIS_URL is set), a worker and the API.
+
+    Its Redis data and its API key are kept in FLOWPOOL_DATA_DIR (default .flowpool in the working
+    directory), so a restart brings back the same key and every workflow.
+    """
     with _server_extra("dev"):
         from .devstack import DevStack
 
-    stack = DevStack(_settings(), host=host, port=port, flower=flower)
+    stack = DevStack(_settings(), host=host, port=port, flower=flower, reset=reset)
     stack.run()
 
 
@@ -161,7 +167,11 @@ def api(port: int, host: str) -> None:
 @click.option("--concurrency", type=int, default=None, help="Runs held at once (default FLOWPOOL_WORKER_CONCURRENCY).")
 @click.option("--name", default=None, help="Worker node name (default flowpool@<host>-<pid>).")
 def worker(concurrency: int | None, name: str | None) -> None:
-    """Run a Celery worker that executes workflows in the sandbox."""
+    """Run a Celery worker that executes workflows in the sandbox.
+
+    SIGTERM stops it gracefully: it takes no more runs and waits up to
+    FLOWPOOL_WORKER_DRAIN_SECONDS for those it runs.
+    """
     import socket
 
     with _server_extra("worker"):
@@ -182,6 +192,51 @@ def worker(concurrency: int | None, name: str | None) -> None:
     sys.exit(worker.exitcode or 0)
 
 
+def _redis_durability(client: Any) -> tuple[str, list[str]]:
+    """How a Redis keeps its data, and what in that would lose flowpool's registry and runs (docs/operations.md).
+
+    Returns a description and the problems: no persistence (neither AOF nor RDB
+    save points), an evicting ``maxmemory-policy``, or what could not be checked.
+    Managed Redis often disables or renames CONFIG; INFO then still says whether
+    AOF is on and which policy is in force, but not whether RDB save points are set.
+    """
+    import redis
+
+    lost = "a restart loses every account, key, workflow and run"
+    save: str | None  # the RDB save points; None: unknown
+    try:
+        config = {name: client.config_get(name).get(name, "")
+                  for name in ("appendonly", "appendfsync", "save", "maxmemory-policy")}
+        aof, save, policy = config["appendonly"] == "yes", config["save"], config["maxmemory-policy"] or None
+        how_aof = f"AOF (appendfsync {config['appendfsync']})"
+    except redis.ResponseError:
+        try:
+            info = {**client.info("persistence"), **client.info("memory")}
+        except redis.ResponseError:
+            return "", ["could not check persistence or maxmemory-policy: neither CONFIG nor INFO is available; "
+                        "flowpool needs AOF or RDB snapshots and noeviction (see docs/operations.md)"]
+        aof, save, policy, how_aof = info.get("aof_enabled") == 1, None, info.get("maxmemory_policy"), "AOF"
+    problems = []
+    if aof:
+        kept = how_aof
+    elif save:
+        kept = f"RDB snapshots (save {save}): a crash loses what was written since the last one"
+    elif save is None:
+        kept = "AOF off, RDB unknown"
+        problems.append(f"could not check persistence: CONFIG is not available and AOF is off; unless RDB snapshots "
+                        f"are on, {lost} (see docs/operations.md)")
+    else:
+        kept = "nothing"
+        problems.append(f"no persistence (appendonly no, no RDB save points): {lost}; turn on AOF "
+                        "(appendonly yes, appendfsync everysec; see docs/operations.md)")
+    if policy is None:
+        problems.append("could not check maxmemory-policy: flowpool needs noeviction (see docs/operations.md)")
+    elif policy != "noeviction":
+        problems.append(f"maxmemory-policy {policy}: a full Redis evicts accounts, keys, workflows and queued runs; "
+                        "set noeviction (see docs/operations.md)")
+    return f"{kept}; maxmemory-policy {policy}", problems
+
+
 @main.command()
 def doctor() -> None:
     """Show what is configured, what is reachable, and the sandbox backend."""
@@ -200,11 +255,20 @@ def doctor() -> None:
         ok = ok and good
         click.echo(f"{'ok ' if good else 'BAD'} {name:<16} {value}")
 
+    def warn(name: str, value: str) -> None:
+        # On stderr: stdout holds only the ok/BAD lines that scripts read. A warning does not fail doctor.
+        click.echo(f"WRN {name:<16} {value}", err=True)
+
     line("redis", settings.redis + ("" if settings.redis_url else "  (default; `flowpool dev` starts its own)"))
     try:
         client = redis.Redis.from_url(settings.redis, socket_connect_timeout=2)
         client.ping()
         line("redis reachable", "yes")
+        kept, problems = _redis_durability(client)
+        for problem in problems:
+            warn("redis data", problem)
+        if not problems:
+            line("redis data", kept)
         now = time.time()
         workers = client.zrangebyscore(keys.WORKERS, now - settings.worker_ttl_seconds, "+inf")
         line("workers", ", ".join(w.decode() for w in workers) or "none answering", bool(workers))

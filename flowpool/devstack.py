@@ -5,16 +5,20 @@ way, so what they exercise is what a user runs.
 """
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import IO, Any
 
 import requests
 
+from .errors import AuthenticationError, ConfigurationError
 from .procs import free_port, set_parent_death_signal
 from .redis_server import RedisServer
 from .settings import Settings
@@ -26,13 +30,14 @@ class Stack:
     """Child processes of one flowpool installation, sharing one environment."""
 
     def __init__(self, env: dict[str, str] | None = None, redis_url: str | None = None,
-                 output: IO[bytes] | None = None) -> None:
+                 output: IO[bytes] | None = None, redis_dir: Path | None = None) -> None:
         self.output = output  # where the processes write, unless quiet; None: this process's own stdout/stderr
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWPOOL_")}
         self.env.update(env or {})
         self.redis: RedisServer | None = None
         if redis_url is None and not self.env.get("FLOWPOOL_REDIS_URL"):
-            self.redis = RedisServer().start()
+            # With redis_dir the Redis started here persists there; without, it keeps nothing.
+            self.redis = RedisServer(data_dir=redis_dir).start()
             redis_url = self.redis.url
         if redis_url is not None:
             self.env["FLOWPOOL_REDIS_URL"] = redis_url
@@ -139,19 +144,47 @@ def _settings_env(settings: Settings) -> dict[str, str]:
             for name, value in settings.model_dump(exclude_unset=True).items() if value is not None}
 
 
-class DevStack:
-    """`flowpool dev`: run a stack in the foreground until Ctrl-C."""
+# What `flowpool dev` keeps in its data directory (FLOWPOOL_DATA_DIR); --reset removes these and nothing else,
+# so a data directory pointed at a folder holding other files never loses them.
+REDIS_DIR = "redis"
+KEY_FILE = "dev-key"
 
-    def __init__(self, settings: Settings, host: str, port: int, flower: bool) -> None:
+
+class DevStack:
+    """`flowpool dev`: run a stack in the foreground until Ctrl-C, keeping its data across restarts.
+
+    Its data directory holds the Redis data (unless FLOWPOOL_REDIS_URL names a
+    Redis) and the dev account's API key, reused while it still authenticates,
+    so a restart brings back the same key and every account, workflow and run.
+    One dev at a time uses a directory: it holds a lock on it while it runs.
+    """
+
+    def __init__(self, settings: Settings, host: str, port: int, flower: bool, reset: bool = False) -> None:
         self.settings = settings
-        self.host, self.port, self.flower = host, port, flower
+        self.host, self.port, self.flower, self.reset = host, port, flower, reset
+        self.data_dir = Path(settings.data_dir).expanduser().resolve()
 
     def run(self) -> None:
         if self.flower and importlib.util.find_spec("flower") is None:
             print("flowpool dev: --flower needs Flower: pip install 'flowpool[flower]'", file=sys.stderr)
             sys.exit(2)
-        # Stack keeps the caller's FLOWPOOL_* variables from its children; dev hands them its settings.
-        stack = Stack(env=_settings_env(self.settings), redis_url=self.settings.redis_url)
+        lock = self._claim_data_dir()
+        try:
+            self._run()
+        finally:
+            os.close(lock)
+
+    def _run(self) -> None:
+        if self.reset:
+            self._wipe_data_dir()
+        redis_dir = None if self.settings.redis_url else self.data_dir / REDIS_DIR
+        try:
+            # Stack keeps the caller's FLOWPOOL_* variables from its children; dev hands them its settings.
+            stack = Stack(env=_settings_env(self.settings), redis_url=self.settings.redis_url, redis_dir=redis_dir)
+        except ConfigurationError as exc:
+            print(f"flowpool dev: {exc}" + ("\n`flowpool dev --reset` starts afresh" if redis_dir else ""),
+                  file=sys.stderr)
+            sys.exit(1)
         stopping = False
 
         def stop(signum: int, frame: object) -> None:
@@ -163,7 +196,7 @@ class DevStack:
 
         signal.signal(signal.SIGTERM, stop)
         try:
-            where = "started on " + stack.redis_url if stack.redis else "at " + stack.redis_url
+            where = f"started on {stack.redis_url}, data in {redis_dir}" if stack.redis else f"at {stack.redis_url}"
             print(f"flowpool dev: Redis {where}", flush=True)
             # Flower shows only what workers report as task events.
             stack.start_worker(env={"FLOWPOOL_WORKER_EVENTS": "true"} if self.flower else None)
@@ -173,7 +206,7 @@ class DevStack:
                     [sys.executable, "-I", "-m", "celery", "-A", "flowpool.tasks.celery_app", "flower", "--port=5555"],
                     env=stack.env, stdin=subprocess.DEVNULL, preexec_fn=set_parent_death_signal))
             stack.wait_ready(timeout=120)
-            key = stack.create_account("dev")
+            key = self._api_key(stack.redis_url)
             print(self._banner(api_url, stack.redis_url, key), flush=True)
             while True:
                 for process in stack.processes:
@@ -188,13 +221,76 @@ class DevStack:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             stack.stop()
 
+    def _claim_data_dir(self) -> int:
+        """Create the data directory and lock it for this dev; the descriptor that holds the lock.
+
+        Two servers appending to one AOF would corrupt it. The lock goes with
+        this process, however it ends, and its children do not inherit it.
+        """
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock = os.open(self.data_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            print(f"flowpool dev: {self.data_dir} is in use by another flowpool dev; stop that one first, "
+                  "or give this one its own FLOWPOOL_DATA_DIR", file=sys.stderr)
+            sys.exit(2)
+        return lock
+
+    def _wipe_data_dir(self) -> None:
+        """--reset: remove the Redis data and the API key kept in the data directory."""
+        kept = [self.data_dir / name for name in (REDIS_DIR, KEY_FILE) if (self.data_dir / name).exists()]
+        for path in kept:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        what = " and ".join({REDIS_DIR: "Redis data", KEY_FILE: "API key"}[path.name] for path in kept)
+        said = f"removed {self.data_dir} ({what})" if kept else f"{self.data_dir} held nothing to remove"
+        if self.settings.redis_url:
+            said += "; the Redis at FLOWPOOL_REDIS_URL keeps its data"
+        print(f"flowpool dev: --reset: {said}", flush=True)
+
+    def _api_key(self, redis_url: str) -> str:
+        """The dev account's API key: the one kept in the data directory while it still authenticates, else a
+        new one, kept there (mode 0600) for the next start."""
+        import redis
+
+        from .registry import Accounts
+
+        key_file = self.data_dir / KEY_FILE
+        client = redis.Redis.from_url(redis_url)
+        try:
+            accounts = Accounts(client)
+            kept = key_file.read_text().strip() if key_file.exists() else ""
+            if kept:
+                try:
+                    accounts.authenticate(kept)
+                    return kept
+                except AuthenticationError:
+                    pass  # that Redis lost its data, or FLOWPOOL_REDIS_URL names another one
+            key = accounts.create("dev")[1]
+        finally:
+            client.close()
+        written = key_file.with_name(KEY_FILE + ".new")
+        descriptor = os.open(written, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(descriptor, 0o600)  # a file left from an interrupted write keeps its old mode otherwise
+        with os.fdopen(descriptor, "w") as out:
+            out.write(key + "\n")
+        os.replace(written, key_file)
+        return key
+
     def _banner(self, api_url: str, redis_url: str, key: str) -> str:
         flower = "\n  Flower:   http://127.0.0.1:5555" if self.flower else ""
+        kept = "the API key (the data is in the Redis at FLOWPOOL_REDIS_URL)" if self.settings.redis_url \
+            else "Redis data and the API key"
         return f"""
 flowpool is running.
   API:      {api_url}
   Redis:    {redis_url}{flower}
   API key:  {key}
+  Data:     {self.data_dir}: {kept}, kept across restarts; `flowpool dev --reset` wipes it
 
 Try it:
   export FLOWPOOL_API_URL={api_url} FLOWPOOL_API_KEY={key}

@@ -41,13 +41,24 @@ class Settings(BaseSettings):
     redis_url: Optional[str] = Field(
         None, description="Redis for the registry, runs and cache. `flowpool dev` starts its own when unset; "
         f"the other commands fall back to {DEFAULT_REDIS_URL}.")
+    redis_socket_timeout_seconds: float = Field(
+        10, ge=2, description="How long one Redis command may wait for its answer (a paused or unreachable server) "
+        "before it fails and is tried again; longer than any blocking read flowpool makes (1 s).")
     broker_url: Optional[str] = Field(
         None, description="Celery broker (redis:// or amqp://). Defaults to the Redis URL.")
+    cache_redis_url: Optional[str] = Field(
+        None, description="A Redis of its own for the result cache, which may evict (maxmemory-policy allkeys-lru) "
+        "where the registry's must not. Unset: the cache lives in the registry's Redis, and a lookup shares the "
+        "round trip that records the run.")
     api_url: str = Field("http://127.0.0.1:8080", description="Where the command line finds the API.")
     api_key: Optional[str] = Field(None, description="API key the command line sends.")
     secret_key: Optional[str] = Field(
         None, description="Key for the keyed hash of request secrets in cache keys. When unset, one is "
         "generated once and kept in Redis; set it in production so it lives outside Redis.")
+    data_dir: str = Field(
+        ".flowpool", min_length=1,
+        description="Where `flowpool dev` keeps what outlives a restart: its Redis data (AOF; unless "
+        "FLOWPOOL_REDIS_URL is set) and its API key. A relative path is taken from the working directory.")
 
     # Time limits.
     default_timeout_seconds: float = Field(60, gt=0, description="Soft limit when the workflow sets none.")
@@ -56,12 +67,22 @@ class Settings(BaseSettings):
         5, gt=0, description="Seconds between the soft limit (script interrupted) and the hard one (killed).")
     queue_wait_seconds: float = Field(
         60, gt=0, description="How long a run may wait for a free worker before the caller gets a 503.")
+    redis_outage_seconds: float = Field(
+        30, ge=0, description="How long past a run's deadline a Redis outage is ridden out: a worker keeps trying "
+        "to write the run's outcome this long past its hard limit, a caller waits this long past the run's "
+        "deadline before a 503 that names its request_id, and a run still unfinished this long (plus the worker "
+        "TTL) past its deadline is marked lost (expired if it never started).")
 
     # Workers.
     worker_concurrency: int = Field(64, ge=1, description="Runs one worker holds at once.")
     worker_heartbeat_seconds: float = Field(1.0, gt=0, description="How often a worker says it is alive.")
     worker_ttl_seconds: float = Field(
         5.0, gt=0, description="A worker (and its runs) silent this long is taken for dead.")
+    worker_drain_seconds: Optional[float] = Field(
+        None, ge=0, description="On SIGTERM a worker takes no more runs and waits this long for the ones it runs; "
+        "those still going are then killed and answer 500 worker_lost. Runs it had not started stay queued for "
+        "other workers. Unset: the longest hard limit (FLOWPOOL_MAX_TIMEOUT_SECONDS plus "
+        "FLOWPOOL_HARD_TIMEOUT_GRACE_SECONDS), so every run may finish.")
     worker_events: bool = Field(False, description="Send Celery task events (for Flower).")
     script_cache_size: int = Field(256, ge=1, description="Compiled script versions kept warm per worker.")
 
@@ -126,6 +147,10 @@ class Settings(BaseSettings):
     default_cache_ttl_seconds: int = Field(3600, ge=0, description="Result cache TTL when the workflow sets none.")
     run_ttl_seconds: int = Field(7 * 86400, ge=60, description="How long run records are kept.")
     runs_per_workflow: int = Field(1000, ge=1, description="Run ids indexed per workflow.")
+    idempotency_seconds: int = Field(
+        86400, ge=1, description="How long an Idempotency-Key is remembered per account: a request repeating it "
+        "within this window gets the first request's run (same request_id, output and status), never a second run. "
+        "At most FLOWPOOL_RUN_TTL_SECONDS, since the answer is read from the first run's record.")
 
     # Serving.
     stream_keepalive_seconds: float = Field(15.0, gt=0, description="A comment line every so often on an idle stream.")
@@ -164,6 +189,13 @@ class Settings(BaseSettings):
         """The broker URL in force."""
         return self.broker_url or self.redis
 
+    @property
+    def worker_drain(self) -> float:
+        """Seconds a stopping worker waits for its runs (FLOWPOOL_WORKER_DRAIN_SECONDS, or the longest hard limit)."""
+        if self.worker_drain_seconds is not None:
+            return self.worker_drain_seconds
+        return self.max_timeout_seconds + self.hard_timeout_grace_seconds
+
     def clamp_timeout(self, seconds: float | None) -> float:
         """The soft limit of a run: the workflow's own, or the default, never over the operator cap."""
         return min(seconds or self.default_timeout_seconds, self.max_timeout_seconds)
@@ -182,3 +214,9 @@ class Settings(BaseSettings):
     def run_deadline_slack(self) -> float:
         """Seconds the API waits past a run's hard limit before calling the worker lost."""
         return self.hard_timeout_grace_seconds + self.worker_ttl_seconds
+
+    @property
+    def run_reap_margin(self) -> float:
+        """Seconds past its deadline an unfinished run is ended by the reaper: once its worker stopped trying
+        to write the outcome (FLOWPOOL_REDIS_OUTAGE_SECONDS) and the worker's lease on it lapsed."""
+        return self.redis_outage_seconds + self.worker_ttl_seconds

@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -54,6 +55,9 @@ class Dev:
 
     def __init__(self, port: int, settings: dict[str, str]) -> None:
         self.port = port
+        # A data directory of its own: dev keeps its Redis data and key across restarts (by default in the cwd).
+        self.data_dir = tempfile.TemporaryDirectory(prefix="flowpool-dev-")
+        settings = {"FLOWPOOL_DATA_DIR": self.data_dir.name, **settings}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "flowpool.cli", "dev", "--port", str(port)], env=_env(**settings), cwd=REPO,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
