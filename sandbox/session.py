@@ -105,9 +105,8 @@ class RunSession:
         while True:
             # on_idle runs once the run has nothing more to send right now, so
             # a burst of emits is handed on in one batch.
-            if self._emitted and self._idle is not None and not self._pending.poll(0):
-                self._idle()
-                self._emitted = False
+            if self._emitted and not self._pending.poll(0):
+                self._hand_on_emits()
             if self._cancel is not None and self._cancel.is_set():
                 self._kill(Cancelled("the caller went away and asked for the run to be cancelled"))
                 return
@@ -135,7 +134,12 @@ class RunSession:
     # One method per op the run sends: each returns whether the run is over.
 
     def on_call(self, message: dict[str, Any]) -> bool:
-        """Serve one ctx call of the run: a reply, or chunks then an end, or an error."""
+        """Serve one ctx call of the run: a reply, or chunks then an end, or an error.
+
+        Chunks the run emitted before the call are handed on first: serving
+        it may block for as long as a model or HTTP call takes.
+        """
+        self._hand_on_emits()
         try:
             self._answer_call(message)
         except (OSError, socket.timeout):
@@ -239,6 +243,11 @@ class RunSession:
     def close(self) -> None:
         """Close the worker's end of the run's channel."""
         self.channel.close()
+
+    def _hand_on_emits(self) -> None:
+        if self._emitted and self._idle is not None:
+            self._idle()
+            self._emitted = False
 
     def _kill(self, error: Cancelled | TimeLimitExceeded | ResultTooLarge | SandboxError) -> None:
         self.process.kill()

@@ -13,7 +13,8 @@ Usage counts words: prompt = words of every message, completion = words of the a
 It also serves plain HTTP for ctx.http tests: GET /doc/NAME (JSON), GET /article?paragraphs=N
 (plain text, paragraphs a blank line apart), GET /big?kb=N,
 GET /slow?ms=N, GET /redirect?to=URL (302), POST /echo (the body back), and gates a
-script can wait on: GET /gate/NAME says {"open": ...}, POST /gate/NAME opens it.
+script can wait on: GET /gate/NAME says {"open": ...}, POST /gate/NAME opens it, and
+GET /hold/NAME answers only once gate NAME is open (at most 60 s).
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ class StandInProvider:
     def __init__(self, host: str = "127.0.0.1") -> None:
         provider = self
         self.requests: list[dict[str, Any]] = []
+        self.echoed: list[str] = []  # the bodies POST /echo got, in order (a script's countable side effect)
         self.open_gates: set[str] = set()  # GET /gate/NAME says whether a test opened it (POST /gate/NAME)
         self._counts: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -63,6 +65,9 @@ class StandInProvider:
                 with provider._lock:
                     provider.requests.append({"path": self.path, "body": None, "headers": dict(self.headers)})
                 if parts.path.startswith("/gate/"):
+                    return self._json(200, {"open": parts.path[6:] in provider.open_gates})
+                if parts.path.startswith("/hold/"):
+                    provider._hold(parts.path[6:])
                     return self._json(200, {"open": parts.path[6:] in provider.open_gates})
                 if parts.path == "/article":
                     count = int(query.get("paragraphs", "3"))
@@ -89,6 +94,8 @@ class StandInProvider:
                     return self._json(200, {"open": True})
                 if self.path == "/echo":
                     data = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                    with provider._lock:
+                        provider.echoed.append(data.decode(errors="replace"))
                     return self._raw(200, data, self.headers.get("Content-Type", "application/octet-stream"))
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 with provider._lock:

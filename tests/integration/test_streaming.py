@@ -7,9 +7,10 @@ import uuid
 from typing import Any, Iterator
 
 import openai
+import pytest
 import requests
 
-from tests.helpers import Client, error_of
+from tests.helpers import Client, error_of, eventually
 from tests.provider import StandInProvider
 
 WAITS_ON_A_GATE = """
@@ -55,6 +56,40 @@ def test_the_first_chunk_arrives_while_the_run_is_still_going(client: Client, pr
     assert [(e["type"], e["content"], e["index"]) for e in steps] == [("step", 0, 1), ("step", 1, 2), ("step", 2, 3)]
     assert final["object"] == "chat.completion" and final["output"] == {"done": True}
     assert end == "[DONE]"
+
+
+@pytest.mark.parametrize("before", ["http", "nested"])
+def test_a_chunk_emitted_before_a_blocking_ctx_call_arrives_while_the_call_waits(
+        client: Client, provider: StandInProvider, before: str) -> None:
+    """Emits go out before a ctx call is served: a "calling" chunk is not held behind the call it announces."""
+    name = uuid.uuid4().hex
+    hold = f"{provider.origin}/hold/{name}"
+    ref = _ref("announces")
+    if before == "http":
+        call = f'ctx.http.get("{hold}")'
+    else:  # the nested workflow's own call blocks; the caller's chunk must not wait for it
+        inner = _ref("holds")
+        client.upload(inner, f"""
+            def execute(ctx):
+                return ctx.http.get("{hold}").json()
+        """)
+        call = f'ctx.workflows.call("{inner}", input={{}})'
+    client.upload(ref, f"""
+        def execute(ctx):
+            ctx.emit("progress", "calling")
+            {call}
+            return "called"
+    """)
+    with client.post("/workflow/chat/completions", json={"model": f"workflow:{ref}", "input": {}, "stream": True,
+                                                         "cache": False}, stream=True, timeout=30) as response:
+        assert response.status_code == 200
+        events = _events(response)
+        first = next(events)  # the call is held until the gate opens, and the gate opens only after this
+        assert first["type"] == "progress" and first["content"] == "calling"
+        eventually(lambda: provider.held(name) == 1, what="the call reaches the gate")
+        provider.open_gate(name)
+        rest = list(events)
+    assert rest[-2]["output"] == "called" and rest[-1] == "[DONE]"
 
 
 def test_a_failure_before_the_first_event_is_a_plain_json_error(client: Client) -> None:
