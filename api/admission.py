@@ -9,13 +9,19 @@ parses, admits, and answers or streams.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from flowpool.errors import FlowpoolError, PayloadTooLarge, RequestError, RunNotStarted, Unavailable
+from flowpool import keys
+from flowpool.connections import UNREACHABLE
+from flowpool.errors import (FlowpoolError, IdempotencyKeyReused, PayloadTooLarge, RequestError, RunNotStarted,
+                             Unavailable)
+from flowpool.jsonsafe import canonical_json
 from flowpool.registry import Account, check_invocation_input
 from flowpool.run import CachePlan, RunEnd, RunJob, RunRecord, RunStatus
 from flowpool.sealing import InvalidToken, SecretBox
@@ -26,6 +32,8 @@ from .services import Services
 
 __all__ = ["Admission", "admit", "submit"]
 
+log = logging.getLogger("flowpool.api")
+
 # How often admission resolves again when the workflow changes under it before giving up with a 503.
 _STALE_TRIES = 3
 
@@ -34,8 +42,10 @@ _STALE_TRIES = 3
 class Admission:
     """What admitting one invocation decided: answered from the cache, joined a run in flight, or queued one."""
 
-    verdict: Literal["hit", "join", "queued"]
-    request_id: str  # the run the answer follows and names: this request's, or for a join the leader's
+    verdict: Literal["hit", "join", "queued", "replay"]
+    # The run the answer follows and names: this request's; for a join the leader's; for a replay the
+    # run its Idempotency-Key first named.
+    request_id: str
     session_id: str
     run_seconds: float  # how long a waiter gives the run once a worker has claimed it
     end: RunEnd | None = None  # a hit's cached end
@@ -45,8 +55,9 @@ class Admission:
 
     @property
     def cache_header(self) -> str:
-        """The ``X-Cache`` value: a run of its own is a miss; a cached answer or a joined run is a hit."""
-        return "MISS" if self.verdict == "queued" else "HIT"
+        """The ``X-Cache`` value: a run of its own (or a replay of one) is a miss; a cached answer or a joined run is
+        a hit."""
+        return "MISS" if self.verdict in ("queued", "replay") else "HIT"
 
 
 def _new_id(prefix: str) -> str:
@@ -59,8 +70,35 @@ def _check_size(body: InvokeRequest, limit: int) -> None:
         raise PayloadTooLarge(f"input and messages are {size} bytes as JSON, over the limit of {limit}")
 
 
-def admit(svc: Services, account: Account, body: InvokeRequest) -> Admission:
-    """Decide how ``body`` is answered; a queued run is recorded and its job built, not yet sent."""
+def _fingerprint(svc: Services, body: InvokeRequest) -> str:
+    """What an Idempotency-Key is checked against: the hash of everything the request asks, secrets keyed.
+
+    ``stream`` and ``cache`` are left out: a retry may ask for the same run either way.
+    """
+    material = body.model_dump(include={"model", "input", "messages", "session_id", "metadata", "max_tokens",
+                                        "temperature"})
+    material["secrets"] = svc.cache.server_key.mac(body.secrets) if body.secrets else ""
+    return hashlib.sha256(canonical_json(material)).hexdigest()
+
+
+def _replay(svc: Services, account: Account, body: InvokeRequest, first: str, run_seconds: float) -> Admission:
+    """The answer of a request repeating an Idempotency-Key: the first run's, ended or still going."""
+    end = svc.runs.end_of(first)
+    record = svc.runs.get(first)
+    session_id = (record.session_id if record else None) or body.session_id or ""
+    box = svc.sealer.box(account.id, body.secrets)
+    if end is None:  # still going: followed like a joined run
+        return Admission("replay", first, session_id, run_seconds, box=box)
+    return Admission("replay", first, session_id, run_seconds, end=svc.runs.take_reply(first, end, box),
+                     chunks=svc.runs.chunks(first) if body.stream else [])
+
+
+def admit(svc: Services, account: Account, body: InvokeRequest, idempotency_key: str | None = None) -> Admission:
+    """Decide how ``body`` is answered; a queued run is recorded and its job built, not yet sent.
+
+    With ``idempotency_key``, a request repeating it within the window gets
+    the first request's run (:meth:`RunStore.begin`), whatever its ``cache``.
+    """
     if body.messages is None and body.input is None:
         raise RequestError("send 'messages', 'input' or both", param="input")
     settings = svc.settings
@@ -73,6 +111,10 @@ def admit(svc: Services, account: Account, body: InvokeRequest) -> Admission:
 
     workflow = svc.resolve(account.id, ref, pinned)
     _check_size(body, settings.max_input_bytes)
+    idempotency = None
+    if idempotency_key is not None:
+        idempotency = (keys.idempotency(account.id, hashlib.sha256(idempotency_key.encode()).hexdigest()),
+                       _fingerprint(svc, body), min(settings.idempotency_seconds, settings.run_ttl_seconds))
     for _ in range(_STALE_TRIES):  # a workflow changed under the request is resolved and checked again
         check_invocation_input(workflow.input_schema, body.input)
         soft = settings.clamp_timeout(workflow.timeout_seconds)
@@ -85,25 +127,28 @@ def admit(svc: Services, account: Account, body: InvokeRequest) -> Admission:
         queued = RunRecord(request_id=request_id, account=account.id, workflow=workflow.ref, status=RunStatus.QUEUED,
                            version=workflow.version, session_id=session_id, cache_hit=False, queued_at=time.time(),
                            timeout_seconds=soft, metadata=body.metadata)
-        state, found = svc.runs.begin(
-            queued, cache_keys=svc.cache.redis_keys(account.id, cache_key) if cache_key else None,
-            lock_seconds=settings.queue_wait_seconds + run_seconds, rev=workflow.rev)
+        lock_seconds = settings.queue_wait_seconds + run_seconds
+        if cache_key and svc.cache.separate:
+            state, found = _begin_with_own_cache(svc, queued, cache_key, lock_seconds, workflow.rev, idempotency)
+        else:
+            state, found = svc.runs.begin(
+                queued, cache_keys=svc.cache.redis_keys(account.id, cache_key) if cache_key else None,
+                lock_seconds=lock_seconds, rev=workflow.rev, idempotency=idempotency)
         if state != "stale":
             break
         workflow = svc.resolve(account.id, ref, pinned, fresh=True)
     else:
         raise Unavailable(f"workflow {ref!r} changed {_STALE_TRIES} times while this request started; try again")
 
+    if state == "conflict":
+        raise IdempotencyKeyReused(f"this Idempotency-Key was first sent with a different request (run {found}); "
+                                   "send a new key for a new request", param="Idempotency-Key")
+    if state == "replay":
+        return _replay(svc, account, body, found, run_seconds)
     box = svc.sealer.box(account.id, body.secrets)
     if state in ("hit", "hit-unrecorded"):
         if state == "hit-unrecorded":
-            now = time.time()
-            svc.runs.record(RunRecord(
-                request_id=request_id, account=account.id, workflow=workflow.ref, status=RunStatus.SUCCEEDED,
-                version=found.get("version"), session_id=session_id, cache_hit=True,
-                origin_request_id=found.get("request_id"), queued_at=now, started_at=now, finished_at=now,
-                output=found.get("output"), usage=found.get("usage"), chunk_count=len(found.get("chunks") or ()),
-                metadata=body.metadata))
+            svc.runs.record(_hit_record(queued, found))
         end = RunEnd(status=RunStatus.SUCCEEDED.value, version=found.get("version"), usage=found.get("usage"),
                      **_clear_output(found, box))
         return Admission("hit", request_id, session_id, run_seconds, end=end, chunks=found.get("chunks") or [])
@@ -117,6 +162,42 @@ def admit(svc: Services, account: Account, body: InvokeRequest) -> Admission:
         env=workflow.env, output_schema=workflow.output_schema, application=workflow.application,
         limits=workflow.limits, cache=CachePlan(cache_key, ttl) if cache_key else None)
     return Admission("queued", request_id, session_id, run_seconds, job=job, box=box)
+
+
+def _hit_record(queued: RunRecord, entry: dict[str, Any]) -> RunRecord:
+    """The run record of a request answered by the cache ``entry``: ``queued`` with what the entry holds."""
+    now = time.time()
+    return replace(queued, status=RunStatus.SUCCEEDED, version=entry.get("version"), cache_hit=True,
+                   origin_request_id=entry.get("request_id"), queued_at=now, started_at=now, finished_at=now,
+                   output=entry.get("output"), usage=entry.get("usage"), chunk_count=len(entry.get("chunks") or ()))
+
+
+def _begin_with_own_cache(svc: Services, queued: RunRecord, cache_key: str, lock_seconds: float, rev: str,
+                          idempotency: tuple[str, str, float] | None) -> tuple[str, Any]:
+    """:meth:`RunStore.begin` where the cache has a Redis of its own: the cache first, then the run's record.
+
+    A hit is recorded as this request's run (the workflow's revision and the
+    Idempotency-Key checked as for a queued run); a request that took the
+    single-flight lock and then is not queued gives the lock back. A request
+    joining a run in flight does not bind its Idempotency-Key.
+    """
+    try:
+        cached, found = svc.cache.lookup(queued.account, cache_key, queued.request_id, lock_seconds)
+    except UNREACHABLE as exc:  # the cache is an optimisation: without it the request runs
+        log.warning("the cache's Redis is unreachable (%s); running the request uncached", exc)
+        return svc.runs.begin(queued, rev=rev, idempotency=idempotency)
+    if cached == "join":
+        return cached, found
+    record = _hit_record(queued, found) if cached == "hit" else queued
+    state, first = svc.runs.begin(record, rev=rev, idempotency=idempotency)
+    if cached == "lead" and state != "queued":
+        svc.cache.release(queued.account, cache_key, queued.request_id)
+    if state != "queued":
+        return state, first
+    if cached == "hit":
+        svc.runs.count_cache_hit()
+        return "hit", found
+    return state, None
 
 
 def _clear_output(entry: dict[str, Any], box: SecretBox | None) -> dict[str, Any]:

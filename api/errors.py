@@ -4,11 +4,11 @@ from __future__ import annotations
 import logging
 
 import redis
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, g, jsonify
 from kombu.exceptions import OperationalError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from flowpool.errors import FlowpoolError, PayloadTooLarge, Unavailable
+from flowpool.errors import FlowpoolError, OutcomeUnavailable, PayloadTooLarge, Unavailable
 
 __all__ = ["http_error", "register_error_handlers", "render"]
 
@@ -24,6 +24,9 @@ def render(error: FlowpoolError) -> Response:
     retry_after = getattr(error, "retry_after", None)
     if retry_after is not None and error.status in (429, 503):
         response.headers["Retry-After"] = str(retry_after)
+    # The official OpenAI clients retry 408, 409, 429 and 5xx unless told: a retry that could run
+    # the script again is refused here, whatever the status.
+    response.headers["x-should-retry"] = "true" if error.retry_safe else "false"
     return response
 
 
@@ -42,6 +45,11 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(redis.TimeoutError)
     def _redis_down(exc: Exception) -> Response:
         log.warning("Redis unreachable: %s", exc)
+        request_id = g.get("handed_over")
+        if request_id is not None:  # the run may be going: name it, and a retry would run it again
+            return render(OutcomeUnavailable(f"Redis became unreachable while this run was followed: {exc}; "
+                                             f"look it up later with GET /api/v1/runs/{request_id}",
+                                             request_id=request_id))
         return render(Unavailable(f"Redis is unreachable: {exc}"))
 
     @app.errorhandler(OperationalError)

@@ -5,9 +5,12 @@ queued run to the workers, and answers or streams (:mod:`.streaming`).
 """
 from __future__ import annotations
 
-from flask import Blueprint, Response
+import re
 
-from flowpool.errors import RunError
+import redis
+from flask import Blueprint, Response, g, request
+
+from flowpool.errors import OutcomeUnavailable, RequestError, RunError
 from flowpool.run import RunEnd
 
 from .admission import Admission, admit, submit
@@ -26,22 +29,42 @@ def chat_completions() -> Response:
     svc = services()
     account = authenticate()
     body = model_from(InvokeRequest, json_body())
+    idempotency_key = _idempotency_key()
     mark("parse")
-    admission = admit(svc, account, body)
+    admission = admit(svc, account, body, idempotency_key)
     mark("begin")
     if admission.job is not None:
         submit(svc, admission)
         mark("submit")
+    # From here the run may be going: an error must name it and must not invite a retry (see errors.py).
+    g.handed_over = admission.request_id
     if body.stream:
         cancel = admission.verdict == "queued" and body.on_disconnect == "cancel"
-        return stream_response(svc.runs, body.model, admission.request_id, admission.session_id,
-                               _events(svc, admission), admission.cache_header, cancel_on_disconnect=cancel,
-                               box=admission.box)
-    end = admission.end
-    if end is None:
-        end = _wait(svc, admission)
-        mark("wait")
-    return answer(body.model, admission.request_id, admission.session_id, end, admission.cache_header)
+        response = stream_response(svc.runs, body.model, admission.request_id, admission.session_id,
+                                   _events(svc, admission), admission.cache_header, cancel_on_disconnect=cancel,
+                                   box=admission.box)
+    else:
+        end = admission.end
+        if end is None:
+            end = _wait(svc, admission)
+            mark("wait")
+        response = answer(body.model, admission.request_id, admission.session_id, end, admission.cache_header)
+    if admission.verdict == "replay":
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+# Printable ASCII, as the IETF Idempotency-Key draft and the clients that send one (UUIDs, ULIDs) use.
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,254}")
+
+
+def _idempotency_key() -> str | None:
+    """The request's ``Idempotency-Key``, checked; None without one."""
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not _IDEMPOTENCY_KEY.fullmatch(key):
+        raise RequestError("the Idempotency-Key header must be 1 to 255 printable ASCII characters",
+                           param="Idempotency-Key")
+    return key
 
 
 def _events(svc: Services, admission: Admission) -> Events:
@@ -54,7 +77,11 @@ def _events(svc: Services, admission: Admission) -> Events:
 
 
 def _wait(svc: Services, admission: Admission) -> RunEnd:
-    """The end of the run; an error raised while waiting names the run, so the caller can look it up."""
+    """The end of the run; an error raised while waiting names the run, so the caller can look it up.
+
+    The run is with the workers by now: a Redis that fails here is an
+    OutcomeUnavailable (not safe to retry), never a plain 503.
+    """
     request_id = admission.request_id
     try:
         end = svc.runs.wait(request_id, svc.settings.queue_wait_seconds, admission.run_seconds)
@@ -62,3 +89,6 @@ def _wait(svc: Services, admission: Admission) -> RunEnd:
     except RunError as exc:
         exc.details.setdefault("request_id", request_id)
         raise
+    except redis.RedisError as exc:
+        raise OutcomeUnavailable(f"Redis failed while the run's outcome was read ({exc}); the run may still "
+                                 "finish: look it up by its request_id", request_id=request_id) from exc

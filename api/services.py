@@ -5,6 +5,7 @@ importing ``api/app.py``: the app imports the blueprints, not the other way.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -12,7 +13,7 @@ from flask import current_app, g, request
 
 from flowpool import keys
 from flowpool.cache import ResultCache
-from flowpool.connections import connect_redis
+from flowpool.connections import UNREACHABLE, connect_cache_store, connect_redis
 from flowpool.errors import AuthenticationError
 from flowpool.registry import Account, Accounts, Agents, Applications, ProviderKeys, ResolvedWorkflow, Workflows
 from flowpool.runs import RunStore
@@ -23,6 +24,8 @@ from flowpool.tasks.app import create_celery
 __all__ = ["EXTENSION", "Services", "authenticate", "bearer_token", "mark", "services"]
 
 EXTENSION = "flowpool"  # the key of the Services in app.extensions
+
+log = logging.getLogger("flowpool.api")
 
 
 class Services:
@@ -40,12 +43,13 @@ class Services:
         self.applications = Applications(self.redis)
         self.agents = Agents(self.redis)
         self.provider_keys = ProviderKeys(settings.provider_keys)
-        self.runs = RunStore(self.redis, settings.run_ttl_seconds, settings.runs_per_workflow)
+        self.runs = RunStore.for_settings(self.redis, settings)
         server_key = ServerKey(self.redis, settings.secret_key)
-        self.cache = ResultCache(self.redis, server_key)
+        self.cache = ResultCache(self.redis, server_key, connect_cache_store(settings))
         self.sealer = Sealer(server_key)  # the secrets of jobs on their way to the workers
         self.celery = create_celery(settings)
         self._workers_seen_until = 0.0
+        self._next_reap = 0.0
         self._resolved: dict[tuple[str, str, str | None], tuple[float, ResolvedWorkflow]] = {}
         self._lock = threading.Lock()
 
@@ -73,14 +77,46 @@ class Services:
         now = time.time()
         return self.redis.zcount(keys.WORKERS, now - self.settings.worker_ttl_seconds, "+inf")
 
+    # How often one look for a fresh heartbeat is made while none is seen.
+    _WORKERS_LOOK_SECONDS = 0.1
+
     def workers_alive(self) -> bool:
-        """Whether any worker is alive (answered from memory for up to a second)."""
+        """Whether any worker is alive (answered from memory for up to a second).
+
+        When no fresh heartbeat is seen, it looks again for one heartbeat
+        interval and a half before saying no: after a pause of Redis, the
+        workers held up behind it beat again within that, and their last
+        heartbeat looks stale until they do.
+        """
         if time.monotonic() < self._workers_seen_until:
             return True
-        if self.live_workers() > 0:
-            self._workers_seen_until = time.monotonic() + self._WORKERS_MEMORY_SECONDS
-            return True
-        return False
+        self.reap_now_and_then()
+        give_up_at = time.monotonic() + 1.5 * self.settings.worker_heartbeat_seconds
+        while self.live_workers() == 0:
+            if time.monotonic() >= give_up_at:
+                return False
+            time.sleep(self._WORKERS_LOOK_SECONDS)
+        self._workers_seen_until = time.monotonic() + self._WORKERS_MEMORY_SECONDS
+        return True
+
+    def reap_now_and_then(self) -> None:
+        """End runs left unfinished long past their deadline (:meth:`RunStore.reap`), off the request's path.
+
+        At most once per worker TTL per process, in a thread of its own; the
+        workers do it too, and a lock in Redis lets one process do each pass.
+        """
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next_reap:
+                return
+            self._next_reap = now + self.settings.worker_ttl_seconds
+        threading.Thread(target=self._reap, name="flowpool-reaper", daemon=True).start()
+
+    def _reap(self) -> None:
+        try:
+            self.runs.reap(self.settings.run_reap_margin, self.settings.worker_ttl_seconds)
+        except UNREACHABLE as exc:
+            log.warning("could not end overdue runs: %s", exc)
 
 
 def mark(name: str) -> None:

@@ -2,17 +2,21 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from typing import Any, Iterator
 
+import redis
 from flask import Response, jsonify
 
-from flowpool.errors import RunError
+from flowpool.errors import OutcomeUnavailable, RunError
 from flowpool.run import RunEnd, dumps
 from flowpool.runs import RunStore
 from flowpool.sealing import SecretBox
 
 __all__ = ["Events", "answer", "completion", "replay", "stream_response"]
+
+log = logging.getLogger("flowpool.api")
 
 # (stream entry id, "chunk" | "ping" | "done", the chunk's data or the RunEnd), as RunStore.events gives them.
 Events = Iterator[tuple[str, str, Any]]
@@ -58,7 +62,8 @@ def stream_response(runs: RunStore, model: str, request_id: str, session_id: str
     ``GET /api/v1/runs/{request_id}/stream`` with ``Last-Event-ID`` resumes a
     dropped connection. A run that fails before its first event is answered
     with the plain JSON error and its status; after it, with an ``error``
-    event. A caller that goes away leaves the run going, unless it asked for
+    event, as is a Redis that fails under the stream (the run goes on; its
+    outcome is unknown here). A caller that goes away leaves the run going, unless it asked for
     ``"on_disconnect": "cancel"``. An output sealed for the request's secrets
     is opened with ``box``; without it (a resumed stream) it stays redacted.
     """
@@ -100,9 +105,17 @@ def stream_response(runs: RunStore, model: str, request_id: str, session_id: str
             finished = True
             exc.details.setdefault("request_id", request_id)
             yield _sse(exc.to_body())
+        except redis.RedisError as exc:
+            finished = True
+            log.warning("stream of run %s: Redis failed under it: %s", request_id, exc)
+            yield _sse(OutcomeUnavailable(f"Redis failed while the run was followed ({exc}); the run may still finish: "
+                                          "look it up by its request_id", request_id=request_id).to_body())
         except GeneratorExit:  # the caller went away
             if cancel_on_disconnect and not finished:
-                runs.request_cancel(request_id)
+                try:
+                    runs.request_cancel(request_id)
+                except redis.RedisError as exc:
+                    log.warning("run %s: could not ask for it to be cancelled: %s", request_id, exc)
             raise
         yield "data: [DONE]\n\n"
 

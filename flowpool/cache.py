@@ -1,7 +1,10 @@
 """The result cache, keyed by a hash of everything that decides a run's output, with single flight.
 
 Lookups and taking the single-flight lock happen in :meth:`RunStore.begin`,
-in the same round trip that queues the run record.
+in the same round trip that queues the run record. An operator may put the
+cache in a Redis of its own (``FLOWPOOL_CACHE_REDIS_URL``), one that may
+evict under memory pressure: lookups and the lock then take a round trip of
+their own there (:meth:`ResultCache.lookup`) before the run is recorded.
 
 The key is the SHA-256 of the canonical JSON of the account, the script
 version's content hash, the workflow's env, ``input``, ``messages``, the
@@ -15,6 +18,7 @@ only they find the entry, and only they can open it.
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 import redis
@@ -33,13 +37,47 @@ return 0
 """
 
 
-class ResultCache:
-    """Look up, store and single-flight cached results of one Redis."""
+# Where the cache has a Redis of its own: a hit, or the leader of an identical
+# run in flight, or the single-flight lock taken for this request.
+_LOOKUP = """
+local entry_key, lock_key = KEYS[1], KEYS[2]
+local request_id, lock_ms = ARGV[1], ARGV[2]
+local hit = redis.call('GET', entry_key)
+if hit then return {'hit', hit} end
+local leader = redis.call('GET', lock_key)
+if leader then return {'join', leader} end
+redis.call('SET', lock_key, request_id, 'PX', lock_ms)
+return {'lead'}
+"""
 
-    def __init__(self, client: redis.Redis, server_key: ServerKey) -> None:
-        self.redis = client
+
+class ResultCache:
+    """Look up, store and single-flight cached results.
+
+    They live in ``store``, a Redis of their own, when given; else in the
+    registry's Redis ``client``, where :meth:`RunStore.begin` reads them.
+    """
+
+    def __init__(self, client: redis.Redis, server_key: ServerKey, store: redis.Redis | None = None) -> None:
+        self.redis = store or client
+        self.separate = store is not None
         self.server_key = server_key
-        self._release = client.register_script(_RELEASE)
+        self._release = self.redis.register_script(_RELEASE)
+        self._lookup = self.redis.register_script(_LOOKUP)
+
+    def pipeline(self, registry_pipe: Any) -> Any:
+        """The pipeline cache writes go in: ``registry_pipe`` itself, unless the cache has a Redis of its own."""
+        return self.redis.pipeline(transaction=False) if self.separate else registry_pipe
+
+    def lookup(self, account_id: str, cache_key: str, request_id: str, lock_seconds: float) -> tuple[str, Any]:
+        """In a cache of its own: ``("hit", entry)``, ``("join", leader request id)``, or ``("lead", None)`` with the
+        single-flight lock taken for ``request_id``."""
+        entry_key, lock_key, _ = self.redis_keys(account_id, cache_key)
+        reply = self._lookup(keys=[entry_key, lock_key], args=[request_id, int(lock_seconds * 1000)])
+        state = reply[0].decode()
+        if state == "hit":
+            return state, json.loads(reply[1])
+        return state, reply[1].decode() if state == "join" else None
 
     def key(self, account_id: str, content_hash: str, config_hash: str, request: dict[str, Any],
             secrets: dict[str, str] | None) -> str:

@@ -6,10 +6,19 @@
 
 Answers are :class:`Obj` (attribute access over the JSON); every error status
 raises its own subclass of :class:`APIError`.
+
+Every invoke carries an ``Idempotency-Key`` (a new one per call unless given),
+so the client can retry it safely: a connection that drops before the answer
+(an API process restarting, say) or a 503/429 the server marks
+``x-should-retry: true`` is sent again with the same key, and the server
+answers from the first run instead of starting a second one. Errors of the
+run itself (500, 408) are never retried.
 """
 from __future__ import annotations
 
 import json
+import time
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -93,17 +102,23 @@ class _Completions:
 
     def create(self, model: str, messages: list[dict[str, Any]] | None = None, input: Any = None,
                stream: bool = False, secrets: dict[str, str] | None = None, session_id: str | None = None,
-               metadata: dict[str, Any] | None = None, **params: Any) -> Any:
-        """Invoke a workflow; returns the ``chat.completion`` as an :class:`Obj`."""
+               metadata: dict[str, Any] | None = None, idempotency_key: str | None = None, **params: Any) -> Any:
+        """Invoke a workflow; returns the ``chat.completion`` as an :class:`Obj`.
+
+        ``idempotency_key`` names this call across retries and processes (a
+        new one is made when not given): sending it again within the
+        server's window returns the same run, never a second one.
+        """
         body: dict[str, Any] = {"model": model, **params}
         for name, value in (("messages", messages), ("input", input), ("secrets", secrets),
                             ("session_id", session_id), ("metadata", metadata)):
             if value is not None:
                 body[name] = value
+        headers = {"Idempotency-Key": idempotency_key or f"fp-{uuid.uuid4().hex}"}
         if stream:
             body["stream"] = True
-            return self._client._stream("/workflow/chat/completions", body)
-        return Obj(self._client._request("POST", "/workflow/chat/completions", json=body))
+            return self._client._stream("/workflow/chat/completions", body, headers)
+        return Obj(self._client._decode(self._client._send_retrying("/workflow/chat/completions", body, headers)))
 
 
 class _Workflow:
@@ -151,7 +166,11 @@ class _Runs:
 class Flowpool:
     """A client of one flowpool API."""
 
-    def __init__(self, api_key: str | None = None, base_url: str | None = None, timeout: float = 660.0) -> None:
+    # The longest wait between two tries that a Retry-After header can ask for.
+    _MAX_RETRY_WAIT = 10.0
+
+    def __init__(self, api_key: str | None = None, base_url: str | None = None, timeout: float = 660.0,
+                 max_retries: int = 2) -> None:
         if api_key is None or base_url is None:
             from .settings import Settings
 
@@ -161,6 +180,7 @@ class Flowpool:
         self.api_key = api_key
         self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
         self.timeout = timeout
+        self.max_retries = max_retries
         self.session = requests.Session()
         if api_key:
             self.session.headers["x-api-key"] = api_key
@@ -182,8 +202,38 @@ class Flowpool:
             raise _ERRORS.get(response.status_code, APIError)(response.status_code, body, response.headers)
         return body
 
-    def _stream(self, path: str, body: dict[str, Any]) -> Iterator[Any]:
-        response = self.session.post(self.base_url + path, json=body, stream=True, timeout=self.timeout)
+    def _send_retrying(self, path: str, body: dict[str, Any], headers: dict[str, str],
+                       stream: bool = False) -> requests.Response:
+        """POST an invoke carrying an Idempotency-Key, again while it is safe: nothing came back, or the server says so.
+
+        A stream is retried only until its answer starts; after that a retry would replay its events.
+        """
+        for attempt in range(self.max_retries + 1):
+            last = attempt == self.max_retries
+            try:
+                response = self.session.post(self.base_url + path, json=body, headers=headers, stream=stream,
+                                             timeout=self.timeout)
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError):
+                if last:
+                    raise
+                time.sleep(self._backoff(attempt, None))
+                continue
+            if last or response.status_code < 400 or response.headers.get("x-should-retry") != "true":
+                return response
+            response.close()
+            time.sleep(self._backoff(attempt, response.headers.get("Retry-After")))
+        raise AssertionError("the last try returns or raises")
+
+    def _backoff(self, attempt: int, retry_after: str | None) -> float:
+        """Seconds before the next try: what the server asked for (capped), else 0.5 s doubling."""
+        try:
+            asked = float(retry_after) if retry_after is not None else None
+        except ValueError:
+            asked = None
+        return min(asked if asked is not None else 0.5 * 2 ** attempt, self._MAX_RETRY_WAIT)
+
+    def _stream(self, path: str, body: dict[str, Any], headers: dict[str, str]) -> Iterator[Any]:
+        response = self._send_retrying(path, body, headers, stream=True)
         if response.status_code >= 400 or not response.headers.get("Content-Type", "").startswith("text/event-stream"):
             yield Obj(self._decode(response))
             return

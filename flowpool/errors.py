@@ -5,6 +5,7 @@
     │   ├── MalformedJSON
     │   ├── InputSchemaError
     │   ├── RequestTimeout             408 request_timeout (the body did not arrive in time)
+    │   ├── IdempotencyKeyReused       422 idempotency_key_reused (the key named another request)
     │   └── ValidationFailed           (script rules; carries [{line, message}])
     ├── AuthenticationError            401 authentication_error
     ├── NotFound                       404 not_found
@@ -21,7 +22,8 @@
     │   ├── MemoryLimitExceeded        500 memory_limit (all the run's processes together)
     │   ├── WorkerLost                 500 worker_lost
     │   ├── Cancelled                  499 cancelled (the caller went away and asked for it)
-    │   └── RunNotStarted              503 service_unavailable
+    │   ├── RunNotStarted              503 service_unavailable (dropped before it started: safe to retry)
+    │   └── OutcomeUnavailable         503 service_unavailable (the run went on; its outcome could not be read)
     └── ConfigurationError             raised at start-up, never rendered
 
 The API registers one handler on :class:`FlowpoolError` and renders
@@ -30,6 +32,10 @@ Run errors travel from the worker to the API as plain dicts
 (:meth:`RunError.to_dict` / :func:`run_error_from_dict`), named by class:
 every subclass of :class:`RunError` registers itself under its name as it is
 defined, so a new one travels without being listed anywhere.
+
+``retry_safe`` says whether sending the same request again could run the
+script a second time: true only where nothing ran (the answer carries
+``x-should-retry``, the header the official OpenAI clients obey).
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ class FlowpoolError(Exception):
 
     status: int = 500
     type: str = "internal_error"
+    retry_safe: bool = False  # True only where nothing ran, so a retry cannot run the script twice
 
     def __init__(self, message: str = "", **details: Any) -> None:
         super().__init__(message)
@@ -80,6 +87,13 @@ class RequestTimeout(RequestError):
     type = "request_timeout"
 
 
+class IdempotencyKeyReused(RequestError):
+    """The Idempotency-Key was first sent with a different request; it names that request's run."""
+
+    status = 422
+    type = "idempotency_key_reused"
+
+
 class ValidationFailed(RequestError):
     """The script breaks the workflow rules; ``errors`` lists them with line numbers."""
 
@@ -112,6 +126,7 @@ class QuotaExceeded(FlowpoolError):
 
     status = 429
     type = "rate_limit_exceeded"
+    retry_safe = True
 
 
 class Unavailable(FlowpoolError):
@@ -119,6 +134,7 @@ class Unavailable(FlowpoolError):
 
     status = 503
     type = "service_unavailable"
+    retry_safe = True
     retry_after = 5
 
 
@@ -203,6 +219,19 @@ class RunNotStarted(RunError):
 
     status = 503
     type = "service_unavailable"
+    retry_safe = True
+    retry_after = 5
+
+
+class OutcomeUnavailable(RunError):
+    """The run was handed to the workers, but its outcome could not be read in time (Redis unreachable).
+
+    It may have finished or still be running: look it up by its request id.
+    Not safe to retry without an Idempotency-Key, which joins the same run.
+    """
+
+    status = 503
+    type = "service_unavailable"
     retry_after = 5
 
 
@@ -219,11 +248,13 @@ __all__ = [
     "Cancelled",
     "ConfigurationError",
     "FlowpoolError",
+    "IdempotencyKeyReused",
     "InputSchemaError",
     "InvalidResult",
     "MalformedJSON",
     "MemoryLimitExceeded",
     "NotFound",
+    "OutcomeUnavailable",
     "OutputSchemaError",
     "PayloadTooLarge",
     "QuotaExceeded",

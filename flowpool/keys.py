@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 __all__ = [
-    "ACCOUNTS", "METRICS", "SECRET", "WORKERS", "WORKER_SANDBOXES",
+    "ACCOUNTS", "METRICS", "RUNS_ACTIVE", "RUNS_REAPER", "SECRET", "WORKERS", "WORKER_SANDBOXES",
     "account", "agents", "api_key", "applications", "session_runs", "workflows", "workflow", "versions", "version",
     "version_hashes", "run", "run_cancel", "run_events", "run_lease", "run_reply", "workflow_runs", "cache",
-    "cache_record", "inflight",
+    "cache_record", "inflight", "idempotency",
 ]
 
 PREFIX = "fp:"
@@ -15,6 +15,8 @@ SECRET = PREFIX + "secret"                # generated key for hashing request se
 WORKERS = PREFIX + "workers"              # zset: worker name -> last heartbeat (unix time)
 WORKER_SANDBOXES = PREFIX + "workers:sandbox"  # hash: worker name -> JSON {backend, isolation, weaknesses}
 METRICS = PREFIX + "metrics"              # hash: counter name -> value, shared by every process
+RUNS_ACTIVE = PREFIX + "runs:active"      # zset: request id of each unfinished run -> its deadline (unix time)
+RUNS_REAPER = PREFIX + "runs:reaper"      # string with a TTL: held by the one process ending overdue runs now
 
 
 def account(account_id: str) -> str:
@@ -110,3 +112,8 @@ def cache_record(account_id: str, cache_key: str) -> str:
 def inflight(account_id: str, cache_key: str) -> str:
     """String: request id of the run computing this cache key right now (single flight)."""
     return f"{PREFIX}a:{account_id}:inflight:{cache_key}"
+
+
+def idempotency(account_id: str, key_hash: str) -> str:
+    """String: ``"<request id> <request fingerprint>"`` of the first request sent with an Idempotency-Key."""
+    return f"{PREFIX}a:{account_id}:idem:{key_hash}"

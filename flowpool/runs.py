@@ -6,30 +6,47 @@ reads without consuming, so any number of callers (single-flight joiners,
 later the streaming API) can follow one run. While a worker runs it, the run
 has a lease key the worker refreshes; a running run without a lease belongs
 to a worker that died.
+
+Every unfinished run is also in one index (``keys.RUNS_ACTIVE``), scored by
+its deadline: queued, by when it must have ended if a worker took it at the
+last moment; running, by its hard time limit. :meth:`RunStore.reap`, run now
+and then by every worker and API process, ends what is still there long past
+its deadline, so no record stays queued or running when its worker and its
+callers are all gone. Waiters ride out a Redis outage until the run's
+deadline plus ``outage_seconds``, then answer that its outcome is unknown.
 """
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import replace
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import redis
 
 from flowpool import keys
-from flowpool.errors import RunError, RunNotStarted, WorkerLost
+from flowpool.connections import UNREACHABLE, patiently
+from flowpool.errors import OutcomeUnavailable, RunError, RunNotStarted, WorkerLost
 from flowpool.run import RunEnd, RunRecord, RunStatus, dumps, encode
 from flowpool.sealing import InvalidToken, SecretBox
+from flowpool.settings import Settings
 
 __all__ = ["RunStatus", "RunStore"]
 
-# Mark a queued run as running on a worker, with a lease the worker keeps fresh.
+log = logging.getLogger("flowpool.runs")
+
+T = TypeVar("T")
+
+# Mark a queued run as running on a worker, with a lease the worker keeps
+# fresh, and index it by its hard deadline.
 _CLAIM = """
-local run_key, lease_key = KEYS[1], KEYS[2]
-local worker, started_at, lease_ms = ARGV[1], ARGV[2], ARGV[3]
+local run_key, lease_key, runs_active_key = KEYS[1], KEYS[2], KEYS[3]
+local worker, started_at, lease_ms, request_id, deadline = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 if redis.call('HGET', run_key, 'status') ~= 'queued' then return 0 end
 redis.call('HSET', run_key, 'status', 'running', 'started_at', started_at, 'worker', worker)
 redis.call('SET', lease_key, worker, 'PX', lease_ms)
+redis.call('ZADD', runs_active_key, deadline, request_id)
 return 1
 """
 
@@ -37,15 +54,17 @@ return 1
 # it), or running without a lease (its worker died). Atomic, so of two API
 # processes noticing at once only one writes the end.
 _ABANDON = """
-local run_key, lease_key, events_key = KEYS[1], KEYS[2], KEYS[3]
+local run_key, lease_key, events_key, runs_active_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local expected, status, finished_at, error_json, done, ttl_ms, force = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5],
   ARGV[6], ARGV[7]
+local request_id = ARGV[8]
 local current = redis.call('HGET', run_key, 'status')
 if current ~= expected then return 0 end
 if current == 'running' and force ~= '1' and redis.call('EXISTS', lease_key) == 1 then return 0 end
 redis.call('HSET', run_key, 'status', status, 'finished_at', finished_at, 'error', error_json)
 redis.call('XADD', events_key, '*', 'kind', 'done', 'data', done)
 redis.call('PEXPIRE', events_key, ttl_ms)
+redis.call('ZREM', runs_active_key, request_id)
 return 1
 """
 
@@ -56,21 +75,41 @@ return 1
 # a revision that moved on answers 'stale' and it resolves again.
 # A hit writes its own run record from the fields the worker stored with the
 # entry, so a cache hit costs a single round trip.
-# The cache keys are "" when the request is not cached. ARGV from 7 on are
-# the queued record's fields and values.
+# The cache keys are "" when the request is not cached. With an
+# Idempotency-Key (KEYS[9], "" without one) a request repeating the key gets
+# the run the key first named ('replay'), or 'conflict' when its fingerprint
+# differs; a first run that never started ('expired') or is gone hands the
+# key on. ARGV from 10 on are the queued record's fields and values.
 _BEGIN = """
 local run_key, workflow_runs_key, entry_key, lock_key, entry_record_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local workflow_key, session_runs_key, metrics_key = KEYS[6], KEYS[7], KEYS[8]
+local workflow_key, session_runs_key, metrics_key, idem_key = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local runs_active_key = KEYS[10]
 local request_id, ttl_ms, queued_at, runs_kept, lock_ms = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local expected_rev = ARGV[6]
-local RECORD_FROM = 7
+local expected_rev, idem_ms, fingerprint, run_prefix = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
+local RECORD_FROM = 10
 if (redis.call('HGET', workflow_key, 'rev') or '') ~= expected_rev then return {'stale'} end
+local function remember(owner)
+  if idem_key ~= '' then redis.call('SET', idem_key, owner .. ' ' .. fingerprint, 'PX', idem_ms) end
+end
+if idem_key ~= '' then
+  local held = redis.call('GET', idem_key)
+  if held then
+    local sep = string.find(held, ' ', 1, true)
+    local first = string.sub(held, 1, sep - 1)
+    local first_status = redis.call('HGET', run_prefix .. first, 'status')
+    if first_status and first_status ~= 'expired' then
+      if string.sub(held, sep + 1) ~= fingerprint then return {'conflict', first} end
+      return {'replay', first}
+    end
+  end
+end
 local state = {'queued'}
 if entry_key ~= '' then
   local hit = redis.call('GET', entry_key)
   if hit then
     local copied = redis.call('HGETALL', entry_record_key)
     redis.call('HINCRBY', metrics_key, 'cache_hits', 1)
+    remember(request_id)
     if #copied == 0 then return {'hit', hit} end
     redis.call('HSET', run_key, unpack(ARGV, RECORD_FROM))
     redis.call('HSET', run_key, 'status', 'succeeded', 'cache_hit', 'true', 'started_at', queued_at,
@@ -78,11 +117,19 @@ if entry_key ~= '' then
     state = {'hit', hit, 'recorded'}
   else
     local leader = redis.call('GET', lock_key)
-    if leader then return {'join', leader} end
+    if leader then
+      remember(leader)
+      return {'join', leader}
+    end
     redis.call('SET', lock_key, request_id, 'PX', lock_ms)
   end
 end
-if state[1] == 'queued' then redis.call('HSET', run_key, unpack(ARGV, RECORD_FROM)) end
+if state[1] == 'queued' then
+  remember(request_id)
+  redis.call('HSET', run_key, unpack(ARGV, RECORD_FROM))
+  -- Unfinished runs by deadline, for the reaper: queued, it must have ended when its lock would lapse.
+  redis.call('ZADD', runs_active_key, tonumber(queued_at) + tonumber(lock_ms) / 1000, request_id)
+end
 redis.call('PEXPIRE', run_key, ttl_ms)
 redis.call('ZADD', workflow_runs_key, queued_at, request_id)
 redis.call('ZREMRANGEBYRANK', workflow_runs_key, 0, -tonumber(runs_kept) - 1)
@@ -95,13 +142,26 @@ return state
 class RunStore:
     """Read and write run records and their event streams."""
 
-    def __init__(self, client: redis.Redis, ttl_seconds: int, runs_per_workflow: int) -> None:
+    def __init__(self, client: redis.Redis, ttl_seconds: int, runs_per_workflow: int,
+                 lease_grace_seconds: float = 0.0, outage_seconds: float = 0.0) -> None:
+        """``lease_grace_seconds``: how long a waiter gives a lapsed lease to come back before taking the run
+        for lost (a worker held up with Redis renews it when Redis answers again). ``outage_seconds``: how
+        long past a run's deadline a waiter rides out an unreachable Redis."""
         self.redis = client
         self.ttl_ms = ttl_seconds * 1000
         self.runs_per_workflow = runs_per_workflow
+        self.lease_grace_seconds = lease_grace_seconds
+        self.outage_seconds = outage_seconds
         self._claim = client.register_script(_CLAIM)
         self._begin = client.register_script(_BEGIN)
         self._abandon = client.register_script(_ABANDON)
+
+    @classmethod
+    def for_settings(cls, client: redis.Redis, settings: Settings) -> RunStore:
+        """The store as flowpool's processes use it: a lapsed lease gets three heartbeats to come back."""
+        return cls(client, settings.run_ttl_seconds, settings.runs_per_workflow,
+                   lease_grace_seconds=3 * settings.worker_heartbeat_seconds,
+                   outage_seconds=settings.redis_outage_seconds)
 
     # Writing
 
@@ -125,7 +185,7 @@ class RunStore:
         pipe.execute()
 
     def begin(self, record: RunRecord, cache_keys: tuple[str, str, str] | None = None, lock_seconds: float = 0,
-              rev: str = "") -> tuple[str, Any]:
+              rev: str = "", idempotency: tuple[str, str, float] | None = None) -> tuple[str, Any]:
         """Queue a run record, unless the cache answers or an identical run is in flight.
 
         With ``cache_keys`` (the keys of the cache entry, the in-flight lock
@@ -136,20 +196,27 @@ class RunStore:
         ``("queued", None)`` after taking the lock and writing the record.
         ``("stale", None)`` when the workflow's revision is no longer ``rev``:
         nothing was written.
+
+        With ``idempotency`` (the key's Redis key, the request's fingerprint,
+        the window in seconds), ``("replay", first_request_id)`` when the key
+        already names a run for the same request, ``("conflict",
+        first_request_id)`` when it names one for another request; either way
+        nothing was written.
         """
         flat = [item for pair in record.to_fields().items() for item in pair]
         entry_key, lock_key, record_key = cache_keys or ("", "", "")
+        idem_key, fingerprint, window = idempotency or ("", "", 0)
         account_id, ref, request_id = record.account, record.workflow, record.request_id
         reply = self._begin(
             keys=[keys.run(request_id), keys.workflow_runs(account_id, ref), entry_key, lock_key, record_key,
                   keys.workflow(account_id, ref), keys.session_runs(account_id, record.session_id or ""),
-                  keys.METRICS],
+                  keys.METRICS, idem_key, keys.RUNS_ACTIVE],
             args=[request_id, self.ttl_ms, record.queued_at or time.time(), self.runs_per_workflow,
-                  int(lock_seconds * 1000), rev, *flat])
+                  int(lock_seconds * 1000), rev, int(window * 1000), fingerprint, keys.run(""), *flat])
         state = reply[0].decode()
         if state == "hit":
             return ("hit" if len(reply) > 2 else "hit-unrecorded"), json.loads(reply[1])
-        if state == "join":
+        if state in ("join", "replay", "conflict"):
             return state, reply[1].decode()
         return state, None
 
@@ -159,10 +226,15 @@ class RunStore:
         return encode({"origin_request_id": entry_request_id, "version": version, "output": output, "usage": usage,
                         "chunk_count": chunk_count})
 
-    def claim(self, request_id: str, worker: str, lease_ms: int) -> bool:
-        """Mark a queued run as running on ``worker``; False if it is not queued any more."""
-        return bool(self._claim(keys=[keys.run(request_id), keys.run_lease(request_id)],
-                                args=[dumps(worker), dumps(time.time()), lease_ms]))
+    def claim(self, request_id: str, worker: str, lease_ms: int, hard_seconds: float = 0.0) -> bool:
+        """Mark a queued run as running on ``worker``; False if it is not queued any more.
+
+        ``hard_seconds`` is how long the run may go from now (its hard time
+        limit): past that, and the reaper's margin, an unfinished run is lost.
+        """
+        now = time.time()
+        return bool(self._claim(keys=[keys.run(request_id), keys.run_lease(request_id), keys.RUNS_ACTIVE],
+                                args=[dumps(worker), dumps(now), lease_ms, request_id, now + hard_seconds]))
 
     def add_chunk(self, request_id: str, chunk_type: str, content: Any, index: int | None = None,
                   pipe: Any = None) -> None:
@@ -184,6 +256,7 @@ class RunStore:
         pipe.pexpire(keys.run_events(request_id), self.ttl_ms)
         pipe.pexpire(keys.run(request_id), self.ttl_ms)
         pipe.delete(keys.run_lease(request_id))
+        pipe.zrem(keys.RUNS_ACTIVE, request_id)
         pipe.hincrby(keys.METRICS, f"runs:{end.status}", 1)
 
     # How long the sealed output of a secret-bearing run waits for its callers before Redis drops it.
@@ -219,15 +292,38 @@ class RunStore:
         status = RunStatus.for_error(error) if expected is RunStatus.RUNNING else RunStatus.EXPIRED
         end = RunEnd(status=status.value, version=version, error=error.to_dict())
         return bool(self._abandon(
-            keys=[keys.run(request_id), keys.run_lease(request_id), keys.run_events(request_id)],
+            keys=[keys.run(request_id), keys.run_lease(request_id), keys.run_events(request_id), keys.RUNS_ACTIVE],
             args=[expected.value, status.value, dumps(time.time()), dumps(error.to_dict()), dumps(end.to_message()),
-                  self.ttl_ms, "1" if force else "0"]))
+                  self.ttl_ms, "1" if force else "0", request_id]))
 
     # Reading
 
     def get(self, request_id: str) -> RunRecord | None:
         """The run's record, or None."""
         return RunRecord.from_fields(self.redis.hgetall(keys.run(request_id)))
+
+    def count_cache_hit(self) -> None:
+        """Count a cache hit answered outside :meth:`begin` (a cache with a Redis of its own)."""
+        self.redis.hincrby(keys.METRICS, "cache_hits", 1)
+
+    def end_of(self, request_id: str) -> RunEnd | None:
+        """How the run ended, or None while it is still queued or running (or unknown).
+
+        From its stream's ``done`` event; a cache hit's record, which has no
+        stream, gives its end itself.
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xrevrange(keys.run_events(request_id), count=1)
+        pipe.hgetall(keys.run(request_id))
+        last, raw = pipe.execute()
+        if last and last[0][1].get(b"kind") == b"done":
+            return RunEnd.from_message(json.loads(last[0][1][b"data"]))
+        record = RunRecord.from_fields(raw)
+        if record is None or record.status in (RunStatus.QUEUED.value, RunStatus.RUNNING.value):
+            return None
+        output = record.output
+        return RunEnd(status=record.status, version=record.version, usage=record.usage, output=output,
+                      content=output if isinstance(output, str) else dumps(output), error=record.error)
 
     def get_many(self, request_ids: list[str]) -> list[RunRecord | None]:
         """Several records in one round trip."""
@@ -275,16 +371,34 @@ class RunStore:
         Ends the run itself if it cannot finish: ``queue_wait`` bounds the
         time before a worker claims it (then RunNotStarted, a 503, and the run
         is dropped); ``run_seconds`` bounds the time after the claim (then the
-        worker is taken for lost). Nothing is consumed: any number of callers
+        worker is taken for lost), as does a lease gone for longer than
+        ``lease_grace_seconds``. Nothing is consumed: any number of callers
         can follow one run.
+
+        A Redis that does not answer is asked again until ``queue_wait +
+        run_seconds + outage_seconds`` have passed; then OutcomeUnavailable,
+        naming the run, which may still have finished.
         """
         stream = keys.run_events(request_id)
         last_id = after
-        started_by = time.monotonic() + queue_wait
+        begun = time.monotonic()
+        started_by = begun + queue_wait
+        give_up_at = started_by + run_seconds + self.outage_seconds
         run_deadline: float | None = None
-        quiet_since = time.monotonic()
+        leaseless_since: float | None = None
+        quiet_since = begun
+
+        def unless_unreachable(call: Callable[[], T], what: str) -> T:
+            try:
+                return patiently(call, give_up_at, f"run {request_id}: {what}")
+            except UNREACHABLE as exc:
+                raise OutcomeUnavailable(
+                    f"Redis did not answer ({exc}) until past the run's deadline, so its outcome is unknown: it may "
+                    "still have finished; look it up by its request_id", request_id=request_id) from exc
+
         while True:
-            reply = self.redis.xread({stream: last_id}, block=int(poll * 1000), count=500)
+            reply = unless_unreachable(lambda: self.redis.xread({stream: last_id}, block=int(poll * 1000), count=500),
+                                       "reading its events")
             for _, entries in reply or ():
                 for entry_id, fields in entries:
                     last_id = entry_id
@@ -300,21 +414,62 @@ class RunStore:
             if keepalive is not None and time.monotonic() - quiet_since >= keepalive:
                 quiet_since = time.monotonic()
                 yield "", "ping", {}
-            status, has_lease, version = self._state(request_id)
+            status, has_lease, version = unless_unreachable(lambda: self._state(request_id), "reading its state")
             now = time.monotonic()
             if status == RunStatus.QUEUED.value and now > started_by:
                 error = RunNotStarted(f"no worker started the run within {queue_wait:g}s; it was dropped")
-                if self.abandon(request_id, RunStatus.QUEUED, error, version):
+                if unless_unreachable(lambda: self.abandon(request_id, RunStatus.QUEUED, error, version), "ending it"):
                     raise error
             elif status == RunStatus.RUNNING.value:
                 run_deadline = run_deadline or now + run_seconds
                 overdue = now > run_deadline
-                if not has_lease or overdue:
+                if has_lease:
+                    leaseless_since = None
+                elif leaseless_since is None:
+                    leaseless_since = now
+                lapsed = leaseless_since is not None and now - leaseless_since >= self.lease_grace_seconds
+                if lapsed or overdue:
                     lost = WorkerLost("the worker running this request stopped answering; the run was lost")
                     # Overdue with a live lease: the worker is up but the run is stuck;
                     # without force it would be waited on for as long as the lease is kept.
-                    if self.abandon(request_id, RunStatus.RUNNING, lost, version, force=overdue) or not has_lease:
+                    # Not ended here (it ended meanwhile): its done event comes next.
+                    if unless_unreachable(lambda: self.abandon(request_id, RunStatus.RUNNING, lost, version,
+                                                               force=overdue), "ending it"):
                         raise lost
+            elif status is None and now > give_up_at:
+                raise OutcomeUnavailable("the run's record is gone from Redis (restarted without its data?), so its "
+                                         "outcome is unknown", request_id=request_id)
+
+    def reap(self, margin: float, every: float, limit: int = 100) -> int:
+        """End the runs still unfinished ``margin`` seconds past their deadline; how many it ended.
+
+        A queued one becomes ``expired`` (RunNotStarted), a running one
+        ``lost`` (WorkerLost), each with the reason in its error. One process
+        in all does it per ``every`` seconds (a lock with that TTL), so every
+        worker and API process may call it as often as it likes.
+        """
+        if not self.redis.set(keys.RUNS_REAPER, "1", nx=True, px=max(1, int(every * 1000))):
+            return 0
+        overdue = self.redis.zrangebyscore(keys.RUNS_ACTIVE, "-inf", time.time() - margin, start=0, num=limit)
+        ended = 0
+        for member in overdue:
+            request_id = member.decode()
+            status, _, version = self._state(request_id)
+            if status == RunStatus.QUEUED.value:
+                error: RunError = RunNotStarted(
+                    f"no worker started the run and nobody waited for it any more; it expired {margin:g}s past its "
+                    "deadline")
+                ended += self.abandon(request_id, RunStatus.QUEUED, error, version)
+            elif status == RunStatus.RUNNING.value:
+                error = WorkerLost(
+                    f"the run had no end {margin:g}s past its hard time limit: its worker died or could not write "
+                    "its outcome to Redis; the run was lost")
+                ended += self.abandon(request_id, RunStatus.RUNNING, error, version, force=True)
+            else:  # it ended meanwhile, or its record is gone
+                self.redis.zrem(keys.RUNS_ACTIVE, request_id)
+                continue
+            log.warning("run %s: %s", request_id, error)
+        return ended
 
     def _state(self, request_id: str) -> tuple[str | None, bool, str | None]:
         pipe = self.redis.pipeline(transaction=False)

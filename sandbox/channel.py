@@ -10,9 +10,33 @@ import socket
 import struct
 from typing import Any
 
-__all__ = ["Channel", "ChannelClosed", "ProtocolError"]
+__all__ = ["Channel", "ChannelClosed", "ProtocolError", "blocking_pair", "blocking_socket"]
 
 _HEADER = struct.Struct(">I")
+
+
+def blocking_pair(kind: int = socket.SOCK_STREAM) -> tuple[socket.socket, socket.socket]:
+    """A connected pair of Unix sockets in blocking mode, whatever the process's default timeout.
+
+    Every socket flowpool hands to another process (a run's channel, the
+    zygote's control socket) is made here. A socket made while a default
+    timeout is in force (Celery's shutdown sets ``socket.setdefaulttimeout(5)``
+    for the whole worker) is in timeout mode, which Python implements with
+    O_NONBLOCK on the file description: the process the other end is handed
+    to shares that description, and its first blocking ``recv`` would raise
+    BlockingIOError.
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, kind)
+    ours.setblocking(True)
+    theirs.setblocking(True)
+    return ours, theirs
+
+
+def blocking_socket(fd: int) -> socket.socket:
+    """The socket of an inherited descriptor, in blocking mode whatever its sender left set on it."""
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(True)
+    return sock
 
 
 class ChannelClosed(EOFError):

@@ -16,7 +16,6 @@ import marshal
 import os
 import resource
 import signal
-import socket
 import sys
 import threading
 import traceback
@@ -25,7 +24,7 @@ from typing import Any, Iterator
 
 from flowpool_workflow import CALL_ERRORS, SoftTimeLimitExceeded, WorkflowContext, WorkflowError
 
-from .channel import Channel
+from .channel import Channel, blocking_socket
 from .protocol import CallErrorKind, RunErrorKind
 
 __all__ = ["serve"]
@@ -178,7 +177,7 @@ def _warm_up() -> None:
 
 def serve(fd: int) -> None:
     """Run one job received on ``fd`` and report its outcome; the process exits afterwards."""
-    channel = Channel(socket.socket(fileno=fd))
+    channel = Channel(blocking_socket(fd))
     transport = _Transport(channel)
     _warm_up()
     request = channel.recv()

@@ -73,6 +73,7 @@ import maitai_workflow  # noqa: F401  (scripts written for it import it; its fil
 from flowpool.procs import set_parent_death_signal
 
 from . import linux, runtime, seccomp
+from .channel import blocking_pair, blocking_socket
 from .namespaces import (SHARED_WRITABLE, Forker, blank_command_line, blocked_ancestor, check_run_namespaces,
                          drop_capabilities, enter_run_namespaces, fails_in_a_child, hide, isolate_zygote,
                          own_namespaces)
@@ -262,7 +263,7 @@ class _Spares:
     def refill(self) -> None:
         if self.pid is not None:
             return
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours, theirs = blocking_pair(socket.SOCK_SEQPACKET)
         pid = self._forker.fork()
         if pid == 0:
             ours.close()
@@ -312,7 +313,7 @@ def main(control_fd: int, config: dict) -> None:
     blank_command_line()  # runs forked from here must not read host paths in /proc/1/cmdline
     set_parent_death_signal(signal.SIGKILL)
     linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)
-    control = socket.socket(fileno=control_fd)
+    control = blocking_socket(control_fd)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)

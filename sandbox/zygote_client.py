@@ -21,6 +21,7 @@ from flowpool.errors import SandboxError
 from flowpool.procs import set_parent_death_signal
 
 from .backends import PROCESS_WARNING, Backend
+from .channel import blocking_pair
 
 __all__ = ["Zygote"]
 
@@ -84,7 +85,7 @@ class Zygote:
 
     def _start_locked(self) -> None:
         self._hello.clear()
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        parent, child = blocking_pair(socket.SOCK_SEQPACKET)
         config = {"backend": self.backend.name, "hide": self.backend.hidden, "runtime": self.backend.runtime}
         self._process = subprocess.Popen(
             [*self.backend.prefix, self.backend.interpreter, "-I", "-m", "flowpool.sandbox.zygote", str(child.fileno()),
@@ -171,7 +172,7 @@ class Zygote:
               cgroup_fds: list[int] | None = None) -> tuple[int, socket.socket, subprocess.Popen[bytes]]:
         """Fork a run process, in the cgroups whose ``cgroup.procs`` files are open as ``cgroup_fds``;
         returns its pid, the worker's end of its channel and the zygote that forked it."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours, theirs = blocking_pair()
         try:
             answered = self._request({"op": "spawn", "workdir": workdir, "limits": limits, "uid": uid, "gid": gid},
                                      [theirs.fileno(), *(cgroup_fds or [])])

@@ -6,6 +6,7 @@ and never imports the worker side (:mod:`.run_task` registers the task).
 from __future__ import annotations
 
 from celery import Celery
+from kombu import Connection
 
 from flowpool.settings import Settings
 
@@ -14,11 +15,14 @@ __all__ = ["create_celery", "RUN_TASK", "QUEUE"]
 RUN_TASK = "flowpool.run"
 QUEUE = "flowpool"
 
+# Seconds after its fetch a message no worker started goes back to the queue (see create_celery).
+VISIBILITY_SECONDS = 5
+
 
 def create_celery(settings: Settings) -> Celery:
     """The Celery app as API processes use it: configured to send runs, with no task of its own."""
     app = Celery("flowpool", broker=settings.broker, set_as_current=False)
-    longest_run = settings.max_timeout_seconds + settings.hard_timeout_grace_seconds
+    redis_broker = Connection(settings.broker).transport.driver_type == "redis"
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -29,19 +33,37 @@ def create_celery(settings: Settings) -> Celery:
         # not idempotent. So the message is acknowledged when the run starts
         # (acks_late off): a worker killed mid-run loses that run instead of
         # running it twice, and the caller learns of it within seconds through
-        # the run's lease (see flowpool.runs). With acks_late on, the Redis
-        # transport would also redeliver any run longer than the visibility
-        # timeout to a second worker while the first still runs it (Celery
-        # issues #5935, #7651).
+        # the run's lease (see flowpool.runs).
         task_acks_late=False,
         task_reject_on_worker_lost=False,
-        # Prefetch no more than the free slots: a reserved message waits in a
-        # worker's memory, where no other worker can take it.
+        # A worker fetches a run only when it has a free slot, so it never holds
+        # one it has not started: acked messages no longer count against the
+        # prefetch, so without this a busy worker would hold up to a slot's
+        # worth more, out of reach of idle workers, and lose them if killed.
+        # Celery applies it to Redis brokers only; with amqp it is ignored and
+        # the multiplier of 1 bounds what a worker holds to one run per slot,
+        # which the broker hands back at once when the worker's connection drops.
+        worker_disable_prefetch=redis_broker,
         worker_prefetch_multiplier=1,
         broker_transport_options={
-            # Covers only messages reserved but not started when their worker
-            # died; the run's `expires` has passed long before it comes back.
-            "visibility_timeout": int(settings.queue_wait_seconds + longest_run) + 60,
+            # With acks at the start and no prefetch, a message sits in the
+            # transport's `unacked` hash (with the request's sealed secrets)
+            # only between its fetch and the run's start: milliseconds. Only
+            # a worker that died in that gap leaves it there, and the sweep
+            # every worker makes each second puts it back in the queue
+            # VISIBILITY_SECONDS after the fetch. A live worker slower than that
+            # (Redis paused under its ack) gets its message delivered a second
+            # time, which is harmless: the run's claim (flowpool.runs) lets one
+            # delivery run it, and the other is acked as it starts and skipped.
+            # A run in progress is never redelivered: its message left
+            # `unacked` when it started.
+            "visibility_timeout": VISIBILITY_SECONDS,
+            "unacked_restore_interval": 1,
+            "unacked_restore_throttle": 1,  # scan on every sweep, not every tenth
+            # The lock one sweep holds: a worker killed holding it must not stop
+            # every sweep for long. Two sweeps at once are harmless: each
+            # restore is a transaction that takes a message out of `unacked`.
+            "unacked_mutex_expire": VISIBILITY_SECONDS,
             "socket_connect_timeout": 2,
             "socket_timeout": 10,
         },

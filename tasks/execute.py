@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import flowpool
 from flowpool import keys
-from flowpool.errors import NotFound, RunError, ScriptError
+from flowpool.connections import UNREACHABLE, patiently
+from flowpool.errors import Cancelled, NotFound, RunError, SandboxError, ScriptError, WorkerLost
 from flowpool.registry import check_output
 from flowpool.run import RunEnd, RunJob, RunStatus, dumps
 from flowpool.sandbox import RunOutcome
@@ -72,12 +73,16 @@ class _Chunks:
 
     # A burst of emits goes out in one round trip of at most this many chunks.
     _BATCH = 256
+    # After a write Redis did not take, emits wait this long before the next try, so an unreachable Redis
+    # costs the run one failed round trip per pause, not one per emit.
+    _RETRY_AFTER = 0.5
 
     def __init__(self, runtime: WorkerRuntime, request_id: str, redactions: Replacements, keep: bool) -> None:
         self.runtime, self.request_id, self.redactions = runtime, request_id, redactions
         self.kept: list[dict[str, Any]] | None = [] if keep else None
         self._count = itertools.count()
         self._batch: list[tuple[str, Any, int]] = []
+        self._next_try = 0.0
 
     def emit(self, chunk_type: str, content: Any) -> None:
         """Take one emitted chunk; a full batch goes out at once."""
@@ -88,24 +93,52 @@ class _Chunks:
         if len(self._batch) >= self._BATCH:
             self.flush()
 
-    def flush(self) -> None:
-        """Write the chunks emitted since the last flush, in one round trip."""
-        if self._batch:
-            pipe = self.runtime.redis.pipeline(transaction=False)
-            for chunk_type, content, index in self._batch:
-                self.runtime.runs.add_chunk(self.request_id, chunk_type, content, index=index, pipe=pipe)
-            pipe.execute()
-            self._batch.clear()
+    def flush(self, until: float | None = None) -> None:
+        """Write the chunks emitted since the last flush, in one round trip.
+
+        While Redis is unreachable the chunks are kept for the next flush and
+        the run goes on. The last flush passes ``until`` (a ``time.monotonic()``
+        deadline): it is tried again till then, and then raises.
+        """
+        if not self._batch:
+            return
+        if until is not None:
+            patiently(self._write, until, f"run {self.request_id}: writing its chunks")
+        elif time.monotonic() >= self._next_try:
+            try:
+                self._write()
+            except UNREACHABLE as exc:
+                self._next_try = time.monotonic() + self._RETRY_AFTER
+                log.warning("run %s: %d chunks wait for Redis: %s", self.request_id, len(self._batch), exc)
+
+    def _write(self) -> None:
+        # One transaction: a batch Redis did not take is written again whole, never in part twice.
+        pipe = self.runtime.redis.pipeline(transaction=True)
+        for chunk_type, content, index in self._batch:
+            self.runtime.runs.add_chunk(self.request_id, chunk_type, content, index=index, pipe=pipe)
+        pipe.execute()
+        self._batch.clear()
 
 
 def execute_run(runtime: WorkerRuntime, job: RunJob) -> str:
-    """Run ``job`` (built by the API) to its end; returns the final status. Never raises for the script."""
+    """Run ``job`` (built by the API) to its end; returns the final status. Never raises for the script.
+
+    A Redis that stops answering for a while costs the run nothing: the
+    claim is tried again for up to FLOWPOOL_REDIS_OUTAGE_SECONDS, and the
+    chunks and the outcome are kept and written once Redis is back, until
+    that long past the run's hard limit (the reaper ends the run after).
+    """
     request_id = job.request_id
     cancel = threading.Event()
+    settings = runtime.settings
+    hard_seconds = job.soft_seconds + settings.hard_timeout_grace_seconds
+    claim_until = time.monotonic() + settings.redis_outage_seconds
+    keep_until = time.monotonic() + hard_seconds + settings.redis_outage_seconds
 
     def claim() -> bool:
         """Mark the run as ours; False when the caller gave up on it meanwhile."""
-        if not runtime.runs.claim(request_id, runtime.name, runtime.lease_ms):
+        if not patiently(lambda: runtime.runs.claim(request_id, runtime.name, runtime.lease_ms, hard_seconds),
+                         claim_until, f"run {request_id}: claiming it"):
             return False
         runtime.cancels[request_id] = cancel
         runtime.active.add(request_id)
@@ -118,7 +151,8 @@ def execute_run(runtime: WorkerRuntime, job: RunJob) -> str:
     try:
         outcome = None
         try:
-            script = runtime.scripts.get(job.account, job.workflow, job.version, job.content_hash)
+            script = patiently(lambda: runtime.scripts.get(job.account, job.workflow, job.version, job.content_hash),
+                               claim_until, f"run {request_id}: loading its script")
         except (SyntaxError, NotFound) as exc:  # an edited Redis, or a version deleted since the request
             error: RunError | None = ScriptError(f"the workflow version could not be loaded: {exc}")
             if not claim():
@@ -130,17 +164,28 @@ def execute_run(runtime: WorkerRuntime, job: RunJob) -> str:
             outcome = runtime.sandbox.run(script.code, job.sandbox_view(), job.soft_seconds, on_emit=chunks.emit,
                                           source=script.source, gate=claim, on_call=router, cancel=cancel,
                                           on_idle=chunks.flush, limits=runtime.limits_for(job.limits))
-            chunks.flush()
             if outcome.skipped:
                 return _skipped(request_id)
             error = outcome.error
+            if runtime.gave_up.is_set() and isinstance(error, (Cancelled, SandboxError)):
+                # Killed by its worker's shutdown (tasks.run_task), not by anything of its own.
+                error = WorkerLost("the worker shut down before the run finished (FLOWPOOL_WORKER_DRAIN_SECONDS "
+                                   "ran out); the run was lost")
             if error is None:
                 try:
                     check_output(job.output_schema, outcome.result, runtime.settings.max_json_depth, outcome.result_json)
                 except RunError as exc:
                     error = exc
-        return _record_end(runtime, job, outcome, error, calls, router.workflow_calls if router else [], redactions,
-                           chunks.kept if chunks is not None else None)
+        try:
+            if chunks is not None:
+                chunks.flush(until=keep_until)
+            return _record_end(runtime, job, outcome, error, calls, router.workflow_calls if router else [],
+                               redactions, chunks.kept if chunks is not None else None, keep_until)
+        except UNREACHABLE as exc:
+            # Its lease lapses once it leaves runtime.active; the reaper marks it lost.
+            log.error("run %s: Redis did not take its outcome until %.0fs past its hard limit (%s); the run is lost",
+                      request_id, settings.redis_outage_seconds, exc)
+            return RunStatus.LOST.value
     finally:
         runtime.active.discard(request_id)
         runtime.cancels.pop(request_id, None)
@@ -148,10 +193,12 @@ def execute_run(runtime: WorkerRuntime, job: RunJob) -> str:
 
 def _record_end(runtime: WorkerRuntime, job: RunJob, outcome: RunOutcome | None, error: RunError | None,
                 calls: RunCalls, workflow_calls: list[dict[str, Any]], redactions: Replacements,
-                chunks: list[dict[str, Any]] | None) -> str:
+                chunks: list[dict[str, Any]] | None, until: float) -> str:
     """Write the run's end in one round trip: record, ``done`` event, cache entry, metrics; the final status.
 
     ``chunks`` are the run's emitted chunks as stored, when it may be cached.
+    While Redis is unreachable the end is written again until ``until`` (a
+    ``time.monotonic()`` deadline), then the error is raised.
     """
     request_id, runs = job.request_id, runtime.runs
     status = RunStatus.for_error(error)
@@ -181,24 +228,42 @@ def _record_end(runtime: WorkerRuntime, job: RunJob, outcome: RunOutcome | None,
         fields["logs"] = redact(outcome.logs, redactions)
         fields["logs_truncated"] = outcome.logs_truncated
         fields["chunk_count"] = outcome.chunks
-    pipe = runtime.redis.pipeline(transaction=False)
-    if job.cache is not None:
-        if error is None and job.cache.ttl:
-            entry = {"output": output, "content": content, "usage": usage, "version": job.version,
-                     "request_id": request_id, "created_at": time.time(), "chunks": chunks or []}
-            if sealed is not None:
-                entry["sealed"] = sealed
-            runtime.cache.put(pipe, job.account, job.cache.key, entry, job.cache.ttl, runs.hit_fields(
-                request_id, job.version, fields["output"], usage, len(entry["chunks"])))
-        runtime.cache.release(job.account, job.cache.key, request_id, pipe=pipe)
-    if sealed is not None:
-        # The stream keeps the run's final event, redacted, as long as the
-        # record; every caller opens the sealed reply with its own secrets.
-        runs.put_reply(pipe, request_id, sealed)
-    runs.finish(pipe, request_id, RunEnd(status=status.value, version=job.version, usage=usage, output=output,
-                                         content=content, error=fields.get("error"), reply=sealed is not None),
-                fields)
-    for record in calls.records:
-        pipe.hincrby(keys.METRICS, f"{record.get('kind', 'model')}_calls:{record['status']}", 1)
-    pipe.execute()
+    entry: dict[str, Any] | None = None
+    if job.cache is not None and error is None and job.cache.ttl:
+        entry = {"output": output, "content": content, "usage": usage, "version": job.version,
+                 "request_id": request_id, "created_at": time.time(), "chunks": chunks or []}
+        if sealed is not None:
+            entry["sealed"] = sealed
+    end = RunEnd(status=status.value, version=job.version, usage=usage, output=output, content=content,
+                 error=fields.get("error"), reply=sealed is not None)
+
+    def write() -> None:
+        # One transaction, so an end Redis did not take is written again whole, never in part twice.
+        pipe = runtime.redis.pipeline(transaction=True)
+        if job.cache is not None:
+            cache_pipe = runtime.cache.pipeline(pipe)
+            if entry is not None:
+                runtime.cache.put(cache_pipe, job.account, job.cache.key, entry, job.cache.ttl, runs.hit_fields(
+                    request_id, job.version, fields["output"], usage, len(entry["chunks"])))
+            runtime.cache.release(job.account, job.cache.key, request_id, pipe=cache_pipe)
+            if cache_pipe is not pipe:
+                _write_cache(cache_pipe, request_id)
+        if sealed is not None:
+            # The stream keeps the run's final event, redacted, as long as the
+            # record; every caller opens the sealed reply with its own secrets.
+            runs.put_reply(pipe, request_id, sealed)
+        runs.finish(pipe, request_id, end, fields)
+        for record in calls.records:
+            pipe.hincrby(keys.METRICS, f"{record.get('kind', 'model')}_calls:{record['status']}", 1)
+        pipe.execute()
+
+    patiently(write, until, f"run {request_id}: writing its outcome")
     return status.value
+
+
+def _write_cache(pipe: Any, request_id: str) -> None:
+    """Write a run's cache entry to a cache Redis of its own, once: a cache that is away costs a miss, not the run."""
+    try:
+        pipe.execute()
+    except UNREACHABLE as exc:
+        log.warning("run %s: the cache's Redis is unreachable (%s); the result is not cached", request_id, exc)

@@ -11,7 +11,7 @@ from typing import Any
 from celery import Celery, bootsteps
 from celery.worker import state
 
-from flowpool.errors import RunNotStarted, SandboxError
+from flowpool.errors import RunError, RunNotStarted, SandboxError, WorkerLost
 from flowpool.run import RunJob, RunStatus
 from flowpool.sealing import InvalidToken
 from flowpool.settings import Settings
@@ -69,7 +69,10 @@ def _failed_in_worker(runtime: WorkerRuntime, job: RunJob, exc: Exception) -> st
     trace = redact("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
                    secret_redactions(job.secret_values()))
     log.error("run %s: the worker failed: %s", job.request_id, trace.encode("utf-8", "backslashreplace").decode())
-    error = SandboxError(f"the worker could not run this run ({type(exc).__name__}); see the worker's log")
+    error: RunError = SandboxError(
+        f"the worker could not run this run ({type(exc).__name__}); see the worker's log")
+    if runtime.gave_up.is_set():  # it failed as its worker's shutdown killed it
+        error = WorkerLost("the worker shut down before the run finished; the run was lost")
     try:
         runtime.runs.claim(job.request_id, runtime.name, runtime.lease_ms)  # a run not yet claimed fails all the same
         runtime.runs.abandon(job.request_id, RunStatus.RUNNING, error, job.version, force=True)
@@ -81,9 +84,12 @@ def _failed_in_worker(runtime: WorkerRuntime, job: RunJob, exc: Exception) -> st
 
 
 class _RuntimeStep(bootsteps.StartStopStep):
-    """Starts the sandbox and the heartbeat with the worker, and stops them with it."""
+    """Starts the sandbox and the heartbeat with the worker, and stops them with it once its runs drained."""
 
     requires = {"celery.worker.components:Pool"}
+
+    # Seconds the runs killed when the drain time ran out get to record their end before the sandbox goes.
+    _RECORD_SECONDS = 5.0
 
     def start(self, worker: Any) -> None:
         app = worker.app
@@ -96,13 +102,31 @@ class _RuntimeStep(bootsteps.StartStopStep):
         runtime = worker.app.flowpool_runtime
         if runtime is None:
             return
-        # This step stops before the pool does: on a warm shutdown (SIGTERM)
-        # the consumer takes no more messages, and the runs still going get
-        # up to their hard limit to finish before the sandbox goes away.
-        settings = worker.app.flowpool_settings
-        deadline = time.monotonic() + settings.max_timeout_seconds + settings.hard_timeout_grace_seconds
-        while state.active_requests and time.monotonic() < deadline and not state.should_terminate:
-            time.sleep(0.05)
+        # This step stops after the consumer and before the pool: on a warm
+        # shutdown (SIGTERM) the worker takes no more runs, and holds none it
+        # has not started (prefetch is off with Redis, see tasks.app; amqp
+        # takes back what it had reserved), so whatever waits is still in
+        # the queue for other workers. The runs still going get
+        # FLOWPOOL_WORKER_DRAIN_SECONDS to finish; those that do not are
+        # killed and end as worker_lost before the sandbox goes away.
+        drain = worker.app.flowpool_settings.worker_drain
+        if not _runs_ended_within(drain):
+            log.warning("%d runs still going after the drain time (%gs): killing them; they end as worker_lost",
+                        len(runtime.active), drain)
+            runtime.gave_up.set()
+            for cancel in list(runtime.cancels.values()):
+                cancel.set()
+            _runs_ended_within(self._RECORD_SECONDS)
         worker.app.flowpool_ready.clear()
         runtime.stop()
         worker.app.flowpool_runtime = None
+
+
+def _runs_ended_within(seconds: float) -> bool:
+    """Wait up to ``seconds`` for the worker's runs to end; whether they did (a cold shutdown ends the wait)."""
+    deadline = time.monotonic() + seconds
+    while state.active_requests:
+        if time.monotonic() >= deadline or state.should_terminate:
+            return False
+        time.sleep(0.05)
+    return True

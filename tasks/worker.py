@@ -12,7 +12,7 @@ import redis
 
 from flowpool import keys
 from flowpool.cache import ResultCache
-from flowpool.connections import connect_redis
+from flowpool.connections import UNREACHABLE, connect_cache_store, connect_redis
 from flowpool.egress import EgressPolicy
 from flowpool.registry import Applications, ProviderKeys, Workflows
 from flowpool.runs import RunStore
@@ -36,9 +36,9 @@ class WorkerRuntime:
         self.settings = settings
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.redis = connect_redis(settings)
-        self.runs = RunStore(self.redis, settings.run_ttl_seconds, settings.runs_per_workflow)
+        self.runs = RunStore.for_settings(self.redis, settings)
         server_key = ServerKey(self.redis, settings.secret_key)
-        self.cache = ResultCache(self.redis, server_key)
+        self.cache = ResultCache(self.redis, server_key, connect_cache_store(settings))
         self.sealer = Sealer(server_key)  # opens the jobs' secrets and seals outputs carrying them
         self.scripts = ScriptCache(Workflows(self.redis), settings.script_cache_size)
         # Provider keys named by api_key_env are read from the worker's own
@@ -64,6 +64,8 @@ class WorkerRuntime:
         self.lease_ms = int(settings.worker_ttl_seconds * 1000)
         self.active: set[str] = set()
         self.cancels: dict[str, threading.Event] = {}  # request id -> set when its caller asked to stop it
+        # Set when a stopping worker kills the runs still going (tasks.run_task): they end as worker_lost.
+        self.gave_up = threading.Event()
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat, name="flowpool-heartbeat", daemon=True)
 
@@ -115,21 +117,49 @@ class WorkerRuntime:
             pass
         self.sandbox.stop()
 
+    # After a beat Redis did not take, the next one comes this soon (or at the interval, if shorter).
+    _BEAT_RETRY_SECONDS = 0.25
+
     def _heartbeat(self) -> None:
-        """Say the worker is alive and keep the leases of its runs fresh."""
+        """Say the worker is alive, keep the leases of its runs fresh, and now and then end overdue runs.
+
+        A beat Redis did not take is tried again soon; a beat held up longer
+        than the interval (a paused Redis) carried a stale time, so a fresh one
+        follows at once: the API must not take the worker for gone, nor the
+        waiters its runs for lost.
+        """
+        interval = self.settings.worker_heartbeat_seconds
+        next_reap = time.monotonic()
+        failing = False
         while not self._stop.is_set():
+            began = time.monotonic()
             try:
-                pipe = self.redis.pipeline(transaction=False)
-                pipe.zadd(keys.WORKERS, {self.name: time.time()})
-                active = list(self.active)
-                for request_id in active:
-                    pipe.pexpire(keys.run_lease(request_id), self.lease_ms)
-                    pipe.exists(keys.run_cancel(request_id))
-                replies = pipe.execute()
-                for request_id, asked in zip(active, replies[2::2]):
-                    event = self.cancels.get(request_id)
-                    if asked and event is not None:
-                        event.set()
+                self._send_beat()
+                if began >= next_reap:
+                    next_reap = began + self.settings.worker_ttl_seconds
+                    self.runs.reap(self.settings.run_reap_margin, self.settings.worker_ttl_seconds)
+                if failing:
+                    log.warning("heartbeat: Redis answers again")
+                failing = False
+                pause = interval if time.monotonic() - began < interval else 0.0
             except redis.RedisError as exc:
-                log.warning("heartbeat failed: %s", exc)
-            self._stop.wait(self.settings.worker_heartbeat_seconds)
+                if not failing:
+                    log.warning("heartbeat failed: %s", exc)
+                failing = isinstance(exc, UNREACHABLE)
+                pause = min(interval, self._BEAT_RETRY_SECONDS)
+            self._stop.wait(pause)
+
+    def _send_beat(self) -> None:
+        """One heartbeat: the worker's time in WORKERS, each run's lease set afresh, cancel requests read."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(keys.WORKERS, {self.name: time.time()})
+        active = list(self.active)
+        for request_id in active:
+            # SET, not PEXPIRE: a lease that ran out while Redis was paused or down comes back.
+            pipe.set(keys.run_lease(request_id), self.name, px=self.lease_ms)
+            pipe.exists(keys.run_cancel(request_id))
+        replies = pipe.execute()
+        for request_id, asked in zip(active, replies[2::2]):
+            event = self.cancels.get(request_id)
+            if asked and event is not None:
+                event.set()

@@ -23,7 +23,9 @@ import requests
 from flowpool.devstack import Stack
 from flowpool.redis_server import RedisServer
 from flowpool.registry import Accounts
-from tests.helpers import Client, error_of, every_value_in
+from tests.conftest import TEST_ENV
+from tests.helpers import Client, error_of, eventually, every_value_in
+from tests.provider import StandInProvider
 
 INVOKE = "/workflow/chat/completions"
 
@@ -510,3 +512,55 @@ def test_concurrent_identical_requests_all_get_an_output_carrying_their_secret(c
     assert sorted(r.headers["X-Cache"] for r in responses) == ["HIT", "HIT", "HIT", "MISS"]
     assert _runs(client, ref)[1] == 1
     assert not [value for value in every_value_in(redis_server) if secret.encode() in value]
+
+
+# A cache in a Redis of its own (FLOWPOOL_CACHE_REDIS_URL), one that may evict.
+
+@pytest.mark.slow
+def test_a_cache_in_a_redis_of_its_own_hits_single_flights_survives_eviction_and_absence(
+        provider: StandInProvider) -> None:
+    with RedisServer() as registry, RedisServer(options=["--maxmemory", "64mb",
+                                                         "--maxmemory-policy", "allkeys-lru"]) as cache:
+        stack = Stack(env={**TEST_ENV, "FLOWPOOL_CACHE_REDIS_URL": cache.url}, redis_url=registry.url)
+        try:
+            stack.start_worker(quiet=True)
+            stack.start_api(quiet=True)
+            stack.wait_ready()
+            assert stack.api_url is not None
+            client = Client(stack.api_url, stack.create_account("own-cache"))
+            client.upload("nonce", NONCE)
+            first, second = _ok(client.invoke("nonce", **BASE_REQUEST)), client.invoke("nonce", **BASE_REQUEST)
+            assert second.headers["X-Cache"] == "HIT"
+            assert second.json()["output"] == first["output"] and second.json()["request_id"] != first["request_id"]
+            assert client.run(second.json()["request_id"])["cache_hit"] is True
+            account = _account_id(stack, client)
+            assert _keys(stack, f"fp:a:{account}:cache:*") == []  # nothing of the cache in the registry
+            store = redis.Redis.from_url(cache.url)
+            assert len(list(store.scan_iter(match=f"fp:a:{account}:cache:*"))) == 1
+
+            # Identical requests in flight share one run: the single-flight lock lives in the cache's Redis.
+            gate = uuid.uuid4().hex
+            client.upload("held", f"""
+                def execute(ctx):
+                    ctx.http.get("{provider.origin}/hold/{gate}")
+                    return ctx.request_id
+            """)
+            with ThreadPoolExecutor(3) as pool:
+                answers = [pool.submit(client.invoke, "held", input={"q": 1}) for _ in range(3)]
+                eventually(lambda: provider.held(gate) == 1, what="the run waits at the gate")
+                provider.open_gate(gate)
+                outputs = {_ok(a.result())["output"] for a in answers}
+            assert len(outputs) == 1 and _runs(client, "held")[1] == 1
+
+            # An evicted entry is a miss: the workflow runs again.
+            store.flushall()
+            third = client.invoke("nonce", **BASE_REQUEST)
+            assert third.headers["X-Cache"] == "MISS" and third.json()["output"] != first["output"]
+
+            # A cache that is away costs hits, not answers.
+            cache.stop()
+            for _ in range(2):
+                assert client.invoke("nonce", **BASE_REQUEST).headers["X-Cache"] == "MISS"
+            store.close()
+        finally:
+            stack.stop()

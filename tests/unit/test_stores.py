@@ -15,8 +15,9 @@ from flowpool import keys
 from flowpool.cache import ResultCache
 from flowpool.sealing import ServerKey
 from flowpool.errors import (
-    AuthenticationError, NotFound, RequestError, RunNotStarted, ValidationFailed, WorkerLost,
+    AuthenticationError, NotFound, OutcomeUnavailable, RequestError, RunNotStarted, ValidationFailed, WorkerLost,
 )
+from flowpool.redis_server import RedisServer
 from flowpool.registry import Accounts, Upload, Workflows
 from flowpool.run import RunEnd, RunRecord, RunStatus
 from flowpool.runs import RunStore
@@ -782,3 +783,110 @@ def test_run_record_fields_round_trip_as_json(runs: RunStore) -> None:
     assert record.logs == fields["logs"] and record.usage == fields["usage"]
     assert record.output == fields["output"]
     assert b"error" not in runs.redis.hgetall(keys.run("req_1"))  # None fields are not written
+
+
+# Unfinished runs: the index of deadlines, the reaper, and waiting through a Redis outage
+
+
+def active(redis_db: redis.Redis) -> dict[str, float]:
+    """The index of unfinished runs: request id -> deadline."""
+    return {member.decode(): score for member, score in redis_db.zrange(keys.RUNS_ACTIVE, 0, -1, withscores=True)}
+
+
+def test_unfinished_runs_are_indexed_by_deadline_until_they_end(runs: RunStore, redis_db: redis.Redis) -> None:
+    before = time.time()
+    runs.begin(RunRecord(request_id="req_1", account=ACCOUNT, workflow="summarize", status=RunStatus.QUEUED,
+                         version="1.0.0", queued_at=before), lock_seconds=70)
+    assert active(redis_db)["req_1"] == pytest.approx(before + 70, abs=0.01)  # queue wait plus the run's time
+
+    runs.claim("req_1", "worker-a", lease_ms=5000, hard_seconds=12)
+    assert active(redis_db)["req_1"] == pytest.approx(time.time() + 12, abs=1)  # now by its hard limit
+    finish_run(runs, "req_1")
+    assert active(redis_db) == {}
+
+    runs.begin(queued("req_2"), lock_seconds=10)
+    runs.abandon("req_2", RunStatus.QUEUED, RunNotStarted("no worker"), "1.0.0")
+    assert active(redis_db) == {}
+
+
+def test_reaper_ends_runs_left_unfinished_past_their_deadline(runs: RunStore, redis_db: redis.Redis) -> None:
+    queue_run(runs, "req_running")
+    runs.claim("req_running", "worker-a", lease_ms=60_000, hard_seconds=0.1)  # a live lease does not save it
+    runs.begin(queued("req_queued"), lock_seconds=0.1)
+    runs.begin(queued("req_fresh"), lock_seconds=60)
+    redis_db.zadd(keys.RUNS_ACTIVE, {"req_gone": 0})  # its record expired or was lost
+    time.sleep(0.3)
+
+    assert runs.reap(margin=0.1, every=60) == 2
+
+    running, queued_run, fresh = runs.get("req_running"), runs.get("req_queued"), runs.get("req_fresh")
+    assert running is not None and running.status == "lost"
+    assert running.error["kind"] == "WorkerLost" and "0.1s past its hard time limit" in running.error["message"]
+    assert queued_run is not None and queued_run.status == "expired"
+    assert queued_run.error["kind"] == "RunNotStarted" and "expired" in queued_run.error["message"]
+    assert fresh is not None and fresh.status == "queued"
+    assert set(active(redis_db)) == {"req_fresh"}
+    # A waiter that comes now gets the end the reaper wrote.
+    assert runs.wait("req_running", queue_wait=1, run_seconds=1, poll=0.05).status == "lost"
+
+
+def test_one_reaper_pass_per_interval_whoever_calls(runs: RunStore, redis_db: redis.Redis) -> None:
+    assert runs.reap(margin=0, every=60) == 0
+    runs.begin(queued("req_1"), lock_seconds=0)
+    other = RunStore(redis_db, ttl_seconds=60, runs_per_workflow=3)  # another process's store
+
+    assert other.reap(margin=0, every=60) == 0  # the pass of this interval is taken
+    assert runs.get("req_1").status == "queued"  # type: ignore[union-attr]
+    redis_db.delete(keys.RUNS_REAPER)
+    assert other.reap(margin=0, every=60) == 1
+
+
+def test_wait_gives_a_lapsed_lease_time_to_come_back(redis_db: redis.Redis) -> None:
+    runs = RunStore(redis_db, ttl_seconds=60, runs_per_workflow=3, lease_grace_seconds=1.0)
+    queue_run(runs, "req_1")
+    runs.claim("req_1", "worker-a", lease_ms=10_000)
+    redis_db.delete(keys.run_lease("req_1"))  # it ran out while Redis was paused
+
+    def worker_back() -> None:
+        time.sleep(0.4)
+        redis_db.set(keys.run_lease("req_1"), "worker-a", px=10_000)  # its next heartbeat
+        time.sleep(0.8)  # longer than the grace, counted from the lease's return
+        finish_run(runs, "req_1", output="real")
+
+    thread = threading.Thread(target=worker_back)
+    thread.start()
+    try:
+        end = runs.wait("req_1", queue_wait=10, run_seconds=10, poll=0.05)
+    finally:
+        thread.join()
+    assert (end.status, end.output) == ("succeeded", "real")
+
+
+def test_wait_takes_a_run_for_lost_once_its_lease_stays_gone_past_the_grace(redis_db: redis.Redis) -> None:
+    runs = RunStore(redis_db, ttl_seconds=60, runs_per_workflow=3, lease_grace_seconds=0.3)
+    queue_run(runs, "req_1")
+    runs.claim("req_1", "worker-a", lease_ms=50)
+
+    with pytest.raises(WorkerLost):
+        runs.wait("req_1", queue_wait=10, run_seconds=10, poll=0.05)
+    assert runs.get("req_1").status == "lost"  # type: ignore[union-attr]
+
+
+def test_wait_names_the_run_when_redis_stays_unreachable_past_its_deadline() -> None:
+    server = RedisServer().start()
+    client = redis.Redis(port=server.port, socket_connect_timeout=0.2)
+    try:
+        runs = RunStore(client, ttl_seconds=60, runs_per_workflow=3, outage_seconds=0.5)
+        queue_run(runs, "req_1")
+        runs.claim("req_1", "worker-a", lease_ms=60_000)
+        server.stop()
+
+        started = time.monotonic()
+        with pytest.raises(OutcomeUnavailable) as caught:
+            runs.wait("req_1", queue_wait=0.2, run_seconds=0.2, poll=0.05)
+        assert caught.value.details["request_id"] == "req_1"
+        assert caught.value.status == 503 and not caught.value.retry_safe
+        assert time.monotonic() - started < 30  # bounded: it does not wait for Redis forever
+    finally:
+        client.close()
+        server.stop()
