@@ -48,8 +48,8 @@ import argparse
 import json
 import signal
 import subprocess
-import tempfile
 import sys
+import tempfile
 import threading
 import time
 import uuid

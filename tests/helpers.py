@@ -1,12 +1,19 @@
-"""Helpers shared by the tests: an HTTP client of the test stack and error-envelope checks."""
+"""Helpers shared by the tests: an HTTP client of the test stack, error-envelope checks, a ``flowpool dev`` process."""
 from __future__ import annotations
 
 import base64
 import json
 import marshal
+import os
+import re
+import signal
+import subprocess
+import sys
 import textwrap
+import threading
 import time
-from typing import Any, Callable, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import psutil
 import pytest
@@ -83,6 +90,87 @@ class Client:
         response = self.get(f"/api/v1/runs/{request_id}")
         assert response.status_code == 200, response.text
         return response.json()["data"]
+
+
+class DevProcess:
+    """One ``flowpool dev`` in its own session (process group), its output read as it comes.
+
+    What differs between tests is passed in: the working directory, dev's arguments after ``--port``,
+    the interpreter's flags, the environment and the port. A subclass may wait for another line of the
+    banner (``_banner_printed``) and parse more of it (``wait_for_banner``).
+    """
+
+    def __init__(self, port: int, *, cwd: str | Path, env: Mapping[str, str], args: Sequence[str] = (),
+                 python_flags: Sequence[str] = ()) -> None:
+        self.port = port
+        self.api_url = f"http://127.0.0.1:{port}"
+        self.key = ""
+        self.process = subprocess.Popen(
+            [sys.executable, *python_flags, "-m", "flowpool.cli", "dev", "--port", str(port), *args],
+            env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, start_new_session=True)
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        # Drained to the end: the worker shares this pipe and would block on a full one.
+        self._reader = threading.Thread(target=self._read, name="flowpool-dev-output", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    @property
+    def output(self) -> str:
+        with self._changed:
+            return "\n".join(self.lines)
+
+    def _banner_printed(self, line: str) -> bool:
+        """Whether ``line`` shows that the banner is out (up to what this class parses of it)."""
+        return line.startswith("Ctrl-C stops everything")
+
+    def wait_for_banner(self, timeout: float = 90) -> Client:
+        """Wait until dev printed its banner and parse its key; a client of its API with that key."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not any(self._banner_printed(line) for line in self.lines):
+                if self.process.poll() is not None and not self._reader.is_alive():
+                    pytest.fail(f"flowpool dev exited with {self.process.returncode}:\n{self.output}")
+                if not self._changed.wait(max(0.0, deadline - time.monotonic())) and time.monotonic() > deadline:
+                    pytest.fail(f"flowpool dev printed no banner within {timeout}s:\n{self.output}")
+        self.key = re.search(r"^\s+API key:\s+(\S+)$", self.output, re.M).group(1)  # type: ignore[union-attr]
+        return Client(self.api_url, self.key)
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self, timeout: float = 30) -> None:
+        """SIGTERM, as a service manager stops it; it must end cleanly and leave nothing behind."""
+        left = self.descendants()
+        self.process.send_signal(signal.SIGTERM)
+        assert self.process.wait(timeout) == 0, self.output
+        _, still = psutil.wait_procs(left, timeout=10)
+        assert not still, f"flowpool dev left {still} behind"
+
+    def kill(self) -> None:
+        """Kill dev and everything it started (for a test that failed before stopping it)."""
+        left = self.descendants()
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+        for process in left:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(left, timeout=10)
 
 
 def error_of(response: requests.Response) -> dict[str, Any]:

@@ -13,8 +13,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -26,7 +24,7 @@ import requests
 from flowpool.devstack import Stack
 from flowpool.procs import free_port
 from flowpool.redis_server import RedisServer
-from tests.helpers import Client
+from tests.helpers import Client, DevProcess
 
 REPO = Path(__file__).resolve().parents[2]
 ECHO_EXAMPLE = REPO / "examples" / "echo.py"
@@ -50,55 +48,28 @@ def _ok(result: subprocess.CompletedProcess[str]) -> str:
     return result.stdout
 
 
-class Dev:
-    """A ``flowpool dev`` process in its own process group, its output read as it comes."""
+class Dev(DevProcess):
+    """``flowpool dev`` run from the repository with a data directory of its own; it parses the whole banner."""
 
     def __init__(self, port: int, settings: dict[str, str]) -> None:
-        self.port = port
         # A data directory of its own: dev keeps its Redis data and key across restarts (by default in the cwd).
         self.data_dir = tempfile.TemporaryDirectory(prefix="flowpool-dev-")
-        settings = {"FLOWPOOL_DATA_DIR": self.data_dir.name, **settings}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "flowpool.cli", "dev", "--port", str(port)], env=_env(**settings), cwd=REPO,
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True)
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        # Drained to the end: the worker shares this pipe and would block on a full one.
-        self._reader = threading.Thread(target=self._read, name="flowpool-dev-output", daemon=True)
-        self._reader.start()
-        self.api_url = self.key = self.curl_url = self.curl_key = ""
+        super().__init__(port, cwd=REPO, env=_env(**{"FLOWPOOL_DATA_DIR": self.data_dir.name, **settings}))
+        self.curl_url = self.curl_key = ""
         self.curl_body: dict[str, object] = {}
 
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            with self._changed:
-                self.lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
+    def _banner_printed(self, line: str) -> bool:
+        return line.lstrip().startswith("-d '")
 
-    @property
-    def output(self) -> str:
-        with self._changed:
-            return "\n".join(self.lines)
-
-    def wait_for_banner(self, timeout: float = 120) -> None:
+    def wait_for_banner(self, timeout: float = 120) -> Client:
         """Wait until dev printed its key and the whole curl line, and parse them."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while not any(line.lstrip().startswith("-d '") for line in self.lines):
-                if self.process.poll() is not None and not self._reader.is_alive():
-                    pytest.fail(f"flowpool dev exited with {self.process.returncode}:\n{self.output}")
-                if not self._changed.wait(max(0.0, deadline - time.monotonic())) and time.monotonic() > deadline:
-                    pytest.fail(f"flowpool dev printed no banner within {timeout}s:\n{self.output}")
+        super().wait_for_banner(timeout)
         text = self.output
         self.api_url = re.search(r"^\s+API:\s+(\S+)$", text, re.M).group(1)  # type: ignore[union-attr]
-        self.key = re.search(r"^\s+API key:\s+(\S+)$", text, re.M).group(1)  # type: ignore[union-attr]
         self.curl_url = re.search(r"^\s+curl -s (\S+) \\$", text, re.M).group(1)  # type: ignore[union-attr]
         self.curl_key = re.search(r'-H "Authorization: Bearer (\S+)"', text).group(1)  # type: ignore[union-attr]
         self.curl_body = json.loads(re.search(r"^\s+-d '(.*)'$", text, re.M).group(1))  # type: ignore[union-attr]
+        return Client(self.api_url, self.key)
 
     def cli_env(self) -> dict[str, str]:
         return _env(FLOWPOOL_API_URL=self.api_url, FLOWPOOL_API_KEY=self.key)
@@ -107,25 +78,6 @@ class Dev:
         """What the printed curl command sends."""
         return requests.post(self.curl_url, json=self.curl_body, timeout=60,
                              headers={"Authorization": f"Bearer {self.curl_key}"})
-
-    def descendants(self) -> list[psutil.Process]:
-        try:
-            return psutil.Process(self.process.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-
-    def kill(self) -> None:
-        """Kill dev and everything it started (for a test that failed before stopping it)."""
-        left = self.descendants()
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
-        for process in left:
-            try:
-                process.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(left, timeout=10)
 
 
 def _cmdline(process: psutil.Process) -> str:

@@ -7,22 +7,18 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import stat
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Iterator
 
-import psutil
 import pytest
 import redis
 
 from flowpool.procs import free_port
 from flowpool.redis_server import RedisServer
-from tests.helpers import Client
+from tests.helpers import Client, DevProcess
 
 ECHO = "def execute(ctx):\n    return {'echo': ctx.input['text']}\n"
 
@@ -34,78 +30,11 @@ def _env(**settings: str) -> dict[str, str]:
     return env
 
 
-class Dev:
+class Dev(DevProcess):
     """One ``flowpool dev`` in its own session and working directory, its output read as it comes."""
 
     def __init__(self, cwd: Path, *args: str, **settings: str) -> None:
-        self.port = free_port()
-        self.process = subprocess.Popen(
-            [sys.executable, "-I", "-m", "flowpool.cli", "dev", "--port", str(self.port), *args],
-            env=_env(**settings), cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        # Drained to the end: the worker shares this pipe and would block on a full one.
-        self._reader = threading.Thread(target=self._read, name="flowpool-dev-output", daemon=True)
-        self._reader.start()
-        self.key = ""
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            with self._changed:
-                self.lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
-
-    @property
-    def output(self) -> str:
-        with self._changed:
-            return "\n".join(self.lines)
-
-    @property
-    def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def wait_for_banner(self, timeout: float = 90) -> Client:
-        """Wait until dev printed its key; a client of its API with that key."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while not any(line.startswith("Ctrl-C stops everything") for line in self.lines):
-                if self.process.poll() is not None and not self._reader.is_alive():
-                    pytest.fail(f"flowpool dev exited with {self.process.returncode}:\n{self.output}")
-                if not self._changed.wait(max(0.0, deadline - time.monotonic())) and time.monotonic() > deadline:
-                    pytest.fail(f"flowpool dev printed no banner within {timeout}s:\n{self.output}")
-        self.key = re.search(r"^\s+API key:\s+(\S+)$", self.output, re.M).group(1)  # type: ignore[union-attr]
-        return Client(self.api_url, self.key)
-
-    def stop(self, timeout: float = 30) -> None:
-        """SIGTERM, as a service manager stops it; it must end cleanly and leave nothing behind."""
-        left = self._descendants()
-        self.process.send_signal(signal.SIGTERM)
-        assert self.process.wait(timeout) == 0, self.output
-        _, still = psutil.wait_procs(left, timeout=10)
-        assert not still, f"flowpool dev left {still} behind"
-
-    def _descendants(self) -> list[psutil.Process]:
-        try:
-            return psutil.Process(self.process.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-
-    def kill(self) -> None:
-        """Kill dev and everything it started (a test that failed before stopping it)."""
-        left = self._descendants()
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
-        for process in left:
-            try:
-                process.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(left, timeout=10)
+        super().__init__(free_port(), cwd=cwd, env=_env(**settings), args=args, python_flags=("-I",))
 
 
 @pytest.fixture
