@@ -18,9 +18,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from flowpool import keys
-from flowpool.connections import UNREACHABLE
-from flowpool.errors import (FlowpoolError, IdempotencyKeyReused, PayloadTooLarge, RequestError, RunNotStarted,
-                             Unavailable)
+from flowpool.connections import UNREACHABLE, patiently
+from flowpool.errors import (FlowpoolError, IdempotencyKeyReused, OutcomeUnavailable, PayloadTooLarge, RequestError,
+                             RunNotStarted, Unavailable)
 from flowpool.jsonsafe import canonical_json
 from flowpool.registry import Account, check_invocation_input
 from flowpool.run import CachePlan, RunEnd, RunJob, RunRecord, RunStatus
@@ -160,7 +160,8 @@ def admit(svc: Services, account: Account, body: InvokeRequest, idempotency_key:
         messages=messages or [], secrets=body.secrets or {}, metadata=body.metadata or {},
         params={"max_tokens": body.max_tokens, "temperature": body.temperature, "stream": body.stream},
         env=workflow.env, output_schema=workflow.output_schema, application=workflow.application,
-        limits=workflow.limits, cache=CachePlan(cache_key, ttl) if cache_key else None)
+        limits=workflow.limits, cache=CachePlan(cache_key, ttl) if cache_key else None,
+        replayable=idempotency is not None)
     return Admission("queued", request_id, session_id, run_seconds, job=job, box=box)
 
 
@@ -179,25 +180,35 @@ def _begin_with_own_cache(svc: Services, queued: RunRecord, cache_key: str, lock
     A hit is recorded as this request's run (the workflow's revision and the
     Idempotency-Key checked as for a queued run); a request that took the
     single-flight lock and then is not queued gives the lock back. A request
-    joining a run in flight does not bind its Idempotency-Key.
+    with an Idempotency-Key does not join a run in flight (its key could not
+    name that run): it is run on its own.
     """
     try:
         cached, found = svc.cache.lookup(queued.account, cache_key, queued.request_id, lock_seconds)
     except UNREACHABLE as exc:  # the cache is an optimisation: without it the request runs
         log.warning("the cache's Redis is unreachable (%s); running the request uncached", exc)
-        return svc.runs.begin(queued, rev=rev, idempotency=idempotency)
-    if cached == "join":
+        cached, found = "miss", None
+    if cached == "join" and idempotency is None:
         return cached, found
     record = _hit_record(queued, found) if cached == "hit" else queued
-    state, first = svc.runs.begin(record, rev=rev, idempotency=idempotency)
-    if cached == "lead" and state != "queued":
-        svc.cache.release(queued.account, cache_key, queued.request_id)
-    if state != "queued":
-        return state, first
-    if cached == "hit":
+    state, first = "failed", None
+    try:
+        state, first = svc.runs.begin(record, lock_seconds=lock_seconds, rev=rev, idempotency=idempotency)
+    finally:
+        if cached == "lead" and state != "queued":
+            _release_quietly(svc, queued.account, cache_key, queued.request_id)
+    if state == "queued" and cached == "hit":
         svc.runs.count_cache_hit()
         return "hit", found
-    return state, None
+    return state, first
+
+
+def _release_quietly(svc: Services, account_id: str, cache_key: str, request_id: str) -> None:
+    """Give back a single-flight lock; one a cache Redis that is away keeps lapses by itself."""
+    try:
+        svc.cache.release(account_id, cache_key, request_id)
+    except UNREACHABLE:
+        pass
 
 
 def _clear_output(entry: dict[str, Any], box: SecretBox | None) -> dict[str, Any]:
@@ -220,13 +231,21 @@ def _clear_output(entry: dict[str, Any], box: SecretBox | None) -> dict[str, Any
 
 
 def submit(svc: Services, admission: Admission) -> None:
-    """Hand a queued run to the workers; if that fails, the run ends as never started and the error is raised."""
+    """Hand a queued run to the workers; if that fails, the run ends as never started and the error is raised.
+
+    A publish that failed may still have reached the broker (an answer lost
+    to a timeout): unless the run can be ended as never started, the caller
+    hears that its outcome is unknown (not safe to retry), never that
+    nothing ran.
+    """
     job = admission.job
     assert job is not None, "only a queued admission has a job to submit"
+    published = False  # whether a message may have reached the broker
     try:
         if not svc.workers_alive():
             raise Unavailable("no flowpool worker is running; start one with 'flowpool worker'")
         try:
+            published = True
             svc.celery.send_task(
                 RUN_TASK, kwargs={"job": job.to_message(svc.sealer)}, task_id=job.request_id,
                 expires=svc.settings.queue_wait_seconds,
@@ -238,7 +257,25 @@ def submit(svc: Services, admission: Admission) -> None:
         except Exception as exc:
             raise Unavailable(f"the broker did not take the run: {exc}") from exc
     except BaseException as exc:
-        if job.cache is not None:
-            svc.cache.release(job.account, job.cache.key, job.request_id)
-        svc.runs.abandon(job.request_id, RunStatus.QUEUED, RunNotStarted(str(exc)), job.version)
+        if not _withdraw(svc, job, str(exc)) and published:
+            raise OutcomeUnavailable(f"the run could not be confirmed as sent to the workers ({exc}), and may run; "
+                                     "look it up by its request_id", request_id=job.request_id) from exc
         raise
+
+
+# How long a run that could not be sent is tried to be ended as never started, while Redis does not answer.
+_WITHDRAW_SECONDS = 2.0
+
+
+def _withdraw(svc: Services, job: RunJob, reason: str) -> bool:
+    """End a run that could not be sent as never started, and give back its single-flight lock; whether it ended
+    so (False: a worker took it meanwhile, or Redis did not answer)."""
+    try:
+        dropped = patiently(lambda: svc.runs.abandon(job.request_id, RunStatus.QUEUED, RunNotStarted(reason),
+                                                     job.version),
+                            time.monotonic() + _WITHDRAW_SECONDS, f"run {job.request_id}: withdrawing it")
+    except UNREACHABLE:
+        return False
+    if dropped and job.cache is not None:
+        _release_quietly(svc, job.account, job.cache.key, job.request_id)
+    return dropped

@@ -9,11 +9,12 @@ import logging
 import threading
 import time
 
+import redis
 from flask import current_app, g, request
 
 from flowpool import keys
 from flowpool.cache import ResultCache
-from flowpool.connections import UNREACHABLE, connect_cache_store, connect_redis
+from flowpool.connections import connect_cache_store, connect_redis
 from flowpool.errors import AuthenticationError
 from flowpool.registry import Account, Accounts, Agents, Applications, ProviderKeys, ResolvedWorkflow, Workflows
 from flowpool.runs import RunStore
@@ -115,7 +116,7 @@ class Services:
     def _reap(self) -> None:
         try:
             self.runs.reap(self.settings.run_reap_margin, self.settings.worker_ttl_seconds)
-        except UNREACHABLE as exc:
+        except redis.RedisError as exc:  # unreachable, or refusing writes (out of memory): the next pass tries again
             log.warning("could not end overdue runs: %s", exc)
 
 

@@ -99,10 +99,11 @@ class ResultCache:
 
     def put(self, pipe: Any, account_id: str, cache_key: str, entry: dict[str, Any], ttl: int,
             record_fields: dict[str, str] | None = None) -> None:
-        """Queue the write of a result for ``ttl`` seconds, with what a hit's run record copies."""
+        """Queue the write of a result for ``ttl`` seconds, with what a hit's run record copies (which only a cache
+        in the registry's Redis keeps: elsewhere the hit's record is made from the entry)."""
         entry_key, _, record_key = self.redis_keys(account_id, cache_key)
         pipe.set(entry_key, canonical_json(entry), ex=ttl)
-        if record_fields:
+        if record_fields and not self.separate:
             pipe.delete(record_key)
             pipe.hset(record_key, mapping=record_fields)
             pipe.expire(record_key, ttl)

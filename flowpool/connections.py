@@ -14,7 +14,7 @@ import redis
 
 from .settings import Settings
 
-__all__ = ["UNREACHABLE", "connect_cache_store", "connect_redis", "patiently"]
+__all__ = ["QUICK_SECONDS", "UNREACHABLE", "connect_cache_store", "connect_redis", "patiently"]
 
 log = logging.getLogger("flowpool.redis")
 
@@ -24,19 +24,29 @@ T = TypeVar("T")
 UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
 
 
-def connect_redis(settings: Settings, url: str | None = None) -> redis.Redis:
+def connect_redis(settings: Settings, url: str | None = None, socket_timeout: float | None = None) -> redis.Redis:
     """The Redis client every flowpool process uses (fails fast when Redis is away, never waits forever).
 
-    ``url`` names another Redis than the registry's, with the same client settings.
+    ``url`` names another Redis than the registry's; ``socket_timeout`` a
+    shorter wait for an answer than FLOWPOOL_REDIS_SOCKET_TIMEOUT_SECONDS,
+    for calls that must not hold up what waits on them.
     """
-    return redis.Redis.from_url(url or settings.redis, socket_connect_timeout=2, socket_keepalive=True,
-                                socket_timeout=settings.redis_socket_timeout_seconds,
+    return redis.Redis.from_url(url or settings.redis, socket_connect_timeout=min(2.0, socket_timeout or 2.0),
+                                socket_keepalive=True,
+                                socket_timeout=socket_timeout or settings.redis_socket_timeout_seconds,
                                 health_check_interval=30, max_connections=1024)
+
+
+# How long a call waits for an answer where waiting would hold up more than the call: a run's chunk writes (its
+# supervisor waits), a cache of its own (every request waits; a cache that is away must cost hits, not a stall).
+QUICK_SECONDS = 1.0
 
 
 def connect_cache_store(settings: Settings) -> redis.Redis | None:
     """The Redis of its own the result cache lives in (``FLOWPOOL_CACHE_REDIS_URL``); None: the registry's."""
-    return connect_redis(settings, settings.cache_redis_url) if settings.cache_redis_url else None
+    if not settings.cache_redis_url:
+        return None
+    return connect_redis(settings, settings.cache_redis_url, socket_timeout=QUICK_SECONDS)
 
 
 def patiently(call: Callable[[], T], until: float, what: str) -> T:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from dataclasses import replace
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -29,6 +30,7 @@ from flowpool import keys
 from flowpool.connections import UNREACHABLE, patiently
 from flowpool.errors import OutcomeUnavailable, RunError, RunNotStarted, WorkerLost
 from flowpool.run import RunEnd, RunRecord, RunStatus, dumps, encode
+from flowpool.run_scripts import ABANDON, BEGIN, CLAIM, FINISH
 from flowpool.sealing import InvalidToken, SecretBox
 from flowpool.settings import Settings
 
@@ -37,106 +39,6 @@ __all__ = ["RunStatus", "RunStore"]
 log = logging.getLogger("flowpool.runs")
 
 T = TypeVar("T")
-
-# Mark a queued run as running on a worker, with a lease the worker keeps
-# fresh, and index it by its hard deadline.
-_CLAIM = """
-local run_key, lease_key, runs_active_key = KEYS[1], KEYS[2], KEYS[3]
-local worker, started_at, lease_ms, request_id, deadline = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-if redis.call('HGET', run_key, 'status') ~= 'queued' then return 0 end
-redis.call('HSET', run_key, 'status', 'running', 'started_at', started_at, 'worker', worker)
-redis.call('SET', lease_key, worker, 'PX', lease_ms)
-redis.call('ZADD', runs_active_key, deadline, request_id)
-return 1
-"""
-
-# End a run that can no longer finish by itself: still queued (nobody took
-# it), or running without a lease (its worker died). Atomic, so of two API
-# processes noticing at once only one writes the end.
-_ABANDON = """
-local run_key, lease_key, events_key, runs_active_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local expected, status, finished_at, error_json, done, ttl_ms, force = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5],
-  ARGV[6], ARGV[7]
-local request_id = ARGV[8]
-local current = redis.call('HGET', run_key, 'status')
-if current ~= expected then return 0 end
-if current == 'running' and force ~= '1' and redis.call('EXISTS', lease_key) == 1 then return 0 end
-redis.call('HSET', run_key, 'status', status, 'finished_at', finished_at, 'error', error_json)
-redis.call('XADD', events_key, '*', 'kind', 'done', 'data', done)
-redis.call('PEXPIRE', events_key, ttl_ms)
-redis.call('ZREM', runs_active_key, request_id)
-return 1
-"""
-
-
-# Start a run unless its result is cached or an identical run is in flight:
-# one round trip for the workflow's revision check, the cache lookup, the
-# single-flight lock and the record. The API resolves workflows from memory;
-# a revision that moved on answers 'stale' and it resolves again.
-# A hit writes its own run record from the fields the worker stored with the
-# entry, so a cache hit costs a single round trip.
-# The cache keys are "" when the request is not cached. With an
-# Idempotency-Key (KEYS[9], "" without one) a request repeating the key gets
-# the run the key first named ('replay'), or 'conflict' when its fingerprint
-# differs; a first run that never started ('expired') or is gone hands the
-# key on. ARGV from 10 on are the queued record's fields and values.
-_BEGIN = """
-local run_key, workflow_runs_key, entry_key, lock_key, entry_record_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local workflow_key, session_runs_key, metrics_key, idem_key = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
-local runs_active_key = KEYS[10]
-local request_id, ttl_ms, queued_at, runs_kept, lock_ms = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local expected_rev, idem_ms, fingerprint, run_prefix = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
-local RECORD_FROM = 10
-if (redis.call('HGET', workflow_key, 'rev') or '') ~= expected_rev then return {'stale'} end
-local function remember(owner)
-  if idem_key ~= '' then redis.call('SET', idem_key, owner .. ' ' .. fingerprint, 'PX', idem_ms) end
-end
-if idem_key ~= '' then
-  local held = redis.call('GET', idem_key)
-  if held then
-    local sep = string.find(held, ' ', 1, true)
-    local first = string.sub(held, 1, sep - 1)
-    local first_status = redis.call('HGET', run_prefix .. first, 'status')
-    if first_status and first_status ~= 'expired' then
-      if string.sub(held, sep + 1) ~= fingerprint then return {'conflict', first} end
-      return {'replay', first}
-    end
-  end
-end
-local state = {'queued'}
-if entry_key ~= '' then
-  local hit = redis.call('GET', entry_key)
-  if hit then
-    local copied = redis.call('HGETALL', entry_record_key)
-    redis.call('HINCRBY', metrics_key, 'cache_hits', 1)
-    remember(request_id)
-    if #copied == 0 then return {'hit', hit} end
-    redis.call('HSET', run_key, unpack(ARGV, RECORD_FROM))
-    redis.call('HSET', run_key, 'status', 'succeeded', 'cache_hit', 'true', 'started_at', queued_at,
-               'finished_at', queued_at, unpack(copied))
-    state = {'hit', hit, 'recorded'}
-  else
-    local leader = redis.call('GET', lock_key)
-    if leader then
-      remember(leader)
-      return {'join', leader}
-    end
-    redis.call('SET', lock_key, request_id, 'PX', lock_ms)
-  end
-end
-if state[1] == 'queued' then
-  remember(request_id)
-  redis.call('HSET', run_key, unpack(ARGV, RECORD_FROM))
-  -- Unfinished runs by deadline, for the reaper: queued, it must have ended when its lock would lapse.
-  redis.call('ZADD', runs_active_key, tonumber(queued_at) + tonumber(lock_ms) / 1000, request_id)
-end
-redis.call('PEXPIRE', run_key, ttl_ms)
-redis.call('ZADD', workflow_runs_key, queued_at, request_id)
-redis.call('ZREMRANGEBYRANK', workflow_runs_key, 0, -tonumber(runs_kept) - 1)
-redis.call('ZADD', session_runs_key, queued_at, request_id)
-redis.call('PEXPIRE', session_runs_key, ttl_ms)
-return state
-"""
 
 
 class RunStore:
@@ -152,9 +54,10 @@ class RunStore:
         self.runs_per_workflow = runs_per_workflow
         self.lease_grace_seconds = lease_grace_seconds
         self.outage_seconds = outage_seconds
-        self._claim = client.register_script(_CLAIM)
-        self._begin = client.register_script(_BEGIN)
-        self._abandon = client.register_script(_ABANDON)
+        self._claim = client.register_script(CLAIM)
+        self._begin = client.register_script(BEGIN)
+        self._abandon = client.register_script(ABANDON)
+        self._finish = client.register_script(FINISH)
 
     @classmethod
     def for_settings(cls, client: redis.Redis, settings: Settings) -> RunStore:
@@ -226,15 +129,21 @@ class RunStore:
         return encode({"origin_request_id": entry_request_id, "version": version, "output": output, "usage": usage,
                         "chunk_count": chunk_count})
 
-    def claim(self, request_id: str, worker: str, lease_ms: int, hard_seconds: float = 0.0) -> bool:
-        """Mark a queued run as running on ``worker``; False if it is not queued any more.
+    def claim(self, request_id: str, worker: str, lease_ms: int, hard_seconds: float = 0.0,
+              token: str | None = None) -> bool:
+        """Mark a queued run as running on ``worker`` under ``token``; False if it is not queued any more.
 
         ``hard_seconds`` is how long the run may go from now (its hard time
         limit): past that, and the reaper's margin, an unfinished run is lost.
+        ``token`` names this delivery: claiming again with it answers True (a
+        retried claim whose first answer was lost), and only it may
+        :meth:`finish` the run. Without one, the claim is a new one.
         """
+        token = token or uuid.uuid4().hex
         now = time.time()
         return bool(self._claim(keys=[keys.run(request_id), keys.run_lease(request_id), keys.RUNS_ACTIVE],
-                                args=[dumps(worker), dumps(now), lease_ms, request_id, now + hard_seconds]))
+                                args=[dumps(worker), dumps(now), lease_ms, request_id, now + hard_seconds,
+                                      dumps(token)]))
 
     def add_chunk(self, request_id: str, chunk_type: str, content: Any, index: int | None = None,
                   pipe: Any = None) -> None:
@@ -248,23 +157,27 @@ class RunStore:
         """Ask the worker running ``request_id`` to stop it (it checks within its heartbeat)."""
         self.redis.set(keys.run_cancel(request_id), 1, px=self.ttl_ms)
 
-    def finish(self, pipe: redis.client.Pipeline, request_id: str, end: RunEnd, fields: dict[str, Any]) -> None:
-        """Queue the writes that end a run: the record's final ``fields``, the ``done`` event, the lease gone."""
-        now = time.time()
-        pipe.hset(keys.run(request_id), mapping=encode({"status": end.status, "finished_at": now, **fields}))
-        pipe.xadd(keys.run_events(request_id), {"kind": "done", "data": dumps(end.to_message())})
-        pipe.pexpire(keys.run_events(request_id), self.ttl_ms)
-        pipe.pexpire(keys.run(request_id), self.ttl_ms)
-        pipe.delete(keys.run_lease(request_id))
-        pipe.zrem(keys.RUNS_ACTIVE, request_id)
-        pipe.hincrby(keys.METRICS, f"runs:{end.status}", 1)
+    def finish(self, pipe: redis.client.Pipeline, request_id: str, end: RunEnd, fields: dict[str, Any],
+               claim: str) -> None:
+        """Queue the end of a run claimed under ``claim``: the record's final ``fields``, the ``done`` event, the
+        lease gone; written only while the run is still running under that claim (see :data:`~flowpool.run_scripts.FINISH`)."""
+        flat = [item for pair in encode({"status": end.status, "finished_at": time.time(), **fields}).items()
+                for item in pair]
+        self._finish(keys=[keys.run(request_id), keys.run_events(request_id), keys.run_lease(request_id),
+                           keys.RUNS_ACTIVE, keys.METRICS],
+                     args=[request_id, dumps(claim), dumps(end.to_message()), self.ttl_ms, f"runs:{end.status}",
+                           *flat],
+                     client=pipe)
 
     # How long the sealed output of a secret-bearing run waits for its callers before Redis drops it.
     REPLY_SECONDS = 60
 
-    def put_reply(self, pipe: redis.client.Pipeline, request_id: str, sealed: str) -> None:
-        """Queue the write of the output of a run whose stream keeps it redacted, sealed for its callers' secrets."""
-        pipe.set(keys.run_reply(request_id), sealed, ex=self.REPLY_SECONDS)
+    def put_reply(self, pipe: redis.client.Pipeline, request_id: str, sealed: str, seconds: int = REPLY_SECONDS) -> None:
+        """Queue the write of the output of a run whose stream keeps it redacted, sealed for its callers' secrets.
+
+        ``seconds``: how long it waits for its callers (longer for a request sent with an Idempotency-Key, whose
+        repeats open it too)."""
+        pipe.set(keys.run_reply(request_id), sealed, ex=seconds)
 
     def take_reply(self, request_id: str, end: RunEnd, box: SecretBox | None) -> RunEnd:
         """``end`` with its clear output, for a caller holding the secrets it was sealed for.
@@ -333,9 +246,10 @@ class RunStore:
         return [RunRecord.from_fields(raw) for raw in pipe.execute()]
 
     def chunks(self, request_id: str) -> list[dict[str, Any]]:
-        """The chunks the run emitted, in order."""
-        chunks = [json.loads(fields[b"data"]) for _, fields in self.redis.xrange(keys.run_events(request_id))
-                  if fields.get(b"kind") == b"chunk"]
+        """The chunks the run emitted, in order (each once: see :class:`_Seen`)."""
+        seen = _Seen()
+        chunks = [chunk for _, fields in self.redis.xrange(keys.run_events(request_id))
+                  if fields.get(b"kind") == b"chunk" and seen.first_time(chunk := json.loads(fields[b"data"]))]
         for chunk in chunks:
             chunk.pop("index", None)
         return chunks
@@ -387,6 +301,7 @@ class RunStore:
         run_deadline: float | None = None
         leaseless_since: float | None = None
         quiet_since = begun
+        seen = _Seen()
 
         def unless_unreachable(call: Callable[[], T], what: str) -> T:
             try:
@@ -406,8 +321,8 @@ class RunStore:
                     if kind == b"done":
                         yield entry_id.decode(), "done", RunEnd.from_message(json.loads(fields[b"data"]))
                         return
-                    if chunks:
-                        yield entry_id.decode(), "chunk", json.loads(fields[b"data"])
+                    if chunks and seen.first_time(chunk := json.loads(fields[b"data"])):
+                        yield entry_id.decode(), "chunk", chunk
             if reply:
                 quiet_since = time.monotonic()
                 continue
@@ -422,7 +337,8 @@ class RunStore:
                     raise error
             elif status == RunStatus.RUNNING.value:
                 run_deadline = run_deadline or now + run_seconds
-                overdue = now > run_deadline
+                # With a live lease its worker is there, maybe still writing its end through an outage.
+                overdue = now > run_deadline + (self.outage_seconds if has_lease else 0)
                 if has_lease:
                     leaseless_since = None
                 elif leaseless_since is None:
@@ -477,3 +393,26 @@ class RunStore:
         pipe.exists(keys.run_lease(request_id))
         (status, version), lease = pipe.execute()
         return status.decode() if status else None, bool(lease), json.loads(version) if version else None
+
+
+class _Seen:
+    """Which chunk indexes a reader has passed on already.
+
+    A batch of chunks the worker wrote again, because Redis ran the first
+    write but its answer was lost, is in the stream twice; each reader passes
+    on each chunk once. A chunk without an index (from an older worker) is
+    always new.
+    """
+
+    def __init__(self) -> None:
+        self.last = -1
+
+    def first_time(self, chunk: dict[str, Any]) -> bool:
+        index = chunk.get("index")
+        if not isinstance(index, int):
+            return True
+        if index <= self.last:
+            return False
+        self.last = index
+        return True
+

@@ -43,7 +43,8 @@ class Settings(BaseSettings):
         f"the other commands fall back to {DEFAULT_REDIS_URL}.")
     redis_socket_timeout_seconds: float = Field(
         10, ge=2, description="How long one Redis command may wait for its answer (a paused or unreachable server) "
-        "before it fails and is tried again; longer than any blocking read flowpool makes (1 s).")
+        "before it fails; what carries a run's outcome (the worker's writes, a caller's wait) is then tried again with "
+        "backoff, anything else answers 503. Longer than any blocking read flowpool makes (1 s).")
     broker_url: Optional[str] = Field(
         None, description="Celery broker (redis:// or amqp://). Defaults to the Redis URL.")
     cache_redis_url: Optional[str] = Field(

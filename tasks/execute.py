@@ -7,6 +7,7 @@ import os
 import sys
 import threading
 import time
+import uuid
 from typing import TYPE_CHECKING, Any, Sequence
 
 import flowpool
@@ -73,9 +74,10 @@ class _Chunks:
 
     # A burst of emits goes out in one round trip of at most this many chunks.
     _BATCH = 256
-    # After a write Redis did not take, emits wait this long before the next try, so an unreachable Redis
-    # costs the run one failed round trip per pause, not one per emit.
+    # After a write Redis did not take, emits wait this long (doubling, up to the most) before the next try,
+    # so an unreachable Redis costs the run one failed round trip per pause, not one per emit.
     _RETRY_AFTER = 0.5
+    _RETRY_AFTER_MAX = 5.0
 
     def __init__(self, runtime: WorkerRuntime, request_id: str, redactions: Replacements, keep: bool) -> None:
         self.runtime, self.request_id, self.redactions = runtime, request_id, redactions
@@ -83,6 +85,7 @@ class _Chunks:
         self._count = itertools.count()
         self._batch: list[tuple[str, Any, int]] = []
         self._next_try = 0.0
+        self._retry_after = self._RETRY_AFTER
 
     def emit(self, chunk_type: str, content: Any) -> None:
         """Take one emitted chunk; a full batch goes out at once."""
@@ -103,17 +106,21 @@ class _Chunks:
         if not self._batch:
             return
         if until is not None:
-            patiently(self._write, until, f"run {self.request_id}: writing its chunks")
+            patiently(lambda: self._write(self.runtime.redis), until, f"run {self.request_id}: writing its chunks")
         elif time.monotonic() >= self._next_try:
             try:
-                self._write()
+                # A client that gives up within a second: the run's supervisor waits on this write.
+                self._write(self.runtime.redis_quick)
+                self._retry_after = self._RETRY_AFTER
             except UNREACHABLE as exc:
-                self._next_try = time.monotonic() + self._RETRY_AFTER
+                self._next_try = time.monotonic() + self._retry_after
+                self._retry_after = min(2 * self._retry_after, self._RETRY_AFTER_MAX)
                 log.warning("run %s: %d chunks wait for Redis: %s", self.request_id, len(self._batch), exc)
 
-    def _write(self) -> None:
-        # One transaction: a batch Redis did not take is written again whole, never in part twice.
-        pipe = self.runtime.redis.pipeline(transaction=True)
+    def _write(self, client: Any) -> None:
+        # One transaction: a batch Redis did not take is written again whole, and a batch Redis took although
+        # its answer was lost is written again too, which its readers pass over (they read each index once).
+        pipe = client.pipeline(transaction=True)
         for chunk_type, content, index in self._batch:
             self.runtime.runs.add_chunk(self.request_id, chunk_type, content, index=index, pipe=pipe)
         pipe.execute()
@@ -130,6 +137,7 @@ def execute_run(runtime: WorkerRuntime, job: RunJob) -> str:
     """
     request_id = job.request_id
     cancel = threading.Event()
+    token = uuid.uuid4().hex  # this delivery's claim: only it may write the run's end
     settings = runtime.settings
     hard_seconds = job.soft_seconds + settings.hard_timeout_grace_seconds
     claim_until = time.monotonic() + settings.redis_outage_seconds
@@ -137,7 +145,7 @@ def execute_run(runtime: WorkerRuntime, job: RunJob) -> str:
 
     def claim() -> bool:
         """Mark the run as ours; False when the caller gave up on it meanwhile."""
-        if not patiently(lambda: runtime.runs.claim(request_id, runtime.name, runtime.lease_ms, hard_seconds),
+        if not patiently(lambda: runtime.runs.claim(request_id, runtime.name, runtime.lease_ms, hard_seconds, token),
                          claim_until, f"run {request_id}: claiming it"):
             return False
         runtime.cancels[request_id] = cancel
@@ -179,7 +187,7 @@ def execute_run(runtime: WorkerRuntime, job: RunJob) -> str:
         try:
             if chunks is not None:
                 chunks.flush(until=keep_until)
-            return _record_end(runtime, job, outcome, error, calls, router.workflow_calls if router else [],
+            return _record_end(runtime, job, token, outcome, error, calls, router.workflow_calls if router else [],
                                redactions, chunks.kept if chunks is not None else None, keep_until)
         except UNREACHABLE as exc:
             # Its lease lapses once it leaves runtime.active; the reaper marks it lost.
@@ -191,13 +199,14 @@ def execute_run(runtime: WorkerRuntime, job: RunJob) -> str:
         runtime.cancels.pop(request_id, None)
 
 
-def _record_end(runtime: WorkerRuntime, job: RunJob, outcome: RunOutcome | None, error: RunError | None,
+def _record_end(runtime: WorkerRuntime, job: RunJob, claim: str, outcome: RunOutcome | None, error: RunError | None,
                 calls: RunCalls, workflow_calls: list[dict[str, Any]], redactions: Replacements,
                 chunks: list[dict[str, Any]] | None, until: float) -> str:
     """Write the run's end in one round trip: record, ``done`` event, cache entry, metrics; the final status.
 
     ``chunks`` are the run's emitted chunks as stored, when it may be cached.
-    While Redis is unreachable the end is written again until ``until`` (a
+    The end is written only while the run is running under ``claim``, its
+    delivery's token (:meth:`RunStore.finish`). While Redis is unreachable the end is written again until ``until`` (a
     ``time.monotonic()`` deadline), then the error is raised.
     """
     request_id, runs = job.request_id, runtime.runs
@@ -237,6 +246,10 @@ def _record_end(runtime: WorkerRuntime, job: RunJob, outcome: RunOutcome | None,
     end = RunEnd(status=status.value, version=job.version, usage=usage, output=output, content=content,
                  error=fields.get("error"), reply=sealed is not None)
 
+    # A request sent with an Idempotency-Key is answered again, from this reply, for as long as its key lives.
+    reply_seconds = max(runs.REPLY_SECONDS, runtime.settings.idempotency_seconds) if job.replayable \
+        else runs.REPLY_SECONDS
+
     def write() -> None:
         # One transaction, so an end Redis did not take is written again whole, never in part twice.
         pipe = runtime.redis.pipeline(transaction=True)
@@ -251,8 +264,8 @@ def _record_end(runtime: WorkerRuntime, job: RunJob, outcome: RunOutcome | None,
         if sealed is not None:
             # The stream keeps the run's final event, redacted, as long as the
             # record; every caller opens the sealed reply with its own secrets.
-            runs.put_reply(pipe, request_id, sealed)
-        runs.finish(pipe, request_id, end, fields)
+            runs.put_reply(pipe, request_id, sealed, reply_seconds)
+        runs.finish(pipe, request_id, end, fields, claim)
         for record in calls.records:
             pipe.hincrby(keys.METRICS, f"{record.get('kind', 'model')}_calls:{record['status']}", 1)
         pipe.execute()

@@ -12,7 +12,7 @@ import redis
 
 from flowpool import keys
 from flowpool.cache import ResultCache
-from flowpool.connections import UNREACHABLE, connect_cache_store, connect_redis
+from flowpool.connections import QUICK_SECONDS, UNREACHABLE, connect_cache_store, connect_redis
 from flowpool.egress import EgressPolicy
 from flowpool.registry import Applications, ProviderKeys, Workflows
 from flowpool.runs import RunStore
@@ -36,6 +36,8 @@ class WorkerRuntime:
         self.settings = settings
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.redis = connect_redis(settings)
+        # For writes a run's supervisor waits on (its chunks): given up within a second, tried again later.
+        self.redis_quick = connect_redis(settings, socket_timeout=QUICK_SECONDS)
         self.runs = RunStore.for_settings(self.redis, settings)
         server_key = ServerKey(self.redis, settings.secret_key)
         self.cache = ResultCache(self.redis, server_key, connect_cache_store(settings))

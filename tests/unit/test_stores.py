@@ -548,8 +548,11 @@ def queued(request_id: str) -> RunRecord:
 
 
 def finish_run(runs: RunStore, request_id: str, output: Any = "ok") -> None:
+    """End a claimed run as its worker does, under the claim it holds."""
+    claim = json.loads(runs.redis.hget(keys.run(request_id), "claim") or '""')
     pipe = runs.redis.pipeline()
-    runs.finish(pipe, request_id, RunEnd(status="succeeded", version="1.0.0", output=output), {"output": output})
+    runs.finish(pipe, request_id, RunEnd(status="succeeded", version="1.0.0", output=output), {"output": output},
+                claim=claim)
     pipe.execute()
 
 
@@ -890,3 +893,66 @@ def test_wait_names_the_run_when_redis_stays_unreachable_past_its_deadline() -> 
     finally:
         client.close()
         server.stop()
+
+
+# Writes Redis ran although their answer was lost (a timeout), tried again.
+
+def test_a_claim_tried_again_with_its_token_holds_and_no_other_delivery_gets_it(runs: RunStore) -> None:
+    queue_run(runs, "req_1")
+    assert runs.claim("req_1", "worker-a", lease_ms=5000, token="delivery-1")
+    assert runs.claim("req_1", "worker-a", lease_ms=5000, token="delivery-1")  # the retry of a claim Redis ran
+    assert not runs.claim("req_1", "worker-a", lease_ms=5000, token="delivery-2")  # a second delivery, same worker
+    assert not runs.claim("req_1", "worker-b", lease_ms=5000)
+
+
+def _end(runs: RunStore, request_id: str, claim: str, output: Any) -> None:
+    pipe = runs.redis.pipeline()
+    runs.finish(pipe, request_id, RunEnd(status="succeeded", version="1.0.0", output=output), {"output": output},
+                claim=claim)
+    pipe.execute()
+
+
+def test_an_end_is_written_once_and_only_by_the_claim_that_runs_it(runs: RunStore, redis_db: redis.Redis) -> None:
+    queue_run(runs, "req_1")
+    runs.claim("req_1", "worker-a", lease_ms=5000, token="delivery-1")
+    _end(runs, "req_1", "delivery-2", "not mine")  # another delivery's end is not written
+    assert runs.get("req_1").status == "running"  # type: ignore[union-attr]
+    _end(runs, "req_1", "delivery-1", "mine")
+    _end(runs, "req_1", "delivery-1", "mine")  # written again after its answer was lost
+    dones = [f for _, f in redis_db.xrange(keys.run_events("req_1")) if f[b"kind"] == b"done"]
+    assert len(dones) == 1 and runs.get("req_1").output == "mine"  # type: ignore[union-attr]
+    assert redis_db.hget(keys.METRICS, "runs:succeeded") == b"1"
+
+
+def test_a_run_already_ended_as_lost_keeps_that_end(runs: RunStore) -> None:
+    queue_run(runs, "req_1")
+    runs.claim("req_1", "worker-a", lease_ms=5000, token="delivery-1")
+    assert runs.abandon("req_1", RunStatus.RUNNING, WorkerLost("gone"), "1.0.0", force=True)
+    _end(runs, "req_1", "delivery-1", "late")  # the worker comes back after an outage
+    record = runs.get("req_1")
+    assert record is not None and record.status == "lost" and record.output is None
+    end = runs.end_of("req_1")
+    assert end is not None and end.status == "lost"
+
+
+def test_a_chunk_written_twice_is_read_once(runs: RunStore) -> None:
+    queue_run(runs, "req_1")
+    runs.claim("req_1", "worker-a", lease_ms=10_000)
+    for _ in range(2):  # a batch written again whole
+        for index, content in enumerate(["a", "b"]):
+            runs.add_chunk("req_1", "step", content, index=index)
+    runs.add_chunk("req_1", "step", "c", index=2)
+    finish_run(runs, "req_1")
+    seen = [data["content"] for _, kind, data in runs.events("req_1", queue_wait=1, run_seconds=1, poll=0.05)
+            if kind == "chunk"]
+    assert seen == ["a", "b", "c"]
+    assert [c["content"] for c in runs.chunks("req_1")] == ["a", "b", "c"]
+
+
+def test_a_record_written_already_ended_is_not_indexed_as_unfinished(runs: RunStore, redis_db: redis.Redis) -> None:
+    now = time.time()
+    runs.begin(RunRecord(request_id="req_hit", account=ACCOUNT, workflow="summarize", status=RunStatus.SUCCEEDED,
+                         version="1.0.0", cache_hit=True, queued_at=now, started_at=now, finished_at=now),
+               lock_seconds=70)
+    assert runs.get("req_hit").status == "succeeded"  # type: ignore[union-attr]
+    assert "req_hit" not in active(redis_db)
