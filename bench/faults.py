@@ -17,7 +17,10 @@ are in flight, and prints one row:
   for a run that had started, ``x-should-retry: true`` only for a run that
   had not, and otherwise only the error types the fault can cause (503
   ``service_unavailable``; ``script_error`` where the script raises).
-- **wrong**: answered, but neither of the above (a ``sandbox_error`` caused by
+- **refused**: answered 503 before anything ran, with ``x-should-retry: true``
+  and no run (the counting server never saw it): honest, and safe to send
+  again. A request arriving while Redis is down gets this.
+- **wrong**: answered, but none of the above (a ``sandbox_error`` caused by
   a shutdown, "safe to retry" for a run that ran, a wrong output).
 - **lost**: no answer (the connection died, the client timed out, a stream
   ended without its final object or an ``error`` event), or an error answer
@@ -31,8 +34,9 @@ are in flight, and prints one row:
 
 The progress row counts differently: each stream emits a chunk, then waits
 2 s on a gated ``ctx.http`` call; **correct** counts the streams whose chunk
-arrived while the gate was still closed, **worst s** is the time to that
-chunk, and **lost** the streams with no final answer.
+arrived while the gate was still closed, **wrong** those whose chunk came
+only after it opened, **worst s** is the time to the chunk, and **lost**
+the streams with no final answer.
 
 Notes under the table break each row's answers down by status and type, and
 say what the fault left behind (records still queued or running, broker
@@ -192,6 +196,7 @@ class Row:
     fault: str
     sent: int
     correct: int
+    refused: int
     wrong: int
     lost: int
     twice: int
@@ -389,9 +394,11 @@ def load(calls: list[Callable[[], Call]], pace: float = 0.0, clients: int | None
 
 
 def verdict(call: Call, ran: bool, errors: frozenset[str]) -> str:
-    """correct, wrong or lost: what one caller got, by the definitions of the module's docstring."""
-    if call.status is None or (call.error is not None and not call.request_id):
+    """correct, refused, wrong or lost: what one caller got, by the definitions of the module's docstring."""
+    if call.status is None:
         return "lost"
+    if call.error is not None and not call.request_id:
+        return "refused" if call.status == 503 and call.should_retry == "true" and not ran else "lost"
     if call.error is None:
         return "correct" if call.output == {"id": call.id} else "wrong"
     if call.should_retry == "true" and ran:
@@ -406,13 +413,8 @@ def judge(fault: str, calls: list[Call], witness: Witness,
     """The row of a fault: its calls judged, the runs the counting server saw, the slowest answer."""
     verdicts = Counter(verdict(c, witness.seen[c.id] > 0, errors) for c in calls)
     answered = [c.answered - c.sent for c in calls if c.answered is not None]
-    # Lost by the definition, yet honest: refused before anything ran, and marked safe to resend.
-    resendable = sum(c.status is not None and c.error is not None and not c.request_id
-                     and c.should_retry == "true" and not witness.seen[c.id] for c in calls)
     lines = [f"answers: {_answers(calls)}"]
-    if resendable:
-        lines.append(f"{resendable} of the lost were refused before they ran, with x-should-retry: true")
-    return Row(fault, len(calls), verdicts["correct"], verdicts["wrong"], verdicts["lost"],
+    return Row(fault, len(calls), verdicts["correct"], verdicts["refused"], verdicts["wrong"], verdicts["lost"],
                sum(witness.seen[c.id] > 1 for c in calls), max(answered, default=None), lines + (notes or []))
 
 
@@ -446,7 +448,8 @@ def fault_progress(witness: Witness, quick: bool) -> list[Row]:
         early = [c for c in results if c.chunk_at is not None and c.chunk_at < witness.opened.get(c.id, 0)]
         answered = [c for c in results if c.status is not None]
         chunks = [c.chunk_after for c in results if c.chunk_after is not None]
-        return [Row("progress", n, len(early), 0, n - len(answered), sum(witness.seen[c.id] > 1 for c in results),
+        return [Row("progress", n, len(early), 0, len(answered) - len(early), n - len(answered),
+                    sum(witness.seen[c.id] > 1 for c in results),
                     max(chunks, default=None),
                     ["correct = streams whose chunk came while the gate was closed; worst s = time to the chunk",
                      f"final answers: {_answers(results)}"])]
@@ -663,10 +666,12 @@ FAULTS: dict[str, Callable[[Witness, bool], list[Row]]] = {
 
 def print_table(rows: list[Row]) -> None:
     print()
-    print(f"{'fault':<26} {'sent':>5} {'correct':>8} {'wrong':>6} {'lost':>5} {'twice':>6} {'worst s':>8}")
+    print(f"{'fault':<26} {'sent':>5} {'correct':>8} {'refused':>8} {'wrong':>6} {'lost':>5} {'twice':>6} "
+          f"{'worst s':>8}")
     for row in rows:
         worst = f"{row.worst:.1f}" if row.worst is not None else "-"
-        print(f"{row.fault:<26} {row.sent:>5} {row.correct:>8} {row.wrong:>6} {row.lost:>5} {row.twice:>6} {worst:>8}")
+        print(f"{row.fault:<26} {row.sent:>5} {row.correct:>8} {row.refused:>8} {row.wrong:>6} {row.lost:>5} "
+              f"{row.twice:>6} {worst:>8}")
     print()
     for row in rows:
         for note in row.notes:
