@@ -17,6 +17,8 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+import redis
+
 from flowpool import keys
 from flowpool.connections import UNREACHABLE, patiently
 from flowpool.errors import (FlowpoolError, IdempotencyKeyReused, OutcomeUnavailable, PayloadTooLarge, RequestError,
@@ -114,7 +116,7 @@ def admit(svc: Services, account: Account, body: InvokeRequest, idempotency_key:
     idempotency = None
     if idempotency_key is not None:
         idempotency = (keys.idempotency(account.id, hashlib.sha256(idempotency_key.encode()).hexdigest()),
-                       _fingerprint(svc, body), min(settings.idempotency_seconds, settings.run_ttl_seconds))
+                       _fingerprint(svc, body), settings.idempotency_window)
     for _ in range(_STALE_TRIES):  # a workflow changed under the request is resolved and checked again
         check_invocation_input(workflow.input_schema, body.input)
         soft = settings.clamp_timeout(workflow.timeout_seconds)
@@ -160,8 +162,7 @@ def admit(svc: Services, account: Account, body: InvokeRequest, idempotency_key:
         messages=messages or [], secrets=body.secrets or {}, metadata=body.metadata or {},
         params={"max_tokens": body.max_tokens, "temperature": body.temperature, "stream": body.stream},
         env=workflow.env, output_schema=workflow.output_schema, application=workflow.application,
-        limits=workflow.limits, cache=CachePlan(cache_key, ttl) if cache_key else None,
-        replayable=idempotency is not None)
+        limits=workflow.limits, cache=CachePlan(cache_key, ttl) if cache_key else None)
     return Admission("queued", request_id, session_id, run_seconds, job=job, box=box)
 
 
@@ -245,9 +246,10 @@ def submit(svc: Services, admission: Admission) -> None:
         if not svc.workers_alive():
             raise Unavailable("no flowpool worker is running; start one with 'flowpool worker'")
         try:
+            message = job.to_message(svc.sealer)
             published = True
             svc.celery.send_task(
-                RUN_TASK, kwargs={"job": job.to_message(svc.sealer)}, task_id=job.request_id,
+                RUN_TASK, kwargs={"job": message}, task_id=job.request_id,
                 expires=svc.settings.queue_wait_seconds,
                 # Keep secrets out of worker logs and task events (Flower).
                 argsrepr="()", kwargsrepr=f"{{'job': <run {job.request_id} of {job.workflow}@{job.version}>}}",
@@ -274,7 +276,7 @@ def _withdraw(svc: Services, job: RunJob, reason: str) -> bool:
         dropped = patiently(lambda: svc.runs.abandon(job.request_id, RunStatus.QUEUED, RunNotStarted(reason),
                                                      job.version),
                             time.monotonic() + _WITHDRAW_SECONDS, f"run {job.request_id}: withdrawing it")
-    except UNREACHABLE:
+    except redis.RedisError:  # unreachable still, or refusing writes
         return False
     if dropped and job.cache is not None:
         _release_quietly(svc, job.account, job.cache.key, job.request_id)

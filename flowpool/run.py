@@ -91,7 +91,6 @@ class RunJob:
     application: str | None = None
     limits: dict[str, int] | None = None  # the workflow's own LIMITS
     cache: CachePlan | None = None
-    replayable: bool = False  # sent with an Idempotency-Key: its repeats read its sealed reply too
 
     def to_message(self, sealer: Sealer) -> dict[str, Any]:
         """The job as the JSON body of its Celery message, its secrets sealed: a message at rest holds none in clear."""

@@ -6,7 +6,7 @@ that order.
 """
 from __future__ import annotations
 
-__all__ = ["ABANDON", "BEGIN", "CLAIM", "FINISH"]
+__all__ = ["ABANDON", "APPEND_CHUNKS", "BEGIN", "CLAIM", "FINISH"]
 
 # Mark a queued run as running on a worker, with a lease the worker keeps
 # fresh, and index it by its hard deadline. The claim token names this one
@@ -30,7 +30,7 @@ return 1
 # and an end written again after a lost answer is not written twice.
 FINISH = """
 local run_key, events_key, lease_key, runs_active_key, metrics_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local request_id, claim, done, ttl_ms, counter = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local request_id, claim, done, ttl_ms, counters_json = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local FIELDS_FROM = 6
 if redis.call('HGET', run_key, 'status') ~= 'running' or redis.call('HGET', run_key, 'claim') ~= claim then
   return 0
@@ -41,8 +41,33 @@ redis.call('PEXPIRE', events_key, ttl_ms)
 redis.call('PEXPIRE', run_key, ttl_ms)
 redis.call('DEL', lease_key)
 redis.call('ZREM', runs_active_key, request_id)
-redis.call('HINCRBY', metrics_key, counter, 1)
+for _, counter in ipairs(cjson.decode(counters_json)) do redis.call('HINCRBY', metrics_key, counter, 1) end
 return 1
+"""
+
+# Append a run's emitted chunks (ARGV from 2 on, the first numbered ARGV[1])
+# to its stream, each once: a batch written again because Redis ran the
+# first write but its answer was lost skips the chunks the stream holds
+# already (by index), and a run that has ended takes none.
+APPEND_CHUNKS = """
+local events_key = KEYS[1]
+local first_index = tonumber(ARGV[1])
+local CHUNKS_FROM = 2
+local next_index = 0
+local top = redis.call('XREVRANGE', events_key, '+', '-', 'COUNT', 1)[1]
+if top then
+  local fields = top[2]  -- kind, chunk or done, data, the JSON
+  if fields[2] ~= 'chunk' then return 0 end
+  next_index = cjson.decode(fields[4])['index'] + 1
+end
+local added = 0
+for i = CHUNKS_FROM, #ARGV do
+  if first_index + i - CHUNKS_FROM >= next_index then
+    redis.call('XADD', events_key, '*', 'kind', 'chunk', 'data', ARGV[i])
+    added = added + 1
+  end
+end
+return added
 """
 
 # End a run that can no longer finish by itself: still queued (nobody took

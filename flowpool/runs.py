@@ -22,7 +22,7 @@ import logging
 import time
 import uuid
 from dataclasses import replace
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import redis
 
@@ -30,7 +30,7 @@ from flowpool import keys
 from flowpool.connections import UNREACHABLE, patiently
 from flowpool.errors import OutcomeUnavailable, RunError, RunNotStarted, WorkerLost
 from flowpool.run import RunEnd, RunRecord, RunStatus, dumps, encode
-from flowpool.run_scripts import ABANDON, BEGIN, CLAIM, FINISH
+from flowpool.run_scripts import ABANDON, APPEND_CHUNKS, BEGIN, CLAIM, FINISH
 from flowpool.sealing import InvalidToken, SecretBox
 from flowpool.settings import Settings
 
@@ -58,6 +58,7 @@ class RunStore:
         self._begin = client.register_script(BEGIN)
         self._abandon = client.register_script(ABANDON)
         self._finish = client.register_script(FINISH)
+        self._append_chunks = client.register_script(APPEND_CHUNKS)
 
     @classmethod
     def for_settings(cls, client: redis.Redis, settings: Settings) -> RunStore:
@@ -145,38 +146,38 @@ class RunStore:
                                 args=[dumps(worker), dumps(now), lease_ms, request_id, now + hard_seconds,
                                       dumps(token)]))
 
-    def add_chunk(self, request_id: str, chunk_type: str, content: Any, index: int | None = None,
-                  pipe: Any = None) -> None:
-        """Append one emitted chunk (the run's ``index``-th) to the run's stream."""
-        data: dict[str, Any] = {"type": chunk_type, "content": content}
-        if index is not None:
-            data["index"] = index
-        (pipe or self.redis).xadd(keys.run_events(request_id), {"kind": "chunk", "data": dumps(data)})
+    def add_chunks(self, request_id: str, chunks: list[tuple[str, Any, int]], pipe: Any = None) -> None:
+        """Append emitted chunks, each ``(type, content, index)`` and numbered on from the last, to the run's stream.
+
+        Written again (an answer Redis lost), a chunk the stream holds already is not added twice (``APPEND_CHUNKS``).
+        """
+        if chunks:
+            self._append_chunks(keys=[keys.run_events(request_id)],
+                                args=[chunks[0][2], *(dumps({"type": chunk_type, "content": content, "index": index})
+                                                      for chunk_type, content, index in chunks)],
+                                client=pipe)
 
     def request_cancel(self, request_id: str) -> None:
         """Ask the worker running ``request_id`` to stop it (it checks within its heartbeat)."""
         self.redis.set(keys.run_cancel(request_id), 1, px=self.ttl_ms)
 
     def finish(self, pipe: redis.client.Pipeline, request_id: str, end: RunEnd, fields: dict[str, Any],
-               claim: str) -> None:
+               claim: str, counters: Sequence[str] = ()) -> None:
         """Queue the end of a run claimed under ``claim``: the record's final ``fields``, the ``done`` event, the
-        lease gone; written only while the run is still running under that claim (see :data:`~flowpool.run_scripts.FINISH`)."""
+        lease gone, ``runs:<status>`` and each of ``counters`` counted in the metrics. Written only while the run
+        is still running under that claim (:data:`~flowpool.run_scripts.FINISH`): the pipeline's answer for it is
+        1, or 0 when the run had been ended already (lost) and keeps that end."""
         flat = [item for pair in encode({"status": end.status, "finished_at": time.time(), **fields}).items()
                 for item in pair]
         self._finish(keys=[keys.run(request_id), keys.run_events(request_id), keys.run_lease(request_id),
                            keys.RUNS_ACTIVE, keys.METRICS],
-                     args=[request_id, dumps(claim), dumps(end.to_message()), self.ttl_ms, f"runs:{end.status}",
-                           *flat],
+                     args=[request_id, dumps(claim), dumps(end.to_message()), self.ttl_ms,
+                           dumps([f"runs:{end.status}", *counters]), *flat],
                      client=pipe)
 
-    # How long the sealed output of a secret-bearing run waits for its callers before Redis drops it.
-    REPLY_SECONDS = 60
-
-    def put_reply(self, pipe: redis.client.Pipeline, request_id: str, sealed: str, seconds: int = REPLY_SECONDS) -> None:
-        """Queue the write of the output of a run whose stream keeps it redacted, sealed for its callers' secrets.
-
-        ``seconds``: how long it waits for its callers (longer for a request sent with an Idempotency-Key, whose
-        repeats open it too)."""
+    def put_reply(self, pipe: redis.client.Pipeline, request_id: str, sealed: str, seconds: int) -> None:
+        """Queue the write of the output of a run whose stream keeps it redacted, sealed for its callers' secrets,
+        kept ``seconds`` (as long as a repeat of the request with its Idempotency-Key may come to read it)."""
         pipe.set(keys.run_reply(request_id), sealed, ex=seconds)
 
     def take_reply(self, request_id: str, end: RunEnd, box: SecretBox | None) -> RunEnd:
@@ -246,10 +247,9 @@ class RunStore:
         return [RunRecord.from_fields(raw) for raw in pipe.execute()]
 
     def chunks(self, request_id: str) -> list[dict[str, Any]]:
-        """The chunks the run emitted, in order (each once: see :class:`_Seen`)."""
-        seen = _Seen()
-        chunks = [chunk for _, fields in self.redis.xrange(keys.run_events(request_id))
-                  if fields.get(b"kind") == b"chunk" and seen.first_time(chunk := json.loads(fields[b"data"]))]
+        """The chunks the run emitted, in order."""
+        chunks = [json.loads(fields[b"data"]) for _, fields in self.redis.xrange(keys.run_events(request_id))
+                  if fields.get(b"kind") == b"chunk"]
         for chunk in chunks:
             chunk.pop("index", None)
         return chunks
@@ -301,7 +301,6 @@ class RunStore:
         run_deadline: float | None = None
         leaseless_since: float | None = None
         quiet_since = begun
-        seen = _Seen()
 
         def unless_unreachable(call: Callable[[], T], what: str) -> T:
             try:
@@ -321,8 +320,8 @@ class RunStore:
                     if kind == b"done":
                         yield entry_id.decode(), "done", RunEnd.from_message(json.loads(fields[b"data"]))
                         return
-                    if chunks and seen.first_time(chunk := json.loads(fields[b"data"])):
-                        yield entry_id.decode(), "chunk", chunk
+                    if chunks:
+                        yield entry_id.decode(), "chunk", json.loads(fields[b"data"])
             if reply:
                 quiet_since = time.monotonic()
                 continue
@@ -393,26 +392,3 @@ class RunStore:
         pipe.exists(keys.run_lease(request_id))
         (status, version), lease = pipe.execute()
         return status.decode() if status else None, bool(lease), json.loads(version) if version else None
-
-
-class _Seen:
-    """Which chunk indexes a reader has passed on already.
-
-    A batch of chunks the worker wrote again, because Redis ran the first
-    write but its answer was lost, is in the stream twice; each reader passes
-    on each chunk once. A chunk without an index (from an older worker) is
-    always new.
-    """
-
-    def __init__(self) -> None:
-        self.last = -1
-
-    def first_time(self, chunk: dict[str, Any]) -> bool:
-        index = chunk.get("index")
-        if not isinstance(index, int):
-            return True
-        if index <= self.last:
-            return False
-        self.last = index
-        return True
-

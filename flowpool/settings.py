@@ -212,6 +212,12 @@ class Settings(BaseSettings):
         return limits
 
     @property
+    def idempotency_window(self) -> int:
+        """Seconds an Idempotency-Key names its run, and the sealed clear output of a run carrying its request's
+        secrets is kept for its callers (a repeat reads it): the setting, within the life of run records."""
+        return min(self.idempotency_seconds, self.run_ttl_seconds)
+
+    @property
     def run_deadline_slack(self) -> float:
         """Seconds the API waits past a run's hard limit before calling the worker lost."""
         return self.hard_timeout_grace_seconds + self.worker_ttl_seconds

@@ -11,7 +11,6 @@ import uuid
 from typing import TYPE_CHECKING, Any, Sequence
 
 import flowpool
-from flowpool import keys
 from flowpool.connections import UNREACHABLE, patiently
 from flowpool.errors import Cancelled, NotFound, RunError, SandboxError, ScriptError, WorkerLost
 from flowpool.registry import check_output
@@ -118,12 +117,9 @@ class _Chunks:
                 log.warning("run %s: %d chunks wait for Redis: %s", self.request_id, len(self._batch), exc)
 
     def _write(self, client: Any) -> None:
-        # One transaction: a batch Redis did not take is written again whole, and a batch Redis took although
-        # its answer was lost is written again too, which its readers pass over (they read each index once).
-        pipe = client.pipeline(transaction=True)
-        for chunk_type, content, index in self._batch:
-            self.runtime.runs.add_chunk(self.request_id, chunk_type, content, index=index, pipe=pipe)
-        pipe.execute()
+        # One script: a batch Redis did not take is written again whole; one Redis took although its answer
+        # was lost is written again too, and the script skips what the stream holds already.
+        self.runtime.runs.add_chunks(self.request_id, self._batch, pipe=client)
         self._batch.clear()
 
 
@@ -185,6 +181,10 @@ def execute_run(runtime: WorkerRuntime, job: RunJob) -> str:
                 except RunError as exc:
                     error = exc
         try:
+            # A run that failed before the sandbox opened its gate (it could not be started) is claimed now, so its
+            # end is written (only a claimed run's is).
+            if request_id not in runtime.active and not claim():
+                return _skipped(request_id)
             if chunks is not None:
                 chunks.flush(until=keep_until)
             return _record_end(runtime, job, token, outcome, error, calls, router.workflow_calls if router else [],
@@ -246,11 +246,7 @@ def _record_end(runtime: WorkerRuntime, job: RunJob, claim: str, outcome: RunOut
     end = RunEnd(status=status.value, version=job.version, usage=usage, output=output, content=content,
                  error=fields.get("error"), reply=sealed is not None)
 
-    # A request sent with an Idempotency-Key is answered again, from this reply, for as long as its key lives.
-    reply_seconds = max(runs.REPLY_SECONDS, runtime.settings.idempotency_seconds) if job.replayable \
-        else runs.REPLY_SECONDS
-
-    def write() -> None:
+    def write() -> bool:
         # One transaction, so an end Redis did not take is written again whole, never in part twice.
         pipe = runtime.redis.pipeline(transaction=True)
         if job.cache is not None:
@@ -264,13 +260,16 @@ def _record_end(runtime: WorkerRuntime, job: RunJob, claim: str, outcome: RunOut
         if sealed is not None:
             # The stream keeps the run's final event, redacted, as long as the
             # record; every caller opens the sealed reply with its own secrets.
-            runs.put_reply(pipe, request_id, sealed, reply_seconds)
-        runs.finish(pipe, request_id, end, fields, claim)
-        for record in calls.records:
-            pipe.hincrby(keys.METRICS, f"{record.get('kind', 'model')}_calls:{record['status']}", 1)
-        pipe.execute()
+            runs.put_reply(pipe, request_id, sealed, runtime.settings.idempotency_window)
+        finished_at = len(pipe)
+        runs.finish(pipe, request_id, end, fields, claim,
+                    [f"{record.get('kind', 'model')}_calls:{record['status']}" for record in calls.records])
+        return bool(pipe.execute()[finished_at])
 
-    patiently(write, until, f"run {request_id}: writing its outcome")
+    if not patiently(write, until, f"run {request_id}: writing its outcome"):
+        log.warning("run %s: its end (%s) was not recorded: the run had been ended meanwhile (taken for lost while "
+                    "Redis or this worker did not answer) and keeps that end", request_id, status.value)
+        return RunStatus.LOST.value
     return status.value
 
 

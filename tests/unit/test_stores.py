@@ -607,8 +607,7 @@ def test_finish_records_the_end_writes_a_done_event_and_drops_the_lease(runs: Ru
                                                                         redis_db: redis.Redis) -> None:
     queue_run(runs, "req_1")
     runs.claim("req_1", "worker-a", lease_ms=5000)
-    runs.add_chunk("req_1", "progress", "drafted")
-    runs.add_chunk("req_1", "partial", {"n": 1})
+    runs.add_chunks("req_1", [("progress", "drafted", 0), ("partial", {"n": 1}, 1)])
     finish_run(runs, "req_1", output={"answer": 42})
 
     events = list(runs.events("req_1", queue_wait=1, run_seconds=1, poll=0.05))
@@ -620,8 +619,9 @@ def test_finish_records_the_end_writes_a_done_event_and_drops_the_lease(runs: Ru
     assert [kind for _, kind, _ in runs.events("req_1", 1, 1, poll=0.05, after=events[0][0])] == ["chunk", "done"]
     assert done == runs.wait("req_1", queue_wait=1, run_seconds=1, poll=0.05)
     assert done.to_message() == {"status": "succeeded", "version": "1.0.0", "output": {"answer": 42}}
-    assert seen == [{"type": "progress", "content": "drafted"}, {"type": "partial", "content": {"n": 1}}]
-    assert runs.chunks("req_1") == seen
+    assert seen == [{"type": "progress", "content": "drafted", "index": 0},
+                    {"type": "partial", "content": {"n": 1}, "index": 1}]
+    assert runs.chunks("req_1") == [{"type": "progress", "content": "drafted"}, {"type": "partial", "content": {"n": 1}}]
     record = runs.get("req_1")
     assert record is not None and record.status == "succeeded" and record.output == {"answer": 42}
     assert not redis_db.exists(keys.run_lease("req_1"))
@@ -635,7 +635,7 @@ def test_events_follow_a_run_that_finishes_later(runs: RunStore) -> None:
 
     def work() -> None:
         time.sleep(0.2)
-        runs.add_chunk("req_1", "progress", 1)
+        runs.add_chunks("req_1", [("progress", 1, 0)])
         time.sleep(0.2)
         finish_run(runs, "req_1")
 
@@ -650,7 +650,7 @@ def test_events_follow_a_run_that_finishes_later(runs: RunStore) -> None:
         worker.join()
 
     assert done.status == "succeeded"
-    assert seen == [{"type": "progress", "content": 1}]
+    assert seen == [{"type": "progress", "content": 1, "index": 0}]
 
 
 def test_abandon_of_a_running_run_with_a_live_lease_does_nothing(runs: RunStore, redis_db: redis.Redis) -> None:
@@ -935,14 +935,15 @@ def test_a_run_already_ended_as_lost_keeps_that_end(runs: RunStore) -> None:
     assert end is not None and end.status == "lost"
 
 
-def test_a_chunk_written_twice_is_read_once(runs: RunStore) -> None:
+def test_a_batch_of_chunks_written_again_is_stored_once(runs: RunStore, redis_db: redis.Redis) -> None:
     queue_run(runs, "req_1")
     runs.claim("req_1", "worker-a", lease_ms=10_000)
-    for _ in range(2):  # a batch written again whole
-        for index, content in enumerate(["a", "b"]):
-            runs.add_chunk("req_1", "step", content, index=index)
-    runs.add_chunk("req_1", "step", "c", index=2)
+    runs.add_chunks("req_1", [("step", "a", 0), ("step", "b", 1)])
+    runs.add_chunks("req_1", [("step", "a", 0), ("step", "b", 1), ("step", "c", 2)])  # written again, with a new one
+    runs.add_chunks("req_1", [("step", "c", 2)])
     finish_run(runs, "req_1")
+    runs.add_chunks("req_1", [("step", "late", 3)])  # after the end: not taken
+    assert redis_db.xlen(keys.run_events("req_1")) == 4
     seen = [data["content"] for _, kind, data in runs.events("req_1", queue_wait=1, run_seconds=1, poll=0.05)
             if kind == "chunk"]
     assert seen == ["a", "b", "c"]
