@@ -85,8 +85,7 @@ def _fingerprint(svc: Services, body: InvokeRequest) -> str:
 
 def _replay(svc: Services, account: Account, body: InvokeRequest, first: str, run_seconds: float) -> Admission:
     """The answer of a request repeating an Idempotency-Key: the first run's, ended or still going."""
-    end = svc.runs.end_of(first)
-    record = svc.runs.get(first)
+    record, end = svc.runs.outcome(first)
     session_id = (record.session_id if record else None) or body.session_id or ""
     box = svc.sealer.box(account.id, body.secrets)
     if end is None:  # still going: followed like a joined run

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import re
 
-import redis
 from flask import Blueprint, Response, g, request
 
-from flowpool.errors import OutcomeUnavailable, RequestError, RunError
+from flowpool.errors import RequestError, RunError
 from flowpool.run import RunEnd
 
 from .admission import Admission, admit, submit
@@ -80,7 +79,8 @@ def _wait(svc: Services, admission: Admission) -> RunEnd:
     """The end of the run; an error raised while waiting names the run, so the caller can look it up.
 
     The run is with the workers by now: a Redis that fails here is an
-    OutcomeUnavailable (not safe to retry), never a plain 503.
+    OutcomeUnavailable (not safe to retry), never a plain 503 (``RunStore.events``,
+    and ``api/errors.py`` for what is raised after the hand-over).
     """
     request_id = admission.request_id
     try:
@@ -89,6 +89,3 @@ def _wait(svc: Services, admission: Admission) -> RunEnd:
     except RunError as exc:
         exc.details.setdefault("request_id", request_id)
         raise
-    except redis.RedisError as exc:
-        raise OutcomeUnavailable(f"Redis failed while the run's outcome was read ({exc}); the run may still "
-                                 "finish: look it up by its request_id", request_id=request_id) from exc

@@ -221,23 +221,27 @@ class RunStore:
         self.redis.hincrby(keys.METRICS, "cache_hits", 1)
 
     def end_of(self, request_id: str) -> RunEnd | None:
-        """How the run ended, or None while it is still queued or running (or unknown).
+        """How the run ended, or None while it is still queued or running (or unknown)."""
+        return self.outcome(request_id)[1]
 
-        From its stream's ``done`` event; a cache hit's record, which has no
-        stream, gives its end itself.
+    def outcome(self, request_id: str) -> tuple[RunRecord | None, RunEnd | None]:
+        """The run's record and how it ended (None while it is still queued or running), in one round trip.
+
+        The end is its stream's ``done`` event; a cache hit's record, which
+        has no stream, gives its end itself.
         """
         pipe = self.redis.pipeline(transaction=False)
         pipe.xrevrange(keys.run_events(request_id), count=1)
         pipe.hgetall(keys.run(request_id))
         last, raw = pipe.execute()
-        if last and last[0][1].get(b"kind") == b"done":
-            return RunEnd.from_message(json.loads(last[0][1][b"data"]))
         record = RunRecord.from_fields(raw)
+        if last and last[0][1].get(b"kind") == b"done":
+            return record, RunEnd.from_message(json.loads(last[0][1][b"data"]))
         if record is None or record.status in (RunStatus.QUEUED.value, RunStatus.RUNNING.value):
-            return None
+            return record, None
         output = record.output
-        return RunEnd(status=record.status, version=record.version, usage=record.usage, output=output,
-                      content=output if isinstance(output, str) else dumps(output), error=record.error)
+        return record, RunEnd(status=record.status, version=record.version, usage=record.usage, output=output,
+                              content=output if isinstance(output, str) else dumps(output), error=record.error)
 
     def get_many(self, request_ids: list[str]) -> list[RunRecord | None]:
         """Several records in one round trip."""

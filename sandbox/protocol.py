@@ -42,7 +42,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 if TYPE_CHECKING:  # the in-sandbox side must not import the worker's errors
-    from flowpool.errors import Cancelled, ResultTooLarge, SandboxError, ScriptError, TimeLimitExceeded
+    from flowpool.errors import RunError
 
 __all__ = ["CallErrorKind", "CallFailed", "CallHandler", "RunErrorKind", "RunOutcome", "SandboxLimits", "Streamed",
            "cpu_budget"]
@@ -125,7 +125,7 @@ class RunOutcome:
 
     result: Any = None
     result_json: str | None = None
-    error: ScriptError | TimeLimitExceeded | SandboxError | ResultTooLarge | InvalidResult | Cancelled | None = None
+    error: RunError | None = None  # the script's, a limit's, the sandbox's, or why the run was stopped
     logs: list[dict[str, Any]] = field(default_factory=list)
     logs_truncated: bool = False
     chunks: int = 0

@@ -27,7 +27,7 @@ from .containment import Containment
 from .linux import readable
 from .protocol import CallHandler, RunOutcome, SandboxLimits, cpu_budget
 from .run_process import RunProcess
-from .session import RunSession
+from .session import RunSession, StopRequest
 from .zygote_client import Zygote
 
 __all__ = ["Sandbox"]
@@ -279,7 +279,7 @@ class Sandbox:
     def run(self, code: bytes, job: dict[str, Any], soft_seconds: float,
             on_emit: Callable[[str, Any], None] | None = None, source: str | None = None,
             gate: Callable[[], bool] | None = None, on_call: CallHandler | None = None,
-            slot_timeout: float | None = None, cancel: threading.Event | None = None,
+            slot_timeout: float | None = None, cancel: StopRequest | None = None,
             on_idle: Callable[[], None] | None = None, limits: SandboxLimits | None = None) -> RunOutcome:
         """Run ``execute(ctx)`` of the compiled ``code`` for ``job``; never raises for the script's faults.
 
@@ -288,7 +288,8 @@ class Sandbox:
         killed before anything it sent is read, and the outcome is ``skipped``.
         ``limits`` replaces the sandbox's own for this run (a workflow's
         overrides); a run whose process limits differ gets a process of its
-        own instead of a prestarted one.
+        own instead of a prestarted one. ``cancel`` stops the run, ending it
+        with the reason it was asked with.
         """
         limits = limits or self.limits
         outcome = RunOutcome()

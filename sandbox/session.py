@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from flowpool.errors import Cancelled, InvalidResult, ResultTooLarge, SandboxError, ScriptError, TimeLimitExceeded
+from flowpool.errors import InvalidResult, ResultTooLarge, RunError, SandboxError, ScriptError, TimeLimitExceeded
 from flowpool.jsonsafe import find_problem, find_problem_in
 
 from .channel import Channel, ChannelClosed, ProtocolError
@@ -28,7 +28,7 @@ from .protocol import (CallErrorKind, CallFailed, CallHandler, RunErrorKind, Run
 from .run_process import RunProcess
 from .zygote_client import Zygote
 
-__all__ = ["RunSession"]
+__all__ = ["RunSession", "StopRequest"]
 
 _SIGNAL_HINTS = {signal.SIGKILL: "killed (memory or CPU limit, or from outside)",
                  signal.SIGXCPU: "CPU time limit", signal.SIGSEGV: "segmentation fault"}
@@ -61,13 +61,38 @@ def _unshowable(content: Any, chunk_type: str, max_depth: int) -> int | str:
     return len(text) if text is not None else 0
 
 
+class StopRequest:
+    """Asks for a run to be stopped, with the error it then ends with: why it was stopped.
+
+    Its supervisor (:meth:`RunSession.follow`) looks at it between messages.
+    The first to ask names the reason: the caller that went away
+    (:class:`~flowpool.errors.Cancelled`), or the worker shutting down
+    (:class:`~flowpool.errors.WorkerLost`).
+    """
+
+    def __init__(self) -> None:
+        self._asked = threading.Event()
+        self._lock = threading.Lock()
+        self.reason: RunError | None = None
+
+    def ask(self, reason: RunError) -> None:
+        """Ask for the run to stop, ending with ``reason`` unless someone asked first."""
+        with self._lock:
+            if self.reason is None:
+                self.reason = reason
+                self._asked.set()
+
+    def is_set(self) -> bool:
+        return self._asked.is_set()
+
+
 class RunSession:
     """The worker's side of one run: its deadlines, its callbacks, and the outcome it fills in."""
 
     def __init__(self, process: RunProcess, zygote: Zygote, limits: SandboxLimits, soft_seconds: float,
                  hard_grace_seconds: float, outcome: RunOutcome, *,
                  on_emit: Callable[[str, Any], None] | None = None, on_call: CallHandler | None = None,
-                 cancel: threading.Event | None = None, on_idle: Callable[[], None] | None = None) -> None:
+                 cancel: StopRequest | None = None, on_idle: Callable[[], None] | None = None) -> None:
         assert process.pid is not None and process.sock is not None
         self.process = process
         self.limits = limits
@@ -107,8 +132,8 @@ class RunSession:
             # a burst of emits is handed on in one batch.
             if self._emitted and not self._pending.poll(0):
                 self._hand_on_emits()
-            if self._cancel is not None and self._cancel.is_set():
-                self._kill(Cancelled("the caller went away and asked for the run to be cancelled"))
+            if self._cancel is not None and self._cancel.reason is not None:
+                self._kill(self._cancel.reason)
                 return
             remaining = self.hard_deadline - time.monotonic()
             if remaining <= 0:
@@ -249,7 +274,7 @@ class RunSession:
             self._idle()
             self._emitted = False
 
-    def _kill(self, error: Cancelled | TimeLimitExceeded | ResultTooLarge | SandboxError) -> None:
+    def _kill(self, error: RunError) -> None:
         self.process.kill()
         self.outcome.error = error
 

@@ -5,17 +5,17 @@ import itertools
 import logging
 import os
 import sys
-import threading
 import time
 import uuid
 from typing import TYPE_CHECKING, Any, Sequence
 
 import flowpool
 from flowpool.connections import UNREACHABLE, patiently
-from flowpool.errors import Cancelled, NotFound, RunError, SandboxError, ScriptError, WorkerLost
+from flowpool.errors import NotFound, RunError, SandboxError, ScriptError
 from flowpool.registry import check_output
 from flowpool.run import RunEnd, RunJob, RunStatus, dumps
 from flowpool.sandbox import RunOutcome
+from flowpool.sandbox.session import StopRequest
 
 from .calls import CallRouter
 from .model_calls import RunCalls
@@ -132,7 +132,7 @@ def execute_run(runtime: WorkerRuntime, job: RunJob) -> str:
     that long past the run's hard limit (the reaper ends the run after).
     """
     request_id = job.request_id
-    cancel = threading.Event()
+    stop = StopRequest()  # asked by the run's caller (cancel) or its worker's shutdown
     token = uuid.uuid4().hex  # this delivery's claim: only it may write the run's end
     settings = runtime.settings
     hard_seconds = job.soft_seconds + settings.hard_timeout_grace_seconds
@@ -144,7 +144,7 @@ def execute_run(runtime: WorkerRuntime, job: RunJob) -> str:
         if not patiently(lambda: runtime.runs.claim(request_id, runtime.name, runtime.lease_ms, hard_seconds, token),
                          claim_until, f"run {request_id}: claiming it"):
             return False
-        runtime.cancels[request_id] = cancel
+        runtime.stops[request_id] = stop
         runtime.active.add(request_id)
         return True
 
@@ -166,15 +166,13 @@ def execute_run(runtime: WorkerRuntime, job: RunJob) -> str:
             router = CallRouter(runtime, calls, [job.workflow], chunks.emit, on_idle=chunks.flush)
             # The claim's round trip overlaps the run process's start.
             outcome = runtime.sandbox.run(script.code, job.sandbox_view(), job.soft_seconds, on_emit=chunks.emit,
-                                          source=script.source, gate=claim, on_call=router, cancel=cancel,
+                                          source=script.source, gate=claim, on_call=router, cancel=stop,
                                           on_idle=chunks.flush, limits=runtime.limits_for(job.limits))
             if outcome.skipped:
                 return _skipped(request_id)
             error = outcome.error
-            if runtime.gave_up.is_set() and isinstance(error, (Cancelled, SandboxError)):
-                # Killed by its worker's shutdown (tasks.run_task), not by anything of its own.
-                error = WorkerLost("the worker shut down before the run finished (FLOWPOOL_WORKER_DRAIN_SECONDS "
-                                   "ran out); the run was lost")
+            if isinstance(error, SandboxError) and stop.reason is not None:
+                error = stop.reason  # it broke off while being stopped: it ends as it was asked to
             if error is None:
                 try:
                     check_output(job.output_schema, outcome.result, runtime.settings.max_json_depth, outcome.result_json)
@@ -196,7 +194,7 @@ def execute_run(runtime: WorkerRuntime, job: RunJob) -> str:
             return RunStatus.LOST.value
     finally:
         runtime.active.discard(request_id)
-        runtime.cancels.pop(request_id, None)
+        runtime.stops.pop(request_id, None)
 
 
 def _record_end(runtime: WorkerRuntime, job: RunJob, claim: str, outcome: RunOutcome | None, error: RunError | None,

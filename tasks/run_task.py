@@ -114,8 +114,9 @@ class _RuntimeStep(bootsteps.StartStopStep):
             log.warning("%d runs still going after the drain time (%gs): killing them; they end as worker_lost",
                         len(runtime.active), drain)
             runtime.gave_up.set()
-            for cancel in list(runtime.cancels.values()):
-                cancel.set()
+            for stop in list(runtime.stops.values()):
+                stop.ask(WorkerLost("the worker shut down before the run finished (FLOWPOOL_WORKER_DRAIN_SECONDS "
+                                    "ran out); the run was lost"))
             _runs_ended_within(self._RECORD_SECONDS)
         worker.app.flowpool_ready.clear()
         runtime.stop()

@@ -14,10 +14,12 @@ from flowpool import keys
 from flowpool.cache import ResultCache
 from flowpool.connections import QUICK_SECONDS, UNREACHABLE, connect_cache_store, connect_redis
 from flowpool.egress import EgressPolicy
+from flowpool.errors import Cancelled
 from flowpool.registry import Applications, ProviderKeys, Workflows
 from flowpool.runs import RunStore
 from flowpool.sealing import Sealer, ServerKey
 from flowpool.sandbox import Sandbox, SandboxLimits
+from flowpool.sandbox.session import StopRequest
 from flowpool.settings import Settings
 
 from .model_calls import ModelRouter
@@ -65,8 +67,8 @@ class WorkerRuntime:
         )
         self.lease_ms = int(settings.worker_ttl_seconds * 1000)
         self.active: set[str] = set()
-        self.cancels: dict[str, threading.Event] = {}  # request id -> set when its caller asked to stop it
-        # Set when a stopping worker kills the runs still going (tasks.run_task): they end as worker_lost.
+        self.stops: dict[str, StopRequest] = {}  # request id -> asked when its caller or the worker stops it
+        # Set when a stopping worker stops the runs still going (tasks.run_task): what fails then is worker_lost.
         self.gave_up = threading.Event()
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat, name="flowpool-heartbeat", daemon=True)
@@ -162,6 +164,6 @@ class WorkerRuntime:
             pipe.exists(keys.run_cancel(request_id))
         replies = pipe.execute()
         for request_id, asked in zip(active, replies[2::2]):
-            event = self.cancels.get(request_id)
-            if asked and event is not None:
-                event.set()
+            stop = self.stops.get(request_id)
+            if asked and stop is not None:
+                stop.ask(Cancelled("the caller went away and asked for the run to be cancelled"))
