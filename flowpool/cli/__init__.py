@@ -1,0 +1,27 @@
+"""The ``flowpool`` command line: one click group, its commands in a module per concern.
+
+- :mod:`.serve`: ``dev``, ``api``, ``worker`` (the server extra);
+- :mod:`.doctor`: ``doctor``;
+- :mod:`.accounts`: ``accounts``;
+- :mod:`.workflows`: ``push``, ``validate``, ``invoke``, ``runs``, ``logs`` (the client alone).
+
+Each module imports only click and the client at its top; what the server
+extra brings is imported inside the command that needs it.
+"""
+from __future__ import annotations
+
+import click
+
+from . import accounts, doctor, serve, workflows
+
+__all__ = ["main"]
+
+
+@click.group()
+def main() -> None:
+    """flowpool: multi-step AI workflows as one API call."""
+
+
+for _module in (serve, doctor, accounts, workflows):
+    for _command in _module.COMMANDS:
+        main.add_command(_command)

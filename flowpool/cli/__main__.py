@@ -1,0 +1,4 @@
+"""``python -m flowpool.cli``."""
+from . import main
+
+main(prog_name="flowpool")

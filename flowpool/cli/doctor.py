@@ -1,0 +1,136 @@
+"""``flowpool doctor``: what is configured and reachable, and what would go wrong."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import click
+
+from .common import load_settings, server_extra
+
+__all__ = ["COMMANDS"]
+
+
+def _redis_durability(client: Any) -> tuple[str, list[str]]:
+    """How a Redis keeps its data, and what in that would lose flowpool's registry and runs (docs/operations.md).
+
+    Returns a description and the problems: no persistence (neither AOF nor RDB
+    save points), an evicting ``maxmemory-policy``, or what could not be checked.
+    Managed Redis often disables or renames CONFIG; INFO then still says whether
+    AOF is on and which policy is in force, but not whether RDB save points are set.
+    """
+    import redis
+
+    lost = "a restart loses every account, key, workflow and run"
+    save: str | None  # the RDB save points; None: unknown
+    try:
+        config = {name: client.config_get(name).get(name, "")
+                  for name in ("appendonly", "appendfsync", "save", "maxmemory-policy")}
+        aof, save, policy = config["appendonly"] == "yes", config["save"], config["maxmemory-policy"] or None
+        how_aof = f"AOF (appendfsync {config['appendfsync']})"
+    except redis.ResponseError:
+        try:
+            info = {**client.info("persistence"), **client.info("memory")}
+        except redis.ResponseError:
+            return "", ["could not check persistence or maxmemory-policy: neither CONFIG nor INFO is available; "
+                        "flowpool needs AOF or RDB snapshots and noeviction (see docs/operations.md)"]
+        aof, save, policy, how_aof = info.get("aof_enabled") == 1, None, info.get("maxmemory_policy"), "AOF"
+    problems = []
+    if aof:
+        kept = how_aof
+    elif save:
+        kept = f"RDB snapshots (save {save}): a crash loses what was written since the last one"
+    elif save is None:
+        kept = "AOF off, RDB unknown"
+        problems.append(f"could not check persistence: CONFIG is not available and AOF is off; unless RDB snapshots "
+                        f"are on, {lost} (see docs/operations.md)")
+    else:
+        kept = "nothing"
+        problems.append(f"no persistence (appendonly no, no RDB save points): {lost}; turn on AOF "
+                        "(appendonly yes, appendfsync everysec; see docs/operations.md)")
+    if policy is None:
+        problems.append("could not check maxmemory-policy: flowpool needs noeviction (see docs/operations.md)")
+    elif policy != "noeviction":
+        problems.append(f"maxmemory-policy {policy}: a full Redis evicts accounts, keys, workflows and queued runs; "
+                        "set noeviction (see docs/operations.md)")
+    return f"{kept}; maxmemory-policy {policy}", problems
+
+
+@click.command()
+def doctor() -> None:
+    """Show what is configured, what is reachable, and the sandbox backend."""
+    with server_extra("doctor"):
+        import redis
+
+        from .. import keys
+        from ..redis_server import find_redis_server
+        from ..sandbox import Sandbox, SandboxLimits
+
+    settings = load_settings()
+    ok = True
+
+    def line(name: str, value: str, good: bool = True) -> None:
+        nonlocal ok
+        ok = ok and good
+        click.echo(f"{'ok ' if good else 'BAD'} {name:<16} {value}")
+
+    def warn(name: str, value: str) -> None:
+        # On stderr: stdout holds only the ok/BAD lines that scripts read. A warning does not fail doctor.
+        click.echo(f"WRN {name:<16} {value}", err=True)
+
+    line("redis", settings.redis + ("" if settings.redis_url else "  (default; `flowpool dev` starts its own)"))
+    try:
+        client = redis.Redis.from_url(settings.redis, socket_connect_timeout=2)
+        client.ping()
+        line("redis reachable", "yes")
+        kept, problems = _redis_durability(client)
+        for problem in problems:
+            warn("redis data", problem)
+        if not problems:
+            line("redis data", kept)
+        now = time.time()
+        workers = client.zrangebyscore(keys.WORKERS, now - settings.worker_ttl_seconds, "+inf")
+        line("workers", ", ".join(w.decode() for w in workers) or "none answering", bool(workers))
+        described = client.hmget(keys.WORKER_SANDBOXES, workers) if workers else []
+        for worker_name, info in zip(workers, described):
+            sandbox_info = json.loads(info) if info else {}
+            line("worker sandbox", f"{worker_name.decode()}: {sandbox_info.get('backend', 'unknown')}; "
+                 f"{sandbox_info.get('isolation', 'not published')}", bool(info) and not sandbox_info["weaknesses"])
+            line("worker limits", f"{worker_name.decode()}: {sandbox_info.get('run_limits', 'not published')}",
+                 "WARNING" not in sandbox_info.get("run_limits", "WARNING"))
+    except redis.RedisError as exc:
+        line("redis reachable", f"no: {exc}", False)
+    line("broker", settings.broker)
+    line("secret key", "FLOWPOOL_SECRET_KEY" if settings.secret_key else
+         "generated and kept in Redis, beside what it seals: set FLOWPOOL_SECRET_KEY in production")
+    line("provider keys", settings.provider_keys or "none: accounts pass keys as request secrets")
+    line("metrics", "bearer token required" if settings.metrics_token else "public (FLOWPOOL_METRICS_TOKEN unset)")
+    try:
+        line("redis-server", find_redis_server())
+    except Exception as exc:
+        line("redis-server", str(exc), settings.redis_url is not None)
+    sandbox = None
+    try:
+        sandbox = Sandbox(SandboxLimits(), slots=1, uid_base=settings.sandbox_uid_base, prestart=0,
+                          backend=settings.sandbox_backend, cgroups=settings.sandbox_cgroups,
+                          packages=settings.sandbox_packages)
+        sandbox.start()
+        # What a worker started here, with these settings, would get.
+        line("sandbox backend", sandbox.backend + ("" if settings.sandbox_backend == "bwrap" else
+                                                   f" ({settings.sandbox_backend}: {sandbox.backend_note})"))
+        line("sandbox", sandbox.describe(), not sandbox.weaknesses)
+        line("run limits", sandbox.run_limits, "WARNING" not in sandbox.run_limits)
+    except Exception as exc:
+        line("sandbox", f"the sandbox did not start: {exc}", False)
+    finally:
+        if sandbox is not None:
+            sandbox.stop()
+    line("api", settings.api_url)
+    line("api key", "set" if settings.api_key else "not set (FLOWPOOL_API_KEY)", True)
+    sys.exit(0 if ok else 1)
+
+
+
+COMMANDS = [doctor]
