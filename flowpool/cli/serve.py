@@ -82,6 +82,11 @@ def api(port: int, host: str) -> None:
                 config["threads"] = settings.api_threads
             else:
                 config["worker_connections"] = settings.api_connections
+            if "control_socket_disable" in self.cfg.settings:
+                # gunicorn 27's control socket lives at one path per user (~/.gunicorn/gunicorn.ctl): every API
+                # started on a host would take it from the previous one, and it outlives the process. flowpool
+                # has no use for it (signals stop and scale the arbiter).
+                config["control_socket_disable"] = True
             for key, value in config.items():
                 self.cfg.set(key, value)
 
