@@ -1,6 +1,8 @@
 """The example workflows, each run through the whole stack against the stand-in vendor."""
 from __future__ import annotations
 
+import hashlib
+import hmac
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +71,13 @@ def test_router_sends_urls_to_the_pipeline_and_questions_to_support(client: Clie
     run = client.run(question["request_id"])
     assert [c["workflow"] for c in run["workflow_calls"]] == ["support-answer"]
     assert run["chunks"][0] == {"type": "route", "content": "support-answer"}
+
+
+def test_sign_uses_the_request_secret_and_keeps_it_out_of_the_run(client: Client) -> None:
+    client.upload("sign", (EXAMPLES / "sign.py").read_text())
+    body = _ok(client.invoke("sign", input={"text": "pay 10 EUR"}, secrets={"signing_key": "k-example-7731"}))
+    expected = hmac.new(b"k-example-7731", b"pay 10 EUR", hashlib.sha256).hexdigest()
+    assert body["output"] == {"text": "pay 10 EUR", "signature": expected}
+    assert "k-example-7731" not in str(client.run(body["request_id"]))
+    missing = client.invoke("sign", input={"text": "pay 10 EUR"})
+    assert missing.status_code == 500 and "signing_key" in missing.json()["error"]["message"]
