@@ -24,6 +24,8 @@ APPLICATION = "default"          # the application whose intents route model cal
 INPUT_SCHEMA = {"question": {"type": "string", "description": "Asked when no messages are sent"}}
 OUTPUT_SCHEMA = {"answer": {"type": "string"}, "turns": {"type": "integer"}}
 TIMEOUT_SECONDS = 60
+# Results are cached for an hour by default (even without this line): an identical request gets the
+# stored answer without a run. A workflow that fetches the latest data should set 0 (caching off).
 CACHE_TTL_SECONDS = 3600
 
 

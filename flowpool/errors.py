@@ -9,6 +9,7 @@
     │   └── ValidationFailed           (script rules; carries [{line, message}])
     ├── AuthenticationError            401 authentication_error
     ├── NotFound                       404 not_found
+    │   └── WorkflowNotFound           404 invalid_request_error (the seed's "Workflow not found: <ref>")
     ├── PayloadTooLarge                413 payload_too_large
     ├── QuotaExceeded                  429 rate_limit_exceeded
     ├── Unavailable                    503 service_unavailable
@@ -112,6 +113,30 @@ class NotFound(FlowpoolError):
 
     status = 404
     type = "not_found"
+
+
+class WorkflowNotFound(NotFound):
+    """No such workflow, or no such version of it, for this account.
+
+    Answered as the seed answers (``"Workflow not found: <ref>"``, type
+    ``invalid_request_error``), so code written for it keeps working; flowpool's
+    own ``reason`` (``workflow_not_found`` or ``version_not_found``) and a
+    longer ``detail`` ride beside. A workflow of another account reads the
+    same as one that exists nowhere.
+    """
+
+    type = "invalid_request_error"
+
+    def __init__(self, ref: str, version: str | None = None) -> None:
+        if version is None:
+            # The detail leaves the name out: everything beside the message reads the same for any ref.
+            super().__init__(f"Workflow not found: {ref}", reason="workflow_not_found",
+                             detail="this account has no workflow of that name (workflows are per account); "
+                                    "GET /api/v1/workflows lists them")
+        else:
+            super().__init__(f"Workflow not found: {ref}@{version}", reason="version_not_found",
+                             detail=f"workflow {ref!r} has no version {version!r}; "
+                                    f"GET /api/v1/workflows/{ref}/versions lists them")
 
 
 class PayloadTooLarge(FlowpoolError):
@@ -269,5 +294,6 @@ __all__ = [
     "Unavailable",
     "ValidationFailed",
     "WorkerLost",
+    "WorkflowNotFound",
     "run_error_from_dict",
 ]

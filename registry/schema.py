@@ -27,7 +27,14 @@ JSON_TYPES: dict[str, Callable[[object], bool]] = {
 
 
 def check_input(schema: dict | None, value: object) -> None:
-    """Raise InputSchemaError when a run's input breaks the workflow's INPUT_SCHEMA."""
+    """Raise InputSchemaError when a run's input breaks the workflow's INPUT_SCHEMA.
+
+    A schema that names no field (``INPUT_SCHEMA = {}``, or none at all) takes
+    any JSON input, as the seed does: an object, a string, an array, a
+    number... One that names fields takes an object holding them.
+    """
+    if not schema:
+        return
     _check(schema, value, "input", InputSchemaError)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import redis
 
 from flowpool import keys
-from flowpool.errors import NotFound, RequestError
+from flowpool.errors import RequestError, WorkflowNotFound
 from flowpool.settings import DEFAULT_MAX_SCRIPT_BYTES
 
 from .names import is_name
@@ -215,7 +215,7 @@ class Workflows:
         self._require(account_id, ref)
         raw = self.redis.hget(keys.version(account_id, ref, number), "meta")
         if raw is None:
-            raise NotFound(f"workflow {ref!r} has no version {number!r}")
+            raise WorkflowNotFound(ref, number)
         self.redis.hset(keys.workflow(account_id, ref), mapping={"active": number, "active_meta": raw,
                                                                  "rev": _new_rev()})
         return self.get(account_id, ref)
@@ -235,10 +235,10 @@ class Workflows:
         # A name no upload accepts could address another key of a workflow
         # ("x:v:1.0.0" is the key of x's version 1.0.0): there is no such workflow.
         if not is_name(ref):
-            raise NotFound(f"no workflow named {ref!r}")
+            raise WorkflowNotFound(ref)
         raw = _decode(self.redis.hgetall(keys.workflow(account_id, ref)))
         if not raw:
-            raise NotFound(f"no workflow named {ref!r}")
+            raise WorkflowNotFound(ref)
         return raw
 
     @staticmethod
@@ -290,21 +290,21 @@ class Workflows:
     def resolve(self, account_id: str, ref: str, number: str | None = None) -> ResolvedWorkflow:
         """The version an invocation runs: the pinned one, or the active one (one Redis round trip)."""
         if not is_name(ref):
-            raise NotFound(f"no workflow named {ref!r}")
+            raise WorkflowNotFound(ref)
         wf_key = keys.workflow(account_id, ref)
         if number is None:
             config, active, meta, rev = self.redis.hmget(wf_key, "config", "active", "active_meta", "rev")
             if config is None or active is None:
-                raise NotFound(f"no workflow named {ref!r}")
+                raise WorkflowNotFound(ref)
         else:
             pipe = self.redis.pipeline(transaction=False)
             pipe.hmget(wf_key, "config", "rev")
             pipe.hget(keys.version(account_id, ref, number), "meta")
             (config, rev), meta = pipe.execute()
             if config is None:
-                raise NotFound(f"no workflow named {ref!r}")
+                raise WorkflowNotFound(ref)
             if meta is None:
-                raise NotFound(f"workflow {ref!r} has no version {number!r}")
+                raise WorkflowNotFound(ref, number)
         cfg, info = json.loads(config), json.loads(meta)
         env = {str(k): str(v) for k, v in (cfg.get("env") or {}).items()}
         return ResolvedWorkflow(
@@ -328,5 +328,5 @@ class Workflows:
         """The script source of one version."""
         raw = self.redis.hget(keys.version(account_id, ref, number), "script")
         if raw is None:
-            raise NotFound(f"workflow {ref!r} has no version {number!r}")
+            raise WorkflowNotFound(ref, number)
         return raw.decode()

@@ -3,8 +3,10 @@
 It speaks the run's half of the protocol :mod:`.protocol` specifies: it
 takes one ``run`` job, sends what the script emits, logs and asks of ``ctx``,
 turns each failed ctx call into the exception :mod:`flowpool_workflow` maps
-its kind to, and ends with one ``result`` or ``error``. It imports the stdlib
-and flowpool_workflow only, all of it before the zygote covers flowpool's code.
+its kind to, and ends with one ``result`` or ``error``. Where the sandbox has
+no network, the socket layer's errors say so and name ``ctx.http``
+(:mod:`.no_network`). It imports the stdlib and flowpool_workflow only, all
+of it before the zygote covers flowpool's code.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from typing import Any, Iterator
 from flowpool_workflow import CALL_ERRORS, SoftTimeLimitExceeded, WorkflowContext, WorkflowError
 
 from .channel import Channel, blocking_socket
+from .no_network import install as install_network_hint
 from .protocol import CallErrorKind, RunErrorKind
 
 __all__ = ["serve"]
@@ -175,9 +178,15 @@ def _warm_up() -> None:
     signal.setitimer(signal.ITIMER_REAL, 0)
 
 
-def serve(fd: int) -> None:
-    """Run one job received on ``fd`` and report its outcome; the process exits afterwards."""
+def serve(fd: int, no_network: bool = False) -> None:
+    """Run one job received on ``fd`` and report its outcome; the process exits afterwards.
+
+    ``no_network``: the sandbox has none (seccomp refuses sockets, or the network namespace is empty), so the
+    socket layer's errors say so and name ``ctx.http`` (:mod:`.no_network`).
+    """
     channel = Channel(blocking_socket(fd))
+    if no_network:
+        install_network_hint()
     transport = _Transport(channel)
     _warm_up()
     request = channel.recv()

@@ -202,7 +202,8 @@ def _become_run(request: dict, fd: int, control: socket.socket, forker: Forker, 
             seccomp.install()  # sets no_new_privs too
         else:
             linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
-        runtime.serve(fd)
+        # The hint says the sandbox has no network only where it has none; it is never the barrier.
+        runtime.serve(fd, no_network=bool(request.get("seccomp")) or request.get("network") == "none")
     except BaseException:
         code = 70
         try:
@@ -369,7 +370,8 @@ def main(control_fd: int, config: dict) -> None:
                 send({"op": "exited", "pid": pid, "status": _decode_status(status, isolation["namespaces"])})
 
     def spawn(request: dict, fds: list[int]) -> int:
-        request.update(namespaces=isolation["namespaces"], seccomp=isolation["seccomp"], keep=kept_under_tmp)
+        request.update(namespaces=isolation["namespaces"], seccomp=isolation["seccomp"], keep=kept_under_tmp,
+                       network=isolation["network"])
         if not isolation["namespaces"]:  # else the run works in a tmpfs of its own
             os.makedirs(request["workdir"], mode=0o700)
             if request.get("uid") is not None:

@@ -470,7 +470,7 @@ def test_unknown_api_key_is_401(stack: Stack, echo: str, headers: dict[str, str]
 def test_unknown_workflow_is_404(client: Client) -> None:
     response = client.invoke("no-such-workflow", input={})
     assert response.status_code == 404
-    assert error_of(response)["type"] == "not_found"
+    assert error_of(response)["type"] == "invalid_request_error"
 
 
 def test_another_accounts_workflow_is_404_like_an_unknown_one(client: Client, other: Client, echo: str) -> None:

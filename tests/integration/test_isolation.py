@@ -44,25 +44,31 @@ def mallory(stack: Stack) -> Client:
     return Client(stack.api_url, stack.create_account(f"mallory-{uuid.uuid4().hex[:6]}"))
 
 
-def _not_found(response: Any) -> None:
+def _not_found(response: Any, type_: str = "not_found") -> None:
     assert response.status_code == 404, response.text
-    assert error_of(response)["type"] == "not_found"
+    assert error_of(response)["type"] == type_
+
+
+def _workflow_not_found(response: Any) -> None:
+    _not_found(response, "invalid_request_error")  # the seed's 404 for a workflow
+    assert error_of(response)["message"] == "Workflow not found: private"
 
 
 def test_routes_naming_another_accounts_things_answer_as_if_they_did_not_exist(alice: dict[str, Any],
                                                                                mallory: Client) -> None:
     request_id = alice["request_id"]
     for path in ("/api/v1/workflows/private", "/api/v1/workflows/private/versions",
-                 "/api/v1/workflows/private/runs", f"/api/v1/runs/{request_id}",
-                 f"/api/v1/runs/{request_id}/stream", "/api/v1/sessions/sess-alice-1",
+                 "/api/v1/workflows/private/runs"):
+        _workflow_not_found(mallory.get(path, timeout=10))
+    for path in (f"/api/v1/runs/{request_id}", f"/api/v1/runs/{request_id}/stream", "/api/v1/sessions/sess-alice-1",
                  "/api/v1/applications/alices-app", "/api/v1/agents/alices-agent"):
         _not_found(mallory.get(path, timeout=10))
-    _not_found(mallory.post("/api/v1/workflows/private/activate", json={"version": "1.0.0"}))
-    _not_found(mallory.request("DELETE", "/api/v1/workflows/private"))
+    _workflow_not_found(mallory.post("/api/v1/workflows/private/activate", json={"version": "1.0.0"}))
+    _workflow_not_found(mallory.request("DELETE", "/api/v1/workflows/private"))
     for path in ("/api/v1/workflows", "/api/v1/applications", "/api/v1/agents"):
         listed = mallory.get(path)
         assert listed.status_code == 200 and listed.json()["data"] == [], listed.text
-    _not_found(mallory.invoke("private", input={"n": 1}))
+    _workflow_not_found(mallory.invoke("private", input={"n": 1}))
     # Alice's things are untouched by all of that.
     owner = alice["client"]
     assert owner.get("/api/v1/workflows/private").status_code == 200
@@ -89,7 +95,7 @@ def test_mallorys_runs_cannot_reach_alices_workflows_agents_or_applications(alic
     response = mallory.invoke("probe", messages=[{"role": "user", "content": "hi"}])
     assert response.status_code == 200, response.text
     seen = response.json()["output"]
-    assert seen == {"workflow": "WorkflowCallError: cannot call workflow 'private': no workflow named 'private'",
+    assert seen == {"workflow": "WorkflowCallError: cannot call workflow 'private': Workflow not found: private",
                     "agent": "ModelError: no agent named 'alices-agent'",
                     "application": "ModelError: no application named 'alices-app'"}
 

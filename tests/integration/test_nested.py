@@ -102,7 +102,7 @@ def test_calling_an_unknown_workflow_or_with_bad_input_raises_in_the_caller(clie
             return errors
     """)
     unknown, bad_input = _ok(client.invoke(caller, input={}))["output"]
-    assert "no workflow named" in unknown
+    assert "Workflow not found: nope-" in unknown
     assert "'n'" in bad_input and "integer" in bad_input
 
 

@@ -421,7 +421,7 @@ def test_get_shows_the_schemas_and_settings(client: Client) -> None:
 def test_get_of_an_unknown_workflow_is_404(client: Client) -> None:
     response = client.get("/api/v1/workflows/never-uploaded")
     assert response.status_code == 404
-    assert error_of(response)["type"] == "not_found"
+    assert error_of(response)["type"] == "invalid_request_error"
 
 
 def test_versions_lists_every_version_with_the_active_flag(client: Client) -> None:
@@ -500,7 +500,7 @@ def test_delete_then_get_and_invoke_are_404(client: Client) -> None:
     assert client.get(f"/api/v1/workflows/{ref}").status_code == 404
     invoked = client.invoke(ref, input={})
     assert invoked.status_code == 404
-    assert error_of(invoked)["type"] == "not_found"
+    assert error_of(invoked)["type"] == "invalid_request_error"
     pinned = client.invoke(ref, model=f"workflow:{ref}@1.0.0", input={})
     assert pinned.status_code == 404
     assert client.get(f"/api/v1/workflows/{ref}/versions").status_code == 404
@@ -537,7 +537,7 @@ def test_each_account_sees_only_its_own_workflows(client: Client, other: Client)
     ]:
         response = other.request(method, path, json=body)
         assert response.status_code == 404, (method, path, response.text)
-        assert error_of(response)["type"] == "not_found"
+        assert error_of(response)["type"] == "invalid_request_error"
     assert other.invoke(ref, input={}).status_code == 404
     # the same name is free for the other account, and the two never mix
     assert other.upload(ref, SAYS % "theirs")["version"]["version"] == "1.0.0"

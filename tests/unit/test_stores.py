@@ -209,7 +209,7 @@ def test_upload_settings_win_over_the_script_constants(workflows: Workflows) -> 
 def test_unknown_versions_and_workflows_are_not_found(workflows: Workflows) -> None:
     upload(workflows)
 
-    with pytest.raises(NotFound, match="no version '9.9.9'"):
+    with pytest.raises(NotFound, match="^Workflow not found: summarize@9.9.9$"):
         workflows.resolve(ACCOUNT, "summarize", "9.9.9")
     with pytest.raises(NotFound):
         workflows.activate(ACCOUNT, "summarize", "9.9.9")
