@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Any
 
 from flask import Blueprint, jsonify, request
 
 from flowpool.errors import NotFound, RequestError
-from flowpool.run import RunRecord
+from flowpool.run import RunRecord, RunStatus
 
 from .parsing import page_args, paginated
 from .services import Services, authenticate, services
@@ -17,7 +18,14 @@ bp = Blueprint("runs", __name__, url_prefix="/api/v1")
 
 
 def run_view(svc: Services, record: RunRecord, full: bool = True) -> dict[str, Any]:
-    """A run as the API shows it; never the secrets, which are not stored at all."""
+    """A run as the API shows it; never the secrets, which are not stored at all.
+
+    A running run's record gets its log lines and chunks with its end: till
+    then they are read from its stream, as far as they have come.
+    """
+    if full and record.status == RunStatus.RUNNING.value:
+        chunks, logs, cut = svc.runs.so_far(record.request_id)
+        return replace(record, logs=logs, logs_truncated=cut).to_view(chunks)
     chunks = svc.runs.chunks(record.request_id) if full and record.chunk_count else []
     return record.to_view(chunks, full=full)
 
@@ -62,8 +70,14 @@ def get_session(session_id: str):  # type: ignore[no-untyped-def]
 
 @bp.get("/runs/<request_id>/stream")
 def stream_run(request_id: str):  # type: ignore[no-untyped-def]
-    """Follow a run as SSE from the start, or resume after ``Last-Event-ID``."""
+    """Follow a run as SSE from the start, or resume after ``Last-Event-ID``; with ``?logs=true`` its log lines too.
+
+    Log lines come as ``event: log`` events in order with the chunks (see
+    :func:`~.streaming.stream_response`); without the opt-in the stream is
+    the one an invoke with ``"stream": true`` gets.
+    """
     svc, account = services(), authenticate()
+    logs = _flag("logs")
     record = _own_run(svc, account.id, request_id)
     source = record.origin_request_id or request_id  # a cache hit follows the run it came from
     after = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0-0"
@@ -73,6 +87,14 @@ def stream_run(request_id: str):  # type: ignore[no-untyped-def]
     settings = svc.settings
     run_seconds = float(record.timeout_seconds or settings.default_timeout_seconds) + settings.run_deadline_slack
     events = svc.runs.events(source, settings.queue_wait_seconds, run_seconds, after=after,
-                             keepalive=settings.stream_keepalive_seconds)
+                             keepalive=settings.stream_keepalive_seconds, logs=logs)
     return stream_response(svc.runs, f"workflow:{record.workflow}", request_id, record.session_id or "",
                            events, "HIT" if record.cache_hit else "MISS")
+
+
+def _flag(name: str) -> bool:
+    """A true/false query parameter (absent: false); a 400 naming it for anything else."""
+    raw = request.args.get(name, "false").lower()
+    if raw not in ("true", "false", "1", "0"):
+        raise RequestError(f"{name} must be true or false, got {raw!r}", param=name)
+    return raw in ("true", "1")

@@ -18,7 +18,8 @@ __all__ = ["Events", "answer", "completion", "replay", "stream_response"]
 
 log = logging.getLogger("flowpool.api")
 
-# (stream entry id, "chunk" | "ping" | "done", the chunk's data or the RunEnd), as RunStore.events gives them.
+# (stream entry id, "chunk" | "log" | "ping" | "done", the chunk's or log line's data or the RunEnd), as
+# RunStore.events gives them ("log" only to a reader that asked for log lines).
 Events = Iterator[tuple[str, str, Any]]
 
 
@@ -49,14 +50,20 @@ def answer(model: str, request_id: str, session_id: str, end: RunEnd, cache: str
     return response
 
 
-def _sse(payload: Any, event_id: str = "") -> str:
+def _sse(payload: Any, event_id: str = "", event: str = "") -> str:
     data = dumps(payload)
-    return f"id: {event_id}\ndata: {data}\n\n" if event_id else f"data: {data}\n\n"
+    head = (f"event: {event}\n" if event else "") + (f"id: {event_id}\n" if event_id else "")
+    return f"{head}data: {data}\n\n"
 
 
 def stream_response(runs: RunStore, model: str, request_id: str, session_id: str, events: Events, cache: str,
                     cancel_on_disconnect: bool = False, box: SecretBox | None = None) -> Response:
     """Answer as ``text/event-stream``: each emitted chunk, then the chat.completion, then ``[DONE]``.
+
+    Log lines, where ``events`` carries them (a run's stream read with
+    ``?logs=true``), come in order with the chunks as SSE events named
+    ``log`` (``object: workflow.log``), so a client that did not ask never
+    sees one; an invoke's stream never carries them.
 
     Each event carries the run's stream entry id as its SSE ``id``, so
     ``GET /api/v1/runs/{request_id}/stream`` with ``Last-Event-ID`` resumes a
@@ -91,6 +98,9 @@ def stream_response(runs: RunStore, model: str, request_id: str, session_id: str
                     yield _sse({"object": "workflow.chunk", "type": data.get("type"), "content": data.get("content"),
                                 "index": data.get("index"), "request_id": request_id, "choices": []}, event_id)
                     continue
+                if kind == "log":
+                    yield _sse({"object": "workflow.log", **_log_line(data), "request_id": request_id}, event_id, "log")
+                    continue
                 finished = True
                 end = runs.take_reply(request_id, data, box)
                 error = end.exception(request_id)
@@ -123,6 +133,11 @@ def stream_response(runs: RunStore, model: str, request_id: str, session_id: str
     response.headers.update({"X-Request-Id": request_id, "X-Cache": cache, "Cache-Control": "no-cache",
                              "X-Accel-Buffering": "no"})
     return response
+
+
+def _log_line(data: dict[str, Any]) -> dict[str, Any]:
+    """A log line as a ``log`` event shows it: level, msg, time, fields (when it has some) and its index."""
+    return {key: data[key] for key in ("level", "msg", "time", "fields", "index") if key in data}
 
 
 def replay(chunks: list[dict[str, Any]], end: RunEnd) -> Events:

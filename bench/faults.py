@@ -483,7 +483,7 @@ def _openai_call(rig: Rig, job: dict[str, Any]) -> Call:
 
 def _sdk_call(rig: Rig, job: dict[str, Any]) -> Call:
     """A call through flowpool's own SDK, with whatever retries it makes."""
-    from flowpool.client import APIError, Flowpool
+    from flowpool import APIError, Flowpool
 
     call = Call(job["id"])
     try:
@@ -491,10 +491,10 @@ def _sdk_call(rig: Rig, job: dict[str, Any]) -> Call:
             model="workflow:work", input=job, cache=False)
         call.status, call.output, call.request_id = 200, response.output, response.request_id
     except APIError as exc:
-        call.status = exc.status
+        call.status = exc.status_code
         error = exc.body.get("error") if isinstance(exc.body, dict) else None
         call.error = error if isinstance(error, dict) else {"message": str(exc.body)}
-        call.request_id = call.error.get("request_id") or exc.headers.get("X-Request-Id")
+        call.request_id = exc.request_id
         call.should_retry = exc.headers.get("x-should-retry")
     except requests.RequestException as exc:
         call.note = f"no answer ({type(exc).__name__})"

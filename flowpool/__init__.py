@@ -1,9 +1,20 @@
-"""flowpool: run multi-step AI workflows as one API call on a self-hosted worker pool."""
+"""flowpool: run multi-step AI workflows as one API call on a self-hosted worker pool.
+
+The SDK's names are imported from here (``from flowpool import Flowpool, NotFoundError``)
+but loaded only when first used, so ``import flowpool`` stays light.
+"""
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Flowpool", "Settings", "__version__"]
+# The SDK's public names: all of flowpool.client's __all__ (tests/integration/test_sdk.py holds the two together).
+_CLIENT_NAMES = (
+    "Flowpool", "Obj", "APIError", "BadRequestError", "AuthenticationError", "NotFoundError", "WorkflowTimeoutError",
+    "PayloadTooLargeError", "UnprocessableEntityError", "RateLimitError", "InternalServerError",
+    "ServiceUnavailableError",
+)
+
+__all__ = [*_CLIENT_NAMES, "Settings", "__version__"]
 
 __version__ = "0.1.0"
 
@@ -11,10 +22,14 @@ __version__ = "0.1.0"
 def __getattr__(name: str) -> Any:
     # Written out rather than with flowpool.lazy: the in-sandbox runtime imports this package, and
     # importing flowpool_workflow loads no other module of flowpool than the protocol (a test holds it).
-    if name == "Flowpool":
-        from .client import Flowpool
-        return Flowpool
+    if name in _CLIENT_NAMES:
+        from . import client
+        return getattr(client, name)
     if name == "Settings":
         from .settings import Settings
         return Settings
-    raise AttributeError(name)
+    raise AttributeError(f"module 'flowpool' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

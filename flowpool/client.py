@@ -1,11 +1,30 @@
 """The Python SDK: ``Flowpool(api_key=..., base_url=...)``.
 
-    client = Flowpool(api_key="fp_...", base_url="http://127.0.0.1:8080")
-    response = client.workflow.completions.create(model="workflow:echo", input={"text": "hi"})
-    print(response.choices[0].message.content, response.output)
+    from flowpool import Flowpool, APIError
 
-Answers are :class:`Obj` (attribute access over the JSON); every error status
-raises its own subclass of :class:`APIError`.
+    client = Flowpool(api_key="fp_...", base_url="http://127.0.0.1:8080")
+    try:
+        response = client.workflow.completions.create(model="workflow:echo", input={"text": "hi"})
+    except APIError as exc:
+        print(exc.status_code, exc.type, exc.message, exc.request_id)
+    else:
+        print(response.choices[0].message.content, response.output)
+
+Answers are :class:`Obj` (attribute and item access over the JSON, printed
+as ``ChatCompletion(id=..., ...)``); every error status raises its own
+subclass of :class:`APIError`, the names of the official ``openai`` client's
+where there is one::
+
+    APIError                      any error status (and a stream's error event)
+    ├── BadRequestError           400
+    ├── AuthenticationError       401
+    ├── NotFoundError             404
+    ├── WorkflowTimeoutError      408 (the run passed its time limit)
+    ├── PayloadTooLargeError      413
+    ├── UnprocessableEntityError  422 (an Idempotency-Key sent with another request)
+    ├── RateLimitError            429
+    ├── InternalServerError       500 (the script raised, or the run failed)
+    └── ServiceUnavailableError   503
 
 Every invoke carries an ``Idempotency-Key`` (a new one per call unless given),
 so the client can retry it safely: a connection that drops before the answer
@@ -20,79 +39,160 @@ import json
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import requests
+from requests.structures import CaseInsensitiveDict
 
 from .sse import sse_data
 
 __all__ = [
-    "Flowpool", "Obj", "APIError", "BadRequestError", "AuthenticationError", "NotFoundError", "TimeoutError",
-    "PayloadTooLargeError", "RateLimitError", "InternalServerError", "ServiceUnavailableError",
+    "Flowpool", "Obj", "APIError", "BadRequestError", "AuthenticationError", "NotFoundError", "WorkflowTimeoutError",
+    "PayloadTooLargeError", "UnprocessableEntityError", "RateLimitError", "InternalServerError",
+    "ServiceUnavailableError",
 ]
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8080"
 
+# What an error shows of a body that is not the API's JSON (a proxy's HTML page, say).
+_TEXT_SHOWN = 500
+
 
 class APIError(Exception):
-    """The API answered with an error status."""
+    """The API answered with an error status, or a stream ended with an error event.
 
-    def __init__(self, status: int, body: Any, headers: Any = None) -> None:
-        error = body.get("error", {}) if isinstance(body, dict) else {}
-        self.status = status
+    ``status_code``, ``type`` and ``message`` come from the API's
+    ``{"error": {...}}`` body; ``request_id`` names the run to look up
+    (``client.runs.get(request_id)``, ``flowpool logs REQUEST_ID``) when
+    the error is a run's, else None; ``body`` and ``headers`` are the answer
+    as it came.
+    """
+
+    def __init__(self, status_code: int, body: Any, headers: Mapping[str, str] | None = None) -> None:
+        error = body.get("error") if isinstance(body, dict) else None
+        error = error if isinstance(error, dict) else {}
+        self.status_code = status_code
         self.body = body
-        self.headers = headers or {}
-        self.message = error.get("message") if isinstance(error, dict) else None
-        self.type = error.get("type") if isinstance(error, dict) else None
-        super().__init__(f"{status} {self.type or ''}: {self.message or body}".strip())
+        self.headers: CaseInsensitiveDict[str] = CaseInsensitiveDict(headers or {})
+        message = error.get("message")
+        if message is None and body not in (None, ""):
+            message = body if isinstance(body, str) else json.dumps(body)
+        self.message: str | None = None if message is None else str(message)[:_TEXT_SHOWN]
+        self.type: str | None = error.get("type")
+        # A run's error names it in the body; an answer that carries a run's id names it in the header.
+        self.request_id: str | None = error.get("request_id") or self.headers.get("X-Request-Id")
+        super().__init__(self._describe())
+
+    @property
+    def status(self) -> int:
+        """The HTTP status: an alias of ``status_code``, kept for callers written before it."""
+        return self.status_code
+
+    def _describe(self) -> str:
+        text = f"{self.status_code} {self.type or 'error'}: {self.message or ''}".rstrip()
+        return f"{text} (request_id {self.request_id})" if self.request_id else text
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(status_code={self.status_code}, type={self.type!r}, "
+                f"message={self.message!r}, request_id={self.request_id!r})")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt from what it was made of (the default would call it with its message alone).
+        return type(self), (self.status_code, self.body, dict(self.headers))
 
 
 class BadRequestError(APIError): ...
 class AuthenticationError(APIError): ...
 class NotFoundError(APIError): ...
-class TimeoutError(APIError): ...  # noqa: A001 - the 408 of a run, not the builtin
+class WorkflowTimeoutError(APIError): ...
 class PayloadTooLargeError(APIError): ...
+class UnprocessableEntityError(APIError): ...
 class RateLimitError(APIError): ...
 class InternalServerError(APIError): ...
 class ServiceUnavailableError(APIError): ...
 
 
 _ERRORS: dict[int, type[APIError]] = {
-    400: BadRequestError, 401: AuthenticationError, 404: NotFoundError, 408: TimeoutError,
-    413: PayloadTooLargeError, 429: RateLimitError, 500: InternalServerError, 503: ServiceUnavailableError,
+    400: BadRequestError, 401: AuthenticationError, 404: NotFoundError, 408: WorkflowTimeoutError,
+    413: PayloadTooLargeError, 422: UnprocessableEntityError, 429: RateLimitError, 500: InternalServerError,
+    503: ServiceUnavailableError,
 }
 
 
-class Obj:
-    """Attribute access over JSON: ``obj.choices[0].message.content``; ``obj.to_dict()`` for the raw data."""
+def _error(status_code: int, body: Any, headers: Mapping[str, str] | None = None) -> APIError:
+    """The error of a status: its own class, or APIError for one without."""
+    return _ERRORS.get(status_code, APIError)(status_code, body, headers)
 
-    def __init__(self, data: dict[str, Any]) -> None:
+
+class Obj:
+    """Attribute and item access over JSON: ``obj.choices[0].message.content``; ``obj.to_dict()`` for the raw data.
+
+    It prints as its kind and fields, ``ChatCompletion(id='chatcmpl-...', model='workflow:echo', ...)``:
+    the kind is the answer's ``object`` (``chat.completion``), or what the
+    client asked for (``Run``), or the key it was read under (``choices[0]``
+    is a ``Choice``).
+    """
+
+    def __init__(self, data: dict[str, Any], kind: str | None = None) -> None:
         self._data = data
+        self._kind = _kind_of(data) or kind or "Obj"
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # never a field: copy and pickle look these up before _data is set
+            raise AttributeError(name)
         try:
-            return _wrap(self._data[name])
+            return _wrap(self._data[name], name)
         except KeyError:
             raise AttributeError(name) from None
 
     def __getitem__(self, name: str) -> Any:
-        return _wrap(self._data[name])
+        return _wrap(self._data[name], name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._data
+
+    def __dir__(self) -> list[str]:
+        return sorted({*super().__dir__(), *(k for k in self._data if k.isidentifier())})
 
     def get(self, name: str, default: Any = None) -> Any:
-        return _wrap(self._data.get(name, default))
+        return _wrap(self._data.get(name, default), name)
 
     def to_dict(self) -> dict[str, Any]:
         return self._data
 
     def __repr__(self) -> str:
-        return f"Obj({self._data!r})"
+        if all(isinstance(k, str) and k.isidentifier() for k in self._data):
+            return f"{self._kind}({', '.join(f'{k}={v!r}' for k, v in self._data.items())})"
+        return f"{self._kind}({self._data!r})"
 
 
-def _wrap(value: Any) -> Any:
+def _kind_of(data: dict[str, Any]) -> str | None:
+    """The class-style name of an answer's ``object`` field: ``chat.completion`` -> ``ChatCompletion``."""
+    kind = data.get("object")
+    if not isinstance(kind, str) or not kind:
+        return None
+    return "".join(part[:1].upper() + part[1:] for part in kind.replace("_", ".").split("."))
+
+
+def _title(key: str) -> str:
+    """``model_call`` -> ``ModelCall``."""
+    return "".join(part[:1].upper() + part[1:] for part in key.split("_")) or "Obj"
+
+
+def _singular(key: str) -> str:
+    """What one item of a list under ``key`` is called: ``choices`` -> ``choice``, ``entries`` -> ``entry``."""
+    if key.endswith("ies") and len(key) > 3:
+        return key[:-3] + "y"
+    return key[:-1] if key.endswith("s") and not key.endswith("ss") else key
+
+
+def _wrap(value: Any, key: str | None = None) -> Any:
+    """JSON with its objects as :class:`Obj`, named after ``key`` (a list's items after its singular)."""
     if isinstance(value, dict):
-        return Obj(value)
+        return Obj(value, _title(key) if key else None)
     if isinstance(value, list):
-        return [_wrap(v) for v in value]
+        item = _singular(key) if key else None
+        return [_wrap(v, item) for v in value]
     return value
 
 
@@ -142,17 +242,22 @@ class _Workflows:
         for key, value in fields.items():
             if value is not None:
                 data[key] = json.dumps(value) if isinstance(value, dict) else str(value)
-        return Obj(self._client._request("POST", "/api/v1/workflows/upload", data=data, files=files)["data"])
+        return Obj(self._client._request("POST", "/api/v1/workflows/upload", data=data, files=files)["data"],
+                   "WorkflowUpload")
 
     def get(self, name: str) -> Any:
-        return Obj(self._client._request("GET", f"/api/v1/workflows/{name}")["data"])
+        """The workflow ``name`` and its active version."""
+        return Obj(self._client._request("GET", f"/api/v1/workflows/{name}")["data"], "Workflow")
 
     def list(self, offset: int = 0, limit: int = 25) -> list[Any]:
-        return _wrap(self._client._request("GET", "/api/v1/workflows", params={"offset": offset, "limit": limit})["data"])
+        """The account's workflows."""
+        page = self._client._request("GET", "/api/v1/workflows", params={"offset": offset, "limit": limit})
+        return _wrap(page["data"], "workflows")
 
     def runs(self, name: str, offset: int = 0, limit: int = 25) -> list[Any]:
+        """The latest runs of workflow ``name``, newest first (summaries; ``client.runs.get`` has the rest)."""
         return _wrap(self._client._request("GET", f"/api/v1/workflows/{name}/runs",
-                                           params={"offset": offset, "limit": limit})["data"])
+                                           params={"offset": offset, "limit": limit})["data"], "runs")
 
 
 class _Runs:
@@ -160,7 +265,21 @@ class _Runs:
         self._client = client
 
     def get(self, request_id: str) -> Any:
-        return Obj(self._client._request("GET", f"/api/v1/runs/{request_id}")["data"])
+        """Everything kept of a run: status, timings, output, error (with the script's traceback), logs, chunks."""
+        return Obj(self._client._request("GET", f"/api/v1/runs/{request_id}")["data"], "Run")
+
+    def stream(self, request_id: str, logs: bool = False) -> Iterator[Any]:
+        """Follow a run from its start: each ``WorkflowChunk`` as it comes, then its ``ChatCompletion``.
+
+        With ``logs``, each of its log lines too, as a ``WorkflowLog``
+        (``level``, ``msg``, ``time``, ``fields``), in order with the chunks.
+        A run that failed raises its :class:`APIError` (before the first chunk
+        or after the last one), as an invoke with ``stream=True`` does.
+        """
+        response = self._client.session.get(f"{self._client.base_url}/api/v1/runs/{request_id}/stream",
+                                            params={"logs": "true"} if logs else None, stream=True,
+                                            timeout=self._client.timeout)
+        return self._client._events(response)
 
 
 class Flowpool:
@@ -199,7 +318,7 @@ class Flowpool:
         except ValueError:
             body = response.text
         if response.status_code >= 400:
-            raise _ERRORS.get(response.status_code, APIError)(response.status_code, body, response.headers)
+            raise _error(response.status_code, body, response.headers)
         return body
 
     def _send_retrying(self, path: str, body: dict[str, Any], headers: dict[str, str],
@@ -233,13 +352,17 @@ class Flowpool:
         return min(asked if asked is not None else 0.5 * 2 ** attempt, self._MAX_RETRY_WAIT)
 
     def _stream(self, path: str, body: dict[str, Any], headers: dict[str, str]) -> Iterator[Any]:
-        response = self._send_retrying(path, body, headers, stream=True)
+        yield from self._events(self._send_retrying(path, body, headers, stream=True))
+
+    def _events(self, response: requests.Response) -> Iterator[Any]:
+        """The events of a server-sent event answer as :class:`Obj`; an error event or status raised as its APIError."""
         if response.status_code >= 400 or not response.headers.get("Content-Type", "").startswith("text/event-stream"):
             yield Obj(self._decode(response))
             return
         with response:
             for event in sse_data(response):
-                if "error" in event:
-                    error = event["error"]
-                    raise _ERRORS.get(error.get("code"), APIError)(error.get("code", 500), event)
+                error = event.get("error") if isinstance(event, dict) else None
+                if isinstance(error, dict):
+                    code = error.get("code")
+                    raise _error(code if isinstance(code, int) else 500, event, response.headers)
                 yield Obj(event)

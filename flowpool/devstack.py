@@ -5,11 +5,14 @@ way, so what they exercise is what a user runs.
 """
 from __future__ import annotations
 
-import fcntl
+import errno
 import importlib.util
 import os
+import secrets
+import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +21,8 @@ from typing import IO, Any
 
 import requests
 
+from . import devstate
+from .devstate import KEY_FILE, REDIS_DIR
 from .errors import AuthenticationError, ConfigurationError
 from .procs import free_port, set_parent_death_signal
 from .redis_server import RedisServer
@@ -144,10 +149,30 @@ def _settings_env(settings: Settings) -> dict[str, str]:
             for name, value in settings.model_dump(exclude_unset=True).items() if value is not None}
 
 
-# What `flowpool dev` keeps in its data directory (FLOWPOOL_DATA_DIR); --reset removes these and nothing else,
-# so a data directory pointed at a folder holding other files never loses them.
-REDIS_DIR = "redis"
-KEY_FILE = "dev-key"
+def _flowpool_command() -> str:
+    """How a shell runs this flowpool without its venv activated: the script beside this interpreter (the
+    venv's bin), else the interpreter itself with ``-m flowpool.cli``."""
+    script = Path(sys.executable).parent / "flowpool"
+    if script.is_file() and os.access(script, os.X_OK):
+        return shlex.quote(str(script))
+    return f"{shlex.quote(sys.executable)} -m flowpool.cli"
+
+
+def _bind_error(host: str, port: int) -> OSError | None:
+    """Why the API could not listen on ``host:port`` right now (EADDRINUSE: another server has it); None: it could."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        return exc
+    with socket.socket(family, kind, proto) as sock:
+        # As gunicorn binds: a port whose last connections linger in TIME_WAIT is free to it.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            return exc
+    return None
 
 
 class DevStack:
@@ -156,27 +181,51 @@ class DevStack:
     Its data directory holds the Redis data (unless FLOWPOOL_REDIS_URL names a
     Redis) and the dev account's API key, reused while it still authenticates,
     so a restart brings back the same key and every account, workflow and run.
-    One dev at a time uses a directory: it holds a lock on it while it runs.
+    One dev at a time uses a directory: it holds a lock on it while it runs,
+    and records there where it serves, for the other commands (flowpool.devstate).
     """
 
-    def __init__(self, settings: Settings, host: str, port: int, flower: bool, reset: bool = False) -> None:
+    def __init__(self, settings: Settings, host: str, port: int, flower: bool, reset: bool = False,
+                 flower_port: int = 5555) -> None:
         self.settings = settings
         self.host, self.port, self.flower, self.reset = host, port, flower, reset
-        self.data_dir = Path(settings.data_dir).expanduser().resolve()
+        self.flower_port = flower_port
+        self._flower_password: str | None = None  # made up as Flower starts
+        self.data_dir = devstate.resolve(settings.data_dir)
+        self._stopping = False
+
+    def _stop(self, signum: int, frame: object) -> None:
+        """SIGINT or SIGTERM: stop, once (the second signal of a Ctrl-C sent to the whole group does nothing)."""
+        if self._stopping:
+            return
+        self._stopping = True
+        raise KeyboardInterrupt
 
     def run(self) -> None:
+        # Set here, whatever dev inherited: started from a script (`flowpool dev &` in a shell without job
+        # control) or by a parent that ignores SIGINT, dev finds SIGINT ignored, and Python leaves it so;
+        # `kill -INT` and Ctrl-C would then do nothing. The processes dev starts get the default back at exec.
+        signal.signal(signal.SIGINT, self._stop)
+        signal.signal(signal.SIGTERM, self._stop)
         if self.flower and importlib.util.find_spec("flower") is None:
             print("flowpool dev: --flower needs Flower: pip install 'flowpool[flower]'", file=sys.stderr)
             sys.exit(2)
         lock = self._claim_data_dir()
         try:
             self._run()
+        except KeyboardInterrupt:  # before its stack was started
+            print("\nflowpool dev: stopping", flush=True)
         finally:
             os.close(lock)
 
     def _run(self) -> None:
+        devstate.forget(self.data_dir)  # a record left by a dev that was killed: no dev serves there now
         if self.reset:
             self._wipe_data_dir()
+        # Checked before anything starts, so that a refusal leaves nothing running.
+        self._check_port()
+        self._check_flower_port()
+        self._check_redis_url()
         redis_dir = None if self.settings.redis_url else self.data_dir / REDIS_DIR
         try:
             # Stack keeps the caller's FLOWPOOL_* variables from its children; dev hands them its settings.
@@ -185,28 +234,26 @@ class DevStack:
             print(f"flowpool dev: {exc}" + ("\n`flowpool dev --reset` starts afresh" if redis_dir else ""),
                   file=sys.stderr)
             sys.exit(1)
-        stopping = False
-
-        def stop(signum: int, frame: object) -> None:
-            nonlocal stopping
-            if stopping:
-                return
-            stopping = True
-            raise KeyboardInterrupt
-
-        signal.signal(signal.SIGTERM, stop)
         try:
             where = f"started on {stack.redis_url}, data in {redis_dir}" if stack.redis else f"at {stack.redis_url}"
             print(f"flowpool dev: Redis {where}", flush=True)
             # Flower shows only what workers report as task events.
             stack.start_worker(env={"FLOWPOOL_WORKER_EVENTS": "true"} if self.flower else None)
             api_url = stack.start_api(port=self.port, host=self.host)
+            api_process = stack.processes[-1]
+            try:
+                stack.wait_ready(timeout=120)
+            except RuntimeError as exc:
+                # Another server may have taken the port since _check_port: the API then exits at start-up.
+                if api_process.poll() is not None and self._port_taken():
+                    self._say_port_taken()
+                else:
+                    print(f"flowpool dev: {exc}; stopping", file=sys.stderr, flush=True)
+                sys.exit(1)
             if self.flower:
-                stack.processes.append(subprocess.Popen(
-                    [sys.executable, "-I", "-m", "celery", "-A", "flowpool.tasks.celery_app", "flower", "--port=5555"],
-                    env=stack.env, stdin=subprocess.DEVNULL, preexec_fn=set_parent_death_signal))
-            stack.wait_ready(timeout=120)
+                self._start_flower(stack)
             key = self._api_key(stack.redis_url)
+            devstate.record(self.data_dir, api_url, stack.redis_url)
             print(self._banner(api_url, stack.redis_url, key), flush=True)
             while True:
                 for process in stack.processes:
@@ -218,7 +265,9 @@ class DevStack:
         except KeyboardInterrupt:
             print("\nflowpool dev: stopping", flush=True)
         finally:
+            self._stopping = True
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            devstate.forget(self.data_dir)  # first: the other commands stop sending to what is going away
             stack.stop()
 
     def _claim_data_dir(self) -> int:
@@ -227,16 +276,101 @@ class DevStack:
         Two servers appending to one AOF would corrupt it. The lock goes with
         this process, however it ends, and its children do not inherit it.
         """
-        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        lock = os.open(self.data_dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(lock)
+        lock = devstate.claim(self.data_dir)
+        if lock is None:
             print(f"flowpool dev: {self.data_dir} is in use by another flowpool dev; stop that one first, "
                   "or give this one its own FLOWPOOL_DATA_DIR", file=sys.stderr)
             sys.exit(2)
         return lock
+
+    def _port_taken(self) -> bool:
+        error = _bind_error(self.host, self.port)
+        return error is not None and error.errno == errno.EADDRINUSE
+
+    def _say_port_taken(self) -> None:
+        free = next((port for port in range(self.port + 1, min(self.port + 100, 65536))
+                     if _bind_error(self.host, port) is None), None)
+        hint = f" (e.g. --port {free})" if free else ""
+        print(f"flowpool dev: port {self.port} on {self.host} is in use by another server; pass --port N{hint}",
+              file=sys.stderr, flush=True)
+
+    def _check_port(self) -> None:
+        """Exit with one line, before anything starts, when the API could not listen where it is asked to."""
+        error = _bind_error(self.host, self.port)
+        if error is None:
+            return
+        if getattr(error, "errno", None) == errno.EADDRINUSE:
+            self._say_port_taken()
+        else:
+            print(f"flowpool dev: the API cannot listen on {self.host}:{self.port}: {error}", file=sys.stderr)
+        sys.exit(1)
+
+    def _check_flower_port(self) -> None:
+        """Exit with one line, before anything starts, when Flower could not listen on --flower-port."""
+        error = _bind_error(self.host, self.flower_port) if self.flower else None
+        if error is not None:
+            print(f"flowpool dev: Flower cannot listen on {self.host}:{self.flower_port}: {error}; "
+                  "pass --flower-port with a free port", file=sys.stderr)
+            sys.exit(1)
+
+    def _start_flower(self, stack: Stack) -> None:
+        """Start Flower on --flower-port, behind a password made up now, once the worker answers remote control."""
+        from celery import Celery
+
+        # Flower asks the workers for their stats, queues and configuration as it starts, by broadcast. On Redis a
+        # broadcast reaches only the workers listening at that moment, and a worker listens a moment after its
+        # heartbeat made the API ready: a Flower started beside the worker heard from none and logged
+        # "Inspect method ... failed" for each question. So it starts once a ping, a broadcast too, is answered.
+        app = Celery("flowpool-dev", broker=self.settings.broker_url or stack.redis_url, set_as_current=False)
+        deadline = time.monotonic() + 30
+        try:
+            while not app.control.ping(timeout=0.5):
+                if time.monotonic() > deadline:
+                    print("flowpool dev: the worker does not answer remote control; Flower will not see it",
+                          file=sys.stderr, flush=True)
+                    break
+        finally:
+            app.close()
+        # Flower 2 serves its API only with authentication, or to anyone (FLOWER_UNAUTHENTICATED_API, which also
+        # answers every web page's cross-origin requests: any site open in the developer's browser could read the
+        # runs' inputs and shut the worker down). So basic auth, which also makes Flower refuse cross-site requests.
+        self._flower_password = secrets.token_urlsafe(12)
+        # In the environment, not the command line, which every local user can read.
+        env = {**stack.env, "FLOWER_BASIC_AUTH": f"flowpool:{self._flower_password}"}
+        stack.processes.append(subprocess.Popen(
+            [sys.executable, "-I", "-m", "celery", "-A", "flowpool.tasks.celery_app", "flower",
+             f"--address={self.host}", f"--port={self.flower_port}"],
+            env=env, stdin=subprocess.DEVNULL, stdout=stack.output, stderr=stack.output,
+            # Its own session: a Ctrl-C reaches the terminal's whole process group, and Flower, already stopping
+            # on that SIGINT when dev's SIGTERM came, died of the SIGTERM in its exit handlers, with a traceback.
+            # Out of the group, it gets dev's SIGTERM alone (and SIGKILL should dev die: set_parent_death_signal).
+            start_new_session=True, preexec_fn=set_parent_death_signal))
+        # The banner comes once Flower listens, so a run started as it shows is one Flower sees.
+        address = "127.0.0.1" if self.host in ("0.0.0.0", "") else "::1" if self.host == "::" else self.host
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and stack.processes[-1].poll() is None:
+            try:
+                socket.create_connection((address, self.flower_port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+
+    def _check_redis_url(self) -> None:
+        """Exit with one line when FLOWPOOL_REDIS_URL names a Redis that does not answer (one left exported
+        from an earlier dev's banner, say), rather than waiting for workers that cannot start."""
+        if not self.settings.redis_url:
+            return
+        import redis
+
+        client = redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
+        try:
+            client.ping()
+        except redis.RedisError as exc:
+            print(f"flowpool dev: the Redis at FLOWPOOL_REDIS_URL ({self.settings.redis_url}) does not answer: "
+                  f"{exc}; start it, or unset FLOWPOOL_REDIS_URL and dev starts its own", file=sys.stderr)
+            sys.exit(1)
+        finally:
+            client.close()
 
     def _wipe_data_dir(self) -> None:
         """--reset: remove the Redis data and the API key kept in the data directory."""
@@ -273,18 +407,18 @@ class DevStack:
             key = accounts.create("dev")[1]
         finally:
             client.close()
-        written = key_file.with_name(KEY_FILE + ".new")
-        descriptor = os.open(written, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.fchmod(descriptor, 0o600)  # a file left from an interrupted write keeps its old mode otherwise
-        with os.fdopen(descriptor, "w") as out:
-            out.write(key + "\n")
-        os.replace(written, key_file)
+        devstate.write_private(key_file, key + "\n")
         return key
 
     def _banner(self, api_url: str, redis_url: str, key: str) -> str:
-        flower = "\n  Flower:   http://127.0.0.1:5555" if self.flower else ""
+        flower = (f"\n  Flower:   http://{self.host}:{self.flower_port}  (user flowpool, password "
+                  f"{self._flower_password})") if self.flower else ""
         kept = "the API key (the data is in the Redis at FLOWPOOL_REDIS_URL)" if self.settings.redis_url \
             else "Redis data and the API key"
+        # The commands find this dev through its data directory (flowpool.devstate), with nothing exported.
+        where = f"with FLOWPOOL_DATA_DIR={self.data_dir}" if "data_dir" in self.settings.model_fields_set \
+            else f"in {Path.cwd()}"
+        found = f"the flowpool commands run {where} find this dev"
         return f"""
 flowpool is running.
   API:      {api_url}
@@ -292,9 +426,9 @@ flowpool is running.
   API key:  {key}
   Data:     {self.data_dir}: {kept}, kept across restarts; `flowpool dev --reset` wipes it
 
-Try it:
-  export FLOWPOOL_API_URL={api_url} FLOWPOOL_API_KEY={key}
-  flowpool push examples/echo.py --name echo
+Try it ({found}; from elsewhere, run the export line first):
+  export FLOWPOOL_API_URL={api_url} FLOWPOOL_API_KEY={key} FLOWPOOL_REDIS_URL={redis_url}
+  {_flowpool_command()} push examples/echo.py --name echo
   curl -s {api_url}/workflow/chat/completions \\
     -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\
     -d '{{"model": "workflow:echo", "input": {{"text": "hello flowpool"}}}}'

@@ -80,7 +80,10 @@ def run(request_id: str) -> str:
 
 
 def run_events(request_id: str) -> str:
-    """Stream: the run's emitted chunks, then one final ``done`` entry."""
+    """Stream: the run's emitted chunks and log lines (``kind`` chunk or log), in order, then one final ``done`` entry.
+
+    Expires with the record: each write sets its TTL, and its end sets it again.
+    """
     return f"{PREFIX}run:{request_id}:events"
 
 

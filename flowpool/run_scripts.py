@@ -6,7 +6,7 @@ that order.
 """
 from __future__ import annotations
 
-__all__ = ["ABANDON", "APPEND_CHUNKS", "BEGIN", "CLAIM", "FINISH"]
+__all__ = ["ABANDON", "APPEND_EVENTS", "BEGIN", "CLAIM", "FINISH"]
 
 # Mark a queued run as running on a worker, with a lease the worker keeps
 # fresh, and index it by its hard deadline. The claim token names this one
@@ -45,28 +45,36 @@ for _, counter in ipairs(cjson.decode(counters_json)) do redis.call('HINCRBY', m
 return 1
 """
 
-# Append a run's emitted chunks (ARGV from 2 on, the first numbered ARGV[1])
-# to its stream, each once: a batch written again because Redis ran the
-# first write but its answer was lost skips the chunks the stream holds
-# already (by index), and a run that has ended takes none.
-APPEND_CHUNKS = """
+# Append what a run sent since the last write, its emitted chunks and log
+# lines in the order it sent them, to its stream: ARGV from 2 on, three per
+# entry (kind ``chunk`` or ``log``, its index among its kind, its JSON). Each
+# is added once: a batch written again because Redis ran the first write but
+# its answer was lost skips what the stream holds already (everything up to
+# the entry its last one is, by kind and index: the run's one writer clears a
+# batch only once written, so a batch written again holds that entry), and a
+# run that has ended takes none. The stream expires with the record even if
+# no end is ever written (FINISH and ABANDON set the TTL again).
+APPEND_EVENTS = """
 local events_key = KEYS[1]
-local first_index = tonumber(ARGV[1])
-local CHUNKS_FROM = 2
-local next_index = 0
+local ttl_ms = ARGV[1]
+local EVENTS_FROM = 2
+local written_through = EVENTS_FROM - 1
 local top = redis.call('XREVRANGE', events_key, '+', '-', 'COUNT', 1)[1]
 if top then
-  local fields = top[2]  -- kind, chunk or done, data, the JSON
-  if fields[2] ~= 'chunk' then return 0 end
-  next_index = cjson.decode(fields[4])['index'] + 1
-end
-local added = 0
-for i = CHUNKS_FROM, #ARGV do
-  if first_index + i - CHUNKS_FROM >= next_index then
-    redis.call('XADD', events_key, '*', 'kind', 'chunk', 'data', ARGV[i])
-    added = added + 1
+  local fields = top[2]  -- kind, chunk, log or done, data, the JSON
+  local kind = fields[2]
+  if kind == 'done' then return 0 end
+  local index = cjson.decode(fields[4])['index']
+  for i = EVENTS_FROM, #ARGV, 3 do
+    if ARGV[i] == kind and tonumber(ARGV[i + 1]) == index then written_through = i + 2 end
   end
 end
+local added = 0
+for i = written_through + 1, #ARGV, 3 do
+  redis.call('XADD', events_key, '*', 'kind', ARGV[i], 'data', ARGV[i + 2])
+  added = added + 1
+end
+if added > 0 then redis.call('PEXPIRE', events_key, ttl_ms) end
 return added
 """
 

@@ -1,11 +1,12 @@
 """The run store: one record per request, its event stream, and waiting for its end.
 
-A run record (:class:`~flowpool.run.RunRecord`) is a Redis hash (``keys.run``); its emitted chunks and, last, one
-``done`` entry (:class:`~flowpool.run.RunEnd`) go to a Redis stream (``keys.run_events``) that every waiter
-reads without consuming, so any number of callers (single-flight joiners,
-later the streaming API) can follow one run. While a worker runs it, the run
-has a lease key the worker refreshes; a running run without a lease belongs
-to a worker that died.
+A run record (:class:`~flowpool.run.RunRecord`) is a Redis hash (``keys.run``); its emitted chunks and log lines,
+in the order the run sent them, and, last, one ``done`` entry (:class:`~flowpool.run.RunEnd`) go to a Redis stream
+(``keys.run_events``) that every waiter reads without consuming, so any number of callers (single-flight joiners,
+the streaming API) can follow one run. Log lines are there so a running run's can be read as they come (the
+record holds them once the run ends); every reader passes over them unless it asks for them.
+While a worker runs it, the run has a lease key the worker refreshes; a
+running run without a lease belongs to a worker that died.
 
 Every unfinished run is also in one index (``keys.RUNS_ACTIVE``), scored by
 its deadline: queued, by when it must have ended if a worker took it at the
@@ -30,15 +31,18 @@ from flowpool import keys
 from flowpool.connections import UNREACHABLE, patiently
 from flowpool.errors import OutcomeUnavailable, RunError, RunNotStarted, WorkerLost
 from flowpool.run import RunEnd, RunRecord, RunStatus, dumps, encode
-from flowpool.run_scripts import ABANDON, APPEND_CHUNKS, BEGIN, CLAIM, FINISH
+from flowpool.run_scripts import ABANDON, APPEND_EVENTS, BEGIN, CLAIM, FINISH
 from flowpool.sealing import InvalidToken, SecretBox
 from flowpool.settings import Settings
 
-__all__ = ["RunStatus", "RunStore"]
+__all__ = ["LOG_CUT", "RunStatus", "RunStore"]
 
 log = logging.getLogger("flowpool.runs")
 
 T = TypeVar("T")
+
+# Set (true) in the stream entry of the log line that says the run's log was cut at its size limit.
+LOG_CUT = "truncated"
 
 
 class RunStore:
@@ -58,7 +62,7 @@ class RunStore:
         self._begin = client.register_script(BEGIN)
         self._abandon = client.register_script(ABANDON)
         self._finish = client.register_script(FINISH)
-        self._append_chunks = client.register_script(APPEND_CHUNKS)
+        self._append_events = client.register_script(APPEND_EVENTS)
 
     @classmethod
     def for_settings(cls, client: redis.Redis, settings: Settings) -> RunStore:
@@ -146,16 +150,21 @@ class RunStore:
                                 args=[dumps(worker), dumps(now), lease_ms, request_id, now + hard_seconds,
                                       dumps(token)]))
 
-    def add_chunks(self, request_id: str, chunks: list[tuple[str, Any, int]], pipe: Any = None) -> None:
-        """Append emitted chunks, each ``(type, content, index)`` and numbered on from the last, to the run's stream.
+    def add_events(self, request_id: str, events: Sequence[tuple[str, int, dict[str, Any]]], pipe: Any = None) -> None:
+        """Append what a run sent, in order, to its stream: each ``(kind, index, data)``, a ``chunk`` (``data`` its
+        type and content) or a ``log`` line, numbered on from the last of its kind.
 
-        Written again (an answer Redis lost), a chunk the stream holds already is not added twice (``APPEND_CHUNKS``).
+        Written again (an answer Redis lost), an entry the stream holds already is not added twice
+        (``APPEND_EVENTS``); a run that has ended takes none.
         """
-        if chunks:
-            self._append_chunks(keys=[keys.run_events(request_id)],
-                                args=[chunks[0][2], *(dumps({"type": chunk_type, "content": content, "index": index})
-                                                      for chunk_type, content, index in chunks)],
-                                client=pipe)
+        if events:
+            flat = [item for kind, index, data in events for item in (kind, index, dumps({**data, "index": index}))]
+            self._append_events(keys=[keys.run_events(request_id)], args=[self.ttl_ms, *flat], client=pipe)
+
+    def add_chunks(self, request_id: str, chunks: list[tuple[str, Any, int]], pipe: Any = None) -> None:
+        """Append emitted chunks, each ``(type, content, index)``, to the run's stream (:meth:`add_events`)."""
+        self.add_events(request_id, [("chunk", index, {"type": chunk_type, "content": content})
+                                     for chunk_type, content, index in chunks], pipe=pipe)
 
     def request_cancel(self, request_id: str) -> None:
         """Ask the worker running ``request_id`` to stop it (it checks within its heartbeat)."""
@@ -258,6 +267,22 @@ class RunStore:
             chunk.pop("index", None)
         return chunks
 
+    def so_far(self, request_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], bool]:
+        """What a running run has sent so far, as its record will keep it: its chunks, its log lines, and whether
+        its log was cut at its size limit (the last line then says so). One read of its stream."""
+        chunks: list[dict[str, Any]] = []
+        lines: list[dict[str, Any]] = []
+        cut = False
+        for _, fields in self.redis.xrange(keys.run_events(request_id)):
+            kind, data = fields.get(b"kind"), json.loads(fields[b"data"])
+            data.pop("index", None)
+            if kind == b"chunk":
+                chunks.append(data)
+            elif kind == b"log":
+                cut = bool(data.pop(LOG_CUT, False)) or cut
+                lines.append(data)
+        return chunks, lines, cut
+
     def list_for_session(self, account_id: str, session_id: str, offset: int, limit: int) -> tuple[list[str], int]:
         """Request ids of a session's runs, oldest first, and the total."""
         index = keys.session_runs(account_id, session_id)
@@ -278,11 +303,13 @@ class RunStore:
         raise AssertionError("events() ends with done")
 
     def events(self, request_id: str, queue_wait: float, run_seconds: float, poll: float = 1.0,
-               chunks: bool = True, after: str = "0-0",
-               keepalive: float | None = None) -> Iterator[tuple[str, str, Any]]:
+               chunks: bool = True, after: str = "0-0", keepalive: float | None = None,
+               logs: bool = False) -> Iterator[tuple[str, str, Any]]:
         """The run's chunks as they come (``(entry_id, "chunk", data)``), then ``(entry_id, "done", RunEnd)``.
 
-        ``after`` is a stream entry id (an SSE Last-Event-ID) to resume from.
+        With ``logs``, its log lines too (``(entry_id, "log", line)``), in
+        the order the run sent them and the chunks; the line that says the log
+        was cut carries ``LOG_CUT``. ``after`` is a stream entry id (an SSE Last-Event-ID) to resume from.
         With ``keepalive``, ``("", "ping", {})`` comes after that many seconds
         without an event, so a streaming caller can keep its connection open.
 
@@ -324,8 +351,10 @@ class RunStore:
                     if kind == b"done":
                         yield entry_id.decode(), "done", RunEnd.from_message(json.loads(fields[b"data"]))
                         return
-                    if chunks:
+                    if kind == b"chunk" and chunks:
                         yield entry_id.decode(), "chunk", json.loads(fields[b"data"])
+                    elif kind == b"log" and logs:
+                        yield entry_id.decode(), "log", json.loads(fields[b"data"])
             if reply:
                 quiet_since = time.monotonic()
                 continue

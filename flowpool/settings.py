@@ -40,7 +40,8 @@ class Settings(BaseSettings):
     # Where things are.
     redis_url: Optional[str] = Field(
         None, description="Redis for the registry, runs and cache. `flowpool dev` starts its own when unset; "
-        f"the other commands fall back to {DEFAULT_REDIS_URL}.")
+        "the other commands use the Redis of the `flowpool dev` running on FLOWPOOL_DATA_DIR, else "
+        f"{DEFAULT_REDIS_URL}.")
     redis_socket_timeout_seconds: float = Field(
         10, ge=2, description="How long one Redis command may wait for its answer (a paused or unreachable server) "
         "before it fails; what carries a run's outcome (the worker's writes, a caller's wait) is then tried again with "
@@ -51,15 +52,18 @@ class Settings(BaseSettings):
         None, description="A Redis of its own for the result cache, which may evict (maxmemory-policy allkeys-lru) "
         "where the registry's must not. Unset: the cache lives in the registry's Redis, and a lookup shares the "
         "round trip that records the run.")
-    api_url: str = Field("http://127.0.0.1:8080", description="Where the command line finds the API.")
-    api_key: Optional[str] = Field(None, description="API key the command line sends.")
+    api_url: str = Field("http://127.0.0.1:8080", description="Where the command line finds the API; unset, that "
+                         "of the `flowpool dev` running on FLOWPOOL_DATA_DIR, if one runs.")
+    api_key: Optional[str] = Field(None, description="API key the command line sends; unset, that of the "
+                                   "`flowpool dev` whose API it uses.")
     secret_key: Optional[str] = Field(
         None, description="Key for the keyed hash of request secrets in cache keys. When unset, one is "
         "generated once and kept in Redis; set it in production so it lives outside Redis.")
     data_dir: str = Field(
         ".flowpool", min_length=1,
         description="Where `flowpool dev` keeps what outlives a restart: its Redis data (AOF; unless "
-        "FLOWPOOL_REDIS_URL is set) and its API key. A relative path is taken from the working directory.")
+        "FLOWPOOL_REDIS_URL is set) and its API key; and, while it runs, where it runs, which the other commands "
+        "read (flowpool.devstate). A relative path is taken from the working directory.")
 
     # Time limits.
     default_timeout_seconds: float = Field(60, gt=0, description="Soft limit when the workflow sets none.")

@@ -280,7 +280,8 @@ class Sandbox:
             on_emit: Callable[[str, Any], None] | None = None, source: str | None = None,
             gate: Callable[[], bool] | None = None, on_call: CallHandler | None = None,
             slot_timeout: float | None = None, cancel: StopRequest | None = None,
-            on_idle: Callable[[], None] | None = None, limits: SandboxLimits | None = None) -> RunOutcome:
+            on_idle: Callable[[], None] | None = None, limits: SandboxLimits | None = None,
+            on_log: Callable[[dict[str, Any], bool], None] | None = None) -> RunOutcome:
         """Run ``execute(ctx)`` of the compiled ``code`` for ``job``; never raises for the script's faults.
 
         ``gate`` is called once the job is handed over, so the caller's own
@@ -289,7 +290,9 @@ class Sandbox:
         ``limits`` replaces the sandbox's own for this run (a workflow's
         overrides); a run whose process limits differ gets a process of its
         own instead of a prestarted one. ``cancel`` stops the run, ending it
-        with the reason it was asked with.
+        with the reason it was asked with. ``on_log`` gets each log line kept
+        (and whether it is the one saying the log was cut), handed on with the
+        emits by ``on_idle``.
         """
         limits = limits or self.limits
         outcome = RunOutcome()
@@ -303,7 +306,7 @@ class Sandbox:
                     raise SandboxError(f"no free sandbox slot within {slot_timeout:g}s") from None
             outcome.pid = process.pid
             session = RunSession(process, self._zygote, limits, soft_seconds, self.hard_grace_seconds, outcome,
-                                 on_emit=on_emit, on_call=on_call, cancel=cancel, on_idle=on_idle)
+                                 on_emit=on_emit, on_call=on_call, cancel=cancel, on_idle=on_idle, on_log=on_log)
             watch = None
             try:
                 watch = self._containment.watch(process, limits, session.cpu_seconds)

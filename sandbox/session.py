@@ -92,7 +92,8 @@ class RunSession:
     def __init__(self, process: RunProcess, zygote: Zygote, limits: SandboxLimits, soft_seconds: float,
                  hard_grace_seconds: float, outcome: RunOutcome, *,
                  on_emit: Callable[[str, Any], None] | None = None, on_call: CallHandler | None = None,
-                 cancel: StopRequest | None = None, on_idle: Callable[[], None] | None = None) -> None:
+                 cancel: StopRequest | None = None, on_idle: Callable[[], None] | None = None,
+                 on_log: Callable[[dict[str, Any], bool], None] | None = None) -> None:
         assert process.pid is not None and process.sock is not None
         self.process = process
         self.limits = limits
@@ -107,8 +108,9 @@ class RunSession:
         self._serve_call = on_call
         self._cancel = cancel
         self._idle = on_idle
+        self._log_to = on_log
         self._log_bytes = 0
-        self._emitted = False  # emits not yet handed on by on_idle
+        self._unsent = False  # emits or log lines not yet handed on by on_idle
         self._pending = select.poll()  # whether the run has sent more (poll: descriptors may be past 1024)
         self._pending.register(process.sock, select.POLLIN)
         self._handlers: dict[str, Callable[[dict[str, Any]], bool]] = {
@@ -129,9 +131,9 @@ class RunSession:
         """Serve and record what the run sends until it is over: a result, an error, a limit, a crash or a cancel."""
         while True:
             # on_idle runs once the run has nothing more to send right now, so
-            # a burst of emits is handed on in one batch.
-            if self._emitted and not self._pending.poll(0):
-                self._hand_on_emits()
+            # a burst of emits and log lines is handed on in one batch.
+            if self._unsent and not self._pending.poll(0):
+                self._hand_on()
             if self._cancel is not None and self._cancel.reason is not None:
                 self._kill(self._cancel.reason)
                 return
@@ -161,10 +163,10 @@ class RunSession:
     def on_call(self, message: dict[str, Any]) -> bool:
         """Serve one ctx call of the run: a reply, or chunks then an end, or an error.
 
-        Chunks the run emitted before the call are handed on first: serving
-        it may block for as long as a model or HTTP call takes.
+        Chunks and log lines the run sent before the call are handed on
+        first: serving it may block for as long as a model or HTTP call takes.
         """
-        self._hand_on_emits()
+        self._hand_on()
         try:
             self._answer_call(message)
         except (OSError, socket.timeout):
@@ -187,11 +189,15 @@ class RunSession:
             return True
         if self._emit_to is not None:
             self._emit_to(chunk_type, content)
-            self._emitted = True
+            self._unsent = True
         return False
 
     def on_log(self, message: dict[str, Any]) -> bool:
-        """Keep a log line, until the log reaches its size limit."""
+        """Keep a log line, until the log reaches its size limit, and hand it on as the emits are (``on_log``).
+
+        The line that passes the limit is replaced by one saying the log was
+        cut, the last kept and handed on: the live log and the record's end alike.
+        """
         outcome, limit = self.outcome, self.limits.max_log_bytes
         if outcome.logs_truncated:
             return False
@@ -204,9 +210,11 @@ class RunSession:
         self._log_bytes += len(line["msg"]) + len(line["level"]) + 40
         if self._log_bytes > limit:
             outcome.logs_truncated = True
-            outcome.logs.append({"level": "warning", "msg": f"log cut at {limit} bytes", "time": time.time()})
-        else:
-            outcome.logs.append(line)
+            line = {"level": "warning", "msg": f"log cut at {limit} bytes", "time": time.time()}
+        outcome.logs.append(line)
+        if self._log_to is not None:
+            self._log_to(line, outcome.logs_truncated)
+            self._unsent = True
         return False
 
     def on_result(self, message: dict[str, Any]) -> bool:
@@ -269,10 +277,10 @@ class RunSession:
         """Close the worker's end of the run's channel."""
         self.channel.close()
 
-    def _hand_on_emits(self) -> None:
-        if self._emitted and self._idle is not None:
+    def _hand_on(self) -> None:
+        if self._unsent and self._idle is not None:
             self._idle()
-            self._emitted = False
+            self._unsent = False
 
     def _kill(self, error: RunError) -> None:
         self.process.kill()

@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import flowpool
 from flowpool.connections import UNREACHABLE, patiently
-from flowpool.errors import NotFound, RunError, SandboxError, ScriptError
+from flowpool.errors import NotFound, RunError, SandboxError, ScriptError, WorkerLost
 from flowpool.registry import check_output
 from flowpool.run import RunEnd, RunJob, RunStatus, dumps
+from flowpool.runs import LOG_CUT
 from flowpool.sandbox import RunOutcome
 from flowpool.sandbox.session import StopRequest
 
@@ -59,19 +60,19 @@ _HOST_PATHS = [(path, "<runtime>") for path in sorted(
     key=len, reverse=True)]
 
 
-def _skipped(request_id: str) -> str:
+def _skipped(request_id: str) -> None:
     log.info("run %s is not queued any more (the caller gave up); skipped", request_id)
-    return "skipped"
 
 
 class _Chunks:
-    """The chunks a run emits, redacted and numbered, written to its stream in batches.
+    """The chunks a run emits and its log lines, redacted and numbered, written to its stream in batches, in order.
 
-    With ``keep`` they are also kept, as stored, for the run's cache entry,
-    so caching them costs no read of the stream back.
+    With ``keep`` the chunks are also kept, as stored, for the run's cache
+    entry, so caching them costs no read of the stream back. A run that logs
+    nothing and emits nothing writes nothing here.
     """
 
-    # A burst of emits goes out in one round trip of at most this many chunks.
+    # A burst of emits and log lines goes out in one round trip of at most this many.
     _BATCH = 256
     # After a write Redis did not take, emits wait this long (doubling, up to the most) before the next try,
     # so an unreachable Redis costs the run one failed round trip per pause, not one per emit.
@@ -82,23 +83,31 @@ class _Chunks:
         self.runtime, self.request_id, self.redactions = runtime, request_id, redactions
         self.kept: list[dict[str, Any]] | None = [] if keep else None
         self._count = itertools.count()
-        self._batch: list[tuple[str, Any, int]] = []
+        self._lines = itertools.count()
+        self._batch: list[tuple[str, int, dict[str, Any]]] = []  # (kind, index among its kind, data)
         self._next_try = 0.0
         self._retry_after = self._RETRY_AFTER
 
     def emit(self, chunk_type: str, content: Any) -> None:
         """Take one emitted chunk; a full batch goes out at once."""
         chunk_type, content = redact(chunk_type, self.redactions), redact(content, self.redactions)
-        self._batch.append((chunk_type, content, next(self._count)))
+        self._batch.append(("chunk", next(self._count), {"type": chunk_type, "content": content}))
         if self.kept is not None:
             self.kept.append({"type": chunk_type, "content": content})
         if len(self._batch) >= self._BATCH:
             self.flush()
 
-    def flush(self, until: float | None = None) -> None:
-        """Write the chunks emitted since the last flush, in one round trip.
+    def log(self, line: dict[str, Any], cut: bool) -> None:
+        """Take one log line, redacted as the record keeps it (``cut``: the line saying the log was cut)."""
+        data = redact(line, self.redactions)
+        self._batch.append(("log", next(self._lines), {**data, LOG_CUT: True} if cut else data))
+        if len(self._batch) >= self._BATCH:
+            self.flush()
 
-        While Redis is unreachable the chunks are kept for the next flush and
+    def flush(self, until: float | None = None) -> None:
+        """Write the chunks and log lines sent since the last flush, in one round trip.
+
+        While Redis is unreachable they are kept for the next flush and
         the run goes on. The last flush passes ``until`` (a ``time.monotonic()``
         deadline): it is tried again till then, and then raises.
         """
@@ -114,17 +123,23 @@ class _Chunks:
             except UNREACHABLE as exc:
                 self._next_try = time.monotonic() + self._retry_after
                 self._retry_after = min(2 * self._retry_after, self._RETRY_AFTER_MAX)
-                log.warning("run %s: %d chunks wait for Redis: %s", self.request_id, len(self._batch), exc)
+                log.warning("run %s: %d chunks and log lines wait for Redis: %s", self.request_id, len(self._batch),
+                            exc)
 
     def _write(self, client: Any) -> None:
         # One script: a batch Redis did not take is written again whole; one Redis took although its answer
         # was lost is written again too, and the script skips what the stream holds already.
-        self.runtime.runs.add_chunks(self.request_id, self._batch, pipe=client)
+        self.runtime.runs.add_events(self.request_id, self._batch, pipe=client)
         self._batch.clear()
 
 
-def execute_run(runtime: WorkerRuntime, job: RunJob) -> str:
-    """Run ``job`` (built by the API) to its end; returns the final status. Never raises for the script.
+def execute_run(runtime: WorkerRuntime, job: RunJob) -> RunEnd | None:
+    """Run ``job`` (built by the API) to its end; returns that end, or None if skipped. Never raises for the script.
+
+    The end is the one recorded (its error redacted), or, where none could be
+    recorded, a ``lost`` one saying why; a run skipped is one another delivery
+    holds or its caller gave up on before it started, whose end is not this
+    delivery's to write.
 
     A Redis that stops answering for a while costs the run nothing: the
     claim is tried again for up to FLOWPOOL_REDIS_OUTAGE_SECONDS, and the
@@ -167,7 +182,8 @@ def execute_run(runtime: WorkerRuntime, job: RunJob) -> str:
             # The claim's round trip overlaps the run process's start.
             outcome = runtime.sandbox.run(script.code, job.sandbox_view(), job.soft_seconds, on_emit=chunks.emit,
                                           source=script.source, gate=claim, on_call=router, cancel=stop,
-                                          on_idle=chunks.flush, limits=runtime.limits_for(job.limits))
+                                          on_idle=chunks.flush, limits=runtime.limits_for(job.limits),
+                                          on_log=chunks.log)
             if outcome.skipped:
                 return _skipped(request_id)
             error = outcome.error
@@ -191,7 +207,8 @@ def execute_run(runtime: WorkerRuntime, job: RunJob) -> str:
             # Its lease lapses once it leaves runtime.active; the reaper marks it lost.
             log.error("run %s: Redis did not take its outcome until %.0fs past its hard limit (%s); the run is lost",
                       request_id, settings.redis_outage_seconds, exc)
-            return RunStatus.LOST.value
+            return RunEnd(status=RunStatus.LOST.value, version=job.version, error=WorkerLost(
+                "the worker could not record the run's outcome (Redis unreachable); the run is lost").to_dict())
     finally:
         runtime.active.discard(request_id)
         runtime.stops.pop(request_id, None)
@@ -199,8 +216,8 @@ def execute_run(runtime: WorkerRuntime, job: RunJob) -> str:
 
 def _record_end(runtime: WorkerRuntime, job: RunJob, claim: str, outcome: RunOutcome | None, error: RunError | None,
                 calls: RunCalls, workflow_calls: list[dict[str, Any]], redactions: Replacements,
-                chunks: list[dict[str, Any]] | None, until: float) -> str:
-    """Write the run's end in one round trip: record, ``done`` event, cache entry, metrics; the final status.
+                chunks: list[dict[str, Any]] | None, until: float) -> RunEnd:
+    """Write the run's end in one round trip: record, ``done`` event, cache entry, metrics; that end.
 
     ``chunks`` are the run's emitted chunks as stored, when it may be cached.
     The end is written only while the run is running under ``claim``, its
@@ -267,8 +284,9 @@ def _record_end(runtime: WorkerRuntime, job: RunJob, claim: str, outcome: RunOut
     if not patiently(write, until, f"run {request_id}: writing its outcome"):
         log.warning("run %s: its end (%s) was not recorded: the run had been ended meanwhile (taken for lost while "
                     "Redis or this worker did not answer) and keeps that end", request_id, status.value)
-        return RunStatus.LOST.value
-    return status.value
+        return RunEnd(status=RunStatus.LOST.value, version=job.version, error=WorkerLost(
+            f"its end ({status.value}) was not recorded: the run had been taken for lost meanwhile").to_dict())
+    return end
 
 
 def _write_cache(pipe: Any, request_id: str) -> None:

@@ -1,5 +1,17 @@
 """What only workers load: the ``flowpool.run`` task around :func:`execute_run`, and the bootstep
-that starts and stops the worker's runtime (sandbox, heartbeat) with the Celery worker."""
+that starts and stops the worker's runtime (sandbox, heartbeat) with the Celery worker.
+
+What Celery reports of a run's task (its events, so Flower's states, counts
+and filters) is how the run ended for its caller: a run that succeeded is a
+task that returned ``"succeeded"``; one that failed, timed out, was cancelled
+or lost, or could not be opened, is a task that failed (``FAILURE``) with the
+run's error class and its recorded, redacted message, raised once the end is
+recorded. Callers never read any of it: they read the run's end from Redis
+(:mod:`flowpool.runs`), which this does not change. A delivery that skipped
+the run (another delivery holds it, or its caller gave up before it started)
+returns ``"skipped"``: the run's end is the other delivery's or the caller's
+to report, and counting it here too would count one run twice.
+"""
 from __future__ import annotations
 
 import logging
@@ -11,8 +23,8 @@ from typing import Any
 from celery import Celery, bootsteps
 from celery.worker import state
 
-from flowpool.errors import RunError, RunNotStarted, SandboxError, WorkerLost
-from flowpool.run import RunJob, RunStatus
+from flowpool.errors import RunError, RunNotStarted, SandboxError, WorkerLost, run_error_from_dict
+from flowpool.run import RunEnd, RunJob, RunStatus
 from flowpool.sealing import InvalidToken
 from flowpool.settings import Settings
 
@@ -24,6 +36,11 @@ __all__ = ["worker_celery"]
 
 log = logging.getLogger("flowpool.worker")
 
+# What a delivery that skipped its run returns (see the module's docstring).
+SKIPPED = "skipped"
+# The most characters of a run's error message its failed task carries: the message is the script's own.
+_FAILURE_MESSAGE_CHARS = 500
+
 
 def worker_celery(settings: Settings) -> Celery:
     """The Celery app of a worker: the sending app, plus the run task and the runtime bootstep."""
@@ -33,25 +50,48 @@ def worker_celery(settings: Settings) -> Celery:
     app.flowpool_ready = threading.Event()
 
     # Not shared: a shared task would be added to every Celery app made after this one in the process.
-    @app.task(name=RUN_TASK, bind=True, ignore_result=True, shared=False)
+    # `throws`: a run that did not succeed is an expected failure, which Celery logs at INFO without a
+    # traceback. No result is stored (there is no result backend) and nothing retries or redelivers it: the
+    # message was acknowledged as the run started.
+    @app.task(name=RUN_TASK, bind=True, ignore_result=True, shared=False, throws=(RunError,))
     def run_workflow(self: Any, job: dict[str, Any]) -> str:
         if not self.app.flowpool_ready.wait(60):
             raise RuntimeError("the flowpool worker runtime did not start")
         runtime = self.app.flowpool_runtime
+        end: RunEnd | None
         try:
             run_job = RunJob.from_message(job, runtime.sealer)
         except InvalidToken:
-            return _unopenable(runtime, job)
-        try:
-            return execute_run(runtime, run_job)
-        except Exception as exc:  # never Celery's own log line, which would show the exception's args
-            return _failed_in_worker(runtime, run_job, exc)
+            end = _unopenable(runtime, job)
+        else:
+            try:
+                end = execute_run(runtime, run_job)
+            except Exception as exc:  # never Celery's own log line, which would show the exception's args
+                end = _failed_in_worker(runtime, run_job, exc)
+        # Out of every except block: the failure raised carries no exception of the worker's as its context.
+        return _task_outcome(str(job.get("request_id")), end)
 
     app.steps["worker"].add(_RuntimeStep)
     return app
 
 
-def _unopenable(runtime: WorkerRuntime, job: dict[str, Any]) -> str:
+def _task_outcome(request_id: str, end: RunEnd | None) -> str:
+    """What the run's task returns once the run's end is recorded, or, for a run that did not succeed, raises.
+
+    The failure raised is the run's error class (``ScriptError``, ``TimeLimitExceeded``, ``WorkerLost``...)
+    with the request id and the message as recorded, secrets redacted: what Flower shows as the exception.
+    """
+    if end is None:
+        return SKIPPED
+    if end.error is None:
+        return end.status
+    message = str(end.error.get("message", ""))
+    if len(message) > _FAILURE_MESSAGE_CHARS:
+        message = message[:_FAILURE_MESSAGE_CHARS] + "..."
+    raise run_error_from_dict({"kind": end.error.get("kind"), "message": f"{request_id}: {message}"}) from None
+
+
+def _unopenable(runtime: WorkerRuntime, job: dict[str, Any]) -> RunEnd:
     """End a run whose secrets this worker cannot open: its key differs from the API's."""
     message = ("the worker could not open the request's secrets: FLOWPOOL_SECRET_KEY differs between "
                "the API and the workers (or the message was altered)")
@@ -60,11 +100,12 @@ def _unopenable(runtime: WorkerRuntime, job: dict[str, Any]) -> str:
     cache = job.get("cache")
     if cache:
         runtime.cache.release(str(job.get("account")), cache["key"], request_id)
-    runtime.runs.abandon(request_id, RunStatus.QUEUED, RunNotStarted(message), job.get("version"))
-    return RunStatus.EXPIRED.value
+    error = RunNotStarted(message)
+    runtime.runs.abandon(request_id, RunStatus.QUEUED, error, job.get("version"))
+    return RunEnd(status=RunStatus.EXPIRED.value, version=job.get("version"), error=error.to_dict())
 
 
-def _failed_in_worker(runtime: WorkerRuntime, job: RunJob, exc: Exception) -> str:
+def _failed_in_worker(runtime: WorkerRuntime, job: RunJob, exc: Exception) -> RunEnd:
     """End a run the worker itself failed on (not its script): logged redacted, answered at once."""
     trace = redact("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
                    secret_redactions(job.secret_values()))
@@ -80,7 +121,7 @@ def _failed_in_worker(runtime: WorkerRuntime, job: RunJob, exc: Exception) -> st
             runtime.cache.release(job.account, job.cache.key, job.request_id)
     except Exception as unrecorded:  # e.g. Redis gone: its lease lapses and the caller hears worker_lost
         log.error("run %s: could not record that the worker failed: %s", job.request_id, type(unrecorded).__name__)
-    return RunStatus.FAILED.value
+    return RunEnd(status=RunStatus.for_error(error).value, version=job.version, error=error.to_dict())
 
 
 class _RuntimeStep(bootsteps.StartStopStep):

@@ -96,19 +96,20 @@ class DevProcess:
     """One ``flowpool dev`` in its own session (process group), its output read as it comes.
 
     What differs between tests is passed in: the working directory, dev's arguments after ``--port``,
-    the interpreter's flags, the environment and the port. A subclass may wait for another line of the
-    banner (``_banner_printed``) and parse more of it (``wait_for_banner``).
+    the interpreter's flags, the environment, the port, and what runs in the child before dev
+    (``preexec_fn``: e.g. ignoring SIGINT, as a script's ``flowpool dev &`` does). A subclass may wait for
+    another line of the banner (``_banner_printed``) and parse more of it (``wait_for_banner``).
     """
 
     def __init__(self, port: int, *, cwd: str | Path, env: Mapping[str, str], args: Sequence[str] = (),
-                 python_flags: Sequence[str] = ()) -> None:
+                 python_flags: Sequence[str] = (), preexec_fn: Callable[[], Any] | None = None) -> None:
         self.port = port
         self.api_url = f"http://127.0.0.1:{port}"
         self.key = ""
         self.process = subprocess.Popen(
             [sys.executable, *python_flags, "-m", "flowpool.cli", "dev", "--port", str(port), *args],
             env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, start_new_session=True)
+            text=True, start_new_session=True, preexec_fn=preexec_fn)
         self.lines: list[str] = []
         self._changed = threading.Condition()
         # Drained to the end: the worker shares this pipe and would block on a full one.

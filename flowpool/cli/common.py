@@ -6,13 +6,17 @@ import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import click
 
+from ..devstate import DevRecord, resolve, running_dev
 from ..settings import Settings
 
-__all__ = ["load_settings", "api_client", "api_call", "echo_json", "server_extra"]
+__all__ = ["CliSettings", "load_cli_settings", "load_settings", "api_client", "api_call", "describe_error", "echo_json",
+           "server_extra"]
 
 
 def _server_modules() -> set[str]:
@@ -26,22 +30,81 @@ def _server_modules() -> set[str]:
             for requirement in requires if 'extra == "server"' in requirement}
 
 
-def load_settings() -> Settings:
+@dataclass(frozen=True)
+class CliSettings:
+    """The command line's settings, and where the values that locate the stack come from."""
+
+    settings: Settings
+    data_dir: Path  # where a running `flowpool dev` was looked for
+    dev: DevRecord | None  # the one running there, if any (and if looked for)
+    explicit: frozenset[str]  # the fields the FLOWPOOL_* variables set
+    from_dev: frozenset[str]  # the fields taken from that dev's record
+
+    def origin(self, field: str) -> str | None:
+        """Where the value in force of ``field`` comes from, in words; None: its default."""
+        if field in self.explicit:
+            return f"FLOWPOOL_{field.upper()}"
+        if field in self.from_dev:
+            return f"the flowpool dev running on {self.data_dir}"
+        return None
+
+    def redis_source(self) -> tuple[str, str | None]:
+        """The Redis URL in force with where it comes from, and a warning when that is only the default."""
+        origin = self.origin("redis_url")
+        if origin is not None:
+            return f"{self.settings.redis} (from {origin})", None
+        return f"{self.settings.redis} (the default)", (
+            f"no flowpool dev runs on {self.data_dir} and FLOWPOOL_REDIS_URL is unset, so this is the default "
+            f"{self.settings.redis}, not a Redis that flowpool dev started: run this where `flowpool dev` runs "
+            "(or with its FLOWPOOL_DATA_DIR), or set FLOWPOOL_REDIS_URL")
+
+
+def load_cli_settings(discover: bool = True) -> CliSettings:
+    """The settings from the FLOWPOOL_* variables; with ``discover``, those of the API URL, the API key and the
+    Redis URL they leave unset come from the `flowpool dev` running on FLOWPOOL_DATA_DIR (default .flowpool in
+    the working directory; flowpool.devstate), so the commands run where dev runs need nothing exported.
+
+    Only the command line discovers: the API and the workers take every setting from their environment.
+    """
     try:
-        return Settings()
+        settings = Settings()
+        explicit = frozenset(settings.model_fields_set)
+        data_dir = resolve(settings.data_dir)
+        dev = running_dev(data_dir) if discover else None
+        filled: dict[str, str] = {}
+        if dev is not None:
+            if "redis_url" not in explicit:
+                filled["redis_url"] = dev.redis_url
+            if "api_url" not in explicit:
+                filled["api_url"] = dev.api_url
+            # dev's key goes to dev's API only, never to an API that FLOWPOOL_API_URL names elsewhere.
+            api_url = filled.get("api_url", settings.api_url)
+            if "api_key" not in explicit and dev.key and api_url.rstrip("/") == dev.api_url.rstrip("/"):
+                filled["api_key"] = dev.key
+        if filled:
+            settings = Settings(**filled)  # what the variables set is kept: only unset fields are filled
     except Exception as exc:  # pydantic says which variable is wrong
         raise click.ClickException(f"bad FLOWPOOL_* setting: {exc}") from exc
+    return CliSettings(settings=settings, data_dir=data_dir, dev=dev, explicit=explicit,
+                       from_dev=frozenset(filled))
+
+
+def load_settings(discover: bool = True) -> Settings:
+    """The command line's settings (see :func:`load_cli_settings`)."""
+    return load_cli_settings(discover).settings
 
 
 def api_client(settings: Settings):  # type: ignore[no-untyped-def]
     from ..client import Flowpool
 
     if not settings.api_key:
-        raise click.ClickException("set FLOWPOOL_API_KEY (from 'flowpool accounts create NAME' or 'flowpool dev')")
+        raise click.ClickException("no API key: run this where `flowpool dev` runs (it finds that dev's key), "
+                                   "or set FLOWPOOL_API_KEY (from 'flowpool accounts create NAME')")
     return Flowpool(api_key=settings.api_key, base_url=settings.api_url)
 
 
 def api_call(fn, *args: Any, **kwargs: Any) -> Any:  # type: ignore[no-untyped-def]
+    """``fn(*args, **kwargs)``, its API error or unreachable API ended as one ``Error: ...`` line (exit 1)."""
     import requests
 
     from ..client import APIError
@@ -49,9 +112,17 @@ def api_call(fn, *args: Any, **kwargs: Any) -> Any:  # type: ignore[no-untyped-d
     try:
         return fn(*args, **kwargs)
     except APIError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click.ClickException(describe_error(exc)) from exc
     except requests.ConnectionError as exc:
         raise click.ClickException(f"cannot reach the API: {exc}") from exc
+
+
+def describe_error(exc: Any) -> str:
+    """An APIError in one line; one naming a run says where to read it: ``(request_id R; see: flowpool logs R)``."""
+    text = f"{exc.status_code} {exc.type or 'error'}: {exc.message or ''}".rstrip()
+    if exc.request_id:
+        text += f" (request_id {exc.request_id}; see: flowpool logs {exc.request_id})"
+    return text
 
 
 def echo_json(value: Any) -> None:

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from typing import Any
 
 import click
 
-from .common import load_settings, server_extra
+from .common import CliSettings, load_cli_settings, server_extra
 
 __all__ = ["COMMANDS"]
 
@@ -58,9 +59,71 @@ def _redis_durability(client: Any) -> tuple[str, list[str]]:
     return f"{kept}; maxmemory-policy {policy}", problems
 
 
+def _reason(exc: Exception) -> str:
+    """Why a request got no answer, short: the OS error (``[Errno 111] Connection refused``), else its kind."""
+    import requests
+
+    found = re.search(r"\[Errno -?\d+\] [^'\")]+", str(exc))
+    if found:
+        return found.group(0)
+    return "timed out" if isinstance(exc, requests.Timeout) else type(exc).__name__
+
+
+def _api_checks(loaded: CliSettings) -> list[tuple[str, str, bool]]:
+    """The ``api`` and ``api key`` lines: the API answers /readyz, and accepts the key in one authenticated call."""
+    import requests
+
+    settings = loaded.settings
+    base = settings.api_url.rstrip("/")
+    origin = loaded.origin("api_url")
+    where = f"{base} (from {origin})" if origin else f"{base} (the default)"
+    not_checked = ("api key", "not checked: the API did not answer", False)
+    try:
+        ready = requests.get(base + "/readyz", timeout=5)
+    except requests.RequestException as exc:
+        return [("api", f"{where}: no answer ({_reason(exc)}); start it with `flowpool dev`, or set "
+                 "FLOWPOOL_API_URL to where it runs", False), not_checked]
+    try:
+        checks = ready.json()["checks"]
+        workers = int(checks["workers"])
+    except (ValueError, KeyError, TypeError):
+        return [("api", f"{where}: /readyz answered {ready.status_code}, not as flowpool's API does; set "
+                 "FLOWPOOL_API_URL to where flowpool's API runs", False), not_checked]
+    if ready.status_code == 200:
+        lines = [("api", f"{where}: ready, {workers} worker{'' if workers == 1 else 's'}", True)]
+    elif checks.get("redis") != "ok":
+        lines = [("api", f"{where}: not ready, its Redis: {checks.get('redis')}; start that Redis (the API's "
+                  "FLOWPOOL_REDIS_URL)", False)]
+    else:
+        lines = [("api", f"{where}: not ready, no worker answering; start one with `flowpool worker`, on the "
+                  "API's Redis", False)]
+    if not settings.api_key:
+        return lines + [("api key", "not set: run this where `flowpool dev` runs (it finds that dev's key), or set "
+                         "FLOWPOOL_API_KEY (`flowpool accounts create NAME` prints one)", False)]
+    key_origin = loaded.origin("api_key")
+    try:
+        listed = requests.get(base + "/api/v1/workflows", params={"limit": 1}, timeout=10,
+                              headers={"x-api-key": settings.api_key})
+    except requests.RequestException as exc:
+        return lines + [("api key", f"not checked: GET /api/v1/workflows got no answer ({_reason(exc)})", False)]
+    if listed.status_code == 200:
+        return lines + [("api key", f"accepted (from {key_origin})", True)]
+    if listed.status_code == 401:
+        return lines + [("api key", f"rejected: the API answers 401 to the key from {key_origin}; use the key "
+                         "`flowpool dev` printed, or one `flowpool accounts create NAME` made on the API's Redis",
+                         False)]
+    return lines + [("api key", f"not checked: GET /api/v1/workflows answered {listed.status_code}: "
+                     f"{listed.text[:200]}", False)]
+
+
 @click.command()
 def doctor() -> None:
-    """Show what is configured, what is reachable, and the sandbox backend."""
+    """Check what the commands and a worker here would use: the API and its key, Redis, workers, the sandbox.
+
+    The API, the key and Redis are those of the FLOWPOOL_* variables, else of the `flowpool dev` running
+    on FLOWPOOL_DATA_DIR (default .flowpool here). Each check prints an ok or BAD line (a BAD one says the
+    fix), warnings go to stderr, and doctor exits 1 when a check failed.
+    """
     with server_extra("doctor"):
         import redis
 
@@ -68,7 +131,8 @@ def doctor() -> None:
         from ..redis_server import find_redis_server
         from ..sandbox import Sandbox, SandboxLimits
 
-    settings = load_settings()
+    loaded = load_cli_settings()
+    settings = loaded.settings
     ok = True
 
     def line(name: str, value: str, good: bool = True) -> None:
@@ -80,7 +144,10 @@ def doctor() -> None:
         # On stderr: stdout holds only the ok/BAD lines that scripts read. A warning does not fail doctor.
         click.echo(f"WRN {name:<16} {value}", err=True)
 
-    line("redis", settings.redis + ("" if settings.redis_url else "  (default; `flowpool dev` starts its own)"))
+    where, warning = loaded.redis_source()
+    line("redis", where)
+    if warning:
+        warn("redis", warning)
     try:
         client = redis.Redis.from_url(settings.redis, socket_connect_timeout=2)
         client.ping()
@@ -92,7 +159,8 @@ def doctor() -> None:
             line("redis data", kept)
         now = time.time()
         workers = client.zrangebyscore(keys.WORKERS, now - settings.worker_ttl_seconds, "+inf")
-        line("workers", ", ".join(w.decode() for w in workers) or "none answering", bool(workers))
+        line("workers", ", ".join(w.decode() for w in workers) or
+             "none answering: start one with `flowpool worker` on this Redis, or run `flowpool dev`", bool(workers))
         described = client.hmget(keys.WORKER_SANDBOXES, workers) if workers else []
         for worker_name, info in zip(workers, described):
             sandbox_info = json.loads(info) if info else {}
@@ -101,7 +169,8 @@ def doctor() -> None:
             line("worker limits", f"{worker_name.decode()}: {sandbox_info.get('run_limits', 'not published')}",
                  "WARNING" not in sandbox_info.get("run_limits", "WARNING"))
     except redis.RedisError as exc:
-        line("redis reachable", f"no: {exc}", False)
+        line("redis reachable", f"no: {str(exc).rstrip('.')}; start it, or set FLOWPOOL_REDIS_URL, or run this where "
+             "`flowpool dev` runs", False)
     line("broker", settings.broker)
     line("secret key", "FLOWPOOL_SECRET_KEY" if settings.secret_key else
          "generated and kept in Redis, beside what it seals: set FLOWPOOL_SECRET_KEY in production")
@@ -127,8 +196,8 @@ def doctor() -> None:
     finally:
         if sandbox is not None:
             sandbox.stop()
-    line("api", settings.api_url)
-    line("api key", "set" if settings.api_key else "not set (FLOWPOOL_API_KEY)", True)
+    for name, value, good in _api_checks(loaded):
+        line(name, value, good)
     sys.exit(0 if ok else 1)
 
 

@@ -17,19 +17,26 @@ __all__ = ["COMMANDS"]
 @click.command()
 @click.option("--port", default=8080, show_default=True, help="API port.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="API address.")
-@click.option("--flower", is_flag=True, help="Also run Celery Flower on port 5555.")
+@click.option("--flower", is_flag=True,
+              help="Also run Celery Flower (needs the flower extra), with a password shown in the banner.")
+@click.option("--flower-port", default=5555, show_default=True, help="Flower's port, with --flower.")
 @click.option("--reset", is_flag=True,
               help="First wipe what dev keeps in FLOWPOOL_DATA_DIR: its Redis data and API key.")
-def dev(port: int, host: str, flower: bool, reset: bool) -> None:
+def dev(port: int, host: str, flower: bool, flower_port: int, reset: bool) -> None:
     """Everything on one machine: Redis (unless FLOWPOOL_REDIS_URL is set), a worker and the API.
 
     Its Redis data and its API key are kept in FLOWPOOL_DATA_DIR (default .flowpool in the working
-    directory), so a restart brings back the same key and every workflow.
+    directory), so a restart brings back the same key and every workflow. While it runs, the other
+    commands run there (or with the same FLOWPOOL_DATA_DIR) find its API, key and Redis by themselves.
+    Ctrl-C, SIGINT or SIGTERM stop it and everything it started.
     """
     with server_extra("dev"):
         from ..devstack import DevStack
 
-    stack = DevStack(load_settings(), host=host, port=port, flower=flower, reset=reset)
+    # The processes that serve take every setting from their environment: only the client commands look
+    # for a running dev (load_cli_settings).
+    stack = DevStack(load_settings(discover=False), host=host, port=port, flower=flower, reset=reset,
+                     flower_port=flower_port)
     stack.run()
 
 
@@ -67,7 +74,7 @@ def api(port: int, host: str) -> None:
     with server_extra("api"):
         from gunicorn.app.base import BaseApplication
 
-    settings = load_settings()
+    settings = load_settings(discover=False)
     set_not_dumpable()
 
     class _Server(BaseApplication):  # type: ignore[misc]
@@ -115,7 +122,7 @@ def worker(concurrency: int | None, name: str | None) -> None:
     with server_extra("worker"):
         from ..tasks import QUEUE, worker_celery
 
-    settings = load_settings()
+    settings = load_settings(discover=False)
     set_not_dumpable()
     app = worker_celery(settings)
     # What `celery worker` does, but keeping the exit code (app.worker_main drops it): a worker that could not

@@ -53,24 +53,58 @@ def validate(file: Path) -> None:
     click.echo(f"{file}: ok")
 
 
+def _secrets(items: tuple[str, ...]) -> dict[str, str] | None:
+    """``--secret KEY=VALUE`` options as a dict; a bad one is named by its position, never shown."""
+    secrets = {}
+    for position, item in enumerate(items, 1):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"the {_ordinal(position)} --secret is not KEY=VALUE (it is not shown: it may "
+                                     "hold a secret)", param_hint="--secret")
+        secrets[key] = value
+    return secrets or None
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 < 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+def _json_option(text: str | None, option: str) -> Any:
+    try:
+        return json.loads(text) if text is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint=option) from exc
+
+
 @click.command()
 @click.argument("ref")
-@click.option("--input", "input_json", default=None, help="The input as JSON.")
+@click.option("--input", "input_json", default=None, metavar="JSON", help="The input as JSON.")
 @click.option("--message", "messages", multiple=True, help="A user message (repeatable).")
+@click.option("--secret", "secrets", multiple=True, metavar="KEY=VALUE",
+              help="A request secret, ctx.secrets[KEY] in the script (repeatable); never printed or stored.")
+@click.option("--metadata", "metadata_json", default=None, metavar="JSON",
+              help="A JSON object kept on the run record; ctx.metadata in the script.")
+@click.option("--session-id", default=None, help="Run it in this session (GET /api/v1/sessions/ID lists its runs).")
 @click.option("--stream", is_flag=True, help="Print chunks as they arrive.")
 @click.option("--no-cache", is_flag=True, help="Bypass the result cache.")
-def invoke(ref: str, input_json: str | None, messages: tuple[str, ...], stream: bool, no_cache: bool) -> None:
-    """Invoke workflow REF and print its output."""
-    try:
-        value = json.loads(input_json) if input_json is not None else None
-    except ValueError as exc:
-        raise click.BadParameter(f"not JSON: {exc}", param_hint="--input") from exc
-    client = api_client(load_settings())
-    kwargs: dict[str, Any] = {"input": value, "stream": stream, "cache": not no_cache}
-    if messages:
-        kwargs["messages"] = [{"role": "user", "content": m} for m in messages]
+def invoke(ref: str, input_json: str | None, messages: tuple[str, ...], secrets: tuple[str, ...],
+           metadata_json: str | None, session_id: str | None, stream: bool, no_cache: bool) -> None:
+    """Invoke workflow REF and print its output as JSON.
+
+    A failure ends with one ``Error:`` line naming the run's request_id,
+    whose logs and traceback ``flowpool logs REQUEST_ID`` prints, and exit 1.
+    """
+    value = _json_option(input_json, "--input")
+    metadata = _json_option(metadata_json, "--metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise click.BadParameter("must be a JSON object", param_hint="--metadata")
     if value is None and not messages:
         raise click.UsageError("give --input or --message")
+    client = api_client(load_settings())
+    kwargs: dict[str, Any] = {"input": value, "stream": stream, "cache": not no_cache, "secrets": _secrets(secrets),
+                              "metadata": metadata, "session_id": session_id}
+    if messages:
+        kwargs["messages"] = [{"role": "user", "content": m} for m in messages]
     model = ref if ref.startswith("workflow:") else f"workflow:{ref}"
     if stream:
         def follow() -> None:
@@ -86,31 +120,138 @@ def invoke(ref: str, input_json: str | None, messages: tuple[str, ...], stream: 
     echo_json(api_call(client.workflow.completions.create, model=model, **kwargs).output)
 
 
+_STATUS_COLOURS = {"succeeded": "green", "failed": "red", "timed_out": "red", "lost": "red", "expired": "yellow",
+                   "cancelled": "yellow", "queued": "cyan", "running": "cyan"}
+_RUN_COLUMNS = ("TIME", "REQUEST_ID", "STATUS", "DURATION", "CACHE", "VERSION")
+
+
+def _clock(stamp: float | None, date: bool = False) -> str:
+    """A Unix time in the local time zone: ``14:03:22``, or ``2026-05-01 14:03:22`` with ``date``."""
+    if stamp is None:
+        return "-" if date else "--:--:--"
+    return time.strftime("%Y-%m-%d %H:%M:%S" if date else "%H:%M:%S", time.localtime(stamp))
+
+
+def _duration(ms: float | None) -> str:
+    if ms is None:
+        return "-"
+    if ms < 1000:
+        return f"{ms:.0f}ms"
+    seconds = ms / 1000
+    return f"{seconds:.2f}s" if seconds < 60 else f"{int(seconds // 60)}m{seconds % 60:04.1f}s"
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], colour: dict[str, str]) -> None:
+    """Columns padded to their widest cell; on a terminal a bold header and ``colour`` per cell text.
+
+    click.echo drops the styles when stdout is not a terminal, so piped output is plain text.
+    """
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+
+    def line(cells: tuple[str, ...], style: Any) -> str:
+        return "  ".join(style(cell, cell.ljust(width)) for cell, width in zip(cells, widths)).rstrip()
+
+    click.echo(line(header, lambda _, padded: click.style(padded, bold=True)))
+    for row in rows:
+        click.echo(line(row, lambda cell, padded: click.style(padded, fg=colour[cell]) if cell in colour else padded))
+
+
 @click.command()
 @click.argument("ref")
-@click.option("--limit", default=25, show_default=True)
+@click.option("--limit", default=25, show_default=True, type=click.IntRange(1, 100), help="How many runs to show.")
 def runs(ref: str, limit: int) -> None:
-    """List the latest runs of workflow REF."""
+    """List the latest runs of workflow REF, newest first, their times in the local time zone."""
     client = api_client(load_settings())
-    for run in api_call(client.workflows.runs, ref, limit=limit):
-        timing = run.timings.run_ms
-        click.echo(f"{run.request_id}  {run.status:<10} {run.version or '-':<8} "
-                   f"{'hit ' if run.cache_hit else 'miss'} {'' if timing is None else f'{timing:.1f}ms'}")
+    found = api_call(client.workflows.runs, ref, limit=limit)
+    if not found:
+        click.echo(f"no runs of {ref} yet; invoke it with: flowpool invoke {ref} --input '{{...}}'", err=True)
+        return
+    rows = [(_clock(run.queued_at, date=True), run.request_id, run.status, _duration(run.timings.run_ms),
+             "hit" if run.cache_hit else "miss", run.version or "-") for run in found]
+    _table(_RUN_COLUMNS, rows, _STATUS_COLOURS)
+
+
+_LEVEL_COLOURS = {"DEBUG": "bright_black", "WARNING": "yellow", "ERROR": "red"}
+
+
+def _echo_line(stamp: str, label: str, text: str) -> None:
+    """One line of ``flowpool logs``: ``14:03:22 INFO    text``."""
+    click.echo(f"{stamp} {click.style(f'{label:<7}', fg=_LEVEL_COLOURS.get(label))} {text}".rstrip())
+
+
+def _echo_chunk(stamp: str, chunk: Any) -> None:
+    _echo_line(stamp, "CHUNK", f"{chunk.get('type')} {json.dumps(chunk.get('content'), ensure_ascii=False)}")
+
+
+def _echo_log(entry: dict[str, Any]) -> None:
+    """One log line at the time the run logged it: ``14:03:22 INFO    msg key=value``."""
+    fields = " ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in (entry.get("fields") or {}).items())
+    _echo_line(_clock(entry.get("time")), str(entry.get("level", "info")).upper(), f"{entry.get('msg', '')} {fields}")
+
+
+def _echo_record(run: Any, shown: int = 0) -> None:
+    """The run's log lines (past the first ``shown``, printed already), then its error with the script's traceback."""
+    for entry in (run.to_dict().get("logs") or [])[shown:]:
+        _echo_log(entry)
+    error = run.to_dict().get("error")
+    if error:
+        _echo_line(_clock(run.finished_at), "ERROR", f"run {run.status}: {error.get('message')}")
+        if error.get("traceback"):
+            click.echo(str(error["traceback"]).rstrip("\n"))
+
+
+def _follow(client: Any, request_id: str) -> int:
+    """Print the chunks and log lines of a queued or running run as they come, in order, until it ends (however it
+    ends); how many log lines it printed."""
+    from ..client import APIError
+
+    shown = 0
+    try:
+        for event in client.runs.stream(request_id, logs=True):
+            kind = event.get("object")
+            if kind == "workflow.chunk":
+                _echo_chunk(_clock(time.time()), event)
+            elif kind == "workflow.log":
+                _echo_log(event.to_dict())
+                shown += 1
+    except APIError as exc:
+        if exc.request_id != request_id:  # not the run's own error: the stream itself failed
+            raise
+    return shown
+
+
+_UNFINISHED = ("queued", "running")
 
 
 @click.command()
 @click.argument("request_id")
-def logs(request_id: str) -> None:
-    """Print the log lines of run REQUEST_ID."""
+@click.option("--follow", "-f", is_flag=True,
+              help="Print the chunks and log lines of a running run as they come, then its error when it ends.")
+def logs(request_id: str, follow: bool) -> None:
+    """Print the log lines of run REQUEST_ID, and its error with the script's traceback if it failed.
+
+    A running run's log lines are those so far. With --follow, a running
+    run's chunks (at the time they arrive) and log lines (at the time they
+    were logged) as they come, in the order the run sent them, then its
+    error; a run that has ended, its chunks (times unknown, --:--:--), log
+    lines and error at once.
+    """
     client = api_client(load_settings())
     run = api_call(client.runs.get, request_id)
-    for entry in run.to_dict().get("logs") or []:
-        fields = " ".join(f"{k}={json.dumps(v)}" for k, v in (entry.get("fields") or {}).items())
-        stamp = time.strftime("%H:%M:%S", time.localtime(entry.get("time", 0)))
-        click.echo(f"{stamp} {entry.get('level', 'info').upper():<7} {entry.get('msg', '')} {fields}".rstrip())
-    if run.error:
-        click.echo(f"error: {run.error.get('message')}", err=True)
-
+    shown = 0
+    if follow and run.status in _UNFINISHED:
+        click.echo(f"following run {request_id} of {run.workflow} ({run.status})", err=True)
+        shown = api_call(_follow, client, request_id)
+        run = api_call(client.runs.get, request_id)
+    elif follow:
+        for chunk in run.to_dict().get("chunks") or []:
+            _echo_chunk(_clock(None), chunk)
+    _echo_record(run, shown)
+    if run.status in _UNFINISHED:
+        click.echo(f"run {request_id} is {run.status}: these are its log lines so far; "
+                   f"follow it with: flowpool logs --follow {request_id}", err=True)
+    elif follow:
+        click.echo(f"run {request_id} {run.status} in {_duration(run.timings.run_ms)}", err=True)
 
 
 COMMANDS = [push, validate, invoke, runs, logs]

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import psutil
 import pytest
@@ -30,10 +30,14 @@ REPO = Path(__file__).resolve().parents[2]
 ECHO_EXAMPLE = REPO / "examples" / "echo.py"
 
 
+# A data directory no dev runs on: the commands run here must not find a `flowpool dev` someone runs in the checkout.
+NO_DEV_DIR = str(Path(tempfile.gettempdir()) / "flowpool-tests-no-dev-here")
+
+
 def _env(**settings: str) -> dict[str, str]:
     """The test process's environment without any FLOWPOOL_* variable, plus ``settings``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWPOOL_")}
-    env.update(settings)
+    env.update({"FLOWPOOL_DATA_DIR": NO_DEV_DIR, **settings})
     return env
 
 
@@ -51,10 +55,11 @@ def _ok(result: subprocess.CompletedProcess[str]) -> str:
 class Dev(DevProcess):
     """``flowpool dev`` run from the repository with a data directory of its own; it parses the whole banner."""
 
-    def __init__(self, port: int, settings: dict[str, str]) -> None:
+    def __init__(self, port: int, settings: dict[str, str], preexec_fn: Callable[[], Any] | None = None) -> None:
         # A data directory of its own: dev keeps its Redis data and key across restarts (by default in the cwd).
         self.data_dir = tempfile.TemporaryDirectory(prefix="flowpool-dev-")
-        super().__init__(port, cwd=REPO, env=_env(**{"FLOWPOOL_DATA_DIR": self.data_dir.name, **settings}))
+        super().__init__(port, cwd=REPO, env=_env(**{"FLOWPOOL_DATA_DIR": self.data_dir.name, **settings}),
+                         preexec_fn=preexec_fn)
         self.curl_url = self.curl_key = ""
         self.curl_body: dict[str, object] = {}
 
@@ -94,8 +99,8 @@ def _describe(process: psutil.Process) -> str:
         return f"{process.pid} (gone)"
 
 
-def _start_dev(**settings: str) -> Dev:
-    dev = Dev(free_port(), settings)
+def _start_dev(preexec_fn: Callable[[], Any] | None = None, **settings: str) -> Dev:
+    dev = Dev(free_port(), settings, preexec_fn)
     try:
         dev.wait_for_banner()
     except BaseException:
@@ -120,8 +125,10 @@ def test_dev_prints_a_key_and_a_curl_line_that_works_after_the_push_it_shows(dev
     assert dev.api_url == f"http://127.0.0.1:{dev.port}"
     assert dev.curl_url == f"{dev.api_url}/workflow/chat/completions"
     assert dev.curl_key == dev.key
-    assert f"export FLOWPOOL_API_URL={dev.api_url} FLOWPOOL_API_KEY={dev.key}" in dev.output
-    assert "flowpool push examples/echo.py --name echo" in dev.output
+    assert f"export FLOWPOOL_API_URL={dev.api_url} FLOWPOOL_API_KEY={dev.key} FLOWPOOL_REDIS_URL=redis://" \
+        in dev.output
+    # The venv's own flowpool, by its full path: the line runs with no venv activated (test_cli_dev.py runs it).
+    assert f"\n  {Path(sys.executable).parent / 'flowpool'} push examples/echo.py --name echo\n" in dev.output
     pushed = _ok(_cli("push", "examples/echo.py", "--name", "echo", env=dev.cli_env()))
     assert re.fullmatch(r"echo@\d+\.\d+\.\d+ \(new version\)\n", pushed), pushed
     response = dev.curl()
@@ -147,12 +154,14 @@ def test_push_invoke_runs_and_logs_against_dev(dev: Dev) -> None:
     assert again.headers["X-Cache"] == "HIT"
     request_id = by_http.json()["request_id"]
 
-    lines = _ok(_cli("runs", "echo", env=env)).splitlines()
+    header, *lines = _ok(_cli("runs", "echo", env=env)).splitlines()
+    assert header.split() == ["TIME", "REQUEST_ID", "STATUS", "DURATION", "CACHE", "VERSION"]
     assert len(lines) == 3, lines
-    runs = {line.split()[0]: line.split()[1:] for line in lines}
-    assert runs[request_id][:3] == ["succeeded", version.group(1), "miss"]
-    assert runs[again.json()["request_id"]][:3] == ["succeeded", version.group(1), "hit"]
-    assert lines[0].split()[0] == again.json()["request_id"]  # newest first
+    # Each row: date and time (local), request_id, status, duration, cache, version.
+    runs = {line.split()[2]: line.split()[3:] for line in lines}
+    assert [runs[request_id][i] for i in (0, 2, 3)] == ["succeeded", "miss", version.group(1)]
+    assert [runs[again.json()["request_id"]][i] for i in (0, 2, 3)] == ["succeeded", "hit", version.group(1)]
+    assert lines[0].split()[2] == again.json()["request_id"]  # newest first
     assert all(fields[0] == "succeeded" for fields in runs.values())
 
     logs = _ok(_cli("logs", request_id, env=env))
@@ -162,10 +171,15 @@ def test_push_invoke_runs_and_logs_against_dev(dev: Dev) -> None:
     assert "404" in missing.stderr
 
 
+def _ignore_sigint() -> None:
+    """What a shell without job control does to `flowpool dev &`, and a parent ignoring SIGINT passes on."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("target", ["dev-process", "process-group"])
+@pytest.mark.parametrize("target", ["dev-process", "process-group", "dev-started-with-sigint-ignored"])
 def test_sigint_stops_dev_and_every_process_it_started(target: str) -> None:
-    dev = _start_dev()
+    dev = _start_dev(preexec_fn=_ignore_sigint if target == "dev-started-with-sigint-ignored" else None)
     try:
         _ok(_cli("push", str(ECHO_EXAMPLE), "--name", "echo", env=dev.cli_env()))
         assert dev.curl().status_code == 200  # so the sandbox has run processes too
@@ -173,7 +187,7 @@ def test_sigint_stops_dev_and_every_process_it_started(target: str) -> None:
         names = " ".join(_cmdline(p) for p in started)
         for part in ("redis-server", "flowpool.cli worker", "flowpool.cli api", "flowpool.sandbox.zygote"):
             assert part in names, names
-        if target == "dev-process":
+        if target != "process-group":  # `kill -INT <dev>`
             dev.process.send_signal(signal.SIGINT)
         else:  # what a terminal's Ctrl-C does
             os.killpg(dev.process.pid, signal.SIGINT)
@@ -220,9 +234,9 @@ def test_accounts_create_prints_a_key_that_authenticates(stack: Stack) -> None:
     assert unknown.status_code == 401
 
 
-def _doctor(redis_url: str) -> tuple[int, dict[str, tuple[str, str]]]:
+def _doctor(redis_url: str, **settings: str) -> tuple[int, dict[str, tuple[str, str]]]:
     """Exit code and ``{check: (ok|BAD, value)}`` of ``flowpool doctor``."""
-    result = _cli("doctor", env=_env(FLOWPOOL_REDIS_URL=redis_url))
+    result = _cli("doctor", env=_env(FLOWPOOL_REDIS_URL=redis_url, **settings))
     checks = {}
     for line in result.stdout.splitlines():
         match = re.fullmatch(r"(ok |BAD) (.{16}) ?(.*)", line)
@@ -231,9 +245,9 @@ def _doctor(redis_url: str) -> tuple[int, dict[str, tuple[str, str]]]:
     return result.returncode, checks
 
 
-def test_doctor_reports_redis_and_the_workers_of_the_stack(stack: Stack) -> None:
-    code, checks = _doctor(stack.redis_url)
-    assert checks["redis"] == ("ok", stack.redis_url)
+def test_doctor_reports_redis_the_workers_and_the_api_of_the_stack(stack: Stack, client: Client) -> None:
+    code, checks = _doctor(stack.redis_url, FLOWPOOL_API_URL=client.base_url, FLOWPOOL_API_KEY=client.key)
+    assert checks["redis"] == ("ok", f"{stack.redis_url} (from FLOWPOOL_REDIS_URL)")
     assert checks["redis reachable"] == ("ok", "yes")
     status, workers = checks["workers"]
     assert status == "ok" and workers.startswith("flowpool@"), checks["workers"]
@@ -244,13 +258,15 @@ def test_doctor_reports_redis_and_the_workers_of_the_stack(stack: Stack) -> None
     assert checks["secret key"][1].startswith("generated and kept in Redis")
     assert checks["provider keys"] == ("ok", "none: accounts pass keys as request secrets")
     assert checks["metrics"] == ("ok", "public (FLOWPOOL_METRICS_TOKEN unset)")
+    assert checks["api"][0] == "ok" and checks["api"][1].startswith(f"{client.base_url} (from FLOWPOOL_API_URL): ready")
+    assert checks["api key"] == ("ok", "accepted (from FLOWPOOL_API_KEY)")
     assert code == 0, checks
 
 
 def test_doctor_reports_unreachable_redis_and_fails() -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"
     code, checks = _doctor(url)
-    assert checks["redis"] == ("ok", url)
+    assert checks["redis"] == ("ok", f"{url} (from FLOWPOOL_REDIS_URL)")
     assert checks["redis reachable"][0] == "BAD"
     assert "workers" not in checks
     assert code == 1
@@ -259,7 +275,8 @@ def test_doctor_reports_unreachable_redis_and_fails() -> None:
 def test_doctor_reports_no_worker_answering_and_fails(redis_server: RedisServer, redis_db: redis.Redis) -> None:
     code, checks = _doctor(f"redis://127.0.0.1:{redis_server.port}/15")
     assert checks["redis reachable"] == ("ok", "yes")
-    assert checks["workers"] == ("BAD", "none answering")
+    assert checks["workers"][0] == "BAD" and checks["workers"][1].startswith("none answering: start one with"), \
+        checks["workers"]
     assert code == 1
 
 

@@ -40,7 +40,7 @@ from celery.signals import task_postrun
 from celery.worker import WorkController, state
 
 from flowpool import keys
-from flowpool.errors import RunNotStarted
+from flowpool.errors import RunNotStarted, SandboxError
 from flowpool.redis_server import RedisServer
 from flowpool.registry import ResolvedWorkflow, Upload, Workflows
 from flowpool.run import RunJob, RunRecord, RunStatus
@@ -118,7 +118,8 @@ def celery_worker(celery_app: Celery, celery_worker_pool: str,
 
 @pytest.fixture
 def outcomes() -> Iterator[dict[str, Any]]:
-    """What each task run by a worker of this process returned, by task id (Celery's task_postrun)."""
+    """What each task run by a worker of this process returned, or the exception it failed with, by task id
+    (Celery's task_postrun)."""
     seen: dict[str, Any] = {}
 
     def record(task_id: str, retval: Any, **_: Any) -> None:
@@ -264,7 +265,8 @@ def test_run_whose_secrets_the_worker_cannot_open_ends_at_once_naming_the_key(
 
     assert end.status == "expired"
     assert end.error is not None and "FLOWPOOL_SECRET_KEY" in end.error["message"]
-    assert eventually(lambda: outcomes.get(request_id)) == "expired"
+    failure = eventually(lambda: outcomes.get(request_id))
+    assert isinstance(failure, RunNotStarted) and str(failure).startswith(f"{request_id}: "), failure
 
 
 def test_run_the_worker_fails_on_ends_at_once_and_logs_no_secret(
@@ -279,7 +281,8 @@ def test_run_the_worker_fails_on_ends_at_once_and_logs_no_secret(
     end = runs.wait(request_id, queue_wait=WAIT_SECONDS, run_seconds=WAIT_SECONDS, poll=0.05)
 
     assert end.status == "failed" and end.error is not None and end.error["kind"] == "SandboxError", end
-    assert eventually(lambda: outcomes.get(request_id)) == "failed"
+    failure = eventually(lambda: outcomes.get(request_id))
+    assert isinstance(failure, SandboxError) and str(failure).startswith(f"{request_id}: "), failure
     assert "the worker failed" in caplog.text and secret not in caplog.text
 
 

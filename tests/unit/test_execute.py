@@ -46,7 +46,8 @@ def test_a_run_the_sandbox_could_not_start_is_claimed_and_ends_failed(runtime: W
     job = RunJob(request_id="req_1", account=ACCOUNT, workflow="w", version=workflow.version,
                  content_hash=workflow.content_hash, soft_seconds=5)
 
-    assert execute_run(runtime, job) == RunStatus.FAILED.value
+    ended = execute_run(runtime, job)
+    assert ended is not None and ended.status == RunStatus.FAILED.value
     record = runtime.runs.get("req_1")
     assert record is not None and record.status == RunStatus.FAILED.value and record.worker == "worker-a"
     assert record.error is not None and "cgroup" in record.error["message"]
