@@ -410,6 +410,16 @@ class DevStack:
         devstate.write_private(key_file, key + "\n")
         return key
 
+    @staticmethod
+    def _push_line() -> str:
+        """The banner's push: the checkout's echo example by its full path, so it runs from any directory; where
+        dev runs outside a checkout, a one-line workflow written first."""
+        example = Path.cwd() / "examples" / "echo.py"
+        if example.is_file():
+            return f"{_flowpool_command()} push {shlex.quote(str(example))} --name echo"
+        script = 'def execute(ctx):\\n    text = ctx.input["text"]\\n    return {"echo": text, "words": len(text.split())}\\n'
+        return f"printf '{script}' > echo.py && {_flowpool_command()} push echo.py --name echo"
+
     def _banner(self, api_url: str, redis_url: str, key: str) -> str:
         flower = (f"\n  Flower:   http://{self.host}:{self.flower_port}  (user flowpool, password "
                   f"{self._flower_password})") if self.flower else ""
@@ -428,7 +438,7 @@ flowpool is running.
 
 Try it ({found}; from elsewhere, run the export line first):
   export FLOWPOOL_API_URL={api_url} FLOWPOOL_API_KEY={key} FLOWPOOL_REDIS_URL={redis_url}
-  {_flowpool_command()} push examples/echo.py --name echo
+  {self._push_line()}
   curl -s {api_url}/workflow/chat/completions \\
     -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\
     -d '{{"model": "workflow:echo", "input": {{"text": "hello flowpool"}}}}'

@@ -128,7 +128,9 @@ def test_dev_prints_a_key_and_a_curl_line_that_works_after_the_push_it_shows(dev
     assert f"export FLOWPOOL_API_URL={dev.api_url} FLOWPOOL_API_KEY={dev.key} FLOWPOOL_REDIS_URL=redis://" \
         in dev.output
     # The venv's own flowpool, by its full path: the line runs with no venv activated (test_cli_dev.py runs it).
-    assert f"\n  {Path(sys.executable).parent / 'flowpool'} push examples/echo.py --name echo\n" in dev.output
+    # In a checkout it pushes the echo example by its full path, so the line runs from any directory too.
+    flowpool, example = Path(sys.executable).parent / "flowpool", REPO / "examples" / "echo.py"
+    assert f"\n  {flowpool} push {example} --name echo\n" in dev.output
     pushed = _ok(_cli("push", "examples/echo.py", "--name", "echo", env=dev.cli_env()))
     assert re.fullmatch(r"echo@\d+\.\d+\.\d+ \(new version\)\n", pushed), pushed
     response = dev.curl()
