@@ -14,7 +14,9 @@ socket layer's entry points so that the error they raise carries
 - ``getaddrinfo``, ``gethostbyname(_ex)`` and ``gethostbyaddr`` raise the same
   ``socket.gaierror`` / ``socket.herror`` with the hint after its reason;
 - importing an HTTP client the sandbox does not hold (``requests`` under
-  bwrap) raises ``ModuleNotFoundError`` with the hint.
+  bwrap) raises ``ModuleNotFoundError`` with the hint (``import`` statements:
+  ``__import__`` is wrapped, and no import finder is added, so
+  ``importlib.util.find_spec`` still answers None for a missing one).
 
 Each wrapper calls the original first and only rewrites the message of the
 exception it raised, keeping its type and errno: nothing that failed
@@ -28,8 +30,8 @@ flowpool's code.
 """
 from __future__ import annotations
 
+import builtins
 import socket
-import sys
 from typing import Any, Callable
 
 __all__ = ["HINT", "install"]
@@ -47,14 +49,18 @@ def _with_hint(exc: OSError, what: str = "") -> OSError:
     return type(exc)(exc.errno, f"{reason}{what}: {HINT}")
 
 
-class _NoHttpClient:
-    """A last meta-path finder: an HTTP client no other finder found fails to import with the hint."""
+def _wrap_import(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``__import__`` whose failure to find an HTTP client says why there is none. No finder is added, so
+    ``importlib.util.find_spec("requests")`` still answers None where a library probes for optional clients."""
+    def __import__(name: str, globals: Any = None, locals: Any = None, fromlist: Any = (), level: int = 0) -> Any:
+        try:
+            return original(name, globals, locals, fromlist, level)
+        except ModuleNotFoundError as exc:
+            if exc.name not in _HTTP_CLIENTS:
+                raise
+            raise ModuleNotFoundError(f"No module named {exc.name!r}: {HINT}", name=exc.name) from None
 
-    @staticmethod
-    def find_spec(name: str, path: Any = None, target: Any = None) -> None:
-        if name in _HTTP_CLIENTS:
-            raise ModuleNotFoundError(f"No module named {name!r}: {HINT}", name=name)
-        return None
+    return __import__
 
 
 def _wrap_lookup(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -87,4 +93,4 @@ def install() -> None:
     socket.socket.__init__ = __init__  # type: ignore[method-assign]
     for name in ("getaddrinfo", "gethostbyname", "gethostbyname_ex", "gethostbyaddr"):
         setattr(socket, name, _wrap_lookup(getattr(socket, name)))
-    sys.meta_path.append(_NoHttpClient())
+    builtins.__import__ = _wrap_import(builtins.__import__)

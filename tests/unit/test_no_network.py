@@ -72,6 +72,12 @@ def test_what_works_without_the_barrier_works_the_same_with_the_hint() -> None:
             import requests_of_flowpool_tests  # noqa: F401  (no such module anywhere)
         except ModuleNotFoundError as exc:
             found["unknown module"] = str(exc)
+        try:
+            import pycurl  # noqa: F401  (an HTTP client this environment does not have)
+        except ModuleNotFoundError as exc:
+            found["http client"] = [exc.name, str(exc)]
+        import importlib.util
+        found["probed"] = importlib.util.find_spec("pycurl") is None  # libraries probe optional clients so
         print(json.dumps(found))
     """)
 
@@ -81,3 +87,6 @@ def test_what_works_without_the_barrier_works_the_same_with_the_hint() -> None:
     assert "(looking up '127.0.0.1'): the workflow sandbox has no network; " in message
     # Only the HTTP clients' imports carry the hint; any other missing module reads as Python says it.
     assert found["unknown module"] == "No module named 'requests_of_flowpool_tests'"
+    name, message = found["http client"]
+    assert name == "pycurl" and message.startswith("No module named 'pycurl': the workflow sandbox has no network")
+    assert found["probed"] is True  # a probe for an optional client is answered, not raised at
