@@ -21,7 +21,7 @@ def run_view(svc: Services, record: RunRecord, full: bool = True) -> dict[str, A
     """A run as the API shows it; never the secrets, which are not stored at all.
 
     A running run's record gets its log lines and chunks with its end: till
-    then they are read from its stream, as far as they have come.
+    then they are read from their streams, as far as they have come.
     """
     if full and record.status == RunStatus.RUNNING.value:
         chunks, logs, cut = svc.runs.so_far(record.request_id)
@@ -73,16 +73,21 @@ def stream_run(request_id: str):  # type: ignore[no-untyped-def]
     """Follow a run as SSE from the start, or resume after ``Last-Event-ID``; with ``?logs=true`` its log lines too.
 
     Log lines come as ``event: log`` events in order with the chunks (see
-    :func:`~.streaming.stream_response`); without the opt-in the stream is
-    the one an invoke with ``"stream": true`` gets.
+    :func:`~.streaming.stream_response`), and every event's id is then
+    ``<events entry id>.<log entry id>``, so Last-Event-ID resumes both;
+    without the opt-in the stream is the one an invoke with ``"stream":
+    true`` gets. A cache hit, which has no log lines of its own, streams as
+    without it.
     """
     svc, account = services(), authenticate()
     logs = _flag("logs")
     record = _own_run(svc, account.id, request_id)
     source = record.origin_request_id or request_id  # a cache hit follows the run it came from
-    after = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0-0"
-    if not re.fullmatch(r"\d+-\d+", after):
-        raise RequestError(f"Last-Event-ID must be a stream entry id like 1700000000000-0, got {after!r}",
+    logs = logs and not record.origin_request_id
+    after = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or ("0-0.0-0" if logs else "0-0")
+    if not re.fullmatch(r"\d+-\d+\.\d+-\d+" if logs else r"\d+-\d+", after):
+        example = "1700000000000-0.1700000000000-1" if logs else "1700000000000-0"
+        raise RequestError(f"Last-Event-ID must be an event id of this stream, like {example}, got {after!r}",
                            param="Last-Event-ID")
     settings = svc.settings
     run_seconds = float(record.timeout_seconds or settings.default_timeout_seconds) + settings.run_deadline_slack

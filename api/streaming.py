@@ -18,8 +18,8 @@ __all__ = ["Events", "answer", "completion", "replay", "stream_response"]
 
 log = logging.getLogger("flowpool.api")
 
-# (stream entry id, "chunk" | "log" | "ping" | "done", the chunk's or log line's data or the RunEnd), as
-# RunStore.events gives them ("log" only to a reader that asked for log lines).
+# (event id, "chunk" | "log" | "ping" | "done", the chunk's or log line's data or the RunEnd), as
+# RunStore.events gives them ("log" only to a reader that asked for log lines; its ids then name both streams).
 Events = Iterator[tuple[str, str, Any]]
 
 
@@ -65,7 +65,8 @@ def stream_response(runs: RunStore, model: str, request_id: str, session_id: str
     ``log`` (``object: workflow.log``), so a client that did not ask never
     sees one; an invoke's stream never carries them.
 
-    Each event carries the run's stream entry id as its SSE ``id``, so
+    Each event carries the run's stream entry id as its SSE ``id`` (with
+    log lines, ``<events entry id>.<log entry id>``), so
     ``GET /api/v1/runs/{request_id}/stream`` with ``Last-Event-ID`` resumes a
     dropped connection. A run that fails before its first event is answered
     with the plain JSON error and its status; after it, with an ``error``

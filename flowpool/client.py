@@ -312,13 +312,22 @@ class Flowpool:
         return self._decode(response)
 
     @staticmethod
-    def _decode(response: requests.Response) -> Any:
+    def _decode(response: requests.Response) -> dict[str, Any]:
+        """The JSON object of an answer; an error status raised as its :class:`APIError`, and so is a success
+        whose body is no JSON object (a proxy's HTML page, a list): every answer of the API is one."""
         try:
             body = response.json()
         except ValueError:
             body = response.text
         if response.status_code >= 400:
             raise _error(response.status_code, body, response.headers)
+        if not isinstance(body, dict):
+            kind = response.headers.get("Content-Type") or "no Content-Type"
+            start = (body if isinstance(body, str) else json.dumps(body))[:200]
+            raise APIError(response.status_code, {"error": {
+                "type": "invalid_response",
+                "message": f"{response.url} answered {response.status_code} with a body that is not a JSON object "
+                           f"({kind}), not as flowpool's API answers: {start!r}"}}, response.headers)
         return body
 
     def _send_retrying(self, path: str, body: dict[str, Any], headers: dict[str, str],

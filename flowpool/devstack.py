@@ -22,9 +22,9 @@ from typing import IO, Any
 import requests
 
 from . import devstate
-from .devstate import KEY_FILE, REDIS_DIR
+from .devstate import KEY_FILE, REDIS_DIR, shown_url
 from .errors import AuthenticationError, ConfigurationError
-from .procs import free_port, set_parent_death_signal
+from .procs import bind_error, free_port, set_parent_death_signal, url_host
 from .redis_server import RedisServer
 from .settings import Settings
 
@@ -68,7 +68,7 @@ class Stack:
     def start_api(self, port: int | None = None, host: str = "127.0.0.1", quiet: bool = False) -> str:
         port = port or free_port(host)
         self.spawn("api", "--host", host, "--port", str(port), quiet=quiet)
-        self.api_url = f"http://{host}:{port}"
+        self.api_url = f"http://{url_host(host)}:{port}"
         return self.api_url
 
     def wait_ready(self, timeout: float = 60.0, workers: int = 1) -> None:
@@ -158,23 +158,6 @@ def _flowpool_command() -> str:
     return f"{shlex.quote(sys.executable)} -m flowpool.cli"
 
 
-def _bind_error(host: str, port: int) -> OSError | None:
-    """Why the API could not listen on ``host:port`` right now (EADDRINUSE: another server has it); None: it could."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
-    except socket.gaierror as exc:
-        return exc
-    with socket.socket(family, kind, proto) as sock:
-        # As gunicorn binds: a port whose last connections linger in TIME_WAIT is free to it.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(address)
-        except OSError as exc:
-            return exc
-    return None
-
-
 class DevStack:
     """`flowpool dev`: run a stack in the foreground until Ctrl-C, keeping its data across restarts.
 
@@ -235,7 +218,8 @@ class DevStack:
                   file=sys.stderr)
             sys.exit(1)
         try:
-            where = f"started on {stack.redis_url}, data in {redis_dir}" if stack.redis else f"at {stack.redis_url}"
+            shown = shown_url(stack.redis_url)
+            where = f"started on {shown}, data in {redis_dir}" if stack.redis else f"at {shown}"
             print(f"flowpool dev: Redis {where}", flush=True)
             # Flower shows only what workers report as task events.
             stack.start_worker(env={"FLOWPOOL_WORKER_EVENTS": "true"} if self.flower else None)
@@ -260,7 +244,7 @@ class DevStack:
                     if process.poll() is not None:
                         print(f"flowpool dev: {' '.join(map(str, process.args[3:]))} exited "
                               f"({process.returncode}); stopping", file=sys.stderr, flush=True)
-                        return
+                        sys.exit(1)  # after the finally below: a supervisor sees dev fail, not end
                 time.sleep(0.5)
         except KeyboardInterrupt:
             print("\nflowpool dev: stopping", flush=True)
@@ -284,19 +268,19 @@ class DevStack:
         return lock
 
     def _port_taken(self) -> bool:
-        error = _bind_error(self.host, self.port)
+        error = bind_error(self.host, self.port)
         return error is not None and error.errno == errno.EADDRINUSE
 
     def _say_port_taken(self) -> None:
         free = next((port for port in range(self.port + 1, min(self.port + 100, 65536))
-                     if _bind_error(self.host, port) is None), None)
+                     if bind_error(self.host, port) is None), None)
         hint = f" (e.g. --port {free})" if free else ""
         print(f"flowpool dev: port {self.port} on {self.host} is in use by another server; pass --port N{hint}",
               file=sys.stderr, flush=True)
 
     def _check_port(self) -> None:
         """Exit with one line, before anything starts, when the API could not listen where it is asked to."""
-        error = _bind_error(self.host, self.port)
+        error = bind_error(self.host, self.port)
         if error is None:
             return
         if getattr(error, "errno", None) == errno.EADDRINUSE:
@@ -307,7 +291,7 @@ class DevStack:
 
     def _check_flower_port(self) -> None:
         """Exit with one line, before anything starts, when Flower could not listen on --flower-port."""
-        error = _bind_error(self.host, self.flower_port) if self.flower else None
+        error = bind_error(self.host, self.flower_port) if self.flower else None
         if error is not None:
             print(f"flowpool dev: Flower cannot listen on {self.host}:{self.flower_port}: {error}; "
                   "pass --flower-port with a free port", file=sys.stderr)
@@ -366,7 +350,8 @@ class DevStack:
         try:
             client.ping()
         except redis.RedisError as exc:
-            print(f"flowpool dev: the Redis at FLOWPOOL_REDIS_URL ({self.settings.redis_url}) does not answer: "
+            shown = shown_url(self.settings.redis_url)
+            print(f"flowpool dev: the Redis at FLOWPOOL_REDIS_URL ({shown}) does not answer: "
                   f"{exc}; start it, or unset FLOWPOOL_REDIS_URL and dev starts its own", file=sys.stderr)
             sys.exit(1)
         finally:
@@ -421,7 +406,7 @@ class DevStack:
         return f"printf '{script}' > echo.py && {_flowpool_command()} push echo.py --name echo"
 
     def _banner(self, api_url: str, redis_url: str, key: str) -> str:
-        flower = (f"\n  Flower:   http://{self.host}:{self.flower_port}  (user flowpool, password "
+        flower = (f"\n  Flower:   http://{url_host(self.host)}:{self.flower_port}  (user flowpool, password "
                   f"{self._flower_password})") if self.flower else ""
         kept = "the API key (the data is in the Redis at FLOWPOOL_REDIS_URL)" if self.settings.redis_url \
             else "Redis data and the API key"
@@ -429,15 +414,21 @@ class DevStack:
         where = f"with FLOWPOOL_DATA_DIR={self.data_dir}" if "data_dir" in self.settings.model_fields_set \
             else f"in {Path.cwd()}"
         found = f"the flowpool commands run {where} find this dev"
+        export = f"export FLOWPOOL_API_URL={api_url} FLOWPOOL_API_KEY={key}"
+        if shown_url(redis_url) == redis_url:
+            export += f" FLOWPOOL_REDIS_URL={redis_url}"
+        else:  # never printed: a comment, so the lines still run as printed
+            export += ("\n  # FLOWPOOL_REDIS_URL is left out: it holds a password; export it yourself for "
+                       "`flowpool accounts` and `flowpool doctor`")
         return f"""
 flowpool is running.
   API:      {api_url}
-  Redis:    {redis_url}{flower}
+  Redis:    {shown_url(redis_url)}{flower}
   API key:  {key}
   Data:     {self.data_dir}: {kept}, kept across restarts; `flowpool dev --reset` wipes it
 
 Try it ({found}; from elsewhere, run the export line first):
-  export FLOWPOOL_API_URL={api_url} FLOWPOOL_API_KEY={key} FLOWPOOL_REDIS_URL={redis_url}
+  {export}
   {self._push_line()}
   curl -s {api_url}/workflow/chat/completions \\
     -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\

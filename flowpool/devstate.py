@@ -27,9 +27,10 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 __all__ = ["REDIS_DIR", "KEY_FILE", "RECORD_FILE", "DevRecord", "resolve", "claim", "running_dev", "record",
-           "forget", "write_private"]
+           "forget", "write_private", "shown_url"]
 
 REDIS_DIR = "redis"
 KEY_FILE = "dev-key"
@@ -80,20 +81,25 @@ def running_dev(data_dir: Path) -> DevRecord | None:
         import fcntl
     except ImportError:
         return None
+    # The lock first, then the record: a record read before the probe could be one a dev that is gone left,
+    # believed because another dev claimed the directory in between.
     try:
-        text = (data_dir / RECORD_FILE).read_text(encoding="utf-8")
         lock = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return None
     try:
         fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return None  # nobody holds it: the dev that wrote the record is gone
+        return None  # nobody holds it: no dev runs there, whatever record is left
     except BlockingIOError:
         pass
     except OSError:
         return None
     finally:
         os.close(lock)  # also releases a lock just taken
+    try:
+        text = (data_dir / RECORD_FILE).read_text(encoding="utf-8")
+    except OSError:
+        return None  # a dev that holds the directory but has not recorded itself yet, or just forgot
     try:
         fields = json.loads(text)
         api_url, redis_url = str(fields["api_url"]), str(fields["redis_url"])
@@ -128,3 +134,17 @@ def write_private(path: Path, text: str) -> None:
     with os.fdopen(descriptor, "w", encoding="utf-8") as out:
         out.write(text)
     os.replace(written, path)
+
+
+def shown_url(url: str) -> str:
+    """``url`` as it may be printed: its password masked (``redis://:***@host:6379/0``); the rest as it is."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # not a URL that can be split: show nothing of what may be in it
+        return "(a URL that cannot be parsed)"
+    if not password:
+        return url
+    user, _, host = parts.netloc.rpartition("@")
+    name = user.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{name}:***@{host}"))

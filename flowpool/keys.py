@@ -4,7 +4,7 @@ from __future__ import annotations
 __all__ = [
     "ACCOUNTS", "METRICS", "RUNS_ACTIVE", "RUNS_REAPER", "SECRET", "WORKERS", "WORKER_SANDBOXES",
     "account", "agents", "api_key", "applications", "session_runs", "workflows", "workflow", "versions", "version",
-    "version_hashes", "run", "run_cancel", "run_events", "run_lease", "run_reply", "workflow_runs", "cache",
+    "version_hashes", "run", "run_cancel", "run_events", "run_lease", "run_logs", "run_reply", "workflow_runs", "cache",
     "cache_record", "inflight", "idempotency",
 ]
 
@@ -80,11 +80,17 @@ def run(request_id: str) -> str:
 
 
 def run_events(request_id: str) -> str:
-    """Stream: the run's emitted chunks and log lines (``kind`` chunk or log), in order, then one final ``done`` entry.
-
-    Expires with the record: each write sets its TTL, and its end sets it again.
-    """
+    """Stream: the run's emitted chunks, then one final ``done`` entry."""
     return f"{PREFIX}run:{request_id}:events"
+
+
+def run_logs(request_id: str) -> str:
+    """Stream: a running run's log lines as they come, each with the number of chunks it emitted before it.
+
+    Expires with the record while the run goes; its end (which writes the lines into the record) leaves it a few
+    minutes more, for the readers still following it.
+    """
+    return f"{PREFIX}run:{request_id}:logs"
 
 
 def run_reply(request_id: str) -> str:

@@ -4,8 +4,10 @@ from __future__ import annotations
 import ctypes
 import signal
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-__all__ = ["set_parent_death_signal", "set_not_dumpable", "free_port"]
+__all__ = ["set_parent_death_signal", "set_not_dumpable", "free_port", "bind_error", "url_host"]
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_DUMPABLE = 4
@@ -36,8 +38,37 @@ def set_not_dumpable() -> None:
         pass
 
 
+@contextmanager
+def _bound(host: str, port: int) -> Iterator[socket.socket]:
+    """A TCP socket of ``host``'s family (IPv4 or IPv6) bound to ``host:port``, closed on exit.
+
+    Bound as a server binds (gunicorn, Flower): SO_REUSEADDR, so a port whose
+    last connections linger in TIME_WAIT counts as free.
+    """
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        yield sock
+
+
+def bind_error(host: str, port: int) -> OSError | None:
+    """Why a server could not listen on ``host:port`` right now (EADDRINUSE: another server has it; a
+    ``socket.gaierror``: no such address); None: it could."""
+    try:
+        with _bound(host, port):
+            return None
+    except OSError as exc:  # socket.gaierror is one too
+        return exc
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A TCP port free on ``host`` (an IPv4 or IPv6 address, or a name) right now."""
+    with _bound(host, 0) as sock:
+        return int(sock.getsockname()[1])
+
+
+def url_host(host: str) -> str:
+    """``host`` as it goes in a URL or a ``HOST:PORT`` bind: an IPv6 literal in brackets (``[::1]``)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

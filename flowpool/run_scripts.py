@@ -6,7 +6,7 @@ that order.
 """
 from __future__ import annotations
 
-__all__ = ["ABANDON", "APPEND_EVENTS", "BEGIN", "CLAIM", "FINISH"]
+__all__ = ["ABANDON", "APPEND_CHUNKS", "APPEND_OUTPUT", "BEGIN", "CLAIM", "FINISH"]
 
 # Mark a queued run as running on a worker, with a lease the worker keeps
 # fresh, and index it by its hard deadline. The claim token names this one
@@ -27,17 +27,21 @@ return 1
 
 # Write a run's end, only while it is still running under the claim that
 # writes it: a run a waiter or the reaper already ended (lost) keeps that end,
-# and an end written again after a lost answer is not written twice.
+# and an end written again after a lost answer is not written twice. The
+# record's fields hold its log lines: their stream is left only ``tail_ms``,
+# for the readers still following it.
 FINISH = """
 local run_key, events_key, lease_key, runs_active_key, metrics_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local request_id, claim, done, ttl_ms, counters_json = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local FIELDS_FROM = 6
+local logs_key = KEYS[6]
+local request_id, claim, done, ttl_ms, counters_json, tail_ms = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local FIELDS_FROM = 7
 if redis.call('HGET', run_key, 'status') ~= 'running' or redis.call('HGET', run_key, 'claim') ~= claim then
   return 0
 end
 redis.call('HSET', run_key, unpack(ARGV, FIELDS_FROM))
 redis.call('XADD', events_key, '*', 'kind', 'done', 'data', done)
 redis.call('PEXPIRE', events_key, ttl_ms)
+redis.call('PEXPIRE', logs_key, tail_ms)
 redis.call('PEXPIRE', run_key, ttl_ms)
 redis.call('DEL', lease_key)
 redis.call('ZREM', runs_active_key, request_id)
@@ -45,51 +49,91 @@ for _, counter in ipairs(cjson.decode(counters_json)) do redis.call('HINCRBY', m
 return 1
 """
 
-# Append what a run sent since the last write, its emitted chunks and log
-# lines in the order it sent them, to its stream: ARGV from 2 on, three per
-# entry (kind ``chunk`` or ``log``, its index among its kind, its JSON). Each
-# is added once: a batch written again because Redis ran the first write but
-# its answer was lost skips what the stream holds already (everything up to
-# the entry its last one is, by kind and index: the run's one writer clears a
-# batch only once written, so a batch written again holds that entry), and a
-# run that has ended takes none. The stream expires with the record even if
-# no end is ever written (FINISH and ABANDON set the TTL again).
-APPEND_EVENTS = """
-local events_key = KEYS[1]
-local ttl_ms = ARGV[1]
-local EVENTS_FROM = 2
-local written_through = EVENTS_FROM - 1
+# How a chunk append adds the chunks ARGV[CHUNKS_FROM..CHUNKS_TO] (the first
+# numbered first_index) to a run's events stream: only those past the index
+# of the last chunk stored, so a batch written again (Redis ran the first
+# write but its answer was lost), or a stale write landing after its retry,
+# adds nothing it holds, whatever order the writes land in; a stream whose
+# last entry is ``done`` takes none (``return 0``). Leaves ``added``.
+_ADD_CHUNKS = """
+local next_index = 0
 local top = redis.call('XREVRANGE', events_key, '+', '-', 'COUNT', 1)[1]
 if top then
-  local fields = top[2]  -- kind, chunk, log or done, data, the JSON
-  local kind = fields[2]
-  if kind == 'done' then return 0 end
-  local index = cjson.decode(fields[4])['index']
-  for i = EVENTS_FROM, #ARGV, 3 do
-    if ARGV[i] == kind and tonumber(ARGV[i + 1]) == index then written_through = i + 2 end
-  end
+  local fields = top[2]  -- kind, chunk or done, data, the JSON
+  if fields[2] ~= 'chunk' then return 0 end
+  next_index = cjson.decode(fields[4])['index'] + 1
 end
 local added = 0
-for i = written_through + 1, #ARGV, 3 do
-  redis.call('XADD', events_key, '*', 'kind', ARGV[i], 'data', ARGV[i + 2])
-  added = added + 1
+for i = CHUNKS_FROM, CHUNKS_TO do
+  if first_index + i - CHUNKS_FROM >= next_index then
+    redis.call('XADD', events_key, '*', 'kind', 'chunk', 'data', ARGV[i])
+    added = added + 1
+  end
 end
-if added > 0 then redis.call('PEXPIRE', events_key, ttl_ms) end
+"""
+
+# Append a run's emitted chunks (ARGV from 2 on, the first numbered ARGV[1])
+# to its stream, each once.
+APPEND_CHUNKS = """
+local events_key = KEYS[1]
+local first_index = tonumber(ARGV[1])
+local CHUNKS_FROM, CHUNKS_TO = 2, #ARGV
+""" + _ADD_CHUNKS + """return added
+"""
+
+# Append a run's emitted chunks, as APPEND_CHUNKS does, and the log lines it
+# sent with them, in one step, so a reader never sees a chunk without the
+# lines logged before it, nor a line without the chunks emitted before it.
+# The lines (three ARGV each from LINES_FROM on: how many chunks the run had
+# emitted before it, whether it is the line saying the log was cut, its JSON
+# as the record keeps it; the first numbered first_line) go to the log
+# stream, each once as the chunks are (by index), and only while the run is
+# running. A log entry's fields, in this order: index, after, cut, data
+# (ABANDON reads them by position). The log stream expires with the record
+# while the run goes (its end shortens that).
+APPEND_OUTPUT = """
+local events_key, logs_key, run_key = KEYS[1], KEYS[2], KEYS[3]
+local first_index, chunk_count, first_line, ttl_ms = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local CHUNKS_FROM = 5
+local CHUNKS_TO = CHUNKS_FROM + chunk_count - 1
+local LINES_FROM = CHUNKS_TO + 1
+""" + _ADD_CHUNKS + """if redis.call('HGET', run_key, 'status') ~= 'running' then return added end
+local next_line = 0
+local last = redis.call('XREVRANGE', logs_key, '+', '-', 'COUNT', 1)[1]
+if last then next_line = tonumber(last[2][2]) + 1 end  -- its fields: index, the number, ...
+for i = LINES_FROM, #ARGV, 3 do
+  local index = first_line + (i - LINES_FROM) / 3
+  if index >= next_line then
+    redis.call('XADD', logs_key, '*', 'index', index, 'after', ARGV[i], 'cut', ARGV[i + 1], 'data', ARGV[i + 2])
+    added = added + 1
+  end
+end
+redis.call('PEXPIRE', logs_key, ttl_ms)
 return added
 """
 
 # End a run that can no longer finish by itself: still queued (nobody took
 # it), or running without a lease (its worker died). Atomic, so of two API
-# processes noticing at once only one writes the end.
+# processes noticing at once only one writes the end. The log lines it sent
+# go into its record, as its worker would have written them (their stream
+# is then left only ``tail_ms``).
 ABANDON = """
-local run_key, lease_key, events_key, runs_active_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local run_key, lease_key, events_key, runs_active_key, logs_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local expected, status, finished_at, error_json, done, ttl_ms, force = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5],
   ARGV[6], ARGV[7]
-local request_id = ARGV[8]
+local request_id, tail_ms = ARGV[8], ARGV[9]
 local current = redis.call('HGET', run_key, 'status')
 if current ~= expected then return 0 end
 if current == 'running' and force ~= '1' and redis.call('EXISTS', lease_key) == 1 then return 0 end
 redis.call('HSET', run_key, 'status', status, 'finished_at', finished_at, 'error', error_json)
+local lines = redis.call('XRANGE', logs_key, '-', '+')
+if #lines > 0 then
+  local kept = {}
+  for n, entry in ipairs(lines) do kept[n] = entry[2][8] end  -- its fields: index, n, after, n, cut, 0|1, data, JSON
+  local logs_truncated = lines[#lines][2][6] == '1' and 'true' or 'false'
+  redis.call('HSET', run_key, 'logs', '[' .. table.concat(kept, ',') .. ']', 'logs_truncated', logs_truncated)
+  redis.call('PEXPIRE', logs_key, tail_ms)
+end
 redis.call('XADD', events_key, '*', 'kind', 'done', 'data', done)
 redis.call('PEXPIRE', events_key, ttl_ms)
 redis.call('ZREM', runs_active_key, request_id)

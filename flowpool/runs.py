@@ -1,10 +1,11 @@
 """The run store: one record per request, its event stream, and waiting for its end.
 
-A run record (:class:`~flowpool.run.RunRecord`) is a Redis hash (``keys.run``); its emitted chunks and log lines,
-in the order the run sent them, and, last, one ``done`` entry (:class:`~flowpool.run.RunEnd`) go to a Redis stream
-(``keys.run_events``) that every waiter reads without consuming, so any number of callers (single-flight joiners,
-the streaming API) can follow one run. Log lines are there so a running run's can be read as they come (the
-record holds them once the run ends); every reader passes over them unless it asks for them.
+A run record (:class:`~flowpool.run.RunRecord`) is a Redis hash (``keys.run``); its emitted chunks and, last, one
+``done`` entry (:class:`~flowpool.run.RunEnd`) go to a Redis stream (``keys.run_events``) that every waiter
+reads without consuming, so any number of callers (single-flight joiners,
+the streaming API) can follow one run. A running run's log lines go to
+a stream of their own (``keys.run_logs``), read only by those who ask for
+them, so a run that logs wakes no waiter; its end writes them into its record.
 While a worker runs it, the run has a lease key the worker refreshes; a
 running run without a lease belongs to a worker that died.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import uuid
 from dataclasses import replace
@@ -31,18 +33,22 @@ from flowpool import keys
 from flowpool.connections import UNREACHABLE, patiently
 from flowpool.errors import OutcomeUnavailable, RunError, RunNotStarted, WorkerLost
 from flowpool.run import RunEnd, RunRecord, RunStatus, dumps, encode
-from flowpool.run_scripts import ABANDON, APPEND_EVENTS, BEGIN, CLAIM, FINISH
+from flowpool.run_scripts import ABANDON, APPEND_CHUNKS, APPEND_OUTPUT, BEGIN, CLAIM, FINISH
 from flowpool.sealing import InvalidToken, SecretBox
 from flowpool.settings import Settings
 
-__all__ = ["LOG_CUT", "RunStatus", "RunStore"]
+__all__ = ["LOG_TAIL_SECONDS", "RunStatus", "RunStore"]
 
 log = logging.getLogger("flowpool.runs")
 
 T = TypeVar("T")
 
-# Set (true) in the stream entry of the log line that says the run's log was cut at its size limit.
-LOG_CUT = "truncated"
+# How long a run's log stream stays once its end has written its lines into its record: long enough for the
+# readers following it to read the last ones, short enough that the lines are not kept twice for long.
+LOG_TAIL_SECONDS = 300
+
+# Entries one XREAD reads at most from each stream.
+_READ = 500
 
 
 class RunStore:
@@ -62,7 +68,8 @@ class RunStore:
         self._begin = client.register_script(BEGIN)
         self._abandon = client.register_script(ABANDON)
         self._finish = client.register_script(FINISH)
-        self._append_events = client.register_script(APPEND_EVENTS)
+        self._append_chunks = client.register_script(APPEND_CHUNKS)
+        self._append_output = client.register_script(APPEND_OUTPUT)
 
     @classmethod
     def for_settings(cls, client: redis.Redis, settings: Settings) -> RunStore:
@@ -150,21 +157,34 @@ class RunStore:
                                 args=[dumps(worker), dumps(now), lease_ms, request_id, now + hard_seconds,
                                       dumps(token)]))
 
-    def add_events(self, request_id: str, events: Sequence[tuple[str, int, dict[str, Any]]], pipe: Any = None) -> None:
-        """Append what a run sent, in order, to its stream: each ``(kind, index, data)``, a ``chunk`` (``data`` its
-        type and content) or a ``log`` line, numbered on from the last of its kind.
-
-        Written again (an answer Redis lost), an entry the stream holds already is not added twice
-        (``APPEND_EVENTS``); a run that has ended takes none.
-        """
-        if events:
-            flat = [item for kind, index, data in events for item in (kind, index, dumps({**data, "index": index}))]
-            self._append_events(keys=[keys.run_events(request_id)], args=[self.ttl_ms, *flat], client=pipe)
-
     def add_chunks(self, request_id: str, chunks: list[tuple[str, Any, int]], pipe: Any = None) -> None:
-        """Append emitted chunks, each ``(type, content, index)``, to the run's stream (:meth:`add_events`)."""
-        self.add_events(request_id, [("chunk", index, {"type": chunk_type, "content": content})
-                                     for chunk_type, content, index in chunks], pipe=pipe)
+        """Append emitted chunks, each ``(type, content, index)`` and numbered on from the last, to the run's stream.
+
+        Written again (an answer Redis lost), or late (a stale write landing after its retry), a chunk the stream
+        holds already is not added twice (``APPEND_CHUNKS``); a run that has ended takes none.
+        """
+        self.add_output(request_id, chunks, [], pipe=pipe)
+
+    def add_output(self, request_id: str, chunks: list[tuple[str, Any, int]],
+                   lines: list[tuple[int, int, dict[str, Any], bool]], pipe: Any = None) -> None:
+        """Append emitted chunks (as :meth:`add_chunks`) and log lines in one step: each line ``(index, after, line,
+        cut)``, numbered on from the last, ``after`` the number of chunks the run emitted before it, ``cut`` for the
+        line that says the log was cut.
+
+        A line is added once, as a chunk is, and only while the run is running (``APPEND_OUTPUT``). Without lines,
+        the write is the chunks' own (``APPEND_CHUNKS``), as it was before log lines were live.
+        """
+        stored = [dumps({"type": chunk_type, "content": content, "index": index})
+                  for chunk_type, content, index in chunks]
+        if not lines:
+            if chunks:
+                self._append_chunks(keys=[keys.run_events(request_id)], args=[chunks[0][2], *stored], client=pipe)
+            return
+        self._append_output(
+            keys=[keys.run_events(request_id), keys.run_logs(request_id), keys.run(request_id)],
+            args=[chunks[0][2] if chunks else 0, len(chunks), lines[0][0], self.ttl_ms, *stored,
+                  *(item for _, after, line, cut in lines for item in (after, int(cut), dumps(line)))],
+            client=pipe)
 
     def request_cancel(self, request_id: str) -> None:
         """Ask the worker running ``request_id`` to stop it (it checks within its heartbeat)."""
@@ -179,9 +199,9 @@ class RunStore:
         flat = [item for pair in encode({"status": end.status, "finished_at": time.time(), **fields}).items()
                 for item in pair]
         self._finish(keys=[keys.run(request_id), keys.run_events(request_id), keys.run_lease(request_id),
-                           keys.RUNS_ACTIVE, keys.METRICS],
+                           keys.RUNS_ACTIVE, keys.METRICS, keys.run_logs(request_id)],
                      args=[request_id, dumps(claim), dumps(end.to_message()), self.ttl_ms,
-                           dumps([f"runs:{end.status}", *counters]), *flat],
+                           dumps([f"runs:{end.status}", *counters]), self._tail_ms, *flat],
                      client=pipe)
 
     def put_reply(self, pipe: redis.client.Pipeline, request_id: str, sealed: str, seconds: int) -> None:
@@ -210,14 +230,20 @@ class RunStore:
                 force: bool = False) -> bool:
         """End a run stuck in ``expected`` state with ``error``; False if it moved on meanwhile.
 
-        A running run with a live lease is left alone unless ``force`` (it is overdue).
+        A running run with a live lease is left alone unless ``force`` (it is overdue). The log lines it sent
+        so far go into its record, as its end would have written them.
         """
         status = RunStatus.for_error(error) if expected is RunStatus.RUNNING else RunStatus.EXPIRED
         end = RunEnd(status=status.value, version=version, error=error.to_dict())
         return bool(self._abandon(
-            keys=[keys.run(request_id), keys.run_lease(request_id), keys.run_events(request_id), keys.RUNS_ACTIVE],
+            keys=[keys.run(request_id), keys.run_lease(request_id), keys.run_events(request_id), keys.RUNS_ACTIVE,
+                  keys.run_logs(request_id)],
             args=[expected.value, status.value, dumps(time.time()), dumps(error.to_dict()), dumps(end.to_message()),
-                  self.ttl_ms, "1" if force else "0", request_id]))
+                  self.ttl_ms, "1" if force else "0", request_id, self._tail_ms]))
+
+    @property
+    def _tail_ms(self) -> int:
+        return min(self.ttl_ms, LOG_TAIL_SECONDS * 1000)
 
     # Reading
 
@@ -269,19 +295,16 @@ class RunStore:
 
     def so_far(self, request_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], bool]:
         """What a running run has sent so far, as its record will keep it: its chunks, its log lines, and whether
-        its log was cut at its size limit (the last line then says so). One read of its stream."""
-        chunks: list[dict[str, Any]] = []
-        lines: list[dict[str, Any]] = []
-        cut = False
-        for _, fields in self.redis.xrange(keys.run_events(request_id)):
-            kind, data = fields.get(b"kind"), json.loads(fields[b"data"])
-            data.pop("index", None)
-            if kind == b"chunk":
-                chunks.append(data)
-            elif kind == b"log":
-                cut = bool(data.pop(LOG_CUT, False)) or cut
-                lines.append(data)
-        return chunks, lines, cut
+        its log was cut at its size limit (the last line then says so). One round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xrange(keys.run_events(request_id))
+        pipe.xrange(keys.run_logs(request_id))
+        entries, lines = pipe.execute()
+        chunks = [json.loads(fields[b"data"]) for _, fields in entries if fields.get(b"kind") == b"chunk"]
+        for chunk in chunks:
+            chunk.pop("index", None)
+        cut = bool(lines) and lines[-1][1][b"cut"] == b"1"
+        return chunks, [json.loads(fields[b"data"]) for _, fields in lines], cut
 
     def list_for_session(self, account_id: str, session_id: str, offset: int, limit: int) -> tuple[list[str], int]:
         """Request ids of a session's runs, oldest first, and the total."""
@@ -307,9 +330,12 @@ class RunStore:
                logs: bool = False) -> Iterator[tuple[str, str, Any]]:
         """The run's chunks as they come (``(entry_id, "chunk", data)``), then ``(entry_id, "done", RunEnd)``.
 
-        With ``logs``, its log lines too (``(entry_id, "log", line)``), in
-        the order the run sent them and the chunks; the line that says the log
-        was cut carries ``LOG_CUT``. ``after`` is a stream entry id (an SSE Last-Event-ID) to resume from.
+        ``after`` is a stream entry id (an SSE Last-Event-ID) to resume from.
+        With ``logs``, its log lines too (``(event_id, "log", line)``, the
+        line with its ``index``), in the order the run sent them and the
+        chunks, read from the log stream in the same XREAD; each event's id is
+        then ``<events entry id>.<log entry id>``, the two streams' cursors,
+        and so is ``after``. Without, the log stream is not read at all.
         With ``keepalive``, ``("", "ping", {})`` comes after that many seconds
         without an event, so a streaming caller can keep its connection open.
 
@@ -324,8 +350,9 @@ class RunStore:
         run_seconds + outage_seconds`` have passed; then OutcomeUnavailable,
         naming the run, which may still have finished.
         """
-        stream = keys.run_events(request_id)
-        last_id = after
+        stream, lines = keys.run_events(request_id), keys.run_logs(request_id) if logs else None
+        events_after, _, lines_after = after.partition(".")
+        cursors = {stream: events_after, lines: lines_after or "0-0"} if lines else {stream: after}
         begun = time.monotonic()
         started_by = begun + queue_wait
         give_up_at = started_by + run_seconds + self.outage_seconds
@@ -342,19 +369,26 @@ class RunStore:
                     "still have finished; look it up by its request_id", request_id=request_id) from exc
 
         while True:
-            reply = unless_unreachable(lambda: self.redis.xread({stream: last_id}, block=int(poll * 1000), count=500),
-                                       "reading its events")
-            for _, entries in reply or ():
-                for entry_id, fields in entries:
-                    last_id = entry_id
-                    kind = fields.get(b"kind")
-                    if kind == b"done":
-                        yield entry_id.decode(), "done", RunEnd.from_message(json.loads(fields[b"data"]))
-                        return
-                    if kind == b"chunk" and chunks:
-                        yield entry_id.decode(), "chunk", json.loads(fields[b"data"])
-                    elif kind == b"log" and logs:
-                        yield entry_id.decode(), "log", json.loads(fields[b"data"])
+            if lines is None:
+                reply = unless_unreachable(lambda: self.redis.xread(cursors, block=int(poll * 1000), count=_READ),
+                                           "reading its events")
+            else:
+                # A blocked XREAD is answered with what woke it, the new entries of one of the streams only; so it
+                # only waits here, and the read after it sees both streams as they are at one moment.
+                reply = unless_unreachable(lambda: self.redis.xread(cursors, block=int(poll * 1000), count=1),
+                                           "waiting for its events")
+                if reply:
+                    reply = unless_unreachable(lambda: self.redis.xread(cursors, count=_READ), "reading its events")
+            for key, entry_id, fields in _in_order(reply or (), stream, lines):
+                cursors[key] = entry_id.decode()
+                event_id = ".".join(cursors.values())
+                if key == lines:
+                    yield event_id, "log", {**json.loads(fields[b"data"]), "index": int(fields[b"index"])}
+                elif fields.get(b"kind") == b"done":
+                    yield event_id, "done", RunEnd.from_message(json.loads(fields[b"data"]))
+                    return
+                elif chunks:
+                    yield event_id, "chunk", json.loads(fields[b"data"])
             if reply:
                 quiet_since = time.monotonic()
                 continue
@@ -425,3 +459,37 @@ class RunStore:
         pipe.exists(keys.run_lease(request_id))
         (status, version), lease = pipe.execute()
         return status.decode() if status else None, bool(lease), json.loads(version) if version else None
+
+
+def _in_order(reply: Any, stream: str, lines: str | None) -> Iterator[tuple[str, bytes, dict[bytes, bytes]]]:
+    """The entries one XREAD read of a run's events and (``lines``) its log lines, as ``(key, entry id, fields)``,
+    in the order the run sent them: a line before the first chunk not emitted before it (its ``after``), ``done``
+    last.
+
+    Its worker writes a chunk and the lines logged before it in one step, so a read holds every line logged before
+    a chunk it holds and every chunk emitted before a line it holds, unless that stream's part was cut at ``_READ``
+    entries: then what may follow entries past the cut waits for the next read.
+    """
+    read = {key.decode(): entries for key, entries in reply}
+    events, logged = read.get(stream, []), read.get(lines, []) if lines else []
+    more_events, more_lines = len(events) >= _READ, len(logged) >= _READ
+    e = n = 0
+    while e < len(events) or n < len(logged):
+        if e < len(events) and n < len(logged):
+            line_first = int(logged[n][1][b"after"]) <= _chunk_index(events[e][1])
+        elif (more_events if n < len(logged) else more_lines):
+            return
+        else:
+            line_first = n < len(logged)
+        if line_first:
+            assert lines is not None
+            yield lines, *logged[n]
+            n += 1
+        else:
+            yield stream, *events[e]
+            e += 1
+
+
+def _chunk_index(fields: dict[bytes, bytes]) -> float:
+    """A chunk entry's index; ``done``, which comes after every line, as infinity."""
+    return json.loads(fields[b"data"])["index"] if fields.get(b"kind") == b"chunk" else math.inf

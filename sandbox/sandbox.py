@@ -291,8 +291,8 @@ class Sandbox:
         overrides); a run whose process limits differ gets a process of its
         own instead of a prestarted one. ``cancel`` stops the run, ending it
         with the reason it was asked with. ``on_log`` gets each log line kept
-        (and whether it is the one saying the log was cut), handed on with the
-        emits by ``on_idle``.
+        (and whether it is the one saying the log was cut), handed on by
+        ``on_idle`` with the emits, before a ctx call, or on its own timer.
         """
         limits = limits or self.limits
         outcome = RunOutcome()

@@ -36,6 +36,10 @@ _SIGNAL_HINTS = {signal.SIGKILL: "killed (memory or CPU limit, or from outside)"
 # A frame may hold a whole result, plus the envelope around it.
 _FRAME_OVERHEAD = 64 << 10
 
+# Log lines that come without an emit are handed on at most this often (an emit or a ctx call hands them on at
+# once): a run that prints in a loop costs its worker a round trip to Redis per interval, not one per line.
+_LOG_EVERY = 0.2
+
 
 def _unshowable(content: Any, chunk_type: str, max_depth: int) -> int | str:
     """The size of an emitted chunk's content as JSON, or why it cannot be stored and shown.
@@ -110,7 +114,9 @@ class RunSession:
         self._idle = on_idle
         self._log_to = on_log
         self._log_bytes = 0
-        self._unsent = False  # emits or log lines not yet handed on by on_idle
+        self._emitted = False  # emits not yet handed on by on_idle
+        self._logged = False  # log lines not yet handed on by on_idle
+        self._handed_on = -float("inf")  # when on_idle last ran (time.monotonic())
         self._pending = select.poll()  # whether the run has sent more (poll: descriptors may be past 1024)
         self._pending.register(process.sock, select.POLLIN)
         self._handlers: dict[str, Callable[[dict[str, Any]], bool]] = {
@@ -131,8 +137,10 @@ class RunSession:
         """Serve and record what the run sends until it is over: a result, an error, a limit, a crash or a cancel."""
         while True:
             # on_idle runs once the run has nothing more to send right now, so
-            # a burst of emits and log lines is handed on in one batch.
-            if self._unsent and not self._pending.poll(0):
+            # a burst of emits is handed on in one batch; log lines alone wait
+            # till _LOG_EVERY has passed since the last time.
+            lines_due = self._handed_on + _LOG_EVERY
+            if (self._emitted or (self._logged and time.monotonic() >= lines_due)) and not self._pending.poll(0):
                 self._hand_on()
             if self._cancel is not None and self._cancel.reason is not None:
                 self._kill(self._cancel.reason)
@@ -143,8 +151,11 @@ class RunSession:
                     f"the run passed its hard time limit ({self.soft_seconds + self.hard_grace_seconds:g}s) "
                     "and was killed", limit="hard", seconds=self.soft_seconds))
                 return
-            # With a cancel event, wake up now and then to look at it.
-            self.channel.sock.settimeout(min(remaining, 0.25) if self._cancel is not None else remaining)
+            # With a cancel event, wake up now and then to look at it; with log lines waiting, when they are due.
+            wait = min(remaining, 0.25) if self._cancel is not None else remaining
+            if self._logged:
+                wait = min(wait, max(0.01, lines_due - time.monotonic()))
+            self.channel.sock.settimeout(wait)
             try:
                 message = self.channel.recv()
             except socket.timeout:
@@ -189,11 +200,12 @@ class RunSession:
             return True
         if self._emit_to is not None:
             self._emit_to(chunk_type, content)
-            self._unsent = True
+            self._emitted = True
         return False
 
     def on_log(self, message: dict[str, Any]) -> bool:
-        """Keep a log line, until the log reaches its size limit, and hand it on as the emits are (``on_log``).
+        """Keep a log line, until the log reaches its size limit, and pass it to ``on_log``: handed on with the
+        emits, before a ctx call, or on its own at most every ``_LOG_EVERY`` seconds.
 
         The line that passes the limit is replaced by one saying the log was
         cut, the last kept and handed on: the live log and the record's end alike.
@@ -214,7 +226,7 @@ class RunSession:
         outcome.logs.append(line)
         if self._log_to is not None:
             self._log_to(line, outcome.logs_truncated)
-            self._unsent = True
+            self._logged = True
         return False
 
     def on_result(self, message: dict[str, Any]) -> bool:
@@ -278,9 +290,10 @@ class RunSession:
         self.channel.close()
 
     def _hand_on(self) -> None:
-        if self._unsent and self._idle is not None:
+        if (self._emitted or self._logged) and self._idle is not None:
             self._idle()
-            self._unsent = False
+            self._handed_on = time.monotonic()
+        self._emitted = self._logged = False
 
     def _kill(self, error: RunError) -> None:
         self.process.kill()

@@ -1,7 +1,6 @@
 """Run one job on a worker: claim it, run the script in the sandbox, record and cache the outcome."""
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import sys
@@ -14,14 +13,13 @@ from flowpool.connections import UNREACHABLE, patiently
 from flowpool.errors import NotFound, RunError, SandboxError, ScriptError, WorkerLost
 from flowpool.registry import check_output
 from flowpool.run import RunEnd, RunJob, RunStatus, dumps
-from flowpool.runs import LOG_CUT
 from flowpool.sandbox import RunOutcome
 from flowpool.sandbox.session import StopRequest
 
 from .calls import CallRouter
 from .model_calls import RunCalls
 
-__all__ = ["execute_run", "redact", "secret_redactions"]
+__all__ = ["execute_run", "redact", "secret_redactions", "skipped_delivery"]
 
 if TYPE_CHECKING:
     from .worker import WorkerRuntime
@@ -60,16 +58,31 @@ _HOST_PATHS = [(path, "<runtime>") for path in sorted(
     key=len, reverse=True)]
 
 
-def _skipped(request_id: str) -> None:
-    log.info("run %s is not queued any more (the caller gave up); skipped", request_id)
+def skipped_delivery(runtime: WorkerRuntime, request_id: str) -> RunEnd | None:
+    """What a delivery that found its run not queued any more reports: the end its caller recorded before any
+    delivery started it (no other delivery reports that one), or None when the run is another delivery's (the
+    message was delivered twice: the run is running, or ended, under that delivery's claim), which reports it."""
+    try:
+        record, end = runtime.runs.outcome(request_id)
+    except UNREACHABLE as exc:  # whatever it is, this delivery writes nothing of it
+        log.warning("run %s is not queued any more; skipped, its state unknown (%s)", request_id, exc)
+        return None
+    if record is not None and end is not None and record.started_at is None:
+        log.info("run %s was ended by its caller before it started (%s); skipped", request_id, end.status)
+        return end
+    log.info("run %s is another delivery's (%s); skipped", request_id, record.status if record else "gone")
+    return None
 
 
 class _Chunks:
-    """The chunks a run emits and its log lines, redacted and numbered, written to its stream in batches, in order.
+    """The chunks a run emits and its log lines, redacted and numbered, written to its streams in batches.
 
     With ``keep`` the chunks are also kept, as stored, for the run's cache
-    entry, so caching them costs no read of the stream back. A run that logs
-    nothing and emits nothing writes nothing here.
+    entry, so caching them costs no read of the stream back. Each flush
+    writes the chunks and lines taken since the last in one round trip; one
+    without lines is the chunks' write alone, so a run that logs nothing
+    costs what it did before its lines were live. When lines go out is the
+    run session's choice (it calls :meth:`flush`).
     """
 
     # A burst of emits and log lines goes out in one round trip of at most this many.
@@ -82,36 +95,37 @@ class _Chunks:
     def __init__(self, runtime: WorkerRuntime, request_id: str, redactions: Replacements, keep: bool) -> None:
         self.runtime, self.request_id, self.redactions = runtime, request_id, redactions
         self.kept: list[dict[str, Any]] | None = [] if keep else None
-        self._count = itertools.count()
-        self._lines = itertools.count()
-        self._batch: list[tuple[str, int, dict[str, Any]]] = []  # (kind, index among its kind, data)
+        self._emitted = self._logged = 0  # chunks and lines taken so far
+        self._chunks: list[tuple[str, Any, int]] = []  # (type, content, index)
+        self._lines: list[tuple[int, int, dict[str, Any], bool]] = []  # (index, chunks emitted before it, line, cut)
         self._next_try = 0.0
         self._retry_after = self._RETRY_AFTER
 
     def emit(self, chunk_type: str, content: Any) -> None:
         """Take one emitted chunk; a full batch goes out at once."""
         chunk_type, content = redact(chunk_type, self.redactions), redact(content, self.redactions)
-        self._batch.append(("chunk", next(self._count), {"type": chunk_type, "content": content}))
+        self._chunks.append((chunk_type, content, self._emitted))
+        self._emitted += 1
         if self.kept is not None:
             self.kept.append({"type": chunk_type, "content": content})
-        if len(self._batch) >= self._BATCH:
+        if len(self._chunks) + len(self._lines) >= self._BATCH:
             self.flush()
 
     def log(self, line: dict[str, Any], cut: bool) -> None:
         """Take one log line, redacted as the record keeps it (``cut``: the line saying the log was cut)."""
-        data = redact(line, self.redactions)
-        self._batch.append(("log", next(self._lines), {**data, LOG_CUT: True} if cut else data))
-        if len(self._batch) >= self._BATCH:
+        self._lines.append((self._logged, self._emitted, redact(line, self.redactions), cut))
+        self._logged += 1
+        if len(self._chunks) + len(self._lines) >= self._BATCH:
             self.flush()
 
     def flush(self, until: float | None = None) -> None:
-        """Write the chunks and log lines sent since the last flush, in one round trip.
+        """Write the chunks and log lines taken since the last flush, in one round trip.
 
         While Redis is unreachable they are kept for the next flush and
         the run goes on. The last flush passes ``until`` (a ``time.monotonic()``
         deadline): it is tried again till then, and then raises.
         """
-        if not self._batch:
+        if not self._chunks and not self._lines:
             return
         if until is not None:
             patiently(lambda: self._write(self.runtime.redis), until, f"run {self.request_id}: writing its chunks")
@@ -123,23 +137,25 @@ class _Chunks:
             except UNREACHABLE as exc:
                 self._next_try = time.monotonic() + self._retry_after
                 self._retry_after = min(2 * self._retry_after, self._RETRY_AFTER_MAX)
-                log.warning("run %s: %d chunks and log lines wait for Redis: %s", self.request_id, len(self._batch),
-                            exc)
+                log.warning("run %s: %d chunks and %d log lines wait for Redis: %s", self.request_id,
+                            len(self._chunks), len(self._lines), exc)
 
     def _write(self, client: Any) -> None:
         # One script: a batch Redis did not take is written again whole; one Redis took although its answer
-        # was lost is written again too, and the script skips what the stream holds already.
-        self.runtime.runs.add_events(self.request_id, self._batch, pipe=client)
-        self._batch.clear()
+        # was lost is written again too, and the script skips what the streams hold already.
+        self.runtime.runs.add_output(self.request_id, self._chunks, self._lines, pipe=client)
+        self._chunks.clear()
+        self._lines.clear()
 
 
 def execute_run(runtime: WorkerRuntime, job: RunJob) -> RunEnd | None:
-    """Run ``job`` (built by the API) to its end; returns that end, or None if skipped. Never raises for the script.
+    """Run ``job`` (built by the API) to its end; returns that end. Never raises for the script.
 
     The end is the one recorded (its error redacted), or, where none could be
-    recorded, a ``lost`` one saying why; a run skipped is one another delivery
-    holds or its caller gave up on before it started, whose end is not this
-    delivery's to write.
+    recorded, a ``lost`` one saying why. A run this delivery did not run (not
+    queued any more: another delivery holds it, or its caller gave up on it
+    before it started) is left as it is: :func:`skipped_delivery` says what
+    this delivery reports, None when it is the other delivery's to report.
 
     A Redis that stops answering for a while costs the run nothing: the
     claim is tried again for up to FLOWPOOL_REDIS_OUTAGE_SECONDS, and the
@@ -175,7 +191,7 @@ def execute_run(runtime: WorkerRuntime, job: RunJob) -> RunEnd | None:
         except (SyntaxError, NotFound) as exc:  # an edited Redis, or a version deleted since the request
             error: RunError | None = ScriptError(f"the workflow version could not be loaded: {exc}")
             if not claim():
-                return _skipped(request_id)
+                return skipped_delivery(runtime, request_id)
         else:
             chunks = _Chunks(runtime, request_id, redactions, keep=job.cache is not None and job.cache.ttl > 0)
             router = CallRouter(runtime, calls, [job.workflow], chunks.emit, on_idle=chunks.flush)
@@ -185,7 +201,7 @@ def execute_run(runtime: WorkerRuntime, job: RunJob) -> RunEnd | None:
                                           on_idle=chunks.flush, limits=runtime.limits_for(job.limits),
                                           on_log=chunks.log)
             if outcome.skipped:
-                return _skipped(request_id)
+                return skipped_delivery(runtime, request_id)
             error = outcome.error
             if isinstance(error, SandboxError) and stop.reason is not None:
                 error = stop.reason  # it broke off while being stopped: it ends as it was asked to
@@ -198,7 +214,7 @@ def execute_run(runtime: WorkerRuntime, job: RunJob) -> RunEnd | None:
             # A run that failed before the sandbox opened its gate (it could not be started) is claimed now, so its
             # end is written (only a claimed run's is).
             if request_id not in runtime.active and not claim():
-                return _skipped(request_id)
+                return skipped_delivery(runtime, request_id)
             if chunks is not None:
                 chunks.flush(until=keep_until)
             return _record_end(runtime, job, token, outcome, error, calls, router.workflow_calls if router else [],
@@ -281,12 +297,18 @@ def _record_end(runtime: WorkerRuntime, job: RunJob, claim: str, outcome: RunOut
                     [f"{record.get('kind', 'model')}_calls:{record['status']}" for record in calls.records])
         return bool(pipe.execute()[finished_at])
 
-    if not patiently(write, until, f"run {request_id}: writing its outcome"):
-        log.warning("run %s: its end (%s) was not recorded: the run had been ended meanwhile (taken for lost while "
-                    "Redis or this worker did not answer) and keeps that end", request_id, status.value)
-        return RunEnd(status=RunStatus.LOST.value, version=job.version, error=WorkerLost(
-            f"its end ({status.value}) was not recorded: the run had been taken for lost meanwhile").to_dict())
-    return end
+    if patiently(write, until, f"run {request_id}: writing its outcome"):
+        return end
+    # Not written now: the run has an end already. This one, when a try Redis ran lost its answer and the
+    # write was tried again; or the one a waiter or the reaper gave it, taking it for lost meanwhile.
+    recorded = patiently(lambda: runs.end_of(request_id), until, f"run {request_id}: reading its end")
+    if recorded is not None and (recorded.status, recorded.error) == (end.status, end.error):
+        return end
+    log.warning("run %s: its end (%s) was not recorded: the run had been ended meanwhile (taken for lost while "
+                "Redis or this worker did not answer) and keeps that end (%s)", request_id, status.value,
+                recorded.status if recorded else "gone")
+    return recorded or RunEnd(status=RunStatus.LOST.value, version=job.version, error=WorkerLost(
+        f"its end ({status.value}) was not recorded, and the run's record is gone").to_dict())
 
 
 def _write_cache(pipe: Any, request_id: str) -> None:

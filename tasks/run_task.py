@@ -5,41 +5,47 @@ What Celery reports of a run's task (its events, so Flower's states, counts
 and filters) is how the run ended for its caller: a run that succeeded is a
 task that returned ``"succeeded"``; one that failed, timed out, was cancelled
 or lost, or could not be opened, is a task that failed (``FAILURE``) with the
-run's error class and its recorded, redacted message, raised once the end is
-recorded. Callers never read any of it: they read the run's end from Redis
-(:mod:`flowpool.runs`), which this does not change. A delivery that skipped
-the run (another delivery holds it, or its caller gave up before it started)
-returns ``"skipped"``: the run's end is the other delivery's or the caller's
-to report, and counting it here too would count one run twice.
+run's error class, raised once the end is recorded. That exception names the
+request and the error's type only (a script's exception class, a time
+limit), never the message: the worker logs it and task events carry it, and
+a script's message may echo its caller's data. Callers never read any of it:
+they read the run's end from Redis (:mod:`flowpool.runs`), which this does
+not change. A delivery that did not run its run because its caller ended it
+before any delivery started it reports that end. One that found the run
+another delivery's (the same message delivered twice: it is running, or ended
+under that delivery's claim) raises Celery's ``Ignore``, which sends no
+event, so the task id the two share keeps the state the other reports.
 """
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import traceback
 from typing import Any
 
 from celery import Celery, bootsteps
+from celery.exceptions import Ignore
 from celery.worker import state
 
-from flowpool.errors import RunError, RunNotStarted, SandboxError, WorkerLost, run_error_from_dict
+from flowpool.errors import (RunError, RunNotStarted, SandboxError, ScriptError, TimeLimitExceeded, WorkerLost,
+                             run_error_from_dict)
 from flowpool.run import RunEnd, RunJob, RunStatus
 from flowpool.sealing import InvalidToken
 from flowpool.settings import Settings
 
 from .app import RUN_TASK, create_celery
-from .execute import execute_run, redact, secret_redactions
+from .execute import execute_run, redact, secret_redactions, skipped_delivery
 from .worker import WorkerRuntime
 
 __all__ = ["worker_celery"]
 
 log = logging.getLogger("flowpool.worker")
 
-# What a delivery that skipped its run returns (see the module's docstring).
-SKIPPED = "skipped"
-# The most characters of a run's error message its failed task carries: the message is the script's own.
-_FAILURE_MESSAGE_CHARS = 500
+# A script's exception class name as its failed task names it: a class the script made up with any other name
+# (``type("...", (Exception,), {})``) is named by none.
+_CLASS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,99}")
 
 
 def worker_celery(settings: Settings) -> Celery:
@@ -79,29 +85,46 @@ def _task_outcome(request_id: str, end: RunEnd | None) -> str:
     """What the run's task returns once the run's end is recorded, or, for a run that did not succeed, raises.
 
     The failure raised is the run's error class (``ScriptError``, ``TimeLimitExceeded``, ``WorkerLost``...)
-    with the request id and the message as recorded, secrets redacted: what Flower shows as the exception.
+    with the request id and the error's type (:func:`_failure_summary`): what Flower shows as the exception.
+    A delivery that found its run another delivery's (``end`` None) raises ``Ignore``: no event, no count.
     """
     if end is None:
-        return SKIPPED
+        raise Ignore()
     if end.error is None:
         return end.status
-    message = str(end.error.get("message", ""))
-    if len(message) > _FAILURE_MESSAGE_CHARS:
-        message = message[:_FAILURE_MESSAGE_CHARS] + "..."
-    raise run_error_from_dict({"kind": end.error.get("kind"), "message": f"{request_id}: {message}"}) from None
+    summary = _failure_summary(end.error)
+    raise run_error_from_dict({"kind": end.error.get("kind"),
+                               "message": f"{request_id}: {summary}" if summary else request_id}) from None
 
 
-def _unopenable(runtime: WorkerRuntime, job: dict[str, Any]) -> RunEnd:
-    """End a run whose secrets this worker cannot open: its key differs from the API's."""
+def _failure_summary(error: dict[str, Any]) -> str:
+    """The type of a run's error, beyond its class, in words that hold none of the run's data: a script's
+    exception class, or which time limit it passed. The message, which may echo the caller's input, stays in
+    the run's record."""
+    if error.get("kind") == ScriptError.__name__:
+        exception = error.get("exception")
+        return exception if isinstance(exception, str) and _CLASS_NAME.fullmatch(exception) else ""
+    if error.get("kind") == TimeLimitExceeded.__name__:
+        limit, seconds = error.get("limit"), error.get("seconds")
+        if limit in ("soft", "hard") and isinstance(seconds, (int, float)):
+            return f"soft limit {seconds:g}s" if limit == "soft" else f"hard limit (soft limit {seconds:g}s + grace)"
+    return ""
+
+
+def _unopenable(runtime: WorkerRuntime, job: dict[str, Any]) -> RunEnd | None:
+    """End a run whose secrets this worker cannot open: its key differs from the API's. A run not queued any
+    more is left as it is, and reported as a skipped delivery reports it (:func:`skipped_delivery`)."""
     message = ("the worker could not open the request's secrets: FLOWPOOL_SECRET_KEY differs between "
                "the API and the workers (or the message was altered)")
     request_id = str(job.get("request_id"))
     log.error("run %s: %s", request_id, message)
+    error = RunNotStarted(message)
+    if not runtime.runs.abandon(request_id, RunStatus.QUEUED, error, job.get("version")):
+        # It moved on: another delivery holds it (its single-flight lock too), or its caller ended it.
+        return skipped_delivery(runtime, request_id)
     cache = job.get("cache")
     if cache:
         runtime.cache.release(str(job.get("account")), cache["key"], request_id)
-    error = RunNotStarted(message)
-    runtime.runs.abandon(request_id, RunStatus.QUEUED, error, job.get("version"))
     return RunEnd(status=RunStatus.EXPIRED.value, version=job.get("version"), error=error.to_dict())
 
 

@@ -245,3 +245,73 @@ def _every_raw_value_in(server: Any) -> Iterator[bytes]:
                     raise AssertionError(f"unexpected Redis type {kind!r} of {key!r}")
         finally:
             store.close()
+
+
+# The command line, run as a user runs it: a real subprocess.
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_flowpool(*args: str, env: Mapping[str, str], cwd: str | Path = REPO, timeout: float = 120,
+                 ) -> subprocess.CompletedProcess[str]:
+    """Run ``flowpool ARGS`` to its end in ``cwd`` with exactly ``env``. ``-I``: neither the working directory
+    nor a PYTHON* variable can change what is imported."""
+    return subprocess.run([sys.executable, "-I", "-m", "flowpool.cli", *args], cwd=cwd, env=dict(env),
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=timeout)
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    """The stdout of a command that must have succeeded (else the test fails, showing both outputs)."""
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}"
+    return result.stdout
+
+
+def doctor_checks(result: subprocess.CompletedProcess[str]) -> dict[str, tuple[str, str]]:
+    """``{check: (ok|BAD, value)}`` of ``flowpool doctor``'s stdout, which holds nothing but those lines."""
+    checks = {}
+    for line in result.stdout.splitlines():
+        match = re.fullmatch(r"(ok |BAD) (.{16}) ?(.*)", line)
+        assert match, f"unexpected doctor line {line!r} in:\n{result.stdout}"
+        checks[match.group(2).strip()] = (match.group(1).strip(), match.group(3))
+    return checks
+
+
+class CannedHTTPServer:
+    """A loopback HTTP server that answers every request with the same raw bytes, then closes the connection;
+    it keeps each request's head (the request line and the headers), to check what a client sent."""
+
+    def __init__(self, answer: bytes, host: str = "127.0.0.1") -> None:
+        import socketserver
+
+        self.answer = answer
+        self.heads: list[str] = []
+        server = self
+
+        class _Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                head = b""
+                while not head.endswith(b"\r\n\r\n"):
+                    line = self.rfile.readline(65536)
+                    if not line:
+                        return
+                    head += line
+                text = head.decode("latin-1")
+                length = re.search(r"^content-length:\s*(\d+)", text, re.I | re.M)
+                if length:
+                    self.rfile.read(int(length.group(1)))
+                server.heads.append(text)
+                self.wfile.write(server.answer)
+
+        self._server = socketserver.ThreadingTCPServer((host, 0), _Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://{host}:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, name="canned-http", daemon=True)
+
+    def __enter__(self) -> CannedHTTPServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(10)

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from ..devstate import DevRecord, resolve, running_dev
+from ..devstate import DevRecord, resolve, running_dev, shown_url
 from ..settings import Settings
 
 __all__ = ["CliSettings", "load_cli_settings", "load_settings", "api_client", "api_call", "describe_error", "echo_json",
@@ -51,20 +51,27 @@ class CliSettings:
     def redis_source(self) -> tuple[str, str | None]:
         """The Redis URL in force with where it comes from, and a warning when that is only the default."""
         origin = self.origin("redis_url")
+        shown = shown_url(self.settings.redis)
         if origin is not None:
-            return f"{self.settings.redis} (from {origin})", None
-        return f"{self.settings.redis} (the default)", (
-            f"no flowpool dev runs on {self.data_dir} and FLOWPOOL_REDIS_URL is unset, so this is the default "
-            f"{self.settings.redis}, not a Redis that flowpool dev started: run this where `flowpool dev` runs "
-            "(or with its FLOWPOOL_DATA_DIR), or set FLOWPOOL_REDIS_URL")
+            return f"{shown} (from {origin})", None
+        why = ("FLOWPOOL_API_URL is set, so the flowpool dev running on {0} is not used, and FLOWPOOL_REDIS_URL is "
+               "unset" if self.dev is not None else "no flowpool dev runs on {0} and FLOWPOOL_REDIS_URL is unset")
+        return f"{shown} (the default)", (
+            f"{why.format(self.data_dir)}, so this is the default {shown}, not a Redis that flowpool dev started: "
+            "run this where `flowpool dev` runs (or with its FLOWPOOL_DATA_DIR) with neither FLOWPOOL_API_URL nor "
+            "FLOWPOOL_REDIS_URL set, or set FLOWPOOL_REDIS_URL")
 
 
 def load_cli_settings(discover: bool = True) -> CliSettings:
-    """The settings from the FLOWPOOL_* variables; with ``discover``, those of the API URL, the API key and the
-    Redis URL they leave unset come from the `flowpool dev` running on FLOWPOOL_DATA_DIR (default .flowpool in
-    the working directory; flowpool.devstate), so the commands run where dev runs need nothing exported.
+    """The settings from the FLOWPOOL_* variables; with ``discover``, and when neither FLOWPOOL_API_URL nor
+    FLOWPOOL_REDIS_URL is set, the API URL, the Redis URL and (unless FLOWPOOL_API_KEY is set) the API key come
+    from the `flowpool dev` running on FLOWPOOL_DATA_DIR (default .flowpool in the working directory;
+    flowpool.devstate), so the commands run where dev runs need nothing exported.
 
-    Only the command line discovers: the API and the workers take every setting from their environment.
+    All of dev's or none of it: a variable naming one installation's API or Redis and dev's record filling
+    in the other would mix two installations in one command (an account made in dev's Redis for another
+    API, dev's key sent elsewhere). Only the command line discovers: the API and the workers take every
+    setting from their environment.
     """
     try:
         settings = Settings()
@@ -72,14 +79,10 @@ def load_cli_settings(discover: bool = True) -> CliSettings:
         data_dir = resolve(settings.data_dir)
         dev = running_dev(data_dir) if discover else None
         filled: dict[str, str] = {}
-        if dev is not None:
-            if "redis_url" not in explicit:
-                filled["redis_url"] = dev.redis_url
-            if "api_url" not in explicit:
-                filled["api_url"] = dev.api_url
-            # dev's key goes to dev's API only, never to an API that FLOWPOOL_API_URL names elsewhere.
-            api_url = filled.get("api_url", settings.api_url)
-            if "api_key" not in explicit and dev.key and api_url.rstrip("/") == dev.api_url.rstrip("/"):
+        if dev is not None and not explicit & {"api_url", "redis_url"}:
+            filled.update(api_url=dev.api_url, redis_url=dev.redis_url)
+            # dev's key goes with dev's API only: with FLOWPOOL_API_URL set (elsewhere) it is never sent.
+            if "api_key" not in explicit and dev.key:
                 filled["api_key"] = dev.key
         if filled:
             settings = Settings(**filled)  # what the variables set is kept: only unset fields are filled
@@ -115,13 +118,17 @@ def api_call(fn, *args: Any, **kwargs: Any) -> Any:  # type: ignore[no-untyped-d
         raise click.ClickException(describe_error(exc)) from exc
     except requests.ConnectionError as exc:
         raise click.ClickException(f"cannot reach the API: {exc}") from exc
+    except requests.RequestException as exc:  # a timeout, an answer cut off mid-body, a redirect loop...
+        raise click.ClickException(f"the API gave no whole answer: {type(exc).__name__}: {exc}") from exc
 
 
 def describe_error(exc: Any) -> str:
-    """An APIError in one line; one naming a run says where to read it: ``(request_id R; see: flowpool logs R)``."""
-    text = f"{exc.status_code} {exc.type or 'error'}: {exc.message or ''}".rstrip()
-    if exc.request_id:
-        text += f" (request_id {exc.request_id}; see: flowpool logs {exc.request_id})"
+    """An APIError as the SDK says it, in one line; one naming a run also says where to read it:
+    ``(request_id R; see: flowpool logs R)``."""
+    text = str(exc)
+    named = f" (request_id {exc.request_id})"
+    if exc.request_id and text.endswith(named):
+        text = f"{text[:-len(named)]} (request_id {exc.request_id}; see: flowpool logs {exc.request_id})"
     return text
 
 

@@ -9,18 +9,22 @@ from typing import Any
 
 import click
 
+from ..devstate import shown_url
 from .common import CliSettings, load_cli_settings, server_extra
 
 __all__ = ["COMMANDS"]
 
 
-def _redis_durability(client: Any) -> tuple[str, list[str]]:
+def _redis_durability(client: Any) -> tuple[str, str | None, list[str]]:
     """How a Redis keeps its data, and what in that would lose flowpool's registry and runs (docs/operations.md).
 
-    Returns a description and the problems: no persistence (neither AOF nor RDB
-    save points), an evicting ``maxmemory-policy``, or what could not be checked.
-    Managed Redis often disables or renames CONFIG; INFO then still says whether
-    AOF is on and which policy is in force, but not whether RDB save points are set.
+    Returns a description, why the data is not safe there (an evicting
+    ``maxmemory-policy``: a full Redis drops accounts and queued runs; the
+    fix included), else None, and the warnings: no persistence (neither AOF
+    nor RDB save points; the test and benchmark Redis servers keep nothing),
+    or what could not be checked. Managed Redis often disables or renames
+    CONFIG; INFO then still says whether AOF is on and which policy is in
+    force, but not whether RDB save points are set.
     """
     import redis
 
@@ -35,28 +39,30 @@ def _redis_durability(client: Any) -> tuple[str, list[str]]:
         try:
             info = {**client.info("persistence"), **client.info("memory")}
         except redis.ResponseError:
-            return "", ["could not check persistence or maxmemory-policy: neither CONFIG nor INFO is available; "
-                        "flowpool needs AOF or RDB snapshots and noeviction (see docs/operations.md)"]
+            return "not checked", None, [
+                "could not check persistence or maxmemory-policy: neither CONFIG nor INFO is available; "
+                "flowpool needs AOF or RDB snapshots and noeviction (see docs/operations.md)"]
         aof, save, policy, how_aof = info.get("aof_enabled") == 1, None, info.get("maxmemory_policy"), "AOF"
-    problems = []
+    warnings = []
     if aof:
         kept = how_aof
     elif save:
         kept = f"RDB snapshots (save {save}): a crash loses what was written since the last one"
     elif save is None:
         kept = "AOF off, RDB unknown"
-        problems.append(f"could not check persistence: CONFIG is not available and AOF is off; unless RDB snapshots "
+        warnings.append(f"could not check persistence: CONFIG is not available and AOF is off; unless RDB snapshots "
                         f"are on, {lost} (see docs/operations.md)")
     else:
         kept = "nothing"
-        problems.append(f"no persistence (appendonly no, no RDB save points): {lost}; turn on AOF "
+        warnings.append(f"no persistence (appendonly no, no RDB save points): {lost}; turn on AOF "
                         "(appendonly yes, appendfsync everysec; see docs/operations.md)")
+    evicts = None
     if policy is None:
-        problems.append("could not check maxmemory-policy: flowpool needs noeviction (see docs/operations.md)")
+        warnings.append("could not check maxmemory-policy: flowpool needs noeviction (see docs/operations.md)")
     elif policy != "noeviction":
-        problems.append(f"maxmemory-policy {policy}: a full Redis evicts accounts, keys, workflows and queued runs; "
-                        "set noeviction (see docs/operations.md)")
-    return f"{kept}; maxmemory-policy {policy}", problems
+        evicts = ("a full Redis evicts accounts, keys, workflows and queued runs; set maxmemory-policy noeviction "
+                  "(see docs/operations.md)")
+    return f"{kept}; maxmemory-policy {policy or 'unknown'}", evicts, warnings
 
 
 def _reason(exc: Exception) -> str:
@@ -76,7 +82,7 @@ def _api_checks(loaded: CliSettings) -> list[tuple[str, str, bool]]:
     settings = loaded.settings
     base = settings.api_url.rstrip("/")
     origin = loaded.origin("api_url")
-    where = f"{base} (from {origin})" if origin else f"{base} (the default)"
+    where = f"{shown_url(base)} (from {origin})" if origin else f"{shown_url(base)} (the default)"
     not_checked = ("api key", "not checked: the API did not answer", False)
     try:
         ready = requests.get(base + "/readyz", timeout=5)
@@ -152,11 +158,10 @@ def doctor() -> None:
         client = redis.Redis.from_url(settings.redis, socket_connect_timeout=2)
         client.ping()
         line("redis reachable", "yes")
-        kept, problems = _redis_durability(client)
-        for problem in problems:
-            warn("redis data", problem)
-        if not problems:
-            line("redis data", kept)
+        kept, evicts, warnings = _redis_durability(client)
+        line("redis data", f"{kept}: {evicts}" if evicts else kept, evicts is None)
+        for warning_text in warnings:
+            warn("redis data", warning_text)
         now = time.time()
         workers = client.zrangebyscore(keys.WORKERS, now - settings.worker_ttl_seconds, "+inf")
         line("workers", ", ".join(w.decode() for w in workers) or
@@ -165,13 +170,13 @@ def doctor() -> None:
         for worker_name, info in zip(workers, described):
             sandbox_info = json.loads(info) if info else {}
             line("worker sandbox", f"{worker_name.decode()}: {sandbox_info.get('backend', 'unknown')}; "
-                 f"{sandbox_info.get('isolation', 'not published')}", bool(info) and not sandbox_info["weaknesses"])
+                 f"{sandbox_info.get('isolation', 'not published')}", bool(info) and not sandbox_info.get("weaknesses"))
             line("worker limits", f"{worker_name.decode()}: {sandbox_info.get('run_limits', 'not published')}",
                  "WARNING" not in sandbox_info.get("run_limits", "WARNING"))
     except redis.RedisError as exc:
         line("redis reachable", f"no: {str(exc).rstrip('.')}; start it, or set FLOWPOOL_REDIS_URL, or run this where "
              "`flowpool dev` runs", False)
-    line("broker", settings.broker)
+    line("broker", shown_url(settings.broker))
     line("secret key", "FLOWPOOL_SECRET_KEY" if settings.secret_key else
          "generated and kept in Redis, beside what it seals: set FLOWPOOL_SECRET_KEY in production")
     line("provider keys", settings.provider_keys or "none: accounts pass keys as request secrets")

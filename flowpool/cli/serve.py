@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from ..procs import set_not_dumpable
+from ..procs import set_not_dumpable, url_host
 from .common import load_settings, server_extra
 
 __all__ = ["COMMANDS"]
@@ -80,7 +80,7 @@ def api(port: int, host: str) -> None:
     class _Server(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
             config = {
-                "bind": f"{host}:{port}", "workers": settings.api_workers,
+                "bind": f"{url_host(host)}:{port}", "workers": settings.api_workers,
                 "worker_class": settings.api_worker_class, "timeout": int(settings.max_timeout_seconds + 120),
                 "graceful_timeout": 30, "keepalive": 5, "accesslog": None, "loglevel": settings.log_level.lower(),
                 "post_fork": _gunicorn_post_fork, "post_worker_init": _gunicorn_post_worker_init,

@@ -54,13 +54,31 @@ def validate(file: Path) -> None:
 
 
 def _secrets(items: tuple[str, ...]) -> dict[str, str] | None:
-    """``--secret KEY=VALUE`` options as a dict; a bad one is named by its position, never shown."""
+    """``--secret KEY=VALUE`` and ``--secret KEY`` options as a dict; a bad one is named by its position, never shown.
+
+    ``--secret KEY`` takes the value of the environment variable KEY of the invoking shell: unlike
+    KEY=VALUE, which every local user can read in ``ps`` while the command runs, and which stays in the
+    shell's history, it puts the value on no command line.
+    """
+    import os
+    import re
+
     secrets = {}
     for position, item in enumerate(items, 1):
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"the {_ordinal(position)} --secret is not KEY=VALUE (it is not shown: it may "
-                                     "hold a secret)", param_hint="--secret")
+        if not sep:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", item):
+                # Perhaps a value given without its KEY=: not shown.
+                raise click.BadParameter(f"the {_ordinal(position)} --secret is neither KEY=VALUE nor the name of "
+                                         "an environment variable (it is not shown: it may hold a secret)",
+                                         param_hint="--secret")
+            if item not in os.environ:  # the user's own shell passes the value: the one read of it here
+                raise click.BadParameter(f"--secret {item} takes the value of the environment variable {item}, "
+                                         "which is not set: export it first", param_hint="--secret")
+            value = os.environ[item]
+        elif not key:
+            raise click.BadParameter(f"the {_ordinal(position)} --secret is not KEY=VALUE: its KEY is empty (it is "
+                                     "not shown: it may hold a secret)", param_hint="--secret")
         secrets[key] = value
     return secrets or None
 
@@ -80,8 +98,10 @@ def _json_option(text: str | None, option: str) -> Any:
 @click.argument("ref")
 @click.option("--input", "input_json", default=None, metavar="JSON", help="The input as JSON.")
 @click.option("--message", "messages", multiple=True, help="A user message (repeatable).")
-@click.option("--secret", "secrets", multiple=True, metavar="KEY=VALUE",
-              help="A request secret, ctx.secrets[KEY] in the script (repeatable); never printed or stored.")
+@click.option("--secret", "secrets", multiple=True, metavar="KEY[=VALUE]",
+              help="A request secret, ctx.secrets[KEY] in the script (repeatable); never printed or stored. "
+                   "KEY alone takes the value of the environment variable KEY; KEY=VALUE puts the value on the "
+                   "command line, where other local users can read it (ps) while it runs, and in shell history.")
 @click.option("--metadata", "metadata_json", default=None, metavar="JSON",
               help="A JSON object kept on the run record; ctx.metadata in the script.")
 @click.option("--session-id", default=None, help="Run it in this session (GET /api/v1/sessions/ID lists its runs).")

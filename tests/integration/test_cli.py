@@ -10,9 +10,11 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -21,10 +23,11 @@ import pytest
 import redis
 import requests
 
+from flowpool import keys
 from flowpool.devstack import Stack
 from flowpool.procs import free_port
 from flowpool.redis_server import RedisServer
-from tests.helpers import Client, DevProcess
+from tests.helpers import CannedHTTPServer, Client, DevProcess, doctor_checks, ok, run_flowpool
 
 REPO = Path(__file__).resolve().parents[2]
 ECHO_EXAMPLE = REPO / "examples" / "echo.py"
@@ -41,25 +44,15 @@ def _env(**settings: str) -> dict[str, str]:
     return env
 
 
-def _cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """Run ``flowpool ARGS`` to its end."""
-    return subprocess.run([sys.executable, "-m", "flowpool.cli", *args], env=env, cwd=REPO, capture_output=True,
-                          text=True, stdin=subprocess.DEVNULL, timeout=timeout)
-
-
-def _ok(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}"
-    return result.stdout
-
-
 class Dev(DevProcess):
     """``flowpool dev`` run from the repository with a data directory of its own; it parses the whole banner."""
 
-    def __init__(self, port: int, settings: dict[str, str], preexec_fn: Callable[[], Any] | None = None) -> None:
+    def __init__(self, port: int, settings: dict[str, str], preexec_fn: Callable[[], Any] | None = None,
+                 args: tuple[str, ...] = ()) -> None:
         # A data directory of its own: dev keeps its Redis data and key across restarts (by default in the cwd).
         self.data_dir = tempfile.TemporaryDirectory(prefix="flowpool-dev-")
         super().__init__(port, cwd=REPO, env=_env(**{"FLOWPOOL_DATA_DIR": self.data_dir.name, **settings}),
-                         preexec_fn=preexec_fn)
+                         args=args, preexec_fn=preexec_fn)
         self.curl_url = self.curl_key = ""
         self.curl_body: dict[str, object] = {}
 
@@ -131,7 +124,7 @@ def test_dev_prints_a_key_and_a_curl_line_that_works_after_the_push_it_shows(dev
     # In a checkout it pushes the echo example by its full path, so the line runs from any directory too.
     flowpool, example = Path(sys.executable).parent / "flowpool", REPO / "examples" / "echo.py"
     assert f"\n  {flowpool} push {example} --name echo\n" in dev.output
-    pushed = _ok(_cli("push", "examples/echo.py", "--name", "echo", env=dev.cli_env()))
+    pushed = ok(run_flowpool("push", "examples/echo.py", "--name", "echo", env=dev.cli_env()))
     assert re.fullmatch(r"echo@\d+\.\d+\.\d+ \(new version\)\n", pushed), pushed
     response = dev.curl()
     assert response.status_code == 200, response.text
@@ -142,13 +135,13 @@ def test_dev_prints_a_key_and_a_curl_line_that_works_after_the_push_it_shows(dev
 @pytest.mark.slow
 def test_push_invoke_runs_and_logs_against_dev(dev: Dev) -> None:
     env = dev.cli_env()
-    pushed = _ok(_cli("push", str(ECHO_EXAMPLE), "--name", "echo", env=env))
+    pushed = ok(run_flowpool("push", str(ECHO_EXAMPLE), "--name", "echo", env=env))
     version = re.fullmatch(r"echo@(\d+\.\d+\.\d+) \(new version\)\n", pushed)
     assert version, pushed
-    assert _ok(_cli("push", str(ECHO_EXAMPLE), "--name", "echo", env=env)) == \
+    assert ok(run_flowpool("push", str(ECHO_EXAMPLE), "--name", "echo", env=env)) == \
         f"echo@{version.group(1)} (unchanged, active)\n"
 
-    invoked = _ok(_cli("invoke", "echo", "--input", '{"text": "from the command line"}', env=env))
+    invoked = ok(run_flowpool("invoke", "echo", "--input", '{"text": "from the command line"}', env=env))
     assert json.loads(invoked) == {"echo": "from the command line", "words": 4}
     by_http = dev.curl()
     assert by_http.status_code == 200, by_http.text
@@ -156,7 +149,7 @@ def test_push_invoke_runs_and_logs_against_dev(dev: Dev) -> None:
     assert again.headers["X-Cache"] == "HIT"
     request_id = by_http.json()["request_id"]
 
-    header, *lines = _ok(_cli("runs", "echo", env=env)).splitlines()
+    header, *lines = ok(run_flowpool("runs", "echo", env=env)).splitlines()
     assert header.split() == ["TIME", "REQUEST_ID", "STATUS", "DURATION", "CACHE", "VERSION"]
     assert len(lines) == 3, lines
     # Each row: date and time (local), request_id, status, duration, cache, version.
@@ -166,9 +159,9 @@ def test_push_invoke_runs_and_logs_against_dev(dev: Dev) -> None:
     assert lines[0].split()[2] == again.json()["request_id"]  # newest first
     assert all(fields[0] == "succeeded" for fields in runs.values())
 
-    logs = _ok(_cli("logs", request_id, env=env))
+    logs = ok(run_flowpool("logs", request_id, env=env))
     assert re.fullmatch(r"\d\d:\d\d:\d\d INFO +echoing length=14\n", logs), logs
-    missing = _cli("logs", "req_doesnotexist", env=env)
+    missing = run_flowpool("logs", "req_doesnotexist", env=env)
     assert missing.returncode != 0
     assert "404" in missing.stderr
 
@@ -183,7 +176,7 @@ def _ignore_sigint() -> None:
 def test_sigint_stops_dev_and_every_process_it_started(target: str) -> None:
     dev = _start_dev(preexec_fn=_ignore_sigint if target == "dev-started-with-sigint-ignored" else None)
     try:
-        _ok(_cli("push", str(ECHO_EXAMPLE), "--name", "echo", env=dev.cli_env()))
+        ok(run_flowpool("push", str(ECHO_EXAMPLE), "--name", "echo", env=dev.cli_env()))
         assert dev.curl().status_code == 200  # so the sandbox has run processes too
         started = dev.descendants()
         names = " ".join(_cmdline(p) for p in started)
@@ -197,8 +190,98 @@ def test_sigint_stops_dev_and_every_process_it_started(target: str) -> None:
         gone, alive = psutil.wait_procs(started, timeout=15)
         assert not alive, [_describe(p) for p in alive]
         assert "flowpool dev: stopping" in dev.output
+        assert not (Path(dev.data_dir.name) / "dev.json").exists()  # the other commands no longer find it
     finally:
         dev.kill()
+
+
+@pytest.mark.slow
+def test_dev_exits_1_when_a_process_it_started_dies_and_stops_the_others() -> None:
+    dev = _start_dev()
+    try:
+        started = dev.descendants()
+        [worker] = [p for p in started if "flowpool.cli worker" in _cmdline(p)]
+        worker.kill()
+        assert dev.process.wait(60) == 1, dev.output
+        assert re.search(r"^flowpool dev: .*worker exited \(-9\); stopping$", dev.output, re.M), dev.output
+        _, alive = psutil.wait_procs(started, timeout=15)
+        assert not alive, [_describe(p) for p in alive]
+        assert not (Path(dev.data_dir.name) / "dev.json").exists()
+    finally:
+        dev.kill()
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="this host has no IPv6 loopback")
+def test_dev_on_an_ipv6_loopback_address_serves_and_prints_bracketed_urls() -> None:
+    port = free_port("::1")
+    dev = Dev(port, {}, args=("--host", "::1"))
+    try:
+        dev.wait_for_banner()
+        assert dev.api_url == f"http://[::1]:{port}"
+        assert dev.curl_url == f"http://[::1]:{port}/workflow/chat/completions"
+        ready = requests.get(dev.api_url + "/readyz", timeout=30)
+        assert ready.status_code == 200, ready.text
+        dev.stop()
+    finally:
+        dev.kill()
+
+
+# A Redis password is never printed.
+
+PASSWORD = "hunter2pw"
+
+
+def _with_password(port: int) -> str:
+    return f"redis://:{PASSWORD}@127.0.0.1:{port}/0"
+
+
+def test_accounts_create_and_doctor_never_print_the_redis_password() -> None:
+    url, masked = _with_password(free_port()), "redis://:***@127.0.0.1:"
+    made = run_flowpool("accounts", "create", "someone", env=_env(FLOWPOOL_REDIS_URL=url))
+    assert made.returncode == 1
+    assert f"Redis: {masked}" in made.stderr, made.stderr
+    doctored = run_flowpool("doctor", env=_env(FLOWPOOL_REDIS_URL=url,
+                                               FLOWPOOL_API_URL=f"http://127.0.0.1:{free_port()}"))
+    checks = doctor_checks(doctored)
+    assert checks["redis"][1].startswith(masked) and checks["broker"][1].startswith(masked), checks
+    assert doctored.returncode == 1
+    for result in (made, doctored):
+        assert PASSWORD not in result.stdout + result.stderr
+
+
+def test_dev_on_a_redis_url_that_does_not_answer_never_prints_its_password(tmp_path: Path) -> None:
+    url = _with_password(free_port())
+    result = run_flowpool("dev", "--port", str(free_port()),
+                          env=_env(FLOWPOOL_REDIS_URL=url, FLOWPOOL_DATA_DIR=str(tmp_path)))
+    assert result.returncode == 1
+    assert "the Redis at FLOWPOOL_REDIS_URL (redis://:***@127.0.0.1:" in result.stderr, result.stderr
+    assert PASSWORD not in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_dev_on_a_redis_with_a_password_masks_it_and_leaves_it_out_of_the_export_line() -> None:
+    with RedisServer() as server:
+        redis.Redis(port=server.port).config_set("requirepass", PASSWORD)
+        dev = _start_dev(FLOWPOOL_REDIS_URL=_with_password(server.port))
+        try:
+            assert re.search(rf"^  Redis:    redis://:\*\*\*@127\.0\.0\.1:{server.port}/0$", dev.output, re.M), dev.output
+            assert f"\n  export FLOWPOOL_API_URL={dev.api_url} FLOWPOOL_API_KEY={dev.key}\n" \
+                   "  # FLOWPOOL_REDIS_URL is left out: it holds a password" in dev.output, dev.output
+            assert dev.curl().status_code == 404  # the stack works: no echo workflow pushed yet
+            dev.stop()
+            assert PASSWORD not in dev.output
+        finally:
+            dev.kill()
 
 
 @pytest.mark.slow
@@ -217,11 +300,11 @@ def test_dev_hands_its_flowpool_settings_to_the_processes_it_starts() -> None:
 def test_accounts_create_prints_a_key_that_authenticates(stack: Stack) -> None:
     env = _env(FLOWPOOL_REDIS_URL=stack.redis_url)
     name = f"cli-{os.urandom(4).hex()}"
-    first = _cli("accounts", "create", name, env=env)
-    key = _ok(first).strip()
+    first = run_flowpool("accounts", "create", name, env=env)
+    key = ok(first).strip()
     assert f"created account {name}" in first.stderr
-    second = _cli("accounts", "create", name, env=env)
-    other_key = _ok(second).strip()
+    second = run_flowpool("accounts", "create", name, env=env)
+    other_key = ok(second).strip()
     assert f"new key for account {name}" in second.stderr
     assert key != other_key
 
@@ -238,13 +321,11 @@ def test_accounts_create_prints_a_key_that_authenticates(stack: Stack) -> None:
 
 def _doctor(redis_url: str, **settings: str) -> tuple[int, dict[str, tuple[str, str]]]:
     """Exit code and ``{check: (ok|BAD, value)}`` of ``flowpool doctor``."""
-    result = _cli("doctor", env=_env(FLOWPOOL_REDIS_URL=redis_url, **settings))
-    checks = {}
-    for line in result.stdout.splitlines():
-        match = re.fullmatch(r"(ok |BAD) (.{16}) ?(.*)", line)
-        assert match, f"unexpected doctor line {line!r} in:\n{result.stdout}"
-        checks[match.group(2).strip()] = (match.group(1).strip(), match.group(3))
-    return result.returncode, checks
+    # Unless told, an API address that answers nothing: doctor must not reach whatever listens on the default.
+    closed = f"http://127.0.0.1:{free_port()}"
+    result = run_flowpool("doctor", env=_env(**{"FLOWPOOL_REDIS_URL": redis_url, "FLOWPOOL_API_URL": closed,
+                                                **settings}))
+    return result.returncode, doctor_checks(result)
 
 
 def test_doctor_reports_redis_the_workers_and_the_api_of_the_stack(stack: Stack, client: Client) -> None:
@@ -262,6 +343,8 @@ def test_doctor_reports_redis_the_workers_and_the_api_of_the_stack(stack: Stack,
     assert checks["metrics"] == ("ok", "public (FLOWPOOL_METRICS_TOKEN unset)")
     assert checks["api"][0] == "ok" and checks["api"][1].startswith(f"{client.base_url} (from FLOWPOOL_API_URL): ready")
     assert checks["api key"] == ("ok", "accepted (from FLOWPOOL_API_KEY)")
+    # The session's Redis keeps nothing (a warning on stderr), and does not evict.
+    assert checks["redis data"] == ("ok", "nothing; maxmemory-policy noeviction")
     assert code == 0, checks
 
 
@@ -274,6 +357,16 @@ def test_doctor_reports_unreachable_redis_and_fails() -> None:
     assert code == 1
 
 
+def test_doctor_reports_a_worker_that_published_no_weaknesses_without_a_traceback(
+        redis_server: RedisServer, redis_db: redis.Redis) -> None:
+    # What a worker of another version may publish: its backend and isolation, no "weaknesses" field.
+    redis_db.zadd(keys.WORKERS, {"flowpool@elsewhere": time.time() + 60})
+    redis_db.hset(keys.WORKER_SANDBOXES, "flowpool@elsewhere", json.dumps({"backend": "bwrap", "isolation": "full"}))
+    code, checks = _doctor(f"redis://127.0.0.1:{redis_server.port}/15")
+    assert checks["workers"] == ("ok", "flowpool@elsewhere")
+    assert checks["worker sandbox"] == ("ok", "flowpool@elsewhere: bwrap; full")
+
+
 def test_doctor_reports_no_worker_answering_and_fails(redis_server: RedisServer, redis_db: redis.Redis) -> None:
     code, checks = _doctor(f"redis://127.0.0.1:{redis_server.port}/15")
     assert checks["redis reachable"] == ("ok", "yes")
@@ -282,11 +375,22 @@ def test_doctor_reports_no_worker_answering_and_fails(redis_server: RedisServer,
     assert code == 1
 
 
+# An API whose answer breaks off, or is not flowpool's: one Error line, never a traceback.
+
+def test_a_command_whose_api_answer_breaks_off_mid_body_ends_in_one_error_line() -> None:
+    cut_off = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n"
+               b"Connection: close\r\n\r\n{\"data\": [")
+    with CannedHTTPServer(cut_off) as server:
+        result = run_flowpool("runs", "anything", env=_env(FLOWPOOL_API_URL=server.url, FLOWPOOL_API_KEY="fp_test"))
+    assert result.returncode == 1
+    assert re.fullmatch(r"Error: the API gave no whole answer: \w+: .+\n", result.stderr), result.stderr
+
+
 def test_invoke_stream_prints_each_chunk_then_the_output(client: Client) -> None:
     client.upload("steps", "def execute(ctx):\n    for i in range(3):\n        ctx.emit('step', i)\n    return {'n': 3}\n")
     env = _env(FLOWPOOL_API_URL=client.base_url, FLOWPOOL_API_KEY=client.key)
-    result = _cli("invoke", "steps", "--input", "{}", "--stream", env=env)
-    lines = _ok(result).strip().splitlines()
+    result = run_flowpool("invoke", "steps", "--input", "{}", "--stream", env=env)
+    lines = ok(result).strip().splitlines()
     assert [json.loads(line) for line in lines[:3]] == [{"type": "step", "content": i} for i in range(3)]
     assert json.loads("\n".join(lines[3:])) == {"n": 3}
 
@@ -303,14 +407,14 @@ def _offline_env() -> dict[str, str]:
 
 
 def test_validate_prints_ok_for_a_good_script_and_exits_0() -> None:
-    assert _ok(_cli("validate", "examples/echo.py", env=_offline_env())) == "examples/echo.py: ok\n"
+    assert ok(run_flowpool("validate", "examples/echo.py", env=_offline_env())) == "examples/echo.py: ok\n"
 
 
 def test_validate_prints_each_problem_as_file_line_message_like_the_api_and_exits_1(
         client: Client, tmp_path: Path) -> None:
     script = tmp_path / "broken.py"
     script.write_text(BROKEN_SCRIPT)
-    result = _cli("validate", str(script), env=_offline_env())
+    result = run_flowpool("validate", str(script), env=_offline_env())
     assert result.returncode == 1, result.stderr
     response = client.post("/api/v1/workflows/validate", json={"code": BROKEN_SCRIPT})
     assert response.status_code == 200, response.text
@@ -322,7 +426,7 @@ def test_validate_prints_each_problem_as_file_line_message_like_the_api_and_exit
 def test_validate_names_the_line_of_a_syntax_error(tmp_path: Path) -> None:
     script = tmp_path / "unclosed.py"
     script.write_text("import json\n\ndef execute(ctx):\n    return {'a': 1\n")
-    result = _cli("validate", str(script), env=_offline_env())
+    result = run_flowpool("validate", str(script), env=_offline_env())
     assert result.returncode == 1, result.stderr
     assert re.fullmatch(rf"{re.escape(str(script))}:4: .+\n", result.stdout), result.stdout
 
@@ -330,7 +434,7 @@ def test_validate_names_the_line_of_a_syntax_error(tmp_path: Path) -> None:
 def test_validate_refuses_a_file_that_is_not_utf8_in_one_line(tmp_path: Path) -> None:
     script = tmp_path / "latin1.py"
     script.write_bytes("def execute(ctx):\n    return 'café'\n".encode("latin-1"))
-    result = _cli("validate", str(script), env=_offline_env())
+    result = run_flowpool("validate", str(script), env=_offline_env())
     assert result.returncode == 1
     assert result.stdout == ""
     assert re.fullmatch(rf"Error: {re.escape(str(script))} is not UTF-8 text: .+\n", result.stderr), result.stderr

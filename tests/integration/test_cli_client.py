@@ -120,11 +120,28 @@ def test_invoke_hands_secret_metadata_and_session_id_to_the_run_and_never_prints
     assert secret not in json.dumps(run)  # kept nowhere on the run
 
 
+def test_invoke_secret_key_alone_takes_the_value_of_that_environment_variable(client: Client) -> None:
+    ref, secret = _ref("shows"), f"s3cr3t-{uuid.uuid4().hex}"
+    client.upload(ref, SHOWS_REQUEST)
+    # The value is on no command line: only in the environment of the shell that runs flowpool.
+    result = _flowpool(client, "invoke", ref, "--input", '{"text": "hi"}', "--secret", "TOKEN", TOKEN=secret)
+    assert json.loads(_ok(result))["secret_sha256"] == hashlib.sha256(secret.encode()).hexdigest()
+    assert secret not in result.stdout + result.stderr
+
+
+def test_invoke_secret_naming_an_unset_environment_variable_fails_naming_it(client: Client) -> None:
+    result = _flowpool(client, "invoke", "any", "--input", "{}", "--secret", "FLOWPOOL_TEST_UNSET_SECRET")
+    assert result.returncode == 2
+    assert "--secret FLOWPOOL_TEST_UNSET_SECRET takes the value of the environment variable " \
+           "FLOWPOOL_TEST_UNSET_SECRET, which is not set" in result.stderr, result.stderr
+
+
 def test_invoke_refuses_a_malformed_secret_or_metadata_without_showing_them(client: Client) -> None:
     secret = f"s3cr3t-{uuid.uuid4().hex}"
     bad_secret = _flowpool(client, "invoke", "any", "--input", "{}", "--secret", "A=1", "--secret", secret)
     assert bad_secret.returncode == 2
-    assert "the 2nd --secret is not KEY=VALUE" in bad_secret.stderr and secret not in bad_secret.stderr
+    assert "the 2nd --secret is neither KEY=VALUE nor the name of an environment variable" in bad_secret.stderr
+    assert secret not in bad_secret.stderr
     not_an_object = _flowpool(client, "invoke", "any", "--input", "{}", "--metadata", "[1, 2]")
     assert not_an_object.returncode == 2 and "--metadata: must be a JSON object" in not_an_object.stderr
 

@@ -18,7 +18,7 @@ import redis
 
 from flowpool.procs import free_port
 from flowpool.redis_server import RedisServer
-from tests.helpers import Client, DevProcess
+from tests.helpers import Client, DevProcess, doctor_checks, run_flowpool
 
 ECHO = "def execute(ctx):\n    return {'echo': ctx.input['text']}\n"
 
@@ -120,27 +120,42 @@ def test_with_a_redis_url_dev_keeps_only_its_key_in_the_data_dir(tmp_path: Path,
 # flowpool doctor on Redis servers that keep their data, or don't.
 
 def _doctor(redis_url: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-I", "-m", "flowpool.cli", "doctor"], env=_env(FLOWPOOL_REDIS_URL=redis_url),
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+    # An API address that answers nothing: doctor must not reach whatever listens on the default one.
+    return run_flowpool("doctor", env=_env(FLOWPOOL_REDIS_URL=redis_url,
+                                           FLOWPOOL_API_URL=f"http://127.0.0.1:{free_port()}"))
 
 
 def _warnings(result: subprocess.CompletedProcess[str]) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("WRN redis data")]
 
 
-def test_doctor_warns_of_a_redis_that_keeps_nothing() -> None:
+def test_doctor_warns_of_a_redis_that_keeps_nothing_and_says_so_in_an_ok_redis_data_line() -> None:
     with RedisServer(options=["--appendonly", "no", "--save", ""]) as server:
         result = _doctor(server.url)
     [warning] = _warnings(result)
     assert "no persistence" in warning and "docs/operations.md" in warning
+    assert doctor_checks(result)["redis data"] == ("ok", "nothing; maxmemory-policy noeviction")
 
 
-def test_doctor_warns_of_a_redis_that_evicts(tmp_path: Path) -> None:
+def test_doctor_fails_a_redis_that_evicts_with_a_bad_redis_data_line_saying_the_fix(tmp_path: Path) -> None:
     with RedisServer(data_dir=tmp_path / "redis") as server:
         redis.Redis.from_url(server.url).config_set("maxmemory-policy", "allkeys-lru")
         result = _doctor(server.url)
+    assert _warnings(result) == [], result.stderr
+    status, said = doctor_checks(result)["redis data"]
+    assert status == "BAD" and said.startswith("AOF (appendfsync everysec); maxmemory-policy allkeys-lru: "), said
+    assert "set maxmemory-policy noeviction" in said
+    assert result.returncode == 1
+
+
+def test_doctor_fails_a_redis_that_evicts_and_keeps_nothing_and_warns_of_both() -> None:
+    with RedisServer(options=["--appendonly", "no", "--save", "", "--maxmemory-policy", "allkeys-lru"]) as server:
+        result = _doctor(server.url)
+    status, said = doctor_checks(result)["redis data"]
+    assert status == "BAD" and said.startswith("nothing; maxmemory-policy allkeys-lru: a full Redis evicts"), said
     [warning] = _warnings(result)
-    assert "maxmemory-policy allkeys-lru" in warning and "noeviction" in warning
+    assert "no persistence" in warning
+    assert result.returncode == 1
 
 
 def test_doctor_is_content_with_a_persistent_noeviction_redis(tmp_path: Path) -> None:
@@ -156,3 +171,4 @@ def test_doctor_says_it_could_not_check_a_redis_without_config() -> None:
         result = _doctor(server.url)
     [warning] = _warnings(result)
     assert "could not check" in warning
+    assert doctor_checks(result)["redis data"][0] == "ok", result.stdout  # INFO still says the policy

@@ -14,7 +14,7 @@ import pytest
 
 import flowpool
 from flowpool import client as sdk
-from tests.helpers import Client
+from tests.helpers import CannedHTTPServer, Client
 
 FAILS = """\
 from flowpool_workflow import WorkflowContext
@@ -169,3 +169,28 @@ def test_a_completion_prints_as_its_kind_and_fields_and_keeps_its_access(client:
     (listed,) = fp.workflows.runs(ref)
     assert repr(listed).startswith(f"Run(request_id='{response.request_id}', ")
     assert repr(fp.workflows.get(ref)).startswith("Workflow(")
+
+
+# An answer that is not the API's: a proxy's page, or JSON of another shape.
+
+def _answer(status: str, content_type: str, body: bytes) -> bytes:
+    return (f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode() + body
+
+
+@pytest.mark.parametrize("content_type, body", [
+    ("text/html", b"<html><body>Signed out: log in at the proxy</body></html>"),
+    ("application/json", b'["not", "an", "object"]'),
+], ids=["html", "json-list"])
+def test_a_success_whose_body_is_not_a_json_object_raises_an_api_error_showing_the_status_and_body(
+        content_type: str, body: bytes) -> None:
+    with CannedHTTPServer(_answer("200 OK", content_type, body)) as proxy:
+        fp = flowpool.Flowpool(api_key="fp_test", base_url=proxy.url, max_retries=0)
+        for call in (lambda: fp.workflow.completions.create(model="workflow:echo", input={}),
+                     lambda: fp.workflows.get("echo"), lambda: fp.runs.get("req_x")):
+            with pytest.raises(flowpool.APIError) as raised:
+                call()
+            error = raised.value
+            assert error.status_code == 200
+            assert error.message is not None and f"({content_type})" in error.message
+            assert body.decode()[:30] in str(error), str(error)

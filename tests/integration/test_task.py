@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
+from celery.exceptions import Ignore
 from celery.contrib.testing.app import UnitLogging, setup_default_app
 from celery.contrib.testing.worker import start_worker
 from celery.platforms import EX_OK
@@ -266,7 +267,7 @@ def test_run_whose_secrets_the_worker_cannot_open_ends_at_once_naming_the_key(
     assert end.status == "expired"
     assert end.error is not None and "FLOWPOOL_SECRET_KEY" in end.error["message"]
     failure = eventually(lambda: outcomes.get(request_id))
-    assert isinstance(failure, RunNotStarted) and str(failure).startswith(f"{request_id}: "), failure
+    assert isinstance(failure, RunNotStarted) and str(failure) == request_id, failure
 
 
 def test_run_the_worker_fails_on_ends_at_once_and_logs_no_secret(
@@ -282,7 +283,7 @@ def test_run_the_worker_fails_on_ends_at_once_and_logs_no_secret(
 
     assert end.status == "failed" and end.error is not None and end.error["kind"] == "SandboxError", end
     failure = eventually(lambda: outcomes.get(request_id))
-    assert isinstance(failure, SandboxError) and str(failure).startswith(f"{request_id}: "), failure
+    assert isinstance(failure, SandboxError) and str(failure) == request_id, failure
     assert "the worker failed" in caplog.text and secret not in caplog.text
 
 
@@ -296,20 +297,40 @@ def _claim_elsewhere(runs: RunStore, request_id: str, version: str) -> None:
     assert runs.claim(request_id, "another@host", lease_ms=60_000)
 
 
-@pytest.mark.parametrize("move_on", [_give_up, _claim_elsewhere], ids=["given-up-by-its-caller",
-                                                                       "claimed-by-another-worker"])
-def test_job_of_a_run_no_longer_queued_is_skipped_and_changes_nothing(
+def _ended_elsewhere(runs: RunStore, request_id: str, version: str) -> None:
+    """Another worker had the run, and it has ended (the same message delivered twice, the second one late)."""
+    _claim_elsewhere(runs, request_id, version)
+    assert runs.abandon(request_id, RunStatus.RUNNING, SandboxError("it failed over there"), version, force=True)
+
+
+def _reported_the_callers_end(request_id: str, outcome: Any) -> None:
+    """The delivery is the run's only one: it reports the end its caller recorded (expired, not started)."""
+    assert isinstance(outcome, RunNotStarted) and str(outcome) == request_id, outcome
+
+
+def _ignored(request_id: str, outcome: Any) -> None:
+    """The run is another delivery's, which reports it: this one sends no event (Celery's Ignore)."""
+    assert isinstance(outcome, Ignore), outcome
+
+
+@pytest.mark.parametrize("server_key", [None, "not-the-workers-key"], ids=["openable", "unopenable"])
+@pytest.mark.parametrize(("move_on", "reported"), [(_give_up, _reported_the_callers_end), (_claim_elsewhere, _ignored),
+                                                   (_ended_elsewhere, _ignored)],
+                         ids=["given-up-by-its-caller", "claimed-by-another-worker", "ended-by-another-worker"])
+def test_job_of_a_run_no_longer_queued_changes_nothing_and_its_task_reports_only_an_end_no_other_delivery_reports(
         celery_app: Celery, celery_worker: WorkController, outcomes: dict[str, Any], settings: Settings,
         workflow: ResolvedWorkflow, runs: RunStore, db: redis.Redis,
-        move_on: Callable[[RunStore, str, str], None]) -> None:
+        move_on: Callable[[RunStore, str, str], None], reported: Callable[[str, Any], None],
+        server_key: str | None) -> None:
     request_id = _queue_run(runs, workflow, settings)
     move_on(runs, request_id, workflow.version)
     before = (db.hgetall(keys.run(request_id)), db.xrange(keys.run_events(request_id)),
               db.get(keys.run_lease(request_id)))
+    job = replace(_job(workflow, request_id, settings, input={"text": "late"}), secrets={"token": "sk-1"})
 
-    _send(celery_app, _job(workflow, request_id, settings, input={"text": "late"}), settings)
+    _send(celery_app, job, settings, server_key=server_key)
 
-    assert eventually(lambda: outcomes.get(request_id), timeout=WAIT_SECONDS) == "skipped"
+    reported(request_id, eventually(lambda: outcomes.get(request_id), timeout=WAIT_SECONDS))
     after = (db.hgetall(keys.run(request_id)), db.xrange(keys.run_events(request_id)),
              db.get(keys.run_lease(request_id)))
     assert after == before  # the script never ran: no chunk, no output, no second end
