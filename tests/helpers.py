@@ -20,6 +20,8 @@ import pytest
 import redis
 import requests
 
+from flowpool.sandbox.backends import Backend, bwrap_binary, probe_bwrap
+
 
 def running(process: psutil.Process) -> bool:
     """Whether a process is alive and not a zombie (a process that is gone just now is not)."""
@@ -315,3 +317,51 @@ class CannedHTTPServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(10)
+
+
+# Workflows several test modules run: one that fails in a function of its own (its traceback names
+# `divide`, line 2), one past its 1 s time limit, one that echoes its input's text.
+FAILING_WORKFLOW = """\
+def divide(x):
+    return 1 / x
+
+
+def execute(ctx):
+    ctx.log.info("dividing", by=0)
+    ctx.emit("step", 1)
+    return divide(0)
+"""
+
+SLEEPING_WORKFLOW = """\
+import time
+
+TIMEOUT_SECONDS = 1
+
+
+def execute(ctx):
+    time.sleep(30)
+    return 1
+"""
+
+ECHO_WORKFLOW = """\
+def execute(ctx):
+    return {"echo": ctx.input["text"]}
+"""
+
+
+# The process backend as it runs in a container whose root lacks CAP_SYS_ADMIN: a uid per
+# slot still, but no network namespace and no per-run namespaces.
+WITHOUT_SYS_ADMIN = Backend("process", ("setpriv", "--bounding-set", "-sys_admin", "--inh-caps", "-sys_admin", "--"))
+
+
+def sandbox_backends() -> list[Any]:
+    """Each sandbox backend this host can run, as pytest params: process, bwrap, and process without CAP_SYS_ADMIN."""
+    import shutil
+
+    problem = probe_bwrap(bwrap_binary())
+    return [
+        "process",
+        pytest.param("bwrap", marks=pytest.mark.skipif(problem is not None, reason=str(problem))),
+        pytest.param(WITHOUT_SYS_ADMIN, id="process-without-sys-admin",
+                     marks=pytest.mark.skipif(shutil.which("setpriv") is None, reason="no setpriv here")),
+    ]

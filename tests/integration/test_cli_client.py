@@ -16,32 +16,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.helpers import Client, eventually
+from tests.helpers import ECHO_WORKFLOW, FAILING_WORKFLOW, SLEEPING_WORKFLOW, Client, eventually
 from tests.provider import StandInProvider
 
 REPO = Path(__file__).resolve().parents[2]
-
-FAILS = """\
-def divide(x):
-    return 1 / x
-
-
-def execute(ctx):
-    ctx.log.info("dividing", by=0)
-    ctx.emit("step", 1)
-    return divide(0)
-"""
-
-SLEEPS = """\
-import time
-
-TIMEOUT_SECONDS = 1
-
-
-def execute(ctx):
-    time.sleep(30)
-    return 1
-"""
 
 # What reached the script, the secret as its hash only: the test knows the secret, the script does not.
 SHOWS_REQUEST = """\
@@ -62,11 +40,6 @@ def execute(ctx):
     ctx.http.get("{origin}/hold/{gate}")
     ctx.emit("tick", 1)
     return {{"ticks": 2}}
-"""
-
-ECHO = """\
-def execute(ctx):
-    return {"echo": ctx.input["text"]}
 """
 
 RUN_ROW = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)  (req_\w+) +(\w+) +(\d+ms|\d+\.\d\ds) +(hit|miss) +(\S+)")
@@ -149,7 +122,7 @@ def test_invoke_refuses_a_malformed_secret_or_metadata_without_showing_them(clie
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 def test_invoke_of_a_failing_workflow_prints_the_request_id_of_its_run_and_fails(client: Client, stream: bool) -> None:
     ref = _ref("fails")
-    client.upload(ref, FAILS)
+    client.upload(ref, FAILING_WORKFLOW)
     result = _flowpool(client, "invoke", ref, "--input", "{}", *(["--stream"] if stream else []))
     assert result.returncode == 1
     if stream:  # the chunk came before the error
@@ -163,7 +136,7 @@ def test_invoke_of_a_failing_workflow_prints_the_request_id_of_its_run_and_fails
 
 def test_invoke_of_a_workflow_past_its_time_limit_prints_the_request_id_and_fails(client: Client) -> None:
     ref = _ref("sleeps")
-    client.upload(ref, SLEEPS)
+    client.upload(ref, SLEEPING_WORKFLOW)
     result = _flowpool(client, "invoke", ref, "--input", "{}")
     assert result.returncode == 1
     line = re.fullmatch(ERROR_LINE.format(status=408, type="timeout", message=".*time limit.*"), result.stderr)
@@ -181,7 +154,7 @@ TRACEBACK_END = ('  File "workflow:{ref}", line 2, in divide\n'
 
 def test_logs_of_a_failed_run_prints_its_log_lines_then_its_error_and_traceback(client: Client) -> None:
     ref = _ref("fails")
-    client.upload(ref, FAILS)
+    client.upload(ref, FAILING_WORKFLOW)
     request_id = client.invoke(ref).headers["X-Request-Id"]
     out = _ok(_flowpool(client, "logs", request_id))
     lines = out.splitlines()
@@ -235,7 +208,7 @@ def test_logs_follow_prints_a_running_runs_chunks_and_log_lines_as_they_come_and
 
 def test_runs_prints_a_table_with_a_header_and_local_times_newest_first_up_to_limit(client: Client) -> None:
     ref = _ref("echo")
-    client.upload(ref, ECHO)
+    client.upload(ref, ECHO_WORKFLOW)
     for text in ("one", "two", "two"):  # the second "two" is a cache hit
         assert client.invoke(ref, input={"text": text}).status_code == 200
     records = _runs(client, ref)
@@ -261,7 +234,7 @@ def test_runs_prints_a_table_with_a_header_and_local_times_newest_first_up_to_li
 
 def test_runs_of_a_workflow_without_runs_says_how_to_invoke_it_and_of_an_unknown_one_fails(client: Client) -> None:
     ref = _ref("idle")
-    client.upload(ref, ECHO)
+    client.upload(ref, ECHO_WORKFLOW)
     result = _flowpool(client, "runs", ref)
     assert _ok(result) == ""
     assert result.stderr == f"no runs of {ref} yet; invoke it with: flowpool invoke {ref} --input '{{...}}'\n"

@@ -14,37 +14,7 @@ import pytest
 
 import flowpool
 from flowpool import client as sdk
-from tests.helpers import CannedHTTPServer, Client
-
-FAILS = """\
-from flowpool_workflow import WorkflowContext
-
-
-def divide(x):
-    return 1 / x
-
-
-def execute(ctx: WorkflowContext):
-    ctx.log.info("dividing", by=0)
-    ctx.emit("step", 1)
-    return divide(0)
-"""
-
-SLEEPS = """\
-import time
-
-TIMEOUT_SECONDS = 1
-
-
-def execute(ctx):
-    time.sleep(30)
-    return 1
-"""
-
-ECHO = """\
-def execute(ctx):
-    return {"echo": ctx.input["text"]}
-"""
+from tests.helpers import ECHO_WORKFLOW, FAILING_WORKFLOW, SLEEPING_WORKFLOW, CannedHTTPServer, Client
 
 
 def _ref(name: str) -> str:
@@ -104,7 +74,7 @@ def test_a_bad_key_is_an_authentication_error(client: Client) -> None:
 
 def test_a_failing_workflow_is_an_internal_server_error_naming_its_run(client: Client) -> None:
     ref = _ref("fails")
-    client.upload(ref, FAILS)
+    client.upload(ref, FAILING_WORKFLOW)
     fp = _sdk(client)
     with pytest.raises(flowpool.InternalServerError) as raised:
         fp.workflow.completions.create(model=f"workflow:{ref}", input={})
@@ -120,7 +90,7 @@ def test_a_failing_workflow_is_an_internal_server_error_naming_its_run(client: C
 
     run = fp.runs.get(error.request_id)  # the request_id names the run that failed
     assert (run.request_id, run.workflow, run.status) == (error.request_id, ref, "failed")
-    assert "line 5, in divide" in run.error["traceback"]
+    assert "line 2, in divide" in run.error["traceback"]
 
     # A stream that fails after its first chunk ends with the same error, from its error event.
     events = []
@@ -134,7 +104,7 @@ def test_a_failing_workflow_is_an_internal_server_error_naming_its_run(client: C
 
 def test_a_workflow_past_its_time_limit_is_a_workflow_timeout_error_naming_its_run(client: Client) -> None:
     ref = _ref("sleeps")
-    client.upload(ref, SLEEPS)
+    client.upload(ref, SLEEPING_WORKFLOW)
     fp = _sdk(client)
     with pytest.raises(flowpool.WorkflowTimeoutError) as raised:
         fp.workflow.completions.create(model=f"workflow:{ref}", input={})
@@ -148,7 +118,7 @@ def test_a_workflow_past_its_time_limit_is_a_workflow_timeout_error_naming_its_r
 
 def test_a_completion_prints_as_its_kind_and_fields_and_keeps_its_access(client: Client) -> None:
     ref = _ref("echo")
-    client.upload(ref, ECHO)
+    client.upload(ref, ECHO_WORKFLOW)
     fp = _sdk(client)
     response = fp.workflow.completions.create(model=f"workflow:{ref}", input={"text": "hi"})
     shown = repr(response)

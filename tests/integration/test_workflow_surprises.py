@@ -8,7 +8,6 @@ example say that results are cached for an hour by default.
 from __future__ import annotations
 
 import re
-import shutil
 import socket
 import uuid
 from collections.abc import Iterator
@@ -22,9 +21,8 @@ import pytest
 from flowpool.devstack import Stack
 from flowpool.registry import validate_script
 from flowpool.sandbox import Sandbox, SandboxLimits
-from flowpool.sandbox.backends import Backend, bwrap_binary, probe_bwrap
 from tests.conftest import SESSION_PIDS
-from tests.helpers import Client, compiled, error_of
+from tests.helpers import Client, compiled, error_of, sandbox_backends
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -127,21 +125,9 @@ def test_network_use_in_a_workflow_fails_saying_the_sandbox_has_none_and_to_use_
 LIMITS = SandboxLimits(memory_bytes=512 << 20, processes=16, open_files=64, file_bytes=1 << 20, tmp_bytes=8 << 20,
                        max_result_bytes=64 << 10, max_log_bytes=64 << 10, max_chunks=20, max_chunk_bytes=4 << 10)
 UID_BASE = 118000  # away from the other sandbox tests' uids (their sweeps would kill our runs)
-# The process backend in a container whose root lacks CAP_SYS_ADMIN: seccomp, but no network namespace.
-WITHOUT_SYS_ADMIN = Backend("process", ("setpriv", "--bounding-set", "-sys_admin", "--inh-caps", "-sys_admin", "--"))
 
 
-def _backends() -> list[Any]:
-    problem = probe_bwrap(bwrap_binary())
-    return [
-        "process",
-        pytest.param("bwrap", marks=pytest.mark.skipif(problem is not None, reason=str(problem))),
-        pytest.param(WITHOUT_SYS_ADMIN, id="process-without-sys-admin",
-                     marks=pytest.mark.skipif(shutil.which("setpriv") is None, reason="no setpriv here")),
-    ]
-
-
-@pytest.fixture(scope="module", params=_backends())
+@pytest.fixture(scope="module", params=sandbox_backends())
 def sandbox(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
     """A real sandbox on each backend this host can run."""
     box = Sandbox(LIMITS, slots=1, uid_base=UID_BASE, hard_grace_seconds=1.0, prestart=0, backend=request.param)

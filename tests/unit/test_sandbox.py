@@ -14,7 +14,6 @@ import errno
 import json
 import os
 import queue
-import shutil
 import signal
 import socket
 import struct
@@ -30,9 +29,8 @@ import pytest
 
 from flowpool.errors import ResultTooLarge, SandboxError, ScriptError, TimeLimitExceeded
 from flowpool.sandbox import RunOutcome, Sandbox, SandboxLimits, Zygote
-from flowpool.sandbox.backends import Backend, bwrap_binary, probe_bwrap
 from flowpool.sandbox.run_process import RunProcess
-from tests.helpers import compiled, fail_on_leftovers, running
+from tests.helpers import compiled, fail_on_leftovers, running, sandbox_backends
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs get uids of their own only as root")
 
@@ -123,22 +121,7 @@ def assert_serves_next_run(sandbox: Sandbox) -> None:
 # Fixtures
 
 
-# The process backend as it runs in a container whose root lacks CAP_SYS_ADMIN: a uid per
-# slot still, but no network namespace and no per-run namespaces.
-WITHOUT_SYS_ADMIN = Backend("process", ("setpriv", "--bounding-set", "-sys_admin", "--inh-caps", "-sys_admin", "--"))
-
-
-def _backends() -> list[Any]:
-    problem = probe_bwrap(bwrap_binary())
-    return [
-        "process",
-        pytest.param("bwrap", marks=pytest.mark.skipif(problem is not None, reason=str(problem))),
-        pytest.param(WITHOUT_SYS_ADMIN, id="process-without-sys-admin",
-                     marks=pytest.mark.skipif(shutil.which("setpriv") is None, reason="no setpriv here")),
-    ]
-
-
-@pytest.fixture(scope="module", params=_backends())
+@pytest.fixture(scope="module", params=sandbox_backends())
 def sandbox(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
     """The module's sandbox on each backend, started from a worker environment holding a secret no run may see."""
     box = Sandbox(LIMITS, slots=SLOTS, uid_base=UID_BASE, hard_grace_seconds=HARD_GRACE, prestart=0,
