@@ -272,8 +272,11 @@ def test_redis_down_past_the_deadline_gives_503_naming_the_run_and_the_reaper_en
         client.upload("napper", NAPS, timeout_seconds=4)
         callers = [invoke_in_background(client, "napper", {"input": {"n": n, "seconds": 3.5}, "stream": n % 2 == 1})
                    for n in range(4)]
-        eventually(lambda: [r["status"] for r in client.get("/api/v1/workflows/napper/runs").json()["data"]]
-                   == ["running"] * 4, 30, "all four runs are running")
+        # Each run has stored its first chunk: a streamed caller then has its 200 and the chunk before Redis goes
+        # (a run cut off between its claim and its first chunk answers a plain 503, as it should, but not here).
+        eventually(lambda: [(r["status"], bool(client.run(r["request_id"])["chunks"]))
+                            for r in client.get("/api/v1/workflows/napper/runs").json()["data"]]
+                   == [("running", True)] * 4, 30, "all four runs are running and have emitted their first chunk")
         assert server.process is not None
         server.process.kill()
         server.process.wait()
