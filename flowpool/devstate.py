@@ -27,7 +27,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 __all__ = ["REDIS_DIR", "KEY_FILE", "RECORD_FILE", "DevRecord", "resolve", "claim", "running_dev", "record",
            "forget", "write_private", "shown_url"]
@@ -143,8 +143,17 @@ def shown_url(url: str) -> str:
         password = parts.password
     except ValueError:  # not a URL that can be split: show nothing of what may be in it
         return "(a URL that cannot be parsed)"
-    if not password:
+    # redis-py also takes the password as a query parameter (``unix:///run/redis.sock?password=...``).
+    query = [(name, "***" if name.lower() in ("password", "pass") else value)
+             for name, value in parse_qsl(parts.query, keep_blank_values=True)]
+    if not password and query == parse_qsl(parts.query, keep_blank_values=True):
         return url
-    user, _, host = parts.netloc.rpartition("@")
-    name = user.partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{name}:***@{host}"))
+    shown = url
+    if password:  # rebuilt by hand: urlunsplit would drop the empty authority of unix:///path
+        user, _, host = parts.netloc.rpartition("@")
+        shown = shown.replace(parts.netloc, f"{user.partition(':')[0]}:***@{host}", 1)
+    if parts.query:
+        head, _, rest = shown.partition("?")
+        fragment = "#" + rest.partition("#")[2] if "#" in rest else ""
+        shown = f"{head}?{urlencode(query, safe='*')}{fragment}"
+    return shown

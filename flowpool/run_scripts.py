@@ -54,7 +54,8 @@ return 1
 # of the last chunk stored, so a batch written again (Redis ran the first
 # write but its answer was lost), or a stale write landing after its retry,
 # adds nothing it holds, whatever order the writes land in; a stream whose
-# last entry is ``done`` takes none (``return 0``). Leaves ``added``.
+# last entry is ``done`` takes none (``return 0``). Leaves ``added``; needs
+# ``events_key``, ``first_index``, ``ttl_ms``, ``CHUNKS_FROM`` and ``CHUNKS_TO``.
 _ADD_CHUNKS = """
 local next_index = 0
 local top = redis.call('XREVRANGE', events_key, '+', '-', 'COUNT', 1)[1]
@@ -70,14 +71,16 @@ for i = CHUNKS_FROM, CHUNKS_TO do
     added = added + 1
   end
 end
+-- The stream expires with the record even if no end is ever written (its record gone, say).
+if added > 0 then redis.call('PEXPIRE', events_key, ttl_ms) end
 """
 
-# Append a run's emitted chunks (ARGV from 2 on, the first numbered ARGV[1])
-# to its stream, each once.
+# Append a run's emitted chunks (ARGV from 3 on, the first numbered ARGV[1])
+# to its stream, each once; the stream lives ARGV[2] ms past the last.
 APPEND_CHUNKS = """
 local events_key = KEYS[1]
-local first_index = tonumber(ARGV[1])
-local CHUNKS_FROM, CHUNKS_TO = 2, #ARGV
+local first_index, ttl_ms = tonumber(ARGV[1]), ARGV[2]
+local CHUNKS_FROM, CHUNKS_TO = 3, #ARGV
 """ + _ADD_CHUNKS + """return added
 """
 

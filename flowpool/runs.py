@@ -178,7 +178,8 @@ class RunStore:
                   for chunk_type, content, index in chunks]
         if not lines:
             if chunks:
-                self._append_chunks(keys=[keys.run_events(request_id)], args=[chunks[0][2], *stored], client=pipe)
+                self._append_chunks(keys=[keys.run_events(request_id)], args=[chunks[0][2], self.ttl_ms, *stored],
+                                    client=pipe)
             return
         self._append_output(
             keys=[keys.run_events(request_id), keys.run_logs(request_id), keys.run(request_id)],
@@ -295,8 +296,9 @@ class RunStore:
 
     def so_far(self, request_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], bool]:
         """What a running run has sent so far, as its record will keep it: its chunks, its log lines, and whether
-        its log was cut at its size limit (the last line then says so). One round trip."""
-        pipe = self.redis.pipeline(transaction=False)
+        its log was cut at its size limit (the last line then says so). One round trip, one snapshot (MULTI):
+        no line shows without the chunks emitted before it."""
+        pipe = self.redis.pipeline(transaction=True)
         pipe.xrange(keys.run_events(request_id))
         pipe.xrange(keys.run_logs(request_id))
         entries, lines = pipe.execute()

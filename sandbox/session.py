@@ -152,14 +152,19 @@ class RunSession:
                     "and was killed", limit="hard", seconds=self.soft_seconds))
                 return
             # With a cancel event, wake up now and then to look at it; with log lines waiting, when they are due.
+            # The wait is for the start of a message: once one has begun it is read whole (within the hard
+            # limit), since a timeout in the middle of a frame would lose its first bytes and the next read
+            # would take the rest for a length.
             wait = min(remaining, 0.25) if self._cancel is not None else remaining
             if self._logged:
                 wait = min(wait, max(0.01, lines_due - time.monotonic()))
-            self.channel.sock.settimeout(wait)
+            if not self._pending.poll(max(1, int(wait * 1000))):
+                continue
+            self.channel.sock.settimeout(max(0.01, self.hard_deadline - time.monotonic()))
             try:
                 message = self.channel.recv()
             except socket.timeout:
-                continue
+                continue  # the hard limit came mid-message: the next turn kills the run
             except ChannelClosed:
                 self.outcome.error = self.crashed()
                 return

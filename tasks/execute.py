@@ -60,8 +60,10 @@ _HOST_PATHS = [(path, "<runtime>") for path in sorted(
 
 def skipped_delivery(runtime: WorkerRuntime, request_id: str) -> RunEnd | None:
     """What a delivery that found its run not queued any more reports: the end its caller recorded before any
-    delivery started it (no other delivery reports that one), or None when the run is another delivery's (the
-    message was delivered twice: the run is running, or ended, under that delivery's claim), which reports it."""
+    delivery started it, or None when the run is another delivery's (the message was delivered twice: the run
+    is running, or ended, under that delivery's claim), which reports it. A message delivered twice for a run
+    its caller ended before it started is reported by both deliveries: rare (messages are acked at once) and
+    left so, since telling them apart would cost every run a write."""
     try:
         record, end = runtime.runs.outcome(request_id)
     except UNREACHABLE as exc:  # whatever it is, this delivery writes nothing of it

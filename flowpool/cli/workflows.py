@@ -73,8 +73,11 @@ def _secrets(items: tuple[str, ...]) -> dict[str, str] | None:
                                          "an environment variable (it is not shown: it may hold a secret)",
                                          param_hint="--secret")
             if item not in os.environ:  # the user's own shell passes the value: the one read of it here
-                raise click.BadParameter(f"--secret {item} takes the value of the environment variable {item}, "
-                                         "which is not set: export it first", param_hint="--secret")
+                # Not named either: a value typed without its KEY= can look like a variable's name.
+                raise click.BadParameter(f"the {_ordinal(position)} --secret, without '=', names an environment "
+                                         "variable to take the value from, and none of that name is set (the "
+                                         "name is not shown: it may be a value typed without its KEY=)",
+                                         param_hint="--secret")
             value = os.environ[item]
         elif not key:
             raise click.BadParameter(f"the {_ordinal(position)} --secret is not KEY=VALUE: its KEY is empty (it is "

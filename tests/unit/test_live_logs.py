@@ -228,3 +228,12 @@ def test_the_log_stream_expires_with_the_record_while_the_run_goes_and_soon_afte
     _finish(runs, "req_1", [_line("only")])
     assert 0 < redis_db.pttl(keys.run_logs("req_1")) <= LOG_TAIL_SECONDS * 1000
     assert 0 < redis_db.pttl(keys.run_events("req_1")) <= TTL_SECONDS * 1000
+
+
+def test_the_events_stream_expires_with_the_record_while_the_run_goes(runs: RunStore, redis_db: redis.Redis) -> None:
+    # A run whose end is never written (its record lost, say) must not leave its chunks behind for good.
+    _running(runs, "req_1")
+    runs.add_chunks("req_1", [("step", 1, 0)])
+    assert 0 < redis_db.pttl(keys.run_events("req_1")) <= TTL_SECONDS * 1000
+    runs.add_output("req_1", [("step", 2, 1)], [_logged(0, 1, "and a line")])
+    assert 0 < redis_db.pttl(keys.run_events("req_1")) <= TTL_SECONDS * 1000
