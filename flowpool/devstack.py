@@ -236,7 +236,7 @@ class DevStack:
                 sys.exit(1)
             if self.flower:
                 self._start_flower(stack)
-            key = self._api_key(stack.redis_url)
+            key = self._api_key(stack)
             devstate.record(self.data_dir, api_url, stack.redis_url)
             print(self._banner(api_url, stack.redis_url, key), flush=True)
             while True:
@@ -346,7 +346,9 @@ class DevStack:
             return
         import redis
 
-        client = redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
+        from .connections import connect_redis
+
+        client = connect_redis(self.settings, socket_timeout=5)
         try:
             client.ping()
         except redis.RedisError as exc:
@@ -371,27 +373,24 @@ class DevStack:
             said += "; the Redis at FLOWPOOL_REDIS_URL keeps its data"
         print(f"flowpool dev: --reset: {said}", flush=True)
 
-    def _api_key(self, redis_url: str) -> str:
+    def _api_key(self, stack: Stack) -> str:
         """The dev account's API key: the one kept in the data directory while it still authenticates, else a
         new one, kept there (mode 0600) for the next start."""
-        import redis
-
+        from .connections import connect_redis
         from .registry import Accounts
 
         key_file = self.data_dir / KEY_FILE
-        client = redis.Redis.from_url(redis_url)
-        try:
-            accounts = Accounts(client)
-            kept = key_file.read_text().strip() if key_file.exists() else ""
-            if kept:
-                try:
-                    accounts.authenticate(kept)
-                    return kept
-                except AuthenticationError:
-                    pass  # that Redis lost its data, or FLOWPOOL_REDIS_URL names another one
-            key = accounts.create("dev")[1]
-        finally:
-            client.close()
+        kept = key_file.read_text().strip() if key_file.exists() else ""
+        if kept:
+            client = connect_redis(self.settings, stack.redis_url)
+            try:
+                Accounts(client).authenticate(kept)
+                return kept
+            except AuthenticationError:
+                pass  # that Redis lost its data, or FLOWPOOL_REDIS_URL names another one
+            finally:
+                client.close()
+        key = stack.create_account("dev")
         devstate.write_private(key_file, key + "\n")
         return key
 

@@ -44,7 +44,6 @@ _CLAIM_PATIENCE_SECONDS = 1.0
 class DevRecord:
     """Where a running ``flowpool dev`` serves, as it recorded it."""
 
-    data_dir: Path
     api_url: str
     redis_url: str
     key: str | None  # None: its key file is missing or unreadable
@@ -109,7 +108,7 @@ def running_dev(data_dir: Path) -> DevRecord | None:
         key = (data_dir / KEY_FILE).read_text(encoding="utf-8").strip() or None
     except OSError:
         key = None
-    return DevRecord(data_dir=data_dir, api_url=api_url, redis_url=redis_url, key=key)
+    return DevRecord(api_url=api_url, redis_url=redis_url, key=key)
 
 
 def record(data_dir: Path, api_url: str, redis_url: str) -> None:

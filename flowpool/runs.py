@@ -288,11 +288,7 @@ class RunStore:
 
     def chunks(self, request_id: str) -> list[dict[str, Any]]:
         """The chunks the run emitted, in order."""
-        chunks = [json.loads(fields[b"data"]) for _, fields in self.redis.xrange(keys.run_events(request_id))
-                  if fields.get(b"kind") == b"chunk"]
-        for chunk in chunks:
-            chunk.pop("index", None)
-        return chunks
+        return _chunks_of(self.redis.xrange(keys.run_events(request_id)))
 
     def so_far(self, request_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], bool]:
         """What a running run has sent so far, as its record will keep it: its chunks, its log lines, and whether
@@ -302,11 +298,8 @@ class RunStore:
         pipe.xrange(keys.run_events(request_id))
         pipe.xrange(keys.run_logs(request_id))
         entries, lines = pipe.execute()
-        chunks = [json.loads(fields[b"data"]) for _, fields in entries if fields.get(b"kind") == b"chunk"]
-        for chunk in chunks:
-            chunk.pop("index", None)
         cut = bool(lines) and lines[-1][1][b"cut"] == b"1"
-        return chunks, [json.loads(fields[b"data"]) for _, fields in lines], cut
+        return _chunks_of(entries), [json.loads(fields[b"data"]) for _, fields in lines], cut
 
     def list_for_session(self, account_id: str, session_id: str, offset: int, limit: int) -> tuple[list[str], int]:
         """Request ids of a session's runs, oldest first, and the total."""
@@ -495,3 +488,11 @@ def _in_order(reply: Any, stream: str, lines: str | None) -> Iterator[tuple[str,
 def _chunk_index(fields: dict[bytes, bytes]) -> float:
     """A chunk entry's index; ``done``, which comes after every line, as infinity."""
     return json.loads(fields[b"data"])["index"] if fields.get(b"kind") == b"chunk" else math.inf
+
+
+def _chunks_of(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[dict[str, Any]]:
+    """The chunks among a run's events-stream entries, as its record shows them (without their index)."""
+    chunks = [json.loads(fields[b"data"]) for _, fields in entries if fields.get(b"kind") == b"chunk"]
+    for chunk in chunks:
+        chunk.pop("index", None)
+    return chunks

@@ -75,7 +75,6 @@ class StopRequest:
     """
 
     def __init__(self) -> None:
-        self._asked = threading.Event()
         self._lock = threading.Lock()
         self.reason: RunError | None = None
 
@@ -84,10 +83,6 @@ class StopRequest:
         with self._lock:
             if self.reason is None:
                 self.reason = reason
-                self._asked.set()
-
-    def is_set(self) -> bool:
-        return self._asked.is_set()
 
 
 class RunSession:

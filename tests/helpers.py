@@ -365,3 +365,23 @@ def sandbox_backends() -> list[Any]:
         pytest.param(WITHOUT_SYS_ADMIN, id="process-without-sys-admin",
                      marks=pytest.mark.skipif(shutil.which("setpriv") is None, reason="no setpriv here")),
     ]
+
+
+def sse_events(response: requests.Response, comments: bool = False) -> Iterator[dict[str, Any]]:
+    """The SSE events of ``response`` as they arrive: ``event`` (when named), ``id`` and ``data`` (JSON, or
+    ``"[DONE]"``); with ``comments``, each comment line too, as ``{"comment": line}``."""
+    event: dict[str, Any] = {}
+    for line in response.iter_lines(decode_unicode=True):
+        if line.startswith(":"):
+            if comments:
+                yield {"comment": line}
+        elif line.startswith("event: "):
+            event["event"] = line[7:]
+        elif line.startswith("id: "):
+            event["id"] = line[4:]
+        elif line.startswith("data: "):
+            data = line[6:]
+            event["data"] = data if data == "[DONE]" else json.loads(data)
+        elif not line and event:
+            yield event
+            event = {}

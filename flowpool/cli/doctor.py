@@ -134,6 +134,7 @@ def doctor() -> None:
         import redis
 
         from .. import keys
+        from ..connections import connect_redis
         from ..redis_server import find_redis_server
         from ..sandbox import Sandbox, SandboxLimits
 
@@ -155,7 +156,7 @@ def doctor() -> None:
     if warning:
         warn("redis", warning)
     try:
-        client = redis.Redis.from_url(settings.redis, socket_connect_timeout=2)
+        client = connect_redis(settings)  # commands time out: a paused Redis cannot hang doctor
         client.ping()
         line("redis reachable", "yes")
         kept, evicts, warnings = _redis_durability(client)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import threading
-import time
 from typing import Any, Iterator
 
 import psutil

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -17,7 +17,7 @@ from flowpool.devstack import Stack
 from flowpool.errors import WorkerLost
 from flowpool.run import RunStatus
 from flowpool.runs import RunStore
-from tests.helpers import Client, eventually
+from tests.helpers import Client, eventually, sse_events
 from tests.provider import StandInProvider
 
 # Logs (print, and ctx.log with a request secret), emits, waits at a gate, then logs and emits again.
@@ -98,22 +98,6 @@ def _ref(name: str) -> str:
     return f"{name}-{uuid.uuid4().hex[:6]}"
 
 
-def _sse(response: requests.Response) -> Iterator[dict[str, Any]]:
-    """The SSE events of ``response`` as they arrive: ``event`` (when named), ``id`` and ``data``."""
-    event: dict[str, Any] = {}
-    for line in response.iter_lines(decode_unicode=True):
-        if line.startswith("event: "):
-            event["event"] = line[7:]
-        elif line.startswith("id: "):
-            event["id"] = line[4:]
-        elif line.startswith("data: "):
-            data = line[6:]
-            event["data"] = data if data == "[DONE]" else json.loads(data)
-        elif not line and event:
-            yield event
-            event = {}
-
-
 def _kind(event: dict[str, Any]) -> str:
     """What an SSE event carries: its data's ``object``, or ``[DONE]``."""
     return "[DONE]" if event["data"] == "[DONE]" else str(event["data"]["object"])
@@ -142,7 +126,7 @@ def _opted_in(client: Client, request_id: str, last_event_id: str | None = None)
     with client.get(f"/api/v1/runs/{request_id}/stream", params={"logs": "true"}, headers=headers, stream=True,
                     timeout=30) as response:
         assert response.status_code == 200, response.text
-        return list(_sse(response))
+        return list(sse_events(response))
 
 
 def _released(provider: StandInProvider, gate: str, caller: threading.Thread) -> None:
@@ -172,7 +156,7 @@ def test_a_running_runs_log_lines_show_in_its_record_and_its_opted_in_stream_whi
         with client.get(f"/api/v1/runs/{request_id}/stream", params={"logs": "true"}, stream=True,
                         timeout=30) as response:
             assert response.status_code == 200
-            events = _sse(response)
+            events = sse_events(response)
             so_far = [next(events) for _ in range(3)]
             assert provider.held(gate) == 1  # read while the run still waits
             assert [e.get("event") for e in so_far] == ["log", None, "log"]
@@ -195,11 +179,11 @@ def test_a_running_runs_log_lines_show_in_its_record_and_its_opted_in_stream_whi
     assert all(_ids(e["id"]) for e in so_far + rest[:-1])  # an opted-in stream's ids name both streams' entries
     with client.get(f"/api/v1/runs/{request_id}/stream", params={"logs": "true"},
                     headers={"Last-Event-ID": so_far[0]["id"]}, stream=True, timeout=30) as resumed:
-        kinds = [_kind(e) for e in _sse(resumed)]
+        kinds = [_kind(e) for e in sse_events(resumed)]
     assert kinds == ["workflow.chunk", "workflow.log", "workflow.log", "workflow.chunk", "chat.completion", "[DONE]"]
     # Not asked for, the run's stream is the one an invoke gets: no log events.
     with client.get(f"/api/v1/runs/{request_id}/stream", stream=True, timeout=30) as plain:
-        events_seen = list(_sse(plain))
+        events_seen = list(sse_events(plain))
     assert all("event" not in e for e in events_seen)
     assert [_kind(e) for e in events_seen] == ["workflow.chunk", "workflow.chunk", "chat.completion", "[DONE]"]
     assert client.get(f"/api/v1/runs/{request_id}/stream", params={"logs": "maybe"}).status_code == 400
@@ -217,7 +201,7 @@ def test_an_invoke_stream_of_a_run_that_logs_carries_no_log_events(client: Clien
                                                          "cache": False, "secrets": {"TOKEN": "tok-1234"}},
                      stream=True, timeout=30) as response:
         assert response.status_code == 200
-        events = list(_sse(response))
+        events = list(sse_events(response))
     assert all("event" not in e for e in events)
     assert [_kind(e) for e in events] == ["workflow.chunk", "workflow.chunk", "chat.completion", "[DONE]"]
     run = client.run(events[0]["data"]["request_id"])
@@ -348,7 +332,7 @@ def test_a_line_logged_before_the_run_goes_quiet_shows_while_it_is_quiet(client:
                                                          "cache": False, "on_disconnect": "cancel"},
                      stream=True, timeout=30) as response:
         request_id = response.headers["X-Request-Id"]
-        assert _kind(next(_sse(response))) == "workflow.chunk"
+        assert _kind(next(sse_events(response))) == "workflow.chunk"
         # No emit and no ctx call follows the line: it goes out on its own timer, not with the end.
         run = eventually(lambda: (r := client.run(request_id))["logs"] and r, timeout=20, what="the line shows")
     assert run["status"] == "running" and [line["msg"] for line in run["logs"]] == ["alone"]

@@ -10,7 +10,7 @@ import openai
 import pytest
 import requests
 
-from tests.helpers import Client, error_of, eventually
+from tests.helpers import Client, error_of, eventually, sse_events
 from tests.provider import StandInProvider
 
 WAITS_ON_A_GATE = """
@@ -166,28 +166,12 @@ def test_the_openai_client_sees_errors_as_its_own_exceptions(client: Client) -> 
         raise AssertionError("expected a 401")
 
 
-def _raw_events(response: requests.Response) -> Iterator[dict[str, Any]]:
-    """SSE events with their id, comments included, as they arrive."""
-    event: dict[str, Any] = {}
-    for line in response.iter_lines(decode_unicode=True):
-        if line.startswith(":"):
-            yield {"comment": line}
-        elif line.startswith("id: "):
-            event["id"] = line[4:]
-        elif line.startswith("data: "):
-            data = line[6:]
-            event["data"] = data if data == "[DONE]" else json.loads(data)
-        elif not line and event:
-            yield event
-            event = {}
-
-
 def test_many_chunks_arrive_in_order_and_complete_with_ids(client: Client) -> None:
     ref = _ref("many")
     client.upload(ref, "def execute(ctx):\n    for i in range(500):\n        ctx.emit('n', i)\n    return 'done'\n")
     response = client.post("/workflow/chat/completions", json={"model": f"workflow:{ref}", "input": {},
                                                                "stream": True}, stream=True)
-    events = list(_raw_events(response))
+    events = list(sse_events(response, comments=True))
     chunks = [e for e in events if e.get("data", {}) != "[DONE]" and "data" in e][:-1]
     assert [e["data"]["content"] for e in chunks] == list(range(500))
     assert [e["data"]["index"] for e in chunks] == list(range(500))
@@ -201,18 +185,18 @@ def test_a_dropped_stream_resumes_after_the_last_event_id(client: Client, provid
     with client.post("/workflow/chat/completions", json={"model": f"workflow:{ref}", "input": {}, "stream": True},
                      stream=True, timeout=30) as response:
         request_id = response.headers["X-Request-Id"]
-        first = next(e for e in _raw_events(response) if "data" in e)
+        first = next(e for e in sse_events(response, comments=True) if "data" in e)
     # The connection is gone; the run goes on.
     requests.post(gate, timeout=5)
     with client.get(f"/api/v1/runs/{request_id}/stream", headers={"Last-Event-ID": first["id"]},
                     stream=True, timeout=30) as resumed:
         assert resumed.status_code == 200
-        rest = [e["data"] for e in _raw_events(resumed) if "data" in e]
+        rest = [e["data"] for e in sse_events(resumed, comments=True) if "data" in e]
     assert [e["content"] for e in rest[:3]] == [0, 1, 2]
     assert rest[3]["output"] == {"done": True} and rest[-1] == "[DONE]"
     # From the start, everything again.
     with client.get(f"/api/v1/runs/{request_id}/stream", stream=True, timeout=30) as again:
-        assert [e["data"]["content"] for e in [e for e in _raw_events(again) if "data" in e][:4]] == \
+        assert [e["data"]["content"] for e in [e for e in sse_events(again, comments=True) if "data" in e][:4]] == \
             ["started", 0, 1, 2]
     assert client.get(f"/api/v1/runs/{request_id}/stream", headers={"Last-Event-ID": "nonsense"}).status_code == 400
 
@@ -222,7 +206,7 @@ def test_an_idle_stream_gets_keep_alive_comments(client: Client, provider: Stand
     client.upload(ref, WAITS_ON_A_GATE.format(gate=gate))
     with client.post("/workflow/chat/completions", json={"model": f"workflow:{ref}", "input": {}, "stream": True},
                      stream=True, timeout=30) as response:
-        events = _raw_events(response)
+        events = sse_events(response, comments=True)
         assert "data" in next(events)
         assert next(events) == {"comment": ": keep-alive"}  # nothing happens until the gate opens
         requests.post(gate, timeout=5)
@@ -236,7 +220,7 @@ def test_a_caller_that_disconnects_leaves_the_run_going_and_cached(client: Clien
     body = {"model": f"workflow:{ref}", "input": {}, "stream": True}
     with client.post("/workflow/chat/completions", json=body, stream=True, timeout=30) as response:
         request_id = response.headers["X-Request-Id"]
-        next(_raw_events(response))
+        next(sse_events(response, comments=True))
     requests.post(gate, timeout=5)
     deadline = time.monotonic() + 20
     while client.run(request_id)["status"] != "succeeded":
@@ -251,7 +235,7 @@ def test_on_disconnect_cancel_stops_the_run(client: Client, provider: StandInPro
     with client.post("/workflow/chat/completions", json={"model": f"workflow:{ref}", "input": {}, "stream": True,
                                                          "on_disconnect": "cancel"}, stream=True, timeout=30) as r:
         request_id = r.headers["X-Request-Id"]
-        next(_raw_events(r))
+        next(sse_events(r, comments=True))
     deadline = time.monotonic() + 20
     while client.run(request_id)["status"] != "cancelled":
         assert time.monotonic() < deadline, client.run(request_id)
@@ -268,8 +252,8 @@ def test_an_identical_request_joins_the_running_stream(client: Client, provider:
         assert joiner.headers["X-Cache"] == "HIT"
         assert joiner.headers["X-Request-Id"] == leader.headers["X-Request-Id"]
         requests.post(gate, timeout=5)
-        one = [e["data"] for e in _raw_events(leader) if "data" in e]
-        two = [e["data"] for e in _raw_events(joiner) if "data" in e]
+        one = [e["data"] for e in sse_events(leader, comments=True) if "data" in e]
+        two = [e["data"] for e in sse_events(joiner, comments=True) if "data" in e]
     assert one[:-2] == two[:-2] and len(one) == len(two)
     assert one[-2]["output"] == two[-2]["output"] == {"done": True} and one[-1] == two[-1] == "[DONE]"
     assert client.get(f"/api/v1/workflows/{ref}/runs").json()["pagination"]["total"] == 1
@@ -304,7 +288,7 @@ def test_many_open_streams_do_not_starve_other_requests(client: Client, provider
             assert hit.status_code == 200 and hit.headers["X-Cache"] == "HIT"
         finally:
             requests.post(gate, timeout=5)
-            finished = list(pool.map(lambda s: [e for e in _raw_events(s) if "data" in e][-1]["data"], streams))
+            finished = list(pool.map(lambda s: [e for e in sse_events(s) if "data" in e][-1]["data"], streams))
             for s in streams:
                 s.close()
     assert finished == ["[DONE]"] * 60

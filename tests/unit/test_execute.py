@@ -7,29 +7,18 @@ Redis, the run record, the claim and the end are real.
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
-import redis
 
 from flowpool.errors import SandboxError
-from flowpool.redis_server import RedisServer
 from flowpool.registry import Upload, Workflows
 from flowpool.run import RunJob, RunRecord, RunStatus
 from flowpool.sandbox import RunOutcome
-from flowpool.settings import Settings
 from flowpool.tasks.execute import execute_run
 from flowpool.tasks.worker import WorkerRuntime
 
 ACCOUNT = "acct-1"
-
-
-@pytest.fixture
-def runtime(redis_server: RedisServer, redis_db: redis.Redis) -> Iterator[WorkerRuntime]:
-    runtime = WorkerRuntime(Settings(redis_url=f"redis://127.0.0.1:{redis_server.port}/15", sandbox_prestart=0),
-                            name="worker-a")
-    yield runtime
-    runtime.redis.close()
 
 
 def test_a_run_the_sandbox_could_not_start_is_claimed_and_ends_failed(runtime: WorkerRuntime,

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Iterator
 
 import pytest
-import redis
 from celery.exceptions import Ignore
 
 from flowpool.errors import (RunError, RunNotStarted, ScriptError, TimeLimitExceeded, WorkerLost,
                              run_error_from_dict)
-from flowpool.redis_server import RedisServer
 from flowpool.run import RunEnd, RunJob, RunRecord, RunStatus
 from flowpool.sandbox import RunOutcome
-from flowpool.settings import Settings
 from flowpool.tasks.execute import _record_end
 from flowpool.tasks.model_calls import RunCalls
 from flowpool.tasks.run_task import _task_outcome
@@ -72,14 +68,6 @@ def test_a_delivery_that_found_its_run_another_deliverys_is_ignored() -> None:
 
 
 # The end a worker returns when its write was not applied
-
-
-@pytest.fixture
-def runtime(redis_server: RedisServer, redis_db: redis.Redis) -> Iterator[WorkerRuntime]:
-    runtime = WorkerRuntime(Settings(redis_url=f"redis://127.0.0.1:{redis_server.port}/15", sandbox_prestart=0),
-                            name="worker-a")
-    yield runtime
-    runtime.redis.close()
 
 
 @pytest.fixture
