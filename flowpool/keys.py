@@ -5,7 +5,7 @@ __all__ = [
     "ACCOUNTS", "METRICS", "RUNS_ACTIVE", "RUNS_REAPER", "SECRET", "WORKERS", "WORKER_SANDBOXES",
     "account", "agents", "api_key", "applications", "session_runs", "workflows", "workflow", "versions", "version",
     "version_hashes", "run", "run_cancel", "run_events", "run_lease", "run_logs", "run_reply", "workflow_runs", "cache",
-    "cache_record", "inflight", "idempotency",
+    "cache_record", "inflight", "idempotency", "blob",
 ]
 
 PREFIX = "fp:"
@@ -126,3 +126,8 @@ def inflight(account_id: str, cache_key: str) -> str:
 def idempotency(account_id: str, key_hash: str) -> str:
     """String: ``"<request id> <request fingerprint>"`` of the first request sent with an Idempotency-Key."""
     return f"{PREFIX}a:{account_id}:idem:{key_hash}"
+
+
+def blob(name: str) -> str:
+    """List: the chunks of one blob of the Redis blob store (flowpool.blobs), in order."""
+    return f"{PREFIX}blob:{name}"

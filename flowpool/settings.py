@@ -52,6 +52,13 @@ class Settings(BaseSettings):
         None, description="A Redis of its own for the result cache, which may evict (maxmemory-policy allkeys-lru) "
         "where the registry's must not. Unset: the cache lives in the registry's Redis, and a lookup shares the "
         "round trip that records the run.")
+    blob_url: Optional[str] = Field(
+        None, description="Where blobs (accessories, datastore batches and snapshots) live: `s3://bucket/prefix` "
+        "for S3-compatible object storage (boto3; credentials from the usual AWS_* variables or files). Unset: "
+        "the registry's Redis.")
+    blob_endpoint_url: Optional[str] = Field(
+        None, description="Endpoint of the S3-compatible store (MinIO, Ceph, R2...); unset, boto3's own "
+        "(AWS_ENDPOINT_URL, else AWS).")
     api_url: str = Field("http://127.0.0.1:8080", description="Where the command line finds the API; unset, that "
                          "of the `flowpool dev` running on FLOWPOOL_DATA_DIR, if one runs.")
     api_key: Optional[str] = Field(None, description="API key the command line sends; unset, that of the "

@@ -1,0 +1,231 @@
+"""The blob store: immutable named byte strings (accessories, datastore batches and snapshots).
+
+Two backends behind one interface, chosen by ``FLOWPOOL_BLOB_URL``:
+
+- unset: the registry's Redis (:class:`RedisBlobs`), so one command still
+  runs everything. A blob is a list of chunks of at most ``CHUNK_BYTES``,
+  written under a temporary key and renamed into place, so a reader sees
+  the whole blob or none of it and no single command moves 50 MB.
+- ``s3://bucket/prefix``: S3-compatible object storage (:class:`S3Blobs`),
+  through boto3, with the endpoint from ``FLOWPOOL_BLOB_ENDPOINT_URL`` (or
+  boto3's own ``AWS_ENDPOINT_URL``) and credentials from boto3's usual chain.
+
+Names are relative paths (``accessories/<account>/<sha256>``); callers make
+them content-addressed or versioned, so a blob is written once and never
+changed in place.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+from urllib.parse import urlsplit
+
+from . import keys
+
+if TYPE_CHECKING:
+    import redis
+
+    from .settings import Settings
+
+__all__ = ["BlobNotFound", "BlobStore", "RedisBlobs", "S3Blobs", "open_blob_store", "CHUNK_BYTES"]
+
+CHUNK_BYTES = 1 << 20
+
+
+class BlobNotFound(KeyError):
+    """No blob of that name."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"no blob named {self.name!r}"
+
+
+def _check_name(name: str, prefix: bool = False) -> str:
+    """``name`` if it is a relative path without empty, ``.`` or ``..`` parts (a prefix may end in ``/``)."""
+    parts = name.split("/")
+    if prefix and len(parts) > 1 and parts[-1] == "":
+        parts = parts[:-1]
+    if not name or name.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"not a blob name: {name!r}")
+    return name
+
+
+class BlobStore(ABC):
+    """Named, immutable byte strings."""
+
+    #: Where the blobs live, for people (no credentials).
+    location: str
+
+    @abstractmethod
+    def put(self, name: str, data: bytes) -> None:
+        """Store ``data`` under ``name``, whole or not at all."""
+
+    def put_file(self, name: str, path: str | Path) -> None:
+        """Store a local file's bytes under ``name`` (backends stream it where they can)."""
+        self.put(name, Path(path).read_bytes())
+
+    @abstractmethod
+    def get(self, name: str) -> bytes:
+        """The bytes of blob ``name``; :class:`BlobNotFound` if there is none."""
+
+    def download(self, name: str, path: str | Path) -> int:
+        """Write blob ``name`` to ``path`` (through a temporary file beside it, renamed into place); its size."""
+        target = Path(path)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
+        try:
+            size = 0
+            with open(tmp, "wb") as out:
+                for piece in self._pieces(name):
+                    out.write(piece)
+                    size += len(piece)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return size
+
+    def _pieces(self, name: str) -> Iterator[bytes]:
+        yield self.get(name)
+
+    @abstractmethod
+    def exists(self, name: str) -> bool:
+        """Whether blob ``name`` is stored."""
+
+    @abstractmethod
+    def delete(self, *names: str) -> None:
+        """Remove these blobs; names not stored are no error."""
+
+    @abstractmethod
+    def delete_prefix(self, prefix: str) -> int:
+        """Remove every blob whose name starts with ``prefix``; how many."""
+
+
+class RedisBlobs(BlobStore):
+    """Blobs in the registry's Redis: one list of chunks per blob (see the module docstring)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+        kwargs = client.connection_pool.connection_kwargs
+        self.location = f"redis (db {kwargs.get('db', 0)} of the registry)"
+
+    def put(self, name: str, data: bytes) -> None:
+        key = keys.blob(_check_name(name))
+        tmp = f"{key}:tmp:{uuid.uuid4().hex}"
+        chunks = [data[i:i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)] or [b""]
+        try:
+            for chunk in chunks:  # one chunk a command: no single command moves the whole blob
+                self.redis.rpush(tmp, chunk)
+            self.redis.rename(tmp, key)
+        finally:
+            self.redis.delete(tmp)
+
+    def get(self, name: str) -> bytes:
+        return b"".join(self._pieces(name))
+
+    def _pieces(self, name: str) -> Iterator[bytes]:
+        key = keys.blob(_check_name(name))
+        # Blobs are never changed in place, so the chunks read one at a time belong together;
+        # a blob deleted meanwhile ends the read as not found.
+        count = self.redis.llen(key)
+        if not count:
+            raise BlobNotFound(name)
+        for index in range(count):
+            piece = self.redis.lindex(key, index)
+            if piece is None:
+                raise BlobNotFound(name)
+            yield piece
+
+    def exists(self, name: str) -> bool:
+        return bool(self.redis.exists(keys.blob(_check_name(name))))
+
+    def delete(self, *names: str) -> None:
+        if names:
+            self.redis.delete(*(keys.blob(_check_name(n)) for n in names))
+
+    def delete_prefix(self, prefix: str) -> int:
+        removed = 0
+        pattern = keys.blob(_check_name(prefix, prefix=True))
+        for char in "\\*?[]":
+            pattern = pattern.replace(char, "\\" + char)
+        for key in self.redis.scan_iter(match=pattern + "*", count=500):
+            removed += self.redis.delete(key)
+        return removed
+
+
+class S3Blobs(BlobStore):
+    """Blobs in an S3-compatible bucket, under ``prefix``."""
+
+    def __init__(self, url: str, endpoint_url: str | None = None) -> None:
+        import boto3  # the server extra; only this backend needs it
+        from botocore.config import Config
+
+        parts = urlsplit(url)
+        if parts.scheme != "s3" or not parts.netloc:
+            raise ValueError(f"FLOWPOOL_BLOB_URL must look like s3://bucket/prefix, not {url!r}")
+        self.bucket = parts.netloc
+        self.prefix = parts.path.strip("/")
+        self.location = f"s3://{self.bucket}/{self.prefix}" + (f" at {endpoint_url}" if endpoint_url else "")
+        self.s3 = boto3.client("s3", endpoint_url=endpoint_url,
+                               config=Config(retries={"mode": "standard", "max_attempts": 4},
+                                             connect_timeout=5, read_timeout=60))
+
+    def _key(self, name: str, prefix: bool = False) -> str:
+        name = _check_name(name, prefix)
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def put(self, name: str, data: bytes) -> None:
+        self.s3.put_object(Bucket=self.bucket, Key=self._key(name), Body=data)
+
+    def put_file(self, name: str, path: str | Path) -> None:
+        self.s3.upload_file(str(path), self.bucket, self._key(name))  # multipart for large files
+
+    def get(self, name: str) -> bytes:
+        try:
+            return self.s3.get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read()
+        except self.s3.exceptions.NoSuchKey as exc:
+            raise BlobNotFound(name) from exc
+
+    def _pieces(self, name: str) -> Iterator[bytes]:
+        try:
+            body = self.s3.get_object(Bucket=self.bucket, Key=self._key(name))["Body"]
+        except self.s3.exceptions.NoSuchKey as exc:
+            raise BlobNotFound(name) from exc
+        yield from body.iter_chunks(CHUNK_BYTES)
+
+    def exists(self, name: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.s3.head_object(Bucket=self.bucket, Key=self._key(name))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+        return True
+
+    def delete(self, *names: str) -> None:
+        keys_ = [{"Key": self._key(n)} for n in names]
+        for start in range(0, len(keys_), 1000):
+            self.s3.delete_objects(Bucket=self.bucket, Delete={"Objects": keys_[start:start + 1000], "Quiet": True})
+
+    def delete_prefix(self, prefix: str) -> int:
+        removed = 0
+        paginator = self.s3.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix, prefix=True)):
+            objects = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+            if objects:
+                self.s3.delete_objects(Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True})
+                removed += len(objects)
+        return removed
+
+
+def open_blob_store(settings: Settings, client: redis.Redis) -> BlobStore:
+    """The blob store the settings name: S3 for ``FLOWPOOL_BLOB_URL=s3://...``, else the registry's Redis."""
+    if settings.blob_url:
+        return S3Blobs(settings.blob_url, settings.blob_endpoint_url)
+    return RedisBlobs(client)
