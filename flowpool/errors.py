@@ -139,6 +139,13 @@ class WorkflowNotFound(NotFound):
                                     f"GET /api/v1/workflows/{ref}/versions lists them")
 
 
+class Conflict(FlowpoolError):
+    """The resource already exists, or the request clashes with its current state."""
+
+    status = 409
+    type = "conflict"
+
+
 class PayloadTooLarge(FlowpoolError):
     """A body, input or result is over its size limit."""
 
@@ -272,6 +279,7 @@ __all__ = [
     "AuthenticationError",
     "Cancelled",
     "ConfigurationError",
+    "Conflict",
     "FlowpoolError",
     "IdempotencyKeyReused",
     "InputSchemaError",

@@ -1,6 +1,8 @@
 """The one settings object: every default declared once, read from ``FLOWPOOL_*`` variables."""
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Optional
 
 from pydantic import Field
@@ -59,6 +61,10 @@ class Settings(BaseSettings):
     blob_endpoint_url: Optional[str] = Field(
         None, description="Endpoint of the S3-compatible store (MinIO, Ceph, R2...); unset, boto3's own "
         "(AWS_ENDPOINT_URL, else AWS).")
+    cache_dir: Optional[str] = Field(
+        None, description="Local disk cache of a worker or API host: accessories by content hash and datastore "
+        "replicas. Shared by every flowpool process of the host; safe to lose. Unset: flowpool-cache-<uid> in the "
+        "system's temporary directory.")
     api_url: str = Field("http://127.0.0.1:8080", description="Where the command line finds the API; unset, that "
                          "of the `flowpool dev` running on FLOWPOOL_DATA_DIR, if one runs.")
     api_key: Optional[str] = Field(None, description="API key the command line sends; unset, that of the "
@@ -187,6 +193,8 @@ class Settings(BaseSettings):
     max_script_bytes: int = Field(
         DEFAULT_MAX_SCRIPT_BYTES, ge=1024, description="Largest workflow script, as UTF-8, that upload and validate "
         "accept.")
+    accessory_max_mb: float = Field(50, gt=0, description="Largest accessory a workflow version may bundle, in MB.")
+    accessories_max: int = Field(100, ge=0, description="Most accessories one workflow version may bundle.")
     body_timeout_seconds: float = Field(
         5.0, gt=0, description="Seconds a request body may go without a byte arriving; a stalled one (e.g. fewer "
         "bytes than its Content-Length) is answered 408 and its connection closed.")
@@ -200,6 +208,13 @@ class Settings(BaseSettings):
     def broker(self) -> str:
         """The broker URL in force."""
         return self.broker_url or self.redis
+
+    @property
+    def cache_path(self) -> str:
+        """The local disk cache in force (FLOWPOOL_CACHE_DIR, or one per user in the temporary directory)."""
+        if self.cache_dir:
+            return os.path.abspath(self.cache_dir)
+        return os.path.join(tempfile.gettempdir(), f"flowpool-cache-{os.getuid()}")
 
     @property
     def worker_drain(self) -> float:
