@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import io
 import socket
-from typing import Any
+from typing import Any, Callable
 
-from flask import request
+from flask import current_app, request
 
 from flowpool.errors import PayloadTooLarge, RequestError, RequestTimeout
+from flowpool.settings import Settings
 
 from .services import services
 
-__all__ = ["read_body"]
+__all__ = ["own_body_limit", "read_body"]
 
 _PIECE = 64 << 10
 
@@ -42,7 +43,7 @@ def read_body() -> None:
         return
     stream = environ["wsgi.input"]
     settings = services().settings
-    limit = settings.max_body_bytes
+    limit = _body_limit(settings)
     if length is not None and length > limit and not chunked:
         _close_after(stream)
         raise PayloadTooLarge(f"the request body is {length} bytes, over the limit of {limit} bytes")
@@ -56,6 +57,28 @@ def read_body() -> None:
     environ["wsgi.input"] = io.BytesIO(data)
     environ["CONTENT_LENGTH"] = str(len(data))
     environ.pop("HTTP_TRANSFER_ENCODING", None)  # the body is now a plain one of known length
+
+
+def own_body_limit(limit: Callable[[Settings], int]) -> Callable[[Any], Any]:
+    """Mark a view whose bodies may pass FLOWPOOL_MAX_BODY_BYTES: ``limit(settings)`` bytes is its own limit.
+
+    For bulk routes (a datastore ingest): every other route keeps the small
+    limit, so a large body cannot be sent where none is expected.
+    """
+    def mark(view: Any) -> Any:
+        view.body_limit = limit
+        return view
+    return mark
+
+
+def _body_limit(settings: Settings) -> int:
+    """The body limit of this request's route (its own, or FLOWPOOL_MAX_BODY_BYTES); werkzeug is told it too."""
+    view = current_app.view_functions.get(request.endpoint or "")
+    own = getattr(view, "body_limit", None)
+    if own is None:
+        return settings.max_body_bytes
+    request.max_content_length = limit = own(settings)
+    return limit
 
 
 def _content_length(raw: str | None) -> int | None:

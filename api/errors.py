@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 
 import redis
-from flask import Flask, Response, g, jsonify
+from flask import Flask, Response, g, jsonify, request
 from kombu.exceptions import OperationalError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
@@ -59,7 +59,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(RequestEntityTooLarge)
     def _too_large(exc: RequestEntityTooLarge) -> Response:
-        limit = app.config.get("MAX_CONTENT_LENGTH")
+        limit = request.max_content_length  # the route's own limit (api.body.own_body_limit), else the app's
         return render(PayloadTooLarge(f"the request body is over the limit of {limit} bytes"))
 
     @app.errorhandler(HTTPException)

@@ -38,6 +38,9 @@ class _RedisCollector:
         calls = CounterMetricFamily("flowpool_calls", "Model and agent calls of runs, by kind and status",
                                     labels=["kind", "status"])
         hits = CounterMetricFamily("flowpool_cache_hits", "Requests answered from the result cache")
+        fetches = CounterMetricFamily("flowpool_accessory_fetches", "Accessories workers fetched from the blob "
+                                      "store into their host's disk cache (not those served from it)")
+        fetched = CounterMetricFamily("flowpool_accessory_fetch_bytes", "Bytes of those fetches")
         for raw_name, raw_value in sorted(counters.items()):
             name, value = raw_name.decode(), int(raw_value)
             if name.startswith("runs:"):
@@ -47,9 +50,15 @@ class _RedisCollector:
                 calls.add_metric([kind, status], value)
             elif name == "cache_hits":
                 hits.add_metric([], value)
+            elif name == "accessory_fetches":
+                fetches.add_metric([], value)
+            elif name == "accessory_fetch_bytes":
+                fetched.add_metric([], value)
         yield runs
         yield calls
         yield hits
+        yield fetches
+        yield fetched
         yield GaugeMetricFamily("flowpool_workers", "Workers that sent a heartbeat within the worker TTL",
                                 value=workers)
         if svc.settings.broker.startswith("redis"):

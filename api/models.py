@@ -55,7 +55,8 @@ class InvokeRequest(BaseModel):
 
 
 class Accessory(BaseModel):
-    key: StrictStr = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+    # The key's rules (and the accessory's size and JSON) are checked by the registry, for multipart uploads too.
+    key: StrictStr
     content_base64: StrictStr
 
 

@@ -1,6 +1,7 @@
 """``GET /openapi.json``: the API described from its routes and its pydantic request models."""
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from flask import Blueprint, current_app, jsonify
@@ -9,6 +10,7 @@ from pydantic import BaseModel
 import flowpool
 from flowpool.registry import Agent, Application
 
+from .datastores import SearchRequest
 from .models import ActivateRequest, InvokeRequest, UploadRequest, ValidateRequest
 from .parsing import MAX_OFFSET, MAX_PAGE
 from .services import services
@@ -23,11 +25,12 @@ _BODIES: dict[str, type[BaseModel]] = {
     "workflows.activate": ActivateRequest,
     "applications.put_application": Application,
     "agents.put_agent": Agent,
+    "datastores.search": SearchRequest,
 }
 _PUBLIC = {"health.healthz", "health.readyz", "openapi.openapi", "metrics.metrics"}
 # Endpoints that page their answer with ``offset`` and ``limit`` (api/parsing.py page_args).
 _PAGED = {"workflows.list_workflows", "workflows.list_versions", "runs.list_runs", "runs.get_session",
-          "applications.list_applications", "agents.list_agents"}
+          "applications.list_applications", "agents.list_agents", "datastores.list_datastores"}
 _PAGE_PARAMETERS = [
     {"name": "offset", "in": "query", "required": False,
      "schema": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET, "default": 0}},
@@ -48,7 +51,7 @@ def build_document() -> dict[str, Any]:
     for rule in current_app.url_map.iter_rules():
         if rule.endpoint == "static":
             continue
-        path = rule.rule.replace("<", "{").replace(">", "}")
+        path = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule)  # <path:record_id> -> {record_id}
         view = current_app.view_functions[rule.endpoint]
         for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
             operation: dict[str, Any] = {

@@ -6,6 +6,7 @@ importing ``api/app.py``: the app imports the blueprints, not the other way.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -13,8 +14,11 @@ import redis
 from flask import current_app, g, request
 
 from flowpool import keys
+from flowpool.blobs import open_blob_store
 from flowpool.cache import ResultCache
 from flowpool.connections import connect_cache_store, connect_redis
+from flowpool.datastores import Datastores
+from flowpool.datastores.embedding import EmbeddingClient
 from flowpool.errors import AuthenticationError
 from flowpool.registry import Account, Accounts, Agents, Applications, ProviderKeys, ResolvedWorkflow, Workflows
 from flowpool.runs import RunStore
@@ -40,10 +44,15 @@ class Services:
         self.settings = settings
         self.redis = connect_redis(settings)
         self.accounts = Accounts(self.redis)
-        self.workflows = Workflows(self.redis, settings.max_script_bytes)
+        self.blobs = open_blob_store(settings, self.redis)
+        self.workflows = Workflows.for_settings(self.redis, settings, self.blobs)
         self.applications = Applications(self.redis)
         self.agents = Agents(self.redis)
         self.provider_keys = ProviderKeys(settings.provider_keys)
+        # Ingest embeds records without vectors, search embeds queries, for stores naming an endpoint; the
+        # key named by api_key_env is read from this process's environment, like a worker's provider keys.
+        self.datastores = Datastores(self.redis, self.blobs, settings,
+                                     embedder=EmbeddingClient.for_settings(settings, os.environ))
         self.runs = RunStore.for_settings(self.redis, settings)
         server_key = ServerKey(self.redis, settings.secret_key)
         self.cache = ResultCache(self.redis, server_key, connect_cache_store(settings))

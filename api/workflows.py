@@ -9,7 +9,10 @@ from flask import Blueprint, jsonify, request
 
 from flowpool.errors import RequestError
 from flowpool.registry import Upload, validate_script
+from flowpool.registry.accessories import MB
+from flowpool.settings import Settings
 
+from .body import own_body_limit
 from .models import ActivateRequest, UploadRequest, ValidateRequest
 from .parsing import json_body, loads, model_from, page_args, paginated
 from .services import authenticate, services
@@ -45,7 +48,8 @@ def execute(ctx: WorkflowContext):
 '''
 
 
-def _upload_from_multipart() -> dict[str, Any]:
+def _upload_from_multipart() -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The form's fields, and its ``accessory_<key>`` files as bytes (multipart carries them as they are)."""
     form: dict[str, Any] = {k: v for k, v in request.form.items()}
     script_file = request.files.get("script_file")
     if script_file is not None:
@@ -55,28 +59,47 @@ def _upload_from_multipart() -> dict[str, Any]:
             raise RequestError(f"script_file is not UTF-8 text: {exc}", param="script_file") from exc
     if "env" in form:
         form["env"] = loads(form["env"], "env")
-    form["accessories"] = [
-        {"key": name[len("accessory_"):], "content_base64": base64.b64encode(file.read()).decode()}
-        for name, file in request.files.items() if name.startswith("accessory_")
-    ]
-    return form
+    accessories: dict[str, bytes] = {}
+    for name, files in request.files.lists():
+        if name.startswith("accessory_"):
+            _add_accessory(accessories, name[len("accessory_"):], files[0].read(), given=len(files))
+    return form, accessories
 
 
-@bp.post("/upload")
-def upload():  # type: ignore[no-untyped-def]
-    svc, account = services(), authenticate()
-    if request.mimetype == "multipart/form-data":
-        data = _upload_from_multipart()
-    else:
-        data = json_body()
-    body = model_from(UploadRequest, data)
+def _accessories_from_json(body: UploadRequest) -> dict[str, bytes]:
+    """The body's ``accessories: [{key, content_base64}]`` decoded, by key."""
     accessories: dict[str, bytes] = {}
     for accessory in body.accessories:
         try:
-            accessories[accessory.key] = base64.b64decode(accessory.content_base64, validate=True)
+            content = base64.b64decode(accessory.content_base64, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise RequestError(f"accessory {accessory.key!r}: content_base64 is not base64: {exc}",
                                param="accessories") from exc
+        _add_accessory(accessories, accessory.key, content, given=1)
+    return accessories
+
+
+def _add_accessory(accessories: dict[str, bytes], key: str, content: bytes, given: int) -> None:
+    if given > 1 or key in accessories:
+        raise RequestError(f"accessory {key[:80]!r} is given more than once", param="accessories")
+    accessories[key] = content
+
+
+def _upload_limit(settings: Settings) -> int:
+    return int(settings.max_upload_mb * MB)
+
+
+@bp.post("/upload")
+@own_body_limit(_upload_limit)
+def upload():  # type: ignore[no-untyped-def]
+    """Store a workflow version: a JSON body (accessories in base64) or multipart (accessories as files)."""
+    svc, account = services(), authenticate()
+    if request.mimetype == "multipart/form-data":
+        data, accessories = _upload_from_multipart()
+        body = model_from(UploadRequest, data)
+    else:
+        body = model_from(UploadRequest, json_body())
+        accessories = _accessories_from_json(body)
     workflow, version, created = svc.workflows.upload(account.id, Upload(
         ref=body.workflow_ref_name, script=body.script, description=body.description,
         timeout_seconds=body.timeout_seconds, cache_ttl_seconds=body.cache_ttl_seconds,

@@ -113,14 +113,31 @@ class RedisBlobs(BlobStore):
         kwargs = client.connection_pool.connection_kwargs
         self.location = f"redis (db {kwargs.get('db', 0)} of the registry)"
 
+    # A temporary key left by a writer that died mid-blob expires after this long.
+    TMP_TTL_MS = 3600_000
+
     def put(self, name: str, data: bytes) -> None:
+        view = memoryview(data)
+        self._put_chunks(name, (view[i:i + CHUNK_BYTES] for i in range(0, len(view), CHUNK_BYTES)))
+
+    def put_file(self, name: str, path: str | Path) -> None:
+        with open(path, "rb") as source:
+            self._put_chunks(name, iter(lambda: source.read(CHUNK_BYTES), b""))
+
+    def _put_chunks(self, name: str, chunks: Iterator[bytes | memoryview]) -> None:
+        """Append the chunks to a temporary key, one a command (no single command moves the whole blob),
+        then rename it into place: readers see the whole blob or none of it."""
         key = keys.blob(_check_name(name))
         tmp = f"{key}:tmp:{uuid.uuid4().hex}"
-        chunks = [data[i:i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)] or [b""]
         try:
-            for chunk in chunks:  # one chunk a command: no single command moves the whole blob
+            self.redis.rpush(tmp, next(chunks, b""))
+            self.redis.pexpire(tmp, self.TMP_TTL_MS)
+            for chunk in chunks:
                 self.redis.rpush(tmp, chunk)
-            self.redis.rename(tmp, key)
+            with self.redis.pipeline() as pipe:  # the blob itself never expires
+                pipe.rename(tmp, key)
+                pipe.persist(key)
+                pipe.execute()
         finally:
             self.redis.delete(tmp)
 

@@ -40,10 +40,12 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterator, Mapping
+from urllib.parse import quote
 
 import requests
 from requests.structures import CaseInsensitiveDict
 
+from .multipart import MultipartBody, Progress
 from .sse import sse_data
 
 __all__ = [
@@ -231,19 +233,28 @@ class _Workflows:
         self._client = client
 
     def upload(self, name: str, script: str | Path, accessories: dict[str, str | Path] | None = None,
-               **fields: Any) -> Any:
-        """Upload a script (text or path) under ``name``; returns the workflow, version and ``created``."""
+               progress: Progress | None = None, **fields: Any) -> Any:
+        """Upload a script (text or path) under ``name``; returns the workflow, version and ``created``.
+
+        ``accessories`` maps keys to JSON files, streamed from disk as the
+        body is sent; ``progress(bytes_sent, bytes_total)`` is called as it goes.
+        """
         if isinstance(script, Path):
             script = script.read_text()
-        files = {"script_file": ("workflow.py", script.encode())}
+        files: dict[str, tuple[str, bytes | Path]] = {"script_file": ("workflow.py", script.encode())}
         for key, path in (accessories or {}).items():
-            files[f"accessory_{key}"] = (Path(path).name, Path(path).read_bytes())
+            files[f"accessory_{key}"] = (Path(path).name, Path(path))
         data = {"workflow_ref_name": name}
         for key, value in fields.items():
             if value is not None:
                 data[key] = json.dumps(value) if isinstance(value, dict) else str(value)
-        return Obj(self._client._request("POST", "/api/v1/workflows/upload", data=data, files=files)["data"],
-                   "WorkflowUpload")
+        body = MultipartBody(data, files, progress)
+        try:
+            answer = self._client._request("POST", "/api/v1/workflows/upload", data=body,
+                                           headers={"Content-Type": body.content_type})
+        finally:
+            body.close()
+        return Obj(answer["data"], "WorkflowUpload")
 
     def get(self, name: str) -> Any:
         """The workflow ``name`` and its active version."""
@@ -282,6 +293,71 @@ class _Runs:
         return self._client._events(response)
 
 
+class _Datastores:
+    """The account's datastores: records searched by id, keyword (BM25) and vector (cosine)."""
+
+    def __init__(self, client: Flowpool) -> None:
+        self._client = client
+
+    def create(self, name: str, id_field: str, text_fields: list[str], vector_field: str | None = None,
+               vector_dims: int | None = None, filters: list[str] | None = None,
+               embedding: dict[str, str] | None = None) -> Any:
+        """Create datastore ``name``; ``embedding`` ({base_url, model, api_key_env?}) embeds queries and records."""
+        spec: dict[str, Any] = {"name": name, "id_field": id_field, "text_fields": text_fields}
+        for key, value in (("vector_field", vector_field), ("vector_dims", vector_dims), ("filters", filters),
+                           ("embedding", embedding)):
+            if value is not None:
+                spec[key] = value
+        return Obj(self._client._request("POST", "/api/v1/datastores", json=spec)["data"], "Datastore")
+
+    def list(self, offset: int = 0, limit: int = 25) -> list[Any]:
+        """The account's datastores."""
+        page = self._client._request("GET", "/api/v1/datastores", params={"offset": offset, "limit": limit})
+        return _wrap(page["data"], "datastores")
+
+    def get(self, name: str) -> Any:
+        """Datastore ``name``: its spec, ``records`` and ``version``."""
+        return Obj(self._client._request("GET", f"/api/v1/datastores/{quote(name, safe='')}")["data"], "Datastore")
+
+    def delete(self, name: str) -> Any:
+        """Delete datastore ``name`` and its records."""
+        return Obj(self._client._request("DELETE", f"/api/v1/datastores/{quote(name, safe='')}")["data"])
+
+    def ingest(self, name: str, records: list[dict[str, Any]] | None = None, *, body: bytes | None = None,
+               content_type: str = "application/json") -> Any:
+        """Upsert ``records`` (or a raw ``body``: JSON array, JSONL as application/x-ndjson, CSV as text/csv).
+
+        One request, atomic: a bad line or record is a BadRequestError naming it, and nothing of it is
+        stored. ``flowpool datastore ingest`` sends a large file as batches under the server's limit.
+        """
+        if (records is None) == (body is None):
+            raise TypeError("pass records or body, not both")
+        if records is not None:
+            body, content_type = json.dumps(records).encode(), "application/json"
+        return Obj(self._client._request("POST", f"/api/v1/datastores/{quote(name, safe='')}/records", data=body,
+                                         headers={"Content-Type": content_type})["data"], "Ingested")
+
+    def delete_records(self, name: str, ids: list[str]) -> Any:
+        """Delete the records with these ids (ids not stored are skipped)."""
+        return Obj(self._client._request("DELETE", f"/api/v1/datastores/{quote(name, safe='')}/records",
+                                         json={"ids": ids})["data"])
+
+    def get_record(self, name: str, record_id: str) -> Any:
+        """The record ``record_id`` as ingested; NotFoundError when the store has none."""
+        path = f"/api/v1/datastores/{quote(name, safe='')}/records/{quote(record_id, safe='')}"
+        return Obj(self._client._request("GET", path)["data"], "Record")
+
+    def search(self, name: str, query: str | None = None, vector: list[float] | None = None, limit: int = 10,
+               filters: dict[str, Any] | None = None) -> Any:
+        """Records ranked by keyword, vector or both: ``mode`` and ``data`` [{id, score, scores, record}]."""
+        body: dict[str, Any] = {"limit": limit}
+        for key, value in (("query", query), ("vector", vector), ("filters", filters)):
+            if value is not None:
+                body[key] = value
+        return Obj(self._client._request("POST", f"/api/v1/datastores/{quote(name, safe='')}/search",
+                                         json=body)["data"], "SearchResult")
+
+
 class Flowpool:
     """A client of one flowpool API."""
 
@@ -306,6 +382,7 @@ class Flowpool:
         self.workflow = _Workflow(self)
         self.workflows = _Workflows(self)
         self.runs = _Runs(self)
+        self.datastores = _Datastores(self)
 
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         response = self.session.request(method, self.base_url + path, timeout=self.timeout, **kwargs)

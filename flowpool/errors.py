@@ -9,10 +9,12 @@
     │   └── ValidationFailed           (script rules; carries [{line, message}])
     ├── AuthenticationError            401 authentication_error
     ├── NotFound                       404 not_found
-    │   └── WorkflowNotFound           404 invalid_request_error (the seed's "Workflow not found: <ref>")
+    │   ├── WorkflowNotFound           404 invalid_request_error (the seed's "Workflow not found: <ref>")
+    │   └── DatastoreNotFound          404 not_found (no such datastore for this account)
     ├── PayloadTooLarge                413 payload_too_large
     ├── QuotaExceeded                  429 rate_limit_exceeded
     ├── Unavailable                    503 service_unavailable
+    ├── UpstreamError                  502 upstream_error (an endpoint called for the request failed)
     ├── RunError                       errors of a run, stored on its record
     │   ├── TimeLimitExceeded          408 timeout
     │   ├── ScriptError                500 script_error
@@ -139,6 +141,15 @@ class WorkflowNotFound(NotFound):
                                     f"GET /api/v1/workflows/{ref}/versions lists them")
 
 
+class DatastoreNotFound(NotFound):
+    """No datastore of that name for this account; another account's store reads the same."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"Datastore not found: {name}", reason="datastore_not_found",
+                         detail="this account has no datastore of that name (datastores are per account); "
+                                "GET /api/v1/datastores lists them")
+
+
 class Conflict(FlowpoolError):
     """The resource already exists, or the request clashes with its current state."""
 
@@ -168,6 +179,13 @@ class Unavailable(FlowpoolError):
     type = "service_unavailable"
     retry_safe = True
     retry_after = 5
+
+
+class UpstreamError(FlowpoolError):
+    """An endpoint flowpool called for this request (a datastore's embedding endpoint) failed or refused."""
+
+    status = 502
+    type = "upstream_error"
 
 
 # Every subclass of RunError by its class name, as it travels in a run error's "kind".
@@ -280,6 +298,7 @@ __all__ = [
     "Cancelled",
     "ConfigurationError",
     "Conflict",
+    "DatastoreNotFound",
     "FlowpoolError",
     "IdempotencyKeyReused",
     "InputSchemaError",
@@ -300,6 +319,7 @@ __all__ = [
     "ScriptError",
     "TimeLimitExceeded",
     "Unavailable",
+    "UpstreamError",
     "ValidationFailed",
     "WorkerLost",
     "WorkflowNotFound",

@@ -5,7 +5,7 @@ __all__ = [
     "ACCOUNTS", "METRICS", "RUNS_ACTIVE", "RUNS_REAPER", "SECRET", "WORKERS", "WORKER_SANDBOXES",
     "account", "agents", "api_key", "applications", "session_runs", "workflows", "workflow", "versions", "version",
     "version_hashes", "run", "run_cancel", "run_events", "run_lease", "run_logs", "run_reply", "workflow_runs", "cache",
-    "cache_record", "inflight", "idempotency", "blob",
+    "cache_record", "inflight", "idempotency", "blob", "datastores", "datastore", "datastore_log",
 ]
 
 PREFIX = "fp:"
@@ -131,3 +131,18 @@ def idempotency(account_id: str, key_hash: str) -> str:
 def blob(name: str) -> str:
     """List: the chunks of one blob of the Redis blob store (flowpool.blobs), in order."""
     return f"{PREFIX}blob:{name}"
+
+
+def datastores(account_id: str) -> str:
+    """Zset: the account's datastore names by creation time."""
+    return f"{PREFIX}a:{account_id}:dss"
+
+
+def datastore(account_id: str, name: str) -> str:
+    """Hash: a datastore's manifest (spec, generation, head, records, snapshot, created_at, updated_at)."""
+    return f"{PREFIX}a:{account_id}:ds:{name}"
+
+
+def datastore_log(account_id: str, name: str, generation: str) -> str:
+    """List: the blob names of one datastore incarnation's batches; batch ``seq`` is entry ``seq - 1``."""
+    return f"{PREFIX}a:{account_id}:ds:{name}:{generation}:log"

@@ -193,8 +193,33 @@ class Settings(BaseSettings):
     max_script_bytes: int = Field(
         DEFAULT_MAX_SCRIPT_BYTES, ge=1024, description="Largest workflow script, as UTF-8, that upload and validate "
         "accept.")
-    accessory_max_mb: float = Field(50, gt=0, description="Largest accessory a workflow version may bundle, in MB.")
-    accessories_max: int = Field(100, ge=0, description="Most accessories one workflow version may bundle.")
+    accessory_max_mb: float = Field(
+        50, gt=0, description="Largest accessory a workflow version may bundle, in MB (MiB): a bigger one is a 413 "
+        "naming its key.")
+    accessories_max: int = Field(100, ge=0, description="Most accessories one workflow version may bundle (more is "
+                                 "a 400).")
+    max_upload_mb: float = Field(
+        256, gt=0, description="Largest body of a workflow upload (POST /api/v1/workflows/upload), in MB, multipart "
+        "or JSON (base64 makes an accessory a third bigger); every other route keeps FLOWPOOL_MAX_BODY_BYTES. The "
+        "API holds an upload's body in memory while it stores it.")
+    max_ingest_mb: float = Field(
+        64, gt=0, description="Largest body of a datastore ingest (POST /api/v1/datastores/{name}/records), in MB; "
+        "every other route keeps FLOWPOOL_MAX_BODY_BYTES. `flowpool datastore ingest` sends batches under it.")
+    datastore_batch_max_records: int = Field(
+        10_000, ge=1, description="Most records one datastore ingest request may carry (more is a 400); "
+        "`flowpool datastore ingest` splits a file into batches under it.")
+    datastore_record_max_bytes: int = Field(
+        1 << 20, ge=256, description="Largest datastore record, as JSON without its vector (bigger is a 400 "
+        "naming it).")
+    datastore_hybrid_candidates: int = Field(
+        100, ge=1, description="Results taken from each of the keyword and the vector ranking before a hybrid "
+        "search fuses them (reciprocal rank fusion); at least the search's limit.")
+    datastore_snapshot_batches: int = Field(
+        64, ge=1, description="A datastore replica is snapshotted into the blob store every this many batches, so "
+        "a new host downloads the snapshot and replays only the batches after it.")
+    datastore_apply_wait_seconds: float = Field(
+        120, gt=0, description="How long a reader waits for another process of its host to finish bringing a "
+        "datastore replica up to date before it answers 503.")
     body_timeout_seconds: float = Field(
         5.0, gt=0, description="Seconds a request body may go without a byte arriving; a stalled one (e.g. fewer "
         "bytes than its Content-Length) is answered 408 and its connection closed.")

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any, Iterator, Protocol
+import os
+from typing import Any, BinaryIO, Iterator, Protocol
 
 from flowpool.sandbox.protocol import CallErrorKind
 
 __all__ = ["WorkflowContext", "WorkflowLog", "SoftTimeLimitExceeded", "WorkflowError", "ModelError", "EgressDenied", "HttpError", "WorkflowCallError",
-           "HttpResponse"]
+           "HttpResponse", "DatastoreError", "NotFoundError"]
 
 
 class WorkflowError(Exception):
@@ -27,6 +28,14 @@ class ModelError(WorkflowError):
 
 class WorkflowCallError(WorkflowError):
     """ctx.workflows.call failed: unknown workflow, bad input, a cycle, too deep, or the callee failed."""
+
+
+class NotFoundError(WorkflowError):
+    """What a ctx call named does not exist: an accessory key this workflow version was not uploaded with."""
+
+
+class DatastoreError(WorkflowError):
+    """ctx.datastore failed: no such store for this account, or a bad query (wrong vector size, unknown filter)."""
 
 
 class HttpError(WorkflowError):
@@ -50,6 +59,9 @@ CALL_ERRORS: dict[CallErrorKind, type[Exception]] = {
     CallErrorKind.TIMEOUT: SoftTimeLimitExceeded,
     CallErrorKind.UNSUPPORTED: WorkflowError,
     CallErrorKind.INVALID: WorkflowError,
+    CallErrorKind.NOT_FOUND: NotFoundError,
+    CallErrorKind.UNAVAILABLE: WorkflowError,
+    CallErrorKind.DATASTORE: DatastoreError,
 }
 
 
@@ -59,6 +71,8 @@ class Transport(Protocol):
     def call(self, method: str, params: dict[str, Any]) -> Any: ...
 
     def stream(self, method: str, params: dict[str, Any]) -> Iterator[Any]: ...
+
+    def call_with_file(self, method: str, params: dict[str, Any]) -> tuple[Any, int | None]: ...
 
 
 class _Completions:
@@ -165,6 +179,29 @@ class _Http:
         return self.request("DELETE", url, **kwargs)
 
 
+class _Datastore:
+    """The account's datastores, read through the worker: ``ctx.datastore.get`` and ``ctx.datastore.search``."""
+
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
+
+    def get(self, store: str, record_id: str) -> dict[str, Any] | None:
+        """The record ``record_id`` of datastore ``store`` as ingested, or None when it has none."""
+        return self._transport.call("datastore.get", {"store": store, "id": record_id})
+
+    def search(self, store: str, query: str | None = None, vector: list[float] | None = None, limit: int = 10,
+               filters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Records of ``store`` ranked by keyword (``query``, BM25), by ``vector`` (cosine) or both (a hybrid).
+
+        Each is ``{"id", "score", "scores": {"keyword", "vector"}, "record"}``, best first; ``filters``
+        keeps records whose declared fields equal the given values.
+        """
+        if vector is not None:
+            vector = [float(x) for x in vector]  # a numpy array or tuple travels as a JSON list
+        return self._transport.call("datastore.search", {"store": store, "query": query, "vector": vector,
+                                                         "limit": limit, "filters": filters})
+
+
 _LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -207,7 +244,34 @@ class WorkflowContext:
         self.http = _Http(transport)
         self.workflows = _Workflows(transport)
         self.agents = _Agents(transport)
+        self.datastore = _Datastore(transport)
         self._transport = transport
+        self._accessories: dict[str, Any] = {}
+
+    def load_accessory(self, key: str, fallback_path: str | None = None) -> Any:
+        """The parsed JSON accessory ``key`` bundled with this workflow version; read once per run.
+
+        The worker hands the run its cached file as an open read-only
+        descriptor, read here. A key the version has none of raises
+        :class:`NotFoundError` naming the keys it has, unless ``fallback_path``
+        names a local JSON file to load instead (for local development).
+        """
+        if key in self._accessories:
+            return self._accessories[key]
+        try:
+            _, fd = self._transport.call_with_file("accessory", {"key": key})
+        except NotFoundError:
+            if fallback_path is None:
+                raise
+            with open(fallback_path, "rb") as file:
+                value = _read_json(file, f"fallback_path {fallback_path!r} of accessory {key!r}")
+        else:
+            if fd is None:
+                raise WorkflowError(f"accessory {key!r} came without its file")
+            with os.fdopen(fd, "rb") as file:
+                value = _read_json(file, f"accessory {key!r}")
+        self._accessories[key] = value
+        return value
 
     def emit(self, type: str, content: Any = None) -> None:
         """Send an intermediate chunk to the caller."""
@@ -221,6 +285,17 @@ class WorkflowContext:
 
     def __repr__(self) -> str:
         return f"<WorkflowContext request_id={self.request_id!r}>"
+
+
+def _read_json(file: BinaryIO, what: str) -> Any:
+    """A JSON file parsed, its bytes let go of before parsing: a large accessory is held at most twice at once."""
+    data = file.read()
+    try:
+        text = data.decode(json.detect_encoding(data), "surrogatepass")
+        del data
+        return json.loads(text)
+    except ValueError as exc:
+        raise WorkflowError(f"{what} is not valid JSON: {exc}") from None
 
 
 def _jsonable(fields: dict[str, Any]) -> dict[str, Any]:

@@ -2,10 +2,15 @@
 
 A workflow (per account, by ref name) holds mutable settings from its latest
 upload (description, timeout, cache TTL, application, env) and points at one
-active version. A version holds the script and accessories exactly as
-uploaded, their content hash and the constants the script declares; it never
-changes. Uploading content that matches an existing version activates that
-version instead of creating a new one.
+active version. A version holds the script exactly as
+uploaded, the blobs of its accessories (:mod:`.accessories`), their content
+hash and the constants the script declares; it never changes. Uploading
+content that matches an existing version activates that version instead of
+creating a new one.
+
+Versions written before accessories moved to the blob store keep each
+accessory's bytes in field ``accessory:<key>`` of their hash, and no
+``accessory_objects`` in their meta; they stay readable as they are.
 """
 from __future__ import annotations
 
@@ -20,9 +25,11 @@ from typing import Any
 import redis
 
 from flowpool import keys
+from flowpool.blobs import BlobStore, RedisBlobs
 from flowpool.errors import RequestError, WorkflowNotFound
-from flowpool.settings import DEFAULT_MAX_SCRIPT_BYTES
+from flowpool.settings import DEFAULT_MAX_SCRIPT_BYTES, Settings
 
+from .accessories import MB, accessory_env, check_accessories, store_accessories
 from .names import is_name
 from .validation import (MAX_CACHE_TTL_SECONDS, MAX_TIMEOUT_SECONDS, ScriptInfo, valid_cache_ttl, valid_timeout,
                          validate_script)
@@ -111,6 +118,9 @@ class ResolvedWorkflow:
     env: dict[str, str]
     rev: str = ""  # the workflow's revision when resolved; a later upload or activate changes it
     limits: dict[str, int] | None = None  # the script's LIMITS, as validated at upload
+    # The version's accessory_objects: {key: {"object": blob name, "sha256", "size"}}; {} if none are in the
+    # blob store (none bundled, or a version from before, whose bytes are in its hash).
+    accessories: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _content_hash(script: str, accessories: dict[str, bytes]) -> str:
@@ -130,31 +140,53 @@ def _decode(mapping: dict[bytes, bytes]) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in mapping.items()}
 
 
-class Workflows:
-    """Upload, list, resolve and roll back workflows of an account."""
+_ACCESSORY_MAX_MB = Settings.model_fields["accessory_max_mb"].default
+_ACCESSORIES_MAX = Settings.model_fields["accessories_max"].default
 
-    def __init__(self, client: redis.Redis, max_script_bytes: int = DEFAULT_MAX_SCRIPT_BYTES) -> None:
+
+class Workflows:
+    """Upload, list, resolve and roll back workflows of an account.
+
+    ``blobs`` is where uploads put accessories: the API passes the store the
+    settings name (:meth:`for_settings`); unset, the registry's Redis. Only
+    :meth:`upload` writes to it.
+    """
+
+    def __init__(self, client: redis.Redis, max_script_bytes: int = DEFAULT_MAX_SCRIPT_BYTES, *,
+                 blobs: BlobStore | None = None, accessory_max_bytes: int = int(_ACCESSORY_MAX_MB * MB),
+                 accessories_max: int = _ACCESSORIES_MAX) -> None:
         self.redis = client
         self.max_script_bytes = max_script_bytes
+        self.blobs = blobs if blobs is not None else RedisBlobs(client)
+        self.accessory_max_bytes = accessory_max_bytes
+        self.accessories_max = accessories_max
+
+    @classmethod
+    def for_settings(cls, client: redis.Redis, settings: Settings, blobs: BlobStore) -> Workflows:
+        """The store with the operator's limits (script size, accessory size and count) and blob store."""
+        return cls(client, settings.max_script_bytes, blobs=blobs,
+                   accessory_max_bytes=int(settings.accessory_max_mb * MB), accessories_max=settings.accessories_max)
 
     # Writing
 
     def upload(self, account_id: str, upload: Upload) -> tuple[dict[str, Any], dict[str, Any], bool]:
-        """Validate and store an upload; returns the workflow, the active version and whether it is new."""
+        """Validate and store an upload; returns the workflow, the active version and whether it is new.
+
+        Everything is checked before anything is stored, so a refused upload
+        changes nothing; a new version's accessories are in the blob store
+        before the version that names them is written.
+        """
         check_ref(upload.ref)
         if upload.version_bump not in BUMPS:
             raise RequestError(f"version_bump must be one of {', '.join(BUMPS)}", param="version_bump")
         check_upload_fields(upload)
         validation = validate_script(upload.script, self.max_script_bytes)
         validation.raise_for_problems()
-        for key, content in upload.accessories.items():
-            try:
-                json.loads(content)
-            except ValueError as exc:
-                raise RequestError(f"accessory {key!r} is not valid JSON: {exc}", param="accessories") from exc
+        check_accessories(upload.accessories, self.accessories_max, self.accessory_max_bytes)
         content_hash = _content_hash(upload.script, upload.accessories)
         wf_key = keys.workflow(account_id, upload.ref)
         now = time.time()
+        objects: dict[str, dict[str, Any]] | None = None
         with self.redis.pipeline() as pipe:
             while True:
                 try:
@@ -167,14 +199,14 @@ class Workflows:
                         number, created = existing.decode(), False
                         meta = json.loads(pipe.hget(keys.version(account_id, upload.ref, number), "meta"))
                     else:
+                        if objects is None:  # once, however often the transaction is tried
+                            objects = store_accessories(self.blobs, account_id, upload.accessories)
                         number, created = bump_version(current.get("latest"), upload.version_bump), True
-                        meta = self._version_meta(number, content_hash, validation.info, upload, now)
+                        meta = self._version_meta(number, content_hash, validation.info, upload, now, objects)
                     pipe.multi()
                     if created:
                         vkey = keys.version(account_id, upload.ref, number)
                         pipe.hset(vkey, mapping={"meta": json.dumps(meta), "script": upload.script})
-                        for key, content in upload.accessories.items():
-                            pipe.hset(vkey, f"accessory:{key}", content)
                         pipe.zadd(keys.versions(account_id, upload.ref), {number: now})
                         pipe.hset(keys.version_hashes(account_id, upload.ref), content_hash, number)
                         pipe.hset(wf_key, "latest", number)
@@ -200,13 +232,14 @@ class Workflows:
 
     @staticmethod
     def _version_meta(number: str, content_hash: str, info: ScriptInfo | None, upload: Upload,
-                      now: float) -> dict[str, Any]:
+                      now: float, objects: dict[str, dict[str, Any]]) -> dict[str, Any]:
         return {
             "version": number,
             "content_hash": content_hash,
             "created_at": now,
             "notes": upload.version_notes,
             "accessories": sorted(upload.accessories),
+            "accessory_objects": objects,
             **(asdict(info) if info is not None else {}),
         }
 
@@ -306,7 +339,9 @@ class Workflows:
             if meta is None:
                 raise WorkflowNotFound(ref, number)
         cfg, info = json.loads(config), json.loads(meta)
-        env = {str(k): str(v) for k, v in (cfg.get("env") or {}).items()}
+        objects = info.get("accessory_objects") or {}
+        # The version's accessories name their blobs over any env entry of the same name: the script reads them.
+        env = {**{str(k): str(v) for k, v in (cfg.get("env") or {}).items()}, **accessory_env(objects)}
         return ResolvedWorkflow(
             account_id=account_id,
             ref=ref,
@@ -322,6 +357,7 @@ class Workflows:
             env=env,
             rev=rev.decode() if rev else "",
             limits=info.get("limits"),
+            accessories=objects,
         )
 
     def load_script(self, account_id: str, ref: str, number: str) -> str:

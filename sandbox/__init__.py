@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .protocol import CallErrorKind, CallFailed, CallHandler, RunErrorKind, RunOutcome, SandboxLimits, Streamed
+from .protocol import (CallErrorKind, CallFailed, CallHandler, RunErrorKind, RunOutcome, SandboxLimits, Streamed,
+                       WithFile)
 
 if TYPE_CHECKING:
     from .sandbox import Sandbox
     from .zygote_client import Zygote
 
 __all__ = ["CallErrorKind", "CallFailed", "CallHandler", "RunErrorKind", "RunOutcome", "Sandbox", "SandboxLimits",
-           "Streamed", "Zygote"]
+           "Streamed", "WithFile", "Zygote"]
 
 
 def __getattr__(name: str) -> Any:

@@ -2,17 +2,29 @@
 
 Both ends speak JSON, never pickle: the worker must not trust anything the
 sandboxed process sends, and a frame that is too long or not JSON ends the run.
+
+A frame may carry open file descriptors (SCM_RIGHTS), attached to its first
+bytes: the worker hands a run a read-only file that way (an accessory), so
+the file's bytes never cross the channel. Only the run reads descriptors
+(:meth:`Channel.recv_with_fds`); the worker's plain :meth:`Channel.recv`
+reads with ``recv``, and the kernel closes whatever descriptors a run sends.
 """
 from __future__ import annotations
 
+import array
 import json
+import os
 import socket
 import struct
 from typing import Any
 
-__all__ = ["Channel", "ChannelClosed", "ProtocolError", "blocking_pair", "blocking_socket"]
+__all__ = ["Channel", "ChannelClosed", "MAX_FDS", "ProtocolError", "blocking_pair", "blocking_socket"]
 
 _HEADER = struct.Struct(">I")
+
+# The most descriptors one frame may bring: room for them is made in every read of a frame that may carry some.
+MAX_FDS = 4
+_FDS_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 
 
 def blocking_pair(kind: int = socket.SOCK_STREAM) -> tuple[socket.socket, socket.socket]:
@@ -54,20 +66,47 @@ class Channel:
         self.sock = sock
         self.max_frame = max_frame
 
-    def send(self, message: dict[str, Any]) -> None:
-        """Send one message."""
-        self.send_bytes(json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode())
+    def send(self, message: dict[str, Any], fds: tuple[int, ...] | list[int] = ()) -> None:
+        """Send one message, with ``fds`` (still the caller's to close) attached to its first bytes."""
+        self.send_bytes(json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode(), fds)
 
-    def send_bytes(self, payload: bytes) -> None:
+    def send_bytes(self, payload: bytes, fds: tuple[int, ...] | list[int] = ()) -> None:
         """Send one frame whose body is already JSON."""
-        self.sock.sendall(_HEADER.pack(len(payload)) + payload)
+        frame = _HEADER.pack(len(payload)) + payload
+        if not fds:
+            self.sock.sendall(frame)
+            return
+        if len(fds) > MAX_FDS:
+            raise ValueError(f"a frame carries at most {MAX_FDS} descriptors")
+        # sendmsg may take only part of a long frame: the descriptors go with the part it took, the rest follows.
+        sent = self.sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        if sent < len(frame):
+            self.sock.sendall(frame[sent:])
 
     def recv(self) -> dict[str, Any]:
-        """Receive one message; the socket's timeout applies to each read."""
-        size = _HEADER.unpack(self._read(_HEADER.size))[0]
+        """Receive one message; the socket's timeout applies to each read. Descriptors sent with it are dropped."""
+        return self._recv(None)
+
+    def recv_with_fds(self) -> tuple[dict[str, Any], list[int]]:
+        """Receive one message and the descriptors that came with it (close-on-exec; the caller closes them).
+
+        A descriptor the kernel could not hand over (this process is at its
+        open-files limit) is missing from the list; the message says how
+        many were sent, where the protocol has them.
+        """
+        fds: list[int] = []
+        try:
+            return self._recv(fds), fds
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+
+    def _recv(self, fds: list[int] | None) -> dict[str, Any]:
+        size = _HEADER.unpack(self._read(_HEADER.size, fds))[0]
         if size > self.max_frame:
             raise ProtocolError(f"frame of {size} bytes is over the limit of {self.max_frame}")
-        body = self._read(size)
+        body = self._read(size, fds)
         try:
             message = json.loads(body)
         except (ValueError, RecursionError) as exc:  # nesting deep enough to exhaust the stack is no frame either
@@ -76,12 +115,21 @@ class Channel:
             raise ProtocolError("frame is not an object with an 'op'")
         return message
 
-    def _read(self, size: int) -> bytes:
+    def _read(self, size: int, fds: list[int] | None = None) -> bytes:
+        """Exactly ``size`` bytes; with ``fds``, through ``recvmsg``, adding the descriptors that come with them.
+
+        A plain ``recv`` of bytes that carry descriptors closes those: a
+        frame that may carry some is read with ``recvmsg`` from its first byte.
+        """
         buf = bytearray(size)
         view = memoryview(buf)
         got = 0
         while got < size:
-            n = self.sock.recv_into(view[got:], size - got)
+            if fds is None:
+                n = self.sock.recv_into(view[got:], size - got)
+            else:
+                n, ancillary, _flags, _ = self.sock.recvmsg_into([view[got:]], _FDS_SPACE, socket.MSG_CMSG_CLOEXEC)
+                fds.extend(_descriptors(ancillary))
             if n == 0:
                 raise ChannelClosed("channel closed")
             got += n
@@ -89,3 +137,12 @@ class Channel:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _descriptors(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    """The descriptors in ``recvmsg``'s ancillary data."""
+    found = array.array("i")
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            found.frombytes(data[:len(data) - len(data) % found.itemsize])
+    return list(found)

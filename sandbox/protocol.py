@@ -14,11 +14,16 @@ every object has an ``op``. A run process takes exactly one job:
                     {"op": "log", "level", "msg", "fields"}     a log line of the run
                     {"op": "call", "id", "method", "params"}    a ctx call, answered by the worker with
                       {"op": "reply", "id", "value"}
+                      | {"op": "reply", "id", "value", "fds": n}  with n open descriptors attached (SCM_RIGHTS)
                       | {"op": "chunk", "id", "value"}... then {"op": "reply", "id", "end": true}
                       | {"op": "reply", "id", "error": {"kind": <CallErrorKind>, "message"}}
                   then exactly one
                     {"op": "result", "value"}
                     | {"op": "error", "kind": <RunErrorKind>, "type", "message", "traceback"}
+
+A reply with ``fds`` hands the run read-only files (an accessory: :class:`WithFile`): the descriptors
+travel as ancillary data of the frame's first bytes, so the run reads with ``recvmsg``; a file's bytes never
+cross the channel. The worker reads with a plain ``recv``, which drops any descriptor a run sends it.
 
 A call is answered before the run makes the next one; the run passes over
 answers to an earlier call that its soft limit interrupted (their ``id`` is
@@ -45,7 +50,7 @@ if TYPE_CHECKING:  # the in-sandbox side must not import the worker's errors
     from flowpool.errors import RunError
 
 __all__ = ["CallErrorKind", "CallFailed", "CallHandler", "RunErrorKind", "RunOutcome", "SandboxLimits", "Streamed",
-           "cpu_budget"]
+           "WithFile", "cpu_budget"]
 
 
 class CallErrorKind(str, Enum):
@@ -58,6 +63,9 @@ class CallErrorKind(str, Enum):
     TIMEOUT = "timeout"  # the run's soft limit passed while the call was served
     UNSUPPORTED = "unsupported"  # this worker serves no such call
     INVALID = "invalid"  # the call is malformed
+    NOT_FOUND = "not_found"  # what the call names does not exist (an accessory key the version has not)
+    UNAVAILABLE = "unavailable"  # what the call names exists but could not be fetched (the blob store failed)
+    DATASTORE = "datastore"  # ctx.datastore: no such store for this account, or a bad query
 
 
 class RunErrorKind(str, Enum):
@@ -87,7 +95,19 @@ class Streamed:
     chunks: Iterator[Any]
 
 
-# on_call(method, params, deadline) -> a JSON value, or Streamed; deadline is on the monotonic clock.
+@dataclass
+class WithFile:
+    """What a ctx call handler returns to answer with a value and an open file (an accessory).
+
+    ``fd`` is a read-only descriptor the session sends with the reply
+    (SCM_RIGHTS) and then closes: the handler hands it over on return.
+    """
+
+    value: Any
+    fd: int
+
+
+# on_call(method, params, deadline) -> a JSON value, Streamed or WithFile; deadline is on the monotonic clock.
 CallHandler = Callable[[str, dict, float], Any]
 
 

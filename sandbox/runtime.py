@@ -48,34 +48,60 @@ class _Transport:
         with self._lock:
             self._channel.send(message)
 
-    def _replies(self, method: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """The worker's answers to one call. Answers to an earlier call that the
-        soft limit interrupted are passed over."""
+    def _replies(self, method: str, params: dict[str, Any]) -> Iterator[tuple[dict[str, Any], list[int]]]:
+        """The worker's answers to one call, each with the descriptors that came with it (the receiver's to close).
+
+        Every frame is read with ``recvmsg``, since a plain read would drop a
+        descriptor the worker sent. Answers to an earlier call that the soft
+        limit interrupted are passed over, their descriptors closed.
+        """
         call_id = next(self._ids)
         self.send({"op": "call", "id": call_id, "method": method, "params": params})
         while True:
-            message = self._channel.recv()
+            message, fds = self._channel.recv_with_fds()
             if message.get("id") != call_id:
+                _close(fds)
                 continue
             error = message.get("error")
             if error:
+                _close(fds)
                 raise _call_error(error)
-            yield message
+            yield message, fds
             if message["op"] == "reply":
                 return
 
     def call(self, method: str, params: dict[str, Any]) -> Any:
+        return self.call_with_file(method, params, want_file=False)[0]
+
+    def call_with_file(self, method: str, params: dict[str, Any], want_file: bool = True) -> tuple[Any, int | None]:
+        """A call answered with a value and, with ``want_file``, the read-only file the worker sent with it."""
         with self._call_lock:
-            for message in self._replies(method, params):
-                if message["op"] == "reply":
-                    return message.get("value")
-        return None
+            for message, fds in self._replies(method, params):
+                if message["op"] != "reply":
+                    _close(fds)
+                    continue
+                if not want_file:
+                    _close(fds)
+                    return message.get("value"), None
+                if len(fds) != 1 or message.get("fds") != 1:
+                    _close(fds)
+                    raise WorkflowError(
+                        f"ctx call {method!r} came without its file: the run may be at its open-files limit "
+                        f"({resource.getrlimit(resource.RLIMIT_NOFILE)[0]})")
+                return message.get("value"), fds[0]
+        return None, None
 
     def stream(self, method: str, params: dict[str, Any]) -> Iterator[Any]:
         with self._call_lock:
-            for message in self._replies(method, params):
+            for message, fds in self._replies(method, params):
+                _close(fds)
                 if message["op"] == "chunk":
                     yield message.get("value")
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def _call_error(error: dict[str, Any]) -> Exception:
@@ -151,6 +177,9 @@ class _NullTransport:
 
     def call(self, method: str, params: dict[str, Any]) -> Any:
         return None
+
+    def call_with_file(self, method: str, params: dict[str, Any]) -> tuple[Any, int | None]:
+        return None, None
 
     def stream(self, method: str, params: dict[str, Any]) -> Iterator[Any]:
         return iter(())

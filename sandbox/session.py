@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import select
 import signal
 import socket
@@ -24,7 +25,7 @@ from flowpool.jsonsafe import find_problem, find_problem_in
 
 from .channel import Channel, ChannelClosed, ProtocolError
 from .protocol import (CallErrorKind, CallFailed, CallHandler, RunErrorKind, RunOutcome, SandboxLimits, Streamed,
-                       cpu_budget)
+                       WithFile, cpu_budget)
 from .run_process import RunProcess
 from .zygote_client import Zygote
 
@@ -313,6 +314,11 @@ class RunSession:
                     self.channel.sock.settimeout(max(0.01, self.hard_deadline - time.monotonic()))
                     self.channel.send({"op": "chunk", "id": call_id, "value": chunk})
                 self.channel.send({"op": "reply", "id": call_id, "end": True})
+            elif isinstance(value, WithFile):
+                try:  # the file's descriptor goes with the reply; none of its bytes cross the channel
+                    self.channel.send({"op": "reply", "id": call_id, "value": value.value, "fds": 1}, fds=[value.fd])
+                finally:
+                    os.close(value.fd)
             else:
                 self.channel.send({"op": "reply", "id": call_id, "value": value})
         except CallFailed as exc:

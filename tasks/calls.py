@@ -44,6 +44,10 @@ class CallRouter:
             return self.call_workflow(params.get("ref_name"), params.get("input"), params.get("messages"), deadline)
         if method == "agents.create":
             return self.call_agent(params, deadline)
+        if method == "accessory":  # the job's own version's, a nested call's included: its file, by descriptor
+            return self.runtime.accessories.open(self.calls.job, params.get("key"), deadline)
+        if method in ("datastore.get", "datastore.search"):
+            return self.call_datastore(method, params)
         raise CallFailed(CallErrorKind.UNSUPPORTED, f"this worker does not serve ctx call {method!r}")
 
     def call_workflow(self, ref: Any, input: Any, messages: Any, deadline: float) -> Any:
@@ -93,6 +97,31 @@ class CallRouter:
                 time.sleep(max(0.0, deadline - time.monotonic()) + 0.2)
             raise CallFailed(CallErrorKind.WORKFLOW, f"workflow {ref}@{workflow.version} failed: {error.message}")
         return outcome.result
+
+    def call_datastore(self, method: str, params: dict[str, Any]) -> Any:
+        """Read a datastore of the run's account: a record by id (or None), or a search's ranked records."""
+        store = params.get("store")
+        if not isinstance(store, str) or not store:
+            raise CallFailed(CallErrorKind.DATASTORE, f"ctx.datastore needs a store name, got {store!r}")
+        account = self.calls.job.account
+        try:
+            if method == "datastore.get":
+                record_id = params.get("id")
+                if not isinstance(record_id, str):
+                    raise CallFailed(CallErrorKind.DATASTORE, f"a record id is a string, got {record_id!r}")
+                return self.runtime.datastores.get_record(account, store, record_id)
+            limit = params.get("limit", 10)
+            if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 1000:
+                raise CallFailed(CallErrorKind.DATASTORE, f"limit must be an integer from 1 to 1000, got {limit!r}")
+            query, vector, filters = params.get("query"), params.get("vector"), params.get("filters")
+            if not (query is None or isinstance(query, str)) or not (filters is None or isinstance(filters, dict)) \
+                    or not (vector is None or isinstance(vector, list)):
+                raise CallFailed(CallErrorKind.DATASTORE, "query is a string, vector a list of numbers, filters a "
+                                 "dict of field values")
+            return self.runtime.datastores.search(account, store, query=query, vector=vector, limit=limit,
+                                                  filters=filters)["data"]
+        except FlowpoolError as exc:  # no such store (another account's included), a bad query, a failed embedding
+            raise CallFailed(CallErrorKind.DATASTORE, f"datastore {store!r}: {exc.message}") from exc
 
     def call_agent(self, params: dict[str, Any], deadline: float) -> dict[str, Any]:
         """Call a configured agent: an endpoint, or a workflow answering in the chat.completion shape."""

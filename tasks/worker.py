@@ -12,7 +12,10 @@ import redis
 
 from flowpool import keys
 from flowpool.cache import ResultCache
+from flowpool.blobs import open_blob_store
 from flowpool.connections import QUICK_SECONDS, UNREACHABLE, connect_cache_store, connect_redis
+from flowpool.datastores import Datastores
+from flowpool.datastores.embedding import EmbeddingClient
 from flowpool.egress import EgressPolicy
 from flowpool.errors import Cancelled
 from flowpool.registry import Applications, ProviderKeys, Workflows
@@ -24,6 +27,7 @@ from flowpool.settings import Settings
 
 from .model_calls import ModelRouter
 from .outbound import HttpClient
+from .accessories import AccessoryCache
 from .scripts import ScriptCache
 
 __all__ = ["WorkerRuntime"]
@@ -45,6 +49,7 @@ class WorkerRuntime:
         self.cache = ResultCache(self.redis, server_key, connect_cache_store(settings))
         self.sealer = Sealer(server_key)  # opens the jobs' secrets and seals outputs carrying them
         self.scripts = ScriptCache(Workflows(self.redis), settings.script_cache_size)
+        self.accessories = AccessoryCache(self.redis, settings)  # by content hash: memory, host disk, blob store
         # Provider keys named by api_key_env are read from the worker's own
         # environment, at call time; they never enter the sandbox.
         egress = EgressPolicy(settings.egress_allow)
@@ -52,6 +57,9 @@ class WorkerRuntime:
         self.models = ModelRouter(Applications(self.redis), egress, os.environ, ProviderKeys(settings.provider_keys),
                                   retries=settings.model_retries,
                                   connect_timeout=settings.model_connect_timeout_seconds)
+        # ctx.datastore: this host's replicas (settings.cache_path), shared with its other flowpool processes.
+        self.datastores = Datastores(self.redis, open_blob_store(settings, self.redis), settings,
+                                     embedder=EmbeddingClient.for_settings(settings, os.environ))
         self._limits: dict[tuple, SandboxLimits] = {}
         self.sandbox = Sandbox(
             self.limits_for(None),

@@ -9,18 +9,22 @@ the workers and the broker share that Redis.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import psutil
 import pytest
 import redis
+import requests
 
 from flowpool.devstack import Stack
+from flowpool.procs import free_port, set_parent_death_signal
 from flowpool.redis_server import RedisServer
 
-from .helpers import Client, fail_on_leftovers, running
+from .helpers import Client, eventually, fail_on_leftovers, running
 from .provider import StandInProvider
 
 # Settings of the shared test stack: short limits so time-limit tests are quick.
@@ -31,6 +35,7 @@ TEST_ENV = {
     "FLOWPOOL_WORKER_HEARTBEAT_SECONDS": "0.5",
     "FLOWPOOL_WORKER_CONCURRENCY": "16",
     "FLOWPOOL_MAX_BODY_BYTES": str(1 << 20),
+    "FLOWPOOL_MAX_INGEST_MB": "4",  # a datastore ingest's own limit, over the 1 MB of every other route
     "FLOWPOOL_MAX_INPUT_BYTES": str(256 << 10),
     "FLOWPOOL_MAX_RESULT_BYTES": str(256 << 10),
     "FLOWPOOL_SANDBOX_MEMORY_MB": "256",
@@ -85,6 +90,52 @@ def redis_db(redis_server: RedisServer) -> Iterator[redis.Redis]:
     client.flushdb()
     yield client
     client.close()
+
+
+# Credentials of the loopback S3 server (moto accepts any); a client of it needs them in its environment.
+S3_ENV = {"AWS_ACCESS_KEY_ID": "flowpool-test", "AWS_SECRET_ACCESS_KEY": "flowpool-test-secret",
+          "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[dict[str, Any]]:
+    """An S3-compatible server on loopback (moto in server mode) with one bucket, for the session.
+
+    Yields ``{"endpoint_url", "bucket", "env"}``: ``env`` holds the AWS_* variables a client (boto3 here, or a
+    flowpool process beside FLOWPOOL_BLOB_URL/FLOWPOOL_BLOB_ENDPOINT_URL) needs.
+    """
+    import boto3
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                               env={**os.environ, **S3_ENV}, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, preexec_fn=set_parent_death_signal)
+    SESSION_PIDS.add(process.pid)
+    try:
+        eventually(lambda: _answers(endpoint) or process.poll() is not None, timeout=60,
+                   what=f"moto's S3 server on {endpoint}")
+        assert process.poll() is None, f"moto's S3 server exited with {process.returncode}"
+        s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"], region_name=S3_ENV["AWS_DEFAULT_REGION"])
+        s3.create_bucket(Bucket="flowpool-test")
+        yield {"endpoint_url": endpoint, "bucket": "flowpool-test", "env": dict(S3_ENV)}
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+def _answers(url: str) -> bool:
+    """Whether an HTTP server answers at ``url`` (any status)."""
+    try:
+        requests.get(url, timeout=1)
+    except requests.RequestException:
+        return False
+    return True
 
 
 @pytest.fixture(scope="session")

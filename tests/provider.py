@@ -8,6 +8,9 @@ The model name says how it behaves:
   hold-NAME       waits until gate NAME opens (see below; at most 60 s), then echo
   notjson         200 with a body that is not JSON
 Streams (``"stream": true``) send one chunk per word, then a chunk with usage, then [DONE].
+POST /v1/embeddings answers model ``hash-D`` with a D-dimension vector per input: each word (lower
+case) adds 1 at a position given by its hash, then the vector is normalized, so texts that share
+words point alike (:func:`hash_embedding`); model ``fail`` is a 500.
 Usage counts words: prompt = words of every message, completion = words of the answer.
 
 It also serves plain HTTP for ctx.http tests: GET /doc/NAME (JSON), GET /article?paragraphs=N
@@ -21,15 +24,25 @@ from __future__ import annotations
 import json
 import threading
 import time
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-__all__ = ["StandInProvider"]
+__all__ = ["StandInProvider", "hash_embedding"]
 
 
 def _words(text: Any) -> int:
     return len(str(text or "").split())
+
+
+def hash_embedding(text: str, dims: int) -> list[float]:
+    """The stand-in's embedding of ``text``: its words hashed into ``dims`` positions, normalized (zero if none)."""
+    vector = [0.0] * dims
+    for word in str(text).lower().split():
+        vector[zlib.crc32(word.encode()) % dims] += 1.0
+    norm = sum(x * x for x in vector) ** 0.5 or 1.0
+    return [x / norm for x in vector]
 
 
 class _Server(ThreadingHTTPServer):
@@ -101,6 +114,8 @@ class StandInProvider:
                 with provider._lock:
                     provider.requests.append({"path": self.path, "body": body, "headers": dict(self.headers)})
                     count = provider._counts[body.get("model", "")] = provider._counts.get(body.get("model", ""), 0) + 1
+                if self.path == "/v1/embeddings":
+                    return self._embeddings(body)
                 if self.path != "/v1/chat/completions":
                     return self._json(404, {"error": {"message": f"no route {self.path}"}})
                 model = str(body.get("model", ""))
@@ -128,6 +143,17 @@ class StandInProvider:
                                  "finish_reason": "stop"}],
                     "usage": usage,
                 })
+
+            def _embeddings(self, body: dict[str, Any]) -> None:
+                model = str(body.get("model", ""))
+                if not model.startswith("hash-"):
+                    return self._json(500 if model == "fail" else 404, {"error": {"message": f"no model {model}"}})
+                texts = body.get("input")
+                texts = [texts] if isinstance(texts, str) else list(texts or [])
+                data = [{"object": "embedding", "index": i, "embedding": hash_embedding(text, int(model[5:]))}
+                        for i, text in enumerate(texts)]
+                self._json(200, {"object": "list", "model": model, "data": data,
+                                 "usage": {"prompt_tokens": sum(_words(t) for t in texts)}})
 
             def _stream(self, model: str, answer: str, usage: dict[str, int]) -> None:
                 self.send_response(200)

@@ -3,7 +3,8 @@
 - :mod:`.serve`: ``dev``, ``api``, ``worker`` (the server extra);
 - :mod:`.doctor`: ``doctor``;
 - :mod:`.accounts`: ``accounts``;
-- :mod:`.workflows`: ``push``, ``validate``, ``invoke``, ``runs``, ``logs`` (the client alone).
+- :mod:`.workflows`: ``push``, ``validate``, ``invoke``, ``runs``, ``logs`` (the client alone);
+- :mod:`.datastores`: ``datastore create|list|get|ingest|search|delete`` (the client alone).
 
 Each module imports only click and the client at its top; what the server
 extra brings is imported inside the command that needs it.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import click
 
-from . import accounts, doctor, serve, workflows
+from . import accounts, datastores, doctor, serve, workflows
 
 __all__ = ["main"]
 
@@ -22,6 +23,6 @@ def main() -> None:
     """flowpool: multi-step AI workflows as one API call."""
 
 
-for _module in (serve, doctor, accounts, workflows):
+for _module in (serve, doctor, accounts, workflows, datastores):
     for _command in _module.COMMANDS:
         main.add_command(_command)

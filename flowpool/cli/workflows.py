@@ -27,12 +27,49 @@ def push(file: Path, ref: str, accessory: tuple[str, ...], timeout_seconds: floa
         key, sep, path = item.partition("=")
         if not sep:
             raise click.BadParameter(f"{item!r} is not KEY=FILE", param_hint="--accessory")
+        if not Path(path).is_file():
+            raise click.BadParameter(f"{path!r} is not a file", param_hint="--accessory")
         accessories[key] = path
     client = api_client(load_settings())
-    result = api_call(client.workflows.upload, ref, file, accessories=accessories,
-                       timeout_seconds=timeout_seconds, version_bump=version_bump)
+    progress = _UploadProgress()
+    try:
+        result = api_call(client.workflows.upload, ref, file, accessories=accessories, progress=progress,
+                          timeout_seconds=timeout_seconds, version_bump=version_bump)
+    finally:
+        progress.close()
     state = "new version" if result.created else "unchanged, active"
     click.echo(f"{ref}@{result.version.version} ({state})")
+
+
+class _UploadProgress:
+    """How far an upload got, on stderr, for bodies over PROGRESS_MIN_BYTES: a bar on a terminal, else a line
+    per tenth (a log or a CI job gets a few lines, not a redrawn bar)."""
+
+    PROGRESS_MIN_BYTES = 1 << 20
+
+    def __init__(self) -> None:
+        self._bar: Any = None
+        self._tenths_shown = -1
+
+    def __call__(self, sent: int, total: int) -> None:
+        if total < self.PROGRESS_MIN_BYTES:
+            return
+        if sys.stderr.isatty():
+            if self._bar is None:
+                self._bar = click.progressbar(length=total, label="uploading", file=sys.stderr,
+                                              show_pos=False, show_percent=True)
+                self._bar.__enter__()
+            self._bar.update(sent - self._bar.pos)
+            return
+        tenths = sent * 10 // total
+        if tenths > self._tenths_shown:
+            self._tenths_shown = tenths
+            click.echo(f"uploading: {sent / (1 << 20):.1f} of {total / (1 << 20):.1f} MB ({tenths * 10}%)", err=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+            self._bar = None
 
 
 @click.command()

@@ -1,0 +1,312 @@
+"""A host's local replica of one datastore incarnation: SQLite (WAL, FTS5) plus a float32 vector file.
+
+Files, under ``<cache>/datastores/<account>/<name>/<generation>/``:
+
+- ``replica.sqlite3``: ``records`` (rid, id, the record as JSON without its
+  vector, its vector row and norm), ``fts`` (a contentless FTS5 index of the
+  text fields, rowid = rid, ranked with bm25), ``filters`` (field, canonical
+  JSON value, rid) for equality filters, ``dead`` (vector rows replaced or
+  deleted, by the batch that did it) and ``meta`` (``applied``: the last
+  batch applied; ``vrows``: rows in the vector file).
+- ``vectors.f32``: append-only rows of float32 vectors as ingested, read
+  through ``numpy.memmap``; every process of the host shares its pages
+  through the page cache (each process keeps 1/norm per row beside it). A replaced vector gets a new row; the old one is
+  marked dead, so a row is never written twice and a reader never sees one
+  half-written.
+- ``lock``: ``flock``-ed by the one process of the host applying batches.
+
+A batch applies in one SQLite transaction that also moves ``applied`` and
+``vrows``; its vectors are appended before the commit. A process that dies
+mid-apply leaves a rolled-back transaction and perhaps vector rows past
+``vrows``, which the next applier cuts off before it goes on, so a crash
+never leaves a replica half-applied.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from flowpool.errors import Unavailable
+
+from .batch import decode_batch
+from .spec import Batch, Spec, filter_values
+
+__all__ = ["Replica", "State"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta VALUES ('applied', 0), ('vrows', 0);
+CREATE TABLE IF NOT EXISTS records (rid INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, body TEXT NOT NULL,
+                                    vrow INTEGER);
+CREATE INDEX IF NOT EXISTS records_vrow ON records (vrow) WHERE vrow IS NOT NULL;
+CREATE VIRTUAL TABLE IF NOT EXISTS fts USING fts5 (text, content='', tokenize='unicode61');
+CREATE TABLE IF NOT EXISTS filters (field TEXT NOT NULL, value TEXT NOT NULL, rid INTEGER NOT NULL,
+                                    PRIMARY KEY (field, value, rid)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS filters_rid ON filters (rid);
+CREATE TABLE IF NOT EXISTS dead (vrow INTEGER PRIMARY KEY, seq INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS dead_seq ON dead (seq);
+"""
+
+# Fetches the batches after a seq up to a head, as (seq, blob bytes), in order.
+Fetch = Callable[[int, int], Iterable[tuple[int, bytes]]]
+
+
+@dataclass(frozen=True)
+class State:
+    """What readers of this process see: taken whole, so one search never mixes two states."""
+
+    applied: int
+    vectors: np.ndarray | None   # (rows, dims) float32 memmap, or None without vectors
+    live: np.ndarray              # bool per vector row: False where replaced or deleted
+    inv_norms: np.ndarray         # float32 1/norm per vector row (0 for a zero vector)
+
+
+class Replica:
+    """One store incarnation's local copy; shared by the threads of a process, safe between processes."""
+
+    def __init__(self, directory: Path, spec: Spec, apply_wait_seconds: float = 120.0,
+                 seed: Callable[[Path, Path], bool] | None = None) -> None:
+        """``seed(db_path, vector_path)``: called once when the host has no replica yet; writes a snapshot's two
+        files there and says True, or False when there is no snapshot to start from."""
+        self.dir = directory
+        self.spec = spec
+        self.dims = spec.vector_dims or 0
+        self.apply_wait_seconds = apply_wait_seconds
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.db_path = self.dir / "replica.sqlite3"
+        self.vector_path = self.dir / "vectors.f32"
+        self._apply_lock = threading.Lock()
+        self._pool: list[sqlite3.Connection] = []
+        self._pool_lock = threading.Lock()
+        self._dead_seen = 0
+        with self._host_lock():
+            if seed is not None and not self.db_path.exists():
+                self._seed(seed)
+            with contextlib.closing(self._open()) as conn:
+                conn.executescript(_SCHEMA)
+        self.state = State(0, None, np.zeros(0, dtype=bool), np.zeros(0, dtype=np.float32))
+        self._load_state()
+
+    def _seed(self, seed: Callable[[Path, Path], bool]) -> None:
+        """Start from a snapshot: both files downloaded beside their places, then renamed (the database last)."""
+        tmp_db, tmp_vectors = self.dir / ".seed.sqlite3", self.dir / ".seed.f32"
+        try:
+            if seed(tmp_db, tmp_vectors):
+                os.replace(tmp_vectors, self.vector_path)
+                os.replace(tmp_db, self.db_path)
+        finally:
+            tmp_db.unlink(missing_ok=True)
+            tmp_vectors.unlink(missing_ok=True)
+
+    # -- connections -------------------------------------------------------------------------------------------
+
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False, timeout=60)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+    @contextlib.contextmanager
+    def reader(self) -> Iterator[sqlite3.Connection]:
+        """A connection from the pool (threads and greenlets take turns; none is shared at once)."""
+        with self._pool_lock:
+            conn = self._pool.pop() if self._pool else None
+        if conn is None:
+            conn = self._open()
+        try:
+            yield conn
+        finally:
+            with self._pool_lock:
+                if len(self._pool) < 16:
+                    self._pool.append(conn)
+                    conn = None
+            if conn is not None:
+                conn.close()
+
+    def close(self) -> None:
+        with self._pool_lock:
+            pool, self._pool = self._pool, []
+        for conn in pool:
+            conn.close()
+
+    @contextlib.contextmanager
+    def _host_lock(self) -> Iterator[None]:
+        """The host-wide apply lock (flock), waited for without blocking an event loop."""
+        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + self.apply_wait_seconds
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise Unavailable("another process of this host is still bringing the datastore "
+                                          "replica up to date; try again") from None
+                    time.sleep(0.01)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+    # -- catching up -------------------------------------------------------------------------------------------
+
+    def catch_up(self, head: int, fetch: Fetch) -> None:
+        """Apply the batches up to ``head`` that this replica lacks (no-op when it has them)."""
+        if self.state.applied >= head:
+            return
+        with self._apply_lock:
+            if self.state.applied >= head:
+                return
+            if self._meta_applied() < head:
+                with self._host_lock(), contextlib.closing(self._open()) as conn:
+                    applied = self._recover(conn)
+                    for seq, data in fetch(applied, head):
+                        self._apply(conn, seq, decode_batch(data))
+            self._load_state()
+
+    def _meta_applied(self) -> int:
+        with self.reader() as conn:
+            return conn.execute("SELECT value FROM meta WHERE key = 'applied'").fetchone()[0]
+
+    def _recover(self, conn: sqlite3.Connection) -> int:
+        """Cut off vector rows a crashed apply appended past its last commit; the applied seq."""
+        applied, vrows = (row[0] for row in conn.execute("SELECT value FROM meta ORDER BY key"))
+        expected = vrows * self.dims * 4
+        size = self.vector_path.stat().st_size if self.vector_path.exists() else 0
+        if size > expected:
+            os.truncate(self.vector_path, expected)
+        elif size < expected:
+            raise RuntimeError(f"datastore replica {self.dir} lost vector rows; remove it to rebuild it")
+        return applied
+
+    def _apply(self, conn: sqlite3.Connection, seq: int, batch: Batch) -> None:
+        """Apply one batch in one transaction (its vectors appended first, then the commit)."""
+        spec = self.spec
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            vrows = conn.execute("SELECT value FROM meta WHERE key = 'vrows'").fetchone()[0]
+            for rid in batch.deletes:
+                self._remove(conn, seq, rid, delete=True)
+            vector_of = {index: row for row, index in enumerate(batch.vector_rows)}
+            new_rows = []
+            for index, (record_id, record) in enumerate(batch.upserts):
+                row = vector_of.get(index)
+                vrow = None
+                if row is not None:
+                    new_rows.append(row)
+                    vrow = vrows + len(new_rows) - 1
+                body = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+                rid = self._remove(conn, seq, record_id, delete=False)
+                if rid is None:
+                    rid = conn.execute("INSERT INTO records (id, body, vrow) VALUES (?, ?, ?)",
+                                       (record_id, body, vrow)).lastrowid
+                else:
+                    conn.execute("UPDATE records SET body = ?, vrow = ? WHERE rid = ?", (body, vrow, rid))
+                text = spec.text_of(record)
+                if text:
+                    conn.execute("INSERT INTO fts (rowid, text) VALUES (?, ?)", (rid, text))
+                conn.executemany("INSERT OR IGNORE INTO filters VALUES (?, ?, ?)",
+                                 [(name, value, rid) for name in spec.filters if name in record
+                                  for value in filter_values(record[name])])
+            if new_rows:
+                matrix = np.ascontiguousarray(batch.vectors[new_rows], dtype="<f4")  # type: ignore[index]
+                with open(self.vector_path, "ab") as out:
+                    out.write(matrix.tobytes())
+                vrows += len(new_rows)
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'vrows'", (vrows,))
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'applied'", (seq,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _remove(self, conn: sqlite3.Connection, seq: int, record_id: str, delete: bool) -> int | None:
+        """Take a record out of the indexes (and out of ``records`` when ``delete``); its rid, None if absent."""
+        row = conn.execute("SELECT rid, body, vrow FROM records WHERE id = ?", (record_id,)).fetchone()
+        if row is None:
+            return None
+        rid, body, vrow = row
+        text = self.spec.text_of(json.loads(body))
+        if text:
+            conn.execute("INSERT INTO fts (fts, rowid, text) VALUES ('delete', ?, ?)", (rid, text))
+        conn.execute("DELETE FROM filters WHERE rid = ?", (rid,))
+        if vrow is not None:
+            conn.execute("INSERT OR REPLACE INTO dead VALUES (?, ?)", (vrow, seq))
+        if delete:
+            conn.execute("DELETE FROM records WHERE rid = ?", (rid,))
+        return rid
+
+    def _load_state(self) -> None:
+        """Publish what the database holds now to this process's readers (dead rows read incrementally)."""
+        with self.reader() as conn:
+            conn.execute("BEGIN")
+            try:
+                applied, vrows = (row[0] for row in conn.execute("SELECT value FROM meta ORDER BY key"))
+                dead = conn.execute("SELECT vrow, seq FROM dead WHERE seq > ?", (self._dead_seen,)).fetchall()
+            finally:
+                conn.execute("COMMIT")
+        old = self.state
+        live = old.live
+        if len(live) != vrows:
+            live = np.ones(vrows, dtype=bool)
+            live[:len(old.live)] = old.live[:vrows]
+        else:
+            live = live.copy()
+        for vrow, seq in dead:
+            if vrow < vrows:
+                live[vrow] = False
+            self._dead_seen = max(self._dead_seen, seq)
+        vectors, inv_norms = None, old.inv_norms
+        if self.dims and vrows:
+            vectors = np.memmap(self.vector_path, dtype="<f4", mode="r", shape=(vrows, self.dims))
+            known = min(len(inv_norms), vrows)
+            inv_norms = np.concatenate([inv_norms[:known], _inverse_norms(vectors[known:])])
+        self.state = State(applied, vectors, live, inv_norms)
+
+    # -- snapshots ---------------------------------------------------------------------------------------------
+
+    def export(self, target: Path) -> tuple[int, Path, Path]:
+        """A consistent copy of the replica in ``target``: (applied seq, database file, vector file)."""
+        target.mkdir(parents=True, exist_ok=True)
+        db, vectors = target / "replica.sqlite3", target / "vectors.f32"
+        with self._host_lock(), self.reader() as conn:
+            db.unlink(missing_ok=True)
+            conn.execute("VACUUM INTO ?", (str(db),))
+            with contextlib.closing(sqlite3.connect(db)) as copy:
+                applied, vrows = (row[0] for row in copy.execute("SELECT value FROM meta ORDER BY key"))
+            with open(vectors, "wb") as out:
+                if vrows and self.dims:
+                    with open(self.vector_path, "rb") as src:
+                        shutil.copyfileobj(_limited(src, vrows * self.dims * 4), out)
+        return applied, db, vectors
+
+
+def _inverse_norms(rows: np.ndarray) -> np.ndarray:
+    """1/norm of each row, 0 for a zero row (its cosine with anything is then 0)."""
+    norms = np.linalg.norm(np.asarray(rows, dtype=np.float32), axis=1)
+    with np.errstate(divide="ignore"):
+        return np.where(norms > 0, 1.0 / norms, 0.0).astype(np.float32)
+
+
+def _limited(src, size: int):  # type: ignore[no-untyped-def]
+    """A file-like over the first ``size`` bytes of ``src``."""
+    class _Reader:
+        remaining = size
+
+        def read(self, n: int = -1) -> bytes:
+            n = self.remaining if n < 0 else min(n, self.remaining)
+            data = src.read(n)
+            self.remaining -= len(data)
+            return data
+    return _Reader()

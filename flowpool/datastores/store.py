@@ -1,0 +1,283 @@
+"""The datastore engine every process uses: the API (create, ingest, search) and the workers (ctx.datastore).
+
+Writes go to the store's log: a request is checked whole, written as one
+blob, then appended to the manifest with a compare-and-set on its head
+(flowpool.datastores.manifest). Reads go to this host's replica, brought up
+to the head first: one HMGET per read when nothing changed, the missing
+batches applied when something did (flowpool.datastores.replica). So every
+process on every host sees a write on its next read, and none reads a store
+half-written.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import numpy as np
+
+from flowpool.blobs import BlobNotFound, BlobStore
+from flowpool.errors import DatastoreNotFound, RequestError, Unavailable, UpstreamError
+
+from .batch import encode_batch
+from .manifest import Manifest, Manifests, StaleHead
+from .replica import Replica
+from .search import check_filters, get_record, keyword_hits, records_of, rrf, vector_hits
+from .snapshots import Snapshots
+from .spec import Batch, check_ids, check_spec, check_vector, prepare_upserts
+
+if TYPE_CHECKING:
+    import redis
+
+    from flowpool.settings import Settings
+
+__all__ = ["Datastores", "Embedder"]
+
+log = logging.getLogger(__name__)
+
+Embedder = Callable[[dict, list[str]], list[list[float]]]
+# Tries of an append that lost the race for the head to another writer.
+_APPEND_TRIES = 20
+
+
+class Datastores:
+    """Every account's datastores, as one process reads and writes them; safe to share between threads."""
+
+    def __init__(self, client: redis.Redis, blobs: BlobStore, settings: Settings,
+                 embedder: Embedder | None = None) -> None:
+        self.manifests = Manifests(client)
+        self.blobs = blobs
+        self.settings = settings
+        self.embedder = embedder
+        self.root = Path(settings.cache_path) / "datastores"
+        self.snapshots = Snapshots(blobs, self.manifests, settings.datastore_snapshot_batches)
+        self._replicas: dict[tuple[str, str], tuple[Replica, Manifest]] = {}
+        self._lock = threading.Lock()
+
+    # -- stores ------------------------------------------------------------------------------------------------
+
+    def create(self, account_id: str, spec: dict) -> dict:
+        """Create a store; 400 for a bad spec, 409 if the account has one of that name."""
+        return self.manifests.create(account_id, check_spec(spec), uuid.uuid4().hex[:16]).view()
+
+    def list(self, account_id: str) -> list[dict]:
+        views = []
+        for name in self.manifests.names(account_id):
+            try:
+                views.append(self.manifests.read(account_id, name).view())
+            except DatastoreNotFound:
+                continue  # deleted meanwhile
+        return views
+
+    def get(self, account_id: str, name: str) -> dict:
+        return self.manifests.read(account_id, name).view()
+
+    def delete(self, account_id: str, name: str) -> None:
+        """Drop the store: its manifest first (readers see a 404 at once), then its blobs and this host's replica."""
+        manifest = self.manifests.read(account_id, name)
+        if not self.manifests.drop(manifest):
+            raise DatastoreNotFound(name)
+        self.blobs.delete_prefix(manifest.prefix)
+        with self._lock:
+            entry = self._replicas.pop((account_id, name), None)
+        if entry is not None:
+            entry[0].close()
+        shutil.rmtree(self._directory(manifest), ignore_errors=True)
+
+    # -- writes ------------------------------------------------------------------------------------------------
+
+    def ingest(self, account_id: str, name: str, records: list[dict]) -> dict:
+        """Upsert ``records`` by id as one batch: all of them or, on any 400, none."""
+        manifest = self.manifests.read(account_id, name)
+        settings = self.settings
+        batch = prepare_upserts(manifest.spec, records, settings.datastore_batch_max_records,
+                                settings.datastore_record_max_bytes)
+        self._embed_missing(manifest, batch)
+        ids = [rid for rid, _ in batch.upserts]
+        seq = self._append(manifest, batch, lambda replica: len(ids) - _count_existing(replica, ids))
+        return {"upserted": len(ids), "version": seq}
+
+    def delete_records(self, account_id: str, name: str, ids: list[str]) -> dict:
+        """Delete these records (ids not stored are skipped) as one batch."""
+        manifest = self.manifests.read(account_id, name)
+        batch = Batch(deletes=check_ids(ids))
+        if len(batch.deletes) > self.settings.datastore_batch_max_records:
+            raise RequestError(f"{len(batch.deletes)} ids in one request; at most "
+                               f"{self.settings.datastore_batch_max_records}", param="ids")
+        deleted: list[int] = []
+
+        def delta(replica: Replica) -> int:
+            deleted[:] = [_count_existing(replica, batch.deletes)]
+            return -deleted[0]
+        seq = self._append(manifest, batch, delta, skip_if_zero=True)
+        return {"deleted": deleted[0] if deleted else 0, "version": seq}
+
+    def _append(self, manifest: Manifest, batch: Batch, delta: Callable[[Replica], int],
+                skip_if_zero: bool = False) -> int:
+        """Store ``batch`` as one blob and make it the next batch of the log; the new head.
+
+        ``delta(replica)``, read from this host's replica at the head the batch goes after, is how many records
+        the store gains, so the manifest's count stays exact with concurrent writers (a lost race reads again).
+        """
+        blob = f"{manifest.prefix}batches/{uuid.uuid4().hex}"
+        stored = False
+        try:
+            for _ in range(_APPEND_TRIES):
+                replica, current, head = self._replica_at_head(manifest.account_id, manifest.spec.name)
+                if current.generation != manifest.generation:
+                    raise DatastoreNotFound(manifest.spec.name)  # deleted (and perhaps created again) meanwhile
+                change = delta(replica)
+                if skip_if_zero and change == 0:
+                    return head
+                if not stored:
+                    self.blobs.put(blob, encode_batch(batch, manifest.spec.vector_dims))
+                    stored = True
+                try:
+                    seq = self.manifests.append(manifest, head, blob, change)
+                except StaleHead:
+                    continue
+                stored = False  # it is the log's now
+                self._catch_up(replica, manifest, seq)
+                self.snapshots.maybe_take(manifest, replica, seq)
+                return seq
+            raise Unavailable("the datastore is being written by many requests at once; try again")
+        finally:
+            if stored:
+                self.blobs.delete(blob)
+
+    def _embed_missing(self, manifest: Manifest, batch: Batch) -> None:
+        """Give the records that came without a vector (and have text) one from the store's embedding endpoint."""
+        spec = manifest.spec
+        if not spec.embedding or self.embedder is None:
+            return
+        vectors = {index: batch.vectors[row] for row, index in enumerate(batch.vector_rows)}  # type: ignore[index]
+        missing = [index for index, (_, record) in enumerate(batch.upserts)
+                   if index not in vectors and spec.text_of(record)]
+        if not missing:
+            return
+        answer = self.embedder(dict(spec.embedding), [spec.text_of(batch.upserts[index][1]) for index in missing])
+        if len(answer) != len(missing):
+            raise UpstreamError(f"the embedding endpoint answered {len(answer)} vectors for {len(missing)} texts")
+        for index, vector in zip(missing, answer):
+            vectors[index] = _embedded(spec, vector)
+        batch.vector_rows = sorted(vectors)
+        batch.vectors = np.stack([vectors[index] for index in batch.vector_rows]).astype(np.float32)
+
+    # -- reads -------------------------------------------------------------------------------------------------
+
+    def get_record(self, account_id: str, name: str, record_id: str) -> dict | None:
+        """The record as ingested (its vector as stored, float32), or None."""
+        replica, _, _ = self._replica_at_head(account_id, name)
+        return get_record(replica, str(record_id))
+
+    def search(self, account_id: str, name: str, query: str | None = None, vector: list[float] | None = None,
+               limit: int = 10, filters: dict | None = None) -> dict:
+        """Keyword (``query``), vector (``vector``) or hybrid (both; or ``query`` on a store that embeds)."""
+        replica, _, _ = self._replica_at_head(account_id, name)
+        spec = replica.spec
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise RequestError("limit must be a positive integer", param="limit")
+        if query is not None and not isinstance(query, str):
+            raise RequestError("query must be a string", param="query")
+        checked = check_filters(spec, filters)
+        if vector is not None:
+            if not spec.vector_field:
+                raise RequestError(f"datastore {name!r} has no vectors (no vector_field)", param="vector")
+            vector = check_vector(spec, vector, "vector", param="vector")
+        elif query and spec.embedding and self.embedder is not None:
+            vector = _embedded(spec, self.embedder(dict(spec.embedding), [query])[0])
+        if query is None and vector is None:
+            raise RequestError("a search needs a query, a vector or both", param="query")
+        if vector is None:
+            mode, hits = "keyword", [(rid, score, None) for rid, score in keyword_hits(replica, query, limit, checked)]
+        elif not query:
+            mode, hits = "vector", [(rid, None, score) for rid, score in vector_hits(replica, vector, limit, checked)]
+        else:
+            mode, hits = "hybrid", _hybrid(replica, query, vector, limit, checked,
+                                           max(limit, self.settings.datastore_hybrid_candidates))
+        records = records_of(replica, [hit[0] for hit in hits])
+        data = []
+        for rid, keyword, cosine, *fused in hits:
+            if rid in records:
+                score = fused[0] if fused else (keyword if keyword is not None else cosine)
+                data.append({"id": records[rid][spec.id_field], "score": score,
+                             "scores": {"keyword": keyword, "vector": cosine}, "record": records[rid]})
+        return {"mode": mode, "data": data}
+
+    # -- replicas ----------------------------------------------------------------------------------------------
+
+    def _directory(self, manifest: Manifest) -> Path:
+        return self.root / manifest.account_id / manifest.spec.name / manifest.generation
+
+    def _replica_at_head(self, account_id: str, name: str) -> tuple[Replica, Manifest, int]:
+        """This process's replica of the store, brought up to the head Redis has now; its manifest; that head."""
+        found = self.manifests.head(account_id, name)
+        if found is None:
+            raise DatastoreNotFound(name)
+        generation, head = found
+        entry = self._replicas.get((account_id, name))
+        if entry is None or entry[1].generation != generation:
+            manifest = self.manifests.read(account_id, name)  # the incarnation may have changed again: take it
+            if manifest.generation != generation:
+                head = manifest.head
+            entry = self._open(manifest)
+        replica, manifest = entry
+        self._catch_up(replica, manifest, head)
+        return replica, manifest, head
+
+    def _open(self, manifest: Manifest) -> tuple[Replica, Manifest]:
+        key = (manifest.account_id, manifest.spec.name)
+        with self._lock:
+            entry = self._replicas.get(key)
+            if entry is not None and entry[1].generation == manifest.generation:
+                return entry
+            replica = Replica(self._directory(manifest), manifest.spec, self.settings.datastore_apply_wait_seconds,
+                              seed=self.snapshots.seeder(manifest))
+            old, self._replicas[key] = entry, (replica, manifest)
+        if old is not None:
+            old[0].close()
+            shutil.rmtree(old[0].dir, ignore_errors=True)  # a deleted incarnation: nobody reads it again
+        return replica, manifest
+
+    def _catch_up(self, replica: Replica, manifest: Manifest, head: int) -> None:
+        try:
+            replica.catch_up(head, lambda after, upto: self._batches(manifest, after, upto))
+        except BlobNotFound as exc:
+            if self.manifests.head(manifest.account_id, manifest.spec.name) is None:
+                raise DatastoreNotFound(manifest.spec.name) from exc  # deleted while we read it
+            raise
+
+    def _batches(self, manifest: Manifest, after: int, upto: int) -> Iterator[tuple[int, bytes]]:
+        names = self.manifests.batches(manifest.account_id, manifest.spec.name, manifest.generation, after, upto)
+        if len(names) != upto - after:
+            raise DatastoreNotFound(manifest.spec.name)
+        for seq, blob in enumerate(names, start=after + 1):
+            yield seq, self.blobs.get(blob)
+
+
+def _embedded(spec: Any, vector: Any) -> np.ndarray:
+    try:
+        return check_vector(spec, list(vector), "the embedding endpoint's answer")
+    except RequestError as exc:
+        raise UpstreamError(exc.message) from exc
+
+
+def _count_existing(replica: Replica, ids: list[str]) -> int:
+    count = 0
+    with replica.reader() as conn:
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            count += conn.execute(f"SELECT count(*) FROM records WHERE id IN ({marks})", chunk).fetchone()[0]
+    return count
+
+
+def _hybrid(replica: Replica, query: str, vector: np.ndarray, limit: int, filters: list,
+            candidates: int) -> list[tuple[int, float | None, float | None, float]]:
+    keyword = keyword_hits(replica, query, candidates, filters)
+    nearest = vector_hits(replica, vector, candidates, filters)
+    by_keyword, by_vector = dict(keyword), dict(nearest)
+    return [(rid, by_keyword.get(rid), by_vector.get(rid), score) for rid, score in rrf([keyword, nearest])[:limit]]

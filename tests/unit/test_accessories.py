@@ -1,0 +1,325 @@
+"""Accessories at run time: the worker's cache (real Redis, real disk) and the file a run gets by descriptor.
+
+The cache tests write blobs and version meta the way an upload does; the
+sandbox tests hand a real run process an open file through each sandbox
+backend and read it with ``ctx.load_accessory``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import stat
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterator
+
+import pytest
+import redis
+
+from flowpool import keys
+from flowpool.blobs import RedisBlobs
+from flowpool.redis_server import RedisServer
+from flowpool.run import RunJob
+from flowpool.sandbox import CallErrorKind, CallFailed, RunOutcome, Sandbox, SandboxLimits, WithFile
+from flowpool.sandbox.channel import Channel
+from flowpool.sandbox.session import RunSession
+from flowpool.settings import Settings
+from flowpool.tasks.accessories import AccessoryCache
+from tests.helpers import compiled, sandbox_backends
+
+ACCOUNT, REF, VERSION, CONTENT_HASH = "acct-1", "tariffs", "1.0.0", "c" * 64
+
+
+def later(seconds: float = 30.0) -> float:
+    return time.monotonic() + seconds
+
+
+def store_version(client: redis.Redis, accessories: dict[str, bytes], *, account: str = ACCOUNT,
+                  version: str = VERSION, content_hash: str = CONTENT_HASH, legacy: bool = False) -> dict[str, Any]:
+    """A version as an upload writes it: blobs then meta (or, ``legacy``, the bytes in the version's hash)."""
+    vkey = keys.version(account, REF, version)
+    meta: dict[str, Any] = {"version": version, "content_hash": content_hash, "accessories": sorted(accessories)}
+    if legacy:
+        client.hset(vkey, mapping={f"accessory:{k}": v for k, v in accessories.items()})
+    else:
+        objects = {}
+        for key, data in accessories.items():
+            sha = hashlib.sha256(data).hexdigest()
+            RedisBlobs(client).put(f"accessories/{account}/{sha}", data)
+            objects[key] = {"object": f"accessories/{account}/{sha}", "sha256": sha, "size": len(data)}
+        meta["accessory_objects"] = objects
+    client.hset(vkey, "meta", json.dumps(meta))
+    return meta
+
+
+def job(account: str = ACCOUNT, version: str = VERSION, content_hash: str = CONTENT_HASH) -> RunJob:
+    return RunJob(request_id="req-1", account=account, workflow=REF, version=version, content_hash=content_hash,
+                  soft_seconds=30)
+
+
+def read(answer: WithFile) -> bytes:
+    with os.fdopen(answer.fd, "rb") as file:
+        return file.read()
+
+
+def fetches(client: redis.Redis) -> int:
+    return int(client.hget(keys.METRICS, "accessory_fetches") or 0)
+
+
+@pytest.fixture
+def cache(redis_server: RedisServer, redis_db: redis.Redis, tmp_path: Path) -> AccessoryCache:
+    settings = Settings(redis_url=f"redis://127.0.0.1:{redis_server.port}/15", cache_dir=str(tmp_path / "cache"))
+    return AccessoryCache(redis_db, settings)
+
+
+# The cache
+
+
+def test_an_accessory_is_fetched_once_then_served_from_disk(cache: AccessoryCache, redis_db: redis.Redis) -> None:
+    data = json.dumps({"codes": list(range(1000))}).encode()
+    store_version(redis_db, {"hts-codes": data})
+
+    answers = [cache.open(job(), "hts-codes", later()) for _ in range(3)]
+
+    assert [read(a) for a in answers] == [data] * 3
+    assert answers[0].value == {"key": "hts-codes", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert fetches(redis_db) == 1
+    path = Path(cache.directory) / hashlib.sha256(data).hexdigest()
+    assert path.read_bytes() == data
+    assert stat.S_IMODE(path.stat().st_mode) == 0o400
+    assert stat.S_IMODE(Path(cache.directory).stat().st_mode) == 0o700
+    assert [p.name for p in Path(cache.directory).iterdir() if p.name.endswith(".part")] == []
+
+
+def test_another_process_on_the_host_finds_the_file_on_disk(cache: AccessoryCache, redis_db: redis.Redis) -> None:
+    data = b'{"a": 1}'
+    store_version(redis_db, {"a": data})
+    read(cache.open(job(), "a", later()))
+    other = AccessoryCache(redis_db, cache.settings)  # a second worker process: nothing in its memory
+
+    assert read(other.open(job(), "a", later())) == data
+    assert fetches(redis_db) == 1
+
+
+def test_threads_asking_at_once_fetch_once(cache: AccessoryCache, redis_db: redis.Redis) -> None:
+    data = json.dumps(["x" * 1000] * 3000).encode()  # a few MB: several chunks in the Redis blob store
+    store_version(redis_db, {"big": data})
+    caches = [cache, AccessoryCache(redis_db, cache.settings)]  # two processes' caches, four threads each
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda n: read(caches[n % 2].open(job(), "big", later())), range(8)))
+
+    assert got == [data] * 8
+    assert fetches(redis_db) == 1
+
+
+def test_a_file_corrupted_on_disk_is_never_served(cache: AccessoryCache, redis_db: redis.Redis) -> None:
+    data = b'{"rates": [1, 2, 3]}'
+    store_version(redis_db, {"rates": data})
+    path = Path(cache.directory) / hashlib.sha256(data).hexdigest()
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b'{"rates": [1, 2, 9]}')  # a bad disk, or a hand in the cache
+
+    assert read(cache.open(job(), "rates", later())) == data
+    assert path.read_bytes() == data
+    assert fetches(redis_db) == 1
+
+
+def test_a_blob_whose_bytes_do_not_match_its_hash_is_refused(cache: AccessoryCache, redis_db: redis.Redis) -> None:
+    meta = store_version(redis_db, {"rates": b'{"rates": 1}'})
+    RedisBlobs(redis_db).put(meta["accessory_objects"]["rates"]["object"], b'{"rates": 2}')
+
+    with pytest.raises(CallFailed) as failed:
+        cache.open(job(), "rates", later())
+
+    assert failed.value.kind is CallErrorKind.UNAVAILABLE
+    assert "corrupted" in failed.value.message
+    assert list(Path(cache.directory).iterdir()) == [Path(cache.directory) / f".{meta['accessory_objects']['rates']['sha256']}.lock"]
+
+
+def test_a_blob_missing_from_the_store_is_unavailable(cache: AccessoryCache, redis_db: redis.Redis) -> None:
+    meta = store_version(redis_db, {"rates": b"[1]"})
+    RedisBlobs(redis_db).delete(meta["accessory_objects"]["rates"]["object"])
+
+    with pytest.raises(CallFailed) as failed:
+        cache.open(job(), "rates", later())
+
+    assert failed.value.kind is CallErrorKind.UNAVAILABLE
+    assert "missing from the blob store" in failed.value.message
+
+
+def test_an_unknown_key_names_the_keys_the_version_has(cache: AccessoryCache, redis_db: redis.Redis) -> None:
+    store_version(redis_db, {"b-list": b"[]", "a-map": b"{}"})
+
+    with pytest.raises(CallFailed) as failed:
+        cache.open(job(), "c-map", later())
+
+    assert failed.value.kind is CallErrorKind.NOT_FOUND
+    assert failed.value.message == "workflow tariffs@1.0.0 has no accessory 'c-map'; its accessories: a-map, b-list"
+
+
+def test_a_version_without_accessories_says_it_has_none(cache: AccessoryCache, redis_db: redis.Redis) -> None:
+    store_version(redis_db, {})
+
+    with pytest.raises(CallFailed, match="its accessories: none") as failed:
+        cache.open(job(), "anything", later())
+    assert failed.value.kind is CallErrorKind.NOT_FOUND
+
+
+def test_a_version_from_before_the_blob_store_is_read_from_its_hash(cache: AccessoryCache,
+                                                                     redis_db: redis.Redis) -> None:
+    store_version(redis_db, {"old": b'{"legacy": true}'}, legacy=True)
+
+    assert read(cache.open(job(), "old", later())) == b'{"legacy": true}'
+    assert read(cache.open(job(), "old", later())) == b'{"legacy": true}'
+    assert fetches(redis_db) == 0  # no blob store read
+    with pytest.raises(CallFailed, match="its accessories: old"):
+        cache.open(job(), "new", later())
+
+
+def test_another_accounts_version_is_not_read(cache: AccessoryCache, redis_db: redis.Redis) -> None:
+    store_version(redis_db, {"secret": b'"theirs"'}, account="acct-2")
+
+    with pytest.raises(CallFailed) as failed:
+        cache.open(job(account=ACCOUNT), "secret", later())
+    assert failed.value.kind is CallErrorKind.NOT_FOUND
+
+
+def test_a_workflow_uploaded_again_under_the_same_version_gets_its_new_accessories(
+        cache: AccessoryCache, redis_db: redis.Redis) -> None:
+    store_version(redis_db, {"a": b"1"}, content_hash="1" * 64)
+    assert read(cache.open(job(content_hash="1" * 64), "a", later())) == b"1"
+    store_version(redis_db, {"a": b"2"}, content_hash="2" * 64)  # deleted, then uploaded again: 1.0.0 anew
+
+    assert read(cache.open(job(content_hash="2" * 64), "a", later())) == b"2"
+
+
+def test_a_fetch_held_by_another_ends_at_the_runs_deadline(cache: AccessoryCache, redis_db: redis.Redis) -> None:
+    import fcntl
+
+    meta = store_version(redis_db, {"a": b"1"})
+    Path(cache.directory).mkdir(parents=True)
+    with open(Path(cache.directory) / f".{meta['accessory_objects']['a']['sha256']}.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(CallFailed) as failed:
+            cache.open(job(), "a", later(0.1))
+    assert failed.value.kind is CallErrorKind.TIMEOUT
+
+
+# The descriptor on the channel
+
+
+def test_a_descriptor_travels_with_its_frame_and_a_plain_recv_drops_it(tmp_path: Path) -> None:
+    path = tmp_path / "f.json"
+    path.write_bytes(b'{"x": 1}')
+    ours, theirs = socket.socketpair()
+    sender, receiver = Channel(ours), Channel(theirs)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        big = {"op": "reply", "id": 1, "value": "v" * (4 << 20), "fds": 1}  # longer than one sendmsg takes
+        writer = threading.Thread(target=lambda: (sender.send(big, fds=[fd]), sender.send(big, fds=[fd]),
+                                                  sender.send({"op": "reply", "id": 2})))
+        writer.start()
+        message, fds = receiver.recv_with_fds()
+        assert message == big and len(fds) == 1
+        with os.fdopen(fds[0], "rb") as file:
+            assert file.read() == b'{"x": 1}'
+        open_before = len(os.listdir("/proc/self/fd"))
+        assert receiver.recv() == big  # read whole, its descriptor dropped by the kernel
+        assert len(os.listdir("/proc/self/fd")) == open_before
+        assert receiver.recv_with_fds() == ({"op": "reply", "id": 2}, [])
+        writer.join(10)
+    finally:
+        os.close(fd)
+        ours.close()
+        theirs.close()
+
+
+def test_the_session_sends_the_file_with_the_reply_and_closes_its_descriptor(tmp_path: Path) -> None:
+    path = tmp_path / "f.json"
+    path.write_bytes(b'[1, 2, 3]')
+    fd = os.open(path, os.O_RDONLY)
+    worker_end, run_end = socket.socketpair()
+    session = RunSession(SimpleNamespace(pid=1, sock=worker_end), zygote=None, limits=SandboxLimits(),  # type: ignore[arg-type]
+                         soft_seconds=30, hard_grace_seconds=5, outcome=RunOutcome(),
+                         on_call=lambda method, params, deadline: WithFile({"key": params["key"]}, fd))
+    run = Channel(run_end)
+    try:
+        run.send({"op": "call", "id": 7, "method": "accessory", "params": {"key": "k"}})
+        run.send({"op": "result", "value": None})
+        session.follow()
+        message, fds = run.recv_with_fds()
+    finally:
+        worker_end.close()
+        run_end.close()
+    assert message == {"op": "reply", "id": 7, "value": {"key": "k"}, "fds": 1}
+    with os.fdopen(fds[0], "rb") as file:
+        assert file.read() == b"[1, 2, 3]"
+    with pytest.raises(OSError):
+        os.fstat(fd)  # the session closed its own copy
+
+
+# Through a real run process, on each sandbox backend
+
+LOADS = """
+    import os
+
+    def execute(ctx):
+        out = {}
+        before = len(os.listdir("/proc/self/fd"))
+        for key, fallback in ctx.input:
+            if fallback:
+                with open(fallback, "w") as f:
+                    f.write('{"from": "fallback"}')
+            try:
+                out[key] = ctx.load_accessory(key, fallback_path=fallback)
+            except Exception as exc:
+                out[key] = [type(exc).__name__, str(exc)]
+        out["again"] = ctx.load_accessory("rates") is ctx.load_accessory("rates")
+        out["left_open"] = len(os.listdir("/proc/self/fd")) - before
+        return out
+"""
+
+
+@pytest.fixture(params=sandbox_backends())
+def sandbox(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
+    box = Sandbox(SandboxLimits(memory_bytes=256 << 20, open_files=64), slots=2, uid_base=114000,
+                  hard_grace_seconds=1.0, prestart=0, backend=request.param)
+    box.start()
+    try:
+        yield box
+    finally:
+        box.stop()
+
+
+def test_a_run_reads_its_accessory_from_the_descriptor(sandbox: Sandbox, tmp_path: Path) -> None:
+    path = tmp_path / "rates.json"
+    path.write_bytes(json.dumps({"rates": [1.5, 2.5], "name": "tarifs é"}).encode())
+    path.chmod(0o400)
+    tmp_path.chmod(0o700)  # the run's uid can reach the file by its descriptor only
+    calls: list[str] = []
+
+    def serve(method: str, params: dict[str, Any], deadline: float) -> Any:
+        assert method == "accessory"
+        calls.append(params["key"])
+        if params["key"] != "rates":
+            raise CallFailed(CallErrorKind.NOT_FOUND, f"no accessory {params['key']!r}; its accessories: rates")
+        return WithFile({"key": "rates"}, os.open(path, os.O_RDONLY))
+
+    outcome = sandbox.run(compiled(LOADS), {"input": [["rates", None], ["missing", None],
+                                                      ["local", "local.json"], ["rates", "local.json"]]},
+                          20, on_call=serve)
+
+    assert outcome.ok, outcome.error
+    result = outcome.result
+    assert result["rates"] == {"rates": [1.5, 2.5], "name": "tarifs é"}
+    assert result["missing"] == ["NotFoundError", "no accessory 'missing'; its accessories: rates"]
+    assert result["local"] == {"from": "fallback"}  # no such key: the local file
+    assert result["again"] is True
+    assert calls == ["rates", "missing", "local"]  # once per key per run; the stored key ignores its fallback
+    assert result["left_open"] == 0  # each descriptor read and closed
