@@ -24,10 +24,10 @@ from typing import Any, Callable
 
 from flask import current_app, request
 
-from flowpool.errors import PayloadTooLarge, RequestError, RequestTimeout
+from flowpool.errors import FlowpoolError, PayloadTooLarge, RequestError, RequestTimeout
 from flowpool.settings import Settings
 
-from .services import services
+from .services import authenticate, services
 
 __all__ = ["own_body_limit", "read_body"]
 
@@ -44,6 +44,8 @@ def read_body() -> None:
     stream = environ["wsgi.input"]
     settings = services().settings
     limit = _body_limit(settings)
+    if limit > settings.max_body_bytes:
+        _authenticate_first(stream)
     if length is not None and length > limit and not chunked:
         _close_after(stream)
         raise PayloadTooLarge(f"the request body is {length} bytes, over the limit of {limit} bytes")
@@ -62,8 +64,10 @@ def read_body() -> None:
 def own_body_limit(limit: Callable[[Settings], int]) -> Callable[[Any], Any]:
     """Mark a view whose bodies may pass FLOWPOOL_MAX_BODY_BYTES: ``limit(settings)`` bytes is its own limit.
 
-    For bulk routes (a datastore ingest): every other route keeps the small
-    limit, so a large body cannot be sent where none is expected.
+    For bulk routes (an upload with accessories, a datastore ingest): every
+    other route keeps the small limit, so a large body cannot be sent where
+    none is expected. On such a route the API key is checked before the
+    body is read (a 401 costs no memory).
     """
     def mark(view: Any) -> Any:
         view.body_limit = limit
@@ -79,6 +83,16 @@ def _body_limit(settings: Settings) -> int:
         return settings.max_body_bytes
     request.max_content_length = limit = own(settings)
     return limit
+
+
+def _authenticate_first(stream: Any) -> None:
+    """On a route whose bodies may be large, the API key is checked before any of the body is read:
+    a caller without a valid key gets its 401 without the server taking up to the route's limit in memory."""
+    try:
+        authenticate()  # the view's own call then finds the account in ``g``
+    except FlowpoolError:
+        _close_after(stream)
+        raise
 
 
 def _content_length(raw: str | None) -> int | None:

@@ -26,8 +26,6 @@ bp = Blueprint("datastores", __name__, url_prefix="/api/v1/datastores")
 
 # The most results one search returns.
 MAX_SEARCH_LIMIT = 1000
-# The most ids one DELETE .../records names.
-MAX_DELETE_IDS = 100_000
 
 
 class SearchRequest(BaseModel):
@@ -42,11 +40,14 @@ class SearchRequest(BaseModel):
 
 
 class DeleteRecordsRequest(BaseModel):
-    """``DELETE .../records``: the ids to remove (ids not stored are skipped)."""
+    """``DELETE .../records``: the ids to remove (ids not stored are skipped; integers are their decimal strings).
+
+    How many one request may name is the engine's rule, FLOWPOOL_DATASTORE_BATCH_MAX_RECORDS, as for an ingest.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    ids: list[StrictStr] = Field(min_length=1, max_length=MAX_DELETE_IDS)
+    ids: list[StrictStr | StrictInt] = Field(min_length=1)
 
 
 def _ingest_limit(settings: Any) -> int:
@@ -108,7 +109,7 @@ def delete_records(name: str):  # type: ignore[no-untyped-def]
     """Delete records by id: ``{"ids": [...]}``."""
     svc, account = services(), authenticate()
     body = model_from(DeleteRecordsRequest, json_body())
-    return jsonify({"data": svc.datastores.delete_records(account.id, name, body.ids)})
+    return jsonify({"data": svc.datastores.delete_records(account.id, name, list(body.ids))})
 
 
 @bp.get("/<name>/records/<path:record_id>")

@@ -73,7 +73,7 @@ def _accessories_from_json(body: UploadRequest) -> dict[str, bytes]:
         try:
             content = base64.b64decode(accessory.content_base64, validate=True)
         except (binascii.Error, ValueError) as exc:
-            raise RequestError(f"accessory {accessory.key!r}: content_base64 is not base64: {exc}",
+            raise RequestError(f"accessory {accessory.key[:80]!r}: content_base64 is not base64: {exc}",
                                param="accessories") from exc
         _add_accessory(accessories, accessory.key, content, given=1)
     return accessories

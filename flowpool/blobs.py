@@ -17,20 +17,24 @@ changed in place.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import IO, TYPE_CHECKING, Iterator
 from urllib.parse import urlsplit
 
 from . import keys
+from .errors import Unavailable
 
 if TYPE_CHECKING:
     import redis
 
     from .settings import Settings
 
-__all__ = ["BlobNotFound", "BlobStore", "RedisBlobs", "S3Blobs", "open_blob_store", "CHUNK_BYTES"]
+__all__ = ["BlobNotFound", "BlobStore", "BlobStoreUnavailable", "RedisBlobs", "S3Blobs", "open_blob_store",
+           "CHUNK_BYTES"]
 
 CHUNK_BYTES = 1 << 20
 
@@ -44,6 +48,11 @@ class BlobNotFound(KeyError):
 
     def __str__(self) -> str:
         return f"no blob named {self.name!r}"
+
+
+class BlobStoreUnavailable(Unavailable):
+    """The blob store refused or failed a request (S3: access denied, no such bucket, unreachable): a 503 that
+    names the store and its error code, never a bare 500."""
 
 
 def _check_name(name: str, prefix: bool = False) -> str:
@@ -79,14 +88,26 @@ class BlobStore(ABC):
         target = Path(path)
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
         try:
-            size = 0
             with open(tmp, "wb") as out:
-                for piece in self._pieces(name):
-                    out.write(piece)
-                    size += len(piece)
+                size = self.write_to(name, out)
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
+        return size
+
+    def write_to(self, name: str, out: IO[bytes], deadline: float | None = None) -> int:
+        """Write blob ``name`` into the open file ``out``, piece by piece; its size.
+
+        ``deadline`` (monotonic): :class:`TimeoutError` once it has passed,
+        looked at between pieces, for a caller that must not outlive a run's
+        budget. What was written stays in ``out``: the caller removes it.
+        """
+        size = 0
+        for piece in self._pieces(name):
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"blob {name!r}: time ran out after {size} bytes")
+            out.write(piece)
+            size += len(piece)
         return size
 
     def _pieces(self, name: str) -> Iterator[bytes]:
@@ -174,6 +195,9 @@ class RedisBlobs(BlobStore):
         return removed
 
 
+_MISSING = ("404", "NoSuchKey", "NotFound")  # S3's codes for an object that is not there
+
+
 class S3Blobs(BlobStore):
     """Blobs in an S3-compatible bucket, under ``prefix``."""
 
@@ -195,50 +219,77 @@ class S3Blobs(BlobStore):
         name = _check_name(name, prefix)
         return f"{self.prefix}/{name}" if self.prefix else name
 
+    @contextmanager
+    def _answers(self, what: str, name: str | None = None) -> Iterator[None]:
+        """S3's errors as flowpool's: a missing object is :class:`BlobNotFound` (when ``name`` is given),
+        anything else the service or the connection says is :class:`BlobStoreUnavailable` with its code."""
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            yield
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", "error"))
+            if name is not None and code in _MISSING:
+                raise BlobNotFound(name) from exc
+            raise BlobStoreUnavailable(f"the blob store ({self.location}) refused to {what}: {code}",
+                                       blob_store=self.location, store_error=code) from exc
+        except (BotoCoreError, S3UploadFailedError) as exc:
+            raise BlobStoreUnavailable(f"the blob store ({self.location}) could not {what}: {exc}",
+                                       blob_store=self.location, store_error=type(exc).__name__) from exc
+
     def put(self, name: str, data: bytes) -> None:
-        self.s3.put_object(Bucket=self.bucket, Key=self._key(name), Body=data)
+        with self._answers(f"store {name!r}"):
+            self.s3.put_object(Bucket=self.bucket, Key=self._key(name), Body=data)
 
     def put_file(self, name: str, path: str | Path) -> None:
-        self.s3.upload_file(str(path), self.bucket, self._key(name))  # multipart for large files
+        with self._answers(f"store {name!r}"):
+            self.s3.upload_file(str(path), self.bucket, self._key(name))  # multipart for large files
 
     def get(self, name: str) -> bytes:
-        try:
+        with self._answers(f"read {name!r}", name):
             return self.s3.get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read()
-        except self.s3.exceptions.NoSuchKey as exc:
-            raise BlobNotFound(name) from exc
 
     def _pieces(self, name: str) -> Iterator[bytes]:
-        try:
+        with self._answers(f"read {name!r}", name):
             body = self.s3.get_object(Bucket=self.bucket, Key=self._key(name))["Body"]
-        except self.s3.exceptions.NoSuchKey as exc:
-            raise BlobNotFound(name) from exc
-        yield from body.iter_chunks(CHUNK_BYTES)
+            yield from body.iter_chunks(CHUNK_BYTES)
 
     def exists(self, name: str) -> bool:
-        from botocore.exceptions import ClientError
-
         try:
-            self.s3.head_object(Bucket=self.bucket, Key=self._key(name))
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise
+            with self._answers(f"look up {name!r}", name):
+                self.s3.head_object(Bucket=self.bucket, Key=self._key(name))
+        except BlobNotFound:
+            return False
         return True
 
     def delete(self, *names: str) -> None:
         keys_ = [{"Key": self._key(n)} for n in names]
         for start in range(0, len(keys_), 1000):
-            self.s3.delete_objects(Bucket=self.bucket, Delete={"Objects": keys_[start:start + 1000], "Quiet": True})
+            self._delete_objects(keys_[start:start + 1000])
 
     def delete_prefix(self, prefix: str) -> int:
         removed = 0
-        paginator = self.s3.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix, prefix=True)):
-            objects = [{"Key": item["Key"]} for item in page.get("Contents", [])]
-            if objects:
-                self.s3.delete_objects(Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True})
-                removed += len(objects)
+        with self._answers(f"list {prefix!r}"):
+            paginator = self.s3.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix, prefix=True)):
+                objects = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+                if objects:
+                    self._delete_objects(objects)
+                    removed += len(objects)
         return removed
+
+    def _delete_objects(self, objects: list[dict[str, str]]) -> None:
+        """One DeleteObjects request; the objects it could not delete (listed in its answer even when quiet)
+        raise, so a blob left behind is never taken for gone."""
+        with self._answers("delete blobs"):
+            answer = self.s3.delete_objects(Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True})
+        failed = answer.get("Errors") or []
+        if failed:
+            first = failed[0]
+            raise BlobStoreUnavailable(f"the blob store ({self.location}) did not delete {len(failed)} of "
+                                       f"{len(objects)} blobs: {first.get('Key')!r}: {first.get('Code')}",
+                                       blob_store=self.location, store_error=str(first.get("Code")))
 
 
 def open_blob_store(settings: Settings, client: redis.Redis) -> BlobStore:

@@ -63,8 +63,8 @@ class Settings(BaseSettings):
         "(AWS_ENDPOINT_URL, else AWS).")
     cache_dir: Optional[str] = Field(
         None, description="Local disk cache of a worker or API host: accessories by content hash and datastore "
-        "replicas. Shared by every flowpool process of the host; safe to lose. Unset: flowpool-cache-<uid> in the "
-        "system's temporary directory.")
+        "replicas. Shared by every flowpool process of the host; safe to delete while flowpool is stopped. "
+        "Unset: flowpool-cache-<uid> in the system's temporary directory.")
     api_url: str = Field("http://127.0.0.1:8080", description="Where the command line finds the API; unset, that "
                          "of the `flowpool dev` running on FLOWPOOL_DATA_DIR, if one runs.")
     api_key: Optional[str] = Field(None, description="API key the command line sends; unset, that of the "
@@ -198,6 +198,10 @@ class Settings(BaseSettings):
         "naming its key.")
     accessories_max: int = Field(100, ge=0, description="Most accessories one workflow version may bundle (more is "
                                  "a 400).")
+    accessory_memory_mb: float = Field(
+        512, gt=0, description="Memory, in MB (MiB), each worker process gives its sealed in-memory copies of "
+        "accessories (one per distinct accessory, shared memory), least recently used let go first; a copy let go "
+        "of is read again from the host's disk cache when next loaded.")
     max_upload_mb: float = Field(
         256, gt=0, description="Largest body of a workflow upload (POST /api/v1/workflows/upload), in MB, multipart "
         "or JSON (base64 makes an accessory a third bigger); every other route keeps FLOWPOOL_MAX_BODY_BYTES. The "

@@ -185,8 +185,9 @@ class _Datastore:
     def __init__(self, transport: Transport) -> None:
         self._transport = transport
 
-    def get(self, store: str, record_id: str) -> dict[str, Any] | None:
-        """The record ``record_id`` of datastore ``store`` as ingested, or None when it has none."""
+    def get(self, store: str, record_id: str | int) -> dict[str, Any] | None:
+        """The record ``record_id`` of datastore ``store`` as ingested, or None when it has none (an integer id
+        is its decimal string, as at ingest)."""
         return self._transport.call("datastore.get", {"store": store, "id": record_id})
 
     def search(self, store: str, query: str | None = None, vector: list[float] | None = None, limit: int = 10,

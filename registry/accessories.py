@@ -31,7 +31,6 @@ MB = 1 << 20
 # 1-64 letters, digits, '_', '-' or '.', starting with a letter: its env name (below) is then a valid variable name.
 ACCESSORY_KEY = r"^[A-Za-z][A-Za-z0-9_.\-]{0,63}$"
 _ACCESSORY_KEY = re.compile(ACCESSORY_KEY)
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def env_name(key: str) -> str:
@@ -77,8 +76,11 @@ def _nothing(_: Any) -> None:
 def _check_json(key: str, content: bytes) -> None:
     """A 400 unless ``content`` is one JSON document (strict: no NaN or Infinity).
 
-    Objects and numbers are dropped as they are parsed, so checking a large
-    file costs little more memory than the file itself.
+    Objects and numbers are dropped as they are parsed, but strings and
+    arrays are built: a file of many short strings takes several times its
+    size while it is checked (a 16 MB array of short strings peaked about
+    141 MB above the upload). ``FLOWPOOL_ACCESSORY_MAX_MB`` and the upload
+    body limit bound it; size API processes for it.
     """
     try:
         json.loads(content, parse_constant=_refuse, parse_int=_nothing, parse_float=_nothing,
@@ -104,6 +106,10 @@ def store_accessories(blobs: BlobStore, account_id: str, accessories: dict[str, 
 
 
 def accessory_env(objects: dict[str, dict[str, Any]]) -> dict[str, str]:
-    """The env entries of a version's accessories: ``<KEY>_S3_KEY`` -> the blob name."""
-    env = {env_name(key): str(obj["object"]) for key, obj in objects.items()}
-    return {name: value for name, value in env.items() if _ENV_NAME.fullmatch(name)}
+    """The env entries of a version's accessories: ``<KEY>_S3_KEY`` -> the blob name (every stored key was
+    checked against :data:`ACCESSORY_KEY`, so each name is a valid variable name).
+
+    Versions written before accessories moved to the blob store have no
+    ``accessory_objects``, so no entry: their bytes are in no blob to name.
+    """
+    return {env_name(key): str(obj["object"]) for key, obj in objects.items()}

@@ -25,8 +25,8 @@ from typing import Any
 import redis
 
 from flowpool import keys
-from flowpool.blobs import BlobStore, RedisBlobs
-from flowpool.errors import RequestError, WorkflowNotFound
+from flowpool.blobs import BlobStore
+from flowpool.errors import ConfigurationError, RequestError, WorkflowNotFound
 from flowpool.settings import DEFAULT_MAX_SCRIPT_BYTES, Settings
 
 from .accessories import MB, accessory_env, check_accessories, store_accessories
@@ -148,8 +148,10 @@ class Workflows:
     """Upload, list, resolve and roll back workflows of an account.
 
     ``blobs`` is where uploads put accessories: the API passes the store the
-    settings name (:meth:`for_settings`); unset, the registry's Redis. Only
-    :meth:`upload` writes to it.
+    settings name (:meth:`for_settings`). Only :meth:`upload` writes to it,
+    and an upload with accessories needs it given: a default could put them
+    in Redis while the workers read S3. Readers (workers resolving a
+    version) need none.
     """
 
     def __init__(self, client: redis.Redis, max_script_bytes: int = DEFAULT_MAX_SCRIPT_BYTES, *,
@@ -157,7 +159,7 @@ class Workflows:
                  accessories_max: int = _ACCESSORIES_MAX) -> None:
         self.redis = client
         self.max_script_bytes = max_script_bytes
-        self.blobs = blobs if blobs is not None else RedisBlobs(client)
+        self.blobs = blobs
         self.accessory_max_bytes = accessory_max_bytes
         self.accessories_max = accessories_max
 
@@ -168,6 +170,14 @@ class Workflows:
                    accessory_max_bytes=int(settings.accessory_max_mb * MB), accessories_max=settings.accessories_max)
 
     # Writing
+
+    def _store_accessories(self, account_id: str, accessories: dict[str, bytes]) -> dict[str, dict[str, Any]]:
+        if not accessories:
+            return {}
+        if self.blobs is None:
+            raise ConfigurationError("this Workflows store was made without a blob store, so it cannot store "
+                                     "accessories: make it with Workflows.for_settings")
+        return store_accessories(self.blobs, account_id, accessories)
 
     def upload(self, account_id: str, upload: Upload) -> tuple[dict[str, Any], dict[str, Any], bool]:
         """Validate and store an upload; returns the workflow, the active version and whether it is new.
@@ -200,7 +210,7 @@ class Workflows:
                         meta = json.loads(pipe.hget(keys.version(account_id, upload.ref, number), "meta"))
                     else:
                         if objects is None:  # once, however often the transaction is tried
-                            objects = store_accessories(self.blobs, account_id, upload.accessories)
+                            objects = self._store_accessories(account_id, upload.accessories)
                         number, created = bump_version(current.get("latest"), upload.version_bump), True
                         meta = self._version_meta(number, content_hash, validation.info, upload, now, objects)
                     pipe.multi()

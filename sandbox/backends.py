@@ -40,7 +40,8 @@ _SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32",
                  "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime", "/etc/alternatives")
 _HOST_LOCAL = "/usr/local"  # covered by an empty tmpfs: software installed on the host, not the runtime
 PROCESS_WARNING = ("WARNING: the process backend gives weaker isolation: runs see the host's files "
-                   "(guarded by their uid only) and share the host kernel's namespaces")
+                   "(guarded by their uid only: a run with the worker's uid can read its accessory cache, every "
+                   "account's accessories, by path) and share the host kernel's namespaces")
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,10 @@ def _unshowable(content: Any, chunk_type: str, max_depth: int) -> int | str:
     return len(text) if text is not None else 0
 
 
+class _RunGone(Exception):
+    """The run's end of the channel took no more: it died, or stopped reading."""
+
+
 class StopRequest:
     """Asks for a run to be stopped, with the error it then ends with: why it was stopped.
 
@@ -181,7 +185,7 @@ class RunSession:
         self._hand_on()
         try:
             self._answer_call(message)
-        except (OSError, socket.timeout):
+        except _RunGone:
             pass  # the run died or stopped reading: the next recv or the deadline says which
         return False
 
@@ -308,23 +312,38 @@ class RunSession:
             method, params = message.get("method"), message.get("params")
             if not isinstance(method, str) or not isinstance(params, dict):
                 raise CallFailed(CallErrorKind.INVALID, "a ctx call needs a method name and a params object")
-            value = self._serve_call(method, params, self.soft_deadline)
+            try:
+                value = self._serve_call(method, params, self.soft_deadline)
+            except OSError as exc:  # a server that let one through: still an answer, not a run left waiting
+                raise CallFailed(CallErrorKind.UNAVAILABLE, f"ctx call {method} failed on the worker: "
+                                 f"{type(exc).__name__}") from exc
             if isinstance(value, Streamed):
                 for chunk in value.chunks:
-                    self.channel.sock.settimeout(max(0.01, self.hard_deadline - time.monotonic()))
-                    self.channel.send({"op": "chunk", "id": call_id, "value": chunk})
-                self.channel.send({"op": "reply", "id": call_id, "end": True})
+                    self._send({"op": "chunk", "id": call_id, "value": chunk})
+                self._send({"op": "reply", "id": call_id, "end": True})
             elif isinstance(value, WithFile):
                 try:  # the file's descriptor goes with the reply; none of its bytes cross the channel
-                    self.channel.send({"op": "reply", "id": call_id, "value": value.value, "fds": 1}, fds=[value.fd])
+                    self._send({"op": "reply", "id": call_id, "value": value.value, "fds": 1}, fds=[value.fd])
                 finally:
                     os.close(value.fd)
             else:
-                self.channel.send({"op": "reply", "id": call_id, "value": value})
+                self._send({"op": "reply", "id": call_id, "value": value})
         except CallFailed as exc:
             kind = exc.kind
             if time.monotonic() >= self.soft_deadline:
                 # The call failed because the run's budget ran out (its own alarm may not have rung yet):
                 # the script sees the soft limit, not a model or HTTP error it might not expect.
                 kind = CallErrorKind.TIMEOUT
-            self.channel.send({"op": "reply", "id": call_id, "error": {"kind": kind.value, "message": exc.message}})
+            self._send({"op": "reply", "id": call_id, "error": {"kind": kind.value, "message": exc.message}})
+
+    def _send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
+        """Send the run a frame, within the hard limit; :class:`_RunGone` when it cannot take it.
+
+        Only sending is read as the run being gone: an OSError from serving
+        the call is the server's, and must reach the run as an error reply.
+        """
+        try:
+            self.channel.sock.settimeout(max(0.01, self.hard_deadline - time.monotonic()))
+            self.channel.send(message, fds or ())
+        except (OSError, socket.timeout) as exc:
+            raise _RunGone() from exc

@@ -9,20 +9,28 @@ keep the bytes in field ``accessory:<key>`` of the version's hash instead.
 
 1. in the process: the version's accessory table (versions are immutable, so
    it is kept, keyed with the version's content hash so a workflow deleted
-   and uploaded again never reads its predecessor's), and which hashes are
-   already verified on disk;
+   and uploaded again never reads its predecessor's), and a SEALED copy of
+   each accessory this process has served (:class:`_SealedCopies`): a memfd
+   whose bytes were hashed as they were copied in, then sealed against
+   writing, growing and shrinking, so nobody (whatever its uid, mode changes
+   or capabilities) can change them afterwards;
 2. the host's disk cache, ``<cache_path>/accessories/<sha256>``, shared by
-   every worker process on the host (directories 0700, files 0400);
+   every worker process on the host (directories 0700, files 0400). It is
+   read, and hashed, only when a process makes its sealed copy: a file
+   changed on disk is never served, it is fetched again;
 3. the blob store. One process or thread per hash fetches (``flock`` on a
    lock file beside it, so the others wait and then find the file), into a
-   temporary file whose sha256 is checked before it is renamed into place:
-   a partial or corrupted download is never served. A file found on disk is
-   hashed once per process before it is first served.
+   temporary file hashed as it is written and renamed into place only if
+   its sha256 matches: a partial or corrupted download is never served, and
+   one still running at the run's deadline gives up and leaves no file.
 
-A 50 MB accessory is thus fetched once per host, then opened from disk by
-each run that loads it. The run gets the open read-only descriptor with the
-call's reply (:class:`flowpool.sandbox.WithFile`, passed with SCM_RIGHTS):
-it reads the file itself, and only the file of its own version's accessory.
+A 50 MB accessory is thus fetched once per host, copied into memory once per
+worker process (one copy per distinct accessory, in shared memory, bounded
+by FLOWPOOL_ACCESSORY_MEMORY_MB), and each run that loads it gets a new
+read-only open file description of that copy with the call's reply
+(:class:`flowpool.sandbox.WithFile`, passed with SCM_RIGHTS): it reads the
+bytes itself, from its own offset, and only its own version's accessory
+(docs/sandbox.md, "How an accessory reaches a run").
 """
 from __future__ import annotations
 
@@ -32,17 +40,19 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import threading
 import time
 import uuid
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable, Iterator
 
 import redis
 
 from flowpool import keys
-from flowpool.blobs import BlobStore, open_blob_store
+from flowpool.blobs import BlobNotFound, BlobStore, open_blob_store
 from flowpool.run import RunJob
 from flowpool.sandbox import CallErrorKind, CallFailed, WithFile
 from flowpool.settings import Settings
@@ -55,6 +65,9 @@ log = logging.getLogger("flowpool.worker")
 _VERSIONS_KEPT = 4096
 # How often a run waiting on another's fetch of the same file looks again.
 _LOCK_POLL_SECONDS = 0.02
+# The seals of a copy in memory: its bytes and size can no longer change, nor its seals.
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
+_CHUNK = 1 << 20
 
 
 @dataclass
@@ -67,8 +80,11 @@ class _Entry:
 
 
 class AccessoryCache:
-    """A worker's accessories: each version's table in memory, the files on the host's disk, the blob store behind.
+    """A worker's accessories: each version's table and a sealed copy of each accessory in memory, the files on
+    the host's disk, the blob store behind.
 
+    Memory: one copy of each distinct accessory a worker process serves, in
+    shared memory, within FLOWPOOL_ACCESSORY_MEMORY_MB (:class:`_SealedCopies`).
     Thread-safe: a worker serves many runs on threads.
     """
 
@@ -79,7 +95,8 @@ class AccessoryCache:
         self._blobs = blobs
         self._lock = threading.Lock()
         self._versions: OrderedDict[tuple[str, str, str, str], dict[str, _Entry]] = OrderedDict()
-        self._verified: set[str] = set()  # hashes whose file this process has checked on disk
+        self._copies = _SealedCopies(int(settings.accessory_memory_mb * (1 << 20)))
+        self._swept = False  # whether this process has removed the temporary files dead fetches left
 
     @property
     def blobs(self) -> BlobStore:
@@ -92,21 +109,30 @@ class AccessoryCache:
         """Accessory ``key`` of the job's version as an open read-only file, with its key, size and hash.
 
         CallFailed ``not_found`` for a key the version has not (the message
-        lists those it has), ``unavailable`` when its bytes cannot be had.
+        lists those it has), ``unavailable`` when its bytes cannot be had
+        (the cause, which may name host paths or the blob store, goes to the
+        worker's log only), ``timeout`` when the run's time runs out first.
         """
         if not isinstance(key, str) or not key:
             raise CallFailed(CallErrorKind.INVALID, f"ctx.load_accessory needs an accessory key, got {key!r}")
+        where = f"accessory {key[:80]!r} of {job.workflow}@{job.version}"
+        try:
+            return self._open(job, key, deadline, where)
+        except (OSError, redis.RedisError) as exc:  # the disk (no space, descriptors, permissions) or Redis
+            log.warning("could not open %s: %s", where, exc)
+            raise CallFailed(CallErrorKind.UNAVAILABLE, f"{where} could not be read on this worker") from exc
+
+    def _open(self, job: RunJob, key: str, deadline: float, where: str) -> WithFile:
         table = self._table(job)
         entry = table.get(key)
         if entry is None:
             has = ", ".join(sorted(table)) or "none"
             raise CallFailed(CallErrorKind.NOT_FOUND, f"workflow {job.workflow}@{job.version} has no accessory "
                              f"{key!r}; its accessories: {has}")
-        where = f"accessory {key!r} of {job.workflow}@{job.version}"
-        fetch: Callable[[str], None]
+        fetch: Callable[[_Hashing, float], None]
         if entry.blob is None:  # a version from before the blob store: the bytes are in the version's hash
-            def fetch(path: str) -> None:
-                _write(path, self._legacy_bytes(job, key, where))
+            def fetch(out: _Hashing, deadline: float) -> None:
+                out.write(self._legacy_bytes(job, key, where))
 
             if entry.sha256 is None:  # read them once to learn their hash
                 data = self._legacy_bytes(job, key, where)
@@ -114,8 +140,8 @@ class AccessoryCache:
         else:
             blob = entry.blob
 
-            def fetch(path: str) -> None:
-                self._download(blob, path)
+            def fetch(out: _Hashing, deadline: float) -> None:
+                self._download(blob, out, deadline, where)
         assert entry.sha256 is not None
         fd = self._open_cached(entry.sha256, fetch, deadline, where)
         return WithFile({"key": key, "size": entry.size, "sha256": entry.sha256}, fd)
@@ -154,45 +180,99 @@ class AccessoryCache:
                 self._versions.popitem(last=False)
         return table
 
-    # The host's disk cache
+    # The sealed copy in memory, then the host's disk cache
 
-    def _open_cached(self, sha256: str, fetch: Callable[[str], None], deadline: float, where: str) -> int:
-        """An open read-only descriptor of the verified file of ``sha256``, fetched first if the host has none."""
+    def _open_cached(self, sha256: str, fetch: Callable[[_Hashing, float], None], deadline: float,
+                     where: str) -> int:
+        """A new read-only open file description of this process's sealed copy of ``sha256``, made first
+        (from the disk cache, fetched into it first if the host has none) if the process has none.
+
+        One thread per hash makes the copy; the others wait for it (until
+        their run's deadline) and are then served from it.
+        """
         if not all(c in "0123456789abcdef" for c in sha256) or len(sha256) != 64:
             raise CallFailed(CallErrorKind.UNAVAILABLE, f"{where} has no valid content hash")
+        fd = self._copies.reopen(sha256)
+        if fd is not None:
+            return fd
+        with self._copies.making(sha256, deadline, where):
+            fd = self._copies.reopen(sha256)  # made while this thread waited
+            if fd is None:
+                fd = self._copies.keep(sha256, self._copy_from_disk(sha256, fetch, deadline, where))
+            return fd
+
+    def _copy_from_disk(self, sha256: str, fetch: Callable[[_Hashing, float], None], deadline: float,
+                        where: str) -> int:
+        """A sealed memfd holding the disk cache's file of ``sha256``, fetched (again) if the host has no
+        file whose bytes hash to it."""
         path = os.path.join(self.directory, sha256)
-        if sha256 in self._verified:
-            try:
-                return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:  # the cache was cleared under us: fetch it again
-                self._verified.discard(sha256)
         self._make_directory()
-        with self._locked(sha256, deadline, where):
-            if not _matches(path, sha256):
-                self._fetch(sha256, path, fetch, where)
-            self._verified.add(sha256)
-            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        memfd = _sealed_copy(path, sha256)
+        if memfd is None:
+            with self._locked(sha256, deadline, where):
+                memfd = _sealed_copy(path, sha256)  # fetched by another process or thread meanwhile
+                if memfd is None:
+                    self._fetch(sha256, path, fetch, deadline, where)
+                    memfd = _sealed_copy(path, sha256)
+        if memfd is None:
+            raise CallFailed(CallErrorKind.UNAVAILABLE, f"{where} changed on this worker's disk as it was "
+                             "written")
+        return memfd
 
     def _make_directory(self) -> None:
+        """Make the cache's directories (0700), refusing ones another user owns or others may write in:
+        a cache directory under ``/tmp`` could have been made first by another local user. The first
+        time in a process, ``.part`` files that no fetch is writing are removed."""
+        root = self.settings.cache_path
         os.makedirs(self.directory, mode=0o700, exist_ok=True)  # the cache's root too, when it is new
-        if os.stat(self.directory).st_mode & 0o077:  # made earlier with a wider umask, or by hand
-            os.chmod(self.directory, 0o700)
+        for directory, own in ((root, False), (self.directory, True)):
+            info = os.lstat(directory)
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or \
+                    (info.st_mode & 0o022 and not own):
+                raise PermissionError(errno.EPERM, "a cache directory must be a directory of this worker's user "
+                                      "that no other user may write in", directory)
+            if own and info.st_mode & 0o077:  # made earlier with a wider umask, or by hand
+                os.chmod(directory, 0o700)
+        if not self._swept:
+            self._swept = True
+            self._sweep_parts()
+
+    def _sweep_parts(self) -> None:
+        """Remove the temporary files of fetches that died (a killed worker): only those of a hash whose
+        lock nobody holds, so a fetch under way in another process keeps its file."""
+        for name in os.listdir(self.directory):
+            if not (name.startswith(".") and name.endswith(".part")):
+                continue
+            sha256 = name[1:].split(".", 1)[0]
+            try:
+                with _FileLock(os.path.join(self.directory, f".{sha256}.lock"), time.monotonic(), name):
+                    os.unlink(os.path.join(self.directory, name))
+            except (CallFailed, OSError):
+                pass  # being fetched now, or gone already
 
     def _locked(self, sha256: str, deadline: float, where: str) -> _FileLock:
         return _FileLock(os.path.join(self.directory, f".{sha256}.lock"), deadline, where)
 
-    def _fetch(self, sha256: str, path: str, fetch: Callable[[str], None], where: str) -> None:
-        """Fetch into a temporary file beside ``path``, check its hash, rename it into place."""
+    def _fetch(self, sha256: str, path: str, fetch: Callable[[_Hashing, float], None], deadline: float,
+               where: str) -> None:
+        """Fetch into a temporary file beside ``path``, hashing as it is written, check the hash, rename it
+        into place. A fetch that fails or runs past the run's deadline leaves no file: the next run (or a
+        waiting one) tries again."""
         tmp = os.path.join(self.directory, f".{sha256}.{uuid.uuid4().hex}.part")
         try:
-            try:
-                fetch(tmp)
-            except CallFailed:
-                raise
-            except Exception as exc:  # the blob store's own errors: Redis, S3, the disk
-                log.warning("could not fetch %s: %s", where, exc)
-                raise CallFailed(CallErrorKind.UNAVAILABLE, f"{where} could not be fetched: {exc}") from exc
-            if not _matches(tmp, sha256):
+            with open(tmp, "wb") as file:
+                out = _Hashing(file)
+                try:
+                    fetch(out, deadline)
+                except CallFailed:
+                    raise
+                except TimeoutError as exc:
+                    raise CallFailed(CallErrorKind.TIMEOUT, f"{where}: the run's time ran out while it was "
+                                     "fetched") from exc
+                except Exception as exc:  # the blob store's own errors: Redis, S3, the disk
+                    log.warning("could not fetch %s: %s", where, exc)
+                    raise CallFailed(CallErrorKind.UNAVAILABLE, f"{where} could not be fetched") from exc
+            if out.digest.hexdigest() != sha256:
                 raise CallFailed(CallErrorKind.UNAVAILABLE, f"{where} is corrupted in the blob store: its bytes do "
                                  "not match its sha256")
             os.chmod(tmp, 0o400)
@@ -203,15 +283,13 @@ class AccessoryCache:
             except FileNotFoundError:
                 pass
 
-    def _download(self, blob: str, path: str) -> None:
-        """Fetch ``blob`` from the blob store to ``path``, counted in the metrics (``accessory_fetches``)."""
-        from flowpool.blobs import BlobNotFound
-
+    def _download(self, blob: str, out: _Hashing, deadline: float, where: str) -> None:
+        """Fetch ``blob`` from the blob store into ``out``, counted in the metrics (``accessory_fetches``)."""
         try:
-            size = self.blobs.download(blob, path)
+            size = self.blobs.write_to(blob, out, deadline)  # type: ignore[arg-type]
         except BlobNotFound as exc:
-            raise CallFailed(CallErrorKind.UNAVAILABLE, f"blob {blob!r} is missing from the blob store "
-                             f"({self.blobs.location})") from exc
+            log.warning("%s: blob %r is missing from the blob store (%s)", where, blob, self.blobs.location)
+            raise CallFailed(CallErrorKind.UNAVAILABLE, f"{where}: its blob is missing from the blob store") from exc
         try:
             pipe = self.redis.pipeline(transaction=False)
             pipe.hincrby(keys.METRICS, "accessory_fetches", 1)
@@ -219,6 +297,145 @@ class AccessoryCache:
             pipe.execute()
         except redis.RedisError:
             pass  # a counter is not worth failing the run for
+
+
+class _SealedCopies:
+    """This process's sealed in-memory copies of accessories (memfds), by sha256, least recently used first.
+
+    The issue's "in process" tier: one copy per distinct accessory per
+    worker process, in shared memory (shmem, counted against the worker's
+    memory), so that a run is never handed the disk cache's file: a run
+    sharing the worker's uid owns that file and could make it writable. A
+    sealed memfd cannot be written, truncated or grown by anyone, whatever
+    its mode or owner, so the bytes a run reads are the bytes that were
+    hashed. Each serve is a new open file description (opened through
+    ``/proc/self/fd``): runs reading at once never share a file offset.
+
+    The copies are kept within ``budget`` bytes (FLOWPOOL_ACCESSORY_MEMORY_MB;
+    the newest is kept even alone over it): the least recently served is let
+    go first. Letting one go closes the process's descriptor only; those
+    already handed to runs stay valid, and its memory is freed when the last
+    of them is closed. Thread-safe.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self._lock = threading.Lock()
+        self._copies: OrderedDict[str, tuple[int, int]] = OrderedDict()  # sha256 -> (memfd, size)
+        self._bytes = 0
+        self._making: dict[str, list[Any]] = {}  # sha256 -> [its lock, threads using it]
+
+    def reopen(self, sha256: str) -> int | None:
+        """A new read-only description of the copy of ``sha256``; None if this process has none (or let it go)."""
+        with self._lock:  # under the lock: a copy let go of meanwhile would leave its descriptor number free
+            held = self._copies.get(sha256)
+            if held is None:
+                return None
+            try:
+                fd = os.open(f"/proc/self/fd/{held[0]}", os.O_RDONLY | os.O_CLOEXEC)
+            except PermissionError:  # a run with the worker's uid took away its read mode: make a new copy
+                self._drop(sha256)
+                return None
+            self._copies.move_to_end(sha256)
+            return fd
+
+    def keep(self, sha256: str, memfd: int) -> int:
+        """Keep the sealed ``memfd`` as the copy of ``sha256``, letting go of the least recently used past
+        the budget; a new read-only description of it."""
+        with self._lock:
+            if sha256 in self._copies:
+                self._drop(sha256)
+            size = os.fstat(memfd).st_size
+            self._copies[sha256] = (memfd, size)
+            self._bytes += size
+            while self._bytes > self.budget and len(self._copies) > 1:
+                self._drop(next(iter(self._copies)))
+            return os.open(f"/proc/self/fd/{memfd}", os.O_RDONLY | os.O_CLOEXEC)
+
+    def _drop(self, sha256: str) -> None:
+        memfd, size = self._copies.pop(sha256)
+        self._bytes -= size
+        os.close(memfd)
+
+    @contextmanager
+    def making(self, sha256: str, deadline: float, where: str) -> Iterator[None]:
+        """Held by the one thread of this process making the copy of ``sha256``; others wait until ``deadline``."""
+        with self._lock:
+            slot = self._making.setdefault(sha256, [threading.Lock(), 0])
+            slot[1] += 1
+        try:
+            if not slot[0].acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise CallFailed(CallErrorKind.TIMEOUT, f"{where}: still being read when the run's time ran out")
+            try:
+                yield
+            finally:
+                slot[0].release()
+        finally:
+            with self._lock:
+                slot[1] -= 1
+                if not slot[1]:
+                    del self._making[sha256]
+
+
+def _sealed_copy(path: str, sha256: str) -> int | None:
+    """The disk cache's file at ``path`` copied into a new memfd, hashed as it is copied, then sealed; None
+    if it is missing, not this worker's read-only regular file, or its bytes do not hash to ``sha256``."""
+    src = _open_if(path, lambda st: stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
+                   and stat.S_IMODE(st.st_mode) == 0o400)
+    if src is None:
+        return None
+    memfd = -1
+    try:
+        memfd = os.memfd_create(f"flowpool-accessory-{sha256[:16]}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        digest = hashlib.sha256()
+        offset = 0
+        while chunk := os.pread(src, _CHUNK, offset):
+            digest.update(chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(memfd, view):]
+            offset += len(chunk)
+        if digest.hexdigest() != sha256:
+            return None
+        os.fchmod(memfd, 0o444)  # readable, through /proc/self/fd, by the run it is handed to; writable by none
+        fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, _SEALS)
+        memfd, sealed = -1, memfd
+        return sealed
+    finally:
+        os.close(src)
+        if memfd >= 0:
+            os.close(memfd)
+
+
+class _Hashing:
+    """A file being written, and the sha256 of what was written to it."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file, self.digest = file, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self.file.write(data)
+
+
+def _open_if(path: str, fits: Callable[[os.stat_result], bool]) -> int | None:
+    """``path`` opened read-only (not through a symlink) if ``fstat`` of the open file ``fits``; else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except (FileNotFoundError, PermissionError):
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a symlink where the file should be
+            return None
+        raise
+    try:
+        if fits(os.fstat(fd)):
+            return fd
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return None
 
 
 class _FileLock:
@@ -250,20 +467,3 @@ class _FileLock:
 
     def __exit__(self, *exc: object) -> None:
         os.close(self.fd)  # closing the description releases the lock
-
-
-def _matches(path: str, sha256: str) -> bool:
-    """Whether the file at ``path`` exists and holds bytes of that hash."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as file:
-            while chunk := file.read(1 << 20):
-                digest.update(chunk)
-    except FileNotFoundError:
-        return False
-    return digest.hexdigest() == sha256
-
-
-def _write(path: str, data: bytes) -> None:
-    with open(path, "wb") as file:
-        file.write(data)

@@ -107,9 +107,10 @@ class CallRouter:
         try:
             if method == "datastore.get":
                 record_id = params.get("id")
-                if not isinstance(record_id, str):
-                    raise CallFailed(CallErrorKind.DATASTORE, f"a record id is a string, got {record_id!r}")
-                return self.runtime.datastores.get_record(account, store, record_id)
+                if isinstance(record_id, bool) or not isinstance(record_id, (str, int)):
+                    raise CallFailed(CallErrorKind.DATASTORE, f"a record id is a string or an integer, got "
+                                     f"{record_id!r}")
+                return self.runtime.datastores.get_record(account, store, str(record_id))
             limit = params.get("limit", 10)
             if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 1000:
                 raise CallFailed(CallErrorKind.DATASTORE, f"limit must be an integer from 1 to 1000, got {limit!r}")

@@ -6,7 +6,9 @@ the small part every reader checks before a read (one HMGET):
 - ``keys.datastore(account, name)``, a hash: ``spec`` (JSON), ``generation``
   (a random id per incarnation: a store deleted and created again gets a new
   one, so no replica of the old store is ever read as the new one), ``head``
-  (the seq of the last batch; 0 when empty), ``records`` (how many records it
+  (the seq of the last batch; 0 when empty), ``tail`` (the blob name of batch
+  ``head``: a replica at ``head`` that applied another batch of that seq, one
+  Redis lost in a restart, sees it differs), ``records`` (how many records it
   holds), ``snapshot`` (the seq of the latest snapshot, 0 for none),
   ``created_at``, ``updated_at``;
 - ``keys.datastore_log(account, name, generation)``, a list: the blob name of
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from flowpool import keys
 from flowpool.errors import Conflict, DatastoreNotFound
+from flowpool.registry.names import is_name
 
 from .spec import Spec
 
@@ -61,7 +64,7 @@ if redis.call('HGET', manifest_key, 'generation') ~= generation then return -1 e
 local head = tonumber(redis.call('HGET', manifest_key, 'head'))
 if head ~= expected_head then return -2 end
 redis.call('RPUSH', log_key, blob)
-redis.call('HSET', manifest_key, 'head', head + 1, 'updated_at', now)
+redis.call('HSET', manifest_key, 'head', head + 1, 'tail', blob, 'updated_at', now)
 redis.call('HINCRBY', manifest_key, 'records', records_delta)
 return head + 1
 """
@@ -138,17 +141,18 @@ class Manifests:
 
     def read(self, account_id: str, name: str) -> Manifest:
         """The store's manifest; 404 if the account has none of that name."""
-        data = self.redis.hgetall(keys.datastore(account_id, name))
+        data = self.redis.hgetall(keys.datastore(account_id, _checked(name)))
         if not data or b"generation" not in data:
             raise DatastoreNotFound(name)
         return _manifest(account_id, {k.decode(): v.decode() for k, v in data.items()})
 
-    def head(self, account_id: str, name: str) -> tuple[str, int] | None:
-        """(generation, head) of the store now, in one round trip; None if it is gone."""
-        generation, head = self.redis.hmget(keys.datastore(account_id, name), "generation", "head")
+    def head(self, account_id: str, name: str) -> tuple[str, int, str | None] | None:
+        """(generation, head, tail) of the store now, in one round trip; None if it is gone."""
+        generation, head, tail = self.redis.hmget(keys.datastore(account_id, _checked(name)), "generation", "head",
+                                                  "tail")
         if generation is None or head is None:
             return None
-        return generation.decode(), int(head)
+        return generation.decode(), int(head), tail.decode() if tail else None
 
     def names(self, account_id: str) -> list[str]:
         return [name.decode() for name in self.redis.zrange(keys.datastores(account_id), 0, -1)]
@@ -165,11 +169,12 @@ class Manifests:
             raise StaleHead()
         return seq
 
-    def batches(self, account_id: str, name: str, generation: str, after: int, upto: int) -> list[str]:
-        """The blob names of batches ``after + 1`` .. ``upto``."""
-        if upto <= after:
+    def batches(self, account_id: str, name: str, generation: str, after: int, upto: int | None = None) -> list[str]:
+        """The blob names of batches ``after + 1`` .. ``upto`` (None: to the end of the log)."""
+        if upto is not None and upto <= after:
             return []
-        names = self.redis.lrange(keys.datastore_log(account_id, name, generation), after, upto - 1)
+        names = self.redis.lrange(keys.datastore_log(account_id, name, generation), after,
+                                  -1 if upto is None else upto - 1)
         return [item.decode() for item in names]
 
     def drop(self, manifest: Manifest) -> bool:
@@ -187,6 +192,14 @@ class Manifests:
     def snapshot_seq(self, account_id: str, name: str) -> int:
         value = self.redis.hget(keys.datastore(account_id, name), "snapshot")
         return int(value) if value else 0
+
+
+def _checked(name: str) -> str:
+    """``name`` when it can be a store's name; else a 404 before it reaches a Redis key (``docs:<gen>:log`` is the
+    key of a list, and would read as a WRONGTYPE error, a 500)."""
+    if not is_name(name):
+        raise DatastoreNotFound(name if isinstance(name, str) else repr(name))
+    return name
 
 
 def _manifest(account_id: str, data: dict[str, str]) -> Manifest:

@@ -66,7 +66,10 @@ def _json_array(text: str) -> list[dict[str, Any]]:
 
 def _json_lines(text: str) -> list[dict[str, Any]]:
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Only "\n" ends a line (a trailing "\r" goes too): str.splitlines() would also split inside a JSON string
+    # holding U+2028, U+2029 or U+0085, which JSON allows there unescaped.
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:

@@ -4,10 +4,13 @@ Files, under ``<cache>/datastores/<account>/<name>/<generation>/``:
 
 - ``replica.sqlite3``: ``records`` (rid, id, the record as JSON without its
   vector, its vector row and norm), ``fts`` (a contentless FTS5 index of the
-  text fields, rowid = rid, ranked with bm25), ``filters`` (field, canonical
+  text fields, rowid = rid, ranked with bm25; ``fts_vocab`` reads its
+  words' document counts), ``filters`` (field, canonical
   JSON value, rid) for equality filters, ``dead`` (vector rows replaced or
-  deleted, by the batch that did it) and ``meta`` (``applied``: the last
-  batch applied; ``vrows``: rows in the vector file).
+  deleted, by the batch that did it), ``log`` (the blob name of each batch
+  applied, by seq) and ``meta`` (``applied``: the last batch applied;
+  ``vrows``: rows in the vector file; ``vbase``: rows below it are all dead;
+  ``epoch``: bumped by a reset).
 - ``vectors.f32``: append-only rows of float32 vectors as ingested, read
   through ``numpy.memmap``; every process of the host shares its pages
   through the page cache (each process keeps 1/norm per row beside it). A replaced vector gets a new row; the old one is
@@ -20,12 +23,18 @@ A batch applies in one SQLite transaction that also moves ``applied`` and
 mid-apply leaves a rolled-back transaction and perhaps vector rows past
 ``vrows``, which the next applier cuts off before it goes on, so a crash
 never leaves a replica half-applied.
+
+A replica whose log is not Redis's (Redis restarted and lost its last
+writes: its head went back, or another batch took a seq this replica had
+applied) is reset in place: its tables emptied and its vector rows all made
+dead (the file is never cut under the processes mapping it), then replayed.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -33,7 +42,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -44,13 +53,17 @@ from .spec import Batch, Spec, filter_values
 
 __all__ = ["Replica", "State"]
 
+log = logging.getLogger(__name__)
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-INSERT OR IGNORE INTO meta VALUES ('applied', 0), ('vrows', 0);
+INSERT OR IGNORE INTO meta VALUES ('applied', 0), ('vrows', 0), ('vbase', 0), ('epoch', 0);
+CREATE TABLE IF NOT EXISTS log (seq INTEGER PRIMARY KEY, blob TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS records (rid INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, body TEXT NOT NULL,
                                     vrow INTEGER);
 CREATE INDEX IF NOT EXISTS records_vrow ON records (vrow) WHERE vrow IS NOT NULL;
 CREATE VIRTUAL TABLE IF NOT EXISTS fts USING fts5 (text, content='', tokenize='unicode61');
+CREATE VIRTUAL TABLE IF NOT EXISTS fts_vocab USING fts5vocab (fts, row);
 CREATE TABLE IF NOT EXISTS filters (field TEXT NOT NULL, value TEXT NOT NULL, rid INTEGER NOT NULL,
                                     PRIMARY KEY (field, value, rid)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS filters_rid ON filters (rid);
@@ -58,8 +71,13 @@ CREATE TABLE IF NOT EXISTS dead (vrow INTEGER PRIMARY KEY, seq INTEGER NOT NULL)
 CREATE INDEX IF NOT EXISTS dead_seq ON dead (seq);
 """
 
-# Fetches the batches after a seq up to a head, as (seq, blob bytes), in order.
-Fetch = Callable[[int, int], Iterable[tuple[int, bytes]]]
+# The blob names of the store's batches after a seq, to the end of the log as Redis has it when called (the
+# second argument, the head the caller read, is how many it expects at least).
+Log = Callable[[int, int], list[str]]
+# The bytes of a batch blob.
+Get = Callable[[str], bytes]
+# Rows per chunk when computing vector norms (a temporary of this many rows, not of the whole matrix).
+_NORM_CHUNK = 65536
 
 
 @dataclass(frozen=True)
@@ -67,6 +85,7 @@ class State:
     """What readers of this process see: taken whole, so one search never mixes two states."""
 
     applied: int
+    tail: str | None              # the blob name of batch ``applied``
     vectors: np.ndarray | None   # (rows, dims) float32 memmap, or None without vectors
     live: np.ndarray              # bool per vector row: False where replaced or deleted
     inv_norms: np.ndarray         # float32 1/norm per vector row (0 for a zero vector)
@@ -90,12 +109,13 @@ class Replica:
         self._pool: list[sqlite3.Connection] = []
         self._pool_lock = threading.Lock()
         self._dead_seen = 0
+        self._epoch: int | None = None
         with self._host_lock():
             if seed is not None and not self.db_path.exists():
                 self._seed(seed)
             with contextlib.closing(self._open()) as conn:
                 conn.executescript(_SCHEMA)
-        self.state = State(0, None, np.zeros(0, dtype=bool), np.zeros(0, dtype=np.float32))
+        self.state = State(0, None, None, np.zeros(0, dtype=bool), np.zeros(0, dtype=np.float32))
         self._load_state()
 
     def _seed(self, seed: Callable[[Path, Path], bool]) -> None:
@@ -161,36 +181,72 @@ class Replica:
 
     # -- catching up -------------------------------------------------------------------------------------------
 
-    def catch_up(self, head: int, fetch: Fetch) -> None:
-        """Apply the batches up to ``head`` that this replica lacks (no-op when it has them)."""
-        if self.state.applied >= head:
+    def catch_up(self, head: int, tail: str | None, batches: Log, get: Get) -> None:
+        """Bring the replica up to ``head`` at least (no-op when it is there).
+
+        ``tail``: the blob name of batch ``head`` as Redis has it (None: not known). A replica whose batch at its
+        own seq is not the log's, or past the log's end, is reset and replayed (see the module's docstring).
+        """
+        if self._current(self.state.applied, self.state.tail, head, tail):
             return
         with self._apply_lock:
-            if self.state.applied >= head:
-                return
-            if self._meta_applied() < head:
+            with self.reader() as conn:
+                applied, applied_tail = _meta(conn)["applied"], _tail(conn)
+            if not self._current(applied, applied_tail, head, tail):
                 with self._host_lock(), contextlib.closing(self._open()) as conn:
-                    applied = self._recover(conn)
-                    for seq, data in fetch(applied, head):
-                        self._apply(conn, seq, decode_batch(data))
+                    self._bring_up(conn, head, batches, get)
             self._load_state()
 
-    def _meta_applied(self) -> int:
-        with self.reader() as conn:
-            return conn.execute("SELECT value FROM meta WHERE key = 'applied'").fetchone()[0]
+    @staticmethod
+    def _current(applied: int, applied_tail: str | None, head: int, tail: str | None) -> bool:
+        return applied == head and (tail is None or applied_tail == tail)
+
+    def _bring_up(self, conn: sqlite3.Connection, head: int, batches: Log, get: Get) -> None:
+        """Apply the log's batches after this replica's; reset it first if its last one is not the log's.
+
+        The log is read after the applied seq (under the host lock, so no other process moves it): a replica
+        past the log's end then means Redis lost batches, never that ``head`` was read before a newer write.
+        """
+        applied = self._recover(conn)
+        names = batches(max(applied - 1, 0), head)  # from the batch at ``applied``: is it still the log's?
+        if applied and (not names or names[0] != _tail(conn)):
+            log.warning("datastore replica %s applied a batch %d that the log in Redis does not hold (it has %d): "
+                        "replaying the log from the start", self.dir, applied, applied - 1 + len(names))
+            self._reset(conn)
+            applied, names = 0, batches(0, head)
+        elif applied:
+            names = names[1:]
+        for seq, name in enumerate(names, start=applied + 1):
+            self._apply(conn, seq, name, decode_batch(get(name)))
 
     def _recover(self, conn: sqlite3.Connection) -> int:
         """Cut off vector rows a crashed apply appended past its last commit; the applied seq."""
-        applied, vrows = (row[0] for row in conn.execute("SELECT value FROM meta ORDER BY key"))
-        expected = vrows * self.dims * 4
+        meta = _meta(conn)
+        expected = meta["vrows"] * self.dims * 4
         size = self.vector_path.stat().st_size if self.vector_path.exists() else 0
         if size > expected:
             os.truncate(self.vector_path, expected)
         elif size < expected:
             raise RuntimeError(f"datastore replica {self.dir} lost vector rows; remove it to rebuild it")
-        return applied
+        return meta["applied"]
 
-    def _apply(self, conn: sqlite3.Connection, seq: int, batch: Batch) -> None:
+    def _reset(self, conn: sqlite3.Connection) -> None:
+        """Forget every batch applied. The vector rows stay in the file (other processes map them, and a row is
+        never rewritten) but all become dead (``vbase``); ``epoch`` tells every process to rebuild what it derived."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("INSERT INTO fts (fts) VALUES ('delete-all')")
+            for table in ("records", "filters", "dead", "log"):
+                conn.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed table names
+            conn.execute("UPDATE meta SET value = (SELECT value FROM meta WHERE key = 'vrows') WHERE key = 'vbase'")
+            conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'epoch'")
+            conn.execute("UPDATE meta SET value = 0 WHERE key = 'applied'")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _apply(self, conn: sqlite3.Connection, seq: int, blob: str, batch: Batch) -> None:
         """Apply one batch in one transaction (its vectors appended first, then the commit)."""
         spec = self.spec
         conn.execute("BEGIN IMMEDIATE")
@@ -226,6 +282,7 @@ class Replica:
                 vrows += len(new_rows)
             conn.execute("UPDATE meta SET value = ? WHERE key = 'vrows'", (vrows,))
             conn.execute("UPDATE meta SET value = ? WHERE key = 'applied'", (seq,))
+            conn.execute("INSERT OR REPLACE INTO log VALUES (?, ?)", (seq, blob))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -252,13 +309,21 @@ class Replica:
         with self.reader() as conn:
             conn.execute("BEGIN")
             try:
-                applied, vrows = (row[0] for row in conn.execute("SELECT value FROM meta ORDER BY key"))
+                meta = _meta(conn)
+                if meta["epoch"] != self._epoch:  # a reset (or the first load): the dead rows all again
+                    self._dead_seen = 0
                 dead = conn.execute("SELECT vrow, seq FROM dead WHERE seq > ?", (self._dead_seen,)).fetchall()
+                tail = _tail(conn)
             finally:
                 conn.execute("COMMIT")
+        applied, vrows = meta["applied"], meta["vrows"]
         old = self.state
         live = old.live
-        if len(live) != vrows:
+        if meta["epoch"] != self._epoch:
+            self._epoch = meta["epoch"]
+            live = np.ones(vrows, dtype=bool)
+            live[:meta["vbase"]] = False
+        elif len(live) != vrows:
             live = np.ones(vrows, dtype=bool)
             live[:len(old.live)] = old.live[:vrows]
         else:
@@ -272,19 +337,25 @@ class Replica:
             vectors = np.memmap(self.vector_path, dtype="<f4", mode="r", shape=(vrows, self.dims))
             known = min(len(inv_norms), vrows)
             inv_norms = np.concatenate([inv_norms[:known], _inverse_norms(vectors[known:])])
-        self.state = State(applied, vectors, live, inv_norms)
+        self.state = State(applied, tail, vectors, live, inv_norms)
 
     # -- snapshots ---------------------------------------------------------------------------------------------
 
     def export(self, target: Path) -> tuple[int, Path, Path]:
-        """A consistent copy of the replica in ``target``: (applied seq, database file, vector file)."""
+        """A consistent copy of the replica in ``target``: (applied seq, database file, vector file).
+
+        No lock: ``VACUUM INTO`` copies one read transaction, and the vector rows it counts were in the file
+        before it committed and are never rewritten. Its own connection, not the pool's: a snapshot runs on an OS
+        thread even under gevent (flowpool.datastores.snapshots), where the pool's lock is a greenlet's.
+        """
         target.mkdir(parents=True, exist_ok=True)
         db, vectors = target / "replica.sqlite3", target / "vectors.f32"
-        with self._host_lock(), self.reader() as conn:
+        with contextlib.closing(self._open()) as conn:
             db.unlink(missing_ok=True)
             conn.execute("VACUUM INTO ?", (str(db),))
             with contextlib.closing(sqlite3.connect(db)) as copy:
-                applied, vrows = (row[0] for row in copy.execute("SELECT value FROM meta ORDER BY key"))
+                meta = _meta(copy)
+            applied, vrows = meta["applied"], meta["vrows"]
             with open(vectors, "wb") as out:
                 if vrows and self.dims:
                     with open(self.vector_path, "rb") as src:
@@ -292,11 +363,26 @@ class Replica:
         return applied, db, vectors
 
 
+def _meta(conn: sqlite3.Connection) -> dict[str, int]:
+    return dict(conn.execute("SELECT key, value FROM meta").fetchall())
+
+
+def _tail(conn: sqlite3.Connection) -> str | None:
+    """The blob name of the last batch applied (None when none is)."""
+    row = conn.execute("SELECT blob FROM log WHERE seq = (SELECT value FROM meta WHERE key = 'applied')").fetchone()
+    return row[0] if row else None
+
+
 def _inverse_norms(rows: np.ndarray) -> np.ndarray:
-    """1/norm of each row, 0 for a zero row (its cosine with anything is then 0)."""
-    norms = np.linalg.norm(np.asarray(rows, dtype=np.float32), axis=1)
-    with np.errstate(divide="ignore"):
-        return np.where(norms > 0, 1.0 / norms, 0.0).astype(np.float32)
+    """1/norm of each row, 0 for a zero row (its cosine with anything is then 0); in chunks of rows, so the
+    temporaries stay small however large the matrix."""
+    out = np.empty(len(rows), dtype=np.float32)
+    for start in range(0, len(rows), _NORM_CHUNK):
+        chunk = np.asarray(rows[start:start + _NORM_CHUNK], dtype=np.float32)
+        norms = np.sqrt(np.einsum("ij,ij->i", chunk, chunk))
+        with np.errstate(divide="ignore"):
+            out[start:start + len(chunk)] = np.where(norms > 0, 1.0 / norms, 0.0)
+    return out
 
 
 def _limited(src, size: int):  # type: ignore[no-untyped-def]

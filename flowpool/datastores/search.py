@@ -4,7 +4,8 @@
   them, as FTS5's unicode61 tokenizer does) become quoted FTS5 terms joined
   by OR, so no query text is ever read as FTS5 syntax; ranked by FTS5's
   ``bm25()`` (k1 = 1.2, b = 0.75) over the text fields, negated so that a
-  higher score is better.
+  higher score is better. Words held by at least half the records are left
+  out of the search when it can do without them (see ``keyword_hits``).
 - Vector: the cosine of the query with every live stored vector (one
   matrix-vector product, times each row's 1/norm), top k by
   ``argpartition``; exact, so recall is 1.0.
@@ -19,6 +20,9 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+import threading
+import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,23 +32,37 @@ from flowpool.errors import RequestError
 from .replica import Replica
 from .spec import Spec, filter_values
 
-__all__ = ["RRF_K", "check_filters", "fts_query", "get_record", "keyword_hits", "records_of", "rrf", "vector_hits"]
+__all__ = ["COMMON_WORD_BOUND", "RRF_K", "check_filters", "fts_query", "get_record", "keyword_hits", "records_of",
+           "rrf", "vector_hits"]
 
 RRF_K = 60
 _WORD = re.compile(r"[^\W_]+")
 _MAX_TERMS = 64
+# FTS5's bm25() gives a word held by n of N records idf = ln((N - n + 0.5) / (n + 0.5)), or 1e-6 where that is
+# <= 0 (n >= N / 2); such a word adds less than 1e-6 x (k1 + 1) to any record's score.
+COMMON_WORD_BOUND = 1e-6 * 2.2
+# Document counts remembered per replica state, at most.
+_COUNTS_KEPT = 4096
 # Above this share of the store, a filtered vector search scans everything under a mask instead of gathering rows.
 _GATHER_SHARE = 0.25
 
 
-def fts_query(text: str) -> str | None:
-    """The FTS5 MATCH expression for user text: each distinct word quoted, joined by OR; None without words."""
+def _terms(text: str) -> list[str]:
+    """The distinct words of user text, case folded, in order (at most _MAX_TERMS)."""
     terms: dict[str, None] = {}
     for word in _WORD.findall(text):
         terms.setdefault(word.casefold(), None)
-    if not terms:
-        return None
-    return " OR ".join(f'"{term}"' for term in list(terms)[:_MAX_TERMS])
+    return list(terms)[:_MAX_TERMS]
+
+
+def _match(terms: list[str]) -> str:
+    return " OR ".join(f'"{term}"' for term in terms)
+
+
+def fts_query(text: str) -> str | None:
+    """The FTS5 MATCH expression for user text: each distinct word quoted, joined by OR; None without words."""
+    terms = _terms(text)
+    return _match(terms) if terms else None
 
 
 def check_filters(spec: Spec, filters: Any) -> list[tuple[str, list[str]]]:
@@ -79,17 +97,75 @@ def _filter_sql(filters: list[tuple[str, list[str]]], column: str, each: bool = 
     return " AND ".join(clauses), params
 
 
-def keyword_hits(replica: Replica, query: str, limit: int,
-                 filters: list[tuple[str, list[str]]]) -> list[tuple[int, float]]:
-    """(rid, bm25 score) of the best ``limit`` matches, best first."""
-    match = fts_query(query)
-    if match is None or not replica.spec.text_fields:
+def keyword_hits(replica: Replica, query: str, limit: int, filters: list[tuple[str, list[str]]],
+                 prune: bool = True) -> list[tuple[int, float]]:
+    """(rid, bm25 score) of the best ``limit`` matches, best first.
+
+    FTS5 scores every record holding a query word, so a word held by most
+    records makes a query visit most of the store, while its idf (clamped to
+    1e-6) adds under COMMON_WORD_BOUND to a score. With ``prune``, such words
+    are left out of the MATCH when other words remain and those match at
+    least ``limit`` records (else the full query runs). Each score then
+    lacks at most COMMON_WORD_BOUND per word left out, and a record the full
+    query would rank in is out only if it is within that of the last one
+    kept: results equal the full query's to that tolerance (the tests
+    check it against a brute-force BM25). ``prune=False``: always the full
+    query (the benchmark compares both).
+    """
+    terms = _terms(query)
+    if not terms or not replica.spec.text_fields:
         return []
     where, params = _filter_sql(filters, "rowid")
     sql = ("SELECT rowid, -bm25(fts) FROM fts WHERE fts MATCH ?" + (f" AND {where}" if where else "")
            + " ORDER BY bm25(fts), rowid LIMIT ?")
     with replica.reader() as conn:
-        return [(rid, float(score)) for rid, score in conn.execute(sql, [match, *params, limit])]
+        conn.execute("BEGIN")  # one snapshot for the word counts and the search
+        try:
+            kept = _distinctive(conn, replica, terms) if prune else terms
+            hits = conn.execute(sql, [_match(kept), *params, limit]).fetchall()
+            if len(kept) < len(terms) and len(hits) < limit:
+                hits = conn.execute(sql, [_match(terms), *params, limit]).fetchall()
+        finally:
+            conn.execute("COMMIT")
+    return [(rid, float(score)) for rid, score in hits]
+
+
+@dataclass
+class _Counts:
+    """Of one state of a replica's FTS index: its rows (bm25's N) and the words' document counts looked up."""
+
+    state: tuple  # the replica's meta rows (applied seq, reset epoch, ...): any batch or reset changes them
+    rows: int
+    docs: dict[str, int] = field(default_factory=dict)
+
+
+_counts: weakref.WeakKeyDictionary[Replica, _Counts] = weakref.WeakKeyDictionary()
+_counts_lock = threading.Lock()
+
+
+def _distinctive(conn: sqlite3.Connection, replica: Replica, terms: list[str]) -> list[str]:
+    """``terms`` less those held by at least half the indexed records (all of them if every one is)."""
+    state = tuple(conn.execute("SELECT key, value FROM meta ORDER BY key"))
+    with _counts_lock:
+        counts = _counts.get(replica)
+    if counts is None or counts.state != state:
+        # fts_docsize (FTS5's table of record sizes) holds one row per indexed record, as N in bm25() counts them.
+        rows = conn.execute("SELECT count(*) FROM fts_docsize").fetchone()[0]
+        counts = _Counts(state, rows)
+        with _counts_lock:
+            _counts[replica] = counts
+    docs = {term: counts.docs.get(term) for term in terms}
+    missing = [term for term, n in docs.items() if n is None]
+    if missing:
+        # A word the index spells differently (diacritics) is not found here, counts 0 and stays in the query.
+        found = dict(conn.execute(f"SELECT term, doc FROM fts_vocab WHERE term IN ({','.join('?' * len(missing))})",
+                                  missing))
+        if len(counts.docs) > _COUNTS_KEPT:
+            counts.docs = {}
+        for term in missing:
+            docs[term] = counts.docs[term] = found.get(term, 0)
+    kept = [term for term in terms if 2 * docs[term] < counts.rows]  # 2n >= N: idf clamped to 1e-6
+    return kept or terms
 
 
 def vector_hits(replica: Replica, vector: np.ndarray, limit: int,

@@ -9,6 +9,10 @@ and removes the snapshot before it. A host with no replica of the store
 downloads the latest snapshot and applies the batches after ``seq``. A
 snapshot that vanishes mid-download (replaced by a newer one) just means
 replaying from the start: snapshots only ever save time.
+
+The copy itself runs on an OS thread even where gevent patched threading
+(the API's default worker class): ``VACUUM INTO`` and the file copy never
+yield, and on a greenlet they would stall every request of the process.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import logging
 import tempfile
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from flowpool.blobs import BlobNotFound, BlobStore
 
@@ -27,6 +31,8 @@ if TYPE_CHECKING:
 __all__ = ["Snapshots"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class Snapshots:
@@ -64,7 +70,7 @@ class Snapshots:
         """Snapshot ``replica`` now; the seq it holds (0 when it was not newer than the manifest's)."""
         try:
             with tempfile.TemporaryDirectory(prefix="flowpool-snapshot-", dir=replica.dir.parent) as tmp:
-                seq, db, vectors = replica.export(Path(tmp))
+                seq, db, vectors = _off_the_loop(replica.export, Path(tmp))
                 previous = self.manifests.snapshot_seq(manifest.account_id, manifest.spec.name)
                 if seq <= previous:
                     return 0
@@ -95,3 +101,14 @@ class Snapshots:
                 return False
             return True
         return seed
+
+
+def _off_the_loop(function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)`` on an OS thread of gevent's pool when gevent patched threading; else here and now."""
+    try:
+        from gevent import get_hub, monkey
+    except ImportError:
+        return function(*args)
+    if not monkey.is_module_patched("threading"):
+        return function(*args)
+    return get_hub().threadpool.apply(function, args)

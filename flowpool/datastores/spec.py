@@ -13,7 +13,7 @@ stored, so a bad record loses nothing.
 """
 from __future__ import annotations
 
-import math
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,8 +66,6 @@ class Spec:
 
 
 def _json_text(value: Any) -> str:
-    import json
-
     return json.dumps(value, ensure_ascii=False)
 
 
@@ -184,9 +182,10 @@ def check_ids(ids: Any) -> list[str]:
 
 
 def prepare_upserts(spec: Spec, records: list[Any], max_records: int, max_bytes: int) -> Batch:
-    """A :class:`Batch` upserting ``records`` (the last of two with one id wins), or a 400 naming the record."""
-    import json
+    """A :class:`Batch` upserting ``records`` (the last of two with one id wins), or a 400 naming the record.
 
+    A vector is a list of numbers here; a CSV cell's JSON array became one in :mod:`.parsing`.
+    """
     if not isinstance(records, list):
         raise RequestError("records must be a list of objects")
     if len(records) > max_records:
@@ -200,8 +199,6 @@ def prepare_upserts(spec: Spec, records: list[Any], max_records: int, max_bytes:
         body = {key: value for key, value in record.items() if key != spec.vector_field}
         body[spec.id_field] = rid
         vector = record.get(spec.vector_field) if spec.vector_field else None
-        if isinstance(vector, str):  # a CSV cell: a JSON array, or empty for none
-            vector = _vector_text(vector, rid, spec.vector_field)
         size = len(json.dumps(body, ensure_ascii=False, separators=(",", ":")))
         if size > max_bytes:
             raise RequestError(f"record {rid!r}: {size} bytes as JSON; at most {max_bytes} "
@@ -220,27 +217,17 @@ def prepare_upserts(spec: Spec, records: list[Any], max_records: int, max_bytes:
     return batch
 
 
-def _vector_text(text: str, rid: str, field_name: str) -> Any:
-    import json
-
-    if not text.strip():
-        return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RequestError(f"record {rid!r}: {field_name!r} must be a list of numbers (in CSV, a JSON array)",
-                           record=rid) from exc
-
-
 def _matrix(spec: Spec, vectors: list[Any], ids: list[str]) -> np.ndarray:
     """The vectors as a float32 matrix, or a 400 naming the first record whose vector is wrong."""
     try:
         matrix = np.asarray(vectors)
     except ValueError:  # ragged
         matrix = np.asarray([])
-    if matrix.ndim == 2 and matrix.shape[1] == spec.vector_dims and matrix.dtype.kind in "fiu" \
-            and np.isfinite(matrix).all():
-        return matrix.astype(np.float32)
+    if matrix.ndim == 2 and matrix.shape[1] == spec.vector_dims and matrix.dtype.kind in "fiu":
+        with np.errstate(over="ignore"):
+            matrix = matrix.astype(np.float32)
+        if np.isfinite(matrix).all():  # in float32: 1e39 is finite as a float64 but inf as a float32
+            return matrix
     for rid, vector in zip(ids, vectors):
         check_vector(spec, vector, f"record {rid!r}", record=rid)
     raise RequestError(f"the {spec.vector_field!r} vectors must be lists of {spec.vector_dims} numbers")
@@ -253,15 +240,19 @@ def check_vector(spec: Spec, vector: Any, where: str, **details: Any) -> np.ndar
     if len(vector) != spec.vector_dims:
         raise RequestError(f"{where}: {spec.vector_field!r} has {len(vector)} dimensions; the store's vectors have "
                            f"{spec.vector_dims}", **details)
-    if not all(math.isfinite(x) for x in vector):
-        raise RequestError(f"{where}: {spec.vector_field!r} holds a value that is not a finite number", **details)
-    return np.asarray(vector, dtype=np.float32)
+    try:
+        with np.errstate(over="ignore"):
+            checked = np.asarray(vector, dtype=np.float64).astype(np.float32)
+    except OverflowError:  # an integer beyond any float
+        checked = np.asarray([np.inf], dtype=np.float32)
+    if not np.isfinite(checked).all():
+        raise RequestError(f"{where}: {spec.vector_field!r} holds a value that is not a finite number "
+                           "(as a float32: at most about 3.4e38)", **details)
+    return checked
 
 
 def filter_values(value: Any) -> list[str]:
     """The keys a record's filter field value is indexed under (a list: each of its scalars), canonical JSON."""
-    import json
-
     items = value if isinstance(value, list) else [value]
     out = []
     for item in items:

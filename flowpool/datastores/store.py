@@ -15,7 +15,7 @@ import shutil
 import threading
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -55,7 +55,8 @@ class Datastores:
         self.root = Path(settings.cache_path) / "datastores"
         self.snapshots = Snapshots(blobs, self.manifests, settings.datastore_snapshot_batches)
         self._replicas: dict[tuple[str, str], tuple[Replica, Manifest]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the two dicts only: never held while a replica opens
+        self._opening: dict[tuple[str, str], threading.Lock] = {}
 
     # -- stores ------------------------------------------------------------------------------------------------
 
@@ -81,10 +82,7 @@ class Datastores:
         if not self.manifests.drop(manifest):
             raise DatastoreNotFound(name)
         self.blobs.delete_prefix(manifest.prefix)
-        with self._lock:
-            entry = self._replicas.pop((account_id, name), None)
-        if entry is not None:
-            entry[0].close()
+        self._forget(account_id, name)
         shutil.rmtree(self._directory(manifest), ignore_errors=True)
 
     # -- writes ------------------------------------------------------------------------------------------------
@@ -95,6 +93,8 @@ class Datastores:
         settings = self.settings
         batch = prepare_upserts(manifest.spec, records, settings.datastore_batch_max_records,
                                 settings.datastore_record_max_bytes)
+        if not batch.upserts:
+            return {"upserted": 0, "version": manifest.head}  # nothing to write: no batch, no new version
         self._embed_missing(manifest, batch)
         ids = [rid for rid, _ in batch.upserts]
         seq = self._append(manifest, batch, lambda replica: len(ids) - _count_existing(replica, ids))
@@ -140,7 +140,7 @@ class Datastores:
                 except StaleHead:
                     continue
                 stored = False  # it is the log's now
-                self._catch_up(replica, manifest, seq)
+                self._catch_up(replica, manifest, seq, blob)
                 self.snapshots.maybe_take(manifest, replica, seq)
                 return seq
             raise Unavailable("the datastore is being written by many requests at once; try again")
@@ -216,46 +216,66 @@ class Datastores:
         """This process's replica of the store, brought up to the head Redis has now; its manifest; that head."""
         found = self.manifests.head(account_id, name)
         if found is None:
+            self._forget(account_id, name)  # deleted, perhaps by another host: let go of this host's replica
             raise DatastoreNotFound(name)
-        generation, head = found
+        generation, head, tail = found
         entry = self._replicas.get((account_id, name))
         if entry is None or entry[1].generation != generation:
             manifest = self.manifests.read(account_id, name)  # the incarnation may have changed again: take it
             if manifest.generation != generation:
-                head = manifest.head
+                head, tail = manifest.head, None
             entry = self._open(manifest)
         replica, manifest = entry
-        self._catch_up(replica, manifest, head)
+        self._catch_up(replica, manifest, head, tail)
         return replica, manifest, head
 
     def _open(self, manifest: Manifest) -> tuple[Replica, Manifest]:
+        """This process's replica of ``manifest``'s incarnation, opened once (a snapshot download, a wait for the
+        host lock) under the store's own lock: a slow first open of one store never holds up another's."""
         key = (manifest.account_id, manifest.spec.name)
         with self._lock:
+            opening = self._opening.setdefault(key, threading.Lock())
+        with opening:
             entry = self._replicas.get(key)
             if entry is not None and entry[1].generation == manifest.generation:
                 return entry
             replica = Replica(self._directory(manifest), manifest.spec, self.settings.datastore_apply_wait_seconds,
                               seed=self.snapshots.seeder(manifest))
-            old, self._replicas[key] = entry, (replica, manifest)
+            with self._lock:
+                old, self._replicas[key] = self._replicas.get(key), (replica, manifest)
         if old is not None:
-            old[0].close()
-            shutil.rmtree(old[0].dir, ignore_errors=True)  # a deleted incarnation: nobody reads it again
+            _release(old[0])  # a deleted incarnation: nobody reads it again
         return replica, manifest
 
-    def _catch_up(self, replica: Replica, manifest: Manifest, head: int) -> None:
+    def _forget(self, account_id: str, name: str) -> None:
+        """Close and remove this process's replica of a store that is gone."""
+        with self._lock:
+            entry = self._replicas.pop((account_id, name), None)
+        if entry is not None:
+            _release(entry[0])
+
+    def _catch_up(self, replica: Replica, manifest: Manifest, head: int, tail: str | None) -> None:
         try:
-            replica.catch_up(head, lambda after, upto: self._batches(manifest, after, upto))
+            replica.catch_up(head, tail, lambda after, upto: self._batches(manifest, after, upto), self.blobs.get)
         except BlobNotFound as exc:
             if self.manifests.head(manifest.account_id, manifest.spec.name) is None:
                 raise DatastoreNotFound(manifest.spec.name) from exc  # deleted while we read it
             raise
 
-    def _batches(self, manifest: Manifest, after: int, upto: int) -> Iterator[tuple[int, bytes]]:
-        names = self.manifests.batches(manifest.account_id, manifest.spec.name, manifest.generation, after, upto)
-        if len(names) != upto - after:
-            raise DatastoreNotFound(manifest.spec.name)
-        for seq, blob in enumerate(names, start=after + 1):
-            yield seq, self.blobs.get(blob)
+    def _batches(self, manifest: Manifest, after: int, head: int) -> list[str]:
+        """The blob names of the batches after ``after``, to the end of the log now (read after the replica's
+        applied seq was, so a log shorter than that seq is one Redis lost, not a stale read)."""
+        names = self.manifests.batches(manifest.account_id, manifest.spec.name, manifest.generation, after)
+        if len(names) < head - after:
+            found = self.manifests.head(manifest.account_id, manifest.spec.name)
+            if found is None or found[0] != manifest.generation:
+                raise DatastoreNotFound(manifest.spec.name)  # its log went with it
+        return names
+
+
+def _release(replica: Replica) -> None:
+    replica.close()
+    shutil.rmtree(replica.dir, ignore_errors=True)
 
 
 def _embedded(spec: Any, vector: Any) -> np.ndarray:

@@ -323,3 +323,35 @@ def test_an_upload_puts_its_accessory_in_the_s3_bucket(redis_server: RedisServer
         assert not db.exists(keys.blob(name))  # in the bucket, not in Redis
     finally:
         db.close()
+
+
+@pytest.mark.parametrize("path", [UPLOAD, "/api/v1/datastores/any/records"])
+def test_a_large_body_route_checks_the_key_before_reading_the_body(stack: Stack, path: str) -> None:
+    """A caller without a valid key gets its 401 before the server reads (and holds) up to 256 MB: here no
+    byte of the announced body is ever sent, so a server reading it first would answer 408 instead."""
+    import socket
+    from urllib.parse import urlsplit
+
+    assert stack.api_url is not None
+    where = urlsplit(stack.api_url)
+    with socket.create_connection((where.hostname, where.port), timeout=30) as conn:
+        conn.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {200 * MB}\r\nx-api-key: fp-not-a-key\r\n\r\n".encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            piece = conn.recv(4096)
+            if not piece:
+                break
+            answer += piece
+    assert answer.split(b"\r\n", 1)[0].split(b" ")[1] == b"401", answer[:300]
+
+
+def test_a_registry_without_a_blob_store_refuses_accessories_and_stores_nothing(redis_db: redis.Redis) -> None:
+    """No silent default: an uploader writing accessories to Redis while workers read S3 would lose them."""
+    from flowpool.errors import ConfigurationError
+
+    workflows = Workflows(redis_db)
+    with pytest.raises(ConfigurationError, match="without a blob store"):
+        _upload(workflows, {"a": b"{}"})
+    assert redis_db.keys() == []
+    assert _upload(workflows, {})[2]  # a workflow without accessories needs none

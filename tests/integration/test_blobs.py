@@ -142,3 +142,36 @@ def test_open_blob_store_follows_the_settings(redis_db: redis.Redis, s3_env: dic
     assert store.s3.get_object(Bucket=s3_env["bucket"], Key="via-settings/x")["Body"].read() == b"1"
     with pytest.raises(ValueError, match="s3://bucket/prefix"):
         open_blob_store(Settings(blob_url="http://not-s3/x"), redis_db)
+
+
+def test_an_s3_store_that_refuses_is_a_503_naming_the_store_and_its_error(s3_env: dict[str, Any],
+                                                                          redis_db: redis.Redis,
+                                                                          tmp_path: Path) -> None:
+    """A bucket that is not there (or access denied): never a bare 500, and an upload stores nothing."""
+    from flowpool.blobs import BlobStoreUnavailable
+    from flowpool.registry.workflows import Upload, Workflows
+
+    store = S3Blobs(f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/p", s3_env["endpoint_url"])
+    for attempt in (lambda: store.put("a/b", b"1"), lambda: store.get("a/b"), lambda: store.delete("a/b"),
+                    lambda: store.download("a/b", tmp_path / "never-written")):
+        with pytest.raises(BlobStoreUnavailable) as refused:
+            attempt()
+        body = refused.value.to_body()["error"]
+        assert body["code"] == 503 and body["type"] == "service_unavailable"
+        assert store.location in body["message"] and body["store_error"] == "NoSuchBucket"
+
+    workflows = Workflows(redis_db, blobs=store)
+    with pytest.raises(BlobStoreUnavailable, match="NoSuchBucket"):
+        workflows.upload("acct", Upload(ref="w", script="def execute(ctx):\n    return 1\n",
+                                        accessories={"a": b"{}"}))
+    assert redis_db.keys("*w*") == []  # no version names a blob that was never stored
+
+
+def test_write_to_stops_at_its_deadline(blobs: BlobStore, tmp_path: Path) -> None:
+    import time
+
+    blobs.put("big/deadline", BIG)
+    with open(tmp_path / "out", "wb") as out, pytest.raises(TimeoutError):
+        blobs.write_to("big/deadline", out, time.monotonic() - 1)
+    with open(tmp_path / "out", "wb") as out:
+        assert blobs.write_to("big/deadline", out, time.monotonic() + 60) == len(BIG)

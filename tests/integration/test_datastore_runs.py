@@ -30,6 +30,7 @@ def execute(ctx):
     return {
         "get": ctx.datastore.get(store, args["id"]),
         "missing": ctx.datastore.get(store, "no-such-id"),
+        "number": ctx.datastore.get(store, 40),  # an integer id: its decimal string, as at ingest
         "keyword": ids(ctx.datastore.search(store, query=args["query"], limit=5)),
         "vector": ids(ctx.datastore.search(store, vector=args["vector"], limit=5)),
         "hybrid": ids(ctx.datastore.search(store, query=args["query"], vector=args["vector"], limit=5)),
@@ -93,6 +94,7 @@ def test_a_run_reads_a_store_as_the_api_does(client: Client) -> None:
     name = f"runs-{uuid.uuid4().hex[:6]}"
     records = _records(40)
     _make_store(client, name, records)
+    assert client.post(f"/api/v1/datastores/{name}/records", json=[{"id": 40, "body": "numbered"}]).status_code == 200
     client.upload("reads", READS)
     vector = records[5]["vec"]
 
@@ -101,6 +103,7 @@ def test_a_run_reads_a_store_as_the_api_does(client: Client) -> None:
     assert {k: v for k, v in out["get"].items() if k != "vec"} == {k: v for k, v in records[7].items() if k != "vec"}
     assert np.allclose(out["get"]["vec"], records[7]["vec"], atol=1e-6)
     assert out["missing"] is None
+    assert out["number"] == {"id": "40", "body": "numbered"}
     assert out["keyword"] == _api_ids(client, name, query="ember frost", limit=5)
     assert out["vector"] == _api_ids(client, name, vector=vector, limit=5) and out["vector"][0] == "r5"
     assert out["hybrid"] == _api_ids(client, name, query="ember frost", vector=vector, limit=5)

@@ -115,14 +115,16 @@ def test_each_format_is_ingested_and_read_back_by_id(client: Client, content_typ
 def test_an_ingest_upserts_by_id_and_delete_removes_records(client: Client) -> None:
     name = _name()
     _create(client, name, vector_field=None, vector_dims=None)
-    _ingest(client, name, json.dumps([{"id": "a", "body": "old"}, {"id": "b", "body": "kept"}]), "application/json")
+    _ingest(client, name, json.dumps([{"id": "a", "body": "old"}, {"id": "b", "body": "kept"}, {"id": 7}]),
+            "application/json")
 
     _ingest(client, name, json.dumps([{"id": "a", "body": "new"}]), "application/json")
-    deleted = client.request("DELETE", f"/api/v1/datastores/{name}/records", json={"ids": ["b", "nope"]})
+    deleted = client.request("DELETE", f"/api/v1/datastores/{name}/records", json={"ids": ["b", "nope", 7]})
 
     assert client.get(f"/api/v1/datastores/{name}/records/a").json()["data"]["body"] == "new"
-    assert deleted.status_code == 200 and deleted.json()["data"]["deleted"] == 1
+    assert deleted.status_code == 200 and deleted.json()["data"]["deleted"] == 2, deleted.text
     assert client.get(f"/api/v1/datastores/{name}/records/b").status_code == 404
+    assert client.get(f"/api/v1/datastores/{name}/records/7").status_code == 404
     assert client.get(f"/api/v1/datastores/{name}").json()["data"]["records"] == 1
 
 

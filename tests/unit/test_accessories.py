@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import socket
 import stat
@@ -264,6 +265,27 @@ def test_the_session_sends_the_file_with_the_reply_and_closes_its_descriptor(tmp
         os.fstat(fd)  # the session closed its own copy
 
 
+def test_a_call_failing_with_an_os_error_is_answered_not_left_waiting() -> None:
+    """An OSError from serving a call is the worker's, not the run's going away: the run gets an error reply."""
+    def serve(method: str, params: dict[str, Any], deadline: float) -> Any:
+        raise OSError(24, "Too many open files")
+
+    worker_end, run_end = socket.socketpair()
+    session = RunSession(SimpleNamespace(pid=1, sock=worker_end), zygote=None, limits=SandboxLimits(),  # type: ignore[arg-type]
+                         soft_seconds=30, hard_grace_seconds=5, outcome=RunOutcome(), on_call=serve)
+    run = Channel(run_end)
+    try:
+        run.send({"op": "call", "id": 3, "method": "accessory", "params": {"key": "k"}})
+        run.send({"op": "result", "value": None})
+        session.follow()
+        run_end.settimeout(5)
+        message = run.recv()
+    finally:
+        worker_end.close()
+        run_end.close()
+    assert message["id"] == 3 and message["error"]["kind"] == CallErrorKind.UNAVAILABLE.value
+
+
 # Through a real run process, on each sandbox backend
 
 LOADS = """
@@ -323,3 +345,259 @@ def test_a_run_reads_its_accessory_from_the_descriptor(sandbox: Sandbox, tmp_pat
     assert result["again"] is True
     assert calls == ["rates", "missing", "local"]  # once per key per run; the stored key ignores its fallback
     assert result["left_open"] == 0  # each descriptor read and closed
+
+
+def test_a_run_cannot_read_the_file_by_its_path(sandbox: Sandbox, tmp_path: Path) -> None:
+    """With a uid of its own (uid_base), the descriptor is the only way in: the cache's directory is 0700."""
+    directory = tmp_path / "cache"
+    directory.mkdir(mode=0o700)
+    path = directory / "rates.json"
+    path.write_bytes(b'{"secret": 1}')
+    path.chmod(0o400)
+    script = compiled("""
+        def execute(ctx):
+            try:
+                with open(ctx.input, "rb") as f:
+                    return f.read().decode()
+            except OSError as exc:
+                return type(exc).__name__
+    """)
+
+    outcome = sandbox.run(script, {"input": str(path)}, 20, on_call=lambda *a: None)
+
+    assert outcome.ok, outcome.error
+    assert outcome.result in ("PermissionError", "FileNotFoundError")  # bwrap: not even in its filesystem
+
+
+# What a run may do to the accessory it holds: the descriptor is of a sealed copy in the worker's memory.
+
+TAMPERS = """
+    import os
+
+    def execute(ctx):
+        _, fd = ctx._transport.call_with_file("accessory", {"key": "rates"})
+        tried = {"where": os.readlink(f"/proc/self/fd/{fd}")}
+
+        def reopened(flags, then):
+            again = os.open(f"/proc/self/fd/{fd}", flags)
+            try:
+                then(again)
+            finally:
+                os.close(again)
+
+        for name, attempt in [
+            ("fchmod", lambda: os.fchmod(fd, 0o600)),  # its owner may: the worker's uid, shared
+            ("write", lambda: reopened(os.O_WRONLY, lambda w: os.write(w, b"[6, 6, 6]"))),
+            ("pwrite", lambda: reopened(os.O_RDWR, lambda w: os.pwrite(w, b"9", 11))),
+            ("truncate", lambda: reopened(os.O_WRONLY | os.O_TRUNC, lambda w: None)),
+            ("grow", lambda: reopened(os.O_RDWR, lambda w: os.ftruncate(w, 1 << 20))),
+        ]:
+            try:
+                attempt()
+                tried[name] = "done"
+            except OSError as exc:
+                tried[name] = type(exc).__name__
+        tried["bytes"] = os.pread(fd, 1 << 16, 0).decode()
+        os.close(fd)
+        return tried
+"""
+
+
+@pytest.fixture(params=sandbox_backends())
+def shared_uid_sandbox(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
+    """Runs with the worker's uid (no uid_base): a non-root worker, or bwrap's user namespace without one."""
+    box = Sandbox(SandboxLimits(memory_bytes=256 << 20, open_files=64), slots=1, uid_base=None,
+                  hard_grace_seconds=1.0, prestart=0, backend=request.param)
+    box.start()
+    try:
+        yield box
+    finally:
+        box.stop()
+
+
+def _tamper(box: Sandbox, cache: AccessoryCache, redis_db: redis.Redis) -> None:
+    data = b'{"rates": [1, 2, 3]}'
+    store_version(redis_db, {"rates": data})
+
+    outcome = box.run(compiled(TAMPERS), {"input": None}, 20,
+                      on_call=lambda method, params, deadline: cache.open(job(), params["key"], deadline))
+
+    assert outcome.ok, outcome.error
+    tried = outcome.result
+    assert tried.pop("fchmod") in ("done", "PermissionError")  # allowed to the file's owner; harmless: sealed
+    assert tried.pop("where").startswith("/memfd:")  # no host path shown, not the disk cache's file
+    assert tried == {"write": "PermissionError", "pwrite": "PermissionError", "truncate": "PermissionError",
+                     "grow": "PermissionError", "bytes": data.decode()}
+    assert read(cache.open(job(), "rates", later())) == data  # the next run, of any account with these bytes
+    assert read(AccessoryCache(redis_db, cache.settings).open(job(), "rates", later())) == data  # the disk's
+    assert fetches(redis_db) == 1
+
+
+def test_a_run_sharing_the_workers_uid_cannot_change_its_accessory(
+        shared_uid_sandbox: Sandbox, cache: AccessoryCache, redis_db: redis.Redis) -> None:
+    """The run owns the copy (the worker's uid), may chmod it, and still cannot write, shrink or grow it."""
+    _tamper(shared_uid_sandbox, cache, redis_db)
+
+
+def test_a_run_with_its_own_uid_cannot_change_its_accessory(
+        sandbox: Sandbox, cache: AccessoryCache, redis_db: redis.Redis) -> None:
+    """Seals bind root too: the process backend as root keeps capabilities that ignore modes."""
+    _tamper(sandbox, cache, redis_db)
+
+
+COPIES = """
+    import os
+    import shutil
+
+    def execute(ctx):
+        with open("made.json", "w") as f:
+            f.write("{}")
+        os.chmod("made.json", 0o640)
+        shutil.copy("made.json", "copy.json")  # copies the mode too (chmod)
+        shutil.copy2("made.json", "copy2.json")
+        return [oct(os.stat(name).st_mode & 0o777) for name in ("copy.json", "copy2.json")]
+"""
+
+
+def test_a_run_may_copy_files_with_their_mode(shared_uid_sandbox: Sandbox) -> None:
+    """The seccomp filter leaves chmod alone: ordinary scripts (shutil.copy) work."""
+    outcome = shared_uid_sandbox.run(compiled(COPIES), {"input": None}, 20, on_call=lambda *a: None)
+
+    assert outcome.ok, outcome.error
+    assert outcome.result == ["0o640", "0o640"]
+
+
+# The sealed copies in a worker process
+
+
+def memfds() -> int:
+    """How many of this process's descriptors are accessory copies in memory."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:flowpool-accessory-")
+        except OSError:
+            pass  # the listing's own descriptor
+    return count
+
+
+def test_each_run_gets_its_own_description_of_one_sealed_copy(cache: AccessoryCache, redis_db: redis.Redis) -> None:
+    data = json.dumps({"codes": list(range(2000))}).encode()
+    store_version(redis_db, {"codes": data})
+    before = memfds()
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda _: cache.open(job(), "codes", later()), range(16)))
+
+    assert len({os.fstat(a.fd).st_ino for a in answers}) == 1  # one copy, however many threads asked at once
+    assert fetches(redis_db) == 1
+    os.read(answers[0].fd, 100)  # a run that has read part of it moves its own offset only
+    assert os.read(answers[1].fd, len(data) + 1) == data
+    with pytest.raises(OSError):
+        os.write(answers[2].fd, b"x")  # read-only description
+    os.fchmod(answers[2].fd, 0o666)  # even by its owner, made writable and opened for writing: sealed
+    writable = os.open(f"/proc/self/fd/{answers[2].fd}", os.O_RDWR)
+    try:
+        for change in (lambda: os.write(writable, b"x"), lambda: os.ftruncate(writable, 1),
+                       lambda: mmap.mmap(writable, 0, mmap.MAP_SHARED, mmap.PROT_WRITE)):
+            with pytest.raises(PermissionError):
+                change()
+    finally:
+        os.close(writable)
+    assert os.pread(answers[2].fd, len(data) + 1, 0) == data
+    for answer in answers:
+        os.close(answer.fd)
+    assert memfds() == before + 1
+
+
+def test_a_file_changed_on_disk_is_not_served(cache: AccessoryCache, redis_db: redis.Redis) -> None:
+    """Whatever changes or replaces the disk cache's file (a run with the worker's uid can reach it by path
+    under the process backend): a process serving its sealed copy goes on serving the bytes it hashed, and a
+    process making a new copy hashes the file, finds it changed and fetches it again."""
+    data, bad = b'{"rates": [1, 2, 3]}', b'{"rates": [6, 6, 6]}'
+    store_version(redis_db, {"rates": data})
+    assert read(cache.open(job(), "rates", later())) == data
+    path = Path(cache.directory) / hashlib.sha256(data).hexdigest()
+    path.chmod(0o600)
+    with open(path, "r+b") as file:  # same inode, same size, mode set back
+        file.write(bad)
+    path.chmod(0o400)
+
+    assert read(cache.open(job(), "rates", later())) == data
+    assert fetches(redis_db) == 1
+    assert read(AccessoryCache(redis_db, cache.settings).open(job(), "rates", later())) == data
+    assert path.read_bytes() == data
+    assert fetches(redis_db) == 2
+
+    other = path.with_name("elsewhere")  # replaced under the same name
+    other.write_bytes(bad)
+    other.chmod(0o400)
+    os.replace(other, path)
+    assert read(AccessoryCache(redis_db, cache.settings).open(job(), "rates", later())) == data
+    assert fetches(redis_db) == 3
+
+
+def test_copies_past_the_memory_budget_are_let_go_oldest_first(redis_server: RedisServer, redis_db: redis.Redis,
+                                                               tmp_path: Path) -> None:
+    settings = Settings(redis_url=f"redis://127.0.0.1:{redis_server.port}/15", cache_dir=str(tmp_path / "cache"),
+                        accessory_memory_mb=1.5 / 1024)  # 1.5 KiB: one of these at a time
+    cache = AccessoryCache(redis_db, settings)
+    first, second = b'["' + b"a" * 1000 + b'"]', b'["' + b"b" * 1000 + b'"]'
+    store_version(redis_db, {"first": first, "second": second})
+    before = memfds()
+
+    held = cache.open(job(), "first", later())
+    assert read(cache.open(job(), "second", later())) == second
+    assert memfds() == before + 2  # the second copy, and the first's description a run still holds
+    assert read(held) == first  # a copy let go of stays readable where it was handed out
+    assert memfds() == before + 1
+
+    assert read(cache.open(job(), "first", later())) == first  # copied again from the host's disk
+    assert memfds() == before + 1
+    assert fetches(redis_db) == 2
+
+
+def test_a_disk_error_is_an_unavailable_answer_not_a_silent_one(cache: AccessoryCache, redis_db: redis.Redis) -> None:
+    store_version(redis_db, {"a": b"1"})
+    Path(cache.settings.cache_path).mkdir(parents=True)
+    Path(cache.directory).write_bytes(b"")  # a file where the cache's directory should be
+
+    with pytest.raises(CallFailed) as failed:
+        cache.open(job(), "a", later())
+    assert failed.value.kind is CallErrorKind.UNAVAILABLE
+    assert cache.directory not in failed.value.message  # host paths stay in the worker's log
+
+
+def test_a_cache_directory_others_may_write_in_is_refused(cache: AccessoryCache, redis_db: redis.Redis) -> None:
+    store_version(redis_db, {"a": b"1"})
+    root = Path(cache.settings.cache_path)
+    root.mkdir(parents=True)
+    root.chmod(0o777)  # made first by another local user, say, under /tmp
+
+    with pytest.raises(CallFailed) as failed:
+        cache.open(job(), "a", later())
+    assert failed.value.kind is CallErrorKind.UNAVAILABLE
+    assert not Path(cache.directory).exists() or not any(Path(cache.directory).iterdir())
+
+
+def test_a_fetch_past_the_runs_deadline_gives_up_and_leaves_no_file(cache: AccessoryCache,
+                                                                    redis_db: redis.Redis) -> None:
+    data = json.dumps(["x" * 1000] * 3000).encode()  # several chunks: the deadline is looked at between them
+    store_version(redis_db, {"big": data})
+
+    with pytest.raises(CallFailed) as failed:
+        cache.open(job(), "big", time.monotonic() - 1)
+    assert failed.value.kind is CallErrorKind.TIMEOUT
+    assert [p for p in Path(cache.directory).iterdir() if not p.name.endswith(".lock")] == []
+    assert read(cache.open(job(), "big", later())) == data  # the next run fetches it
+
+
+def test_parts_left_by_a_dead_fetch_are_swept_at_start(cache: AccessoryCache, redis_db: redis.Redis) -> None:
+    store_version(redis_db, {"a": b"1"})
+    directory = Path(cache.directory)
+    directory.mkdir(parents=True, mode=0o700)
+    stale = directory / f".{'d' * 64}.{'0' * 32}.part"
+    stale.write_bytes(b"half")
+
+    read(cache.open(job(), "a", later()))
+    assert not stale.exists()

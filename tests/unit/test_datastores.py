@@ -3,7 +3,9 @@
 Keyword scores are checked against BM25 computed here with FTS5's formula
 (k1 = 1.2, b = 0.75, idf = ln((N - n + 0.5) / (n + 0.5)), at least 1e-6),
 vector results against exact cosine top-k in numpy, the hybrid against
-reciprocal rank fusion of those two references.
+reciprocal rank fusion of those two references. A keyword search may leave
+out words held by at least half the records (idf 1e-6); its results then
+equal the reference to within COMMON_WORD_BOUND per word left out.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import redis
 
 from flowpool.blobs import RedisBlobs
 from flowpool.datastores import Datastores
+from flowpool.datastores.search import COMMON_WORD_BOUND
 from flowpool.errors import RequestError
 from flowpool.settings import Settings
 
@@ -104,18 +107,88 @@ def ids(result: dict[str, Any]) -> list[str]:
     return [hit["id"] for hit in result["data"]]
 
 
-@pytest.mark.parametrize("query", ["w3", "w0 w5", "w17 w40 w2", "W12, w59!"])
+def assert_bm25_top(result: dict[str, Any], records: list[dict[str, Any]], query: str, limit: int) -> None:
+    """The hits are a top ``limit`` of the reference BM25, scores and order to within the pruning tolerance."""
+    reference = bm25_reference(records, query)
+    expected, score_of = reference[:limit], dict(reference)
+    tolerance = COMMON_WORD_BOUND * len(set(re.findall(r"[^\W_]+", query.casefold()))) + 1e-9
+    assert len(result["data"]) == len(expected)
+    for hit, (_, rank_score) in zip(result["data"], expected):
+        assert hit["id"] in score_of
+        assert hit["scores"]["keyword"] == pytest.approx(score_of[hit["id"]], abs=tolerance)
+        # In the reference's top, near-ties aside.
+        assert score_of[hit["id"]] == pytest.approx(rank_score, abs=tolerance)
+
+
+@pytest.mark.parametrize("query", ["w3", "w0 w5", "w17 w40 w2", "W12, w59!", "w0 w1 w2 w25 w31"])
 def test_keyword_ranking_and_scores_match_a_brute_force_bm25(loaded: Any, query: str) -> None:
     store, records = loaded
-    expected = bm25_reference(records, query)[:20]
-
     result = store.search(ACCOUNT, "docs", query=query, limit=20)
 
     assert result["mode"] == "keyword"
-    assert [hit["scores"]["keyword"] for hit in result["data"]] == pytest.approx([s for _, s in expected], rel=1e-6)
-    assert ids(result) == [rid for rid, _ in expected]
+    assert_bm25_top(result, records, query, 20)
     assert all(hit["score"] > 0 for hit in result["data"])
-    assert result["data"][0]["record"] == {k: v for k, v in records[int(expected[0][0][1:])].items() if k != "vec"}
+    assert result["data"][0]["record"] == {k: v for k, v in records[int(result["data"][0]["id"][1:])].items()
+                                           if k != "vec"}
+
+
+def holding(records: list[dict[str, Any]], word: str) -> int:
+    return sum(1 for r in records if word in re.findall(r"[^\W_]+", f"{r['title']}\n{r['body']}"))
+
+
+def test_words_in_half_the_records_are_left_out_when_the_rest_fill_the_limit(loaded: Any) -> None:
+    store, records = loaded
+    assert holding(records, "w0") >= len(records) / 2 > holding(records, "w30") >= 10
+
+    pruned = store.search(ACCOUNT, "docs", query="w0 w30", limit=10)
+
+    # Scored without w0 (idf 1e-6): exactly the BM25 of w30 alone, and the full query's to within the bound.
+    assert [hit["scores"]["keyword"] for hit in pruned["data"]] == pytest.approx(
+        [score for _, score in bm25_reference(records, "w30")[:10]], rel=1e-12)
+    assert_bm25_top(pruned, records, "w0 w30", 10)
+
+
+def test_the_full_query_runs_when_the_distinctive_words_match_too_few(loaded: Any) -> None:
+    store, records = loaded
+    rare = holding(records, "w30")
+    for query, filters in (("w0 w30", None), ("w0 w1 w30", None), ("w30 w0", {"lang": "en"})):
+        keep = [r for r in records if not filters or r["lang"] == "en"]
+        expected = [(rid, score) for rid, score in bm25_reference(records, query)
+                    if rid in {r["id"] for r in keep}][:rare + 5]
+
+        result = store.search(ACCOUNT, "docs", query=query, limit=rare + 5, filters=filters)
+
+        assert ids(result) == [rid for rid, _ in expected], query
+        assert [hit["score"] for hit in result["data"]] == pytest.approx([s for _, s in expected], rel=1e-12)
+
+
+def test_only_common_words_are_searched_as_they_are(loaded: Any) -> None:
+    store, records = loaded
+    expected = bm25_reference(records, "w0 w1")[:10]
+
+    result = store.search(ACCOUNT, "docs", query="w0 w1", limit=10)
+
+    assert ids(result) == [rid for rid, _ in expected]
+    assert [hit["score"] for hit in result["data"]] == pytest.approx([s for _, s in expected], rel=1e-12)
+
+
+def test_a_word_turning_common_after_an_ingest_is_left_out_from_then_on(loaded: Any) -> None:
+    store, records = loaded
+    before = store.search(ACCOUNT, "docs", query="w20 w31", limit=5)
+    assert before["data"][0]["score"] == pytest.approx(bm25_reference(records, "w20 w31")[0][1], rel=1e-12)
+    extra = [{"id": f"x{i}", "title": "w20", "body": "w20 w2", "vec": [1.0] * DIMS, "lang": "en", "tag": "t0",
+              "n": 1000 + i} for i in range(300)]
+    extra.append({"id": "y0", "title": "w31 w20", "body": "w31", "vec": [1.0] * DIMS, "lang": "en", "tag": "t0",
+                  "n": 2000})  # holds both words: first, and its score is w31's alone once w20 is left out
+    store.ingest(ACCOUNT, "docs", extra)
+    records = records + extra
+
+    after = store.search(ACCOUNT, "docs", query="w20 w31", limit=5)
+
+    assert after["data"][0]["id"] == "y0"
+    assert [hit["score"] for hit in after["data"]] == pytest.approx(
+        [score for _, score in bm25_reference(records, "w31")[:5]], rel=1e-12)
+    assert_bm25_top(after, records, "w20 w31", 5)
 
 
 def test_query_text_is_never_read_as_fts_syntax(loaded: Any) -> None:

@@ -1,6 +1,9 @@
 """The per-run limits a workflow gets: its own LIMITS where it asked, else the operator's defaults, never over the caps."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from flowpool.settings import WORKFLOW_LIMITS, Settings
@@ -31,3 +34,13 @@ def test_every_limit_names_settings_that_exist(key: str) -> None:
     default, cap = WORKFLOW_LIMITS[key]
     assert default in Settings.model_fields
     assert cap is None or cap in Settings.model_fields
+
+
+def test_the_readme_documents_every_setting() -> None:
+    """Each setting is named in the README's settings table (a cap beside its setting), so none is found only by
+    reading the code."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    rows = {name for line in readme.splitlines() if line.startswith("| `FLOWPOOL_")
+            for name in re.findall(r"`(FLOWPOOL_[A-Z0-9_]+)`", line)}
+    missing = sorted({f"FLOWPOOL_{name.upper()}" for name in Settings.model_fields} - rows)
+    assert not missing, f"settings without a README row: {missing}"

@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from flowpool import keys
+from flowpool.blobs import RedisBlobs
 from flowpool.cache import ResultCache
 from flowpool.sealing import ServerKey
 from flowpool.errors import (
@@ -74,7 +75,7 @@ def key_names(client: redis.Redis) -> set[str]:
 
 @pytest.fixture
 def workflows(redis_db: redis.Redis) -> Workflows:
-    return Workflows(redis_db)
+    return Workflows(redis_db, blobs=RedisBlobs(redis_db))
 
 
 def upload(workflows: Workflows, script: str = SCRIPT, ref: str = "summarize", account: str = ACCOUNT,
