@@ -20,7 +20,7 @@ import os
 import time
 import uuid
 from abc import ABC, abstractmethod
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Iterator
 from urllib.parse import urlsplit
@@ -103,11 +103,12 @@ class BlobStore(ABC):
         budget. What was written stays in ``out``: the caller removes it.
         """
         size = 0
-        for piece in self._pieces(name):
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"blob {name!r}: time ran out after {size} bytes")
-            out.write(piece)
-            size += len(piece)
+        with closing(self._pieces(name)) as pieces:  # stopped early: the backend lets go of its stream now
+            for piece in pieces:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"blob {name!r}: time ran out after {size} bytes")
+                out.write(piece)
+                size += len(piece)
         return size
 
     def _pieces(self, name: str) -> Iterator[bytes]:
@@ -253,7 +254,10 @@ class S3Blobs(BlobStore):
     def _pieces(self, name: str) -> Iterator[bytes]:
         with self._answers(f"read {name!r}", name):
             body = self.s3.get_object(Bucket=self.bucket, Key=self._key(name))["Body"]
-            yield from body.iter_chunks(CHUNK_BYTES)
+            try:
+                yield from body.iter_chunks(CHUNK_BYTES)
+            finally:  # a reader that stops early (a deadline): the connection is closed now, not at GC
+                body.close()
 
     def exists(self, name: str) -> bool:
         try:

@@ -10,7 +10,7 @@ keep the bytes in field ``accessory:<key>`` of the version's hash instead.
 1. in the process: the version's accessory table (versions are immutable, so
    it is kept, keyed with the version's content hash so a workflow deleted
    and uploaded again never reads its predecessor's), and a SEALED copy of
-   each accessory this process has served (:class:`_SealedCopies`): a memfd
+   each accessory this process has served (:class:`~flowpool.tasks.sealed.SealedCopies`): a memfd
    whose bytes were hashed as they were copied in, then sealed against
    writing, growing and shrinking, so nobody (whatever its uid, mode changes
    or capabilities) can change them afterwards;
@@ -57,7 +57,9 @@ from flowpool.run import RunJob
 from flowpool.sandbox import CallErrorKind, CallFailed, WithFile
 from flowpool.settings import Settings
 
-__all__ = ["AccessoryCache"]
+from .sealed import SealedCopies, host_support_missing, sealed_copy
+
+__all__ = ["AccessoryAllowance", "AccessoryCache"]
 
 log = logging.getLogger("flowpool.worker")
 
@@ -65,9 +67,6 @@ log = logging.getLogger("flowpool.worker")
 _VERSIONS_KEPT = 4096
 # How often a run waiting on another's fetch of the same file looks again.
 _LOCK_POLL_SECONDS = 0.02
-# The seals of a copy in memory: its bytes and size can no longer change, nor its seals.
-_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
-_CHUNK = 1 << 20
 
 
 @dataclass
@@ -84,7 +83,7 @@ class AccessoryCache:
     the host's disk, the blob store behind.
 
     Memory: one copy of each distinct accessory a worker process serves, in
-    shared memory, within FLOWPOOL_ACCESSORY_MEMORY_MB (:class:`_SealedCopies`).
+    shared memory, within FLOWPOOL_ACCESSORY_MEMORY_MB (:class:`~flowpool.tasks.sealed.SealedCopies`).
     Thread-safe: a worker serves many runs on threads.
     """
 
@@ -95,7 +94,7 @@ class AccessoryCache:
         self._blobs = blobs
         self._lock = threading.Lock()
         self._versions: OrderedDict[tuple[str, str, str, str], dict[str, _Entry]] = OrderedDict()
-        self._copies = _SealedCopies(int(settings.accessory_memory_mb * (1 << 20)))
+        self._copies = SealedCopies(int(settings.accessory_memory_mb * (1 << 20)))
         self._swept = False  # whether this process has removed the temporary files dead fetches left
 
     @property
@@ -105,24 +104,29 @@ class AccessoryCache:
             self._blobs = open_blob_store(self.settings, self.redis)
         return self._blobs
 
-    def open(self, job: RunJob, key: Any, deadline: float) -> WithFile:
+    def open(self, job: RunJob, key: Any, deadline: float, allowance: AccessoryAllowance | None = None) -> WithFile:
         """Accessory ``key`` of the job's version as an open read-only file, with its key, size and hash.
 
         CallFailed ``not_found`` for a key the version has not (the message
         lists those it has), ``unavailable`` when its bytes cannot be had
         (the cause, which may name host paths or the blob store, goes to the
-        worker's log only), ``timeout`` when the run's time runs out first.
+        worker's log only) or would take the run past its ``allowance``,
+        ``timeout`` when the run's time runs out first.
         """
         if not isinstance(key, str) or not key:
             raise CallFailed(CallErrorKind.INVALID, f"ctx.load_accessory needs an accessory key, got {key!r}")
+        missing = host_support_missing()
+        if missing:
+            raise CallFailed(CallErrorKind.UNAVAILABLE, f"this worker cannot serve accessories: {missing}")
         where = f"accessory {key[:80]!r} of {job.workflow}@{job.version}"
         try:
-            return self._open(job, key, deadline, where)
+            return self._open(job, key, deadline, where, allowance)
         except (OSError, redis.RedisError) as exc:  # the disk (no space, descriptors, permissions) or Redis
             log.warning("could not open %s: %s", where, exc)
             raise CallFailed(CallErrorKind.UNAVAILABLE, f"{where} could not be read on this worker") from exc
 
-    def _open(self, job: RunJob, key: str, deadline: float, where: str) -> WithFile:
+    def _open(self, job: RunJob, key: str, deadline: float, where: str,
+              allowance: AccessoryAllowance | None) -> WithFile:
         table = self._table(job)
         entry = table.get(key)
         if entry is None:
@@ -142,8 +146,12 @@ class AccessoryCache:
 
             def fetch(out: _Hashing, deadline: float) -> None:
                 self._download(blob, out, deadline, where)
-        assert entry.sha256 is not None
-        fd = self._open_cached(entry.sha256, fetch, deadline, where)
+        assert entry.sha256 is not None and entry.size is not None
+        if allowance is None:
+            fd = self._open_cached(entry.sha256, fetch, deadline, where)
+        else:
+            with allowance.taking(entry.size, where):
+                fd = self._open_cached(entry.sha256, fetch, deadline, where)
         return WithFile({"key": key, "size": entry.size, "sha256": entry.sha256}, fd)
 
     def _legacy_bytes(self, job: RunJob, key: str, where: str) -> bytes:
@@ -207,13 +215,13 @@ class AccessoryCache:
         file whose bytes hash to it."""
         path = os.path.join(self.directory, sha256)
         self._make_directory()
-        memfd = _sealed_copy(path, sha256)
+        memfd = sealed_copy(path, sha256)
         if memfd is None:
             with self._locked(sha256, deadline, where):
-                memfd = _sealed_copy(path, sha256)  # fetched by another process or thread meanwhile
+                memfd = sealed_copy(path, sha256)  # fetched by another process or thread meanwhile
                 if memfd is None:
                     self._fetch(sha256, path, fetch, deadline, where)
-                    memfd = _sealed_copy(path, sha256)
+                    memfd = sealed_copy(path, sha256)
         if memfd is None:
             raise CallFailed(CallErrorKind.UNAVAILABLE, f"{where} changed on this worker's disk as it was "
                              "written")
@@ -299,112 +307,37 @@ class AccessoryCache:
             pass  # a counter is not worth failing the run for
 
 
-class _SealedCopies:
-    """This process's sealed in-memory copies of accessories (memfds), by sha256, least recently used first.
+class AccessoryAllowance:
+    """The accessory bytes one run may still be handed: at most its memory limit (0: no limit).
 
-    The issue's "in process" tier: one copy per distinct accessory per
-    worker process, in shared memory (shmem, counted against the worker's
-    memory), so that a run is never handed the disk cache's file: a run
-    sharing the worker's uid owns that file and could make it writable. A
-    sealed memfd cannot be written, truncated or grown by anyone, whatever
-    its mode or owner, so the bytes a run reads are the bytes that were
-    hashed. Each serve is a new open file description (opened through
-    ``/proc/self/fd``): runs reading at once never share a file offset.
-
-    The copies are kept within ``budget`` bytes (FLOWPOOL_ACCESSORY_MEMORY_MB;
-    the newest is kept even alone over it): the least recently served is let
-    go first. Letting one go closes the process's descriptor only; those
-    already handed to runs stay valid, and its memory is freed when the last
-    of them is closed. Thread-safe.
+    Each copy handed to a run stays in memory while the run holds it, even
+    after the worker has let go of it (memory charged to the worker, outside
+    FLOWPOOL_ACCESSORY_MEMORY_MB), and a run must read what it loads into its
+    own memory anyway: so a run that asks for more than its memory limit in
+    all (ctx.load_accessory caches per key; a script calling the transport
+    itself could ask again and again) is refused with a clear error. What it
+    holds is freed when its process ends, within its hard time limit.
     """
 
-    def __init__(self, budget: int) -> None:
-        self.budget = budget
+    def __init__(self, memory_bytes: int) -> None:
+        self.limit, self.handed = memory_bytes, 0
         self._lock = threading.Lock()
-        self._copies: OrderedDict[str, tuple[int, int]] = OrderedDict()  # sha256 -> (memfd, size)
-        self._bytes = 0
-        self._making: dict[str, list[Any]] = {}  # sha256 -> [its lock, threads using it]
-
-    def reopen(self, sha256: str) -> int | None:
-        """A new read-only description of the copy of ``sha256``; None if this process has none (or let it go)."""
-        with self._lock:  # under the lock: a copy let go of meanwhile would leave its descriptor number free
-            held = self._copies.get(sha256)
-            if held is None:
-                return None
-            try:
-                fd = os.open(f"/proc/self/fd/{held[0]}", os.O_RDONLY | os.O_CLOEXEC)
-            except PermissionError:  # a run with the worker's uid took away its read mode: make a new copy
-                self._drop(sha256)
-                return None
-            self._copies.move_to_end(sha256)
-            return fd
-
-    def keep(self, sha256: str, memfd: int) -> int:
-        """Keep the sealed ``memfd`` as the copy of ``sha256``, letting go of the least recently used past
-        the budget; a new read-only description of it."""
-        with self._lock:
-            if sha256 in self._copies:
-                self._drop(sha256)
-            size = os.fstat(memfd).st_size
-            self._copies[sha256] = (memfd, size)
-            self._bytes += size
-            while self._bytes > self.budget and len(self._copies) > 1:
-                self._drop(next(iter(self._copies)))
-            return os.open(f"/proc/self/fd/{memfd}", os.O_RDONLY | os.O_CLOEXEC)
-
-    def _drop(self, sha256: str) -> None:
-        memfd, size = self._copies.pop(sha256)
-        self._bytes -= size
-        os.close(memfd)
 
     @contextmanager
-    def making(self, sha256: str, deadline: float, where: str) -> Iterator[None]:
-        """Held by the one thread of this process making the copy of ``sha256``; others wait until ``deadline``."""
+    def taking(self, size: int, where: str) -> Iterator[None]:
+        """Counts ``size`` bytes handed to the run if the block succeeds; CallFailed if they do not fit."""
         with self._lock:
-            slot = self._making.setdefault(sha256, [threading.Lock(), 0])
-            slot[1] += 1
+            if self.limit and self.handed + size > self.limit:
+                raise CallFailed(CallErrorKind.UNAVAILABLE, f"{where} ({size / (1 << 20):.1f} MB) would take the "
+                                 f"accessories handed to this run to {(self.handed + size) / (1 << 20):.1f} MB, "
+                                 f"over its memory limit of {self.limit / (1 << 20):.0f} MB")
+            self.handed += size
         try:
-            if not slot[0].acquire(timeout=max(0.0, deadline - time.monotonic())):
-                raise CallFailed(CallErrorKind.TIMEOUT, f"{where}: still being read when the run's time ran out")
-            try:
-                yield
-            finally:
-                slot[0].release()
-        finally:
+            yield
+        except BaseException:
             with self._lock:
-                slot[1] -= 1
-                if not slot[1]:
-                    del self._making[sha256]
-
-
-def _sealed_copy(path: str, sha256: str) -> int | None:
-    """The disk cache's file at ``path`` copied into a new memfd, hashed as it is copied, then sealed; None
-    if it is missing, not this worker's read-only regular file, or its bytes do not hash to ``sha256``."""
-    src = _open_if(path, lambda st: stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
-                   and stat.S_IMODE(st.st_mode) == 0o400)
-    if src is None:
-        return None
-    memfd = -1
-    try:
-        memfd = os.memfd_create(f"flowpool-accessory-{sha256[:16]}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        digest = hashlib.sha256()
-        offset = 0
-        while chunk := os.pread(src, _CHUNK, offset):
-            digest.update(chunk)
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(memfd, view):]
-            offset += len(chunk)
-        if digest.hexdigest() != sha256:
-            return None
-        os.fchmod(memfd, 0o444)  # readable, through /proc/self/fd, by the run it is handed to; writable by none
-        fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, _SEALS)
-        memfd, sealed = -1, memfd
-        return sealed
-    finally:
-        os.close(src)
-        if memfd >= 0:
-            os.close(memfd)
+                self.handed -= size
+            raise
 
 
 class _Hashing:
@@ -416,26 +349,6 @@ class _Hashing:
     def write(self, data: bytes) -> int:
         self.digest.update(data)
         return self.file.write(data)
-
-
-def _open_if(path: str, fits: Callable[[os.stat_result], bool]) -> int | None:
-    """``path`` opened read-only (not through a symlink) if ``fstat`` of the open file ``fits``; else None."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except (FileNotFoundError, PermissionError):
-        return None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:  # a symlink where the file should be
-            return None
-        raise
-    try:
-        if fits(os.fstat(fd)):
-            return fd
-    except BaseException:
-        os.close(fd)
-        raise
-    os.close(fd)
-    return None
 
 
 class _FileLock:

@@ -16,6 +16,7 @@ from flowpool.errors import FlowpoolError, NotFound, TimeLimitExceeded
 from flowpool.registry import Agents, Workflows, check_invocation_input, check_output
 from flowpool.sandbox import CallErrorKind, CallFailed
 
+from .accessories import AccessoryAllowance
 from .model_calls import RunCalls
 
 if TYPE_CHECKING:
@@ -34,6 +35,11 @@ class CallRouter:
     on_emit: Callable[[str, Any], None] | None = None
     workflow_calls: list[dict[str, Any]] = field(default_factory=list)
     on_idle: Callable[[], None] | None = None
+    # The accessory bytes this run may still be handed: its memory limit (a nested run gets its own).
+    accessories_left: AccessoryAllowance = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.accessories_left = AccessoryAllowance(self.runtime.limits_for(self.calls.job.limits).memory_bytes)
 
     def __call__(self, method: str, params: dict[str, Any], deadline: float) -> Any:
         if method in ("chat", "chat.stream"):
@@ -45,7 +51,7 @@ class CallRouter:
         if method == "agents.create":
             return self.call_agent(params, deadline)
         if method == "accessory":  # the job's own version's, a nested call's included: its file, by descriptor
-            return self.runtime.accessories.open(self.calls.job, params.get("key"), deadline)
+            return self.runtime.accessories.open(self.calls.job, params.get("key"), deadline, self.accessories_left)
         if method in ("datastore.get", "datastore.search"):
             return self.call_datastore(method, params)
         raise CallFailed(CallErrorKind.UNSUPPORTED, f"this worker does not serve ctx call {method!r}")

@@ -28,6 +28,7 @@ from flowpool.settings import Settings
 from .model_calls import ModelRouter
 from .outbound import HttpClient
 from .accessories import AccessoryCache
+from .sealed import host_support_missing
 from .scripts import ScriptCache
 
 __all__ = ["WorkerRuntime"]
@@ -111,6 +112,7 @@ class WorkerRuntime:
                  self.sandbox.describe())
         for weakness in self.sandbox.weaknesses:
             log.warning("sandbox: %s", weakness)
+        host_support_missing()  # memfd_create and /proc, which accessories need: what lacks is logged now
         try:  # for `flowpool doctor`, which may run elsewhere than this worker
             self.redis.hset(keys.WORKER_SANDBOXES, self.name, json.dumps({
                 "backend": self.sandbox.backend, "isolation": self.sandbox.describe(),

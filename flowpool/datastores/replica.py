@@ -1,6 +1,7 @@
 """A host's local replica of one datastore incarnation: SQLite (WAL, FTS5) plus a float32 vector file.
 
-Files, under ``<cache>/datastores/<account>/<name>/<generation>/``:
+Files, under ``<cache>/datastores/<account>/<name>/<generation>/<FORMAT>/`` (FORMAT names the layout below:
+code that writes another layout uses another directory, and snapshots of another layout are not read):
 
 - ``replica.sqlite3``: ``records`` (rid, id, the record as JSON without its
   vector, its vector row and norm), ``fts`` (a contentless FTS5 index of the
@@ -10,7 +11,7 @@ Files, under ``<cache>/datastores/<account>/<name>/<generation>/``:
   deleted, by the batch that did it), ``log`` (the blob name of each batch
   applied, by seq) and ``meta`` (``applied``: the last batch applied;
   ``vrows``: rows in the vector file; ``vbase``: rows below it are all dead;
-  ``epoch``: bumped by a reset).
+  ``epoch``: bumped by a reset; ``indexed``: records in ``fts``, bm25's N).
 - ``vectors.f32``: append-only rows of float32 vectors as ingested, read
   through ``numpy.memmap``; every process of the host shares its pages
   through the page cache (each process keeps 1/norm per row beside it). A replaced vector gets a new row; the old one is
@@ -51,13 +52,13 @@ from flowpool.errors import Unavailable
 from .batch import decode_batch
 from .spec import Batch, Spec, filter_values
 
-__all__ = ["Replica", "State"]
+__all__ = ["FORMAT", "Replica", "State"]
 
 log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-INSERT OR IGNORE INTO meta VALUES ('applied', 0), ('vrows', 0), ('vbase', 0), ('epoch', 0);
+INSERT OR IGNORE INTO meta VALUES ('applied', 0), ('vrows', 0), ('vbase', 0), ('epoch', 0), ('indexed', 0);
 CREATE TABLE IF NOT EXISTS log (seq INTEGER PRIMARY KEY, blob TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS records (rid INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, body TEXT NOT NULL,
                                     vrow INTEGER);
@@ -71,6 +72,8 @@ CREATE TABLE IF NOT EXISTS dead (vrow INTEGER PRIMARY KEY, seq INTEGER NOT NULL)
 CREATE INDEX IF NOT EXISTS dead_seq ON dead (seq);
 """
 
+# The layout of a replica's files (tables, meta keys, vector file): a change to it changes this name.
+FORMAT = "r1"
 # The blob names of the store's batches after a seq, to the end of the log as Redis has it when called (the
 # second argument, the head the caller read, is how many it expects at least).
 Log = Callable[[int, int], list[str]]
@@ -108,6 +111,7 @@ class Replica:
         self._apply_lock = threading.Lock()
         self._pool: list[sqlite3.Connection] = []
         self._pool_lock = threading.Lock()
+        self._closed = False
         self._dead_seen = 0
         self._epoch: int | None = None
         with self._host_lock():
@@ -148,15 +152,16 @@ class Replica:
             yield conn
         finally:
             with self._pool_lock:
-                if len(self._pool) < 16:
+                if len(self._pool) < 16 and not self._closed:
                     self._pool.append(conn)
                     conn = None
             if conn is not None:
                 conn.close()
 
     def close(self) -> None:
+        """Close the pooled connections; one a thread still reads with closes when it comes back."""
         with self._pool_lock:
-            pool, self._pool = self._pool, []
+            pool, self._pool, self._closed = self._pool, [], True
         for conn in pool:
             conn.close()
 
@@ -181,14 +186,24 @@ class Replica:
 
     # -- catching up -------------------------------------------------------------------------------------------
 
-    def catch_up(self, head: int, tail: str | None, batches: Log, get: Get) -> None:
+    def catch_up(self, head: int, tail: str | None, batches: Log, get: Get,
+                 reread: Callable[[], tuple[int, str | None]] | None = None) -> None:
         """Bring the replica up to ``head`` at least (no-op when it is there).
 
         ``tail``: the blob name of batch ``head`` as Redis has it (None: not known). A replica whose batch at its
         own seq is not the log's, or past the log's end, is reset and replayed (see the module's docstring).
+        ``reread()``: the log's (head, tail) now, read when this process is past ``head``.
         """
-        if self._current(self.state.applied, self.state.tail, head, tail):
+        state = self.state
+        if self._current(state.applied, state.tail, head, tail):
             return
+        if state.applied > head and reread is not None:
+            # Past the head the caller read: mostly a write this process applied after that read (concurrent
+            # ingests), with nothing to do; but also what a Redis that lost batches looks like. The head now tells
+            # them apart without the locks: at this replica's seq and batch, it is the log's.
+            head, tail = reread()
+            if self._current(state.applied, state.tail, head, tail):
+                return
         with self._apply_lock:
             with self.reader() as conn:
                 applied, applied_tail = _meta(conn)["applied"], _tail(conn)
@@ -240,7 +255,7 @@ class Replica:
                 conn.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed table names
             conn.execute("UPDATE meta SET value = (SELECT value FROM meta WHERE key = 'vrows') WHERE key = 'vbase'")
             conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'epoch'")
-            conn.execute("UPDATE meta SET value = 0 WHERE key = 'applied'")
+            conn.execute("UPDATE meta SET value = 0 WHERE key IN ('applied', 'indexed')")
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -252,8 +267,9 @@ class Replica:
         conn.execute("BEGIN IMMEDIATE")
         try:
             vrows = conn.execute("SELECT value FROM meta WHERE key = 'vrows'").fetchone()[0]
+            indexed = 0  # records this batch adds to the fts index (negative: takes out)
             for rid in batch.deletes:
-                self._remove(conn, seq, rid, delete=True)
+                indexed -= self._remove(conn, seq, rid, delete=True)[1]
             vector_of = {index: row for row, index in enumerate(batch.vector_rows)}
             new_rows = []
             for index, (record_id, record) in enumerate(batch.upserts):
@@ -263,7 +279,8 @@ class Replica:
                     new_rows.append(row)
                     vrow = vrows + len(new_rows) - 1
                 body = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
-                rid = self._remove(conn, seq, record_id, delete=False)
+                rid, unindexed = self._remove(conn, seq, record_id, delete=False)
+                indexed -= unindexed
                 if rid is None:
                     rid = conn.execute("INSERT INTO records (id, body, vrow) VALUES (?, ?, ?)",
                                        (record_id, body, vrow)).lastrowid
@@ -272,6 +289,7 @@ class Replica:
                 text = spec.text_of(record)
                 if text:
                     conn.execute("INSERT INTO fts (rowid, text) VALUES (?, ?)", (rid, text))
+                    indexed += 1
                 conn.executemany("INSERT OR IGNORE INTO filters VALUES (?, ?, ?)",
                                  [(name, value, rid) for name in spec.filters if name in record
                                   for value in filter_values(record[name])])
@@ -281,6 +299,7 @@ class Replica:
                     out.write(matrix.tobytes())
                 vrows += len(new_rows)
             conn.execute("UPDATE meta SET value = ? WHERE key = 'vrows'", (vrows,))
+            conn.execute("UPDATE meta SET value = value + ? WHERE key = 'indexed'", (indexed,))
             conn.execute("UPDATE meta SET value = ? WHERE key = 'applied'", (seq,))
             conn.execute("INSERT OR REPLACE INTO log VALUES (?, ?)", (seq, blob))
             conn.execute("COMMIT")
@@ -288,11 +307,12 @@ class Replica:
             conn.execute("ROLLBACK")
             raise
 
-    def _remove(self, conn: sqlite3.Connection, seq: int, record_id: str, delete: bool) -> int | None:
-        """Take a record out of the indexes (and out of ``records`` when ``delete``); its rid, None if absent."""
+    def _remove(self, conn: sqlite3.Connection, seq: int, record_id: str, delete: bool) -> tuple[int | None, bool]:
+        """Take a record out of the indexes (and out of ``records`` when ``delete``): its rid (None if absent), and
+        whether it was in the fts index."""
         row = conn.execute("SELECT rid, body, vrow FROM records WHERE id = ?", (record_id,)).fetchone()
         if row is None:
-            return None
+            return None, False
         rid, body, vrow = row
         text = self.spec.text_of(json.loads(body))
         if text:
@@ -302,7 +322,7 @@ class Replica:
             conn.execute("INSERT OR REPLACE INTO dead VALUES (?, ?)", (vrow, seq))
         if delete:
             conn.execute("DELETE FROM records WHERE rid = ?", (rid,))
-        return rid
+        return rid, bool(text)
 
     def _load_state(self) -> None:
         """Publish what the database holds now to this process's readers (dead rows read incrementally)."""

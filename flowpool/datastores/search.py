@@ -149,9 +149,8 @@ def _distinctive(conn: sqlite3.Connection, replica: Replica, terms: list[str]) -
     with _counts_lock:
         counts = _counts.get(replica)
     if counts is None or counts.state != state:
-        # fts_docsize (FTS5's table of record sizes) holds one row per indexed record, as N in bm25() counts them.
-        rows = conn.execute("SELECT count(*) FROM fts_docsize").fetchone()[0]
-        counts = _Counts(state, rows)
+        # The records in the fts index (bm25's N), kept by every apply: counting fts_docsize would scan it.
+        counts = _Counts(state, dict(state)["indexed"])
         with _counts_lock:
             _counts[replica] = counts
     docs = {term: counts.docs.get(term) for term in terms}

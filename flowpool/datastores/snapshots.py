@@ -3,12 +3,14 @@
 Every FLOWPOOL_DATASTORE_SNAPSHOT_BATCHES batches, the process that wrote
 the batch (its replica is at that head) copies its replica (SQLite ``VACUUM
 INTO`` and the vector file cut at its committed rows) into
-``datastores/<account>/<name>/<generation>/snapshots/<seq>/`` on a
+``datastores/<account>/<name>/<generation>/snapshots/<seq>/<FORMAT>/`` on a
 background thread, then records ``seq`` in the manifest (only ever forward)
 and removes the snapshot before it. A host with no replica of the store
 downloads the latest snapshot and applies the batches after ``seq``. A
 snapshot that vanishes mid-download (replaced by a newer one) just means
-replaying from the start: snapshots only ever save time.
+replaying from the start: snapshots only ever save time. So does one written
+by code of another replica FORMAT: its files are under another name, and
+this code finds none.
 
 The copy itself runs on an OS thread even where gevent patched threading
 (the API's default worker class): ``VACUUM INTO`` and the file copy never
@@ -23,6 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from flowpool.blobs import BlobNotFound, BlobStore
+
+from .replica import FORMAT
 
 if TYPE_CHECKING:
     from .manifest import Manifest, Manifests
@@ -47,7 +51,7 @@ class Snapshots:
 
     @staticmethod
     def _names(manifest: Manifest, seq: int) -> tuple[str, str]:
-        base = f"{manifest.prefix}snapshots/{seq}/"
+        base = f"{manifest.prefix}snapshots/{seq}/{FORMAT}/"
         return base + "replica.sqlite3", base + "vectors.f32"
 
     def maybe_take(self, manifest: Manifest, replica: Replica, seq: int) -> None:

@@ -10,12 +10,14 @@ half-written.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+import sqlite3
 import threading
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
@@ -24,7 +26,7 @@ from flowpool.errors import DatastoreNotFound, RequestError, Unavailable, Upstre
 
 from .batch import encode_batch
 from .manifest import Manifest, Manifests, StaleHead
-from .replica import Replica
+from .replica import FORMAT, Replica
 from .search import check_filters, get_record, keyword_hits, records_of, rrf, vector_hits
 from .snapshots import Snapshots
 from .spec import Batch, check_ids, check_spec, check_vector, prepare_upserts
@@ -77,12 +79,28 @@ class Datastores:
         return self.manifests.read(account_id, name).view()
 
     def delete(self, account_id: str, name: str) -> None:
-        """Drop the store: its manifest first (readers see a 404 at once), then its blobs and this host's replica."""
+        """Drop the store: its manifest first (readers see a 404 at once), then its blobs and this host's replica.
+
+        Once the manifest is gone the store is deleted, whatever follows: blobs the blob store fails to remove are
+        logged (their names start with the incarnation's prefix, which nothing names again), not a failed delete.
+        """
         manifest = self.manifests.read(account_id, name)
         if not self.manifests.drop(manifest):
             raise DatastoreNotFound(name)
-        self.blobs.delete_prefix(manifest.prefix)
-        self._forget(account_id, name)
+        try:
+            self.blobs.delete_prefix(manifest.prefix)
+        except Exception:  # noqa: BLE001 - the store is deleted; a retry would be a 404
+            log.exception("datastore %s of account %s is deleted, but removing its blobs under %s failed",
+                          name, account_id, manifest.prefix)
+        key = (account_id, name)
+        with self._lock:
+            entry = self._replicas.get(key)
+            if entry is not None and entry[1].generation == manifest.generation:
+                del self._replicas[key]
+            else:
+                entry = None  # not this process's, or already a newer incarnation's
+        if entry is not None:
+            entry[0].close()
         shutil.rmtree(self._directory(manifest), ignore_errors=True)
 
     # -- writes ------------------------------------------------------------------------------------------------
@@ -129,7 +147,8 @@ class Datastores:
                 replica, current, head = self._replica_at_head(manifest.account_id, manifest.spec.name)
                 if current.generation != manifest.generation:
                     raise DatastoreNotFound(manifest.spec.name)  # deleted (and perhaps created again) meanwhile
-                change = delta(replica)
+                with self._unless_gone(manifest):
+                    change = delta(replica)
                 if skip_if_zero and change == 0:
                     return head
                 if not stored:
@@ -146,7 +165,10 @@ class Datastores:
             raise Unavailable("the datastore is being written by many requests at once; try again")
         finally:
             if stored:
-                self.blobs.delete(blob)
+                try:
+                    self.blobs.delete(blob)
+                except Exception:  # noqa: BLE001 - the error that brought us here is the one to report
+                    log.exception("could not remove the unappended batch %s", blob)
 
     def _embed_missing(self, manifest: Manifest, batch: Batch) -> None:
         """Give the records that came without a vector (and have text) one from the store's embedding endpoint."""
@@ -170,13 +192,19 @@ class Datastores:
 
     def get_record(self, account_id: str, name: str, record_id: str) -> dict | None:
         """The record as ingested (its vector as stored, float32), or None."""
-        replica, _, _ = self._replica_at_head(account_id, name)
-        return get_record(replica, str(record_id))
+        replica, manifest, _ = self._replica_at_head(account_id, name)
+        with self._unless_gone(manifest):
+            return get_record(replica, str(record_id))
 
     def search(self, account_id: str, name: str, query: str | None = None, vector: list[float] | None = None,
                limit: int = 10, filters: dict | None = None) -> dict:
         """Keyword (``query``), vector (``vector``) or hybrid (both; or ``query`` on a store that embeds)."""
-        replica, _, _ = self._replica_at_head(account_id, name)
+        replica, manifest, _ = self._replica_at_head(account_id, name)
+        with self._unless_gone(manifest):
+            return self._search(replica, name, query, vector, limit, filters)
+
+    def _search(self, replica: Replica, name: str, query: str | None, vector: list[float] | None, limit: int,
+                filters: dict | None) -> dict:
         spec = replica.spec
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise RequestError("limit must be a positive integer", param="limit")
@@ -210,13 +238,16 @@ class Datastores:
     # -- replicas ----------------------------------------------------------------------------------------------
 
     def _directory(self, manifest: Manifest) -> Path:
+        """The host's directory of one incarnation; its replica is in the subdirectory of the replica's FORMAT."""
         return self.root / manifest.account_id / manifest.spec.name / manifest.generation
 
     def _replica_at_head(self, account_id: str, name: str) -> tuple[Replica, Manifest, int]:
         """This process's replica of the store, brought up to the head Redis has now; its manifest; that head."""
+        seen = self._replicas.get((account_id, name))  # read before the head: if the head is gone, so is this one
         found = self.manifests.head(account_id, name)
         if found is None:
-            self._forget(account_id, name)  # deleted, perhaps by another host: let go of this host's replica
+            if seen is not None:
+                self._forget(seen)  # deleted, perhaps by another host: let go of this host's replica
             raise DatastoreNotFound(name)
         generation, head, tail = found
         entry = self._replicas.get((account_id, name))
@@ -224,10 +255,23 @@ class Datastores:
             manifest = self.manifests.read(account_id, name)  # the incarnation may have changed again: take it
             if manifest.generation != generation:
                 head, tail = manifest.head, None
-            entry = self._open(manifest)
+            with self._unless_gone(manifest):
+                entry = self._open(manifest)
         replica, manifest = entry
         self._catch_up(replica, manifest, head, tail)
         return replica, manifest, head
+
+    @contextlib.contextmanager
+    def _unless_gone(self, manifest: Manifest) -> Iterator[None]:
+        """A 404 for a replica's files failing under a read because the store was deleted meanwhile (its
+        directory removed by delete() here, or by another process of the host); any other failure as it is."""
+        try:
+            yield
+        except (sqlite3.DatabaseError, OSError, ValueError) as exc:
+            found = self.manifests.head(manifest.account_id, manifest.spec.name)
+            if found is None or found[0] != manifest.generation:
+                raise DatastoreNotFound(manifest.spec.name) from exc
+            raise
 
     def _open(self, manifest: Manifest) -> tuple[Replica, Manifest]:
         """This process's replica of ``manifest``'s incarnation, opened once (a snapshot download, a wait for the
@@ -239,24 +283,44 @@ class Datastores:
             entry = self._replicas.get(key)
             if entry is not None and entry[1].generation == manifest.generation:
                 return entry
-            replica = Replica(self._directory(manifest), manifest.spec, self.settings.datastore_apply_wait_seconds,
-                              seed=self.snapshots.seeder(manifest))
+            replica = Replica(self._directory(manifest) / FORMAT, manifest.spec,
+                              self.settings.datastore_apply_wait_seconds, seed=self.snapshots.seeder(manifest))
             with self._lock:
                 old, self._replicas[key] = self._replicas.get(key), (replica, manifest)
         if old is not None:
-            _release(old[0])  # a deleted incarnation: nobody reads it again
+            self._retire(old)
         return replica, manifest
 
-    def _forget(self, account_id: str, name: str) -> None:
-        """Close and remove this process's replica of a store that is gone."""
+    def _forget(self, entry: tuple[Replica, Manifest]) -> None:
+        """Let go of this process's replica of an incarnation seen deleted; only that entry (under the lock, a
+        thread that saw the old incarnation gone never drops the entry of one created again meanwhile)."""
+        manifest = entry[1]
+        key = (manifest.account_id, manifest.spec.name)
         with self._lock:
-            entry = self._replicas.pop((account_id, name), None)
-        if entry is not None:
-            _release(entry[0])
+            if self._replicas.get(key) is not entry:
+                return
+            del self._replicas[key]
+        self._retire(entry)
+
+    def _retire(self, entry: tuple[Replica, Manifest]) -> None:
+        """Close a replica this process no longer reads; remove the host's copy only if its incarnation is gone
+        from Redis (the directory is shared by the host's processes, and generations never come back)."""
+        replica, manifest = entry
+        replica.close()
+        found = self.manifests.head(manifest.account_id, manifest.spec.name)
+        if found is None or found[0] != manifest.generation:
+            shutil.rmtree(self._directory(manifest), ignore_errors=True)
 
     def _catch_up(self, replica: Replica, manifest: Manifest, head: int, tail: str | None) -> None:
+        def reread() -> tuple[int, str | None]:
+            found = self.manifests.head(manifest.account_id, manifest.spec.name)
+            if found is None or found[0] != manifest.generation:
+                raise DatastoreNotFound(manifest.spec.name)
+            return found[1], found[2]
         try:
-            replica.catch_up(head, tail, lambda after, upto: self._batches(manifest, after, upto), self.blobs.get)
+            with self._unless_gone(manifest):
+                replica.catch_up(head, tail, lambda after, upto: self._batches(manifest, after, upto),
+                                 self.blobs.get, reread)
         except BlobNotFound as exc:
             if self.manifests.head(manifest.account_id, manifest.spec.name) is None:
                 raise DatastoreNotFound(manifest.spec.name) from exc  # deleted while we read it
@@ -271,11 +335,6 @@ class Datastores:
             if found is None or found[0] != manifest.generation:
                 raise DatastoreNotFound(manifest.spec.name)  # its log went with it
         return names
-
-
-def _release(replica: Replica) -> None:
-    replica.close()
-    shutil.rmtree(replica.dir, ignore_errors=True)
 
 
 def _embedded(spec: Any, vector: Any) -> np.ndarray:

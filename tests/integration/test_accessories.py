@@ -155,6 +155,29 @@ def test_a_workflow_called_inline_loads_its_own_versions_accessories(client: Cli
     assert _output(client.invoke(outer)) == ["outer", "inner", "outer"]
 
 
+def test_a_run_is_refused_accessories_past_its_memory_limit(client: Client) -> None:
+    """Each copy a run holds stays in memory until it lets go, outside the worker's budget: a script asking
+    the transport again and again (ctx.load_accessory itself asks once per key) is stopped at its memory limit."""
+    ref = _ref("hoard")
+    client.upload(ref, """
+        LIMITS = {"memory_mb": 256}
+
+        def execute(ctx):
+            held = []
+            try:
+                while len(held) < 40:
+                    held.append(ctx._transport.call_with_file("accessory", {"key": "big"})[1])
+            except Exception as exc:
+                return {"handed": len(held), "error": str(exc)}
+            return {"handed": len(held)}
+    """, accessories=[{"key": "big", "content_base64": _b64(b'"' + b"x" * ((16 << 20) - 2) + b'"')}])
+
+    output = _output(client.invoke(ref))
+
+    assert output["handed"] == 16  # 16 MB each within 256 MB
+    assert "'big'" in output["error"] and "over its memory limit of 256 MB" in output["error"]
+
+
 def test_a_50_mb_accessory_is_fetched_once_per_worker_over_many_runs(client: Client, stack: Stack) -> None:
     ref = _ref("large")
     text = os.urandom(25 << 20).hex()[:(50 << 20) - 2]  # fresh bytes: no host cache holds them yet

@@ -167,11 +167,30 @@ def test_an_s3_store_that_refuses_is_a_503_naming_the_store_and_its_error(s3_env
     assert redis_db.keys("*w*") == []  # no version names a blob that was never stored
 
 
-def test_write_to_stops_at_its_deadline(blobs: BlobStore, tmp_path: Path) -> None:
+class _SlowFile:
+    """A file whose first write takes until ``deadline`` has passed: a fetch that runs out of time mid-blob."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline, self.written = deadline, 0
+
+    def write(self, data: bytes) -> int:
+        import time
+
+        if not self.written:
+            time.sleep(max(0.0, self.deadline - time.monotonic()) + 0.01)
+        self.written += len(data)
+        return len(data)
+
+
+def test_write_to_stops_at_its_deadline_between_pieces(blobs: BlobStore, tmp_path: Path) -> None:
+    """The deadline runs out while the first piece is written: the rest is never read (BIG is four pieces)."""
     import time
 
     blobs.put("big/deadline", BIG)
-    with open(tmp_path / "out", "wb") as out, pytest.raises(TimeoutError):
-        blobs.write_to("big/deadline", out, time.monotonic() - 1)
-    with open(tmp_path / "out", "wb") as out:
-        assert blobs.write_to("big/deadline", out, time.monotonic() + 60) == len(BIG)
+    out = _SlowFile(time.monotonic() + 0.2)
+    with pytest.raises(TimeoutError):
+        blobs.write_to("big/deadline", out, out.deadline)  # type: ignore[arg-type]
+    assert 0 < out.written < len(BIG)
+    with open(tmp_path / "out", "wb") as file:
+        assert blobs.write_to("big/deadline", file, time.monotonic() + 60) == len(BIG)
+

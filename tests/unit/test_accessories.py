@@ -6,6 +6,8 @@ backend and read it with ``ctx.load_accessory``.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import mmap
@@ -23,14 +25,15 @@ import pytest
 import redis
 
 from flowpool import keys
-from flowpool.blobs import RedisBlobs
+from flowpool.blobs import CHUNK_BYTES, RedisBlobs
 from flowpool.redis_server import RedisServer
 from flowpool.run import RunJob
 from flowpool.sandbox import CallErrorKind, CallFailed, RunOutcome, Sandbox, SandboxLimits, WithFile
 from flowpool.sandbox.channel import Channel
 from flowpool.sandbox.session import RunSession
 from flowpool.settings import Settings
-from flowpool.tasks.accessories import AccessoryCache
+from flowpool.tasks.accessories import AccessoryAllowance, AccessoryCache
+from flowpool.tasks.sealed import SealedCopies
 from tests.helpers import compiled, sandbox_backends
 
 ACCOUNT, REF, VERSION, CONTENT_HASH = "acct-1", "tariffs", "1.0.0", "c" * 64
@@ -580,14 +583,34 @@ def test_a_cache_directory_others_may_write_in_is_refused(cache: AccessoryCache,
     assert not Path(cache.directory).exists() or not any(Path(cache.directory).iterdir())
 
 
-def test_a_fetch_past_the_runs_deadline_gives_up_and_leaves_no_file(cache: AccessoryCache,
-                                                                    redis_db: redis.Redis) -> None:
+class _SlowBlobs(RedisBlobs):
+    """The session's Redis blobs, but the first piece of a read takes until ``until`` (monotonic) has passed."""
+
+    until = 0.0
+    pieces = 0
+
+    def _pieces(self, name: str) -> Iterator[bytes]:
+        for piece in super()._pieces(name):
+            self.pieces += 1
+            yield piece
+            if self.pieces == 1:
+                time.sleep(max(0.0, self.until - time.monotonic()) + 0.01)
+
+
+def test_a_fetch_past_the_runs_deadline_gives_up_and_leaves_no_file(redis_server: RedisServer,
+                                                                    redis_db: redis.Redis, tmp_path: Path) -> None:
     data = json.dumps(["x" * 1000] * 3000).encode()  # several chunks: the deadline is looked at between them
     store_version(redis_db, {"big": data})
+    blobs = _SlowBlobs(redis_db)
+    cache = AccessoryCache(redis_db, Settings(redis_url=f"redis://127.0.0.1:{redis_server.port}/15",
+                                              cache_dir=str(tmp_path / "cache")), blobs)
 
+    blobs.until = time.monotonic() + 0.2  # runs out after the first piece has been written
     with pytest.raises(CallFailed) as failed:
-        cache.open(job(), "big", time.monotonic() - 1)
+        cache.open(job(), "big", blobs.until)
     assert failed.value.kind is CallErrorKind.TIMEOUT
+    assert blobs.pieces == 2 < len(data) / CHUNK_BYTES  # the second piece was read, then refused: time was up
+    blobs.until = 0.0
     assert [p for p in Path(cache.directory).iterdir() if not p.name.endswith(".lock")] == []
     assert read(cache.open(job(), "big", later())) == data  # the next run fetches it
 
@@ -601,3 +624,72 @@ def test_parts_left_by_a_dead_fetch_are_swept_at_start(cache: AccessoryCache, re
 
     read(cache.open(job(), "a", later()))
     assert not stale.exists()
+
+
+def test_a_run_is_handed_at_most_its_memory_limit_in_accessories(cache: AccessoryCache,
+                                                                  redis_db: redis.Redis) -> None:
+    """Copies a run holds outlive the worker's budget, so what one run may be handed is capped; a load that
+    fails is not counted, a key loaded again is."""
+    data = b'["' + b"a" * 996 + b'"]'  # 1000 bytes
+    store_version(redis_db, {"a": data, "gone": data + b" "})
+    redis_db.delete(keys.blob(f"accessories/{ACCOUNT}/{hashlib.sha256(data + b' ').hexdigest()}"))
+    allowance = AccessoryAllowance(1500)
+
+    with pytest.raises(CallFailed) as failed:
+        cache.open(job(), "gone", later(), allowance)
+    assert failed.value.kind is CallErrorKind.UNAVAILABLE and "missing" in failed.value.message
+    assert read(cache.open(job(), "a", later(), allowance)) == data
+    with pytest.raises(CallFailed) as refused:
+        cache.open(job(), "a", later(), allowance)
+    assert refused.value.kind is CallErrorKind.UNAVAILABLE
+    assert "'a'" in refused.value.message and "over its memory limit" in refused.value.message
+    assert read(cache.open(job(), "a", later(), AccessoryAllowance(0))) == data  # 0: no memory limit
+
+
+def test_a_copy_whose_mode_a_run_took_away_is_mended_not_made_again() -> None:
+    """A run sharing a non-root worker's uid owns the copy and may fchmod it to 000: the worker, its owner too,
+    puts the mode back (the bytes are sealed), instead of copying and hashing it again at every load."""
+    pid = os.fork()
+    if pid == 0:  # the worker, as a user without root's way past file modes
+        code = 1
+        try:
+            if os.geteuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)
+            copies = SealedCopies(1 << 20)
+            memfd = os.memfd_create("flowpool-accessory-test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            os.write(memfd, b'"sealed"')
+            os.fchmod(memfd, 0o444)
+            fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
+            handed = copies.keep("a" * 64, memfd)
+            os.fchmod(handed, 0)  # what the run did with the descriptor it was handed
+            again = copies.reopen("a" * 64)
+            code = 0 if again is not None and os.fstat(again).st_ino == os.fstat(handed).st_ino \
+                and os.pread(again, 100, 0) == b'"sealed"' else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("missing", ["proc", "memfd"])
+def test_a_host_without_proc_or_memfd_says_so(cache: AccessoryCache, redis_db: redis.Redis,
+                                              monkeypatch: pytest.MonkeyPatch, missing: str) -> None:
+    """Checked once per process (and logged when the worker starts): each load then names what is missing."""
+    from flowpool.tasks import sealed
+
+    store_version(redis_db, {"a": b"1"})
+    monkeypatch.setattr(sealed, "_host_missing", [])
+    if missing == "proc":
+        monkeypatch.setattr(sealed, "_PROC_FD", "/no-proc/self/fd")
+    else:
+        def refused(*args: Any) -> int:
+            raise OSError(errno.ENOSYS, "Function not implemented")
+        monkeypatch.setattr(os, "memfd_create", refused)
+
+    for _ in range(2):
+        with pytest.raises(CallFailed) as failed:
+            cache.open(job(), "a", later())
+        assert failed.value.kind is CallErrorKind.UNAVAILABLE
+        assert ("/proc is not mounted" if missing == "proc" else "memfd_create") in failed.value.message
+    assert sealed._host_missing != [] and fetches(redis_db) == 0

@@ -11,7 +11,7 @@ from typing import Any
 import redis
 
 from flowpool.blobs import RedisBlobs
-from flowpool.datastores import Datastores
+from flowpool.datastores import Datastores, replica
 from flowpool.redis_server import RedisServer
 from flowpool.settings import Settings
 
@@ -115,7 +115,8 @@ def test_a_replica_that_died_mid_apply_recovers_on_the_next_read(redis_server: R
                           capture_output=True, timeout=60)
 
     assert died.returncode == 3, died.stderr.decode()
-    [directory] = (tmp_path / "reader" / "datastores" / ACCOUNT / "docs").iterdir()
+    [generation] = (tmp_path / "reader" / "datastores" / ACCOUNT / "docs").iterdir()
+    directory = generation / replica.FORMAT
     assert (directory / "vectors.f32").stat().st_size == 4 * 2 * 4  # two rows past the committed two
     reader = host(redis_db, tmp_path / "reader")
     assert [h["id"] for h in reader.search(ACCOUNT, "docs", query="pear")["data"]] == ["r2", "r3"]
@@ -138,7 +139,8 @@ def test_a_new_host_starts_from_the_latest_snapshot_and_replays_only_what_follow
     batches = a.manifests.batches(ACCOUNT, "docs", manifest.generation, 0, manifest.head)
     blobs = RedisBlobs(redis_db)
     assert manifest.snapshot == 6
-    assert not blobs.exists(f"{manifest.prefix}snapshots/4/replica.sqlite3")
+    assert blobs.exists(f"{manifest.prefix}snapshots/6/{replica.FORMAT}/replica.sqlite3")
+    assert not blobs.exists(f"{manifest.prefix}snapshots/4/{replica.FORMAT}/replica.sqlite3")
     blobs.delete(*batches[:6])  # a host that replayed from the start could not read these any more
 
     b = host(redis_db, tmp_path / "b")
