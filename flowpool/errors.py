@@ -14,6 +14,7 @@
     ├── PayloadTooLarge                413 payload_too_large
     ├── QuotaExceeded                  429 rate_limit_exceeded
     ├── Unavailable                    503 service_unavailable
+    │   └── DatastoreCatchingUp        (the caller's deadline came while a replica was brought up to date)
     ├── UpstreamError                  502 upstream_error (an endpoint called for the request failed)
     ├── RunError                       errors of a run, stored on its record
     │   ├── TimeLimitExceeded          408 timeout
@@ -179,6 +180,19 @@ class Unavailable(FlowpoolError):
     type = "service_unavailable"
     retry_safe = True
     retry_after = 5
+
+
+class DatastoreCatchingUp(Unavailable):
+    """The caller's deadline came while this host's replica of a datastore was being brought up to date.
+
+    Only reads given a deadline raise it (ctx.datastore: the run's); the API's reads have none. What was applied
+    stays applied, so the next read goes on from there.
+    """
+
+    def __init__(self, name: str, applied: int | None = None, head: int | None = None) -> None:
+        progress = f" (batch {applied} of {head} applied)" if head else ""
+        super().__init__(f"datastore {name!r} is still being brought up to date on this worker{progress} and the "
+                         "time ran out; what was applied stays, a later read goes on from there")
 
 
 class UpstreamError(FlowpoolError):

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable
 
-from flowpool.errors import FlowpoolError, NotFound, TimeLimitExceeded
+from flowpool.errors import DatastoreCatchingUp, FlowpoolError, NotFound, TimeLimitExceeded
 from flowpool.registry import Agents, Workflows, check_invocation_input, check_output
 from flowpool.sandbox import CallErrorKind, CallFailed
 
@@ -53,7 +53,7 @@ class CallRouter:
         if method == "accessory":  # the job's own version's, a nested call's included: its file, by descriptor
             return self.runtime.accessories.open(self.calls.job, params.get("key"), deadline, self.accessories_left)
         if method in ("datastore.get", "datastore.search"):
-            return self.call_datastore(method, params)
+            return self.call_datastore(method, params, deadline)
         raise CallFailed(CallErrorKind.UNSUPPORTED, f"this worker does not serve ctx call {method!r}")
 
     def call_workflow(self, ref: Any, input: Any, messages: Any, deadline: float) -> Any:
@@ -104,8 +104,13 @@ class CallRouter:
             raise CallFailed(CallErrorKind.WORKFLOW, f"workflow {ref}@{workflow.version} failed: {error.message}")
         return outcome.result
 
-    def call_datastore(self, method: str, params: dict[str, Any]) -> Any:
-        """Read a datastore of the run's account: a record by id (or None), or a search's ranked records."""
+    def call_datastore(self, method: str, params: dict[str, Any], deadline: float | None = None) -> Any:
+        """Read a datastore of the run's account: a record by id (or None), or a search's ranked records.
+
+        Bringing the worker's replica up to date (a cold host, a large ingest) stops at the run's ``deadline``:
+        the call cannot hold the run past its limits (the session cannot end a run while a call is served), and
+        the script sees its soft limit, as when an accessory's fetch runs out of time.
+        """
         store = params.get("store")
         if not isinstance(store, str) or not store:
             raise CallFailed(CallErrorKind.DATASTORE, f"ctx.datastore needs a store name, got {store!r}")
@@ -116,7 +121,7 @@ class CallRouter:
                 if isinstance(record_id, bool) or not isinstance(record_id, (str, int)):
                     raise CallFailed(CallErrorKind.DATASTORE, f"a record id is a string or an integer, got "
                                      f"{record_id!r}")
-                return self.runtime.datastores.get_record(account, store, str(record_id))
+                return self.runtime.datastores.get_record(account, store, str(record_id), deadline=deadline)
             limit = params.get("limit", 10)
             if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 1000:
                 raise CallFailed(CallErrorKind.DATASTORE, f"limit must be an integer from 1 to 1000, got {limit!r}")
@@ -126,7 +131,9 @@ class CallRouter:
                 raise CallFailed(CallErrorKind.DATASTORE, "query is a string, vector a list of numbers, filters a "
                                  "dict of field values")
             return self.runtime.datastores.search(account, store, query=query, vector=vector, limit=limit,
-                                                  filters=filters)["data"]
+                                                  filters=filters, deadline=deadline)["data"]
+        except DatastoreCatchingUp as exc:  # the run's time ran out first: a timeout, not a fault of the store
+            raise CallFailed(CallErrorKind.TIMEOUT, exc.message) from exc
         except FlowpoolError as exc:  # no such store (another account's included), a bad query, a failed embedding
             raise CallFailed(CallErrorKind.DATASTORE, f"datastore {store!r}: {exc.message}") from exc
 

@@ -162,8 +162,17 @@ def create(name: str, id_field: str, text_fields: tuple[str, ...], vector_field:
 def list_stores() -> None:
     """List the account's datastores: name, records, version."""
     client = api_client(load_settings())
-    for store in api_call(client.datastores.list, 0, 100):
-        click.echo(f"{store.name}\t{store.get('records')} records\tversion {store.get('version')}")
+    offset, page = 0, 100
+    while True:
+        stores = api_call(client.datastores.list, offset, page)
+        if not stores and not offset:
+            click.echo("no datastores yet; create one with: flowpool datastore create NAME --id-field id "
+                       "--text-field FIELD", err=True)
+        for store in stores:
+            click.echo(f"{store.name}\t{store.get('records')} records\tversion {store.get('version')}")
+        if len(stores) < page:
+            return
+        offset += page
 
 
 @datastore.command("get")

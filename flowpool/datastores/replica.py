@@ -47,7 +47,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from flowpool.errors import Unavailable
+from flowpool.errors import DatastoreCatchingUp, Unavailable
 
 from .batch import decode_batch
 from .spec import Batch, Spec, filter_values
@@ -79,6 +79,8 @@ FORMAT = "r1"
 Log = Callable[[int, int], list[str]]
 # The bytes of a batch blob.
 Get = Callable[[str], bytes]
+# Writes the latest snapshot's two files at (database, vector file) and says True, or False without one.
+Seed = Callable[[Path, Path], bool]
 # Rows per chunk when computing vector norms (a temporary of this many rows, not of the whole matrix).
 _NORM_CHUNK = 65536
 
@@ -98,9 +100,10 @@ class Replica:
     """One store incarnation's local copy; shared by the threads of a process, safe between processes."""
 
     def __init__(self, directory: Path, spec: Spec, apply_wait_seconds: float = 120.0,
-                 seed: Callable[[Path, Path], bool] | None = None) -> None:
+                 seed: Seed | None = None) -> None:
         """``seed(db_path, vector_path)``: called once when the host has no replica yet; writes a snapshot's two
-        files there and says True, or False when there is no snapshot to start from."""
+        files there and says True, or False when there is no snapshot to start from. Opening takes as long as
+        that download (a run's read waits for it only up to its deadline: Datastores._open)."""
         self.dir = directory
         self.spec = spec
         self.dims = spec.vector_dims or 0
@@ -114,15 +117,15 @@ class Replica:
         self._closed = False
         self._dead_seen = 0
         self._epoch: int | None = None
+        self.state = State(0, None, None, np.zeros(0, dtype=bool), np.zeros(0, dtype=np.float32))
         with self._host_lock():
             if seed is not None and not self.db_path.exists():
                 self._seed(seed)
             with contextlib.closing(self._open()) as conn:
                 conn.executescript(_SCHEMA)
-        self.state = State(0, None, None, np.zeros(0, dtype=bool), np.zeros(0, dtype=np.float32))
         self._load_state()
 
-    def _seed(self, seed: Callable[[Path, Path], bool]) -> None:
+    def _seed(self, seed: Seed) -> None:
         """Start from a snapshot: both files downloaded beside their places, then renamed (the database last)."""
         tmp_db, tmp_vectors = self.dir / ".seed.sqlite3", self.dir / ".seed.f32"
         try:
@@ -166,17 +169,21 @@ class Replica:
             conn.close()
 
     @contextlib.contextmanager
-    def _host_lock(self) -> Iterator[None]:
-        """The host-wide apply lock (flock), waited for without blocking an event loop."""
+    def _host_lock(self, deadline: float | None = None, head: int | None = None) -> Iterator[None]:
+        """The host-wide apply lock (flock), waited for without blocking an event loop: at most
+        ``apply_wait_seconds`` (then a 503), and not past the caller's ``deadline``."""
         fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-        deadline = time.monotonic() + self.apply_wait_seconds
+        give_up = time.monotonic() + self.apply_wait_seconds
         try:
             while True:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
-                    if time.monotonic() > deadline:
+                    now = time.monotonic()
+                    if deadline is not None and now >= deadline:
+                        raise DatastoreCatchingUp(self.spec.name, self.state.applied, head) from None
+                    if now > give_up:
                         raise Unavailable("another process of this host is still bringing the datastore "
                                           "replica up to date; try again") from None
                     time.sleep(0.01)
@@ -187,12 +194,15 @@ class Replica:
     # -- catching up -------------------------------------------------------------------------------------------
 
     def catch_up(self, head: int, tail: str | None, batches: Log, get: Get,
-                 reread: Callable[[], tuple[int, str | None]] | None = None) -> None:
+                 reread: Callable[[], tuple[int, str | None]] | None = None, deadline: float | None = None) -> None:
         """Bring the replica up to ``head`` at least (no-op when it is there).
 
         ``tail``: the blob name of batch ``head`` as Redis has it (None: not known). A replica whose batch at its
         own seq is not the log's, or past the log's end, is reset and replayed (see the module's docstring).
         ``reread()``: the log's (head, tail) now, read when this process is past ``head``.
+        ``deadline`` (monotonic, or None): waiting for the locks stops there, and applying stops at the first
+        batch boundary past it; either raises :class:`DatastoreCatchingUp`. The batches applied stay committed,
+        so the next call goes on from there.
         """
         state = self.state
         if self._current(state.applied, state.tail, head, tail):
@@ -204,23 +214,33 @@ class Replica:
             head, tail = reread()
             if self._current(state.applied, state.tail, head, tail):
                 return
-        with self._apply_lock:
+        if not self._apply_lock.acquire(timeout=-1 if deadline is None else max(0.0, deadline - time.monotonic())):
+            # another thread of this process is applying, past our deadline
+            raise DatastoreCatchingUp(self.spec.name, self.state.applied, head)
+        try:
             with self.reader() as conn:
                 applied, applied_tail = _meta(conn)["applied"], _tail(conn)
+            stopped = None
             if not self._current(applied, applied_tail, head, tail):
-                with self._host_lock(), contextlib.closing(self._open()) as conn:
-                    self._bring_up(conn, head, batches, get)
-            self._load_state()
+                with self._host_lock(deadline, head), contextlib.closing(self._open()) as conn:
+                    stopped = self._bring_up(conn, head, batches, get, deadline)
+            self._load_state()  # the batches applied before a deadline stopped us too: readers see them
+        finally:
+            self._apply_lock.release()
+        if stopped is not None:
+            raise DatastoreCatchingUp(self.spec.name, stopped, head)
 
     @staticmethod
     def _current(applied: int, applied_tail: str | None, head: int, tail: str | None) -> bool:
         return applied == head and (tail is None or applied_tail == tail)
 
-    def _bring_up(self, conn: sqlite3.Connection, head: int, batches: Log, get: Get) -> None:
+    def _bring_up(self, conn: sqlite3.Connection, head: int, batches: Log, get: Get,
+                  deadline: float | None = None) -> int | None:
         """Apply the log's batches after this replica's; reset it first if its last one is not the log's.
 
         The log is read after the applied seq (under the host lock, so no other process moves it): a replica
         past the log's end then means Redis lost batches, never that ``head`` was read before a newer write.
+        None when every batch is applied; the seq applied when ``deadline`` passed with batches left.
         """
         applied = self._recover(conn)
         names = batches(max(applied - 1, 0), head)  # from the batch at ``applied``: is it still the log's?
@@ -232,7 +252,10 @@ class Replica:
         elif applied:
             names = names[1:]
         for seq, name in enumerate(names, start=applied + 1):
+            if deadline is not None and time.monotonic() >= deadline:
+                return seq - 1
             self._apply(conn, seq, name, decode_batch(get(name)))
+        return None
 
     def _recover(self, conn: sqlite3.Connection) -> int:
         """Cut off vector rows a crashed apply appended past its last commit; the applied seq."""

@@ -10,11 +10,13 @@ half-written.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import shutil
 import sqlite3
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -22,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import numpy as np
 
 from flowpool.blobs import BlobNotFound, BlobStore
-from flowpool.errors import DatastoreNotFound, RequestError, Unavailable, UpstreamError
+from flowpool.errors import DatastoreCatchingUp, DatastoreNotFound, RequestError, Unavailable, UpstreamError
 
 from .batch import encode_batch
 from .manifest import Manifest, Manifests, StaleHead
@@ -59,6 +61,8 @@ class Datastores:
         self._replicas: dict[tuple[str, str], tuple[Replica, Manifest]] = {}
         self._lock = threading.Lock()  # guards the two dicts only: never held while a replica opens
         self._opening: dict[tuple[str, str], threading.Lock] = {}
+        # Opens under way for runs' reads, by (account, name, generation): see _open.
+        self._pending: dict[tuple[str, str, str], concurrent.futures.Future] = {}
 
     # -- stores ------------------------------------------------------------------------------------------------
 
@@ -190,16 +194,21 @@ class Datastores:
 
     # -- reads -------------------------------------------------------------------------------------------------
 
-    def get_record(self, account_id: str, name: str, record_id: str) -> dict | None:
-        """The record as ingested (its vector as stored, float32), or None."""
-        replica, manifest, _ = self._replica_at_head(account_id, name)
+    def get_record(self, account_id: str, name: str, record_id: str, deadline: float | None = None) -> dict | None:
+        """The record as ingested (its vector as stored, float32), or None.
+
+        ``deadline`` (monotonic; a run's ctx call passes the run's, the API none): bringing this host's replica up
+        to date stops there with :class:`DatastoreCatchingUp` (what was applied stays; the next read goes on).
+        """
+        replica, manifest, _ = self._replica_at_head(account_id, name, deadline)
         with self._unless_gone(manifest):
             return get_record(replica, str(record_id))
 
     def search(self, account_id: str, name: str, query: str | None = None, vector: list[float] | None = None,
-               limit: int = 10, filters: dict | None = None) -> dict:
-        """Keyword (``query``), vector (``vector``) or hybrid (both; or ``query`` on a store that embeds)."""
-        replica, manifest, _ = self._replica_at_head(account_id, name)
+               limit: int = 10, filters: dict | None = None, deadline: float | None = None) -> dict:
+        """Keyword (``query``), vector (``vector``) or hybrid (both; or ``query`` on a store that embeds);
+        ``deadline`` as in :meth:`get_record`."""
+        replica, manifest, _ = self._replica_at_head(account_id, name, deadline)
         with self._unless_gone(manifest):
             return self._search(replica, name, query, vector, limit, filters)
 
@@ -241,8 +250,10 @@ class Datastores:
         """The host's directory of one incarnation; its replica is in the subdirectory of the replica's FORMAT."""
         return self.root / manifest.account_id / manifest.spec.name / manifest.generation
 
-    def _replica_at_head(self, account_id: str, name: str) -> tuple[Replica, Manifest, int]:
-        """This process's replica of the store, brought up to the head Redis has now; its manifest; that head."""
+    def _replica_at_head(self, account_id: str, name: str,
+                         deadline: float | None = None) -> tuple[Replica, Manifest, int]:
+        """This process's replica of the store, brought up to the head Redis has now (by ``deadline``, else
+        :class:`DatastoreCatchingUp`); its manifest; that head."""
         seen = self._replicas.get((account_id, name))  # read before the head: if the head is gone, so is this one
         found = self.manifests.head(account_id, name)
         if found is None:
@@ -256,9 +267,9 @@ class Datastores:
             if manifest.generation != generation:
                 head, tail = manifest.head, None
             with self._unless_gone(manifest):
-                entry = self._open(manifest)
+                entry = self._open(manifest, deadline)
         replica, manifest = entry
-        self._catch_up(replica, manifest, head, tail)
+        self._catch_up(replica, manifest, head, tail, deadline)
         return replica, manifest, head
 
     @contextlib.contextmanager
@@ -273,9 +284,40 @@ class Datastores:
                 raise DatastoreNotFound(manifest.spec.name) from exc
             raise
 
-    def _open(self, manifest: Manifest) -> tuple[Replica, Manifest]:
+    def _open(self, manifest: Manifest, deadline: float | None = None) -> tuple[Replica, Manifest]:
         """This process's replica of ``manifest``'s incarnation, opened once (a snapshot download, a wait for the
-        host lock) under the store's own lock: a slow first open of one store never holds up another's."""
+        host lock) under the store's own lock: a slow first open of one store never holds up another's.
+
+        With a ``deadline`` (a run's read) the open goes on in a thread of its own and the caller waits for it
+        only until then (:class:`DatastoreCatchingUp`): a snapshot too big for one run's time is still
+        downloaded once, and a later run finds the replica open.
+        """
+        if deadline is None:
+            return self._open_now(manifest)
+        key = (manifest.account_id, manifest.spec.name, manifest.generation)
+        with self._lock:
+            future = self._pending.get(key)
+            if future is None:
+                future = self._pending[key] = concurrent.futures.Future()
+                threading.Thread(target=self._open_into, args=(manifest, future), daemon=True,
+                                 name=f"flowpool-datastore-open-{manifest.spec.name}").start()
+        try:
+            return future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except concurrent.futures.TimeoutError:
+            raise DatastoreCatchingUp(manifest.spec.name) from None
+
+    def _open_into(self, manifest: Manifest, future: concurrent.futures.Future) -> None:
+        """Open a replica for the runs waiting on ``future``; done, the next read opens afresh if it must (a
+        failed open is tried again, an entry since forgotten is opened again)."""
+        try:
+            future.set_result(self._open_now(manifest))
+        except BaseException as exc:  # handed to every caller waiting, and not left to kill this thread loudly
+            future.set_exception(exc)
+        finally:
+            with self._lock:
+                self._pending.pop((manifest.account_id, manifest.spec.name, manifest.generation), None)
+
+    def _open_now(self, manifest: Manifest) -> tuple[Replica, Manifest]:
         key = (manifest.account_id, manifest.spec.name)
         with self._lock:
             opening = self._opening.setdefault(key, threading.Lock())
@@ -311,7 +353,8 @@ class Datastores:
         if found is None or found[0] != manifest.generation:
             shutil.rmtree(self._directory(manifest), ignore_errors=True)
 
-    def _catch_up(self, replica: Replica, manifest: Manifest, head: int, tail: str | None) -> None:
+    def _catch_up(self, replica: Replica, manifest: Manifest, head: int, tail: str | None,
+                  deadline: float | None = None) -> None:
         def reread() -> tuple[int, str | None]:
             found = self.manifests.head(manifest.account_id, manifest.spec.name)
             if found is None or found[0] != manifest.generation:
@@ -320,7 +363,7 @@ class Datastores:
         try:
             with self._unless_gone(manifest):
                 replica.catch_up(head, tail, lambda after, upto: self._batches(manifest, after, upto),
-                                 self.blobs.get, reread)
+                                 self.blobs.get, reread, deadline)
         except BlobNotFound as exc:
             if self.manifests.head(manifest.account_id, manifest.spec.name) is None:
                 raise DatastoreNotFound(manifest.spec.name) from exc  # deleted while we read it

@@ -3,6 +3,7 @@ the same answers as the API, an update seen by the next run, another account's s
 query embedded by the worker, and ``flowpool datastore create|ingest|search|get|delete`` as a user runs them."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import uuid
@@ -11,7 +12,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+import redis
 
+from flowpool.blobs import RedisBlobs
+from flowpool.datastores import Datastores
+from flowpool.datastores.replica import FORMAT
+from flowpool.settings import Settings
+from registry.accounts import Accounts
 from tests.helpers import Client, ok, run_flowpool
 from tests.provider import StandInProvider
 
@@ -164,6 +171,39 @@ def test_a_query_is_embedded_by_the_worker_for_a_store_with_an_endpoint(
     assert asked and asked[-1]["headers"].get("Authorization") == "Bearer sk-from-the-worker-environment"
 
 
+def test_a_replica_still_catching_up_at_the_runs_soft_limit_ends_the_run_there(stack: Any, tmp_path: Path) -> None:
+    db = redis.Redis.from_url(stack.redis_url)
+    account, key, _ = Accounts(db).create(f"late-{uuid.uuid4().hex[:6]}")
+    client, name = Client(stack.api_url, key), f"late-{uuid.uuid4().hex[:6]}"
+    _make_store(client, name, _records(3))
+    # Another host writes a batch: this host's replica (the API's, the worker's) is now one behind.
+    other = Datastores(db, RedisBlobs(db), Settings(cache_dir=str(tmp_path)))
+    other.ingest(account.id, name, [{"id": "late", "body": "late"}])
+    generation = other.manifests.read(account.id, name).generation
+    replica = Path(Settings(cache_dir=None).cache_path) / "datastores" / account.id / name / generation / FORMAT
+    for ref, seconds in (("late", 1), ("unhurried", 30)):
+        client.upload(ref, f"""\
+            TIMEOUT_SECONDS = {seconds}
+            CACHE_TTL_SECONDS = 0
+
+            def execute(ctx):
+                return ctx.datastore.get(ctx.input["store"], "late")
+            """)
+    replica.mkdir(parents=True, exist_ok=True)
+    fd = os.open(replica / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a process of this host stuck applying (the wait alone is 120 s)
+        held = client.post("/workflow/chat/completions", json={"model": "workflow:late", "input": {"store": name}},
+                           timeout=30)
+    finally:
+        os.close(fd)
+        db.close()
+
+    assert held.status_code == 408, held.text  # the run's soft limit, not a worker slot held for 120 s
+    assert "soft time limit" in held.text
+    assert _output(client, "unhurried", store=name) == {"id": "late", "body": "late"}
+
+
 def _cli_env(client: Client) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWPOOL_")}
     env.update(FLOWPOOL_API_URL=client.base_url, FLOWPOOL_API_KEY=client.key)
@@ -211,3 +251,13 @@ def test_the_cli_names_the_lines_of_a_refused_batch(client: Client, tmp_path: Pa
     assert "lines 3-4" in result.stderr and "line 4: malformed" in result.stderr
     assert "2 records before it" in result.stderr
     assert client.get(f"/api/v1/datastores/{name}").json()["data"]["records"] == 2
+
+
+def test_the_cli_lists_nothing_with_a_hint_for_an_account_without_stores(stack: Any) -> None:
+    assert stack.api_url is not None
+    fresh = Client(stack.api_url, stack.create_account(f"empty-{uuid.uuid4().hex[:6]}"))
+
+    listed = run_flowpool("datastore", "list", env=_cli_env(fresh))
+
+    assert ok(listed) == ""
+    assert "no datastores yet" in listed.stderr and "flowpool datastore create" in listed.stderr

@@ -287,8 +287,8 @@ def test_a_search_under_way_when_its_store_is_deleted_is_a_404(
     paused, resume = threading.Event(), threading.Event()
     at_head = reader._replica_at_head
 
-    def paused_at_head(account_id: str, name: str) -> Any:
-        found = at_head(account_id, name)
+    def paused_at_head(account_id: str, name: str, deadline: float | None = None) -> Any:
+        found = at_head(account_id, name, deadline)
         if threading.current_thread().name == "searcher":
             paused.set()
             assert resume.wait(30)
