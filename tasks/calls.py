@@ -107,9 +107,9 @@ class CallRouter:
     def call_datastore(self, method: str, params: dict[str, Any], deadline: float | None = None) -> Any:
         """Read a datastore of the run's account: a record by id (or None), or a search's ranked records.
 
-        Bringing the worker's replica up to date (a cold host, a large ingest) stops at the run's ``deadline``:
-        the call cannot hold the run past its limits (the session cannot end a run while a call is served), and
-        the script sees its soft limit, as when an accessory's fetch runs out of time.
+        Bringing the worker's replica up to date (a cold host, a large ingest) stops at the run's ``deadline``,
+        at the latest once the batch being applied then is in (the session cannot end a run while a call is
+        served), and the script sees its soft limit, as when an accessory's fetch runs out of time.
         """
         store = params.get("store")
         if not isinstance(store, str) or not store:

@@ -245,6 +245,8 @@ class Replica:
         applied = self._recover(conn)
         names = batches(max(applied - 1, 0), head)  # from the batch at ``applied``: is it still the log's?
         if applied and (not names or names[0] != _tail(conn)):
+            if deadline is not None and time.monotonic() >= deadline:
+                return applied  # a replay from the start is for a read with time left (it serves nothing now)
             log.warning("datastore replica %s applied a batch %d that the log in Redis does not hold (it has %d): "
                         "replaying the log from the start", self.dir, applied, applied - 1 + len(names))
             self._reset(conn)

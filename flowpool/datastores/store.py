@@ -299,23 +299,44 @@ class Datastores:
             future = self._pending.get(key)
             if future is None:
                 future = self._pending[key] = concurrent.futures.Future()
-                threading.Thread(target=self._open_into, args=(manifest, future), daemon=True,
-                                 name=f"flowpool-datastore-open-{manifest.spec.name}").start()
+                try:
+                    threading.Thread(target=self._open_into, args=(manifest, future), daemon=True,
+                                     name=f"flowpool-datastore-open-{manifest.spec.name}").start()
+                except BaseException:  # no thread (the process at its limit): the next read tries again
+                    del self._pending[key]
+                    raise
         try:
             return future.result(timeout=max(0.0, deadline - time.monotonic()))
         except concurrent.futures.TimeoutError:
             raise DatastoreCatchingUp(manifest.spec.name) from None
 
     def _open_into(self, manifest: Manifest, future: concurrent.futures.Future) -> None:
-        """Open a replica for the runs waiting on ``future``; done, the next read opens afresh if it must (a
-        failed open is tried again, an entry since forgotten is opened again)."""
+        """Open a replica for the runs waiting on ``future``. An incarnation deleted (or replaced) before or
+        while it opens is not kept: nobody may be waiting any more, and its files would stay behind. Done, the
+        next read opens afresh if it must (a failed open is tried again)."""
+        key = (manifest.account_id, manifest.spec.name, manifest.generation)
         try:
-            future.set_result(self._open_now(manifest))
-        except BaseException as exc:  # handed to every caller waiting, and not left to kill this thread loudly
+            if not self._current(manifest):
+                raise DatastoreNotFound(manifest.spec.name)
+            entry = self._open_now(manifest)
+            if not self._current(manifest):
+                self._forget(entry)
+                raise DatastoreNotFound(manifest.spec.name)
+            future.set_result(entry)
+        except BaseException as exc:  # handed to whoever still waits; logged, since perhaps nobody does
+            if not isinstance(exc, DatastoreNotFound):
+                log.warning("opening the replica of datastore %s of account %s failed", manifest.spec.name,
+                            manifest.account_id, exc_info=True)
             future.set_exception(exc)
         finally:
             with self._lock:
-                self._pending.pop((manifest.account_id, manifest.spec.name, manifest.generation), None)
+                if self._pending.get(key) is future:
+                    del self._pending[key]
+
+    def _current(self, manifest: Manifest) -> bool:
+        """Whether Redis still names ``manifest``'s incarnation of its store."""
+        found = self.manifests.head(manifest.account_id, manifest.spec.name)
+        return found is not None and found[0] == manifest.generation
 
     def _open_now(self, manifest: Manifest) -> tuple[Replica, Manifest]:
         key = (manifest.account_id, manifest.spec.name)
@@ -327,11 +348,12 @@ class Datastores:
                 return entry
             replica = Replica(self._directory(manifest) / FORMAT, manifest.spec,
                               self.settings.datastore_apply_wait_seconds, seed=self.snapshots.seeder(manifest))
+            entry = (replica, manifest)
             with self._lock:
-                old, self._replicas[key] = self._replicas.get(key), (replica, manifest)
+                old, self._replicas[key] = self._replicas.get(key), entry
         if old is not None:
             self._retire(old)
-        return replica, manifest
+        return entry  # the very entry kept: _forget lets go of it by identity
 
     def _forget(self, entry: tuple[Replica, Manifest]) -> None:
         """Let go of this process's replica of an incarnation seen deleted; only that entry (under the lock, a
@@ -349,8 +371,7 @@ class Datastores:
         from Redis (the directory is shared by the host's processes, and generations never come back)."""
         replica, manifest = entry
         replica.close()
-        found = self.manifests.head(manifest.account_id, manifest.spec.name)
-        if found is None or found[0] != manifest.generation:
+        if not self._current(manifest):
             shutil.rmtree(self._directory(manifest), ignore_errors=True)
 
     def _catch_up(self, replica: Replica, manifest: Manifest, head: int, tail: str | None,

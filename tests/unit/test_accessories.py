@@ -17,6 +17,7 @@ import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterator
@@ -311,15 +312,21 @@ LOADS = """
 """
 
 
-@pytest.fixture(params=sandbox_backends())
-def sandbox(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
-    box = Sandbox(SandboxLimits(memory_bytes=256 << 20, open_files=64), slots=2, uid_base=114000,
-                  hard_grace_seconds=1.0, prestart=0, backend=request.param)
+@contextmanager
+def _started(backend: str, slots: int, uid_base: int | None) -> Iterator[Sandbox]:
+    box = Sandbox(SandboxLimits(memory_bytes=256 << 20, open_files=64), slots=slots, uid_base=uid_base,
+                  hard_grace_seconds=1.0, prestart=0, backend=backend)
     box.start()
     try:
         yield box
     finally:
         box.stop()
+
+
+@pytest.fixture(params=sandbox_backends())
+def sandbox(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
+    with _started(request.param, slots=2, uid_base=114000) as box:
+        yield box
 
 
 def test_a_run_reads_its_accessory_from_the_descriptor(sandbox: Sandbox, tmp_path: Path) -> None:
@@ -409,13 +416,8 @@ TAMPERS = """
 @pytest.fixture(params=sandbox_backends())
 def shared_uid_sandbox(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
     """Runs with the worker's uid (no uid_base): a non-root worker, or bwrap's user namespace without one."""
-    box = Sandbox(SandboxLimits(memory_bytes=256 << 20, open_files=64), slots=1, uid_base=None,
-                  hard_grace_seconds=1.0, prestart=0, backend=request.param)
-    box.start()
-    try:
+    with _started(request.param, slots=1, uid_base=None) as box:
         yield box
-    finally:
-        box.stop()
 
 
 def _tamper(box: Sandbox, cache: AccessoryCache, redis_db: redis.Redis) -> None:

@@ -63,16 +63,32 @@ def applied_on_disk(engine: Datastores) -> int:
         return conn.execute("SELECT value FROM meta WHERE key = 'applied'").fetchone()[0]
 
 
+class Clock:
+    """The replica module's clock: the real one, moved on by ``jump`` seconds (a slow link, without waiting)."""
+
+    def __init__(self) -> None:
+        self.jump = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.jump
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        time.sleep(seconds)
+
+
 def test_a_catch_up_stops_at_the_deadline_between_batches_and_the_next_read_goes_on(
-        redis_db: redis.Redis, tmp_path: Path) -> None:
+        redis_db: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     writer, reader, blobs = hosts(redis_db, tmp_path)
     for i in (1, 2, 3):
         writer.ingest(ACCOUNT, "docs", [record(i)])
-    deadline = time.monotonic() + 1.0
+    clock = Clock()
+    monkeypatch.setattr(replica, "time", clock)
+    deadline = time.monotonic() + 600
 
     def slow_first(name: str) -> None:  # the first batch takes until past the deadline to arrive
         if len(blobs.read) == 1:
-            time.sleep(max(0.0, deadline - time.monotonic()) + 0.05)
+            clock.jump = 1200
     blobs.after_read = slow_first
 
     with pytest.raises(DatastoreCatchingUp) as raised:
@@ -159,7 +175,32 @@ def test_a_snapshot_download_outlasting_a_runs_deadline_goes_on_for_the_next_run
         cold.get_record(ACCOUNT, "docs", "r1", deadline=time.monotonic() + 0.2)
     with pytest.raises(DatastoreCatchingUp):  # and the next's: it waits on the same download, not a new one
         cold.get_record(ACCOUNT, "docs", "r1", deadline=time.monotonic() + 0.2)
+    opening = [t for t in threading.enumerate() if t.name == "flowpool-datastore-open-docs"]
+    assert len(opening) == 1 and len(cold._pending) == 1
     blobs.gate.set()
 
     assert cold.get_record(ACCOUNT, "docs", "r1", deadline=time.monotonic() + 30)["text"] == "apple 1"
     assert len(blobs.downloads) == 2  # the snapshot's two files, fetched once
+    opening[0].join(30)
+    assert not opening[0].is_alive() and cold._pending == {}
+
+
+def test_an_open_for_a_store_deleted_meanwhile_is_not_kept(redis_db: redis.Redis, tmp_path: Path) -> None:
+    writer = Datastores(redis_db, RedisBlobs(redis_db),
+                        Settings(cache_dir=str(tmp_path / "w"), datastore_snapshot_batches=1))
+    writer.create(ACCOUNT, SPEC)
+    writer.ingest(ACCOUNT, "docs", [record(1)])
+    writer.snapshots.wait(30)
+    blobs = GatedBlobs(redis_db)
+    cold = Datastores(redis_db, blobs, Settings(cache_dir=str(tmp_path / "cold")))
+    with pytest.raises(DatastoreCatchingUp):  # a run gives up while the snapshot downloads
+        cold.get_record(ACCOUNT, "docs", "r1", deadline=time.monotonic() + 0.2)
+    opening = [t for t in threading.enumerate() if t.name == "flowpool-datastore-open-docs"]
+
+    writer.delete(ACCOUNT, "docs")
+    blobs.gate.set()
+    opening[0].join(30)
+
+    assert not opening[0].is_alive()
+    assert cold._replicas == {} and cold._pending == {}
+    assert not [p for p in (tmp_path / "cold").rglob("*") if p.suffix in (".sqlite3", ".f32")]
