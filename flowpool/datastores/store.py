@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import logging
+import random
 import shutil
 import sqlite3
 import threading
@@ -43,8 +44,6 @@ __all__ = ["Datastores", "Embedder"]
 log = logging.getLogger(__name__)
 
 Embedder = Callable[[dict, list[str]], list[list[float]]]
-# Tries of an append that lost the race for the head to another writer.
-_APPEND_TRIES = 20
 
 
 class Datastores:
@@ -146,8 +145,11 @@ class Datastores:
         """
         blob = f"{manifest.prefix}batches/{uuid.uuid4().hex}"
         stored = False
+        # A lost race is tried again after a short random pause, for as long as a reader waits for an apply:
+        # a count of tries, not time, let a writer that kept losing to busy peers give up on a loaded host.
+        give_up = time.monotonic() + self.settings.datastore_apply_wait_seconds
         try:
-            for _ in range(_APPEND_TRIES):
+            while time.monotonic() < give_up:
                 replica, current, head = self._replica_at_head(manifest.account_id, manifest.spec.name)
                 if current.generation != manifest.generation:
                     raise DatastoreNotFound(manifest.spec.name)  # deleted (and perhaps created again) meanwhile
@@ -161,6 +163,7 @@ class Datastores:
                 try:
                     seq = self.manifests.append(manifest, head, blob, change)
                 except StaleHead:
+                    time.sleep(random.uniform(0.001, 0.02))
                     continue
                 stored = False  # it is the log's now
                 self._catch_up(replica, manifest, seq, blob)
