@@ -126,6 +126,10 @@ class BlobStore(ABC):
     def delete_prefix(self, prefix: str) -> int:
         """Remove every blob whose name starts with ``prefix``; how many."""
 
+    def check(self) -> None:
+        """Raise unless the store answers with these settings and credentials (``flowpool doctor``)."""
+        self.exists("flowpool-doctor-probe")
+
 
 class RedisBlobs(BlobStore):
     """Blobs in the registry's Redis: one list of chunks per blob (see the module docstring)."""
@@ -266,6 +270,11 @@ class S3Blobs(BlobStore):
         except BlobNotFound:
             return False
         return True
+
+    def check(self) -> None:
+        # A HEAD of a missing object reads as "not found" even where the bucket is missing: ask about the bucket.
+        with self._answers(f"reach bucket {self.bucket!r}"):
+            self.s3.head_bucket(Bucket=self.bucket)
 
     def delete(self, *names: str) -> None:
         keys_ = [{"Key": self._key(n)} for n in names]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -75,6 +76,20 @@ def _reason(exc: Exception) -> str:
     return "timed out" if isinstance(exc, requests.Timeout) else type(exc).__name__
 
 
+def _cache_dir(path: str) -> tuple[str, bool]:
+    """The host's disk cache (accessories, datastore replicas): ours alone, or absent and makeable."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        parent = os.path.dirname(path) or "."
+        return (f"{path} (made on first use)", True) if os.access(parent, os.W_OK) else \
+            (f"{path}: does not exist and {parent} is not writable; set FLOWPOOL_CACHE_DIR", False)
+    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        return (f"{path}: owned by uid {info.st_uid} with mode {oct(info.st_mode & 0o777)}; workers refuse a cache "
+                "others may write in: remove it, or set FLOWPOOL_CACHE_DIR", False)
+    return path, True
+
+
 def _api_checks(loaded: CliSettings) -> list[tuple[str, str, bool]]:
     """The ``api`` and ``api key`` lines: the API answers /readyz, and accepts the key in one authenticated call."""
     import requests
@@ -134,6 +149,7 @@ def doctor() -> None:
         import redis
 
         from .. import keys
+        from ..blobs import open_blob_store
         from ..connections import connect_redis
         from ..redis_server import find_redis_server
         from ..sandbox import Sandbox, SandboxLimits
@@ -178,6 +194,13 @@ def doctor() -> None:
         line("redis reachable", f"no: {str(exc).rstrip('.')}; start it, or set FLOWPOOL_REDIS_URL, or run this where "
              "`flowpool dev` runs", False)
     line("broker", shown_url(settings.broker))
+    try:
+        blobs = open_blob_store(settings, connect_redis(settings))
+        blobs.check()
+        line("blob store", blobs.location + ("" if settings.blob_url else " (FLOWPOOL_BLOB_URL unset)"))
+    except Exception as exc:  # a store that cannot be opened or reached, whatever the backend says
+        line("blob store", f"{settings.blob_url or 'the registry Redis'}: {exc}", False)
+    line("cache dir", *_cache_dir(settings.cache_path))
     line("secret key", "FLOWPOOL_SECRET_KEY" if settings.secret_key else
          "generated and kept in Redis, beside what it seals: set FLOWPOOL_SECRET_KEY in production")
     line("provider keys", settings.provider_keys or "none: accounts pass keys as request secrets")

@@ -375,6 +375,27 @@ def test_doctor_reports_no_worker_answering_and_fails(redis_server: RedisServer,
     assert code == 1
 
 
+def test_doctor_checks_the_blob_store_and_the_cache_directory(redis_server: RedisServer, s3_server: dict[str, Any],
+                                                             tmp_path: Path) -> None:
+    url = f"redis://127.0.0.1:{redis_server.port}/15"
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # a cache others may write in: workers refuse it
+    s3 = {"FLOWPOOL_BLOB_ENDPOINT_URL": s3_server["endpoint_url"], **s3_server["env"]}
+
+    _, good = _doctor(url, FLOWPOOL_BLOB_URL=f"s3://{s3_server['bucket']}/p", FLOWPOOL_CACHE_DIR=str(tmp_path / "c"),
+                      **s3)
+    code, bad = _doctor(url, FLOWPOOL_BLOB_URL="s3://no-such-bucket/p", FLOWPOOL_CACHE_DIR=str(shared), **s3)
+    _, default = _doctor(url)
+
+    assert good["blob store"][0] == "ok" and good["blob store"][1].startswith(f"s3://{s3_server['bucket']}/p")
+    assert good["cache dir"] == ("ok", f"{tmp_path / 'c'} (made on first use)")
+    assert bad["blob store"][0] == "BAD" and "no-such-bucket" in bad["blob store"][1], bad["blob store"]
+    assert bad["cache dir"][0] == "BAD" and "FLOWPOOL_CACHE_DIR" in bad["cache dir"][1], bad["cache dir"]
+    assert code == 1
+    assert default["blob store"] == ("ok", "redis (db 15 of the registry) (FLOWPOOL_BLOB_URL unset)")
+
+
 # An API whose answer breaks off, or is not flowpool's: one Error line, never a traceback.
 
 def test_a_command_whose_api_answer_breaks_off_mid_body_ends_in_one_error_line() -> None:
