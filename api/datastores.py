@@ -13,7 +13,7 @@ from typing import Any, Optional
 from flask import Blueprint, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
-from flowpool.datastores import parse_records
+from flowpool.datastores import MAX_SEARCH_LIMIT, parse_records
 from flowpool.errors import NotFound, RequestError
 
 from .body import own_body_limit
@@ -23,9 +23,6 @@ from .services import authenticate, services
 __all__ = ["DeleteRecordsRequest", "SearchRequest", "bp"]
 
 bp = Blueprint("datastores", __name__, url_prefix="/api/v1/datastores")
-
-# The most results one search returns.
-MAX_SEARCH_LIMIT = 1000
 
 
 class SearchRequest(BaseModel):

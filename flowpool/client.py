@@ -317,11 +317,11 @@ class _Datastores:
 
     def get(self, name: str) -> Any:
         """Datastore ``name``: its spec, ``records`` and ``version``."""
-        return Obj(self._client._request("GET", f"/api/v1/datastores/{quote(name, safe='')}")["data"], "Datastore")
+        return Obj(self._client._request("GET", _path(name))["data"], "Datastore")
 
     def delete(self, name: str) -> Any:
         """Delete datastore ``name`` and its records."""
-        return Obj(self._client._request("DELETE", f"/api/v1/datastores/{quote(name, safe='')}")["data"])
+        return Obj(self._client._request("DELETE", _path(name))["data"])
 
     def ingest(self, name: str, records: list[dict[str, Any]] | None = None, *, body: bytes | None = None,
                content_type: str = "application/json") -> Any:
@@ -334,18 +334,17 @@ class _Datastores:
             raise TypeError("pass records or body, not both")
         if records is not None:
             body, content_type = json.dumps(records).encode(), "application/json"
-        return Obj(self._client._request("POST", f"/api/v1/datastores/{quote(name, safe='')}/records", data=body,
+        return Obj(self._client._request("POST", _path(name, "records"), data=body,
                                          headers={"Content-Type": content_type})["data"], "Ingested")
 
     def delete_records(self, name: str, ids: list[str]) -> Any:
         """Delete the records with these ids (ids not stored are skipped)."""
-        return Obj(self._client._request("DELETE", f"/api/v1/datastores/{quote(name, safe='')}/records",
+        return Obj(self._client._request("DELETE", _path(name, "records"),
                                          json={"ids": ids})["data"])
 
     def get_record(self, name: str, record_id: str) -> Any:
         """The record ``record_id`` as ingested; NotFoundError when the store has none."""
-        path = f"/api/v1/datastores/{quote(name, safe='')}/records/{quote(record_id, safe='')}"
-        return Obj(self._client._request("GET", path)["data"], "Record")
+        return Obj(self._client._request("GET", _path(name, "records", record_id))["data"], "Record")
 
     def search(self, name: str, query: str | None = None, vector: list[float] | None = None, limit: int = 10,
                filters: dict[str, Any] | None = None) -> Any:
@@ -354,8 +353,13 @@ class _Datastores:
         for key, value in (("query", query), ("vector", vector), ("filters", filters)):
             if value is not None:
                 body[key] = value
-        return Obj(self._client._request("POST", f"/api/v1/datastores/{quote(name, safe='')}/search",
+        return Obj(self._client._request("POST", _path(name, "search"),
                                          json=body)["data"], "SearchResult")
+
+
+def _path(name: str, *rest: str) -> str:
+    """The route of datastore ``name`` (and below it), each part quoted whole."""
+    return "/".join(["/api/v1/datastores", *(quote(p, safe="") for p in (name, *rest))])
 
 
 class Flowpool:

@@ -196,7 +196,10 @@ class Workflows:
         content_hash = _content_hash(upload.script, upload.accessories)
         wf_key = keys.workflow(account_id, upload.ref)
         now = time.time()
-        objects: dict[str, dict[str, Any]] | None = None
+        # The blobs first, outside the transaction below: storing them (on S3, up to 100 x 50 MB) under its WATCH
+        # would only widen the window for a retry. They are content-addressed: for an upload that repeats a
+        # version this costs a lookup each, not a copy.
+        objects = self._store_accessories(account_id, upload.accessories)
         with self.redis.pipeline() as pipe:
             while True:
                 try:
@@ -209,8 +212,6 @@ class Workflows:
                         number, created = existing.decode(), False
                         meta = json.loads(pipe.hget(keys.version(account_id, upload.ref, number), "meta"))
                     else:
-                        if objects is None:  # once, however often the transaction is tried
-                            objects = self._store_accessories(account_id, upload.accessories)
                         number, created = bump_version(current.get("latest"), upload.version_bump), True
                         meta = self._version_meta(number, content_hash, validation.info, upload, now, objects)
                     pipe.multi()

@@ -103,10 +103,11 @@ class Channel:
             raise
 
     def _recv(self, fds: list[int] | None) -> dict[str, Any]:
+        # Descriptors travel with a frame's first bytes (send_bytes), so only its header is read with recvmsg.
         size = _HEADER.unpack(self._read(_HEADER.size, fds))[0]
         if size > self.max_frame:
             raise ProtocolError(f"frame of {size} bytes is over the limit of {self.max_frame}")
-        body = self._read(size, fds)
+        body = self._read(size)
         try:
             message = json.loads(body)
         except (ValueError, RecursionError) as exc:  # nesting deep enough to exhaust the stack is no frame either

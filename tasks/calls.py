@@ -7,6 +7,7 @@ limited and a workflow already on the call chain cannot be called again.
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass, field, replace
@@ -35,11 +36,11 @@ class CallRouter:
     on_emit: Callable[[str, Any], None] | None = None
     workflow_calls: list[dict[str, Any]] = field(default_factory=list)
     on_idle: Callable[[], None] | None = None
-    # The accessory bytes this run may still be handed: its memory limit (a nested run gets its own).
-    accessories_left: AccessoryAllowance = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.accessories_left = AccessoryAllowance(self.runtime.limits_for(self.calls.job.limits).memory_bytes)
+    @functools.cached_property
+    def accessories_left(self) -> AccessoryAllowance:
+        """The accessory bytes this run may still be handed: its memory limit (a nested run, served by a router
+        of its own, gets its own). Made on the first accessory call: most runs load none."""
+        return AccessoryAllowance(self.runtime.limits_for(self.calls.job.limits).memory_bytes)
 
     def __call__(self, method: str, params: dict[str, Any], deadline: float) -> Any:
         if method in ("chat", "chat.stream"):
@@ -122,16 +123,14 @@ class CallRouter:
                     raise CallFailed(CallErrorKind.DATASTORE, f"a record id is a string or an integer, got "
                                      f"{record_id!r}")
                 return self.runtime.datastores.get_record(account, store, str(record_id), deadline=deadline)
-            limit = params.get("limit", 10)
-            if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 1000:
-                raise CallFailed(CallErrorKind.DATASTORE, f"limit must be an integer from 1 to 1000, got {limit!r}")
             query, vector, filters = params.get("query"), params.get("vector"), params.get("filters")
             if not (query is None or isinstance(query, str)) or not (filters is None or isinstance(filters, dict)) \
                     or not (vector is None or isinstance(vector, list)):
                 raise CallFailed(CallErrorKind.DATASTORE, "query is a string, vector a list of numbers, filters a "
                                  "dict of field values")
-            return self.runtime.datastores.search(account, store, query=query, vector=vector, limit=limit,
-                                                  filters=filters, deadline=deadline)["data"]
+            return self.runtime.datastores.search(account, store, query=query, vector=vector,
+                                                  limit=params.get("limit", 10), filters=filters,
+                                                  deadline=deadline)["data"]
         except DatastoreCatchingUp as exc:  # the run's time ran out first: a timeout, not a fault of the store
             raise CallFailed(CallErrorKind.TIMEOUT, exc.message) from exc
         except FlowpoolError as exc:  # no such store (another account's included), a bad query, a failed embedding

@@ -50,7 +50,8 @@ class WorkerRuntime:
         self.cache = ResultCache(self.redis, server_key, connect_cache_store(settings))
         self.sealer = Sealer(server_key)  # opens the jobs' secrets and seals outputs carrying them
         self.scripts = ScriptCache(Workflows(self.redis), settings.script_cache_size)
-        self.accessories = AccessoryCache(self.redis, settings)  # by content hash: memory, host disk, blob store
+        blobs = open_blob_store(settings, self.redis)  # one client (one S3 connection pool) for both users
+        self.accessories = AccessoryCache(self.redis, settings, blobs)  # by content hash: memory, disk, blob store
         # Provider keys named by api_key_env are read from the worker's own
         # environment, at call time; they never enter the sandbox.
         egress = EgressPolicy(settings.egress_allow)
@@ -59,7 +60,7 @@ class WorkerRuntime:
                                   retries=settings.model_retries,
                                   connect_timeout=settings.model_connect_timeout_seconds)
         # ctx.datastore: this host's replicas (settings.cache_path), shared with its other flowpool processes.
-        self.datastores = Datastores(self.redis, open_blob_store(settings, self.redis), settings,
+        self.datastores = Datastores(self.redis, blobs, settings,
                                      embedder=EmbeddingClient.for_settings(settings, os.environ))
         self._limits: dict[tuple, SandboxLimits] = {}
         self.sandbox = Sandbox(

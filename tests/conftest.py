@@ -173,6 +173,14 @@ def second_api(redis_server: RedisServer, **settings: str) -> Iterator[Stack]:
         api.stop()
 
 
+@pytest.fixture(scope="module")
+def stack_db(stack: Stack) -> Iterator[redis.Redis]:
+    """A client of the stack's own Redis: to look at what the API stored, or write behind its back."""
+    db = redis.Redis.from_url(stack.redis_url)
+    yield db
+    db.close()
+
+
 @pytest.fixture
 def client(stack: Stack) -> Client:
     """A fresh account on the shared stack."""

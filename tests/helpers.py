@@ -385,3 +385,10 @@ def sse_events(response: requests.Response, comments: bool = False) -> Iterator[
         elif not line and event:
             yield event
             event = {}
+
+
+def account_id(db: redis.Redis, client: Client) -> str:
+    """The id of the account whose key ``client`` sends."""
+    from flowpool.registry import Accounts
+
+    return Accounts(db).authenticate(client.key).id

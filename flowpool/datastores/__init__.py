@@ -17,6 +17,6 @@ from __future__ import annotations
 from flowpool.errors import DatastoreNotFound
 
 from .parsing import parse_records
-from .store import Datastores, Embedder
+from .store import MAX_SEARCH_LIMIT, Datastores, Embedder
 
-__all__ = ["DatastoreNotFound", "Datastores", "Embedder", "parse_records"]
+__all__ = ["MAX_SEARCH_LIMIT", "DatastoreNotFound", "Datastores", "Embedder", "parse_records"]

@@ -32,7 +32,7 @@ from flowpool.errors import RequestError
 from .replica import Replica
 from .spec import Spec, filter_values
 
-__all__ = ["COMMON_WORD_BOUND", "RRF_K", "check_filters", "fts_query", "get_record", "keyword_hits", "records_of",
+__all__ = ["COMMON_WORD_BOUND", "RRF_K", "check_filters", "get_record", "keyword_hits", "records_of",
            "rrf", "vector_hits"]
 
 RRF_K = 60
@@ -57,12 +57,6 @@ def _terms(text: str) -> list[str]:
 
 def _match(terms: list[str]) -> str:
     return " OR ".join(f'"{term}"' for term in terms)
-
-
-def fts_query(text: str) -> str | None:
-    """The FTS5 MATCH expression for user text: each distinct word quoted, joined by OR; None without words."""
-    terms = _terms(text)
-    return _match(terms) if terms else None
 
 
 def check_filters(spec: Spec, filters: Any) -> list[tuple[str, list[str]]]:

@@ -69,7 +69,7 @@ def _json_text(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def _field_name(spec: dict[str, Any], key: str, value: Any) -> str:
+def _field_name(key: str, value: Any) -> str:
     if not is_name(value):
         raise RequestError(f"{key} must be a field name (1-64 letters, digits, '_', '-' or '.', starting with a "
                            f"letter or digit), not {value!r}", param=key)
@@ -82,7 +82,7 @@ def _name_list(spec: dict[str, Any], key: str) -> tuple[str, ...]:
         return ()
     if not isinstance(value, list):
         raise RequestError(f"{key} must be a list of field names", param=key)
-    names = tuple(_field_name(spec, key, item) for item in value)
+    names = tuple(_field_name(key, item) for item in value)
     if len(set(names)) != len(names):
         raise RequestError(f"{key} names a field twice", param=key)
     return names
@@ -101,12 +101,12 @@ def check_spec(spec: Any) -> Spec:
     if not is_name(name):
         raise RequestError(f"invalid datastore name {name!r}: use 1-64 letters, digits, '_', '-' or '.', starting "
                            "with a letter or digit", param="name")
-    id_field = _field_name(spec, "id_field", spec.get("id_field", "id"))
+    id_field = _field_name("id_field", spec.get("id_field", "id"))
     text_fields = _name_list(spec, "text_fields")
     filters = _name_list(spec, "filters")
     vector_field, dims = spec.get("vector_field"), spec.get("vector_dims")
     if vector_field is not None:
-        _field_name(spec, "vector_field", vector_field)
+        _field_name("vector_field", vector_field)
         if vector_field == id_field or vector_field in text_fields or vector_field in filters:
             raise RequestError("vector_field must be a field of its own, not the id, a text or a filter field",
                                param="vector_field")
@@ -150,10 +150,6 @@ class Batch:
     vector_rows: list[int] = field(default_factory=list)
     vectors: np.ndarray | None = None
     deletes: list[str] = field(default_factory=list)
-
-    @property
-    def ids(self) -> list[str]:
-        return self.deletes + [rid for rid, _ in self.upserts]
 
 
 def record_id(spec: Spec, record: dict[str, Any], where: str) -> str:

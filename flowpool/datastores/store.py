@@ -44,6 +44,8 @@ __all__ = ["Datastores", "Embedder"]
 log = logging.getLogger(__name__)
 
 Embedder = Callable[[dict, list[str]], list[list[float]]]
+# The most results one search returns (the API's, the CLI's and ctx's limit alike).
+MAX_SEARCH_LIMIT = 1000
 
 
 class Datastores:
@@ -218,8 +220,8 @@ class Datastores:
     def _search(self, replica: Replica, name: str, query: str | None, vector: list[float] | None, limit: int,
                 filters: dict | None) -> dict:
         spec = replica.spec
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise RequestError("limit must be a positive integer", param="limit")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_SEARCH_LIMIT:
+            raise RequestError(f"limit must be an integer from 1 to {MAX_SEARCH_LIMIT}", param="limit")
         if query is not None and not isinstance(query, str):
             raise RequestError("query must be a string", param="query")
         checked = check_filters(spec, filters)
@@ -282,8 +284,7 @@ class Datastores:
         try:
             yield
         except (sqlite3.DatabaseError, OSError, ValueError) as exc:
-            found = self.manifests.head(manifest.account_id, manifest.spec.name)
-            if found is None or found[0] != manifest.generation:
+            if not self._current(manifest):
                 raise DatastoreNotFound(manifest.spec.name) from exc
             raise
 
@@ -389,7 +390,7 @@ class Datastores:
                 replica.catch_up(head, tail, lambda after, upto: self._batches(manifest, after, upto),
                                  self.blobs.get, reread, deadline)
         except BlobNotFound as exc:
-            if self.manifests.head(manifest.account_id, manifest.spec.name) is None:
+            if not self._current(manifest):
                 raise DatastoreNotFound(manifest.spec.name) from exc  # deleted while we read it
             raise
 
@@ -397,10 +398,8 @@ class Datastores:
         """The blob names of the batches after ``after``, to the end of the log now (read after the replica's
         applied seq was, so a log shorter than that seq is one Redis lost, not a stale read)."""
         names = self.manifests.batches(manifest.account_id, manifest.spec.name, manifest.generation, after)
-        if len(names) < head - after:
-            found = self.manifests.head(manifest.account_id, manifest.spec.name)
-            if found is None or found[0] != manifest.generation:
-                raise DatastoreNotFound(manifest.spec.name)  # its log went with it
+        if len(names) < head - after and not self._current(manifest):
+            raise DatastoreNotFound(manifest.spec.name)  # its log went with it
         return names
 
 

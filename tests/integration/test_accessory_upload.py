@@ -14,7 +14,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import boto3
 import pytest
@@ -25,10 +25,10 @@ from flowpool.blobs import RedisBlobs
 from flowpool.devstack import Stack
 from flowpool.errors import PayloadTooLarge, RequestError
 from flowpool.redis_server import RedisServer
-from flowpool.registry import Accounts, Upload, Workflows
+from flowpool.registry import Upload, Workflows
 from flowpool.settings import Settings
 from tests.conftest import second_api
-from tests.helpers import REPO, Client, error_of
+from tests.helpers import REPO, Client, account_id, error_of
 
 UPLOAD = "/api/v1/workflows/upload"
 MB = 1 << 20
@@ -58,42 +58,30 @@ def _json_upload(client: Client, ref: str, accessories: dict[str, bytes], note: 
         {"key": key, "content_base64": _b64(content)} for key, content in accessories.items()]})
 
 
-@pytest.fixture(scope="module")
-def registry_db(stack: Stack) -> Iterator[redis.Redis]:
-    """A client of the stack's own Redis (database 0), to look at what the API stored."""
-    client = redis.Redis.from_url(stack.redis_url)
-    yield client
-    client.close()
-
-
-def _account_id(db: redis.Redis, client: Client) -> str:
-    return Accounts(db).authenticate(client.key).id
-
-
 def _blob_keys(db: redis.Redis, account_id: str) -> set[bytes]:
     return set(db.scan_iter(match=keys.blob(f"accessories/{account_id}/") + "*"))
 
 
 def test_upload_puts_each_accessory_in_the_blob_store_and_names_it_in_the_version(
-        client: Client, registry_db: redis.Redis) -> None:
+        client: Client, stack_db: redis.Redis) -> None:
     ref = _ref("acc")
     codes, rates = b'{"0101": "horses"}', b"[1, 2, 3]"
     response = _json_upload(client, ref, {"hts-codes": codes, "rates.v2": rates, "same": codes})
     assert response.status_code == 201, response.text
     version = response.json()["data"]["version"]
-    account = _account_id(registry_db, client)
+    account = account_id(stack_db, client)
 
     objects = version["accessory_objects"]
     assert version["accessories"] == ["hts-codes", "rates.v2", "same"]
     for key, content in (("hts-codes", codes), ("rates.v2", rates), ("same", codes)):
         digest = hashlib.sha256(content).hexdigest()
         assert objects[key] == {"object": f"accessories/{account}/{digest}", "sha256": digest, "size": len(content)}
-        assert RedisBlobs(registry_db).get(objects[key]["object"]) == content
-    assert len(_blob_keys(registry_db, account)) == 2  # the same bytes under two keys: one blob
+        assert RedisBlobs(stack_db).get(objects[key]["object"]) == content
+    assert len(_blob_keys(stack_db, account)) == 2  # the same bytes under two keys: one blob
     listed = client.get(f"/api/v1/workflows/{ref}/versions").json()["data"]
     assert listed[0]["accessory_objects"] == objects
     # The version's hash holds the script and its meta, no accessory bytes.
-    assert {k.decode() for k in registry_db.hkeys(keys.version(account, ref, "1.0.0"))} == {"meta", "script"}
+    assert {k.decode() for k in stack_db.hkeys(keys.version(account, ref, "1.0.0"))} == {"meta", "script"}
 
 
 def test_env_names_each_accessory_and_a_rollback_brings_back_its_own(client: Client) -> None:
@@ -115,24 +103,24 @@ def test_env_names_each_accessory_and_a_rollback_brings_back_its_own(client: Cli
 
 
 def test_uploading_the_same_content_again_creates_no_version_and_no_blob(
-        client: Client, registry_db: redis.Redis) -> None:
+        client: Client, stack_db: redis.Redis) -> None:
     ref = _ref("acc-same")
     accessories = {"labels": b'["a", "b"]', "prompts": b'{"system": "be brief"}'}
     first = _json_upload(client, ref, accessories)
-    account = _account_id(registry_db, client)
-    blobs = _blob_keys(registry_db, account)
+    account = account_id(stack_db, client)
+    blobs = _blob_keys(stack_db, account)
     again = _json_upload(client, ref, accessories)
 
     assert first.status_code == 201 and again.status_code == 200, again.text
     assert again.json()["data"]["created"] is False
     assert again.json()["data"]["version"] == first.json()["data"]["version"]
     assert client.get(f"/api/v1/workflows/{ref}/versions").json()["pagination"]["total"] == 1
-    assert _blob_keys(registry_db, account) == blobs
+    assert _blob_keys(stack_db, account) == blobs
 
 
 def _state(db: redis.Redis, client: Client, ref: str) -> tuple[Any, ...]:
     """What a refused upload must leave as it was: the workflow, its versions and the account's blobs."""
-    account = _account_id(db, client)
+    account = account_id(db, client)
     return (client.get(f"/api/v1/workflows/{ref}").json(), client.get(f"/api/v1/workflows/{ref}/versions").json(),
             db.hgetall(keys.workflow(account, ref)), _blob_keys(db, account))
 
@@ -144,18 +132,18 @@ def _state(db: redis.Redis, client: Client, ref: str) -> tuple[Any, ...]:
     ({"a-b": b"{}", "a.b": b"[]"}, 400, ["A_B_S3_KEY"]),
     ({f"k{i}": b"{}" for i in range(101)}, 400, ["101 accessories", "limit of 100", "FLOWPOOL_ACCESSORIES_MAX"]),
 ], ids=["not-json", "bad-key", "path-key", "same-env-name", "too-many"])
-def test_a_refused_accessory_stores_nothing(client: Client, registry_db: redis.Redis, accessories: dict[str, bytes],
+def test_a_refused_accessory_stores_nothing(client: Client, stack_db: redis.Redis, accessories: dict[str, bytes],
                                             status: int, words: list[str]) -> None:
     ref = _ref("acc-refused")
     assert _json_upload(client, ref, {"kept": b'{"v": 1}'}).status_code == 201
-    before = _state(registry_db, client, ref)
+    before = _state(stack_db, client, ref)
 
     response = _json_upload(client, ref, accessories, note="changed")
 
     assert response.status_code == status, response.text
     message = error_of(response)["message"]
     assert all(word in message for word in words), message
-    assert _state(registry_db, client, ref) == before
+    assert _state(stack_db, client, ref) == before
 
 
 def test_the_same_key_twice_is_400(client: Client) -> None:
@@ -174,7 +162,7 @@ def largest_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_an_accessory_over_the_limit_is_413_naming_its_key_and_stores_nothing(
-        client: Client, registry_db: redis.Redis) -> None:
+        client: Client, stack_db: redis.Redis) -> None:
     ref = _ref("acc-big")
     response = client.post(UPLOAD, data={"workflow_ref_name": ref},
                            files={"script_file": ("wf.py", (ENV_SCRIPT % "x").encode()),
@@ -185,7 +173,7 @@ def test_an_accessory_over_the_limit_is_413_naming_its_key_and_stores_nothing(
     assert error["type"] == "payload_too_large"
     assert f"accessory 'huge' is {LIMIT + 1} bytes, over the limit of 50 MB" in error["message"]
     assert client.get(f"/api/v1/workflows/{ref}").status_code == 404
-    assert _blob_keys(registry_db, _account_id(registry_db, client)) == set()
+    assert _blob_keys(stack_db, account_id(stack_db, client)) == set()
 
 
 def test_a_50_mb_accessory_uploads_as_json_base64_past_the_body_limit_of_other_routes(client: Client) -> None:

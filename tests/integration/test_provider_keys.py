@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import redis
 
-from flowpool.devstack import Stack
-from flowpool.registry import Accounts, Agent, Agents, Application, Applications
+from flowpool.registry import Agent, Agents, Application, Applications
 from tests.conftest import TEST_ENV
-from tests.helpers import Client, error_of
+from tests.helpers import Client, account_id, error_of
 from tests.provider import StandInProvider
 
 CANARY = "FLOWPOOL_TEST_CANARY"
@@ -23,18 +22,6 @@ CANARY = "FLOWPOOL_TEST_CANARY"
 
 def _name(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:6]}"
-
-
-@pytest.fixture
-def store(stack: Stack) -> Iterator[redis.Redis]:
-    """A client of the stack's Redis, to write documents behind the API's back (as if settings had changed)."""
-    client = redis.Redis.from_url(stack.redis_url)
-    yield client
-    client.close()
-
-
-def _account_id(store: redis.Redis, client: Client) -> str:
-    return Accounts(store).authenticate(client.key).id
 
 
 def _canary_reached(provider: StandInProvider) -> bool:
@@ -76,10 +63,10 @@ def test_an_agent_naming_an_unlisted_variable_is_a_400_naming_it(client: Client,
 
 
 def test_a_stored_application_naming_an_unlisted_variable_fails_its_call_and_sends_nothing(
-        client: Client, provider: StandInProvider, store: redis.Redis) -> None:
+        client: Client, provider: StandInProvider, stack_db: redis.Redis) -> None:
     app, ref = _name("stale"), _name("asks")
     # Written straight to the registry, as an application stored before the operator narrowed the list.
-    Applications(store).put(_account_id(store, client), app, Application.model_validate({"intents": {"answer": {
+    Applications(stack_db).put(account_id(stack_db, client), app, Application.model_validate({"intents": {"answer": {
         "model": "echo", "base_url": provider.base_url, "api_key_env": CANARY}}}))
     client.upload(ref, f"""
         def execute(ctx):
@@ -97,9 +84,9 @@ def test_a_stored_application_naming_an_unlisted_variable_fails_its_call_and_sen
 
 
 def test_a_stored_agent_naming_an_unlisted_variable_fails_its_call_and_sends_nothing(
-        client: Client, provider: StandInProvider, store: redis.Redis) -> None:
+        client: Client, provider: StandInProvider, stack_db: redis.Redis) -> None:
     agent, ref = _name("stale"), _name("asks")
-    Agents(store).put(_account_id(store, client), agent,
+    Agents(stack_db).put(account_id(stack_db, client), agent,
                       Agent(base_url=provider.base_url, model="echo", api_key_env=CANARY))
     client.upload(ref, f"""
         from flowpool_workflow import ModelError
@@ -139,7 +126,7 @@ def test_a_listed_variable_and_a_request_secret_still_reach_the_provider(client:
     assert sent == [f"Bearer {TEST_ENV['STANDIN_API_KEY']}", f"Bearer {secret}"]
 
 
-def test_a_key_bound_to_a_host_goes_only_there(client: Client, provider: StandInProvider, store: redis.Redis) -> None:
+def test_a_key_bound_to_a_host_goes_only_there(client: Client, provider: StandInProvider, stack_db: redis.Redis) -> None:
     elsewhere = provider.base_url.replace("127.0.0.1", "127.0.0.2")  # never connected to: refused before
     response = client.request("PUT", f"/api/v1/applications/{_name('thief')}", json={"intents": {"answer": {
         "model": "echo", "base_url": elsewhere, "api_key_env": "STANDIN_BOUND_KEY"}}})
@@ -150,7 +137,7 @@ def test_a_key_bound_to_a_host_goes_only_there(client: Client, provider: StandIn
     app, stale, ref = _name("bound"), _name("stale"), _name("asks")
     assert client.request("PUT", f"/api/v1/applications/{app}", json={"intents": {"answer": {
         "model": "echo", "base_url": provider.base_url, "api_key_env": "STANDIN_BOUND_KEY"}}}).status_code == 201
-    Applications(store).put(_account_id(store, client), stale, Application.model_validate({"intents": {"answer": {
+    Applications(stack_db).put(account_id(stack_db, client), stale, Application.model_validate({"intents": {"answer": {
         "model": "echo", "base_url": elsewhere, "api_key_env": "STANDIN_BOUND_KEY"}}}))
     client.upload(ref, f"""
         from flowpool_workflow import ModelError
