@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 __all__ = [
-    "ACCOUNTS", "METRICS", "RUNS_ACTIVE", "RUNS_REAPER", "SECRET", "WORKERS", "WORKER_SANDBOXES",
+    "ACCOUNTS", "METRICS", "RUNS_ACTIVE", "RUNS_REAPER", "SECRET", "QUEUES", "WORKERS", "WORKER_POOL",
+    "WORKER_SANDBOXES", "queue_workers",
     "account", "agents", "api_key", "applications", "session_runs", "workflows", "workflow", "versions", "version",
     "version_hashes", "run", "run_cancel", "run_events", "run_lease", "run_logs", "run_reply", "workflow_runs", "cache",
     "cache_record", "inflight", "idempotency", "blob", "datastores", "datastore", "datastore_log",
@@ -13,6 +14,10 @@ PREFIX = "fp:"
 ACCOUNTS = PREFIX + "accounts"            # hash: account name -> account id
 SECRET = PREFIX + "secret"                # generated key for hashing request secrets
 WORKERS = PREFIX + "workers"              # zset: worker name -> last heartbeat (unix time)
+# hash: worker name -> JSON {"queues": [names], "slots": n, "running": {queue: n}, "reserved": {queue: n},
+# "at": unix time}, written with each heartbeat: what GET /api/v1/pool and the queue gauges add up.
+WORKER_POOL = PREFIX + "workers:pool"
+QUEUES = PREFIX + "queues"                # set: queue names workflow versions named (besides "default")
 WORKER_SANDBOXES = PREFIX + "workers:sandbox"  # hash: worker name -> JSON {backend, isolation, weaknesses}
 METRICS = PREFIX + "metrics"              # hash: counter name -> value, shared by every process
 RUNS_ACTIVE = PREFIX + "runs:active"      # zset: request id of each unfinished run -> its deadline (unix time)
@@ -146,3 +151,8 @@ def datastore(account_id: str, name: str) -> str:
 def datastore_log(account_id: str, name: str, generation: str) -> str:
     """List: the blob names of one datastore incarnation's batches; batch ``seq`` is entry ``seq - 1``."""
     return f"{PREFIX}a:{account_id}:ds:{name}:{generation}:log"
+
+
+def queue_workers(queue: str) -> str:
+    """Zset: name of each worker consuming ``queue`` -> its last heartbeat (unix time)."""
+    return f"{PREFIX}queue:{queue}:workers"

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from flowpool.errors import Cancelled, RunError, WorkerLost, run_error_from_dict
 from flowpool.jsonsafe import find_problem_in
+from flowpool.queues import DEFAULT_QUEUE
 
 if TYPE_CHECKING:
     from flowpool.registry import ResolvedWorkflow
@@ -91,6 +92,7 @@ class RunJob:
     application: str | None = None
     limits: dict[str, int] | None = None  # the workflow's own LIMITS
     cache: CachePlan | None = None
+    queue: str = DEFAULT_QUEUE  # the worker queue it was sent to (flowpool.queues)
 
     def to_message(self, sealer: Sealer) -> dict[str, Any]:
         """The job as the JSON body of its Celery message, its secrets sealed: a message at rest holds none in clear."""

@@ -5,8 +5,10 @@ import os
 import tempfile
 from typing import Optional
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .queues import check_queue_name
 
 __all__ = ["Settings", "DEFAULT_MAX_JSON_DEPTH", "DEFAULT_MAX_SCRIPT_BYTES", "DEFAULT_REDIS_URL", "WORKFLOW_LIMITS",
            "split_list"]
@@ -101,6 +103,14 @@ class Settings(BaseSettings):
         "those still going are then killed and answer 500 worker_lost. Runs it had not started stay queued for "
         "other workers. Unset: the longest hard limit (FLOWPOOL_MAX_TIMEOUT_SECONDS plus "
         "FLOWPOOL_HARD_TIMEOUT_GRACE_SECONDS), so every run may finish.")
+    worker_queues: str = Field(
+        "default", description="Comma-separated queues a worker consumes (`flowpool worker --queues` wins): a "
+        "workflow's runs go to the queue it names (QUEUE in its script, or the `queue` upload field), `default` "
+        "when it names none.")
+    autoscaled_queues: str = Field(
+        "", description="Comma-separated queues whose workers an autoscaler starts from zero (KEDA): a run for one "
+        "of them is queued while no worker serves it, and waits up to FLOWPOOL_QUEUE_WAIT_SECONDS for one to "
+        "start. A run for any other queue that no live worker serves is answered 503 at once.")
     worker_events: bool = Field(False, description="Send Celery task events (for Flower).")
     script_cache_size: int = Field(256, ge=1, description="Compiled script versions kept warm per worker.")
 
@@ -136,6 +146,15 @@ class Settings(BaseSettings):
     sandbox_tmp_mb_cap: int = Field(1024, ge=1, description="Largest /tmp a workflow's LIMITS may ask for.")
     sandbox_prestart: int = Field(
         2, ge=0, description="Run processes kept started and waiting for a job, so a run skips the fork.")
+    sandbox_reuse: bool = Field(
+        True, description="Keep a run process warm after its run, for the next run of the same workflow version of "
+        "the same account on that worker (as Lambda reuses execution environments): it skips the fork and the "
+        "sandbox's set-up. A process that ran a request carrying secrets, that failed to end cleanly or that left "
+        "threads or processes behind is never reused; see docs/sandbox.md. Off: one fresh process per run.")
+    sandbox_reuse_max_runs: int = Field(
+        1000, ge=1, description="Runs one warm run process serves before it is retired for a fresh one.")
+    sandbox_reuse_idle_seconds: float = Field(
+        60, gt=0, description="How long a warm run process waits for its next run before it is retired.")
     sandbox_uid_base: int = Field(
         61000, description="When workers run as root, each run slot gets uid/gid base + slot.")
     sandbox_cgroups: str = Field(
@@ -180,6 +199,11 @@ class Settings(BaseSettings):
     api_threads: int = Field(32, ge=1, description="Threads per API process (gthread).")
     api_workers: int = Field(2, ge=1, description="API processes (gunicorn workers).")
     log_level: str = Field("INFO", description="Log level of every process.")
+    admin_token: Optional[str] = Field(
+        None, min_length=16,
+        description="Operator routes (GET /api/v1/pool and the admin routes) answer only requests carrying "
+        "`Authorization: Bearer <token>` (401 otherwise). Unset, they answer only requests from loopback, so "
+        "`flowpool dev` needs none; set it wherever the API is behind a proxy or on a network.")
     metrics_token: Optional[str] = Field(
         None, min_length=1,
         description="When set, GET /metrics answers only requests carrying `Authorization: Bearer <token>` "
@@ -228,6 +252,13 @@ class Settings(BaseSettings):
         5.0, gt=0, description="Seconds a request body may go without a byte arriving; a stalled one (e.g. fewer "
         "bytes than its Content-Length) is answered 408 and its connection closed.")
 
+    @field_validator("worker_queues", "autoscaled_queues")
+    @classmethod
+    def _queue_names(cls, value: str) -> str:
+        for name in split_list(value):
+            check_queue_name(name)
+        return value
+
     @property
     def redis(self) -> str:
         """The Redis URL in force."""
@@ -244,6 +275,16 @@ class Settings(BaseSettings):
         if self.cache_dir:
             return os.path.abspath(self.cache_dir)
         return os.path.join(tempfile.gettempdir(), f"flowpool-cache-{os.getuid()}")
+
+    @property
+    def worker_queue_names(self) -> list[str]:
+        """The queues a worker consumes (FLOWPOOL_WORKER_QUEUES), in order, each once."""
+        return list(dict.fromkeys(split_list(self.worker_queues)))
+
+    @property
+    def autoscaled_queue_names(self) -> set[str]:
+        """The queues an autoscaler serves from zero workers (FLOWPOOL_AUTOSCALED_QUEUES)."""
+        return set(split_list(self.autoscaled_queues))
 
     @property
     def worker_drain(self) -> float:

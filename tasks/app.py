@@ -8,12 +8,13 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Connection
 
+from flowpool.queues import BROKER_QUEUE
 from flowpool.settings import Settings
 
 __all__ = ["create_celery", "RUN_TASK", "QUEUE"]
 
 RUN_TASK = "flowpool.run"
-QUEUE = "flowpool"
+QUEUE = BROKER_QUEUE  # the default queue's; flowpool.queues names the others
 
 # Seconds after its fetch a message no worker started goes back to the queue (see create_celery).
 VISIBILITY_SECONDS = 5

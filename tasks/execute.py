@@ -178,7 +178,7 @@ def execute_run(runtime: WorkerRuntime, job: RunJob) -> RunEnd | None:
                          claim_until, f"run {request_id}: claiming it"):
             return False
         runtime.stops[request_id] = stop
-        runtime.active.add(request_id)
+        runtime.active[request_id] = job.queue
         return True
 
     calls = RunCalls(job)
@@ -228,7 +228,7 @@ def execute_run(runtime: WorkerRuntime, job: RunJob) -> RunEnd | None:
             return RunEnd(status=RunStatus.LOST.value, version=job.version, error=WorkerLost(
                 "the worker could not record the run's outcome (Redis unreachable); the run is lost").to_dict())
     finally:
-        runtime.active.discard(request_id)
+        runtime.active.pop(request_id, None)
         runtime.stops.pop(request_id, None)
 
 

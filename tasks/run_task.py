@@ -31,6 +31,7 @@ from celery.worker import state
 
 from flowpool.errors import (RunError, RunNotStarted, SandboxError, ScriptError, TimeLimitExceeded, WorkerLost,
                              run_error_from_dict)
+from flowpool.queues import queue_of_broker
 from flowpool.run import RunEnd, RunJob, RunStatus
 from flowpool.sealing import InvalidToken
 from flowpool.settings import Settings
@@ -157,7 +158,9 @@ class _RuntimeStep(bootsteps.StartStopStep):
 
     def start(self, worker: Any) -> None:
         app = worker.app
-        runtime = WorkerRuntime(app.flowpool_settings, name=worker.hostname)
+        queues = [q for q in (queue_of_broker(q.name) for q in app.amqp.queues.consume_from.values()) if q] or None
+        runtime = WorkerRuntime(app.flowpool_settings, name=worker.hostname, queues=queues,
+                                slots=worker.concurrency)
         runtime.start()
         app.flowpool_runtime = runtime
         app.flowpool_ready.set()

@@ -9,6 +9,7 @@ import threading
 import time
 
 import redis
+from celery.worker import state
 
 from flowpool import keys
 from flowpool.cache import ResultCache
@@ -18,6 +19,7 @@ from flowpool.datastores import Datastores
 from flowpool.datastores.embedding import EmbeddingClient
 from flowpool.egress import EgressPolicy
 from flowpool.errors import Cancelled
+from flowpool.queues import queue_of_broker
 from flowpool.registry import Applications, ProviderKeys, Workflows
 from flowpool.runs import RunStore
 from flowpool.sealing import Sealer, ServerKey
@@ -39,9 +41,14 @@ log = logging.getLogger("flowpool.worker")
 class WorkerRuntime:
     """Owns a worker's sandbox and Redis state; started and stopped with the Celery worker."""
 
-    def __init__(self, settings: Settings, name: str | None = None) -> None:
+    def __init__(self, settings: Settings, name: str | None = None, queues: list[str] | None = None,
+                 slots: int | None = None) -> None:
         self.settings = settings
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        # The worker queues it consumes, and the runs it holds at once (its Celery concurrency): what its
+        # heartbeat reports for GET /api/v1/pool and the queue gauges.
+        self.queues = queues or settings.worker_queue_names
+        self.slots = slots or settings.worker_concurrency
         self.redis = connect_redis(settings)
         # For writes a run's supervisor waits on (its chunks): given up within a second, tried again later.
         self.redis_quick = connect_redis(settings, socket_timeout=QUICK_SECONDS)
@@ -76,7 +83,7 @@ class WorkerRuntime:
             packages=settings.sandbox_packages,
         )
         self.lease_ms = int(settings.worker_ttl_seconds * 1000)
-        self.active: set[str] = set()
+        self.active: dict[str, str] = {}  # request id -> the queue it came from, for each run claimed and going
         self.stops: dict[str, StopRequest] = {}  # request id -> asked when its caller or the worker stops it
         # Set when a stopping worker stops the runs still going (tasks.run_task): what fails then is worker_lost.
         self.gave_up = threading.Event()
@@ -126,8 +133,13 @@ class WorkerRuntime:
         if self._beat.is_alive():
             self._beat.join(5)
         try:
-            self.redis.zrem(keys.WORKERS, self.name)
-            self.redis.hdel(keys.WORKER_SANDBOXES, self.name)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zrem(keys.WORKERS, self.name)
+            for queue in self.queues:
+                pipe.zrem(keys.queue_workers(queue), self.name)
+            pipe.hdel(keys.WORKER_POOL, self.name)
+            pipe.hdel(keys.WORKER_SANDBOXES, self.name)
+            pipe.execute()
         except redis.RedisError:
             pass
         self.sandbox.stop()
@@ -164,17 +176,41 @@ class WorkerRuntime:
                 pause = min(interval, self._BEAT_RETRY_SECONDS)
             self._stop.wait(pause)
 
+    def pool_report(self, now: float) -> dict[str, object]:
+        """What this worker holds, per queue, as its heartbeat writes it in ``keys.WORKER_POOL``.
+
+        ``running``: runs claimed and going. ``reserved``: messages Celery
+        took for this worker that no run has started from yet (with prefetch
+        off, only those between their fetch and their start).
+        """
+        running = dict.fromkeys(self.queues, 0)
+        for queue in list(self.active.values()):
+            running[queue] = running.get(queue, 0) + 1
+        reserved = dict.fromkeys(self.queues, 0)
+        started = {request.id for request in list(state.active_requests)}
+        for request in list(state.reserved_requests):
+            queue = queue_of_broker(str((request.delivery_info or {}).get("routing_key") or ""))
+            if queue is not None and request.id not in started:
+                reserved[queue] = reserved.get(queue, 0) + 1
+        return {"queues": self.queues, "slots": self.slots, "running": running, "reserved": reserved, "at": now}
+
     def _send_beat(self) -> None:
-        """One heartbeat: the worker's time in WORKERS, each run's lease set afresh, cancel requests read."""
+        """One heartbeat: the worker's time in WORKERS and in each of its queues, what it holds per queue, each run's
+        lease set afresh, cancel requests read."""
+        now = time.time()
         pipe = self.redis.pipeline(transaction=False)
-        pipe.zadd(keys.WORKERS, {self.name: time.time()})
+        pipe.zadd(keys.WORKERS, {self.name: now})
+        for queue in self.queues:
+            pipe.zadd(keys.queue_workers(queue), {self.name: now})
+        pipe.hset(keys.WORKER_POOL, self.name, json.dumps(self.pool_report(now)))
+        first = 2 + len(self.queues)  # replies before the leases'
         active = list(self.active)
         for request_id in active:
             # SET, not PEXPIRE: a lease that ran out while Redis was paused or down comes back.
             pipe.set(keys.run_lease(request_id), self.name, px=self.lease_ms)
             pipe.exists(keys.run_cancel(request_id))
         replies = pipe.execute()
-        for request_id, asked in zip(active, replies[2::2]):
+        for request_id, asked in zip(active, replies[first + 1::2]):
             stop = self.stops.get(request_id)
             if asked and stop is not None:
                 stop.ask(Cancelled("the caller went away and asked for the run to be cancelled"))

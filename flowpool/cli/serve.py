@@ -9,6 +9,8 @@ from typing import Any
 import click
 
 from ..procs import set_not_dumpable, url_host
+from ..queues import broker_queue, check_queue_name
+from ..settings import split_list
 from .common import load_settings, server_extra
 
 __all__ = ["COMMANDS"]
@@ -111,18 +113,30 @@ def api(port: int, host: str) -> None:
 @click.command()
 @click.option("--concurrency", type=int, default=None, help="Runs held at once (default FLOWPOOL_WORKER_CONCURRENCY).")
 @click.option("--name", default=None, help="Worker node name (default flowpool@<host>-<pid>).")
-def worker(concurrency: int | None, name: str | None) -> None:
+@click.option("--queues", "-Q", default=None, metavar="NAMES",
+              help="Comma-separated worker queues to consume, e.g. heavy,default (default FLOWPOOL_WORKER_QUEUES).")
+def worker(concurrency: int | None, name: str | None, queues: str | None) -> None:
     """Run a Celery worker that executes workflows in the sandbox.
 
-    SIGTERM stops it gracefully: it takes no more runs and waits up to
-    FLOWPOOL_WORKER_DRAIN_SECONDS for those it runs.
+    It takes runs from the worker queues it is given: a workflow's runs go
+    to the queue it names (QUEUE, or the `queue` upload field), `default`
+    when it names none. SIGTERM stops it gracefully: it takes no more runs
+    and waits up to FLOWPOOL_WORKER_DRAIN_SECONDS for those it runs.
     """
     import socket
 
     with server_extra("worker"):
-        from ..tasks import QUEUE, worker_celery
+        from ..tasks import worker_celery
 
     settings = load_settings(discover=False)
+    names = settings.worker_queue_names
+    if queues is not None:
+        try:
+            names = [check_queue_name(q) for q in dict.fromkeys(split_list(queues))]
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--queues") from None
+        if not names:
+            raise click.BadParameter("name at least one queue", param_hint="--queues")
     set_not_dumpable()
     app = worker_celery(settings)
     # What `celery worker` does, but keeping the exit code (app.worker_main drops it): a worker that could not
@@ -131,7 +145,8 @@ def worker(concurrency: int | None, name: str | None) -> None:
     # (time limits included), so a thread costs little while a run waits on I/O.
     worker = app.Worker(
         hostname=name or f"flowpool@{socket.gethostname()}-{os.getpid()}", pool_cls="threads",
-        concurrency=concurrency or settings.worker_concurrency, loglevel=settings.log_level, queues=[QUEUE],
+        concurrency=concurrency or settings.worker_concurrency, loglevel=settings.log_level,
+        queues=[broker_queue(q) for q in names],
         without_gossip=True, without_mingle=True, task_events=settings.worker_events)
     worker.start()
     sys.exit(worker.exitcode or 0)
