@@ -120,6 +120,8 @@ class Containment:
         if self.cgroups is not None:
             watch.oom_base = self.cgroups.oom_kills(process.slot)
             watch.cpu_base = self.cgroups.cpu_seconds(process.slot) or 0.0
+        elif process.runs and process.pid is not None:  # kept warm: its earlier runs' CPU time is not this one's
+            watch.cpu_base = _tree_cpu(process.pid)
         with self._lock:
             self._watches.append(watch)
         return watch
@@ -175,7 +177,7 @@ class Containment:
             members = _members(table, children, watch)
             if sum(_pss(pid) for pid in members) > watch.memory_bytes:
                 self._stop_run(watch, self._memory_verdict(watch), [(pid, table[pid].start) for pid in members])
-            elif sum(table[pid].cpu for pid in members) > watch.cpu_seconds:
+            elif sum(table[pid].cpu for pid in members) - watch.cpu_base > watch.cpu_seconds:
                 self._stop_run(watch, self._cpu_verdict(watch), [(pid, table[pid].start) for pid in members])
 
     @staticmethod
@@ -237,6 +239,21 @@ def _members(table: dict[int, _Proc], children: dict[int, list[int]], watch: Run
     if uid is not None:
         found |= {pid for pid, proc in table.items() if proc.uid == uid}
     return sorted(found)
+
+
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds of ``pid`` and its descendants (their own and their waited-for children's), from /proc."""
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            stat = stat_fields(current)
+            total += sum(int(value) for value in stat[11:15]) / _CLOCK_TICKS
+            with open(f"/proc/{current}/task/{current}/children") as handle:
+                todo.extend(int(child) for child in handle.read().split())
+        except (OSError, ValueError, IndexError):
+            continue  # exited meanwhile
+    return total
 
 
 def _pss(pid: int) -> int:

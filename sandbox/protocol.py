@@ -5,10 +5,10 @@ imports this module as well as the worker's side, so the error kinds of ctx
 calls and of runs are written down once.
 
 The run's channel carries one JSON object per frame (see :mod:`.channel`);
-every object has an ``op``. A run process takes exactly one job:
+every object has an ``op``. A run process takes one job, or, kept warm, one job after another:
 
   worker -> run   {"op": "run", "code": <base64 marshal>, "source", "job": {...}, "soft_seconds": s,
-                   "cpu_seconds": n}
+                   "cpu_seconds": n, "reuse": true (only when the process may be kept for another run)}
   run -> worker   any number of
                     {"op": "emit", "type", "content"}           a chunk for the caller
                     {"op": "log", "level", "msg", "fields"}     a log line of the run
@@ -20,6 +20,10 @@ every object has an ``op``. A run process takes exactly one job:
                   then exactly one
                     {"op": "result", "value"}
                     | {"op": "error", "kind": <RunErrorKind>, "type", "message", "traceback"}
+                  where a run asked to ``reuse`` adds ``"reusable": true`` when its process
+                  is clean enough to serve another run (:mod:`.reuse`); without it the process
+                  exits. A warm process then waits for the next ``run`` frame, or for the
+                  worker to end it.
 
 A reply with ``fds`` hands the run read-only files (an accessory: :class:`WithFile`): the descriptors
 travel as ancillary data of the frame's first bytes, so the run reads with ``recvmsg``; a file's bytes never

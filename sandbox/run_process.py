@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 from dataclasses import dataclass
+from typing import Hashable
 
 __all__ = ["RunProcess"]
 
@@ -21,6 +22,12 @@ class RunProcess:
     sock: socket.socket | None = None
     pidfd: int | None = None  # signals reach this process even after its pid is reused
     zygote: subprocess.Popen[bytes] | None = None  # the zygote that forked it (see Zygote.running)
+    # Kept warm (:mod:`.warm`): the key of the runs it serves, set by its first run and never changed,
+    # how many runs it served, and since when it waits (time.monotonic()).
+    key: Hashable | None = None
+    runs: int = 0
+    idle_since: float = 0.0
+    refill: bool = True  # once cleaned up, its slot may get a process started ahead of need (not when evicted)
 
     def kill(self) -> None:
         """Kill the run process, and its process group when it has no uid of its own."""

@@ -1,9 +1,10 @@
 """The code that runs inside a sandboxed run process: build ``ctx``, run the script, report.
 
 It speaks the run's half of the protocol :mod:`.protocol` specifies: it
-takes one ``run`` job, sends what the script emits, logs and asks of ``ctx``,
-turns each failed ctx call into the exception :mod:`flowpool_workflow` maps
-its kind to, and ends with one ``result`` or ``error``. Where the sandbox has
+takes one ``run`` job (a warm process, one after another: :mod:`.reuse`),
+sends what the script emits, logs and asks of ``ctx``, turns each failed ctx
+call into the exception :mod:`flowpool_workflow` maps its kind to, and ends
+each run with one ``result`` or ``error``. Where the sandbox has
 no network, the socket layer's errors say so and name ``ctx.http``
 (:mod:`.no_network`). It imports the stdlib and flowpool_workflow only, all
 of it before the zygote covers flowpool's code.
@@ -15,6 +16,7 @@ import itertools
 import json
 import linecache
 import marshal
+import math
 import os
 import resource
 import signal
@@ -26,9 +28,10 @@ from typing import Any, Iterator
 
 from flowpool_workflow import CALL_ERRORS, SoftTimeLimitExceeded, WorkflowContext, WorkflowError
 
-from .channel import Channel, blocking_socket
+from .channel import Channel, ChannelClosed, blocking_socket
 from .no_network import install as install_network_hint
 from .protocol import CallErrorKind, RunErrorKind
+from .reuse import Baseline
 
 __all__ = ["serve"]
 
@@ -207,20 +210,74 @@ def _warm_up() -> None:
     signal.setitimer(signal.ITIMER_REAL, 0)
 
 
-def serve(fd: int, no_network: bool = False) -> None:
-    """Run one job received on ``fd`` and report its outcome; the process exits afterwards.
+def serve(fd: int, no_network: bool = False, reusable: bool = False) -> None:
+    """Run the jobs received on ``fd``, reporting each one's outcome; returns when the process is done.
 
     ``no_network``: the sandbox has none (seccomp refuses sockets, or the network namespace is empty), so the
-    socket layer's errors say so and name ``ctx.http`` (:mod:`.no_network`).
+    socket layer's errors say so and name ``ctx.http`` (:mod:`.no_network`). ``reusable``: the run has
+    namespaces of its own, so after a run the worker asked to keep (``reuse``) this process may be clean
+    enough for the next run of the same version of the same account (:class:`~.reuse.Baseline` says whether).
+    Otherwise, as always before, it takes one job.
     """
     channel = Channel(blocking_socket(fd))
     if no_network:
         install_network_hint()
     transport = _Transport(channel)
     _warm_up()
-    request = channel.recv()
-    cpu = int(request["cpu_seconds"])
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+    baseline: Baseline | None = None
+    module: types.ModuleType | None = None
+    code_text = None
+    while True:
+        try:
+            request = channel.recv()
+        except ChannelClosed:
+            return  # the worker retired this warm process
+        reuse = reusable and bool(request.get("reuse"))
+        if reuse and baseline is None:
+            baseline = Baseline()  # what this process holds before its first run: what each later run gets
+        if not reuse or request["code"] != code_text:
+            module, code_text = None, request["code"]  # a warm process serves one version: the same code
+        reuse = _allow_cpu(int(request["cpu_seconds"]), reuse)
+        module, payload = _run_one(transport, request, module)
+        _flush_streams()
+        if module is None:
+            reuse = False  # its code failed, or the soft limit interrupted it: no other run follows here
+        if reuse:
+            assert baseline is not None
+            reuse = baseline.restore()
+        channel.send_bytes(payload[:-1] + (b',"reusable":true}' if reuse else b"}"))
+        if not reuse:
+            return
+
+
+def _allow_cpu(seconds: int, reuse: bool) -> bool:
+    """Give this run ``seconds`` of CPU time; whether the process may still be kept afterwards.
+
+    RLIMIT_CPU counts a process's whole life. A run in a process that is not
+    kept gets it as soft and hard limit, as ever; a warm process keeps the
+    hard limit it was started under (the longest run's budget) and each run
+    moves the soft one (SIGXCPU) to what it used so far plus its own budget.
+    The containment monitor bounds each run's CPU time too, whatever a script
+    does to its soft limit. A process whose hard limit leaves no room for the
+    run's budget gives it what is left, and is not kept.
+    """
+    if reuse:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        soft = math.ceil(usage.ru_utime + usage.ru_stime) + seconds
+        hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+            return True
+        seconds = hard
+    resource.setrlimit(resource.RLIMIT_CPU, (seconds, seconds))
+    return False
+
+
+def _run_one(transport: _Transport, request: dict[str, Any],
+             module: types.ModuleType | None) -> tuple[types.ModuleType | None, bytes]:
+    """Run one job, ``module`` being the version's module from an earlier run in this process, if any: the
+    module (None when it must not serve another run: its code failed, or the soft limit interrupted it) and the
+    final message (a ``result`` or an ``error``) as JSON."""
     job = request["job"]
     os.environ.clear()
     os.environ.update({str(k): str(v) for k, v in (job.get("env") or {}).items()})
@@ -236,13 +293,15 @@ def serve(fd: int, no_network: bool = False) -> None:
     outcome: dict[str, Any]
     try:
         try:
-            module = types.ModuleType("workflow")
-            module.__file__ = filename
-            sys.modules["workflow"] = module
-            if request.get("source"):
-                source = request["source"]
-                linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-            exec(code, module.__dict__)
+            if module is None:
+                fresh = types.ModuleType("workflow")
+                fresh.__file__ = filename
+                sys.modules["workflow"] = fresh
+                if request.get("source"):
+                    source = request["source"]
+                    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+                exec(code, fresh.__dict__)
+                module = fresh  # only a module whose code ran to its end serves the next run
             result = module.execute(ctx)
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
@@ -252,17 +311,15 @@ def serve(fd: int, no_network: bool = False) -> None:
             outcome = {"op": "error", "kind": RunErrorKind.RESULT.value, "type": type(exc).__name__,
                        "message": f"the result is not JSON-serializable: {exc}"}
         else:
-            _flush_streams()
-            channel.send_bytes(payload.encode())
-            return
+            return module, payload.encode()
     except SoftTimeLimitExceeded as exc:
         outcome = {"op": "error", "kind": RunErrorKind.TIMEOUT.value, "type": type(exc).__name__,
                    "message": str(exc), "traceback": _script_traceback(exc, filename)}
+        module = None
     except BaseException as exc:  # the script may raise anything, SystemExit included
         outcome = {"op": "error", "kind": RunErrorKind.SCRIPT.value, "type": type(exc).__name__,
                    "message": _describe(exc), "traceback": _script_traceback(exc, filename)}
-    _flush_streams()
-    channel.send(outcome)
+    return module, json.dumps(outcome, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _flush_streams() -> None:

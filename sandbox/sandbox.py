@@ -2,7 +2,8 @@
 
 Each run gets a process of its own, forked by the zygote (:mod:`.zygote`,
 reached through :mod:`.zygote_client`) under the backend :mod:`.backends`
-chooses, and is followed by a :class:`~.session.RunSession`, which enforces
+chooses (or, with reuse on, one kept warm by an earlier run of the same
+workflow version of the same account: :mod:`.warm`), and is followed by a :class:`~.session.RunSession`, which enforces
 its time limits; whatever the run left behind dies with its PID namespace
 (or, without one, with its uid). A call of :meth:`Sandbox.run` blocks one
 worker thread on a socket, so a thread pool holds many runs waiting on slow
@@ -18,7 +19,8 @@ import resource
 import shutil
 import tempfile
 import threading
-from typing import Any, Callable
+import time
+from typing import Any, Callable, Hashable
 
 from flowpool.errors import SandboxError
 
@@ -28,6 +30,7 @@ from .linux import readable
 from .protocol import CallHandler, RunOutcome, SandboxLimits, cpu_budget
 from .run_process import RunProcess
 from .session import RunSession, StopRequest
+from .warm import WarmPool
 from .zygote_client import Zygote
 
 __all__ = ["Sandbox"]
@@ -51,11 +54,14 @@ class Sandbox:
     A few processes are started ahead of need (``prestart``), already under
     their limits and uid and waiting for a job, so a run costs one message on
     its critical path; the one it used is cleaned up and replaced afterwards.
+    With ``reuse`` a process that ended a run cleanly may be kept warm for the
+    next run of the same key instead (:mod:`.warm`).
     """
 
     def __init__(self, limits: SandboxLimits, slots: int, uid_base: int | None = None,
                  hard_grace_seconds: float = 5.0, max_seconds: float = 600.0, prestart: int = 2,
-                 backend: str | Backend = "auto", cgroups: str = "auto", packages: str = "") -> None:
+                 backend: str | Backend = "auto", cgroups: str = "auto", packages: str = "", reuse: bool = False,
+                 reuse_max_runs: int = 1000, reuse_idle_seconds: float = 60.0) -> None:
         try:
             # ``packages``: the distributions scripts may import under bwrap (FLOWPOOL_SANDBOX_PACKAGES).
             self._backend = backend if isinstance(backend, Backend) else choose(backend, packages)
@@ -67,6 +73,7 @@ class Sandbox:
         self.hard_grace_seconds = hard_grace_seconds
         self.max_seconds = max_seconds
         self.prestart = prestart
+        self._warm = WarmPool(reuse_max_runs, reuse_idle_seconds) if reuse else None
         # As root, each slot runs under its own uid, so RLIMIT_NPROC counts one
         # run's processes and a run's leftovers can be killed by uid.
         self._uid_lock: int | None = None
@@ -206,42 +213,70 @@ class Sandbox:
             pass  # _spawn handed the slot to the cleaner
 
     def _clean(self) -> None:
+        # With warm processes it also wakes now and then to retire those idle too long.
+        tick = None if self._warm is None else min(1.0, self._warm.idle_seconds / 4)
         while True:
-            process = self._cleanup.get()
+            try:
+                process = self._cleanup.get(timeout=tick)
+            except queue.Empty:
+                self._retire_idle()
+                continue
+            self._retire_idle()
             if process is None:
                 break
-            # The slot's next process sweeps the uid as it starts, so when one
-            # is wanted anyway, the zygote forks once per run instead of twice.
-            refill = self._ready.qsize() < self.prestart
-            try:
-                if process.pid is not None and self._zygote.isolation.get("namespaces"):
-                    # Killed already: the end of the PID namespace it was init of takes everything the
-                    # run started, and its files were a tmpfs of that namespace. Once it is gone, the
-                    # slot (and so the uid) is free.
-                    if process.pidfd is not None:
-                        readable(process.pidfd, 5.0)
-                    self._zygote.forget(process.pid)
-                elif process.pid is not None:
-                    self._zygote.reap(process.pid, process.workdir, process.uid, process.uid, sweep=not refill)
-                else:
-                    shutil.rmtree(process.workdir, ignore_errors=True)
-            except Exception:  # a lost zygote takes its processes with it
-                shutil.rmtree(process.workdir, ignore_errors=True)
-                refill = False
-            try:
-                self._containment.clear(process.slot)
-            except OSError:
-                refill = False
-            process.close()
-            if refill:
-                self._prestart(process.slot)
-            else:
-                self._slots.put(process.slot)
+            self._clean_one(process)
         while not self._ready.empty():  # stopping: the zygote's end kills them
             process = self._ready.get_nowait()
             process.close()
             if process.sock is not None:
                 process.sock.close()
+        for process in self._warm.close() if self._warm is not None else []:
+            process.close()
+            if process.sock is not None:
+                process.sock.close()
+
+    def _retire_idle(self) -> None:
+        """Retire the warm processes that waited FLOWPOOL_SANDBOX_REUSE_IDLE_SECONDS for a run."""
+        if self._warm is not None:
+            for idle in self._warm.expired(time.monotonic()):
+                self._retire(idle)
+
+    def _retire(self, process: RunProcess) -> None:
+        """End a warm process that will serve no more runs, and hand it to the clean-up."""
+        if process.sock is not None:
+            process.sock.close()
+        process.kill()
+        self._cleanup.put(process)
+
+    def _clean_one(self, process: RunProcess) -> None:
+        """Clean up after a run process that is gone or being killed, then free its slot or prestart in it."""
+        # The slot's next process sweeps the uid as it starts, so when one
+        # is wanted anyway, the zygote forks once per run instead of twice.
+        refill = process.refill and self._ready.qsize() < self.prestart
+        try:
+            if process.pid is not None and self._zygote.isolation.get("namespaces"):
+                # Killed already: the end of the PID namespace it was init of takes everything the
+                # run started, and its files were a tmpfs of that namespace. Once it is gone, the
+                # slot (and so the uid) is free.
+                if process.pidfd is not None:
+                    readable(process.pidfd, 5.0)
+                self._zygote.forget(process.pid)
+            elif process.pid is not None:
+                self._zygote.reap(process.pid, process.workdir, process.uid, process.uid, sweep=not refill)
+            else:
+                shutil.rmtree(process.workdir, ignore_errors=True)
+        except Exception:  # a lost zygote takes its processes with it
+            shutil.rmtree(process.workdir, ignore_errors=True)
+            refill = False
+        try:
+            self._containment.clear(process.slot)
+        except OSError:
+            refill = False
+        process.close()
+        if refill:
+            self._prestart(process.slot)
+        else:
+            self._slots.put(process.slot)
 
     def _process_limits(self, limits: SandboxLimits) -> dict[str, int | None]:
         """The limits a run process is started under (the rest its session enforces)."""
@@ -252,8 +287,11 @@ class Sandbox:
             "open_files": limits.open_files,
             "file_bytes": limits.file_bytes,
             "tmp_bytes": limits.tmp_bytes,
-            # CPU time is lowered by the run to its own budget once it knows its job.
-            "cpu_seconds": cpu_budget(self.max_seconds + self.hard_grace_seconds, limits.cpu_seconds),
+            # CPU time is lowered by the run to its own budget once it knows its job. A process that may be
+            # kept warm starts under the longest run's budget whatever the workflow's own limit, so a later run
+            # still gets its whole budget (the runtime moves the soft limit run by run: see runtime._allow_cpu).
+            "cpu_seconds": cpu_budget(self.max_seconds + self.hard_grace_seconds,
+                                      None if self._warm is not None else limits.cpu_seconds),
         }
 
     def _same_process_limits(self, limits: SandboxLimits) -> bool:
@@ -281,7 +319,8 @@ class Sandbox:
             gate: Callable[[], bool] | None = None, on_call: CallHandler | None = None,
             slot_timeout: float | None = None, cancel: StopRequest | None = None,
             on_idle: Callable[[], None] | None = None, limits: SandboxLimits | None = None,
-            on_log: Callable[[dict[str, Any], bool], None] | None = None) -> RunOutcome:
+            on_log: Callable[[dict[str, Any], bool], None] | None = None,
+            reuse: Hashable | None = None) -> RunOutcome:
         """Run ``execute(ctx)`` of the compiled ``code`` for ``job``; never raises for the script's faults.
 
         ``gate`` is called once the job is handed over, so the caller's own
@@ -293,15 +332,23 @@ class Sandbox:
         with the reason it was asked with. ``on_log`` gets each log line kept
         (and whether it is the one saying the log was cut), handed on by
         ``on_idle`` with the emits, before a ctx call, or on its own timer.
+        ``reuse``: the run's key (its account and workflow version) when its
+        process may be kept warm for the next run of that key, and it may be
+        served by one kept so; None (a run carrying secrets, say): a fresh process,
+        ended after the run. Ignored unless the sandbox was made with ``reuse``.
         """
         limits = limits or self.limits
+        key = (reuse, limits) if reuse is not None and self._warm is not None else None
         outcome = RunOutcome()
         process: RunProcess | None = None
+        keep = False
         try:
-            process = self._take_ready() if self._same_process_limits(limits) else None
+            process = self._take_warm(key) if key is not None else None
+            if process is None and self._same_process_limits(limits):
+                process = self._take_ready()
             if process is None:
                 try:
-                    process = self._spawn(self._slots.get(timeout=slot_timeout), limits)
+                    process = self._spawn(self._free_slot(slot_timeout), limits)
                 except queue.Empty:
                     raise SandboxError(f"no free sandbox slot within {slot_timeout:g}s") from None
             outcome.pid = process.pid
@@ -310,7 +357,7 @@ class Sandbox:
             watch = None
             try:
                 watch = self._containment.watch(process, limits, session.cpu_seconds)
-                session.start(code, job, source)
+                session.start(code, job, source, reuse=key is not None)
                 if gate is not None and not gate():
                     outcome.skipped = True
                     return outcome
@@ -319,14 +366,68 @@ class Sandbox:
                 outcome.error = session.crashed() if isinstance(exc, BrokenPipeError) else SandboxError(
                     f"could not hand the job to the sandbox process: {exc}")
             finally:
-                session.close()
                 verdict = self._containment.release(watch) if watch is not None else None
                 if verdict is not None and not outcome.skipped:  # what killed it, rather than how it died
                     outcome.error, outcome.result, outcome.result_json = verdict, None, None
+                keep = (key is not None and session.reusable and verdict is None and not outcome.skipped
+                        and (cancel is None or cancel.reason is None) and process.runs + 1 < self._warm.max_runs)
+                if not keep:
+                    session.close()
         except SandboxError as exc:
             outcome.error = exc
         finally:
-            if process is not None:
+            if process is not None and not (keep and self._park(process, key)):
+                if keep and process.sock is not None:
+                    process.sock.close()
                 process.kill()
                 self._cleanup.put(process)
         return outcome
+
+    def _park(self, process: RunProcess, key: Hashable) -> bool:
+        """Keep ``process`` warm for the next run of ``key`` (its first run gave it the key); False if it cannot be."""
+        assert process.sock is not None and self._warm is not None
+        if process.key not in (None, key) or not self._zygote.running(process.zygote):
+            return False
+        process.key = key
+        process.runs += 1
+        process.sock.settimeout(None)  # the session left the run's deadline on it
+        return self._warm.park(process)
+
+    def _take_warm(self, key: Hashable) -> RunProcess | None:
+        """A warm process of ``key`` that is still alive, under the zygote running now; None when there is none."""
+        assert self._warm is not None
+        while True:
+            process = self._warm.take(key)
+            if process is None:
+                return None
+            if not (process.pidfd is not None and readable(process.pidfd)) and self._zygote.running(process.zygote):
+                return process
+            self._retire(process)
+
+    def _free_slot(self, timeout: float | None) -> int:
+        """A free slot, within ``timeout`` (None: however long it takes); queue.Empty when none came.
+
+        Warm processes hold their slots while they wait: when none is free,
+        the least recently used of them is retired, and its slot, once
+        cleaned, is this run's (or another's that asked meanwhile).
+        """
+        if self._warm is None:
+            return self._slots.get(timeout=timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                return self._slots.get_nowait()
+            except queue.Empty:
+                pass
+            victim = self._warm.evict()
+            if victim is not None:
+                victim.refill = False  # its slot goes back free, not to a process started ahead of need
+                self._retire(victim)
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise queue.Empty
+            try:
+                # Not one long wait: a process parked meanwhile holds a slot that only an eviction frees.
+                return self._slots.get(timeout=0.05 if remaining is None else min(remaining, 0.05))
+            except queue.Empty:
+                continue

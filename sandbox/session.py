@@ -119,6 +119,9 @@ class RunSession:
         self._handed_on = -float("inf")  # when on_idle last ran (time.monotonic())
         self._pending = select.poll()  # whether the run has sent more (poll: descriptors may be past 1024)
         self._pending.register(process.sock, select.POLLIN)
+        # Whether the run ended cleanly (a result, or the script's own error) in a process that says it may
+        # serve another run: only then may the sandbox keep it warm.
+        self.reusable = False
         self._handlers: dict[str, Callable[[dict[str, Any]], bool]] = {
             "call": self.on_call, "emit": self.on_emit, "log": self.on_log, "result": self.on_result,
             "error": self.on_error}
@@ -128,10 +131,18 @@ class RunSession:
         """The run's CPU time budget: the workflow's own limit, within a backstop for the hard limit (whole seconds)."""
         return cpu_budget(self.soft_seconds + self.hard_grace_seconds, self.limits.cpu_seconds)
 
-    def start(self, code: bytes, job: dict[str, Any], source: str | None) -> None:
-        """Hand the job to the run process; OSError when it died before it took the job."""
-        self.channel.send({"op": "run", "code": base64.b64encode(code).decode(), "source": source, "job": job,
-                           "soft_seconds": self.soft_seconds, "cpu_seconds": self.cpu_seconds})
+    def start(self, code: bytes, job: dict[str, Any], source: str | None, reuse: bool = False) -> None:
+        """Hand the job to the run process; OSError when it died before it took the job.
+
+        ``reuse``: the process may be kept for another run afterwards, so it
+        sets its CPU limit for that and checks, before it answers, that it is
+        clean enough to be (``reusable`` in its final message).
+        """
+        message = {"op": "run", "code": base64.b64encode(code).decode(), "source": source, "job": job,
+                   "soft_seconds": self.soft_seconds, "cpu_seconds": self.cpu_seconds}
+        if reuse:
+            message["reuse"] = True
+        self.channel.send(message)
 
     def follow(self) -> None:
         """Serve and record what the run sends until it is over: a result, an error, a limit, a crash or a cancel."""
@@ -246,6 +257,7 @@ class RunSession:
             outcome.result = outcome.result_json = None
             outcome.error = TimeLimitExceeded(f"the run passed its soft time limit ({self.soft_seconds:g}s)",
                                               limit="soft", seconds=self.soft_seconds)
+        self.reusable = message.get("reusable") is True and outcome.error is None
         return True
 
     def on_error(self, message: dict[str, Any]) -> bool:
@@ -259,6 +271,7 @@ class RunSession:
             self.outcome.error = ScriptError(str(message.get("message", "the script failed")),
                                              exception=str(message.get("type", "")),
                                              traceback=str(message.get("traceback", ""))[-8192:])
+            self.reusable = message.get("reusable") is True
         return True
 
     def on_unknown(self, message: dict[str, Any]) -> bool:
@@ -301,6 +314,7 @@ class RunSession:
         self._emitted = self._logged = False
 
     def _kill(self, error: RunError) -> None:
+        self.reusable = False
         self.process.kill()
         self.outcome.error = error
 

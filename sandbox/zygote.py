@@ -203,7 +203,9 @@ def _become_run(request: dict, fd: int, control: socket.socket, forker: Forker, 
         else:
             linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
         # The hint says the sandbox has no network only where it has none; it is never the barrier.
-        runtime.serve(fd, no_network=bool(request.get("seccomp")) or request.get("network") == "none")
+        # Only a run with namespaces of its own may serve a second run: its /tmp and its processes are its own.
+        runtime.serve(fd, no_network=bool(request.get("seccomp")) or request.get("network") == "none",
+                      reusable=bool(request.get("namespaces")))
     except BaseException:
         code = 70
         try:

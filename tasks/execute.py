@@ -150,6 +150,17 @@ class _Chunks:
         self._lines.clear()
 
 
+def _reuse_key(job: RunJob) -> tuple[str, str, str, str] | None:
+    """What a warm run process may serve this run (FLOWPOOL_SANDBOX_REUSE): the account's same workflow version.
+
+    None for a run carrying secrets: it gets a fresh process, which ends with
+    it, so its secrets reach no later run, even of the same account.
+    """
+    if job.secrets:
+        return None
+    return (job.account, job.workflow, job.version, job.content_hash)
+
+
 def execute_run(runtime: WorkerRuntime, job: RunJob) -> RunEnd | None:
     """Run ``job`` (built by the API) to its end; returns that end. Never raises for the script.
 
@@ -201,7 +212,7 @@ def execute_run(runtime: WorkerRuntime, job: RunJob) -> RunEnd | None:
             outcome = runtime.sandbox.run(script.code, job.sandbox_view(), job.soft_seconds, on_emit=chunks.emit,
                                           source=script.source, gate=claim, on_call=router, cancel=stop,
                                           on_idle=chunks.flush, limits=runtime.limits_for(job.limits),
-                                          on_log=chunks.log)
+                                          on_log=chunks.log, reuse=_reuse_key(job))
             if outcome.skipped:
                 return skipped_delivery(runtime, request_id)
             error = outcome.error

@@ -81,6 +81,9 @@ class WorkerRuntime:
             backend=settings.sandbox_backend,
             cgroups=settings.sandbox_cgroups,
             packages=settings.sandbox_packages,
+            reuse=settings.sandbox_reuse,
+            reuse_max_runs=settings.sandbox_reuse_max_runs,
+            reuse_idle_seconds=settings.sandbox_reuse_idle_seconds,
         )
         self.lease_ms = int(settings.worker_ttl_seconds * 1000)
         self.active: dict[str, str] = {}  # request id -> the queue it came from, for each run claimed and going
