@@ -1,6 +1,7 @@
 """``flowpool dev``, ``flowpool api`` and ``flowpool worker``: the commands that run the server."""
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -61,6 +62,10 @@ def _gunicorn_post_worker_init(worker: Any) -> None:
     # deadlocks the worker for good (CPython issue #121649).
     signal.signal(signal.SIGINT, _quit_now)
     signal.signal(signal.SIGQUIT, _quit_now)
+    # The app is loaded by now: what it holds lives as long as the worker, so the collector stops scanning it
+    # (full collections of it were about 3% of the API's CPU per run).
+    gc.collect()
+    gc.freeze()
 
 
 def _quit_now(signum: int, frame: Any) -> None:

@@ -1,0 +1,54 @@
+"""A run sent through the held Redis client reaches the broker as the very message kombu's producer would push.
+
+Both go to a real Redis, and the two queue entries are compared field by field
+(less what differs per message by design: the delivery tag, and the
+``expires`` instant). That a Celery worker consumes it is what every
+integration test of an invocation shows.
+"""
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import redis
+
+from flowpool.publish import RunSender
+from flowpool.redis_server import RedisServer
+from flowpool.settings import Settings
+from flowpool.tasks.app import RUN_TASK, create_celery
+
+_SEND = dict(kwargs={"job": {"secret": "s3cr3t", "n": [1, 2.5, None]}}, task_id="req_1", expires=30,
+             argsrepr="()", kwargsrepr="{'job': <run req_1 of w@1.0.0>}", queue="flowpool.heavy")
+
+
+def _entry(raw: bytes) -> dict[str, Any]:
+    entry = json.loads(raw)
+    entry["body"] = json.loads(base64.b64decode(entry["body"]))
+    assert entry["properties"].pop("delivery_tag")
+    assert entry["headers"].pop("expires")
+    return entry
+
+
+def test_the_held_client_pushes_what_kombu_pushes(redis_server: RedisServer, redis_db: redis.Redis) -> None:
+    settings = Settings(redis_url=f"redis://127.0.0.1:{redis_server.port}/15")
+    celery = create_celery(settings)
+    sender = RunSender(celery, settings)
+    assert sender.held  # a plain Redis broker without task events: the held client sends
+    celery.send_task(RUN_TASK, **_SEND)  # through kombu's producer
+    sender.send(RUN_TASK, **_SEND)
+    ours, kombus = (_entry(raw) for raw in redis_db.lrange("flowpool.heavy", 0, -1))
+    assert ours == kombus
+    assert ours["headers"]["kwargsrepr"] == _SEND["kwargsrepr"] and ours["headers"]["id"] == "req_1"
+    assert ours["properties"]["expiration"] == "30000"
+
+
+def test_task_events_go_through_kombus_producers(redis_server: RedisServer) -> None:
+    settings = Settings(redis_url=f"redis://127.0.0.1:{redis_server.port}/15", worker_events=True)
+    assert not RunSender(create_celery(settings), settings).held
+
+
+def test_other_redis_urls_go_through_kombus_producers(redis_server: RedisServer) -> None:
+    settings = Settings(redis_url=f"redis://127.0.0.1:{redis_server.port}/15",
+                        broker_url=f"sentinel://127.0.0.1:{redis_server.port}/15")
+    assert not RunSender(create_celery(settings), settings).held
