@@ -24,6 +24,7 @@ from flowpool.connections import UNREACHABLE, patiently
 from flowpool.errors import (FlowpoolError, IdempotencyKeyReused, OutcomeUnavailable, PayloadTooLarge, RequestError,
                              RunNotStarted, Unavailable)
 from flowpool.jsonsafe import canonical_json
+from flowpool.queues import broker_queue
 from flowpool.registry import Account, check_invocation_input
 from flowpool.run import CachePlan, RunEnd, RunJob, RunRecord, RunStatus
 from flowpool.sealing import InvalidToken, SecretBox
@@ -161,7 +162,7 @@ def admit(svc: Services, account: Account, body: InvokeRequest, idempotency_key:
         messages=messages or [], secrets=body.secrets or {}, metadata=body.metadata or {},
         params={"max_tokens": body.max_tokens, "temperature": body.temperature, "stream": body.stream},
         env=workflow.env, output_schema=workflow.output_schema, application=workflow.application,
-        limits=workflow.limits, cache=CachePlan(cache_key, ttl) if cache_key else None)
+        limits=workflow.limits, cache=CachePlan(cache_key, ttl) if cache_key else None, queue=workflow.queue)
     return Admission("queued", request_id, session_id, run_seconds, job=job, box=box)
 
 
@@ -242,13 +243,16 @@ def submit(svc: Services, admission: Admission) -> None:
     assert job is not None, "only a queued admission has a job to submit"
     published = False  # whether a message may have reached the broker
     try:
-        if not svc.workers_alive():
-            raise Unavailable("no flowpool worker is running; start one with 'flowpool worker'")
+        # A queue an autoscaler serves from zero has no worker until its runs wait: those are queued, and wait up
+        # to FLOWPOOL_QUEUE_WAIT_SECONDS like any run; any other queue without a live worker is a 503 now.
+        if job.queue not in svc.settings.autoscaled_queue_names and not svc.workers_alive(job.queue):
+            raise Unavailable(f"no flowpool worker serving queue {job.queue!r} is running; start one with "
+                              f"'flowpool worker --queues {job.queue}'")
         try:
             message = job.to_message(svc.sealer)
             published = True
-            svc.celery.send_task(
-                RUN_TASK, kwargs={"job": message}, task_id=job.request_id,
+            svc.sender.send(
+                RUN_TASK, kwargs={"job": message}, task_id=job.request_id, queue=broker_queue(job.queue),
                 expires=svc.settings.queue_wait_seconds,
                 # Keep secrets out of worker logs and task events (Flower).
                 argsrepr="()", kwargsrepr=f"{{'job': <run {job.request_id} of {job.workflow}@{job.version}>}}",

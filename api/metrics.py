@@ -2,8 +2,11 @@
 
 The counters live in one Redis hash, so every API process and every worker
 adds to the same numbers and any API process can answer the scrape. The
-queue length is what a KEDA or HPA rule scales workers on. With
-``FLOWPOOL_METRICS_TOKEN`` set, a scrape must carry it as a bearer token.
+``flowpool_queue_*`` gauges (label ``queue``) are the demand signal of
+GET /api/v1/pool (flowpool.pool), read the same way: an HPA scales each
+queue's workers on ``flowpool_queue_desired_workers``, not on the queue
+length, which hides the runs workers hold. With ``FLOWPOOL_METRICS_TOKEN``
+set, a scrape must carry it as a bearer token.
 """
 from __future__ import annotations
 
@@ -17,11 +20,20 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from flowpool import keys
 from flowpool.errors import AuthenticationError
-from flowpool.tasks import QUEUE
 
 from .services import Services, bearer_token, services
 
 bp = Blueprint("metrics", __name__)
+
+# The demand signal's fields (flowpool.pool.QueueDemand), each a gauge with the label ``queue``.
+_QUEUE_GAUGES = {
+    "queued": "Runs waiting in the worker queue's broker queue",
+    "reserved": "Runs of the queue live workers fetched and have not started",
+    "running": "Runs of the queue going on live workers",
+    "slots_per_worker": "Runs one worker of the queue holds at once (the largest of its live workers')",
+    "workers": "Live workers consuming the queue",
+    "desired_workers": "Workers the queue needs for all its queued, reserved and running runs",
+}
 
 
 class _RedisCollector:
@@ -61,9 +73,15 @@ class _RedisCollector:
         yield fetched
         yield GaugeMetricFamily("flowpool_workers", "Workers that sent a heartbeat within the worker TTL",
                                 value=workers)
-        if svc.settings.broker.startswith("redis"):
-            # With the Redis broker, the Celery queue is a list in the same Redis.
-            yield GaugeMetricFamily("flowpool_queue_length", "Runs waiting for a worker", value=svc.redis.llen(QUEUE))
+        pool = svc.pool.read()
+        yield GaugeMetricFamily("flowpool_queue_length", "Runs waiting for a worker, all worker queues together "
+                                "(flowpool_queue_queued by queue)",
+                                value=sum(demand.queued for demand in pool.queues.values()))
+        for field, what in _QUEUE_GAUGES.items():
+            gauge = GaugeMetricFamily(f"flowpool_queue_{field}", what, labels=["queue"])
+            for name, demand in pool.queues.items():
+                gauge.add_metric([name], getattr(demand, field))
+            yield gauge
 
 
 def check_scrape_token(expected: str | None, authorization: str | None) -> None:

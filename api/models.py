@@ -73,6 +73,7 @@ class UploadRequest(BaseModel):
     version_notes: Optional[StrictStr] = None
     version_bump: Literal["major", "minor", "patch"] = "patch"
     accessories: list[Accessory] = []
+    queue: Optional[StrictStr] = None  # its name's rules are checked by the registry, for multipart uploads too
 
 
 class ValidateRequest(BaseModel):

@@ -28,6 +28,8 @@ _BODIES: dict[str, type[BaseModel]] = {
     "datastores.search": SearchRequest,
 }
 _PUBLIC = {"health.healthz", "health.readyz", "openapi.openapi", "metrics.metrics"}
+# Operator routes (api/operators.py): the admin token, or loopback when FLOWPOOL_ADMIN_TOKEN is unset.
+_OPERATOR = {"pool.get_pool"}
 # Endpoints that page their answer with ``offset`` and ``limit`` (api/parsing.py page_args).
 _PAGED = {"workflows.list_workflows", "workflows.list_versions", "runs.list_runs", "runs.get_session",
           "applications.list_applications", "agents.list_agents", "datastores.list_datastores"}
@@ -70,6 +72,8 @@ def build_document() -> dict[str, Any]:
                     "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
             if rule.endpoint == "metrics.metrics" and services().settings.metrics_token is not None:
                 operation["security"] = [{"metricsToken": []}]  # FLOWPOOL_METRICS_TOKEN is set
+            elif rule.endpoint in _OPERATOR:
+                operation["security"] = [{"adminToken": []}]
             elif rule.endpoint not in _PUBLIC:
                 operation["security"] = [{"apiKey": []}, {"bearer": []}]
             paths.setdefault(path, {})[method.lower()] = operation
@@ -81,7 +85,9 @@ def build_document() -> dict[str, Any]:
         "components": {"schemas": schemas, "securitySchemes": {
             "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
             "bearer": {"type": "http", "scheme": "bearer"},
-            "metricsToken": {"type": "http", "scheme": "bearer", "description": "FLOWPOOL_METRICS_TOKEN"}}},
+            "metricsToken": {"type": "http", "scheme": "bearer", "description": "FLOWPOOL_METRICS_TOKEN"},
+            "adminToken": {"type": "http", "scheme": "bearer", "description": "FLOWPOOL_ADMIN_TOKEN (unset: loopback "
+                           "only)"}}},
     }
 
 

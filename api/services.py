@@ -20,6 +20,9 @@ from flowpool.connections import connect_cache_store, connect_redis
 from flowpool.datastores import Datastores
 from flowpool.datastores.embedding import EmbeddingClient
 from flowpool.errors import AuthenticationError
+from flowpool.pool import PoolReader
+from flowpool.publish import RunSender
+from flowpool.queues import DEFAULT_QUEUE
 from flowpool.registry import Account, Accounts, Agents, Applications, ProviderKeys, ResolvedWorkflow, Workflows
 from flowpool.runs import RunStore
 from flowpool.sealing import Sealer, ServerKey
@@ -36,7 +39,7 @@ log = logging.getLogger("flowpool.api")
 class Services:
     """Redis-backed stores and the Celery sender of one API process."""
 
-    # How long a "some worker is alive" answer is reused: a dead pool is
+    # How long a "some worker serving the queue is alive" answer is reused: a dead pool is
     # noticed within this plus the worker TTL.
     _WORKERS_MEMORY_SECONDS = 1.0
 
@@ -58,7 +61,9 @@ class Services:
         self.cache = ResultCache(self.redis, server_key, connect_cache_store(settings))
         self.sealer = Sealer(server_key)  # the secrets of jobs on their way to the workers
         self.celery = create_celery(settings)
-        self._workers_seen_until = 0.0
+        self.sender = RunSender(self.celery, settings)  # sends runs; the held client of a Redis broker
+        self.pool = PoolReader(settings, self.redis)  # what GET /api/v1/pool and the queue gauges read
+        self._workers_seen_until: dict[str, float] = {}  # queue -> until when a live worker is taken as seen
         self._next_reap = 0.0
         self._resolved: dict[tuple[str, str, str | None], tuple[float, ResolvedWorkflow]] = {}
         self._lock = threading.Lock()
@@ -82,31 +87,32 @@ class Services:
             self._resolved[key] = (now + self._RESOLVED_SECONDS, workflow)
         return workflow
 
-    def live_workers(self) -> int:
-        """How many workers sent a heartbeat within the worker TTL."""
+    def live_workers(self, queue: str | None = None) -> int:
+        """How many workers (consuming ``queue``; None: any) sent a heartbeat within the worker TTL."""
         now = time.time()
-        return self.redis.zcount(keys.WORKERS, now - self.settings.worker_ttl_seconds, "+inf")
+        key = keys.WORKERS if queue is None else keys.queue_workers(queue)
+        return self.redis.zcount(key, now - self.settings.worker_ttl_seconds, "+inf")
 
     # How often one look for a fresh heartbeat is made while none is seen.
     _WORKERS_LOOK_SECONDS = 0.1
 
-    def workers_alive(self) -> bool:
-        """Whether any worker is alive (answered from memory for up to a second).
+    def workers_alive(self, queue: str = DEFAULT_QUEUE) -> bool:
+        """Whether a worker consuming ``queue`` is alive (answered from memory for up to a second).
 
         When no fresh heartbeat is seen, it looks again for one heartbeat
         interval and a half before saying no: after a pause of Redis, the
         workers held up behind it beat again within that, and their last
         heartbeat looks stale until they do.
         """
-        if time.monotonic() < self._workers_seen_until:
+        if time.monotonic() < self._workers_seen_until.get(queue, 0.0):
             return True
         self.reap_now_and_then()
         give_up_at = time.monotonic() + 1.5 * self.settings.worker_heartbeat_seconds
-        while self.live_workers() == 0:
+        while self.live_workers(queue) == 0:
             if time.monotonic() >= give_up_at:
                 return False
             time.sleep(self._WORKERS_LOOK_SECONDS)
-        self._workers_seen_until = time.monotonic() + self._WORKERS_MEMORY_SECONDS
+        self._workers_seen_until[queue] = time.monotonic() + self._WORKERS_MEMORY_SECONDS
         return True
 
     def reap_now_and_then(self) -> None:

@@ -104,7 +104,7 @@ def upload():  # type: ignore[no-untyped-def]
         ref=body.workflow_ref_name, script=body.script, description=body.description,
         timeout_seconds=body.timeout_seconds, cache_ttl_seconds=body.cache_ttl_seconds,
         application_name=body.application_name, env=body.env, version_notes=body.version_notes,
-        version_bump=body.version_bump, accessories=accessories,
+        version_bump=body.version_bump, accessories=accessories, queue=body.queue,
     ))
     return jsonify({"data": {"workflow": workflow, "version": version, "created": created}}), 201 if created else 200
 

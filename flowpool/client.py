@@ -238,6 +238,8 @@ class _Workflows:
 
         ``accessories`` maps keys to JSON files, streamed from disk as the
         body is sent; ``progress(bytes_sent, bytes_total)`` is called as it goes.
+        ``fields`` are the upload's other fields (``timeout_seconds``,
+        ``queue``, ``env``...); those given as None are left out.
         """
         if isinstance(script, Path):
             script = script.read_text()

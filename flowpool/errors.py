@@ -8,6 +8,7 @@
     │   ├── IdempotencyKeyReused       422 idempotency_key_reused (the key named another request)
     │   └── ValidationFailed           (script rules; carries [{line, message}])
     ├── AuthenticationError            401 authentication_error
+    ├── PermissionDenied               403 permission_denied (an operator route asked from outside loopback)
     ├── NotFound                       404 not_found
     │   ├── WorkflowNotFound           404 invalid_request_error (the seed's "Workflow not found: <ref>")
     │   └── DatastoreNotFound          404 not_found (no such datastore for this account)
@@ -109,6 +110,13 @@ class AuthenticationError(FlowpoolError):
 
     status = 401
     type = "authentication_error"
+
+
+class PermissionDenied(FlowpoolError):
+    """The caller may not use this route from where it asks (an operator route, no admin token, not loopback)."""
+
+    status = 403
+    type = "permission_denied"
 
 
 class NotFound(FlowpoolError):
@@ -323,6 +331,7 @@ __all__ = [
     "OutcomeUnavailable",
     "OutputSchemaError",
     "PayloadTooLarge",
+    "PermissionDenied",
     "QuotaExceeded",
     "RequestError",
     "RequestTimeout",

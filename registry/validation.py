@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flowpool.errors import ValidationFailed
+from flowpool.queues import is_queue_name
 from flowpool.settings import DEFAULT_MAX_SCRIPT_BYTES, WORKFLOW_LIMITS
 
 from .schema import JSON_TYPES
@@ -52,6 +53,7 @@ class ScriptInfo:
     timeout_seconds: float | None
     cache_ttl_seconds: int | None
     limits: dict[str, int] | None = None
+    queue: str | None = None  # the worker queue its runs go to (QUEUE); None: the upload's, else "default"
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,7 @@ def validate_script(source: str, max_bytes: int = DEFAULT_MAX_SCRIPT_BYTES) -> V
         timeout_seconds=None if timeout is None else float(timeout),
         cache_ttl_seconds=values.get("CACHE_TTL_SECONDS"),
         limits=values.get("LIMITS"),
+        queue=values.get("QUEUE"),
     )
     return Validation(sorted(problems, key=lambda p: p.line), info)
 
@@ -228,6 +231,7 @@ _CONSTANTS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "APPLICATION": (lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty string"),
     "TIMEOUT_SECONDS": (valid_timeout, f"a number of seconds greater than 0, at most {MAX_TIMEOUT_SECONDS}"),
     "CACHE_TTL_SECONDS": (valid_cache_ttl, f"a whole number of seconds, 0 or more, at most {MAX_CACHE_TTL_SECONDS}"),
+    "QUEUE": (is_queue_name, "a queue name: 1 to 32 lower-case letters, digits, '_' or '-', starting with a letter"),
     "LIMITS": (
         lambda v: isinstance(v, dict) and all(k in WORKFLOW_LIMITS and isinstance(n, int) and not isinstance(n, bool)
                                                and 0 < n <= _MAX_LIMIT for k, n in v.items()),

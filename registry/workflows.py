@@ -1,7 +1,7 @@
 """Workflows and their immutable, content-addressed versions.
 
 A workflow (per account, by ref name) holds mutable settings from its latest
-upload (description, timeout, cache TTL, application, env) and points at one
+upload (description, timeout, cache TTL, application, env, queue) and points at one
 active version. A version holds the script exactly as
 uploaded, the blobs of its accessories (:mod:`.accessories`), their content
 hash and the constants the script declares; it never changes. Uploading
@@ -27,6 +27,7 @@ import redis
 from flowpool import keys
 from flowpool.blobs import BlobStore
 from flowpool.errors import ConfigurationError, RequestError, WorkflowNotFound
+from flowpool.queues import DEFAULT_QUEUE, is_queue_name
 from flowpool.settings import DEFAULT_MAX_SCRIPT_BYTES, Settings
 
 from .accessories import MB, accessory_env, check_accessories, store_accessories
@@ -79,6 +80,9 @@ def check_upload_fields(upload: Upload) -> None:
     if ttl is not None and not valid_cache_ttl(ttl):
         raise RequestError(f"cache_ttl_seconds must be a whole number of seconds from 0 to {MAX_CACHE_TTL_SECONDS}, "
                            f"got {ttl!r}", param="cache_ttl_seconds")
+    if upload.queue is not None and not is_queue_name(upload.queue):
+        raise RequestError(f"queue must be 1 to 32 lower-case letters, digits, '_' or '-', starting with a letter, "
+                           f"got {upload.queue[:64]!r}", param="queue")
     for name in upload.env or {}:
         if not _ENV_NAME.fullmatch(name):
             raise RequestError(f"env name {name[:64]!r} is not a valid variable name: use letters, digits and '_', "
@@ -99,6 +103,7 @@ class Upload:
     version_notes: str | None = None
     version_bump: str = "patch"
     accessories: dict[str, bytes] = field(default_factory=dict)
+    queue: str | None = None  # the worker queue its runs go to; wins over the script's QUEUE
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,7 @@ class ResolvedWorkflow:
     # The version's accessory_objects: {key: {"object": blob name, "sha256", "size"}}; {} if none are in the
     # blob store (none bundled, or a version from before, whose bytes are in its hash).
     accessories: dict[str, dict[str, Any]] = field(default_factory=dict)
+    queue: str = DEFAULT_QUEUE  # the worker queue its runs go to: the upload's queue, else the script's QUEUE
 
 
 def _content_hash(script: str, accessories: dict[str, bytes]) -> str:
@@ -129,6 +135,11 @@ def _content_hash(script: str, accessories: dict[str, bytes]) -> str:
     for key in sorted(accessories):
         digest.update(b"accessory\0" + key.encode() + b"\0" + hashlib.sha256(accessories[key]).digest())
     return digest.hexdigest()
+
+
+def _queue_of(config: dict[str, Any], meta: dict[str, Any]) -> str:
+    """The worker queue of a workflow's version: its upload's ``queue`` wins over the script's QUEUE."""
+    return config.get("queue") or meta.get("queue") or DEFAULT_QUEUE
 
 
 def _new_rev() -> str:
@@ -224,6 +235,9 @@ class Workflows:
                     pipe.hset(wf_key, mapping={"config": json.dumps(config), "active": number,
                                                "active_meta": json.dumps(meta), "rev": _new_rev()})
                     pipe.zadd(keys.workflows(account_id), {upload.ref: config["created_at"]}, nx=True)
+                    queue = _queue_of(config, meta)
+                    if queue != DEFAULT_QUEUE:  # GET /api/v1/pool lists it even while no worker serves it
+                        pipe.sadd(keys.QUEUES, queue)
                     pipe.execute()
                     break
                 except redis.WatchError:
@@ -234,7 +248,7 @@ class Workflows:
     def _merge_config(config: dict[str, Any], upload: Upload, now: float) -> dict[str, Any]:
         """The workflow's settings after an upload: fields the upload gives replace the old ones."""
         config = dict(config)
-        for name in ("description", "timeout_seconds", "cache_ttl_seconds", "application_name", "env"):
+        for name in ("description", "timeout_seconds", "cache_ttl_seconds", "application_name", "env", "queue"):
             value = getattr(upload, name)
             if value is not None:
                 config[name] = value
@@ -295,6 +309,7 @@ class Workflows:
             "cache_ttl_seconds": config.get("cache_ttl_seconds", meta.get("cache_ttl_seconds")),
             "application_name": config.get("application_name", meta.get("application")),
             "env_keys": sorted((config.get("env") or {}).keys()),
+            "queue": _queue_of(config, meta),
             "input_schema": meta.get("input_schema"),
             "output_schema": meta.get("output_schema"),
             "created_at": config.get("created_at"),
@@ -369,6 +384,7 @@ class Workflows:
             rev=rev.decode() if rev else "",
             limits=info.get("limits"),
             accessories=objects,
+            queue=_queue_of(cfg, info),
         )
 
     def load_script(self, account_id: str, ref: str, number: str) -> str:

@@ -2,6 +2,7 @@
 
 - :mod:`.serve`: ``dev``, ``api``, ``worker`` (the server extra);
 - :mod:`.doctor`: ``doctor``;
+- :mod:`.pool`: ``pool`` (the demand signal; the client alone);
 - :mod:`.accounts`: ``accounts``;
 - :mod:`.workflows`: ``push``, ``validate``, ``invoke``, ``runs``, ``logs`` (the client alone);
 - :mod:`.datastores`: ``datastore create|list|get|ingest|search|delete`` (the client alone).
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import click
 
-from . import accounts, datastores, doctor, serve, workflows
+from . import accounts, datastores, doctor, pool, serve, workflows
 
 __all__ = ["main"]
 
@@ -23,6 +24,6 @@ def main() -> None:
     """flowpool: multi-step AI workflows as one API call."""
 
 
-for _module in (serve, doctor, accounts, workflows, datastores):
+for _module in (serve, doctor, accounts, workflows, datastores, pool):
     for _command in _module.COMMANDS:
         main.add_command(_command)

@@ -20,7 +20,10 @@ __all__ = ["COMMANDS"]
 @click.option("--accessory", multiple=True, help="KEY=FILE, a JSON accessory bundled with the version.")
 @click.option("--timeout", "timeout_seconds", type=float, default=None)
 @click.option("--bump", "version_bump", type=click.Choice(["major", "minor", "patch"]), default="patch")
-def push(file: Path, ref: str, accessory: tuple[str, ...], timeout_seconds: float | None, version_bump: str) -> None:
+@click.option("--queue", default=None, metavar="NAME",
+              help="Worker queue its runs go to (wins over the script's QUEUE; default: the script's, else default).")
+def push(file: Path, ref: str, accessory: tuple[str, ...], timeout_seconds: float | None, version_bump: str,
+         queue: str | None) -> None:
     """Upload FILE as workflow REF (a new version if it changed)."""
     accessories = {}
     for item in accessory:
@@ -34,7 +37,7 @@ def push(file: Path, ref: str, accessory: tuple[str, ...], timeout_seconds: floa
     progress = _UploadProgress()
     try:
         result = api_call(client.workflows.upload, ref, file, accessories=accessories, progress=progress,
-                          timeout_seconds=timeout_seconds, version_bump=version_bump)
+                          timeout_seconds=timeout_seconds, version_bump=version_bump, queue=queue)
     finally:
         progress.close()
     state = "new version" if result.created else "unchanged, active"

@@ -26,6 +26,7 @@ from flowpool.settings import Settings
 def svc(redis_server: RedisServer, redis_db: redis.Redis) -> Iterator[Services]:
     services = Services(Settings(redis_url=f"redis://127.0.0.1:{redis_server.port}/15"))
     redis_db.zadd(keys.WORKERS, {"worker-a": time.time() + 3600})  # a worker is alive
+    redis_db.zadd(keys.queue_workers("default"), {"worker-a": time.time() + 3600})  # serving the default queue
     yield services
     services.redis.close()
 
