@@ -4,8 +4,10 @@
 
 Starts its own Redis, a bare Celery worker and a flowpool stack (one worker,
 the API under gunicorn) on that Redis, then prints one table: latency p50/p99
-and throughput of each row, and ratios to the bare Celery row. Nothing here
-is a test: numbers vary with the machine; the ratios are what to read.
+and throughput of each row, and ratios to the bare Celery row, then the CPU
+milliseconds per no-op run of the API, the worker and Redis (bench/cpu.py),
+which unlike runs/s compare across machines. Nothing here is a test: numbers
+vary with the machine; the ratios and the CPU per run are what to read.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+from cpu import CpuMeter  # noqa: E402
 from flowpool.devstack import Stack  # noqa: E402
 from flowpool.procs import set_parent_death_signal  # noqa: E402
 from flowpool.redis_server import RedisServer  # noqa: E402
@@ -207,8 +210,9 @@ def main() -> None:
         os.environ["BENCH_REDIS_URL"] = redis_server.url
         import bare_celery
 
-        stack.start_worker(quiet=True)
+        worker_process = stack.start_worker(quiet=True)
         api = stack.start_api(quiet=True)
+        api_process = stack.processes[-1]
         stack.wait_ready()
         key = stack.create_account("bench")
         session = requests.Session()
@@ -252,9 +256,15 @@ def main() -> None:
         for _ in range(args.rounds):
             for name, call in calls.items():
                 samples[name] += latency(call, args.requests // args.rounds, warmup=10)
-        rates = {"bare": throughput(lambda: bare, args.clients, args.seconds),
-                 "miss": throughput(lambda: invoker(False), args.clients, args.seconds),
-                 "hit": throughput(lambda: invoker(True), args.clients, args.seconds)}
+        rates = {"bare": throughput(lambda: bare, args.clients, args.seconds)}
+        # CPU per no-op run of each part, over the no-op throughput row (bench/cpu.py).
+        meter = CpuMeter({"API": [api_process.pid], "worker": [worker_process.pid],
+                          "Redis": [redis_server.process.pid]})  # type: ignore[union-attr]
+        meter.start()
+        started = time.perf_counter()
+        rates["miss"] = throughput(lambda: invoker(False), args.clients, args.seconds)
+        noop_cpu = CpuMeter.per_run_ms(meter.stop(), rates["miss"] * (time.perf_counter() - started))
+        rates["hit"] = throughput(lambda: invoker(True), args.clients, args.seconds)
         server = {name: getattr(calls[name], "server_ms", None) for name in calls}
         titles = {"bare": "bare Celery delay().get()", "miss": "flowpool no-op invoke (HTTP, cache off)",
                   "hit": "flowpool cache hit (HTTP)"}
@@ -271,6 +281,7 @@ def main() -> None:
         print(f"\ncache hit vs miss, p50: {statistics.median(samples['miss']) / statistics.median(samples['hit']):.1f}x "
               f"faster at the client, {statistics.median(server['miss']) / statistics.median(server['hit']):.1f}x "
               "at the server")
+        print("CPU ms per no-op run: " + ", ".join(f"{part} {ms:.2f}" for part, ms in noop_cpu.items()))
         print("targets: no-op invoke p50 <= 2.00x bare; cache hit server p50 < 1 ms and >= 10x faster than a miss; "
               "invoke throughput >= 0.50x bare")
         model_call_rows(api, session, provider, args.requests)
