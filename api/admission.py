@@ -112,6 +112,9 @@ def admit(svc: Services, account: Account, body: InvokeRequest, idempotency_key:
     request["messages"] = messages
 
     workflow = svc.resolve(account.id, ref, pinned)
+    # Before anything is written (run record, single-flight lock, Idempotency-Key): a refused request leaves
+    # nothing behind that a retry would replay.
+    _check_served(svc, workflow.queue)
     _check_size(body, settings.max_input_bytes)
     idempotency = None
     if idempotency_key is not None:
@@ -231,6 +234,17 @@ def _clear_output(entry: dict[str, Any], box: SecretBox | None) -> dict[str, Any
                       "send the request with \"cache\": false")
 
 
+def _check_served(svc: Services, queue: str) -> None:
+    """503 at once for a queue no live worker serves, unless an autoscaler starts its workers from zero.
+
+    Runs of an autoscaled queue are queued while it has no worker, and wait up to FLOWPOOL_QUEUE_WAIT_SECONDS
+    like any run: their queue length is what starts the first worker.
+    """
+    if queue not in svc.settings.autoscaled_queue_names and not svc.workers_alive(queue):
+        raise Unavailable(f"no flowpool worker serving queue {queue!r} is running; start one with "
+                          f"'flowpool worker --queues {queue}'")
+
+
 def submit(svc: Services, admission: Admission) -> None:
     """Hand a queued run to the workers; if that fails, the run ends as never started and the error is raised.
 
@@ -243,11 +257,7 @@ def submit(svc: Services, admission: Admission) -> None:
     assert job is not None, "only a queued admission has a job to submit"
     published = False  # whether a message may have reached the broker
     try:
-        # A queue an autoscaler serves from zero has no worker until its runs wait: those are queued, and wait up
-        # to FLOWPOOL_QUEUE_WAIT_SECONDS like any run; any other queue without a live worker is a 503 now.
-        if job.queue not in svc.settings.autoscaled_queue_names and not svc.workers_alive(job.queue):
-            raise Unavailable(f"no flowpool worker serving queue {job.queue!r} is running; start one with "
-                              f"'flowpool worker --queues {job.queue}'")
+        _check_served(svc, job.queue)  # again: its last worker may have gone since admission looked
         try:
             message = job.to_message(svc.sealer)
             published = True

@@ -16,7 +16,12 @@ def healthz():  # type: ignore[no-untyped-def]
 
 @bp.get("/readyz")
 def readyz():  # type: ignore[no-untyped-def]
-    """Redis answers and at least one worker sent a heartbeat recently."""
+    """Redis answers, and at least one worker sent a heartbeat recently or an autoscaler starts workers from zero.
+
+    With FLOWPOOL_AUTOSCALED_QUEUES set, the API takes runs while no worker
+    runs (they wait in their queue, and the demand signal starts one): it is
+    ready then, or an autoscaler at zero workers would find no API to ask.
+    """
     svc = services()
     checks: dict[str, object] = {}
     try:
@@ -26,5 +31,8 @@ def readyz():  # type: ignore[no-untyped-def]
     except Exception as exc:  # any failure here means not ready
         checks["redis"] = f"unreachable: {exc}"
         checks["workers"] = 0
-    ready = checks["redis"] == "ok" and checks["workers"] > 0  # type: ignore[operator]
+    scaled = sorted(svc.settings.autoscaled_queue_names)
+    if scaled:
+        checks["autoscaled_queues"] = scaled
+    ready = checks["redis"] == "ok" and (checks["workers"] > 0 or bool(scaled))  # type: ignore[operator]
     return jsonify({"status": "ready" if ready else "not ready", "checks": checks}), 200 if ready else 503

@@ -14,12 +14,13 @@ import hmac
 import time
 from typing import Iterator
 
+import redis
 from flask import Blueprint, Response, request
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from flowpool import keys
-from flowpool.errors import AuthenticationError
+from flowpool.errors import AuthenticationError, Unavailable
 
 from .services import Services, bearer_token, services
 
@@ -73,7 +74,13 @@ class _RedisCollector:
         yield fetched
         yield GaugeMetricFamily("flowpool_workers", "Workers that sent a heartbeat within the worker TTL",
                                 value=workers)
-        pool = svc.pool.read()
+        try:
+            pool = svc.pool.read()
+        except (redis.RedisError, Unavailable):
+            # A broker of its own (FLOWPOOL_BROKER_URL) that does not answer costs the queue gauges, not the scrape.
+            yield GaugeMetricFamily("flowpool_broker_up", "Whether the broker answered this scrape", value=0)
+            return
+        yield GaugeMetricFamily("flowpool_broker_up", "Whether the broker answered this scrape", value=1)
         yield GaugeMetricFamily("flowpool_queue_length", "Runs waiting for a worker, all worker queues together "
                                 "(flowpool_queue_queued by queue)",
                                 value=sum(demand.queued for demand in pool.queues.values()))

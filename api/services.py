@@ -89,9 +89,17 @@ class Services:
 
     def live_workers(self, queue: str | None = None) -> int:
         """How many workers (consuming ``queue``; None: any) sent a heartbeat within the worker TTL."""
-        now = time.time()
-        key = keys.WORKERS if queue is None else keys.queue_workers(queue)
-        return self.redis.zcount(key, now - self.settings.worker_ttl_seconds, "+inf")
+        since = time.time() - self.settings.worker_ttl_seconds
+        if queue is None:
+            return self.redis.zcount(keys.WORKERS, since, "+inf")
+        count = self.redis.zcount(keys.queue_workers(queue), since, "+inf")
+        if count == 0 and queue == DEFAULT_QUEUE:
+            # Workers of a release before worker queues beat only in WORKERS, with no report in WORKER_POOL, and
+            # serve the default queue: during a rolling upgrade they still take its runs.
+            live = self.redis.zrangebyscore(keys.WORKERS, since, "+inf")
+            if live:
+                count = sum(report is None for report in self.redis.hmget(keys.WORKER_POOL, live))
+        return count
 
     # How often one look for a fresh heartbeat is made while none is seen.
     _WORKERS_LOOK_SECONDS = 0.1

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 __all__ = [
-    "ACCOUNTS", "METRICS", "RUNS_ACTIVE", "RUNS_REAPER", "SECRET", "QUEUES", "WORKERS", "WORKER_POOL",
+    "ACCOUNTS", "METRICS", "RUNS_ACTIVE", "RUNS_REAPER", "SECRET", "WORKERS", "WORKER_POOL",
     "WORKER_SANDBOXES", "queue_workers",
     "account", "agents", "api_key", "applications", "session_runs", "workflows", "workflow", "versions", "version",
     "version_hashes", "run", "run_cancel", "run_events", "run_lease", "run_logs", "run_reply", "workflow_runs", "cache",
@@ -17,7 +17,6 @@ WORKERS = PREFIX + "workers"              # zset: worker name -> last heartbeat 
 # hash: worker name -> JSON {"queues": [names], "slots": n, "running": {queue: n}, "reserved": {queue: n},
 # "at": unix time}, written with each heartbeat: what GET /api/v1/pool and the queue gauges add up.
 WORKER_POOL = PREFIX + "workers:pool"
-QUEUES = PREFIX + "queues"                # set: queue names workflow versions named (besides "default")
 WORKER_SANDBOXES = PREFIX + "workers:sandbox"  # hash: worker name -> JSON {backend, isolation, weaknesses}
 METRICS = PREFIX + "metrics"              # hash: counter name -> value, shared by every process
 RUNS_ACTIVE = PREFIX + "runs:active"      # zset: request id of each unfinished run -> its deadline (unix time)

@@ -147,24 +147,25 @@ class PoolReader:
     def read(self) -> PoolState:
         """The pool now: the live workers' reports and every known queue's length, in two round trips."""
         now = time.time()
-        workers, named = self.read_workers(now)
-        names = {DEFAULT_QUEUE} | named | self.settings.autoscaled_queue_names
+        workers = self.read_workers(now)
+        # Queues a workflow names but no worker serves are left out: their runs are refused at once (unless
+        # autoscaled), so nothing waits in them, and their names are any account's to make up.
+        names = {DEFAULT_QUEUE} | self.settings.autoscaled_queue_names
         names |= {queue for worker in workers for queue in worker.queues}
         queued = self.queue_lengths(sorted(names))
         return PoolState(queues=queue_demand(names, queued, workers, self.settings.worker_concurrency),
                          workers=workers, at=round(now, 3))
 
-    def read_workers(self, now: float) -> tuple[list[WorkerReport], set[str]]:
-        """The live workers' reports, by name, and the queues workflow versions named (one round trip)."""
+    def read_workers(self, now: float) -> list[WorkerReport]:
+        """The live workers' reports, by name (one round trip)."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.zrangebyscore(keys.WORKERS, now - self.settings.worker_ttl_seconds, "+inf", withscores=True)
         pipe.hgetall(keys.WORKER_POOL)
-        pipe.smembers(keys.QUEUES)
-        live, reports, named = pipe.execute()
+        live, reports = pipe.execute()
         # A report of a worker whose heartbeat is older than the TTL is a dead worker's last word: left out.
         workers = [parse_report(raw_name.decode(), reports.get(raw_name), now - beat, self.settings.worker_concurrency)
                    for raw_name, beat in live]
-        return sorted(workers, key=lambda w: w.name), {q.decode() for q in named if is_queue_name(q.decode())}
+        return sorted(workers, key=lambda w: w.name)
 
     def queue_lengths(self, names: list[str]) -> dict[str, int]:
         """Runs waiting in each queue's broker queue; an Unavailable when the broker does not answer."""

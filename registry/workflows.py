@@ -235,9 +235,6 @@ class Workflows:
                     pipe.hset(wf_key, mapping={"config": json.dumps(config), "active": number,
                                                "active_meta": json.dumps(meta), "rev": _new_rev()})
                     pipe.zadd(keys.workflows(account_id), {upload.ref: config["created_at"]}, nx=True)
-                    queue = _queue_of(config, meta)
-                    if queue != DEFAULT_QUEUE:  # GET /api/v1/pool lists it even while no worker serves it
-                        pipe.sadd(keys.QUEUES, queue)
                     pipe.execute()
                     break
                 except redis.WatchError:

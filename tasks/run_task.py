@@ -176,6 +176,7 @@ class _RuntimeStep(bootsteps.StartStopStep):
         # the queue for other workers. The runs still going get
         # FLOWPOOL_WORKER_DRAIN_SECONDS to finish; those that do not are
         # killed and end as worker_lost before the sandbox goes away.
+        runtime.stop_serving()
         drain = worker.app.flowpool_settings.worker_drain
         if not _runs_ended_within(drain):
             log.warning("%d runs still going after the drain time (%gs): killing them; they end as worker_lost",

@@ -90,6 +90,10 @@ class WorkerRuntime:
         self.stops: dict[str, StopRequest] = {}  # request id -> asked when its caller or the worker stops it
         # Set when a stopping worker stops the runs still going (tasks.run_task): what fails then is worker_lost.
         self.gave_up = threading.Event()
+        # Set when a warm shutdown starts (tasks.run_task): the worker consumes nothing more, so its heartbeat
+        # stops naming it a worker of its queues (a queue left with none answers 503 at once), while its report
+        # still counts the runs it drains.
+        self.draining = threading.Event()
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat, name="flowpool-heartbeat", daemon=True)
 
@@ -130,6 +134,17 @@ class WorkerRuntime:
                 "run_limits": self.sandbox.run_limits, "weaknesses": self.sandbox.weaknesses}))
         except redis.RedisError as exc:
             log.warning("could not publish the sandbox's description: %s", exc)
+
+    def stop_serving(self) -> None:
+        """A warm shutdown began: stop naming this worker a worker of its queues, now and in later beats."""
+        self.draining.set()
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for queue in self.queues:
+                pipe.zrem(keys.queue_workers(queue), self.name)
+            pipe.execute()
+        except redis.RedisError:
+            pass  # the next beat removes it
 
     def stop(self) -> None:
         self._stop.set()
@@ -183,17 +198,19 @@ class WorkerRuntime:
         """What this worker holds, per queue, as its heartbeat writes it in ``keys.WORKER_POOL``.
 
         ``running``: runs claimed and going. ``reserved``: messages Celery
-        took for this worker that no run has started from yet (with prefetch
+        took for this worker whose run it has not claimed yet (with prefetch
         off, only those between their fetch and their start).
         """
         running = dict.fromkeys(self.queues, 0)
         for queue in list(self.active.values()):
             running[queue] = running.get(queue, 0) + 1
         reserved = dict.fromkeys(self.queues, 0)
-        started = {request.id for request in list(state.active_requests)}
+        claimed = set(self.active)  # a task's id is its run's request id
         for request in list(state.reserved_requests):
+            # Taken from the broker and not claimed yet: waiting for a thread, or loading its script and
+            # starting its run process (the claim overlaps that), or retrying its claim through a Redis outage.
             queue = queue_of_broker(str((request.delivery_info or {}).get("routing_key") or ""))
-            if queue is not None and request.id not in started:
+            if queue is not None and request.id not in claimed:
                 reserved[queue] = reserved.get(queue, 0) + 1
         return {"queues": self.queues, "slots": self.slots, "running": running, "reserved": reserved, "at": now}
 
@@ -204,7 +221,10 @@ class WorkerRuntime:
         pipe = self.redis.pipeline(transaction=False)
         pipe.zadd(keys.WORKERS, {self.name: now})
         for queue in self.queues:
-            pipe.zadd(keys.queue_workers(queue), {self.name: now})
+            if self.draining.is_set():  # it takes no more runs: no queue is served by it any more
+                pipe.zrem(keys.queue_workers(queue), self.name)
+            else:
+                pipe.zadd(keys.queue_workers(queue), {self.name: now})
         pipe.hset(keys.WORKER_POOL, self.name, json.dumps(self.pool_report(now)))
         first = 2 + len(self.queues)  # replies before the leases'
         active = list(self.active)

@@ -12,6 +12,7 @@ from flask.testing import FlaskClient
 from flowpool import keys
 from flowpool.api.app import create_app
 from flowpool.api.operators import is_loopback
+from flowpool.procs import free_port
 from flowpool.pool import PoolReader, WorkerReport, declared_lengths, desired_workers, queue_demand
 from flowpool.queues import broker_queue
 from flowpool.redis_server import RedisServer
@@ -79,13 +80,12 @@ def test_the_reader_counts_live_workers_reports_and_the_broker_lists(settings: S
         {"queues": ["default"], "slots": 50, "running": {"default": 7}, "reserved": {}, "at": time.time() - 10}))
     redis_db.lpush(broker_queue("default"), "m1", "m2")
     redis_db.lpush(broker_queue("heavy"), *[f"m{i}" for i in range(9)])
-    redis_db.sadd(keys.QUEUES, "named")
     try:
         state = PoolReader(settings, redis_db).read()
     finally:
         runtime.redis.close()
 
-    assert list(state.queues) == ["default", "gpu", "heavy", "named"]
+    assert list(state.queues) == ["default", "gpu", "heavy"]
     assert [worker.name for worker in state.workers] == ["worker-a"]
     assert state.workers[0].running == {"default": 1, "heavy": 2}
     assert state.workers[0].last_beat_age < settings.worker_ttl_seconds
@@ -93,7 +93,7 @@ def test_the_reader_counts_live_workers_reports_and_the_broker_lists(settings: S
     assert (heavy.queued, heavy.running, heavy.slots_per_worker, heavy.workers, heavy.desired_workers) == (9, 2, 4, 1, 3)
     assert (default.queued, default.running, default.slots_per_worker, default.workers,
             default.desired_workers) == (2, 1, 4, 1, 1)
-    assert state.queues["gpu"].desired_workers == state.queues["named"].desired_workers == 0
+    assert state.queues["gpu"].desired_workers == 0
     assert state.to_dict()["queues"]["heavy"]["desired_workers"] == 3
 
 
@@ -186,3 +186,24 @@ def test_the_openapi_document_says_the_pool_takes_the_admin_token(without_token:
 
     assert spec["paths"]["/api/v1/pool"]["get"]["security"] == [{"adminToken": []}]
     assert spec["components"]["securitySchemes"]["adminToken"]["scheme"] == "bearer"
+
+
+def test_a_broker_that_does_not_answer_costs_the_queue_gauges_not_the_scrape(settings: Settings,
+                                                                            redis_db: redis.Redis) -> None:
+    redis_db.hset(keys.METRICS, "runs:succeeded", 3)
+    # A broker Redis of its own on a loopback port nothing listens on.
+    gone = settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{free_port()}/0"})
+    for client in _client(gone):
+        response = client.get("/metrics")
+
+        assert response.status_code == 200, response.text
+        assert "flowpool_broker_up 0.0" in response.text
+        assert 'flowpool_runs_finished_total{status="succeeded"} 3.0' in response.text
+        assert "flowpool_queue_queued" not in response.text
+
+
+def test_an_answering_broker_is_said_to_be_up(without_token: FlaskClient) -> None:
+    response = without_token.get("/metrics")
+
+    assert "flowpool_broker_up 1.0" in response.text
+    assert 'flowpool_queue_queued{queue="default"}' in response.text

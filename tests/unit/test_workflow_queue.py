@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 import redis
 
-from flowpool import keys
 from flowpool.blobs import RedisBlobs
 from flowpool.errors import RequestError, ValidationFailed
 from flowpool.registry import Upload, Workflows
@@ -43,12 +42,10 @@ def workflows(redis_db: redis.Redis) -> Workflows:
     return Workflows(redis_db, blobs=RedisBlobs(redis_db))
 
 
-def test_a_workflow_naming_no_queue_runs_on_default_and_adds_no_queue(workflows: Workflows,
-                                                                      redis_db: redis.Redis) -> None:
+def test_a_workflow_naming_no_queue_runs_on_default(workflows: Workflows) -> None:
     workflow, _, _ = workflows.upload(ACCOUNT, Upload(ref="w", script=BODY))
     assert workflow["queue"] == "default"
     assert workflows.resolve(ACCOUNT, "w").queue == "default"
-    assert not redis_db.exists(keys.QUEUES)
 
 
 def test_the_script_queue_is_stored_with_the_version_and_listed(workflows: Workflows, redis_db: redis.Redis) -> None:
@@ -57,7 +54,6 @@ def test_the_script_queue_is_stored_with_the_version_and_listed(workflows: Workf
     assert workflows.get(ACCOUNT, "w")["queue"] == "heavy"
     assert workflows.versions(ACCOUNT, "w", 0, 10)[0][0]["queue"] == "heavy"
     assert workflows.resolve(ACCOUNT, "w").queue == "heavy"
-    assert redis_db.smembers(keys.QUEUES) == {b"heavy"}
 
 
 def test_the_upload_queue_wins_over_the_script_and_makes_no_new_version(workflows: Workflows,
@@ -69,7 +65,6 @@ def test_the_upload_queue_wins_over_the_script_and_makes_no_new_version(workflow
     assert not created and again["version"] == first["version"]
     assert workflow["queue"] == "light"
     assert workflows.resolve(ACCOUNT, "w").queue == "light"
-    assert redis_db.smembers(keys.QUEUES) == {b"heavy", b"light"}
 
 
 @pytest.mark.parametrize("name", ["Heavy", "", "a b", "x" * 33, "9"])
