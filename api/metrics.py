@@ -48,6 +48,8 @@ class _RedisCollector:
         pipe.zcount(keys.WORKERS, time.time() - svc.settings.worker_ttl_seconds, "+inf")
         counters, workers = pipe.execute()
         runs = CounterMetricFamily("flowpool_runs_finished", "Runs that ended, by status", labels=["status"])
+        queue_runs = CounterMetricFamily("flowpool_queue_runs_finished", "Runs that ended, by worker queue and status",
+                                         labels=["queue", "status"])
         calls = CounterMetricFamily("flowpool_calls", "Model and agent calls of runs, by kind and status",
                                     labels=["kind", "status"])
         hits = CounterMetricFamily("flowpool_cache_hits", "Requests answered from the result cache")
@@ -58,6 +60,9 @@ class _RedisCollector:
             name, value = raw_name.decode(), int(raw_value)
             if name.startswith("runs:"):
                 runs.add_metric([name[5:]], value)
+            elif name.startswith("queue_runs:") and name.count(":") == 2:
+                _, queue, status = name.split(":")
+                queue_runs.add_metric([queue, status], value)
             elif name.endswith(tuple(f"_calls:{s}" for s in ("ok", "error"))):
                 kind, status = name.split("_calls:")
                 calls.add_metric([kind, status], value)
@@ -68,6 +73,7 @@ class _RedisCollector:
             elif name == "accessory_fetch_bytes":
                 fetched.add_metric([], value)
         yield runs
+        yield queue_runs
         yield calls
         yield hits
         yield fetches

@@ -307,7 +307,8 @@ def _record_end(runtime: WorkerRuntime, job: RunJob, claim: str, outcome: RunOut
             runs.put_reply(pipe, request_id, sealed, runtime.settings.idempotency_window)
         finished_at = len(pipe)
         runs.finish(pipe, request_id, end, fields, claim,
-                    [f"{record.get('kind', 'model')}_calls:{record['status']}" for record in calls.records])
+                    [f"queue_runs:{job.queue}:{end.status}",
+                     *(f"{record.get('kind', 'model')}_calls:{record['status']}" for record in calls.records)])
         return bool(pipe.execute()[finished_at])
 
     if patiently(write, until, f"run {request_id}: writing its outcome"):

@@ -87,8 +87,17 @@ def test_a_workflow_naming_heavy_runs_only_on_the_heavy_worker_and_a_default_one
     assert qclient.get(f"/api/v1/workflows/{heavy}").json()["data"]["queue"] == "heavy"
     assert qclient.get(f"/api/v1/workflows/{heavy}/versions").json()["data"][0]["queue"] == "heavy"
 
+    before = _finished_on(qclient, "heavy")
     assert _workers_of(qclient, heavy) == {HEAVY_WORKER}
     assert _workers_of(qclient, plain) == {DEFAULT_WORKER}
+    assert _finished_on(qclient, "heavy") == before + 6  # the metrics count runs per queue too
+
+
+def _finished_on(client: Client, queue: str) -> float:
+    """flowpool_queue_runs_finished_total of ``queue``'s succeeded runs, as /metrics says now."""
+    text = client.get("/metrics").text
+    series = f'flowpool_queue_runs_finished_total{{queue="{queue}",status="succeeded"}} '
+    return next((float(line[len(series):]) for line in text.splitlines() if line.startswith(series)), 0.0)
 
 
 def test_the_upload_queue_field_wins_over_the_script_in_json_and_multipart(qclient: Client) -> None:
