@@ -15,7 +15,7 @@ ACCOUNTS = PREFIX + "accounts"            # hash: account name -> account id
 SECRET = PREFIX + "secret"                # generated key for hashing request secrets
 WORKERS = PREFIX + "workers"              # zset: worker name -> last heartbeat (unix time)
 # hash: worker name -> JSON {"queues": [names], "slots": n, "running": {queue: n}, "reserved": {queue: n},
-# "at": unix time}, written with each heartbeat: what GET /api/v1/pool and the queue gauges add up.
+# "at": unix time, "draining": bool}, written with each heartbeat: what GET /api/v1/pool and the queue gauges add up.
 WORKER_POOL = PREFIX + "workers:pool"
 WORKER_SANDBOXES = PREFIX + "workers:sandbox"  # hash: worker name -> JSON {backend, isolation, weaknesses}
 METRICS = PREFIX + "metrics"              # hash: counter name -> value, shared by every process

@@ -48,6 +48,7 @@ class WorkerReport:
     running: dict[str, int] = field(default_factory=dict)   # queue -> runs it claimed and runs
     reserved: dict[str, int] = field(default_factory=dict)  # queue -> messages it fetched and has not started
     last_beat_age: float = 0.0  # seconds since its heartbeat
+    draining: bool = False  # stopping: it takes no more runs, and finishes those it holds
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,8 @@ def queue_demand(names: Iterable[str], queued: Mapping[str, int], workers: Itera
     ordered = sorted(every, key=lambda name: (name != DEFAULT_QUEUE, name))
     result: dict[str, QueueDemand] = {}
     for name in ordered:
-        serving = [worker for worker in workers if name in worker.queues]
+        # A draining worker serves no queue any more; what it still runs counts below all the same.
+        serving = [worker for worker in workers if name in worker.queues and not worker.draining]
         slots = max((worker.slots for worker in serving), default=default_slots)
         reserved = sum(worker.reserved.get(name, 0) for worker in workers)
         running = sum(worker.running.get(name, 0) for worker in workers)
@@ -127,7 +129,7 @@ def parse_report(name: str, raw: bytes | None, age: float, default_slots: int) -
     return WorkerReport(name=name, queues=queues,
                         slots=slots if isinstance(slots, int) and slots > 0 else default_slots,
                         running=_counts(data.get("running")), reserved=_counts(data.get("reserved")),
-                        last_beat_age=round(max(0.0, age), 3))
+                        last_beat_age=round(max(0.0, age), 3), draining=data.get("draining") is True)
 
 
 class PoolReader:

@@ -27,6 +27,7 @@ from typing import Any
 
 from celery import Celery, bootsteps
 from celery.exceptions import Ignore
+from celery.signals import worker_shutting_down
 from celery.worker import state
 
 from flowpool.errors import (RunError, RunNotStarted, SandboxError, ScriptError, TimeLimitExceeded, WorkerLost,
@@ -65,6 +66,8 @@ def worker_celery(settings: Settings) -> Celery:
         if not self.app.flowpool_ready.wait(60):
             raise RuntimeError("the flowpool worker runtime did not start")
         runtime = self.app.flowpool_runtime
+        if runtime.draining.is_set() and _hand_back(self, job):
+            raise Ignore()  # another worker runs it; this one sends no event for it
         end: RunEnd | None
         try:
             run_job = RunJob.from_message(job, runtime.sealer)
@@ -78,8 +81,41 @@ def worker_celery(settings: Settings) -> Celery:
         # Out of every except block: the failure raised carries no exception of the worker's as its context.
         return _task_outcome(str(job.get("request_id")), end)
 
+    def shutting_down(**_: Any) -> None:
+        # The warm shutdown's signal handler, in the main thread: what a fetch under way still delivers from
+        # now on is handed back (_hand_back). Redis is left to a thread: the handler may have interrupted the
+        # main thread inside the connection pool's lock.
+        runtime = app.flowpool_runtime
+        if runtime is not None and not runtime.draining.is_set():
+            runtime.draining.set()
+            threading.Thread(target=runtime.stop_serving, name="flowpool-drain", daemon=True).start()
+
+    worker_shutting_down.connect(shutting_down, weak=False)
     app.steps["worker"].add(_RuntimeStep)
     return app
+
+
+def _hand_back(task: Any, job: dict[str, Any]) -> bool:
+    """Put back in its queue a run a draining worker took: whether it went back (else this worker runs it).
+
+    A fetch already under way when the warm shutdown began still delivers
+    its message; the message was acknowledged as the task started, so the
+    job is sent again, with its task id and expiry, for a worker that stays.
+    Should two deliveries ever meet, the run's claim lets one of them run it.
+    """
+    request = task.request
+    queue = str((request.delivery_info or {}).get("routing_key") or "")
+    request_id = str(job.get("request_id"))
+    try:
+        task.app.send_task(RUN_TASK, kwargs={"job": job}, task_id=request.id, queue=queue or None,
+                           expires=request.expires, argsrepr="()",  # as the API sent it: no input, no secrets
+                           kwargsrepr=f"{{'job': <run {request_id} of {job.get('workflow')}@{job.get('version')}>}}")
+    except Exception as exc:  # the broker did not take it back: run it here, within the drain
+        log.warning("run %s: taken while draining and could not be put back (%s); running it here",
+                    request_id, type(exc).__name__)
+        return False
+    log.info("run %s: taken while draining; put back in its queue for another worker", request_id)
+    return True
 
 
 def _task_outcome(request_id: str, end: RunEnd | None) -> str:

@@ -142,9 +142,10 @@ class WorkerRuntime:
             pipe = self.redis.pipeline(transaction=False)
             for queue in self.queues:
                 pipe.zrem(keys.queue_workers(queue), self.name)
+            pipe.hset(keys.WORKER_POOL, self.name, json.dumps(self.pool_report(time.time())))  # "draining": true
             pipe.execute()
         except redis.RedisError:
-            pass  # the next beat removes it
+            pass  # the next beat does it
 
     def stop(self) -> None:
         self._stop.set()
@@ -212,7 +213,8 @@ class WorkerRuntime:
             queue = queue_of_broker(str((request.delivery_info or {}).get("routing_key") or ""))
             if queue is not None and request.id not in claimed:
                 reserved[queue] = reserved.get(queue, 0) + 1
-        return {"queues": self.queues, "slots": self.slots, "running": running, "reserved": reserved, "at": now}
+        return {"queues": self.queues, "slots": self.slots, "running": running, "reserved": reserved, "at": now,
+                "draining": self.draining.is_set()}
 
     def _send_beat(self) -> None:
         """One heartbeat: the worker's time in WORKERS and in each of its queues, what it holds per queue, each run's

@@ -6,7 +6,9 @@ terminationGracePeriodSeconds have passed. The worker's drain
 every run it may hold (the longest hard limit), so that the SIGKILL never
 comes: the worker finishes what it holds and exits by itself. Here GRACE
 stands for that period, and each test starts three workers on its own Redis,
-with runs on all of them, then stops one. The one-worker cases are
+with runs on all of them, then stops one. A draining worker also takes no new
+run, even with a slot free, and stops counting as a worker of its queue in the
+demand signal while its runs still count there. The one-worker cases are
 tests/integration/test_faults.py's and test_worker_faults.py's.
 """
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import threading
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 import requests
@@ -26,8 +28,8 @@ from tests.helpers import Client, error_of, eventually
 pytestmark = pytest.mark.slow
 
 GRACE = 20.0  # stands for the worker pods' terminationGracePeriodSeconds
-MAX_TIMEOUT = 8  # the longest soft limit; the drain outlasts it and its hard grace, and fits in GRACE
-DRAIN = 15.0
+MAX_TIMEOUT = 12  # the longest soft limit; the drain outlasts it and its hard grace, and fits in GRACE
+DRAIN = 16.0
 
 SCALE_ENV = {
     **TEST_ENV,
@@ -82,13 +84,30 @@ def stack() -> Iterator[Stack]:
         stack.stop(timeout=GRACE)
 
 
+def _start_worker(stack: Stack, name: str, concurrency: int, drain: float) -> subprocess.Popen[bytes]:
+    return stack.start_worker("--concurrency", str(concurrency), "--name", name,
+                              env={"FLOWPOOL_WORKER_DRAIN_SECONDS": str(drain)}, quiet=True)
+
+
 def _start_workers(stack: Stack, concurrency: int, drain: float) -> dict[str, subprocess.Popen[bytes]]:
-    workers = {f"flowpool@w{n}": stack.start_worker("--concurrency", str(concurrency), "--name", f"flowpool@w{n}",
-                                                    env={"FLOWPOOL_WORKER_DRAIN_SECONDS": str(drain)}, quiet=True)
-               for n in range(3)}
+    workers = {f"flowpool@w{n}": _start_worker(stack, f"flowpool@w{n}", concurrency, drain) for n in range(3)}
     stack.start_api(quiet=True)
     stack.wait_ready(workers=3)
     return workers
+
+
+def _pool(client: Client) -> dict[str, Any]:
+    """GET /api/v1/pool (an operator route: the test's API has no admin token and is asked from loopback)."""
+    response = client.get("/api/v1/pool")
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _pool_dropping(client: Client, leaving: str) -> dict[str, Any] | None:
+    """The pool, once two workers serve the default queue or the worker ``leaving`` is gone from it."""
+    pool = _pool(client)
+    gone = all(worker["name"] != leaving for worker in pool["workers"])
+    return pool if pool["queues"]["default"]["workers"] == 2 or gone else None
 
 
 def _running(client: Client, count: int) -> dict[str, str] | None:
@@ -108,24 +127,44 @@ def _scale_in(stack: Stack, workers: dict[str, subprocess.Popen[bytes]], name: s
 
 
 @pytest.mark.timeout(180)
-def test_a_worker_scaled_in_finishes_every_run_it_holds_and_exits_within_the_grace_period(stack: Stack) -> None:
+def test_a_worker_scaled_in_finishes_every_run_it_holds_takes_no_new_one_and_exits_within_the_grace_period(
+        stack: Stack) -> None:
     assert MAX_TIMEOUT + float(SCALE_ENV["FLOWPOOL_HARD_TIMEOUT_GRACE_SECONDS"]) < DRAIN < GRACE
-    workers = _start_workers(stack, concurrency=2, drain=DRAIN)
+    # Two workers of two slots first, each made to hold two long runs; then the victim, with three slots, which
+    # alone has free slots: it takes the next two runs and keeps one slot free.
+    workers = {name: _start_worker(stack, name, 2, DRAIN) for name in ("flowpool@w1", "flowpool@w2")}
+    stack.start_api(quiet=True)
+    stack.wait_ready(workers=2)
     assert stack.api_url is not None
     client = Client(stack.api_url, stack.create_account("scale"))
     client.upload("naps", NAPS, timeout_seconds=MAX_TIMEOUT)
-    # Six slots, six runs: every worker holds two.
-    first = {f"first{n}": Invocation(client, f"first{n}", seconds=6, read_timeout=60) for n in range(6)}
+    busy = {f"busy{n}": Invocation(client, f"busy{n}", seconds=MAX_TIMEOUT - 1, read_timeout=60) for n in range(4)}
+    running = eventually(lambda: _running(client, 4), 30, "four runs running")
+    assert set(running.values()) == set(workers), "two runs on each of the first workers"
+    victim_name = "flowpool@w0"
+    workers[victim_name] = _start_worker(stack, victim_name, 3, DRAIN)
+    stack.wait_ready(workers=3)
+    first = {f"first{n}": Invocation(client, f"first{n}", seconds=4, read_timeout=60) for n in range(2)}
     running = eventually(lambda: _running(client, 6), 30, "six runs running")
-    assert set(running.values()) == set(workers), "runs on every worker"
-    victim_name = next(iter(workers))
     held = {request_id for request_id, worker in running.items() if worker == victim_name}
+    assert len(held) == 2, running
 
     victim = _scale_in(stack, workers, victim_name)
-    # Queued while every slot is taken: they wait for one, and only the two workers left may take them.
+    # Queued while the other workers' slots are all taken: the victim's free slot is the only one, and a
+    # draining worker must leave them to the workers that stay.
     after = {f"after{n}": Invocation(client, f"after{n}", seconds=1, read_timeout=60) for n in range(4)}
 
-    for tag, call in first.items():
+    # While it drains, the demand signal no longer counts it as a worker of `default`, but counts its runs.
+    # (Read until it drops to two workers or the victim is gone from the pool: the victim's exit ends the wait.)
+    pool = eventually(lambda: _pool_dropping(client, victim_name), 60, "the pool without the draining worker")
+    reports = [w for w in pool["workers"] if w["name"] == victim_name]
+    assert reports, "the pool counted the draining worker as serving default until it exited"
+    assert pool["queues"]["default"]["workers"] == 2
+    assert reports[0]["running"] == {"default": 2}, "the draining worker's runs no longer counted"
+    assert pool["queues"]["default"]["running"] >= 2
+    assert victim.poll() is None, "still draining"
+
+    for tag, call in {**busy, **first}.items():
         response = call.answer(60)
         assert response.status_code == 200, (tag, response.text)
         assert response.json()["output"] == {"tag": tag}

@@ -2,21 +2,28 @@
 from __future__ import annotations
 
 import configparser
+import contextlib
 import functools
+import io
 import math
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 from urllib.parse import urlsplit
 
+import click
 import jsonschema
 import kubernetes_validate
 import pytest
+import tornado.options
 import yaml
+from celery.bin.celery import celery as celery_cli
 
+from flowpool.cli import main as flowpool_cli
+from flowpool.queues import check_queue_name
 from flowpool.settings import Settings
 from tests.kustomize import Resource, build, split_image
 
@@ -60,6 +67,25 @@ def pod_spec(workload: Resource) -> dict[str, Any]:
 def config(resources: list[Resource]) -> dict[str, str]:
     """The flowpool ConfigMap's data."""
     return named(resources, "ConfigMap", "flowpool-config")["data"]
+
+
+def container_env(resources: list[Resource], container: dict[str, Any]) -> dict[str, str | None]:
+    """A container's environment as Kubernetes builds it: its ConfigMaps (envFrom), then its own ``env``.
+
+    A value taken from a Secret (``valueFrom``) is None: the manifests do not hold it.
+    """
+    env: dict[str, str | None] = {}
+    for source in container.get("envFrom", []):
+        assert set(source) == {"configMapRef"}, source
+        env.update(named(resources, "ConfigMap", source["configMapRef"]["name"])["data"])
+    for variable in container.get("env", []):
+        env[variable["name"]] = variable.get("value")
+    return env
+
+
+def known(env: dict[str, str | None]) -> dict[str, str]:
+    """The variables of ``env`` whose value the manifests hold."""
+    return {name: value for name, value in env.items() if value is not None}
 
 
 def settings_of(data: dict[str, str]) -> Settings:
@@ -246,12 +272,22 @@ def test_keda_reads_the_pool_from_the_api_service_with_the_admin_token(target: s
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_the_api_is_ready_while_the_workers_are_scaled_to_zero(target: str) -> None:
-    """/readyz wants a live worker: with KEDA at zero, no API pod would be ready and KEDA could not read the pool."""
+    """Readiness is /readyz, which wants a live worker unless FLOWPOOL_AUTOSCALED_QUEUES is set (api/health.py).
+
+    With KEDA at zero workers, no API pod would be ready and KEDA could not read the pool to start the first:
+    so every queue a ScaledObject can scale to zero is named in the autoscaled queues the API pods read.
+    """
     resources = rendered(target)
     (container,) = pod_spec(named(resources, "Deployment", "flowpool-api"))["containers"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    if any(s["spec"].get("minReplicaCount", 1) == 0 for s in of_kind(resources, "ScaledObject")):
-        assert container["readinessProbe"]["httpGet"]["path"] != "/readyz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    autoscaled = settings_of(known(container_env(resources, container))).autoscaled_queue_names
+    assert autoscaled == settings_of(config(resources)).autoscaled_queue_names, "the API reads the ConfigMap's"
+    deployments = {d["metadata"]["name"]: d for d in workers(resources)}
+    for scaled in of_kind(resources, "ScaledObject"):
+        if scaled["spec"].get("minReplicaCount", 1) == 0:
+            for queue in worker_queues(deployments[scaled["spec"]["scaleTargetRef"]["name"]]):
+                assert queue in autoscaled, f"{queue} scales to zero: the API would not be ready with no worker"
 
 
 def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
@@ -377,6 +413,135 @@ def test_every_flowpool_variable_is_a_setting(target: str) -> None:
     settings_of(config(resources))
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_task_events_are_on_in_the_workers_alone(target: str) -> None:
+    """In the API, FLOWPOOL_WORKER_EVENTS turns on task-sent events, which take it off its fast publish path."""
+    resources = rendered(target)
+    for deployment in of_kind(resources, "Deployment"):
+        component = deployment["metadata"]["labels"]["app.kubernetes.io/component"]
+        for container in pod_spec(deployment)["containers"]:
+            env = container_env(resources, container)
+            if component == "worker":
+                assert settings_of(known(env)).worker_events, f"{deployment['metadata']['name']}: Flower sees no task"
+            elif component == "api":
+                assert "FLOWPOOL_WORKER_EVENTS" not in env, deployment["metadata"]["name"]
+
+
+_K8S_UNITS = {"": 1, "k": 1000, "M": 1000**2, "G": 1000**3, "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3}
+_REDIS_UNITS = {"": 1, "k": 1000, "kb": 1024, "m": 1000**2, "mb": 1024**2, "g": 1000**3, "gb": 1024**3}
+_DOCKER_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def _bytes(text: str, units: dict[str, int]) -> int:
+    """A memory size with one of ``units``' suffixes, in bytes."""
+    number, unit = re.fullmatch(r"(\d+)([A-Za-z]*)", str(text)).groups()  # type: ignore[union-attr]
+    assert unit in units, text
+    return int(number) * units[unit]
+
+
+def _maxmemory(args: list[str]) -> int:
+    assert "--maxmemory" in args, "without maxmemory Redis grows until the kernel kills it"
+    return _bytes(args[args.index("--maxmemory") + 1].lower(), _REDIS_UNITS)
+
+
+# The registry's maxmemory leaves this much of its limit to the AOF rewrite's fork, buffers and fragmentation.
+FORK_HEADROOM = 0.35
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_each_redis_answers_out_of_memory_before_the_kernel_kills_it(target: str) -> None:
+    resources = rendered(target)
+    for name in ("flowpool-redis", "flowpool-cache"):
+        (container,) = pod_spec(named(resources, "StatefulSet", name))["containers"]
+        limit = _bytes(container["resources"]["limits"]["memory"], _K8S_UNITS)
+        assert _maxmemory(container["args"]) < limit, name
+    (registry,) = pod_spec(named(resources, "StatefulSet", "flowpool-redis"))["containers"]
+    limit = _bytes(registry["resources"]["limits"]["memory"], _K8S_UNITS)
+    assert _maxmemory(registry["args"]) <= (1 - FORK_HEADROOM) * limit, "room for the AOF rewrite's fork"
+    # Liveness waits for the startup probe: a long AOF load must not be killed and begun again.
+    startup = registry["startupProbe"]
+    assert startup["failureThreshold"] * startup.get("periodSeconds", 10) >= 600
+    assert registry["livenessProbe"]
+
+
+def _remaining(ctx: click.Context) -> list[str]:
+    """What a group's context left for its subcommand: the subcommand's name, then its arguments."""
+    protected = ctx._protected_args if hasattr(ctx, "_protected_args") else ctx.protected_args
+    return [*protected, *ctx.args]
+
+
+def _flower_options() -> tornado.options.OptionParser:
+    """A parser of Flower's own options (flower/options.py defines them on tornado's global parser)."""
+    import flower.options  # noqa: F401  (defines them)
+
+    parser = tornado.options.OptionParser()
+    for option in tornado.options.options._options.values():
+        if option.group_name and "flower" in option.file_name:
+            parser.define(option.name, default=option.default, type=option.type, multiple=option.multiple)
+    return parser
+
+
+def check_command(argv: list[str], env: Iterable[str] = ()) -> None:
+    """Parse a container's command line as the program it names would, raising on what that program refuses.
+
+    ``flowpool ...`` through flowpool's click group and the subcommand's own parser; ``celery ... flower ...``
+    through celery's group (its app must be flowpool's) and then Flower's tornado options, with the
+    FLOWER_* variables of ``env``, which Flower reads as options too.
+    """
+    program, *args = argv
+    if program == "flowpool":
+        group: click.Group = flowpool_cli
+    elif program == "celery":
+        group = celery_cli
+    else:
+        raise AssertionError(f"not a flowpool command: {argv}")
+    ctx = group.make_context(program, list(args))
+    name, command, rest = group.resolve_command(ctx, _remaining(ctx))
+    assert command is not None, argv
+    if program == "flowpool":
+        parsed = command.make_context(name, list(rest), parent=ctx)
+        assert not parsed.args, f"{argv}: arguments {parsed.args} taken by nothing"
+        if name == "worker":
+            for queue in parsed.params["queues"].split(","):
+                check_queue_name(queue)
+        return
+    assert (ctx.params["app"], name) == ("flowpool.tasks.celery_app", "flower"), argv
+    parser = _flower_options()
+    with contextlib.redirect_stderr(io.StringIO()):  # tornado prints its help before it raises
+        assert parser.parse_command_line(["flower", *rest], final=False) == [], f"{argv}: arguments left over"
+    for variable in env:
+        if variable.startswith("FLOWER_"):
+            assert variable.removeprefix("FLOWER_").lower() in parser, f"Flower has no option for {variable}"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_flowpool_container_runs_a_command_line_its_program_accepts(target: str) -> None:
+    resources = rendered(target)
+    programs = set()
+    for name, _, container in _containers(resources):
+        argv = [*container.get("command", []), *container["args"]]
+        if argv[0] in ("flowpool", "celery"):
+            check_command(argv, container_env(resources, container))
+            programs.add(" ".join(argv[:2]))
+    assert programs == {"flowpool api", "flowpool worker", "celery -A"}, programs
+
+
+@pytest.mark.parametrize("argv", [
+    ["flowpool", "worker", "--queue", "default"],
+    ["flowpool", "worker", "--queues", "Default"],
+    ["flowpool", "api", "--bind", "0.0.0.0:8080"],
+    ["flowpool", "api", "--port", "http"],
+    ["flowpool", "serve"],
+    ["celery", "-A", "flowpool.tasks.celery_app", "flower", "--listen=0.0.0.0"],
+    ["celery", "-A", "flowpool.tasks.celery_app", "flower", "--port", "5555"],
+    ["celery", "-A", "flowpool.tasks.celery_app", "flower", "--port=http"],
+    ["celery", "-A", "flowpool.tasks.app", "flower"],
+])
+def test_the_command_check_refuses_what_would_crash_loop(argv: list[str]) -> None:
+    with pytest.raises((click.ClickException, tornado.options.Error, ValueError, AssertionError)):
+        check_command(argv)
+
+
 def test_the_process_backend_overlay_drops_what_bwrap_needed() -> None:
     resources = rendered("overlays/process-backend")
     assert config(resources)["FLOWPOOL_SANDBOX_BACKEND"] == "process"
@@ -423,6 +588,28 @@ def test_compose_workers_drain_and_every_service_is_watched_and_restarted() -> N
         unknown = {k for k in service.get("environment", {}) if k.startswith("FLOWPOOL_")
                    and k.removeprefix("FLOWPOOL_").lower() not in Settings.model_fields}
         assert not unknown, name
+
+
+def test_compose_sends_task_events_from_the_workers_alone_and_caps_redis_memory() -> None:
+    services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    assert "FLOWPOOL_WORKER_EVENTS" not in services["api"]["environment"]
+    worker = {k: v for k, v in services["worker"]["environment"].items() if not v.startswith("${")}
+    assert settings_of(worker).worker_events
+    redis = services["redis"]
+    limit = _bytes(str(redis["mem_limit"]).lower(), _DOCKER_UNITS)
+    assert _maxmemory(redis["command"]) <= (1 - FORK_HEADROOM) * limit
+    assert _duration(redis["healthcheck"]["start_period"]) >= 600, "a long AOF load must not make Redis unhealthy"
+
+
+def test_every_compose_service_of_flowpool_runs_a_command_line_its_program_accepts() -> None:
+    services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    checked = set()
+    for name, service in services.items():
+        command = service.get("command")
+        if command and command[0] in ("flowpool", "celery"):
+            check_command(command, service.get("environment", {}))
+            checked.add(name)
+    assert checked == {"api", "worker", "flower"}, checked
 
 
 # --- Dockerfile ----------------------------------------------------------------------------------------------------

@@ -81,7 +81,9 @@ def test_a_draining_worker_serves_no_queue_but_still_reports_its_runs(svc: Servi
     runtime._send_beat()  # later beats of the drain do not bring it back
 
     assert svc.live_workers("heavy") == 0
-    assert svc.pool.read().queues["heavy"].running == 1
+    pool = svc.pool.read()
+    assert (pool.queues["heavy"].workers, pool.queues["heavy"].running) == (0, 1)
+    assert [(w.name, w.draining) for w in pool.workers] == [("worker-heavy", True)]
 
 
 def test_a_run_taken_from_the_broker_and_not_claimed_yet_counts_as_reserved(runtime: WorkerRuntime) -> None:
