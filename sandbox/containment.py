@@ -120,7 +120,7 @@ class Containment:
         if self.cgroups is not None:
             watch.oom_base = self.cgroups.oom_kills(process.slot)
             watch.cpu_base = self.cgroups.cpu_seconds(process.slot) or 0.0
-        elif process.runs and process.pid is not None:  # kept warm: its earlier runs' CPU time is not this one's
+        if (self.cgroups is None or not self._cgroup_cpu(process.slot)) and process.runs and process.pid is not None:  # kept warm: its earlier runs' CPU time is not this one's
             watch.cpu_base = _tree_cpu(process.pid)
         with self._lock:
             self._watches.append(watch)
@@ -163,9 +163,17 @@ class Containment:
         if self.cgroups.oom_kills(slot) > watch.oom_base:
             return self._memory_verdict(watch)
         used = self.cgroups.cpu_seconds(slot)
+        if used is None and watch.process.pid is not None:
+            # No CPU counter (cgroup v1 without cpuacct): the run's processes' own times, as the watchdog sums
+            # them. RLIMIT_CPU alone does not hold a warm process, whose soft limit a script may raise.
+            used = _tree_cpu(watch.process.pid)
         if used is not None and used - watch.cpu_base > watch.cpu_seconds:
             return self._cpu_verdict(watch)
         return None
+
+    def _cgroup_cpu(self, slot: int) -> bool:
+        """Whether the slot's cgroup counts its CPU time (cgroup v1 may lack cpuacct)."""
+        return self.cgroups is not None and self.cgroups.cpu_seconds(slot) is not None
 
     def _judge_processes(self, watches: list[RunWatch]) -> None:
         """The watchdog: sum each run's processes' PSS and CPU time from one scan of /proc."""

@@ -20,10 +20,14 @@ every object has an ``op``. A run process takes one job, or, kept warm, one job 
                   then exactly one
                     {"op": "result", "value"}
                     | {"op": "error", "kind": <RunErrorKind>, "type", "message", "traceback"}
-                  where a run asked to ``reuse`` adds ``"reusable": true`` when its process
-                  is clean enough to serve another run (:mod:`.reuse`); without it the process
-                  exits. A warm process then waits for the next ``run`` frame, or for the
-                  worker to end it.
+                  then, only for a run asked to ``reuse``, once it has tidied up (:mod:`.reuse`)
+                    {"op": "ready"}
+                  or it exits instead (as every run process not asked to ``reuse`` does). The answer
+                  comes first, so tidying never counts against the run's time; the worker waits
+                  for ``ready`` a short while off the caller's path, then stops the process and
+                  checks it from /proc before it keeps it (:mod:`.warm`): ``ready`` says the
+                  tidying is done, never that the process is clean. A kept process waits, stopped,
+                  for the next ``run`` frame (it is continued first), or for the worker to end it.
 
 A reply with ``fds`` hands the run read-only files (an accessory: :class:`WithFile`): the descriptors
 travel as ancillary data of the frame's first bytes, so the run reads with ``recvmsg``; a file's bytes never

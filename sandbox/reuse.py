@@ -1,22 +1,28 @@
-"""What a warm run process puts back between two runs, and how it tells that it cannot be kept.
+"""What a warm run process puts back between two runs: tidying, not the check that keeps it.
 
 A run process the worker keeps (:mod:`.warm`) serves the next run of the
-same workflow version of the same account. Before it says it may be kept, the
-run's end is checked here, from inside the process: only the run's own thread
-is left, no other process lives in its PID namespace, no System V IPC object
-remains in its IPC namespace, it holds no descriptor it did not hold before
-its first run (an accessory left open, say) and those it held are still the
-same files, its resource limits are as they were; then its private ``/tmp``
-is emptied, its working directory, umask, signal handlers and mask, and
-interval timers are put back. Any doubt answers False, and the worker retires
-the process. Module state (the script's globals, what it imported) stays, as
-documented: a warm process is the workflow version's own.
+same workflow version of the same account. This code runs in the script's
+own interpreter, so a script can change it (patch :meth:`Baseline.restore`,
+say): the worker never trusts it. The worker decides alone, from the
+kernel's view of the process once it has stopped it (:func:`.warm.freeze`).
+What is done here is tidying for a script that did not mean harm: it gives
+up (and the process exits) when more than the run's own thread is left,
+another process lives in its PID namespace, a System V IPC object remains,
+it holds a descriptor it did not hold before its first run (an accessory
+left open, say) or one it held is another file or has other flags (a channel
+made non-blocking), or a resource limit or a signal handler it cannot put
+back changed; otherwise it empties its private ``/tmp``, and puts back its
+working directory, umask, signal handlers and mask (discarding pending
+signals), the signal wakeup descriptor and interval timers. Module state (the
+script's globals, what it imported) stays, as documented: a warm process is
+the workflow version's own.
 
 Imported by the run process's runtime, before the zygote covers flowpool's
 code: stdlib only.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import resource
 import shutil
@@ -24,21 +30,24 @@ import signal
 
 __all__ = ["Baseline"]
 
-_LIMITS = (resource.RLIMIT_AS, resource.RLIMIT_NPROC, resource.RLIMIT_NOFILE, resource.RLIMIT_FSIZE,
-           resource.RLIMIT_CORE)
+# Every limit but CPU time (its soft limit moves run by run: runtime._allow_cpu): STACK, DATA, MEMLOCK,
+# MSGQUEUE, SIGPENDING... as much as AS or NOFILE.
+_LIMITS = tuple(getattr(resource, name) for name in sorted(dir(resource))
+                if name.startswith("RLIMIT_") and name != "RLIMIT_CPU")
 _TIMERS = (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF)
 _IPC = ("/proc/sysvipc/shm", "/proc/sysvipc/msg", "/proc/sysvipc/sem")
 
 
-def _open_files() -> dict[int, tuple[int, int]]:
-    """This process's open descriptors, each with the (device, inode) of what it refers to."""
+def _open_files() -> dict[int, tuple[int, int, int, int]]:
+    """This process's open descriptors, each with the (device, inode) of what it refers to and its flags."""
     found = {}
     for name in os.listdir("/proc/self/fd"):
         try:
             info = os.fstat(int(name))
         except OSError:
             continue  # the directory's own descriptor, closed once listed
-        found[int(name)] = (info.st_dev, info.st_ino)
+        fd = int(name)
+        found[fd] = (info.st_dev, info.st_ino, fcntl.fcntl(fd, fcntl.F_GETFL), fcntl.fcntl(fd, fcntl.F_GETFD))
     return found
 
 
@@ -61,7 +70,8 @@ def _ipc_objects() -> bool:
 
 
 class Baseline:
-    """The state of a run process before its first run; :meth:`restore` checks and puts it back after each run."""
+    """The state of a run process before its first run; :meth:`restore` puts it back after each run (tidying:
+    the worker's own checks decide whether the process is kept)."""
 
     def __init__(self) -> None:
         self.pid = os.getpid()
@@ -75,7 +85,7 @@ class Baseline:
         self.mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
 
     def restore(self) -> bool:
-        """Whether this process may serve another run, having put back what a run may change."""
+        """Put back what a run may change; False when it cannot (the process then exits). Not a security check."""
         try:
             return self._alone() and self._same_files() and self._same_limits() and self._reset()
         except (OSError, ValueError, RuntimeError):
@@ -109,8 +119,15 @@ class Baseline:
         os.umask(0o077)
         for timer in _TIMERS:
             signal.setitimer(timer, 0)
+        signal.set_wakeup_fd(-1)  # the runtime sets none: a script's would get the next run's signals
+        for sig in signal.sigpending():  # blocked and pending: ignoring a signal discards it (POSIX)
+            signal.signal(sig, signal.SIG_IGN)
         for sig, handler in self.handlers.items():
-            if handler is not None and signal.getsignal(sig) != handler:
+            current = signal.getsignal(sig)
+            if handler is None:
+                if current is not None:
+                    return False  # set outside Python before the first run: nothing to put back from here
+            elif current != handler:
                 signal.signal(sig, handler)
         signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
         for name, inode in _entries(self.cwd).items():

@@ -28,6 +28,11 @@ class RunProcess:
     runs: int = 0
     idle_since: float = 0.0
     refill: bool = True  # once cleaned up, its slot may get a process started ahead of need (not when evicted)
+    evicted: bool = False  # retired for its slot, which a run waits for (Sandbox._free_slot)
+    cpu_hard: int | None = None  # the hard RLIMIT_CPU it was started under (None: none)
+    # Kept warm, with namespaces: the run process under its init (process.pid), found and held when first parked.
+    run_pid: int | None = None
+    run_pidfd: int | None = None
 
     def kill(self) -> None:
         """Kill the run process, and its process group when it has no uid of its own."""
@@ -43,7 +48,10 @@ class RunProcess:
                 pass
 
     def close(self) -> None:
-        """Close the pidfd (the channel is the caller's to close)."""
+        """Close the pidfds (the channel is the caller's to close)."""
         if self.pidfd is not None:
             os.close(self.pidfd)
             self.pidfd = None
+        if self.run_pidfd is not None:
+            os.close(self.run_pidfd)
+            self.run_pidfd = None

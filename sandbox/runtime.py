@@ -215,9 +215,9 @@ def serve(fd: int, no_network: bool = False, reusable: bool = False) -> None:
 
     ``no_network``: the sandbox has none (seccomp refuses sockets, or the network namespace is empty), so the
     socket layer's errors say so and name ``ctx.http`` (:mod:`.no_network`). ``reusable``: the run has
-    namespaces of its own, so after a run the worker asked to keep (``reuse``) this process may be clean
-    enough for the next run of the same version of the same account (:class:`~.reuse.Baseline` says whether).
-    Otherwise, as always before, it takes one job.
+    namespaces of its own, so after a run the worker asked to keep (``reuse``) this process tidies up
+    (:class:`~.reuse.Baseline`) and says ``ready``; the worker then checks it, stopped, and may keep it for the
+    next run of the same version of the same account. Otherwise, as always before, it takes one job.
     """
     channel = Channel(blocking_socket(fd))
     if no_network:
@@ -242,12 +242,16 @@ def serve(fd: int, no_network: bool = False, reusable: bool = False) -> None:
         _flush_streams()
         if module is None:
             reuse = False  # its code failed, or the soft limit interrupted it: no other run follows here
-        if reuse:
-            assert baseline is not None
-            reuse = baseline.restore()
-        channel.send_bytes(payload[:-1] + (b',"reusable":true}' if reuse else b"}"))
+        # The answer first: tidying up (a /tmp of many files, say) must not count against the run's time.
+        channel.send_bytes(payload)
         if not reuse:
             return
+        assert baseline is not None
+        if not baseline.restore():
+            return  # the worker takes the channel's end as the process retiring itself
+        # Only tidying: the worker decides, from the kernel's view of this process once it is stopped, whether
+        # to keep it (sandbox.warm); "ready" only says the tidying is done.
+        channel.send({"op": "ready"})
 
 
 def _allow_cpu(seconds: int, reuse: bool) -> bool:
@@ -258,8 +262,9 @@ def _allow_cpu(seconds: int, reuse: bool) -> bool:
     hard limit it was started under (the longest run's budget) and each run
     moves the soft one (SIGXCPU) to what it used so far plus its own budget.
     The containment monitor bounds each run's CPU time too, whatever a script
-    does to its soft limit. A process whose hard limit leaves no room for the
-    run's budget gives it what is left, and is not kept.
+    does to its soft limit. The worker hands a warm process a run only while
+    its hard limit leaves room for the run's whole budget (sandbox.warm); one
+    that does not (never expected) gives the run what is left, and is not kept.
     """
     if reuse:
         usage = resource.getrusage(resource.RUSAGE_SELF)

@@ -30,7 +30,7 @@ from .linux import readable
 from .protocol import CallHandler, RunOutcome, SandboxLimits, cpu_budget
 from .run_process import RunProcess
 from .session import RunSession, StopRequest
-from .warm import WarmPool
+from .warm import WarmPool, freeze, thaw
 from .zygote_client import Zygote
 
 __all__ = ["Sandbox"]
@@ -73,7 +73,10 @@ class Sandbox:
         self.hard_grace_seconds = hard_grace_seconds
         self.max_seconds = max_seconds
         self.prestart = prestart
-        self._warm = WarmPool(reuse_max_runs, reuse_idle_seconds) if reuse else None
+        self._warm = WarmPool(reuse_max_runs, reuse_idle_seconds, self._admit, self._retire) if reuse else None
+        # Runs waiting for a slot, and warm processes retired for theirs and not yet cleaned: one eviction per waiter.
+        self._evict_lock = threading.Lock()
+        self._waiting = self._evicting = 0
         # As root, each slot runs under its own uid, so RLIMIT_NPROC counts one
         # run's processes and a run's leftovers can be killed by uid.
         self._uid_lock: int | None = None
@@ -192,6 +195,7 @@ class Sandbox:
                 cgroup_fds = self._containment.prepare(slot, limits, bool(self._zygote.isolation.get("namespaces")))
             except OSError as exc:
                 raise SandboxError(f"could not set the run's cgroup limits: {exc}") from exc
+            process.cpu_hard = process_limits["cpu_seconds"]
             process.pid, process.sock, process.zygote = self._zygote.spawn(
                 process.workdir, process_limits, uid, uid, cgroup_fds)
             process.pidfd = os.pidfd_open(process.pid)
@@ -231,6 +235,7 @@ class Sandbox:
             if process.sock is not None:
                 process.sock.close()
         for process in self._warm.close() if self._warm is not None else []:
+            process.kill()
             process.close()
             if process.sock is not None:
                 process.sock.close()
@@ -277,6 +282,9 @@ class Sandbox:
             self._prestart(process.slot)
         else:
             self._slots.put(process.slot)
+        if process.evicted:
+            with self._evict_lock:
+                self._evicting -= 1
 
     def _process_limits(self, limits: SandboxLimits) -> dict[str, int | None]:
         """The limits a run process is started under (the rest its session enforces)."""
@@ -343,7 +351,8 @@ class Sandbox:
         process: RunProcess | None = None
         keep = False
         try:
-            process = self._take_warm(key) if key is not None else None
+            budget = cpu_budget(soft_seconds + self.hard_grace_seconds, limits.cpu_seconds)
+            process = self._take_warm(key, budget) if key is not None else None
             if process is None and self._same_process_limits(limits):
                 process = self._take_ready()
             if process is None:
@@ -376,31 +385,41 @@ class Sandbox:
         except SandboxError as exc:
             outcome.error = exc
         finally:
-            if process is not None and not (keep and self._park(process, key)):
+            if process is not None and not (keep and self._offer(process, key)):
                 if keep and process.sock is not None:
                     process.sock.close()
                 process.kill()
                 self._cleanup.put(process)
         return outcome
 
-    def _park(self, process: RunProcess, key: Hashable) -> bool:
-        """Keep ``process`` warm for the next run of ``key`` (its first run gave it the key); False if it cannot be."""
+    def _offer(self, process: RunProcess, key: Hashable) -> bool:
+        """Offer ``process`` to the warm pool for the next run of ``key`` (its first run gave it the key), which
+        keeps it once it says ready and passes the worker's own checks (:meth:`_admit`); False if it may not be."""
         assert process.sock is not None and self._warm is not None
-        if process.key not in (None, key) or not self._zygote.running(process.zygote):
+        if process.key not in (None, key) or not self._zygote.running(process.zygote) or \
+                not self._zygote.isolation.get("namespaces"):
             return False
         process.key = key
         process.runs += 1
-        process.sock.settimeout(None)  # the session left the run's deadline on it
-        return self._warm.park(process)
+        self._warm.settle(process)  # off the caller's path: the answer is on its way already
+        return True
 
-    def _take_warm(self, key: Hashable) -> RunProcess | None:
-        """A warm process of ``key`` that is still alive, under the zygote running now; None when there is none."""
+    def _admit(self, process: RunProcess) -> bool:
+        """Whether a process that said ready may wait for its next run: stopped, alone, under the running zygote."""
+        cgroups = self._containment.cgroups
+        members = (lambda: cgroups.members(process.slot)) if cgroups is not None else None
+        return freeze(process, members) and self._zygote.running(process.zygote)
+
+    def _take_warm(self, key: Hashable, cpu_seconds: int) -> RunProcess | None:
+        """A warm process of ``key`` that is still alive and stopped, under the zygote running now, with room for
+        ``cpu_seconds`` of CPU time, continued; None when there is none."""
         assert self._warm is not None
         while True:
             process = self._warm.take(key)
             if process is None:
                 return None
-            if not (process.pidfd is not None and readable(process.pidfd)) and self._zygote.running(process.zygote):
+            if not (process.pidfd is not None and readable(process.pidfd)) and \
+                    self._zygote.running(process.zygote) and thaw(process, cpu_seconds):
                 return process
             self._retire(process)
 
@@ -414,20 +433,31 @@ class Sandbox:
         if self._warm is None:
             return self._slots.get(timeout=timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            try:
-                return self._slots.get_nowait()
-            except queue.Empty:
-                pass
-            victim = self._warm.evict()
-            if victim is not None:
-                victim.refill = False  # its slot goes back free, not to a process started ahead of need
-                self._retire(victim)
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise queue.Empty
-            try:
-                # Not one long wait: a process parked meanwhile holds a slot that only an eviction frees.
-                return self._slots.get(timeout=0.05 if remaining is None else min(remaining, 0.05))
-            except queue.Empty:
-                continue
+        with self._evict_lock:
+            self._waiting += 1
+        try:
+            while True:
+                try:
+                    return self._slots.get_nowait()
+                except queue.Empty:
+                    pass
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise queue.Empty
+                victim = None
+                with self._evict_lock:  # no more evictions under way than runs waiting for the slots they free
+                    if self._evicting < self._waiting:
+                        victim = self._warm.evict()
+                        self._evicting += victim is not None
+                if victim is not None:
+                    victim.refill = False  # its slot goes back free, not to a process started ahead of need
+                    victim.evicted = True
+                    self._retire(victim)
+                try:
+                    # Not one long wait: a process parked meanwhile holds a slot that only an eviction frees.
+                    return self._slots.get(timeout=0.05 if remaining is None else min(remaining, 0.05))
+                except queue.Empty:
+                    continue
+        finally:
+            with self._evict_lock:
+                self._waiting -= 1

@@ -119,8 +119,9 @@ class RunSession:
         self._handed_on = -float("inf")  # when on_idle last ran (time.monotonic())
         self._pending = select.poll()  # whether the run has sent more (poll: descriptors may be past 1024)
         self._pending.register(process.sock, select.POLLIN)
-        # Whether the run ended cleanly (a result, or the script's own error) in a process that says it may
-        # serve another run: only then may the sandbox keep it warm.
+        # Whether the run ended cleanly (a result in time, or the script's own error): only then may the sandbox
+        # offer its process to the warm pool, which checks it for itself (sandbox.warm). What the process says
+        # of itself is never trusted.
         self.reusable = False
         self._handlers: dict[str, Callable[[dict[str, Any]], bool]] = {
             "call": self.on_call, "emit": self.on_emit, "log": self.on_log, "result": self.on_result,
@@ -135,8 +136,8 @@ class RunSession:
         """Hand the job to the run process; OSError when it died before it took the job.
 
         ``reuse``: the process may be kept for another run afterwards, so it
-        sets its CPU limit for that and checks, before it answers, that it is
-        clean enough to be (``reusable`` in its final message).
+        sets its CPU limit for that and, after its answer, tidies up and says
+        ``ready`` (read by :meth:`.warm.WarmPool.settle`, not here).
         """
         message = {"op": "run", "code": base64.b64encode(code).decode(), "source": source, "job": job,
                    "soft_seconds": self.soft_seconds, "cpu_seconds": self.cpu_seconds}
@@ -257,7 +258,7 @@ class RunSession:
             outcome.result = outcome.result_json = None
             outcome.error = TimeLimitExceeded(f"the run passed its soft time limit ({self.soft_seconds:g}s)",
                                               limit="soft", seconds=self.soft_seconds)
-        self.reusable = message.get("reusable") is True and outcome.error is None
+        self.reusable = outcome.error is None
         return True
 
     def on_error(self, message: dict[str, Any]) -> bool:
@@ -271,7 +272,7 @@ class RunSession:
             self.outcome.error = ScriptError(str(message.get("message", "the script failed")),
                                              exception=str(message.get("type", "")),
                                              traceback=str(message.get("traceback", ""))[-8192:])
-            self.reusable = message.get("reusable") is True
+            self.reusable = True
         return True
 
     def on_unknown(self, message: dict[str, Any]) -> bool:

@@ -1,6 +1,8 @@
 """Run one job on a worker: claim it, run the script in the sandbox, record and cache the outcome."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -150,15 +152,21 @@ class _Chunks:
         self._lines.clear()
 
 
-def _reuse_key(job: RunJob) -> tuple[str, str, str, str] | None:
+def _reuse_key(job: RunJob) -> tuple[str, str, str, str, str] | None:
     """What a warm run process may serve this run (FLOWPOOL_SANDBOX_REUSE): the account's same workflow version.
 
     None for a run carrying secrets: it gets a fresh process, which ends with
-    it, so its secrets reach no later run, even of the same account.
+    it, so its secrets reach no later run, even of the same account. The
+    version's env is part of the key: the script's module runs once per
+    process, with the env of that process's first run in ``os.environ``, and a
+    new upload of the same script with another env keeps its version and hash.
+    (The limits, the rest of the version's configuration that reaches the
+    sandbox, key the process in the sandbox itself.)
     """
     if job.secrets:
         return None
-    return (job.account, job.workflow, job.version, job.content_hash)
+    env = hashlib.sha256(json.dumps(job.env, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    return (job.account, job.workflow, job.version, job.content_hash, env)
 
 
 def execute_run(runtime: WorkerRuntime, job: RunJob) -> RunEnd | None:

@@ -73,3 +73,29 @@ def test_reuse_off_gives_every_run_a_fresh_process(client: Client) -> None:
         assert [_run(client)["runs"] for _ in range(3)] == [1, 1, 1]
     finally:
         stack.stop()
+
+
+READS_ENV_AT_LOAD = """
+    import os
+    RUNS = 0
+    MODE = os.environ.get("MODE")  # read once, as the module loads
+
+    def execute(ctx):
+        global RUNS
+        RUNS += 1
+        return {"runs": RUNS, "mode": MODE}
+"""
+
+
+def test_a_new_env_for_the_same_script_gets_a_fresh_process(client: Client) -> None:
+    ref = f"env-{uuid.uuid4().hex[:8]}"
+
+    def run() -> dict[str, Any]:
+        response = client.invoke(ref, cache=False)
+        assert response.status_code == 200, response.text
+        return json.loads(response.json()["choices"][0]["message"]["content"])
+
+    client.upload(ref, READS_ENV_AT_LOAD, env={"MODE": "first"})
+    assert [run() for _ in range(2)] == [{"runs": 1, "mode": "first"}, {"runs": 2, "mode": "first"}]
+    client.upload(ref, READS_ENV_AT_LOAD, env={"MODE": "second"})  # the same script: the same version and hash
+    assert run() == {"runs": 1, "mode": "second"}

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,7 +33,7 @@ KEY = ("account-a", "flow", "1.0.0", "hash-a")
 
 # Each run says which process it ran in and what it finds there; ``input`` says what else it does.
 SCRIPT = compiled('''
-import gc, os, threading, time
+import gc, os, resource, signal, threading, time
 RUNS = 0
 STASH = []
 KEPT = []
@@ -43,7 +45,31 @@ def execute(ctx):
     seen = {"runs": RUNS, "start": open("/proc/self/stat").read().split()[21], "tmp": sorted(os.listdir("/tmp")),
             "fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd")), "cwd": os.getcwd(),
             "stash": list(STASH),
-            "in_memory": any(isinstance(o, dict) and o.get("token") == "s3cret-7f1e" for o in gc.get_objects())}
+            "in_memory": any(isinstance(o, dict) and o.get("token") == "s3cret-7f1e" for o in gc.get_objects()),
+            "pending": sorted(int(sig) for sig in signal.sigpending()),
+            # CPU time this run may still use before SIGXCPU: its soft limit, less what the process used already.
+            "cpu_left": resource.getrlimit(resource.RLIMIT_CPU)[0] - sum(resource.getrusage(resource.RUSAGE_SELF)[:2])}
+    if asked.get("forge"):  # tell the worker whatever it likes: the process's own tidying always says yes
+        for found in gc.get_objects():
+            if type(found).__name__ == "Baseline":
+                type(found).restore = lambda self: True
+    if asked.get("burn"):  # a thread and a child, both spinning, to outlive the run
+        threading.Thread(target=lambda: [None for _ in iter(int, 1)], daemon=True).start()
+        if os.fork() == 0:
+            while True:
+                pass
+    if asked.get("stack"):
+        soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
+        resource.setrlimit(resource.RLIMIT_STACK, (1 << 20 if soft in (-1, 1 << 20) else soft // 2, hard))
+    if asked.get("pend"):  # blocked and pending when the run ends
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR2])
+        os.kill(os.getpid(), signal.SIGUSR2)
+    if asked.get("slow_tidy"):  # a /tmp that takes long to empty (many files, say)
+        import shutil
+        os.makedirs("/tmp/many/files", exist_ok=True)
+        shutil.rmtree = lambda *args, **kwargs: time.sleep(asked["slow_tidy"])
+    if asked.get("lift_cpu"):
+        resource.setrlimit(resource.RLIMIT_CPU, (resource.getrlimit(resource.RLIMIT_CPU)[1],) * 2)
     if ctx.secrets:
         STASH.append(dict(ctx.secrets))
     if asked.get("write"):
@@ -195,7 +221,8 @@ def test_the_next_run_finds_tmp_empty_and_its_working_directory_back(warm: Sandb
     first = run(warm, key, write=True)
     after = run(warm, key)
     assert after["runs"] == 2
-    assert after["tmp"] == first["tmp"] == [] and after["cwd"] == first["cwd"]
+    # What the first run found (nothing, or the checkout, kept visible where it lies under /tmp), not what it wrote.
+    assert after["tmp"] == first["tmp"] and not {"a", "top"} & set(after["tmp"]) and after["cwd"] == first["cwd"]
 
 
 def test_accessory_descriptors_are_closed_before_the_next_run(warm: Sandbox) -> None:
@@ -270,5 +297,96 @@ def test_a_run_of_another_key_takes_the_slot_of_the_least_recently_used() -> Non
         assert run(box, fresh_key("a"))["runs"] == 2
         assert run(box, fresh_key("b"))["runs"] == 1  # the only slot was a's, held warm: a's process is retired
         assert run(box, fresh_key("a"))["runs"] == 1
+    finally:
+        box.stop()
+
+
+# Review findings: the worker decides whether to keep a process, from the kernel, never from what it says.
+
+def test_a_forged_clean_bill_with_a_thread_and_a_child_left_is_retired(warm: Sandbox) -> None:
+    key = fresh_key("forged")
+    assert run(warm, key)["runs"] == 1
+    assert run(warm, key, forge=True)["runs"] == 2
+    burnt = warm.run(SCRIPT, {"input": {"burn": True}}, 5.0, reuse=key)
+    assert burnt.ok and burnt.result["runs"] == 3 and burnt.pid is not None
+    eventually(lambda: not alive(burnt.pid), timeout=10, what="the process that left a thread and a child retired")
+    assert run(warm, key)["runs"] == 1
+
+
+def test_a_parked_process_is_stopped_and_one_continued_meanwhile_is_retired(warm: Sandbox) -> None:
+    key = fresh_key("stopped")
+    assert run(warm, key)["runs"] == 1
+    parked = warm._warm.take((key, LIMITS))  # type: ignore[union-attr]  # the pool keys by limits too
+    assert parked is not None and parked.run_pid is not None
+    assert psutil.Process(parked.run_pid).status() == psutil.STATUS_STOPPED
+    warm._warm.park(parked)  # type: ignore[union-attr]
+    os.kill(parked.run_pid, signal.SIGCONT)  # a fault from outside: something woke it while it waited
+    assert run(warm, key)["runs"] == 1
+
+
+def test_every_run_of_a_warm_process_gets_its_whole_cpu_budget() -> None:
+    # A hard CPU limit of 8 s for the process's whole life (6 s + 1 s grace + 1), a budget of 6 s per run (4 s
+    # soft + 1 s grace + 1): after a run that used 2.5 s, the process has less than a run's budget left.
+    box = make(max_seconds=6.0)
+    try:
+        if not box.isolation.get("namespaces"):
+            pytest.skip("no per-run namespaces here")
+        key = fresh_key("cpu-budget")
+        left = [run(box, key, soft=4.0, spin=spin)["cpu_left"] for spin in (2.5, 0)]
+        assert min(left) >= 5.9, left
+    finally:
+        box.stop()
+
+
+def test_tidying_up_after_the_answer_does_not_count_against_the_run(warm: Sandbox) -> None:
+    key = fresh_key("slow-tidy")
+    started = time.monotonic()
+    assert run(warm, key, soft=1.0, slow_tidy=4.0)["runs"] == 1  # answered before its /tmp was emptied
+    assert time.monotonic() - started < 4.0
+    assert run(warm, key)["runs"] == 1  # it did not say ready in time: retired
+
+
+def test_changed_resource_limits_are_not_kept(warm: Sandbox) -> None:
+    key = fresh_key("stack")
+    assert run(warm, key, stack=True)["runs"] == 1
+    assert run(warm, key)["runs"] == 1
+
+
+def test_a_pending_signal_is_discarded_before_the_next_run(warm: Sandbox) -> None:
+    key = fresh_key("pending")
+    assert run(warm, key, pend=True)["runs"] == 1
+    after = run(warm, key)
+    assert after["runs"] == 2 and after["pending"] == []
+
+
+def test_a_run_waiting_for_a_slot_evicts_one_warm_process_only() -> None:
+    box = make(slots=3)
+    try:
+        if not box.isolation.get("namespaces"):
+            pytest.skip("no per-run namespaces here")
+        for name in "abc":
+            assert run(box, fresh_key(name))["runs"] == 1
+        clear = box._containment.clear
+
+        def slow_clear(slot: int) -> None:  # a fault: a slot whose clean-up takes long (many processes to kill)
+            time.sleep(0.5)
+            clear(slot)
+
+        box._containment.clear = slow_clear  # type: ignore[method-assign]
+        assert run(box, fresh_key("d"))["runs"] == 1  # a's process, the least recently used, made way
+        assert run(box, fresh_key("b"))["runs"] == 2 and run(box, fresh_key("c"))["runs"] == 2
+    finally:
+        box.stop()
+
+
+def test_the_workflow_cpu_limit_holds_where_cgroups_do_not_count_cpu() -> None:
+    box = make(limits=SandboxLimits(**{**LIMITS.__dict__, "cpu_seconds": 1}))
+    try:
+        cgroups = box._containment.cgroups
+        if not box.isolation.get("namespaces") or cgroups is None:
+            pytest.skip("no per-run namespaces or no cgroups here")
+        cgroups.cpu_seconds = lambda slot: None  # type: ignore[method-assign]  # as cgroup v1 without cpuacct
+        outcome = box.run(SCRIPT, {"input": {"lift_cpu": True, "spin": 4}}, 10.0, reuse=fresh_key("no-cpuacct"))
+        assert isinstance(outcome.error, SandboxError) and "CPU" in str(outcome.error), outcome.error
     finally:
         box.stop()
