@@ -32,7 +32,8 @@ from celery.worker import state
 
 from flowpool.errors import (RunError, RunNotStarted, SandboxError, ScriptError, TimeLimitExceeded, WorkerLost,
                              run_error_from_dict)
-from flowpool.queues import queue_of_broker
+from flowpool import keys
+from flowpool.queues import broker_queue, queue_of_broker
 from flowpool.run import RunEnd, RunJob, RunStatus
 from flowpool.sealing import InvalidToken
 from flowpool.settings import Settings
@@ -66,7 +67,7 @@ def worker_celery(settings: Settings) -> Celery:
         if not self.app.flowpool_ready.wait(60):
             raise RuntimeError("the flowpool worker runtime did not start")
         runtime = self.app.flowpool_runtime
-        if runtime.draining.is_set() and _hand_back(self, job):
+        if runtime.is_draining() and _hand_back(self, runtime, job):
             raise Ignore()  # another worker runs it; this one sends no event for it
         end: RunEnd | None
         try:
@@ -83,31 +84,35 @@ def worker_celery(settings: Settings) -> Celery:
 
     def shutting_down(**_: Any) -> None:
         # The warm shutdown's signal handler, in the main thread: what a fetch under way still delivers from
-        # now on is handed back (_hand_back). Redis is left to a thread: the handler may have interrupted the
-        # main thread inside the connection pool's lock.
+        # now on is handed back (_hand_back). It takes no lock (ask_drain): it may have interrupted one.
         runtime = app.flowpool_runtime
-        if runtime is not None and not runtime.draining.is_set():
-            runtime.draining.set()
-            threading.Thread(target=runtime.stop_serving, name="flowpool-drain", daemon=True).start()
+        if runtime is not None:
+            runtime.ask_drain()
 
     worker_shutting_down.connect(shutting_down, weak=False)
     app.steps["worker"].add(_RuntimeStep)
     return app
 
 
-def _hand_back(task: Any, job: dict[str, Any]) -> bool:
+def _hand_back(task: Any, runtime: WorkerRuntime, job: dict[str, Any]) -> bool:
     """Put back in its queue a run a draining worker took: whether it went back (else this worker runs it).
 
     A fetch already under way when the warm shutdown began still delivers
     its message; the message was acknowledged as the task started, so the
     job is sent again, with its task id and expiry, for a worker that stays.
-    Should two deliveries ever meet, the run's claim lets one of them run it.
+    It goes back once only, and only while another worker serves its queue:
+    otherwise (the last worker of a queue, or draining workers passing it
+    around) it runs here, within the drain. Should two deliveries ever meet,
+    the run's claim lets one of them run it.
     """
     request = task.request
-    queue = str((request.delivery_info or {}).get("routing_key") or "")
+    queue = queue_of_broker(str((request.delivery_info or {}).get("routing_key") or ""))
     request_id = str(job.get("request_id"))
+    if queue is None or job.get("handed_back") or not _others_serve(runtime, queue):
+        return False
     try:
-        task.app.send_task(RUN_TASK, kwargs={"job": job}, task_id=request.id, queue=queue or None,
+        task.app.send_task(RUN_TASK, kwargs={"job": {**job, "handed_back": True}}, task_id=request.id,
+                           queue=broker_queue(queue),
                            expires=request.expires, argsrepr="()",  # as the API sent it: no input, no secrets
                            kwargsrepr=f"{{'job': <run {request_id} of {job.get('workflow')}@{job.get('version')}>}}")
     except Exception as exc:  # the broker did not take it back: run it here, within the drain
@@ -116,6 +121,16 @@ def _hand_back(task: Any, job: dict[str, Any]) -> bool:
         return False
     log.info("run %s: taken while draining; put back in its queue for another worker", request_id)
     return True
+
+
+def _others_serve(runtime: WorkerRuntime, queue: str) -> bool:
+    """Whether a live worker other than this one (which stopped naming itself) consumes ``queue``."""
+    try:
+        since = time.time() - runtime.settings.worker_ttl_seconds
+        names = runtime.redis.zrangebyscore(keys.queue_workers(queue), since, "+inf")
+    except Exception:  # Redis did not answer: run it here
+        return False
+    return any(name.decode() != runtime.name for name in names)
 
 
 def _task_outcome(request_id: str, end: RunEnd | None) -> str:

@@ -94,6 +94,12 @@ class WorkerRuntime:
         # stops naming it a worker of its queues (a queue left with none answers 503 at once), while its report
         # still counts the runs it drains.
         self.draining = threading.Event()
+        # The warm shutdown's signal handler runs in the main thread, wherever it was interrupted (perhaps inside
+        # a lock): it only sets this flag and writes a byte, and the drainer thread does the rest (ask_drain).
+        self._drain_asked = False
+        self._drain_pipe = os.pipe()
+        self._drainer = threading.Thread(target=self._await_drain, name="flowpool-drain", daemon=True)
+        self._beat_lock = threading.Lock()  # a beat and the drain's writes one at a time: no beat undoes the drain
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat, name="flowpool-heartbeat", daemon=True)
 
@@ -123,7 +129,8 @@ class WorkerRuntime:
     def start(self) -> None:
         self.sandbox.start()
         self._beat.start()
-        log.info("flowpool worker %s ready, %d slots; sandbox: %s", self.name, self.settings.worker_concurrency,
+        self._drainer.start()
+        log.info("flowpool worker %s ready, %d slots; sandbox: %s", self.name, self.slots,
                  self.sandbox.describe())
         for weakness in self.sandbox.weaknesses:
             log.warning("sandbox: %s", weakness)
@@ -135,22 +142,44 @@ class WorkerRuntime:
         except redis.RedisError as exc:
             log.warning("could not publish the sandbox's description: %s", exc)
 
+    def ask_drain(self) -> None:
+        """Begin the drain, from a signal handler: a flag and a byte written, no lock taken (the drainer follows)."""
+        self._drain_asked = True
+        try:
+            os.write(self._drain_pipe[1], b"d")
+        except OSError:
+            pass
+
+    def is_draining(self) -> bool:
+        """Whether a warm shutdown began: the worker takes no more runs."""
+        return self._drain_asked or self.draining.is_set()
+
+    def _await_drain(self) -> None:
+        if os.read(self._drain_pipe[0], 1) == b"d":
+            self.stop_serving()
+
     def stop_serving(self) -> None:
         """A warm shutdown began: stop naming this worker a worker of its queues, now and in later beats."""
         self.draining.set()
-        try:
-            pipe = self.redis.pipeline(transaction=False)
-            for queue in self.queues:
-                pipe.zrem(keys.queue_workers(queue), self.name)
-            pipe.hset(keys.WORKER_POOL, self.name, json.dumps(self.pool_report(time.time())))  # "draining": true
-            pipe.execute()
-        except redis.RedisError:
-            pass  # the next beat does it
+        with self._beat_lock:  # after any beat under way, which may have read the flag before it was set
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                for queue in self.queues:
+                    pipe.zrem(keys.queue_workers(queue), self.name)
+                pipe.hset(keys.WORKER_POOL, self.name, json.dumps(self.pool_report(time.time())))  # draining
+                pipe.execute()
+            except redis.RedisError:
+                pass  # the next beat does it
 
     def stop(self) -> None:
         self._stop.set()
         if self._beat.is_alive():
             self._beat.join(5)
+        if self._drainer.is_alive():
+            os.write(self._drain_pipe[1], b"q")  # no drain asked: let it go
+            self._drainer.join(5)
+        for fd in self._drain_pipe:
+            os.close(fd)
         try:
             pipe = self.redis.pipeline(transaction=False)
             pipe.zrem(keys.WORKERS, self.name)
@@ -214,16 +243,20 @@ class WorkerRuntime:
             if queue is not None and request.id not in claimed:
                 reserved[queue] = reserved.get(queue, 0) + 1
         return {"queues": self.queues, "slots": self.slots, "running": running, "reserved": reserved, "at": now,
-                "draining": self.draining.is_set()}
+                "draining": self.is_draining()}
 
     def _send_beat(self) -> None:
         """One heartbeat: the worker's time in WORKERS and in each of its queues, what it holds per queue, each run's
         lease set afresh, cancel requests read."""
+        with self._beat_lock:
+            self._beat_once()
+
+    def _beat_once(self) -> None:
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
         pipe.zadd(keys.WORKERS, {self.name: now})
         for queue in self.queues:
-            if self.draining.is_set():  # it takes no more runs: no queue is served by it any more
+            if self.is_draining():  # it takes no more runs: no queue is served by it any more
                 pipe.zrem(keys.queue_workers(queue), self.name)
             else:
                 pipe.zadd(keys.queue_workers(queue), {self.name: now})

@@ -6,8 +6,12 @@ release before worker queues, as it wrote them (its time in WORKERS only).
 """
 from __future__ import annotations
 
+import base64
+import json
+import os
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Iterator
 
 import pytest
@@ -24,6 +28,8 @@ from flowpool.queues import broker_queue
 from flowpool.redis_server import RedisServer
 from flowpool.registry import Account, Upload
 from flowpool.settings import Settings
+from flowpool.tasks.app import create_celery
+from flowpool.tasks.run_task import _hand_back
 from flowpool.tasks.worker import WorkerRuntime
 
 
@@ -52,6 +58,9 @@ def svc(settings: Settings) -> Iterator[Services]:
 def runtime(settings: Settings) -> Iterator[WorkerRuntime]:
     worker = WorkerRuntime(settings, name="worker-heavy", queues=["heavy"], slots=2)
     yield worker
+    if worker._drainer.is_alive():
+        os.write(worker._drain_pipe[1], b"q")
+        worker._drainer.join(5)
     worker.redis.close()
 
 
@@ -125,3 +134,40 @@ def test_with_no_worker_the_api_is_ready_only_when_an_autoscaler_starts_workers(
 
     assert response.status_code == status, response.text
     assert response.json["checks"]["workers"] == 0
+
+
+def test_a_drain_asked_from_a_signal_handler_is_carried_out_by_the_drainer(svc: Services,
+                                                                          runtime: WorkerRuntime) -> None:
+    runtime._send_beat()
+    runtime._drainer.start()
+    runtime.ask_drain()  # what the handler does: a flag and a byte, no lock
+    assert runtime.is_draining()
+    runtime._drainer.join(5)
+
+    assert not runtime._drainer.is_alive() and runtime.draining.is_set()
+    assert svc.live_workers("heavy") == 0
+
+
+def _taken(runtime: WorkerRuntime, **job: Any) -> tuple[Any, dict[str, Any]]:
+    """The task context of a run a draining worker took from the heavy queue, as _hand_back reads it."""
+    app = create_celery(runtime.settings)
+    request = SimpleNamespace(id="req_taken", delivery_info={"routing_key": broker_queue("heavy")}, expires=None)
+    return SimpleNamespace(app=app, request=request), {"request_id": "req_taken", "workflow": "w", "version": "1",
+                                                      **job}
+
+
+@pytest.mark.parametrize("others", [False, True])
+def test_a_run_taken_while_draining_goes_back_only_while_another_worker_serves_its_queue(
+        runtime: WorkerRuntime, redis_db: redis.Redis, others: bool) -> None:
+    runtime.stop_serving()
+    if others:
+        redis_db.zadd(keys.queue_workers("heavy"), {"worker-staying": time.time()})
+    task, job = _taken(runtime)
+
+    assert _hand_back(task, runtime, job) is others
+    sent = redis_db.lrange(broker_queue("heavy"), 0, -1)
+    assert len(sent) == (1 if others else 0)
+    if others:  # once only: a run handed back before runs where it lands
+        assert b"handed_back" in base64.b64decode(json.loads(sent[0])["body"])
+        again_task, again = _taken(runtime, handed_back=True)
+        assert _hand_back(again_task, runtime, again) is False
