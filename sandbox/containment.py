@@ -257,8 +257,13 @@ def _tree_cpu(pid: int) -> float:
         try:
             stat = stat_fields(current)
             total += sum(int(value) for value in stat[11:15]) / _CLOCK_TICKS
-            with open(f"/proc/{current}/task/{current}/children") as handle:
-                todo.extend(int(child) for child in handle.read().split())
+            # Every thread's children: a child forked by a thread other than the main one is its, not the main's.
+            for task in os.listdir(f"/proc/{current}/task"):
+                try:
+                    with open(f"/proc/{current}/task/{task}/children") as handle:
+                        todo.extend(int(child) for child in handle.read().split())
+                except OSError:
+                    continue  # a thread that ended meanwhile: its children went to another
         except (OSError, ValueError, IndexError):
             continue  # exited meanwhile
     return total

@@ -29,7 +29,7 @@ class RunProcess:
     idle_since: float = 0.0
     refill: bool = True  # once cleaned up, its slot may get a process started ahead of need (not when evicted)
     evicted: bool = False  # retired for its slot, which a run waits for (Sandbox._free_slot)
-    cpu_hard: int | None = None  # the hard RLIMIT_CPU it was started under (None: none)
+    cpu_answered: float = 0.0  # kept warm: the CPU seconds it and its init had used when it last answered
     # Kept warm, with namespaces: the run process under its init (process.pid), found and held when first parked.
     run_pid: int | None = None
     run_pidfd: int | None = None

@@ -30,7 +30,7 @@ from .linux import readable
 from .protocol import CallHandler, RunOutcome, SandboxLimits, cpu_budget
 from .run_process import RunProcess
 from .session import RunSession, StopRequest
-from .warm import WarmPool, freeze, thaw
+from .warm import WarmPool, answered, freeze, thaw
 from .zygote_client import Zygote
 
 __all__ = ["Sandbox"]
@@ -195,7 +195,6 @@ class Sandbox:
                 cgroup_fds = self._containment.prepare(slot, limits, bool(self._zygote.isolation.get("namespaces")))
             except OSError as exc:
                 raise SandboxError(f"could not set the run's cgroup limits: {exc}") from exc
-            process.cpu_hard = process_limits["cpu_seconds"]
             process.pid, process.sock, process.zygote = self._zygote.spawn(
                 process.workdir, process_limits, uid, uid, cgroup_fds)
             process.pidfd = os.pidfd_open(process.pid)
@@ -280,11 +279,13 @@ class Sandbox:
         process.close()
         if refill:
             self._prestart(process.slot)
+        elif process.evicted:
+            # Together: a waiter that finds no slot must not find the eviction done either (it would evict another).
+            with self._evict_lock:
+                self._slots.put(process.slot)
+                self._evicting -= 1
         else:
             self._slots.put(process.slot)
-        if process.evicted:
-            with self._evict_lock:
-                self._evicting -= 1
 
     def _process_limits(self, limits: SandboxLimits) -> dict[str, int | None]:
         """The limits a run process is started under (the rest its session enforces)."""
@@ -385,19 +386,23 @@ class Sandbox:
         except SandboxError as exc:
             outcome.error = exc
         finally:
-            if process is not None and not (keep and self._offer(process, key)):
+            if process is not None and not (keep and self._offer(process, key, budget)):
                 if keep and process.sock is not None:
                     process.sock.close()
                 process.kill()
                 self._cleanup.put(process)
         return outcome
 
-    def _offer(self, process: RunProcess, key: Hashable) -> bool:
+    def _offer(self, process: RunProcess, key: Hashable, budget: int) -> bool:
         """Offer ``process`` to the warm pool for the next run of ``key`` (its first run gave it the key), which
-        keeps it once it says ready and passes the worker's own checks (:meth:`_admit`); False if it may not be."""
+        keeps it once it says ready and passes the worker's own checks (:meth:`_admit`); False if it may not be.
+
+        Not offered when its CPU hard limit leaves no room for another run of ``budget`` (a workflow whose budget
+        is the longest run's): it would be parked only to be retired by its next run.
+        """
         assert process.sock is not None and self._warm is not None
         if process.key not in (None, key) or not self._zygote.running(process.zygote) or \
-                not self._zygote.isolation.get("namespaces"):
+                not self._zygote.isolation.get("namespaces") or not answered(process, budget):
             return False
         process.key = key
         process.runs += 1
@@ -446,6 +451,10 @@ class Sandbox:
                     raise queue.Empty
                 victim = None
                 with self._evict_lock:  # no more evictions under way than runs waiting for the slots they free
+                    try:
+                        return self._slots.get_nowait()  # an eviction ended since the first look
+                    except queue.Empty:
+                        pass
                     if self._evicting < self._waiting:
                         victim = self._warm.evict()
                         self._evicting += victim is not None

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import fields, replace
 from typing import Any, Iterator
 
 import pytest
 import redis
 
+from flowpool import keys
 from flowpool.api.admission import admit
 from flowpool.api.models import InvokeRequest
 from flowpool.api.services import Services
@@ -136,6 +138,8 @@ def test_the_served_view_of_a_record_has_its_timings() -> None:
 @pytest.fixture
 def services(redis_server: RedisServer, redis_db: redis.Redis) -> Iterator[Services]:
     svc = Services(Settings(redis_url=f"redis://127.0.0.1:{redis_server.port}/15"))
+    # A worker of the default queue, alive for the test: admission refuses a queue no worker serves.
+    redis_db.zadd(keys.queue_workers("default"), {"worker-a": time.time() + 3600})
     yield svc
     svc.redis.close()
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,6 +24,8 @@ import pytest
 
 from flowpool.errors import SandboxError, ScriptError, TimeLimitExceeded
 from flowpool.sandbox import Sandbox, SandboxLimits, WithFile
+from flowpool.sandbox.run_process import RunProcess
+from flowpool.sandbox.warm import answered, freeze
 from tests.conftest import SESSION_PIDS
 from tests.helpers import compiled, eventually, sandbox_backends
 
@@ -70,6 +75,18 @@ def execute(ctx):
         shutil.rmtree = lambda *args, **kwargs: time.sleep(asked["slow_tidy"])
     if asked.get("lift_cpu"):
         resource.setrlimit(resource.RLIMIT_CPU, (resource.getrlimit(resource.RLIMIT_CPU)[1],) * 2)
+    if asked.get("lower_cpu"):  # a hard CPU limit that leaves the next run less than its budget
+        resource.setrlimit(resource.RLIMIT_CPU, (int(sum(resource.getrusage(resource.RUSAGE_SELF)[:2])) + 3,) * 2)
+    if asked.get("thread_child"):  # a child forked by a thread, not the main one, spinning while the run lasts
+        def fork_and_stay():
+            if os.fork() == 0:
+                while True:
+                    pass
+            time.sleep(30)
+        threading.Thread(target=fork_and_stay, daemon=True).start()
+        deadline = time.monotonic() + asked["thread_child"]
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
     if ctx.secrets:
         STASH.append(dict(ctx.secrets))
     if asked.get("write"):
@@ -95,6 +112,34 @@ def execute(ctx):
         while time.process_time() < deadline:
             pass
     return seen
+''')
+
+
+# Serves its own runs after its first answer (a script may), after spinning ``spin`` CPU seconds uncharged; or,
+# asked for "partial", sends the first bytes of a frame after its answer and nothing more.
+HIJACK = compiled('''
+import gc, json, socket, struct, time
+def execute(ctx):
+    asked = ctx.input or {}
+    if "hijack" not in asked:
+        return {"hijacked": False}
+    sock = [o for o in gc.get_objects() if isinstance(o, socket.socket) and o.fileno() >= 0][0]
+    def send(message):
+        body = json.dumps(message, separators=(",", ":")).encode()
+        sock.sendall(struct.pack(">I", len(body)) + body)
+
+    send({"op": "result", "value": {"hijacked": False}})
+    if asked["hijack"] == "partial":
+        sock.sendall(b"\\0\\0")
+        time.sleep(30)
+    deadline = time.process_time() + asked["hijack"]
+    while time.process_time() < deadline:
+        pass
+    send({"op": "ready"})
+    while True:
+        sock.recv(struct.unpack(">I", sock.recv(4, socket.MSG_WAITALL))[0], socket.MSG_WAITALL)
+        send({"op": "result", "value": {"hijacked": True}})
+        send({"op": "ready"})
 ''')
 
 
@@ -390,3 +435,68 @@ def test_the_workflow_cpu_limit_holds_where_cgroups_do_not_count_cpu() -> None:
         assert isinstance(outcome.error, SandboxError) and "CPU" in str(outcome.error), outcome.error
     finally:
         box.stop()
+
+
+def test_a_process_that_computes_after_its_answer_is_not_kept(warm: Sandbox) -> None:
+    key = fresh_key("hijack")
+    first = warm.run(HIJACK, {"input": {"hijack": 0.6}}, 5.0, reuse=key)
+    assert first.error is None and first.result == {"hijacked": False}
+    eventually(lambda: not warm._warm._settling, timeout=10, what="the process parked or retired")  # type: ignore
+    after = warm.run(HIJACK, {"input": {}}, 5.0, reuse=key)
+    assert after.error is None and after.result == {"hijacked": False}  # a fresh process, not the script's loop
+
+
+def test_a_partial_ready_holds_up_no_other_process(warm: Sandbox) -> None:
+    stalled = warm.run(HIJACK, {"input": {"hijack": "partial"}}, 5.0, reuse=fresh_key("partial"))
+    assert stalled.error is None
+    key = fresh_key("beside-partial")
+    assert [run(warm, key)["runs"] for _ in range(2)] == [1, 2]  # settled while the other one still waits
+
+
+def test_the_cpu_limit_counts_a_child_forked_by_a_thread_where_cgroups_do_not_count_cpu() -> None:
+    box = make(limits=SandboxLimits(**{**LIMITS.__dict__, "cpu_seconds": 1}))
+    try:
+        cgroups = box._containment.cgroups
+        if not box.isolation.get("namespaces") or cgroups is None:
+            pytest.skip("no per-run namespaces or no cgroups here")
+        cgroups.cpu_seconds = lambda slot: None  # type: ignore[method-assign]  # as cgroup v1 without cpuacct
+        outcome = box.run(SCRIPT, {"input": {"lift_cpu": True, "thread_child": 4}}, 10.0, reuse=fresh_key("thr"))
+        assert isinstance(outcome.error, SandboxError) and "CPU" in str(outcome.error), outcome.error
+    finally:
+        box.stop()
+
+
+def test_a_run_whose_budget_is_the_longest_is_not_parked() -> None:
+    box = make(max_seconds=6.0)  # a hard CPU limit of 8 s; a run of 6 s soft has a budget of 8 s too
+    try:
+        if not box.isolation.get("namespaces"):
+            pytest.skip("no per-run namespaces here")
+        assert run(box, soft=6.0)["runs"] == 1
+        assert box._warm is not None and not box._warm._settling and len(box._warm) == 0
+    finally:
+        box.stop()
+
+
+def test_a_lowered_hard_cpu_limit_retires_the_process(warm: Sandbox) -> None:
+    key = fresh_key("lower-cpu")
+    assert run(warm, key)["runs"] == 1
+    assert run(warm, key, forge=True, lower_cpu=True)["runs"] == 2  # its tidying forged to say all is well
+    assert run(warm, key)["runs"] == 1
+
+
+def test_a_process_not_in_a_pid_namespace_of_its_own_is_never_stopped() -> None:
+    # A stranger in the place of a run (its pid reused, say) cannot be made for real: a parent and its child.
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess; subprocess.run(['sleep', '30'])"])
+    children: list[psutil.Process] = []
+    try:
+        children = eventually(lambda: psutil.Process(parent.pid).children(), timeout=10, what="the child")
+        ours, theirs = socket.socketpair()
+        process = RunProcess(0, None, "/tmp", pid=parent.pid, sock=ours, pidfd=os.pidfd_open(parent.pid))
+        assert not answered(process, 1) and not freeze(process, None)
+        assert children[0].status() != psutil.STATUS_STOPPED
+        for done in (process.close, ours.close, theirs.close):
+            done()
+    finally:
+        for started in [*children, psutil.Process(parent.pid)]:
+            started.kill()
+        parent.wait(10)
