@@ -155,9 +155,11 @@ def _no_leaked_processes(sandbox: Sandbox) -> Iterator[None]:
             proc.kill()
         pytest.fail(f"processes left under the sandbox's uids: {described}")
     kept: set[int] = set()
-    for pid in zygotes() & before:
+    for pid in before:  # every zygote that ran before the test (its spares), this module's or not, direct child or not
         try:
-            kept |= {pid} | {p.pid for p in psutil.Process(pid).children(recursive=True)}
+            zygote = psutil.Process(pid)
+            if ZYGOTE_MODULE in zygote.cmdline():
+                kept |= {pid} | {p.pid for p in zygote.children(recursive=True)}
         except psutil.Error:
             pass
     fail_on_leftovers([p for p in me.children(recursive=True)
