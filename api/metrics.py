@@ -43,10 +43,8 @@ class _RedisCollector:
 
     def collect(self) -> Iterator[Metric]:
         svc = self.svc
-        pipe = svc.redis.pipeline(transaction=False)
-        pipe.hgetall(keys.METRICS)
-        pipe.zcount(keys.WORKERS, time.time() - svc.settings.worker_ttl_seconds, "+inf")
-        counters, workers = pipe.execute()
+        counters = svc.redis.hgetall(keys.METRICS)
+        workers = svc.pool.read_workers(time.time())  # the live workers, read once for both gauges below
         runs = CounterMetricFamily("flowpool_runs_finished", "Runs that ended, by status", labels=["status"])
         queue_runs = CounterMetricFamily("flowpool_queue_runs_finished", "Runs that ended, by worker queue and status",
                                          labels=["queue", "status"])
@@ -79,9 +77,9 @@ class _RedisCollector:
         yield fetches
         yield fetched
         yield GaugeMetricFamily("flowpool_workers", "Workers that sent a heartbeat within the worker TTL",
-                                value=workers)
+                                value=len(workers))
         try:
-            pool = svc.pool.read()
+            pool = svc.pool.read(workers)
         except (redis.RedisError, Unavailable):
             # A broker of its own (FLOWPOOL_BROKER_URL) that does not answer costs the queue gauges, not the scrape.
             yield GaugeMetricFamily("flowpool_broker_up", "Whether the broker answered this scrape", value=0)

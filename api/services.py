@@ -20,7 +20,7 @@ from flowpool.connections import connect_cache_store, connect_redis
 from flowpool.datastores import Datastores
 from flowpool.datastores.embedding import EmbeddingClient
 from flowpool.errors import AuthenticationError
-from flowpool.pool import PoolReader
+from flowpool.pool import PoolReader, live_queue_workers
 from flowpool.publish import RunSender
 from flowpool.queues import DEFAULT_QUEUE
 from flowpool.registry import Account, Accounts, Agents, Applications, ProviderKeys, ResolvedWorkflow, Workflows
@@ -89,17 +89,9 @@ class Services:
 
     def live_workers(self, queue: str | None = None) -> int:
         """How many workers (consuming ``queue``; None: any) sent a heartbeat within the worker TTL."""
-        since = time.time() - self.settings.worker_ttl_seconds
         if queue is None:
-            return self.redis.zcount(keys.WORKERS, since, "+inf")
-        count = self.redis.zcount(keys.queue_workers(queue), since, "+inf")
-        if count == 0 and queue == DEFAULT_QUEUE:
-            # Workers of a release before worker queues beat only in WORKERS, with no report in WORKER_POOL, and
-            # serve the default queue: during a rolling upgrade they still take its runs.
-            live = self.redis.zrangebyscore(keys.WORKERS, since, "+inf")
-            if live:
-                count = sum(report is None for report in self.redis.hmget(keys.WORKER_POOL, live))
-        return count
+            return self.redis.zcount(keys.WORKERS, time.time() - self.settings.worker_ttl_seconds, "+inf")
+        return len(live_queue_workers(self.redis, queue, self.settings.worker_ttl_seconds))
 
     # How often one look for a fresh heartbeat is made while none is seen.
     _WORKERS_LOOK_SECONDS = 0.1

@@ -34,8 +34,8 @@ from .errors import Unavailable
 from .queues import DEFAULT_QUEUE, broker_queue, is_queue_name
 from .settings import Settings
 
-__all__ = ["PoolReader", "PoolState", "QueueDemand", "WorkerReport", "declared_lengths", "desired_workers", "parse_report",
-           "queue_demand"]
+__all__ = ["PoolReader", "PoolState", "QueueDemand", "WorkerReport", "declared_lengths", "desired_workers",
+           "live_queue_workers", "parse_report", "queue_demand"]
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,22 @@ def parse_report(name: str, raw: bytes | None, age: float, default_slots: int) -
                         last_beat_age=round(max(0.0, age), 3), draining=data.get("draining") is True)
 
 
+def live_queue_workers(client: redis.Redis, queue: str, ttl: float) -> list[str]:
+    """Names of the live workers consuming ``queue``: a heartbeat within ``ttl`` seconds in ``keys.queue_workers``.
+
+    For the default queue, while none is there, a live worker of a release
+    before worker queues counts too (its time in WORKERS, with no report in
+    WORKER_POOL): it takes the default queue's runs, as during a rolling upgrade.
+    """
+    since = time.time() - ttl
+    names = client.zrangebyscore(keys.queue_workers(queue), since, "+inf")
+    if not names and queue == DEFAULT_QUEUE:
+        live = client.zrangebyscore(keys.WORKERS, since, "+inf")
+        if live:
+            names = [name for name, report in zip(live, client.hmget(keys.WORKER_POOL, live)) if report is None]
+    return [name.decode() for name in names]
+
+
 class PoolReader:
     """Reads the pool's state from the registry's Redis and the broker."""
 
@@ -146,10 +162,12 @@ class PoolReader:
             # A broker Redis of its own (FLOWPOOL_BROKER_URL): the queues' lists live there.
             self._broker_redis = connect_redis(settings, settings.broker)
 
-    def read(self) -> PoolState:
-        """The pool now: the live workers' reports and every known queue's length, in two round trips."""
+    def read(self, workers: list[WorkerReport] | None = None) -> PoolState:
+        """The pool now: the live workers' reports (``workers``, when read already) and every known queue's length,
+        in two round trips."""
         now = time.time()
-        workers = self.read_workers(now)
+        if workers is None:
+            workers = self.read_workers(now)
         # Queues a workflow names but no worker serves are left out: their runs are refused at once (unless
         # autoscaled), so nothing waits in them, and their names are any account's to make up.
         names = {DEFAULT_QUEUE} | self.settings.autoscaled_queue_names

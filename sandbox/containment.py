@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from flowpool.errors import MemoryLimitExceeded, RunError, SandboxError
 
 from .cgroups import SlotCgroups, open_cgroups
-from .linux import kill_if, stat_fields
+from .linux import children, kill_if, stat_fields
 from .protocol import SandboxLimits
 from .run_process import RunProcess
 
@@ -257,13 +257,7 @@ def _tree_cpu(pid: int) -> float:
         try:
             stat = stat_fields(current)
             total += sum(int(value) for value in stat[11:15]) / _CLOCK_TICKS
-            # Every thread's children: a child forked by a thread other than the main one is its, not the main's.
-            for task in os.listdir(f"/proc/{current}/task"):
-                try:
-                    with open(f"/proc/{current}/task/{task}/children") as handle:
-                        todo.extend(int(child) for child in handle.read().split())
-                except OSError:
-                    continue  # a thread that ended meanwhile: its children went to another
+            todo.extend(children(current))
         except (OSError, ValueError, IndexError):
             continue  # exited meanwhile
     return total

@@ -53,6 +53,22 @@ def readable(fd: int, timeout: float = 0.0) -> bool:
     return bool(poller.poll(timeout * 1000))
 
 
+def children(pid: int) -> list[int]:
+    """The children of every thread of ``pid`` (a thread other than the main one may fork), from /proc.
+
+    A thread that ended meanwhile is passed over (its children went to
+    another); OSError when the process itself is gone.
+    """
+    found: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as handle:
+                found += [int(child) for child in handle.read().split()]
+        except FileNotFoundError:
+            continue
+    return found
+
+
 def stat_fields(pid: int | str) -> list[str]:
     """The fields of ``/proc/<pid>/stat`` after the command name: the state (field 3 in proc(5)) is ``[0]``.
 

@@ -35,7 +35,7 @@ import threading
 import time
 from typing import Callable, Hashable
 
-from .linux import readable, stat_fields
+from .linux import children, readable, stat_fields
 from .run_process import RunProcess
 
 __all__ = ["CPU_SLACK", "READY_SECONDS", "SETTLING_WAIT", "TIDY_CPU", "WarmPool", "answered", "freeze", "thaw"]
@@ -52,15 +52,6 @@ CPU_SLACK = 1.25
 TIDY_CPU = 0.2
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _READY = struct.pack(">I", len(b'{"op":"ready"}')) + b'{"op":"ready"}'  # the frame the runtime sends (Channel.send)
-
-
-def _children(pid: int) -> list[int]:
-    """The children of every thread of ``pid``, from /proc."""
-    found: list[int] = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as handle:
-            found += [int(child) for child in handle.read().split()]
-    return found
 
 
 def _threads(pid: int) -> int:
@@ -112,7 +103,7 @@ def hold(process: RunProcess) -> bool:
     try:
         if readable(process.pidfd):
             return False
-        found = _children(process.pid)
+        found = children(process.pid)
         if len(found) != 1:
             return False
         pidfd = os.pidfd_open(found[0])
@@ -173,7 +164,7 @@ def freeze(process: RunProcess, members: Callable[[], list[int]] | None) -> bool
             time.sleep(0.0005)
         # Stopped, it starts nothing more: what /proc shows now stays so until it is continued. A process that
         # computed after its answer (serving itself the next run, say) did so uncharged: never kept.
-        if (_threads(run) == 1 and not _children(run) and _children(init) == [run]
+        if (_threads(run) == 1 and not children(run) and children(init) == [run]
                 and (members is None or sorted(members()) == sorted([init, run]))
                 and not readable(process.sock.fileno()) and _spent(process) - process.cpu_answered <= TIDY_CPU
                 and not readable(process.run_pidfd) and not readable(process.pidfd)):

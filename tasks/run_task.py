@@ -32,7 +32,7 @@ from celery.worker import state
 
 from flowpool.errors import (RunError, RunNotStarted, SandboxError, ScriptError, TimeLimitExceeded, WorkerLost,
                              run_error_from_dict)
-from flowpool import keys
+from flowpool.pool import live_queue_workers
 from flowpool.queues import broker_queue, queue_of_broker
 from flowpool.run import RunEnd, RunJob, RunStatus
 from flowpool.sealing import InvalidToken
@@ -126,11 +126,10 @@ def _hand_back(task: Any, runtime: WorkerRuntime, job: dict[str, Any]) -> bool:
 def _others_serve(runtime: WorkerRuntime, queue: str) -> bool:
     """Whether a live worker other than this one (which stopped naming itself) consumes ``queue``."""
     try:
-        since = time.time() - runtime.settings.worker_ttl_seconds
-        names = runtime.redis.zrangebyscore(keys.queue_workers(queue), since, "+inf")
+        names = live_queue_workers(runtime.redis, queue, runtime.settings.worker_ttl_seconds)
     except Exception:  # Redis did not answer: run it here
         return False
-    return any(name.decode() != runtime.name for name in names)
+    return any(name != runtime.name for name in names)
 
 
 def _task_outcome(request_id: str, end: RunEnd | None) -> str:
