@@ -28,6 +28,7 @@ from flowpool.runs import RunStore
 from flowpool.sealing import Sealer, ServerKey
 from flowpool.settings import Settings
 from flowpool.tasks.app import create_celery
+from flowpool.webhooks import WebhookStore
 
 __all__ = ["EXTENSION", "Services", "authenticate", "bearer_token", "mark", "services"]
 
@@ -57,6 +58,7 @@ class Services:
         self.datastores = Datastores(self.redis, self.blobs, settings,
                                      embedder=EmbeddingClient.for_settings(settings, os.environ))
         self.runs = RunStore.for_settings(self.redis, settings)
+        self.webhooks = WebhookStore(self.redis, settings.run_ttl_seconds)
         server_key = ServerKey(self.redis, settings.secret_key)
         self.cache = ResultCache(self.redis, server_key, connect_cache_store(settings))
         self.sealer = Sealer(server_key)  # the secrets of jobs on their way to the workers
@@ -64,6 +66,7 @@ class Services:
         self.sender = RunSender(self.celery, settings)  # sends runs; the held client of a Redis broker
         self.pool = PoolReader(settings, self.redis)  # what GET /api/v1/pool and the queue gauges read
         self._workers_seen_until: dict[str, float] = {}  # queue -> until when a live worker is taken as seen
+        self._slots: tuple[float, dict[str, int]] = (0.0, {})  # until when, and the live workers' slots per queue
         self._next_reap = 0.0
         self._resolved: dict[tuple[str, str, str | None], tuple[float, ResolvedWorkflow]] = {}
         self._lock = threading.Lock()
@@ -92,6 +95,19 @@ class Services:
         if queue is None:
             return self.redis.zcount(keys.WORKERS, time.time() - self.settings.worker_ttl_seconds, "+inf")
         return len(live_queue_workers(self.redis, queue, self.settings.worker_ttl_seconds))
+
+    def queue_slots(self, queue: str) -> int:
+        """Run slots of the live, not draining workers consuming ``queue`` (answered from memory for up to a
+        second): what fair share divides between the accounts with runs in flight (flowpool.quotas)."""
+        until, slots = self._slots
+        if time.monotonic() >= until:
+            slots = {}
+            for worker in self.pool.read_workers(time.time()):
+                if not worker.draining:
+                    for name in worker.queues:
+                        slots[name] = slots.get(name, 0) + worker.slots
+            self._slots = (time.monotonic() + self._WORKERS_MEMORY_SECONDS, slots)
+        return slots.get(queue, 0)
 
     # How often one look for a fresh heartbeat is made while none is seen.
     _WORKERS_LOOK_SECONDS = 0.1

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 __all__ = [
     "ACCOUNTS", "METRICS", "RUNS_ACTIVE", "RUNS_REAPER", "SECRET", "WORKERS", "WORKER_POOL",
-    "WORKER_SANDBOXES", "queue_workers",
+    "WORKER_SANDBOXES", "queue_workers", "ACTIVE_ACCOUNTS", "WEBHOOKS_DUE", "account_limits", "account_slots",
+    "account_rate", "account_usage", "run_webhook",
     "account", "agents", "api_key", "applications", "session_runs", "workflows", "workflow", "versions", "version",
     "version_hashes", "run", "run_cancel", "run_events", "run_lease", "run_logs", "run_reply", "workflow_runs", "cache",
     "cache_record", "inflight", "idempotency", "blob", "datastores", "datastore", "datastore_log",
@@ -21,11 +22,37 @@ WORKER_SANDBOXES = PREFIX + "workers:sandbox"  # hash: worker name -> JSON {back
 METRICS = PREFIX + "metrics"              # hash: counter name -> value, shared by every process
 RUNS_ACTIVE = PREFIX + "runs:active"      # zset: request id of each unfinished run -> its deadline (unix time)
 RUNS_REAPER = PREFIX + "runs:reaper"      # string with a TTL: held by the one process ending overdue runs now
+# zset: account id -> the latest deadline (unix time) of its runs in flight: the accounts sharing the pool now,
+# which fair share divides the workers' slots between (flowpool.quotas).
+ACTIVE_ACCOUNTS = PREFIX + "accounts:active"
+WEBHOOKS_DUE = PREFIX + "webhooks:due"    # zset: request id of each run whose webhook is due -> when (unix time)
 
 
 def account(account_id: str) -> str:
     """Hash: name, created_at."""
     return f"{PREFIX}acct:{account_id}"
+
+
+def account_limits(account_id: str) -> str:
+    """Hash: the operator's limits for the account (concurrency, rpm, tokens_per_day, compute_seconds_per_day),
+    each an integer, 0 for none; a field not set takes the FLOWPOOL_DEFAULT_* setting."""
+    return f"{PREFIX}acct:{account_id}:limits"
+
+
+def account_slots(account_id: str) -> str:
+    """Zset: request id of each of the account's runs in flight (queued or running) -> its deadline (unix time):
+    its concurrency slots, released by the run's end, or at that deadline by themselves."""
+    return f"{PREFIX}a:{account_id}:slots"
+
+
+def account_rate(account_id: str) -> str:
+    """String with a TTL: the account's request-rate state (GCRA's theoretical arrival time, ms)."""
+    return f"{PREFIX}a:{account_id}:rate"
+
+
+def account_usage(account_id: str, day: str) -> str:
+    """Hash: the account's usage on one UTC day (``YYYY-MM-DD``); fields in flowpool.usage (USAGE_FIELDS)."""
+    return f"{PREFIX}a:{account_id}:usage:{day}"
 
 
 def api_key(key_hash: str) -> str:
@@ -105,6 +132,11 @@ def run_reply(request_id: str) -> str:
 def run_cancel(request_id: str) -> str:
     """String: set when the caller asked for the run to stop (a streaming caller that went away)."""
     return f"{PREFIX}run:{request_id}:cancel"
+
+
+def run_webhook(request_id: str) -> str:
+    """Hash: the run's webhook: url, account, status, attempts (JSON list), created_at, next_at (flowpool.webhooks)."""
+    return f"{PREFIX}run:{request_id}:webhook"
 
 
 def run_lease(request_id: str) -> str:

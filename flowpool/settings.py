@@ -180,6 +180,29 @@ class Settings(BaseSettings):
         "e.g. OPENAI_API_KEY@api.openai.com. Empty: none; accounts bring keys as request secrets (api_key_secret). "
         "Anything else is refused at PUT and again at call time.")
 
+    # Tenancy: each account's limits (the operator sets its own with `flowpool accounts limits`), fair share, usage.
+    default_concurrency: int = Field(
+        0, ge=0, description="Runs an account may have queued or running at once, unless the operator set its own; "
+        "over it a request is answered 429 with Retry-After. 0: no limit.")
+    default_rpm: int = Field(
+        0, ge=0, description="Requests an account may make per minute (invocations and async runs; a burst of this "
+        "many, then one every 60/N seconds), unless the operator set its own. 0: no limit.")
+    default_tokens_per_day: int = Field(
+        0, ge=0, description="Model-call tokens an account's runs may use per UTC day before new runs are answered "
+        "429 (a run going when it crosses the budget finishes), unless the operator set its own. 0: no limit.")
+    default_compute_seconds_per_day: int = Field(
+        0, ge=0, description="Seconds its runs may hold worker slots per UTC day before new runs are answered 429, "
+        "unless the operator set its own. 0: no limit.")
+    fair_share: bool = Field(
+        True, description="Order each worker queue so one account's backlog does not delay other accounts' runs: an "
+        "account's runs beyond its share of the queue's slots wait in lower priority lanes (Redis broker).")
+    usage_retention_days: int = Field(400, ge=1, description="How long each account's daily usage is kept.")
+    webhook_retry_seconds: float = Field(
+        3600, gt=0, description="How long a run's webhook is retried with backoff after its first attempt failed.")
+    webhook_timeout_seconds: float = Field(10, gt=0, description="How long one webhook delivery may take.")
+    run_wait_max_seconds: float = Field(
+        60, gt=0, description="Longest long poll GET /api/v1/runs/{id}?wait=N holds a request open.")
+
     # Cache and records.
     default_cache_ttl_seconds: int = Field(3600, ge=0, description="Result cache TTL when the workflow sets none.")
     run_ttl_seconds: int = Field(7 * 86400, ge=60, description="How long run records are kept.")
