@@ -11,7 +11,7 @@ from flask.json.provider import DefaultJSONProvider
 
 from flowpool.settings import Settings
 
-from . import agents, applications, datastores, health, invoke, metrics, openapi, pool, runs, workflows
+from . import admin, agents, applications, datastores, health, invoke, metrics, openapi, pool, runs, usage, workflows
 from .body import read_body
 from .errors import register_error_handlers
 from .services import EXTENSION, Services
@@ -39,7 +39,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions[EXTENSION] = Services(settings)
     register_error_handlers(app)
     for blueprint in (invoke.bp, workflows.bp, runs.bp, applications.bp, agents.bp, datastores.bp, health.bp,
-                      openapi.bp, metrics.bp, pool.bp):
+                      openapi.bp, metrics.bp, pool.bp, usage.bp, admin.bp):
         app.register_blueprint(blueprint)
 
     @app.before_request
