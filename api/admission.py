@@ -25,6 +25,7 @@ from flowpool.errors import (FlowpoolError, IdempotencyKeyReused, OutcomeUnavail
                              RunNotStarted, Unavailable)
 from flowpool.jsonsafe import canonical_json
 from flowpool.queues import broker_queue
+from flowpool.quotas import Quota
 from flowpool.registry import Account, check_invocation_input
 from flowpool.run import CachePlan, RunEnd, RunJob, RunRecord, RunStatus
 from flowpool.sealing import InvalidToken, SecretBox
@@ -55,6 +56,7 @@ class Admission:
     chunks: list[dict[str, Any]] = field(default_factory=list)  # a hit's cached chunks
     job: RunJob | None = None  # a queued run's job, for submit
     box: SecretBox | None = None  # opens an output sealed for this request's secrets (flowpool.sealing)
+    lane: int = 0  # a queued run's fair-share lane (flowpool.quotas): 0 first
 
     @property
     def cache_header(self) -> str:
@@ -95,11 +97,16 @@ def _replay(svc: Services, account: Account, body: InvokeRequest, first: str, ru
                      chunks=svc.runs.chunks(first) if body.stream else [])
 
 
-def admit(svc: Services, account: Account, body: InvokeRequest, idempotency_key: str | None = None) -> Admission:
+def admit(svc: Services, account: Account, body: InvokeRequest, idempotency_key: str | None = None,
+          webhook_url: str | None = None) -> Admission:
     """Decide how ``body`` is answered; a queued run is recorded and its job built, not yet sent.
 
     With ``idempotency_key``, a request repeating it within the window gets
     the first request's run (:meth:`RunStore.begin`), whatever its ``cache``.
+    The account's quotas are checked in the same step: over one, QuotaExceeded
+    (a 429) and nothing was written. With ``webhook_url`` (checked by the caller)
+    the run gets a webhook, due when it ends (at once for a cache hit); such a
+    request never joins another's run, whose end it could not be told of.
     """
     if body.messages is None and body.input is None:
         raise RequestError("send 'messages', 'input' or both", param="input")
@@ -120,30 +127,44 @@ def admit(svc: Services, account: Account, body: InvokeRequest, idempotency_key:
     if idempotency_key is not None:
         idempotency = (keys.idempotency(account.id, hashlib.sha256(idempotency_key.encode()).hexdigest()),
                        _fingerprint(svc, body), settings.idempotency_window)
-    for _ in range(_STALE_TRIES):  # a workflow changed under the request is resolved and checked again
-        check_invocation_input(workflow.input_schema, body.input)
-        soft = settings.clamp_timeout(workflow.timeout_seconds)
-        run_seconds = soft + settings.run_deadline_slack
-        ttl = workflow.cache_ttl_seconds if workflow.cache_ttl_seconds is not None \
-            else settings.default_cache_ttl_seconds
-        cache_key = None
-        if body.cache and ttl > 0:
-            cache_key = svc.cache.key(account.id, workflow.content_hash, workflow.config_hash, request, body.secrets)
-        queued = RunRecord(request_id=request_id, account=account.id, workflow=workflow.ref, status=RunStatus.QUEUED,
-                           version=workflow.version, session_id=session_id, cache_hit=False, queued_at=time.time(),
-                           timeout_seconds=soft, metadata=body.metadata)
-        lock_seconds = settings.queue_wait_seconds + run_seconds
-        if cache_key and svc.cache.separate:
-            state, found = _begin_with_own_cache(svc, queued, cache_key, lock_seconds, workflow.rev, idempotency)
+    if webhook_url is not None:
+        svc.webhooks.prepare(request_id, account.id, webhook_url)
+    join = webhook_url is None
+    try:
+        for _ in range(_STALE_TRIES):  # a workflow changed under the request is resolved and checked again
+            check_invocation_input(workflow.input_schema, body.input)
+            soft = settings.clamp_timeout(workflow.timeout_seconds)
+            run_seconds = soft + settings.run_deadline_slack
+            ttl = workflow.cache_ttl_seconds if workflow.cache_ttl_seconds is not None \
+                else settings.default_cache_ttl_seconds
+            cache_key = None
+            if body.cache and ttl > 0:
+                cache_key = svc.cache.key(account.id, workflow.content_hash, workflow.config_hash, request,
+                                          body.secrets)
+            queued = RunRecord(request_id=request_id, account=account.id, workflow=workflow.ref,
+                               status=RunStatus.QUEUED, version=workflow.version, session_id=session_id,
+                               cache_hit=False, queued_at=time.time(), timeout_seconds=soft, metadata=body.metadata)
+            lock_seconds = settings.queue_wait_seconds + run_seconds
+            quota = Quota.for_request(settings, account.id, workflow.ref, svc.queue_slots(workflow.queue))
+            if cache_key and svc.cache.separate:
+                state, found = _begin_with_own_cache(svc, queued, cache_key, lock_seconds, workflow.rev,
+                                                     idempotency, quota, join)
+            else:
+                state, found = svc.runs.begin(
+                    queued, cache_keys=svc.cache.redis_keys(account.id, cache_key) if cache_key else None,
+                    lock_seconds=lock_seconds, rev=workflow.rev, idempotency=idempotency, quota=quota, join=join)
+            if state != "stale":
+                break
+            workflow = svc.resolve(account.id, ref, pinned, fresh=True)
         else:
-            state, found = svc.runs.begin(
-                queued, cache_keys=svc.cache.redis_keys(account.id, cache_key) if cache_key else None,
-                lock_seconds=lock_seconds, rev=workflow.rev, idempotency=idempotency)
-        if state != "stale":
-            break
-        workflow = svc.resolve(account.id, ref, pinned, fresh=True)
-    else:
-        raise Unavailable(f"workflow {ref!r} changed {_STALE_TRIES} times while this request started; try again")
+            raise Unavailable(f"workflow {ref!r} changed {_STALE_TRIES} times while this request started; "
+                              "try again")
+    except BaseException:
+        if webhook_url is not None:
+            _discard_quietly(svc, request_id)
+        raise
+    if webhook_url is not None and state in ("conflict", "replay"):
+        svc.webhooks.discard(request_id)  # the run the key named is the first request's, its webhook too
 
     if state == "conflict":
         raise IdempotencyKeyReused(f"this Idempotency-Key was first sent with a different request (run {found}); "
@@ -154,6 +175,8 @@ def admit(svc: Services, account: Account, body: InvokeRequest, idempotency_key:
     if state in ("hit", "hit-unrecorded"):
         if state == "hit-unrecorded":
             svc.runs.record(_hit_record(queued, found))
+        if webhook_url is not None:
+            svc.webhooks.due_now(request_id)  # its run has ended already
         end = RunEnd(status=RunStatus.SUCCEEDED.value, version=found.get("version"), usage=found.get("usage"),
                      **_clear_output(found, box))
         return Admission("hit", request_id, session_id, run_seconds, end=end, chunks=found.get("chunks") or [])
@@ -166,7 +189,7 @@ def admit(svc: Services, account: Account, body: InvokeRequest, idempotency_key:
         params={"max_tokens": body.max_tokens, "temperature": body.temperature, "stream": body.stream},
         env=workflow.env, output_schema=workflow.output_schema, application=workflow.application,
         limits=workflow.limits, cache=CachePlan(cache_key, ttl) if cache_key else None, queue=workflow.queue)
-    return Admission("queued", request_id, session_id, run_seconds, job=job, box=box)
+    return Admission("queued", request_id, session_id, run_seconds, job=job, box=box, lane=found or 0)
 
 
 def _hit_record(queued: RunRecord, entry: dict[str, Any]) -> RunRecord:
@@ -178,26 +201,31 @@ def _hit_record(queued: RunRecord, entry: dict[str, Any]) -> RunRecord:
 
 
 def _begin_with_own_cache(svc: Services, queued: RunRecord, cache_key: str, lock_seconds: float, rev: str,
-                          idempotency: tuple[str, str, float] | None) -> tuple[str, Any]:
+                          idempotency: tuple[str, str, float] | None, quota: Quota | None = None,
+                          join: bool = True) -> tuple[str, Any]:
     """:meth:`RunStore.begin` where the cache has a Redis of its own: the cache first, then the run's record.
 
-    A hit is recorded as this request's run (the workflow's revision and the
-    Idempotency-Key checked as for a queued run); a request that took the
-    single-flight lock and then is not queued gives the lock back. A request
-    with an Idempotency-Key does not join a run in flight (its key could not
-    name that run): it is run on its own.
+    A hit is recorded as this request's run (the workflow's revision, the
+    Idempotency-Key and the account's rate checked as for a queued run); a
+    request that took the single-flight lock and then is not queued (refused
+    by a quota, say) gives the lock back. A request with an Idempotency-Key,
+    or without ``join``, does not join a run in flight (its key could not name
+    that run): it is run on its own. A join counts against the account's rate.
     """
     try:
         cached, found = svc.cache.lookup(queued.account, cache_key, queued.request_id, lock_seconds)
     except UNREACHABLE as exc:  # the cache is an optimisation: without it the request runs
         log.warning("the cache's Redis is unreachable (%s); running the request uncached", exc)
         cached, found = "miss", None
-    if cached == "join" and idempotency is None:
+    if cached == "join" and idempotency is None and join:
+        if quota is not None:
+            svc.runs.take_rate(quota)
         return cached, found
     record = _hit_record(queued, found) if cached == "hit" else queued
     state, first = "failed", None
     try:
-        state, first = svc.runs.begin(record, lock_seconds=lock_seconds, rev=rev, idempotency=idempotency)
+        state, first = svc.runs.begin(record, lock_seconds=lock_seconds, rev=rev, idempotency=idempotency,
+                                      quota=quota)
     finally:
         if cached == "lead" and state != "queued":
             _release_quietly(svc, queued.account, cache_key, queued.request_id)
@@ -205,6 +233,14 @@ def _begin_with_own_cache(svc: Services, queued: RunRecord, cache_key: str, lock
         svc.runs.count_cache_hit()
         return "hit", found
     return state, first
+
+
+def _discard_quietly(svc: Services, request_id: str) -> None:
+    """Forget the webhook of a request that was not admitted; one Redis does not forget now lapses with its TTL."""
+    try:
+        svc.webhooks.discard(request_id)
+    except redis.RedisError:
+        pass
 
 
 def _release_quietly(svc: Services, account_id: str, cache_key: str, request_id: str) -> None:
@@ -264,6 +300,8 @@ def submit(svc: Services, admission: Admission) -> None:
             svc.sender.send(
                 RUN_TASK, kwargs={"job": message}, task_id=job.request_id, queue=broker_queue(job.queue),
                 expires=svc.settings.queue_wait_seconds,
+                # Fair share: the lane BEGIN chose for the run (0 first); a broker without lanes (amqp) keeps FIFO.
+                priority=admission.lane if svc.settings.fair_share and svc.sender.lanes else 0,
                 # Keep secrets out of worker logs and task events (Flower).
                 argsrepr="()", kwargsrepr=f"{{'job': <run {job.request_id} of {job.workflow}@{job.version}>}}",
             )

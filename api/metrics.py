@@ -54,6 +54,13 @@ class _RedisCollector:
         fetches = CounterMetricFamily("flowpool_accessory_fetches", "Accessories workers fetched from the blob "
                                       "store into their host's disk cache (not those served from it)")
         fetched = CounterMetricFamily("flowpool_accessory_fetch_bytes", "Bytes of those fetches")
+        compute = CounterMetricFamily("flowpool_account_compute_seconds", "Seconds the account's runs held worker "
+                                      "slots (counted as each run ends)", labels=["account"])
+        tokens = CounterMetricFamily("flowpool_account_tokens", "Model-call tokens of the account's runs",
+                                     labels=["account"])
+        refusals = CounterMetricFamily("flowpool_quota_refusals", "Requests answered 429 by an account's limit",
+                                       labels=["limit"])
+        account_names = _AccountNames(svc.redis)
         for raw_name, raw_value in sorted(counters.items()):
             name, value = raw_name.decode(), int(raw_value)
             if name.startswith("runs:"):
@@ -70,12 +77,21 @@ class _RedisCollector:
                 fetches.add_metric([], value)
             elif name == "accessory_fetch_bytes":
                 fetched.add_metric([], value)
+            elif name.startswith("account_compute_ms:"):
+                compute.add_metric([account_names.of(name.partition(":")[2])], value / 1000)
+            elif name.startswith("account_tokens:"):
+                tokens.add_metric([account_names.of(name.partition(":")[2])], value)
+            elif name.startswith("quota_refusals:"):
+                refusals.add_metric([name.partition(":")[2]], value)
         yield runs
         yield queue_runs
         yield calls
         yield hits
         yield fetches
         yield fetched
+        yield compute
+        yield tokens
+        yield refusals
         yield GaugeMetricFamily("flowpool_workers", "Workers that sent a heartbeat within the worker TTL",
                                 value=len(workers))
         try:
@@ -93,6 +109,20 @@ class _RedisCollector:
             for name, demand in pool.queues.items():
                 gauge.add_metric([name], getattr(demand, field))
             yield gauge
+
+
+class _AccountNames:
+    """Account ids to names for the ``account`` label: the registry read once per scrape, and only if asked."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+        self._names: dict[str, str] | None = None
+
+    def of(self, account_id: str) -> str:
+        """The account's name; its id when it has none (an account whose name was taken off the registry)."""
+        if self._names is None:
+            self._names = {v.decode(): k.decode() for k, v in self.redis.hgetall(keys.ACCOUNTS).items()}
+        return self._names.get(account_id, account_id)
 
 
 def check_scrape_token(expected: str | None, authorization: str | None) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 from typing import Annotated, Any, Literal, Optional, Union
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, StringConstraints, field_validator
 
@@ -10,7 +11,8 @@ from flowpool.registry.names import NAME
 from flowpool.registry.validation import MAX_CACHE_TTL_SECONDS, MAX_TIMEOUT_SECONDS
 from flowpool.registry.workflows import ENV_NAME
 
-__all__ = ["ActivateRequest", "InvokeRequest", "Message", "UploadRequest", "ValidateRequest", "parse_model"]
+__all__ = ["ActivateRequest", "InvokeRequest", "Message", "RunCreateRequest", "UploadRequest", "ValidateRequest",
+           "parse_model"]
 
 MODEL_PATTERN = re.compile(rf"^workflow:({NAME})(?:@(\d+\.\d+\.\d+))?$")
 
@@ -51,6 +53,24 @@ class InvokeRequest(BaseModel):
     @classmethod
     def _model_format(cls, value: str) -> str:
         parse_model(value)
+        return value
+
+
+class RunCreateRequest(InvokeRequest):
+    """``POST /api/v1/runs``: an invocation answered at once with where to follow it, and perhaps a webhook."""
+
+    webhook_url: Optional[StrictStr] = Field(None, max_length=2048)
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"webhook_url must be an http or https URL with a host, got {value[:100]!r}")
+        if parts.username or parts.password:
+            raise ValueError("webhook_url must not carry credentials; the webhook is signed instead")
         return value
 
 

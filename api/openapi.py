@@ -10,8 +10,9 @@ from pydantic import BaseModel
 import flowpool
 from flowpool.registry import Agent, Application
 
+from .admin import LimitsUpdate
 from .datastores import SearchRequest
-from .models import ActivateRequest, InvokeRequest, UploadRequest, ValidateRequest
+from .models import ActivateRequest, InvokeRequest, RunCreateRequest, UploadRequest, ValidateRequest
 from .parsing import MAX_OFFSET, MAX_PAGE
 from .services import services
 
@@ -20,16 +21,18 @@ bp = Blueprint("openapi", __name__)
 # Request bodies by endpoint; everything else takes no body.
 _BODIES: dict[str, type[BaseModel]] = {
     "invoke.chat_completions": InvokeRequest,
+    "runs.create_run": RunCreateRequest,
     "workflows.upload": UploadRequest,
     "workflows.validate": ValidateRequest,
     "workflows.activate": ActivateRequest,
     "applications.put_application": Application,
     "agents.put_agent": Agent,
     "datastores.search": SearchRequest,
+    "admin.put_limits": LimitsUpdate,
 }
 _PUBLIC = {"health.healthz", "health.readyz", "openapi.openapi", "metrics.metrics"}
 # Operator routes (api/operators.py): the admin token, or loopback when FLOWPOOL_ADMIN_TOKEN is unset.
-_OPERATOR = {"pool.get_pool"}
+_OPERATOR = {"pool.get_pool", "admin.get_limits", "admin.put_limits"}
 # Endpoints that page their answer with ``offset`` and ``limit`` (api/parsing.py page_args).
 _PAGED = {"workflows.list_workflows", "workflows.list_versions", "runs.list_runs", "runs.get_session",
           "applications.list_applications", "agents.list_agents", "datastores.list_datastores"}
@@ -39,6 +42,19 @@ _PAGE_PARAMETERS = [
     {"name": "limit", "in": "query", "required": False,
      "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": 25}},
 ]
+# Query parameters of other endpoints.
+_QUERY: dict[str, list[dict[str, Any]]] = {
+    "runs.get_run": [
+        {"name": "wait", "in": "query", "required": False, "description": "long-poll up to this many seconds "
+         "(at most FLOWPOOL_RUN_WAIT_MAX_SECONDS) for the run to end", "schema": {"type": "number", "minimum": 0}},
+    ],
+    "usage.get_usage": [
+        {"name": "from", "in": "query", "required": False, "schema": {"type": "string", "format": "date"}},
+        {"name": "to", "in": "query", "required": False, "schema": {"type": "string", "format": "date"}},
+        {"name": "group_by", "in": "query", "required": False,
+         "schema": {"type": "string", "enum": ["day", "workflow"], "default": "day"}},
+    ],
+}
 _ERROR = {"description": "an error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 
 
@@ -61,7 +77,7 @@ def build_document() -> dict[str, Any]:
                 "summary": (view.__doc__ or rule.endpoint).strip().splitlines()[0],
                 "parameters": [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
                                for name in sorted(rule.arguments)]
-                + (_PAGE_PARAMETERS if rule.endpoint in _PAGED else []),
+                + (_PAGE_PARAMETERS if rule.endpoint in _PAGED else []) + _QUERY.get(rule.endpoint, []),
                 "responses": {"200": {"description": "OK"}, "default": _ERROR},
             }
             model = _BODIES.get(rule.endpoint)

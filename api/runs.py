@@ -1,17 +1,33 @@
-"""Run records: ``GET /api/v1/runs/{request_id}`` and ``GET /api/v1/workflows/{ref}/runs``."""
+"""Runs: started without waiting (``POST /api/v1/runs``), looked up (``GET /api/v1/runs/{request_id}``, which can
+long-poll with ``?wait=N``), followed (``.../stream``) and listed (``GET /api/v1/workflows/{ref}/runs``).
+
+``POST /api/v1/runs`` takes the invoke body and passes the same admission
+(:mod:`.admission`: schema, quotas, Idempotency-Key, cache); it answers 202
+with the run's ``request_id``, ``status_url`` and ``stream_url`` as soon as the
+run is queued, or 200 with the run itself when the cache (or an
+Idempotency-Key naming an ended run) answers at once. With ``webhook_url``,
+the run's end is POSTed there, signed (``tasks/webhooks.py``); the run's view
+shows the webhook's attempts.
+"""
 from __future__ import annotations
 
+import math
 import re
+import time
 from dataclasses import replace
 from typing import Any
 
-from flask import Blueprint, jsonify, request
+import redis
+from flask import Blueprint, Response, g, jsonify, request, url_for
 
-from flowpool.errors import NotFound, RequestError
+from flowpool.errors import NotFound, OutcomeUnavailable, RequestError, RunError
 from flowpool.run import RunRecord, RunStatus
 
-from .parsing import page_args, paginated
-from .services import Services, authenticate, services
+from .admission import Admission, admit, submit
+from .invoke import _idempotency_key
+from .models import RunCreateRequest
+from .parsing import json_body, model_from, page_args, paginated
+from .services import Services, authenticate, mark, services
 from .streaming import stream_response
 
 bp = Blueprint("runs", __name__, url_prefix="/api/v1")
@@ -38,10 +54,132 @@ def _own_run(svc: Services, account_id: str, request_id: str) -> RunRecord:
     return record
 
 
+def _full_view(svc: Services, record: RunRecord) -> dict[str, Any]:
+    """A run as GET /api/v1/runs/{id} shows it: everything kept of it, and its webhook (null without one)."""
+    return {**run_view(svc, record), "webhook": svc.webhooks.view(record.request_id)}
+
+
+@bp.post("/runs")
+def create_run() -> Response:
+    """Start a run and answer at once (202) with where to follow it; a cache hit answers 200 with the run."""
+    svc, account = services(), authenticate()
+    body = model_from(RunCreateRequest, json_body())
+    idempotency_key = _idempotency_key()
+    if body.webhook_url is not None:
+        _check_webhook_url(svc, body.webhook_url)
+    body = body.model_copy(update={"stream": False})  # followed through stream_url, if at all
+    mark("parse")
+    admission = admit(svc, account, body, idempotency_key, webhook_url=body.webhook_url)
+    mark("begin")
+    if admission.job is not None:
+        try:
+            submit(svc, admission)
+        except OutcomeUnavailable:
+            raise  # the run may be going: its webhook stays, to tell its end
+        except BaseException:
+            if body.webhook_url is not None:  # nothing runs, and the caller is told so: no webhook is owed
+                _discard_quietly(svc, admission.request_id)
+            raise
+        mark("submit")
+    # From here the run may be going: an error must name it and must not invite a retry (see errors.py).
+    g.handed_over = request_id = admission.request_id
+    urls = {"status_url": url_for("runs.get_run", request_id=request_id),
+            "stream_url": url_for("runs.stream_run", request_id=request_id)}
+    response = jsonify({"data": _started(svc, admission, urls)})
+    response.status_code = 200 if admission.end is not None else 202
+    response.headers["Location"] = urls["status_url"]
+    response.headers["X-Request-Id"] = request_id
+    response.headers["X-Cache"] = admission.cache_header
+    if admission.verdict == "replay":
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+def _started(svc: Services, admission: Admission, urls: dict[str, str]) -> dict[str, Any]:
+    """What POST /api/v1/runs answers: the run's id, status and URLs; with the whole run when it has ended."""
+    request_id = admission.request_id
+    data: dict[str, Any] = {"request_id": request_id, "status": RunStatus.QUEUED.value, **urls}
+    if admission.verdict == "queued":
+        return data
+    record = svc.runs.get(request_id)  # a hit's record, or the run a join or a replay follows
+    if record is None:
+        return data if admission.end is None else {**data, "status": admission.end.status}
+    if admission.end is None:
+        return {**data, "status": record.status}
+    return {**_full_view(svc, record), **urls}
+
+
+def _discard_quietly(svc: Services, request_id: str) -> None:
+    """Forget a webhook no run will end; one Redis cannot forget now lapses with its TTL (its run's end, written
+    as never started, may then still be sent)."""
+    try:
+        svc.webhooks.discard(request_id)
+    except redis.RedisError:
+        pass
+
+
+def _check_webhook_url(svc: Services, url: str) -> None:
+    """A 400 naming the egress guard's reason when the workers could not POST to ``url``; the workers check again
+    on every delivery (the address a name resolves to may change)."""
+    # The guard is the workers' module (it brings urllib3's pool classes): loaded only by a request with a webhook.
+    from flowpool.egress import EgressDenied, EgressPolicy
+
+    try:
+        EgressPolicy(svc.settings.egress_allow).check_url(url)
+    except EgressDenied as exc:
+        raise RequestError(f"webhook_url is refused by the egress guard: {exc}", param="webhook_url") from exc
+
+
 @bp.get("/runs/<request_id>")
 def get_run(request_id: str):  # type: ignore[no-untyped-def]
+    """A run, and its webhook; with ``?wait=N``, answered when the run ends or after N seconds, whichever is first."""
     svc, account = services(), authenticate()
-    return jsonify({"data": run_view(svc, _own_run(svc, account.id, request_id))})
+    wait = _wait_seconds(svc.settings.run_wait_max_seconds)
+    record = _own_run(svc, account.id, request_id)
+    if wait > 0 and record.status in (RunStatus.QUEUED.value, RunStatus.RUNNING.value):
+        record = _await_end(svc, record, wait)
+    return jsonify({"data": _full_view(svc, record)})
+
+
+def _wait_seconds(longest: float) -> float:
+    """The ``wait`` query parameter: seconds, at most ``longest`` (FLOWPOOL_RUN_WAIT_MAX_SECONDS); 0 when absent."""
+    raw = request.args.get("wait")
+    if raw is None:
+        return 0.0
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not math.isfinite(seconds) or seconds < 0:
+        raise RequestError(f"wait must be a number of seconds, 0 or more, got {raw[:40]!r}", param="wait")
+    return min(seconds, longest)
+
+
+# How often a long poll looks at its clock while the run sends nothing.
+_WAIT_TICK_SECONDS = 0.25
+
+
+def _await_end(svc: Services, record: RunRecord, seconds: float) -> RunRecord:
+    """The run's record once it has ended, or as it is after ``seconds``.
+
+    It waits as an invoke's caller does (RunStore.events), so a run that no
+    worker started in time, or whose worker was lost, is ended by it too.
+    """
+    settings = svc.settings
+    request_id = record.request_id
+    run_seconds = float(record.timeout_seconds or settings.default_timeout_seconds) + settings.run_deadline_slack
+    give_up_at = time.monotonic() + seconds
+    events = svc.runs.events(request_id, settings.queue_wait_seconds, run_seconds,
+                             poll=min(_WAIT_TICK_SECONDS, seconds), keepalive=_WAIT_TICK_SECONDS)
+    try:
+        for _, kind, _ in events:
+            if kind == "done" or time.monotonic() >= give_up_at:
+                break
+    except RunError:
+        pass  # ended by this waiter (never started, or its worker lost): its record says so now
+    finally:
+        events.close()  # type: ignore[attr-defined]
+    return svc.runs.get(request_id) or record
 
 
 @bp.get("/workflows/<ref>/runs")

@@ -20,6 +20,7 @@ from flowpool.connections import connect_cache_store, connect_redis
 from flowpool.datastores import Datastores
 from flowpool.datastores.embedding import EmbeddingClient
 from flowpool.errors import AuthenticationError
+from flowpool.limits import LimitStore
 from flowpool.pool import PoolReader, live_queue_workers
 from flowpool.publish import RunSender
 from flowpool.queues import DEFAULT_QUEUE
@@ -59,6 +60,7 @@ class Services:
                                      embedder=EmbeddingClient.for_settings(settings, os.environ))
         self.runs = RunStore.for_settings(self.redis, settings)
         self.webhooks = WebhookStore(self.redis, settings.run_ttl_seconds)
+        self.limits = LimitStore(self.redis, settings)  # each account's limits: the operator's, else the defaults
         server_key = ServerKey(self.redis, settings.secret_key)
         self.cache = ResultCache(self.redis, server_key, connect_cache_store(settings))
         self.sealer = Sealer(server_key)  # the secrets of jobs on their way to the workers

@@ -14,7 +14,10 @@ _CLIENT_NAMES = (
     "ServiceUnavailableError",
 )
 
-__all__ = [*_CLIENT_NAMES, "Settings", "__version__"]
+# Checking a webhook's signature (flowpool.signing; the standard library only).
+_SIGNING_NAMES = {"verify_webhook": "verify", "WebhookSignatureError": "SignatureError"}
+
+__all__ = [*_CLIENT_NAMES, *_SIGNING_NAMES, "Settings", "__version__"]
 
 __version__ = "0.1.0"
 
@@ -25,6 +28,9 @@ def __getattr__(name: str) -> Any:
     if name in _CLIENT_NAMES:
         from . import client
         return getattr(client, name)
+    if name in _SIGNING_NAMES:
+        from . import signing
+        return getattr(signing, _SIGNING_NAMES[name])
     if name == "Settings":
         from .settings import Settings
         return Settings

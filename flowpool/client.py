@@ -29,9 +29,9 @@ where there is one::
 Every invoke carries an ``Idempotency-Key`` (a new one per call unless given),
 so the client can retry it safely: a connection that drops before the answer
 (an API process restarting, say) or a 503/429 the server marks
-``x-should-retry: true`` is sent again with the same key, and the server
-answers from the first run instead of starting a second one. Errors of the
-run itself (500, 408) are never retried.
+``x-should-retry: true`` is sent again with the same key after its
+``Retry-After`` (raised at once if over 10 s: a spent budget), and the server
+answers from the first run. Errors of the run (500, 408) are never retried.
 """
 from __future__ import annotations
 
@@ -211,11 +211,8 @@ class _Completions:
         new one is made when not given): sending it again within the
         server's window returns the same run, never a second one.
         """
-        body: dict[str, Any] = {"model": model, **params}
-        for name, value in (("messages", messages), ("input", input), ("secrets", secrets),
-                            ("session_id", session_id), ("metadata", metadata)):
-            if value is not None:
-                body[name] = value
+        body = _body(model, params, messages=messages, input=input, secrets=secrets, session_id=session_id,
+                     metadata=metadata)
         headers = {"Idempotency-Key": idempotency_key or f"fp-{uuid.uuid4().hex}"}
         if stream:
             body["stream"] = True
@@ -223,9 +220,15 @@ class _Completions:
         return Obj(self._client._decode(self._client._send_retrying("/workflow/chat/completions", body, headers)))
 
 
+def _body(model: str, params: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """An invoke's JSON body: ``model``, the inference ``params``, and the ``fields`` given (None left out)."""
+    return {"model": model, **params, **{name: value for name, value in fields.items() if value is not None}}
+
+
 class _Workflow:
     def __init__(self, client: Flowpool) -> None:
         self.completions = _Completions(client)
+        self.runs = _WorkflowRuns(client)
 
 
 class _Workflows:
@@ -277,9 +280,12 @@ class _Runs:
     def __init__(self, client: Flowpool) -> None:
         self._client = client
 
-    def get(self, request_id: str) -> Any:
-        """Everything kept of a run: status, timings, output, error (with the script's traceback), logs, chunks."""
-        return Obj(self._client._request("GET", f"/api/v1/runs/{request_id}")["data"], "Run")
+    def get(self, request_id: str, wait: float | None = None) -> Any:
+        """Everything kept of a run: status, timings, output, error (with the script's traceback), logs, chunks, its
+        webhook; with ``wait``, answered once the run ends or after ``wait`` seconds (capped by the server)."""
+        timeout = self._client.timeout if wait is None else max(self._client.timeout, wait + 30)
+        return Obj(self._client._request("GET", f"/api/v1/runs/{request_id}", params={"wait": wait},
+                                         timeout=timeout)["data"], "Run")
 
     def stream(self, request_id: str, logs: bool = False) -> Iterator[Any]:
         """Follow a run from its start: each ``WorkflowChunk`` as it comes, then its ``ChatCompletion``.
@@ -293,6 +299,20 @@ class _Runs:
                                             params={"logs": "true"} if logs else None, stream=True,
                                             timeout=self._client.timeout)
         return self._client._events(response)
+
+
+class _WorkflowRuns(_Runs):
+    """Runs started without waiting: ``create`` answers once the run is queued; ``get(request_id, wait=N)`` waits."""
+
+    def create(self, model: str, messages: list[dict[str, Any]] | None = None, input: Any = None,
+               webhook_url: str | None = None, secrets: dict[str, str] | None = None, session_id: str | None = None,
+               metadata: dict[str, Any] | None = None, idempotency_key: str | None = None, **params: Any) -> Any:
+        """Start a run: its ``request_id``, ``status``, ``status_url`` and ``stream_url`` (the whole run when the
+        cache answered). ``webhook_url`` gets its end POSTed, signed (check it with ``flowpool.verify_webhook``)."""
+        body = _body(model, params, messages=messages, input=input, secrets=secrets, session_id=session_id,
+                     metadata=metadata, webhook_url=webhook_url)
+        headers = {"Idempotency-Key": idempotency_key or f"fp-{uuid.uuid4().hex}"}
+        return Obj(self._client._decode(self._client._send_retrying("/api/v1/runs", body, headers))["data"], "Run")
 
 
 class _Datastores:
@@ -359,6 +379,16 @@ class _Datastores:
                                          json=body)["data"], "SearchResult")
 
 
+class _Usage:
+    def __init__(self, client: Flowpool) -> None:
+        self._client = client
+
+    def get(self, from_: str | None = None, to: str | None = None, group_by: str | None = None) -> Any:
+        """The account's usage (GET /api/v1/usage) from ``from_`` to ``to`` (YYYY-MM-DD, UTC), by day or workflow."""
+        params = {"from": from_, "to": to, "group_by": group_by}  # requests leaves out those that are None
+        return Obj(self._client._request("GET", "/api/v1/usage", params=params)["data"], "Usage")
+
+
 def _path(name: str, *rest: str) -> str:
     """The route of datastore ``name`` (and below it), each part quoted whole."""
     return "/".join(["/api/v1/datastores", *(quote(p, safe="") for p in (name, *rest))])
@@ -389,9 +419,11 @@ class Flowpool:
         self.workflows = _Workflows(self)
         self.runs = _Runs(self)
         self.datastores = _Datastores(self)
+        self.usage = _Usage(self)
 
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = self.session.request(method, self.base_url + path, timeout=self.timeout, **kwargs)
+        kwargs.setdefault("timeout", self.timeout)
+        response = self.session.request(method, self.base_url + path, **kwargs)
         return self._decode(response)
 
     @staticmethod
@@ -427,21 +459,22 @@ class Flowpool:
             except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError):
                 if last:
                     raise
-                time.sleep(self._backoff(attempt, None))
+                time.sleep(min(0.5 * 2 ** attempt, self._MAX_RETRY_WAIT))
                 continue
-            if last or response.status_code < 400 or response.headers.get("x-should-retry") != "true":
+            wait = self._backoff(attempt, response.headers.get("Retry-After"))  # None: too long to wait here
+            if last or response.status_code < 400 or response.headers.get("x-should-retry") != "true" or wait is None:
                 return response
             response.close()
-            time.sleep(self._backoff(attempt, response.headers.get("Retry-After")))
+            time.sleep(wait)
         raise AssertionError("the last try returns or raises")
 
-    def _backoff(self, attempt: int, retry_after: str | None) -> float:
-        """Seconds before the next try: what the server asked for (capped), else 0.5 s doubling."""
+    def _backoff(self, attempt: int, retry_after: str | None) -> float | None:
+        """Seconds before the next try: what the server asked for, else 0.5 s doubling; None: it asked for too long."""
         try:
-            asked = float(retry_after) if retry_after is not None else None
-        except ValueError:
-            asked = None
-        return min(asked if asked is not None else 0.5 * 2 ** attempt, self._MAX_RETRY_WAIT)
+            asked = float(retry_after or "")
+        except ValueError:  # none, or not a number of seconds
+            return min(0.5 * 2 ** attempt, self._MAX_RETRY_WAIT)
+        return max(asked, 0.0) if asked <= self._MAX_RETRY_WAIT else None
 
     def _stream(self, path: str, body: dict[str, Any], headers: dict[str, str]) -> Iterator[Any]:
         yield from self._events(self._send_retrying(path, body, headers, stream=True))

@@ -174,11 +174,15 @@ class PayloadTooLarge(FlowpoolError):
 
 
 class QuotaExceeded(FlowpoolError):
-    """The account is over a quota."""
+    """The account is over a quota: nothing was queued, and a retry after ``retry_after`` seconds may pass."""
 
     status = 429
     type = "rate_limit_exceeded"
     retry_safe = True
+
+    def __init__(self, message: str = "", retry_after: int | None = None, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.retry_after = retry_after
 
 
 class Unavailable(FlowpoolError):

@@ -9,9 +9,9 @@ demand counts all three, from two reads:
   by ``tasks.worker``), kept only for the workers whose heartbeat in
   ``keys.WORKERS`` is within the worker TTL: a worker killed outright stops
   counting within the TTL, its last report left unread;
-- the broker queue of each queue (``flowpool.queues.broker_queue``): its
-  list's length in the broker's Redis, or with another broker (amqp) the
-  message count of a passive declare.
+- the broker queue of each queue (``flowpool.queues.broker_queue``): the
+  lengths of its lists in the broker's Redis (one per fair-share lane), or
+  with another broker (amqp) the message count of a passive declare.
 
 ``desired_workers`` is what GET /api/v1/pool and the
 ``flowpool_queue_desired_workers`` gauge give a KEDA ScaledObject or an HPA
@@ -31,6 +31,7 @@ import redis
 from . import keys
 from .connections import connect_redis
 from .errors import Unavailable
+from .publish import LANES, lane_list
 from .queues import DEFAULT_QUEUE, broker_queue, is_queue_name
 from .settings import Settings
 
@@ -188,13 +189,19 @@ class PoolReader:
         return sorted(workers, key=lambda w: w.name)
 
     def queue_lengths(self, names: list[str]) -> dict[str, int]:
-        """Runs waiting in each queue's broker queue; an Unavailable when the broker does not answer."""
+        """Runs waiting in each queue's broker queue; an Unavailable when the broker does not answer.
+
+        On a Redis broker a queue is one list per priority lane (fair share,
+        flowpool.publish): every lane's runs wait, so all of them count.
+        """
         if self._broker_redis is not None:
             pipe = self._broker_redis.pipeline(transaction=False)
             for name in names:
-                pipe.llen(broker_queue(name))
+                for lane in LANES:
+                    pipe.llen(lane_list(broker_queue(name), lane))
             # Redis errors go to the API's handler (503 when unreachable), as for every other read.
-            return dict(zip(names, (int(n) for n in pipe.execute())))
+            lengths = [int(n) for n in pipe.execute()]
+            return {name: sum(lengths[i * len(LANES):(i + 1) * len(LANES)]) for i, name in enumerate(names)}
         return declared_lengths(self.settings.broker, names)
 
 

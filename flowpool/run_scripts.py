@@ -6,7 +6,7 @@ that order.
 """
 from __future__ import annotations
 
-__all__ = ["ABANDON", "APPEND_CHUNKS", "APPEND_OUTPUT", "BEGIN", "CLAIM", "FINISH"]
+__all__ = ["ABANDON", "APPEND_CHUNKS", "APPEND_OUTPUT", "BEGIN", "CLAIM", "FINISH", "RATE"]
 
 # Mark a queued run as running on a worker, with a lease the worker keeps
 # fresh, and index it by its hard deadline. The claim token names this one
@@ -25,16 +25,62 @@ redis.call('ZADD', runs_active_key, deadline, request_id)
 return 1
 """
 
+# What every written end does for the run's account (FINISH and ABANDON, once
+# the end is written, so an end not written counts nothing): its concurrency
+# slot back, the account out of the active ones when it has none left, and
+# the run counted in the account's usage of the day of its end (flowpool.usage):
+# ``runs:<status>``, ``compute_ms`` (claimed to ended; 0 for a run never
+# claimed) and the ``[field, amount]`` token increments of ``tokens_json``, each
+# again under ``wf:<ref>:``; the metrics' per-account counters; and its webhook,
+# if it has one, made due. The account is read from the record, so the keys
+# are built here from their parts (flowpool.quotas.end_args). Needs
+# ``run_key``, ``metrics_key``, ``accounts_key``, ``due_key``, ``webhook_key``,
+# ``request_id``, ``finished``, ``tokens_json`` and ``END_FROM``, where the
+# parts start in ARGV.
+_END_ACCOUNTING = """
+local slots_head, slots_tail, usage_head, usage_tail = ARGV[END_FROM], ARGV[END_FROM + 1], ARGV[END_FROM + 2],
+  ARGV[END_FROM + 3]
+local usage_ttl = ARGV[END_FROM + 4]
+local record = redis.call('HMGET', run_key, 'account', 'workflow', 'started_at', 'status')
+if record[1] then
+  local account = cjson.decode(record[1])
+  local slots_key = slots_head .. account .. slots_tail
+  redis.call('ZREM', slots_key, request_id)
+  if redis.call('EXISTS', slots_key) == 0 then redis.call('ZREM', accounts_key, account) end
+  local compute_ms = 0
+  if record[3] then compute_ms = math.max(0, math.floor((tonumber(finished) - tonumber(record[3])) * 1000 + 0.5)) end
+  local adds = {{'runs:' .. record[4], 1}, {'compute_ms', compute_ms}}
+  local tokens = 0
+  for _, add in ipairs(cjson.decode(tokens_json)) do
+    adds[#adds + 1] = add
+    if add[1] == 'tokens' then tokens = add[2] end
+  end
+  local usage_key = usage_head .. account .. usage_tail
+  local per_workflow = 'wf:' .. cjson.decode(record[2] or '""') .. ':'
+  for _, add in ipairs(adds) do
+    if add[2] ~= 0 then
+      redis.call('HINCRBY', usage_key, add[1], add[2])
+      redis.call('HINCRBY', usage_key, per_workflow .. add[1], add[2])
+    end
+  end
+  redis.call('EXPIRE', usage_key, usage_ttl)
+  if compute_ms > 0 then redis.call('HINCRBY', metrics_key, 'account_compute_ms:' .. account, compute_ms) end
+  if tokens ~= 0 then redis.call('HINCRBY', metrics_key, 'account_tokens:' .. account, tokens) end
+end
+if redis.call('EXISTS', webhook_key) == 1 then redis.call('ZADD', due_key, finished, request_id) end
+"""
+
 # Write a run's end, only while it is still running under the claim that
 # writes it: a run a waiter or the reaper already ended (lost) keeps that end,
 # and an end written again after a lost answer is not written twice. The
 # record's fields hold its log lines: their stream is left only ``tail_ms``,
-# for the readers still following it.
+# for the readers still following it. Then its account's part (_END_ACCOUNTING).
 FINISH = """
 local run_key, events_key, lease_key, runs_active_key, metrics_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local logs_key = KEYS[6]
+local logs_key, accounts_key, due_key, webhook_key = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local request_id, claim, done, ttl_ms, counters_json, tail_ms = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local FIELDS_FROM = 7
+local finished, tokens_json = ARGV[7], ARGV[8]
+local END_FROM, FIELDS_FROM = 9, 14
 if redis.call('HGET', run_key, 'status') ~= 'running' or redis.call('HGET', run_key, 'claim') ~= claim then
   return 0
 end
@@ -46,7 +92,7 @@ redis.call('PEXPIRE', run_key, ttl_ms)
 redis.call('DEL', lease_key)
 redis.call('ZREM', runs_active_key, request_id)
 for _, counter in ipairs(cjson.decode(counters_json)) do redis.call('HINCRBY', metrics_key, counter, 1) end
-return 1
+""" + _END_ACCOUNTING + """return 1
 """
 
 # How a chunk append adds the chunks ARGV[CHUNKS_FROM..CHUNKS_TO] (the first
@@ -119,12 +165,15 @@ return added
 # it), or running without a lease (its worker died). Atomic, so of two API
 # processes noticing at once only one writes the end. The log lines it sent
 # go into its record, as its worker would have written them (their stream
-# is then left only ``tail_ms``).
+# is then left only ``tail_ms``). Then its account's part (_END_ACCOUNTING,
+# no tokens: whatever its model calls used died with its worker).
 ABANDON = """
 local run_key, lease_key, events_key, runs_active_key, logs_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local metrics_key, accounts_key, due_key, webhook_key = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local expected, status, finished_at, error_json, done, ttl_ms, force = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5],
   ARGV[6], ARGV[7]
 local request_id, tail_ms = ARGV[8], ARGV[9]
+local finished, tokens_json, END_FROM = finished_at, '[]', 10
 local current = redis.call('HGET', run_key, 'status')
 if current ~= expected then return 0 end
 if current == 'running' and force ~= '1' and redis.call('EXISTS', lease_key) == 1 then return 0 end
@@ -140,28 +189,88 @@ end
 redis.call('XADD', events_key, '*', 'kind', 'done', 'data', done)
 redis.call('PEXPIRE', events_key, ttl_ms)
 redis.call('ZREM', runs_active_key, request_id)
-return 1
+""" + _END_ACCOUNTING + """return 1
 """
 
 
+# An account's limits (the operator's own over the defaults ARGV[DEFAULTS_FROM..+3]; 0 = none) and its
+# request rate: GCRA over the account's rate key, a burst of ``rpm`` requests, then one every 60/rpm s, on
+# Redis's clock. A request over the rate is refused here (``return refuse(...)``); otherwise ``rate_tat`` is
+# what the key takes if the request is admitted (written then, by the caller). A refusal writes only its
+# counter in the metrics: ``{'quota', limit, used, allowed, wait_ms}`` (flowpool.quotas.refusal).
+# Needs ``quota`` (false: nothing checked), ``limits_key``, ``rate_key``, ``metrics_key`` and ``DEFAULTS_FROM``.
+_LIMITS = """
+local function refuse(name, used, allowed, wait_ms)
+  redis.call('HINCRBY', metrics_key, 'quota_refusals:' .. name, 1)
+  return {'quota', name, used, allowed, wait_ms}
+end
+local limit, now_ms, rate_tat = {0, 0, 0, 0}, 0, nil
+if quota then
+  local own = redis.call('HMGET', limits_key, 'concurrency', 'rpm', 'tokens_per_day', 'compute_seconds_per_day')
+  for i = 1, 4 do limit[i] = tonumber(own[i] or ARGV[DEFAULTS_FROM + i - 1]) end
+  local time = redis.call('TIME')
+  now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  local rpm = limit[2]
+  if rpm > 0 then
+    local interval = 60000 / rpm
+    local tat = math.max(tonumber(redis.call('GET', rate_key) or 0), now_ms)
+    local allow_at = tat + interval - 60000
+    if now_ms < allow_at then
+      return refuse('rpm', math.min(rpm, math.ceil((tat - now_ms) / interval)), rpm, math.ceil(allow_at - now_ms))
+    end
+    rate_tat = tat + interval
+  end
+end
+local function take_rate()
+  if rate_tat then
+    redis.call('SET', rate_key, string.format('%.3f', rate_tat), 'PX', math.max(1, math.ceil(rate_tat - now_ms)))
+  end
+end
+"""
+
+# Take one request of an account's rate (_LIMITS) outside BEGIN: a request joining a run in flight found by
+# a cache with a Redis of its own. ``{'ok'}`` or the refusal.
+RATE = """
+local metrics_key, limits_key, rate_key = KEYS[1], KEYS[2], KEYS[3]
+local quota, DEFAULTS_FROM = true, 1
+""" + _LIMITS + """take_rate()
+return {'ok'}
+"""
+
 # Start a run unless its result is cached or an identical run is in flight:
 # one round trip for the workflow's revision check, the cache lookup, the
-# single-flight lock and the record. The API resolves workflows from memory;
-# a revision that moved on answers 'stale' and it resolves again.
-# A hit writes its own run record from the fields the worker stored with the
-# entry, so a cache hit costs a single round trip.
+# single-flight lock, the account's quotas and the record. The API resolves
+# workflows from memory; a revision that moved on answers 'stale' and it
+# resolves again. A hit writes its own run record from the fields the worker
+# stored with the entry, so a cache hit costs a single round trip.
 # The cache keys are "" when the request is not cached. With an
 # Idempotency-Key (KEYS[9], "" without one) a request repeating the key gets
 # the run the key first named ('replay'), or 'conflict' when its fingerprint
 # differs; a first run that never started ('expired') or is gone hands the
-# key on. ARGV from 10 on are the queued record's fields and values.
+# key on; neither is refused by a quota nor consumes any. ``may_join`` "0": a
+# request that must have a run of its own (its webhook is its run's) queues
+# one beside the run in flight, without its lock.
+# Quotas (flowpool.quotas; KEYS[11..15] "" for none): the rate (_LIMITS) applies
+# to every request admitted (a hit, a join or a queued run); a run to be
+# queued must also be under the account's concurrency (its slots: runs queued
+# or running, by deadline) and today's token and compute budgets. A queued run
+# takes a slot until its deadline (its end gives it back sooner) and a lane:
+# within the account's share of the queue's slots (shared between the accounts
+# with runs in flight) 0, within twice it 3, four times 6, else 9; 0 without
+# fair share. ``ended`` "1": the record is a hit's, already ended (found by a
+# cache with a Redis of its own): counted as a hit, no slot taken. ARGV from
+# RECORD_FROM on are the record's fields and values.
 BEGIN = """
 local run_key, workflow_runs_key, entry_key, lock_key, entry_record_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local workflow_key, session_runs_key, metrics_key, idem_key = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local runs_active_key = KEYS[10]
+local limits_key, slots_key, rate_key, usage_key, accounts_key = KEYS[11], KEYS[12], KEYS[13], KEYS[14], KEYS[15]
 local request_id, ttl_ms, queued_at, runs_kept, lock_ms = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local expected_rev, idem_ms, fingerprint, run_prefix = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
-local RECORD_FROM = 10
+local expected_rev, idem_ms, fingerprint, run_prefix, may_join = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local account, ref = ARGV[11], ARGV[12]
+local queue_slots, fair, fallback_share, usage_ttl, ended = ARGV[17], ARGV[18], ARGV[19], ARGV[20], ARGV[21]
+local DEFAULTS_FROM, RECORD_FROM = 13, 22
+local quota = limits_key ~= ''
 if (redis.call('HGET', workflow_key, 'rev') or '') ~= expected_rev then return {'stale'} end
 local function remember(owner)
   if idem_key ~= '' then redis.call('SET', idem_key, owner .. ' ' .. fingerprint, 'PX', idem_ms) end
@@ -178,6 +287,31 @@ if idem_key ~= '' then
     end
   end
 end
+""" + _LIMITS + """
+local function count_hit()
+  if quota then
+    redis.call('HINCRBY', usage_key, 'cache_hits', 1)
+    redis.call('HINCRBY', usage_key, 'wf:' .. ref .. ':cache_hits', 1)
+    redis.call('EXPIRE', usage_key, usage_ttl)
+  end
+end
+-- Whether a run may be queued: nil, or the refusal. Leaves the account's runs in flight in ``inflight``.
+local inflight = 0
+local function may_queue()
+  if not quota then return nil end
+  redis.call('ZREMRANGEBYSCORE', slots_key, '-inf', now_ms / 1000)
+  inflight = redis.call('ZCARD', slots_key)
+  if limit[1] > 0 and inflight >= limit[1] then return refuse('concurrency', inflight, limit[1], 0) end
+  if limit[3] > 0 or limit[4] > 0 then
+    local used = redis.call('HMGET', usage_key, 'tokens', 'compute_ms')
+    local tokens, compute_ms = tonumber(used[1] or 0), tonumber(used[2] or 0)
+    if limit[3] > 0 and tokens >= limit[3] then return refuse('tokens_per_day', tokens, limit[3], 0) end
+    if limit[4] > 0 and compute_ms >= limit[4] * 1000 then
+      return refuse('compute_seconds_per_day', math.floor(compute_ms / 1000), limit[4], 0)
+    end
+  end
+  return nil
+end
 local state = {'queued'}
 if entry_key ~= '' then
   local hit = redis.call('GET', entry_key)
@@ -185,6 +319,8 @@ if entry_key ~= '' then
     local copied = redis.call('HGETALL', entry_record_key)
     redis.call('HINCRBY', metrics_key, 'cache_hits', 1)
     remember(request_id)
+    take_rate()
+    count_hit()
     if #copied == 0 then return {'hit', hit} end
     redis.call('HSET', run_key, unpack(ARGV, RECORD_FROM))
     redis.call('HSET', run_key, 'status', 'succeeded', 'cache_hit', 'true', 'started_at', queued_at,
@@ -192,20 +328,47 @@ if entry_key ~= '' then
     state = {'hit', hit, 'recorded'}
   else
     local leader = redis.call('GET', lock_key)
-    if leader then
+    if leader and may_join == '1' then
       remember(leader)
+      take_rate()
       return {'join', leader}
     end
-    redis.call('SET', lock_key, request_id, 'PX', lock_ms)
+    local refused = may_queue()
+    if refused then return refused end
+    if not leader then redis.call('SET', lock_key, request_id, 'PX', lock_ms) end
   end
+elseif ended ~= '1' then
+  local refused = may_queue()
+  if refused then return refused end
 end
 if state[1] == 'queued' then
   remember(request_id)
+  take_rate()
   redis.call('HSET', run_key, unpack(ARGV, RECORD_FROM))
   -- Unfinished runs by deadline, for the reaper: queued, it must have ended when its lock would lapse.
   -- (A record written already ended, a cache hit found elsewhere, is not indexed.)
   if redis.call('HGET', run_key, 'status') == 'queued' then
-    redis.call('ZADD', runs_active_key, tonumber(queued_at) + tonumber(lock_ms) / 1000, request_id)
+    local deadline = tonumber(queued_at) + tonumber(lock_ms) / 1000
+    redis.call('ZADD', runs_active_key, deadline, request_id)
+    if quota then
+      -- Its slot until the same deadline, and the account among those sharing the pool until its last one.
+      redis.call('ZADD', slots_key, deadline, request_id)
+      redis.call('ZREMRANGEBYSCORE', accounts_key, '-inf', now_ms / 1000)
+      local sharing = redis.call('ZCARD', accounts_key)
+      if not redis.call('ZSCORE', accounts_key, account) then sharing = sharing + 1 end
+      redis.call('ZADD', accounts_key, 'GT', deadline, account)
+      redis.call('EXPIREAT', slots_key, math.ceil(tonumber(redis.call('ZSCORE', accounts_key, account))) + 1)
+      local lane = 0
+      if fair == '1' then
+        local share = tonumber(fallback_share)
+        if tonumber(queue_slots) > 0 then share = math.max(1, math.ceil(tonumber(queue_slots) / sharing)) end
+        if inflight >= 4 * share then lane = 9 elseif inflight >= 2 * share then lane = 6
+        elseif inflight >= share then lane = 3 end
+      end
+      state = {'queued', lane}
+    end
+  elseif ended == '1' then
+    count_hit()
   end
 end
 redis.call('PEXPIRE', run_key, ttl_ms)

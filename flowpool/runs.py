@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 import uuid
 from dataclasses import replace
@@ -32,10 +31,13 @@ import redis
 from flowpool import keys
 from flowpool.connections import UNREACHABLE, patiently
 from flowpool.errors import OutcomeUnavailable, RunError, RunNotStarted, WorkerLost
+from flowpool.quotas import NO_QUOTA_ARGS, NO_QUOTA_KEYS, Quota, end_args, end_keys, refusal
 from flowpool.run import RunEnd, RunRecord, RunStatus, dumps, encode
-from flowpool.run_scripts import ABANDON, APPEND_CHUNKS, APPEND_OUTPUT, BEGIN, CLAIM, FINISH
+from flowpool.run_scripts import ABANDON, APPEND_CHUNKS, APPEND_OUTPUT, BEGIN, CLAIM, FINISH, RATE
+from flowpool.run_streams import READ, chunks_of, in_order
 from flowpool.sealing import InvalidToken, SecretBox
 from flowpool.settings import Settings
+from flowpool.usage import day_of
 
 __all__ = ["LOG_TAIL_SECONDS", "RunStatus", "RunStore"]
 
@@ -47,23 +49,23 @@ T = TypeVar("T")
 # readers following it to read the last ones, short enough that the lines are not kept twice for long.
 LOG_TAIL_SECONDS = 300
 
-# Entries one XREAD reads at most from each stream.
-_READ = 500
-
 
 class RunStore:
     """Read and write run records and their event streams."""
 
     def __init__(self, client: redis.Redis, ttl_seconds: int, runs_per_workflow: int,
-                 lease_grace_seconds: float = 0.0, outage_seconds: float = 0.0) -> None:
+                 lease_grace_seconds: float = 0.0, outage_seconds: float = 0.0, usage_days: int = 400) -> None:
         """``lease_grace_seconds``: how long a waiter gives a lapsed lease to come back before taking the run
         for lost (a worker held up with Redis renews it when Redis answers again). ``outage_seconds``: how
-        long past a run's deadline a waiter rides out an unreachable Redis."""
+        long past a run's deadline a waiter rides out an unreachable Redis. ``usage_days``: how long the
+        accounts' daily usage, which runs' ends add to, is kept."""
         self.redis = client
         self.ttl_ms = ttl_seconds * 1000
         self.runs_per_workflow = runs_per_workflow
         self.lease_grace_seconds = lease_grace_seconds
         self.outage_seconds = outage_seconds
+        self.usage_seconds = usage_days * 86400
+        self._rate = client.register_script(RATE)
         self._claim = client.register_script(CLAIM)
         self._begin = client.register_script(BEGIN)
         self._abandon = client.register_script(ABANDON)
@@ -76,7 +78,7 @@ class RunStore:
         """The store as flowpool's processes use it: a lapsed lease gets three heartbeats to come back."""
         return cls(client, settings.run_ttl_seconds, settings.runs_per_workflow,
                    lease_grace_seconds=3 * settings.worker_heartbeat_seconds,
-                   outage_seconds=settings.redis_outage_seconds)
+                   outage_seconds=settings.redis_outage_seconds, usage_days=settings.usage_retention_days)
 
     # Writing
 
@@ -100,7 +102,8 @@ class RunStore:
         pipe.execute()
 
     def begin(self, record: RunRecord, cache_keys: tuple[str, str, str] | None = None, lock_seconds: float = 0,
-              rev: str = "", idempotency: tuple[str, str, float] | None = None) -> tuple[str, Any]:
+              rev: str = "", idempotency: tuple[str, str, float] | None = None, quota: Quota | None = None,
+              join: bool = True) -> tuple[str, Any]:
         """Queue a run record, unless the cache answers or an identical run is in flight.
 
         With ``cache_keys`` (the keys of the cache entry, the in-flight lock
@@ -108,7 +111,8 @@ class RunStore:
         run record written too), ``("hit-unrecorded", entry)`` (an entry
         without stored record fields: the caller records the hit) or
         ``("join", leader_request_id)`` when the run is not needed; otherwise
-        ``("queued", None)`` after taking the lock and writing the record.
+        ``("queued", lane)`` after taking the lock and writing the record (``lane``: the run's fair-share lane;
+        None without ``quota``). Without ``join`` a run in flight is not joined: the run is queued beside it.
         ``("stale", None)`` when the workflow's revision is no longer ``rev``:
         nothing was written.
 
@@ -117,6 +121,9 @@ class RunStore:
         already names a run for the same request, ``("conflict",
         first_request_id)`` when it names one for another request; either way
         nothing was written.
+
+        With ``quota`` (flowpool.quotas) the account's limits are checked too: over one, QuotaExceeded is
+        raised and nothing was written.
         """
         flat = [item for pair in record.to_fields().items() for item in pair]
         entry_key, lock_key, record_key = cache_keys or ("", "", "")
@@ -125,15 +132,25 @@ class RunStore:
         reply = self._begin(
             keys=[keys.run(request_id), keys.workflow_runs(account_id, ref), entry_key, lock_key, record_key,
                   keys.workflow(account_id, ref), keys.session_runs(account_id, record.session_id or ""),
-                  keys.METRICS, idem_key, keys.RUNS_ACTIVE],
+                  keys.METRICS, idem_key, keys.RUNS_ACTIVE, *(quota.keys() if quota else NO_QUOTA_KEYS)],
             args=[request_id, self.ttl_ms, record.queued_at or time.time(), self.runs_per_workflow,
-                  int(lock_seconds * 1000), rev, int(window * 1000), fingerprint, keys.run(""), *flat])
+                  int(lock_seconds * 1000), rev, int(window * 1000), fingerprint, keys.run(""), int(join),
+                  *(quota.args(ended=record.status != RunStatus.QUEUED) if quota else NO_QUOTA_ARGS), *flat])
         state = reply[0].decode()
+        if state == "quota":
+            raise refusal(reply)
         if state == "hit":
             return ("hit" if len(reply) > 2 else "hit-unrecorded"), json.loads(reply[1])
         if state in ("join", "replay", "conflict"):
             return state, reply[1].decode()
-        return state, None
+        return state, int(reply[1]) if len(reply) > 1 else None
+
+    def take_rate(self, quota: Quota) -> None:
+        """Count a request admitted outside :meth:`begin` against its account's rate; QuotaExceeded if over."""
+        reply = self._rate(keys=[keys.METRICS, keys.account_limits(quota.account_id), keys.account_rate(
+            quota.account_id)], args=list(quota.defaults))
+        if reply[0] == b"quota":
+            raise refusal(reply)
 
     @staticmethod
     def hit_fields(entry_request_id: str, version: str, output: Any, usage: Any, chunk_count: int) -> dict[str, str]:
@@ -192,17 +209,20 @@ class RunStore:
         self.redis.set(keys.run_cancel(request_id), 1, px=self.ttl_ms)
 
     def finish(self, pipe: redis.client.Pipeline, request_id: str, end: RunEnd, fields: dict[str, Any],
-               claim: str, counters: Sequence[str] = ()) -> None:
+               claim: str, counters: Sequence[str] = (), tokens: Sequence[tuple[str, int]] = ()) -> None:
         """Queue the end of a run claimed under ``claim``: the record's final ``fields``, the ``done`` event, the
-        lease gone, ``runs:<status>`` and each of ``counters`` counted in the metrics. Written only while the run
+        lease gone, ``runs:<status>`` and each of ``counters`` counted in the metrics, its account's slot back
+        and its usage counted, ``tokens`` (flowpool.quotas.token_increments) too. Written only while the run
         is still running under that claim (:data:`~flowpool.run_scripts.FINISH`): the pipeline's answer for it is
-        1, or 0 when the run had been ended already (lost) and keeps that end."""
-        flat = [item for pair in encode({"status": end.status, "finished_at": time.time(), **fields}).items()
+        1, or 0 when the run had been ended already (lost) and keeps that end (and nothing is counted)."""
+        now = time.time()
+        flat = [item for pair in encode({"status": end.status, "finished_at": now, **fields}).items()
                 for item in pair]
         self._finish(keys=[keys.run(request_id), keys.run_events(request_id), keys.run_lease(request_id),
-                           keys.RUNS_ACTIVE, keys.METRICS, keys.run_logs(request_id)],
+                           keys.RUNS_ACTIVE, keys.METRICS, keys.run_logs(request_id), *end_keys(request_id)],
                      args=[request_id, dumps(claim), dumps(end.to_message()), self.ttl_ms,
-                           dumps([f"runs:{end.status}", *counters]), self._tail_ms, *flat],
+                           dumps([f"runs:{end.status}", *counters]), self._tail_ms, dumps(now), dumps(tokens),
+                           *end_args(day_of(now), self.usage_seconds), *flat],
                      client=pipe)
 
     def put_reply(self, pipe: redis.client.Pipeline, request_id: str, sealed: str, seconds: int) -> None:
@@ -232,15 +252,18 @@ class RunStore:
         """End a run stuck in ``expected`` state with ``error``; False if it moved on meanwhile.
 
         A running run with a live lease is left alone unless ``force`` (it is overdue). The log lines it sent
-        so far go into its record, as its end would have written them.
+        so far go into its record, as its end would have written them; its account's slot comes back and the
+        run is counted in its usage (no tokens).
         """
         status = RunStatus.for_error(error) if expected is RunStatus.RUNNING else RunStatus.EXPIRED
         end = RunEnd(status=status.value, version=version, error=error.to_dict())
+        now = time.time()
         return bool(self._abandon(
             keys=[keys.run(request_id), keys.run_lease(request_id), keys.run_events(request_id), keys.RUNS_ACTIVE,
-                  keys.run_logs(request_id)],
-            args=[expected.value, status.value, dumps(time.time()), dumps(error.to_dict()), dumps(end.to_message()),
-                  self.ttl_ms, "1" if force else "0", request_id, self._tail_ms]))
+                  keys.run_logs(request_id), keys.METRICS, *end_keys(request_id)],
+            args=[expected.value, status.value, dumps(now), dumps(error.to_dict()), dumps(end.to_message()),
+                  self.ttl_ms, "1" if force else "0", request_id, self._tail_ms,
+                  *end_args(day_of(now), self.usage_seconds)]))
 
     @property
     def _tail_ms(self) -> int:
@@ -288,7 +311,7 @@ class RunStore:
 
     def chunks(self, request_id: str) -> list[dict[str, Any]]:
         """The chunks the run emitted, in order."""
-        return _chunks_of(self.redis.xrange(keys.run_events(request_id)))
+        return chunks_of(self.redis.xrange(keys.run_events(request_id)))
 
     def so_far(self, request_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], bool]:
         """What a running run has sent so far, as its record will keep it: its chunks, its log lines, and whether
@@ -299,7 +322,7 @@ class RunStore:
         pipe.xrange(keys.run_logs(request_id))
         entries, lines = pipe.execute()
         cut = bool(lines) and lines[-1][1][b"cut"] == b"1"
-        return _chunks_of(entries), [json.loads(fields[b"data"]) for _, fields in lines], cut
+        return chunks_of(entries), [json.loads(fields[b"data"]) for _, fields in lines], cut
 
     def list_for_session(self, account_id: str, session_id: str, offset: int, limit: int) -> tuple[list[str], int]:
         """Request ids of a session's runs, oldest first, and the total."""
@@ -365,7 +388,7 @@ class RunStore:
 
         while True:
             if lines is None:
-                reply = unless_unreachable(lambda: self.redis.xread(cursors, block=int(poll * 1000), count=_READ),
+                reply = unless_unreachable(lambda: self.redis.xread(cursors, block=int(poll * 1000), count=READ),
                                            "reading its events")
             else:
                 # A blocked XREAD is answered with what woke it, the new entries of one of the streams only; so it
@@ -373,8 +396,8 @@ class RunStore:
                 reply = unless_unreachable(lambda: self.redis.xread(cursors, block=int(poll * 1000), count=1),
                                            "waiting for its events")
                 if reply:
-                    reply = unless_unreachable(lambda: self.redis.xread(cursors, count=_READ), "reading its events")
-            for key, entry_id, fields in _in_order(reply or (), stream, lines):
+                    reply = unless_unreachable(lambda: self.redis.xread(cursors, count=READ), "reading its events")
+            for key, entry_id, fields in in_order(reply or (), stream, lines):
                 cursors[key] = entry_id.decode()
                 event_id = ".".join(cursors.values())
                 if key == lines:
@@ -455,44 +478,3 @@ class RunStore:
         (status, version), lease = pipe.execute()
         return status.decode() if status else None, bool(lease), json.loads(version) if version else None
 
-
-def _in_order(reply: Any, stream: str, lines: str | None) -> Iterator[tuple[str, bytes, dict[bytes, bytes]]]:
-    """The entries one XREAD read of a run's events and (``lines``) its log lines, as ``(key, entry id, fields)``,
-    in the order the run sent them: a line before the first chunk not emitted before it (its ``after``), ``done``
-    last.
-
-    Its worker writes a chunk and the lines logged before it in one step, so a read holds every line logged before
-    a chunk it holds and every chunk emitted before a line it holds, unless that stream's part was cut at ``_READ``
-    entries: then what may follow entries past the cut waits for the next read.
-    """
-    read = {key.decode(): entries for key, entries in reply}
-    events, logged = read.get(stream, []), read.get(lines, []) if lines else []
-    more_events, more_lines = len(events) >= _READ, len(logged) >= _READ
-    e = n = 0
-    while e < len(events) or n < len(logged):
-        if e < len(events) and n < len(logged):
-            line_first = int(logged[n][1][b"after"]) <= _chunk_index(events[e][1])
-        elif (more_events if n < len(logged) else more_lines):
-            return
-        else:
-            line_first = n < len(logged)
-        if line_first:
-            assert lines is not None
-            yield lines, *logged[n]
-            n += 1
-        else:
-            yield stream, *events[e]
-            e += 1
-
-
-def _chunk_index(fields: dict[bytes, bytes]) -> float:
-    """A chunk entry's index; ``done``, which comes after every line, as infinity."""
-    return json.loads(fields[b"data"])["index"] if fields.get(b"kind") == b"chunk" else math.inf
-
-
-def _chunks_of(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[dict[str, Any]]:
-    """The chunks among a run's events-stream entries, as its record shows them (without their index)."""
-    chunks = [json.loads(fields[b"data"]) for _, fields in entries if fields.get(b"kind") == b"chunk"]
-    for chunk in chunks:
-        chunk.pop("index", None)
-    return chunks

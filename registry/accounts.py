@@ -16,6 +16,7 @@ from flowpool.errors import AuthenticationError
 __all__ = ["Account", "Accounts", "hash_key"]
 
 KEY_PREFIX = "fp_"
+WEBHOOK_SECRET_PREFIX = "whsec_"
 
 
 def hash_key(api_key: str) -> str:
@@ -58,6 +59,27 @@ class Accounts:
         api_key = KEY_PREFIX + secrets.token_urlsafe(32)
         self.redis.set(keys.api_key(hash_key(api_key)), account_id)
         return Account(account_id, name), api_key, created
+
+    def find(self, name: str) -> Account | None:
+        """The account called ``name``; None if there is none."""
+        account_id = self.redis.hget(keys.ACCOUNTS, name)
+        return None if account_id is None else Account(account_id.decode(), name)
+
+    def webhook_secret(self, account_id: str, rotate: bool = False) -> str:
+        """The secret that signs the account's webhooks, made on first use; ``rotate`` replaces it with a new one.
+
+        After a rotation, deliveries already under way may still carry the old
+        signature: a receiver should accept both secrets for a few minutes.
+        """
+        key = keys.account(account_id)
+        fresh = WEBHOOK_SECRET_PREFIX + secrets.token_urlsafe(32)
+        if rotate:
+            self.redis.hset(key, "webhook_secret", fresh)
+            return fresh
+        # HSETNX: two processes making the first secret at once agree on one of them.
+        if self.redis.hsetnx(key, "webhook_secret", fresh):
+            return fresh
+        return self.redis.hget(key, "webhook_secret").decode()
 
     def authenticate(self, api_key: str | None) -> Account:
         """The account owning ``api_key``; AuthenticationError if there is none."""

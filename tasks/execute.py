@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import flowpool
 from flowpool.connections import UNREACHABLE, patiently
 from flowpool.errors import NotFound, RunError, SandboxError, ScriptError, WorkerLost
+from flowpool.quotas import token_increments
 from flowpool.registry import check_output
 from flowpool.run import RunEnd, RunJob, RunStatus, dumps
 from flowpool.sandbox import RunOutcome
@@ -316,7 +317,8 @@ def _record_end(runtime: WorkerRuntime, job: RunJob, claim: str, outcome: RunOut
         finished_at = len(pipe)
         runs.finish(pipe, request_id, end, fields, claim,
                     [f"queue_runs:{job.queue}:{end.status}",
-                     *(f"{record.get('kind', 'model')}_calls:{record['status']}" for record in calls.records)])
+                     *(f"{record.get('kind', 'model')}_calls:{record['status']}" for record in calls.records)],
+                    tokens=token_increments(calls.records))  # its account's usage
         return bool(pipe.execute()[finished_at])
 
     if patiently(write, until, f"run {request_id}: writing its outcome"):

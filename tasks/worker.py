@@ -20,18 +20,20 @@ from flowpool.datastores.embedding import EmbeddingClient
 from flowpool.egress import EgressPolicy
 from flowpool.errors import Cancelled
 from flowpool.queues import queue_of_broker
-from flowpool.registry import Applications, ProviderKeys, Workflows
+from flowpool.registry import Accounts, Applications, ProviderKeys, Workflows
 from flowpool.runs import RunStore
 from flowpool.sealing import Sealer, ServerKey
 from flowpool.sandbox import Sandbox, SandboxLimits
 from flowpool.sandbox.session import StopRequest
 from flowpool.settings import Settings
+from flowpool.webhooks import WebhookStore
 
 from .model_calls import ModelRouter
 from .outbound import HttpClient
 from .accessories import AccessoryCache
 from .sealed import host_support_missing
 from .scripts import ScriptCache
+from .webhooks import WebhookDeliverer
 
 __all__ = ["WorkerRuntime"]
 
@@ -69,6 +71,9 @@ class WorkerRuntime:
         # ctx.datastore: this host's replicas (settings.cache_path), shared with its other flowpool processes.
         self.datastores = Datastores(self.redis, blobs, settings,
                                      embedder=EmbeddingClient.for_settings(settings, os.environ))
+        # Webhooks of ended runs, POSTed from threads of their own through the same egress guard as runs' calls.
+        self.webhooks = WebhookDeliverer(WebhookStore(self.redis, settings.run_ttl_seconds), self.runs,
+                                         Accounts(self.redis), settings, egress)
         self._limits: dict[tuple, SandboxLimits] = {}
         self.sandbox = Sandbox(
             self.limits_for(None),
@@ -130,6 +135,7 @@ class WorkerRuntime:
         self.sandbox.start()
         self._beat.start()
         self._drainer.start()
+        self.webhooks.start()
         log.info("flowpool worker %s ready, %d slots; sandbox: %s", self.name, self.slots,
                  self.sandbox.describe())
         for weakness in self.sandbox.weaknesses:
@@ -173,6 +179,7 @@ class WorkerRuntime:
 
     def stop(self) -> None:
         self._stop.set()
+        self.webhooks.stop()
         if self._beat.is_alive():
             self._beat.join(5)
         if self._drainer.is_alive():

@@ -5,7 +5,8 @@
 - :mod:`.pool`: ``pool`` (the demand signal; the client alone);
 - :mod:`.accounts`: ``accounts``;
 - :mod:`.workflows`: ``push``, ``validate``, ``invoke``, ``runs``, ``logs`` (the client alone);
-- :mod:`.datastores`: ``datastore create|list|get|ingest|search|delete`` (the client alone).
+- :mod:`.datastores`: ``datastore create|list|get|ingest|search|delete`` (the client alone);
+- :mod:`.usage`: ``usage`` (the client alone).
 
 Each module imports only click and the client at its top; what the server
 extra brings is imported inside the command that needs it.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import click
 
-from . import accounts, datastores, doctor, pool, serve, workflows
+from . import accounts, datastores, doctor, pool, serve, usage, workflows
 
 __all__ = ["main"]
 
@@ -24,6 +25,6 @@ def main() -> None:
     """flowpool: multi-step AI workflows as one API call."""
 
 
-for _module in (serve, doctor, accounts, workflows, datastores, pool):
+for _module in (serve, doctor, accounts, workflows, datastores, pool, usage):
     for _command in _module.COMMANDS:
         main.add_command(_command)

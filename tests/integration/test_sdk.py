@@ -8,13 +8,19 @@ import builtins
 import pickle
 import subprocess
 import sys
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import redis
 
 import flowpool
 from flowpool import client as sdk
-from tests.helpers import ECHO_WORKFLOW, FAILING_WORKFLOW, SLEEPING_WORKFLOW, CannedHTTPServer, Client
+from flowpool.limits import LimitStore
+from flowpool.registry import Accounts
+from flowpool.settings import Settings
+from tests.helpers import ECHO_WORKFLOW, FAILING_WORKFLOW, SLEEPING_WORKFLOW, CannedHTTPServer, Client, eventually
 
 
 def _ref(name: str) -> str:
@@ -164,3 +170,67 @@ def test_a_success_whose_body_is_not_a_json_object_raises_an_api_error_showing_t
             assert error.status_code == 200
             assert error.message is not None and f"({content_type})" in error.message
             assert body.decode()[:30] in str(error), str(error)
+
+
+# A quota's 429, from an account the operator limited to one run at a time.
+
+SLOW_WORKFLOW = """\
+import time
+
+
+def execute(ctx):
+    time.sleep(ctx.input["seconds"])
+    return ctx.input["seconds"]
+"""
+
+
+def test_a_429_is_a_rate_limit_error_and_the_retries_wait_its_retry_after(client: Client, stack_db: redis.Redis,
+                                                                          ) -> None:
+    account = Accounts(stack_db).authenticate(client.key)
+    LimitStore(stack_db, Settings()).set(account.id, concurrency=1)
+    ref = _ref("slow")
+    client.upload(ref, SLOW_WORKFLOW)
+    with ThreadPoolExecutor(1) as pool:
+        holder = pool.submit(client.invoke, ref, input={"seconds": 3})  # takes the account's one slot
+        eventually(lambda: client.get(f"/api/v1/workflows/{ref}/runs").json()["data"], what="the first run")
+
+        with pytest.raises(flowpool.RateLimitError) as raised:
+            _sdk(client).workflow.completions.create(model=f"workflow:{ref}", input={"seconds": 0})
+        error = raised.value
+        assert (error.status_code, error.type) == (429, "rate_limit_exceeded")
+        assert "concurrency" in (error.message or "") and error.request_id is None  # nothing was started
+        assert error.headers["x-should-retry"] == "true" and int(error.headers["Retry-After"]) >= 1
+
+        # With retries, each 429 is sent again only after its Retry-After, until the slot comes back.
+        answers: list[tuple[float, int, str | None]] = []
+        fp = flowpool.Flowpool(api_key=client.key, base_url=client.base_url, timeout=60, max_retries=20)
+        fp.session.hooks["response"].append(
+            lambda response, *args, **kwargs: answers.append(
+                (time.monotonic(), response.status_code, response.headers.get("Retry-After"))))
+        done = fp.workflow.completions.create(model=f"workflow:{ref}", input={"seconds": 0})
+        assert done.output == 0
+        assert holder.result().status_code == 200
+    assert [status for _, status, _ in answers[:-1]] == [429] * (len(answers) - 1) and answers[-1][1] == 200
+    assert len(answers) >= 2  # the first try came while the slot was held
+    for (sent_at, _, retry_after), (next_at, _, _) in zip(answers, answers[1:]):
+        assert retry_after is not None and next_at - sent_at >= float(retry_after)
+
+
+def test_a_429_asking_for_a_long_wait_is_raised_at_once_not_retried(client: Client, stack_db: redis.Redis) -> None:
+    if 86400 - time.time() % 86400 < 120:  # seconds to the next UTC midnight
+        pytest.skip("the daily budget starts again within the test")  # the budget would reset under it
+    account = Accounts(stack_db).authenticate(client.key)
+    LimitStore(stack_db, Settings()).set(account.id, compute_seconds_per_day=1)
+    ref = _ref("slow")
+    client.upload(ref, SLOW_WORKFLOW)
+    assert client.invoke(ref, input={"seconds": 1.2}).status_code == 200  # spends today's one compute second
+
+    tries: list[int] = []
+    fp = flowpool.Flowpool(api_key=client.key, base_url=client.base_url, timeout=60, max_retries=5)
+    fp.session.hooks["response"].append(lambda response, *args, **kwargs: tries.append(response.status_code))
+    with pytest.raises(flowpool.RateLimitError) as raised:
+        fp.workflow.completions.create(model=f"workflow:{ref}", input={"seconds": 0})
+    assert tries == [429]  # Retry-After says midnight: trying again within seconds would only be refused
+    error = raised.value
+    assert int(error.headers["Retry-After"]) > 10 and error.headers["x-should-retry"] == "true"
+    assert "compute_seconds_per_day" in (error.message or "")
