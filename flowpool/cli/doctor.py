@@ -16,6 +16,12 @@ from .common import CliSettings, load_cli_settings, server_extra
 __all__ = ["COMMANDS"]
 
 
+def _at_least(version: str, wanted: tuple[int, ...]) -> bool:
+    """Whether a dotted version string is ``wanted`` or later (a part that is not a number counts as 0)."""
+    parts = tuple(int(p) if p.isdigit() else 0 for p in version.split(".")[:len(wanted)])
+    return parts >= wanted
+
+
 def _redis_durability(client: Any) -> tuple[str, str | None, list[str]]:
     """How a Redis keeps its data, and what in that would lose flowpool's registry and runs (docs/operations.md).
 
@@ -175,6 +181,10 @@ def doctor() -> None:
         client = connect_redis(settings)  # commands time out: a paused Redis cannot hang doctor
         client.ping()
         line("redis reachable", "yes")
+        version = str(client.info("server").get("redis_version", "0"))
+        line("redis version", version if _at_least(version, (6, 2)) else
+             f"{version}: flowpool needs Redis 6.2 or later (admission's script uses ZADD GT)",
+             _at_least(version, (6, 2)))
         kept, evicts, warnings = _redis_durability(client)
         line("redis data", f"{kept}: {evicts}" if evicts else kept, evicts is None)
         for warning_text in warnings:

@@ -44,3 +44,10 @@ def test_the_readme_documents_every_setting() -> None:
             for name in re.findall(r"`(FLOWPOOL_[A-Z0-9_]+)`", line)}
     missing = sorted({f"FLOWPOOL_{name.upper()}" for name in Settings.model_fields} - rows)
     assert not missing, f"settings without a README row: {missing}"
+
+
+def test_doctor_compares_redis_versions_by_number() -> None:
+    from flowpool.cli.doctor import _at_least
+
+    assert _at_least("6.2.14", (6, 2)) and _at_least("7.0.15", (6, 2)) and _at_least("10.0", (6, 2))
+    assert not _at_least("6.0.16", (6, 2)) and not _at_least("5.0.7", (6, 2)) and not _at_least("", (6, 2))
