@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import redis
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +31,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from cpu import CpuMeter  # noqa: E402
 from flowpool.devstack import Stack  # noqa: E402
+from flowpool.limits import LimitStore  # noqa: E402
+from flowpool.registry import Accounts  # noqa: E402
+from flowpool.settings import Settings  # noqa: E402
 from flowpool.procs import set_parent_death_signal  # noqa: E402
 from flowpool.redis_server import RedisServer  # noqa: E402
 from sandbox_bench import sandbox_rows, waiting_runs_row  # noqa: E402
@@ -226,12 +230,25 @@ def main() -> None:
 
         host, port = api.split("//")[1].split(":")
 
-        def invoker(cache: bool) -> Callable[[], object]:
+        # An account with all four limits set, far above what the bench uses: its invokes pay for every check
+        # (the rate's GCRA, concurrency, both daily budgets) where the bench account's take the defaults (none).
+        limited_key = stack.create_account("limited")
+        limited_session = requests.Session()
+        limited_session.headers["x-api-key"] = limited_key
+        limited_session.post(api + "/api/v1/workflows/upload",
+                             json={"workflow_ref_name": "noop", "script": NOOP}).raise_for_status()
+        registry = redis.Redis.from_url(redis_server.url)
+        limited = Accounts(registry).find("limited")
+        assert limited is not None
+        LimitStore(registry, Settings()).set(limited.id, concurrency=10_000, rpm=10**9, tokens_per_day=10**12,
+                                             compute_seconds_per_day=10**12)
+
+        def invoker(cache: bool, account_key: str = key) -> Callable[[], object]:
             # A plain keep-alive connection: the client's own overhead stays
             # small next to the server's, as it is for the bare Celery row.
             connection = http.client.HTTPConnection(host, int(port))
             body = json.dumps({"model": "workflow:noop", "input": {"x": 1}, "cache": cache})
-            headers = {"x-api-key": key, "Content-Type": "application/json"}
+            headers = {"x-api-key": account_key, "Content-Type": "application/json"}
             timings: list[float] = []
 
             def call() -> None:
@@ -249,7 +266,8 @@ def main() -> None:
         print(f"measuring ({args.requests} sequential calls per row in {args.rounds} interleaved rounds, "
               f"{args.clients} clients x {args.seconds:g}s for throughput)...", file=sys.stderr)
         invoker(True)()  # fill the cache
-        calls = {"bare": bare, "miss": invoker(cache=False), "hit": invoker(cache=True)}
+        calls = {"bare": bare, "miss": invoker(cache=False), "hit": invoker(cache=True),
+                 "limited": invoker(cache=False, account_key=limited_key)}
         samples: dict[str, list[float]] = {name: [] for name in calls}
         # Rounds interleave the rows, so a noisy moment of a shared machine
         # weighs on every row alike instead of on one.
@@ -267,7 +285,7 @@ def main() -> None:
         rates["hit"] = throughput(lambda: invoker(True), args.clients, args.seconds)
         server = {name: getattr(calls[name], "server_ms", None) for name in calls}
         titles = {"bare": "bare Celery delay().get()", "miss": "flowpool no-op invoke (HTTP, cache off)",
-                  "hit": "flowpool cache hit (HTTP)"}
+                  "hit": "flowpool cache hit (HTTP)", "limited": "no-op invoke, all four limits set"}
 
         base_p50, base_rate = statistics.median(samples["bare"]), rates["bare"]
         print()
@@ -276,11 +294,14 @@ def main() -> None:
         for name, title in titles.items():
             p50 = statistics.median(samples[name])
             server_p50 = f"{statistics.median(server[name]):.3f}" if server[name] else "-"
+            rate = f"{rates[name]:>8.0f} {rates[name] / base_rate:>12.2f}" if name in rates else f"{'-':>8} {'-':>12}"
             print(f"{title:<42} {p50:>8.3f} {percentile(samples[name], 99):>8.3f} {server_p50:>10} "
-                  f"{p50 / base_p50:>10.2f} {rates[name]:>8.0f} {rates[name] / base_rate:>12.2f}")
+                  f"{p50 / base_p50:>10.2f} {rate}")
         print(f"\ncache hit vs miss, p50: {statistics.median(samples['miss']) / statistics.median(samples['hit']):.1f}x "
               f"faster at the client, {statistics.median(server['miss']) / statistics.median(server['hit']):.1f}x "
               "at the server")
+        print(f"all four limits checked vs the defaults (none), server p50: "
+              f"{statistics.median(server['limited']) - statistics.median(server['miss']):+.3f} ms")
         print("CPU ms per no-op run: " + ", ".join(f"{part} {ms:.2f}" for part, ms in noop_cpu.items()))
         print("targets: no-op invoke p50 <= 2.00x bare; cache hit server p50 < 1 ms and >= 10x faster than a miss; "
               "invoke throughput >= 0.50x bare")
