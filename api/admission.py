@@ -75,14 +75,19 @@ def _check_size(body: InvokeRequest, limit: int) -> None:
         raise PayloadTooLarge(f"input and messages are {size} bytes as JSON, over the limit of {limit}")
 
 
-def _fingerprint(svc: Services, body: InvokeRequest) -> str:
+def _fingerprint(svc: Services, body: InvokeRequest, webhook_url: str | None = None) -> str:
     """What an Idempotency-Key is checked against: the hash of everything the request asks, secrets keyed.
 
-    ``stream`` and ``cache`` are left out: a retry may ask for the same run either way.
+    ``stream`` and ``cache`` are left out: a retry may ask for the same run either way. A ``webhook_url`` is
+    in (the key names one run, and its webhook is that run's): the same key with another URL, or with one where
+    the first had none, is a conflict. Left out when there is none, so a request without one keeps the
+    fingerprint it had before webhooks.
     """
     material = body.model_dump(include={"model", "input", "messages", "session_id", "metadata", "max_tokens",
                                         "temperature"})
     material["secrets"] = svc.cache.server_key.mac(body.secrets) if body.secrets else ""
+    if webhook_url is not None:
+        material["webhook_url"] = webhook_url
     return hashlib.sha256(canonical_json(material)).hexdigest()
 
 
@@ -126,7 +131,7 @@ def admit(svc: Services, account: Account, body: InvokeRequest, idempotency_key:
     idempotency = None
     if idempotency_key is not None:
         idempotency = (keys.idempotency(account.id, hashlib.sha256(idempotency_key.encode()).hexdigest()),
-                       _fingerprint(svc, body), settings.idempotency_window)
+                       _fingerprint(svc, body, webhook_url), settings.idempotency_window)
     if webhook_url is not None:
         svc.webhooks.prepare(request_id, account.id, webhook_url)
     join = webhook_url is None
@@ -324,8 +329,9 @@ def _withdraw(svc: Services, job: RunJob, reason: str) -> bool:
     """End a run that could not be sent as never started, and give back its single-flight lock; whether it ended
     so (False: a worker took it meanwhile, or Redis did not answer)."""
     try:
+        # notify=False: its webhook is not made due; the caller forgets it (it answers with the error).
         dropped = patiently(lambda: svc.runs.abandon(job.request_id, RunStatus.QUEUED, RunNotStarted(reason),
-                                                     job.version),
+                                                     job.version, notify=False),
                             time.monotonic() + _WITHDRAW_SECONDS, f"run {job.request_id}: withdrawing it")
     except redis.RedisError:  # unreachable still, or refusing writes
         return False

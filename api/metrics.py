@@ -7,6 +7,11 @@ GET /api/v1/pool (flowpool.pool), read the same way: an HPA scales each
 queue's workers on ``flowpool_queue_desired_workers``, not on the queue
 length, which hides the runs workers hold. With ``FLOWPOOL_METRICS_TOKEN``
 set, a scrape must carry it as a bearer token.
+
+The per-account counters are labelled with the account's id, not its name:
+/metrics is public unless that token is set, and names (often a customer's)
+should not be. With the token set, ``flowpool_account_info{account, name}``
+(value 1) joins ids to names, the Prometheus idiom for such a label.
 """
 from __future__ import annotations
 
@@ -60,7 +65,7 @@ class _RedisCollector:
                                      labels=["account"])
         refusals = CounterMetricFamily("flowpool_quota_refusals", "Requests answered 429 by an account's limit",
                                        labels=["limit"])
-        account_names = _AccountNames(svc.redis)
+        accounts: set[str] = set()  # the ids the account counters name, for flowpool_account_info
         for raw_name, raw_value in sorted(counters.items()):
             name, value = raw_name.decode(), int(raw_value)
             if name.startswith("runs:"):
@@ -78,9 +83,11 @@ class _RedisCollector:
             elif name == "accessory_fetch_bytes":
                 fetched.add_metric([], value)
             elif name.startswith("account_compute_ms:"):
-                compute.add_metric([account_names.of(name.partition(":")[2])], value / 1000)
+                accounts.add(name.partition(":")[2])
+                compute.add_metric([name.partition(":")[2]], value / 1000)
             elif name.startswith("account_tokens:"):
-                tokens.add_metric([account_names.of(name.partition(":")[2])], value)
+                accounts.add(name.partition(":")[2])
+                tokens.add_metric([name.partition(":")[2]], value)
             elif name.startswith("quota_refusals:"):
                 refusals.add_metric([name.partition(":")[2]], value)
         yield runs
@@ -92,6 +99,8 @@ class _RedisCollector:
         yield compute
         yield tokens
         yield refusals
+        if svc.settings.metrics_token is not None and accounts:  # names only to a scraper holding the token
+            yield _account_info(svc.redis, accounts)
         yield GaugeMetricFamily("flowpool_workers", "Workers that sent a heartbeat within the worker TTL",
                                 value=len(workers))
         try:
@@ -111,18 +120,16 @@ class _RedisCollector:
             yield gauge
 
 
-class _AccountNames:
-    """Account ids to names for the ``account`` label: the registry read once per scrape, and only if asked."""
-
-    def __init__(self, client: redis.Redis) -> None:
-        self.redis = client
-        self._names: dict[str, str] | None = None
-
-    def of(self, account_id: str) -> str:
-        """The account's name; its id when it has none (an account whose name was taken off the registry)."""
-        if self._names is None:
-            self._names = {v.decode(): k.decode() for k, v in self.redis.hgetall(keys.ACCOUNTS).items()}
-        return self._names.get(account_id, account_id)
+def _account_info(client: redis.Redis, accounts: set[str]) -> GaugeMetricFamily:
+    """``flowpool_account_info{account=<id>, name=<name>} 1`` for each account a counter names and the registry
+    still knows by name (the registry read once per scrape)."""
+    info = GaugeMetricFamily("flowpool_account_info", "An account's name, to join with the account counters' "
+                             "id labels (shown only when FLOWPOOL_METRICS_TOKEN is set)", labels=["account", "name"])
+    names = {v.decode(): k.decode() for k, v in client.hgetall(keys.ACCOUNTS).items()}
+    for account_id in sorted(accounts):
+        if account_id in names:
+            info.add_metric([account_id, names[account_id]], 1)
+    return info
 
 
 def check_scrape_token(expected: str | None, authorization: str | None) -> None:

@@ -71,6 +71,12 @@ class RunCreateRequest(InvokeRequest):
             raise ValueError(f"webhook_url must be an http or https URL with a host, got {value[:100]!r}")
         if parts.username or parts.password:
             raise ValueError("webhook_url must not carry credentials; the webhook is signed instead")
+        try:
+            port = parts.port  # raises for a port that is not a number from 0 to 65535
+        except ValueError:
+            port = 0
+        if port == 0:
+            raise ValueError(f"webhook_url has a port that is not a number from 1 to 65535: {value[:100]!r}")
         return value
 
 

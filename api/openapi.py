@@ -55,6 +55,13 @@ _QUERY: dict[str, list[dict[str, Any]]] = {
          "schema": {"type": "string", "enum": ["day", "workflow"], "default": "day"}},
     ],
 }
+# Answers other than a plain 200, by endpoint.
+_RESPONSES: dict[str, dict[str, Any]] = {
+    "runs.create_run": {
+        "202": {"description": "queued: {request_id, status, status_url, stream_url}, at the top level"},
+        "200": {"description": "a cache hit or an ended run's replay: those keys and the run's fields"},
+    },
+}
 _ERROR = {"description": "an error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 
 
@@ -78,7 +85,7 @@ def build_document() -> dict[str, Any]:
                 "parameters": [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
                                for name in sorted(rule.arguments)]
                 + (_PAGE_PARAMETERS if rule.endpoint in _PAGED else []) + _QUERY.get(rule.endpoint, []),
-                "responses": {"200": {"description": "OK"}, "default": _ERROR},
+                "responses": {**_RESPONSES.get(rule.endpoint, {"200": {"description": "OK"}}), "default": _ERROR},
             }
             model = _BODIES.get(rule.endpoint)
             if model is not None and method in ("POST", "PUT"):

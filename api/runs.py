@@ -3,9 +3,10 @@ long-poll with ``?wait=N``), followed (``.../stream``) and listed (``GET /api/v1
 
 ``POST /api/v1/runs`` takes the invoke body and passes the same admission
 (:mod:`.admission`: schema, quotas, Idempotency-Key, cache); it answers 202
-with the run's ``request_id``, ``status_url`` and ``stream_url`` as soon as the
-run is queued, or 200 with the run itself when the cache (or an
-Idempotency-Key naming an ended run) answers at once. With ``webhook_url``,
+with the run's ``request_id``, ``status``, ``status_url`` and ``stream_url``,
+at the top level of the body as the issue and SPEC name them, as soon as the
+run is queued, or 200 with those and the run's fields beside them when the
+cache (or an Idempotency-Key naming an ended run) answers at once. With ``webhook_url``,
 the run's end is POSTed there, signed (``tasks/webhooks.py``); the run's view
 shows the webhook's attempts.
 """
@@ -85,7 +86,8 @@ def create_run() -> Response:
     g.handed_over = request_id = admission.request_id
     urls = {"status_url": url_for("runs.get_run", request_id=request_id),
             "stream_url": url_for("runs.stream_run", request_id=request_id)}
-    response = jsonify({"data": _started(svc, admission, urls)})
+    # The keys at the top level, as the issue and SPEC name them (a hit's or an ended replay's run beside them).
+    response = jsonify(_started(svc, admission, urls))
     response.status_code = 200 if admission.end is not None else 202
     response.headers["Location"] = urls["status_url"]
     response.headers["X-Request-Id"] = request_id
@@ -155,8 +157,10 @@ def _wait_seconds(longest: float) -> float:
     return min(seconds, longest)
 
 
-# How often a long poll looks at its clock while the run sends nothing.
+# How often a long poll looks at its clock while the run sends nothing, and the least: a blocking XREAD of 0 ms
+# would wait forever.
 _WAIT_TICK_SECONDS = 0.25
+_WAIT_TICK_FLOOR_SECONDS = 0.01
 
 
 def _await_end(svc: Services, record: RunRecord, seconds: float) -> RunRecord:
@@ -169,9 +173,14 @@ def _await_end(svc: Services, record: RunRecord, seconds: float) -> RunRecord:
     request_id = record.request_id
     run_seconds = float(record.timeout_seconds or settings.default_timeout_seconds) + settings.run_deadline_slack
     give_up_at = time.monotonic() + seconds
-    events = svc.runs.events(request_id, settings.queue_wait_seconds, run_seconds,
-                             poll=min(_WAIT_TICK_SECONDS, seconds), keepalive=_WAIT_TICK_SECONDS)
+    # A ping after every quiet tick, so the deadline is looked at even while nothing comes. Chunks still come
+    # (chunks=True): they are what a busy run sends, and each is a look at the clock too (RunStore.events yields
+    # no ping while entries keep arriving, so with chunks=False a chatty run would hold the poll past its wait).
+    tick = max(_WAIT_TICK_FLOOR_SECONDS, min(_WAIT_TICK_SECONDS, seconds))
+    events = svc.runs.events(request_id, settings.queue_wait_seconds, run_seconds, poll=tick, keepalive=tick)
     try:
+        if time.monotonic() >= give_up_at:
+            return svc.runs.get(request_id) or record
         for _, kind, _ in events:
             if kind == "done" or time.monotonic() >= give_up_at:
                 break

@@ -312,7 +312,7 @@ class _WorkflowRuns(_Runs):
         body = _body(model, params, messages=messages, input=input, secrets=secrets, session_id=session_id,
                      metadata=metadata, webhook_url=webhook_url)
         headers = {"Idempotency-Key": idempotency_key or f"fp-{uuid.uuid4().hex}"}
-        return Obj(self._client._decode(self._client._send_retrying("/api/v1/runs", body, headers))["data"], "Run")
+        return Obj(self._client._decode(self._client._send_retrying("/api/v1/runs", body, headers)), "Run")
 
 
 class _Datastores:

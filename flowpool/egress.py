@@ -73,10 +73,14 @@ class EgressPolicy:
 
     def check_url(self, url: str) -> list[IPAddress]:
         """Resolve the URL's host and check every address; returns them."""
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            port = parts.port  # a port that is not a number from 0 to 65535 raises ValueError
+        except ValueError as exc:
+            raise EgressDenied(f"not a URL that can be reached ({exc})") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise EgressDenied(f"only http and https URLs with a host can be reached, not {url!r}")
-        return self.check_host(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+        return self.check_host(parts.hostname, port or (443 if parts.scheme == "https" else 80))
 
     def check_host(self, host: str, port: int) -> list[IPAddress]:
         """Resolve ``host`` and check every address it resolves to; returns them."""

@@ -10,10 +10,16 @@ what a run's end adds to the account's usage (:func:`token_increments`,
 
 The lane of a queued run (fair share): the workers' slots of its queue are
 shared between the accounts with runs in flight (``keys.ACTIVE_ACCOUNTS``);
-an account's runs within its share go to lane 0, the next share to lane 3,
-the next two shares to lane 6, the rest to lane 9. Workers take lane 0 first
+an account's runs within its share go to lane 0, those within 4 shares to
+lane 3, within 16 shares to lane 6, the rest to lane 9; while the queue's
+slots are unknown the share is 1. Workers take lane 0 first
 (flowpool.publish), so a quiet account's run never waits behind a busy one's
 backlog.
+
+A run's concurrency slot lapses by itself when its end is never written:
+queued, ``SLOT_MARGIN_SECONDS`` after the broker drops it unclaimed (at the
+queue wait); claimed, with its worker's lease (CLAIM, and the heartbeat that
+renews both, tasks/worker.py).
 """
 from __future__ import annotations
 
@@ -28,8 +34,13 @@ from flowpool.errors import QuotaExceeded
 from flowpool.settings import Settings
 from flowpool.usage import day_of
 
-__all__ = ["NO_QUOTA_ARGS", "NO_QUOTA_KEYS", "Quota", "end_args", "end_keys", "key_parts", "refusal",
-           "seconds_to_midnight", "token_increments"]
+__all__ = ["NO_QUOTA_ARGS", "NO_QUOTA_KEYS", "SLOT_MARGIN_SECONDS", "Quota", "end_args", "end_keys", "key_parts",
+           "refusal", "seconds_to_midnight", "slot_args", "token_increments"]
+
+# How long past the queue wait a queued run's slot is kept: the broker drops the message at the queue wait, and a
+# worker that took it just before claims it within moments (CLAIM then scores the slot by its lease).
+SLOT_MARGIN_SECONDS = 5.0
+
 
 def key_parts(key_of: Any) -> tuple[str, str]:
     """A per-account key function split around the account id, for a Lua script that knows the account only
@@ -47,7 +58,7 @@ class Quota:
     defaults: tuple[int, int, int, int]  # concurrency, rpm, tokens_per_day, compute_seconds_per_day; 0 = none
     queue_slots: int  # the live workers' slots of the run's queue; 0 when unknown
     fair_share: bool
-    fallback_share: int  # an account's share when the queue's slots are unknown (one worker's)
+    slot_seconds: float  # how long a queued run's slot is kept unclaimed: the queue wait and a margin
     usage_ttl_seconds: int
     day: str  # today (UTC), as usage keys name it
 
@@ -59,7 +70,7 @@ class Quota:
                    defaults=(settings.default_concurrency, settings.default_rpm, settings.default_tokens_per_day,
                              settings.default_compute_seconds_per_day),
                    queue_slots=queue_slots, fair_share=settings.fair_share,
-                   fallback_share=settings.worker_concurrency,
+                   slot_seconds=settings.queue_wait_seconds + SLOT_MARGIN_SECONDS,
                    usage_ttl_seconds=settings.usage_retention_days * 86400,
                    day=day_of(time.time() if now is None else now))
 
@@ -70,10 +81,10 @@ class Quota:
                 keys.account_usage(account, self.day), keys.ACTIVE_ACCOUNTS]
 
     def args(self, ended: bool) -> list[Any]:
-        """BEGIN's quota arguments, in its order (ARGV 10-19); ``ended``: the record written is a cache hit's,
+        """BEGIN's quota arguments, in its order (ARGV 11-21); ``ended``: the record written is a cache hit's,
         already ended (no run to queue, no slot to take)."""
         return [self.account_id, self.ref, *self.defaults, self.queue_slots, int(self.fair_share),
-                self.fallback_share, self.usage_ttl_seconds, int(ended)]
+                self.slot_seconds, self.usage_ttl_seconds, int(ended)]
 
 
 # BEGIN's arguments without a quota (nothing checked, no slot taken, no lane picked): a store used alone.
@@ -131,9 +142,16 @@ def end_keys(request_id: str) -> list[str]:
     return [keys.ACTIVE_ACCOUNTS, keys.WEBHOOKS_DUE, keys.run_webhook(request_id)]
 
 
-def end_args(day: str, retention_seconds: int) -> list[Any]:
+def slot_args() -> list[str]:
+    """What CLAIM needs to score a run's slot by its lease knowing its account only from the run record: the
+    slots key's parts."""
+    return list(_SLOTS)
+
+
+def end_args(day: str, retention_seconds: int, hard_grace_seconds: float = 0.0) -> list[Any]:
     """The arguments FINISH and ABANDON need to release a run's slot and count its usage knowing its account
     only from the run record: the slots key's parts, the usage key's parts for ``day`` (the UTC day of the
-    end), and how long usage is kept."""
+    end), how long usage is kept, and the hard grace past a run's time limit (its compute is capped at
+    both)."""
     usage_head, usage_tail = key_parts(lambda account: keys.account_usage(account, day))
-    return [*_SLOTS, usage_head, usage_tail, retention_seconds]
+    return [*_SLOTS, usage_head, usage_tail, retention_seconds, hard_grace_seconds]

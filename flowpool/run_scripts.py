@@ -12,16 +12,31 @@ __all__ = ["ABANDON", "APPEND_CHUNKS", "APPEND_OUTPUT", "BEGIN", "CLAIM", "FINIS
 # fresh, and index it by its hard deadline. The claim token names this one
 # delivery of the run: a claim Redis ran but whose answer was lost (a
 # timeout) is answered 1 again when retried, and no other delivery's is.
+# The run's concurrency slot (its account's, the key built from the record's
+# account and the parts ARGV[7..8], flowpool.quotas.key_parts) is scored from
+# now on by its lease's expiry, which the worker's heartbeat moves on with the
+# lease (tasks/worker.py): a killed worker's slots lapse with its leases. ZADD,
+# not XX: a claim that comes after the queued slot lapsed takes it again. The
+# slots key is kept at least until the run's hard deadline.
 CLAIM = """
 local run_key, lease_key, runs_active_key = KEYS[1], KEYS[2], KEYS[3]
 local worker, started_at, lease_ms, request_id, deadline, claim = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5],
   ARGV[6]
+local slots_head, slots_tail = ARGV[7], ARGV[8]
 local status = redis.call('HGET', run_key, 'status')
 if status == 'running' and redis.call('HGET', run_key, 'claim') == claim then return 1 end
 if status ~= 'queued' then return 0 end
 redis.call('HSET', run_key, 'status', 'running', 'started_at', started_at, 'worker', worker, 'claim', claim)
 redis.call('SET', lease_key, worker, 'PX', lease_ms)
 redis.call('ZADD', runs_active_key, deadline, request_id)
+local account = redis.call('HGET', run_key, 'account')
+if account and slots_head then
+  local slots_key = slots_head .. cjson.decode(account) .. slots_tail
+  redis.call('ZADD', slots_key, tonumber(started_at) + tonumber(lease_ms) / 1000, request_id)
+  local keep_ms = math.ceil((tonumber(deadline) - tonumber(started_at)) * 1000) + 1000
+  local ttl = redis.call('PTTL', slots_key)
+  if ttl >= 0 and ttl < keep_ms then redis.call('PEXPIRE', slots_key, keep_ms) end
+end
 return 1
 """
 
@@ -32,23 +47,31 @@ return 1
 # ``runs:<status>``, ``compute_ms`` (claimed to ended; 0 for a run never
 # claimed) and the ``[field, amount]`` token increments of ``tokens_json``, each
 # again under ``wf:<ref>:``; the metrics' per-account counters; and its webhook,
-# if it has one, made due. The account is read from the record, so the keys
+# if it has one, made due (unless ``notify`` is not '1': a run withdrawn
+# because it could not be sent, whose caller forgets its webhook). The compute
+# time is capped at the run's hard limit (its ``timeout_seconds`` plus the hard
+# grace): a lost run ended by the reaper or a waiter minutes later held its
+# worker no longer than that. The account is read from the record, so the keys
 # are built here from their parts (flowpool.quotas.end_args). Needs
 # ``run_key``, ``metrics_key``, ``accounts_key``, ``due_key``, ``webhook_key``,
-# ``request_id``, ``finished``, ``tokens_json`` and ``END_FROM``, where the
-# parts start in ARGV.
+# ``request_id``, ``finished``, ``tokens_json``, ``notify`` and ``END_FROM``,
+# where the parts start in ARGV.
 _END_ACCOUNTING = """
 local slots_head, slots_tail, usage_head, usage_tail = ARGV[END_FROM], ARGV[END_FROM + 1], ARGV[END_FROM + 2],
   ARGV[END_FROM + 3]
-local usage_ttl = ARGV[END_FROM + 4]
-local record = redis.call('HMGET', run_key, 'account', 'workflow', 'started_at', 'status')
+local usage_ttl, hard_grace = ARGV[END_FROM + 4], tonumber(ARGV[END_FROM + 5])
+local record = redis.call('HMGET', run_key, 'account', 'workflow', 'started_at', 'status', 'timeout_seconds')
 if record[1] then
   local account = cjson.decode(record[1])
   local slots_key = slots_head .. account .. slots_tail
   redis.call('ZREM', slots_key, request_id)
+  -- Lapsed slots (runs whose end was never written) do not keep the account among those sharing the pool.
+  redis.call('ZREMRANGEBYSCORE', slots_key, '-inf', finished)
   if redis.call('EXISTS', slots_key) == 0 then redis.call('ZREM', accounts_key, account) end
   local compute_ms = 0
   if record[3] then compute_ms = math.max(0, math.floor((tonumber(finished) - tonumber(record[3])) * 1000 + 0.5)) end
+  local soft = tonumber(record[5] or '')
+  if soft then compute_ms = math.min(compute_ms, math.floor((soft + hard_grace) * 1000 + 0.5)) end
   local adds = {{'runs:' .. record[4], 1}, {'compute_ms', compute_ms}}
   local tokens = 0
   for _, add in ipairs(cjson.decode(tokens_json)) do
@@ -67,7 +90,7 @@ if record[1] then
   if compute_ms > 0 then redis.call('HINCRBY', metrics_key, 'account_compute_ms:' .. account, compute_ms) end
   if tokens ~= 0 then redis.call('HINCRBY', metrics_key, 'account_tokens:' .. account, tokens) end
 end
-if redis.call('EXISTS', webhook_key) == 1 then redis.call('ZADD', due_key, finished, request_id) end
+if notify == '1' and redis.call('EXISTS', webhook_key) == 1 then redis.call('ZADD', due_key, finished, request_id) end
 """
 
 # Write a run's end, only while it is still running under the claim that
@@ -79,8 +102,8 @@ FINISH = """
 local run_key, events_key, lease_key, runs_active_key, metrics_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local logs_key, accounts_key, due_key, webhook_key = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local request_id, claim, done, ttl_ms, counters_json, tail_ms = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local finished, tokens_json = ARGV[7], ARGV[8]
-local END_FROM, FIELDS_FROM = 9, 14
+local finished, tokens_json, notify = ARGV[7], ARGV[8], '1'
+local END_FROM, FIELDS_FROM = 9, 15
 if redis.call('HGET', run_key, 'status') ~= 'running' or redis.call('HGET', run_key, 'claim') ~= claim then
   return 0
 end
@@ -166,14 +189,15 @@ return added
 # processes noticing at once only one writes the end. The log lines it sent
 # go into its record, as its worker would have written them (their stream
 # is then left only ``tail_ms``). Then its account's part (_END_ACCOUNTING,
-# no tokens: whatever its model calls used died with its worker).
+# no tokens: whatever its model calls used died with its worker); ``notify``
+# '0' leaves its webhook alone.
 ABANDON = """
 local run_key, lease_key, events_key, runs_active_key, logs_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local metrics_key, accounts_key, due_key, webhook_key = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local expected, status, finished_at, error_json, done, ttl_ms, force = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5],
   ARGV[6], ARGV[7]
-local request_id, tail_ms = ARGV[8], ARGV[9]
-local finished, tokens_json, END_FROM = finished_at, '[]', 10
+local request_id, tail_ms, notify = ARGV[8], ARGV[9], ARGV[10]
+local finished, tokens_json, END_FROM = finished_at, '[]', 11
 local current = redis.call('HGET', run_key, 'status')
 if current ~= expected then return 0 end
 if current == 'running' and force ~= '1' and redis.call('EXISTS', lease_key) == 1 then return 0 end
@@ -253,13 +277,16 @@ return {'ok'}
 # Quotas (flowpool.quotas; KEYS[11..15] "" for none): the rate (_LIMITS) applies
 # to every request admitted (a hit, a join or a queued run); a run to be
 # queued must also be under the account's concurrency (its slots: runs queued
-# or running, by deadline) and today's token and compute budgets. A queued run
-# takes a slot until its deadline (its end gives it back sooner) and a lane:
+# or running, by when each lapses) and today's token and compute budgets. A
+# queued run takes a slot until ``slot_seconds`` past its queueing (the queue
+# wait, when the broker drops it unclaimed, and a margin; its claim and its
+# worker's heartbeats keep it from then on; its end gives it back) and a lane:
 # within the account's share of the queue's slots (shared between the accounts
-# with runs in flight) 0, within twice it 3, four times 6, else 9; 0 without
-# fair share. ``ended`` "1": the record is a hit's, already ended (found by a
-# cache with a Redis of its own): counted as a hit, no slot taken. ARGV from
-# RECORD_FROM on are the record's fields and values.
+# with runs in flight; a share of 1 while the slots are unknown) 0, within 4
+# shares 3, within 16 shares 6, else 9; 0 without fair share. ``ended`` "1":
+# the record is a hit's, already ended (found by a cache with a Redis of its
+# own): counted as a hit, no slot taken. ARGV from RECORD_FROM on are the
+# record's fields and values.
 BEGIN = """
 local run_key, workflow_runs_key, entry_key, lock_key, entry_record_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local workflow_key, session_runs_key, metrics_key, idem_key = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
@@ -268,7 +295,7 @@ local limits_key, slots_key, rate_key, usage_key, accounts_key = KEYS[11], KEYS[
 local request_id, ttl_ms, queued_at, runs_kept, lock_ms = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local expected_rev, idem_ms, fingerprint, run_prefix, may_join = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 local account, ref = ARGV[11], ARGV[12]
-local queue_slots, fair, fallback_share, usage_ttl, ended = ARGV[17], ARGV[18], ARGV[19], ARGV[20], ARGV[21]
+local queue_slots, fair, slot_seconds, usage_ttl, ended = ARGV[17], ARGV[18], ARGV[19], ARGV[20], ARGV[21]
 local DEFAULTS_FROM, RECORD_FROM = 13, 22
 local quota = limits_key ~= ''
 if (redis.call('HGET', workflow_key, 'rev') or '') ~= expected_rev then return {'stale'} end
@@ -351,18 +378,21 @@ if state[1] == 'queued' then
     local deadline = tonumber(queued_at) + tonumber(lock_ms) / 1000
     redis.call('ZADD', runs_active_key, deadline, request_id)
     if quota then
-      -- Its slot until the same deadline, and the account among those sharing the pool until its last one.
-      redis.call('ZADD', slots_key, deadline, request_id)
+      -- Its slot until the broker would have dropped it, and the account among those sharing the pool until
+      -- its last deadline.
+      redis.call('ZADD', slots_key, tonumber(queued_at) + tonumber(slot_seconds), request_id)
       redis.call('ZREMRANGEBYSCORE', accounts_key, '-inf', now_ms / 1000)
       local sharing = redis.call('ZCARD', accounts_key)
       if not redis.call('ZSCORE', accounts_key, account) then sharing = sharing + 1 end
       redis.call('ZADD', accounts_key, 'GT', deadline, account)
-      redis.call('EXPIREAT', slots_key, math.ceil(tonumber(redis.call('ZSCORE', accounts_key, account))) + 1)
+      -- The key goes with the account's last deadline (never sooner than a claim made it go: CLAIM).
+      local keep_ms = (math.ceil(tonumber(redis.call('ZSCORE', accounts_key, account))) + 1) * 1000 - now_ms
+      local ttl = redis.call('PTTL', slots_key)
+      if ttl < keep_ms then redis.call('PEXPIRE', slots_key, keep_ms) end
       local lane = 0
       if fair == '1' then
-        local share = tonumber(fallback_share)
-        if tonumber(queue_slots) > 0 then share = math.max(1, math.ceil(tonumber(queue_slots) / sharing)) end
-        if inflight >= 4 * share then lane = 9 elseif inflight >= 2 * share then lane = 6
+        local share = math.max(1, math.ceil(tonumber(queue_slots) / sharing))
+        if inflight >= 16 * share then lane = 9 elseif inflight >= 4 * share then lane = 6
         elseif inflight >= share then lane = 3 end
       end
       state = {'queued', lane}

@@ -31,7 +31,7 @@ import redis
 from flowpool import keys
 from flowpool.connections import UNREACHABLE, patiently
 from flowpool.errors import OutcomeUnavailable, RunError, RunNotStarted, WorkerLost
-from flowpool.quotas import NO_QUOTA_ARGS, NO_QUOTA_KEYS, Quota, end_args, end_keys, refusal
+from flowpool.quotas import NO_QUOTA_ARGS, NO_QUOTA_KEYS, Quota, end_args, end_keys, refusal, slot_args
 from flowpool.run import RunEnd, RunRecord, RunStatus, dumps, encode
 from flowpool.run_scripts import ABANDON, APPEND_CHUNKS, APPEND_OUTPUT, BEGIN, CLAIM, FINISH, RATE
 from flowpool.run_streams import READ, chunks_of, in_order
@@ -54,17 +54,20 @@ class RunStore:
     """Read and write run records and their event streams."""
 
     def __init__(self, client: redis.Redis, ttl_seconds: int, runs_per_workflow: int,
-                 lease_grace_seconds: float = 0.0, outage_seconds: float = 0.0, usage_days: int = 400) -> None:
+                 lease_grace_seconds: float = 0.0, outage_seconds: float = 0.0, usage_days: int = 400,
+                 hard_grace_seconds: float = 0.0) -> None:
         """``lease_grace_seconds``: how long a waiter gives a lapsed lease to come back before taking the run
         for lost (a worker held up with Redis renews it when Redis answers again). ``outage_seconds``: how
         long past a run's deadline a waiter rides out an unreachable Redis. ``usage_days``: how long the
-        accounts' daily usage, which runs' ends add to, is kept."""
+        accounts' daily usage, which runs' ends add to, is kept. ``hard_grace_seconds``: how long past its time
+        limit a run may go before it is killed (the compute an end counts is capped at both)."""
         self.redis = client
         self.ttl_ms = ttl_seconds * 1000
         self.runs_per_workflow = runs_per_workflow
         self.lease_grace_seconds = lease_grace_seconds
         self.outage_seconds = outage_seconds
         self.usage_seconds = usage_days * 86400
+        self.hard_grace_seconds = hard_grace_seconds
         self._rate = client.register_script(RATE)
         self._claim = client.register_script(CLAIM)
         self._begin = client.register_script(BEGIN)
@@ -78,7 +81,8 @@ class RunStore:
         """The store as flowpool's processes use it: a lapsed lease gets three heartbeats to come back."""
         return cls(client, settings.run_ttl_seconds, settings.runs_per_workflow,
                    lease_grace_seconds=3 * settings.worker_heartbeat_seconds,
-                   outage_seconds=settings.redis_outage_seconds, usage_days=settings.usage_retention_days)
+                   outage_seconds=settings.redis_outage_seconds, usage_days=settings.usage_retention_days,
+                   hard_grace_seconds=settings.hard_timeout_grace_seconds)
 
     # Writing
 
@@ -166,13 +170,14 @@ class RunStore:
         limit): past that, and the reaper's margin, an unfinished run is lost.
         ``token`` names this delivery: claiming again with it answers True (a
         retried claim whose first answer was lost), and only it may
-        :meth:`finish` the run. Without one, the claim is a new one.
+        :meth:`finish` the run. Without one, the claim is a new one. The run's concurrency slot is scored by
+        the lease's expiry from now on (the worker's heartbeat renews both).
         """
         token = token or uuid.uuid4().hex
         now = time.time()
         return bool(self._claim(keys=[keys.run(request_id), keys.run_lease(request_id), keys.RUNS_ACTIVE],
                                 args=[dumps(worker), dumps(now), lease_ms, request_id, now + hard_seconds,
-                                      dumps(token)]))
+                                      dumps(token), *slot_args()]))
 
     def add_chunks(self, request_id: str, chunks: list[tuple[str, Any, int]], pipe: Any = None) -> None:
         """Append emitted chunks, each ``(type, content, index)`` and numbered on from the last, to the run's stream.
@@ -222,7 +227,7 @@ class RunStore:
                            keys.RUNS_ACTIVE, keys.METRICS, keys.run_logs(request_id), *end_keys(request_id)],
                      args=[request_id, dumps(claim), dumps(end.to_message()), self.ttl_ms,
                            dumps([f"runs:{end.status}", *counters]), self._tail_ms, dumps(now), dumps(tokens),
-                           *end_args(day_of(now), self.usage_seconds), *flat],
+                           *end_args(day_of(now), self.usage_seconds, self.hard_grace_seconds), *flat],
                      client=pipe)
 
     def put_reply(self, pipe: redis.client.Pipeline, request_id: str, sealed: str, seconds: int) -> None:
@@ -248,12 +253,14 @@ class RunStore:
             return end
 
     def abandon(self, request_id: str, expected: RunStatus, error: RunError, version: str | None,
-                force: bool = False) -> bool:
+                force: bool = False, notify: bool = True) -> bool:
         """End a run stuck in ``expected`` state with ``error``; False if it moved on meanwhile.
 
         A running run with a live lease is left alone unless ``force`` (it is overdue). The log lines it sent
         so far go into its record, as its end would have written them; its account's slot comes back and the
-        run is counted in its usage (no tokens).
+        run is counted in its usage (no tokens; compute capped at its hard limit). Its webhook, if it has one,
+        is made due unless not ``notify`` (a run withdrawn because it could not be sent: its caller answers
+        with the error and forgets the webhook).
         """
         status = RunStatus.for_error(error) if expected is RunStatus.RUNNING else RunStatus.EXPIRED
         end = RunEnd(status=status.value, version=version, error=error.to_dict())
@@ -262,8 +269,8 @@ class RunStore:
             keys=[keys.run(request_id), keys.run_lease(request_id), keys.run_events(request_id), keys.RUNS_ACTIVE,
                   keys.run_logs(request_id), keys.METRICS, *end_keys(request_id)],
             args=[expected.value, status.value, dumps(now), dumps(error.to_dict()), dumps(end.to_message()),
-                  self.ttl_ms, "1" if force else "0", request_id, self._tail_ms,
-                  *end_args(day_of(now), self.usage_seconds)]))
+                  self.ttl_ms, "1" if force else "0", request_id, self._tail_ms, "1" if notify else "0",
+                  *end_args(day_of(now), self.usage_seconds, self.hard_grace_seconds)]))
 
     @property
     def _tail_ms(self) -> int:

@@ -198,7 +198,7 @@ class Settings(BaseSettings):
         "account's runs beyond its share of the queue's slots wait in lower priority lanes (Redis broker).")
     usage_retention_days: int = Field(400, ge=1, description="How long each account's daily usage is kept.")
     webhook_retry_seconds: float = Field(
-        3600, gt=0, description="How long a run's webhook is retried with backoff after its first attempt failed.")
+        3600, gt=0, description="How long a run's webhook is retried, with backoff, counted from its first attempt.")
     webhook_timeout_seconds: float = Field(10, gt=0, description="How long one webhook delivery may take.")
     run_wait_max_seconds: float = Field(
         60, gt=0, description="Longest long poll GET /api/v1/runs/{id}?wait=N holds a request open.")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 
 __all__ = ["HEADER", "SignatureError", "sign", "verify"]
@@ -21,6 +22,10 @@ HEADER = "X-Flowpool-Signature"
 
 # How far from the receiver's clock a signed timestamp may be, by default (seconds).
 DEFAULT_TOLERANCE = 300
+
+# A timestamp and a v1 signature as sign() writes them; ASCII only (int() and str.isdigit() take other digits).
+_TIMESTAMP = re.compile(r"-?[0-9]{1,20}")
+_HEX = re.compile(r"[0-9a-fA-F]{1,128}")
 
 
 class SignatureError(ValueError):
@@ -47,12 +52,13 @@ def parse(header: str) -> tuple[int, list[str]]:
         if not sep:
             continue
         if name == "t":
-            try:
-                timestamp = int(value)
-            except ValueError:
-                raise SignatureError(f"the signature's timestamp is not an integer: {value!r}") from None
+            if not _TIMESTAMP.fullmatch(value):
+                raise SignatureError(f"the signature's timestamp is not an integer: {value[:40]!r}")
+            timestamp = int(value)
         elif name == "v1" and value:
-            signatures.append(value)
+            if not _HEX.fullmatch(value):
+                raise SignatureError(f"a v1 signature is not hex: {value[:80]!r}")
+            signatures.append(value.lower())
     if timestamp is None:
         raise SignatureError("the signature header has no timestamp (t=...)")
     if not signatures:
@@ -72,8 +78,8 @@ def verify(body: bytes | str, header: str | None, secret: str, tolerance: float 
         raise SignatureError(f"no {HEADER} header")
     raw = body.encode() if isinstance(body, str) else bytes(body)
     timestamp, signatures = parse(header)
-    expected = _digest(secret, raw, timestamp)
-    if not any(hmac.compare_digest(expected, candidate) for candidate in signatures):
+    expected = _digest(secret, raw, timestamp).encode()
+    if not any(hmac.compare_digest(expected, candidate.encode()) for candidate in signatures):
         raise SignatureError("no signature matches the body and the secret")
     current = time.time() if now is None else now
     if abs(current - timestamp) > tolerance:

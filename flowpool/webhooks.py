@@ -17,6 +17,14 @@ past the time one delivery can take (:meth:`WebhookStore.claim`), so another
 deliverer skips it meanwhile, and takes it again only if the first never
 recorded an outcome (its worker died): delivery is at least once, and the
 ``X-Flowpool-Webhook-Id`` header lets a receiver drop a repeat.
+
+Claiming is fair between accounts: a claim looks at the oldest
+:data:`CLAIM_WINDOW` due webhooks, takes at most one of each account, and
+serves the accounts round robin (each store remembers the last account it
+served and starts after it), not oldest first. So one account's flood of
+webhooks to a receiver that answers slowly holds at most its turn of the
+delivery threads, and another account's webhook waits for a free thread, not
+for the flood.
 """
 from __future__ import annotations
 
@@ -30,7 +38,7 @@ import redis
 
 from flowpool import keys
 
-__all__ = ["MAX_ATTEMPTS_KEPT", "Webhook", "WebhookStore", "next_attempt_at"]
+__all__ = ["CLAIM_WINDOW", "MAX_ATTEMPTS_KEPT", "Webhook", "WebhookStore", "next_attempt_at"]
 
 Outcome = Literal["pending", "delivered", "failed", "refused"]
 
@@ -38,14 +46,41 @@ Outcome = Literal["pending", "delivered", "failed", "refused"]
 MAX_ATTEMPTS_KEPT = 50
 # The longest wait between two attempts, before jitter.
 MAX_BACKOFF_SECONDS = 300.0
+# The oldest due webhooks a claim looks at to pick one of each account.
+CLAIM_WINDOW = 200
 
-# Take up to `limit` webhooks due by `now`, each leased until `lease_until` (its due score moved there).
+# Take up to `limit` webhooks due by `now`, at most one of each account, each leased until `lease_until` (its due
+# score moved there). Of the oldest `window` due, the oldest of each account is a candidate (the account read from
+# the webhook's hash, its key the prefix, the id and the suffix; a webhook gone is a candidate on its own, to be
+# dropped); the accounts are taken in the order of their ids, starting after `after` (the account the caller
+# served last) and wrapping around: round robin. Returns the ids and the last account taken ('' when none).
 _CLAIM = """
 local due_key = KEYS[1]
-local now, lease_until, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local ids = redis.call('ZRANGEBYSCORE', due_key, '-inf', now, 'LIMIT', 0, limit)
-for _, id in ipairs(ids) do redis.call('ZADD', due_key, lease_until, id) end
-return ids
+local now, lease_until, limit, window = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local hook_prefix, hook_suffix, after = ARGV[5], ARGV[6], ARGV[7]
+local ids = redis.call('ZRANGEBYSCORE', due_key, '-inf', now, 'LIMIT', 0, window)
+local oldest, accounts = {}, {}
+for _, id in ipairs(ids) do
+  local account = redis.call('HGET', hook_prefix .. id .. hook_suffix, 'account')
+  if not account or account == '' then account = '\255gone:' .. id end
+  if oldest[account] == nil then
+    oldest[account] = id
+    table.insert(accounts, account)
+  end
+end
+table.sort(accounts)
+local start = 1
+for i, account in ipairs(accounts) do
+  if account > after then start = i break end
+end
+local taken, last = {}, ''
+for n = 0, math.min(limit, #accounts) - 1 do
+  local account = accounts[(start - 1 + n) % #accounts + 1]
+  redis.call('ZADD', due_key, lease_until, oldest[account])
+  table.insert(taken, oldest[account])
+  last = account
+end
+return {taken, last}
 """
 
 # Record one attempt of a pending webhook and what follows it: another at `next_at` (outcome pending), or its
@@ -132,6 +167,8 @@ class WebhookStore:
         self.ttl_seconds = ttl_seconds  # as long as the run record
         self._claim = client.register_script(_CLAIM)
         self._record = client.register_script(_RECORD)
+        # The account whose webhook this store claimed last: the next claim starts after it (round robin).
+        self.turn = ""
 
     def prepare(self, request_id: str, account_id: str, url: str) -> None:
         """Store the webhook of a run about to be admitted: pending until the run ends."""
@@ -162,9 +199,14 @@ class WebhookStore:
     # Delivery (the workers)
 
     def claim(self, lease_seconds: float, limit: int = 1, now: float | None = None) -> list[str]:
-        """Request ids of up to ``limit`` webhooks due now, each leased to the caller for ``lease_seconds``."""
+        """Request ids of up to ``limit`` webhooks due now, at most one of each account, the accounts round robin;
+        each leased to the caller for ``lease_seconds``."""
         now = time.time() if now is None else now
-        ids = self._claim(keys=[keys.WEBHOOKS_DUE], args=[repr(now), repr(now + lease_seconds), limit])
+        hook_prefix, _, hook_suffix = keys.run_webhook("|").partition("|")
+        ids, last = self._claim(keys=[keys.WEBHOOKS_DUE], args=[
+            repr(now), repr(now + lease_seconds), limit, CLAIM_WINDOW, hook_prefix, hook_suffix, self.turn])
+        if ids:
+            self.turn = last.decode()
         return [i.decode() for i in ids]
 
     def defer(self, request_id: str, at: float) -> None:

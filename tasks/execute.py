@@ -198,6 +198,7 @@ def execute_run(runtime: WorkerRuntime, job: RunJob) -> RunEnd | None:
                          claim_until, f"run {request_id}: claiming it"):
             return False
         runtime.stops[request_id] = stop
+        runtime.accounts[request_id] = job.account  # its heartbeat renews the account's slot with the lease
         runtime.active[request_id] = job.queue
         return True
 
@@ -249,6 +250,7 @@ def execute_run(runtime: WorkerRuntime, job: RunJob) -> RunEnd | None:
                 "the worker could not record the run's outcome (Redis unreachable); the run is lost").to_dict())
     finally:
         runtime.active.pop(request_id, None)
+        runtime.accounts.pop(request_id, None)
         runtime.stops.pop(request_id, None)
 
 

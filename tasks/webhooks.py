@@ -29,6 +29,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 import requests
@@ -42,7 +43,7 @@ from flowpool.settings import Settings
 from flowpool.signing import HEADER, sign
 from flowpool.webhooks import Outcome, Webhook, WebhookStore, next_attempt_at
 
-__all__ = ["WebhookDeliverer", "payload_of"]
+__all__ = ["WebhookDeliverer", "origin_of", "payload_of"]
 
 log = logging.getLogger("flowpool.webhooks")
 
@@ -126,11 +127,17 @@ class WebhookDeliverer:
             self._free.release()
 
     def deliver_due(self, limit: int = 100) -> int:
-        """Claim and deliver what is due now, one after the other, in this thread; how many were claimed."""
-        ids = self.store.claim(self.lease_seconds, limit=limit)
-        for request_id in ids:
-            self.deliver(request_id)
-        return len(ids)
+        """Claim and deliver what is due now, one after the other, in this thread, up to ``limit``; how many were
+        claimed. (A claim takes one webhook of each account: it claims again till nothing more is due.)"""
+        claimed = 0
+        while claimed < limit:
+            ids = self.store.claim(self.lease_seconds, limit=limit - claimed)
+            if not ids:
+                break
+            for request_id in ids:
+                self.deliver(request_id)
+            claimed += len(ids)
+        return claimed
 
     def deliver(self, request_id: str) -> Outcome | None:
         """POST one claimed webhook and record the attempt; its outcome (None: nothing was attempted)."""
@@ -159,8 +166,8 @@ class WebhookDeliverer:
             if next_at is None:
                 outcome = "failed"
         self.store.record(request_id, attempt, outcome, next_at, now=started)
-        if outcome != "delivered":
-            log.info("webhook of run %s to %s: %s (%s)", request_id, webhook.url, outcome,
+        if outcome != "delivered":  # the URL's origin only: its path and query may hold a token (Slack-style)
+            log.info("webhook of run %s to %s: %s (%s)", request_id, origin_of(webhook.url), outcome,
                      attempt.get("status_code") or attempt.get("error"))
         return outcome
 
@@ -180,17 +187,48 @@ class WebhookDeliverer:
                 attempt["status_code"] = response.status_code
             outcome: Outcome = "delivered" if 200 <= response.status_code < 300 else "pending"
         except EgressDenied as exc:
-            attempt["error"], outcome = str(exc), _refused_or_retried(exc)
+            attempt["error"], outcome = _scrubbed(str(exc), webhook.url), _refused_or_retried(exc)
         except requests.RequestException as exc:
             cause = exc.__context__
             while cause is not None and not isinstance(cause, EgressDenied):
                 cause = cause.__context__
             if isinstance(cause, EgressDenied):
-                attempt["error"], outcome = str(cause), _refused_or_retried(cause)
+                attempt["error"], outcome = _scrubbed(str(cause), webhook.url), _refused_or_retried(cause)
             else:
-                attempt["error"], outcome = f"{type(exc).__name__}: {exc}"[:500], "pending"
+                attempt["error"], outcome = _short_reason(exc), "pending"
         attempt["ms"] = round((time.monotonic() - clock) * 1000, 3)
         return attempt, outcome
+
+
+def origin_of(url: str) -> str:
+    """``scheme://host[:port]`` of a webhook URL: what logs and recorded attempts name, never its path or query,
+    which may carry a token (a Slack-style URL)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "(a URL that does not parse)"
+    host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname or ""
+    return f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
+
+
+def _scrubbed(message: str, url: str) -> str:
+    """The egress guard's reason with the URL, where it names it, cut to its origin."""
+    return message.replace(url, origin_of(url))[:500]
+
+
+def _short_reason(exc: requests.RequestException) -> str:
+    """The error's class and a short reason, not its message: requests' messages carry the URL's path (``Max
+    retries exceeded with url: /hooks/T0/B0/secret``). The reason is that of the socket error under it, if any."""
+    cause: BaseException | None = exc
+    seen = 0
+    while cause is not None and seen < 10:  # the first OSError with a reason, down the chain of causes
+        if isinstance(cause, OSError) and not isinstance(cause, requests.RequestException) and cause.strerror:
+            return f"{type(exc).__name__}: {cause.strerror}"[:200]
+        reason = getattr(cause, "reason", None)  # urllib3's MaxRetryError keeps its cause here
+        cause = reason if isinstance(reason, BaseException) else (cause.__cause__ or cause.__context__)
+        seen += 1
+    return type(exc).__name__
 
 
 def _refused_or_retried(exc: EgressDenied) -> Outcome:

@@ -92,6 +92,7 @@ class WorkerRuntime:
         )
         self.lease_ms = int(settings.worker_ttl_seconds * 1000)
         self.active: dict[str, str] = {}  # request id -> the queue it came from, for each run claimed and going
+        self.accounts: dict[str, str] = {}  # request id -> its account, for each run claimed and going
         self.stops: dict[str, StopRequest] = {}  # request id -> asked when its caller or the worker stops it
         # Set when a stopping worker stops the runs still going (tasks.run_task): what fails then is worker_lost.
         self.gave_up = threading.Event()
@@ -274,6 +275,10 @@ class WorkerRuntime:
             # SET, not PEXPIRE: a lease that ran out while Redis was paused or down comes back.
             pipe.set(keys.run_lease(request_id), self.name, px=self.lease_ms)
             pipe.exists(keys.run_cancel(request_id))
+        # Each run's concurrency slot scored by its lease's expiry, as CLAIM scored it: a killed worker's slots
+        # lapse with its leases. XX: a slot its end gave back meanwhile stays given back.
+        for request_id, account in list(self.accounts.items()):
+            pipe.zadd(keys.account_slots(account), {request_id: now + self.lease_ms / 1000}, xx=True)
         replies = pipe.execute()
         for request_id, asked in zip(active, replies[first + 1::2]):
             stop = self.stops.get(request_id)

@@ -36,6 +36,13 @@ HELD = """
         return {{"echo": ctx.input["text"]}}
 """
 
+# As HELD, but sends nothing till its end: a long poll on it hears nothing from the run.
+SILENT = """
+    def execute(ctx):
+        ctx.http.get("{origin}/hold/{gate}")
+        return {{"done": True}}
+"""
+
 NONCE = """
     import uuid
 
@@ -86,7 +93,7 @@ def test_a_started_run_answers_202_at_once_with_urls_that_show_and_stream_it(
     response = _start(client, ref)
 
     assert response.status_code == 202, response.text
-    data = response.json()["data"]
+    data = response.json()  # the keys at the top level, as the issue names them
     request_id = data["request_id"]
     assert data == {"request_id": request_id, "status": "queued", "status_url": f"/api/v1/runs/{request_id}",
                     "stream_url": f"/api/v1/runs/{request_id}/stream"}
@@ -109,7 +116,7 @@ def test_a_started_run_answers_202_at_once_with_urls_that_show_and_stream_it(
 def test_wait_answers_when_the_run_ends_and_with_the_run_still_going_when_it_runs_out(
         client: Client, provider: StandInProvider) -> None:
     ref, gate = _held(client, provider)
-    request_id = _start(client, ref).json()["data"]["request_id"]
+    request_id = _start(client, ref).json()["request_id"]
 
     began = time.monotonic()
     going = client.get(f"{RUNS}/{request_id}", params={"wait": "0.5"})
@@ -134,17 +141,35 @@ def test_wait_answers_when_the_run_ends_and_with_the_run_still_going_when_it_run
         assert answer.status_code == 400 and answer.json()["error"]["param"] == "wait"
 
 
+@pytest.mark.timeout(60)
+def test_a_tiny_wait_answers_at_once_not_when_the_run_next_sends_something(
+        client: Client, provider: StandInProvider) -> None:
+    """A poll shorter than a millisecond once became XREAD BLOCK 0, which waits forever: here, till the gate."""
+    ref, gate = _ref("silent"), uuid.uuid4().hex
+    client.upload(ref, SILENT.format(origin=provider.origin, gate=gate))
+    request_id = _start(client, ref).json()["request_id"]
+    try:
+        queued = client.get(f"{RUNS}/{request_id}", params={"wait": "0.0001"}, timeout=10)
+        assert queued.status_code == 200 and queued.json()["data"]["status"] in ("queued", "running")
+        eventually(lambda: provider.held(gate) == 1, timeout=20, what="the run waiting at its gate")
+        for wait in ("0.0001", "0.004"):
+            running = client.get(f"{RUNS}/{request_id}", params={"wait": wait}, timeout=10)
+            assert running.status_code == 200 and running.json()["data"]["status"] == "running"
+    finally:
+        provider.open_gate(gate)
+
+
 def test_a_cache_hit_answers_200_at_once_with_the_run(client: Client) -> None:
     ref = _ref("nonce")
     client.upload(ref, NONCE)
-    first = _start(client, ref, input={"text": "same"}).json()["data"]
+    first = _start(client, ref, input={"text": "same"}).json()
     done = client.get(f"{RUNS}/{first['request_id']}", params={"wait": "30"}).json()["data"]
     assert done["status"] == "succeeded"
 
     response = _start(client, ref, input={"text": "same"})
 
     assert response.status_code == 200, response.text
-    hit = response.json()["data"]
+    hit = response.json()  # the URLs and the run's fields, all at the top level
     assert hit["request_id"] != first["request_id"] and response.headers["X-Cache"] == "HIT"
     assert hit["status"] == "succeeded" and hit["cache_hit"] is True and hit["output"] == done["output"]
     assert hit["origin_request_id"] == first["request_id"]
@@ -156,6 +181,9 @@ def test_a_cache_hit_answers_200_at_once_with_the_run(client: Client) -> None:
     ({"input": {"text": "hi"}, "webhook_url": "ftp://127.0.0.1/hook"}, "webhook_url"),
     ({"input": {"text": "hi"}, "webhook_url": "http://user:pw@127.0.0.1/hook"}, "webhook_url"),
     ({"input": {"text": "hi"}, "webhook_url": "http://127.0.0.1/" + "x" * 2048}, "webhook_url"),
+    ({"input": {"text": "hi"}, "webhook_url": "http://127.0.0.1:99999/hook"}, "webhook_url"),  # no such port
+    ({"input": {"text": "hi"}, "webhook_url": "http://127.0.0.1:abc/hook"}, "webhook_url"),
+    ({"input": {"text": "hi"}, "webhook_url": "http://127.0.0.1:0/hook"}, "webhook_url"),
 ])
 def test_bad_input_is_a_400_and_nothing_is_queued(client: Client, provider: StandInProvider,
                                                    body: dict[str, Any], named: str) -> None:
@@ -187,7 +215,7 @@ def test_the_webhook_arrives_signed_with_the_accounts_secret_and_the_run_shows_i
     ref, gate = _held(client, provider)
     response = _start(client, ref, webhook_url=receiver.url, metadata={"order": 7})
     assert response.status_code == 202, response.text
-    request_id = response.json()["data"]["request_id"]
+    request_id = response.json()["request_id"]
     pending = client.run(request_id)["webhook"]
     assert pending == {"url": receiver.url, "status": "pending", "attempts": [], "next_attempt_at": None}
 
@@ -212,7 +240,7 @@ def test_a_receiver_that_first_answers_500_gets_the_webhook_again(
     ref = _ref("nonce")
     client.upload(ref, NONCE)
     with WebhookReceiver(statuses=(500, 200)) as receiver:
-        request_id = _start(client, ref, webhook_url=receiver.url, cache=False).json()["data"]["request_id"]
+        request_id = _start(client, ref, webhook_url=receiver.url, cache=False).json()["request_id"]
         first, second = receiver.wait_for(2, timeout=30)
 
     assert second.at - first.at >= 1.0  # the first retry waits a second at least
@@ -228,7 +256,7 @@ def test_a_cache_hit_with_a_webhook_has_its_webhook_delivered_at_once(
         client: Client, stack_db: redis.Redis, receiver: WebhookReceiver) -> None:
     ref = _ref("nonce")
     client.upload(ref, NONCE)
-    first = _start(client, ref, input={"text": "again"}).json()["data"]["request_id"]
+    first = _start(client, ref, input={"text": "again"}).json()["request_id"]
     client.get(f"{RUNS}/{first}", params={"wait": "30"})
 
     hit = _start(client, ref, input={"text": "again"}, webhook_url=receiver.url)
@@ -236,7 +264,7 @@ def test_a_cache_hit_with_a_webhook_has_its_webhook_delivered_at_once(
     assert hit.status_code == 200, hit.text
     [delivery] = receiver.wait_for(1, timeout=30)
     payload = json.loads(delivery.body)
-    assert payload["request_id"] == hit.json()["data"]["request_id"] and payload["status"] == "succeeded"
+    assert payload["request_id"] == hit.json()["request_id"] and payload["status"] == "succeeded"
 
 
 def test_an_idempotency_key_names_the_same_run_on_a_retry(client: Client, provider: StandInProvider) -> None:
@@ -247,7 +275,7 @@ def test_an_idempotency_key_names_the_same_run_on_a_retry(client: Client, provid
     again = _start(client, ref, headers=key)
 
     assert first.status_code == again.status_code == 202
-    assert again.json()["data"]["request_id"] == first.json()["data"]["request_id"]
+    assert again.json()["request_id"] == first.json()["request_id"]
     assert again.headers["Idempotent-Replayed"] == "true"
     provider.open_gate(gate)
     assert len(_runs_of(client, ref)) == 1
@@ -264,6 +292,9 @@ def test_the_sdk_starts_a_run_waits_for_it_and_checks_its_webhook(
     run = sdk.workflow.runs.get(started.request_id, wait=30)
 
     assert run.status == "succeeded" and run.output["text"] == "sdk"
+    hit = sdk.workflow.runs.create(model=f"workflow:{ref}", input={"text": "sdk"})  # the cache answers: the run
+    assert hit.status == "succeeded" and hit.cache_hit is True and hit.output["nonce"] == run.output["nonce"]
+    assert hit.status_url.endswith(hit.request_id)
     assert sdk.runs.get(started.request_id).request_id == started.request_id  # the older API still answers
     [delivery] = receiver.wait_for(1, timeout=30)
     assert flowpool.verify_webhook(delivery.body, delivery.headers["X-Flowpool-Signature"],

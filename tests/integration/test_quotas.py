@@ -24,7 +24,7 @@ from flowpool.quotas import seconds_to_midnight
 from flowpool.redis_server import RedisServer
 from flowpool.usage import day_of
 from tests.conftest import TEST_ENV, second_api
-from tests.helpers import Client, account_id, error_of, eventually
+from tests.helpers import Client, account_id, error_of, eventually, sse_events
 from tests.provider import StandInProvider
 
 SLOW = """
@@ -46,6 +46,16 @@ ASKS = """
 """
 
 
+EMITS_THEN_SLEEPS = """
+    import time
+
+    def execute(ctx):
+        ctx.emit("progress", "started")
+        time.sleep(ctx.input.get("seconds", 0))
+        return {"slept": True}
+"""
+
+
 def _ref(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:6]}"
 
@@ -62,9 +72,17 @@ def _slots(db: redis.Redis, account: str) -> int:
     return db.zcount(keys.account_slots(account), time.time(), "+inf")
 
 
+def _status(client: Client, request_id: str) -> str:
+    """A run's status, as GET /api/v1/runs/{id} shows it (its view in ``data``, or at the top)."""
+    response = client.get(f"/api/v1/runs/{request_id}")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    return body.get("data", body)["status"]
+
+
 def _running(client: Client, db: redis.Redis, account: str) -> bool:
     """Whether one of the account's runs holding a slot has been claimed by a worker."""
-    return any(client.run(rid.decode())["status"] == "running" for rid in db.zrange(keys.account_slots(account), 0, -1))
+    return any(_status(client, rid.decode()) == "running" for rid in db.zrange(keys.account_slots(account), 0, -1))
 
 
 def _waiting(db: redis.Redis) -> int:
@@ -215,6 +233,60 @@ def test_the_concurrency_slot_comes_back_when_the_worker_running_it_is_killed() 
         db.close()
     finally:
         stack.stop(timeout=20)
+
+
+def test_a_killed_workers_slot_lapses_with_its_lease_when_nobody_waits_on_its_run() -> None:
+    """An async run (nobody waits on it) whose worker is SIGKILLed: no waiter ends it, and the reaper would only
+    past its hard limit; its slot lapses with its lease, which no heartbeat renews any more."""
+    stack = Stack(env={**TEST_ENV, "FLOWPOOL_QUEUE_WAIT_SECONDS": "30"})
+    try:
+        doomed = stack.start_worker("--concurrency", "2", "--name", "flowpool@doomed", quiet=True)
+        stack.start_api(quiet=True)
+        stack.wait_ready()
+        assert stack.api_url is not None
+        client = Client(stack.api_url, stack.create_account("killed-async"))
+        db = redis.Redis.from_url(stack.redis_url)
+        account, ref = _limit(db, client, concurrency=1), _ref("slow")
+        client.upload(ref, SLOW, timeout_seconds=60)
+        started = client.post("/api/v1/runs", json={"model": f"workflow:{ref}", "input": {"seconds": 50}})
+        assert started.status_code == 202, started.text
+        body = started.json()
+        first = body.get("data", body)["request_id"]
+        eventually(lambda: _running(client, db, account), 20, "the run started")
+        _check_refused(client.invoke(ref, input={"seconds": 0}), "concurrency")
+
+        doomed.send_signal(signal.SIGKILL)
+        doomed.wait(10)
+        stack.processes.remove(doomed)
+        stack.start_worker("--concurrency", "2", "--name", "flowpool@survivor", quiet=True)
+        stack.wait_ready()
+
+        # Within the killed worker's lease (FLOWPOOL_WORKER_TTL_SECONDS, 2 s), not its run's deadline (a minute).
+        deadline = time.monotonic() + 15
+        while (response := client.invoke(ref, input={"seconds": 0})).status_code == 429:
+            assert time.monotonic() < deadline, response.text
+            time.sleep(0.5)
+        assert response.status_code == 200, response.text
+        assert _status(client, first) == "running"  # nobody ended it: its slot lapsed by itself
+        db.close()
+    finally:
+        stack.stop(timeout=20)
+
+
+def test_the_concurrency_slot_comes_back_when_a_streaming_caller_goes_away_and_cancels(
+        client: Client, stack_db: redis.Redis) -> None:
+    account, ref = _limit(stack_db, client, concurrency=1), _ref("cancels")
+    client.upload(ref, EMITS_THEN_SLEEPS, timeout_seconds=60)
+    with client.post("/workflow/chat/completions", json={"model": f"workflow:{ref}", "input": {"seconds": 50},
+                                                         "stream": True, "on_disconnect": "cancel"},
+                     stream=True, timeout=30) as r:
+        request_id = r.headers["X-Request-Id"]
+        next(sse_events(r, comments=True))
+        _check_refused(client.invoke(ref, input={"seconds": 0}), "concurrency")
+
+    eventually(lambda: _status(client, request_id) == "cancelled", 20, "the run was cancelled")
+    assert stack_db.zcard(keys.account_slots(account)) == 0
+    assert client.invoke(ref, input={"seconds": 0}).status_code == 200
 
 
 def test_limits_hold_across_two_api_processes(client: Client, stack_db: redis.Redis,

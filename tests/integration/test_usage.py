@@ -9,8 +9,10 @@ import uuid
 from typing import Any
 
 import pytest
+import redis
 import requests
 
+from flowpool import keys
 from flowpool.devstack import Stack
 from tests.helpers import ECHO_WORKFLOW, FAILING_WORKFLOW, Client, eventually, ok, run_flowpool
 from tests.provider import StandInProvider
@@ -136,10 +138,14 @@ def test_usage_needs_an_api_key(stack: Stack) -> None:
     assert requests.get(f"{stack.api_url}/api/v1/usage", timeout=30).status_code == 401
 
 
-def test_metrics_count_each_accounts_compute_and_tokens_by_name(stack: Stack, used: dict[str, Any]) -> None:
-    name, compute = used["name"], _usage(used["client"])["totals"]["compute_seconds"]
-    assert _metric(stack, "flowpool_account_tokens_total", account=name) == 9
-    assert _metric(stack, "flowpool_account_compute_seconds_total", account=name) == pytest.approx(compute, abs=0.001)
+def test_metrics_count_each_accounts_compute_and_tokens_by_its_id(stack: Stack, stack_db: redis.Redis,
+                                                                  used: dict[str, Any]) -> None:
+    account_id = stack_db.hget(keys.ACCOUNTS, used["name"]).decode()
+    compute = _usage(used["client"])["totals"]["compute_seconds"]
+    assert _metric(stack, "flowpool_account_tokens_total", account=account_id) == 9
+    assert _metric(stack, "flowpool_account_compute_seconds_total", account=account_id) == pytest.approx(
+        compute, abs=0.001)
+    assert _metric(stack, "flowpool_account_tokens_total", account=used["name"]) is None  # the public scrape: no names
 
 
 def test_a_refusal_is_counted_by_limit_on_metrics(stack: Stack) -> None:

@@ -13,6 +13,8 @@ import pytest
 import redis
 
 from flowpool import keys
+from flowpool.api.admission import _fingerprint
+from flowpool.api.models import InvokeRequest
 from flowpool.cache import ResultCache
 from flowpool.errors import QuotaExceeded, RunNotStarted, WorkerLost
 from flowpool.quotas import Quota, refusal, seconds_to_midnight, token_increments
@@ -20,6 +22,7 @@ from flowpool.run import RunEnd, RunRecord, RunStatus
 from flowpool.runs import RunStore
 from flowpool.sealing import ServerKey
 from flowpool.usage import day_of
+from flowpool.tasks.worker import WorkerRuntime
 
 ACCOUNT = "acct-a"
 OTHER = "acct-b"
@@ -32,9 +35,9 @@ def runs(redis_db: redis.Redis) -> RunStore:
 
 
 def quota(account: str = ACCOUNT, defaults: tuple[int, int, int, int] = (0, 0, 0, 0), queue_slots: int = 0,
-          fair_share: bool = True, fallback_share: int = 64) -> Quota:
+          fair_share: bool = True, slot_seconds: float = 60) -> Quota:
     return Quota(account_id=account, ref=REF, defaults=defaults, queue_slots=queue_slots, fair_share=fair_share,
-                 fallback_share=fallback_share, usage_ttl_seconds=86400, day=day_of(time.time()))
+                 slot_seconds=slot_seconds, usage_ttl_seconds=86400, day=day_of(time.time()))
 
 
 def record(request_id: str, account: str = ACCOUNT, **fields: Any) -> RunRecord:
@@ -183,6 +186,10 @@ def test_an_idempotent_replay_is_never_refused_and_consumes_nothing(runs: RunSto
     assert start(runs, "req_2", idempotency=idem) == ("replay", "req_1")
     assert start(runs, "req_3", idempotency=(idem[0], "another", 60.0)) == ("conflict", "req_1")
     assert redis_db.hget(keys.METRICS, "quota_refusals:rpm") is None
+    assert slots(redis_db) == ["req_1"]  # the replay took no slot of its own
+    assert finish(runs, "req_1") == 1
+    assert start(runs, "req_4", idempotency=idem) == ("replay", "req_1")  # an ended first run: still no slot
+    assert slots(redis_db) == []
 
 
 def test_a_cache_hit_passes_concurrency_but_not_the_rate_and_is_counted(runs: RunStore,
@@ -245,31 +252,72 @@ def test_without_a_quota_nothing_is_checked_or_taken(runs: RunStore, redis_db: r
 # Fair share
 
 
-def test_lanes_follow_the_accounts_share_of_the_queues_slots(runs: RunStore, redis_db: redis.Redis) -> None:
-    # One account alone on 4 slots: a share of 4.
-    lanes = [start(runs, f"req_a{n}", q=quota(queue_slots=4))[1] for n in range(18)]
-    assert lanes == [0] * 4 + [3] * 4 + [6] * 8 + [9] * 2
+def test_lanes_follow_the_accounts_share_of_the_queues_slots_in_steps_of_four(runs: RunStore,
+                                                                               redis_db: redis.Redis) -> None:
+    # One account alone on 4 slots: a share of 4; lane 3 within 4 shares, 6 within 16, 9 beyond.
+    lanes = [start(runs, f"req_a{n}", q=quota(queue_slots=4))[1] for n in range(70)]
+    assert lanes == [0] * 4 + [3] * 12 + [6] * 48 + [9] * 6
 
     # A second account: its share is half the slots (2), and its first runs go first.
-    assert [start(runs, f"req_b{n}", account=OTHER, q=quota(OTHER, queue_slots=4))[1] for n in range(5)] == \
-        [0, 0, 3, 3, 6]
+    assert [start(runs, f"req_b{n}", account=OTHER, q=quota(OTHER, queue_slots=4))[1] for n in range(9)] == \
+        [0] * 2 + [3] * 6 + [6]
     assert {m.decode() for m in redis_db.zrange(keys.ACTIVE_ACCOUNTS, 0, -1)} == {ACCOUNT, OTHER}
 
 
-def test_lanes_without_known_slots_use_the_fallback_share_and_without_fair_share_are_all_zero(
+def test_lanes_without_known_slots_use_a_share_of_one_and_without_fair_share_are_all_zero(
         runs: RunStore) -> None:
-    assert [start(runs, f"req_{n}", q=quota(fallback_share=2))[1] for n in range(5)] == [0, 0, 3, 3, 6]
-    assert [start(runs, f"req_off{n}", account=OTHER, q=quota(OTHER, queue_slots=1, fair_share=False))[1]
+    # queue_slots 0: an autoscaled queue at zero, or before the first heartbeat. One run per account in lane 0.
+    assert [start(runs, f"req_{n}", q=quota(queue_slots=0))[1] for n in range(18)] == \
+        [0] + [3] * 3 + [6] * 12 + [9] * 2
+    assert start(runs, "req_b", account=OTHER, q=quota(OTHER, queue_slots=0))[1] == 0
+    assert [start(runs, f"req_off{n}", account="acct-c", q=quota("acct-c", queue_slots=1, fair_share=False))[1]
             for n in range(5)] == [0] * 5
 
 
 def test_a_lapsed_slot_is_not_counted(runs: RunStore, redis_db: redis.Redis) -> None:
     limit(redis_db, concurrency=1)
-    assert start(runs, "req_1", lock_seconds=0.05)[0] == "queued"  # its deadline passes at once
+    assert start(runs, "req_1", q=quota(slot_seconds=0.05))[0] == "queued"  # unclaimed, it lapses at once
     time.sleep(0.1)
     assert start(runs, "req_2")[0] == "queued"
     assert slots(redis_db) == ["req_2"]
     assert redis_db.ttl(keys.account_slots(ACCOUNT)) > 0  # the key lapses with its last slot
+
+
+def test_a_queued_slot_lapses_with_the_queue_wait_and_the_claim_takes_it_by_its_lease(
+        runs: RunStore, redis_db: redis.Redis) -> None:
+    limit(redis_db, concurrency=2)
+    before = time.time()
+    assert start(runs, "req_1", q=quota(slot_seconds=0.05), lock_seconds=600)[0] == "queued"
+    # Scored by the queue wait (and margin), not by the run's whole deadline (its lock).
+    assert before + 0.05 <= redis_db.zscore(keys.account_slots(ACCOUNT), "req_1") <= time.time() + 0.05
+    assert redis_db.zscore(keys.RUNS_ACTIVE, "req_1") >= before + 600  # the reaper's deadline is unchanged
+    time.sleep(0.1)
+    assert start(runs, "req_2")[0] == "queued"  # req_1's slot lapsed: pruned, not counted
+    assert slots(redis_db) == ["req_2"]
+
+    claimed_at = time.time()
+    assert runs.claim("req_1", "worker-1", 10_000, hard_seconds=900, token="t1")  # a late claim takes it again
+
+    assert claimed_at + 10 <= redis_db.zscore(keys.account_slots(ACCOUNT), "req_1") <= time.time() + 10
+    assert redis_db.pttl(keys.account_slots(ACCOUNT)) > 899_000  # kept until the run's hard deadline
+    assert refused(runs, "req_3").details == {"limit": "concurrency", "used": 2, "allowed": 2}
+
+
+def test_the_workers_heartbeat_moves_its_runs_slots_with_their_leases(runs: RunStore, redis_db: redis.Redis,
+                                                                      runtime: WorkerRuntime) -> None:
+    for request_id in ("req_1", "req_2"):
+        assert start(runs, request_id)[0] == "queued"
+        assert runtime.runs.claim(request_id, runtime.name, runtime.lease_ms, hard_seconds=60, token="t1")
+        runtime.active[request_id] = "default"
+        runtime.accounts[request_id] = ACCOUNT
+    claimed = redis_db.zscore(keys.account_slots(ACCOUNT), "req_1")
+    assert finish_claimed(runs, "req_2") == 1  # ended, its worker not told yet
+    time.sleep(0.05)
+
+    runtime._send_beat()
+
+    assert redis_db.zscore(keys.account_slots(ACCOUNT), "req_1") >= claimed + 0.05
+    assert slots(redis_db) == ["req_1"]  # a slot given back is not taken again by a beat
 
 
 # Slots back and usage counted where runs end
@@ -315,6 +363,44 @@ def test_abandon_of_a_queued_run_releases_its_slot_and_counts_it_once(runs: RunS
     assert start(runs, "req_2")[0] == "queued"
 
 
+def test_an_end_prunes_lapsed_slots_before_it_lets_the_account_go(runs: RunStore, redis_db: redis.Redis) -> None:
+    assert start(runs, "req_gone", q=quota(slot_seconds=0.05))[0] == "queued"  # its end is never written
+    assert start(runs, "req_1")[0] == "queued"
+    time.sleep(0.1)
+
+    assert finish(runs, "req_1") == 1
+
+    assert redis_db.exists(keys.account_slots(ACCOUNT)) == 0
+    assert redis_db.zscore(keys.ACTIVE_ACCOUNTS, ACCOUNT) is None  # no longer taken as sharing the pool
+
+
+def test_a_withdrawn_run_gives_its_slot_back_and_leaves_its_webhook_alone(runs: RunStore,
+                                                                         redis_db: redis.Redis) -> None:
+    limit(redis_db, concurrency=1)
+    assert start(runs, "req_1")[0] == "queued"
+    redis_db.hset(keys.run_webhook("req_1"), mapping={"url": "http://127.0.0.1:9/", "status": "pending"})
+
+    # As admission's _withdraw ends a run the broker did not take.
+    assert runs.abandon("req_1", RunStatus.QUEUED, RunNotStarted("the broker did not take the run"), "1.0.0",
+                        notify=False)
+
+    assert redis_db.zcard(keys.WEBHOOKS_DUE) == 0
+    assert slots(redis_db) == [] and redis_db.zscore(keys.ACTIVE_ACCOUNTS, ACCOUNT) is None
+    assert start(runs, "req_2")[0] == "queued"
+
+
+def test_a_lost_runs_compute_is_capped_at_its_hard_limit(redis_db: redis.Redis) -> None:
+    runs = RunStore(redis_db, ttl_seconds=600, runs_per_workflow=1000, usage_days=2, hard_grace_seconds=0.05)
+    assert runs.begin(record("req_1", timeout_seconds=0.05), lock_seconds=60, quota=quota())[0] == "queued"
+    assert runs.claim("req_1", "worker-1", 10_000, hard_seconds=0.1, token="t1")
+    time.sleep(0.4)  # its worker died; the reaper ends it well past its hard limit
+
+    assert runs.abandon("req_1", RunStatus.RUNNING, WorkerLost("its worker died"), "1.0.0", force=True)
+
+    counted = usage(redis_db)
+    assert counted["compute_ms"] == 100 and counted[f"wf:{REF}:compute_ms"] == 100
+
+
 def test_abandon_of_a_lost_run_counts_its_compute_time(runs: RunStore, redis_db: redis.Redis) -> None:
     assert start(runs, "req_1")[0] == "queued"
     assert runs.claim("req_1", "worker-1", 10_000, hard_seconds=60, token="t1")
@@ -343,6 +429,18 @@ def test_an_end_makes_the_runs_webhook_due_and_only_if_it_has_one(runs: RunStore
 
 
 # The Python side
+
+
+def test_an_idempotency_fingerprint_holds_the_webhook_url() -> None:
+    body = InvokeRequest(model="workflow:summarize", input={"text": "hi"})
+    svc: Any = None  # a body without secrets needs no server key
+
+    plain, hooked = _fingerprint(svc, body), _fingerprint(svc, body, "https://example.test/hook")
+
+    assert plain == _fingerprint(svc, body, None)  # without one: as it was before webhooks
+    assert hooked != plain
+    assert hooked != _fingerprint(svc, body, "https://example.test/other")
+    assert hooked == _fingerprint(svc, body, "https://example.test/hook")
 
 
 def test_token_increments_sum_the_calls_by_field_and_model() -> None:

@@ -49,3 +49,24 @@ def test_a_run_the_broker_did_not_take_is_a_503_safe_to_retry_and_leaves_no_webh
     assert response.status_code == 503, response.text
     assert response.headers["x-should-retry"] == "true"
     assert redis_db.keys(keys.run_webhook("*")) == []  # its run ended as never started: nothing to tell
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999/hook", "http://127.0.0.1:abc/hook", "http://127.0.0.1:0/h",
+                                 "http://[::1/hook"])
+def test_a_webhook_url_whose_port_is_no_port_is_a_400_naming_it_not_a_500(
+        app_client: tuple[FlaskClient, str], redis_db: redis.Redis, url: str) -> None:
+    client, key = app_client
+
+    response = client.post("/api/v1/runs", headers={"x-api-key": key},
+                           json={"model": "workflow:w", "input": {}, "webhook_url": url})
+
+    assert response.status_code == 400, response.text
+    assert response.get_json()["error"]["param"] == "webhook_url"
+    assert redis_db.keys(keys.run_webhook("*")) == []
+
+
+def test_the_openapi_document_gives_the_202_of_a_started_run(app_client: tuple[FlaskClient, str]) -> None:
+    client, _ = app_client
+    operation = client.get("/openapi.json").get_json()["paths"]["/api/v1/runs"]["post"]
+    assert set(operation["responses"]) == {"202", "200", "default"}
+    assert "top level" in operation["responses"]["202"]["description"]

@@ -77,10 +77,18 @@ def test_the_header_is_parsed_with_spaces_and_unknown_parts_passed_over() -> Non
     (f"t={NOW}", "no v1 signature"),
     (f"t={NOW},v1=", "no v1 signature"),
     ("t=yesterday,v1=abc", "not an integer"),
+    (f"t=\u0661\u0662,v1={'0' * 64}", "not an integer"),  # digits int() takes, but not ASCII
 ])
 def test_a_missing_or_malformed_header_is_refused_saying_why(header: str | None, message: str) -> None:
     with pytest.raises(SignatureError, match=message):
         verify(BODY, header, SECRET, now=NOW)
+
+
+@pytest.mark.parametrize("value", ["\u00e9" * 64, "\u0661" * 64, "z" * 64, "ab cd"])
+def test_a_signature_that_is_not_hex_is_refused_as_a_bad_signature_not_a_crash(value: str) -> None:
+    """A receiver hands over whatever header came; hmac.compare_digest raises TypeError on non-ASCII text."""
+    with pytest.raises(SignatureError, match="not hex"):
+        verify(BODY, f"t={NOW},v1={value}", SECRET, now=NOW)
 
 
 def test_the_sdk_exports_the_check_and_loads_nothing_of_the_server_for_it() -> None:

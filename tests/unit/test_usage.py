@@ -150,18 +150,37 @@ def test_the_usage_route_refuses_a_bad_query_and_a_missing_key(api: FlaskClient,
     assert api.get("/api/v1/usage").status_code == 401
 
 
-def test_metrics_show_each_accounts_compute_and_tokens_by_name_and_refusals_by_limit(
+def test_metrics_show_each_accounts_compute_and_tokens_by_id_never_its_name_and_refusals_by_limit(
         api: FlaskClient, redis_db: redis.Redis) -> None:
+    """/metrics is public by default (no FLOWPOOL_METRICS_TOKEN): account names, often customers', stay off it."""
     alice, _, _ = Accounts(redis_db).create("alice")
     redis_db.hset(keys.METRICS, mapping={f"account_compute_ms:{alice.id}": 2500, f"account_tokens:{alice.id}": 90,
                                          "account_tokens:gone-account": 5, "quota_refusals:rpm": 4,
                                          "quota_refusals:concurrency": 1})
     text = api.get("/metrics").get_data(as_text=True)
-    assert 'flowpool_account_compute_seconds_total{account="alice"} 2.5' in text.splitlines()
-    assert 'flowpool_account_tokens_total{account="alice"} 90.0' in text.splitlines()
-    assert 'flowpool_account_tokens_total{account="gone-account"} 5.0' in text.splitlines()  # no name: its id
+    assert f'flowpool_account_compute_seconds_total{{account="{alice.id}"}} 2.5' in text.splitlines()
+    assert f'flowpool_account_tokens_total{{account="{alice.id}"}} 90.0' in text.splitlines()
+    assert 'flowpool_account_tokens_total{account="gone-account"} 5.0' in text.splitlines()
     assert 'flowpool_quota_refusals_total{limit="rpm"} 4.0' in text.splitlines()
     assert 'flowpool_quota_refusals_total{limit="concurrency"} 1.0' in text.splitlines()
+    assert "alice" not in text and "flowpool_account_info" not in text
+
+
+def test_with_the_metrics_token_set_an_info_metric_joins_account_ids_to_names(
+        redis_server: RedisServer, redis_db: redis.Redis) -> None:
+    app = create_app(Settings(redis_url=f"redis://127.0.0.1:{redis_server.port}/15", sandbox_prestart=0,
+                              metrics_token="scrape-token"))
+    try:
+        alice, _, _ = Accounts(redis_db).create("alice")
+        Accounts(redis_db).create("quiet")  # no runs counted: not named either
+        redis_db.hset(keys.METRICS, mapping={f"account_tokens:{alice.id}": 90, "account_tokens:gone-account": 5})
+        text = app.test_client().get("/metrics", headers={"Authorization": "Bearer scrape-token"}).get_data(
+            as_text=True)
+    finally:
+        app.extensions["flowpool"].redis.close()
+    info = [line for line in text.splitlines() if line.startswith("flowpool_account_info{")]
+    assert info == [f'flowpool_account_info{{account="{alice.id}",name="alice"}} 1.0']
+    assert f'flowpool_account_tokens_total{{account="{alice.id}"}} 90.0' in text.splitlines()
 
 
 def test_the_openapi_document_describes_the_usage_query(api: FlaskClient) -> None:

@@ -91,6 +91,12 @@ def test_a_name_that_did_not_resolve_is_tried_again_and_a_refused_address_is_not
     assert _refused_or_retried(EgressDenied("127.0.0.2 resolves to 127.0.0.2, a loopback address")) == "refused"
 
 
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999/hook", "http://127.0.0.1:abc/hook", "http://[::1/hook"])
+def test_a_url_that_does_not_parse_is_refused_by_the_egress_guard_not_raised_as_a_crash(url: str) -> None:
+    with pytest.raises(EgressDenied, match="not a URL that can be reached"):
+        LOOPBACK.check_url(url)
+
+
 # Claims.
 
 def test_a_claim_leases_the_webhook_so_no_other_deliverer_takes_it_until_the_lease_lapses(
@@ -101,6 +107,49 @@ def test_a_claim_leases_the_webhook_so_no_other_deliverer_takes_it_until_the_lea
     assert store.claim(30, limit=10, now=now) == ["req_a"]
     assert store.claim(30, limit=10, now=now + 1) == []  # leased
     assert store.claim(30, limit=10, now=now + 31) == ["req_a"]  # its deliverer died holding it
+
+
+def test_a_claim_takes_one_webhook_of_each_account_not_the_oldest_of_one_accounts_flood(
+        redis_db: redis.Redis, store: WebhookStore) -> None:
+    accounts = Accounts(redis_db)
+    flood, other = accounts.create("flood")[0].id, accounts.create("other")[0].id
+    now = time.time()
+    for n in range(50):  # all older than the other account's one
+        store.prepare(f"req_flood_{n}", flood, "http://127.0.0.1:9/hook")
+        redis_db.zadd(keys.WEBHOOKS_DUE, {f"req_flood_{n}": now - 100 + n})
+    _due(store, other, "req_other", "http://127.0.0.1:9/hook")
+
+    assert sorted(store.claim(30, limit=10, now=now + 1)) == ["req_flood_0", "req_other"]
+    # One at a time, the accounts take turns: the other account's next one comes before the flood's third.
+    _due(store, other, "req_other_2", "http://127.0.0.1:9/hook")
+    turns = [store.claim(30, limit=1, now=now + 2) for _ in range(4)]
+    assert sorted(sum(turns, [])) == ["req_flood_1", "req_flood_2", "req_flood_3", "req_other_2"]
+    assert "req_other_2" in turns[0] + turns[1]
+
+
+def test_one_accounts_webhooks_to_a_tarpit_do_not_hold_another_accounts_delivery(
+        redis_db: redis.Redis, store: WebhookStore, runs: RunStore, receiver: WebhookReceiver) -> None:
+    """A receiver that never answers (a listening socket nobody accepts from) holds each delivery till its
+    timeout; oldest first, the flood's 20 would hold both threads for ~20 s before the other account's turn."""
+    accounts = Accounts(redis_db)
+    flood, other = accounts.create("tarpitted")[0].id, accounts.create("patient")[0].id
+    with socket.socket() as tarpit:
+        tarpit.bind(("127.0.0.1", 0))
+        tarpit.listen(64)
+        tarpit_url = f"http://127.0.0.1:{tarpit.getsockname()[1]}/hook"
+        for n in range(20):
+            _ended(runs, flood, f"req_slow_{n}")
+            _due(store, flood, f"req_slow_{n}", tarpit_url)
+        _ended(runs, other, "req_patient")
+        _due(store, other, "req_patient", receiver.url)
+        settings = Settings(webhook_retry_seconds=60, webhook_timeout_seconds=2)
+        deliverer = WebhookDeliverer(store, runs, accounts, settings, LOOPBACK, threads=2, poll_seconds=0.05)
+        deliverer.start()
+        try:
+            [delivery] = receiver.wait_for(1, timeout=8)
+        finally:
+            deliverer.stop()
+    assert delivery.headers["X-Flowpool-Webhook-Id"] == "req_patient"
 
 
 # Deliveries.
@@ -170,6 +219,27 @@ def test_a_webhook_still_failing_at_the_end_of_its_window_is_failed(
     assert view is not None and view["status"] == "failed"
     assert [a["status_code"] for a in view["attempts"]] == [500, 500]
     assert redis_db.zcard(keys.WEBHOOKS_DUE) == 0
+
+
+def test_attempts_and_logs_name_the_receivers_origin_never_its_path_which_may_hold_a_token(
+        redis_db: redis.Redis, store: WebhookStore, runs: RunStore, account: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as probe:  # a port nothing listens on: the connection is refused
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/services/T0000/B0000/sEcReTtOkEn?token=qUeRySeCrEt"
+    _ended(runs, account, "req_token")
+    _due(store, account, "req_token", url)
+
+    with caplog.at_level("INFO", logger="flowpool.webhooks"):
+        _deliverer(redis_db, store, runs).deliver_due()
+
+    webhook = store.get("req_token")
+    assert webhook is not None and webhook.status == "pending"
+    recorded = json.dumps(webhook.attempts) + caplog.text
+    assert "sEcReTtOkEn" not in recorded and "qUeRySeCrEt" not in recorded and "/services" not in recorded
+    assert webhook.attempts[0]["error"] == "ConnectionError: Connection refused"
+    assert f"http://127.0.0.1:{port}:" in caplog.text or f"http://127.0.0.1:{port} " in caplog.text
 
 
 def test_a_redirect_is_not_followed_and_counts_as_a_failure(
