@@ -482,6 +482,8 @@ def _cli_without(module: str, *args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize("module, command, argv", [
     ("redis", "dev", "dev"), ("gunicorn", "api", "api"), ("celery", "worker", "worker"),
     ("redis", "doctor", "doctor"), ("redis", "accounts create", "accounts create someone"),
+    ("redis", "accounts limits", "accounts limits someone"),
+    ("redis", "accounts webhook-secret", "accounts webhook-secret someone"),
 ])
 def test_a_server_command_missing_a_server_dependency_prints_what_to_install_and_fails(
         module: str, command: str, argv: str) -> None:

