@@ -24,7 +24,9 @@ serves the accounts round robin (each store remembers the last account it
 served and starts after it), not oldest first. So one account's flood of
 webhooks to a receiver that answers slowly holds at most its turn of the
 delivery threads, and another account's webhook waits for a free thread, not
-for the flood.
+for the flood, as long as one of its webhooks is among the oldest
+:data:`CLAIM_WINDOW` due: behind a flood larger than that, it waits until the
+flood's oldest are taken.
 """
 from __future__ import annotations
 
@@ -62,7 +64,7 @@ local ids = redis.call('ZRANGEBYSCORE', due_key, '-inf', now, 'LIMIT', 0, window
 local oldest, accounts = {}, {}
 for _, id in ipairs(ids) do
   local account = redis.call('HGET', hook_prefix .. id .. hook_suffix, 'account')
-  if not account or account == '' then account = '\255gone:' .. id end
+  if not account or account == '' then account = '~gone:' .. id end  -- no account id (hex) looks like it
   if oldest[account] == nil then
     oldest[account] = id
     table.insert(accounts, account)
