@@ -40,8 +40,10 @@ def account_limits(account_id: str) -> str:
 
 
 def account_slots(account_id: str) -> str:
-    """Zset: request id of each of the account's runs in flight (queued or running) -> its deadline (unix time):
-    its concurrency slots, released by the run's end, or at that deadline by themselves."""
+    """Zset: request id of each of the account's runs in flight (queued or running) -> when its slot lapses (unix
+    time, on Redis's clock): its concurrency slots, released by the run's end, or at that time by themselves.
+    Queued, a run's slot is scored by when its claim could still come (flowpool.quotas); running, by its worker's
+    lease, which the worker's heartbeat renews."""
     return f"{PREFIX}a:{account_id}:slots"
 
 

@@ -17,9 +17,13 @@ slots are unknown the share is 1. Workers take lane 0 first
 backlog.
 
 A run's concurrency slot lapses by itself when its end is never written:
-queued, ``SLOT_MARGIN_SECONDS`` after the broker drops it unclaimed (at the
-queue wait); claimed, with its worker's lease (CLAIM, and the heartbeat that
-renews both, tasks/worker.py).
+queued, once its claim can no longer come (the broker drops it unclaimed at
+the queue wait, a worker that took it just before retries its claim through
+a Redis outage for up to FLOWPOOL_REDIS_OUTAGE_SECONDS, and
+``SLOT_MARGIN_SECONDS`` more), so a late claim never finds its slot gone and
+given to another run; claimed, with its worker's lease (CLAIM, and the
+heartbeat that renews both, tasks/worker.py). Slots are scored and pruned on
+Redis's clock, whatever the clocks of the API processes and workers say.
 """
 from __future__ import annotations
 
@@ -37,8 +41,9 @@ from flowpool.usage import day_of
 __all__ = ["NO_QUOTA_ARGS", "NO_QUOTA_KEYS", "SLOT_MARGIN_SECONDS", "Quota", "end_args", "end_keys", "key_parts",
            "refusal", "seconds_to_midnight", "slot_args", "token_increments"]
 
-# How long past the queue wait a queued run's slot is kept: the broker drops the message at the queue wait, and a
-# worker that took it just before claims it within moments (CLAIM then scores the slot by its lease).
+# How long past the queue wait and the Redis outage a queued run's slot is kept: the broker drops the message at
+# the queue wait, and a worker that took it just before claims it within moments, or retries the claim for up to
+# the outage (CLAIM then scores the slot by its lease).
 SLOT_MARGIN_SECONDS = 5.0
 
 
@@ -58,7 +63,7 @@ class Quota:
     defaults: tuple[int, int, int, int]  # concurrency, rpm, tokens_per_day, compute_seconds_per_day; 0 = none
     queue_slots: int  # the live workers' slots of the run's queue; 0 when unknown
     fair_share: bool
-    slot_seconds: float  # how long a queued run's slot is kept unclaimed: the queue wait and a margin
+    slot_seconds: float  # how long a queued run's slot is kept unclaimed: the queue wait, the outage, a margin
     usage_ttl_seconds: int
     day: str  # today (UTC), as usage keys name it
 
@@ -70,7 +75,7 @@ class Quota:
                    defaults=(settings.default_concurrency, settings.default_rpm, settings.default_tokens_per_day,
                              settings.default_compute_seconds_per_day),
                    queue_slots=queue_slots, fair_share=settings.fair_share,
-                   slot_seconds=settings.queue_wait_seconds + SLOT_MARGIN_SECONDS,
+                   slot_seconds=settings.queue_wait_seconds + settings.redis_outage_seconds + SLOT_MARGIN_SECONDS,
                    usage_ttl_seconds=settings.usage_retention_days * 86400,
                    day=day_of(time.time() if now is None else now))
 

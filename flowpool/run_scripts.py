@@ -6,7 +6,7 @@ that order.
 """
 from __future__ import annotations
 
-__all__ = ["ABANDON", "APPEND_CHUNKS", "APPEND_OUTPUT", "BEGIN", "CLAIM", "FINISH", "RATE"]
+__all__ = ["ABANDON", "APPEND_CHUNKS", "APPEND_OUTPUT", "BEGIN", "CLAIM", "FINISH", "RATE", "RENEW_SLOT"]
 
 # Mark a queued run as running on a worker, with a lease the worker keeps
 # fresh, and index it by its hard deadline. The claim token names this one
@@ -14,10 +14,11 @@ __all__ = ["ABANDON", "APPEND_CHUNKS", "APPEND_OUTPUT", "BEGIN", "CLAIM", "FINIS
 # timeout) is answered 1 again when retried, and no other delivery's is.
 # The run's concurrency slot (its account's, the key built from the record's
 # account and the parts ARGV[7..8], flowpool.quotas.key_parts) is scored from
-# now on by its lease's expiry, which the worker's heartbeat moves on with the
-# lease (tasks/worker.py): a killed worker's slots lapse with its leases. ZADD,
-# not XX: a claim that comes after the queued slot lapsed takes it again. The
-# slots key is kept at least until the run's hard deadline.
+# now on by its lease's expiry on Redis's clock (as every slot is scored and
+# pruned: the workers' clocks may be off), which the worker's heartbeat moves
+# on with the lease (RENEW_SLOT): a killed worker's slots lapse with its
+# leases. ZADD, not XX: the slot is the run's whether or not BEGIN's is still
+# there. The slots key is kept at least until the run's hard deadline.
 CLAIM = """
 local run_key, lease_key, runs_active_key = KEYS[1], KEYS[2], KEYS[3]
 local worker, started_at, lease_ms, request_id, deadline, claim = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5],
@@ -32,11 +33,37 @@ redis.call('ZADD', runs_active_key, deadline, request_id)
 local account = redis.call('HGET', run_key, 'account')
 if account and slots_head then
   local slots_key = slots_head .. cjson.decode(account) .. slots_tail
-  redis.call('ZADD', slots_key, tonumber(started_at) + tonumber(lease_ms) / 1000, request_id)
-  local keep_ms = math.ceil((tonumber(deadline) - tonumber(started_at)) * 1000) + 1000
+  local time = redis.call('TIME')
+  local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  redis.call('ZADD', slots_key, (now_ms + tonumber(lease_ms)) / 1000, request_id)
+  local keep_ms = math.max(math.ceil((tonumber(deadline) - tonumber(started_at)) * 1000), tonumber(lease_ms)) + 1000
+  -- PTTL -1 (no expiry: the key ZADD just made) and -2 are below it too.
   local ttl = redis.call('PTTL', slots_key)
-  if ttl >= 0 and ttl < keep_ms then redis.call('PEXPIRE', slots_key, keep_ms) end
+  if ttl < keep_ms then redis.call('PEXPIRE', slots_key, keep_ms) end
 end
+return 1
+"""
+
+# Renew a running run's concurrency slot with its lease, from its worker's
+# heartbeat (tasks/worker.py; one call per run, in the beat's pipeline): the
+# slot scored at the lease's expiry on Redis's clock and the slots key kept at
+# least as long. ZADD, not XX: a slot that lapsed and was pruned while the
+# beats were held up (a Redis outage) comes back, so the account does not go
+# over its limit while the run still goes. Only while the record says the run
+# is running under this worker (``worker`` as CLAIM wrote it, JSON): in the
+# same step, so a slot its end (FINISH, ABANDON) gave back is never taken
+# again. 1 if renewed, else 0.
+RENEW_SLOT = """
+local run_key, slots_key = KEYS[1], KEYS[2]
+local request_id, worker, lease_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
+if redis.call('HGET', run_key, 'status') ~= 'running' or redis.call('HGET', run_key, 'worker') ~= worker then
+  return 0
+end
+local time = redis.call('TIME')
+local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+redis.call('ZADD', slots_key, (now_ms + lease_ms) / 1000, request_id)
+local keep_ms = lease_ms + 1000
+if redis.call('PTTL', slots_key) < keep_ms then redis.call('PEXPIRE', slots_key, keep_ms) end
 return 1
 """
 
@@ -66,7 +93,9 @@ if record[1] then
   local slots_key = slots_head .. account .. slots_tail
   redis.call('ZREM', slots_key, request_id)
   -- Lapsed slots (runs whose end was never written) do not keep the account among those sharing the pool.
-  redis.call('ZREMRANGEBYSCORE', slots_key, '-inf', finished)
+  -- Pruned by Redis's clock, as slots are scored (``finished``, the caller's, counts only the compute time).
+  local time = redis.call('TIME')
+  redis.call('ZREMRANGEBYSCORE', slots_key, '-inf', tonumber(time[1]) + tonumber(time[2]) / 1000000)
   if redis.call('EXISTS', slots_key) == 0 then redis.call('ZREM', accounts_key, account) end
   local compute_ms = 0
   if record[3] then compute_ms = math.max(0, math.floor((tonumber(finished) - tonumber(record[3])) * 1000 + 0.5)) end
@@ -278,9 +307,9 @@ return {'ok'}
 # to every request admitted (a hit, a join or a queued run); a run to be
 # queued must also be under the account's concurrency (its slots: runs queued
 # or running, by when each lapses) and today's token and compute budgets. A
-# queued run takes a slot until ``slot_seconds`` past its queueing (the queue
-# wait, when the broker drops it unclaimed, and a margin; its claim and its
-# worker's heartbeats keep it from then on; its end gives it back) and a lane:
+# queued run takes a slot until ``slot_seconds`` past its queueing on Redis's
+# clock (the longest its claim may still come: flowpool.quotas; its claim and
+# its worker's heartbeats keep it from then on; its end gives it back) and a lane:
 # within the account's share of the queue's slots (shared between the accounts
 # with runs in flight; a share of 1 while the slots are unknown) 0, within 4
 # shares 3, within 16 shares 6, else 9; 0 without fair share. ``ended`` "1":
@@ -378,15 +407,18 @@ if state[1] == 'queued' then
     local deadline = tonumber(queued_at) + tonumber(lock_ms) / 1000
     redis.call('ZADD', runs_active_key, deadline, request_id)
     if quota then
-      -- Its slot until the broker would have dropped it, and the account among those sharing the pool until
-      -- its last deadline.
-      redis.call('ZADD', slots_key, tonumber(queued_at) + tonumber(slot_seconds), request_id)
+      -- Its slot until a claim can no longer come (on Redis's clock, as slots are pruned), and the account
+      -- among those sharing the pool until its last deadline.
+      local slot_ms = math.ceil(tonumber(slot_seconds) * 1000)
+      redis.call('ZADD', slots_key, (now_ms + slot_ms) / 1000, request_id)
       redis.call('ZREMRANGEBYSCORE', accounts_key, '-inf', now_ms / 1000)
       local sharing = redis.call('ZCARD', accounts_key)
       if not redis.call('ZSCORE', accounts_key, account) then sharing = sharing + 1 end
       redis.call('ZADD', accounts_key, 'GT', deadline, account)
-      -- The key goes with the account's last deadline (never sooner than a claim made it go: CLAIM).
-      local keep_ms = (math.ceil(tonumber(redis.call('ZSCORE', accounts_key, account))) + 1) * 1000 - now_ms
+      -- The key goes with the account's last deadline, not before this slot lapses (never sooner than a claim
+      -- or a heartbeat made it go: CLAIM, RENEW_SLOT).
+      local keep_ms = math.max((math.ceil(tonumber(redis.call('ZSCORE', accounts_key, account))) + 1) * 1000 - now_ms,
+                               slot_ms + 1000)
       local ttl = redis.call('PTTL', slots_key)
       if ttl < keep_ms then redis.call('PEXPIRE', slots_key, keep_ms) end
       local lane = 0

@@ -33,7 +33,7 @@ from flowpool.connections import UNREACHABLE, patiently
 from flowpool.errors import OutcomeUnavailable, RunError, RunNotStarted, WorkerLost
 from flowpool.quotas import NO_QUOTA_ARGS, NO_QUOTA_KEYS, Quota, end_args, end_keys, refusal, slot_args
 from flowpool.run import RunEnd, RunRecord, RunStatus, dumps, encode
-from flowpool.run_scripts import ABANDON, APPEND_CHUNKS, APPEND_OUTPUT, BEGIN, CLAIM, FINISH, RATE
+from flowpool.run_scripts import ABANDON, APPEND_CHUNKS, APPEND_OUTPUT, BEGIN, CLAIM, FINISH, RATE, RENEW_SLOT
 from flowpool.run_streams import READ, chunks_of, in_order
 from flowpool.sealing import InvalidToken, SecretBox
 from flowpool.settings import Settings
@@ -70,6 +70,7 @@ class RunStore:
         self.hard_grace_seconds = hard_grace_seconds
         self._rate = client.register_script(RATE)
         self._claim = client.register_script(CLAIM)
+        self._renew = client.register_script(RENEW_SLOT)
         self._begin = client.register_script(BEGIN)
         self._abandon = client.register_script(ABANDON)
         self._finish = client.register_script(FINISH)
@@ -171,13 +172,24 @@ class RunStore:
         ``token`` names this delivery: claiming again with it answers True (a
         retried claim whose first answer was lost), and only it may
         :meth:`finish` the run. Without one, the claim is a new one. The run's concurrency slot is scored by
-        the lease's expiry from now on (the worker's heartbeat renews both).
+        the lease's expiry from now on, on Redis's clock (the worker's heartbeat renews both: :meth:`renew_slots`).
         """
         token = token or uuid.uuid4().hex
         now = time.time()
         return bool(self._claim(keys=[keys.run(request_id), keys.run_lease(request_id), keys.RUNS_ACTIVE],
                                 args=[dumps(worker), dumps(now), lease_ms, request_id, now + hard_seconds,
                                       dumps(token), *slot_args()]))
+
+    def renew_slots(self, pipe: Any, runs: Sequence[tuple[str, str]], worker: str, lease_ms: int) -> None:
+        """Queue on a heartbeat's ``pipe`` the renewal of each run's ``(request_id, account)`` slot with its
+        lease while it runs under ``worker`` (RENEW_SLOT): bare EVALSHAs, in the beat's one round trip."""
+        for request_id, account in runs:
+            pipe.evalsha(self._renew.sha, 2, keys.run(request_id), keys.account_slots(account), request_id,
+                         dumps(worker), lease_ms)
+
+    def load_renewal(self) -> None:
+        """Load :meth:`renew_slots`'s script into Redis: a beat raised NoScriptError (Redis restarted or flushed)."""
+        self.redis.script_load(RENEW_SLOT)
 
     def add_chunks(self, request_id: str, chunks: list[tuple[str, Any, int]], pipe: Any = None) -> None:
         """Append emitted chunks, each ``(type, content, index)`` and numbered on from the last, to the run's stream.

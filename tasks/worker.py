@@ -259,7 +259,7 @@ class WorkerRuntime:
         with self._beat_lock:
             self._beat_once()
 
-    def _beat_once(self) -> None:
+    def _beat_once(self, reloaded: bool = False) -> None:
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
         pipe.zadd(keys.WORKERS, {self.name: now})
@@ -276,10 +276,17 @@ class WorkerRuntime:
             pipe.set(keys.run_lease(request_id), self.name, px=self.lease_ms)
             pipe.exists(keys.run_cancel(request_id))
         # Each run's concurrency slot scored by its lease's expiry, as CLAIM scored it: a killed worker's slots
-        # lapse with its leases. XX: a slot its end gave back meanwhile stays given back.
-        for request_id, account in list(self.accounts.items()):
-            pipe.zadd(keys.account_slots(account), {request_id: now + self.lease_ms / 1000}, xx=True)
-        replies = pipe.execute()
+        # lapse with its leases, and a slot that lapsed while the beats were held up comes back. Only while the
+        # run is still this worker's and running: a slot its end gave back meanwhile stays given back.
+        self.runs.renew_slots(pipe, list(self.accounts.items()), self.name, self.lease_ms)
+        try:
+            replies = pipe.execute()
+        except redis.exceptions.NoScriptError:
+            if reloaded:
+                raise
+            # Redis lost its scripts (a restart): the rest of the beat was written; load the renewal's, beat again.
+            self.runs.load_renewal()
+            return self._beat_once(reloaded=True)
         for request_id, asked in zip(active, replies[first + 1::2]):
             stop = self.stops.get(request_id)
             if asked and stop is not None:

@@ -17,10 +17,12 @@ from flowpool.api.admission import _fingerprint
 from flowpool.api.models import InvokeRequest
 from flowpool.cache import ResultCache
 from flowpool.errors import QuotaExceeded, RunNotStarted, WorkerLost
-from flowpool.quotas import Quota, refusal, seconds_to_midnight, token_increments
+from flowpool.quotas import SLOT_MARGIN_SECONDS, Quota, refusal, seconds_to_midnight, token_increments
+from flowpool.redis_server import RedisServer
 from flowpool.run import RunEnd, RunRecord, RunStatus
 from flowpool.runs import RunStore
 from flowpool.sealing import ServerKey
+from flowpool.settings import Settings
 from flowpool.usage import day_of
 from flowpool.tasks.worker import WorkerRuntime
 
@@ -283,24 +285,81 @@ def test_a_lapsed_slot_is_not_counted(runs: RunStore, redis_db: redis.Redis) -> 
     assert redis_db.ttl(keys.account_slots(ACCOUNT)) > 0  # the key lapses with its last slot
 
 
-def test_a_queued_slot_lapses_with_the_queue_wait_and_the_claim_takes_it_by_its_lease(
+def test_a_queued_slot_lapses_when_its_claim_can_no_longer_come_and_the_claim_takes_it_by_its_lease(
         runs: RunStore, redis_db: redis.Redis) -> None:
-    limit(redis_db, concurrency=2)
+    limit(redis_db, concurrency=1)
     before = time.time()
     assert start(runs, "req_1", q=quota(slot_seconds=0.05), lock_seconds=600)[0] == "queued"
-    # Scored by the queue wait (and margin), not by the run's whole deadline (its lock).
-    assert before + 0.05 <= redis_db.zscore(keys.account_slots(ACCOUNT), "req_1") <= time.time() + 0.05
+    # Scored by the longest its claim may still come, not by the run's whole deadline (its lock).
+    # (Scores are on Redis's clock, to the millisecond.)
+    assert before + 0.049 <= redis_db.zscore(keys.account_slots(ACCOUNT), "req_1") <= time.time() + 0.05
     assert redis_db.zscore(keys.RUNS_ACTIVE, "req_1") >= before + 600  # the reaper's deadline is unchanged
     time.sleep(0.1)
     assert start(runs, "req_2")[0] == "queued"  # req_1's slot lapsed: pruned, not counted
     assert slots(redis_db) == ["req_2"]
 
     claimed_at = time.time()
-    assert runs.claim("req_1", "worker-1", 10_000, hard_seconds=900, token="t1")  # a late claim takes it again
+    assert runs.claim("req_2", "worker-1", 10_000, hard_seconds=900, token="t1")
 
-    assert claimed_at + 10 <= redis_db.zscore(keys.account_slots(ACCOUNT), "req_1") <= time.time() + 10
+    assert claimed_at + 9.999 <= redis_db.zscore(keys.account_slots(ACCOUNT), "req_2") <= time.time() + 10
     assert redis_db.pttl(keys.account_slots(ACCOUNT)) > 899_000  # kept until the run's hard deadline
-    assert refused(runs, "req_3").details == {"limit": "concurrency", "used": 2, "allowed": 2}
+    assert refused(runs, "req_3").details == {"limit": "concurrency", "used": 1, "allowed": 1}
+
+
+def test_a_queued_slot_is_kept_as_long_as_its_claim_may_still_come(runs: RunStore, redis_db: redis.Redis) -> None:
+    # The broker drops it at the queue wait; a worker that took it just before retries its claim through a
+    # Redis outage. A claim coming that late must find its slot still held, not given to another run.
+    settings = Settings(queue_wait_seconds=60, redis_outage_seconds=30)
+    q = Quota.for_request(settings, ACCOUNT, REF, queue_slots=0)
+    assert q.slot_seconds == 60 + 30 + SLOT_MARGIN_SECONDS
+    before = time.time()
+
+    assert start(runs, "req_1", q=q, lock_seconds=600)[0] == "queued"
+
+    assert before + 94.999 <= redis_db.zscore(keys.account_slots(ACCOUNT), "req_1") <= time.time() + 95
+    assert redis_db.pttl(keys.account_slots(ACCOUNT)) >= 95_000  # the key outlives the slot
+
+
+def test_a_claim_keeps_a_slots_key_its_zadd_made_from_living_forever(runs: RunStore, redis_db: redis.Redis) -> None:
+    assert runs.begin(record("req_1"), lock_seconds=60) == ("queued", None)  # no quota: no slot, no slots key
+    assert redis_db.exists(keys.account_slots(ACCOUNT)) == 0
+
+    assert runs.claim("req_1", "worker-1", 10_000, hard_seconds=60, token="t1")
+
+    assert slots(redis_db) == ["req_1"]
+    assert 60_000 < redis_db.pttl(keys.account_slots(ACCOUNT)) <= 61_000
+
+
+class _SkewedClock:
+    """The ``time`` module as a process whose clock is ``skew`` seconds off sees it (the one fault injected)."""
+
+    def __init__(self, skew: float) -> None:
+        self.skew = skew
+
+    def time(self) -> float:
+        return time.time() + self.skew
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def test_slots_are_scored_and_pruned_on_redis_clock_not_the_workers(runs: RunStore, redis_db: redis.Redis,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    for request_id in ("req_1", "req_2"):
+        assert start(runs, request_id)[0] == "queued"
+    # Queued by an API process an hour behind: its slot is still held for the whole slot time.
+    assert runs.begin(record("req_3", queued_at=time.time() - 3600), lock_seconds=60, quota=quota())[0] == "queued"
+    assert time.time() + 59 <= redis_db.zscore(keys.account_slots(ACCOUNT), "req_3") <= time.time() + 60
+    monkeypatch.setattr("flowpool.runs.time", _SkewedClock(-3600))  # a worker an hour behind
+
+    assert runs.claim("req_1", "worker-1", 10_000, hard_seconds=60, token="t1")
+
+    assert time.time() + 9 <= redis_db.zscore(keys.account_slots(ACCOUNT), "req_1") <= time.time() + 10
+    monkeypatch.setattr("flowpool.runs.time", _SkewedClock(3600))  # and one an hour ahead ends its run
+    assert runs.claim("req_2", "worker-2", 10_000, hard_seconds=60, token="t1")
+    assert finish_claimed(runs, "req_2") == 1
+
+    assert sorted(slots(redis_db)) == ["req_1", "req_3"]  # its end pruned no slot that had not lapsed
 
 
 def test_the_workers_heartbeat_moves_its_runs_slots_with_their_leases(runs: RunStore, redis_db: redis.Redis,
@@ -318,6 +377,73 @@ def test_the_workers_heartbeat_moves_its_runs_slots_with_their_leases(runs: RunS
 
     assert redis_db.zscore(keys.account_slots(ACCOUNT), "req_1") >= claimed + 0.05
     assert slots(redis_db) == ["req_1"]  # a slot given back is not taken again by a beat
+
+
+def test_a_beat_brings_back_a_slot_that_lapsed_while_the_beats_were_held_up(runs: RunStore, redis_db: redis.Redis,
+                                                                            runtime: WorkerRuntime) -> None:
+    limit(redis_db, concurrency=2)
+    assert start(runs, "req_1")[0] == "queued"
+    assert runtime.runs.claim("req_1", runtime.name, 50, hard_seconds=60, token="t1")  # a lease of 50 ms
+    runtime.active["req_1"], runtime.accounts["req_1"] = "default", ACCOUNT
+    time.sleep(0.1)  # no beat came (Redis was down): the lease and the slot lapsed
+    assert start(runs, "req_2")[0] == "queued"
+    assert slots(redis_db) == ["req_2"]  # req_1's slot pruned
+    before = time.time()
+
+    runtime._send_beat()
+
+    assert sorted(slots(redis_db)) == ["req_1", "req_2"]
+    lease = runtime.lease_ms / 1000
+    assert before + lease - 0.001 <= redis_db.zscore(keys.account_slots(ACCOUNT), "req_1") <= time.time() + lease
+    assert refused(runs, "req_3").details == {"limit": "concurrency", "used": 2, "allowed": 2}
+
+
+def test_a_beat_brings_back_a_slots_key_that_expired_and_keeps_it_for_the_lease(runs: RunStore,
+                                                                               redis_db: redis.Redis,
+                                                                               runtime: WorkerRuntime) -> None:
+    assert runs.begin(record("req_1"), lock_seconds=60) == ("queued", None)
+    assert runtime.runs.claim("req_1", runtime.name, 50, hard_seconds=0, token="t1")  # the key kept 1.05 s
+    runtime.active["req_1"], runtime.accounts["req_1"] = "default", ACCOUNT
+    time.sleep(1.2)
+    assert redis_db.exists(keys.account_slots(ACCOUNT)) == 0
+
+    runtime._send_beat()
+
+    assert slots(redis_db) == ["req_1"]
+    assert runtime.lease_ms < redis_db.pttl(keys.account_slots(ACCOUNT)) <= runtime.lease_ms + 1000
+
+
+def test_a_beat_renews_only_the_slots_of_runs_still_running_under_its_worker(runs: RunStore, redis_db: redis.Redis,
+                                                                            runtime: WorkerRuntime) -> None:
+    for request_id in ("req_queued", "req_theirs", "req_lost"):
+        assert start(runs, request_id)[0] == "queued"
+        runtime.active[request_id], runtime.accounts[request_id] = "default", ACCOUNT
+    assert runs.claim("req_theirs", "worker-other", 600_000, hard_seconds=900, token="t2")  # another's delivery
+    assert runtime.runs.claim("req_lost", runtime.name, 600_000, hard_seconds=900, token="t1")
+    assert runs.abandon("req_lost", RunStatus.RUNNING, WorkerLost("taken for lost"), "1.0.0", force=True)
+    scores = dict(redis_db.zrange(keys.account_slots(ACCOUNT), 0, -1, withscores=True))
+
+    runtime._send_beat()
+
+    assert dict(redis_db.zrange(keys.account_slots(ACCOUNT), 0, -1, withscores=True)) == scores
+
+
+def test_a_beat_loads_the_renewal_script_into_a_redis_that_lost_it(runs: RunStore) -> None:
+    with RedisServer() as own:  # a Redis of its own: its script cache starts empty, as after a restart
+        runtime = WorkerRuntime(Settings(redis_url=own.url, sandbox_prestart=0), name="worker-b")
+        try:
+            store = RunStore(runtime.redis, ttl_seconds=600, runs_per_workflow=1000, usage_days=2)
+            assert store.begin(record("req_1"), lock_seconds=60, quota=quota())[0] == "queued"
+            assert store.claim("req_1", runtime.name, 50, hard_seconds=60, token="t1")
+            runtime.active["req_1"], runtime.accounts["req_1"] = "default", ACCOUNT
+            assert runtime.redis.script_exists(runtime.runs._renew.sha) == [False]
+
+            runtime._send_beat()
+
+            lease = runtime.lease_ms / 1000
+            assert runtime.redis.zscore(keys.account_slots(ACCOUNT), "req_1") > time.time() + lease - 1
+        finally:
+            runtime.redis.close()
 
 
 # Slots back and usage counted where runs end
