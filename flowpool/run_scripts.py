@@ -48,20 +48,23 @@ return 1
 # heartbeat (tasks/worker.py; one call per run, in the beat's pipeline): the
 # slot scored at the lease's expiry on Redis's clock and the slots key kept at
 # least as long. ZADD, not XX: a slot that lapsed and was pruned while the
-# beats were held up (a Redis outage) comes back, so the account does not go
-# over its limit while the run still goes. Only while the record says the run
+# beats were held up (a Redis outage) comes back, so the account takes no new
+# run over its limit while this one still goes (one admitted during the lapse
+# stays admitted), and stays among the accounts sharing the pool. Only while
+# the record says the run
 # is running under this worker (``worker`` as CLAIM wrote it, JSON): in the
 # same step, so a slot its end (FINISH, ABANDON) gave back is never taken
 # again. 1 if renewed, else 0.
 RENEW_SLOT = """
-local run_key, slots_key = KEYS[1], KEYS[2]
-local request_id, worker, lease_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
-if redis.call('HGET', run_key, 'status') ~= 'running' or redis.call('HGET', run_key, 'worker') ~= worker then
-  return 0
-end
+local run_key, slots_key, accounts_key = KEYS[1], KEYS[2], KEYS[3]
+local request_id, worker, lease_ms, account = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local record = redis.call('HMGET', run_key, 'status', 'worker')
+if record[1] ~= 'running' or record[2] ~= worker then return 0 end
 local time = redis.call('TIME')
 local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 redis.call('ZADD', slots_key, (now_ms + lease_ms) / 1000, request_id)
+-- The account shares the pool while it has a run going (an end that found its slots lapsed may have let it go).
+redis.call('ZADD', accounts_key, 'GT', (now_ms + lease_ms) / 1000, account)
 local keep_ms = lease_ms + 1000
 if redis.call('PTTL', slots_key) < keep_ms then redis.call('PEXPIRE', slots_key, keep_ms) end
 return 1
@@ -414,7 +417,8 @@ if state[1] == 'queued' then
       redis.call('ZREMRANGEBYSCORE', accounts_key, '-inf', now_ms / 1000)
       local sharing = redis.call('ZCARD', accounts_key)
       if not redis.call('ZSCORE', accounts_key, account) then sharing = sharing + 1 end
-      redis.call('ZADD', accounts_key, 'GT', deadline, account)
+      -- Scored on Redis's clock, as the entries are pruned: till this run's deadline, or its slot's if later.
+      redis.call('ZADD', accounts_key, 'GT', (now_ms + math.max(tonumber(lock_ms), slot_ms)) / 1000, account)
       -- The key goes with the account's last deadline, not before this slot lapses (never sooner than a claim
       -- or a heartbeat made it go: CLAIM, RENEW_SLOT).
       local keep_ms = math.max((math.ceil(tonumber(redis.call('ZSCORE', accounts_key, account))) + 1) * 1000 - now_ms,

@@ -184,8 +184,8 @@ class RunStore:
         """Queue on a heartbeat's ``pipe`` the renewal of each run's ``(request_id, account)`` slot with its
         lease while it runs under ``worker`` (RENEW_SLOT): bare EVALSHAs, in the beat's one round trip."""
         for request_id, account in runs:
-            pipe.evalsha(self._renew.sha, 2, keys.run(request_id), keys.account_slots(account), request_id,
-                         dumps(worker), lease_ms)
+            pipe.evalsha(self._renew.sha, 3, keys.run(request_id), keys.account_slots(account), keys.ACTIVE_ACCOUNTS,
+                         request_id, dumps(worker), lease_ms, account)
 
     def load_renewal(self) -> None:
         """Load :meth:`renew_slots`'s script into Redis: a beat raised NoScriptError (Redis restarted or flushed)."""

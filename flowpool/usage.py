@@ -17,7 +17,6 @@ are checked against today's ``tokens`` and ``compute_ms``.
 from __future__ import annotations
 
 import datetime as dt
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -139,7 +138,9 @@ class UsageReader:
     def today(self, account_id: str, now: float | None = None) -> dict[str, Any]:
         """What the daily budgets and the concurrency limit are checked against now: today's (UTC) compute
         seconds and tokens, and the runs in flight (queued or running; read only, lapsed slots not counted)."""
-        now = time.time() if now is None else now
+        if now is None:  # Redis's clock, by which admission prunes the slots and days are counted
+            seconds, micros = self.redis.time()
+            now = seconds + micros / 1e6
         pipe = self.redis.pipeline(transaction=False)
         pipe.hmget(keys.account_usage(account_id, day_of(now)), "compute_ms", "tokens")
         pipe.zcount(keys.account_slots(account_id), f"({now}", "+inf")

@@ -407,10 +407,14 @@ def test_a_beat_brings_back_a_slots_key_that_expired_and_keeps_it_for_the_lease(
     time.sleep(1.2)
     assert redis_db.exists(keys.account_slots(ACCOUNT)) == 0
 
+    redis_db.zrem(keys.ACTIVE_ACCOUNTS, ACCOUNT)  # an end that found the slots lapsed let the account go
+
     runtime._send_beat()
 
     assert slots(redis_db) == ["req_1"]
     assert runtime.lease_ms < redis_db.pttl(keys.account_slots(ACCOUNT)) <= runtime.lease_ms + 1000
+    # The account shares the pool again while its run goes, so fair share counts it.
+    assert redis_db.zscore(keys.ACTIVE_ACCOUNTS, ACCOUNT) > time.time()
 
 
 def test_a_beat_renews_only_the_slots_of_runs_still_running_under_its_worker(runs: RunStore, redis_db: redis.Redis,
