@@ -81,7 +81,9 @@ class Stack:
                 if process.poll() is not None:
                     raise RuntimeError(f"{process.args[4:]} exited with {process.returncode} during start-up")
             try:
-                response = requests.get(self.api_url + "/readyz", timeout=2)
+                # Connection: close: an idle keep-alive connection left behind would hold a gevent API worker's
+                # graceful shutdown for its keep-alive time (5 s) when the stack stops.
+                response = requests.get(self.api_url + "/readyz", timeout=2, headers={"Connection": "close"})
                 last = response.json()
                 if response.status_code == 200 and last["checks"]["workers"] >= workers:
                     return
