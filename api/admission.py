@@ -34,7 +34,7 @@ from flowpool.tasks.app import RUN_TASK
 from .models import InvokeRequest, parse_model
 from .services import Services
 
-__all__ = ["Admission", "admit", "submit"]
+__all__ = ["Admission", "admit", "discard_quietly", "submit"]
 
 log = logging.getLogger("flowpool.api")
 
@@ -150,7 +150,8 @@ def admit(svc: Services, account: Account, body: InvokeRequest, idempotency_key:
                                status=RunStatus.QUEUED, version=workflow.version, session_id=session_id,
                                cache_hit=False, queued_at=time.time(), timeout_seconds=soft, metadata=body.metadata)
             lock_seconds = settings.queue_wait_seconds + run_seconds
-            quota = Quota.for_request(settings, account.id, workflow.ref, svc.queue_slots(workflow.queue))
+            slots = svc.queue_slots(workflow.queue) if settings.fair_share else 0  # what fair share divides
+            quota = Quota.for_request(settings, account.id, workflow.ref, slots)
             if cache_key and svc.cache.separate:
                 state, found = _begin_with_own_cache(svc, queued, cache_key, lock_seconds, workflow.rev,
                                                      idempotency, quota, join)
@@ -166,10 +167,10 @@ def admit(svc: Services, account: Account, body: InvokeRequest, idempotency_key:
                               "try again")
     except BaseException:
         if webhook_url is not None:
-            _discard_quietly(svc, request_id)
+            discard_quietly(svc, request_id)
         raise
     if webhook_url is not None and state in ("conflict", "replay"):
-        svc.webhooks.discard(request_id)  # the run the key named is the first request's, its webhook too
+        discard_quietly(svc, request_id)  # the run the key named is the first request's, its webhook too
 
     if state == "conflict":
         raise IdempotencyKeyReused(f"this Idempotency-Key was first sent with a different request (run {found}); "
@@ -240,8 +241,9 @@ def _begin_with_own_cache(svc: Services, queued: RunRecord, cache_key: str, lock
     return state, first
 
 
-def _discard_quietly(svc: Services, request_id: str) -> None:
-    """Forget the webhook of a request that was not admitted; one Redis does not forget now lapses with its TTL."""
+def discard_quietly(svc: Services, request_id: str) -> None:
+    """Forget the webhook of a request that was not admitted, or of a run that will not run; one Redis does not
+    forget now lapses with its TTL (its run's end, written as never started, may then still be sent)."""
     try:
         svc.webhooks.discard(request_id)
     except redis.RedisError:
@@ -306,7 +308,7 @@ def submit(svc: Services, admission: Admission) -> None:
                 RUN_TASK, kwargs={"job": message}, task_id=job.request_id, queue=broker_queue(job.queue),
                 expires=svc.settings.queue_wait_seconds,
                 # Fair share: the lane BEGIN chose for the run (0 first); a broker without lanes (amqp) keeps FIFO.
-                priority=admission.lane if svc.settings.fair_share and svc.sender.lanes else 0,
+                priority=admission.lane if svc.sender.lanes else 0,
                 # Keep secrets out of worker logs and task events (Flower).
                 argsrepr="()", kwargsrepr=f"{{'job': <run {job.request_id} of {job.workflow}@{job.version}>}}",
             )

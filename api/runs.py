@@ -18,13 +18,12 @@ import time
 from dataclasses import replace
 from typing import Any
 
-import redis
 from flask import Blueprint, Response, g, jsonify, request, url_for
 
 from flowpool.errors import NotFound, OutcomeUnavailable, RequestError, RunError
 from flowpool.run import RunRecord, RunStatus
 
-from .admission import Admission, admit, submit
+from .admission import Admission, admit, discard_quietly, submit
 from .invoke import _idempotency_key
 from .models import RunCreateRequest
 from .parsing import json_body, model_from, page_args, paginated
@@ -79,7 +78,7 @@ def create_run() -> Response:
             raise  # the run may be going: its webhook stays, to tell its end
         except BaseException:
             if body.webhook_url is not None:  # nothing runs, and the caller is told so: no webhook is owed
-                _discard_quietly(svc, admission.request_id)
+                discard_quietly(svc, admission.request_id)
             raise
         mark("submit")
     # From here the run may be going: an error must name it and must not invite a retry (see errors.py).
@@ -109,15 +108,6 @@ def _started(svc: Services, admission: Admission, urls: dict[str, str]) -> dict[
     if admission.end is None:
         return {**data, "status": record.status}
     return {**_full_view(svc, record), **urls}
-
-
-def _discard_quietly(svc: Services, request_id: str) -> None:
-    """Forget a webhook no run will end; one Redis cannot forget now lapses with its TTL (its run's end, written
-    as never started, may then still be sent)."""
-    try:
-        svc.webhooks.discard(request_id)
-    except redis.RedisError:
-        pass
 
 
 def _check_webhook_url(svc: Services, url: str) -> None:

@@ -33,7 +33,7 @@ NOOP = "def execute(ctx):\n    return {'ok': True}\n"
 PHASES = ("parse", "begin", "submit", "wait", "app")
 
 
-def _limit_everything(redis_url: str, name: str) -> bool:
+def limit_everything(redis_url: str, name: str) -> bool:
     """Set all four limits of account ``name`` far above the bench's use; False on a release without limits."""
     try:
         from flowpool.limits import LimitStore
@@ -62,7 +62,7 @@ def main() -> None:
         stack.wait_ready()
         host, port = api.split("//")[1].split(":")
         accounts = {"defaults": stack.create_account("defaults"), "all limits": stack.create_account("limited")}
-        limited = _limit_everything(redis_server.url, "limited")
+        limited = limit_everything(redis_server.url, "limited")
         if not limited:
             del accounts["all limits"]
         phases: dict[str, dict[str, list[float]]] = {name: {p: [] for p in PHASES} for name in accounts}

@@ -23,17 +23,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import redis
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+from admission import limit_everything  # noqa: E402
 from cpu import CpuMeter  # noqa: E402
 from flowpool.devstack import Stack  # noqa: E402
-from flowpool.limits import LimitStore  # noqa: E402
-from flowpool.registry import Accounts  # noqa: E402
-from flowpool.settings import Settings  # noqa: E402
 from flowpool.procs import set_parent_death_signal  # noqa: E402
 from flowpool.redis_server import RedisServer  # noqa: E402
 from sandbox_bench import sandbox_rows, waiting_runs_row  # noqa: E402
@@ -233,15 +230,9 @@ def main() -> None:
         # An account with all four limits set, far above what the bench uses: its invokes pay for every check
         # (the rate's GCRA, concurrency, both daily budgets) where the bench account's take the defaults (none).
         limited_key = stack.create_account("limited")
-        limited_session = requests.Session()
-        limited_session.headers["x-api-key"] = limited_key
-        limited_session.post(api + "/api/v1/workflows/upload",
-                             json={"workflow_ref_name": "noop", "script": NOOP}).raise_for_status()
-        registry = redis.Redis.from_url(redis_server.url)
-        limited = Accounts(registry).find("limited")
-        assert limited is not None
-        LimitStore(registry, Settings()).set(limited.id, concurrency=10_000, rpm=10**9, tokens_per_day=10**12,
-                                             compute_seconds_per_day=10**12)
+        requests.post(api + "/api/v1/workflows/upload", headers={"x-api-key": limited_key},
+                      json={"workflow_ref_name": "noop", "script": NOOP}).raise_for_status()
+        assert limit_everything(redis_server.url, "limited")
 
         def invoker(cache: bool, account_key: str = key) -> Callable[[], object]:
             # A plain keep-alive connection: the client's own overhead stays

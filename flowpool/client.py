@@ -459,7 +459,7 @@ class Flowpool:
             except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError):
                 if last:
                     raise
-                time.sleep(min(0.5 * 2 ** attempt, self._MAX_RETRY_WAIT))
+                time.sleep(self._backoff(attempt, None) or 0)
                 continue
             wait = self._backoff(attempt, response.headers.get("Retry-After"))  # None: too long to wait here
             if last or response.status_code < 400 or response.headers.get("x-should-retry") != "true" or wait is None:

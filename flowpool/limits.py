@@ -32,6 +32,13 @@ class Limits:
     tokens_per_day: int = 0           # model-call tokens per UTC day
     compute_seconds_per_day: int = 0  # seconds of worker slots per UTC day
 
+    @classmethod
+    def defaults(cls, settings: Settings) -> Limits:
+        """The limits of an account with none of its own: the FLOWPOOL_DEFAULT_* settings."""
+        return cls(concurrency=settings.default_concurrency, rpm=settings.default_rpm,
+                   tokens_per_day=settings.default_tokens_per_day,
+                   compute_seconds_per_day=settings.default_compute_seconds_per_day)
+
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
 
@@ -44,9 +51,7 @@ class LimitStore:
 
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
         self.redis = client
-        self.defaults = Limits(concurrency=settings.default_concurrency, rpm=settings.default_rpm,
-                               tokens_per_day=settings.default_tokens_per_day,
-                               compute_seconds_per_day=settings.default_compute_seconds_per_day)
+        self.defaults = Limits.defaults(settings)
 
     def get(self, account_id: str) -> tuple[Limits, frozenset[str]]:
         """The account's effective limits, and the names of those that are its own (the rest are the defaults)."""

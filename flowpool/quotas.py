@@ -30,11 +30,12 @@ from __future__ import annotations
 import datetime as dt
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Any, Iterable, Sequence
 
 from flowpool import keys
 from flowpool.errors import QuotaExceeded
+from flowpool.limits import Limits
 from flowpool.settings import Settings
 from flowpool.usage import day_of
 
@@ -68,16 +69,14 @@ class Quota:
     day: str  # today (UTC), as usage keys name it
 
     @classmethod
-    def for_request(cls, settings: Settings, account_id: str, ref: str, queue_slots: int,
-                    now: float | None = None) -> Quota:
+    def for_request(cls, settings: Settings, account_id: str, ref: str, queue_slots: int) -> Quota:
         """The quota of a request to ``ref`` by ``account_id``, with the settings' defaults."""
         return cls(account_id=account_id, ref=ref,
-                   defaults=(settings.default_concurrency, settings.default_rpm, settings.default_tokens_per_day,
-                             settings.default_compute_seconds_per_day),
+                   defaults=astuple(Limits.defaults(settings)),  # in BEGIN's order, as Limits names them
                    queue_slots=queue_slots, fair_share=settings.fair_share,
                    slot_seconds=settings.queue_wait_seconds + settings.redis_outage_seconds + SLOT_MARGIN_SECONDS,
                    usage_ttl_seconds=settings.usage_retention_days * 86400,
-                   day=day_of(time.time() if now is None else now))
+                   day=day_of(time.time()))
 
     def keys(self) -> list[str]:
         """BEGIN's quota keys, in its order (KEYS 11-15)."""

@@ -31,7 +31,7 @@ redis.call('HSET', run_key, 'status', 'running', 'started_at', started_at, 'work
 redis.call('SET', lease_key, worker, 'PX', lease_ms)
 redis.call('ZADD', runs_active_key, deadline, request_id)
 local account = redis.call('HGET', run_key, 'account')
-if account and slots_head then
+if account then
   local slots_key = slots_head .. cjson.decode(account) .. slots_tail
   local time = redis.call('TIME')
   local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)

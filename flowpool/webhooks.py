@@ -39,6 +39,7 @@ from typing import Any, Literal
 import redis
 
 from flowpool import keys
+from flowpool.quotas import key_parts
 
 __all__ = ["CLAIM_WINDOW", "MAX_ATTEMPTS_KEPT", "Webhook", "WebhookStore", "next_attempt_at"]
 
@@ -50,6 +51,8 @@ MAX_ATTEMPTS_KEPT = 50
 MAX_BACKOFF_SECONDS = 300.0
 # The oldest due webhooks a claim looks at to pick one of each account.
 CLAIM_WINDOW = 200
+# A webhook's key around its request id, for the claim's script, which builds the keys of the ids it reads.
+_HOOK_KEY = key_parts(keys.run_webhook)
 
 # Take up to `limit` webhooks due by `now`, at most one of each account, each leased until `lease_until` (its due
 # score moved there). Of the oldest `window` due, the oldest of each account is a candidate (the account read from
@@ -204,7 +207,7 @@ class WebhookStore:
         """Request ids of up to ``limit`` webhooks due now, at most one of each account, the accounts round robin;
         each leased to the caller for ``lease_seconds``."""
         now = time.time() if now is None else now
-        hook_prefix, _, hook_suffix = keys.run_webhook("|").partition("|")
+        hook_prefix, hook_suffix = _HOOK_KEY
         ids, last = self._claim(keys=[keys.WEBHOOKS_DUE], args=[
             repr(now), repr(now + lease_seconds), limit, CLAIM_WINDOW, hook_prefix, hook_suffix, self.turn])
         if ids:

@@ -72,6 +72,10 @@ class Accounts:
         signature: a receiver should accept both secrets for a few minutes.
         """
         key = keys.account(account_id)
+        if not rotate:  # one read on every delivery but the account's first
+            held = self.redis.hget(key, "webhook_secret")
+            if held is not None:
+                return held.decode()
         fresh = WEBHOOK_SECRET_PREFIX + secrets.token_urlsafe(32)
         if rotate:
             self.redis.hset(key, "webhook_secret", fresh)

@@ -64,7 +64,7 @@ def children(pid: int) -> list[int]:
         try:
             with open(f"/proc/{pid}/task/{task}/children") as handle:
                 found += [int(child) for child in handle.read().split()]
-        except FileNotFoundError:
+        except OSError:  # gone (FileNotFoundError), or going (ProcessLookupError)
             continue
     return found
 

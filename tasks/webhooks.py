@@ -142,10 +142,7 @@ class WebhookDeliverer:
     def deliver(self, request_id: str) -> Outcome | None:
         """POST one claimed webhook and record the attempt; its outcome (None: nothing was attempted)."""
         webhook = self.store.get(request_id)
-        if webhook is None:  # expired with its run
-            self.store.drop(request_id)
-            return None
-        if webhook.status != "pending":
+        if webhook is None or webhook.status != "pending":  # expired with its run, or recorded by another
             self.store.drop(request_id)
             return None
         record = self.runs.get(request_id)

@@ -17,10 +17,9 @@ import redis
 import requests
 
 import flowpool
-from flowpool import keys
 from flowpool.devstack import Stack
-from flowpool.registry import Accounts, hash_key
-from tests.helpers import Client, eventually
+from flowpool.registry import Accounts
+from tests.helpers import Client, account_id, eventually
 from tests.provider import StandInProvider
 from tests.webhook_receiver import WebhookReceiver
 
@@ -76,8 +75,7 @@ def _runs_of(client: Client, ref: str) -> list[dict[str, Any]]:
 
 def _secret(stack_db: redis.Redis, client: Client) -> str:
     """The webhook secret of the client's account (made on first use)."""
-    account_id = stack_db.get(keys.api_key(hash_key(client.key))).decode()
-    return Accounts(stack_db).webhook_secret(account_id)
+    return Accounts(stack_db).webhook_secret(account_id(stack_db, client))
 
 
 @pytest.fixture

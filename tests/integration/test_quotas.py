@@ -73,11 +73,8 @@ def _slots(db: redis.Redis, account: str) -> int:
 
 
 def _status(client: Client, request_id: str) -> str:
-    """A run's status, as GET /api/v1/runs/{id} shows it (its view in ``data``, or at the top)."""
-    response = client.get(f"/api/v1/runs/{request_id}")
-    assert response.status_code == 200, response.text
-    body = response.json()
-    return body.get("data", body)["status"]
+    """A run's status, as GET /api/v1/runs/{id} shows it."""
+    return client.run(request_id)["status"]
 
 
 def _running(client: Client, db: redis.Redis, account: str) -> bool:
@@ -202,17 +199,30 @@ def test_the_concurrency_slot_comes_back_after_each_end(client: Client, stack_db
     assert client.invoke(ref, input={"seconds": 0}).status_code == 200
 
 
-def test_the_concurrency_slot_comes_back_when_the_worker_running_it_is_killed() -> None:
+@contextmanager
+def _doomed_stack(name: str, timeout_seconds: int) -> Iterator[tuple[Stack, Any, Client, redis.Redis, str, str]]:
+    """A stack of its own whose one worker ("flowpool@doomed") a test kills, a concurrency-1 account on it and its
+    slow workflow: (stack, the worker's process, the client, a Redis client, the account id, the workflow's ref)."""
     stack = Stack(env={**TEST_ENV, "FLOWPOOL_QUEUE_WAIT_SECONDS": "30"})
+    db = None
     try:
         doomed = stack.start_worker("--concurrency", "2", "--name", "flowpool@doomed", quiet=True)
         stack.start_api(quiet=True)
         stack.wait_ready()
         assert stack.api_url is not None
-        client = Client(stack.api_url, stack.create_account("killed"))
+        client = Client(stack.api_url, stack.create_account(name))
         db = redis.Redis.from_url(stack.redis_url)
         account, ref = _limit(db, client, concurrency=1), _ref("slow")
-        client.upload(ref, SLOW, timeout_seconds=30)
+        client.upload(ref, SLOW, timeout_seconds=timeout_seconds)
+        yield stack, doomed, client, db, account, ref
+    finally:
+        if db is not None:
+            db.close()
+        stack.stop(timeout=20)
+
+
+def test_the_concurrency_slot_comes_back_when_the_worker_running_it_is_killed() -> None:
+    with _doomed_stack("killed", timeout_seconds=30) as (stack, doomed, client, db, account, ref):
         answers: list[requests.Response] = []
         thread = threading.Thread(target=lambda: answers.append(client.invoke(ref, input={"seconds": 25})),
                                   daemon=True)
@@ -230,28 +240,15 @@ def test_the_concurrency_slot_comes_back_when_the_worker_running_it_is_killed() 
         stack.start_worker("--concurrency", "2", "--name", "flowpool@survivor", quiet=True)
         stack.wait_ready()
         assert client.invoke(ref, input={"seconds": 0}).status_code == 200
-        db.close()
-    finally:
-        stack.stop(timeout=20)
 
 
 def test_a_killed_workers_slot_lapses_with_its_lease_when_nobody_waits_on_its_run() -> None:
     """An async run (nobody waits on it) whose worker is SIGKILLed: no waiter ends it, and the reaper would only
     past its hard limit; its slot lapses with its lease, which no heartbeat renews any more."""
-    stack = Stack(env={**TEST_ENV, "FLOWPOOL_QUEUE_WAIT_SECONDS": "30"})
-    try:
-        doomed = stack.start_worker("--concurrency", "2", "--name", "flowpool@doomed", quiet=True)
-        stack.start_api(quiet=True)
-        stack.wait_ready()
-        assert stack.api_url is not None
-        client = Client(stack.api_url, stack.create_account("killed-async"))
-        db = redis.Redis.from_url(stack.redis_url)
-        account, ref = _limit(db, client, concurrency=1), _ref("slow")
-        client.upload(ref, SLOW, timeout_seconds=60)
+    with _doomed_stack("killed-async", timeout_seconds=60) as (stack, doomed, client, db, account, ref):
         started = client.post("/api/v1/runs", json={"model": f"workflow:{ref}", "input": {"seconds": 50}})
         assert started.status_code == 202, started.text
-        body = started.json()
-        first = body.get("data", body)["request_id"]
+        first = started.json()["request_id"]
         eventually(lambda: _running(client, db, account), 20, "the run started")
         _check_refused(client.invoke(ref, input={"seconds": 0}), "concurrency")
 
@@ -268,9 +265,6 @@ def test_a_killed_workers_slot_lapses_with_its_lease_when_nobody_waits_on_its_ru
             time.sleep(0.5)
         assert response.status_code == 200, response.text
         assert _status(client, first) == "running"  # nobody ended it: its slot lapsed by itself
-        db.close()
-    finally:
-        stack.stop(timeout=20)
 
 
 def test_the_concurrency_slot_comes_back_when_a_streaming_caller_goes_away_and_cancels(
