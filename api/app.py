@@ -11,7 +11,8 @@ from flask.json.provider import DefaultJSONProvider
 
 from flowpool.settings import Settings
 
-from . import admin, agents, applications, datastores, health, invoke, metrics, openapi, pool, runs, usage, workflows
+from . import (admin, agents, applications, datastores, health, invoke, metrics, openapi, pool, preview, runs, usage,
+               workflows)
 from .body import read_body
 from .errors import register_error_handlers
 from .services import EXTENSION, Services
@@ -38,8 +39,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json = StrictJSONProvider(app)
     app.extensions[EXTENSION] = Services(settings)
     register_error_handlers(app)
-    for blueprint in (invoke.bp, workflows.bp, runs.bp, applications.bp, agents.bp, datastores.bp, health.bp,
-                      openapi.bp, metrics.bp, pool.bp, usage.bp, admin.bp):
+    for blueprint in (invoke.bp, workflows.bp, preview.bp, runs.bp, applications.bp, agents.bp, datastores.bp,
+                      health.bp, openapi.bp, metrics.bp, pool.bp, usage.bp, admin.bp):
         app.register_blueprint(blueprint)
 
     @app.before_request

@@ -10,6 +10,7 @@ import re
 from flask import Blueprint, Response, g, request
 
 from flowpool.errors import RequestError, RunError
+from flowpool.registry import Account
 from flowpool.run import RunEnd
 
 from .admission import Admission, admit, submit
@@ -18,16 +19,23 @@ from .parsing import json_body, model_from
 from .services import Services, authenticate, mark, services
 from .streaming import Events, answer, replay, stream_response
 
-__all__ = ["bp"]
+__all__ = ["bp", "respond"]
 
 bp = Blueprint("invoke", __name__)
 
 
 @bp.post("/workflow/chat/completions")
 def chat_completions() -> Response:
+    """Invoke a workflow like a model: its chat.completion, as JSON or as server-sent events."""
     svc = services()
     account = authenticate()
     body = model_from(InvokeRequest, json_body())
+    return respond(svc, account, body)
+
+
+def respond(svc: Services, account: Account, body: InvokeRequest) -> Response:
+    """Admit ``body`` (with the request's Idempotency-Key), hand its run to the workers, and answer: JSON, or
+    server-sent events with ``stream``. What every route that invokes a workflow answers with."""
     idempotency_key = _idempotency_key()
     mark("parse")
     admission = admit(svc, account, body, idempotency_key)

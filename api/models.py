@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, StringConstraints,
 
 from flowpool.registry.names import NAME
 from flowpool.registry.validation import MAX_CACHE_TTL_SECONDS, MAX_TIMEOUT_SECONDS
-from flowpool.registry.workflows import ENV_NAME
+from flowpool.registry.versions import DEFAULT_BUMP, ENV_NAME
 
 __all__ = ["ActivateRequest", "InvokeRequest", "Message", "RunCreateRequest", "UploadRequest", "ValidateRequest",
            "parse_model"]
@@ -87,6 +87,9 @@ class Accessory(BaseModel):
 
 
 class UploadRequest(BaseModel):
+    """``POST /api/v1/workflows/upload`` (and ``POST /api/v1/workflows``): the fields the seed documents, and
+    flowpool's own."""
+
     model_config = ConfigDict(extra="ignore")
 
     workflow_ref_name: StrictStr
@@ -94,16 +97,40 @@ class UploadRequest(BaseModel):
     description: Optional[StrictStr] = None
     timeout_seconds: Optional[float] = Field(None, gt=0, le=MAX_TIMEOUT_SECONDS, allow_inf_nan=False)
     cache_ttl_seconds: Optional[int] = Field(None, ge=0, le=MAX_CACHE_TTL_SECONDS)
-    application_name: Optional[StrictStr] = None
+    application_name: Optional[StrictStr] = Field(None, description="Bind to application by name; creates it "
+                                                  "(with no intents) if missing.")
     env: Optional[dict[Annotated[str, StringConstraints(pattern=ENV_NAME)], StrictStr]] = None
     version_notes: Optional[StrictStr] = None
-    version_bump: Literal["major", "minor", "patch"] = "patch"
+    version_bump: Literal["major", "minor", "patch"] = Field(DEFAULT_BUMP, description="Semver bump of a new "
+                                                             "version. Defaults to minor.")
+    publish_version: bool = Field(True, description="false: store the new version as a draft, not activated; "
+                                  "POST /api/v1/workflows/{ref}/activate publishes it.")
+    workflow_name: Optional[StrictStr] = Field(None, max_length=200, description="Display name. Defaults from "
+                                               "workflow_ref_name.")
+    execution_mode: Optional[Literal["sync", "async", "stream"]] = Field(None, description="Stored and shown; "
+                                                                         "each caller chooses per request.")
+    allow_inproc_nesting: Optional[bool] = None  # stored and shown: ctx.workflows.call always runs in the caller
+    inproc_nested_refs: Optional[list[StrictStr]] = None
+    application_id: Optional[Any] = Field(None, description="Refused: flowpool names applications; send "
+                                          "application_name.")
     accessories: list[Accessory] = []
     queue: Optional[StrictStr] = None  # its name's rules are checked by the registry, for multipart uploads too
+    # Seed fields flowpool has no counterpart for: refused (400) when they ask for something, never ignored.
+    transform_enabled: Optional[bool] = None
+    transform_session: Optional[StrictStr] = None
+    input_schema: Optional[Any] = None
+    output_schema: Optional[Any] = None
 
 
 class ValidateRequest(BaseModel):
     code: StrictStr
+    # execute (the default) and bundle check the whole script; flowpool has no transform or schema scripts.
+    kind: Literal["execute", "transform", "schema", "bundle"] = "execute"
+    input_schema: Optional[StrictStr] = None
+    output_schema: Optional[StrictStr] = None
+    transform_session: Optional[StrictStr] = None
+    transform_enabled: Optional[bool] = None
+    expect_workflow_context_import: Optional[bool] = None
 
 
 class ActivateRequest(BaseModel):

@@ -14,6 +14,7 @@ from .admin import LimitsUpdate
 from .datastores import SearchRequest
 from .models import ActivateRequest, InvokeRequest, RunCreateRequest, UploadRequest, ValidateRequest
 from .parsing import MAX_OFFSET, MAX_PAGE
+from .preview import PreviewRequest
 from .services import services
 
 bp = Blueprint("openapi", __name__)
@@ -21,8 +22,10 @@ bp = Blueprint("openapi", __name__)
 # Request bodies by endpoint; everything else takes no body.
 _BODIES: dict[str, type[BaseModel]] = {
     "invoke.chat_completions": InvokeRequest,
+    "preview.preview": PreviewRequest,
     "runs.create_run": RunCreateRequest,
     "workflows.upload": UploadRequest,
+    "workflows.create_workflow": UploadRequest,
     "workflows.validate": ValidateRequest,
     "workflows.activate": ActivateRequest,
     "applications.put_application": Application,
@@ -98,7 +101,7 @@ def build_document() -> dict[str, Any]:
             elif rule.endpoint in _OPERATOR:
                 operation["security"] = [{"adminToken": []}]
             elif rule.endpoint not in _PUBLIC:
-                operation["security"] = [{"apiKey": []}, {"bearer": []}]
+                operation["security"] = [{"apiKey": []}, {"maitaiApiKey": []}, {"bearer": []}]
             paths.setdefault(path, {})[method.lower()] = operation
     return {
         "openapi": "3.1.0",
@@ -107,6 +110,8 @@ def build_document() -> dict[str, Any]:
         "paths": dict(sorted(paths.items())),
         "components": {"schemas": schemas, "securitySchemes": {
             "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+            "maitaiApiKey": {"type": "apiKey", "in": "header", "name": "X-Maitai-Api-Key",
+                             "description": "the same key, in the header the seed's management API documents"},
             "bearer": {"type": "http", "scheme": "bearer"},
             "metricsToken": {"type": "http", "scheme": "bearer", "description": "FLOWPOOL_METRICS_TOKEN"},
             "adminToken": {"type": "http", "scheme": "bearer", "description": "FLOWPOOL_ADMIN_TOKEN (unset: loopback "

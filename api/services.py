@@ -31,7 +31,7 @@ from flowpool.settings import Settings
 from flowpool.tasks.app import create_celery
 from flowpool.webhooks import WebhookStore
 
-__all__ = ["EXTENSION", "Services", "authenticate", "bearer_token", "mark", "services"]
+__all__ = ["EXTENSION", "KEY_HEADERS", "Services", "authenticate", "bearer_token", "mark", "services"]
 
 EXTENSION = "flowpool"  # the key of the Services in app.extensions
 
@@ -165,11 +165,16 @@ def services() -> Services:
     return current_app.extensions[EXTENSION]
 
 
+# The headers that carry an API key, in the order they are read when several are sent: flowpool's own, then the
+# one the seed's management API documents (so its scripts and CI jobs work unchanged), then Authorization.
+KEY_HEADERS = ("x-api-key", "X-Maitai-Api-Key")
+
+
 def authenticate() -> Account:
-    """The account of the request's API key (``x-api-key`` or ``Authorization: Bearer``)."""
+    """The account of the request's API key (``x-api-key``, ``X-Maitai-Api-Key`` or ``Authorization: Bearer``)."""
     account = g.get("account")
     if account is None:
-        key = request.headers.get("x-api-key")
+        key = next((request.headers[name] for name in KEY_HEADERS if request.headers.get(name)), None)
         if not key:
             auth = request.headers.get("Authorization", "")
             token = bearer_token(auth)

@@ -48,17 +48,35 @@ def execute(ctx: WorkflowContext):
 '''
 
 
+# The multipart fields that may carry the script, as the seed documents them: exactly one per upload.
+SCRIPT_FILES = ("script_file", "workflow_file", "file")
+# Multipart fields that are booleans ("true"/"false", "1"/"0", any case) or JSON (an object, a list).
+_FORM_BOOLS = ("publish_version", "allow_inproc_nesting", "transform_enabled")
+_FORM_JSON = ("env", "inproc_nested_refs")
+_TRUE, _FALSE = ("true", "1"), ("false", "0")
+
+
 def _upload_from_multipart() -> tuple[dict[str, Any], dict[str, bytes]]:
     """The form's fields, and its ``accessory_<key>`` files as bytes (multipart carries them as they are)."""
     form: dict[str, Any] = {k: v for k, v in request.form.items()}
-    script_file = request.files.get("script_file")
-    if script_file is not None:
+    given = [name for name in SCRIPT_FILES if name in request.files] + (["script"] if "script" in form else [])
+    if len(given) > 1:
+        raise RequestError(f"the script is given more than once ({' and '.join(given)}): send it in one of script, "
+                           f"{', '.join(SCRIPT_FILES)}", param=given[1])
+    if given and given[0] != "script":
         try:
-            form["script"] = script_file.read().decode()
+            form["script"] = request.files[given[0]].read().decode()
         except UnicodeDecodeError as exc:
-            raise RequestError(f"script_file is not UTF-8 text: {exc}", param="script_file") from exc
-    if "env" in form:
-        form["env"] = loads(form["env"], "env")
+            raise RequestError(f"{given[0]} is not UTF-8 text: {exc}", param=given[0]) from exc
+    for name in _FORM_JSON:
+        if name in form:
+            form[name] = loads(form[name], name)
+    for name in _FORM_BOOLS:
+        if name in form:
+            value = form[name].strip().lower()
+            if value not in _TRUE + _FALSE:
+                raise RequestError(f"{name} must be true or false (or 1 or 0), got {form[name][:20]!r}", param=name)
+            form[name] = value in _TRUE
     accessories: dict[str, bytes] = {}
     for name, files in request.files.lists():
         if name.startswith("accessory_"):
@@ -89,30 +107,91 @@ def _upload_limit(settings: Settings) -> int:
     return int(settings.max_upload_mb * MB)
 
 
-@bp.post("/upload")
-@own_body_limit(_upload_limit)
-def upload():  # type: ignore[no-untyped-def]
-    """Store a workflow version: a JSON body (accessories in base64) or multipart (accessories as files)."""
-    svc, account = services(), authenticate()
+# Fields of the seed's upload that flowpool has no counterpart for, and what to do instead; refused when given.
+_REFUSED = {
+    "application_id": "flowpool names applications and has no numeric ids: send application_name instead",
+    "transform_enabled": "flowpool has no transform_session step: shape the input in execute(ctx)",
+    "transform_session": "flowpool has no transform_session step: shape the input in execute(ctx)",
+    "input_schema": "declare INPUT_SCHEMA in the script",
+    "output_schema": "declare OUTPUT_SCHEMA in the script",
+}
+
+
+def _refuse_unsupported(body: UploadRequest | ValidateRequest) -> None:
+    """A 400 naming every field of the seed's that asks for something flowpool does not do."""
+    given = [name for name in _REFUSED if getattr(body, name, None) not in (None, False)]
+    if given:
+        raise RequestError("not supported by flowpool: " + "; ".join(f"{name} ({_REFUSED[name]})" for name in given),
+                           param=given[0])
+
+
+def _upload_body() -> tuple[UploadRequest, dict[str, bytes]]:
+    """The upload of this request, JSON or multipart, and its accessories by key."""
     if request.mimetype == "multipart/form-data":
         data, accessories = _upload_from_multipart()
         body = model_from(UploadRequest, data)
     else:
         body = model_from(UploadRequest, json_body())
         accessories = _accessories_from_json(body)
+    _refuse_unsupported(body)
+    return body, accessories
+
+
+@bp.post("/upload")
+@own_body_limit(_upload_limit)
+def upload():  # type: ignore[no-untyped-def]
+    """Store a workflow version: a JSON body (accessories in base64) or multipart (accessories as files)."""
+    authenticate()  # before the body is read: a request without a key is a 401, whatever it sends
+    return _store(*_upload_body())
+
+
+@bp.post("")
+@own_body_limit(_upload_limit)
+def create_workflow():  # type: ignore[no-untyped-def]
+    """Create a workflow (the seed's POST /workflows): the same as an upload, with the same fields."""
+    authenticate()
+    return _store(*_upload_body())
+
+
+def _store(body: UploadRequest, accessories: dict[str, bytes]):  # type: ignore[no-untyped-def]
+    """Store an upload and answer with flowpool's fields (workflow, version, created) and the seed's (id,
+    workflow_ref_name, published_version, version_created): 201 when it made a version, else 200."""
+    svc, account = services(), authenticate()
     workflow, version, created = svc.workflows.upload(account.id, Upload(
         ref=body.workflow_ref_name, script=body.script, description=body.description,
         timeout_seconds=body.timeout_seconds, cache_ttl_seconds=body.cache_ttl_seconds,
         application_name=body.application_name, env=body.env, version_notes=body.version_notes,
         version_bump=body.version_bump, accessories=accessories, queue=body.queue,
+        publish_version=body.publish_version, workflow_name=body.workflow_name, execution_mode=body.execution_mode,
+        allow_inproc_nesting=body.allow_inproc_nesting, inproc_nested_refs=body.inproc_nested_refs,
     ))
-    return jsonify({"data": {"workflow": workflow, "version": version, "created": created}}), 201 if created else 200
+    if body.application_name is not None:
+        # "Bind to application by name; creates if missing": empty, its intents are PUT later.
+        svc.applications.create_if_missing(account.id, body.application_name)
+    published = version if version["active"] else (
+        svc.workflows.published(account.id, body.workflow_ref_name) if workflow["active_version"] else None)
+    return jsonify({"data": {
+        "id": workflow["id"],
+        "workflow_ref_name": workflow["workflow_ref_name"],
+        "workflow_name": workflow["workflow_name"],
+        "published_version": None if published is None else {"version_number": published["version"], **published},
+        "version_created": created,
+        "workflow": workflow, "version": version, "created": created,
+    }}), 201 if created else 200
+
+
+_NO_KIND = {"transform": "transform_session scripts", "schema": "schema expressions apart from a script"}
 
 
 @bp.post("/validate")
 def validate():  # type: ignore[no-untyped-def]
+    """Check a script with the rules of an upload: ok, and each problem with its line."""
     svc, _ = services(), authenticate()
     body = model_from(ValidateRequest, json_body())
+    if body.kind in _NO_KIND:
+        raise RequestError(f"kind {body.kind!r}: flowpool does not have {_NO_KIND[body.kind]}; send kind execute "
+                           "(or bundle) with the whole workflow script", param="kind")
+    _refuse_unsupported(body)
     result = validate_script(body.code, svc.settings.max_script_bytes)
     return jsonify({"data": {"ok": result.ok, "errors": [p.to_dict() for p in result.problems]}})
 

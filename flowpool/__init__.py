@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
-# The SDK's public names: all of flowpool.client's __all__ (tests/integration/test_sdk.py holds the two together).
+# The SDK's public names: all of flowpool.sdk's __all__ (tests/integration/test_sdk.py holds the two together).
 _CLIENT_NAMES = (
-    "Flowpool", "Obj", "APIError", "BadRequestError", "AuthenticationError", "NotFoundError", "WorkflowTimeoutError",
-    "PayloadTooLargeError", "UnprocessableEntityError", "RateLimitError", "InternalServerError",
-    "ServiceUnavailableError",
+    "Flowpool", "AsyncFlowpool", "Maitai", "AsyncMaitai", "MaitaiAsync", "Obj", "APIError", "BadRequestError",
+    "AuthenticationError", "NotFoundError", "WorkflowTimeoutError", "PayloadTooLargeError", "UnprocessableEntityError",
+    "RateLimitError", "InternalServerError", "ServiceUnavailableError", "APIConnectionError", "APITimeoutError",
 )
 
 # Checking a webhook's signature (flowpool.signing; the standard library only).
@@ -26,8 +26,8 @@ def __getattr__(name: str) -> Any:
     # Written out rather than with flowpool.lazy: the in-sandbox runtime imports this package, and
     # importing flowpool_workflow loads no other module of flowpool than the protocol (a test holds it).
     if name in _CLIENT_NAMES:
-        from . import client
-        return getattr(client, name)
+        from . import sdk  # which loads only the module holding the name: httpx2 for the async client alone
+        return getattr(sdk, name)
     if name in _SIGNING_NAMES:
         from . import signing
         return getattr(signing, _SIGNING_NAMES[name])

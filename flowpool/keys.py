@@ -5,7 +5,8 @@ __all__ = [
     "ACCOUNTS", "METRICS", "RUNS_ACTIVE", "RUNS_REAPER", "SECRET", "WORKERS", "WORKER_POOL",
     "WORKER_SANDBOXES", "queue_workers", "ACTIVE_ACCOUNTS", "WEBHOOKS_DUE", "account_limits", "account_slots",
     "account_rate", "account_usage", "run_webhook",
-    "account", "agents", "api_key", "applications", "session_runs", "workflows", "workflow", "versions", "version",
+    "account", "agents", "api_key", "applications", "session_runs", "workflows", "workflow", "workflow_ids",
+    "versions", "version",
     "version_hashes", "run", "run_cancel", "run_events", "run_lease", "run_logs", "run_reply", "workflow_runs", "cache",
     "cache_record", "inflight", "idempotency", "blob", "datastores", "datastore", "datastore_log",
 ]
@@ -85,6 +86,11 @@ def workflows(account_id: str) -> str:
 def workflow(account_id: str, ref: str) -> str:
     """Hash: the workflow's mutable settings and its active version."""
     return f"{PREFIX}a:{account_id}:wf:{ref}"
+
+
+def workflow_ids(account_id: str) -> str:
+    """String: the account's counter of workflow ids (INCR), each allocated once, when a workflow is first written."""
+    return f"{PREFIX}a:{account_id}:wf-ids"
 
 
 def versions(account_id: str, ref: str) -> str:

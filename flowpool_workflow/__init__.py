@@ -82,15 +82,27 @@ class _Completions:
     def create(self, messages: list[dict[str, Any]] | None = None, intent: str | None = None,
                application: str | None = None, model: str | None = None, stream: bool = False,
                *, action_type: str | None = None, application_ref_name: str | None = None,
-               **params: Any) -> Any:
+               session_id: str | None = None, **params: Any) -> Any:
         """A monitored model call, routed by the application's intent; an OpenAI-format dict.
 
         With ``stream=True``, an iterator of chunk dicts as the provider sends them.
-        Unknown keyword arguments are forwarded to the provider.
+        ``session_id`` is this call's session (its X-Flowpool-Session-Id header
+        and its record's ``session_id``); without it, the run's. The other
+        keywords the seed documents as Maitai's own are taken by flowpool, never
+        sent to the provider, and named in the call record's ``taken_params``:
+        metadata, evaluation_enabled, apply_corrections, safe_mode, callback,
+        server_side_inference, fallback_config, reference_id, assistant,
+        user_id, context_retrieval_enabled, context_query, fallback_model,
+        execution_mode, high_performance, max_iterations and reasoning, whose
+        ``effort`` is sent as ``reasoning_effort`` (unless given) and whose
+        ``summary`` is taken. A ``callback`` function cannot leave the sandbox:
+        it is dropped here and never called. Every other keyword argument
+        (temperature, tools, response_format...) is forwarded to the provider.
         """
         request = {
             "messages": messages, "intent": intent or action_type,
-            "application": application or application_ref_name, "model": model, "params": params,
+            "application": application or application_ref_name, "model": model,
+            "session_id": session_id, "params": _crossable(params),
         }
         if stream:
             return self._transport.stream("chat.stream", request)
@@ -115,9 +127,15 @@ class _Agents:
     def __init__(self, transport: Transport) -> None:
         self._transport = transport
 
-    def create(self, agent: str, messages: list[dict[str, Any]] | None = None, **params: Any) -> Any:
-        """Call a configured agent; an OpenAI-format dict. Monitored like a model call."""
-        return self._transport.call("agents.create", {"agent": agent, "messages": messages, "params": params})
+    def create(self, agent: str, messages: list[dict[str, Any]] | None = None, *, session_id: str | None = None,
+               **params: Any) -> Any:
+        """Call a configured agent; an OpenAI-format dict. Monitored like a model call.
+
+        ``session_id`` and the other keywords flowpool takes are as for
+        ``ctx.chat.completions.create``; the rest are forwarded.
+        """
+        return self._transport.call("agents.create", {"agent": agent, "messages": messages, "session_id": session_id,
+                                                      "params": _crossable(params)})
 
 
 class HttpResponse:
@@ -286,6 +304,15 @@ class WorkflowContext:
 
     def __repr__(self) -> str:
         return f"<WorkflowContext request_id={self.request_id!r}>"
+
+
+def _crossable(params: dict[str, Any]) -> dict[str, Any]:
+    """A call's keywords as they cross to the worker: a ``callback`` function (the seed's evaluation callback),
+    which no JSON frame can carry, is sent as its name only, so the worker lists it as taken."""
+    callback = params.get("callback")
+    if callable(callback):
+        return {**params, "callback": getattr(callback, "__qualname__", "function")}
+    return params
 
 
 def _read_json(file: BinaryIO, what: str) -> Any:

@@ -4,12 +4,12 @@ from __future__ import annotations
 import re
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationInfo, field_validator, model_validator
 from urllib3.exceptions import LocationParseError
 from urllib3.util import parse_url
 
 from flowpool import keys
-from flowpool.errors import RequestError
+from flowpool.errors import NotFound, RequestError
 from flowpool.settings import split_list
 
 from .documents import AccountDocuments
@@ -98,11 +98,23 @@ class IntentRoute(Route):
         return named
 
 
+# The validation context under which a stored application is read: one an upload created (``application_name``
+# naming an application the account lacked) has no intents until PUT /api/v1/applications/<name> gives it some.
+STORED = {"stored": True}
+
+
 class Application(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    intents: dict[StrictStr, IntentRoute] = Field(min_length=1)
+    intents: dict[StrictStr, IntentRoute] = Field(json_schema_extra={"minProperties": 1})
     default_intent: Optional[StrictStr] = None
+
+    @field_validator("intents")
+    @classmethod
+    def _some_intent(cls, value: dict[str, IntentRoute], info: ValidationInfo) -> dict[str, IntentRoute]:
+        if not value and not (info.context or {}).get("stored"):
+            raise ValueError("intents must name at least one intent")
+        return value
 
     @model_validator(mode="after")
     def _default_is_known(self) -> Application:
@@ -118,7 +130,9 @@ class Application(BaseModel):
         return named
 
     def route(self, intent: str | None) -> tuple[str, IntentRoute]:
-        """The intent a call names (or the default, or the only one) and its route."""
+        """The intent a call names (or the default, or the only one) and its route; a KeyError saying why not."""
+        if not self.intents:
+            raise KeyError("it has no intents yet: configure them with PUT /api/v1/applications/<name>")
         if intent is None:
             intent = self.default_intent or (next(iter(self.intents)) if len(self.intents) == 1 else None)
             if intent is None:
@@ -134,3 +148,14 @@ class Applications(AccountDocuments[Application]):
     model = Application
     noun = "application"
     key = staticmethod(keys.applications)
+
+    def get(self, account_id: str, name: str) -> Application:
+        """The application ``name``, perhaps one with no intents yet (see :data:`STORED`)."""
+        raw = self.redis.hget(keys.applications(account_id), name)
+        if raw is None:
+            raise NotFound(f"no application named {name!r}")
+        return Application.model_validate_json(raw, context=STORED)
+
+    def create_if_missing(self, account_id: str, name: str) -> bool:
+        """Give the account an empty application ``name`` (no intents) unless it has one; True when created."""
+        return bool(self.redis.hsetnx(keys.applications(account_id), name, '{"intents": {}}'))

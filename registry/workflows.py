@@ -1,12 +1,18 @@
 """Workflows and their immutable, content-addressed versions.
 
 A workflow (per account, by ref name) holds mutable settings from its latest
-upload (description, timeout, cache TTL, application, env, queue) and points at one
-active version. A version holds the script exactly as
+published upload (description, timeout, cache TTL, application, env, queue, display name, execution mode) and
+points at one active version. A version holds the script exactly as
 uploaded, the blobs of its accessories (:mod:`.accessories`), their content
 hash and the constants the script declares; it never changes. Uploading
 content that matches an existing version activates that version instead of
 creating a new one.
+
+An upload with ``publish_version`` false stores a draft: a version numbered like any other that is not
+activated, whose settings are kept with it (field ``settings`` of its hash) and merged into the workflow's when
+it is activated. The workflow's hash lists its drafts (``drafts``); a workflow whose versions are all drafts has
+no ``active`` version, and only a pinned invocation runs it. Each workflow gets an integer ``id`` from a counter
+of its account when it is first written (one written before ids gets one on its next upload or activation).
 
 Versions written before accessories moved to the blob store keep each
 accessory's bytes in field ``accessory:<key>`` of their hash, and no
@@ -16,46 +22,30 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
 from flowpool import keys
 from flowpool.blobs import BlobStore
-from flowpool.errors import ConfigurationError, RequestError, WorkflowNotFound
-from flowpool.queues import DEFAULT_QUEUE, is_queue_name
+from flowpool.errors import ConfigurationError, NotFound, RequestError, WorkflowNotFound
+from flowpool.queues import DEFAULT_QUEUE
 from flowpool.settings import DEFAULT_MAX_SCRIPT_BYTES, Settings
 
 from .accessories import MB, accessory_env, check_accessories, store_accessories
 from .names import is_name
-from .validation import (MAX_CACHE_TTL_SECONDS, MAX_TIMEOUT_SECONDS, ScriptInfo, valid_cache_ttl, valid_timeout,
-                         validate_script)
+from .validation import validate_script
+from .versions import (BUMPS, DEFAULT_EXECUTION_MODE, ENV_NAME, FIRST_VERSION, Upload, bump_version,
+                       check_upload_fields, content_hash, merge_settings, settings_of, version_meta)
 
-__all__ = ["Workflows", "ResolvedWorkflow", "Upload", "bump_version"]
+__all__ = ["BUMPS", "ENV_NAME", "FIRST_VERSION", "Workflows", "ResolvedWorkflow", "Upload", "bump_version",
+           "check_ref"]
 
-RESERVED_REFS = frozenset({"default-script", "upload", "validate"})  # routes under /api/v1/workflows/
-_VERSION = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
-FIRST_VERSION = "1.0.0"
-BUMPS = ("major", "minor", "patch")
-# A POSIX environment variable name: anything else ("A=B", "") breaks the run process's environment.
-ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
-_ENV_NAME = re.compile(ENV_NAME)
-
-
-def bump_version(current: str | None, bump: str) -> str:
-    """The version after ``current`` for a major, minor or patch bump."""
-    if current is None:
-        return FIRST_VERSION
-    major, minor, patch = (int(x) for x in _VERSION.match(current).groups())  # type: ignore[union-attr]
-    if bump == "major":
-        return f"{major + 1}.0.0"
-    if bump == "minor":
-        return f"{major}.{minor + 1}.0"
-    return f"{major}.{minor}.{patch + 1}"
+RESERVED_REFS = frozenset({"default-script", "preview", "upload", "validate"})  # routes under /api/v1/workflows/
+PREVIEW_PREFIX = "fp-preview-"  # the refs of previews (registry/previews.py), which no upload may take
 
 
 def check_ref(ref: str) -> str:
@@ -68,42 +58,10 @@ def check_ref(ref: str) -> str:
         # /api/v1/workflows/<ref> would answer with the route of that name, not the workflow.
         raise RequestError(f"invalid workflow_ref_name {ref!r}: {', '.join(sorted(RESERVED_REFS))} are reserved",
                            param="workflow_ref_name")
+    if ref.startswith(PREVIEW_PREFIX):
+        raise RequestError(f"invalid workflow_ref_name {ref!r}: names starting with {PREVIEW_PREFIX!r} are reserved "
+                           "for previews (POST /api/v1/workflows/preview)", param="workflow_ref_name")
     return ref
-
-
-def check_upload_fields(upload: Upload) -> None:
-    """A 400 naming the first field of an upload whose value would break every run of the workflow."""
-    timeout, ttl = upload.timeout_seconds, upload.cache_ttl_seconds
-    if timeout is not None and not valid_timeout(timeout):
-        raise RequestError(f"timeout_seconds must be a number of seconds greater than 0 and at most "
-                           f"{MAX_TIMEOUT_SECONDS}, got {timeout!r}", param="timeout_seconds")
-    if ttl is not None and not valid_cache_ttl(ttl):
-        raise RequestError(f"cache_ttl_seconds must be a whole number of seconds from 0 to {MAX_CACHE_TTL_SECONDS}, "
-                           f"got {ttl!r}", param="cache_ttl_seconds")
-    if upload.queue is not None and not is_queue_name(upload.queue):
-        raise RequestError(f"queue must be 1 to 32 lower-case letters, digits, '_' or '-', starting with a letter, "
-                           f"got {upload.queue[:64]!r}", param="queue")
-    for name in upload.env or {}:
-        if not _ENV_NAME.fullmatch(name):
-            raise RequestError(f"env name {name[:64]!r} is not a valid variable name: use letters, digits and '_', "
-                               "not starting with a digit", param="env")
-
-
-@dataclass(frozen=True)
-class Upload:
-    """One upload, already decoded from JSON or multipart."""
-
-    ref: str
-    script: str
-    description: str | None = None
-    timeout_seconds: float | None = None
-    cache_ttl_seconds: int | None = None
-    application_name: str | None = None
-    env: dict[str, str] | None = None
-    version_notes: str | None = None
-    version_bump: str = "patch"
-    accessories: dict[str, bytes] = field(default_factory=dict)
-    queue: str | None = None  # the worker queue its runs go to; wins over the script's QUEUE
 
 
 @dataclass(frozen=True)
@@ -129,12 +87,7 @@ class ResolvedWorkflow:
     queue: str = DEFAULT_QUEUE  # the worker queue its runs go to: the upload's queue, else the script's QUEUE
 
 
-def _content_hash(script: str, accessories: dict[str, bytes]) -> str:
-    digest = hashlib.sha256()
-    digest.update(b"script\0" + script.encode() + b"\0")
-    for key in sorted(accessories):
-        digest.update(b"accessory\0" + key.encode() + b"\0" + hashlib.sha256(accessories[key]).digest())
-    return digest.hexdigest()
+_content_hash = content_hash  # the name registry/previews.py imports
 
 
 def _queue_of(config: dict[str, Any], meta: dict[str, Any]) -> str:
@@ -151,6 +104,16 @@ def _decode(mapping: dict[bytes, bytes]) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in mapping.items()}
 
 
+def _drafts(raw: dict[str, str]) -> list[str]:
+    """The workflow's versions that are drafts (never activated), from its hash."""
+    return json.loads(raw["drafts"]) if raw.get("drafts") else []
+
+
+def _no_published_version(ref: str) -> NotFound:
+    return NotFound(f"workflow {ref} has no published version: activate one with "
+                    f"POST /api/v1/workflows/{ref}/activate", reason="no_published_version")
+
+
 _ACCESSORY_MAX_MB = Settings.model_fields["accessory_max_mb"].default
 _ACCESSORIES_MAX = Settings.model_fields["accessories_max"].default
 
@@ -164,6 +127,8 @@ class Workflows:
     in Redis while the workers read S3. Readers (workers resolving a
     version) need none.
     """
+
+    _version_meta = staticmethod(version_meta)  # the name registry/previews.py calls
 
     def __init__(self, client: redis.Redis, max_script_bytes: int = DEFAULT_MAX_SCRIPT_BYTES, *,
                  blobs: BlobStore | None = None, accessory_max_bytes: int = int(_ACCESSORY_MAX_MB * MB),
@@ -190,89 +155,119 @@ class Workflows:
                                      "accessories: make it with Workflows.for_settings")
         return store_accessories(self.blobs, account_id, accessories)
 
+    def _workflow_id(self, pipe: Any, account_id: str, current: dict[str, str], allocated: int | None) -> int:
+        """The workflow's id: its own, else the one this write allocated already (a retry keeps it), else a new
+        one from the account's counter (run at once: ``pipe`` is watching, not queued)."""
+        if current.get("id"):
+            return int(current["id"])
+        return allocated if allocated is not None else int(pipe.incr(keys.workflow_ids(account_id)))
+
     def upload(self, account_id: str, upload: Upload) -> tuple[dict[str, Any], dict[str, Any], bool]:
-        """Validate and store an upload; returns the workflow, the active version and whether it is new.
+        """Validate and store an upload; returns the workflow, the version the upload's content is (with its
+        ``active`` and ``draft`` flags) and whether that version is new.
 
         Everything is checked before anything is stored, so a refused upload
         changes nothing; a new version's accessories are in the blob store
-        before the version that names them is written.
+        before the version that names them is written. A draft
+        (``publish_version`` false) changes nothing live invocations see.
         """
         check_ref(upload.ref)
-        if upload.version_bump not in BUMPS:
-            raise RequestError(f"version_bump must be one of {', '.join(BUMPS)}", param="version_bump")
         check_upload_fields(upload)
         validation = validate_script(upload.script, self.max_script_bytes)
         validation.raise_for_problems()
         check_accessories(upload.accessories, self.accessories_max, self.accessory_max_bytes)
-        content_hash = _content_hash(upload.script, upload.accessories)
+        digest = content_hash(upload.script, upload.accessories)
         wf_key = keys.workflow(account_id, upload.ref)
         now = time.time()
         # The blobs first, outside the transaction below: storing them (on S3, up to 100 x 50 MB) under its WATCH
         # would only widen the window for a retry. They are content-addressed: for an upload that repeats a
         # version this costs a lookup each, not a copy.
         objects = self._store_accessories(account_id, upload.accessories)
+        workflow_id: int | None = None
         with self.redis.pipeline() as pipe:
             while True:
                 try:
                     pipe.watch(wf_key)
                     current = _decode(pipe.hgetall(wf_key))
-                    existing = pipe.hget(keys.version_hashes(account_id, upload.ref), content_hash)
+                    existing = pipe.hget(keys.version_hashes(account_id, upload.ref), digest)
                     config = json.loads(current["config"]) if current else {"ref": upload.ref, "created_at": now}
-                    config = self._merge_config(config, upload, now)
+                    drafts = _drafts(current)
+                    workflow_id = self._workflow_id(pipe, account_id, current, workflow_id)
+                    draft_settings: dict[str, Any] = {}
                     if existing is not None:
                         number, created = existing.decode(), False
-                        meta = json.loads(pipe.hget(keys.version(account_id, upload.ref, number), "meta"))
+                        raw_meta, raw_settings = pipe.hmget(keys.version(account_id, upload.ref, number),
+                                                            "meta", "settings")
+                        meta = json.loads(raw_meta)
+                        if number in drafts and raw_settings:
+                            draft_settings = json.loads(raw_settings)
                     else:
                         number, created = bump_version(current.get("latest"), upload.version_bump), True
-                        meta = self._version_meta(number, content_hash, validation.info, upload, now, objects)
+                        meta = version_meta(number, digest, validation.info, upload, now, objects)
+                    state: dict[str, Any] = {"id": workflow_id}
+                    if upload.publish_version:
+                        # A draft of the same content published now brings its own settings; the upload's win.
+                        config = merge_settings(merge_settings(config, draft_settings, now), settings_of(upload), now)
+                        drafts = [d for d in drafts if d != number]
+                        active, active_meta = number, meta
+                        state.update(config=json.dumps(config), active=number, active_meta=json.dumps(meta),
+                                     rev=_new_rev(), drafts=json.dumps(drafts))
+                    else:
+                        active = current.get("active")
+                        active_meta = json.loads(current["active_meta"]) if current.get("active_meta") else {}
+                        if created:
+                            drafts = [*drafts, number]
+                        state["drafts"] = json.dumps(drafts)
+                        if not current:  # a workflow first uploaded as a draft exists, with no active version
+                            state["config"] = json.dumps(config)
                     pipe.multi()
                     if created:
-                        vkey = keys.version(account_id, upload.ref, number)
-                        pipe.hset(vkey, mapping={"meta": json.dumps(meta), "script": upload.script})
+                        version_fields = {"meta": json.dumps(meta), "script": upload.script}
+                        if not upload.publish_version:
+                            version_fields["settings"] = json.dumps(settings_of(upload))
+                        pipe.hset(keys.version(account_id, upload.ref, number), mapping=version_fields)
                         pipe.zadd(keys.versions(account_id, upload.ref), {number: now})
-                        pipe.hset(keys.version_hashes(account_id, upload.ref), content_hash, number)
+                        pipe.hset(keys.version_hashes(account_id, upload.ref), digest, number)
                         pipe.hset(wf_key, "latest", number)
-                    pipe.hset(wf_key, mapping={"config": json.dumps(config), "active": number,
-                                               "active_meta": json.dumps(meta), "rev": _new_rev()})
+                    pipe.hset(wf_key, mapping=state)
                     pipe.zadd(keys.workflows(account_id), {upload.ref: config["created_at"]}, nx=True)
                     pipe.execute()
                     break
                 except redis.WatchError:
                     continue
-        return self._workflow_view(config, number, meta), meta, created
-
-    @staticmethod
-    def _merge_config(config: dict[str, Any], upload: Upload, now: float) -> dict[str, Any]:
-        """The workflow's settings after an upload: fields the upload gives replace the old ones."""
-        config = dict(config)
-        for name in ("description", "timeout_seconds", "cache_ttl_seconds", "application_name", "env", "queue"):
-            value = getattr(upload, name)
-            if value is not None:
-                config[name] = value
-        config["updated_at"] = now
-        return config
-
-    @staticmethod
-    def _version_meta(number: str, content_hash: str, info: ScriptInfo | None, upload: Upload,
-                      now: float, objects: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "version": number,
-            "content_hash": content_hash,
-            "created_at": now,
-            "notes": upload.version_notes,
-            "accessories": sorted(upload.accessories),
-            "accessory_objects": objects,
-            **(asdict(info) if info is not None else {}),
-        }
+        version = {**meta, "active": number == active, "draft": number in drafts}
+        return self._workflow_view(config, active, active_meta, workflow_id), version, created
 
     def activate(self, account_id: str, ref: str, number: str) -> dict[str, Any]:
-        """Make an existing version the active one (a rollback or roll forward)."""
+        """Make an existing version the active one: a rollback or roll forward, or the publication of a draft
+        (whose settings then become the workflow's)."""
         self._require(account_id, ref)
-        raw = self.redis.hget(keys.version(account_id, ref, number), "meta")
-        if raw is None:
-            raise WorkflowNotFound(ref, number)
-        self.redis.hset(keys.workflow(account_id, ref), mapping={"active": number, "active_meta": raw,
-                                                                 "rev": _new_rev()})
+        wf_key = keys.workflow(account_id, ref)
+        workflow_id: int | None = None
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(wf_key)
+                    current = _decode(pipe.hgetall(wf_key))
+                    if not current:
+                        raise WorkflowNotFound(ref)
+                    raw, settings = pipe.hmget(keys.version(account_id, ref, number), "meta", "settings")
+                    if raw is None:
+                        raise WorkflowNotFound(ref, number)
+                    workflow_id = self._workflow_id(pipe, account_id, current, workflow_id)
+                    state: dict[str, Any] = {"active": number, "active_meta": raw, "rev": _new_rev(),
+                                             "id": workflow_id}
+                    drafts = _drafts(current)
+                    if number in drafts:
+                        config = merge_settings(json.loads(current["config"]),
+                                                json.loads(settings) if settings else {}, time.time())
+                        state.update(config=json.dumps(config), drafts=json.dumps([d for d in drafts if d != number]))
+                    pipe.multi()
+                    pipe.hset(wf_key, mapping=state)
+                    pipe.execute()
+                    break
+                except redis.WatchError:
+                    continue
         return self.get(account_id, ref)
 
     def delete(self, account_id: str, ref: str) -> None:
@@ -297,26 +292,46 @@ class Workflows:
         return raw
 
     @staticmethod
-    def _workflow_view(config: dict[str, Any], active: str, meta: dict[str, Any]) -> dict[str, Any]:
+    def _workflow_view(config: dict[str, Any], active: str | None, meta: dict[str, Any],
+                       workflow_id: int | None) -> dict[str, Any]:
         return {
+            "id": workflow_id,  # None for a workflow stored before ids, until its next upload or activation
             "workflow_ref_name": config["ref"],
+            "workflow_name": config.get("workflow_name") or config["ref"],
             "description": config.get("description"),
-            "active_version": active,
+            "active_version": active,  # None while every version is a draft
             "timeout_seconds": config.get("timeout_seconds", meta.get("timeout_seconds")),
             "cache_ttl_seconds": config.get("cache_ttl_seconds", meta.get("cache_ttl_seconds")),
             "application_name": config.get("application_name", meta.get("application")),
             "env_keys": sorted((config.get("env") or {}).keys()),
             "queue": _queue_of(config, meta),
+            "execution_mode": config.get("execution_mode", DEFAULT_EXECUTION_MODE),
+            "allow_inproc_nesting": config.get("allow_inproc_nesting", False),
+            "inproc_nested_refs": config.get("inproc_nested_refs", []),
             "input_schema": meta.get("input_schema"),
             "output_schema": meta.get("output_schema"),
             "created_at": config.get("created_at"),
             "updated_at": config.get("updated_at"),
         }
 
+    @classmethod
+    def _view_of(cls, config: str | bytes, active: str | bytes | None, meta: str | bytes | None,
+                 workflow_id: str | bytes | None) -> dict[str, Any]:
+        """The workflow as the API shows it, from the fields of its hash."""
+        if isinstance(active, bytes):
+            active = active.decode()
+        return cls._workflow_view(json.loads(config), active, json.loads(meta) if meta else {},
+                                  int(workflow_id) if workflow_id else None)
+
     def get(self, account_id: str, ref: str) -> dict[str, Any]:
         """The workflow as the API shows it."""
         raw = self._require(account_id, ref)
-        return self._workflow_view(json.loads(raw["config"]), raw["active"], json.loads(raw["active_meta"]))
+        return self._view_of(raw["config"], raw.get("active"), raw.get("active_meta"), raw.get("id"))
+
+    def published(self, account_id: str, ref: str) -> dict[str, Any] | None:
+        """The active version's meta, or None while the workflow has none."""
+        raw = self.redis.hget(keys.workflow(account_id, ref), "active_meta")
+        return json.loads(raw) if raw else None
 
     def list(self, account_id: str, offset: int, limit: int) -> tuple[list[dict[str, Any]], int]:
         """A page of the account's workflows, oldest first, and the total."""
@@ -324,14 +339,14 @@ class Workflows:
         refs = [r.decode() for r in self.redis.zrange(keys.workflows(account_id), offset, offset + limit - 1)]
         pipe = self.redis.pipeline(transaction=False)
         for ref in refs:
-            pipe.hmget(keys.workflow(account_id, ref), "config", "active", "active_meta")
-        items = [self._workflow_view(json.loads(c), a.decode(), json.loads(m))
-                 for c, a, m in pipe.execute() if c is not None]
+            pipe.hmget(keys.workflow(account_id, ref), "config", "active", "active_meta", "id")
+        items = [self._view_of(c, a, m, i) for c, a, m, i in pipe.execute() if c is not None]
         return items, total
 
     def versions(self, account_id: str, ref: str, offset: int, limit: int) -> tuple[list[dict[str, Any]], int]:
         """A page of the workflow's versions, oldest first, and the total."""
         raw = self._require(account_id, ref)
+        drafts = _drafts(raw)
         key = keys.versions(account_id, ref)
         total = self.redis.zcard(key)
         numbers = [n.decode() for n in self.redis.zrange(key, offset, offset + limit - 1)]
@@ -340,28 +355,36 @@ class Workflows:
             pipe.hget(keys.version(account_id, ref, number), "meta")
         metas = [json.loads(m) for m in pipe.execute() if m is not None]
         for meta in metas:
-            meta["active"] = meta["version"] == raw["active"]
+            meta["active"] = meta["version"] == raw.get("active")
+            meta["draft"] = meta["version"] in drafts
         return metas, total
 
     def resolve(self, account_id: str, ref: str, number: str | None = None) -> ResolvedWorkflow:
-        """The version an invocation runs: the pinned one, or the active one (one Redis round trip)."""
+        """The version an invocation runs: the pinned one, or the active one (one Redis round trip). A pinned
+        draft runs with its own settings over the workflow's, as it will once activated."""
         if not is_name(ref):
             raise WorkflowNotFound(ref)
         wf_key = keys.workflow(account_id, ref)
         if number is None:
             config, active, meta, rev = self.redis.hmget(wf_key, "config", "active", "active_meta", "rev")
-            if config is None or active is None:
+            if config is None:
                 raise WorkflowNotFound(ref)
+            if active is None or meta is None:  # its versions are all drafts
+                raise _no_published_version(ref)
+            cfg = json.loads(config)
         else:
             pipe = self.redis.pipeline(transaction=False)
-            pipe.hmget(wf_key, "config", "rev")
-            pipe.hget(keys.version(account_id, ref, number), "meta")
-            (config, rev), meta = pipe.execute()
+            pipe.hmget(wf_key, "config", "rev", "drafts")
+            pipe.hmget(keys.version(account_id, ref, number), "meta", "settings")
+            (config, rev, drafts), (meta, settings) = pipe.execute()
             if config is None:
                 raise WorkflowNotFound(ref)
             if meta is None:
                 raise WorkflowNotFound(ref, number)
-        cfg, info = json.loads(config), json.loads(meta)
+            cfg = json.loads(config)
+            if drafts and settings and number in json.loads(drafts):
+                cfg = merge_settings(cfg, json.loads(settings), cfg.get("updated_at", 0.0))
+        info = json.loads(meta)
         objects = info.get("accessory_objects") or {}
         # The version's accessories name their blobs over any env entry of the same name: the script reads them.
         env = {**{str(k): str(v) for k, v in (cfg.get("env") or {}).items()}, **accessory_env(objects)}

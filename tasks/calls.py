@@ -149,7 +149,8 @@ class CallRouter:
         if messages is None:
             messages = self.calls.job.messages
         if agent.workflow is None:
-            return self.runtime.models.agent(self.calls, name, agent, messages, params.get("params") or {}, deadline)
+            return self.runtime.models.agent(self.calls, name, agent, messages, params.get("params") or {}, deadline,
+                                             session_id=params.get("session_id"))
         output = self.call_workflow(agent.workflow, None, messages, deadline)
         content = output if isinstance(output, str) else json.dumps(output)
         return {"object": "chat.completion", "model": f"workflow:{agent.workflow}", "output": output,

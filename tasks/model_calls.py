@@ -4,7 +4,10 @@ The script asks ``ctx.chat.completions.create(intent=...)``; the worker looks
 up the account's application, calls the intent's OpenAI-compatible endpoint
 with the provider key (which never enters the sandbox), retries 429 and 5xx
 answers with backoff, moves down the fallback list, and records every call on
-the run. Each call times out inside the run's remaining budget.
+the run. Each call times out inside the run's remaining budget. The
+keywords the seed documents as Maitai's own (``session_id``,
+``evaluation_enabled``...) are taken before the body is built, never sent
+(:mod:`.maitai_params`).
 
 Provider keys come only from the environment variables the operator lists
 in ``FLOWPOOL_PROVIDER_KEYS``: the router holds those values and nothing else
@@ -28,6 +31,8 @@ from flowpool.registry import Agent, Applications, ProviderKeys, Route
 from flowpool.run import RunJob
 from flowpool.sandbox import CallErrorKind, CallFailed, Streamed
 from flowpool.sse import sse_data
+
+from .maitai_params import TakenParams, take_maitai_params
 
 __all__ = ["ModelRouter", "RunCalls"]
 
@@ -61,6 +66,14 @@ class _Failed(Exception):
         self.retryable = retryable
 
 
+def _taken(params: dict[str, Any], session_id: Any) -> TakenParams:
+    """A call's parameters split as :func:`take_maitai_params` does; a session id no header can carry fails the call."""
+    try:
+        return take_maitai_params(params, session_id)
+    except ValueError as exc:
+        raise CallFailed(CallErrorKind.INVALID, str(exc)) from exc
+
+
 class ModelRouter:
     """Serves the ``chat`` and ``chat.stream`` ctx calls of a worker's runs."""
 
@@ -89,7 +102,8 @@ class ModelRouter:
         except KeyError as exc:
             raise CallFailed(CallErrorKind.MODEL, f"application {name!r}: {exc.args[0]}") from exc
         routes: list[Route] = [primary, *primary.fallbacks]
-        body_params = {k: v for k, v in (params.get("params") or {}).items() if v is not None}
+        taken = _taken(params.get("params") or {}, params.get("session_id"))
+        body_params = taken.body
         messages = params.get("messages")
         if messages is None:
             messages = run.job.messages
@@ -99,34 +113,40 @@ class ModelRouter:
             body = {"model": model, "messages": messages, **route.params, **body_params}
             record = {"kind": "model", "application": name, "intent": intent, "model": model,
                       "provider_host": urlsplit(route.base_url).hostname, "fallback": index,
-                      "stream": stream, "started_at": time.time(), "attempts": 0}
+                      "stream": stream, "started_at": time.time(), "attempts": 0,
+                      "session_id": taken.session_id or run.job.session_id, "taken_params": taken.taken}
             try:
                 if stream:
-                    return Streamed(self._stream(run, route, body, record, deadline))
+                    # Posted here, read lazily: a route that refuses or fails before its stream starts moves on to
+                    # the next one, as a plain call does.
+                    started = time.monotonic()
+                    response = self._post(run, route, body, record, deadline, stream=True)
+                    return Streamed(self._stream(run, response, record, started))
                 return self._complete(run, route, body, record, deadline)
             except _Failed as exc:
                 failures.append(f"{model} at {record['provider_host']}: {exc}")
         raise CallFailed(CallErrorKind.MODEL, f"every route of {name}/{intent} failed: " + "; ".join(failures))
 
     def agent(self, run: RunCalls, name: str, agent: Agent, messages: list[dict[str, Any]],
-              params: dict[str, Any], deadline: float) -> dict[str, Any]:
+              params: dict[str, Any], deadline: float, session_id: Any = None) -> dict[str, Any]:
         """Call an agent endpoint (OpenAI-compatible), monitored like a model call."""
         assert agent.base_url is not None
         route = Route(model=agent.model or name, base_url=agent.base_url, api_key_env=agent.api_key_env,
                       api_key_secret=agent.api_key_secret, params=agent.params)
-        body = {"model": route.model, "messages": messages, **route.params,
-                **{k: v for k, v in params.items() if v is not None}}
+        taken = _taken(params, session_id)
+        body = {"model": route.model, "messages": messages, **route.params, **taken.body}
         record = {"kind": "agent", "agent": name, "model": route.model,
                   "provider_host": urlsplit(route.base_url).hostname, "fallback": 0, "stream": False,
-                  "started_at": time.time(), "attempts": 0}
+                  "started_at": time.time(), "attempts": 0,
+                  "session_id": taken.session_id or run.job.session_id, "taken_params": taken.taken}
         try:
             return self._complete(run, route, body, record, deadline)
         except _Failed as exc:
             raise CallFailed(CallErrorKind.MODEL, f"agent {name!r} at {record['provider_host']} failed: {exc}") from exc
 
-    def _headers(self, run: RunCalls, route: Route) -> dict[str, str]:
+    def _headers(self, run: RunCalls, route: Route, session_id: str) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "X-Flowpool-Request-Id": run.job.request_id,
-                   "X-Flowpool-Session-Id": run.job.session_id}
+                   "X-Flowpool-Session-Id": session_id}
         key = None
         if route.api_key_secret:
             key = run.job.secrets.get(route.api_key_secret)
@@ -150,7 +170,8 @@ class ModelRouter:
         if refusal is not None:
             self._finish(run, record, error=refusal)
             raise _Failed(refusal, retryable=False)
-        data, headers = json.dumps({**body, **({"stream": True} if stream else {})}), self._headers(run, route)
+        data = json.dumps({**body, **({"stream": True} if stream else {})})
+        headers = self._headers(run, route, record["session_id"])
         delay = 0.2
         for attempt in range(self.retries + 1):
             remaining = deadline - time.monotonic()
@@ -193,10 +214,9 @@ class ModelRouter:
         self._finish(run, record, latency_ms=latency, ttft_ms=latency, usage=data.get("usage"))
         return data
 
-    def _stream(self, run: RunCalls, route: Route, body: dict[str, Any], record: dict[str, Any],
-                deadline: float) -> Iterator[dict[str, Any]]:
-        started = time.monotonic()
-        response = self._post(run, route, body, record, deadline, stream=True)
+    def _stream(self, run: RunCalls, response: requests.Response, record: dict[str, Any],
+                started: float) -> Iterator[dict[str, Any]]:
+        """The chunks of a stream the provider has started answering, recorded once it ends."""
         first = None
         usage = None
         try:

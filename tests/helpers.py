@@ -319,6 +319,23 @@ class CannedHTTPServer:
         self._thread.join(10)
 
 
+class SilentServer:
+    """A loopback port that takes connections (the kernel's backlog completes them) and never answers: what a
+    client's read timeout is for."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        import socket
+
+        self._socket = socket.create_server((host, 0), backlog=16)
+        self.url = f"http://{host}:{self._socket.getsockname()[1]}"
+
+    def __enter__(self) -> SilentServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._socket.close()
+
+
 # Workflows several test modules run: one that fails in a function of its own (its traceback names
 # `divide`, line 2), one past its 1 s time limit, one that echoes its input's text.
 FAILING_WORKFLOW = """\

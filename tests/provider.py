@@ -7,6 +7,7 @@ The model name says how it behaves:
   slow-MS         waits MS milliseconds, then echo
   hold-NAME       waits until gate NAME opens (see below; at most 60 s), then echo
   notjson         200 with a body that is not JSON
+  strict          400 for a body field OpenAI's chat completions API does not take (as OpenAI answers), else echo
 Streams (``"stream": true``) send one chunk per word, then a chunk with usage, then [DONE].
 POST /v1/embeddings answers model ``hash-D`` with a D-dimension vector per input: each word (lower
 case) adds 1 at a position given by its hash, then the vector is normalized, so texts that share
@@ -29,7 +30,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-__all__ = ["StandInProvider", "hash_embedding"]
+__all__ = ["OPENAI_CHAT_FIELDS", "StandInProvider", "hash_embedding"]
+
+# The request body fields of OpenAI's POST /v1/chat/completions: what model ``strict`` takes.
+OPENAI_CHAT_FIELDS = frozenset({
+    "model", "messages", "stream", "stream_options", "temperature", "top_p", "n", "stop", "max_tokens",
+    "max_completion_tokens", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs",
+    "user", "seed", "tools", "tool_choice", "parallel_tool_calls", "response_format", "reasoning_effort",
+    "functions", "function_call", "modalities", "audio", "prediction", "store", "metadata", "service_tier",
+    "web_search_options", "verbosity", "prompt_cache_key", "safety_identifier",
+})
 
 
 def _words(text: Any) -> int:
@@ -127,6 +137,10 @@ class StandInProvider:
                     time.sleep(int(model.split("-")[1]) / 1000)
                 if model.startswith("hold-"):
                     provider._hold(model[5:])
+                unknown = sorted(set(body) - OPENAI_CHAT_FIELDS) if model == "strict" else []
+                if unknown:
+                    return self._json(400, {"error": {"message": "Unrecognized request argument supplied: "
+                                                      + ", ".join(unknown), "type": "invalid_request_error"}})
                 if model == "notjson":
                     return self._raw(200, b"<html>oops</html>", "text/html")
                 messages = body.get("messages") or []

@@ -5,6 +5,7 @@
 - :mod:`.pool`: ``pool`` (the demand signal; the client alone);
 - :mod:`.accounts`: ``accounts``;
 - :mod:`.workflows`: ``push``, ``validate``, ``invoke``, ``runs``, ``logs`` (the client alone);
+- :mod:`.local`: ``init``, ``run`` (the client alone, but for the temporary stack ``run`` may start);
 - :mod:`.datastores`: ``datastore create|list|get|ingest|search|delete`` (the client alone);
 - :mod:`.usage`: ``usage`` (the client alone).
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import click
 
-from . import accounts, datastores, doctor, pool, serve, usage, workflows
+from . import accounts, datastores, doctor, local, pool, serve, usage, workflows
 
 __all__ = ["main"]
 
@@ -25,6 +26,6 @@ def main() -> None:
     """flowpool: multi-step AI workflows as one API call."""
 
 
-for _module in (serve, doctor, accounts, workflows, datastores, pool, usage):
+for _module in (serve, doctor, accounts, workflows, local, datastores, pool, usage):
     for _command in _module.COMMANDS:
         main.add_command(_command)

@@ -15,8 +15,8 @@ import click
 from ..devstate import DevRecord, resolve, running_dev, shown_url
 from ..settings import Settings
 
-__all__ = ["CliSettings", "load_cli_settings", "load_settings", "api_client", "api_call", "describe_error", "echo_json",
-           "server_extra"]
+__all__ = ["CliSettings", "load_cli_settings", "load_settings", "api_client", "api_call", "describe_error",
+           "describe_transport_error", "echo_json", "server_extra"]
 
 
 def _server_modules() -> set[str]:
@@ -98,7 +98,7 @@ def load_settings(discover: bool = True) -> Settings:
 
 
 def api_client(settings: Settings):  # type: ignore[no-untyped-def]
-    from ..client import Flowpool
+    from ..sdk.client import Flowpool
 
     if not settings.api_key:
         raise click.ClickException("no API key: run this where `flowpool dev` runs (it finds that dev's key), "
@@ -108,18 +108,26 @@ def api_client(settings: Settings):  # type: ignore[no-untyped-def]
 
 def api_call(fn, *args: Any, **kwargs: Any) -> Any:  # type: ignore[no-untyped-def]
     """``fn(*args, **kwargs)``, its API error or unreachable API ended as one ``Error: ...`` line (exit 1)."""
-    import requests
-
-    from ..client import APIError
+    from ..sdk.errors import APIConnectionError, APIError
 
     try:
         return fn(*args, **kwargs)
+    except APIConnectionError as exc:
+        raise click.ClickException(describe_transport_error(exc)) from exc
     except APIError as exc:
         raise click.ClickException(describe_error(exc)) from exc
-    except requests.ConnectionError as exc:
-        raise click.ClickException(f"cannot reach the API: {exc}") from exc
-    except requests.RequestException as exc:  # a timeout, an answer cut off mid-body, a redirect loop...
-        raise click.ClickException(f"the API gave no whole answer: {type(exc).__name__}: {exc}") from exc
+
+
+def describe_transport_error(exc: Any, unreachable: str = "") -> str:
+    """An APIConnectionError in one line, said of the requests exception it was raised from; ``unreachable`` is
+    said of an API that could not be reached."""
+    import requests
+
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    if isinstance(cause, requests.ConnectionError):
+        return f"cannot reach the API{unreachable}: {cause}"
+    # A timeout, an answer cut off mid-body, a redirect loop...
+    return f"the API gave no whole answer: {type(cause).__name__}: {cause}"
 
 
 def describe_error(exc: Any) -> str:

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Iterator
 
 import click
 
-from .common import api_call, api_client, describe_error, echo_json, load_settings
+from .common import api_call, api_client, describe_error, describe_transport_error, echo_json, load_settings
 
 __all__ = ["COMMANDS", "Batch", "batches", "file_rows"]
 
@@ -232,7 +232,7 @@ def search(name: str, query: str | None, vector_json: str | None, filters: tuple
 @click.option("--batch-records", type=click.IntRange(min=1), default=DEFAULT_BATCH_RECORDS, show_default=True)
 def ingest(name: str, file: Path, batch_mb: float, batch_records: int) -> None:
     """Upsert the records of FILE (.json array, .jsonl or .csv) into datastore NAME, in batches."""
-    from ..client import APIError
+    from ..sdk.errors import APIError
 
     client = api_client(load_settings())
     api_call(client.datastores.get, name)  # a store that is not there is said before the file is read
@@ -266,15 +266,13 @@ def _refusal(file: Path, batch: Batch, exc: Any, done: int) -> str:
 
 def _send(fn, *args: Any, **kwargs: Any) -> Any:  # type: ignore[no-untyped-def]
     """``fn(...)`` with the API's errors raised as they are (the caller names the batch), a lost API as one line."""
-    import requests
+    from ..sdk.errors import APIConnectionError
 
     try:
         return fn(*args, **kwargs)
-    except requests.ConnectionError as exc:
-        raise click.ClickException(f"cannot reach the API (a batch over the server's ingest limit is cut off "
-                                   f"too: try a lower --batch-mb): {exc}") from exc
-    except requests.RequestException as exc:
-        raise click.ClickException(f"the API gave no whole answer: {type(exc).__name__}: {exc}") from exc
+    except APIConnectionError as exc:
+        raise click.ClickException(describe_transport_error(
+            exc, " (a batch over the server's ingest limit is cut off too: try a lower --batch-mb)")) from exc
 
 
 COMMANDS = [datastore]

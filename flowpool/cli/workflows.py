@@ -5,7 +5,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import click
 
@@ -19,11 +19,14 @@ __all__ = ["COMMANDS"]
 @click.option("--name", "ref", required=True, help="workflow_ref_name to register it under.")
 @click.option("--accessory", multiple=True, help="KEY=FILE, a JSON accessory bundled with the version.")
 @click.option("--timeout", "timeout_seconds", type=float, default=None)
-@click.option("--bump", "version_bump", type=click.Choice(["major", "minor", "patch"]), default="patch")
+@click.option("--bump", "version_bump", type=click.Choice(["major", "minor", "patch"]), default=None,
+              help="Semver bump of a new version (default: the server's, minor).")
+@click.option("--draft", is_flag=True, help="Store the new version as a draft, not activated: invoke it pinned "
+              "(workflow:REF@VERSION), publish it with POST /api/v1/workflows/REF/activate.")
 @click.option("--queue", default=None, metavar="NAME",
               help="Worker queue its runs go to (wins over the script's QUEUE; default: the script's, else default).")
-def push(file: Path, ref: str, accessory: tuple[str, ...], timeout_seconds: float | None, version_bump: str,
-         queue: str | None) -> None:
+def push(file: Path, ref: str, accessory: tuple[str, ...], timeout_seconds: float | None, version_bump: str | None,
+         draft: bool, queue: str | None) -> None:
     """Upload FILE as workflow REF (a new version if it changed)."""
     accessories = {}
     for item in accessory:
@@ -37,9 +40,14 @@ def push(file: Path, ref: str, accessory: tuple[str, ...], timeout_seconds: floa
     progress = _UploadProgress()
     try:
         result = api_call(client.workflows.upload, ref, file, accessories=accessories, progress=progress,
-                          timeout_seconds=timeout_seconds, version_bump=version_bump, queue=queue)
+                          timeout_seconds=timeout_seconds, version_bump=version_bump, queue=queue,
+                          publish_version=False if draft else None)
     finally:
         progress.close()
+    if draft and not result.version.active:
+        state = "new draft" if result.created else "unchanged, a draft" if result.version.draft else "unchanged"
+        click.echo(f"{ref}@{result.version.version} ({state}: publish it with POST /api/v1/workflows/{ref}/activate)")
+        return
     state = "new version" if result.created else "unchanged, active"
     click.echo(f"{ref}@{result.version.version} ({state})")
 
@@ -79,6 +87,13 @@ class _UploadProgress:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def validate(file: Path) -> None:
     """Check FILE with the rules of an upload, offline; print each problem as FILE:LINE: message."""
+    checked_source(file)
+    click.echo(f"{file}: ok")
+
+
+def checked_source(file: Path) -> str:
+    """The text of workflow FILE, checked offline with the rules of an upload; if it breaks one, each problem
+    printed as FILE:LINE: message and exit 1."""
     from ..registry.validation import validate_script
 
     try:
@@ -90,7 +105,7 @@ def validate(file: Path) -> None:
         click.echo(f"{file}:{problem.line}: {problem.message}")
     if problems:
         sys.exit(1)
-    click.echo(f"{file}: ok")
+    return source
 
 
 def _secrets(items: tuple[str, ...]) -> dict[str, str] | None:
@@ -169,18 +184,28 @@ def invoke(ref: str, input_json: str | None, messages: tuple[str, ...], secrets:
     if messages:
         kwargs["messages"] = [{"role": "user", "content": m} for m in messages]
     model = ref if ref.startswith("workflow:") else f"workflow:{ref}"
-    if stream:
-        def follow() -> None:
-            for chunk in client.workflow.completions.create(model=model, **kwargs):  # printed as they arrive
-                data = chunk.to_dict()
-                if data.get("object") == "workflow.chunk":
-                    click.echo(json.dumps({"type": data.get("type"), "content": data.get("content")}))
-                else:
-                    echo_json(data.get("output"))
+    api_call(echo_completion, lambda: client.workflow.completions.create(model=model, **kwargs), stream)
 
-        api_call(follow)
+
+def echo_completion(create: Callable[[], Any], stream: bool, whole: bool = False) -> None:
+    """Print what ``create()`` answers (an invocation's completion, or with ``stream`` its events): each chunk as a
+    JSON line as it arrives, then the output as JSON. With ``whole``, each event or the completion whole, as one
+    JSON line each. An API error is raised as it is (api_call ends the command with it)."""
+    if not stream:
+        completion = create()
+        if whole:
+            click.echo(json.dumps(completion.to_dict()))
+        else:
+            echo_json(completion.output)
         return
-    echo_json(api_call(client.workflow.completions.create, model=model, **kwargs).output)
+    for event in create():  # printed as they arrive
+        data = event.to_dict()
+        if whole:
+            click.echo(json.dumps(data))
+        elif data.get("object") == "workflow.chunk":
+            click.echo(json.dumps({"type": data.get("type"), "content": data.get("content")}))
+        else:
+            echo_json(data.get("output"))
 
 
 _STATUS_COLOURS = {"succeeded": "green", "failed": "red", "timed_out": "red", "lost": "red", "expired": "yellow",
@@ -266,7 +291,7 @@ def _echo_record(run: Any, shown: int = 0) -> None:
 def _follow(client: Any, request_id: str) -> int:
     """Print the chunks and log lines of a queued or running run as they come, in order, until it ends (however it
     ends); how many log lines it printed."""
-    from ..client import APIError
+    from ..sdk.errors import APIError
 
     shown = 0
     try:

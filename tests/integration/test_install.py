@@ -186,9 +186,9 @@ def test_bare_install_has_no_server_dependency_and_serves_the_sdk(bare_venv: Pat
     assert not installed & set(SERVER_DISTRIBUTIONS), sorted(installed)
     # Run outside the checkout, so the installed package is the one imported.
     imported = _ok(_run(bare_venv / "bin" / "python", "-c",
-                        "from flowpool import Flowpool; import flowpool_workflow, maitai_workflow; "
-                        "print(Flowpool.__module__)", cwd=bare_venv))
-    assert imported == "flowpool.client\n"
+                        "from flowpool import AsyncFlowpool, Flowpool; import flowpool_workflow, maitai_workflow; "
+                        "print(Flowpool.__module__, AsyncFlowpool.__module__)", cwd=bare_venv))
+    assert imported == "flowpool.sdk.client flowpool.sdk.async_client\n"  # the async client's httpx2 came along
 
 
 def test_bare_install_validates_a_script_offline(bare_venv: Path, tmp_path: Path) -> None:

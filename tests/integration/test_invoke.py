@@ -720,13 +720,13 @@ def _wait_until_running(client: Client, ref: str) -> None:
 def test_pinned_version_runs_that_version_after_a_newer_upload(client: Client) -> None:
     ref = _ref("pinned")
     assert client.upload(ref, VERSIONED % "one")["version"]["version"] == "1.0.0"
-    assert client.upload(ref, VERSIONED % "two")["version"]["version"] == "1.0.1"
+    assert client.upload(ref, VERSIONED % "two")["version"]["version"] == "1.1.0"
     assert _ok(client.invoke(ref, input={}))["output"] == {"version": "two"}
     pinned = _ok(client.invoke(ref, model=f"workflow:{ref}@1.0.0", input={}))
     assert pinned["output"] == {"version": "one"}
     assert pinned["model"] == f"workflow:{ref}@1.0.0"
     assert client.run(pinned["request_id"])["version"] == "1.0.0"
-    assert _ok(client.invoke(ref, model=f"workflow:{ref}@1.0.1", input={}))["output"] == {"version": "two"}
+    assert _ok(client.invoke(ref, model=f"workflow:{ref}@1.1.0", input={}))["output"] == {"version": "two"}
 
 
 # Run records

@@ -176,6 +176,24 @@ def test_a_streamed_model_call_yields_chunks_as_the_provider_sends_them(client: 
     assert call["stream"] is True and call["status"] == "ok" and call["ttft_ms"] <= call["latency_ms"]
 
 
+def test_a_streamed_model_call_whose_primary_fails_before_streaming_falls_back(client: Client,
+                                                                               provider: StandInProvider) -> None:
+    app, ref = _name("app"), _name("streamfallback")
+    _put_app(client, app, {"answer": {"model": "fail", "base_url": provider.base_url,
+                                      "fallbacks": [{"model": "echo", "base_url": provider.base_url}]}})
+    client.upload(ref, f"""
+        def execute(ctx):
+            chunks = list(ctx.chat.completions.create(application="{app}", intent="answer", stream=True,
+                                                      messages=[{{"role": "user", "content": "one two"}}]))
+            return {{"text": "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)}}
+    """)
+    body = _ok(client.invoke(ref, input={}))
+    assert body["output"] == {"text": "echo: one two"}
+    failed, answered = client.run(body["request_id"])["model_calls"]
+    assert (failed["model"], failed["status"], failed["fallback"]) == ("fail", "error", 0)
+    assert (answered["model"], answered["status"], answered["fallback"], answered["stream"]) == ("echo", "ok", 1, True)
+
+
 def test_the_provider_key_can_come_from_a_request_secret_and_is_kept_nowhere(client: Client,
                                                                               provider: StandInProvider) -> None:
     app, ref, secret = _name("app"), _name("secretkey"), f"sk-user-{uuid.uuid4().hex}"

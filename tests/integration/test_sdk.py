@@ -12,15 +12,20 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+import psutil
 import pytest
 import redis
+import requests
 
 import flowpool
-from flowpool import client as sdk
+from flowpool import sdk
+from flowpool.sdk import errors
 from flowpool.limits import LimitStore
+from flowpool.procs import free_port
 from flowpool.registry import Accounts
 from flowpool.settings import Settings
-from tests.helpers import ECHO_WORKFLOW, FAILING_WORKFLOW, SLEEPING_WORKFLOW, CannedHTTPServer, Client, eventually
+from tests.helpers import (ECHO_WORKFLOW, FAILING_WORKFLOW, SLEEPING_WORKFLOW, CannedHTTPServer, Client, SilentServer,
+                           eventually)
 
 
 def _ref(name: str) -> str:
@@ -35,21 +40,28 @@ def _sdk(client: Client, key: str | None = None) -> sdk.Flowpool:
 
 def test_every_sdk_name_imports_from_flowpool_and_import_flowpool_loads_no_client() -> None:
     code = ("import sys, flowpool\n"
-            "assert 'flowpool.client' not in sys.modules and 'requests' not in sys.modules, sorted(sys.modules)\n"
+            "assert 'flowpool.sdk' not in sys.modules and 'requests' not in sys.modules, sorted(sys.modules)\n"
             "from flowpool import (Flowpool, APIError, NotFoundError, AuthenticationError, WorkflowTimeoutError,\n"
-            "                      InternalServerError, BadRequestError, RateLimitError, ServiceUnavailableError)\n"
-            "import flowpool.client as c\n"
-            "assert NotFoundError is c.NotFoundError and issubclass(WorkflowTimeoutError, APIError)\n"
-            "print(sorted(set(c.__all__) - set(flowpool.__all__)))\n")
+            "                      InternalServerError, BadRequestError, RateLimitError, ServiceUnavailableError,\n"
+            "                      APIConnectionError, APITimeoutError, Maitai)\n"
+            "assert 'httpx2' not in sys.modules, 'the sync client loads the async one'\n"
+            "from flowpool import AsyncFlowpool, AsyncMaitai\n"
+            "import flowpool.sdk as c, flowpool.client as old\n"
+            "assert NotFoundError is c.NotFoundError is old.NotFoundError\n"
+            "assert issubclass(WorkflowTimeoutError, APIError)\n"
+            "assert issubclass(APITimeoutError, APIConnectionError) and issubclass(APIConnectionError, APIError)\n"
+            "assert AsyncFlowpool is old.AsyncFlowpool and sorted(old.__all__) == sorted(c.__all__)\n"
+            "print(sorted(set(c.__all__) ^ (set(flowpool.__all__) - {'verify_webhook', 'WebhookSignatureError', "
+            "'Settings', '__version__'})))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "[]\n"  # flowpool re-exports every public name of the client
+    assert result.stdout == "[]\n"  # flowpool re-exports every public name of the SDK, and no other
 
 
 def test_no_public_name_of_the_sdk_shadows_a_builtin() -> None:
     assert set(sdk.__all__) & set(dir(builtins)) == set()
     assert set(flowpool.__all__) & set(dir(builtins)) == set()
-    assert sdk._ERRORS[408] is flowpool.WorkflowTimeoutError
+    assert errors._ERRORS[408] is flowpool.WorkflowTimeoutError
 
 
 # Errors, from real answers.
@@ -234,3 +246,97 @@ def test_a_429_asking_for_a_long_wait_is_raised_at_once_not_retried(client: Clie
     error = raised.value
     assert int(error.headers["Retry-After"]) > 10 and error.headers["x-should-retry"] == "true"
     assert "compute_seconds_per_day" in (error.message or "")
+
+
+# Transport failures and timeouts: APIConnectionError and APITimeoutError, chained from requests' exceptions.
+
+def test_a_refused_connection_is_an_api_connection_error_chained_from_requests() -> None:
+    fp = flowpool.Flowpool(api_key="fp_x", base_url=f"http://127.0.0.1:{free_port()}", max_retries=1)
+    with pytest.raises(flowpool.APIConnectionError) as raised:
+        fp.workflow.completions.create(model="workflow:echo", input={})
+    error = raised.value
+    assert type(error) is flowpool.APIConnectionError and isinstance(error, flowpool.APIError)
+    assert (error.status_code, error.body, error.request_id) == (None, None, None)
+    assert isinstance(error.__cause__, requests.ConnectionError)
+    assert repr(pickle.loads(pickle.dumps(error))) == repr(error)
+
+
+class _TimeoutsSent(requests.Session):
+    """A session that keeps the timeout each request was sent with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timeouts: list[object] = []
+
+    def request(self, *args: object, **kwargs: object) -> requests.Response:  # type: ignore[override]
+        self.timeouts.append(kwargs.get("timeout"))
+        return super().request(*args, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_call_past_its_timeout_is_an_api_timeout_error_whether_the_clients_or_its_own() -> None:
+    with SilentServer() as silent, flowpool.Flowpool(api_key="fp_x", base_url=silent.url, timeout=(5, 0.3),
+                                                     max_retries=3) as fp:
+        fp.session = sent = _TimeoutsSent()
+        patient = fp.with_options(timeout=60)
+        errors = []
+        for call in (lambda: fp.workflows.list(),
+                     lambda: patient.workflow.completions.create(model="workflow:x", input={}, timeout=0.3),
+                     lambda: patient.workflow.runs.create(model="workflow:x", input={}, timeout=(2, 0.3))):
+            with pytest.raises(flowpool.APITimeoutError) as raised:
+                call()
+            errors.append(raised.value)
+    assert all(isinstance(e.__cause__, requests.ReadTimeout) and e.status_code is None for e in errors)
+    assert sent.timeouts == [(5, 0.3), 0.3, (2, 0.3)]  # one try each: a read past its time is not sent again
+
+
+# with_options.
+
+def _connections_to(url: str) -> int:
+    port = int(url.rsplit(":", 1)[1])
+    return sum(1 for c in psutil.Process().net_connections("tcp") if c.raddr and c.raddr.port == port
+               and c.status == psutil.CONN_ESTABLISHED)
+
+
+def test_with_options_makes_a_client_of_other_options_on_the_same_session(client: Client) -> None:
+    ref = _ref("echo")
+    client.upload(ref, ECHO_WORKFLOW)
+    before = _connections_to(client.base_url)  # the test's own client keeps one
+    with _sdk(client) as fp:
+        other = fp.with_options(timeout=5, max_retries=3, default_headers={"X-Trace": "t1"})
+        assert other.session is fp.session
+        assert (other.timeout, other.max_retries, other.api_key, dict(other.default_headers)) == (
+            5, 3, client.key, {"X-Trace": "t1"})
+        assert (fp.timeout, fp.max_retries, dict(fp.default_headers)) == (60, 0, {})
+        for each in (fp, other, fp, other):
+            assert each.workflow.completions.create(model=f"workflow:{ref}", input={"text": "x"}).output.echo == "x"
+        assert _connections_to(client.base_url) == before + 1  # one kept-alive connection served both
+        with pytest.raises(flowpool.AuthenticationError):
+            fp.with_options(api_key="fp_bogus").workflows.list()
+        assert fp.workflows.list()  # the key goes with each request, not into the shared session
+
+
+# Maitai: the seed's name, its variables and its header.
+
+def test_maitai_reads_maitai_variables_first_and_sends_its_key_as_x_maitai_api_key(
+        client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLOWPOOL_API_KEY", "fp_not_this_one")
+    monkeypatch.setenv("FLOWPOOL_API_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("MAITAI_API_KEY", client.key)
+    monkeypatch.setenv("MAITAI_BASE_URL", client.base_url)
+    ref = _ref("echo")
+    client.upload(ref, ECHO_WORKFLOW)
+    from flowpool import Maitai
+
+    maitai = Maitai()
+    assert (maitai.api_key, maitai.base_url) == (client.key, client.base_url)
+    assert maitai.workflow.completions.create(model=f"workflow:{ref}", input={"text": "m"}).output.echo == "m"
+
+    with CannedHTTPServer(_answer("200 OK", "application/json", b'{"data": []}')) as server:
+        assert Maitai(base_url=server.url).workflows.list() == []
+    (head,) = server.heads
+    assert f"x-maitai-api-key: {client.key}\r\n".lower() in head.lower() and "\nx-api-key" not in head.lower()
+
+    monkeypatch.delenv("MAITAI_API_KEY")
+    monkeypatch.delenv("MAITAI_BASE_URL")
+    fallback = Maitai()
+    assert (fallback.api_key, fallback.base_url) == ("fp_not_this_one", "http://127.0.0.1:9")

@@ -109,14 +109,14 @@ def test_reupload_changing_only_settings_keeps_the_version_and_updates_the_setti
     assert _data(client.get(f"/api/v1/workflows/{ref}"))["timeout_seconds"] == 9
 
 
-def test_changed_script_creates_the_next_patch_version(client: Client) -> None:
+def test_changed_script_creates_the_next_minor_version(client: Client) -> None:
     ref = _ref("changes")
     assert client.upload(ref, SAYS % "one")["version"]["version"] == "1.0.0"
     response = client.post(UPLOAD, json={"workflow_ref_name": ref, "script": textwrap.dedent(SAYS % "two")})
     data = _data(response, 201)
     assert data["created"] is True
-    assert data["version"]["version"] == "1.0.1"
-    assert data["workflow"]["active_version"] == "1.0.1"
+    assert data["version"]["version"] == "1.1.0"
+    assert data["workflow"]["active_version"] == "1.1.0"
     assert _says(client, ref) == "two"
 
 
@@ -168,7 +168,7 @@ def test_multipart_reupload_is_new_only_when_an_accessory_changes(client: Client
     same = _data(upload(b'["a"]'), 200)
     assert same["created"] is False and same["version"]["version"] == "1.0.0"
     changed = _data(upload(b'["a", "b"]'), 201)
-    assert changed["created"] is True and changed["version"]["version"] == "1.0.1"
+    assert changed["created"] is True and changed["version"]["version"] == "1.1.0"
 
 
 def test_multipart_upload_without_script_file_is_400(client: Client) -> None:
@@ -431,10 +431,10 @@ def test_versions_lists_every_version_with_the_active_flag(client: Client) -> No
     body = client.get(f"/api/v1/workflows/{ref}/versions").json()
     assert body["pagination"] == {"total": 3, "offset": 0, "limit": 25}
     assert [(v["version"], v["active"], v["notes"]) for v in body["data"]] == [
-        ("1.0.0", False, "says one"), ("1.0.1", False, "says two"), ("1.0.2", True, "says three")]
+        ("1.0.0", False, "says one"), ("1.1.0", False, "says two"), ("1.2.0", True, "says three")]
     assert len({v["content_hash"] for v in body["data"]}) == 3
     page = client.get(f"/api/v1/workflows/{ref}/versions", params={"offset": 1, "limit": 1}).json()
-    assert [v["version"] for v in page["data"]] == ["1.0.1"]
+    assert [v["version"] for v in page["data"]] == ["1.1.0"]
 
 
 # Activate (rollback)
@@ -449,9 +449,9 @@ def test_activate_rolls_back_to_an_older_version(client: Client) -> None:
     assert workflow["active_version"] == "1.0.0"
     assert _says(client, ref) == "old"
     versions = client.get(f"/api/v1/workflows/{ref}/versions").json()["data"]
-    assert [(v["version"], v["active"]) for v in versions] == [("1.0.0", True), ("1.0.1", False)]
+    assert [(v["version"], v["active"]) for v in versions] == [("1.0.0", True), ("1.1.0", False)]
     # rolling forward again
-    _data(client.post(f"/api/v1/workflows/{ref}/activate", json={"version": "1.0.1"}))
+    _data(client.post(f"/api/v1/workflows/{ref}/activate", json={"version": "1.1.0"}))
     assert _says(client, ref) == "new"
 
 
@@ -461,7 +461,7 @@ def test_upload_after_a_rollback_continues_from_the_latest_version(client: Clien
     client.upload(ref, SAYS % "b")
     _data(client.post(f"/api/v1/workflows/{ref}/activate", json={"version": "1.0.0"}))
     data = client.upload(ref, SAYS % "c")
-    assert data["version"]["version"] == "1.0.2"
+    assert data["version"]["version"] == "1.2.0"
     assert _says(client, ref) == "c"
 
 

@@ -151,7 +151,7 @@ def test_accessories_are_part_of_the_content_hash(workflows: Workflows) -> None:
     assert len(set(hashes)) == 3
     assert same_again["content_hash"] == changed_accessory["content_hash"]
     assert with_accessory["accessories"] == ["prompts"]
-    assert [v["version"] for v in (plain, with_accessory, changed_accessory)] == ["1.0.0", "1.0.1", "1.0.2"]
+    assert [v["version"] for v in (plain, with_accessory, changed_accessory)] == ["1.0.0", "1.1.0", "1.2.0"]
 
 
 def test_accessory_that_is_not_json_is_a_request_error(workflows: Workflows, redis_db: redis.Redis) -> None:
@@ -172,7 +172,7 @@ def test_activate_rolls_back_and_resolve_then_returns_the_old_version(workflows:
     assert resolved.content_hash == first["content_hash"]
     versions, total = workflows.versions(ACCOUNT, "summarize", 0, 25)
     assert total == 2
-    assert [(v["version"], v["active"]) for v in versions] == [("1.0.0", True), ("1.0.1", False)]
+    assert [(v["version"], v["active"]) for v in versions] == [("1.0.0", True), ("1.1.0", False)]
 
 
 def test_upload_after_a_rollback_numbers_from_the_latest_version(workflows: Workflows) -> None:
@@ -180,11 +180,11 @@ def test_upload_after_a_rollback_numbers_from_the_latest_version(workflows: Work
     upload(workflows, CHANGED_SCRIPT)
     workflows.activate(ACCOUNT, "summarize", "1.0.0")
 
-    _, reuploaded, created = upload(workflows, CHANGED_SCRIPT)  # content of 1.0.1: activates it again
-    assert not created and reuploaded["version"] == "1.0.1"
+    _, reuploaded, created = upload(workflows, CHANGED_SCRIPT)  # content of 1.1.0: activates it again
+    assert not created and reuploaded["version"] == "1.1.0"
 
     _, newest, created = upload(workflows, SCRIPT + "\n# third\n")
-    assert created and newest["version"] == "1.0.2"
+    assert created and newest["version"] == "1.2.0"
 
 
 def test_resolve_with_a_pinned_version_returns_that_version(workflows: Workflows) -> None:
@@ -195,7 +195,7 @@ def test_resolve_with_a_pinned_version_returns_that_version(workflows: Workflows
     active = workflows.resolve(ACCOUNT, "summarize")
 
     assert (pinned.version, pinned.content_hash) == ("1.0.0", first["content_hash"])
-    assert active.version == "1.0.1"
+    assert active.version == "1.1.0"
 
 
 def test_upload_settings_win_over_the_script_constants(workflows: Workflows) -> None:
@@ -283,7 +283,7 @@ def test_list_and_versions_are_paginated_with_totals(workflows: Workflows) -> No
 
     versions, total = workflows.versions(ACCOUNT, "beta", 1, 2)
     assert total == 5
-    assert [v["version"] for v in versions] == ["1.0.1", "1.0.2"]
+    assert [v["version"] for v in versions] == ["1.1.0", "1.2.0"]
     assert workflows.versions(ACCOUNT, "beta", 10, 2) == ([], 5)
 
 

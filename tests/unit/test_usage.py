@@ -186,4 +186,4 @@ def test_with_the_metrics_token_set_an_info_metric_joins_account_ids_to_names(
 def test_the_openapi_document_describes_the_usage_query(api: FlaskClient) -> None:
     operation = api.get("/openapi.json").get_json()["paths"]["/api/v1/usage"]["get"]
     assert [p["name"] for p in operation["parameters"]] == ["from", "to", "group_by"]
-    assert operation["security"] == [{"apiKey": []}, {"bearer": []}]
+    assert operation["security"] == [{"apiKey": []}, {"maitaiApiKey": []}, {"bearer": []}]

@@ -1,0 +1,218 @@
+"""The asynchronous client, on httpx2: ``AsyncFlowpool(...)``, and ``AsyncMaitai()`` for the seed's users.
+
+    from flowpool import AsyncFlowpool
+
+    async with AsyncFlowpool(api_key="fp_...", base_url="http://127.0.0.1:8080") as client:
+        response = await client.workflow.completions.create(model="workflow:echo", input={"text": "hi"})
+        async for chunk in await client.workflow.completions.create(model="workflow:echo", input={}, stream=True):
+            print(chunk)
+
+Every resource and method of :class:`Flowpool`, awaited (they are the same
+methods: :mod:`flowpool.sdk.resources`), with the same options, retries,
+idempotency keys and errors. A stream is an async iterator of :class:`Obj`:
+the request is sent when it is awaited (an error status raises there), its
+events come as they arrive, and an error event raises its APIError.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, AsyncIterator, Mapping, TypeVar
+
+import anyio
+import httpx2
+
+from ..multipart import MultipartBody
+from . import sansio
+from .errors import APIConnectionError, APITimeoutError
+from .objects import Obj
+from .resources import attach
+from .sansio import Call, Options, Timeout
+
+__all__ = ["AsyncFlowpool", "AsyncMaitai", "MaitaiAsync"]
+
+_Client = TypeVar("_Client", bound="AsyncFlowpool")
+
+# What may fail on the way for a reason a second try can mend: nothing came back, or the answer broke off.
+_RETRYABLE = (httpx2.NetworkError, httpx2.RemoteProtocolError, httpx2.ConnectTimeout)
+
+# How much of a multipart body is read from disk at a time while it is sent.
+_CHUNK = 1 << 16
+
+
+class AsyncFlowpool:
+    """An asyncio (or trio) client of one flowpool API; the options are :class:`Flowpool`'s.
+
+    ``await client.close()`` (or ``async with``) closes its connections.
+    """
+
+    # Where the key and the URL are looked up first when not given, and the header the key goes in.
+    _KEY_ENV: tuple[str, ...] = ()
+    _URL_ENV: tuple[str, ...] = ()
+    _KEY_HEADER = "x-api-key"
+
+    def __init__(self, api_key: str | None = None, base_url: str | None = None,
+                 timeout: Timeout = sansio.DEFAULT_TIMEOUT, max_retries: int = sansio.DEFAULT_MAX_RETRIES,
+                 default_headers: Mapping[str, str] | None = None) -> None:
+        self.options = sansio.options(api_key, base_url, timeout, max_retries, default_headers,
+                                      key_env=self._KEY_ENV, url_env=self._URL_ENV, key_header=self._KEY_HEADER)
+        # The timeout goes with each request (the options' or a call's own), so the pool has none of its own.
+        self.http_client = httpx2.AsyncClient(timeout=None)
+        attach(self)
+
+    @classmethod
+    def _sharing(cls: type[_Client], options: Options, http_client: httpx2.AsyncClient) -> _Client:
+        client = cls.__new__(cls)
+        client.options = options
+        client.http_client = http_client
+        attach(client)
+        return client
+
+    def with_options(self: _Client, **changes: Any) -> _Client:
+        """A client with these options changed (api_key, base_url, timeout, max_retries, default_headers), sharing
+        this one's connection pool: closing either closes it for both."""
+        return self._sharing(self.options.changed(**changes), self.http_client)
+
+    @property
+    def api_key(self) -> str | None:
+        return self.options.api_key
+
+    @property
+    def base_url(self) -> str:
+        return self.options.base_url
+
+    @property
+    def timeout(self) -> Timeout:
+        return self.options.timeout
+
+    @property
+    def max_retries(self) -> int:
+        return self.options.max_retries
+
+    @property
+    def default_headers(self) -> Mapping[str, str]:
+        return self.options.default_headers
+
+    async def close(self) -> None:
+        """Close the client's connections."""
+        await self.http_client.aclose()
+
+    async def __aenter__(self: _Client) -> _Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_url={self.base_url!r})"
+
+    async def _call(self, call: Call) -> Any:
+        response = await self._send(call)
+        return call.result(sansio.decode(response.status_code, response.headers, response.content,
+                                         str(response.url)))
+
+    async def _send(self, call: Call, stream: bool = False) -> httpx2.Response:
+        """Send ``call``, again while that is safe (a keyed call: nothing came back, or the server says so).
+
+        A stream is retried only until its answer starts; after that a retry would replay its events.
+        """
+        url = self.options.base_url + call.path
+        headers = {**self.options.headers(), **call.headers}
+        timeout = _timeout(self.options.timeout if call.timeout is None else call.timeout)
+        content: Any = call.content
+        if isinstance(content, MultipartBody):
+            # Sent as read from disk, with its length up front rather than chunked (as the sync client sends it).
+            headers["Content-Length"] = str(len(content))
+            content = _chunks(content)
+        try:
+            for attempt in itertools.count():
+                request = self.http_client.build_request(call.method, url, params=call.query(), json=call.json,
+                                                         content=content, headers=headers, timeout=timeout)
+                try:
+                    response = await self.http_client.send(request, stream=stream)
+                except httpx2.RequestError as exc:
+                    wait = None
+                    if call.retry and isinstance(exc, _RETRYABLE):
+                        wait = sansio.retry_wait(attempt, self.options.max_retries, None)
+                    if wait is None:
+                        raise _transport_error(exc, url) from exc
+                    await anyio.sleep(wait)
+                    continue
+                wait = (sansio.retry_wait(attempt, self.options.max_retries, response.status_code,
+                                          response.headers) if call.retry else None)
+                if wait is None:
+                    return response
+                await response.aclose()
+                await anyio.sleep(wait)
+        finally:
+            if isinstance(call.content, MultipartBody):
+                call.content.close()
+        raise AssertionError("the loop returns or raises")
+
+    async def _stream(self, call: Call) -> AsyncIterator[Obj]:
+        """Send ``call``: an async iterator of its events as :class:`Obj`; an error status raised here, an error
+        event where it comes."""
+        response = await self._send(call, stream=True)
+        url = str(response.url)
+        if sansio.is_event_stream(response.status_code, response.headers):
+            return _events(response, url)
+        try:
+            content = await response.aread()
+        except httpx2.RequestError as exc:
+            raise _transport_error(exc, url) from exc
+        finally:
+            await response.aclose()
+        return _one(Obj(sansio.decode(response.status_code, response.headers, content, url)))
+
+
+async def _events(response: httpx2.Response, url: str) -> AsyncIterator[Obj]:
+    """The events of a server-sent event answer; an error event raised as its APIError."""
+    try:
+        async for line in response.aiter_lines():
+            value = sansio.sse_data(line)
+            if value is sansio.DONE:
+                return
+            if value is not sansio.SKIP:
+                yield sansio.event(value, response.headers)
+    except httpx2.RequestError as exc:  # the stream broke off
+        raise _transport_error(exc, url) from exc
+    finally:
+        await response.aclose()
+
+
+async def _one(value: Obj) -> AsyncIterator[Obj]:
+    """A stream of the one answer that came as JSON rather than as events (a cached run, say)."""
+    yield value
+
+
+async def _chunks(body: MultipartBody) -> AsyncIterator[bytes]:
+    """A multipart body as it is read from disk (its progress callback called as each piece goes)."""
+    while chunk := body.read(_CHUNK):
+        yield chunk
+
+
+def _timeout(timeout: Timeout) -> httpx2.Timeout:
+    """The options' timeout as httpx2's: a (connect, read) pair bounds writing and waiting for the pool as reading."""
+    if isinstance(timeout, tuple):
+        connect, read = timeout
+        return httpx2.Timeout(read, connect=connect)
+    return httpx2.Timeout(timeout)
+
+
+def _transport_error(exc: httpx2.RequestError, url: str) -> APIConnectionError:
+    """httpx2's exception as the SDK's (the caller chains it)."""
+    if isinstance(exc, httpx2.TimeoutException):
+        return APITimeoutError(f"no answer from {url} in time: {type(exc).__name__}: {exc}", url)
+    return APIConnectionError(f"no answer from {url}: {type(exc).__name__}: {exc}", url)
+
+
+class AsyncMaitai(AsyncFlowpool):
+    """:class:`AsyncFlowpool` as the seed's ``maitai.MaitaiAsync()``: ``api_key`` and ``base_url`` fall back on
+    MAITAI_API_KEY and MAITAI_BASE_URL first (then FLOWPOOL_*), and the key goes in ``X-Maitai-Api-Key``."""
+
+    _KEY_ENV = ("MAITAI_API_KEY",)
+    _URL_ENV = ("MAITAI_BASE_URL",)
+    _KEY_HEADER = "X-Maitai-Api-Key"
+
+
+#: The seed's name for it (``maitai.MaitaiAsync()``).
+MaitaiAsync = AsyncMaitai

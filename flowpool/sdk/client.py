@@ -1,0 +1,188 @@
+"""The synchronous client, on requests: ``Flowpool(api_key=..., base_url=...)``, and ``Maitai()`` for the seed's users.
+
+    from flowpool import Flowpool, APIError
+
+    with Flowpool(api_key="fp_...", base_url="http://127.0.0.1:8080", timeout=30) as client:
+        try:
+            response = client.workflow.completions.create(model="workflow:echo", input={"text": "hi"})
+        except APIError as exc:
+            print(exc.status_code, exc.type, exc.message, exc.request_id)
+        else:
+            print(response.choices[0].message.content, response.output)
+
+Answers are :class:`Obj`; errors are :mod:`flowpool.sdk.errors`' tree (a
+refused or dropped connection is an :class:`APIConnectionError`, one past
+the timeout an :class:`APITimeoutError`); retries and idempotency keys are
+described in :mod:`flowpool.sdk.sansio`. ``client.with_options(timeout=5)``
+is a client with other options on the same connection pool.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any, Iterator, Mapping, TypeVar
+
+import requests
+import urllib3
+
+from . import sansio
+from .errors import APIConnectionError, APITimeoutError
+from .objects import Obj
+from .resources import attach
+from .sansio import Call, Options, Timeout
+
+__all__ = ["Flowpool", "Maitai"]
+
+_Client = TypeVar("_Client", bound="Flowpool")
+
+# What may fail on the way for a reason a second try can mend: nothing came back, or the answer broke off.
+_RETRYABLE = (requests.ConnectionError, requests.exceptions.ChunkedEncodingError)
+
+
+class Flowpool:
+    """A client of one flowpool API.
+
+    ``api_key`` and ``base_url`` fall back on FLOWPOOL_API_KEY and
+    FLOWPOOL_API_URL; ``timeout`` bounds each try of a call (seconds, a
+    (connect, read) pair, or None); ``max_retries`` is how often a keyed call
+    is sent again; ``default_headers`` go with every request.
+    """
+
+    # Where the key and the URL are looked up first when not given, and the header the key goes in.
+    _KEY_ENV: tuple[str, ...] = ()
+    _URL_ENV: tuple[str, ...] = ()
+    _KEY_HEADER = "x-api-key"
+
+    def __init__(self, api_key: str | None = None, base_url: str | None = None,
+                 timeout: Timeout = sansio.DEFAULT_TIMEOUT, max_retries: int = sansio.DEFAULT_MAX_RETRIES,
+                 default_headers: Mapping[str, str] | None = None) -> None:
+        self.options = sansio.options(api_key, base_url, timeout, max_retries, default_headers,
+                                      key_env=self._KEY_ENV, url_env=self._URL_ENV, key_header=self._KEY_HEADER)
+        self.session = requests.Session()
+        attach(self)
+
+    @classmethod
+    def _sharing(cls: type[_Client], options: Options, session: requests.Session) -> _Client:
+        client = cls.__new__(cls)
+        client.options = options
+        client.session = session
+        attach(client)
+        return client
+
+    def with_options(self: _Client, **changes: Any) -> _Client:
+        """A client with these options changed (api_key, base_url, timeout, max_retries, default_headers), sharing
+        this one's connection pool: closing either closes it for both."""
+        return self._sharing(self.options.changed(**changes), self.session)
+
+    @property
+    def api_key(self) -> str | None:
+        return self.options.api_key
+
+    @property
+    def base_url(self) -> str:
+        return self.options.base_url
+
+    @property
+    def timeout(self) -> Timeout:
+        return self.options.timeout
+
+    @property
+    def max_retries(self) -> int:
+        return self.options.max_retries
+
+    @property
+    def default_headers(self) -> Mapping[str, str]:
+        return self.options.default_headers
+
+    def close(self) -> None:
+        """Close the client's connections."""
+        self.session.close()
+
+    def __enter__(self: _Client) -> _Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_url={self.base_url!r})"
+
+    def _call(self, call: Call) -> Any:
+        response = self._send(call)
+        return call.result(sansio.decode(response.status_code, response.headers, response.content, response.url))
+
+    def _send(self, call: Call, stream: bool = False) -> requests.Response:
+        """Send ``call``, again while that is safe (a keyed call: nothing came back, or the server says so).
+
+        A stream is retried only until its answer starts; after that a retry would replay its events.
+        """
+        url = self.options.base_url + call.path
+        headers = {**self.options.headers(), **call.headers}
+        timeout = self.options.timeout if call.timeout is None else call.timeout
+        try:
+            for attempt in itertools.count():
+                try:
+                    response = self.session.request(call.method, url, params=call.query(), json=call.json,
+                                                    data=call.content, headers=headers, stream=stream,
+                                                    timeout=timeout)
+                except requests.RequestException as exc:
+                    wait = None
+                    if call.retry and isinstance(exc, _RETRYABLE) and not _timed_out_reading(exc):
+                        wait = sansio.retry_wait(attempt, self.options.max_retries, None)
+                    if wait is None:
+                        raise _transport_error(exc, url) from exc
+                    time.sleep(wait)
+                    continue
+                wait = (sansio.retry_wait(attempt, self.options.max_retries, response.status_code,
+                                          response.headers) if call.retry else None)
+                if wait is None:
+                    return response
+                response.close()
+                time.sleep(wait)
+        finally:
+            close = getattr(call.content, "close", None)  # a multipart body reading files from disk
+            if close is not None:
+                close()
+        raise AssertionError("the loop returns or raises")
+
+    def _stream(self, call: Call) -> Iterator[Obj]:
+        """The events of a server-sent event answer as :class:`Obj`; an error event or status raised as its APIError.
+
+        Sent when first iterated.
+        """
+        response = self._send(call, stream=True)
+        with response:
+            try:
+                if not sansio.is_event_stream(response.status_code, response.headers):
+                    yield Obj(sansio.decode(response.status_code, response.headers, response.content, response.url))
+                    return
+                for line in response.iter_lines(decode_unicode=True):
+                    value = sansio.sse_data(line)
+                    if value is sansio.DONE:
+                        return
+                    if value is not sansio.SKIP:
+                        yield sansio.event(value, response.headers)
+            except requests.RequestException as exc:  # the stream broke off
+                raise _transport_error(exc, response.url) from exc
+
+
+def _timed_out_reading(exc: requests.RequestException) -> bool:
+    """Whether ``exc`` is a read past the timeout (requests says so as a ConnectionError once a body is streamed)."""
+    return isinstance(exc, requests.ReadTimeout) or (
+        bool(exc.args) and isinstance(exc.args[0], urllib3.exceptions.ReadTimeoutError))
+
+
+def _transport_error(exc: requests.RequestException, url: str) -> APIConnectionError:
+    """requests' exception as the SDK's (the caller chains it)."""
+    if isinstance(exc, requests.Timeout) or _timed_out_reading(exc):
+        return APITimeoutError(f"no answer from {url} in time: {exc}", url)
+    return APIConnectionError(f"no answer from {url}: {exc}", url)
+
+
+class Maitai(Flowpool):
+    """:class:`Flowpool` as the seed's ``maitai.Maitai()``: ``api_key`` and ``base_url`` fall back on MAITAI_API_KEY
+    and MAITAI_BASE_URL first (then FLOWPOOL_API_KEY, FLOWPOOL_API_URL), and the key goes in ``X-Maitai-Api-Key``."""
+
+    _KEY_ENV = ("MAITAI_API_KEY",)
+    _URL_ENV = ("MAITAI_BASE_URL",)
+    _KEY_HEADER = "X-Maitai-Api-Key"

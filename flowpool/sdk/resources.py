@@ -1,0 +1,242 @@
+"""The SDK's resources (``client.workflow.completions``, ``client.workflows``, ``client.runs``...), for both clients.
+
+Each method builds its request as a :class:`~flowpool.sdk.sansio.Call` and
+hands it to its client: :class:`Flowpool` sends it and returns the value,
+:class:`AsyncFlowpool` returns an awaitable of it. So every method here is
+one of both clients, with one docstring: ``client.workflows.get(name)`` and
+``await async_client.workflows.get(name)``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import quote
+
+from ..multipart import MultipartBody, Progress
+from .objects import Obj, wrap
+from .sansio import Call, Options, Timeout, invoke_body, longer
+from .sansio import idempotency_key as _key  # the methods take an argument of its name
+
+__all__ = ["attach"]
+
+
+class _Client(Protocol):
+    options: Options
+
+    def _call(self, call: Call) -> Any:
+        """The value of ``call`` (async: an awaitable of it)."""
+
+    def _stream(self, call: Call) -> Any:
+        """The events of ``call`` (async: an awaitable of an async iterator of them)."""
+
+
+def _data(kind: str) -> Any:
+    """An answer's ``data`` as an :class:`Obj` of ``kind``."""
+    return lambda answer: Obj(answer["data"], kind)
+
+
+def _listed(key: str) -> Any:
+    """An answer's ``data`` list, each item an :class:`Obj` named after the singular of ``key``."""
+    return lambda answer: wrap(answer["data"], key)
+
+
+class _Completions:
+    def __init__(self, client: _Client) -> None:
+        self._client = client
+
+    def create(self, model: str, messages: list[dict[str, Any]] | None = None, input: Any = None,
+               stream: bool = False, secrets: dict[str, str] | None = None, session_id: str | None = None,
+               metadata: dict[str, Any] | None = None, idempotency_key: str | None = None,
+               timeout: Timeout | None = None, **params: Any) -> Any:
+        """Invoke a workflow; returns the ``chat.completion`` as an :class:`Obj`.
+
+        With ``stream``, an iterator (async: an async iterator) of its
+        ``workflow.chunk`` events as the script emits them, then the
+        completion; an error event raised as its :class:`APIError`.
+        ``idempotency_key`` names this call across retries and processes (a
+        new one is made when not given): sending it again within the
+        server's window returns the same run, never a second one.
+        ``timeout`` (seconds, or a (connect, read) pair) bounds each try of
+        this call in place of the client's.
+        """
+        body = invoke_body(model, params, messages=messages, input=input, secrets=secrets, session_id=session_id,
+                           metadata=metadata)
+        if stream:
+            body["stream"] = True
+        call = Call("POST", "/workflow/chat/completions", json=body, timeout=timeout, retry=True,
+                    headers={"Idempotency-Key": _key(idempotency_key)})
+        return self._client._stream(call) if stream else self._client._call(call)
+
+
+class _Workflow:
+    def __init__(self, client: _Client) -> None:
+        self.completions = _Completions(client)
+        self.runs = _WorkflowRuns(client)
+
+
+class _Workflows:
+    def __init__(self, client: _Client) -> None:
+        self._client = client
+
+    def upload(self, name: str, script: str | Path, accessories: dict[str, str | Path] | None = None,
+               progress: Progress | None = None, **fields: Any) -> Any:
+        """Upload a script (text or path) under ``name``; returns the workflow, version and ``created``.
+
+        ``accessories`` maps keys to JSON files, streamed from disk as the
+        body is sent; ``progress(bytes_sent, bytes_total)`` is called as it goes.
+        ``fields`` are the upload's other fields (``timeout_seconds``,
+        ``queue``, ``env``...); those given as None are left out.
+        """
+        if isinstance(script, Path):
+            script = script.read_text()
+        files: dict[str, tuple[str, bytes | Path]] = {"script_file": ("workflow.py", script.encode())}
+        for key, path in (accessories or {}).items():
+            files[f"accessory_{key}"] = (Path(path).name, Path(path))
+        data = {"workflow_ref_name": name}
+        for key, value in fields.items():
+            if value is not None:
+                data[key] = json.dumps(value) if isinstance(value, dict) else str(value)
+        body = MultipartBody(data, files, progress)  # the client closes it once sent
+        return self._client._call(Call("POST", "/api/v1/workflows/upload", _data("WorkflowUpload"), content=body,
+                                       headers={"Content-Type": body.content_type}))
+
+    def get(self, name: str) -> Any:
+        """The workflow ``name`` and its active version."""
+        return self._client._call(Call("GET", f"/api/v1/workflows/{name}", _data("Workflow")))
+
+    def list(self, offset: int = 0, limit: int = 25) -> Any:
+        """The account's workflows."""
+        return self._client._call(Call("GET", "/api/v1/workflows", _listed("workflows"),
+                                       params={"offset": offset, "limit": limit}))
+
+    def runs(self, name: str, offset: int = 0, limit: int = 25) -> Any:
+        """The latest runs of workflow ``name``, newest first (summaries; ``client.runs.get`` has the rest)."""
+        return self._client._call(Call("GET", f"/api/v1/workflows/{name}/runs", _listed("runs"),
+                                       params={"offset": offset, "limit": limit}))
+
+
+class _Runs:
+    def __init__(self, client: _Client) -> None:
+        self._client = client
+
+    def get(self, request_id: str, wait: float | None = None) -> Any:
+        """Everything kept of a run: status, timings, output, error (with the script's traceback), logs, chunks, its
+        webhook; with ``wait``, answered once the run ends or after ``wait`` seconds (capped by the server)."""
+        timeout = None if wait is None else longer(self._client.options.timeout, wait + 30)
+        return self._client._call(Call("GET", f"/api/v1/runs/{request_id}", _data("Run"), params={"wait": wait},
+                                       timeout=timeout))
+
+    def stream(self, request_id: str, logs: bool = False) -> Any:
+        """Follow a run from its start: each ``WorkflowChunk`` as it comes, then its ``ChatCompletion``.
+
+        With ``logs``, each of its log lines too, as a ``WorkflowLog``
+        (``level``, ``msg``, ``time``, ``fields``), in order with the chunks.
+        A run that failed raises its :class:`APIError` (before the first chunk
+        or after the last one), as an invoke with ``stream=True`` does.
+        """
+        return self._client._stream(Call("GET", f"/api/v1/runs/{request_id}/stream",
+                                         params={"logs": "true"} if logs else None))
+
+
+class _WorkflowRuns(_Runs):
+    """Runs started without waiting: ``create`` answers once the run is queued; ``get(request_id, wait=N)`` waits."""
+
+    def create(self, model: str, messages: list[dict[str, Any]] | None = None, input: Any = None,
+               webhook_url: str | None = None, secrets: dict[str, str] | None = None, session_id: str | None = None,
+               metadata: dict[str, Any] | None = None, idempotency_key: str | None = None,
+               timeout: Timeout | None = None, **params: Any) -> Any:
+        """Start a run: its ``request_id``, ``status``, ``status_url`` and ``stream_url`` (the whole run when the
+        cache answered). ``webhook_url`` gets its end POSTed, signed (check it with ``flowpool.verify_webhook``)."""
+        body = invoke_body(model, params, messages=messages, input=input, secrets=secrets, session_id=session_id,
+                           metadata=metadata, webhook_url=webhook_url)
+        return self._client._call(Call("POST", "/api/v1/runs", lambda answer: Obj(answer, "Run"), json=body,
+                                       timeout=timeout, retry=True,
+                                       headers={"Idempotency-Key": _key(idempotency_key)}))
+
+
+class _Datastores:
+    """The account's datastores: records searched by id, keyword (BM25) and vector (cosine)."""
+
+    def __init__(self, client: _Client) -> None:
+        self._client = client
+
+    def create(self, name: str, id_field: str, text_fields: list[str], vector_field: str | None = None,
+               vector_dims: int | None = None, filters: list[str] | None = None,
+               embedding: dict[str, str] | None = None) -> Any:
+        """Create datastore ``name``; ``embedding`` ({base_url, model, api_key_env?}) embeds queries and records."""
+        spec: dict[str, Any] = {"name": name, "id_field": id_field, "text_fields": text_fields}
+        for key, value in (("vector_field", vector_field), ("vector_dims", vector_dims), ("filters", filters),
+                           ("embedding", embedding)):
+            if value is not None:
+                spec[key] = value
+        return self._client._call(Call("POST", "/api/v1/datastores", _data("Datastore"), json=spec))
+
+    def list(self, offset: int = 0, limit: int = 25) -> Any:
+        """The account's datastores."""
+        return self._client._call(Call("GET", "/api/v1/datastores", _listed("datastores"),
+                                       params={"offset": offset, "limit": limit}))
+
+    def get(self, name: str) -> Any:
+        """Datastore ``name``: its spec, ``records`` and ``version``."""
+        return self._client._call(Call("GET", _path(name), _data("Datastore")))
+
+    def delete(self, name: str) -> Any:
+        """Delete datastore ``name`` and its records."""
+        return self._client._call(Call("DELETE", _path(name), lambda answer: Obj(answer["data"])))
+
+    def ingest(self, name: str, records: list[dict[str, Any]] | None = None, *, body: bytes | None = None,
+               content_type: str = "application/json") -> Any:
+        """Upsert ``records`` (or a raw ``body``: JSON array, JSONL as application/x-ndjson, CSV as text/csv).
+
+        One request, atomic: a bad line or record is a BadRequestError naming it, and nothing of it is
+        stored. ``flowpool datastore ingest`` sends a large file as batches under the server's limit.
+        """
+        if (records is None) == (body is None):
+            raise TypeError("pass records or body, not both")
+        if records is not None:
+            body, content_type = json.dumps(records).encode(), "application/json"
+        return self._client._call(Call("POST", _path(name, "records"), _data("Ingested"), content=body,
+                                       headers={"Content-Type": content_type}))
+
+    def delete_records(self, name: str, ids: list[str]) -> Any:
+        """Delete the records with these ids (ids not stored are skipped)."""
+        return self._client._call(Call("DELETE", _path(name, "records"), lambda answer: Obj(answer["data"]),
+                                       json={"ids": ids}))
+
+    def get_record(self, name: str, record_id: str) -> Any:
+        """The record ``record_id`` as ingested; NotFoundError when the store has none."""
+        return self._client._call(Call("GET", _path(name, "records", record_id), _data("Record")))
+
+    def search(self, name: str, query: str | None = None, vector: list[float] | None = None, limit: int = 10,
+               filters: dict[str, Any] | None = None) -> Any:
+        """Records ranked by keyword, vector or both: ``mode`` and ``data`` [{id, score, scores, record}]."""
+        body: dict[str, Any] = {"limit": limit}
+        for key, value in (("query", query), ("vector", vector), ("filters", filters)):
+            if value is not None:
+                body[key] = value
+        return self._client._call(Call("POST", _path(name, "search"), _data("SearchResult"), json=body))
+
+
+class _Usage:
+    def __init__(self, client: _Client) -> None:
+        self._client = client
+
+    def get(self, from_: str | None = None, to: str | None = None, group_by: str | None = None) -> Any:
+        """The account's usage (GET /api/v1/usage) from ``from_`` to ``to`` (YYYY-MM-DD, UTC), by day or workflow."""
+        return self._client._call(Call("GET", "/api/v1/usage", _data("Usage"),
+                                       params={"from": from_, "to": to, "group_by": group_by}))
+
+
+def _path(name: str, *rest: str) -> str:
+    """The route of datastore ``name`` (and below it), each part quoted whole."""
+    return "/".join(["/api/v1/datastores", *(quote(p, safe="") for p in (name, *rest))])
+
+
+def attach(client: Any) -> None:
+    """Set the resources on ``client``: ``workflow``, ``workflows``, ``runs``, ``datastores``, ``usage``."""
+    client.workflow = _Workflow(client)
+    client.workflows = _Workflows(client)
+    client.runs = _Runs(client)
+    client.datastores = _Datastores(client)
+    client.usage = _Usage(client)

@@ -1,0 +1,205 @@
+"""The local inner loop, run as a user runs it (real subprocesses): ``flowpool init`` writes a starter and its
+test, ``flowpool run FILE`` runs a file once, on the session's stack or on a temporary stack it starts itself."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import psutil
+
+from flowpool.procs import free_port
+from tests.helpers import FAILING_WORKFLOW, Client, run_flowpool
+
+STARTER_INPUT = '{"text": "hello flowpool"}'
+
+SHOWS_SECRET = """\
+def execute(ctx):
+    ctx.emit("step", "one")
+    ctx.emit("step", "two")
+    return {"token": ctx.secrets["TOKEN"], "text": ctx.input["text"]}
+"""
+
+
+def _bare_env(home: Path, **extra: str) -> dict[str, str]:
+    """This process's environment without FLOWPOOL_* variables and with its own HOME: no dev, no API to find."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWPOOL_")}
+    env.update(HOME=str(home), FLOWPOOL_LOG_LEVEL="WARNING", **extra)
+    return env
+
+
+def _stack_env(client: Client, home: Path, **extra: str) -> dict[str, str]:
+    """The environment of a user pointed at the session's stack as ``client``'s account."""
+    return _bare_env(home, FLOWPOOL_API_URL=client.base_url, FLOWPOOL_API_KEY=client.key, **extra)
+
+
+def _marked(mark: str) -> list[psutil.Process]:
+    """The live processes whose environment carries ``mark`` (what a command started inherits it)."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("FP_RUN_TEST_MARK") == mark and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        except psutil.Error:  # gone, or another user's
+            continue
+    return found
+
+
+def _left_in(tmp: Path) -> list[str]:
+    """What a stack left in its TMPDIR: nothing but the uid lock files every worker of a machine shares (kept by
+    design, sandbox/sandbox.py); a stack killed rather than stopped leaves its runtime and sandbox directories."""
+    return sorted(p.name for p in tmp.iterdir() if p.name != "flowpool-uid-blocks")
+
+
+def _output(stdout: str) -> object:
+    """The output a run printed last (pretty JSON after any chunk lines)."""
+    start = stdout.index("{\n") if "{\n" in stdout else stdout.rindex("{")
+    return json.loads(stdout[start:])
+
+
+def test_init_then_run_in_a_fresh_directory_starts_a_stack_and_leaves_no_process_behind(tmp_path: Path) -> None:
+    mark, tmp = uuid.uuid4().hex, tmp_path / "tmp"
+    tmp.mkdir()
+    env = _bare_env(tmp_path, FP_RUN_TEST_MARK=mark, TMPDIR=str(tmp))
+
+    made = run_flowpool("init", "greeter", cwd=tmp_path, env=env, timeout=30)
+    assert made.returncode == 0, made.stderr
+    assert "flowpool run greeter/workflow.py" in made.stdout and "pytest greeter/" in made.stdout
+    ran = run_flowpool("run", "greeter/workflow.py", "--input", STARTER_INPUT, cwd=tmp_path, env=env, timeout=120)
+
+    assert ran.returncode == 0, f"stdout: {ran.stdout}\nstderr: {ran.stderr}"
+    assert "starting a temporary stack" in ran.stderr
+    assert _output(ran.stdout) == {"shout": "HELLO FLOWPOOL", "words": 2}
+    assert _marked(mark) == []
+    assert _left_in(tmp) == []
+    assert sorted(p.name for p in (tmp_path / "greeter").iterdir()) == ["test_workflow.py", "workflow.py"]
+
+
+def test_sigterm_stops_a_run_and_its_temporary_stack(tmp_path: Path) -> None:
+    mark, tmp = uuid.uuid4().hex, tmp_path / "tmp"
+    tmp.mkdir()
+    script = tmp_path / "slow.py"
+    script.write_text("import time\n\n\ndef execute(ctx):\n    ctx.emit('started', 1)\n    time.sleep(60)\n"
+                      "    return {}\n")
+    command = subprocess.Popen([sys.executable, "-I", "-m", "flowpool.cli", "run", str(script), "--input", "{}",
+                                "--stream"], cwd=tmp_path, env=_bare_env(tmp_path, FP_RUN_TEST_MARK=mark, TMPDIR=str(tmp)),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        assert command.stdout is not None
+        first = command.stdout.readline()  # the run's first chunk: the stack is up and the run going
+        assert json.loads(first) == {"type": "started", "content": 1}
+        command.terminate()
+        assert command.wait(60) != 0
+    finally:
+        if command.poll() is None:
+            command.kill()
+            command.wait(10)
+        command.stdout.close()  # type: ignore[union-attr]
+        command.stderr.close()  # type: ignore[union-attr]
+    left = _marked(mark)
+    _, still = psutil.wait_procs(left, timeout=10)
+    assert still == []
+    assert _left_in(tmp) == []  # stopped, not killed with its command
+
+
+def test_run_on_a_running_stack_starts_none_and_hands_the_secret_to_the_script(client: Client, tmp_path: Path) -> None:
+    script = tmp_path / "shows.py"
+    script.write_text(SHOWS_SECRET)
+
+    ran = run_flowpool("run", str(script), "--input", '{"text": "hi"}', "--secret", "TOKEN", cwd=tmp_path,
+                       env=_stack_env(client, tmp_path, TOKEN="from-the-shell"), timeout=60)
+
+    assert ran.returncode == 0, ran.stderr
+    assert "temporary stack" not in ran.stderr
+    assert _output(ran.stdout) == {"token": "from-the-shell", "text": "hi"}
+    listed = client.get("/api/v1/workflows").json()
+    assert listed["pagination"]["total"] == 0  # run, not uploaded
+
+
+def test_run_stream_prints_each_chunk_as_a_json_line_then_the_output(client: Client, tmp_path: Path) -> None:
+    script = tmp_path / "shows.py"
+    script.write_text(SHOWS_SECRET)
+
+    ran = run_flowpool("run", str(script), "--input", '{"text": "hi"}', "--secret", "TOKEN=t", "--stream",
+                       cwd=tmp_path, env=_stack_env(client, tmp_path), timeout=60)
+
+    assert ran.returncode == 0, ran.stderr
+    lines = ran.stdout.splitlines()
+    assert [json.loads(line) for line in lines[:2]] == [{"type": "step", "content": "one"},
+                                                        {"type": "step", "content": "two"}]
+    assert json.loads("\n".join(lines[2:])) == {"token": "t", "text": "hi"}
+
+
+def test_run_json_prints_the_whole_completion(client: Client, tmp_path: Path) -> None:
+    script = tmp_path / "shows.py"
+    script.write_text(SHOWS_SECRET)
+
+    ran = run_flowpool("run", str(script), "--input", '{"text": "hi"}', "--secret", "TOKEN=t", "--json",
+                       cwd=tmp_path, env=_stack_env(client, tmp_path), timeout=60)
+
+    assert ran.returncode == 0, ran.stderr
+    completion = json.loads(ran.stdout)
+    assert completion["object"] == "chat.completion" and completion["output"] == {"token": "t", "text": "hi"}
+    assert completion["model"].startswith("workflow:fp-preview-")
+
+
+def test_a_failing_run_exits_1_with_its_error_and_the_scripts_traceback(client: Client, tmp_path: Path) -> None:
+    script = tmp_path / "fails.py"
+    script.write_text(FAILING_WORKFLOW)
+
+    ran = run_flowpool("run", str(script), "--input", "{}", cwd=tmp_path, env=_stack_env(client, tmp_path),
+                       timeout=60)
+
+    assert ran.returncode == 1
+    assert "Traceback (most recent call last)" in ran.stdout and "ZeroDivisionError" in ran.stdout
+    assert "in divide" in ran.stdout
+    assert ran.stderr.startswith("Error: 500 script_error: ZeroDivisionError")
+    assert "see: flowpool logs req_" in ran.stderr
+
+
+def test_a_script_with_a_syntax_error_is_refused_locally_with_its_line(tmp_path: Path) -> None:
+    script = tmp_path / "broken.py"
+    script.write_text("def execute(ctx):\n    x = 1\n    return {'x': x\n")
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens: a request sent would fail otherwise
+
+    ran = run_flowpool("run", str(script), "--input", "{}", cwd=tmp_path,
+                       env=_bare_env(tmp_path, FLOWPOOL_API_URL=closed, FLOWPOOL_API_KEY="fp_unused"), timeout=30)
+
+    assert ran.returncode == 1
+    assert ran.stdout.startswith(f"{script}:3: ")
+    assert "cannot reach" not in ran.stdout + ran.stderr
+
+
+def test_init_refuses_to_overwrite_and_writes_nothing(tmp_path: Path) -> None:
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "workflow.py").write_text("# my own work\n")
+
+    made = run_flowpool("init", "mine", cwd=tmp_path, env=_bare_env(tmp_path), timeout=30)
+
+    assert made.returncode == 1
+    assert "mine/workflow.py already exists" in made.stderr and "nothing was written" in made.stderr
+    assert (tmp_path / "mine" / "workflow.py").read_text() == "# my own work\n"
+    assert not (tmp_path / "mine" / "test_workflow.py").exists()
+
+
+def test_init_refuses_a_name_that_is_no_workflow_ref_name(tmp_path: Path) -> None:
+    made = run_flowpool("init", "bad name!", cwd=tmp_path, env=_bare_env(tmp_path), timeout=30)
+
+    assert made.returncode == 2 and "not a workflow ref name" in made.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_test_init_writes_passes_under_pytest(client: Client, tmp_path: Path) -> None:
+    assert run_flowpool("init", "starter", cwd=tmp_path, env=_bare_env(tmp_path), timeout=30).returncode == 0
+
+    tested = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "starter/"],
+                            cwd=tmp_path, env=_stack_env(client, tmp_path), capture_output=True, text=True,
+                            stdin=subprocess.DEVNULL, timeout=120)
+
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert "1 passed" in tested.stdout
+    runs = client.get("/api/v1/workflows").json()
+    assert runs["pagination"]["total"] == 0
