@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import redis
 
@@ -26,7 +26,7 @@ from flowpool.errors import (FlowpoolError, IdempotencyKeyReused, OutcomeUnavail
 from flowpool.jsonsafe import canonical_json
 from flowpool.queues import broker_queue
 from flowpool.quotas import Quota
-from flowpool.registry import Account, check_invocation_input
+from flowpool.registry import Account, ResolvedWorkflow, check_invocation_input
 from flowpool.run import CachePlan, RunEnd, RunJob, RunRecord, RunStatus
 from flowpool.sealing import InvalidToken, SecretBox
 from flowpool.tasks.app import RUN_TASK
@@ -103,7 +103,7 @@ def _replay(svc: Services, account: Account, body: InvokeRequest, first: str, ru
 
 
 def admit(svc: Services, account: Account, body: InvokeRequest, idempotency_key: str | None = None,
-          webhook_url: str | None = None) -> Admission:
+          webhook_url: str | None = None, workflow: ResolvedWorkflow | None = None) -> Admission:
     """Decide how ``body`` is answered; a queued run is recorded and its job built, not yet sent.
 
     With ``idempotency_key``, a request repeating it within the window gets
@@ -112,6 +112,8 @@ def admit(svc: Services, account: Account, body: InvokeRequest, idempotency_key:
     (a 429) and nothing was written. With ``webhook_url`` (checked by the caller)
     the run gets a webhook, due when it ends (at once for a cache hit); such a
     request never joins another's run, whose end it could not be told of.
+    ``workflow``: what ``body.model`` resolves to, when the caller has it
+    before it is stored (a preview, :mod:`flowpool.registry.previews`).
     """
     if body.messages is None and body.input is None:
         raise RequestError("send 'messages', 'input' or both", param="input")
@@ -123,7 +125,8 @@ def admit(svc: Services, account: Account, body: InvokeRequest, idempotency_key:
     request = body.model_dump(include={"input", "max_tokens", "temperature", "metadata"})
     request["messages"] = messages
 
-    workflow = svc.resolve(account.id, ref, pinned)
+    if workflow is None:
+        workflow = svc.resolve(account.id, ref, pinned)
     # Before anything is written (run record, single-flight lock, Idempotency-Key): a refused request leaves
     # nothing behind that a retry would replay.
     _check_served(svc, workflow.queue)
@@ -288,8 +291,11 @@ def _check_served(svc: Services, queue: str) -> None:
                           f"'flowpool worker --queues {queue}'")
 
 
-def submit(svc: Services, admission: Admission) -> None:
+def submit(svc: Services, admission: Admission, ready: Callable[[], None] | None = None) -> None:
     """Hand a queued run to the workers; if that fails, the run ends as never started and the error is raised.
+
+    ``ready`` first writes what the run needs and admission did not (a
+    preview's workflow): when it fails the run ends so too.
 
     A publish that failed may still have reached the broker (an answer lost
     to a timeout): unless the run can be ended as never started, the caller
@@ -300,6 +306,8 @@ def submit(svc: Services, admission: Admission) -> None:
     assert job is not None, "only a queued admission has a job to submit"
     published = False  # whether a message may have reached the broker
     try:
+        if ready is not None:
+            ready()
         _check_served(svc, job.queue)  # again: its last worker may have gone since admission looked
         try:
             message = job.to_message(svc.sealer)

@@ -1,4 +1,4 @@
-"""Applications: ``PUT|GET /api/v1/applications/{name}`` and the list."""
+"""Applications: ``PUT|GET|DELETE /api/v1/applications/{name}`` and the list."""
 from __future__ import annotations
 
 from flask import Blueprint, jsonify
@@ -42,6 +42,14 @@ def get_application(name: str):  # type: ignore[no-untyped-def]
     svc, account = services(), authenticate()
     application = svc.applications.get(account.id, check_application_name(name))
     return jsonify({"data": {"name": name, **application.model_dump()}})
+
+
+@bp.delete("/<name>")
+def delete_application(name: str):  # type: ignore[no-untyped-def]
+    """Remove an application (a misspelt name an upload created, say); a 404 when the account has none."""
+    svc, account = services(), authenticate()
+    svc.applications.delete(account.id, check_application_name(name))
+    return jsonify({"data": {"name": name, "deleted": True}})
 
 
 @bp.get("")

@@ -5,17 +5,17 @@ queued run to the workers, and answers or streams (:mod:`.streaming`).
 """
 from __future__ import annotations
 
-import re
+from typing import Callable
 
-from flask import Blueprint, Response, g, request
+from flask import Blueprint, Response, g
 
-from flowpool.errors import RequestError, RunError
-from flowpool.registry import Account
+from flowpool.errors import RunError
+from flowpool.registry import Account, ResolvedWorkflow
 from flowpool.run import RunEnd
 
 from .admission import Admission, admit, submit
 from .models import InvokeRequest
-from .parsing import json_body, model_from
+from .parsing import json_body, model_from, request_idempotency_key
 from .services import Services, authenticate, mark, services
 from .streaming import Events, answer, replay, stream_response
 
@@ -30,18 +30,23 @@ def chat_completions() -> Response:
     svc = services()
     account = authenticate()
     body = model_from(InvokeRequest, json_body())
-    return respond(svc, account, body)
+    return respond(svc, account, body, request_idempotency_key())
 
 
-def respond(svc: Services, account: Account, body: InvokeRequest) -> Response:
-    """Admit ``body`` (with the request's Idempotency-Key), hand its run to the workers, and answer: JSON, or
-    server-sent events with ``stream``. What every route that invokes a workflow answers with."""
-    idempotency_key = _idempotency_key()
+def respond(svc: Services, account: Account, body: InvokeRequest, idempotency_key: str | None, *,
+            workflow: ResolvedWorkflow | None = None, ready: Callable[[], None] | None = None) -> Response:
+    """Admit ``body`` (with ``idempotency_key``, checked), hand its run to the workers, and answer: JSON, or
+    server-sent events with ``stream``. What every route that invokes a workflow answers with.
+
+    ``workflow`` and ``ready``: what ``body.model`` resolves to, known before
+    it is stored, and what stores it once its run is queued (a preview's;
+    :func:`.admission.admit`, :func:`.admission.submit`).
+    """
     mark("parse")
-    admission = admit(svc, account, body, idempotency_key)
+    admission = admit(svc, account, body, idempotency_key, workflow=workflow)
     mark("begin")
     if admission.job is not None:
-        submit(svc, admission)
+        submit(svc, admission, ready)
         mark("submit")
     # From here the run may be going: an error must name it and must not invite a retry (see errors.py).
     g.handed_over = admission.request_id
@@ -59,19 +64,6 @@ def respond(svc: Services, account: Account, body: InvokeRequest) -> Response:
     if admission.verdict == "replay":
         response.headers["Idempotent-Replayed"] = "true"
     return response
-
-
-# Printable ASCII, as the IETF Idempotency-Key draft and the clients that send one (UUIDs, ULIDs) use.
-_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,254}")
-
-
-def _idempotency_key() -> str | None:
-    """The request's ``Idempotency-Key``, checked; None without one."""
-    key = request.headers.get("Idempotency-Key")
-    if key is not None and not _IDEMPOTENCY_KEY.fullmatch(key):
-        raise RequestError("the Idempotency-Key header must be 1 to 255 printable ASCII characters",
-                           param="Idempotency-Key")
-    return key
 
 
 def _events(svc: Services, admission: Admission) -> Events:

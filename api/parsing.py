@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, TypeVar
 
 from flask import request
@@ -12,13 +13,27 @@ from flowpool.jsonsafe import find_problem_in
 
 from .services import services
 
-__all__ = ["json_body", "loads", "model_from", "page_args", "describe_validation_error"]
+__all__ = ["json_body", "loads", "model_from", "page_args", "describe_validation_error",
+           "request_idempotency_key"]
 
 M = TypeVar("M", bound=BaseModel)
 
 MAX_PAGE = 100
 # Far past any real list, and small enough that offset + limit fits Redis's 64-bit indexes.
 MAX_OFFSET = 1_000_000_000
+
+
+# Printable ASCII, as the IETF Idempotency-Key draft and the clients that send one (UUIDs, ULIDs) use.
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,254}")
+
+
+def request_idempotency_key() -> str | None:
+    """The request's ``Idempotency-Key`` header, checked; None without one."""
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not _IDEMPOTENCY_KEY.fullmatch(key):
+        raise RequestError("the Idempotency-Key header must be 1 to 255 printable ASCII characters",
+                           param="Idempotency-Key")
+    return key
 
 
 def json_body() -> Any:

@@ -3,11 +3,13 @@
 The body is an invocation's (``POST /workflow/chat/completions``) with
 ``script`` in place of ``model``, and ``accessories`` as an upload takes them.
 The script is checked as an upload is (a 400 listing each problem with its
-line), stored as a hidden workflow of the account that expires
-(:mod:`flowpool.registry.previews`), and invoked; the answer is the invoke
-route's (:func:`.invoke.respond`): JSON, or server-sent events with
-``stream``, behind the same authentication, quotas and Idempotency-Key. The
-result cache is off: a preview is run to see what the script does now.
+line) and invoked as a hidden workflow of the account that expires
+(:mod:`flowpool.registry.previews`), stored only once admission has queued
+its run: a request refused by a quota, a size or its Idempotency-Key writes
+nothing. The answer is the invoke route's (:func:`.invoke.respond`): JSON, or
+server-sent events with ``stream``, behind the same authentication, quotas and
+Idempotency-Key. The result cache is off: a preview is run to see what the
+script does now.
 """
 from __future__ import annotations
 
@@ -21,9 +23,9 @@ from flowpool.registry.previews import Previews
 from .body import own_body_limit
 from .invoke import respond
 from .models import Accessory, InvokeRequest
-from .parsing import json_body, model_from
+from .parsing import json_body, model_from, request_idempotency_key
 from .services import authenticate, mark, services
-from .workflows import _accessories_from_json, _upload_limit
+from .workflows import accessories_from_json, upload_limit
 
 __all__ = ["PreviewRequest", "bp"]
 
@@ -52,16 +54,18 @@ class PreviewRequest(InvokeRequest):
 
 
 @bp.post("/preview")
-@own_body_limit(_upload_limit)  # it carries a script and its accessories, as an upload does
+@own_body_limit(upload_limit)  # it carries a script and its accessories, as an upload does
 def preview() -> Response:
     """Run a script once, as an invocation of it: a hidden workflow that expires."""
     svc, account = services(), authenticate()
     body = model_from(PreviewRequest, json_body())
     previews = Previews(svc.workflows, svc.settings)
-    ref = previews.store(account.id, body.script, _accessories_from_json(body))
-    mark("store")
+    prepared = previews.prepare(account.id, body.script, accessories_from_json(body.accessories))
+    mark("check")
     try:
-        return respond(svc, account, body.invocation(ref))
+        return respond(svc, account, body.invocation(prepared.ref), request_idempotency_key(),
+                       workflow=prepared.workflow, ready=lambda: previews.store(prepared))
     finally:
-        # Admitting the run recorded it in the preview's run index: that index expires with the preview.
-        previews.expire_runs(account.id, ref)
+        # Admitting a run wrote the preview's run index; storing the preview gave it its lifetime, unless that
+        # failed.
+        previews.expire_runs(account.id, prepared.ref)

@@ -24,9 +24,8 @@ from flowpool.errors import NotFound, OutcomeUnavailable, RequestError, RunError
 from flowpool.run import RunRecord, RunStatus
 
 from .admission import Admission, admit, discard_quietly, submit
-from .invoke import _idempotency_key
 from .models import RunCreateRequest
-from .parsing import json_body, model_from, page_args, paginated
+from .parsing import json_body, model_from, page_args, paginated, request_idempotency_key
 from .services import Services, authenticate, mark, services
 from .streaming import stream_response
 
@@ -64,7 +63,7 @@ def create_run() -> Response:
     """Start a run and answer at once (202) with where to follow it; a cache hit answers 200 with the run."""
     svc, account = services(), authenticate()
     body = model_from(RunCreateRequest, json_body())
-    idempotency_key = _idempotency_key()
+    idempotency_key = request_idempotency_key()
     if body.webhook_url is not None:
         _check_webhook_url(svc, body.webhook_url)
     body = body.model_copy(update={"stream": False})  # followed through stream_url, if at all

@@ -13,7 +13,7 @@ from flowpool.registry.accessories import MB
 from flowpool.settings import Settings
 
 from .body import own_body_limit
-from .models import ActivateRequest, UploadRequest, ValidateRequest
+from .models import Accessory, ActivateRequest, UploadRequest, ValidateRequest
 from .parsing import json_body, loads, model_from, page_args, paginated
 from .services import authenticate, services
 
@@ -84,10 +84,10 @@ def _upload_from_multipart() -> tuple[dict[str, Any], dict[str, bytes]]:
     return form, accessories
 
 
-def _accessories_from_json(body: UploadRequest) -> dict[str, bytes]:
-    """The body's ``accessories: [{key, content_base64}]`` decoded, by key."""
+def accessories_from_json(given: list[Accessory]) -> dict[str, bytes]:
+    """A JSON body's ``accessories: [{key, content_base64}]`` decoded, by key (an upload's, a preview's)."""
     accessories: dict[str, bytes] = {}
-    for accessory in body.accessories:
+    for accessory in given:
         try:
             content = base64.b64decode(accessory.content_base64, validate=True)
         except (binascii.Error, ValueError) as exc:
@@ -103,7 +103,8 @@ def _add_accessory(accessories: dict[str, bytes], key: str, content: bytes, give
     accessories[key] = content
 
 
-def _upload_limit(settings: Settings) -> int:
+def upload_limit(settings: Settings) -> int:
+    """The body limit of the routes that carry a script and its accessories (FLOWPOOL_MAX_UPLOAD_MB)."""
     return int(settings.max_upload_mb * MB)
 
 
@@ -132,13 +133,13 @@ def _upload_body() -> tuple[UploadRequest, dict[str, bytes]]:
         body = model_from(UploadRequest, data)
     else:
         body = model_from(UploadRequest, json_body())
-        accessories = _accessories_from_json(body)
+        accessories = accessories_from_json(body.accessories)
     _refuse_unsupported(body)
     return body, accessories
 
 
 @bp.post("/upload")
-@own_body_limit(_upload_limit)
+@own_body_limit(upload_limit)
 def upload():  # type: ignore[no-untyped-def]
     """Store a workflow version: a JSON body (accessories in base64) or multipart (accessories as files)."""
     authenticate()  # before the body is read: a request without a key is a 401, whatever it sends
@@ -146,7 +147,7 @@ def upload():  # type: ignore[no-untyped-def]
 
 
 @bp.post("")
-@own_body_limit(_upload_limit)
+@own_body_limit(upload_limit)
 def create_workflow():  # type: ignore[no-untyped-def]
     """Create a workflow (the seed's POST /workflows): the same as an upload, with the same fields."""
     authenticate()
@@ -157,7 +158,7 @@ def _store(body: UploadRequest, accessories: dict[str, bytes]):  # type: ignore[
     """Store an upload and answer with flowpool's fields (workflow, version, created) and the seed's (id,
     workflow_ref_name, published_version, version_created): 201 when it made a version, else 200."""
     svc, account = services(), authenticate()
-    workflow, version, created = svc.workflows.upload(account.id, Upload(
+    stored = svc.workflows.store(account.id, Upload(
         ref=body.workflow_ref_name, script=body.script, description=body.description,
         timeout_seconds=body.timeout_seconds, cache_ttl_seconds=body.cache_ttl_seconds,
         application_name=body.application_name, env=body.env, version_notes=body.version_notes,
@@ -165,19 +166,15 @@ def _store(body: UploadRequest, accessories: dict[str, bytes]):  # type: ignore[
         publish_version=body.publish_version, workflow_name=body.workflow_name, execution_mode=body.execution_mode,
         allow_inproc_nesting=body.allow_inproc_nesting, inproc_nested_refs=body.inproc_nested_refs,
     ))
-    if body.application_name is not None:
-        # "Bind to application by name; creates if missing": empty, its intents are PUT later.
-        svc.applications.create_if_missing(account.id, body.application_name)
-    published = version if version["active"] else (
-        svc.workflows.published(account.id, body.workflow_ref_name) if workflow["active_version"] else None)
+    workflow, published = stored.workflow, stored.published
     return jsonify({"data": {
         "id": workflow["id"],
         "workflow_ref_name": workflow["workflow_ref_name"],
         "workflow_name": workflow["workflow_name"],
         "published_version": None if published is None else {"version_number": published["version"], **published},
-        "version_created": created,
-        "workflow": workflow, "version": version, "created": created,
-    }}), 201 if created else 200
+        "version_created": stored.created,
+        "workflow": workflow, "version": stored.version, "created": stored.created,
+    }}), 201 if stored.created else 200
 
 
 _NO_KIND = {"transform": "transform_session scripts", "schema": "schema expressions apart from a script"}

@@ -9,7 +9,8 @@ from typing import Any
 
 # The SDK's public names: all of flowpool.sdk's __all__ (tests/integration/test_sdk.py holds the two together).
 _CLIENT_NAMES = (
-    "Flowpool", "AsyncFlowpool", "Maitai", "AsyncMaitai", "MaitaiAsync", "Obj", "APIError", "BadRequestError",
+    "Flowpool", "AsyncFlowpool", "Maitai", "AsyncMaitai", "MaitaiAsync", "Stream", "AsyncStream", "Obj", "APIError",
+    "BadRequestError",
     "AuthenticationError", "NotFoundError", "WorkflowTimeoutError", "PayloadTooLargeError", "UnprocessableEntityError",
     "RateLimitError", "InternalServerError", "ServiceUnavailableError", "APIConnectionError", "APITimeoutError",
 )

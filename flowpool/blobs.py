@@ -79,6 +79,16 @@ class BlobStore(ABC):
         """Store a local file's bytes under ``name`` (backends stream it where they can)."""
         self.put(name, Path(path).read_bytes())
 
+    def put_expiring(self, name: str, data: bytes, seconds: int) -> None:
+        """Store ``data`` under ``name``, to lapse ``seconds`` from now where the store can expire a blob; one
+        that cannot (S3) stores it as :meth:`put` does, and an operator's lifecycle rule removes it."""
+        self.put(name, data)
+
+    def expire(self, name: str, seconds: int) -> bool:
+        """Make blob ``name`` lapse ``seconds`` from now where the store can (see :meth:`put_expiring`); whether it
+        is stored."""
+        return self.exists(name)
+
     @abstractmethod
     def get(self, name: str) -> bytes:
         """The bytes of blob ``name``; :class:`BlobNotFound` if there is none."""
@@ -146,13 +156,21 @@ class RedisBlobs(BlobStore):
         view = memoryview(data)
         self._put_chunks(name, (view[i:i + CHUNK_BYTES] for i in range(0, len(view), CHUNK_BYTES)))
 
+    def put_expiring(self, name: str, data: bytes, seconds: int) -> None:
+        view = memoryview(data)
+        self._put_chunks(name, (view[i:i + CHUNK_BYTES] for i in range(0, len(view), CHUNK_BYTES)), seconds)
+
+    def expire(self, name: str, seconds: int) -> bool:
+        return bool(self.redis.expire(keys.blob(_check_name(name)), seconds))
+
     def put_file(self, name: str, path: str | Path) -> None:
         with open(path, "rb") as source:
             self._put_chunks(name, iter(lambda: source.read(CHUNK_BYTES), b""))
 
-    def _put_chunks(self, name: str, chunks: Iterator[bytes | memoryview]) -> None:
+    def _put_chunks(self, name: str, chunks: Iterator[bytes | memoryview], seconds: int | None = None) -> None:
         """Append the chunks to a temporary key, one a command (no single command moves the whole blob),
-        then rename it into place: readers see the whole blob or none of it."""
+        then rename it into place (to lapse after ``seconds``, if given): readers see the whole blob or none of
+        it."""
         key = keys.blob(_check_name(name))
         tmp = f"{key}:tmp:{uuid.uuid4().hex}"
         try:
@@ -160,9 +178,12 @@ class RedisBlobs(BlobStore):
             self.redis.pexpire(tmp, self.TMP_TTL_MS)
             for chunk in chunks:
                 self.redis.rpush(tmp, chunk)
-            with self.redis.pipeline() as pipe:  # the blob itself never expires
+            with self.redis.pipeline() as pipe:  # the blob itself never expires, unless it was given a lifetime
                 pipe.rename(tmp, key)
-                pipe.persist(key)
+                if seconds is None:
+                    pipe.persist(key)
+                else:
+                    pipe.expire(key, seconds)
                 pipe.execute()
         finally:
             self.redis.delete(tmp)

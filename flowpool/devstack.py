@@ -35,14 +35,17 @@ class Stack:
     """Child processes of one flowpool installation, sharing one environment."""
 
     def __init__(self, env: dict[str, str] | None = None, redis_url: str | None = None,
-                 output: IO[bytes] | None = None, redis_dir: Path | None = None) -> None:
+                 output: IO[bytes] | None = None, redis_dir: Path | None = None, own_session: bool = False) -> None:
         self.output = output  # where the processes write, unless quiet; None: this process's own stdout/stderr
+        # own_session: each process (Redis too) in a session of its own, out of the terminal's process group, so a
+        # Ctrl-C reaches only the process that owns the stack, which stops them (they still die with it).
+        self.own_session = own_session
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWPOOL_")}
         self.env.update(env or {})
         self.redis: RedisServer | None = None
         if redis_url is None and not self.env.get("FLOWPOOL_REDIS_URL"):
             # With redis_dir the Redis started here persists there; without, it keeps nothing.
-            self.redis = RedisServer(data_dir=redis_dir).start()
+            self.redis = RedisServer(data_dir=redis_dir, own_session=own_session).start()
             redis_url = self.redis.url
         if redis_url is not None:
             self.env["FLOWPOOL_REDIS_URL"] = redis_url
@@ -58,6 +61,7 @@ class Stack:
         process = subprocess.Popen(
             [sys.executable, "-I", "-m", "flowpool.cli", *args], env={**self.env, **(env or {})},
             stdin=subprocess.DEVNULL, stdout=output, stderr=output, preexec_fn=set_parent_death_signal,
+            start_new_session=self.own_session,
         )
         self.processes.append(process)
         return process

@@ -84,12 +84,13 @@ def workflows(account_id: str) -> str:
 
 
 def workflow(account_id: str, ref: str) -> str:
-    """Hash: the workflow's mutable settings and its active version."""
+    """Hash: the workflow's mutable settings (``config``), its active version, ``latest``, ``rev`` and ``id``."""
     return f"{PREFIX}a:{account_id}:wf:{ref}"
 
 
 def workflow_ids(account_id: str) -> str:
-    """String: the account's counter of workflow ids (INCR), each allocated once, when a workflow is first written."""
+    """String: the account's counter of workflow ids (INCR), each allocated once, when a workflow is first written
+    (or, for one written before ids, first read)."""
     return f"{PREFIX}a:{account_id}:wf-ids"
 
 
@@ -99,7 +100,8 @@ def versions(account_id: str, ref: str) -> str:
 
 
 def version(account_id: str, ref: str, number: str) -> str:
-    """Hash: one immutable version (script, content hash, declared constants)."""
+    """Hash: one version: its immutable ``meta`` (content hash, declared constants) and ``script``; while it is a
+    draft, also ``draft`` ("1") and its ``settings`` (JSON), both removed when it is activated."""
     return f"{PREFIX}a:{account_id}:wf:{ref}:v:{number}"
 
 

@@ -50,9 +50,12 @@ class RedisServer:
     """Start, stop and address one private Redis server on a free loopback port."""
 
     def __init__(self, port: int | None = None, binary: str | None = None,
-                 data_dir: str | os.PathLike[str] | None = None, options: Sequence[str] = ()) -> None:
+                 data_dir: str | os.PathLike[str] | None = None, options: Sequence[str] = (),
+                 own_session: bool = False) -> None:
         """``data_dir``: where the server persists (AOF), kept after it stops; None: nothing is kept.
-        ``options``: more ``redis-server`` command-line options, after flowpool's own."""
+        ``options``: more ``redis-server`` command-line options, after flowpool's own. ``own_session``: the
+        server in a session of its own, out of reach of the terminal's Ctrl-C (stopped by its owner)."""
+        self.own_session = own_session
         self.binary = binary or find_redis_server()
         self.port = port or free_port()
         self.data_dir = Path(data_dir) if data_dir is not None else None
@@ -92,6 +95,7 @@ class RedisServer:
             self.process = subprocess.Popen(
                 args, stdout=subprocess.DEVNULL, stderr=log,
                 preexec_fn=set_parent_death_signal, env={"PATH": os.environ.get("PATH", "")},
+                start_new_session=self.own_session,
             )
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
         deadline = time.monotonic() + timeout

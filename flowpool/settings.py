@@ -250,9 +250,10 @@ class Settings(BaseSettings):
         "accessories (one per distinct accessory, shared memory), least recently used let go first; a copy let go "
         "of is read again from the host's disk cache when next loaded.")
     max_upload_mb: float = Field(
-        256, gt=0, description="Largest body of a workflow upload (POST /api/v1/workflows/upload), in MB, multipart "
-        "or JSON (base64 makes an accessory a third bigger); every other route keeps FLOWPOOL_MAX_BODY_BYTES. The "
-        "API holds an upload's body in memory while it stores it.")
+        256, gt=0, description="Largest body of a workflow upload (POST /api/v1/workflows/upload and "
+        "POST /api/v1/workflows) or preview (POST /api/v1/workflows/preview), in MB, multipart or JSON (base64 makes "
+        "an accessory a third bigger); every other route keeps FLOWPOOL_MAX_BODY_BYTES. The API holds such a body in "
+        "memory while it stores it.")
     max_ingest_mb: float = Field(
         64, gt=0, description="Largest body of a datastore ingest (POST /api/v1/datastores/{name}/records), in MB; "
         "every other route keeps FLOWPOOL_MAX_BODY_BYTES. `flowpool datastore ingest` sends batches under it.")

@@ -10,21 +10,22 @@ env gets ``<KEY>_S3_KEY`` = that blob name, from the version, so a rollback
 brings back its own accessories.
 
 Blobs are never deleted with a workflow: another workflow or version of the
-account may name the same one.
+account may name the same one. A preview's are the exception: they are its
+own, under ``previews/``, and expire with it (:mod:`.previews`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from flowpool.errors import PayloadTooLarge, RequestError
 
 if TYPE_CHECKING:
     from flowpool.blobs import BlobStore
 
-__all__ = ["ACCESSORY_KEY", "MB", "accessory_env", "blob_name", "check_accessories", "env_name",
+__all__ = ["ACCESSORY_KEY", "MB", "accessory_env", "accessory_objects", "blob_name", "check_accessories", "env_name",
            "store_accessories"]
 
 MB = 1 << 20
@@ -91,17 +92,24 @@ def _check_json(key: str, content: bytes) -> None:
         raise RequestError(f"accessory {key!r} is not valid JSON: {exc}", param="accessories") from exc
 
 
-def store_accessories(blobs: BlobStore, account_id: str, accessories: dict[str, bytes]) -> dict[str, dict[str, Any]]:
-    """Put each accessory in the blob store (unless its bytes are there already); the version's
-    ``accessory_objects``: ``{key: {"object": blob name, "sha256": hex, "size": bytes}}``."""
+def accessory_objects(accessories: dict[str, bytes], name_of: Callable[[str], str]) -> dict[str, dict[str, Any]]:
+    """A version's ``accessory_objects``: ``{key: {"object": blob name, "sha256": hex, "size": bytes}}``, each
+    blob named by ``name_of(sha256)``."""
     objects: dict[str, dict[str, Any]] = {}
     for key in sorted(accessories):
         content = accessories[key]
         digest = hashlib.sha256(content).hexdigest()
-        name = blob_name(account_id, digest)
-        if not blobs.exists(name):
-            blobs.put(name, content)
-        objects[key] = {"object": name, "sha256": digest, "size": len(content)}
+        objects[key] = {"object": name_of(digest), "sha256": digest, "size": len(content)}
+    return objects
+
+
+def store_accessories(blobs: BlobStore, account_id: str, accessories: dict[str, bytes]) -> dict[str, dict[str, Any]]:
+    """Put each accessory in the blob store (unless its bytes are there already); the version's
+    ``accessory_objects`` (:func:`accessory_objects`)."""
+    objects = accessory_objects(accessories, lambda digest: blob_name(account_id, digest))
+    for key, obj in objects.items():
+        if not blobs.exists(obj["object"]):
+            blobs.put(obj["object"], accessories[key])
     return objects
 
 

@@ -88,7 +88,8 @@ class Accounts:
     def authenticate(self, api_key: str | None) -> Account:
         """The account owning ``api_key``; AuthenticationError if there is none."""
         if not api_key:
-            raise AuthenticationError("missing API key: send it as 'x-api-key' or 'Authorization: Bearer <key>'")
+            raise AuthenticationError("missing API key: send it as 'x-api-key', 'X-Maitai-Api-Key' or "
+                                      "'Authorization: Bearer <key>'")
         digest = hash_key(api_key)
         now = time.monotonic()
         remembered = self._memory.get(digest)

@@ -15,7 +15,8 @@ from flowpool.settings import split_list
 from .documents import AccountDocuments
 from .names import BASE_URL
 
-__all__ = ["Application", "Applications", "IntentRoute", "ProviderKeys", "Route"]
+__all__ = ["EMPTY_APPLICATION", "Application", "Applications",
+           "IntentRoute", "ProviderKeys", "Route"]
 
 
 class ProviderKeys:
@@ -101,6 +102,9 @@ class IntentRoute(Route):
 # The validation context under which a stored application is read: one an upload created (``application_name``
 # naming an application the account lacked) has no intents until PUT /api/v1/applications/<name> gives it some.
 STORED = {"stored": True}
+# The document of such an application, as stored: the upload writes it (Workflows.store) in the transaction that
+# stores the upload, unless the account has one of that name.
+EMPTY_APPLICATION = '{"intents": {}}'
 
 
 class Application(BaseModel):
@@ -156,6 +160,8 @@ class Applications(AccountDocuments[Application]):
             raise NotFound(f"no application named {name!r}")
         return Application.model_validate_json(raw, context=STORED)
 
-    def create_if_missing(self, account_id: str, name: str) -> bool:
-        """Give the account an empty application ``name`` (no intents) unless it has one; True when created."""
-        return bool(self.redis.hsetnx(keys.applications(account_id), name, '{"intents": {}}'))
+    def delete(self, account_id: str, name: str) -> None:
+        """Remove the application ``name`` (a 404 when the account has none of that name). Workflows naming it
+        keep the name: their model calls fail, naming it as missing, until it is PUT again."""
+        if not self.redis.hdel(keys.applications(account_id), name):
+            raise NotFound(f"no application named {name!r}")

@@ -8,38 +8,48 @@ which no upload may take (:func:`.workflows.check_ref`). It has one version,
 resolved and run as any workflow is, by the account's key alone (its keys
 are the account's).
 
+A preview is checked first (:meth:`Previews.prepare`, which writes nothing),
+and stored (:meth:`Previews.store`) only once admission has queued its run:
+a request that is refused (a quota, a size, an Idempotency-Key sent with
+another request) writes nothing. Admission takes what an invocation of it
+resolves to from the prepared preview, not from Redis: the preview's hash
+has no revision, so it is the same workflow to a run being admitted whether
+or not it is stored yet, and storing the same content again changes nothing
+under a run.
+
 Unlike an upload's, it is not in the account's list of workflows, and every
 key written for it expires: the workflow, its version, its version index and
 content-hash index after :data:`TTL_SECONDS` (longer when its run may last
-longer), renewed by each preview of the same content; the index of its runs,
-which recording a run writes (``keys.workflow_runs``), once the run is
-admitted (:meth:`Previews.expire_runs`). The run itself (record, events,
-logs) expires as every run does.
-
-Its accessories go to the blob store as an upload's do: content-addressed per
-account and shared with the uploads that bundle the same bytes, so, as for a
-deleted workflow, they are kept (:mod:`.accessories`).
+longer), renewed by each preview of the same content, and the index of its
+runs with them. The run itself (record, events, logs) expires as every run
+does. Its accessories are its own blobs, named after the preview
+(:func:`blob_name`, under ``previews/``), not shared with uploads, and given
+the same lifetime: the Redis blob store expires them; S3 cannot expire one
+object, so there an operator's lifecycle rule on the prefix ``previews/``
+removes them (docs/operations.md).
 """
 from __future__ import annotations
 
 import json
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from flowpool import keys
+from flowpool.errors import ConfigurationError
 from flowpool.settings import Settings
 
-from .accessories import check_accessories
-from .validation import validate_script
-from .versions import FIRST_VERSION, Upload, content_hash, version_meta
-from .workflows import PREVIEW_PREFIX, Workflows
+from .accessories import accessory_objects
+from .versions import FIRST_VERSION, Upload, version_meta, write_version
+from .workflows import PREVIEW_PREFIX, ResolvedWorkflow, Workflows
 
-__all__ = ["PREFIX", "TTL_SECONDS", "Previews", "is_preview_ref"]
+__all__ = ["BLOB_PREFIX", "PREFIX", "TTL_SECONDS", "Preview", "Previews", "blob_name", "is_preview_ref"]
 
 PREFIX = PREVIEW_PREFIX  # no upload may take a ref that starts with it (check_ref)
 TTL_SECONDS = 3600  # how long a preview stays after it was last stored, at the least
 _HASH_CHARS = 40  # of the content hash's 64: 160 bits, and the ref stays within a name's 64 characters
+BLOB_PREFIX = "previews/"  # the names of previews' blobs, apart from uploads' so a lifecycle rule can expire them
 
 
 def is_preview_ref(ref: str) -> bool:
@@ -52,8 +62,26 @@ def preview_ref(digest: str) -> str:
     return PREFIX + digest[:_HASH_CHARS]
 
 
+def blob_name(account_id: str, ref: str, sha256: str) -> str:
+    """Where the accessory of these bytes of preview ``ref`` lives in the blob store: its own, expiring with it."""
+    return f"{BLOB_PREFIX}{account_id}/{ref}/{sha256}"
+
+
+@dataclass(frozen=True)
+class Preview:
+    """A checked preview, not stored yet: its ref, what an invocation of it resolves to, and what storing writes."""
+
+    account_id: str
+    ref: str
+    script: str
+    accessories: dict[str, bytes]
+    meta: dict[str, Any]  # its version's, as an upload's (accessory_objects naming its own blobs)
+    workflow: ResolvedWorkflow  # what admission runs: the stored preview resolves to the same
+    keep_seconds: int  # the lifetime of every key and blob storing it writes
+
+
 class Previews:
-    """Store previews of an account's scripts as hidden, expiring workflows (see the module's docstring)."""
+    """Check and store previews of an account's scripts as hidden, expiring workflows (see the module's docstring)."""
 
     def __init__(self, workflows: Workflows, settings: Settings, ttl_seconds: int = TTL_SECONDS) -> None:
         self.workflows = workflows
@@ -73,43 +101,52 @@ class Previews:
                     + settings.run_deadline_slack)
         return max(self.ttl_seconds, math.ceil(deadline) + 60)
 
-    def store(self, account_id: str, script: str, accessories: dict[str, bytes] | None = None) -> str:
-        """Check ``script`` and ``accessories`` as an upload does, store them as a preview, and return its ref.
-
-        Storing the same content again renews its keys' lifetime and changes
-        nothing else, so previews of one script running at once do not see
-        their workflow change under them.
-        """
+    def prepare(self, account_id: str, script: str, accessories: dict[str, bytes] | None = None) -> Preview:
+        """Check ``script`` and ``accessories`` as an upload does (the same 400s and 413s), writing nothing: the
+        preview to admit a run of, and to :meth:`store` once it is queued."""
         accessories = accessories or {}
-        validation = validate_script(script, self.workflows.max_script_bytes)
-        validation.raise_for_problems()
-        check_accessories(accessories, self.workflows.accessories_max, self.workflows.accessory_max_bytes)
-        digest = content_hash(script, accessories)
+        digest, info = self.workflows.check_content(script, accessories)
         ref = preview_ref(digest)
-        objects = self.workflows._store_accessories(account_id, accessories)
+        if accessories and self.workflows.blobs is None:
+            raise ConfigurationError("this Workflows store was made without a blob store, so it cannot store "
+                                     "accessories: make it with Workflows.for_settings")
+        objects = accessory_objects(accessories, lambda sha256: blob_name(account_id, ref, sha256))
+        meta = version_meta(FIRST_VERSION, digest, info, Upload(ref=ref, script=script, accessories=accessories),
+                            time.time(), objects)
+        # No settings but the script's, and no revision (see the module's docstring).
+        workflow = ResolvedWorkflow.of(account_id, ref, {}, meta, rev="")
+        return Preview(account_id, ref, script, accessories, meta, workflow,
+                       self._keep_seconds(meta.get("timeout_seconds")))
+
+    def store(self, preview: Preview) -> None:
+        """Store a prepared preview, or renew the lifetime of every key and blob of one stored already.
+
+        Its blobs first, so the version that names them is never there
+        without them. Storing the same content again changes nothing else, so
+        previews of one script running at once do not see their workflow
+        change under them.
+        """
+        account_id, ref, meta = preview.account_id, preview.ref, preview.meta
+        blobs = self.workflows.blobs
+        for key, obj in meta["accessory_objects"].items():
+            assert blobs is not None, "prepare refuses accessories without a blob store"
+            if not blobs.expire(obj["object"], preview.keep_seconds):  # not stored, or lapsed: store it
+                blobs.put_expiring(obj["object"], preview.accessories[key], preview.keep_seconds)
         now = time.time()
-        upload = Upload(ref=ref, script=script, accessories=accessories)
-        meta = version_meta(FIRST_VERSION, digest, validation.info, upload, now, objects)
         config: dict[str, Any] = {"ref": ref, "created_at": now, "updated_at": now, "preview": True}
-        keep_ms = self._keep_seconds(meta.get("timeout_seconds")) * 1000
-        wf_key, version_key = keys.workflow(account_id, ref), keys.version(account_id, ref, FIRST_VERSION)
-        versions_key, hashes_key = keys.versions(account_id, ref), keys.version_hashes(account_id, ref)
+        wf_key = keys.workflow(account_id, ref)
         with self.redis.pipeline() as pipe:  # MULTI: a preview's keys are there together, each with its TTL
-            pipe.hset(version_key, mapping={"meta": json.dumps(meta), "script": script})
-            pipe.zadd(versions_key, {FIRST_VERSION: now})
-            pipe.hset(hashes_key, digest, FIRST_VERSION)
-            # The revision is the content's: the same content stored again is the same workflow to a run
-            # being admitted (RunStore.begin checks it), never a change under it.
+            write_version(pipe, account_id, ref, meta, preview.script, now)
             pipe.hset(wf_key, mapping={"config": json.dumps(config), "active": FIRST_VERSION, "latest": FIRST_VERSION,
-                                       "active_meta": json.dumps(meta), "rev": digest})
-            # Its runs so far too (their index exists once one was admitted).
-            for key in (wf_key, version_key, versions_key, hashes_key, keys.workflow_runs(account_id, ref)):
-                pipe.pexpire(key, keep_ms)
+                                       "active_meta": json.dumps(meta)})
+            # Its runs too: admitting this one wrote their index.
+            for key in (wf_key, keys.version(account_id, ref, FIRST_VERSION), keys.versions(account_id, ref),
+                        keys.version_hashes(account_id, ref), keys.workflow_runs(account_id, ref)):
+                pipe.expire(key, preview.keep_seconds)
             pipe.execute()
-        return ref
 
     def expire_runs(self, account_id: str, ref: str) -> None:
-        """Give the index of a preview's runs its lifetime, once a run was admitted (recording it wrote the index
-        without one): the lifetime left to the preview's own keys."""
+        """Give the index of a preview's runs its lifetime where admitting a run wrote it and the preview was not
+        stored after (storing failed): the lifetime left to the preview's own keys, else :data:`TTL_SECONDS`."""
         keep_ms = self.redis.pttl(keys.workflow(account_id, ref))
         self.redis.pexpire(keys.workflow_runs(account_id, ref), keep_ms if keep_ms > 0 else self.ttl_seconds * 1000)

@@ -3,24 +3,30 @@ version's meta, and the workflow's settings after it.
 
 A workflow's settings (description, timeout, cache TTL, application, env, queue, display name, execution mode,
 nesting) are mutable and live with the workflow (:mod:`.workflows`); a published upload merges the fields it gives
-into them. A draft (``publish_version`` false) keeps the fields it gives with its version instead, and they are
-merged when it is activated, so a draft never changes what live invocations run with.
+into them. A draft (``publish_version`` false) keeps the fields it gives with its version instead (the same draft
+uploaded again merges the fields it gives into them), and they are merged into the workflow's when it is
+activated, so a draft never changes what live invocations run with.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from flowpool import keys
 from flowpool.errors import RequestError
 from flowpool.queues import is_queue_name
 
+from .accessories import check_accessories
 from .names import is_application_name, is_name
-from .validation import MAX_CACHE_TTL_SECONDS, MAX_TIMEOUT_SECONDS, ScriptInfo, valid_cache_ttl, valid_timeout
+from .validation import (MAX_CACHE_TTL_SECONDS, MAX_TIMEOUT_SECONDS, ScriptInfo, valid_cache_ttl, valid_timeout,
+                         validate_script)
 
 __all__ = ["BUMPS", "DEFAULT_BUMP", "ENV_NAME", "EXECUTION_MODES", "FIRST_VERSION", "SETTINGS", "Upload",
-           "bump_version", "check_upload_fields", "content_hash", "merge_settings", "settings_of", "version_meta"]
+           "bump_version", "check_content", "check_upload_fields", "content_hash", "merge_settings", "settings_of",
+           "version_meta", "write_version"]
 
 _VERSION = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
 FIRST_VERSION = "1.0.0"
@@ -113,6 +119,27 @@ def content_hash(script: str, accessories: dict[str, bytes]) -> str:
     for key in sorted(accessories):
         digest.update(b"accessory\0" + key.encode() + b"\0" + hashlib.sha256(accessories[key]).digest())
     return digest.hexdigest()
+
+
+def check_content(script: str, accessories: dict[str, bytes], max_script_bytes: int, accessories_max: int,
+                  accessory_max_bytes: int) -> tuple[str, ScriptInfo | None]:
+    """Check a version's content as every upload (and preview) is checked, writing nothing: a 400 listing the
+    script's problems with their lines, or naming the first bad accessory (413 for size); its content hash and
+    what the script declares."""
+    validation = validate_script(script, max_script_bytes)
+    validation.raise_for_problems()
+    check_accessories(accessories, accessories_max, accessory_max_bytes)
+    return content_hash(script, accessories), validation.info
+
+
+def write_version(pipe: Any, account_id: str, ref: str, meta: dict[str, Any], script: str, now: float,
+                  **fields: str) -> None:
+    """Queue on ``pipe`` the writes of a new version (``meta`` from :func:`version_meta`): its hash (meta, script
+    and ``fields``), its place among the workflow's versions, and its entry in the content-hash index."""
+    number = meta["version"]
+    pipe.hset(keys.version(account_id, ref, number), mapping={"meta": json.dumps(meta), "script": script, **fields})
+    pipe.zadd(keys.versions(account_id, ref), {number: now})
+    pipe.hset(keys.version_hashes(account_id, ref), meta["content_hash"], number)
 
 
 def version_meta(number: str, digest: str, info: ScriptInfo | None, upload: Upload, now: float,

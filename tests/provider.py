@@ -8,7 +8,8 @@ The model name says how it behaves:
   hold-NAME       waits until gate NAME opens (see below; at most 60 s), then echo
   notjson         200 with a body that is not JSON
   strict          400 for a body field OpenAI's chat completions API does not take (as OpenAI answers), else echo
-Streams (``"stream": true``) send one chunk per word, then a chunk with usage, then [DONE].
+Streams (``"stream": true``) send one chunk per word, then a chunk with usage, then [DONE]; their JSON is
+written as UTF-8 with no character escaped (ensure_ascii=False, as vendors send it: U+2028 stays raw).
 POST /v1/embeddings answers model ``hash-D`` with a D-dimension vector per input: each word (lower
 case) adds 1 at a position given by its hash, then the vector is normalized, so texts that share
 words point alike (:func:`hash_embedding`); model ``fail`` is a 500.
@@ -179,11 +180,11 @@ class StandInProvider:
                     delta = {"content": word + (" " if i < len(words) - 1 else "")}
                     chunk = {"object": "chat.completion.chunk", "model": model,
                              "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
-                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                    self.wfile.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode())
                     self.wfile.flush()
                 final = {"object": "chat.completion.chunk", "model": model,
                          "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": usage}
-                self.wfile.write(f"data: {json.dumps(final)}\n\ndata: [DONE]\n\n".encode())
+                self.wfile.write(f"data: {json.dumps(final, ensure_ascii=False)}\n\ndata: [DONE]\n\n".encode())
                 self.close_connection = True
 
             def _json(self, status: int, payload: dict[str, Any]) -> None:

@@ -4,7 +4,7 @@
 - :mod:`.doctor`: ``doctor``;
 - :mod:`.pool`: ``pool`` (the demand signal; the client alone);
 - :mod:`.accounts`: ``accounts``;
-- :mod:`.workflows`: ``push``, ``validate``, ``invoke``, ``runs``, ``logs`` (the client alone);
+- :mod:`.workflows`: ``push``, ``activate``, ``validate``, ``invoke``, ``runs``, ``logs`` (the client alone);
 - :mod:`.local`: ``init``, ``run`` (the client alone, but for the temporary stack ``run`` may start);
 - :mod:`.datastores`: ``datastore create|list|get|ingest|search|delete`` (the client alone);
 - :mod:`.usage`: ``usage`` (the client alone).

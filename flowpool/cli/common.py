@@ -123,7 +123,13 @@ def describe_transport_error(exc: Any, unreachable: str = "") -> str:
     said of an API that could not be reached."""
     import requests
 
+    from ..sdk.errors import APITimeoutError
+
     cause = exc.__cause__ if exc.__cause__ is not None else exc
+    # First: requests raises a read past the timeout of a streamed body as a ConnectionError, though the API
+    # was reached and answered.
+    if isinstance(exc, APITimeoutError):
+        return f"the API gave no answer in time: {cause}"
     if isinstance(cause, requests.ConnectionError):
         return f"cannot reach the API{unreachable}: {cause}"
     # A timeout, an answer cut off mid-body, a redirect loop...

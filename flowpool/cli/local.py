@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,11 +27,9 @@ import click
 
 from ..errors import ConfigurationError
 from .common import CliSettings, api_call, api_client, describe_error, load_cli_settings, server_extra
-from .workflows import _echo_record, _json_option, _secrets, checked_source, echo_completion
+from .workflows import checked_source, echo_completion, echo_record, json_option, secrets_option
 
 __all__ = ["COMMANDS", "RunResult", "run_workflow"]
-
-PREVIEW_PATH = "/api/v1/workflows/preview"
 
 # FLOWPOOL_* settings a temporary stack does not take from the caller: they locate another installation (its
 # Redis, broker, blob store, API and key, data directory) or guard its operator routes. The others (provider keys,
@@ -55,32 +54,39 @@ class RunResult:
         return self.completion.get("output")
 
 
-def _preview(client: Any, body: dict[str, Any]) -> Callable[[], Any]:
-    """A call of the preview route with ``body``, made as ``workflow.completions.create`` makes one of the invoke
-    route (the same Idempotency-Key on each try): its completion, or with ``stream`` its events."""
-    from ..sdk.sansio import Call, idempotency_key
+def _preview(client: Any, fields: dict[str, Any], stream: bool) -> Callable[[], Any]:
+    """``client.workflows.preview(**fields)``: its events with ``stream``, else its completion.
 
-    call = Call("POST", PREVIEW_PATH, json=body, retry=True, headers={"Idempotency-Key": idempotency_key()})
-
+    Streamed either way (the completion is then the last event), with
+    ``on_disconnect: cancel``: an interrupted ``flowpool run`` drops the
+    connection, and that cancels the run, which a plain request would leave going.
+    """
     def create() -> Any:
-        return client._stream(call) if body.get("stream") else client._call(call)
+        events = client.workflows.preview(**fields, stream=True, on_disconnect="cancel")
+        if stream:
+            return events
+        completion = None
+        for completion in events:  # the chunks, then the completion
+            pass
+        return completion
 
     return create
 
 
-def _body(script: str, input: Any, messages: list[dict[str, Any]] | None, secrets: dict[str, str] | None,
-          stream: bool, accessories: dict[str, bytes] | None = None) -> dict[str, Any]:
-    """The preview route's body: the invocation's fields given (None left out), the script and its accessories."""
-    import base64
-
-    body: dict[str, Any] = {"script": script, "stream": stream}
-    for name, value in (("input", input), ("messages", messages), ("secrets", secrets)):
-        if value is not None:
-            body[name] = value
-    if accessories:
-        body["accessories"] = [{"key": key, "content_base64": base64.b64encode(content).decode()}
-                               for key, content in accessories.items()]
-    return body
+@contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """SIGINT and SIGTERM ignored inside: a second Ctrl-C must not break off a temporary stack's stop half done,
+    leaving its processes and their directories behind. Python takes signals in the main thread alone: elsewhere
+    (run_workflow called from a thread) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 @contextmanager
@@ -101,7 +107,10 @@ def _stack_client(cli: CliSettings, say: Callable[[str], None]) -> Iterator[tupl
     say(f"no flowpool dev runs on {cli.data_dir} and FLOWPOOL_API_URL is unset: starting a temporary stack "
         "(stopped when the run ends)")
     with tempfile.TemporaryFile() as output:
-        stack = Stack(env=env, output=output)  # its own Redis, in a temporary directory it removes
+        # Its own Redis, in a temporary directory it removes. Each process in a session of its own: the SIGINT a
+        # terminal sends its whole foreground group on Ctrl-C reaches this command alone, which stops them (a
+        # worker given SIGINT too did not stop within Stack.stop's patience and was killed, leaving its directory).
+        stack = Stack(env=env, output=output, own_session=True)
         try:
             try:
                 stack.start(quiet=False)  # one worker, the API on a free loopback port, ready
@@ -113,7 +122,8 @@ def _stack_client(cli: CliSettings, say: Callable[[str], None]) -> Iterator[tupl
             with client:  # closed before the stack stops: an idle connection would hold the API's shutdown
                 yield client, True
         finally:
-            stack.stop()
+            with _signals_ignored():
+                stack.stop()
 
 
 def _tail(output: IO[bytes]) -> str:
@@ -135,11 +145,12 @@ def run_workflow(file: str | Path, input: Any = None, messages: list[dict[str, A
 
     script = Path(file).read_text(encoding="utf-8")
     validate_script(script).raise_for_problems()
-    body = _body(script, input if input is not None or messages else {}, messages, secrets, True, accessories)
+    fields = {"script": script, "input": input if input is not None or messages else {}, "messages": messages,
+              "secrets": secrets, "accessories": accessories}
     result = RunResult()
     with _stack_client(load_cli_settings(), lambda line: print(f"flowpool run: {line}", file=sys.stderr)) as (
             client, _):
-        for event in _preview(client, body)():
+        for event in _preview(client, fields, True)():
             data = event.to_dict()
             if data.get("object") == "workflow.chunk":
                 result.chunks.append({"type": data.get("type"), "content": data.get("content")})
@@ -185,35 +196,36 @@ def run(file: Path, input_json: str | None, messages: tuple[str, ...], secrets: 
     runs on the flowpool dev running here, or FLOWPOOL_API_URL's API; with
     neither, on a temporary stack started for it and stopped after (this
     needs the server extra). A failed run prints its log lines, its error
-    with the script's traceback, and exits 1.
+    with the script's traceback, and exits 1. Ctrl-C (or SIGTERM) cancels
+    the run, and stops the temporary stack.
     """
-    value = _json_option(input_json, "--input")
+    value = json_option(input_json, "--input")
     if value is None and not messages:
         raise click.UsageError("give --input or --message")
     script = checked_source(file)
-    body = _body(script, value, [{"role": "user", "content": m} for m in messages] or None, _secrets(secrets),
-                 stream, _accessories(accessory))
+    fields = {"script": script, "input": value, "messages": [{"role": "user", "content": m} for m in messages] or None,
+              "secrets": secrets_option(secrets), "accessories": _accessories(accessory)}
     cli = load_cli_settings()
     previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         with _stack_client(cli, lambda line: click.echo(f"flowpool run: {line}", err=True)) as (client, temporary):
-            api_call(_run_once, client, body, stream, whole, temporary)
+            api_call(_run_once, client, fields, stream, whole, temporary)
     except KeyboardInterrupt:
         raise click.Abort() from None
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _run_once(client: Any, body: dict[str, Any], stream: bool, whole: bool, temporary: bool) -> None:
+def _run_once(client: Any, fields: dict[str, Any], stream: bool, whole: bool, temporary: bool) -> None:
     """Run the preview and print it; a failed run's log lines and traceback printed before its error is raised."""
     from ..client import APIError
 
     try:
-        echo_completion(_preview(client, body), stream, whole)
+        echo_completion(_preview(client, fields, stream), stream, whole)
     except APIError as exc:
         if not exc.request_id:
             raise
-        _echo_record(client.runs.get(exc.request_id))
+        echo_record(client.runs.get(exc.request_id))
         # A temporary stack goes with this command: `flowpool logs` could not find the run afterwards.
         raise click.ClickException(str(exc) if temporary else describe_error(exc)) from exc
 

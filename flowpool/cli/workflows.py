@@ -1,4 +1,4 @@
-"""The commands that need only the client: ``push``, ``validate``, ``invoke``, ``runs``, ``logs``."""
+"""The commands that need only the client: ``push``, ``activate``, ``validate``, ``invoke``, ``runs``, ``logs``."""
 from __future__ import annotations
 
 import json
@@ -22,7 +22,7 @@ __all__ = ["COMMANDS"]
 @click.option("--bump", "version_bump", type=click.Choice(["major", "minor", "patch"]), default=None,
               help="Semver bump of a new version (default: the server's, minor).")
 @click.option("--draft", is_flag=True, help="Store the new version as a draft, not activated: invoke it pinned "
-              "(workflow:REF@VERSION), publish it with POST /api/v1/workflows/REF/activate.")
+              "(workflow:REF@VERSION), publish it with flowpool activate REF VERSION.")
 @click.option("--queue", default=None, metavar="NAME",
               help="Worker queue its runs go to (wins over the script's QUEUE; default: the script's, else default).")
 def push(file: Path, ref: str, accessory: tuple[str, ...], timeout_seconds: float | None, version_bump: str | None,
@@ -41,12 +41,13 @@ def push(file: Path, ref: str, accessory: tuple[str, ...], timeout_seconds: floa
     try:
         result = api_call(client.workflows.upload, ref, file, accessories=accessories, progress=progress,
                           timeout_seconds=timeout_seconds, version_bump=version_bump, queue=queue,
-                          publish_version=False if draft else None)
+                          draft=draft)
     finally:
         progress.close()
     if draft and not result.version.active:
         state = "new draft" if result.created else "unchanged, a draft" if result.version.draft else "unchanged"
-        click.echo(f"{ref}@{result.version.version} ({state}: publish it with POST /api/v1/workflows/{ref}/activate)")
+        click.echo(f"{ref}@{result.version.version} ({state}: publish it with: flowpool activate {ref} "
+                   f"{result.version.version})")
         return
     state = "new version" if result.created else "unchanged, active"
     click.echo(f"{ref}@{result.version.version} ({state})")
@@ -108,7 +109,7 @@ def checked_source(file: Path) -> str:
     return source
 
 
-def _secrets(items: tuple[str, ...]) -> dict[str, str] | None:
+def secrets_option(items: tuple[str, ...]) -> dict[str, str] | None:
     """``--secret KEY=VALUE`` and ``--secret KEY`` options as a dict; a bad one is named by its position, never shown.
 
     ``--secret KEY`` takes the value of the environment variable KEY of the invoking shell: unlike
@@ -145,7 +146,7 @@ def _ordinal(n: int) -> str:
     return f"{n}{'th' if 10 <= n % 100 < 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
-def _json_option(text: str | None, option: str) -> Any:
+def json_option(text: str | None, option: str) -> Any:
     try:
         return json.loads(text) if text is not None else None
     except ValueError as exc:
@@ -172,15 +173,15 @@ def invoke(ref: str, input_json: str | None, messages: tuple[str, ...], secrets:
     A failure ends with one ``Error:`` line naming the run's request_id,
     whose logs and traceback ``flowpool logs REQUEST_ID`` prints, and exit 1.
     """
-    value = _json_option(input_json, "--input")
-    metadata = _json_option(metadata_json, "--metadata")
+    value = json_option(input_json, "--input")
+    metadata = json_option(metadata_json, "--metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise click.BadParameter("must be a JSON object", param_hint="--metadata")
     if value is None and not messages:
         raise click.UsageError("give --input or --message")
     client = api_client(load_settings())
-    kwargs: dict[str, Any] = {"input": value, "stream": stream, "cache": not no_cache, "secrets": _secrets(secrets),
-                              "metadata": metadata, "session_id": session_id}
+    kwargs: dict[str, Any] = {"input": value, "stream": stream, "cache": not no_cache,
+                              "secrets": secrets_option(secrets), "metadata": metadata, "session_id": session_id}
     if messages:
         kwargs["messages"] = [{"role": "user", "content": m} for m in messages]
     model = ref if ref.startswith("workflow:") else f"workflow:{ref}"
@@ -277,7 +278,7 @@ def _echo_log(entry: dict[str, Any]) -> None:
     _echo_line(_clock(entry.get("time")), str(entry.get("level", "info")).upper(), f"{entry.get('msg', '')} {fields}")
 
 
-def _echo_record(run: Any, shown: int = 0) -> None:
+def echo_record(run: Any, shown: int = 0) -> None:
     """The run's log lines (past the first ``shown``, printed already), then its error with the script's traceback."""
     for entry in (run.to_dict().get("logs") or [])[shown:]:
         _echo_log(entry)
@@ -334,7 +335,7 @@ def logs(request_id: str, follow: bool) -> None:
     elif follow:
         for chunk in run.to_dict().get("chunks") or []:
             _echo_chunk(_clock(None), chunk)
-    _echo_record(run, shown)
+    echo_record(run, shown)
     if run.status in _UNFINISHED:
         click.echo(f"run {request_id} is {run.status}: these are its log lines so far; "
                    f"follow it with: flowpool logs --follow {request_id}", err=True)
@@ -342,4 +343,13 @@ def logs(request_id: str, follow: bool) -> None:
         click.echo(f"run {request_id} {run.status} in {_duration(run.timings.run_ms)}", err=True)
 
 
-COMMANDS = [push, validate, invoke, runs, logs]
+@click.command()
+@click.argument("ref")
+@click.argument("version")
+def activate(ref: str, version: str) -> None:
+    """Make VERSION (1.2.0) the active version of workflow REF: publish a draft, roll back or forward."""
+    workflow = api_call(api_client(load_settings()).workflows.activate, ref, version)
+    click.echo(f"{ref}@{workflow.active_version} (active)")
+
+
+COMMANDS = [push, activate, validate, invoke, runs, logs]

@@ -13,8 +13,9 @@ from typing import Any
 
 # Each public name -> the module of this package that holds it (flowpool's __init__ re-exports them all).
 _HOMES = {
-    "Flowpool": "client", "Maitai": "client",
+    "Flowpool": "client", "Maitai": "client", "Stream": "client",
     "AsyncFlowpool": "async_client", "AsyncMaitai": "async_client", "MaitaiAsync": "async_client",
+    "AsyncStream": "async_client",
     "Obj": "objects",
     **{name: "errors" for name in (
         "APIError", "BadRequestError", "AuthenticationError", "NotFoundError", "WorkflowTimeoutError",

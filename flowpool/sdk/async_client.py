@@ -9,9 +9,10 @@
 
 Every resource and method of :class:`Flowpool`, awaited (they are the same
 methods: :mod:`flowpool.sdk.resources`), with the same options, retries,
-idempotency keys and errors. A stream is an async iterator of :class:`Obj`:
-the request is sent when it is awaited (an error status raises there), its
-events come as they arrive, and an error event raises its APIError.
+idempotency keys and errors. A stream is an :class:`AsyncStream` of
+:class:`Obj`: the request is sent when it is awaited (an error status raises
+there), its events come as they arrive, an error event raises its APIError,
+and ``await stream.aclose()`` (or ``async with``) closes its connection.
 """
 from __future__ import annotations
 
@@ -22,13 +23,14 @@ import anyio
 import httpx2
 
 from ..multipart import MultipartBody
+from ..sse import EventReader
 from . import sansio
 from .errors import APIConnectionError, APITimeoutError
 from .objects import Obj
 from .resources import attach
 from .sansio import Call, Options, Timeout
 
-__all__ = ["AsyncFlowpool", "AsyncMaitai", "MaitaiAsync"]
+__all__ = ["AsyncFlowpool", "AsyncMaitai", "AsyncStream", "MaitaiAsync"]
 
 _Client = TypeVar("_Client", bound="AsyncFlowpool")
 
@@ -148,40 +150,85 @@ class AsyncFlowpool:
                 call.content.close()
         raise AssertionError("the loop returns or raises")
 
-    async def _stream(self, call: Call) -> AsyncIterator[Obj]:
-        """Send ``call``: an async iterator of its events as :class:`Obj`; an error status raised here, an error
-        event where it comes."""
+    async def _stream(self, call: Call) -> AsyncStream:
+        """Send ``call``: an :class:`AsyncStream` of its events; an error status raised here, an error event where
+        it comes."""
         response = await self._send(call, stream=True)
         url = str(response.url)
         if sansio.is_event_stream(response.status_code, response.headers):
-            return _events(response, url)
+            return AsyncStream(response)
         try:
             content = await response.aread()
         except httpx2.RequestError as exc:
             raise _transport_error(exc, url) from exc
         finally:
             await response.aclose()
-        return _one(Obj(sansio.decode(response.status_code, response.headers, content, url)))
+        return AsyncStream(None, Obj(sansio.decode(response.status_code, response.headers, content, url)))
 
 
-async def _events(response: httpx2.Response, url: str) -> AsyncIterator[Obj]:
-    """The events of a server-sent event answer; an error event raised as its APIError."""
-    try:
-        async for line in response.aiter_lines():
-            value = sansio.sse_data(line)
-            if value is sansio.DONE:
-                return
-            if value is not sansio.SKIP:
+class AsyncStream:
+    """The events of a streamed answer, as :class:`Obj`, as they arrive; iterate it once with ``async for``.
+
+    Its connection is closed once the last event has been read, when an
+    error is raised, and by :meth:`aclose` (or leaving an ``async with``
+    block), whether or not it was iterated: one left before its end holds
+    its connection (and the server goes on sending) until it is closed::
+
+        async with await client.workflow.completions.create(model="workflow:w", input={}, stream=True) as stream:
+            async for chunk in stream:
+                if chunk.object == "workflow.chunk":
+                    break
+
+    A stream that ends before the server's ``[DONE]`` raises
+    :class:`APIConnectionError`: its answer is not whole.
+    """
+
+    def __init__(self, response: httpx2.Response | None, answer: Obj | None = None) -> None:
+        # response: an event stream; else ``answer``, the one JSON answer that came in its place (a cached run).
+        self.response = response
+        self._answer = answer
+        self._iterator = self._events()
+
+    def __aiter__(self) -> AsyncIterator[Obj]:
+        return self._iterator
+
+    async def __anext__(self) -> Obj:
+        return await self._iterator.__anext__()
+
+    async def aclose(self) -> None:
+        """Close the connection; the events not read yet are not read."""
+        await self._iterator.aclose()
+        if self.response is not None:
+            await self.response.aclose()
+
+    async def __aenter__(self) -> AsyncStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _events(self) -> AsyncIterator[Obj]:
+        response = self.response
+        if response is None:
+            if self._answer is not None:
+                yield self._answer
+            return
+        url = str(response.url)
+        reader = EventReader()
+        try:
+            async for chunk in response.aiter_bytes():
+                for value in reader.feed(chunk):
+                    yield sansio.event(value, response.headers)
+                if reader.done:
+                    return
+            for value in reader.end():
                 yield sansio.event(value, response.headers)
-    except httpx2.RequestError as exc:  # the stream broke off
-        raise _transport_error(exc, url) from exc
-    finally:
-        await response.aclose()
-
-
-async def _one(value: Obj) -> AsyncIterator[Obj]:
-    """A stream of the one answer that came as JSON rather than as events (a cached run, say)."""
-    yield value
+            if not reader.done:
+                raise sansio.unfinished(url)
+        except httpx2.RequestError as exc:  # the stream broke off
+            raise _transport_error(exc, url) from exc
+        finally:
+            await response.aclose()
 
 
 async def _chunks(body: MultipartBody) -> AsyncIterator[bytes]:
@@ -207,7 +254,8 @@ def _transport_error(exc: httpx2.RequestError, url: str) -> APIConnectionError:
 
 class AsyncMaitai(AsyncFlowpool):
     """:class:`AsyncFlowpool` as the seed's ``maitai.MaitaiAsync()``: ``api_key`` and ``base_url`` fall back on
-    MAITAI_API_KEY and MAITAI_BASE_URL first (then FLOWPOOL_*), and the key goes in ``X-Maitai-Api-Key``."""
+    MAITAI_API_KEY and MAITAI_BASE_URL first (then FLOWPOOL_*), and the key goes in ``X-Maitai-Api-Key``. A base
+    URL ending with ``/api/v1``, as Maitai's command line writes it, is taken without it."""
 
     _KEY_ENV = ("MAITAI_API_KEY",)
     _URL_ENV = ("MAITAI_BASE_URL",)

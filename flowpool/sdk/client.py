@@ -14,7 +14,10 @@ Answers are :class:`Obj`; errors are :mod:`flowpool.sdk.errors`' tree (a
 refused or dropped connection is an :class:`APIConnectionError`, one past
 the timeout an :class:`APITimeoutError`); retries and idempotency keys are
 described in :mod:`flowpool.sdk.sansio`. ``client.with_options(timeout=5)``
-is a client with other options on the same connection pool.
+is a client with other options on the same connection pool. A call with
+``stream=True`` answers a :class:`Stream` (sent at once; an error status
+raises there): iterate it, and close it (or use ``with``) when leaving it
+before its end.
 """
 from __future__ import annotations
 
@@ -25,18 +28,23 @@ from typing import Any, Iterator, Mapping, TypeVar
 import requests
 import urllib3
 
+from ..sse import EventReader
 from . import sansio
 from .errors import APIConnectionError, APITimeoutError
 from .objects import Obj
 from .resources import attach
 from .sansio import Call, Options, Timeout
 
-__all__ = ["Flowpool", "Maitai"]
+__all__ = ["Flowpool", "Maitai", "Stream"]
 
 _Client = TypeVar("_Client", bound="Flowpool")
 
 # What may fail on the way for a reason a second try can mend: nothing came back, or the answer broke off.
 _RETRYABLE = (requests.ConnectionError, requests.exceptions.ChunkedEncodingError)
+
+# How much of an event stream is read at a time (requests' own size for iter_lines): urllib3 hands a chunked
+# answer's pieces over as they come, and waits for this many bytes of an answer that is not chunked.
+_CHUNK = 512
 
 
 class Flowpool:
@@ -145,25 +153,82 @@ class Flowpool:
                 close()
         raise AssertionError("the loop returns or raises")
 
-    def _stream(self, call: Call) -> Iterator[Obj]:
-        """The events of a server-sent event answer as :class:`Obj`; an error event or status raised as its APIError.
-
-        Sent when first iterated.
-        """
+    def _stream(self, call: Call) -> Stream:
+        """Send ``call``: a :class:`Stream` of its events (an error status raised here, an error event where it
+        comes)."""
         response = self._send(call, stream=True)
+        if sansio.is_event_stream(response.status_code, response.headers):
+            return Stream(response)
         with response:
             try:
-                if not sansio.is_event_stream(response.status_code, response.headers):
-                    yield Obj(sansio.decode(response.status_code, response.headers, response.content, response.url))
-                    return
-                for line in response.iter_lines(decode_unicode=True):
-                    value = sansio.sse_data(line)
-                    if value is sansio.DONE:
-                        return
-                    if value is not sansio.SKIP:
-                        yield sansio.event(value, response.headers)
-            except requests.RequestException as exc:  # the stream broke off
+                content = response.content
+            except requests.RequestException as exc:
                 raise _transport_error(exc, response.url) from exc
+        return Stream(None, Obj(sansio.decode(response.status_code, response.headers, content, response.url)))
+
+
+class Stream:
+    """The events of a streamed answer, as :class:`Obj`, as they arrive; iterate it once.
+
+    Its connection is closed once the last event has been read, when an
+    error is raised, and by :meth:`close` (or leaving a ``with`` block),
+    whether or not it was iterated: one left before its end holds its
+    connection (and the server goes on sending) until it is closed::
+
+        with client.workflow.completions.create(model="workflow:w", input={}, stream=True) as stream:
+            for chunk in stream:
+                if chunk.object == "workflow.chunk":
+                    break
+
+    A stream that ends before the server's ``[DONE]`` raises
+    :class:`APIConnectionError`: its answer is not whole.
+    """
+
+    def __init__(self, response: requests.Response | None, answer: Obj | None = None) -> None:
+        # response: an event stream; else ``answer``, the one JSON answer that came in its place (a cached run).
+        self.response = response
+        self._answer = answer
+        self._iterator = self._events()
+
+    def __iter__(self) -> Iterator[Obj]:
+        return self._iterator
+
+    def __next__(self) -> Obj:
+        return next(self._iterator)
+
+    def close(self) -> None:
+        """Close the connection; the events not read yet are not read."""
+        self._iterator.close()
+        if self.response is not None:
+            self.response.close()
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _events(self) -> Iterator[Obj]:
+        response = self.response
+        if response is None:
+            if self._answer is not None:
+                yield self._answer
+            return
+        reader = EventReader()
+        try:
+            for chunk in response.iter_content(chunk_size=_CHUNK):
+                for value in reader.feed(chunk):
+                    yield sansio.event(value, response.headers)
+                if reader.done:
+                    return
+            for value in reader.end():
+                yield sansio.event(value, response.headers)
+            if not reader.done:
+                raise sansio.unfinished(response.url)
+        except requests.RequestException as exc:  # the stream broke off
+            raise _transport_error(exc, response.url) from exc
+        finally:
+            response.close()
 
 
 def _timed_out_reading(exc: requests.RequestException) -> bool:
@@ -181,7 +246,8 @@ def _transport_error(exc: requests.RequestException, url: str) -> APIConnectionE
 
 class Maitai(Flowpool):
     """:class:`Flowpool` as the seed's ``maitai.Maitai()``: ``api_key`` and ``base_url`` fall back on MAITAI_API_KEY
-    and MAITAI_BASE_URL first (then FLOWPOOL_API_KEY, FLOWPOOL_API_URL), and the key goes in ``X-Maitai-Api-Key``."""
+    and MAITAI_BASE_URL first (then FLOWPOOL_API_KEY, FLOWPOOL_API_URL), and the key goes in ``X-Maitai-Api-Key``.
+    Like every client, it takes a base URL ending with ``/api/v1`` (as Maitai's command line writes it) without it."""
 
     _KEY_ENV = ("MAITAI_API_KEY",)
     _URL_ENV = ("MAITAI_BASE_URL",)

@@ -8,6 +8,7 @@ one of both clients, with one docstring: ``client.workflows.get(name)`` and
 """
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 from typing import Any, Protocol
@@ -51,9 +52,13 @@ class _Completions:
                timeout: Timeout | None = None, **params: Any) -> Any:
         """Invoke a workflow; returns the ``chat.completion`` as an :class:`Obj`.
 
-        With ``stream``, an iterator (async: an async iterator) of its
+        With ``stream``, a :class:`~flowpool.sdk.client.Stream` (async: an
+        :class:`~flowpool.sdk.async_client.AsyncStream`) of its
         ``workflow.chunk`` events as the script emits them, then the
-        completion; an error event raised as its :class:`APIError`.
+        completion; an error event raised as its :class:`APIError`, a stream
+        cut off before its end as an :class:`APIConnectionError`. Close one
+        left before its end (``close()``, ``aclose()``, or ``with``): it holds
+        its connection until then.
         ``idempotency_key`` names this call across retries and processes (a
         new one is made when not given): sending it again within the
         server's window returns the same run, never a second one.
@@ -80,26 +85,66 @@ class _Workflows:
         self._client = client
 
     def upload(self, name: str, script: str | Path, accessories: dict[str, str | Path] | None = None,
-               progress: Progress | None = None, **fields: Any) -> Any:
-        """Upload a script (text or path) under ``name``; returns the workflow, version and ``created``.
+               progress: Progress | None = None, publish_version: bool | None = None, draft: bool = False,
+               **fields: Any) -> Any:
+        """Upload a script (text or path) under ``name``; returns what the server answers: ``workflow``,
+        ``version`` and ``created``, and the same as Maitai names it (``id``, ``workflow_ref_name``,
+        ``published_version``, ``version_created``).
 
         ``accessories`` maps keys to JSON files, streamed from disk as the
         body is sent; ``progress(bytes_sent, bytes_total)`` is called as it goes.
-        ``fields`` are the upload's other fields (``timeout_seconds``,
-        ``queue``, ``env``...); those given as None are left out.
+        ``publish_version=False`` (or ``draft=True``) stores a new version as a
+        draft, not activated: invoke it pinned, publish it with
+        :meth:`activate`. ``fields`` are the upload's other fields
+        (``timeout_seconds``, ``queue``, ``env``, ``version_bump``,
+        ``inproc_nested_refs``...); those given as None are left out.
         """
         if isinstance(script, Path):
             script = script.read_text()
         files: dict[str, tuple[str, bytes | Path]] = {"script_file": ("workflow.py", script.encode())}
         for key, path in (accessories or {}).items():
             files[f"accessory_{key}"] = (Path(path).name, Path(path))
+        if draft:
+            if publish_version:
+                raise TypeError("draft=True stores a draft; publish_version=True publishes: give one of them")
+            publish_version = False
         data = {"workflow_ref_name": name}
-        for key, value in fields.items():
+        for key, value in {"publish_version": publish_version, **fields}.items():
             if value is not None:
-                data[key] = json.dumps(value) if isinstance(value, dict) else str(value)
+                data[key] = _form_value(value)
         body = MultipartBody(data, files, progress)  # the client closes it once sent
         return self._client._call(Call("POST", "/api/v1/workflows/upload", _data("WorkflowUpload"), content=body,
                                        headers={"Content-Type": body.content_type}))
+
+    def preview(self, script: str | Path, input: Any = None, messages: list[dict[str, Any]] | None = None,
+                stream: bool = False, secrets: dict[str, str] | None = None, session_id: str | None = None,
+                metadata: dict[str, Any] | None = None, accessories: dict[str, bytes | str | Path] | None = None,
+                idempotency_key: str | None = None, timeout: Timeout | None = None, **params: Any) -> Any:
+        """Run a script (text or path) once without uploading it: answered as ``workflow.completions.create``.
+
+        The script is checked as an upload is (a BadRequestError listing each
+        problem with its line) and runs as a hidden workflow of the account
+        that expires. ``accessories`` maps keys to JSON, as bytes or a file's
+        path. ``params`` are the invocation's other fields
+        (``on_disconnect="cancel"``: a stream dropped before the end cancels the run).
+        """
+        if isinstance(script, Path):
+            script = script.read_text()
+        body: dict[str, Any] = {"script": script, **params}
+        for key, value in (("input", input), ("messages", messages), ("secrets", secrets),
+                           ("session_id", session_id), ("metadata", metadata)):
+            if value is not None:
+                body[key] = value
+        if accessories:
+            body["accessories"] = [
+                {"key": key, "content_base64": base64.b64encode(
+                    content if isinstance(content, bytes) else Path(content).read_bytes()).decode()}
+                for key, content in accessories.items()]
+        if stream:
+            body["stream"] = True
+        call = Call("POST", "/api/v1/workflows/preview", json=body, timeout=timeout, retry=True,
+                    headers={"Idempotency-Key": _key(idempotency_key)})
+        return self._client._stream(call) if stream else self._client._call(call)
 
     def get(self, name: str) -> Any:
         """The workflow ``name`` and its active version."""
@@ -114,6 +159,29 @@ class _Workflows:
         """The latest runs of workflow ``name``, newest first (summaries; ``client.runs.get`` has the rest)."""
         return self._client._call(Call("GET", f"/api/v1/workflows/{name}/runs", _listed("runs"),
                                        params={"offset": offset, "limit": limit}))
+
+    def versions(self, ref: str, offset: int = 0, limit: int = 25) -> Any:
+        """The versions of workflow ``ref``, oldest first: ``version``, ``active``, ``draft``, ``created_at``..."""
+        return self._client._call(Call("GET", _workflow_path(ref, "versions"), _listed("versions"),
+                                       params={"offset": offset, "limit": limit}))
+
+    def activate(self, ref: str, version: str) -> Any:
+        """Make ``version`` (``"1.2.0"``) the active one of workflow ``ref``: a rollback, a roll forward, or the
+        publication of a draft (whose settings then become the workflow's); returns the workflow."""
+        return self._client._call(Call("POST", _workflow_path(ref, "activate"), _data("Workflow"),
+                                       json={"version": version}))
+
+    def delete(self, ref: str) -> Any:
+        """Delete workflow ``ref`` and all its versions: ``{workflow_ref_name, deleted}``."""
+        return self._client._call(Call("DELETE", _workflow_path(ref), lambda answer: Obj(answer["data"])))
+
+    def validate(self, code: str | Path, kind: str = "execute") -> Any:
+        """Check a script (text or path) as an upload would, storing nothing: ``ok``, and ``errors`` (each
+        problem with its line)."""
+        if isinstance(code, Path):
+            code = code.read_text()
+        return self._client._call(Call("POST", "/api/v1/workflows/validate", _data("Validation"),
+                                       json={"code": code, "kind": kind}))
 
 
 class _Runs:
@@ -226,6 +294,20 @@ class _Usage:
         """The account's usage (GET /api/v1/usage) from ``from_`` to ``to`` (YYYY-MM-DD, UTC), by day or workflow."""
         return self._client._call(Call("GET", "/api/v1/usage", _data("Usage"),
                                        params={"from": from_, "to": to, "group_by": group_by}))
+
+
+def _form_value(value: Any) -> str:
+    """One field of a multipart upload as the API reads it: a bool as true/false, a dict or list as JSON."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value)
+    return str(value)
+
+
+def _workflow_path(ref: str, *rest: str) -> str:
+    """The route of workflow ``ref`` (and below it), each part quoted whole."""
+    return "/".join(["/api/v1/workflows", *(quote(p, safe="") for p in (ref, *rest))])
 
 
 def _path(name: str, *rest: str) -> str:

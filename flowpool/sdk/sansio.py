@@ -19,20 +19,23 @@ timed out: the client's timeout bounds each try of the call.
 """
 from __future__ import annotations
 
+import datetime
+import email.utils
 import json
 import os
+import time
 import uuid
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Tuple, Union
 
-from .errors import APIError, error_for
+from .errors import APIConnectionError, APIError, error_for
 from .objects import Obj
 
 if TYPE_CHECKING:
     from ..multipart import MultipartBody
 
-__all__ = ["DONE", "SKIP", "Call", "Options", "Timeout", "backoff", "decode", "event", "idempotency_key",
-           "invoke_body", "is_event_stream", "longer", "options", "retry_wait", "sse_data"]
+__all__ = ["Call", "Options", "Timeout", "backoff", "decode", "event", "idempotency_key", "invoke_body",
+           "is_event_stream", "longer", "options", "retry_wait", "unfinished"]
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8080"
 # Longer than the server's longest run by default: a call waits for its run, however long it was allowed.
@@ -73,7 +76,7 @@ class Options:
         # None keeps what these options have, except for timeout, where None is no limit.
         changes = {k: v for k, v in changes.items() if v is not None or k == "timeout"}
         if "base_url" in changes:
-            changes["base_url"] = str(changes["base_url"]).rstrip("/")
+            changes["base_url"] = _root(str(changes["base_url"]))
         if "default_headers" in changes:
             changes["default_headers"] = dict(changes["default_headers"] or {})
         return replace(self, **changes)
@@ -83,7 +86,9 @@ def options(api_key: str | None, base_url: str | None, timeout: Timeout, max_ret
             default_headers: Mapping[str, str] | None, key_env: tuple[str, ...] = (), url_env: tuple[str, ...] = (),
             key_header: str = "x-api-key") -> Options:
     """A client's options: those given, else the first of the ``key_env``/``url_env`` variables that is set, else
-    FLOWPOOL_API_KEY and FLOWPOOL_API_URL (through flowpool's Settings, as the command line reads them)."""
+    FLOWPOOL_API_KEY and FLOWPOOL_API_URL (through flowpool's Settings, as the command line reads them).
+
+    A base URL ending with ``/api/v1`` is taken without it (:func:`_root`)."""
     api_key = api_key or next((os.environ[n] for n in key_env if os.environ.get(n)), None)
     base_url = base_url or next((os.environ[n] for n in url_env if os.environ.get(n)), None)
     if api_key is None or base_url is None:
@@ -94,8 +99,25 @@ def options(api_key: str | None, base_url: str | None, timeout: Timeout, max_ret
         base_url = base_url or settings.api_url
     if max_retries < 0:
         raise ValueError(f"max_retries must be 0 or more, not {max_retries}")
-    return Options(api_key=api_key, base_url=(base_url or DEFAULT_BASE_URL).rstrip("/"), timeout=timeout,
+    return Options(api_key=api_key, base_url=_root(base_url or DEFAULT_BASE_URL), timeout=timeout,
                    max_retries=max_retries, default_headers=dict(default_headers or {}), key_header=key_header)
+
+
+# What a base URL may end with that flowpool's routes already start with.
+_API_PATH = "/api/v1"
+
+
+def _root(base_url: str) -> str:
+    """``base_url`` without its trailing slashes, nor ``/api/v1`` at its end: where flowpool's routes start.
+
+    Maitai's command line and docs give its API as ``https://.../api/v1``;
+    flowpool's routes carry ``/api/v1`` themselves (``/api/v1/workflows``),
+    beside ``/workflow/chat/completions`` at the root.
+    """
+    base_url = base_url.rstrip("/")
+    if base_url.endswith(_API_PATH):
+        base_url = base_url[:-len(_API_PATH)].rstrip("/")
+    return base_url
 
 
 @dataclass(frozen=True)
@@ -130,13 +152,31 @@ def invoke_body(model: str, params: Mapping[str, Any], **fields: Any) -> dict[st
     return {"model": model, **params, **{name: value for name, value in fields.items() if value is not None}}
 
 
-def backoff(attempt: int, retry_after: str | None) -> float | None:
-    """Seconds before the next try: what the server asked for, else 0.5 s doubling; None: it asked for too long."""
-    try:
-        asked = float(retry_after or "")
-    except ValueError:  # none, or not a number of seconds
+def backoff(attempt: int, retry_after: str | None, now: float | None = None) -> float | None:
+    """Seconds before the next try: what the server asked for, else 0.5 s doubling; None: it asked for too long.
+
+    ``Retry-After`` is a number of seconds or an HTTP-date (RFC 9110, 10.2.3),
+    read against ``now`` (seconds since the epoch; the clock's when None).
+    """
+    asked = _retry_after_seconds(retry_after or "", time.time() if now is None else now)
+    if asked is None:  # none, or neither form
         return min(0.5 * 2 ** attempt, MAX_RETRY_WAIT)
     return max(asked, 0.0) if asked <= MAX_RETRY_WAIT else None
+
+
+def _retry_after_seconds(value: str, now: float) -> float | None:
+    """A Retry-After header as seconds from ``now``; None when it is neither a number nor an HTTP-date."""
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # RFC 850 and asctime dates carry no zone: HTTP-dates are all GMT
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return when.timestamp() - now
 
 
 def retry_wait(attempt: int, max_retries: int, status: int | None,
@@ -186,19 +226,10 @@ def is_event_stream(status: int, headers: Mapping[str, str]) -> bool:
     return status < 400 and headers.get("Content-Type", "").startswith("text/event-stream")
 
 
-# What sse_data says of a line that is no event's data, and of the end of the stream.
-SKIP, DONE = object(), object()
-
-
-def sse_data(line: str) -> Any:
-    """The JSON value of one ``data:`` line of an event stream; DONE at ``[DONE]``, SKIP for any other line.
-
-    A data line that is not JSON raises ValueError.
-    """
-    if not line.startswith("data:"):
-        return SKIP
-    data = line[5:].strip()
-    return DONE if data == "[DONE]" else json.loads(data)
+def unfinished(url: str) -> APIConnectionError:
+    """The error of an event stream that ended (its connection closed, cleanly) before its ``[DONE]``: the
+    answer is not whole, whatever its last event was."""
+    return APIConnectionError(f"the stream ended before its [DONE]: {url} closed the connection mid-answer", url)
 
 
 def event(value: Any, headers: Mapping[str, str]) -> Obj:

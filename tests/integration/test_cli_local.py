@@ -4,17 +4,34 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 
 import psutil
+import pytest
+import redis
 
+from flowpool import keys
 from flowpool.procs import free_port
-from tests.helpers import FAILING_WORKFLOW, Client, run_flowpool
+from tests.helpers import FAILING_WORKFLOW, Client, account_id, eventually, run_flowpool
 
 STARTER_INPUT = '{"text": "hello flowpool"}'
+
+# Says it started, then runs until it is stopped (a time limit of its own that no test waits for).
+SLOW = """\
+import time
+
+TIMEOUT_SECONDS = 300
+
+
+def execute(ctx):
+    ctx.emit("started", 1)
+    time.sleep(290)
+    return {}
+"""
 
 SHOWS_SECRET = """\
 def execute(ctx):
@@ -78,31 +95,84 @@ def test_init_then_run_in_a_fresh_directory_starts_a_stack_and_leaves_no_process
     assert sorted(p.name for p in (tmp_path / "greeter").iterdir()) == ["test_workflow.py", "workflow.py"]
 
 
-def test_sigterm_stops_a_run_and_its_temporary_stack(tmp_path: Path) -> None:
+def _start_run(tmp_path: Path, env: dict[str, str], *options: str) -> subprocess.Popen[str]:
+    """``flowpool run`` of :data:`SLOW` with OPTIONS, started as a terminal starts a command: the leader of its own
+    process group, the group a Ctrl-C sends SIGINT to."""
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW)
+    return subprocess.Popen([sys.executable, "-I", "-m", "flowpool.cli", "run", str(script), "--input", "{}",
+                             *options], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def _ended(command: subprocess.Popen[str]) -> tuple[int, str]:
+    """The exit status and stderr of ``command``, once it ends (killed, with its group, if it does not)."""
+    try:
+        status = command.wait(60)
+    finally:
+        if command.poll() is None:
+            os.killpg(command.pid, signal.SIGKILL)
+            command.wait(10)
+    assert command.stdout is not None and command.stderr is not None
+    command.stdout.close()
+    stderr = command.stderr.read()
+    command.stderr.close()
+    return status, stderr
+
+
+def _stopping(mark: str, running: set[int]) -> bool:
+    """Whether the temporary stack is stopping: one of the processes ``running`` when it ran (its API, stopped
+    with its worker but sooner) is gone."""
+    return not running <= {process.pid for process in _marked(mark)}
+
+
+@pytest.mark.parametrize("interrupt", ["sigterm", "ctrl-c", "ctrl-c-twice"])
+def test_an_interrupted_run_stops_its_temporary_stack_and_leaves_nothing_behind(tmp_path: Path,
+                                                                                interrupt: str) -> None:
     mark, tmp = uuid.uuid4().hex, tmp_path / "tmp"
     tmp.mkdir()
-    script = tmp_path / "slow.py"
-    script.write_text("import time\n\n\ndef execute(ctx):\n    ctx.emit('started', 1)\n    time.sleep(60)\n"
-                      "    return {}\n")
-    command = subprocess.Popen([sys.executable, "-I", "-m", "flowpool.cli", "run", str(script), "--input", "{}",
-                                "--stream"], cwd=tmp_path, env=_bare_env(tmp_path, FP_RUN_TEST_MARK=mark, TMPDIR=str(tmp)),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    command = _start_run(tmp_path, _bare_env(tmp_path, FP_RUN_TEST_MARK=mark, TMPDIR=str(tmp)), "--stream")
     try:
         assert command.stdout is not None
         first = command.stdout.readline()  # the run's first chunk: the stack is up and the run going
+        assert first, command.stderr.read()  # type: ignore[union-attr]  # it ended: why
         assert json.loads(first) == {"type": "started", "content": 1}
-        command.terminate()
-        assert command.wait(60) != 0
+        running = {process.pid for process in _marked(mark)}
+        if interrupt == "sigterm":
+            command.terminate()
+        else:
+            # A terminal's Ctrl-C: SIGINT to the whole foreground group, the stack's processes included unless they
+            # were started out of it. A worker that got it stopped too late and was killed, leaving its directory.
+            os.killpg(command.pid, signal.SIGINT)
+        if interrupt == "ctrl-c-twice":
+            # The second, impatient Ctrl-C, while the stack stops: it must not break the stop off half done.
+            eventually(lambda: _stopping(mark, running), timeout=60, what="the temporary stack stopping")
+            os.killpg(command.pid, signal.SIGINT)
     finally:
-        if command.poll() is None:
-            command.kill()
-            command.wait(10)
-        command.stdout.close()  # type: ignore[union-attr]
-        command.stderr.close()  # type: ignore[union-attr]
-    left = _marked(mark)
-    _, still = psutil.wait_procs(left, timeout=10)
+        status, stderr = _ended(command)
+    assert status == 1 and stderr.endswith("Aborted!\n"), stderr
+    _, still = psutil.wait_procs(_marked(mark), timeout=10)
     assert still == []
-    assert _left_in(tmp) == []  # stopped, not killed with its command
+    assert _left_in(tmp) == []  # stopped, not killed: no runtime, sandbox or Redis directory left
+
+
+def test_interrupting_a_run_on_a_running_stack_cancels_the_run(client: Client, stack_db: redis.Redis,
+                                                               tmp_path: Path) -> None:
+    account = account_id(stack_db, client)
+    # Without --stream: the command streams all the same, so that its interruption drops the connection.
+    command = _start_run(tmp_path, _stack_env(client, tmp_path))
+    try:
+        runs_key = eventually(lambda: next(stack_db.scan_iter(keys.workflow_runs(account, "fp-preview-*")), None),
+                              timeout=60, what="the preview stored")
+        request_id = eventually(lambda: stack_db.zrange(runs_key, 0, -1), timeout=60, what="its run")[0].decode()
+        eventually(lambda: client.run(request_id)["status"] == "running", timeout=60, what="the run going")
+        os.killpg(command.pid, signal.SIGINT)  # Ctrl-C
+    finally:
+        status, stderr = _ended(command)
+    assert status == 1 and stderr.endswith("Aborted!\n"), stderr
+    ended = eventually(lambda: client.run(request_id)["status"] not in ("queued", "running"), timeout=60,
+                       what="the run ending")
+    assert ended and client.run(request_id)["status"] == "cancelled"
 
 
 def test_run_on_a_running_stack_starts_none_and_hands_the_secret_to_the_script(client: Client, tmp_path: Path) -> None:

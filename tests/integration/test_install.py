@@ -43,7 +43,9 @@ CLIENT_COMMANDS = {"push": "push good.py --name good", "invoke": "invoke good --
 # Commands that need the server extra -> how a user types one.
 SERVER_COMMANDS = {"dev": "dev", "api": "api", "worker": "worker", "doctor": "doctor",
                    "accounts create": "accounts create someone", "accounts limits": "accounts limits someone",
-                   "accounts webhook-secret": "accounts webhook-secret someone"}
+                   "accounts webhook-secret": "accounts webhook-secret someone", "run": "run good.py --input {}"}
+# Commands that need the server extra only in some cases -> the case, as their message names it.
+SERVER_CASES = {"run": " (with no flowpool dev running here and FLOWPOOL_API_URL unset)"}
 # Build and install outputs a copy of the checkout must not carry over.
 NOT_SOURCES = (".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache")
 
@@ -214,8 +216,11 @@ def test_bare_install_client_command_runs_and_reports_an_unreachable_api(bare_ve
 
 
 @pytest.mark.parametrize("command", sorted(SERVER_COMMANDS))
-def test_bare_install_server_command_prints_what_to_install_and_fails(bare_venv: Path, command: str) -> None:
-    result = _run(bare_venv / "bin" / "flowpool", *SERVER_COMMANDS[command].split(), cwd=bare_venv, timeout=60)
+def test_bare_install_server_command_prints_what_to_install_and_fails(bare_venv: Path, tmp_path: Path,
+                                                                      command: str) -> None:
+    (tmp_path / "good.py").write_text(GOOD)  # run's FILE; no flowpool dev runs in tmp_path, no FLOWPOOL_API_URL
+    result = _run(bare_venv / "bin" / "flowpool", *SERVER_COMMANDS[command].split(), cwd=tmp_path, timeout=60)
     assert result.returncode == 1, result
-    assert result.stderr == f"Error: flowpool {command} needs the server extra: pip install 'flowpool[server]'\n"
+    assert result.stderr == (f"Error: flowpool {command}{SERVER_CASES.get(command, '')} needs the server extra: "
+                             "pip install 'flowpool[server]'\n")
     assert result.stdout == ""

@@ -28,6 +28,8 @@ SAYS = """
     def execute(ctx):
         return {"says": "%s", "mode": ctx.env.get("MODE")}
 """
+# The same with its answers cached (an hour), for what the cache keeps apart.
+CACHED = SAYS.replace("CACHE_TTL_SECONDS = 0", "CACHE_TTL_SECONDS = 3600")
 
 
 def _ref(name: str) -> str:
@@ -118,16 +120,17 @@ def test_the_workflow_id_is_allocated_once_and_kept_by_later_uploads(client: Cli
     assert listed[first] == a1["id"] and listed[second] == b1["id"]
 
 
-def test_a_workflow_stored_before_ids_shows_null_then_gets_one_on_its_next_upload(client: Client,
-                                                                                 stack_db: Any) -> None:
+def test_a_workflow_stored_before_ids_gets_one_when_first_read_and_keeps_it(client: Client, stack_db: Any) -> None:
     ref = _ref("old")
-    client.upload(ref, _says("one"))
+    before = client.upload(ref, _says("one"))["id"]
     [key] = [k for k in stack_db.scan_iter(f"fp:a:*:wf:{ref}") if not k.endswith(b":versions")]
     stack_db.hdel(key, "id")  # as a workflow written before ids were
-    assert _data(client.get(f"/api/v1/workflows/{ref}"))["id"] is None
+    listed = {w["workflow_ref_name"]: w["id"] for w in _data(client.get("/api/v1/workflows?limit=100"))}
+    given = listed[ref]
+    assert isinstance(given, int) and not isinstance(given, bool) and given != before
+    assert _data(client.get(f"/api/v1/workflows/{ref}"))["id"] == given
     again = _data(_post(client, UPLOAD, {"workflow_ref_name": ref, "script": _says("one")}), 200)
-    assert isinstance(again["id"], int)
-    assert _data(client.get(f"/api/v1/workflows/{ref}"))["id"] == again["id"]
+    assert again["id"] == given
 
 
 # 3. The version_bump default
@@ -157,8 +160,7 @@ def test_push_without_bump_leaves_it_to_the_server_and_push_draft_stores_a_draft
 
     assert push("one") == f"{ref}@1.0.0 (new version)"
     assert push("two") == f"{ref}@1.1.0 (new version)"
-    assert push("three", "--draft") == (f"{ref}@1.2.0 (new draft: publish it with "
-                                        f"POST /api/v1/workflows/{ref}/activate)")
+    assert push("three", "--draft") == f"{ref}@1.2.0 (new draft: publish it with: flowpool activate {ref} 1.2.0)"
     assert _data(client.get(f"/api/v1/workflows/{ref}"))["active_version"] == "1.1.0"
 
 
@@ -184,7 +186,18 @@ def test_publish_version_false_stores_a_draft_that_is_not_active(client: Client)
     # Pinned, the draft runs with its own settings, as it will once published.
     pinned = _invoke(client, f"workflow:{ref}@1.1.0")
     assert pinned.status_code == 200 and pinned.json()["output"] == {"says": "draft", "mode": "draft"}
-    assert _invoke(client, f"workflow:{ref}").json()["output"]["says"] == "live"  # the cache kept apart too
+
+
+def test_a_pinned_draft_run_is_cached_apart_from_the_live_version(client: Client) -> None:
+    ref = _ref("draft-cache")
+    client.upload(ref, CACHED % "live", env={"MODE": "same"})  # the same env: only the content tells them apart
+    _data(_post(client, UPLOAD, {"workflow_ref_name": ref, "script": textwrap.dedent(CACHED % "draft"),
+                                 "publish_version": False}), 201)
+    first, again = (_invoke(client, f"workflow:{ref}@1.1.0") for _ in range(2))
+    assert (first.headers["X-Cache"], again.headers["X-Cache"]) == ("MISS", "HIT")  # the cache is on
+    live = _invoke(client, f"workflow:{ref}")
+    assert live.headers["X-Cache"] == "MISS"  # the same request, live: not the draft's entry
+    assert live.json()["output"] == {"says": "live", "mode": "same"} != again.json()["output"]
 
 
 def test_activate_publishes_a_draft_with_its_settings(client: Client) -> None:
@@ -216,15 +229,30 @@ def test_a_workflow_first_uploaded_as_a_draft_has_no_active_version_and_says_how
     assert _invoke(client, f"workflow:{ref}").json()["output"]["says"] == "draft"
 
 
-def test_a_draft_upload_of_existing_content_changes_nothing_active(client: Client) -> None:
+def test_a_draft_upload_of_a_published_versions_content_is_a_409_that_changes_nothing(client: Client) -> None:
     ref = _ref("same")
     client.upload(ref, _says("one"), timeout_seconds=30)
     client.upload(ref, _says("two"))
-    again = _data(_post(client, UPLOAD, {"workflow_ref_name": ref, "script": _says("one"), "publish_version": False,
-                                         "timeout_seconds": 5}), 200)
-    assert again["version_created"] is False and again["published_version"]["version_number"] == "1.1.0"
+    response = _post(client, UPLOAD, {"workflow_ref_name": ref, "script": _says("one"), "publish_version": False,
+                                      "timeout_seconds": 5})
+    assert response.status_code == 409, response.text
+    error = error_of(response)
+    assert error["type"] == "conflict" and error["version"] == "1.0.0"
+    assert "version 1.0.0" in error["message"] and "publish_version true" in error["message"]
     workflow = _data(client.get(f"/api/v1/workflows/{ref}"))
     assert workflow["active_version"] == "1.1.0" and workflow["timeout_seconds"] == 30
+
+
+def test_a_draft_uploaded_again_with_new_settings_runs_pinned_with_them(client: Client) -> None:
+    ref = _ref("redraft")
+    client.upload(ref, _says("live"))
+    body = {"workflow_ref_name": ref, "script": _says("draft"), "publish_version": False}
+    assert _data(_post(client, UPLOAD, {**body, "env": {"MODE": "v1"}, "description": "next"}), 201)
+    again = _data(_post(client, UPLOAD, {**body, "env": {"MODE": "v2-fixed"}, "timeout_seconds": 7}), 200)
+    assert again["version_created"] is False and again["version"]["draft"] is True
+    assert _invoke(client, f"workflow:{ref}@1.1.0").json()["output"] == {"says": "draft", "mode": "v2-fixed"}
+    activated = _data(_post(client, f"/api/v1/workflows/{ref}/activate", {"version": "1.1.0"}))
+    assert (activated["timeout_seconds"], activated["description"]) == (7, "next")  # both uploads' fields
 
 
 def test_multipart_publish_version_false_stores_a_draft(client: Client) -> None:
@@ -273,6 +301,17 @@ def test_application_name_the_account_lacks_creates_an_empty_application(client:
     response = _invoke(client, f"workflow:{ref}")
     assert response.status_code == 500
     assert "PUT /api/v1/applications/" in error_of(response)["message"]
+
+
+def test_delete_removes_an_application_an_upload_created_and_a_missing_one_is_a_404(client: Client) -> None:
+    app = f"Suport {uuid.uuid4().hex[:6]}"  # misspelt, as a name in an upload may be
+    client.upload(_ref("typo"), SEED_SCRIPT, application_name=app)
+    path = "/api/v1/applications/" + requests.utils.quote(app)
+    assert client.get(path).status_code == 200
+    deleted = client.request("DELETE", path)
+    assert deleted.status_code == 200 and deleted.json()["data"] == {"name": app, "deleted": True}
+    assert client.get(path).status_code == 404
+    assert client.request("DELETE", path).status_code == 404
 
 
 def test_application_name_of_an_existing_application_leaves_it_as_it_is(client: Client) -> None:

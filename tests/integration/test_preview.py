@@ -2,16 +2,22 @@
 answered as ``POST /workflow/chat/completions`` answers, stored hidden and expiring, the account's alone."""
 from __future__ import annotations
 
+import asyncio
 import base64
+import hashlib
 import json
 import textwrap
 import uuid
+from pathlib import Path
 
+import pytest
 import redis
 import requests
 
+import flowpool
 from flowpool import keys
-from flowpool.registry.previews import TTL_SECONDS
+from flowpool.registry.previews import TTL_SECONDS, preview_ref
+from flowpool.registry.versions import content_hash
 from tests.helpers import Client, account_id, error_of, sse_events
 
 COUNTS = '''\
@@ -51,6 +57,16 @@ PREVIEW = "/api/v1/workflows/preview"
 def _preview(client: Client, script: str, headers: dict[str, str] | None = None, **body: object):  # type: ignore[no-untyped-def]
     body.setdefault("input", {"text": "one two three"})
     return client.post(PREVIEW, json={"script": textwrap.dedent(script), **body}, headers=headers or {})
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _written_for(db: redis.Redis, account: str, script: str, accessories: dict[str, bytes]) -> list[bytes]:
+    """Every key the preview of this content would write for the account: its workflow's and its blobs."""
+    ref = preview_ref(content_hash(textwrap.dedent(script), accessories))
+    return [*db.scan_iter(f"fp:a:{account}:wf:{ref}*"), *db.scan_iter(keys.blob(f"previews/{account}/{ref}/") + "*")]
 
 
 def _ref_of(answer: dict[str, object]) -> str:
@@ -119,24 +135,46 @@ def test_a_preview_is_not_listed_among_the_workflows_and_its_ref_cannot_be_uploa
                                                          "script": COUNTS}).status_code == 400
 
 
-def test_every_key_a_preview_and_its_run_write_expires(client: Client, stack_db: redis.Redis) -> None:
+def test_every_key_a_preview_and_its_run_write_expires_its_accessories_too(
+        client: Client, stack_db: redis.Redis) -> None:
     account = account_id(stack_db, client)
-    accessory = base64.b64encode(b'{"rows": []}').decode()
+    table = b'{"rows": []}'
+    accessory = base64.b64encode(table).decode()
 
     answer = _preview(client, READS_ACCESSORY, accessories=[{"key": "table", "content_base64": accessory}]).json()
 
     assert answer["output"]["has_key"] is True
     ref, request_id = _ref_of(answer), answer["request_id"]
-    written = [*stack_db.scan_iter(f"fp:a:{account}:wf:{ref}*"), *stack_db.scan_iter(f"fp:run:{request_id}*")]
+    blobs = [*stack_db.scan_iter(keys.blob(f"accessories/{account}/") + "*"),
+             *stack_db.scan_iter(keys.blob(f"previews/{account}/") + "*")]
+    assert [key.decode() for key in blobs] == [keys.blob(f"previews/{account}/{ref}/{_sha256(table)}")]
+    written = [*stack_db.scan_iter(f"fp:a:{account}:wf:{ref}*"), *stack_db.scan_iter(f"fp:run:{request_id}*"),
+               *blobs]
     assert {key.decode() for key in written} >= {
         keys.workflow(account, ref), keys.version(account, ref, "1.0.0"), keys.versions(account, ref),
         keys.version_hashes(account, ref), keys.workflow_runs(account, ref), keys.run(request_id)}
     written.append(keys.session_runs(account, answer["session_id"]).encode())
     lives = {key.decode(): stack_db.ttl(key) for key in written}
     assert all(seconds > 0 for seconds in lives.values()), lives  # -1: no TTL, -2: gone
-    preview_keys = [key for key in lives if key.startswith(f"fp:a:{account}:wf:")]
+    preview_keys = [key for key in lives if key.startswith((f"fp:a:{account}:wf:", keys.blob("")))]
     assert all(lives[key] <= TTL_SECONDS for key in preview_keys), lives  # the preview's own hour
     assert stack_db.zscore(keys.workflows(account), ref) is None
+
+
+def test_a_preview_sent_again_renews_its_accessories_and_stores_one_that_lapsed(
+        client: Client, stack_db: redis.Redis) -> None:
+    account = account_id(stack_db, client)
+    table = b'{"rows": [7]}'
+    accessories = [{"key": "table", "content_base64": base64.b64encode(table).decode()}]
+    ref = _ref_of(_preview(client, READS_ACCESSORY, accessories=accessories).json())
+    blob = keys.blob(f"previews/{account}/{ref}/{_sha256(table)}")
+    stack_db.expire(blob, 30)
+
+    assert _preview(client, READS_ACCESSORY, accessories=accessories).json()["output"]["has_key"] is True
+    assert stack_db.ttl(blob) > 30  # the preview's lifetime again
+    stack_db.delete(blob)  # lapsed
+    assert _preview(client, READS_ACCESSORY, accessories=accessories).json()["output"]["has_key"] is True
+    assert stack_db.ttl(blob) > 30 and stack_db.lrange(blob, 0, -1) == [table]
 
 
 def test_a_preview_is_never_answered_from_the_cache(client: Client) -> None:
@@ -195,6 +233,36 @@ def test_the_account_quotas_apply_to_previews(client: Client, stack_db: redis.Re
     assert int(refused.headers["Retry-After"]) >= 1
 
 
+def test_a_preview_refused_by_a_quota_stores_neither_its_workflow_nor_its_accessories(
+        client: Client, stack_db: redis.Redis) -> None:
+    account = account_id(stack_db, client)
+    stack_db.hset(keys.account_limits(account), mapping={"rpm": 1})
+    assert _preview(client, COUNTS).status_code == 200
+    table = b'{"rows": [1, 2, 3]}'
+
+    refused = _preview(client, READS_ACCESSORY, accessories=[
+        {"key": "table", "content_base64": base64.b64encode(table).decode()}])
+
+    assert refused.status_code == 429, refused.text
+    assert _written_for(stack_db, account, READS_ACCESSORY, {"table": table}) == []
+    assert [*stack_db.scan_iter(keys.blob(f"accessories/{account}/") + "*"),
+            *stack_db.scan_iter(keys.blob(f"previews/{account}/") + "*")] == []
+
+
+def test_a_preview_whose_idempotency_key_names_another_request_stores_nothing(
+        client: Client, stack_db: redis.Redis) -> None:
+    account = account_id(stack_db, client)
+    headers = {"Idempotency-Key": f"preview-{uuid.uuid4().hex}"}
+    assert _preview(client, COUNTS, headers=headers).status_code == 200
+    table = b'{"rows": []}'
+
+    conflict = _preview(client, READS_ACCESSORY, headers=headers, accessories=[
+        {"key": "table", "content_base64": base64.b64encode(table).decode()}])
+
+    assert conflict.status_code == 422, conflict.text
+    assert _written_for(stack_db, account, READS_ACCESSORY, {"table": table}) == []
+
+
 def test_secrets_and_accessories_reach_the_previewed_script(client: Client) -> None:
     accessory = base64.b64encode(b"[1, 2]").decode()
 
@@ -202,3 +270,56 @@ def test_secrets_and_accessories_reach_the_previewed_script(client: Client) -> N
                       accessories=[{"key": "table", "content_base64": accessory}]).json()
 
     assert answer["output"] == {"has_key": True, "secret": "t0k"}
+
+
+def _sdk(client: Client) -> flowpool.Flowpool:
+    return flowpool.Flowpool(api_key=client.key, base_url=client.base_url, timeout=60, max_retries=0)
+
+
+def test_the_sdk_previews_a_script_with_its_accessories_and_secrets(client: Client, tmp_path: Path) -> None:
+    (tmp_path / "table.json").write_text("[1, 2]")
+    with _sdk(client) as fp:
+        from_bytes = fp.workflows.preview(READS_ACCESSORY, input={}, secrets={"TOKEN": "t0k"},
+                                          accessories={"table": b"[1, 2]"})
+        from_a_file = fp.workflows.preview(READS_ACCESSORY, input={}, accessories={"table": tmp_path / "table.json"})
+
+    assert from_bytes.object == "chat.completion" and from_bytes.model.startswith("workflow:fp-preview-")
+    assert from_bytes.to_dict()["output"] == {"has_key": True, "secret": "t0k"}
+    assert from_a_file.to_dict()["output"] == {"has_key": True, "secret": None}
+
+
+def test_the_sdk_streams_a_preview_and_replays_it_by_its_idempotency_key(client: Client) -> None:
+    key = f"preview-{uuid.uuid4().hex}"
+    with _sdk(client) as fp:
+        events = [event.to_dict() for event in fp.workflows.preview(COUNTS, input={"text": "a b"}, stream=True,
+                                                                    idempotency_key=key)]
+        again = fp.workflows.preview(COUNTS, input={"text": "a b"}, idempotency_key=key)
+
+    chunks = [(e["type"], e["content"]) for e in events if e.get("object") == "workflow.chunk"]
+    assert chunks == [("progress", "counting"), ("progress", "counted")]
+    assert events[-1]["object"] == "chat.completion" and events[-1]["output"] == {"words": 2}
+    assert again.request_id == events[-1]["request_id"] and again.output.words == 2
+
+
+def test_the_sdk_raises_a_bad_request_naming_the_line_of_a_script_breaking_the_rules(client: Client) -> None:
+    with _sdk(client) as fp, pytest.raises(flowpool.BadRequestError) as raised:
+        fp.workflows.preview("import json\n\ndef execute(ctx):\n    return {'a': 1\n", input={})
+
+    assert raised.value.status_code == 400 and raised.value.type == "script_validation_error"
+    assert [problem["line"] for problem in raised.value.body["error"]["errors"]] == [4]
+
+
+def test_the_async_sdk_previews_and_streams_a_script(client: Client) -> None:
+    async def main() -> tuple[object, list[dict[str, object]]]:
+        async with flowpool.AsyncFlowpool(api_key=client.key, base_url=client.base_url, timeout=60,
+                                          max_retries=0) as fp:
+            answer = await fp.workflows.preview(COUNTS, input={"text": "one two three"})
+            events = [event.to_dict() async for event in await fp.workflows.preview(
+                COUNTS, input={"text": "a b"}, stream=True)]
+            return answer, events
+
+    answer, events = asyncio.run(main())
+
+    assert answer.output.words == 3  # type: ignore[attr-defined]
+    assert [e["content"] for e in events if e.get("object") == "workflow.chunk"] == ["counting", "counted"]
+    assert events[-1]["output"] == {"words": 2}

@@ -1,10 +1,19 @@
 """What both SDK clients decide without I/O: when to send a call again, how an answer reads, what options become."""
 from __future__ import annotations
 
+import calendar
+import email.utils
+import time
+
 import pytest
+import requests
+import urllib3
 
 import flowpool
+from flowpool.cli.common import describe_transport_error
+from flowpool.sdk import client as sync_client
 from flowpool.sdk import sansio
+from flowpool.sse import EventReader, sse_data
 
 
 @pytest.mark.parametrize("attempt, status, headers, wait", [
@@ -13,12 +22,13 @@ from flowpool.sdk import sansio
     (0, 429, {"x-should-retry": "true", "Retry-After": "3"}, 3.0),  # the server's own wait
     (0, 503, {"x-should-retry": "true"}, 0.5),
     (0, 429, {"x-should-retry": "true", "Retry-After": "11"}, None),  # too long to wait here: raised at once
+    (0, 503, {"x-should-retry": "true", "Retry-After": "soon"}, 0.5),  # neither seconds nor a date
     (0, 500, {"x-should-retry": "false"}, None),  # a run's error is never sent again
     (0, 429, {}, None),  # the server did not say it is safe
     (0, 200, {}, None),
     (2, None, {}, None),  # out of tries
-], ids=["dropped", "dropped-again", "retry-after", "no-retry-after", "too-long", "run-failed", "unmarked", "ok",
-        "spent"])
+], ids=["dropped", "dropped-again", "retry-after", "no-retry-after", "too-long", "not-a-wait", "run-failed",
+        "unmarked", "ok", "spent"])
 def test_retry_wait_sends_again_only_what_is_safe_after_what_the_server_asked(
         attempt: int, status: int | None, headers: dict[str, str], wait: float | None) -> None:
     assert sansio.retry_wait(attempt, 2, status, headers) == wait
@@ -49,3 +59,68 @@ def test_a_streams_error_event_is_raised_as_the_error_of_its_code() -> None:
     assert sansio.event({"object": "workflow.chunk"}, {}).object == "workflow.chunk"
     with pytest.raises(flowpool.WorkflowTimeoutError):
         sansio.event({"error": {"code": 408, "type": "timeout", "message": "late"}}, {})
+
+
+def test_retry_after_as_an_http_date_waits_until_that_date() -> None:
+    now = calendar.timegm((2027, 1, 15, 8, 0, 0))
+    # RFC 9110's preferred form, and the two obsolete ones it says a recipient must read (no zone: GMT).
+    for date in ("Fri, 15 Jan 2027 08:00:05 GMT", "Friday, 15-Jan-27 08:00:05 GMT", "Fri Jan 15 08:00:05 2027"):
+        assert sansio.backoff(0, date, now=now) == 5.0, date
+    assert sansio.backoff(0, "Fri, 15 Jan 2027 07:59:00 GMT", now=now) == 0.0  # past: at once
+    assert sansio.backoff(0, "Fri, 15 Jan 2027 08:01:00 GMT", now=now) is None  # too long: raised at once
+    asked = email.utils.formatdate(time.time() + 3600, usegmt=True)  # read against the clock when no now is given
+    assert sansio.retry_wait(0, 2, 429, {"x-should-retry": "true", "Retry-After": asked}) is None
+
+
+@pytest.mark.parametrize("given", ["http://h:1", "http://h:1/", "http://h:1/api/v1", "http://h:1/api/v1/"])
+def test_clients_take_a_base_url_ending_in_api_v1_as_the_root_of_flowpools_routes(
+        given: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert flowpool.Maitai(api_key="k", base_url=given).base_url == "http://h:1"
+    assert flowpool.AsyncMaitai(api_key="k", base_url=given).base_url == "http://h:1"
+    monkeypatch.setenv("MAITAI_BASE_URL", given)
+    assert flowpool.Maitai(api_key="k").base_url == "http://h:1"
+    assert flowpool.Maitai(api_key="k").with_options(base_url=given).base_url == "http://h:1"
+    # flowpool's own clients too, as the Node SDK's do: flowpool's routes carry /api/v1 themselves.
+    assert flowpool.Flowpool(api_key="k", base_url=given).base_url == "http://h:1"
+    assert flowpool.AsyncFlowpool(api_key="k", base_url=given).base_url == "http://h:1"
+
+
+# The event stream reader (flowpool.sse).
+
+def test_the_event_reader_ends_lines_only_at_cr_lf_and_crlf_and_joins_an_events_data_lines() -> None:
+    stream = ('data: {"c": "a\u2028b\u2029c\x85d"}\r\n\r\n'  # JSON holding str.splitlines' other ends
+              ": keep-alive\n\n"
+              "event: log\nid: 7\ndata: [1,\ndata:2]\r\r"  # two data lines make one event; CR alone ends a line
+              "data: [DONE]\n\n"
+              'data: "after the end"\n\n').encode()
+    expected = [{"c": "a\u2028b\u2029c\x85d"}, [1, 2]]
+    whole = EventReader()
+    assert (whole.feed(stream), whole.done) == (expected, True)
+    one_byte_at_a_time = EventReader()  # CRLF split between two reads, UTF-8 characters split between reads
+    values = [v for i in range(len(stream)) for v in one_byte_at_a_time.feed(stream[i:i + 1])]
+    assert (values, one_byte_at_a_time.done, one_byte_at_a_time.end()) == (expected, True, [])
+
+
+def test_the_event_reader_ends_a_stream_without_done_with_what_its_whole_lines_made() -> None:
+    reader = EventReader()
+    assert reader.feed(b"data: 1\n\ndata: 2\r") == [1]
+    assert (reader.end(), reader.done) == ([2], False)  # the last event's blank line never came: taken anyway
+    cut = EventReader()
+    assert (cut.feed(b'data: 1\n\ndata: {"a": '), cut.end(), cut.done) == ([1], [], False)  # a line cut off
+    assert list(sse_data([b"data: 1\n", b"\ndata: [DONE]\n\n", b"data: 3\n\n"])) == [1]
+    with pytest.raises(ValueError):
+        EventReader().feed(b"data: {not json}\n\n")
+
+
+def test_a_read_past_the_timeout_is_never_said_to_be_an_unreachable_api() -> None:
+    url = "http://127.0.0.1:1/workflow/chat/completions"
+    # What requests raises when the read of a streamed body passes the timeout: a ConnectionError.
+    cause = requests.ConnectionError(urllib3.exceptions.ReadTimeoutError(None, url, "Read timed out."))
+    error = sync_client._transport_error(cause, url)
+    error.__cause__ = cause
+    assert isinstance(error, flowpool.APITimeoutError)
+    said = describe_transport_error(error)
+    assert "cannot reach" not in said and "in time" in said
+    refused = sync_client._transport_error(requests.ConnectionError("refused"), url)
+    refused.__cause__ = requests.ConnectionError("refused")
+    assert describe_transport_error(refused).startswith("cannot reach the API")

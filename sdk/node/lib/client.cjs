@@ -2,12 +2,14 @@
 /**
  * The client: `new Flowpool({apiKey, baseURL})`, its resources, retries, timeouts and aborts.
  *
- * Every invoke carries an `Idempotency-Key` (a new one per call unless given), so it can be sent again
- * safely: a connection that fails before an answer, or an error the server marks `x-should-retry: true`
- * (a 429 over a limit, a 503), is retried with the same key after its `Retry-After` (raised at once when
- * that is over 10 s: a spent budget, not worth waiting for here), else after 0.5 s doubling; the server
- * answers every try of one key from one run. A run's own errors (500, 408) are never retried, nor is a
- * stream once its answer has started.
+ * An answer the server marks `x-should-retry: true` (a 429 over a limit, a 503: it did nothing) is retried,
+ * whatever the call, after its `Retry-After` (raised at once when that is over 10 s: a spent budget, not
+ * worth waiting for here), else after 0.5 s doubling. A connection that fails before an answer is retried
+ * only when sending the call twice does no harm: a GET (or HEAD), or a call that carries an
+ * `Idempotency-Key` (every invoke and run start has one, a new one per call unless given, and the server
+ * answers every try of one key from one run). An upload, an activation, a validation or a delete has none:
+ * the server may have done it before the connection dropped, so the error is the caller's to judge.
+ * A run's own errors (500, 408) are never retried, nor is a stream once its answer has started.
  */
 const { randomUUID } = require('node:crypto');
 const {
@@ -30,6 +32,11 @@ function fromEnv(names) {
   return undefined;
 }
 
+/** The API's root URL, whence every route starts: no trailing slash, nor the `/api/v1` Maitai's CLI ends it with. */
+function rootURL(url) {
+  return String(url).replace(/\/+$/, '').replace(/\/api\/v1$/, '');
+}
+
 class Flowpool {
   /** The environment variables read for options not given, first set first. */
   static get env() {
@@ -44,7 +51,8 @@ class Flowpool {
   /**
    * @param {object} [options]
    * @param {string|null} [options.apiKey] the account's key; default FLOWPOOL_API_KEY
-   * @param {string} [options.baseURL] the API's URL; default FLOWPOOL_BASE_URL, FLOWPOOL_API_URL, then 127.0.0.1:8080
+   * @param {string} [options.baseURL] the API's root URL (a trailing /api/v1 is dropped); default
+   *   FLOWPOOL_BASE_URL, FLOWPOOL_API_URL, then 127.0.0.1:8080
    * @param {number} [options.timeout] ms one try may take (a stream: until its answer starts)
    * @param {number} [options.maxRetries] tries after the first, when it is safe (default 2)
    * @param {Record<string, string>} [options.defaultHeaders] headers sent with every request
@@ -53,7 +61,7 @@ class Flowpool {
   constructor({ apiKey, baseURL, timeout, maxRetries, defaultHeaders, fetch: fetchImpl } = {}) {
     const env = this.constructor.env;
     this.apiKey = apiKey ?? fromEnv(env.apiKey) ?? null;
-    this.baseURL = String(baseURL ?? fromEnv(env.baseURL) ?? DEFAULT_BASE_URL).replace(/\/+$/, '');
+    this.baseURL = rootURL(baseURL ?? fromEnv(env.baseURL) ?? DEFAULT_BASE_URL);
     this.timeout = timeout ?? DEFAULT_TIMEOUT;
     this.maxRetries = maxRetries ?? 2;
     this.defaultHeaders = { ...defaultHeaders };
@@ -125,7 +133,10 @@ class Flowpool {
     return new Stream(response, call);
   }
 
-  /** Send a request, again while it is safe: no answer came, or the answer says so (`x-should-retry`). */
+  /**
+   * Send a request, again while it is safe: the answer says so (`x-should-retry`), or no answer came to a
+   * call that may be sent twice (see {@link replayable}).
+   */
   async _send(method, path, { query, body, headers, options }) {
     const url = this._url(path, query);
     const sent = { ...this._headers(), ...headers, ...options.headers };
@@ -134,6 +145,7 @@ class Flowpool {
       payload = JSON.stringify(body);
       sent['content-type'] = 'application/json';
     }
+    const resend = replayable(method, sent);
     const maxRetries = options.maxRetries ?? this.maxRetries;
     const timeout = options.timeout ?? this.timeout;
     for (let attempt = 0; ; attempt += 1) {
@@ -147,7 +159,7 @@ class Flowpool {
         call.done();
         const error = call.errorOf(err);
         // A timeout is not tried again: the caller's limit is for the whole call to keep.
-        if (last || error.constructor !== APIConnectionError) throw error;
+        if (last || !resend || error.constructor !== APIConnectionError) throw error;
         await sleep(backoff(attempt), options.signal);
         continue;
       }
@@ -224,6 +236,15 @@ class Call {
     const why = err && err.cause && err.cause.message ? err.cause.message : err && err.message;
     return new APIConnectionError({ message: `Connection error: ${why}`, cause: err });
   }
+}
+
+/**
+ * Whether a call may be sent again after its connection failed, when the server may have acted on it: a GET
+ * or HEAD reads only, and a call with an Idempotency-Key is answered from its first try's run.
+ */
+function replayable(method, headers) {
+  if (method === 'GET' || method === 'HEAD') return true;
+  return Object.entries(headers).some(([name, value]) => name.toLowerCase() === 'idempotency-key' && value);
 }
 
 /** ms before the next try after a failed connection: 0.5 s doubling, at most 10 s. */

@@ -1,6 +1,8 @@
 // What the tests share: the server under test (given by tests/integration/test_node_sdk.py in the
-// environment), clients of it, a fetch that records each try, and a port that refuses connections.
+// environment), clients of it, a fetch that records each try, a port that refuses connections, and a
+// loopback server for the faults flowpool cannot be made to show.
 // It lives outside test/ because `node --test test/` runs every module there as a test file.
+import http from 'node:http';
 import net from 'node:net';
 
 import { Flowpool } from '../index.mjs';
@@ -54,4 +56,41 @@ export async function eventually(check, what, seconds = 20) {
     if (Date.now() > deadline) throw new Error(`not within ${seconds}s: ${what}`);
     await new Promise((resolve) => setTimeout(resolve, 50));
   }
+}
+
+/**
+ * A loopback HTTP server that answers as `answer(request, nth)` says, for the faults flowpool cannot be made
+ * to show: `'drop'` closes the connection once the request has been read (a server that did the work, then
+ * went away before answering), else `{status, headers, body}` is sent (JSON unless headers say otherwise).
+ * `request` is `{method, path, key, body}` (`key` its Idempotency-Key, or null), `nth` counts the requests
+ * with its method and path, this one included; `seen` records every request.
+ */
+export async function scriptedServer(answer) {
+  const seen = [];
+  const server = http.createServer((req, res) => {
+    const chunks = [];
+    req.on('data', (chunk) => chunks.push(chunk));
+    req.on('end', () => {
+      const request = { method: req.method, path: req.url, key: req.headers['idempotency-key'] ?? null,
+        body: Buffer.concat(chunks).toString('utf8') };
+      seen.push(request);
+      const nth = seen.filter((r) => r.method === request.method && r.path === request.path).length;
+      const reply = answer(request, nth);
+      if (reply === 'drop') {
+        req.socket.destroy();
+        return;
+      }
+      res.writeHead(reply.status ?? 200, { 'content-type': 'application/json', ...reply.headers });
+      res.end(reply.body ?? '{}');
+    });
+  });
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return {
+    url: `http://127.0.0.1:${server.address().port}`,
+    seen,
+    close() {
+      server.closeAllConnections();
+      return new Promise((resolve) => server.close(resolve));
+    },
+  };
 }

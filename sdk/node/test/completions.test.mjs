@@ -77,6 +77,19 @@ test('Maitai reads MAITAI_API_KEY and MAITAI_BASE_URL first and sends the key as
     });
   });
 
+test("a base URL ending in /api/v1, as Maitai's CLI writes MAITAI_BASE_URL, is taken as the API's root", withServer,
+  async () => {
+    await withEnv({ MAITAI_API_KEY: API_KEY, MAITAI_BASE_URL: `${BASE_URL}/api/v1` }, async () => {
+      const maitai = new Maitai();
+      assert.equal(maitai.baseURL, BASE_URL);
+      const response = await maitai.workflow.completions.create({ model: 'workflow:echo', input: 'v1' });
+      assert.equal(response.output.input, 'v1');
+    });
+    const fp = client({ baseURL: `${BASE_URL}/api/v1/` });
+    assert.equal(fp.baseURL, BASE_URL);
+    assert.equal((await fp.workflows.get('echo')).workflow_ref_name, 'echo');
+  });
+
 test('a stream yields each emitted chunk with its type and content in order, then the completion with choices',
   withServer, async () => {
     const stream = await client().workflow.completions.create({

@@ -6,7 +6,7 @@ import {
   APIConnectionError, APITimeoutError, APIUserAbortError, Flowpool,
 } from '../index.mjs';
 import {
-  API_KEY, LIMITED_KEY, client, recordingFetch, refusedPort, withServer,
+  API_KEY, LIMITED_KEY, client, recordingFetch, refusedPort, scriptedServer, withServer,
 } from '../test-support/server.mjs';
 
 const NO_SERVER = {}; // these tests need no server: the port refuses
@@ -59,6 +59,78 @@ test('a refused connection is tried 1 + maxRetries times with one Idempotency-Ke
     assert.equal(tries.length, 3);
     assert.equal(new Set(tries.map((t) => t.headers.get('idempotency-key'))).size, 1);
     assert.ok(tries[1].at - tries[0].at >= 500 && tries[2].at - tries[1].at >= 1000, 'waits of 0.5 s, then 1 s');
+  });
+
+// An answer each call below takes as its success: an object with `data`, as the API's answers are.
+const OK = { body: JSON.stringify({ object: 'chat.completion', request_id: 'req_1', data: { ok: true } }) };
+
+test('a connection dropped after an upload, activate, validate or delete was sent is thrown, not sent again',
+  NO_SERVER, async () => {
+    // The server may have done each: sent again, a delete would answer 404 though it deleted.
+    const server = await scriptedServer(() => 'drop');
+    try {
+      const fp = new Flowpool({ baseURL: server.url, apiKey: 'fp_x', maxRetries: 2 });
+      const calls = [
+        () => fp.workflows.upload({ workflow_ref_name: 'wf', script: 'def execute(ctx): pass' }),
+        () => fp.workflows.activate('wf', { version: '1.0.0' }),
+        () => fp.workflows.validate({ code: 'def execute(ctx): pass' }),
+        () => fp.workflows.delete('wf'),
+      ];
+      for (const call of calls) {
+        const error = await rejection(call());
+        assert.ok(error instanceof APIConnectionError && !(error instanceof APITimeoutError), error.name);
+      }
+      assert.deepEqual(server.seen.map((r) => `${r.method} ${r.path}`), [
+        'POST /api/v1/workflows/upload', 'POST /api/v1/workflows/wf/activate', 'POST /api/v1/workflows/validate',
+        'DELETE /api/v1/workflows/wf',
+      ]);
+    } finally {
+      await server.close();
+    }
+  });
+
+test('a connection dropped under a GET, an invoke or a run start is sent again, a keyed call with its one key',
+  NO_SERVER, async () => {
+    const server = await scriptedServer((request, nth) => (nth === 1 ? 'drop' : OK));
+    try {
+      const fp = new Flowpool({ baseURL: server.url, apiKey: 'fp_x', maxRetries: 2 });
+      assert.deepEqual(await fp.workflows.get('wf'), { ok: true });
+      assert.equal((await fp.workflow.completions.create({ model: 'workflow:echo' })).request_id, 'req_1');
+      assert.equal((await fp.workflow.runs.create({ model: 'workflow:echo' })).request_id, 'req_1');
+
+      assert.deepEqual(server.seen.map((r) => `${r.method} ${r.path}`), [
+        'GET /api/v1/workflows/wf', 'GET /api/v1/workflows/wf', 'POST /workflow/chat/completions',
+        'POST /workflow/chat/completions', 'POST /api/v1/runs', 'POST /api/v1/runs',
+      ]);
+      const keys = server.seen.map((r) => r.key);
+      assert.equal(keys[0], null);
+      for (const i of [2, 4]) {
+        assert.match(keys[i], /^fp-[0-9a-f]{32}$/);
+        assert.equal(keys[i + 1], keys[i], 'the retry carries the first try\'s key');
+      }
+      assert.notEqual(keys[2], keys[4]);
+    } finally {
+      await server.close();
+    }
+  });
+
+test('an answer marked x-should-retry is retried for any call, an upload and a delete included', NO_SERVER,
+  async () => {
+    // The server did nothing with a request it marks so (a 503, a 429 over a limit): sending it again is safe.
+    const busy = { status: 503, headers: { 'x-should-retry': 'true', 'retry-after': '0' },
+      body: JSON.stringify({ error: { type: 'service_unavailable', message: 'busy' } }) };
+    const server = await scriptedServer((request, nth) => (nth === 1 ? busy : OK));
+    try {
+      const fp = new Flowpool({ baseURL: server.url, apiKey: 'fp_x', maxRetries: 2 });
+      assert.deepEqual(await fp.workflows.upload({ workflow_ref_name: 'wf', script: 'x' }), { ok: true });
+      assert.deepEqual(await fp.workflows.delete('wf'), { ok: true });
+      assert.deepEqual(server.seen.map((r) => `${r.method} ${r.path}`), [
+        'POST /api/v1/workflows/upload', 'POST /api/v1/workflows/upload', 'DELETE /api/v1/workflows/wf',
+        'DELETE /api/v1/workflows/wf',
+      ]);
+    } finally {
+      await server.close();
+    }
   });
 
 test('each call gets its own Idempotency-Key unless given one', NO_SERVER, async () => {
