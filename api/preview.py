@@ -13,8 +13,10 @@ script does now.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
+import redis
 from flask import Blueprint, Response
 from pydantic import Field, StrictStr, field_validator
 
@@ -62,10 +64,16 @@ def preview() -> Response:
     previews = Previews(svc.workflows, svc.settings)
     prepared = previews.prepare(account.id, body.script, accessories_from_json(body.accessories))
     mark("check")
-    try:
-        return respond(svc, account, body.invocation(prepared.ref), request_idempotency_key(),
-                       workflow=prepared.workflow, ready=lambda: previews.store(prepared))
-    finally:
-        # Admitting a run wrote the preview's run index; storing the preview gave it its lifetime, unless that
-        # failed.
-        previews.expire_runs(account.id, prepared.ref)
+
+    def store() -> None:
+        try:
+            previews.store(prepared)
+        except BaseException:
+            # Admitting the run wrote the preview's run index; storing the preview would have given it its
+            # lifetime. Given here instead, without letting a Redis error there hide the one being raised.
+            with contextlib.suppress(redis.RedisError):
+                previews.expire_runs(account.id, prepared.ref)
+            raise
+
+    return respond(svc, account, body.invocation(prepared.ref), request_idempotency_key(),
+                   workflow=prepared.workflow, ready=store)

@@ -181,7 +181,7 @@ class Workflows:
     """Upload, list, resolve and roll back workflows of an account.
 
     ``blobs`` is where uploads put accessories: the API passes the store the
-    settings name (:meth:`for_settings`). Only :meth:`upload` writes to it,
+    settings name (:meth:`for_settings`). Only uploads (:meth:`store`) and previews write to it,
     and an upload with accessories needs it given: a default could put them
     in Redis while the workers read S3. Readers (workers resolving a
     version) need none.
@@ -365,8 +365,9 @@ class Workflows:
 
     def _require(self, account_id: str, ref: str) -> dict[str, str]:
         # A name no upload accepts could address another key of a workflow
-        # ("x:v:1.0.0" is the key of x's version 1.0.0): there is no such workflow.
-        if not is_name(ref):
+        # ("x:v:1.0.0" is the key of x's version 1.0.0): there is no such workflow. Nor is a preview one: it is
+        # never shown, activated or given an id (registry/previews.py).
+        if not is_name(ref) or ref.startswith(PREVIEW_PREFIX):
             raise WorkflowNotFound(ref)
         raw = _decode(self.redis.hgetall(keys.workflow(account_id, ref)))
         if not raw:

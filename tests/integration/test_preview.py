@@ -209,6 +209,17 @@ def test_another_account_can_neither_see_nor_run_a_preview(client: Client, stack
     assert client.get(f"/api/v1/runs/{request_id}").status_code == 200
 
 
+def test_a_preview_is_no_workflow_even_to_its_own_account_and_takes_no_id(client: Client) -> None:
+    ref = _ref_of(_preview(client, COUNTS).json())
+
+    for method, path in (("GET", f"/api/v1/workflows/{ref}"), ("GET", f"/api/v1/workflows/{ref}/versions"),
+                         ("DELETE", f"/api/v1/workflows/{ref}")):
+        assert client.request(method, path).status_code == 404, (method, path)
+    assert client.post(f"/api/v1/workflows/{ref}/activate", json={"version": "0.0.0"}).status_code == 404
+    # Looking at it gave it no id from the account's counter: the account's first workflow is number 1.
+    assert client.upload(f"first-{uuid.uuid4().hex[:8]}", COUNTS)["id"] == 1
+
+
 def test_a_preview_without_a_key_is_a_401(client: Client) -> None:
     response = requests.post(client.base_url + PREVIEW, json={"script": COUNTS, "input": {"text": "x"}}, timeout=30)
 
