@@ -2,22 +2,26 @@
 
     FlowpoolError                      500 internal_error
     ├── RequestError                   400 invalid_request_error
-    │   ├── MalformedJSON
-    │   ├── InputSchemaError
+    │   ├── MalformedJSON              400 invalid_request_error
+    │   ├── InputSchemaError           400 invalid_request_error
     │   ├── RequestTimeout             408 request_timeout (the body did not arrive in time)
     │   ├── IdempotencyKeyReused       422 idempotency_key_reused (the key named another request)
-    │   └── ValidationFailed           (script rules; carries [{line, message}])
+    │   └── ValidationFailed           400 script_validation_error (script rules; carries [{line, message}])
     ├── AuthenticationError            401 authentication_error
     ├── PermissionDenied               403 permission_denied (an operator route asked from outside loopback)
     ├── NotFound                       404 not_found
     │   ├── WorkflowNotFound           404 invalid_request_error (the seed's "Workflow not found: <ref>")
     │   └── DatastoreNotFound          404 not_found (no such datastore for this account)
+    ├── Conflict                       409 conflict (a datastore that exists; a draft upload of a published
+    │                                  version's content: reason version_published)
     ├── PayloadTooLarge                413 payload_too_large
     ├── QuotaExceeded                  429 rate_limit_exceeded
     ├── Unavailable                    503 service_unavailable
-    │   └── DatastoreCatchingUp        (the caller's deadline came while a replica was brought up to date)
+    │   ├── DatastoreCatchingUp        503 service_unavailable (the caller's deadline came while a replica was
+    │   │                              brought up to date)
+    │   └── BlobStoreUnavailable       503 service_unavailable (flowpool.blobs: the blob store failed a request)
     ├── UpstreamError                  502 upstream_error (an endpoint called for the request failed)
-    ├── RunError                       errors of a run, stored on its record
+    ├── RunError                       500 internal_error: errors of a run, stored on its record
     │   ├── TimeLimitExceeded          408 timeout
     │   ├── ScriptError                500 script_error
     │   ├── OutputSchemaError          500 output_schema_error
@@ -29,7 +33,7 @@
     │   ├── Cancelled                  499 cancelled (the caller went away and asked for it)
     │   ├── RunNotStarted              503 service_unavailable (dropped before it started: safe to retry)
     │   └── OutcomeUnavailable         503 service_unavailable (the run went on; its outcome could not be read)
-    └── ConfigurationError             raised at start-up, never rendered
+    └── ConfigurationError             500 internal_error: raised at start-up, never rendered
 
 The API registers one handler on :class:`FlowpoolError` and renders
 ``{"error": {"message", "type", "code"}}`` from ``status`` and ``type``.
