@@ -24,7 +24,7 @@ import requests
 from . import devstate
 from .devstate import KEY_FILE, REDIS_DIR, shown_url
 from .errors import AuthenticationError, ConfigurationError
-from .procs import bind_error, free_port, set_parent_death_signal, url_host
+from .procs import bind_error, free_port, interrupt_once, set_parent_death_signal, url_host
 from .redis_server import RedisServer
 from .settings import Settings
 
@@ -181,21 +181,14 @@ class DevStack:
         self.flower_port = flower_port
         self._flower_password: str | None = None  # made up as Flower starts
         self.data_dir = devstate.resolve(settings.data_dir)
-        self._stopping = False
-
-    def _stop(self, signum: int, frame: object) -> None:
-        """SIGINT or SIGTERM: stop, once (the second signal of a Ctrl-C sent to the whole group does nothing)."""
-        if self._stopping:
-            return
-        self._stopping = True
-        raise KeyboardInterrupt
 
     def run(self) -> None:
         # Set here, whatever dev inherited: started from a script (`flowpool dev &` in a shell without job
         # control) or by a parent that ignores SIGINT, dev finds SIGINT ignored, and Python leaves it so;
         # `kill -INT` and Ctrl-C would then do nothing. The processes dev starts get the default back at exec.
-        signal.signal(signal.SIGINT, self._stop)
-        signal.signal(signal.SIGTERM, self._stop)
+        # SIGINT or SIGTERM: stop, once (the second signal of a Ctrl-C sent to the whole group does nothing).
+        signal.signal(signal.SIGINT, interrupt_once)
+        signal.signal(signal.SIGTERM, interrupt_once)
         if self.flower and importlib.util.find_spec("flower") is None:
             print("flowpool dev: --flower needs Flower: pip install 'flowpool[flower]'", file=sys.stderr)
             sys.exit(2)
@@ -255,8 +248,8 @@ class DevStack:
         except KeyboardInterrupt:
             print("\nflowpool dev: stopping", flush=True)
         finally:
-            self._stopping = True
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             devstate.forget(self.data_dir)  # first: the other commands stop sending to what is going away
             stack.stop()
 

@@ -7,7 +7,7 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["set_parent_death_signal", "set_not_dumpable", "free_port", "bind_error", "url_host"]
+__all__ = ["set_parent_death_signal", "set_not_dumpable", "free_port", "bind_error", "url_host", "interrupt_once"]
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_DUMPABLE = 4
@@ -23,6 +23,17 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
         _libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
     except (OSError, AttributeError):
         pass
+
+
+def interrupt_once(signum: int, frame: object) -> None:
+    """A SIGINT and SIGTERM handler for a command that stops what it started when interrupted: the first signal
+    raises KeyboardInterrupt, and both are ignored from then on, so a second one (the SIGINT a Ctrl-C sends the
+    whole process group, an impatient second Ctrl-C) cannot break off that stop half done, leaving processes and
+    their directories behind. Ignored, they stay ignored in the processes started after (none are, while stopping).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def set_not_dumpable() -> None:

@@ -8,6 +8,7 @@ iterable of them (:func:`sse_data`: a ``requests.Response`` is one).
 
 The format, as the SSE specification (WHATWG HTML, "Server-sent events") says:
 
+- One UTF-8 byte order mark at the start of the stream is dropped.
 - A line ends at CR, LF or CRLF, and nowhere else: never at U+2028, U+2029,
   U+0085, VT or FF, which ``str.splitlines()`` (and so requests'
   ``iter_lines(decode_unicode=True)`` and httpx's ``aiter_lines()``) also
@@ -23,7 +24,12 @@ The format, as the SSE specification (WHATWG HTML, "Server-sent events") says:
   error is the caller's to say (the SDK raises; a provider may leave it off).
 
 Each event's data is JSON; one that is not raises ValueError (so does a line
-that is not UTF-8: UnicodeDecodeError is one).
+that is not UTF-8: UnicodeDecodeError is one). Two leniencies towards
+providers, beyond the specification: an event whose joined data is not JSON
+but each of whose ``data:`` lines is (several values written without a blank
+line between them) is read as one value per line, a ``[DONE]`` line among
+them ending the stream; and :meth:`EventReader.end` dispatches a last event
+whose blank line never came.
 """
 from __future__ import annotations
 
@@ -56,6 +62,7 @@ class EventReader:
         # pieces is searched once, not again with every piece.
         self._searched = 0
         self._data: list[str] = []
+        self._first_line = True
         self.done = False
 
     def feed(self, chunk: bytes) -> list[Any]:
@@ -82,7 +89,13 @@ class EventReader:
         return values
 
     def end(self) -> list[Any]:
-        """At the end of the stream: the value of an event whose blank line never came, if any."""
+        """At the end of the stream: the value(s) of the event whose ``data:`` lines all came but not the blank line
+        that dispatches it, if any (a last line that came without its line end is dropped).
+
+        The SSE specification drops such an event; it is dispatched here because a provider's stream may end
+        (its connection closed) without a blank line after its last event, or after its ``[DONE]``, and the
+        worker reads what such a stream said (through :func:`sse_data`).
+        """
         if self.done:
             return []
         values: list[Any] = []
@@ -97,17 +110,46 @@ class EventReader:
     def _line(self, raw: bytes, values: list[Any]) -> None:
         """Take one line: a blank one dispatches the event its data lines make (into ``values``)."""
         line = raw.decode("utf-8")
+        if self._first_line:
+            self._first_line = False
+            line = line.removeprefix("\ufeff")  # one byte order mark, as the SSE specification says
         if not line:
             if self._data:
-                data, self._data = "\n".join(self._data), []
-                if data.strip() == DONE:
-                    self.done = True
-                else:
-                    values.append(json.loads(data))
+                lines, self._data = self._data, []
+                self._dispatch(lines, values)
             return
         name, _, value = line.partition(":")
         if name == "data":
             self._data.append(value[1:] if value.startswith(" ") else value)
+
+    def _dispatch(self, lines: list[str], values: list[Any]) -> None:
+        """Take the event the ``data:`` ``lines`` make: its value into ``values``, or ``[DONE]``."""
+        data = "\n".join(lines)
+        if data.strip() == DONE:
+            self.done = True
+            return
+        try:
+            values.append(json.loads(data))
+            return
+        except ValueError as exc:
+            if len(lines) == 1:
+                raise
+            error = exc
+        # Leniency towards providers that write several JSON values as the data lines of one event, with no
+        # blank line between them (flowpool's first reader took each data line as a value, and they worked):
+        # each line is one value then, a [DONE] line ends the stream. A line that is not JSON either raises the
+        # error of the event's data as a whole.
+        each: list[Any] = []
+        for line in lines:
+            if line.strip() == DONE:
+                values.extend(each)
+                self.done = True
+                return
+            try:
+                each.append(json.loads(line))
+            except ValueError:
+                raise error from None
+        values.extend(each)
 
 
 def sse_data(chunks: Iterable[bytes]) -> Iterator[Any]:

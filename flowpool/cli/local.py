@@ -26,6 +26,8 @@ from typing import IO, Any, Callable
 import click
 
 from ..errors import ConfigurationError
+from ..procs import interrupt_once
+from ..sdk.objects import Obj
 from .common import CliSettings, api_call, api_client, describe_error, load_cli_settings, server_extra
 from .workflows import checked_source, echo_completion, echo_record, json_option, secrets_option
 
@@ -57,7 +59,8 @@ class RunResult:
 def _preview(client: Any, fields: dict[str, Any], stream: bool) -> Callable[[], Any]:
     """``client.workflows.preview(**fields)``: its events with ``stream``, else its completion.
 
-    Streamed either way (the completion is then the last event), with
+    Streamed either way (the completion is then the last event, answered as
+    a plain request answers it: :func:`_plain_completion`), with
     ``on_disconnect: cancel``: an interrupted ``flowpool run`` drops the
     connection, and that cancels the run, which a plain request would leave going.
     """
@@ -68,16 +71,25 @@ def _preview(client: Any, fields: dict[str, Any], stream: bool) -> Callable[[], 
         completion = None
         for completion in events:  # the chunks, then the completion
             pass
-        return completion
+        return Obj(_plain_completion(completion.to_dict()))
 
     return create
 
 
+def _plain_completion(last: dict[str, Any]) -> dict[str, Any]:
+    """A stream's last event as the ``chat.completion`` a request without ``stream`` answers: without the
+    ``delta`` each choice carries in a stream (its message again, for OpenAI clients that read every event as a
+    chunk). A cached run's answer, which comes whole in place of a stream, has none to drop."""
+    choices = [{key: value for key, value in choice.items() if key != "delta"} for choice in last.get("choices", [])]
+    return {**last, "choices": choices} if "choices" in last else last
+
+
 @contextmanager
 def _signals_ignored() -> Iterator[None]:
-    """SIGINT and SIGTERM ignored inside: a second Ctrl-C must not break off a temporary stack's stop half done,
-    leaving its processes and their directories behind. Python takes signals in the main thread alone: elsewhere
-    (run_workflow called from a thread) nothing changes."""
+    """SIGINT and SIGTERM ignored inside: a Ctrl-C must not break off a temporary stack's stop half done, leaving
+    its processes and their directories behind (after an interrupted ``flowpool run`` they are ignored already:
+    :func:`~flowpool.procs.interrupt_once`; this covers a stop after the run ended, and :func:`run_workflow`).
+    Python takes signals in the main thread alone: elsewhere (run_workflow called from a thread) nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -155,13 +167,8 @@ def run_workflow(file: str | Path, input: Any = None, messages: list[dict[str, A
             if data.get("object") == "workflow.chunk":
                 result.chunks.append({"type": data.get("type"), "content": data.get("content")})
             else:
-                result.completion = data
+                result.completion = _plain_completion(data)
     return result
-
-
-def _stop_on_sigterm(signum: int, frame: object) -> None:
-    """SIGTERM ends ``flowpool run`` as Ctrl-C does: through the code that stops its temporary stack."""
-    raise KeyboardInterrupt
 
 
 def _accessories(items: tuple[str, ...]) -> dict[str, bytes]:
@@ -206,14 +213,18 @@ def run(file: Path, input_json: str | None, messages: tuple[str, ...], secrets: 
     fields = {"script": script, "input": value, "messages": [{"role": "user", "content": m} for m in messages] or None,
               "secrets": secrets_option(secrets), "accessories": _accessories(accessory)}
     cli = load_cli_settings()
-    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    # Ctrl-C or SIGTERM ends the command (and cancels the run) through the code that stops its temporary stack,
+    # as it ends `flowpool dev`: later ones are ignored from the first on, so that they cannot break off that stop
+    # while the first one's KeyboardInterrupt unwinds to it.
+    previous = {sig: signal.signal(sig, interrupt_once) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with _stack_client(cli, lambda line: click.echo(f"flowpool run: {line}", err=True)) as (client, temporary):
             api_call(_run_once, client, fields, stream, whole, temporary)
     except KeyboardInterrupt:
         raise click.Abort() from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def _run_once(client: Any, fields: dict[str, Any], stream: bool, whole: bool, temporary: bool) -> None:

@@ -181,12 +181,18 @@ class AsyncStream:
 
     A stream that ends before the server's ``[DONE]`` raises
     :class:`APIConnectionError`: its answer is not whole.
+
+    :meth:`aclose` may be awaited in another task while one iterates the
+    stream: the connection is closed at once, and the iterating task's loop
+    ends (without an error, as after a ``break``; a read it awaited is cut
+    off).
     """
 
     def __init__(self, response: httpx2.Response | None, answer: Obj | None = None) -> None:
         # response: an event stream; else ``answer``, the one JSON answer that came in its place (a cached run).
         self.response = response
         self._answer = answer
+        self._closed = False
         self._iterator = self._events()
 
     def __aiter__(self) -> AsyncIterator[Obj]:
@@ -197,9 +203,13 @@ class AsyncStream:
 
     async def aclose(self) -> None:
         """Close the connection; the events not read yet are not read."""
-        await self._iterator.aclose()
+        self._closed = True
+        # The connection first: another task may be iterating, awaiting a read (the generator is running there,
+        # and cannot be closed from here); closing the connection ends that read.
         if self.response is not None:
             await self.response.aclose()
+        if not self._iterator.ag_running:
+            await self._iterator.aclose()
 
     async def __aenter__(self) -> AsyncStream:
         return self
@@ -223,10 +233,12 @@ class AsyncStream:
                     return
             for value in reader.end():
                 yield sansio.event(value, response.headers)
-            if not reader.done:
+            if not reader.done and not self._closed:
                 raise sansio.unfinished(url)
-        except httpx2.RequestError as exc:  # the stream broke off
-            raise _transport_error(exc, url) from exc
+        except httpx2.RequestError as exc:
+            if self._closed:  # aclose() in another task cut the read off: the loop ends as aclose() says
+                return
+            raise _transport_error(exc, url) from exc  # the stream broke off
         finally:
             await response.aclose()
 

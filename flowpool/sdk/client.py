@@ -182,12 +182,18 @@ class Stream:
 
     A stream that ends before the server's ``[DONE]`` raises
     :class:`APIConnectionError`: its answer is not whole.
+
+    :meth:`close` may be called from another thread while one iterates the
+    stream: the connection is closed at once, and the iterating thread's
+    loop ends (without an error, as after a ``break``; a read it was blocked
+    in is cut off).
     """
 
     def __init__(self, response: requests.Response | None, answer: Obj | None = None) -> None:
         # response: an event stream; else ``answer``, the one JSON answer that came in its place (a cached run).
         self.response = response
         self._answer = answer
+        self._closed = False
         self._iterator = self._events()
 
     def __iter__(self) -> Iterator[Obj]:
@@ -198,9 +204,17 @@ class Stream:
 
     def close(self) -> None:
         """Close the connection; the events not read yet are not read."""
-        self._iterator.close()
+        self._closed = True
+        # The connection first: another thread may be iterating (the generator is running there, and cannot be
+        # closed from here), blocked in a read that only the socket's shutdown ends.
         if self.response is not None:
+            _shutdown(self.response)
             self.response.close()
+        if not self._iterator.gi_running:
+            try:
+                self._iterator.close()
+            except ValueError:  # another thread began iterating since: its read fails, and its loop ends
+                pass
 
     def __enter__(self) -> Stream:
         return self
@@ -223,12 +237,30 @@ class Stream:
                     return
             for value in reader.end():
                 yield sansio.event(value, response.headers)
-            if not reader.done:
+            if not reader.done and not self._closed:
                 raise sansio.unfinished(response.url)
-        except requests.RequestException as exc:  # the stream broke off
-            raise _transport_error(exc, response.url) from exc
+        except Exception as exc:
+            if self._closed:
+                # close() from another thread cut the read off (requests raises what the closed socket made it,
+                # an AttributeError among them): the loop ends as close() says.
+                return
+            if isinstance(exc, requests.RequestException):  # the stream broke off
+                raise _transport_error(exc, response.url) from exc
+            raise
         finally:
             response.close()
+
+
+def _shutdown(response: requests.Response) -> None:
+    """Shut ``response``'s socket for reading, which ends a read of it blocked in another thread (urllib3 2.3 and
+    later can; with an older one, closing it ends such a read once the next bytes come)."""
+    shutdown = getattr(response.raw, "shutdown", None)
+    if shutdown is None:
+        return
+    try:
+        shutdown()
+    except (ValueError, RuntimeError, OSError):  # read to its end and its connection released, or closed already
+        pass
 
 
 def _timed_out_reading(exc: requests.RequestException) -> bool:

@@ -130,11 +130,8 @@ class _Workflows:
         """
         if isinstance(script, Path):
             script = script.read_text()
-        body: dict[str, Any] = {"script": script, **params}
-        for key, value in (("input", input), ("messages", messages), ("secrets", secrets),
-                           ("session_id", session_id), ("metadata", metadata)):
-            if value is not None:
-                body[key] = value
+        body = invoke_body(None, {"script": script, **params}, input=input, messages=messages, secrets=secrets,
+                           session_id=session_id, metadata=metadata)
         if accessories:
             body["accessories"] = [
                 {"key": key, "content_base64": base64.b64encode(

