@@ -17,7 +17,7 @@ and ``await stream.aclose()`` (or ``async with``) closes its connection.
 from __future__ import annotations
 
 import itertools
-from typing import Any, AsyncIterator, Mapping, TypeVar
+from typing import Any, AsyncIterator, TypeVar
 
 import anyio
 import httpx2
@@ -27,8 +27,8 @@ from ..sse import EventReader
 from . import sansio
 from .errors import APIConnectionError, APITimeoutError
 from .objects import Obj
-from .resources import attach
-from .sansio import Call, Options, Timeout
+from .resources import ClientBase
+from .sansio import Call, Timeout
 
 __all__ = ["AsyncFlowpool", "AsyncMaitai", "AsyncStream", "MaitaiAsync"]
 
@@ -41,58 +41,18 @@ _RETRYABLE = (httpx2.NetworkError, httpx2.RemoteProtocolError, httpx2.ConnectTim
 _CHUNK = 1 << 16
 
 
-class AsyncFlowpool:
+class AsyncFlowpool(ClientBase):
     """An asyncio (or trio) client of one flowpool API; the options are :class:`Flowpool`'s.
 
     ``await client.close()`` (or ``async with``) closes its connections.
     """
 
-    # Where the key and the URL are looked up first when not given, and the header the key goes in.
-    _KEY_ENV: tuple[str, ...] = ()
-    _URL_ENV: tuple[str, ...] = ()
-    _KEY_HEADER = "x-api-key"
+    _POOL = "http_client"
+    http_client: httpx2.AsyncClient
 
-    def __init__(self, api_key: str | None = None, base_url: str | None = None,
-                 timeout: Timeout = sansio.DEFAULT_TIMEOUT, max_retries: int = sansio.DEFAULT_MAX_RETRIES,
-                 default_headers: Mapping[str, str] | None = None) -> None:
-        self.options = sansio.options(api_key, base_url, timeout, max_retries, default_headers,
-                                      key_env=self._KEY_ENV, url_env=self._URL_ENV, key_header=self._KEY_HEADER)
+    def _new_pool(self) -> httpx2.AsyncClient:
         # The timeout goes with each request (the options' or a call's own), so the pool has none of its own.
-        self.http_client = httpx2.AsyncClient(timeout=None)
-        attach(self)
-
-    @classmethod
-    def _sharing(cls: type[_Client], options: Options, http_client: httpx2.AsyncClient) -> _Client:
-        client = cls.__new__(cls)
-        client.options = options
-        client.http_client = http_client
-        attach(client)
-        return client
-
-    def with_options(self: _Client, **changes: Any) -> _Client:
-        """A client with these options changed (api_key, base_url, timeout, max_retries, default_headers), sharing
-        this one's connection pool: closing either closes it for both."""
-        return self._sharing(self.options.changed(**changes), self.http_client)
-
-    @property
-    def api_key(self) -> str | None:
-        return self.options.api_key
-
-    @property
-    def base_url(self) -> str:
-        return self.options.base_url
-
-    @property
-    def timeout(self) -> Timeout:
-        return self.options.timeout
-
-    @property
-    def max_retries(self) -> int:
-        return self.options.max_retries
-
-    @property
-    def default_headers(self) -> Mapping[str, str]:
-        return self.options.default_headers
+        return httpx2.AsyncClient(timeout=None)
 
     async def close(self) -> None:
         """Close the client's connections."""
@@ -103,9 +63,6 @@ class AsyncFlowpool:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(base_url={self.base_url!r})"
 
     async def _call(self, call: Call) -> Any:
         response = await self._send(call)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Any, Iterator, Mapping, TypeVar
+from typing import Any, Iterator, TypeVar
 
 import requests
 import urllib3
@@ -32,8 +32,8 @@ from ..sse import EventReader
 from . import sansio
 from .errors import APIConnectionError, APITimeoutError
 from .objects import Obj
-from .resources import attach
-from .sansio import Call, Options, Timeout
+from .resources import ClientBase
+from .sansio import Call
 
 __all__ = ["Flowpool", "Maitai", "Stream"]
 
@@ -47,7 +47,7 @@ _RETRYABLE = (requests.ConnectionError, requests.exceptions.ChunkedEncodingError
 _CHUNK = 512
 
 
-class Flowpool:
+class Flowpool(ClientBase):
     """A client of one flowpool API.
 
     ``api_key`` and ``base_url`` fall back on FLOWPOOL_API_KEY and
@@ -56,51 +56,11 @@ class Flowpool:
     is sent again; ``default_headers`` go with every request.
     """
 
-    # Where the key and the URL are looked up first when not given, and the header the key goes in.
-    _KEY_ENV: tuple[str, ...] = ()
-    _URL_ENV: tuple[str, ...] = ()
-    _KEY_HEADER = "x-api-key"
+    _POOL = "session"
+    session: requests.Session
 
-    def __init__(self, api_key: str | None = None, base_url: str | None = None,
-                 timeout: Timeout = sansio.DEFAULT_TIMEOUT, max_retries: int = sansio.DEFAULT_MAX_RETRIES,
-                 default_headers: Mapping[str, str] | None = None) -> None:
-        self.options = sansio.options(api_key, base_url, timeout, max_retries, default_headers,
-                                      key_env=self._KEY_ENV, url_env=self._URL_ENV, key_header=self._KEY_HEADER)
-        self.session = requests.Session()
-        attach(self)
-
-    @classmethod
-    def _sharing(cls: type[_Client], options: Options, session: requests.Session) -> _Client:
-        client = cls.__new__(cls)
-        client.options = options
-        client.session = session
-        attach(client)
-        return client
-
-    def with_options(self: _Client, **changes: Any) -> _Client:
-        """A client with these options changed (api_key, base_url, timeout, max_retries, default_headers), sharing
-        this one's connection pool: closing either closes it for both."""
-        return self._sharing(self.options.changed(**changes), self.session)
-
-    @property
-    def api_key(self) -> str | None:
-        return self.options.api_key
-
-    @property
-    def base_url(self) -> str:
-        return self.options.base_url
-
-    @property
-    def timeout(self) -> Timeout:
-        return self.options.timeout
-
-    @property
-    def max_retries(self) -> int:
-        return self.options.max_retries
-
-    @property
-    def default_headers(self) -> Mapping[str, str]:
-        return self.options.default_headers
+    def _new_pool(self) -> requests.Session:
+        return requests.Session()
 
     def close(self) -> None:
         """Close the client's connections."""
@@ -111,9 +71,6 @@ class Flowpool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(base_url={self.base_url!r})"
 
     def _call(self, call: Call) -> Any:
         response = self._send(call)

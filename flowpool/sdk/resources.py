@@ -11,15 +11,16 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Mapping, Protocol, TypeVar
 from urllib.parse import quote
 
 from ..multipart import MultipartBody, Progress
+from . import sansio
 from .objects import Obj, wrap
 from .sansio import Call, Options, Timeout, invoke_body, longer
 from .sansio import idempotency_key as _key  # the methods take an argument of its name
 
-__all__ = ["attach"]
+__all__ = ["ClientBase", "attach"]
 
 
 class _Client(Protocol):
@@ -319,3 +320,64 @@ def attach(client: Any) -> None:
     client.runs = _Runs(client)
     client.datastores = _Datastores(client)
     client.usage = _Usage(client)
+
+
+_Client = TypeVar("_Client", bound="ClientBase")
+
+
+class ClientBase:
+    """What :class:`~.client.Flowpool` and :class:`~.async_client.AsyncFlowpool` share above their transport: the
+    options, read-only views of them, :meth:`with_options`, and the resources (:func:`attach`).
+
+    A subclass names the attribute holding its connection pool (``_POOL``) and makes a new one (``_new_pool``).
+    """
+
+    # Where the key and the URL are looked up first when not given, and the header the key goes in.
+    _KEY_ENV: tuple[str, ...] = ()
+    _URL_ENV: tuple[str, ...] = ()
+    _KEY_HEADER = "x-api-key"
+    _POOL = ""
+    options: Options
+
+    def __init__(self, api_key: str | None = None, base_url: str | None = None,
+                 timeout: Timeout = sansio.DEFAULT_TIMEOUT, max_retries: int = sansio.DEFAULT_MAX_RETRIES,
+                 default_headers: Mapping[str, str] | None = None) -> None:
+        self.options = sansio.options(api_key, base_url, timeout, max_retries, default_headers,
+                                      key_env=self._KEY_ENV, url_env=self._URL_ENV, key_header=self._KEY_HEADER)
+        setattr(self, self._POOL, self._new_pool())
+        attach(self)
+
+    def _new_pool(self) -> Any:
+        raise NotImplementedError
+
+    def with_options(self: _Client, **changes: Any) -> _Client:
+        """A client with these options changed (api_key, base_url, timeout, max_retries, default_headers), sharing
+        this one's connection pool: closing either closes it for both."""
+        client = type(self).__new__(type(self))
+        client.options = self.options.changed(**changes)
+        setattr(client, self._POOL, getattr(self, self._POOL))
+        attach(client)
+        return client
+
+    @property
+    def api_key(self) -> str | None:
+        return self.options.api_key
+
+    @property
+    def base_url(self) -> str:
+        return self.options.base_url
+
+    @property
+    def timeout(self) -> Timeout:
+        return self.options.timeout
+
+    @property
+    def max_retries(self) -> int:
+        return self.options.max_retries
+
+    @property
+    def default_headers(self) -> Mapping[str, str]:
+        return self.options.default_headers
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_url={self.base_url!r})"
