@@ -219,7 +219,7 @@ def run(file: Path, input_json: str | None, messages: tuple[str, ...], secrets: 
     previous = {sig: signal.signal(sig, interrupt_once) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with _stack_client(cli, lambda line: click.echo(f"flowpool run: {line}", err=True)) as (client, temporary):
-            api_call(_run_once, client, fields, stream, whole, temporary)
+            api_call(_run_once, client, fields, stream, whole, temporary, str(file))
     except KeyboardInterrupt:
         raise click.Abort() from None
     finally:
@@ -227,8 +227,9 @@ def run(file: Path, input_json: str | None, messages: tuple[str, ...], secrets: 
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
-def _run_once(client: Any, fields: dict[str, Any], stream: bool, whole: bool, temporary: bool) -> None:
-    """Run the preview and print it; a failed run's log lines and traceback printed before its error is raised."""
+def _run_once(client: Any, fields: dict[str, Any], stream: bool, whole: bool, temporary: bool, file: str) -> None:
+    """Run the preview and print it; a failed run's log lines and traceback (naming ``file``) printed before its
+    error is raised."""
     from ..client import APIError
 
     try:
@@ -236,7 +237,7 @@ def _run_once(client: Any, fields: dict[str, Any], stream: bool, whole: bool, te
     except APIError as exc:
         if not exc.request_id:
             raise
-        echo_record(client.runs.get(exc.request_id))
+        echo_record(client.runs.get(exc.request_id), script_file=file)
         # A temporary stack goes with this command: `flowpool logs` could not find the run afterwards.
         raise click.ClickException(str(exc) if temporary else describe_error(exc)) from exc
 

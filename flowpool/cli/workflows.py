@@ -278,15 +278,22 @@ def _echo_log(entry: dict[str, Any]) -> None:
     _echo_line(_clock(entry.get("time")), str(entry.get("level", "info")).upper(), f"{entry.get('msg', '')} {fields}")
 
 
-def echo_record(run: Any, shown: int = 0) -> None:
-    """The run's log lines (past the first ``shown``, printed already), then its error with the script's traceback."""
+def echo_record(run: Any, shown: int = 0, script_file: str | None = None) -> None:
+    """The run's log lines (past the first ``shown``, printed already), then its error with the script's traceback.
+
+    With ``script_file``, the traceback names that file where the worker named the script (``workflow:<ref>``),
+    so an editor or terminal opens the right file at the line.
+    """
     for entry in (run.to_dict().get("logs") or [])[shown:]:
         _echo_log(entry)
     error = run.to_dict().get("error")
     if error:
         _echo_line(_clock(run.finished_at), "ERROR", f"run {run.status}: {error.get('message')}")
         if error.get("traceback"):
-            click.echo(str(error["traceback"]).rstrip("\n"))
+            traceback = str(error["traceback"]).rstrip("\n")
+            if script_file is not None and run.get("workflow"):
+                traceback = traceback.replace(f'File "workflow:{run.workflow}"', f'File "{script_file}"')
+            click.echo(traceback)
 
 
 def _follow(client: Any, request_id: str) -> int:

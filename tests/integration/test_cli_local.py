@@ -256,6 +256,9 @@ def test_a_failing_run_exits_1_with_its_error_and_the_scripts_traceback(client: 
     assert ran.returncode == 1
     assert "Traceback (most recent call last)" in ran.stdout and "ZeroDivisionError" in ran.stdout
     assert "in divide" in ran.stdout
+    # The traceback names the file run, at the lines of FAILING_WORKFLOW (divide's body is line 2, its call 8).
+    assert f'File "{script}", line 2, in divide' in ran.stdout and f'File "{script}", line 8, in execute' in ran.stdout
+    assert "fp-preview-" not in ran.stdout
     assert ran.stderr.startswith("Error: 500 script_error: ZeroDivisionError")
     assert "see: flowpool logs req_" in ran.stderr
 
