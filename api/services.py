@@ -174,7 +174,7 @@ def authenticate() -> Account:
     """The account of the request's API key (``x-api-key``, ``X-Maitai-Api-Key`` or ``Authorization: Bearer``)."""
     account = g.get("account")
     if account is None:
-        key = next((request.headers[name] for name in KEY_HEADERS if request.headers.get(name)), None)
+        key = next(filter(None, map(request.headers.get, KEY_HEADERS)), None)
         if not key:
             auth = request.headers.get("Authorization", "")
             token = bearer_token(auth)

@@ -152,13 +152,7 @@ class Applications(AccountDocuments[Application]):
     model = Application
     noun = "application"
     key = staticmethod(keys.applications)
-
-    def get(self, account_id: str, name: str) -> Application:
-        """The application ``name``, perhaps one with no intents yet (see :data:`STORED`)."""
-        raw = self.redis.hget(keys.applications(account_id), name)
-        if raw is None:
-            raise NotFound(f"no application named {name!r}")
-        return Application.model_validate_json(raw, context=STORED)
+    context = STORED  # one stored may have no intents yet (created by an upload's application_name)
 
     def delete(self, account_id: str, name: str) -> None:
         """Remove the application ``name`` (a 404 when the account has none of that name). Workflows naming it

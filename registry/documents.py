@@ -20,6 +20,8 @@ class AccountDocuments(Generic[M]):
     model: type[M]
     noun: str
     key: Callable[[str], str]
+    # The validation context stored documents are read with (what a model allows of what it once took).
+    context: dict[str, Any] | None = None
 
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
@@ -32,7 +34,7 @@ class AccountDocuments(Generic[M]):
         raw = self.redis.hget(type(self).key(account_id), name)
         if raw is None:
             raise NotFound(f"no {self.noun} named {name!r}")
-        return self.model.model_validate_json(raw)
+        return self.model.model_validate_json(raw, context=self.context)
 
     def list(self, account_id: str, offset: int, limit: int) -> tuple[list[dict[str, Any]], int]:
         """A page of the account's documents by name, and the total."""

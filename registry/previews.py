@@ -37,24 +37,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from flowpool import keys
-from flowpool.errors import ConfigurationError
 from flowpool.settings import Settings
 
 from .accessories import accessory_objects
 from .versions import FIRST_VERSION, Upload, version_meta, write_version
 from .workflows import PREVIEW_PREFIX, ResolvedWorkflow, Workflows
 
-__all__ = ["BLOB_PREFIX", "PREFIX", "TTL_SECONDS", "Preview", "Previews", "blob_name", "is_preview_ref"]
+__all__ = ["BLOB_PREFIX", "PREFIX", "TTL_SECONDS", "Preview", "Previews", "blob_name"]
 
 PREFIX = PREVIEW_PREFIX  # no upload may take a ref that starts with it (check_ref)
 TTL_SECONDS = 3600  # how long a preview stays after it was last stored, at the least
 _HASH_CHARS = 40  # of the content hash's 64: 160 bits, and the ref stays within a name's 64 characters
 BLOB_PREFIX = "previews/"  # the names of previews' blobs, apart from uploads' so a lifecycle rule can expire them
-
-
-def is_preview_ref(ref: str) -> bool:
-    """Whether ``ref`` names a preview (a ref no upload may take)."""
-    return ref.startswith(PREFIX)
 
 
 def preview_ref(digest: str) -> str:
@@ -107,9 +101,8 @@ class Previews:
         accessories = accessories or {}
         digest, info = self.workflows.check_content(script, accessories)
         ref = preview_ref(digest)
-        if accessories and self.workflows.blobs is None:
-            raise ConfigurationError("this Workflows store was made without a blob store, so it cannot store "
-                                     "accessories: make it with Workflows.for_settings")
+        if accessories:
+            self.workflows.require_blobs()
         objects = accessory_objects(accessories, lambda sha256: blob_name(account_id, ref, sha256))
         meta = version_meta(FIRST_VERSION, digest, info, Upload(ref=ref, script=script, accessories=accessories),
                             time.time(), objects)

@@ -177,6 +177,17 @@ _ACCESSORY_MAX_MB = Settings.model_fields["accessory_max_mb"].default
 _ACCESSORIES_MAX = Settings.model_fields["accessories_max"].default
 
 
+def _check_name(ref: str) -> None:
+    """A 404 for a ref no workflow route answers for.
+
+    A name no upload accepts could address another key of a workflow ("x:v:1.0.0" is the key of x's version
+    1.0.0): there is no such workflow. Nor is a preview one: it is never shown, activated or given an id
+    (registry/previews.py).
+    """
+    if not is_name(ref) or ref.startswith(PREVIEW_PREFIX):
+        raise WorkflowNotFound(ref)
+
+
 class Workflows:
     """Upload, list, resolve and roll back workflows of an account.
 
@@ -216,10 +227,14 @@ class Workflows:
         ``accessory_objects``."""
         if not accessories:
             return {}
+        return store_accessories(self.require_blobs(), account_id, accessories)
+
+    def require_blobs(self) -> BlobStore:
+        """The blob store accessories go to; a ConfigurationError for a store made without one."""
         if self.blobs is None:
             raise ConfigurationError("this Workflows store was made without a blob store, so it cannot store "
                                      "accessories: make it with Workflows.for_settings")
-        return store_accessories(self.blobs, account_id, accessories)
+        return self.blobs
 
     def _workflow_id(self, pipe: Any, account_id: str, current: dict[str, str], allocated: int | None) -> int:
         """The workflow's id: its own, else the one this write allocated already (a retry keeps it), else a new
@@ -321,7 +336,7 @@ class Workflows:
     def activate(self, account_id: str, ref: str, number: str) -> dict[str, Any]:
         """Make an existing version the active one: a rollback or roll forward, or the publication of a draft
         (whose settings then become the workflow's)."""
-        self._require(account_id, ref)
+        _check_name(ref)
         wf_key = keys.workflow(account_id, ref)
         workflow_id: int | None = None
         with self.redis.pipeline() as pipe:
@@ -338,9 +353,9 @@ class Workflows:
                     workflow_id = self._workflow_id(pipe, account_id, current, workflow_id)
                     state: dict[str, Any] = {"active": number, "active_meta": raw, "rev": _new_rev(),
                                              "id": workflow_id}
+                    config = json.loads(current["config"])
                     if draft_flag:
-                        config = merge_settings(json.loads(current["config"]),
-                                                json.loads(settings) if settings else {}, time.time())
+                        config = merge_settings(config, json.loads(settings) if settings else {}, time.time())
                         state["config"] = json.dumps(config)
                     pipe.multi()
                     if draft_flag:
@@ -350,7 +365,7 @@ class Workflows:
                     break
                 except redis.WatchError:
                     continue
-        return self.get(account_id, ref)
+        return self._workflow_view(config, number, json.loads(raw), workflow_id)
 
     def delete(self, account_id: str, ref: str) -> None:
         """Delete a workflow with all its versions."""
@@ -364,11 +379,7 @@ class Workflows:
     # Reading
 
     def _require(self, account_id: str, ref: str) -> dict[str, str]:
-        # A name no upload accepts could address another key of a workflow
-        # ("x:v:1.0.0" is the key of x's version 1.0.0): there is no such workflow. Nor is a preview one: it is
-        # never shown, activated or given an id (registry/previews.py).
-        if not is_name(ref) or ref.startswith(PREVIEW_PREFIX):
-            raise WorkflowNotFound(ref)
+        _check_name(ref)
         raw = _decode(self.redis.hgetall(keys.workflow(account_id, ref)))
         if not raw:
             raise WorkflowNotFound(ref)

@@ -29,7 +29,7 @@ from ..errors import ConfigurationError
 from ..procs import interrupt_once
 from ..sdk.objects import Obj
 from .common import CliSettings, api_call, api_client, describe_error, load_cli_settings, server_extra
-from .workflows import checked_source, echo_completion, echo_record, json_option, secrets_option
+from .workflows import accessory_option, checked_source, echo_completion, echo_record, json_option, secrets_option
 
 __all__ = ["COMMANDS", "RunResult", "run_workflow"]
 
@@ -146,7 +146,8 @@ def _tail(output: IO[bytes]) -> str:
 
 
 def run_workflow(file: str | Path, input: Any = None, messages: list[dict[str, Any]] | None = None,
-                 secrets: dict[str, str] | None = None, accessories: dict[str, bytes] | None = None) -> RunResult:
+                 secrets: dict[str, str] | None = None,
+                 accessories: dict[str, bytes | Path] | None = None) -> RunResult:
     """Run workflow ``file`` once as ``flowpool run`` does, on the same stack, and return its chunks and answer.
 
     A script that breaks an upload's rules raises ValidationFailed (each
@@ -169,19 +170,6 @@ def run_workflow(file: str | Path, input: Any = None, messages: list[dict[str, A
             else:
                 result.completion = _plain_completion(data)
     return result
-
-
-def _accessories(items: tuple[str, ...]) -> dict[str, bytes]:
-    """``--accessory KEY=FILE`` options as the bytes of each file, by key."""
-    accessories = {}
-    for item in items:
-        key, sep, path = item.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{item!r} is not KEY=FILE", param_hint="--accessory")
-        if not Path(path).is_file():
-            raise click.BadParameter(f"{path!r} is not a file", param_hint="--accessory")
-        accessories[key] = Path(path).read_bytes()
-    return accessories
 
 
 @click.command()
@@ -211,7 +199,7 @@ def run(file: Path, input_json: str | None, messages: tuple[str, ...], secrets: 
         raise click.UsageError("give --input or --message")
     script = checked_source(file)
     fields = {"script": script, "input": value, "messages": [{"role": "user", "content": m} for m in messages] or None,
-              "secrets": secrets_option(secrets), "accessories": _accessories(accessory)}
+              "secrets": secrets_option(secrets), "accessories": accessory_option(accessory)}
     cli = load_cli_settings()
     # Ctrl-C or SIGTERM ends the command (and cancels the run) through the code that stops its temporary stack,
     # as it ends `flowpool dev`: later ones are ignored from the first on, so that they cannot break off that stop

@@ -14,6 +14,19 @@ from .common import api_call, api_client, echo_json, load_settings
 __all__ = ["COMMANDS"]
 
 
+def accessory_option(items: tuple[str, ...]) -> dict[str, Path]:
+    """``--accessory KEY=FILE`` options: each file's path, by key."""
+    accessories = {}
+    for item in items:
+        key, sep, path = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not KEY=FILE", param_hint="--accessory")
+        if not Path(path).is_file():
+            raise click.BadParameter(f"{path!r} is not a file", param_hint="--accessory")
+        accessories[key] = Path(path)
+    return accessories
+
+
 @click.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--name", "ref", required=True, help="workflow_ref_name to register it under.")
@@ -28,14 +41,7 @@ __all__ = ["COMMANDS"]
 def push(file: Path, ref: str, accessory: tuple[str, ...], timeout_seconds: float | None, version_bump: str | None,
          draft: bool, queue: str | None) -> None:
     """Upload FILE as workflow REF (a new version if it changed)."""
-    accessories = {}
-    for item in accessory:
-        key, sep, path = item.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{item!r} is not KEY=FILE", param_hint="--accessory")
-        if not Path(path).is_file():
-            raise click.BadParameter(f"{path!r} is not a file", param_hint="--accessory")
-        accessories[key] = path
+    accessories = accessory_option(accessory)
     client = api_client(load_settings())
     progress = _UploadProgress()
     try:

@@ -68,11 +68,18 @@ class _Completions:
         """
         body = invoke_body(model, params, messages=messages, input=input, secrets=secrets, session_id=session_id,
                            metadata=metadata)
-        if stream:
-            body["stream"] = True
-        call = Call("POST", "/workflow/chat/completions", json=body, timeout=timeout, retry=True,
-                    headers={"Idempotency-Key": _key(idempotency_key)})
-        return self._client._stream(call) if stream else self._client._call(call)
+        return _invoke(self._client, "/workflow/chat/completions", body, stream, idempotency_key, timeout)
+
+
+def _invoke(client: _Client, path: str, body: dict[str, Any], stream: bool, idempotency_key: str | None,
+            timeout: Timeout | None) -> Any:
+    """POST an invocation ``body`` under an Idempotency-Key (so it may be sent again): its answer, or its
+    stream with ``stream``."""
+    if stream:
+        body["stream"] = True
+    call = Call("POST", path, json=body, timeout=timeout, retry=True,
+                headers={"Idempotency-Key": _key(idempotency_key)})
+    return client._stream(call) if stream else client._call(call)
 
 
 class _Workflow:
@@ -138,11 +145,7 @@ class _Workflows:
                 {"key": key, "content_base64": base64.b64encode(
                     content if isinstance(content, bytes) else Path(content).read_bytes()).decode()}
                 for key, content in accessories.items()]
-        if stream:
-            body["stream"] = True
-        call = Call("POST", "/api/v1/workflows/preview", json=body, timeout=timeout, retry=True,
-                    headers={"Idempotency-Key": _key(idempotency_key)})
-        return self._client._stream(call) if stream else self._client._call(call)
+        return _invoke(self._client, "/api/v1/workflows/preview", body, stream, idempotency_key, timeout)
 
     def get(self, name: str) -> Any:
         """The workflow ``name`` and its active version."""

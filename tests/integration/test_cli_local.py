@@ -306,3 +306,19 @@ def test_the_test_init_writes_passes_under_pytest(client: Client, tmp_path: Path
     assert "1 passed" in tested.stdout
     runs = client.get("/api/v1/workflows").json()
     assert runs["pagination"]["total"] == 0
+
+
+def test_run_bundles_each_accessory_file_and_refuses_one_that_is_not_key_equals_file(client: Client,
+                                                                                      tmp_path: Path) -> None:
+    script = tmp_path / "reads.py"
+    script.write_text("def execute(ctx):\n    return ctx.load_accessory('codes')\n")
+    (tmp_path / "codes.json").write_text('{"a": 1}')
+
+    ran = run_flowpool("run", str(script), "--input", "{}", "--accessory", f"codes={tmp_path / 'codes.json'}",
+                       "--json", cwd=tmp_path, env=_stack_env(client, tmp_path), timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    assert json.loads(ran.stdout)["output"] == {"a": 1}
+
+    refused = run_flowpool("run", str(script), "--input", "{}", "--accessory", "codes.json",
+                           cwd=tmp_path, env=_stack_env(client, tmp_path), timeout=60)
+    assert refused.returncode == 2 and "is not KEY=FILE" in refused.stderr
