@@ -27,7 +27,8 @@ from flowpool.jsonsafe import canonical_json
 from flowpool.queues import broker_queue
 from flowpool.quotas import Quota
 from flowpool.registry import Account, ResolvedWorkflow, check_invocation_input
-from flowpool.run import CachePlan, RunEnd, RunJob, RunRecord, RunStatus
+from flowpool.run import (CachePlan, RunEnd, RunJob, RunRecord, RunStatus, dumps, redact, secret_redactions,
+                          secret_spellings)
 from flowpool.sealing import InvalidToken, SecretBox
 from flowpool.tasks.app import RUN_TASK
 
@@ -122,6 +123,7 @@ def admit(svc: Services, account: Account, body: InvokeRequest, idempotency_key:
     request_id = _new_id("req_")
     session_id = body.session_id or _new_id("sess_")
     messages = [m.model_dump(exclude_none=True) for m in body.messages] if body.messages else None
+    sent = _as_recorded(body.input, messages, body.secrets or {}, settings.run_record_input_bytes)
     request = body.model_dump(include={"input", "max_tokens", "temperature", "metadata"})
     request["messages"] = messages
 
@@ -151,7 +153,8 @@ def admit(svc: Services, account: Account, body: InvokeRequest, idempotency_key:
                                           body.secrets)
             queued = RunRecord(request_id=request_id, account=account.id, workflow=workflow.ref,
                                status=RunStatus.QUEUED, version=workflow.version, session_id=session_id,
-                               cache_hit=False, queued_at=time.time(), timeout_seconds=soft, metadata=body.metadata)
+                               cache_hit=False, queued_at=time.time(), timeout_seconds=soft, metadata=body.metadata,
+                               input=sent[0], messages=sent[1])
             lock_seconds = settings.queue_wait_seconds + run_seconds
             slots = svc.queue_slots(workflow.queue) if settings.fair_share else 0  # what fair share divides
             quota = Quota.for_request(settings, account.id, workflow.ref, slots)
@@ -199,6 +202,19 @@ def admit(svc: Services, account: Account, body: InvokeRequest, idempotency_key:
         env=workflow.env, output_schema=workflow.output_schema, application=workflow.application,
         limits=workflow.limits, cache=CachePlan(cache_key, ttl) if cache_key else None, queue=workflow.queue)
     return Admission("queued", request_id, session_id, run_seconds, job=job, box=box, lane=found or 0)
+
+
+def _as_recorded(input: Any, messages: list[dict[str, Any]] | None, secrets: dict[str, str],
+                 limit: int) -> tuple[Any, Any]:
+    """The request's ``input`` and ``messages`` as its run record keeps them: redacted of its secrets (as a run's
+    output is), each one over ``limit`` bytes of compact JSON replaced by a note of its size."""
+    replacements = secret_redactions(secret_spellings(secrets))
+    kept = []
+    for value in (input, messages):
+        value = redact(value, replacements)
+        size = len(dumps(value).encode()) if value is not None else 0
+        kept.append({"omitted": f"{size} bytes, over the record's limit of {limit}"} if size > limit else value)
+    return kept[0], kept[1]
 
 
 def _hit_record(queued: RunRecord, entry: dict[str, Any]) -> RunRecord:

@@ -14,6 +14,7 @@ from flowpool.settings import Settings
 from . import (admin, agents, applications, datastores, health, invoke, metrics, openapi, pool, preview, runs, usage,
                workflows)
 from .body import read_body
+from .console import views as console  # importing the views registers them on console.bp
 from .errors import register_error_handlers
 from .services import EXTENSION, Services
 
@@ -42,6 +43,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     for blueprint in (invoke.bp, workflows.bp, preview.bp, runs.bp, applications.bp, agents.bp, datastores.bp,
                       health.bp, openapi.bp, metrics.bp, pool.bp, usage.bp, admin.bp):
         app.register_blueprint(blueprint)
+    if settings.console_enabled:
+        app.register_blueprint(console.bp)
 
     @app.before_request
     def _start_timer() -> None:

@@ -51,6 +51,22 @@ _QUERY: dict[str, list[dict[str, Any]]] = {
         {"name": "wait", "in": "query", "required": False, "description": "long-poll up to this many seconds "
          "(at most FLOWPOOL_RUN_WAIT_MAX_SECONDS) for the run to end", "schema": {"type": "number", "minimum": 0}},
     ],
+    "runs.list_all_runs": [
+        {"name": "workflow", "in": "query", "required": False, "schema": {"type": "string"}},
+        {"name": "status", "in": "query", "required": False, "description": "run statuses, comma-separated",
+         "schema": {"type": "string"}},
+        {"name": "session_id", "in": "query", "required": False, "schema": {"type": "string"}},
+        {"name": "since", "in": "query", "required": False, "description": "queued at or after: unix seconds or "
+         "ISO 8601 with its offset", "schema": {"type": "string"}},
+        {"name": "until", "in": "query", "required": False, "description": "queued before (exclusive): unix "
+         "seconds or ISO 8601 with its offset; the answer's next_until pages on", "schema": {"type": "string"}},
+        {"name": "limit", "in": "query", "required": False,
+         "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": 50}},
+    ],
+    "workflows.workflow_stats": [
+        {"name": "hours", "in": "query", "required": False,
+         "schema": {"type": "integer", "minimum": 1, "maximum": 168, "default": 24}},
+    ],
     "usage.get_usage": [
         {"name": "from", "in": "query", "required": False, "schema": {"type": "string", "format": "date"}},
         {"name": "to", "in": "query", "required": False, "schema": {"type": "string", "format": "date"}},

@@ -1,5 +1,6 @@
 """Runs: started without waiting (``POST /api/v1/runs``), looked up (``GET /api/v1/runs/{request_id}``, which can
-long-poll with ``?wait=N``), followed (``.../stream``) and listed (``GET /api/v1/workflows/{ref}/runs``).
+long-poll with ``?wait=N``), followed (``.../stream``) and listed (``GET /api/v1/runs``, newest first with filters
+and a cursor; ``GET /api/v1/workflows/{ref}/runs``).
 
 ``POST /api/v1/runs`` takes the invoke body and passes the same admission
 (:mod:`.admission`: schema, quotas, Idempotency-Key, cache); it answers 202
@@ -16,18 +17,22 @@ import math
 import re
 import time
 from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
 from flask import Blueprint, Response, g, jsonify, request, url_for
 
 from flowpool.errors import NotFound, OutcomeUnavailable, RequestError, RunError
+from flowpool.registry import Account
 from flowpool.run import RunRecord, RunStatus
 
 from .admission import Admission, admit, discard_quietly, submit
 from .models import RunCreateRequest
-from .parsing import json_body, model_from, page_args, paginated, request_idempotency_key
+from .parsing import MAX_PAGE, json_body, model_from, page_args, paginated, request_idempotency_key
 from .services import Services, authenticate, mark, services
 from .streaming import stream_response
+
+__all__ = ["bp", "follow_run", "run_view"]
 
 bp = Blueprint("runs", __name__, url_prefix="/api/v1")
 
@@ -217,10 +222,20 @@ def stream_run(request_id: str):  # type: ignore[no-untyped-def]
     """
     svc, account = services(), authenticate()
     logs = _flag("logs")
+    return follow_run(svc, account, request_id, logs,
+                      request.headers.get("Last-Event-ID") or request.args.get("last_event_id"))
+
+
+def follow_run(svc: Services, account: Account, request_id: str, logs: bool, after: str | None) -> Response:
+    """The account's run as SSE from the start, or after the event id ``after``; with ``logs``, its log lines too.
+
+    What ``GET /api/v1/runs/{request_id}/stream`` answers (see :func:`stream_run`), for any route that follows a
+    run: a 404 for another account's run, a 400 naming Last-Event-ID for an ``after`` not of this stream.
+    """
     record = _own_run(svc, account.id, request_id)
     source = record.origin_request_id or request_id  # a cache hit follows the run it came from
     logs = logs and not record.origin_request_id
-    after = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or ("0-0.0-0" if logs else "0-0")
+    after = after or ("0-0.0-0" if logs else "0-0")
     if not re.fullmatch(r"\d+-\d+\.\d+-\d+" if logs else r"\d+-\d+", after):
         example = "1700000000000-0.1700000000000-1" if logs else "1700000000000-0"
         raise RequestError(f"Last-Event-ID must be an event id of this stream, like {example}, got {after!r}",
@@ -239,3 +254,59 @@ def _flag(name: str) -> bool:
     if raw not in ("true", "false", "1", "0"):
         raise RequestError(f"{name} must be true or false, got {raw!r}", param=name)
     return raw in ("true", "1")
+
+
+@bp.get("/runs")
+def list_all_runs():  # type: ignore[no-untyped-def]
+    """The account's runs, newest first: filtered by workflow, status, session and queue time, paged by a cursor."""
+    svc, account = services(), authenticate()
+    args = request.args
+    raw_status = args.get("status", "")
+    status = {part.strip() for part in raw_status.split(",") if part.strip()}
+    unknown = sorted(status - _STATUSES)
+    if unknown:
+        raise RequestError(f"status must be one or more of {', '.join(sorted(_STATUSES))} (comma-separated), got "
+                           f"{unknown[0][:40]!r}", param="status")
+    limit = _int_arg("limit", 50, 1, MAX_PAGE)
+    records, next_until = svc.runs.list_runs(
+        account.id, workflow=args.get("workflow") or None, status=status or None,
+        session_id=args.get("session_id") or None, since=_time_arg("since"), until=_time_arg("until"), limit=limit)
+    return jsonify({"data": [run_view(svc, r, full=False) for r in records], "next_until": next_until})
+
+
+_STATUSES = frozenset(s.value for s in RunStatus)
+
+
+def _time_arg(name: str) -> float | None:
+    """A point in time from the query string: unix seconds, or ISO 8601 with its offset; a 400 naming it otherwise."""
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        try:
+            when = datetime.fromisoformat(raw.replace("Z", "+00:00") if raw.endswith("Z") else raw)
+        except ValueError:
+            when = None
+        if when is None or when.tzinfo is None:
+            raise RequestError(f"{name} must be unix seconds or an ISO 8601 time with its offset (like "
+                               f"2025-01-31T12:00:00Z), got {raw[:40]!r}", param=name) from None
+        value = when.timestamp()
+    if not math.isfinite(value) or value < 0:
+        raise RequestError(f"{name} must be unix seconds, 0 or more, got {raw[:40]!r}", param=name)
+    return value
+
+
+def _int_arg(name: str, default: int, low: int, high: int) -> int:
+    """A whole number from the query string, ``low`` to ``high``; a 400 naming it otherwise."""
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise RequestError(f"{name} must be a whole number from {low} to {high}, got {raw[:40]!r}", param=name)
+    return value

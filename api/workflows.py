@@ -1,8 +1,9 @@
-"""Workflows: upload, validate, list, get, delete, versions, activate."""
+"""Workflows: upload, validate, list, get, delete, versions, activate, and their recent runs' stats."""
 from __future__ import annotations
 
 import base64
 import binascii
+import time
 from typing import Any
 
 from flask import Blueprint, jsonify, request
@@ -211,6 +212,21 @@ def list_workflows():  # type: ignore[no-untyped-def]
 def get_workflow(ref: str):  # type: ignore[no-untyped-def]
     svc, account = services(), authenticate()
     return jsonify({"data": svc.workflows.get(account.id, ref)})
+
+
+@bp.get("/<ref>/stats")
+def workflow_stats(ref: str):  # type: ignore[no-untyped-def]
+    """The workflow's runs of the last ``hours`` (1 to 168, default 24): count, errors, latency, hour by hour."""
+    svc, account = services(), authenticate()
+    raw = request.args.get("hours", "24")
+    try:
+        hours = int(raw)
+    except ValueError:
+        hours = 0
+    if not 1 <= hours <= 168:
+        raise RequestError(f"hours must be a whole number from 1 to 168, got {raw[:40]!r}", param="hours")
+    svc.workflows.get(account.id, ref)  # a 404 for a workflow the account does not have
+    return jsonify({"data": svc.runs.workflow_stats(account.id, ref, time.time(), hours)})
 
 
 @bp.delete("/<ref>")

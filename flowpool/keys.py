@@ -5,10 +5,10 @@ __all__ = [
     "ACCOUNTS", "METRICS", "RUNS_ACTIVE", "RUNS_REAPER", "SECRET", "WORKERS", "WORKER_POOL",
     "WORKER_SANDBOXES", "queue_workers", "ACTIVE_ACCOUNTS", "WEBHOOKS_DUE", "account_limits", "account_slots",
     "account_rate", "account_usage", "run_webhook",
-    "account", "agents", "api_key", "applications", "session_runs", "workflows", "workflow", "workflow_ids",
-    "versions", "version",
+    "account", "agents", "api_key", "applications", "console_session", "session_runs", "workflows", "workflow",
+    "workflow_ids", "versions", "version",
     "version_hashes", "run", "run_cancel", "run_events", "run_lease", "run_logs", "run_reply", "workflow_runs", "cache",
-    "cache_record", "inflight", "idempotency", "blob", "datastores", "datastore", "datastore_log",
+    "account_runs", "cache_record", "inflight", "idempotency", "blob", "datastores", "datastore", "datastore_log",
 ]
 
 PREFIX = "fp:"
@@ -63,6 +63,12 @@ def api_key(key_hash: str) -> str:
     return f"{PREFIX}key:{key_hash}"
 
 
+def console_session(digest: str) -> str:
+    """Hash with a TTL: the console session whose cookie token has the SHA-256 ``digest`` (account, key_hash, csrf,
+    created_at, refreshed_at); the token itself is only in the browser's cookie."""
+    return f"{PREFIX}console:{digest}"
+
+
 def applications(account_id: str) -> str:
     """Hash: application name -> its intents and routes (JSON)."""
     return f"{PREFIX}a:{account_id}:apps"
@@ -113,6 +119,12 @@ def version_hashes(account_id: str, ref: str) -> str:
 def workflow_runs(account_id: str, ref: str) -> str:
     """Zset: request ids of the workflow's runs by queue time."""
     return f"{PREFIX}a:{account_id}:wf:{ref}:runs"
+
+
+def account_runs(account_id: str) -> str:
+    """Zset: request ids of all the account's runs by queue time, the newest ``FLOWPOOL_RUNS_PER_ACCOUNT`` kept (an
+    id may outlive its record, which expires on its own)."""
+    return f"{PREFIX}a:{account_id}:runs"
 
 
 def run(request_id: str) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import MISSING, dataclass, field, fields, replace
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from flowpool.errors import Cancelled, RunError, WorkerLost, run_error_from_dict
 from flowpool.jsonsafe import find_problem_in
@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from flowpool.registry import ResolvedWorkflow
     from flowpool.sealing import Sealer
 
-__all__ = ["CachePlan", "RunEnd", "RunJob", "RunRecord", "RunStatus", "dumps", "encode"]
+__all__ = ["CachePlan", "RunEnd", "RunJob", "RunRecord", "RunStatus", "dumps", "encode", "redact", "secret_redactions",
+           "secret_spellings"]
 
 
 class RunStatus(str, Enum):
@@ -151,12 +152,41 @@ class RunJob:
         line), so those spellings are redacted too. Longest first, so a secret
         holding another is replaced whole.
         """
-        spellings = set()
-        for secret in self.secrets.values():
-            if isinstance(secret, str) and len(secret) >= 4:
-                spellings.update((secret, json.dumps(secret, ensure_ascii=False)[1:-1], json.dumps(secret)[1:-1],
-                                  repr(secret)[1:-1]))
-        return sorted(spellings, key=len, reverse=True)
+        return secret_spellings(self.secrets)
+
+
+def secret_spellings(secrets: dict[str, Any]) -> list[str]:
+    """Each of ``secrets`` long enough to redact, as written and as JSON or a repr escapes it; longest first
+    (see :meth:`RunJob.secret_values`)."""
+    spellings = set()
+    for secret in secrets.values():
+        if isinstance(secret, str) and len(secret) >= 4:
+            spellings.update((secret, json.dumps(secret, ensure_ascii=False)[1:-1], json.dumps(secret)[1:-1],
+                              repr(secret)[1:-1]))
+    return sorted(spellings, key=len, reverse=True)
+
+
+Replacements = Sequence[tuple[str, str]]  # (what to find in any string, what to put in its place), in order
+
+
+def redact(value: Any, replacements: Replacements) -> Any:
+    """``value`` with each replacement made in every string of it, keys included: one walk for all of them."""
+    if not replacements:
+        return value
+    if isinstance(value, str):
+        for needle, replacement in replacements:
+            value = value.replace(needle, replacement)
+        return value
+    if isinstance(value, (list, tuple)):
+        return [redact(v, replacements) for v in value]
+    if isinstance(value, dict):  # keys too: ``{secret: 1}`` must not keep it
+        return {redact(k, replacements): redact(v, replacements) for k, v in value.items()}
+    return value
+
+
+def secret_redactions(secrets: list[str]) -> list[tuple[str, str]]:
+    """The replacements that hide a run's secrets (:meth:`RunJob.secret_values`)."""
+    return [(secret, "[redacted]") for secret in secrets]
 
 
 @dataclass(frozen=True)
@@ -216,11 +246,15 @@ class RunRecord:
     finished_at: float | None = None
     timeout_seconds: float | None = None
     metadata: dict[str, Any] | None = None
+    # What the caller sent, redacted of the request's secrets; one over FLOWPOOL_RUN_RECORD_INPUT_BYTES is a note.
+    input: Any = None
+    messages: list[Any] | None = None
     output: Any = None  # redacted of the request's secrets
     usage: dict[str, int] | None = None
     error: dict[str, Any] | None = None
     model_calls: list[dict[str, Any]] | None = None
     workflow_calls: list[dict[str, Any]] | None = None
+    http_calls: list[dict[str, Any]] | None = None  # the run's ctx.http requests, as the worker recorded them
     logs: list[dict[str, Any]] | None = None
     logs_truncated: bool | None = None
     chunk_count: int | None = None
@@ -254,8 +288,9 @@ class RunRecord:
         if full:
             view.update(
                 output=self.output, usage=self.usage, metadata=self.metadata, timeout_seconds=self.timeout_seconds,
-                origin_request_id=self.origin_request_id, model_calls=self.model_calls or [],
-                workflow_calls=self.workflow_calls or [], logs=self.logs or [],
+                origin_request_id=self.origin_request_id, input=self.input, messages=self.messages,
+                model_calls=self.model_calls or [], workflow_calls=self.workflow_calls or [],
+                http_calls=self.http_calls or [], logs=self.logs or [],
                 logs_truncated=bool(self.logs_truncated), chunks=chunks or [],
             )
         return view

@@ -317,18 +317,22 @@ return {'ok'}
 # with runs in flight; a share of 1 while the slots are unknown) 0, within 4
 # shares 3, within 16 shares 6, else 9; 0 without fair share. ``ended`` "1":
 # the record is a hit's, already ended (found by a cache with a Redis of its
-# own): counted as a hit, no slot taken. ARGV from RECORD_FROM on are the
-# record's fields and values.
+# own): counted as a hit, no slot taken. Every run recorded is indexed by its
+# workflow, its session and its account (KEYS[16]: the newest
+# ``account_runs_kept`` kept). ARGV from RECORD_FROM on are the record's
+# fields and values.
 BEGIN = """
 local run_key, workflow_runs_key, entry_key, lock_key, entry_record_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local workflow_key, session_runs_key, metrics_key, idem_key = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local runs_active_key = KEYS[10]
 local limits_key, slots_key, rate_key, usage_key, accounts_key = KEYS[11], KEYS[12], KEYS[13], KEYS[14], KEYS[15]
+local account_runs_key = KEYS[16]
 local request_id, ttl_ms, queued_at, runs_kept, lock_ms = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local expected_rev, idem_ms, fingerprint, run_prefix, may_join = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 local account, ref = ARGV[11], ARGV[12]
 local queue_slots, fair, slot_seconds, usage_ttl, ended = ARGV[17], ARGV[18], ARGV[19], ARGV[20], ARGV[21]
-local DEFAULTS_FROM, RECORD_FROM = 13, 22
+local account_runs_kept = ARGV[22]
+local DEFAULTS_FROM, RECORD_FROM = 13, 23
 local quota = limits_key ~= ''
 if (redis.call('HGET', workflow_key, 'rev') or '') ~= expected_rev then return {'stale'} end
 local function remember(owner)
@@ -442,5 +446,8 @@ redis.call('ZADD', workflow_runs_key, queued_at, request_id)
 redis.call('ZREMRANGEBYRANK', workflow_runs_key, 0, -tonumber(runs_kept) - 1)
 redis.call('ZADD', session_runs_key, queued_at, request_id)
 redis.call('PEXPIRE', session_runs_key, ttl_ms)
+redis.call('ZADD', account_runs_key, queued_at, request_id)
+redis.call('ZREMRANGEBYRANK', account_runs_key, 0, -tonumber(account_runs_kept) - 1)
+redis.call('PEXPIRE', account_runs_key, ttl_ms)
 return state
 """

@@ -33,6 +33,7 @@ from flowpool.connections import UNREACHABLE, patiently
 from flowpool.errors import OutcomeUnavailable, RunError, RunNotStarted, WorkerLost
 from flowpool.quotas import NO_QUOTA_ARGS, NO_QUOTA_KEYS, Quota, end_args, end_keys, refusal, slot_args
 from flowpool.run import RunEnd, RunRecord, RunStatus, dumps, encode
+from flowpool.run_index import RunIndex
 from flowpool.run_scripts import ABANDON, APPEND_CHUNKS, APPEND_OUTPUT, BEGIN, CLAIM, FINISH, RATE, RENEW_SLOT
 from flowpool.run_streams import READ, chunks_of, in_order
 from flowpool.sealing import InvalidToken, SecretBox
@@ -50,20 +51,22 @@ T = TypeVar("T")
 LOG_TAIL_SECONDS = 300
 
 
-class RunStore:
-    """Read and write run records and their event streams."""
+class RunStore(RunIndex):
+    """Read and write run records and their event streams (listing them: :class:`~flowpool.run_index.RunIndex`)."""
 
     def __init__(self, client: redis.Redis, ttl_seconds: int, runs_per_workflow: int,
                  lease_grace_seconds: float = 0.0, outage_seconds: float = 0.0, usage_days: int = 400,
-                 hard_grace_seconds: float = 0.0) -> None:
+                 hard_grace_seconds: float = 0.0, runs_per_account: int = 10000) -> None:
         """``lease_grace_seconds``: how long a waiter gives a lapsed lease to come back before taking the run
         for lost (a worker held up with Redis renews it when Redis answers again). ``outage_seconds``: how
         long past a run's deadline a waiter rides out an unreachable Redis. ``usage_days``: how long the
         accounts' daily usage, which runs' ends add to, is kept. ``hard_grace_seconds``: how long past its time
-        limit a run may go before it is killed (the compute an end counts is capped at both)."""
+        limit a run may go before it is killed (the compute an end counts is capped at both). ``runs_per_account``:
+        how many of an account's newest runs its index keeps (``runs_per_workflow``: of a workflow's)."""
         self.redis = client
         self.ttl_ms = ttl_seconds * 1000
         self.runs_per_workflow = runs_per_workflow
+        self.runs_per_account = runs_per_account
         self.lease_grace_seconds = lease_grace_seconds
         self.outage_seconds = outage_seconds
         self.usage_seconds = usage_days * 86400
@@ -83,22 +86,27 @@ class RunStore:
         return cls(client, settings.run_ttl_seconds, settings.runs_per_workflow,
                    lease_grace_seconds=3 * settings.worker_heartbeat_seconds,
                    outage_seconds=settings.redis_outage_seconds, usage_days=settings.usage_retention_days,
-                   hard_grace_seconds=settings.hard_timeout_grace_seconds)
+                   hard_grace_seconds=settings.hard_timeout_grace_seconds, runs_per_account=settings.runs_per_account)
 
     # Writing
 
     def create(self, pipe: redis.client.Pipeline, record: RunRecord) -> None:
-        """Queue the writes that create a run record and index it under its workflow and session."""
+        """Queue the writes that create a run record and index it under its workflow, session and account."""
         request_id = record.request_id
+        queued_at = record.queued_at or time.time()
         pipe.hset(keys.run(request_id), mapping=record.to_fields())
         pipe.pexpire(keys.run(request_id), self.ttl_ms)
         index = keys.workflow_runs(record.account, record.workflow)
-        pipe.zadd(index, {request_id: record.queued_at or time.time()})
+        pipe.zadd(index, {request_id: queued_at})
         pipe.zremrangebyrank(index, 0, -self.runs_per_workflow - 1)
         if record.session_id:
             session = keys.session_runs(record.account, record.session_id)
-            pipe.zadd(session, {request_id: record.queued_at or time.time()})
+            pipe.zadd(session, {request_id: queued_at})
             pipe.pexpire(session, self.ttl_ms)
+        account_runs = keys.account_runs(record.account)
+        pipe.zadd(account_runs, {request_id: queued_at})
+        pipe.zremrangebyrank(account_runs, 0, -self.runs_per_account - 1)
+        pipe.pexpire(account_runs, self.ttl_ms)  # it goes when its newest run's record does
 
     def record(self, record: RunRecord) -> None:
         """Create a run record now (a cache hit whose entry did not carry its record's fields)."""
@@ -137,10 +145,12 @@ class RunStore:
         reply = self._begin(
             keys=[keys.run(request_id), keys.workflow_runs(account_id, ref), entry_key, lock_key, record_key,
                   keys.workflow(account_id, ref), keys.session_runs(account_id, record.session_id or ""),
-                  keys.METRICS, idem_key, keys.RUNS_ACTIVE, *(quota.keys() if quota else NO_QUOTA_KEYS)],
+                  keys.METRICS, idem_key, keys.RUNS_ACTIVE, *(quota.keys() if quota else NO_QUOTA_KEYS),
+                  keys.account_runs(account_id)],
             args=[request_id, self.ttl_ms, record.queued_at or time.time(), self.runs_per_workflow,
                   int(lock_seconds * 1000), rev, int(window * 1000), fingerprint, keys.run(""), int(join),
-                  *(quota.args(ended=record.status != RunStatus.QUEUED) if quota else NO_QUOTA_ARGS), *flat])
+                  *(quota.args(ended=record.status != RunStatus.QUEUED) if quota else NO_QUOTA_ARGS),
+                  self.runs_per_account, *flat])
         state = reply[0].decode()
         if state == "quota":
             raise refusal(reply)
@@ -342,18 +352,6 @@ class RunStore:
         entries, lines = pipe.execute()
         cut = bool(lines) and lines[-1][1][b"cut"] == b"1"
         return chunks_of(entries), [json.loads(fields[b"data"]) for _, fields in lines], cut
-
-    def list_for_session(self, account_id: str, session_id: str, offset: int, limit: int) -> tuple[list[str], int]:
-        """Request ids of a session's runs, oldest first, and the total."""
-        index = keys.session_runs(account_id, session_id)
-        return [i.decode() for i in self.redis.zrange(index, offset, offset + limit - 1)], self.redis.zcard(index)
-
-    def list_for_workflow(self, account_id: str, ref: str, offset: int, limit: int) -> tuple[list[str], int]:
-        """Request ids of a workflow's runs, newest first, and the total."""
-        index = keys.workflow_runs(account_id, ref)
-        total = self.redis.zcard(index)
-        ids = [i.decode() for i in self.redis.zrevrange(index, offset, offset + limit - 1)]
-        return ids, total
 
     def wait(self, request_id: str, queue_wait: float, run_seconds: float, poll: float = 1.0) -> RunEnd:
         """Block until the run's ``done`` event (see :meth:`events`)."""

@@ -207,6 +207,13 @@ class Settings(BaseSettings):
     default_cache_ttl_seconds: int = Field(3600, ge=0, description="Result cache TTL when the workflow sets none.")
     run_ttl_seconds: int = Field(7 * 86400, ge=60, description="How long run records are kept.")
     runs_per_workflow: int = Field(1000, ge=1, description="Run ids indexed per workflow.")
+    runs_per_account: int = Field(
+        10000, ge=1, description="Run ids indexed per account (GET /api/v1/runs, the console's runs page); the oldest "
+        "drop out of the list, though their records stay for FLOWPOOL_RUN_TTL_SECONDS.")
+    run_record_input_bytes: int = Field(
+        64 << 10, ge=0, le=16 << 20,
+        description="Largest `input` (and, apart, `messages`), as compact JSON, a run's record keeps to show what the "
+        "caller sent (secrets redacted); a larger one is kept as a note of its size.")
     idempotency_seconds: int = Field(
         86400, ge=1, description="How long an Idempotency-Key is remembered per account: a request repeating it "
         "within this window gets the first request's run (same request_id, output and status), never a second run. "
@@ -231,6 +238,12 @@ class Settings(BaseSettings):
         None, min_length=1,
         description="When set, GET /metrics answers only requests carrying `Authorization: Bearer <token>` "
         "(401 otherwise); unset, /metrics is public, so keep it off networks you do not trust.")
+    console_enabled: bool = Field(
+        True, description="Serve the web console at /console (signed in with an API key); false: /console is a 404.")
+    console_session_seconds: int = Field(
+        8 * 3600, ge=300, le=30 * 86400,
+        description="How long a console sign-in lasts without a request: each request (at most once a minute) "
+        "starts the span again; signing out, or the API key being deleted, ends it at once.")
 
     # Malformed requests: each bound answers a 4xx at once instead of a 5xx or a hang.
     max_json_depth: int = Field(

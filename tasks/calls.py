@@ -19,6 +19,7 @@ from flowpool.sandbox import CallErrorKind, CallFailed
 
 from .accessories import AccessoryAllowance
 from .model_calls import RunCalls
+from .outbound import HttpCalls
 
 if TYPE_CHECKING:
     from .worker import WorkerRuntime
@@ -34,7 +35,8 @@ class CallRouter:
     calls: RunCalls  # and, in calls.job, the job this router serves
     chain: list[str]
     on_emit: Callable[[str, Any], None] | None = None
-    workflow_calls: list[dict[str, Any]] = field(default_factory=list)
+    workflow_calls: list[dict[str, Any]] = field(default_factory=list)  # a nested router shares the run's list
+    http_calls: HttpCalls = field(default_factory=HttpCalls)  # and these
     on_idle: Callable[[], None] | None = None
     @functools.cached_property
     def accessories_left(self) -> AccessoryAllowance:
@@ -46,7 +48,7 @@ class CallRouter:
         if method in ("chat", "chat.stream"):
             return self.runtime.models.chat(self.calls, params, deadline, stream=method == "chat.stream")
         if method == "http":
-            return self.runtime.http.request(params, deadline)
+            return self.runtime.http.request(params, deadline, record=self._record_http)
         if method == "workflows.call":
             return self.call_workflow(params.get("ref_name"), params.get("input"), params.get("messages"), deadline)
         if method == "agents.create":
@@ -80,7 +82,7 @@ class CallRouter:
         soft = min(settings.clamp_timeout(workflow.timeout_seconds), remaining)
         job = self.calls.job.child(workflow, soft, input, messages)
         nested = replace(self, calls=self.calls.child(job), chain=[*self.chain, ref])
-        started = time.monotonic()
+        started_at, started = time.time(), time.monotonic()
         outcome = self.runtime.sandbox.run(script.code, job.sandbox_view(), soft, on_emit=self.on_emit,
                                            source=script.source,
                                            on_call=nested, slot_timeout=max(0.05, remaining - soft / 2),
@@ -95,7 +97,7 @@ class CallRouter:
         self.workflow_calls.append({
             "workflow": ref, "version": workflow.version, "caller": self.chain[-1], "depth": len(self.chain),
             "status": "ok" if error is None else "error", "error": error.message if error else None,
-            "latency_ms": round((time.monotonic() - started) * 1000, 3), "logs": outcome.logs,
+            "started_at": started_at, "latency_ms": round((time.monotonic() - started) * 1000, 3), "logs": outcome.logs,
         })
         if error is not None:
             if isinstance(error, TimeLimitExceeded) and soft >= remaining:
@@ -104,6 +106,10 @@ class CallRouter:
                 time.sleep(max(0.0, deadline - time.monotonic()) + 0.2)
             raise CallFailed(CallErrorKind.WORKFLOW, f"workflow {ref}@{workflow.version} failed: {error.message}")
         return outcome.result
+
+    def _record_http(self, entry: dict[str, Any]) -> None:
+        """Keep an HTTP call's entry on the run's record, under the workflow this router serves."""
+        self.http_calls.add(entry, self.calls.job.workflow)
 
     def call_datastore(self, method: str, params: dict[str, Any], deadline: float | None = None) -> Any:
         """Read a datastore of the run's account: a record by id (or None), or a search's ranked records.

@@ -8,14 +8,15 @@ import os
 import sys
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import flowpool
 from flowpool.connections import UNREACHABLE, patiently
 from flowpool.errors import NotFound, RunError, SandboxError, ScriptError, WorkerLost
 from flowpool.quotas import token_increments
 from flowpool.registry import check_output
-from flowpool.run import RunEnd, RunJob, RunStatus, dumps
+# The redactor is the run module's: the API redacts what it records of a request with it too.
+from flowpool.run import Replacements, RunEnd, RunJob, RunStatus, dumps, redact, secret_redactions
 from flowpool.sandbox import RunOutcome
 from flowpool.sandbox.session import StopRequest
 
@@ -28,29 +29,6 @@ if TYPE_CHECKING:
     from .worker import WorkerRuntime
 
 log = logging.getLogger("flowpool.worker")
-
-
-Replacements = Sequence[tuple[str, str]]  # (what to find in any string, what to put in its place), in order
-
-
-def redact(value: Any, replacements: Replacements) -> Any:
-    """``value`` with each replacement made in every string of it, keys included: one walk for all of them."""
-    if not replacements:
-        return value
-    if isinstance(value, str):
-        for needle, replacement in replacements:
-            value = value.replace(needle, replacement)
-        return value
-    if isinstance(value, (list, tuple)):
-        return [redact(v, replacements) for v in value]
-    if isinstance(value, dict):  # keys too: ``{secret: 1}`` must not keep it
-        return {redact(k, replacements): redact(v, replacements) for k, v in value.items()}
-    return value
-
-
-def secret_redactions(secrets: list[str]) -> list[tuple[str, str]]:
-    """The replacements that hide a run's secrets (:meth:`RunJob.secret_values`)."""
-    return [(secret, "[redacted]") for secret in secrets]
 
 
 # Where this worker's Python and flowpool live, longest first: an error's text
@@ -241,7 +219,8 @@ def execute_run(runtime: WorkerRuntime, job: RunJob) -> RunEnd | None:
             if chunks is not None:
                 chunks.flush(until=keep_until)
             return _record_end(runtime, job, token, outcome, error, calls, router.workflow_calls if router else [],
-                               redactions, chunks.kept if chunks is not None else None, keep_until)
+                               router.http_calls.records() if router else [], redactions,
+                               chunks.kept if chunks is not None else None, keep_until)
         except UNREACHABLE as exc:
             # Its lease lapses once it leaves runtime.active; the reaper marks it lost.
             log.error("run %s: Redis did not take its outcome until %.0fs past its hard limit (%s); the run is lost",
@@ -255,10 +234,11 @@ def execute_run(runtime: WorkerRuntime, job: RunJob) -> RunEnd | None:
 
 
 def _record_end(runtime: WorkerRuntime, job: RunJob, claim: str, outcome: RunOutcome | None, error: RunError | None,
-                calls: RunCalls, workflow_calls: list[dict[str, Any]], redactions: Replacements,
-                chunks: list[dict[str, Any]] | None, until: float) -> RunEnd:
+                calls: RunCalls, workflow_calls: list[dict[str, Any]], http_calls: list[dict[str, Any]],
+                redactions: Replacements, chunks: list[dict[str, Any]] | None, until: float) -> RunEnd:
     """Write the run's end in one round trip: record, ``done`` event, cache entry, metrics; that end.
 
+    ``http_calls`` are the entries of :meth:`HttpCalls.records <tasks.outbound.HttpCalls.records>`.
     ``chunks`` are the run's emitted chunks as stored, when it may be cached.
     The end is written only while the run is running under ``claim``, its
     delivery's token (:meth:`RunStore.finish`). While Redis is unreachable the end is written again until ``until`` (a
@@ -268,7 +248,8 @@ def _record_end(runtime: WorkerRuntime, job: RunJob, claim: str, outcome: RunOut
     status = RunStatus.for_error(error)
     usage = calls.usage()
     fields: dict[str, Any] = {"usage": usage, "model_calls": redact(calls.records, redactions),
-                              "workflow_calls": redact(workflow_calls, redactions)}
+                              "workflow_calls": redact(workflow_calls, redactions),
+                              "http_calls": redact(http_calls, redactions)}
     output = content = sealed = None
     if error is None:
         assert outcome is not None

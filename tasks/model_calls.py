@@ -44,12 +44,11 @@ class RunCalls:
     """The model calls of one run: the job they serve (account, ids, messages, secrets) and the records they leave."""
 
     job: RunJob
-    records: list[dict[str, Any]] = field(default_factory=list)
-    inline: bool = False  # the job of a workflow the run called: its calls are recorded under its name
+    records: list[dict[str, Any]] = field(default_factory=list)  # each names the workflow whose call it is
 
     def child(self, job: RunJob) -> RunCalls:
         """The calls of a workflow this run calls inline with ``job``, recorded with the run's own."""
-        return RunCalls(job, self.records, inline=True)
+        return RunCalls(job, self.records)
 
     def usage(self) -> dict[str, int]:
         """Token usage summed over the run's calls."""
@@ -238,8 +237,7 @@ class ModelRouter:
     def _finish(run: RunCalls, record: dict[str, Any], error: str | None = None, latency_ms: float | None = None,
                 ttft_ms: float | None = None, usage: dict[str, Any] | None = None) -> None:
         usage = usage or {}
-        if run.inline:
-            record["workflow"] = run.job.workflow
+        record["workflow"] = run.job.workflow  # the run's own, or that of a workflow it called inline
         record.update(status="error" if error else "ok", error=error,
                       latency_ms=round(latency_ms, 3) if latency_ms is not None else None,
                       ttft_ms=round(ttft_ms, 3) if ttft_ms is not None else None,

@@ -1,18 +1,103 @@
-"""``ctx.http``: outbound HTTP the worker performs for a run, inside the run's budget and the egress policy."""
+"""``ctx.http``: outbound HTTP the worker performs for a run, inside the run's budget and the egress policy.
+
+Every request a run makes is recorded on its record's ``http_calls``
+(:class:`HttpCalls`), one entry a call::
+
+    {"kind": "http", "method": "GET", "host": "127.0.0.1", "port": 8080, "path": "/x",
+     "status_code": 200, "status": "ok", "error": None, "started_at": 1700000000.5,
+     "latency_ms": 12.3, "bytes": 512, "workflow": "caller-ref"}
+
+``path`` is the URL's path only: its query string and fragment (where
+tokens often travel) and its userinfo are never kept, nor are they in
+``error``. ``status`` is ``ok`` for any answer, a 500 included (its
+``status_code`` says which); ``error`` when none came (refused by the egress
+guard, no connection, a timeout), or the call failed otherwise (a response
+over the size limit: its ``status_code`` is kept). ``workflow`` names the run
+that made the call: the run's own workflow or one it called inline.
+"""
 from __future__ import annotations
 
 import base64
+import re
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
+from urllib.parse import urlsplit
 
 import requests
 
 from flowpool.egress import EgressDenied, EgressPolicy, guarded_session
 from flowpool.sandbox import CallErrorKind, CallFailed
 
-__all__ = ["HttpClient"]
+__all__ = ["HttpCalls", "HttpClient", "MAX_RECORDED_HTTP_CALLS"]
 
 _METHODS = {"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"}
+
+# A run's record keeps the first this many HTTP calls; the rest are counted in one last entry, so a script that
+# loops over ctx.http does not grow its record (one Redis hash field, read whole by the API) without bound.
+MAX_RECORDED_HTTP_CALLS = 500
+# An entry's error text is cut here: the timeline shows it on one line.
+_ERROR_CHARS = 300
+# What of a URL quoted in an error message is never kept: its query and fragment, its userinfo.
+_URL_SECRETS = re.compile(r"[?#][^\s'\"()<>]*|(?<=//)[^/\s'\"@]*@")
+_ERRNO = re.compile(r"\[Errno -?\d+\] [^'\")]+")
+
+
+@dataclass
+class HttpCalls:
+    """The HTTP calls of one run, its inline workflows' included: the first :data:`MAX_RECORDED_HTTP_CALLS` kept.
+
+    :meth:`records` is what the run's record keeps: the entries, and past the
+    cap one last entry ``{"kind": "omitted", "status": "omitted", "count": N, "note": "..."}``
+    counting the calls not kept.
+    """
+
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    omitted: int = 0
+
+    def add(self, entry: dict[str, Any], workflow: str) -> None:
+        """Keep one call's entry, made by a run of ``workflow``; past the cap, only count it."""
+        if len(self.entries) >= MAX_RECORDED_HTTP_CALLS:
+            self.omitted += 1
+            return
+        self.entries.append({**entry, "workflow": workflow})
+
+    def records(self) -> list[dict[str, Any]]:
+        """The entries as the run's record keeps them (see the class)."""
+        if not self.omitted:
+            return list(self.entries)
+        return [*self.entries, {"kind": "omitted", "status": "omitted", "count": self.omitted, "note": (
+            f"{self.omitted} more HTTP calls were made and not recorded: a run's record keeps its first "
+            f"{MAX_RECORDED_HTTP_CALLS}")}]
+
+
+def _target(method: Any, url: Any) -> dict[str, Any]:
+    """Method, host, port and path of a request: never its query, fragment or userinfo."""
+    target: dict[str, Any] = {"kind": "http", "method": str(method).upper(), "host": None, "port": None,
+                              "path": None}
+    if not isinstance(url, str):
+        return target
+    try:
+        parts = urlsplit(url)
+        target.update(host=parts.hostname, path=parts.path or "/")
+    except ValueError:  # not a URL at all (the call failed on it): nothing of it is shown
+        return target
+    try:
+        target["port"] = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+    except ValueError:  # a port that is no number: the rest of the URL is still worth showing
+        pass
+    return target
+
+
+def _short_error(exc: Exception) -> str:
+    """A failed call's error as its entry keeps it: one line, no query string or userinfo, at most a few hundred
+    characters (requests' own messages quote the URL and urllib3's object reprs)."""
+    text = exc.message if isinstance(exc, CallFailed) else f"{type(exc).__name__}: {exc}"
+    errno = _ERRNO.search(text)
+    if errno is not None and "ConnectionError" in text:  # what failed, not urllib3's pool and connection reprs
+        text = f"ConnectionError: {errno.group(0).strip()}"
+    text = _URL_SECRETS.sub("", " ".join(text.split()))
+    return text if len(text) <= _ERROR_CHARS else text[:_ERROR_CHARS - 1] + "…"
 
 
 class HttpClient:
@@ -24,7 +109,26 @@ class HttpClient:
         self.connect_timeout = connect_timeout
         self._session = guarded_session(egress)
 
-    def request(self, params: dict[str, Any], deadline: float) -> dict[str, Any]:
+    def request(self, params: dict[str, Any], deadline: float,
+                record: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """One request; ``record``, when given, is handed the call's entry (see the module) once it ended."""
+        started_at, started = time.time(), time.monotonic()
+        answer: dict[str, Any] = {"status_code": None, "bytes": 0}  # what came back, as far as it came
+        error: str | None = "the call was interrupted"
+        try:
+            result = self._request(params, deadline, answer)
+            error = None
+            return result
+        except Exception as exc:
+            error = _short_error(exc)
+            raise
+        finally:
+            if record is not None:
+                record({**_target(params.get("method", "GET"), params.get("url")), **answer,
+                        "status": "ok" if error is None else "error", "error": error, "started_at": started_at,
+                        "latency_ms": round((time.monotonic() - started) * 1000, 3)})
+
+    def _request(self, params: dict[str, Any], deadline: float, answer: dict[str, Any]) -> dict[str, Any]:
         method = str(params.get("method", "GET")).upper()
         if method not in _METHODS:
             raise CallFailed(CallErrorKind.HTTP, f"unsupported HTTP method {method!r}")
@@ -55,11 +159,13 @@ class HttpClient:
             if cause is not None:
                 raise CallFailed(CallErrorKind.EGRESS, str(cause)) from exc
             raise CallFailed(CallErrorKind.HTTP, f"{type(exc).__name__}: {exc}") from exc
+        answer["status_code"] = response.status_code
         with response:
             content = bytearray()
             try:
                 for piece in response.iter_content(65536):
                     content += piece
+                    answer["bytes"] = len(content)
                     if len(content) > self.max_response_bytes:
                         raise CallFailed(CallErrorKind.HTTP, f"the response from {response.url} is over "
                                                              f"{self.max_response_bytes} bytes")

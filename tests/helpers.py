@@ -185,6 +185,26 @@ def error_of(response: requests.Response) -> dict[str, Any]:
     return body["error"]
 
 
+_CSRF_META = re.compile(r'<meta name="csrf-token" content="([^"]+)">')
+
+
+def console_session(base_url: str, key: str) -> requests.Session:
+    """A requests session signed in to the web console with ``key``, its CSRF token in ``X-CSRF-Token``.
+
+    The cookie is sent on every later request (its Path is /console); the token is read from a page's
+    ``<meta name="csrf-token">``, as console.js reads it.
+    """
+    session = requests.Session()
+    signed = session.post(f"{base_url}/console/sign-in", data={"api_key": key, "next": "/console/workflows"},
+                          allow_redirects=False, timeout=30)
+    assert signed.status_code == 303, (signed.status_code, signed.text[:500])
+    page = session.get(f"{base_url}/console/sign-in", allow_redirects=True, timeout=30)
+    token = _CSRF_META.search(page.text)
+    assert token, f"no csrf-token meta in {page.url}: {page.text[:500]}"
+    session.headers["X-CSRF-Token"] = token.group(1)
+    return session
+
+
 def _with_message_bodies(values: Iterator[bytes]) -> Iterator[bytes]:
     """Each value, and after a Celery (kombu) message its body decoded: the body travels base64-encoded."""
     for value in values:

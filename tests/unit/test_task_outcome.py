@@ -82,7 +82,7 @@ def job(runtime: WorkerRuntime) -> RunJob:
 
 def _record(runtime: WorkerRuntime, job: RunJob, error: RunError | None = None) -> RunEnd:
     outcome = RunOutcome(result={"ok": True}, result_json='{"ok": true}') if error is None else RunOutcome(error=error)
-    return _record_end(runtime, job, CLAIM, outcome, error, RunCalls(job), [], [], None, time.monotonic() + 5)
+    return _record_end(runtime, job, CLAIM, outcome, error, RunCalls(job), [], [], [], None, time.monotonic() + 5)
 
 
 @pytest.mark.parametrize("error", [None, ScriptError("boom", exception="ValueError", traceback="Traceback...")],
