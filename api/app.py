@@ -13,7 +13,7 @@ from flowpool.settings import Settings
 
 from . import (admin, agents, applications, datastores, health, invoke, metrics, openapi, pool, preview, runs, usage,
                workflows)
-from .body import read_body
+from .body import close_when_body_unread, read_body
 from .console import views as console  # importing the views registers them on console.bp
 from .errors import register_error_handlers
 from .services import EXTENSION, Services
@@ -52,6 +52,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         g.phases = []
 
     app.before_request(read_body)
+    app.wsgi_app = close_when_body_unread(app.wsgi_app)  # type: ignore[method-assign]
 
     @app.after_request
     def _server_timing(response):  # type: ignore[no-untyped-def]

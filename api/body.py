@@ -14,7 +14,9 @@ than lazily through werkzeug, settles three things in one place:
   ``Content-Length`` over it; werkzeug would cut it at the limit silently and
   the view would see truncated JSON.
 - After either, the connection is closed rather than drained for keep-alive:
-  where the next request would start on it is unknown, or far away.
+  where the next request would start on it is unknown, or far away. The
+  answer says so (``Connection: close``, see ``close_when_body_unread``), so
+  a client does not send its next request on a connection about to close.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from flowpool.settings import Settings
 
 from .services import authenticate, services
 
-__all__ = ["own_body_limit", "read_body"]
+__all__ = ["close_when_body_unread", "own_body_limit", "read_body"]
 
 _PIECE = 64 << 10
 
@@ -59,6 +61,33 @@ def read_body() -> None:
     environ["wsgi.input"] = io.BytesIO(data)
     environ["CONTENT_LENGTH"] = str(len(data))
     environ.pop("HTTP_TRANSFER_ENCODING", None)  # the body is now a plain one of known length
+
+
+def close_when_body_unread(wsgi_app: Callable[..., Any]) -> Callable[..., Any]:
+    """WSGI middleware: an answer after which gunicorn closes the connection, the body unread, says it will.
+
+    gunicorn closes such a connection (``_close_after``, or a body read that
+    raised: a 408) only after the answer, which it has sent saying
+    keep-alive; it drops a ``Connection`` header the app sets. A client
+    that believes it puts the connection back in its pool, and its next
+    request there meets the close, a reset when the unread body was left
+    behind. gunicorn's response object is told instead: the
+    ``start_response`` it passes is that object's bound method, and a
+    forced close is what its Connection header then announces.
+    """
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        stream = environ.get("wsgi.input")  # gunicorn's Body; read_body swaps in a BytesIO only once it is read
+
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            if getattr(stream, "failed", False) is True:
+                force_close = getattr(getattr(start_response, "__self__", None), "force_close", None)
+                if callable(force_close):
+                    force_close()
+            return start_response(status, headers, exc_info)
+
+        return wsgi_app(environ, start)
+
+    return app
 
 
 def own_body_limit(limit: Callable[[Settings], int]) -> Callable[[Any], Any]:

@@ -17,11 +17,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Sequence
 
 import requests
 
-from . import devstate
+from . import devstate, keys
 from .devstate import KEY_FILE, REDIS_DIR, shown_url
 from .errors import AuthenticationError, ConfigurationError
 from .procs import bind_error, free_port, interrupt_once, set_parent_death_signal, url_host
@@ -75,9 +75,15 @@ class Stack:
         self.api_url = f"http://{url_host(host)}:{port}"
         return self.api_url
 
-    def wait_ready(self, timeout: float = 60.0, workers: int = 1) -> None:
-        """Wait until the API answers /readyz with at least ``workers`` workers."""
+    def wait_ready(self, timeout: float = 60.0, workers: int = 1, names: Sequence[str] = ()) -> None:
+        """Wait until the API answers /readyz with at least ``workers`` workers, and each worker named in ``names``
+        has sent a heartbeat since the wait began.
+
+        ``names`` is for a worker started in place of one killed outright: the dead one's last heartbeat counts
+        in /readyz until the worker TTL passes, so the count alone can be met before the new one serves.
+        """
         assert self.api_url is not None
+        began = time.time()  # the workers' heartbeats are wall-clock times
         deadline = time.monotonic() + timeout
         last: Any = None
         while time.monotonic() < deadline:
@@ -90,11 +96,27 @@ class Stack:
                 response = requests.get(self.api_url + "/readyz", timeout=2, headers={"Connection": "close"})
                 last = response.json()
                 if response.status_code == 200 and last["checks"]["workers"] >= workers:
-                    return
+                    silent = self._not_beating_since(names, began)
+                    if not silent:
+                        return
+                    last = f"{last}, and no heartbeat yet from {', '.join(silent)}"
             except requests.RequestException as exc:
                 last = exc
             time.sleep(0.1)
         raise RuntimeError(f"the stack was not ready within {timeout}s: {last}")
+
+    def _not_beating_since(self, names: Sequence[str], since: float) -> list[str]:
+        """Those of the workers ``names`` without a heartbeat at or after ``since`` (unix time)."""
+        if not names:
+            return []
+        import redis
+
+        client = redis.Redis.from_url(self.redis_url)
+        try:
+            beats = [client.zscore(keys.WORKERS, name) for name in names]
+        finally:
+            client.close()
+        return [name for name, beat in zip(names, beats) if beat is None or beat < since]
 
     def start(self, quiet: bool = True) -> Stack:
         """Start one worker and the API, and wait until they are ready; stops everything if that fails."""

@@ -4,8 +4,10 @@ whose embedding endpoint (the stand-in, on loopback) embeds records and queries.
 from __future__ import annotations
 
 import json
+import socket
 import uuid
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -244,6 +246,39 @@ def test_an_ingest_may_pass_the_body_limit_of_other_routes_up_to_its_own(client:
     assert refused.status_code == 413 and error_of(refused)["type"] == "payload_too_large"
     assert other_route.status_code == 413
     assert client.get(f"/api/v1/datastores/{name}").json()["data"]["records"] == 150
+
+
+def _raw_post(client: Client, path: str, length: int, body: bytes) -> tuple[int, dict[str, str]]:
+    """POST saying ``Content-Length: length`` but sending only ``body``, on a connection of its own: the answer's
+    status and headers."""
+    parts = urlsplit(client.base_url)
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nx-api-key: {client.key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n").encode()
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        sock.sendall(head + body)
+        received = b""
+        while b"\r\n\r\n" not in received:
+            piece = sock.recv(65536)
+            assert piece, f"the connection closed before the answer's head: {received!r}"
+            received += piece
+    lines = received.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+    return int(lines[0].split()[1]), {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+
+
+@pytest.mark.parametrize(("route", "length"), [("records", 5 << 20), ("search", 2 << 20)])
+def test_a_body_refused_unread_is_answered_with_connection_close(client: Client, route: str, length: int) -> None:
+    # The server closes the connection after a 413 instead of reading the body it refused. An answer that said
+    # keep-alive would have a client put the connection back in its pool, and its next request there be reset.
+    name = _name()
+    _create(client, name, vector_field=None, vector_dims=None)
+    path = f"/api/v1/datastores/{name}/{route}"
+
+    refused = _raw_post(client, path, length, b"x" * (64 << 10))
+    small = json.dumps({"query": "apple"} if route == "search" else [{"id": "a", "body": "apple"}]).encode()
+    served = _raw_post(client, path, len(small), small)
+
+    assert refused[0] == 413 and refused[1]["connection"] == "close"
+    assert served[0] == 200 and served[1]["connection"] == "keep-alive"  # only a refused body closes
 
 
 def test_the_openapi_document_lists_the_datastore_routes(client: Client) -> None:
