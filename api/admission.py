@@ -123,7 +123,6 @@ def admit(svc: Services, account: Account, body: InvokeRequest, idempotency_key:
     request_id = _new_id("req_")
     session_id = body.session_id or _new_id("sess_")
     messages = [m.model_dump(exclude_none=True) for m in body.messages] if body.messages else None
-    sent = _as_recorded(body.input, messages, body.secrets or {}, settings.run_record_input_bytes)
     request = body.model_dump(include={"input", "max_tokens", "temperature", "metadata"})
     request["messages"] = messages
 
@@ -133,6 +132,8 @@ def admit(svc: Services, account: Account, body: InvokeRequest, idempotency_key:
     # nothing behind that a retry would replay.
     _check_served(svc, workflow.queue)
     _check_size(body, settings.max_input_bytes)
+    # Only for a request within the size limit: the copy is a walk over all of it and a dump of it as JSON.
+    sent = _as_recorded(body.input, messages, body.secrets or {}, settings.run_record_input_bytes)
     idempotency = None
     if idempotency_key is not None:
         idempotency = (keys.idempotency(account.id, hashlib.sha256(idempotency_key.encode()).hexdigest()),

@@ -32,7 +32,7 @@ from .parsing import MAX_PAGE, json_body, model_from, page_args, paginated, requ
 from .services import Services, authenticate, mark, services
 from .streaming import stream_response
 
-__all__ = ["bp", "follow_run", "run_view"]
+__all__ = ["bp", "follow_run", "own_run", "run_view", "start_run", "started_headers"]
 
 bp = Blueprint("runs", __name__, url_prefix="/api/v1")
 
@@ -50,7 +50,7 @@ def run_view(svc: Services, record: RunRecord, full: bool = True) -> dict[str, A
     return record.to_view(chunks, full=full)
 
 
-def _own_run(svc: Services, account_id: str, request_id: str) -> RunRecord:
+def own_run(svc: Services, account_id: str, request_id: str) -> RunRecord:
     """The account's run record, or the same 404 whether it exists elsewhere or not."""
     record = svc.runs.get(request_id)
     if record is None or record.account != account_id:
@@ -73,7 +73,27 @@ def create_run() -> Response:
         _check_webhook_url(svc, body.webhook_url)
     body = body.model_copy(update={"stream": False})  # followed through stream_url, if at all
     mark("parse")
-    admission = admit(svc, account, body, idempotency_key, webhook_url=body.webhook_url)
+    admission = start_run(svc, account, body, idempotency_key, webhook_url=body.webhook_url)
+    request_id = admission.request_id
+    urls = {"status_url": url_for("runs.get_run", request_id=request_id),
+            "stream_url": url_for("runs.stream_run", request_id=request_id)}
+    # The keys at the top level, as the issue and SPEC name them (a hit's or an ended replay's run beside them).
+    response = jsonify(_started(svc, admission, urls))
+    response.status_code = 200 if admission.end is not None else 202
+    response.headers["Location"] = urls["status_url"]
+    response.headers.update(started_headers(admission))
+    return response
+
+
+def start_run(svc: Services, account: Account, body: RunCreateRequest, idempotency_key: str | None,
+              webhook_url: str | None = None) -> Admission:
+    """Admit ``body`` and hand a queued run to the workers, without waiting for it: what POST /api/v1/runs and
+    the console's playground do. ``webhook_url`` (checked by the caller) is forgotten when nothing runs.
+
+    Once this returns, the run may be going: an error of the request after it names the run and does not invite
+    a retry (``g.handed_over``, read by errors.py).
+    """
+    admission = admit(svc, account, body, idempotency_key, webhook_url=webhook_url)
     mark("begin")
     if admission.job is not None:
         try:
@@ -81,23 +101,21 @@ def create_run() -> Response:
         except OutcomeUnavailable:
             raise  # the run may be going: its webhook stays, to tell its end
         except BaseException:
-            if body.webhook_url is not None:  # nothing runs, and the caller is told so: no webhook is owed
+            if webhook_url is not None:  # nothing runs, and the caller is told so: no webhook is owed
                 discard_quietly(svc, admission.request_id)
             raise
         mark("submit")
-    # From here the run may be going: an error must name it and must not invite a retry (see errors.py).
-    g.handed_over = request_id = admission.request_id
-    urls = {"status_url": url_for("runs.get_run", request_id=request_id),
-            "stream_url": url_for("runs.stream_run", request_id=request_id)}
-    # The keys at the top level, as the issue and SPEC name them (a hit's or an ended replay's run beside them).
-    response = jsonify(_started(svc, admission, urls))
-    response.status_code = 200 if admission.end is not None else 202
-    response.headers["Location"] = urls["status_url"]
-    response.headers["X-Request-Id"] = request_id
-    response.headers["X-Cache"] = admission.cache_header
+    g.handed_over = admission.request_id
+    return admission
+
+
+def started_headers(admission: Admission) -> dict[str, str]:
+    """The headers of an answer naming a started run: its request id, whether the cache answered, and whether an
+    Idempotency-Key replayed it."""
+    headers = {"X-Request-Id": admission.request_id, "X-Cache": admission.cache_header}
     if admission.verdict == "replay":
-        response.headers["Idempotent-Replayed"] = "true"
-    return response
+        headers["Idempotent-Replayed"] = "true"
+    return headers
 
 
 def _started(svc: Services, admission: Admission, urls: dict[str, str]) -> dict[str, Any]:
@@ -131,7 +149,7 @@ def get_run(request_id: str):  # type: ignore[no-untyped-def]
     """A run, and its webhook; with ``?wait=N``, answered when the run ends or after N seconds, whichever is first."""
     svc, account = services(), authenticate()
     wait = _wait_seconds(svc.settings.run_wait_max_seconds)
-    record = _own_run(svc, account.id, request_id)
+    record = own_run(svc, account.id, request_id)
     if wait > 0 and record.status in (RunStatus.QUEUED.value, RunStatus.RUNNING.value):
         record = _await_end(svc, record, wait)
     return jsonify({"data": _full_view(svc, record)})
@@ -191,7 +209,7 @@ def list_runs(ref: str):  # type: ignore[no-untyped-def]
     offset, limit = page_args()
     svc.workflows.get(account.id, ref)
     ids, total = svc.runs.list_for_workflow(account.id, ref, offset, limit)
-    items = [run_view(svc, r, full=False) for r in svc.runs.get_many(ids) if r is not None]
+    items = [run_view(svc, r, full=False) for r in svc.runs.get_summaries(ids) if r is not None]
     return jsonify(paginated(items, total, offset, limit))
 
 
@@ -226,13 +244,16 @@ def stream_run(request_id: str):  # type: ignore[no-untyped-def]
                       request.headers.get("Last-Event-ID") or request.args.get("last_event_id"))
 
 
-def follow_run(svc: Services, account: Account, request_id: str, logs: bool, after: str | None) -> Response:
+def follow_run(svc: Services, account: Account, request_id: str, logs: bool, after: str | None,
+               record: RunRecord | None = None) -> Response:
     """The account's run as SSE from the start, or after the event id ``after``; with ``logs``, its log lines too.
 
     What ``GET /api/v1/runs/{request_id}/stream`` answers (see :func:`stream_run`), for any route that follows a
     run: a 404 for another account's run, a 400 naming Last-Event-ID for an ``after`` not of this stream.
+    ``record``: the run's record, when the caller has read it and checked it is the account's (:func:`own_run`).
     """
-    record = _own_run(svc, account.id, request_id)
+    if record is None:
+        record = own_run(svc, account.id, request_id)
     source = record.origin_request_id or request_id  # a cache hit follows the run it came from
     logs = logs and not record.origin_request_id
     after = after or ("0-0.0-0" if logs else "0-0")

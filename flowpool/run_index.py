@@ -16,7 +16,7 @@ from flowpool.runstats import workflow_stats
 if TYPE_CHECKING:
     import redis
 
-__all__ = ["SCAN_LIMIT", "RunIndex"]
+__all__ = ["SCAN_LIMIT", "SUMMARY_FIELDS", "RunIndex"]
 
 # The most ids one listing looks at: a filter that matches little answers with a cursor to go on from, not a scan of
 # the whole index.
@@ -25,6 +25,9 @@ SCAN_LIMIT = 2000
 _FILTER_FIELDS = ("status", "account", "workflow")
 # What the stats read of each run.
 _STATS_FIELDS = ("status", "account", "workflow", "queued_at", "finished_at")
+# What a listing reads of each run it answers: the fields of its summary (RunRecord.to_view(full=False)).
+SUMMARY_FIELDS = ("request_id", "account", "workflow", "status", "version", "session_id", "cache_hit", "queued_at",
+                  "started_at", "finished_at", "worker", "error")
 
 
 class RunIndex:
@@ -32,10 +35,8 @@ class RunIndex:
 
     redis: redis.Redis
     runs_per_workflow: int
-
-    def get_many(self, request_ids: list[str]) -> list[RunRecord | None]:
-        """Several records in one round trip (the store's)."""
-        raise NotImplementedError
+    # The fewest ids a filtered listing reads per round trip (most may not match).
+    list_batch = 200
 
     def list_for_session(self, account_id: str, session_id: str, offset: int, limit: int) -> tuple[list[str], int]:
         """Request ids of a session's runs, oldest first, and the total."""
@@ -52,14 +53,16 @@ class RunIndex:
     def list_runs(self, account_id: str, *, workflow: str | None = None, status: Collection[str] | None = None,
                   session_id: str | None = None, since: float | None = None, until: float | None = None,
                   limit: int = 50) -> tuple[list[RunRecord], float | None]:
-        """The account's runs, newest first, queued from ``since`` (inclusive) to ``until`` (exclusive), and the
-        ``until`` of the next page (None when there is none).
+        """The account's runs, newest first, queued from ``since`` (inclusive) to ``until`` (exclusive), as
+        summaries (:meth:`get_summaries`), and the ``until`` of the next page (None when there is none).
 
         Read from the session's index with ``session_id`` (``workflow`` then filters), else the workflow's with
         ``workflow``, else the account's. At most :data:`SCAN_LIMIT` ids are looked at per call: a ``status``
         that matches few runs may answer fewer than ``limit`` with a cursor to go on from. A page ends between
-        two queue times, so runs queued at the same instant are never split between pages (unless more than a
-        page's worth of them are).
+        two queue times, so runs queued at one instant are never split between pages: when more than ``limit``
+        of them are at the page's end, the page holds all of them (so more than ``limit``), up to another
+        :data:`SCAN_LIMIT` looked at; only the runs past that of thousands queued at the very same instant are
+        never listed.
         """
         if session_id:
             index = keys.session_runs(account_id, session_id)
@@ -67,25 +70,25 @@ class RunIndex:
             index = keys.workflow_runs(account_id, workflow)
         else:
             index = keys.account_runs(account_id)
-        high = f"({until!r}" if until is not None else "+inf"
-        low = repr(since) if since is not None else "-inf"
         wanted = set(status) if status else None
         filtered = wanted is not None or bool(session_id and workflow)  # ids looked at may not be listed
+        reader = _Reader(self.redis, index, f"({until!r}" if until is not None else "+inf",
+                         repr(since) if since is not None else "-inf")
         scanned: list[tuple[str, float]] = []
         matched: list[tuple[str, float]] = []
-        exhausted = False
-        while len(matched) <= limit and len(scanned) < SCAN_LIMIT:
-            # Unfiltered, the page's ids and the one after it; filtered, more at once (most may not match).
-            size = min(SCAN_LIMIT - len(scanned), max(4 * limit, 200) if filtered else limit + 1 - len(matched))
-            batch = [(member.decode(), score) for member, score in self.redis.zrevrangebyscore(
-                index, high, low, start=len(scanned), num=size, withscores=True)]
+
+        def read(size: int) -> list[tuple[str, float]]:
+            batch = reader.read(size)
             scanned.extend(batch)
             matched.extend(entry for entry, fields in zip(batch, self._fields([i for i, _ in batch], _FILTER_FIELDS))
                            if _matches(fields, account_id, workflow, wanted))
-            if len(batch) < size:
-                exhausted = True
-                break
-        if len(matched) <= limit and exhausted:
+            return batch
+
+        while len(matched) <= limit and len(scanned) < SCAN_LIMIT and not reader.done:
+            # Unfiltered, the page's ids and the one after it; filtered, more at once (most may not match).
+            read(min(SCAN_LIMIT - len(scanned),
+                     max(4 * limit, self.list_batch) if filtered else limit + 1 - len(matched)))
+        if len(matched) <= limit and reader.done:
             page, next_until = matched, None
         else:
             # Cut where the queue time changes: the next page (until is exclusive) starts with every run at or
@@ -94,10 +97,25 @@ class RunIndex:
             above = [score for _, score in scanned if score > boundary]
             if above:
                 page, next_until = [m for m in matched if m[1] > boundary], min(above)
-            else:  # more than a page of runs queued at one instant: the rest of them are not listed
-                page, next_until = matched[:limit], boundary
-        records = self.get_many([request_id for request_id, _ in page])
+            else:  # more than a page of runs queued at one instant: the page is all of them, read to their end
+                looked_at = len(scanned)
+                while scanned[-1][1] == boundary and not reader.done and len(scanned) - looked_at < SCAN_LIMIT:
+                    read(min(SCAN_LIMIT - (len(scanned) - looked_at), max(4 * limit, self.list_batch)))
+                page, next_until = [m for m in matched if m[1] == boundary], boundary
+                if reader.done and scanned[-1][1] == boundary:
+                    next_until = None  # nothing below them
+        records = self.get_summaries([request_id for request_id, _ in page])
         return [r for r in records if r is not None and r.account == account_id], next_until
+
+    def get_summaries(self, request_ids: list[str]) -> list[RunRecord | None]:
+        """Several records in one round trip with only the fields of their summary (``to_view(full=False)``), never
+        their input, output, logs or calls, which may be megabytes each; None for a record gone."""
+        pipe = self.redis.pipeline(transaction=False)
+        for request_id in request_ids:
+            pipe.hmget(keys.run(request_id), *SUMMARY_FIELDS)
+        return [RunRecord.from_fields({name.encode(): raw for name, raw in zip(SUMMARY_FIELDS, values)
+                                       if raw is not None})
+                for values in pipe.execute()]
 
     def workflow_stats(self, account_id: str, ref: str, now: float, hours: int = 24) -> dict[str, Any]:
         """The workflow's runs of the ``hours`` up to ``now`` summed up (:func:`flowpool.runstats.workflow_stats`).
@@ -147,3 +165,30 @@ def _matches(fields: dict[str, Any] | None, account_id: str, workflow: str | Non
     if workflow and fields["workflow"] != workflow:
         return False
     return status is None or fields["status"] in status
+
+
+class _Reader:
+    """An index read newest first in batches, each below the last queue time read (not at a position: a run
+    queued meanwhile moves every position on, and would make a run be read twice)."""
+
+    def __init__(self, client: redis.Redis, index: str, high: str, low: str) -> None:
+        self.redis, self.index, self.high, self.low = client, index, high, low
+        self.done = False
+        self._tied: set[str] = set()  # the ids read at the lowest queue time read so far
+
+    def read(self, size: int) -> list[tuple[str, float]]:
+        """The next ``size`` ids and queue times (fewer at the end of the range: then ``done``)."""
+        # From the last queue time read, inclusive (more runs may share it), asking for the ids read there again
+        # too and passing over them: counted by id, not position, so one removed meanwhile skips nothing.
+        wanted = size + len(self._tied)
+        rows = self.redis.zrevrangebyscore(self.index, self.high, self.low, start=0, num=wanted, withscores=True)
+        fresh = [(member.decode(), score) for member, score in rows if member.decode() not in self._tied]
+        self.done = len(rows) < wanted and len(fresh) <= size
+        batch = fresh[:size]
+        if batch:
+            lowest = batch[-1][1]
+            if repr(lowest) != self.high:  # below the last queue time read: the ids read at that one are passed
+                self._tied = set()
+            self._tied.update(request_id for request_id, score in batch if score == lowest)
+            self.high = repr(lowest)
+        return batch

@@ -244,6 +244,10 @@ class Settings(BaseSettings):
         8 * 3600, ge=300, le=30 * 86400,
         description="How long a console sign-in lasts without a request: each request (at most once a minute) "
         "starts the span again; signing out, or the API key being deleted, ends it at once.")
+    console_secure_cookie: str = Field(
+        "auto", pattern="^(auto|always|never)$",
+        description="The console cookie's Secure flag: auto, when the request came over https (a proxy ending TLS "
+        "in front of the API makes every request look like http: set always there); always; never.")
 
     # Malformed requests: each bound answers a 4xx at once instead of a 5xx or a hang.
     max_json_depth: int = Field(

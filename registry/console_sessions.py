@@ -23,6 +23,20 @@ __all__ = ["ConsoleSession", "ConsoleSessions"]
 # A token longer than this was not made here: it is not looked up.
 _MAX_TOKEN_LENGTH = 256
 
+# Push a session's end back only while it is there: a sign-out between a request's read and this refresh leaves
+# no hash behind (an HSET and an EXPIRE on their own would make one, with a TTL, out of nothing).
+_REFRESH = """
+local key = KEYS[1]
+local now = ARGV[1]
+local ttl = ARGV[2]
+if redis.call('EXISTS', key) == 0 then
+  return 0
+end
+redis.call('HSET', key, 'refreshed_at', now)
+redis.call('EXPIRE', key, ttl)
+return 1
+"""
+
 
 @dataclass(frozen=True)
 class ConsoleSession:
@@ -41,6 +55,7 @@ class ConsoleSessions:
     def __init__(self, client: redis.Redis, ttl_seconds: int) -> None:
         self.redis = client
         self.ttl_seconds = ttl_seconds
+        self._refresh = client.register_script(_REFRESH)
 
     def start(self, account: Account, api_key: str) -> str:
         """A new session of ``account``, signed in with ``api_key`` (already checked): its token, for the cookie."""
@@ -66,8 +81,7 @@ class ConsoleSessions:
         pipe = self.redis.pipeline(transaction=False)
         pipe.get(keys.api_key(fields["key_hash"]))
         if now - float(fields.get("refreshed_at") or 0) >= self.REFRESH_SECONDS:
-            pipe.hset(key, "refreshed_at", now)
-            pipe.expire(key, self.ttl_seconds)
+            self._refresh(keys=[key], args=[now, self.ttl_seconds], client=pipe)
         owner = pipe.execute()[0]
         if owner is None or owner.decode() != fields["account"]:
             self.redis.delete(key)

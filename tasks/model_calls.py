@@ -119,7 +119,7 @@ class ModelRouter:
                     # Posted here, read lazily: a route that refuses or fails before its stream starts moves on to
                     # the next one, as a plain call does.
                     started = time.monotonic()
-                    response = self._post(run, route, body, record, deadline, stream=True)
+                    response = self._post(run, route, body, record, deadline, stream=True, started=started)
                     return Streamed(self._stream(run, response, record, started))
                 return self._complete(run, route, body, record, deadline)
             except _Failed as exc:
@@ -162,12 +162,20 @@ class ModelRouter:
         return None
 
     def _post(self, run: RunCalls, route: Route, body: dict[str, Any], record: dict[str, Any], deadline: float,
-              stream: bool) -> requests.Response:
-        """POST with retries of 429/5xx inside the budget; the response of the first success."""
+              stream: bool, started: float) -> requests.Response:
+        """POST with retries of 429/5xx inside the budget; the response of the first success.
+
+        A route that fails is recorded with how long it took, its retries included (``started``: time.monotonic()
+        when the call began), so its record says where the time before its fallback went.
+        """
         url = route.base_url.rstrip("/") + "/chat/completions"
+
+        def failed(error: str) -> None:
+            self._finish(run, record, error=error, latency_ms=(time.monotonic() - started) * 1000)
+
         refusal = self._key_refusal(route)
         if refusal is not None:
-            self._finish(run, record, error=refusal)
+            failed(refusal)
             raise _Failed(refusal, retryable=False)
         data = json.dumps({**body, **({"stream": True} if stream else {})})
         headers = self._headers(run, route, record["session_id"])
@@ -175,6 +183,8 @@ class ModelRouter:
         for attempt in range(self.retries + 1):
             remaining = deadline - time.monotonic()
             if remaining <= 0.05:
+                if attempt:  # tried and failed before the budget ran out: the route's record stays
+                    failed("the run's time budget is spent")
                 raise _Failed("the run's time budget is spent", retryable=False)
             record["attempts"] = attempt + 1
             try:
@@ -182,7 +192,7 @@ class ModelRouter:
                     url, data=data, headers=headers, stream=stream,
                     timeout=(min(self.connect_timeout, remaining), remaining), allow_redirects=False)
             except EgressDenied as exc:
-                self._finish(run, record, error=str(exc))
+                failed(str(exc))
                 raise _Failed(str(exc), retryable=False) from exc
             except requests.RequestException as exc:
                 error: _Failed = _Failed(f"{type(exc).__name__}: {exc}", retryable=True)
@@ -194,7 +204,7 @@ class ModelRouter:
                 record["status_code"] = response.status_code
                 response.close()
             if not error.retryable or attempt == self.retries:
-                self._finish(run, record, error=str(error))
+                failed(str(error))
                 raise error
             time.sleep(min(delay, max(0.0, deadline - time.monotonic() - 0.05)))
             delay *= 2
@@ -203,11 +213,12 @@ class ModelRouter:
     def _complete(self, run: RunCalls, route: Route, body: dict[str, Any], record: dict[str, Any],
                   deadline: float) -> dict[str, Any]:
         started = time.monotonic()
-        response = self._post(run, route, body, record, deadline, stream=False)
+        response = self._post(run, route, body, record, deadline, stream=False, started=started)
         try:
             data = response.json()
         except ValueError as exc:
-            self._finish(run, record, error="the provider answered with something that is not JSON")
+            self._finish(run, record, error="the provider answered with something that is not JSON",
+                         latency_ms=(time.monotonic() - started) * 1000)
             raise _Failed("the provider answered with something that is not JSON", retryable=False) from exc
         latency = (time.monotonic() - started) * 1000
         self._finish(run, record, latency_ms=latency, ttft_ms=latency, usage=data.get("usage"))

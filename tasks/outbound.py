@@ -7,13 +7,17 @@ Every request a run makes is recorded on its record's ``http_calls``
      "status_code": 200, "status": "ok", "error": None, "started_at": 1700000000.5,
      "latency_ms": 12.3, "bytes": 512, "workflow": "caller-ref"}
 
-``path`` is the URL's path only: its query string and fragment (where
-tokens often travel) and its userinfo are never kept, nor are they in
-``error``. ``status`` is ``ok`` for any answer, a 500 included (its
-``status_code`` says which); ``error`` when none came (refused by the egress
-guard, no connection, a timeout), or the call failed otherwise (a response
-over the size limit: its ``status_code`` is kept). ``workflow`` names the run
-that made the call: the run's own workflow or one it called inline.
+``path`` is the URL's path only: its query string, fragment and ``;params``
+(where tokens often travel) and its userinfo are never kept, nor are they in
+``error``. ``method`` is one ctx.http accepts, else ``"?"``; ``host`` and
+``path`` are cut at :data:`MAX_TARGET_CHARS` characters, the cut marked "…".
+``status`` is ``ok`` for any answer, a 500 included (its ``status_code`` says
+which); ``error`` when none came (refused by the egress guard, no connection, a
+timeout), or the call failed otherwise (a response over the size limit: its
+``status_code`` is kept). ``workflow`` names the run that made the call: the
+run's own workflow or one it called inline. The record keeps the first
+:data:`MAX_RECORDED_HTTP_CALLS` calls, up to :data:`MAX_RECORDED_HTTP_BYTES`
+of them as JSON; the rest are counted in one last entry.
 """
 from __future__ import annotations
 
@@ -27,15 +31,22 @@ from urllib.parse import urlsplit
 import requests
 
 from flowpool.egress import EgressDenied, EgressPolicy, guarded_session
+from flowpool.run import dumps
 from flowpool.sandbox import CallErrorKind, CallFailed
 
-__all__ = ["HttpCalls", "HttpClient", "MAX_RECORDED_HTTP_CALLS"]
+__all__ = ["HttpCalls", "HttpClient", "MAX_RECORDED_HTTP_BYTES", "MAX_RECORDED_HTTP_CALLS",
+           "MAX_TARGET_CHARS"]
 
 _METHODS = {"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"}
 
 # A run's record keeps the first this many HTTP calls; the rest are counted in one last entry, so a script that
 # loops over ctx.http does not grow its record (one Redis hash field, read whole by the API) without bound.
 MAX_RECORDED_HTTP_CALLS = 500
+# ... and at most about this many bytes of them as JSON: past it, the calls are counted, not kept (500 entries of long
+# URLs would otherwise make a record the API reads whole far larger than its output may be).
+MAX_RECORDED_HTTP_BYTES = 256 << 10
+# An entry's host and path are cut here (the cut marked): the timeline shows them on one line.
+MAX_TARGET_CHARS = 256
 # An entry's error text is cut here: the timeline shows it on one line.
 _ERROR_CHARS = 300
 # What of a URL quoted in an error message is never kept: its query and fragment, its userinfo.
@@ -54,13 +65,18 @@ class HttpCalls:
 
     entries: list[dict[str, Any]] = field(default_factory=list)
     omitted: int = 0
+    size: int = 0  # the kept entries' bytes, as the record stores them
 
     def add(self, entry: dict[str, Any], workflow: str) -> None:
-        """Keep one call's entry, made by a run of ``workflow``; past the cap, only count it."""
-        if len(self.entries) >= MAX_RECORDED_HTTP_CALLS:
+        """Keep one call's entry, made by a run of ``workflow``; past either cap, only count it."""
+        kept = {**entry, "workflow": workflow}
+        size = len(dumps(kept).encode()) + 1  # as the record stores it, with the comma after it
+        # Once one is left out, so are all after it: the record keeps the run's first calls, in order.
+        if self.omitted or len(self.entries) >= MAX_RECORDED_HTTP_CALLS or self.size + size > MAX_RECORDED_HTTP_BYTES:
             self.omitted += 1
             return
-        self.entries.append({**entry, "workflow": workflow})
+        self.entries.append(kept)
+        self.size += size
 
     def records(self) -> list[dict[str, Any]]:
         """The entries as the run's record keeps them (see the class)."""
@@ -68,18 +84,28 @@ class HttpCalls:
             return list(self.entries)
         return [*self.entries, {"kind": "omitted", "status": "omitted", "count": self.omitted, "note": (
             f"{self.omitted} more HTTP calls were made and not recorded: a run's record keeps its first "
-            f"{MAX_RECORDED_HTTP_CALLS}")}]
+            f"{MAX_RECORDED_HTTP_CALLS}, up to {MAX_RECORDED_HTTP_BYTES // 1024} KiB of them")}]
+
+
+def _cut(text: str | None) -> str | None:
+    """``text`` as an entry keeps it: at most :data:`MAX_TARGET_CHARS` characters, a cut marked by "…"."""
+    if text is None or len(text) <= MAX_TARGET_CHARS:
+        return text
+    return text[:MAX_TARGET_CHARS - 1] + "…"
 
 
 def _target(method: Any, url: Any) -> dict[str, Any]:
-    """Method, host, port and path of a request: never its query, fragment or userinfo."""
-    target: dict[str, Any] = {"kind": "http", "method": str(method).upper(), "host": None, "port": None,
-                              "path": None}
+    """Method, host, port and path of a request: never its query, fragment, ``;params`` or userinfo."""
+    # A method ctx.http refuses is not kept as sent: it could be anything, of any length.
+    name = method.upper() if isinstance(method, str) else None
+    target: dict[str, Any] = {"kind": "http", "method": name if name in _METHODS else "?", "host": None,
+                              "port": None, "path": None}
     if not isinstance(url, str):
         return target
     try:
         parts = urlsplit(url)
-        target.update(host=parts.hostname, path=parts.path or "/")
+        # ";params" (a ;jsessionid=...) carry tokens as a query does: the path ends at the first ";".
+        target.update(host=_cut(parts.hostname), path=_cut(parts.path.split(";", 1)[0] or "/"))
     except ValueError:  # not a URL at all (the call failed on it): nothing of it is shown
         return target
     try:
@@ -131,7 +157,9 @@ class HttpClient:
     def _request(self, params: dict[str, Any], deadline: float, answer: dict[str, Any]) -> dict[str, Any]:
         method = str(params.get("method", "GET")).upper()
         if method not in _METHODS:
-            raise CallFailed(CallErrorKind.HTTP, f"unsupported HTTP method {method!r}")
+            shown = method if len(method) <= 16 else method[:15] + "…"  # it could be of any length
+            raise CallFailed(CallErrorKind.HTTP, f"unsupported HTTP method {shown!r}; ctx.http sends "
+                                                 f"{', '.join(sorted(_METHODS))}")
         url = params.get("url")
         if not isinstance(url, str):
             raise CallFailed(CallErrorKind.HTTP, "ctx.http needs a url string")

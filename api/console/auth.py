@@ -47,7 +47,7 @@ def sign_in() -> Response:
     token = sessions().start(account, api_key)
     response = redirect(nxt, 303)
     # No Max-Age: the cookie ends with the browser session; the Redis TTL ends it on the server side.
-    response.set_cookie(COOKIE, token, path="/console", httponly=True, samesite="Strict", secure=request.is_secure)
+    response.set_cookie(COOKIE, token, path="/console", httponly=True, samesite="Strict", secure=_secure())
     return response
 
 
@@ -56,5 +56,15 @@ def sign_out() -> Response:
     """End the session (in Redis, so the cookie is worthless even if kept) and go back to the sign-in page."""
     sessions().end(request.cookies.get(COOKIE))
     response = redirect("/console/sign-in", 303)
-    response.delete_cookie(COOKIE, path="/console", httponly=True, samesite="Strict", secure=request.is_secure)
+    response.delete_cookie(COOKIE, path="/console", httponly=True, samesite="Strict", secure=_secure())
     return response
+
+
+def _secure() -> bool:
+    """Whether the cookie is Secure (FLOWPOOL_CONSOLE_SECURE_COOKIE): ``auto``, when this request came over https.
+
+    Behind a proxy that ends TLS the request comes over http, so ``auto`` leaves the flag off there: such an
+    operator sets ``always``. X-Forwarded-Proto is not read: any client can send it.
+    """
+    mode = services().settings.console_secure_cookie
+    return mode == "always" or (mode == "auto" and request.is_secure)

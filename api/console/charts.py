@@ -25,11 +25,16 @@ class Tick:
 
     pos: float
     label: str
+    ts: float | None = None  # the moment it labels (unix seconds): the page may rewrite the label in local time
 
 
 @dataclass(frozen=True)
 class Bar:
-    """One rectangle: where it is, its CSS class (its series) and the text of its tooltip."""
+    """One rectangle: where it is, its CSS class (its series) and the text of its tooltip.
+
+    ``ts`` is the moment its slot starts, when the slots are times: the tooltip is then the slot's label, ": ",
+    and ``detail``, so a page can rewrite the label part in the viewer's time zone.
+    """
 
     x: float
     y: float
@@ -37,6 +42,8 @@ class Bar:
     height: float
     css: str
     title: str
+    ts: float | None = None
+    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,7 @@ class Chart:
     y_label: str = ""
     y2_label: str = ""
     x_label: str = ""
+    x_label_local: str = ""  # the x axis's name once a page showed its tick labels in the viewer's zone
     legend: tuple[tuple[str, str], ...] = field(default=())  # (css class, name) of each series
 
     @property
@@ -154,21 +162,25 @@ def _y_ticks(ticks: list[float], top: float, bottom: float, fmt: Formatter) -> t
     return tuple(Tick(_scale(v, ticks[-1], top, bottom), fmt(v)) for v in ticks)
 
 
-def _x_ticks(labels: Sequence[str], left: float, slot: float, most: int) -> tuple[Tick, ...]:
-    """At most ``most`` labels, evenly spaced, each under the middle of its slot."""
+def _x_ticks(labels: Sequence[str], left: float, slot: float, most: int,
+             stamps: Sequence[float] | None = None) -> tuple[Tick, ...]:
+    """At most ``most`` labels, evenly spaced, each under the middle of its slot (with its slot's moment)."""
     if not labels:
         return ()
     every = max(1, math.ceil(len(labels) / max(most, 1)))
-    return tuple(Tick(left + (i + 0.5) * slot, label) for i, label in enumerate(labels) if i % every == 0)
+    return tuple(Tick(left + (i + 0.5) * slot, label, stamps[i] if stamps else None)
+                 for i, label in enumerate(labels) if i % every == 0)
 
 
 def bar_chart(labels: Sequence[str], series: Sequence[Series], *, width: int = 640, height: int = 200,
               y_label: str = "", x_label: str = "", fmt: Formatter = format_number, most_x_labels: int = 8,
-              integer: bool = False, margins: tuple[float, float, float, float] = (44, 12, 12, 28)) -> Chart:
+              integer: bool = False, margins: tuple[float, float, float, float] = (44, 12, 12, 28),
+              stamps: Sequence[float] | None = None) -> Chart:
     """Stacked bars, one slot per label, the series stacked in order from the axis up.
 
     ``integer``: the values are counts, so the ticks are whole numbers. ``margins`` are left, top, right and
-    bottom: room for the tick labels.
+    bottom: room for the tick labels. ``stamps``: the moment (unix seconds) each slot starts, when the slots are
+    times; the ticks and bars then carry it (Tick.ts, Bar.ts) so a page can show them in the viewer's zone.
     """
     left, top, right_margin, bottom_margin = margins
     right, bottom = width - right_margin, height - bottom_margin
@@ -183,12 +195,15 @@ def bar_chart(labels: Sequence[str], series: Sequence[Series], *, width: int = 6
             if value <= 0:
                 continue
             y_top, y_base = _scale(base + value, ticks[-1], top, bottom), _scale(base, ticks[-1], top, bottom)
+            detail = f"{s.name} {fmt(value)}"
             bars.append(Bar(x=round(left + i * slot + slot * 0.1, 2), y=round(y_top, 2),
                             width=round(max(slot * 0.8, 1.0), 2), height=round(y_base - y_top, 2),
-                            css=s.css, title=f"{label}: {s.name} {fmt(value)}"))
+                            css=s.css, title=f"{label}: {detail}", ts=stamps[i] if stamps else None,
+                            detail=detail))
             base += value
     return Chart(width=width, height=height, left=left, top=top, right=right, bottom=bottom, bars=tuple(bars),
-                 y_ticks=_y_ticks(ticks, top, bottom, fmt), x_ticks=_x_ticks(labels, left, slot, most_x_labels),
+                 y_ticks=_y_ticks(ticks, top, bottom, fmt),
+                 x_ticks=_x_ticks(labels, left, slot, most_x_labels, stamps),
                  y_label=y_label, x_label=x_label, legend=tuple((s.css, s.name) for s in series))
 
 
@@ -215,13 +230,17 @@ def _hour_label(start: float) -> str:
 
 def runs_chart(buckets: Sequence[dict[str, Any]], *, width: int = 640, height: int = 220) -> Chart:
     """A workflow's runs per bucket (workflow_stats' ``buckets``) as bars, errors stacked on the successes in
-    their own colour, with the p50 and p95 latency as lines against a second axis on the right (ms)."""
+    their own colour, with the p50 and p95 latency as lines against a second axis on the right (ms).
+
+    The hours are labelled in UTC, each tick and bar carrying its bucket's start, so console.js can relabel
+    them in the viewer's zone (the UTC text stays for a browser without script)."""
     labels = [_hour_label(b["start"]) for b in buckets]
     errors = [b.get("errors") or 0 for b in buckets]
     ok = [max((b.get("runs") or 0) - e, 0) for b, e in zip(buckets, errors)]
     chart = bar_chart(labels, [Series("bar-ok", "succeeded", ok), Series("bar-error", "errors", errors)],
                       width=width, height=height, y_label="runs per hour", x_label="hour (UTC)", most_x_labels=6,
-                      integer=True, margins=(44, 12, 56, 28))
+                      integer=True, margins=(44, 12, 56, 28), stamps=[float(b["start"]) for b in buckets])
+    chart = replace(chart, x_label_local="hour (your time)")
     p50 = [b.get("p50_ms") for b in buckets]
     p95 = [b.get("p95_ms") for b in buckets]
     latencies = [v for v in p50 + p95 if v is not None]

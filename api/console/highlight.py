@@ -25,8 +25,9 @@ SCOPE = ".highlight"
 
 
 def _formatter() -> HtmlFormatter:
-    # A table keeps the line numbers out of a copied selection; L-<n> anchors let a link point at a line.
-    return HtmlFormatter(cssclass="highlight", linenos="table", lineanchors="L", anchorlinenos=True, wrapcode=True)
+    # A table keeps the line numbers out of a copied selection. Each line carries an id (L-<n>) so a link can
+    # point at it (#L-12), but the numbers are plain text: as links they would be one Tab stop per line.
+    return HtmlFormatter(cssclass="highlight", linenos="table", lineanchors="L", anchorlinenos=False, wrapcode=True)
 
 
 def highlight_python(source: str) -> Markup:

@@ -1,33 +1,38 @@
 """The console's runs pages: the account's runs (filtered, live), one run (header, timeline, output, calls; live
 while it goes) and one session (its runs on one timeline).
 
-A run page shows what the run sent, chunks and log lines, in one list in the order it sent them. While its log
-stream is there (the run goes, or ended less than LOG_TAIL_SECONDS ago) each line says how many chunks came before
-it, so the order is exact; after that the record's lines are put among the chunks by their times (a chunk's time
-is its stream entry id: when its batch was written, so a line logged just before a chunk in the same batch may
-show after it). While the run goes, the page follows ``/console/runs/<id>/stream`` (the API's stream with log
-lines, resumed after what the page shows) and polls its detail fragment, which answers 286 once the run has ended
-so htmx stops polling after one last render.
+A run page shows what the run sent, chunks and log lines, in one list in the order it sent them (the newest
+OUTPUT_ITEMS of them: a note says how many earlier ones are not shown). While its log stream is there (the run
+goes, or ended less than LOG_TAIL_SECONDS ago) each line says how many chunks came before it, so the order is
+exact; after that the record's lines are put among the chunks by their times (a chunk's time is its stream entry
+id: when its batch was written, so a line logged just before a chunk in the same batch may show after it).
+
+While the run goes, the page's output list belongs to the stream it follows, ``/console/runs/<id>/stream`` (the
+API's stream with log lines, resumed after what the page rendered), and the page polls only its detail fragment
+(header, timeline, calls, error; the output once it has ended, out of band), which answers 286 once the run has
+ended so htmx stops polling after one last render. The runs table's rows fragment answers 204 (nothing to swap)
+when the rows are the ones the page shows: the page sends their fingerprint (FINGERPRINT_HEADER) with each poll.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from flask import Response, request
+from flask import Response, redirect, request
 
 from flowpool import keys
 from flowpool.errors import NotFound
 from flowpool.run import RunRecord, RunStatus
 
-from ..runs import follow_run
+from ..runs import follow_run, own_run
 from ..services import Services, services
 from . import bp
 from .common import render, signed_in
-from .timeline import Timeline, build, run_anchor
+from .timeline import LOCAL_RUN, Timeline, build, is_preview, run_anchor
 
 PAGE_SIZE = 50
 SESSION_RUNS = 200  # the most runs a session's page draws
@@ -41,6 +46,11 @@ ACTIVE = (RunStatus.QUEUED.value, RunStatus.RUNNING.value)
 
 # htmx stops polling an element whose request is answered with this status (and still swaps the answer in).
 STOP_POLLING = 286
+# htmx swaps nothing for a 204: a poll whose answer would not change the page.
+UNCHANGED = 204
+# The header in which the runs page sends the fingerprint of the rows it shows, and gets the new one.
+FINGERPRINT_HEADER = "X-Console-Fingerprint"
+OUTPUT_ITEMS = 2000  # the most chunks and log lines a run's page renders (the newest)
 
 
 @dataclass(frozen=True)
@@ -103,8 +113,20 @@ def session_url(session_id: str) -> str:
     return f"/console/sessions/{quote(session_id, safe='')}"
 
 
+SHORT_ID = 12  # the characters of a long id a table shows (its link and title keep it whole)
+
+
+def short_id(value: str) -> str:
+    """An id as a table shows it: whole when short, else its first SHORT_ID characters and an ellipsis.
+
+    Generated ids (``req_`` and ``sess_`` and 32 hex digits) differ in their first characters already; an id
+    only a few characters over the cut stays whole, since cutting it would save next to nothing.
+    """
+    return value if len(value) <= SHORT_ID + 8 else value[:SHORT_ID] + "…"
+
+
 _LINKS = {"workflow_url": workflow_url, "run_url": run_url, "session_url": session_url,
-          "run_anchor": run_anchor}
+          "run_anchor": run_anchor, "short_id": short_id, "is_preview": is_preview, "local_run": LOCAL_RUN}
 
 
 def _row(record: RunRecord) -> dict[str, Any]:
@@ -127,54 +149,121 @@ def runs_page() -> Response:
     records, next_until = _list(svc, account.id, filters, time.time())
     workflows, _ = svc.workflows.list(account.id, 0, WORKFLOWS_LISTED)
     refs = sorted(w["workflow_ref_name"] for w in workflows)
-    return render("console/runs.html", title="Runs", nav="runs", filters=filters, rows=[_row(r) for r in records],
-                  next_until=next_until, refs=refs, statuses=STATUSES, windows=WINDOW_LABELS, **_LINKS)
+    rows = [_row(r) for r in records]
+    return render("console/runs.html", title="Runs", nav="runs", filters=filters, rows=rows, next_until=next_until,
+                  fingerprint=_fingerprint(rows, next_until), refs=refs, statuses=STATUSES, windows=WINDOW_LABELS,
+                  **_LINKS)
 
 
 @bp.get("/runs/rows")
 def runs_rows() -> Response:
-    """The runs table's rows for the same query (htmx polls it on the first page), and its pager out of band."""
+    """The runs table's rows and pager for the same query (htmx polls it on the first page); 204 when unchanged.
+
+    Unchanged: the request's FINGERPRINT_HEADER (what the page shows) is the rows' own, which every answer sends.
+    """
     account = signed_in()
     svc = services()
     filters = Filters.from_args(request.args)
     records, next_until = _list(svc, account.id, filters, time.time())
-    return render("console/_runs_rows.html", title="Runs", nav="runs", filters=filters,
-                  rows=[_row(r) for r in records], next_until=next_until, **_LINKS)
+    rows = [_row(r) for r in records]
+    fingerprint = _fingerprint(rows, next_until)
+    if request.headers.get(FINGERPRINT_HEADER) == fingerprint:
+        response = Response(status=UNCHANGED)
+    else:
+        response = render("console/_runs_rows.html", title="Runs", nav="runs", filters=filters, rows=rows,
+                          next_until=next_until, **_LINKS)
+    response.headers[FINGERPRINT_HEADER] = fingerprint
+    return response
 
 
-def _own(svc: Services, account_id: str, request_id: str) -> RunRecord:
-    """The account's run, or the same 404 whether the run is another account's or there is none."""
-    record = svc.runs.get(request_id)
-    if record is None or record.account != account_id:
-        raise NotFound(f"no run with request_id {request_id!r} in this account")
-    return record
+def _fingerprint(rows: list[dict[str, Any]], next_until: float | None) -> str:
+    """What the runs table shows, in a few characters: its runs' ids, statuses and durations, and its pager."""
+    text = json.dumps([[row["record"].request_id, row["record"].status, row["total_ms"]] for row in rows]
+                      + [next_until])
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def _output(svc: Services, record: RunRecord) -> tuple[list[dict[str, Any]], str, bool]:
-    """What the run sent, chunks and log lines in order; the stream cursor past them; whether its stream is done.
+@bp.get("/runs/go")
+def go_to_run() -> Response:
+    """The page of the run whose request id (or console URL) the runs page's "Go to run" field holds."""
+    account = signed_in()
+    text = request.args.get("request_id", "").strip()
+    request_id = text.rstrip("/").rsplit("/", 1)[-1][:200]  # a pasted run page URL works too
+    if not request_id:
+        return redirect("/console/runs", 303)
+    try:
+        own_run(services(), account.id, request_id)
+    except NotFound as exc:
+        return _missing("Run", exc)
+    return redirect(run_url(request_id), 303)
 
-    Both streams are read in one MULTI: a snapshot, so the cursor resumes right after what is shown.
+
+def _missing(what: str, exc: NotFound) -> Response:
+    """The 404 page of a run or session that is not there (or not the account's), with a way back to the runs."""
+    return render("console/error.html", title=f"{what} not found", nav="runs", status=exc.status, error=exc,
+                  back_url="/console/runs", back_label="Back to the runs")
+
+
+@dataclass(frozen=True)
+class Output:
+    """What a run page's output list shows: the newest items, how many earlier ones it leaves out, the cursor."""
+
+    items: list[dict[str, Any]]
+    hidden: int  # chunks and lines before the first item shown, not shown
+    cursor: str  # the stream's event id past the last item (the page's stream resumes after it)
+    done: bool  # the run's events stream has its end
+
+
+def _output(svc: Services, record: RunRecord) -> Output:
+    """What the run sent, chunks and log lines in order (the newest OUTPUT_ITEMS); the stream cursor past them.
+
+    Both streams are read in one MULTI, from their ends (XREVRANGE COUNT): a snapshot, so the cursor resumes right
+    after what is shown, and a run that sent a great many items costs no more than OUTPUT_ITEMS of each.
     """
+    events, logs = keys.run_events(record.request_id), keys.run_logs(record.request_id)
     pipe = svc.redis.pipeline(transaction=True)
-    pipe.xrange(keys.run_events(record.request_id))
-    pipe.xrange(keys.run_logs(record.request_id))
-    entries, lines = pipe.execute()
+    pipe.xlen(events)
+    pipe.xrevrange(events, count=OUTPUT_ITEMS + 1)  # one more: its end
+    pipe.xlen(logs)
+    pipe.xrevrange(logs, count=OUTPUT_ITEMS)
+    n_entries, entries, n_lines, lines = pipe.execute()
+    entries.reverse()
+    lines.reverse()
+    cursor = f"{entries[-1][0].decode() if entries else '0-0'}.{lines[-1][0].decode() if lines else '0-0'}"
+    done = bool(entries) and entries[-1][1].get(b"kind") == b"done"
     chunks: list[dict[str, Any]] = []
-    done = False
     for entry_id, fields in entries:
-        kind = fields.get(b"kind")
-        if kind == b"done":
-            done = True
-        elif kind == b"chunk":
+        if fields.get(b"kind") == b"chunk":
             data = json.loads(fields[b"data"])
             chunks.append({"kind": "chunk", "entry": entry_id.decode(), "time": _entry_time(entry_id),
                            "type": data.get("type"), "content": data.get("content"), "index": data.get("index")})
-    streamed = [(int(f[b"after"]), e.decode(), json.loads(f[b"data"])) for e, f in lines]
+    total_chunks = n_entries - (1 if done else 0)
+    first_place = total_chunks - len(chunks)  # the place of the first chunk read, when it does not say its own
+    for position, chunk in enumerate(chunks):
+        chunk["place"] = chunk["index"] if isinstance(chunk["index"], int) else first_place + position
+    chunks_cut = total_chunks > len(chunks)
     kept = record.logs or []
-    cursor = f"{entries[-1][0].decode() if entries else '0-0'}.{lines[-1][0].decode() if lines else '0-0'}"
-    if record.status in ACTIVE or len(streamed) >= len(kept):
-        return _by_place(chunks, streamed), cursor, done
-    return _by_time(chunks, kept), cursor, done
+    if record.status in ACTIVE or n_lines >= len(kept):
+        streamed = [(int(f[b"after"]), e.decode(), json.loads(f[b"data"])) for e, f in lines]
+        # Where one list was read from its end, the other's items from before its first are left out: the unread
+        # items may lie among them, so their order would not be known.
+        if chunks_cut and chunks:
+            streamed = [line for line in streamed if line[0] >= chunks[0]["place"]]
+        if n_lines > len(lines) and lines:
+            chunks = [chunk for chunk in chunks if chunk["place"] >= int(lines[0][1][b"after"])]
+        items, total = _by_place(chunks, streamed), total_chunks + n_lines
+    else:
+        if chunks_cut and chunks:
+            kept = [line for line in kept if _time_of(line) >= chunks[0]["time"]]
+        items, total = _by_time(chunks, kept), total_chunks + len(record.logs or [])
+    shown = items[-OUTPUT_ITEMS:]
+    return Output(shown, max(0, total - len(shown)), cursor, done)
+
+
+def _stream_done(svc: Services, request_id: str) -> bool:
+    """Whether the run's events stream has its end (its last entry)."""
+    last = svc.redis.xrevrange(keys.run_events(request_id), count=1)
+    return bool(last) and last[0][1].get(b"kind") == b"done"
 
 
 def _log_item(line: dict[str, Any], entry: str = "") -> dict[str, Any]:
@@ -186,9 +275,8 @@ def _by_place(chunks: list[dict[str, Any]], lines: list[tuple[int, str, dict[str
     """Chunks and lines, each line before the first chunk it was not logged after."""
     items: list[dict[str, Any]] = []
     n = 0
-    for position, chunk in enumerate(chunks):
-        place = chunk["index"] if isinstance(chunk["index"], int) else position
-        while n < len(lines) and lines[n][0] <= place:
+    for chunk in chunks:
+        while n < len(lines) and lines[n][0] <= chunk["place"]:
             items.append(_log_item(lines[n][2], lines[n][1]))
             n += 1
         items.append(chunk)
@@ -219,13 +307,11 @@ def _entry_time(entry_id: bytes) -> float:
     return int(entry_id.split(b"-")[0]) / 1000
 
 
-def _detail(svc: Services, record: RunRecord, now: float) -> dict[str, Any]:
-    """What the run page and its detail fragment show of a run."""
-    items, cursor, done = _output(svc, record)
-    live = record.status in ACTIVE and not done
+def _detail(record: RunRecord, live: bool, now: float) -> dict[str, Any]:
+    """What the run page's polled part (header, timeline, calls, error) shows of a run."""
     usage = record.usage if isinstance(record.usage, dict) else {}
     timeline = build([record], now)
-    return {"record": record, "live": live, "items": items, "cursor": cursor, "timeline": timeline,
+    return {"record": record, "live": live, "timeline": timeline,
             "calls": [row for row in timeline.rows if row.kind != "run"], "usage": usage,
             "queue_ms": _between(record.queued_at, record.started_at),
             "run_ms": _between(record.started_at, record.finished_at),
@@ -233,25 +319,40 @@ def _detail(svc: Services, record: RunRecord, now: float) -> dict[str, Any]:
             "error": record.error if isinstance(record.error, dict) else None, **_LINKS}
 
 
+def playground_url(record: RunRecord) -> str | None:
+    """The playground with the run's workflow and input filled in; None for a local run (no workflow to pick)."""
+    if is_preview(record.workflow):
+        return None
+    return "/console/playground?" + urlencode({"workflow": record.workflow, "from": record.request_id})
+
+
 @bp.get("/runs/<request_id>")
 def run_page(request_id: str) -> Response:
-    """One run: header, timeline, output, error, calls, input and output; live while it goes."""
+    """One run: header, timeline, calls, error, output stream, output and input; live while it goes."""
     account = signed_in()
     svc = services()
-    record = _own(svc, account.id, request_id)
-    detail = _detail(svc, record, time.time())
-    return render("console/run.html", title=f"Run {request_id}", nav="runs", **detail)
+    try:
+        record = own_run(svc, account.id, request_id)
+    except NotFound as exc:
+        return _missing("Run", exc)
+    output = _output(svc, record)
+    live = record.status in ACTIVE and not output.done
+    return render("console/run.html", title=f"Run {request_id}", nav="runs", output=output,
+                  output_items=OUTPUT_ITEMS, playground_url=playground_url(record), **_detail(record, live, time.time()))
 
 
 @bp.get("/runs/<request_id>/detail")
 def run_detail(request_id: str) -> Response:
-    """The run page's live part; 286 once the run has ended, so htmx stops polling after swapping it in."""
+    """The run page's polled part; 286 once the run has ended, so htmx stops polling after swapping it in.
+
+    The output list is not in it (the page's stream fills that); the run's output comes with the end, out of band.
+    """
     account = signed_in()
     svc = services()
-    record = _own(svc, account.id, request_id)
-    detail = _detail(svc, record, time.time())
-    return render("console/_run_detail.html", title=f"Run {request_id}", nav="runs",
-                  status=200 if detail["live"] else STOP_POLLING, **detail)
+    record = own_run(svc, account.id, request_id)
+    live = record.status in ACTIVE and not _stream_done(svc, request_id)
+    return render("console/_run_detail.html", title=f"Run {request_id}", nav="runs", oob=not live,
+                  status=200 if live else STOP_POLLING, **_detail(record, live, time.time()))
 
 
 @bp.get("/runs/<request_id>/stream")
@@ -262,24 +363,40 @@ def run_stream(request_id: str) -> Response:
     """
     account = signed_in()
     svc = services()
-    _own(svc, account.id, request_id)
+    record = own_run(svc, account.id, request_id)
     after = request.headers.get("Last-Event-ID") or request.args.get("after") or None
-    return follow_run(svc, account, request_id, logs=True, after=after)
+    return follow_run(svc, account, request_id, logs=True, after=after, record=record)
 
 
-@bp.get("/sessions/<session_id>")
-def session_page(session_id: str) -> Response:
-    """A session's runs on one timeline, then as a table; a 404 with a hint when the account has none of it."""
-    account = signed_in()
-    svc = services()
-    ids, total = svc.runs.list_for_session(account.id, session_id, 0, SESSION_RUNS)
-    records = [r for r in svc.runs.get_many(ids) if r is not None and r.account == account.id]
+def _session(svc: Services, account_id: str, session_id: str, now: float) -> dict[str, Any]:
+    """What a session's page (and its polled part) shows; a 404 with a hint when the account has none of it."""
+    ids, total = svc.runs.list_for_session(account_id, session_id, 0, SESSION_RUNS)
+    records = [r for r in svc.runs.get_many(ids) if r is not None and r.account == account_id]
     if not records:
         raise NotFound(f"no runs of session {session_id!r} in this account: a session's runs are kept as long as "
                        f"their records ({svc.settings.run_ttl_seconds // 86400} days); pass a session_id when "
                        "invoking to group runs into a session")
-    timeline: Timeline = build(records, time.time())
+    timeline: Timeline = build(records, now)
     rows = [_row(r) for r in sorted(records, key=lambda r: r.queued_at or 0, reverse=True)]
-    return render("console/session.html", title=f"Session {session_id}", nav="runs", session_id=session_id,
-                  timeline=timeline, rows=rows, total=total, shown=len(records),
-                  live=any(r.status in ACTIVE for r in records), **_LINKS)
+    return {"session_id": session_id, "timeline": timeline, "rows": rows, "total": total, "shown": len(records),
+            "live": any(r.status in ACTIVE for r in records), **_LINKS}
+
+
+@bp.get("/sessions/<session_id>")
+def session_page(session_id: str) -> Response:
+    """A session's runs on one timeline, then as a table; live (polled) while any of them goes."""
+    account = signed_in()
+    try:
+        session = _session(services(), account.id, session_id, time.time())
+    except NotFound as exc:
+        return _missing("Session", exc)
+    return render("console/session.html", title=f"Session {session_id}", nav="runs", **session)
+
+
+@bp.get("/sessions/<session_id>/detail")
+def session_detail(session_id: str) -> Response:
+    """The session page's polled part (timeline and runs table); 286 once none of its runs goes."""
+    account = signed_in()
+    session = _session(services(), account.id, session_id, time.time())
+    return render("console/_session_detail.html", title=f"Session {session_id}", nav="runs",
+                  status=200 if session["live"] else STOP_POLLING, **session)

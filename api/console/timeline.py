@@ -12,8 +12,13 @@ it) is placed right after the call before it of the same list (model, HTTP or
 workflow calls) in the same run, or at the run's start, as wide as its
 latency, and marked ``estimated``: a script's calls mostly follow one
 another, and the bar then still says how long the call took.
-A call with a start but no latency (a model route that failed after its
-retries) is drawn until the next call of its list started (its fallback).
+A call with a start but no latency (a model route of a record written before
+failed routes kept theirs) is drawn until the next call of its list started
+(its fallback).
+
+A record keeps a bounded number of HTTP calls and ends the list with an
+``{"kind": "omitted", "count": N, "note": ...}`` entry: that is no call, so it
+gives a note row (kind ``note``: no bar, no time) after the run's calls.
 """
 from __future__ import annotations
 
@@ -22,9 +27,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from flowpool.registry.workflows import PREVIEW_PREFIX
 from flowpool.run import RunRecord, RunStatus
 
-__all__ = ["MIN_WIDTH", "Axis", "Row", "Segment", "Tick", "Timeline", "build", "call_anchor", "run_anchor"]
+__all__ = ["LOCAL_RUN", "MIN_WIDTH", "Axis", "Row", "Segment", "Tick", "Timeline", "build", "call_anchor",
+           "is_preview", "run_anchor"]
+
+# What a preview's run (``flowpool run FILE``) shows instead of its hidden workflow, which has no page.
+LOCAL_RUN = "local run (flowpool run)"
 
 # The narrowest bar drawn, as a fraction of the axis.
 MIN_WIDTH = 0.005
@@ -50,7 +60,7 @@ class Segment:
 class Row:
     """One line of the timeline: a run or one of its calls."""
 
-    kind: str  # run | model | agent | http | workflow
+    kind: str  # run | model | agent | http | workflow | note (calls made and not recorded: no bar)
     label: str
     anchor: str  # the id of its details row on the page
     status: str
@@ -116,6 +126,11 @@ class Timeline:
     rows: tuple[Row, ...]
 
 
+def is_preview(workflow: str | None) -> bool:
+    """Whether a run's workflow is a preview's (``flowpool run FILE``): hidden, with no page of its own."""
+    return bool(workflow) and str(workflow).startswith(PREVIEW_PREFIX)
+
+
 def run_anchor(request_id: str) -> str:
     """The id of a run's details on a page."""
     return "run-" + _safe(request_id)
@@ -141,6 +156,7 @@ def build(records: Sequence[RunRecord], now: float) -> Timeline:
     for record, span, group in zip(records, spans, calls):
         rows.append(_run_row(record, span, axis, now))
         rows.extend(_call_row(record, call, axis) for call in group)
+        rows.extend(_note_rows(record))
     return Timeline(axis, tuple(rows))
 
 
@@ -162,7 +178,7 @@ def _calls(record: RunRecord, span: tuple[float, float]) -> list[dict[str, Any]]
     for kind_list, items in (("model", record.model_calls), ("http", getattr(record, "http_calls", None)),
                              ("workflow", record.workflow_calls)):
         for index, call in enumerate(items or []):
-            if isinstance(call, dict):
+            if isinstance(call, dict) and not _omitted(call):
                 kind = call.get("kind") if kind_list == "model" and call.get("kind") == "agent" else kind_list
                 found.append({**call, "_kind": kind, "_list": kind_list, "_index": index})
     run_start = record.started_at or span[0]
@@ -206,7 +222,7 @@ def _run_row(record: RunRecord, span: tuple[float, float], axis: Axis, now: floa
     segments = _no_overlap(segments)
     duration = (end - start) * 1000 if record.finished_at or running else None
     version = f"@{record.version}" if record.version else ""
-    label = f"run {record.workflow}{version}"
+    label = LOCAL_RUN if is_preview(record.workflow) else f"run {record.workflow}{version}"
     title = f"{label}: {record.status}" + (f", {_ms_text(duration)}" if duration is not None else "")
     if running:
         title += " so far"
@@ -252,6 +268,27 @@ def _call_row(record: RunRecord, call: dict[str, Any], axis: Axis) -> Row:
                segments=(Segment(offset, width, "call"),), title=" · ".join(parts), request_id=record.request_id,
                fallback=fallback, ttft=ttft, ttft_ms=ttft_ms, tokens=int(tokens) if tokens is not None else None,
                estimated=bool(call.get("_estimated")), call=clean)
+
+
+def _omitted(call: dict[str, Any]) -> bool:
+    """Whether a list's entry stands for calls the record did not keep (not a call itself)."""
+    return call.get("kind") == "omitted"
+
+
+def _note_rows(record: RunRecord) -> list[Row]:
+    """A note row for each entry of the run's HTTP calls that counts calls made and not recorded."""
+    rows = []
+    for index, entry in enumerate(getattr(record, "http_calls", None) or []):
+        if not isinstance(entry, dict) or not _omitted(entry):
+            continue
+        count = _number(entry.get("count"))
+        what = f"{int(count)} more HTTP call{'' if count == 1 else 's'}" if count is not None else "More HTTP calls"
+        label = f"{what} not recorded"
+        note = str(entry.get("note") or "a run's record keeps a bounded number of HTTP calls")
+        rows.append(Row(kind="note", label=label, anchor=call_anchor(record.request_id, "http", index),
+                        status="omitted", start=None, end=None, duration_ms=None, segments=(),
+                        title=f"{label}: {note}", request_id=record.request_id, call=dict(entry)))
+    return rows
 
 
 def _call_label(kind: str, call: dict[str, Any]) -> str:

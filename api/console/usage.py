@@ -2,6 +2,7 @@
 limits, and tokens by model; the same reader and range rules as GET /api/v1/usage (flowpool.usage)."""
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 from flask import Response, request
@@ -27,13 +28,13 @@ def _charts(groups: list[dict[str, Any]]) -> dict[str, Any]:
     other = [group["runs_total"] - ok for group, ok in zip(groups, succeeded)]
     return {
         "runs": bar_chart(labels, [Series("bar-ok", "succeeded", succeeded),
-                                   Series("bar-error", "did not succeed", other)], y_label="runs", x_label="day (UTC)",
+                                   Series("bar-error", "did not succeed", other)], y_label="runs", x_label="UTC day",
                           integer=True),
         "compute": bar_chart(labels, [Series("bar-compute", "compute seconds",
                                              [group["compute_seconds"] for group in groups])],
-                             y_label="compute seconds", x_label="day (UTC)"),
+                             y_label="compute seconds", x_label="UTC day"),
         "tokens": bar_chart(labels, [Series("bar-tokens", "tokens", [group["tokens"]["total"] for group in groups])],
-                            y_label="tokens", x_label="day (UTC)", integer=True),
+                            y_label="tokens", x_label="UTC day", integer=True),
     }
 
 
@@ -62,7 +63,10 @@ def usage() -> Response:
     today = reader.today(account.id)
     totals = data["totals"]
     used = bool(totals["runs_total"] or totals["cache_hits"] or totals["compute_seconds"] or totals["tokens"]["total"])
+    # When the UTC day began: the page shows it in the viewer's zone, so a day's edge reads in their own time.
+    day_start = dt.datetime.combine(dt.datetime.now(dt.timezone.utc).date(), dt.time(), dt.timezone.utc).timestamp()
     return render("console/usage.html", title="Usage", nav="usage", asked={"from": data["from"], "to": data["to"]},
+                  day_start=day_start,
                   usage=data, totals=totals, used=used, charts=_charts(data["groups"]) if used else None,
                   today=today, limits=limits.to_dict(), own_limits=sorted(own), rpm=limits.rpm,
                   meters=_meters(today, limits.to_dict()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from typing import Any
+from urllib.parse import quote
 
 from flask import Response, make_response, render_template, request
 
@@ -49,12 +50,19 @@ def _page_number(text: str | None) -> int:
         return 1
 
 
-def _versions(account_id: str, ref: str) -> tuple[list[dict[str, Any]], int]:
-    """The newest versions (up to VERSIONS_SHOWN), newest first, each marked with the action it offers."""
+def newest_versions(account_id: str, ref: str) -> tuple[list[dict[str, Any]], int]:
+    """The workflow's newest versions (up to VERSIONS_SHOWN), oldest first, and how many it has in all;
+    WorkflowNotFound when the account has no such workflow."""
     registry = services().workflows
     items, total = registry.versions(account_id, ref, 0, VERSIONS_SHOWN)
     if total > VERSIONS_SHOWN:
         items, total = registry.versions(account_id, ref, total - VERSIONS_SHOWN, VERSIONS_SHOWN)
+    return items, total
+
+
+def _versions(account_id: str, ref: str) -> tuple[list[dict[str, Any]], int]:
+    """The newest versions (up to VERSIONS_SHOWN), newest first, each marked with the action it offers."""
+    items, total = newest_versions(account_id, ref)
     active_at = next((i for i, v in enumerate(items) if v["active"]), None)
     for i, version in enumerate(items):
         # Versions are listed in the order they were made: before the active one is back, after it forward.
@@ -89,23 +97,29 @@ def workflow(ref: str) -> Response:
 
 def _workflow_page(account_id: str, ref: str, version: str | None, *, message: str | None = None,
                    error: str | None = None, status: int = 200) -> Response:
-    svc = services()
     try:
         context = _versions_context(account_id, ref)
     except WorkflowNotFound:
         return _not_found(ref)
+    try:
+        script = _script_context(account_id, ref, context, version)
+    except WorkflowNotFound:
+        return render("console/workflow.html", title="Version not found", nav="workflows", status=404,
+                      missing=ref, missing_version=version or context["workflow"]["active_version"])
+    stats = _stats(account_id, ref, time.time())
+    return render("console/workflow.html", title=f"Workflow {ref}", nav="workflows", status=status,
+                  stats=stats, chart=runs_chart(stats["buckets"]), message=message, error=error, **script, **context)
+
+
+def _script_context(account_id: str, ref: str, context: dict[str, Any], version: str | None) -> dict[str, Any]:
+    """What the script section shows: ``version``, else the active one, else the newest; WorkflowNotFound when
+    the version asked for is not there."""
     versions = context["versions"]
     shown = version or context["workflow"]["active_version"] or (versions[0]["version"] if versions else None)
     meta = next((v for v in versions if v["version"] == shown), None)
-    try:
-        source = svc.workflows.load_script(account_id, ref, shown) if shown else None
-    except WorkflowNotFound:
-        return render("console/workflow.html", title="Version not found", nav="workflows", status=404,
-                      missing=ref, missing_version=shown)
-    stats = _stats(account_id, ref, time.time())
-    return render("console/workflow.html", title=f"Workflow {ref}", nav="workflows", status=status,
-                  shown=shown, shown_meta=meta, source=source, script_html=highlight_python(source) if source else None,
-                  stats=stats, chart=runs_chart(stats["buckets"]), message=message, error=error, **context)
+    source = services().workflows.load_script(account_id, ref, shown) if shown else None
+    return {"shown": shown, "shown_meta": meta, "source": source,
+            "script_html": highlight_python(source) if source else None}
 
 
 @bp.post("/workflows/<ref>/activate")
@@ -134,7 +148,21 @@ def activate(ref: str) -> Response:
         context = {"workflow": None, "ref": ref, "versions": [], "versions_total": 0}
     # htmx swaps only 2xx answers, so a refusal comes back as a 200 whose section says what went wrong.
     session = current_session()
-    response = make_response(render_template("console/_versions.html", message=message, error=error,
-                                             csrf_token=session.csrf if session else "", **context))
+    body = render_template("console/_versions.html", message=message, error=error, oob_status=True,
+                           csrf_token=session.csrf if session else "", **context)
+    replace_url = None
+    if message and context["workflow"]:
+        # The script section follows: it now shows the version just made active (swapped out of band), and the
+        # address drops any ?version= so a reload shows the same.
+        try:
+            script = _script_context(account.id, ref, context, None)
+        except WorkflowNotFound:
+            script = None
+        if script is not None:
+            body += render_template("console/_script.html", oob=True, **script)
+            replace_url = f"/console/workflows/{quote(ref, safe='')}"
+    response = make_response(body)
     response.headers["Cache-Control"] = "no-store"
+    if replace_url:
+        response.headers["HX-Replace-Url"] = replace_url
     return response

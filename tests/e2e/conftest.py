@@ -33,6 +33,9 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 TIMEZONE = "Asia/Tokyo"
 VIEWPORT = {"width": 1280, "height": 800}
+# Names the folder the tests save their screenshots in, e.g. docs/console to refresh the README's images; unset,
+# they go to a temporary folder, so a test run leaves the checkout as it was.
+SCREENSHOTS_ENV = "FLOWPOOL_CONSOLE_SCREENSHOTS"
 # How long one wait in a browser test may take: a page load, a selector, a streamed chunk (milliseconds).
 WAIT_MS = 20_000
 # How long installing Chromium with apt-get may take, update and install each (seconds).
@@ -115,6 +118,15 @@ def browser(chromium_path: str) -> Iterator[Any]:
             chromium.close()
     finally:
         playwright.stop()
+
+
+@pytest.fixture(scope="session")
+def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the tests save each page's screenshot: $FLOWPOOL_CONSOLE_SCREENSHOTS, else a temporary folder."""
+    named = os.environ.get(SCREENSHOTS_ENV)
+    folder = Path(named) if named else tmp_path_factory.mktemp("console-screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def new_context(browser: Any) -> Any:

@@ -4,8 +4,9 @@ One browser and one signed-in context serve the module, over the session's
 stack. Runs that must be seen while they go wait at a gate of the stand-in
 provider (``/hold/<gate>``), which the test opens: what the page shows before
 and after is checked without any clock. Each page is saved as a full-page
-screenshot under docs/console/ (the README shows them); the assertions are
-on content only, never on pixels.
+screenshot in a temporary folder, or in the folder FLOWPOOL_CONSOLE_SCREENSHOTS
+names (``docs/console`` refreshes the README's images); the assertions are on
+content and layout geometry only, never on pixels.
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from .conftest import TIMEZONE, WAIT_MS, new_context
 
 pytestmark = pytest.mark.slow
 
-SHOTS = Path(__file__).resolve().parents[2] / "docs" / "console"
+# The window widths the console must fit without scrolling sideways: its narrowest supported, and a laptop's.
+WIDTHS = (1024, 1280)
 
 STREAMS = """
     import time
@@ -79,12 +81,51 @@ FAILS = """
         raise ValueError("the e2e workflow fails on purpose")
 """
 
+# Emits three batches of lines, held at a gate between them; first fetches a document with a long path (its row in
+# the calls table must wrap, not widen the table).
+CHATTY = """
+    from flowpool_workflow import WorkflowContext
+
+    CACHE_TTL_SECONDS = 0
+    TIMEOUT_SECONDS = 60
+
+
+    def execute(ctx: WorkflowContext):
+        ctx.http.get(ctx.input["doc"])
+        for batch, hold in (("a", ctx.input["first"]), ("b", ctx.input["second"]), ("c", None)):
+            for i in range(40):
+                ctx.emit("line", f"{batch} {i}")
+            if hold:
+                ctx.http.get(hold)
+        return {"lines": 120}
+"""
+
+# In-page counters of the polls of the element #ID: tried (htmx:beforeRequest), skipped by console.js (prevented),
+# sent, and the answers' statuses.
+COUNT_POLLS = """(id) => {
+    const target = document.getElementById(id);
+    window.__polls = {tries: 0, prevented: 0, sent: 0, statuses: []};
+    document.addEventListener("htmx:beforeRequest", (e) => {
+        if (e.detail.elt !== target) return;
+        window.__polls.tries += 1;
+        if (e.defaultPrevented) window.__polls.prevented += 1;
+    });
+    document.addEventListener("htmx:beforeSend", (e) => { if (e.detail.elt === target) window.__polls.sent += 1; });
+    document.addEventListener("htmx:afterRequest", (e) => {
+        if (e.detail.elt === target) window.__polls.statuses.push(e.detail.xhr.status);
+    });
+}"""
+
+AT_BOTTOM = "(l => l.scrollHeight - l.scrollTop - l.clientHeight <= 8)(document.getElementById('run-output'))"
+
 
 class Console:
     """The module's account, its workflows and runs, and a browser context signed in to the console."""
 
-    def __init__(self, base_url: str, api: Client, context: Any, provider: StandInProvider, suffix: str) -> None:
+    def __init__(self, base_url: str, api: Client, context: Any, provider: StandInProvider, suffix: str,
+                 shots: Path) -> None:
         self.base_url = base_url
+        self.shots = shots  # where screenshots go (the screenshots fixture)
         self.account = f"e2e-{suffix}"
         self.api = api
         self.context = context
@@ -122,10 +163,28 @@ class Console:
         return run
 
 
-def shoot(page: Any, name: str) -> None:
-    """Save the whole page as docs/console/<name>.png (written every run, for the README)."""
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True, timeout=WAIT_MS)
+    def shoot(self, page: Any, name: str) -> None:
+        """Save the whole page as <name>.png in the screenshots folder (every page, every run)."""
+        path = self.shots / f"{name}.png"
+        page.screenshot(path=str(path), full_page=True, timeout=WAIT_MS)
+        assert path.stat().st_size > 0, path
+
+
+def fits_across(page: Any, selector: str) -> dict[str, float]:
+    """How wide ``selector``'s content is against its container (.table-wrap) and the window, in CSS pixels."""
+    return page.evaluate("""(selector) => {
+        const table = document.querySelector(selector);
+        const wrap = table.parentElement;
+        return {scroll: table.scrollWidth, room: wrap.clientWidth, right: wrap.getBoundingClientRect().right,
+                window: document.documentElement.clientWidth};
+    }""", selector)
+
+
+def box(page: Any, selector: str) -> dict[str, float]:
+    """Where ``selector`` is drawn (its bounding box in CSS pixels)."""
+    found = page.locator(selector).bounding_box()
+    assert found is not None, f"{selector} is not drawn"
+    return found
 
 
 def sign_in_by_keyboard(page: Any, base_url: str, key: str) -> None:
@@ -143,6 +202,15 @@ def sign_in_by_keyboard(page: Any, base_url: str, key: str) -> None:
     page.wait_for_url(re.compile(r".*/console/workflows$"), timeout=WAIT_MS)
 
 
+def polls(page: Any) -> dict[str, Any]:
+    """The page's poll counters (COUNT_POLLS)."""
+    return page.evaluate("window.__polls")
+
+
+def gate_name(url: str) -> str:
+    return url.rsplit("/", 1)[1]
+
+
 def mark_page(page: Any) -> None:
     """Leave a mark in the page's window: a reload would lose it."""
     page.evaluate("window.__e2eNoReload = 'still here'")
@@ -153,14 +221,14 @@ def not_reloaded(page: Any) -> bool:
 
 
 @pytest.fixture(scope="module")
-def console(stack: Stack, browser: Any, provider: StandInProvider) -> Iterator[Console]:
+def console(stack: Stack, browser: Any, provider: StandInProvider, screenshots: Path) -> Iterator[Console]:
     """A fresh account with three workflows (one a draft waiting), signed in to the console by keyboard."""
     assert stack.api_url is not None
     suffix = uuid.uuid4().hex[:6]
     api = Client(stack.api_url, stack.create_account(f"e2e-{suffix}"))
     context = new_context(browser)
     try:
-        c = Console(stack.api_url, api, context, provider, suffix)
+        c = Console(stack.api_url, api, context, provider, suffix, screenshots)
         app = f"e2e-app-{suffix}"
         put = api.request("PUT", f"/api/v1/applications/{app}", json={"intents": {"answer": {
             "model": "fail", "base_url": provider.base_url, "fallbacks": [{"model": "echo", "base_url": provider.base_url}]}}})
@@ -195,7 +263,7 @@ def test_signing_in_by_keyboard_opens_the_workflows_page(console: Console, brows
         page = context.new_page()
         page.goto(f"{console.base_url}/console/runs", wait_until="load", timeout=WAIT_MS)
         assert "/console/sign-in?next=/console/runs" in page.url and page.title().startswith("Sign in")
-        shoot(page, "sign-in")
+        console.shoot(page, "sign-in")
         sign_in_by_keyboard(page, console.base_url, console.api.key)
         assert page.locator("nav[aria-label=Console]").is_visible()
         assert page.locator(".account-name").inner_text() == console.account
@@ -230,7 +298,17 @@ def test_the_playground_streams_a_run_then_shows_its_output_and_links_to_the_run
     assert chunks.all_inner_texts()[-1] == "step: tides let through"
     assert any("starting" in line for line in page.locator("#playground-logs li").all_inner_texts())
     page.wait_for_selector("#playground-run-status:text-is('succeeded')", timeout=WAIT_MS)
-    shoot(page, "playground")
+    assert page.locator("#playground-placeholder").is_hidden()
+    # A wide window: the form on the left, the run on the right; the input as wide as its column.
+    form, side, area = box(page, "#playground-form"), box(page, ".playground-side"), box(page, "#playground-input")
+    assert form["x"] + form["width"] <= side["x"] and form["width"] > 400
+    assert area["width"] >= form["width"] - 1
+    # Under 1100px one column: the run comes under the form, and the input still fills the width.
+    page.set_viewport_size({"width": 1024, "height": 800})
+    form, side, area = box(page, "#playground-form"), box(page, ".playground-side"), box(page, "#playground-input")
+    assert side["y"] >= form["y"] + form["height"] and area["width"] >= form["width"] - 1
+    page.set_viewport_size({"width": 1280, "height": 800})
+    console.shoot(page, "playground")
     link = page.locator("#playground-run-link")
     request_id = link.inner_text()
     assert request_id.startswith("req_")
@@ -273,7 +351,13 @@ def test_the_timeline_shows_the_model_calls_with_the_fallback_tokens_and_first_t
     assert "tl-bad" in (rows.nth(0).get_attribute("class") or "")  # the failed primary
     answered = page.locator("table.calls tr.call-row").nth(1)
     assert "fallback #1" in answered.inner_text() and "—" not in answered.locator("td").nth(3).inner_text()
-    shoot(page, "run")
+    # The failed primary took time (its retries): its row and its bar say how long; it had no first token.
+    failed = page.locator("table.calls tr.call-row").nth(0)
+    assert calls[0]["latency_ms"] > 0 and calls[0]["ttft_ms"] is None
+    assert failed.locator("td").nth(2).inner_text().strip() not in ("", "—")
+    assert failed.locator("td").nth(3).inner_text().strip() == "—"
+    assert rows.nth(0).locator(".tl-meta").inner_text().startswith("error · ")
+    console.shoot(page, "run")
 
 
 def test_times_show_in_the_viewers_zone(console: Console, session_runs: list[str]) -> None:
@@ -288,28 +372,60 @@ def test_times_show_in_the_viewers_zone(console: Console, session_runs: list[str
                 f"{TIMEZONE}")
     shown = re.sub(r"[\u202f\u00a0]", " ", queued.inner_text())
     assert shown == expected, (shown, expected)
+    # A table's cells are compact, without the zone (the column's header says it once); the title is the full time.
+    page = console.page(f"/console/sessions/{console.session_id}")
+    cell = page.locator(f"#{'run-' + session_runs[0]} td.col-time time")
+    compact = f"{local.month}/{local.day}/{local:%y}, {local.hour % 12 or 12}:{local:%M:%S} {local:%p}"
+    assert re.sub(r"[\u202f\u00a0]", " ", cell.inner_text()) == compact
+    assert re.sub(r"[\u202f\u00a0]", " ", cell.get_attribute("title") or "") == expected
+    assert page.locator("table.runs-table th.col-time").inner_text() == f"Time ({TIMEZONE})"
 
 
 def test_the_runs_page_shows_a_new_run_without_a_reload(console: Console) -> None:
     page = console.page("/console/runs")
     mark_page(page)
     request_id = console.start(console.fails, input={})
-    row = page.locator("#runs-rows tr", has=page.locator(f"a:text-is('{request_id}')"))
+    link = f"a[href='/console/runs/{request_id}']"
+    row = page.locator("#runs-rows tr", has=page.locator(link))
     row.wait_for(timeout=WAIT_MS)
     assert not_reloaded(page)
     assert console.ended(request_id)["status"] == "failed"
-    page.wait_for_selector(f"#runs-rows tr:has(a:text-is('{request_id}')) .badge-failed", timeout=WAIT_MS)
-    shoot(page, "runs")
+    page.wait_for_selector(f"#runs-rows tr:has({link}) .badge-failed", timeout=WAIT_MS)
+    # The id shows short; its title says it whole.
+    assert page.locator(link).inner_text() == request_id[:12] + "…"
+    assert page.locator(link).get_attribute("title") == request_id
+
+
+def test_the_runs_table_fits_the_window_and_shows_a_local_run_without_a_workflow_link(console: Console) -> None:
+    previewed = console.api.post("/api/v1/workflows/preview", json={
+        "script": "def execute(ctx):\n    return {'ran': 'locally'}\n", "input": {}})
+    assert previewed.status_code == 200, previewed.text
+    request_id = previewed.json()["request_id"]
+    page = console.page("/console/runs")
+    row = page.locator("#runs-rows tr", has=page.locator(f"a[href='/console/runs/{request_id}']"))
+    assert row.locator(".col-workflow").inner_text() == "local run (flowpool run)"
+    assert row.locator(".col-workflow a").count() == 0
+    for width in WIDTHS:
+        page.set_viewport_size({"width": width, "height": 800})
+        fit = fits_across(page, "table.runs-table")
+        assert fit["scroll"] <= fit["room"] and fit["right"] <= fit["window"], (width, fit)
+        # Every column that shows is inside the page: the last one (the request id) included.
+        last = box(page, "table.runs-table thead th.col-id")
+        assert last["x"] + last["width"] <= fit["window"], (width, last)
+    page.set_viewport_size({"width": 1280, "height": 800})
+    console.shoot(page, "runs")
 
 
 def test_the_session_page_shows_the_sessions_runs_on_one_timeline(console: Console, session_runs: list[str]) -> None:
     page = console.page(f"/console/sessions/{console.session_id}")
     assert page.locator("h1").inner_text() == f"Session {console.session_id}"
     for request_id in session_runs:
-        assert page.locator(f"table.runs-table a:text-is('{request_id}')").is_visible()
+        assert page.locator(f"table.runs-table a[href='/console/runs/{request_id}']").is_visible()
+    fit = fits_across(page, "table.runs-table")
+    assert fit["scroll"] <= fit["room"], fit
     assert page.locator(".timeline .tl-row.tl-run").count() == 2
     assert page.locator(".timeline .tl-row.tl-model").count() == 2
-    shoot(page, "session")
+    console.shoot(page, "session")
 
 
 def test_the_usage_page_shows_what_the_api_counts(console: Console, session_runs: list[str]) -> None:
@@ -318,7 +434,10 @@ def test_the_usage_page_shows_what_the_api_counts(console: Console, session_runs
     assert page.locator("#total-runs").inner_text().split()[0] == str(totals["runs_total"])
     assert page.locator("#total-tokens").inner_text().split()[0] == str(totals["tokens"]["total"])
     assert page.locator("table.usage-models td", has_text="echo").count() == 1
-    shoot(page, "usage")
+    # Its days are UTC days, and it says when today's began in the viewer's zone.
+    assert "UTC day" in page.locator("#utc-days").inner_text()
+    assert TIMEZONE in page.locator("#utc-days time").inner_text()
+    console.shoot(page, "usage")
 
 
 def test_the_workflows_page_lists_them_and_a_workflows_page_highlights_its_source_and_activates_a_draft(
@@ -326,23 +445,36 @@ def test_the_workflows_page_lists_them_and_a_workflows_page_highlights_its_sourc
     page = console.page("/console/workflows")
     for ref in (console.streams, console.asks, console.fails):
         assert page.locator(f"a[href='/console/workflows/{ref}']").is_visible()
-    shoot(page, "workflows")
+    console.shoot(page, "workflows")
     page.click(f"a[href='/console/workflows/{console.streams}']")
     page.wait_for_url(re.compile(rf".*/console/workflows/{console.streams}$"), timeout=WAIT_MS)
     source = page.locator(".script-source")
     assert "def execute(ctx: WorkflowContext):" in source.inner_text()
     # Pygments marks keywords (class k, kn for import) server-side: the source is highlighted, not plain text.
     assert source.locator("span.k", has_text="def").count() >= 1 and source.locator("span.kn").count() >= 1
+    # The chart's hours show in the viewer's zone (Tokyo), and its legend says so instead of "(UTC)".
+    hours = page.locator("#runs-chart text[data-local='hour']")
+    assert hours.count() == 6
+    for n in range(hours.count()):
+        moment = datetime.fromtimestamp(float(hours.nth(n).get_attribute("data-ts")), timezone.utc)
+        assert hours.nth(n).text_content() == f"{moment.astimezone(ZoneInfo(TIMEZONE)):%H:%M}"
+    assert page.locator(".chart-x-label").inner_text() == "hour (your time)"
     active = page.locator("#active-version").inner_text()
+    assert page.locator("#script-heading .mono").inner_text() == active
     mark_page(page)
     draft_row = page.locator(".versions-table tr", has=page.locator(".badge", has_text="draft"))
     draft = draft_row.locator("td a.mono").inner_text()
     assert draft != active
+    page.once("dialog", lambda dialog: dialog.accept())  # activating asks first (hx-confirm)
     draft_row.locator("button").click()
     page.wait_for_selector(f"#active-version:text-is('{draft}')", timeout=WAIT_MS)
-    assert page.locator("#versions .flash").is_visible() and not_reloaded(page)
+    assert page.locator("#versions-status .flash").is_visible() and not_reloaded(page)
+    # The script section follows the activation: it shows the version now active, times in the viewer's zone.
+    page.wait_for_selector(f"#script-heading .mono:text-is('{draft}')", timeout=WAIT_MS)
+    assert "# second version" in page.locator(".script-source").inner_text()
+    assert TIMEZONE in page.locator("#script .hint time").inner_text()
     assert console.api.get(f"/api/v1/workflows/{console.streams}").json()["data"]["active_version"] == draft
-    shoot(page, "workflow")
+    console.shoot(page, "workflow")
 
 
 def test_the_api_key_never_reaches_the_browser(console: Console, session_runs: list[str]) -> None:
@@ -361,3 +493,162 @@ def test_the_api_key_never_reaches_the_browser(console: Console, session_runs: l
     cookies = console.context.cookies()
     assert cookies and all(key not in cookie["value"] for cookie in cookies)
     assert all(cookie["httpOnly"] for cookie in cookies if cookie["name"] == "flowpool_console")
+
+
+def test_a_live_run_page_keeps_focus_and_follows_its_newest_output_only_while_scrolled_to_the_bottom(
+        console: Console) -> None:
+    ref = f"e2e-chatty-{uuid.uuid4().hex[:6]}"
+    console.api.upload(ref, CHATTY)
+    first, let_first = console.gate()
+    second, let_second = console.gate()
+    doc = f"{console.provider.origin}/doc/{'a-long-path-segment-' * 8}end"
+    request_id = console.start(ref, input={"doc": doc, "first": first, "second": second})
+    eventually(lambda: console.provider.held(gate_name(first)) == 1, timeout=30, what="the run to hold after a 39")
+    page = console.page(f"/console/runs/{request_id}")
+    mark_page(page)
+    page.evaluate(COUNT_POLLS, "run-detail")
+    items = page.locator("#run-output li")
+    assert items.count() == 40
+    assert page.evaluate("(l => l.scrollHeight > l.clientHeight)(document.getElementById('run-output'))")
+    assert page.evaluate(AT_BOTTOM)  # a live run's list opens on its newest item
+    page.evaluate("window.__first = document.querySelector('#run-output li')")
+
+    # Focus on the timeline (inside the polled part): polls are skipped, and focus stays on the same element.
+    page.locator("#run-detail .tl-link").first.focus()
+    page.evaluate("window.__focused = document.activeElement")
+    page.wait_for_function("() => window.__polls.tries >= 2")
+    assert polls(page)["sent"] == 0 and polls(page)["prevented"] == polls(page)["tries"]
+    assert page.evaluate("document.activeElement === window.__focused")
+    # Focus elsewhere: the polls go again.
+    page.locator("#run-output").focus()
+    page.wait_for_function("() => window.__polls.sent >= 1")
+
+    # At the bottom, the list follows what the stream appends.
+    requests.post(let_first, timeout=10)
+    page.wait_for_selector("#run-output li:has-text('b 39')", timeout=WAIT_MS)
+    assert page.evaluate(AT_BOTTOM)
+    # Scrolled up, it stays where the reader is; nothing the stream appended is lost to a poll.
+    page.evaluate("document.getElementById('run-output').scrollTop = 0")
+    requests.post(let_second, timeout=10)
+    page.wait_for_selector("#run-output li:has-text('c 39')", timeout=WAIT_MS)
+    page.wait_for_selector("#run-announce:text-is('The run has ended: succeeded')", timeout=WAIT_MS)
+    assert page.evaluate("document.getElementById('run-output').scrollTop") == 0
+    assert items.count() == 120 and not_reloaded(page)
+    assert page.evaluate("document.querySelector('#run-output li') === window.__first")
+    assert page.locator(".run-status-line .badge-succeeded").is_visible()
+    assert page.locator("#run-result .json-node").count() >= 1  # the output, come with the last render
+
+    # The calls table (the long path's row wraps) and the timeline's axis fit a 1024px window.
+    page.wait_for_selector("table.calls tr.call-row", timeout=WAIT_MS)
+    for width in WIDTHS:
+        page.set_viewport_size({"width": width, "height": 800})
+        fit = fits_across(page, "table.calls")
+        assert fit["scroll"] <= fit["room"] and fit["right"] <= fit["window"], (width, fit)
+        axis = page.evaluate("""() => {
+            const scale = document.querySelector('.run-timeline .tl-scale').getBoundingClientRect();
+            const ticks = [...document.querySelectorAll('.run-timeline .tl-tick')];
+            const last = ticks[ticks.length - 1].getBoundingClientRect();
+            return {size: parseFloat(getComputedStyle(ticks[0]).fontSize), right: scale.right, last: last.right,
+                    left: scale.left, first: ticks[0].getBoundingClientRect().left};
+        }""")
+        assert axis["size"] >= 11 and axis["last"] <= axis["right"] + 0.5 and axis["first"] >= axis["left"] - 0.5, \
+            (width, axis)
+    page.set_viewport_size({"width": 1280, "height": 800})
+
+
+def test_a_failed_call_of_any_kind_is_drawn_in_the_legends_failed_colour(console: Console,
+                                                                         session_runs: list[str]) -> None:
+    page = console.page(f"/console/runs/{session_runs[0]}")
+    colours = page.evaluate("""() => {
+        const rows = document.querySelector('.run-timeline .tl-rows');
+        const fill = (kind, phase) => {
+            const li = document.createElement('li');
+            li.className = 'tl-row ' + kind;
+            const svg = document.createElementNS('http://www.w3.org/2000/svg', 'svg');
+            const rect = document.createElementNS('http://www.w3.org/2000/svg', 'rect');
+            rect.setAttribute('class', 'tl-seg tl-seg-' + phase);
+            svg.appendChild(rect); li.appendChild(svg); rows.appendChild(li);
+            const found = getComputedStyle(rect).fill;
+            li.remove();
+            return found;
+        };
+        const key = (name) => getComputedStyle(document.querySelector('.tl-key-' + name)).backgroundColor;
+        return {
+            keys: ['queued', 'running', 'ended', 'failed', 'model', 'http', 'workflow'].map(key),
+            failed: key('failed'), http: key('http'), workflow: key('workflow'), model: key('model'),
+            bad: [fill('tl-http tl-bad', 'call'), fill('tl-workflow tl-bad', 'call'), fill('tl-model tl-bad', 'call'),
+                  fill('tl-run tl-bad', 'ended')],
+            good: [fill('tl-http', 'call'), fill('tl-workflow', 'call'), fill('tl-model', 'call')],
+            drawn: getComputedStyle(document.querySelector('.run-timeline .tl-row.tl-model.tl-bad .tl-seg-call')).fill,
+        };
+    }""")
+    assert colours["bad"] == [colours["failed"]] * 4 and colours["drawn"] == colours["failed"]
+    assert colours["good"] == [colours["http"], colours["workflow"], colours["model"]]
+    assert len(set(colours["keys"])) == 7  # each swatch of the legend a colour of its own
+
+
+def test_the_runs_page_polls_without_taking_focus_and_says_how_many_runs_are_new(console: Console) -> None:
+    page = console.page("/console/runs")
+    page.evaluate(COUNT_POLLS, "runs-rows")
+    # Rows unchanged: the poll is answered 204 and nothing is swapped (the same row elements stay).
+    page.wait_for_function("() => window.__polls.statuses.includes(204)")
+    page.evaluate("window.__row = document.querySelector('#runs-rows tr'); window.__polls.statuses = []")
+    page.wait_for_function("() => window.__polls.statuses.includes(204)")
+    assert page.evaluate("document.querySelector('#runs-rows tr') === window.__row")
+
+    # A link in the table has focus: no poll is sent, so a new run does not take it away.
+    page.locator("#runs-rows tr.run-row a.mono").first.focus()
+    page.evaluate("window.__focused = document.activeElement")
+    sent = polls(page)["sent"]
+    request_id = console.start(console.fails, input={})
+    assert console.ended(request_id)["status"] == "failed"
+    tries = polls(page)["tries"]
+    page.wait_for_function("(n) => window.__polls.tries >= n", arg=tries + 2)
+    assert polls(page)["sent"] == sent and page.evaluate("document.activeElement === window.__focused")
+    assert page.locator(f"a[href='/console/runs/{request_id}']").count() == 0
+    # Focus leaves the table: the next poll brings the run, and the status line says so once.
+    page.locator("#go-to-run").focus()
+    page.wait_for_selector(f"#runs-rows a[href='/console/runs/{request_id}']", timeout=WAIT_MS)
+    assert page.locator("#runs-status").inner_text() == "1 new run"
+    assert page.locator("#runs-rows").get_attribute("aria-live") is None
+
+    # A failing poll makes the next ones wait longer: polls are skipped between failures.
+    page.route("**/console/runs/rows*", lambda route: route.fulfill(status=500, body="down for the test"))
+    page.wait_for_function("() => window.__polls.statuses.filter(s => s === 500).length >= 2")
+    tried = polls(page)
+    assert tried["prevented"] >= 1 and tried["tries"] > tried["sent"], tried
+    page.close()
+
+
+def test_a_session_page_updates_while_a_run_of_it_goes(console: Console) -> None:
+    hold, let_through = console.gate()
+    session = f"e2e-live-{uuid.uuid4().hex[:6]}"
+    request_id = console.start(console.streams, input={"topic": "session", "hold": hold}, session_id=session)
+    eventually(lambda: console.api.run(request_id)["status"] == "running", timeout=30, what="the run to start")
+    page = console.page(f"/console/sessions/{session}")
+    mark_page(page)
+    row = f"#session-detail tr:has(a[href='/console/runs/{request_id}'])"
+    assert page.locator(f"{row} .badge-running").is_visible()
+    requests.post(let_through, timeout=10)
+    page.wait_for_selector(f"{row} .badge-succeeded", timeout=WAIT_MS)
+    assert not_reloaded(page) and page.locator("#session-detail .live-dot").count() == 0
+
+
+def test_a_run_page_copies_its_id_and_the_runs_page_goes_to_a_run_by_its_id(
+        console: Console, session_runs: list[str]) -> None:
+    console.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=console.base_url)
+    request_id = session_runs[1]
+    page = console.page(f"/console/runs/{request_id}")
+    page.locator("button[data-copy]").click()
+    page.wait_for_selector("#run-announce:text-is('Request id copied')", timeout=WAIT_MS)
+    assert page.evaluate("navigator.clipboard.readText()") == request_id
+    link = page.get_by_role("link", name="Open in Playground with this input")
+    assert link.get_attribute("href") == f"/console/playground?workflow={console.streams}&from={request_id}"
+
+    runs = console.page("/console/runs")
+    runs.locator("#go-to-run").fill(session_runs[0])
+    runs.locator("#go-to-run").press("Enter")
+    runs.wait_for_url(re.compile(rf".*/console/runs/{session_runs[0]}$"), timeout=WAIT_MS)
+    runs.goto(f"{console.base_url}/console/runs/go?request_id=req_not_a_run", wait_until="load", timeout=WAIT_MS)
+    assert runs.title().startswith("Run not found") and runs.locator("h1").inner_text() == "Run not found"
+    assert runs.get_by_role("link", name="Back to the runs").get_attribute("href") == "/console/runs"

@@ -7,7 +7,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from tasks.outbound import MAX_RECORDED_HTTP_CALLS
+from tasks.outbound import MAX_RECORDED_HTTP_CALLS, MAX_TARGET_CHARS
 from tests.helpers import Client
 from tests.provider import StandInProvider
 
@@ -111,6 +111,25 @@ def test_a_secret_in_the_url_path_is_redacted_in_the_record(client: Client, prov
     [call] = run["http_calls"]
     assert call["path"] == "/doc/[redacted]"
     assert secret not in str(run)
+
+
+def test_a_long_path_is_cut_its_params_dropped_and_a_refused_method_is_not_kept(
+        client: Client, provider: StandInProvider) -> None:
+    output, run = _run(client, f"""
+        def execute(ctx):
+            answered = ctx.http.get("{provider.origin}/doc/" + "p" * 5000 + ";jsessionid=tok-in-the-params").status_code
+            try:
+                ctx.http.request("BREW" + "X" * 5000, "{provider.origin}/doc/tea")
+            except Exception as exc:
+                return [answered, type(exc).__name__]
+            return [answered, "sent"]
+    """)
+    assert output[1] != "sent"
+    long, refused = run["http_calls"]
+    assert long["path"] == "/doc/" + "p" * (MAX_TARGET_CHARS - len("/doc/") - 1) + "…"
+    assert (long["method"], long["status"]) == ("GET", "ok")
+    assert (refused["method"], refused["path"], refused["status"]) == ("?", "/doc/tea", "error")
+    assert "tok-in-the-params" not in str(run["http_calls"]) and "X" * 20 not in str(run["http_calls"])
 
 
 def test_nested_calls_are_recorded_with_their_start_and_the_workflow_that_made_them(

@@ -53,6 +53,20 @@ def test_sign_in_sets_a_strict_httponly_console_cookie_without_the_key_and_goes_
     assert client.key not in cookie and client.key not in signed.text
 
 
+def test_behind_a_proxy_ending_tls_the_cookie_can_be_made_secure_always(redis_server: RedisServer,
+                                                                       client: Client) -> None:
+    with second_api(redis_server, FLOWPOOL_CONSOLE_SECURE_COOKIE="always") as api:
+        assert api.api_url is not None
+        signed = _sign_in(api.api_url, client.key)
+        signed_out = requests.post(f"{api.api_url}/console/sign-out", allow_redirects=False, timeout=30,
+                                   headers={"Origin": api.api_url.rstrip("/")})
+
+    assert signed.status_code == 303, signed.text
+    assert "Secure" in [part.strip() for part in _cookie_header(signed).split(";")]
+    assert signed_out.status_code == 303, signed_out.text
+    assert "Secure" in [part.strip() for part in _cookie_header(signed_out).split(";")]
+
+
 def test_sign_in_goes_nowhere_outside_the_console(client: Client) -> None:
     for target in ("https://elsewhere.invalid/console/x", "//elsewhere.invalid/console/", "/api/v1/runs",
                    "/console\\@elsewhere.invalid", "javascript:alert(1)"):

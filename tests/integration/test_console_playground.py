@@ -119,6 +119,22 @@ def test_a_run_started_from_the_playground_is_admitted_like_an_api_run_and_ends(
     assert again.json()["run_url"] == f"/console/runs/{again.json()['request_id']}"
 
 
+def _phases(response: requests.Response) -> list[str]:
+    """The phases a response's Server-Timing header names, in order."""
+    return [part.split(";")[0].strip() for part in response.headers["Server-Timing"].split(",")]
+
+
+def test_a_playground_run_is_started_by_the_same_steps_as_post_runs(client: Client) -> None:
+    ref = _ref("plain")
+    client.upload(ref, PLAIN_WORKFLOW)
+    played = _start(_console(client), client, workflow=ref, input={"n": 1})
+    posted = client.post("/api/v1/runs", json={"model": f"workflow:{ref}", "input": {"n": 2}})
+
+    assert played.status_code == posted.status_code == 202, (played.text, posted.text)
+    assert _phases(posted) == ["app", "parse", "begin", "submit"]
+    assert _phases(played) == ["app", "begin", "submit"]  # admitted, then handed to the workers, as the API does
+
+
 def test_a_pinned_version_and_messages_reach_the_run(client: Client) -> None:
     ref = _ref("plain")
     first = client.upload(ref, PLAIN_WORKFLOW)["version"]["version"]
@@ -213,3 +229,82 @@ def test_an_account_without_workflows_is_told_how_to_upload_one(client: Client) 
     assert page.status_code == 200
     assert "No workflows yet" in page.text and "flowpool push workflow.py --name my-workflow" in page.text
     assert 'href="/console/workflows"' in page.text and "<textarea" not in page.text
+
+
+def _options(page: str) -> list[tuple[str, str]]:
+    """The version select's options: (value, label), in order."""
+    select = re.search(r'<select id="playground-version"[^>]*>(.*?)</select>', page, re.S)
+    assert select, page
+    return [(value, html.unescape(label)) for value, label in
+            re.findall(r'<option value="([^"]*)">([^<]*)</option>', select.group(1))]
+
+
+def test_the_version_select_lists_the_active_version_first_then_the_others_newest_first_drafts_marked(
+        client: Client, stack: Any) -> None:
+    ref, drafty = _ref("plain"), _ref("drafty")
+    client.upload(ref, PLAIN_WORKFLOW)
+    client.upload(ref, PLAIN_WORKFLOW.replace('"got"', '"second"'))
+    client.upload(ref, PLAIN_WORKFLOW.replace('"got"', '"third"'), publish_version=False)
+    client.upload(drafty, PLAIN_WORKFLOW, publish_version=False)
+    console = _console(client)
+    page = console.get(f"{client.base_url}/console/playground?workflow={ref}", timeout=30).text
+    # The active one's value is empty: the run takes the active version, as an unpinned API call does.
+    expected = [("", "1.1.0 (active)"), ("1.2.0", "1.2.0 (draft)"), ("1.0.0", "1.0.0")]
+    assert _options(page) == expected
+    assert 'data-versions-url="/console/playground/versions/"' in page
+    # What the page's script refills the select with when the workflow changes: the same options, as JSON.
+    answer = console.get(f"{client.base_url}/console/playground/versions/{ref}",
+                         headers={"Accept": "application/json"}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert [(o["value"], o["label"]) for o in answer.json()["data"]] == expected
+    assert [(o["active"], o["draft"]) for o in answer.json()["data"]] == [(True, False), (False, True), (False, False)]
+    # A workflow of drafts only has no empty choice: a run of it must name a version.
+    assert _options(console.get(f"{client.base_url}/console/playground?workflow={drafty}", timeout=30).text) == [
+        ("1.0.0", "1.0.0 (draft)")]
+    # Another account's workflow is not listed for anyone else.
+    other = _console(Client(client.base_url, stack.create_account(f"other-{uuid.uuid4().hex[:6]}")))
+    refused = other.get(f"{client.base_url}/console/playground/versions/{ref}",
+                        headers={"Accept": "application/json"}, timeout=30)
+    assert refused.status_code == 404 and error_of(refused)["reason"] == "workflow_not_found"
+
+
+def _session_field(page: str) -> str:
+    field = re.search(r'<input id="playground-session"[^>]*>', page)
+    assert field, page
+    return field.group(0)
+
+
+def test_a_runs_input_opens_in_the_playground_with_its_workflow_and_no_session_id(client: Client, stack: Any) -> None:
+    ref, other_ref = _ref("schema"), _ref("plain")
+    client.upload(ref, SCHEMA_WORKFLOW)
+    client.upload(other_ref, PLAIN_WORKFLOW)
+    console = _console(client)
+    sent = {"topic": "tides <b>", "weight": 2.5, "tags": ["a"]}
+    request_id = _start(console, client, workflow=ref, input=sent, session_id="sess-from").json()["request_id"]
+    _end(console, client, request_id)
+    # The run page's link names the run's workflow; the run's input fills the textarea, not the example.
+    page = console.get(f"{client.base_url}/console/playground",
+                       params={"workflow": ref, "from": request_id}, timeout=30).text
+    assert json.loads(_textarea(page)) == sent and "&lt;b&gt;" in page
+    assert re.search(rf'<option value="{re.escape(ref)}" selected>', page)
+    assert '<option value="input" selected>' in page
+    assert "value=" not in _session_field(page)  # a new session unless the user names one
+    notice = re.search(r'<p class="flash" role="status" id="playground-notice">(.*?)</p>', page, re.S)
+    assert notice and f'href="/console/runs/{request_id}"' in notice.group(1)
+    assert "its session id is left out" in notice.group(1)
+    # A run sent messages comes back as messages.
+    said = [{"role": "user", "content": "hello there"}]
+    chat_id = _start(console, client, workflow=other_ref, messages=said).json()["request_id"]
+    _end(console, client, chat_id)
+    chat = console.get(f"{client.base_url}/console/playground",
+                       params={"workflow": other_ref, "from": chat_id}, timeout=30).text
+    assert json.loads(_textarea(chat)) == said and '<option value="messages" selected>' in chat
+    # An unknown id, and another account's run, read the same: the workflow's example and a notice.
+    expected = {"topic": "", "count": 0, "tags": [], "loud": False, "extra": {}, "weight": 0}
+    unknown = console.get(f"{client.base_url}/console/playground",
+                          params={"workflow": ref, "from": "req_nosuchrun"}, timeout=30).text
+    assert json.loads(_textarea(unknown)) == expected and "You have no run req_nosuchrun" in unknown
+    other = Client(client.base_url, stack.create_account(f"other-{uuid.uuid4().hex[:6]}"))
+    theirs = _console(other).get(f"{client.base_url}/console/playground", params={"from": request_id}, timeout=30)
+    assert theirs.status_code == 200 and f"You have no run {request_id}" in theirs.text
+    assert "tides" not in theirs.text and ref not in theirs.text

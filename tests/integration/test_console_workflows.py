@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import re
 import uuid
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
@@ -106,13 +107,36 @@ def test_workflow_page_shows_versions_notes_highlighted_script_chart_and_links(u
     assert re.search(r'<time datetime="\d{4}-\d\d-\d\dT[\d:.]+Z" data-local', page)
     # The active version's script, highlighted by Pygments (its class names) with line numbers.
     assert '<div class="highlight">' in page and '<span class="k">def</span>' in page
-    assert '<span class="nf">execute</span>' in page and 'href="#L-3"' in page
+    assert '<span class="nf">execute</span>' in page and '<a id="L-3" name="L-3"></a>' in page
+    assert 'href="#L-' not in page  # line numbers are no Tab stops
     assert "# second cut: &lt;not markup&gt;" in page
     assert "/static/pygments.css" in page
     # The chart: an SVG with a title and description, and the same numbers as text beside it.
     assert _by_id(page, "stats-summary").startswith("2 runs, 0 errors (0.0%), p50 ")
     assert '<svg class="chart" id="runs-chart"' in page and '<title id="runs-chart-title">' in page
     assert page.count('class="bar-ok"') >= 1 and "hour (UTC)" in page
+    # Its hours are UTC text carrying their moment, which console.js shows in the viewer's zone and says so.
+    stamps = re.findall(r'<text [^>]*data-local="hour" data-ts="([\d.]+)">(\d\d:\d\d)</text>', page)
+    assert len(stamps) == 6 and all(
+        datetime.fromtimestamp(float(ts), timezone.utc).strftime("%H:%M") == label for ts, label in stamps)
+    assert 'data-local-label="hour (your time)">hour (UTC)</span>' in page
+    assert re.search(r'<title data-local="hour" data-ts="[\d.]+" data-after=": succeeded \d+">', page)
+    # The chart's numbers are text too: a table of the 24 hours, newest first, each hour a <time> the viewer's
+    # clock shows, with its runs, errors and latencies: the same numbers as the chart's bars.
+    table = re.search(r'<details class="chart-table" id="hourly-numbers">\s*<summary>Hourly numbers</summary>(.*?)'
+                      r'</details>', page, re.S)
+    assert table, "no hourly numbers"
+    rows = re.findall(r"<tr><td>(.*?)</td>(.*?)</tr>", table.group(1), re.S)
+    assert len(rows) == 24 and all('data-local="compact"' in hour for hour, _ in rows)
+    by_hour = {re.search(r'datetime="([^"]+)"', hour).group(1): _cells(rest) for hour, rest in rows}
+    bars = re.findall(r'<title data-local="hour" data-ts="([\d.]+)" data-after=": succeeded (\d+)">', page)
+    assert bars
+    for ts, succeeded in bars:
+        moment = datetime.fromtimestamp(float(ts), timezone.utc)
+        iso = moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+        assert by_hour[iso][:2] == [succeeded, "0"] and by_hour[iso][2].endswith(("ms", " s")), by_hour[iso]
+    assert sum(int(cells[0]) for cells in by_hour.values()) == 2
+    assert list(by_hour)[0] > list(by_hour)[-1]  # newest first
     assert f'href="/console/runs?workflow={ref}"' in page and f'href="/console/playground?workflow={ref}"' in page
     # An older version, asked for by number, shows its own script.
     old = _get(session, client, f"/console/workflows/{ref}", version=v1)
@@ -125,6 +149,18 @@ def test_a_failing_workflow_chart_counts_its_error(used: dict[str, Any]) -> None
     page = _get(session, client, f"/console/workflows/{refs['fails']}")
     assert _by_id(page, "stats-summary").startswith("1 run, 1 error (100.0%)")
     assert 'class="bar-error"' in page
+    hours = re.search(r'id="hourly-numbers">.*?<tbody>(.*?)</tbody>', page, re.S)
+    assert hours and [_cells(row)[1:3] for row in re.findall(r"<tr>(.*?)</tr>", hours.group(1), re.S)
+                      if _cells(row)[1:3] != ["0", "0"]] == [["1", "1"]]
+
+
+def _versions_and_status(page: str) -> tuple[str, str]:
+    """The versions section and the status region (its whole element) of a page or an activation's answer."""
+    section = re.search(r'<section id="versions".*?</section>', page, re.S)
+    status = re.search(r'<div id="versions-status".*?</div>', page, re.S)
+    assert section and status, page[:2000]
+    assert not (section.start() < status.start() < section.end()), "the status region is inside the section"
+    return section.group(0), status.group(0)
 
 
 def _row_of_version(page: str, ref: str, version: str) -> str:
@@ -154,18 +190,60 @@ def test_activating_a_draft_then_rolling_back_and_forward_in_the_console_changes
     page = _get(session, client, f"/console/workflows/{ref}")
     assert f"Activate {v2}" in _row_of_version(page, ref, v2)
     assert 'hx-post="/console/workflows/' + ref + '/activate"' in page
+    # One keypress must not change what new runs use: each activation asks first.
+    assert (f'hx-confirm="Make {v2} the active version of {ref}? New runs will use it instead of {v1}."'
+            in _row_of_version(page, ref, v2))
+    # The page's status region is outside the section htmx replaces, empty until an activation.
+    versions, status = _versions_and_status(page)
+    assert re.fullmatch(r'<div id="versions-status" class="versions-status" role="status" aria-live="polite">\s*'
+                        r'</div>', status)
 
     answer = _activate(session, client, ref, v2)
     assert answer.status_code == 200, answer.text
     assert answer.text.lstrip().startswith('<section id="versions"')  # the fragment htmx swaps, not a page
-    assert f"Version {v2} is now active" in answer.text and _by_id(answer.text, "active-version") == v2
-    assert f"Roll back to {v1}" in answer.text
+    assert _by_id(answer.text, "active-version") == v2 and f"Roll back to {v1}" in answer.text
     assert _active(client, ref) == v2
+    # The message goes out of band into the page's own status region, which stays: a screen reader hears it.
+    versions, status = _versions_and_status(answer.text)
+    assert "is now active" not in versions
+    assert status.startswith('<div id="versions-status" class="versions-status" role="status" aria-live="polite" '
+                             'hx-swap-oob="innerHTML">')
+    # Focus goes to the message (the button pressed is gone with the section it was in).
+    assert (f'<p class="flash" id="versions-message" tabindex="-1" data-focus-after-swap>Version {v2} is now active'
+            in status)
 
     answer = _activate(session, client, ref, v1)
-    assert answer.status_code == 200 and f"Version {v1} is now active" in answer.text
+    assert answer.status_code == 200 and f"Version {v1} is now active" in _versions_and_status(answer.text)[1]
+    assert f'hx-confirm="Make {v2} the active version of {ref}? New runs will use it instead of {v1}."' in answer.text
     assert _active(client, ref) == v1
     assert f"Roll forward to {v2}" in _get(session, client, f"/console/workflows/{ref}")
+
+
+def test_activating_a_version_in_the_console_also_shows_its_script(stack: Stack, client: Client) -> None:
+    ref = _name("script")
+    v1 = client.upload(ref, ECHO_WORKFLOW, version_notes="stable")["version"]["version"]
+    v2 = client.upload(ref, ECHO_V2, publish_version=False, version_notes="candidate")["version"]["version"]
+    session = console_session(client.base_url, client.key)
+    page = _get(session, client, f"/console/workflows/{ref}")
+    assert f'Script of version <span class="mono">{v1}</span>' in page and "second cut" not in page
+    # Not run yet: the chart's section says how to start a run, with working links.
+    assert _by_id(page, "stats-summary") == "No runs in the last 24 hours"
+    quiet = _by_id(page, "stats-empty")
+    assert f"flowpool invoke {ref} --input '{{}}'" in quiet
+    assert f'<a href="/console/playground?workflow={ref}">Playground</a>' in page
+
+    answer = _activate(session, client, ref, v2)
+    assert answer.status_code == 200, answer.text
+    # After the versions section htmx swaps, the script section comes out of band, with the new active script.
+    versions, script = answer.text.split('<section id="script"', 1)
+    assert "second cut" not in versions
+    assert script.startswith(' class="script" aria-labelledby="script-heading" hx-swap-oob="true">')
+    assert f'Script of version <span class="mono">{v2}</span>' in script and "candidate" in script
+    assert "# second cut: &lt;not markup&gt;" in script and '<div class="highlight">' in script
+    assert answer.headers["HX-Replace-Url"] == f"/console/workflows/{ref}"  # a reload shows the same version
+    # A refusal leaves the script section as it is.
+    refused = _activate(session, client, ref, "9.9.9")
+    assert 'id="script"' not in refused.text and "HX-Replace-Url" not in refused.headers
 
 
 def test_an_activation_the_registry_refuses_is_a_message_and_changes_nothing(stack: Stack, client: Client) -> None:
@@ -174,7 +252,9 @@ def test_an_activation_the_registry_refuses_is_a_message_and_changes_nothing(sta
     session = console_session(client.base_url, client.key)
     answer = _activate(session, client, ref, "9.9.9")
     assert answer.status_code == 200, answer.text  # htmx swaps 2xx answers only
-    assert 'role="alert"' in answer.text and f"Workflow not found: {ref}@9.9.9" in answer.text
+    status = _versions_and_status(answer.text)[1]
+    assert 'class="error-message" id="versions-message" tabindex="-1"' in status
+    assert f"Workflow not found: {ref}@9.9.9" in status
     assert _active(client, ref) == v1
     # Without htmx (a plain form post) the whole page comes back, with the refusal's status.
     plain = session.post(f"{client.base_url}/console/workflows/{ref}/activate", data={"version": "9.9.9"},
@@ -233,7 +313,12 @@ def test_usage_page_shows_the_numbers_the_usage_api_answers(used: dict[str, Any]
     for model, tokens in totals["tokens"]["by_model"].items():
         assert re.search(rf'<td class="mono">{re.escape(model)}</td><td class="num">{tokens}</td>', page)
     # The default range is the API's: the last 30 days, one chart slot each.
-    assert f"From {data['from']} to {data['to']}" in page
+    assert f"UTC days {data['from']} to {data['to']}" in page
+    # Its days are UTC days (the API's), and the page says so, with when today began in the viewer's time.
+    utc_days = re.search(r'<p class="hint" id="utc-days">(.*?)</p>', page, re.S)
+    assert utc_days and "UTC day" in utc_days.group(1)
+    assert re.search(r'<time datetime="\d{4}-\d\d-\d\dT00:00:00.000Z" data-local="time"', utc_days.group(1))
+    assert '<th scope="col">UTC day</th>' in page and 'class="chart-x-label">UTC day</span>' in page
     for chart in ("usage-runs", "usage-compute", "usage-tokens"):
         assert f'<svg class="chart" id="{chart}"' in page
     # One bar of successes for each day with some (the legend's swatch has no <title>).
@@ -250,7 +335,7 @@ def test_usage_page_for_a_range_of_days_and_a_bad_date(used: dict[str, Any]) -> 
     data = client.get("/api/v1/usage").json()["data"]
     today = data["to"]
     page = _get(session, client, "/console/usage", **{"from": today, "to": today})
-    assert f"From {today} to {today}" in page
+    assert f"UTC days {today} to {today}" in page
     assert _by_id(page, "total-runs").split()[0] == str(data["totals"]["runs_total"])
     bad = _get(session, client, "/console/usage", 400, **{"from": "yesterday"})
     assert "from must be a day as YYYY-MM-DD, got &#39;yesterday&#39;" in bad and "<nav" in bad

@@ -107,6 +107,8 @@ def test_a_failing_primary_is_retried_then_the_fallback_answers(client: Client, 
     failed, answered = client.run(body["request_id"])["model_calls"]
     assert (failed["model"], failed["status"], failed["fallback"], failed["attempts"]) == ("fail", "error", 0, 3)
     assert "HTTP 500" in failed["error"]
+    # The failed route says how long it took, its retries included; it never gave a first token.
+    assert failed["latency_ms"] > 0 and failed["ttft_ms"] is None
     assert (answered["model"], answered["status"], answered["fallback"]) == ("echo", "ok", 1)
 
 
@@ -191,6 +193,7 @@ def test_a_streamed_model_call_whose_primary_fails_before_streaming_falls_back(c
     assert body["output"] == {"text": "echo: one two"}
     failed, answered = client.run(body["request_id"])["model_calls"]
     assert (failed["model"], failed["status"], failed["fallback"]) == ("fail", "error", 0)
+    assert failed["latency_ms"] > 0 and failed["ttft_ms"] is None
     assert (answered["model"], answered["status"], answered["fallback"], answered["stream"]) == ("echo", "ok", 1, True)
 
 

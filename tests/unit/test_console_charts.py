@@ -101,6 +101,22 @@ def test_runs_chart_stacks_errors_over_successes_and_breaks_latency_lines_at_emp
     assert ("line-p95", "p95 latency") in chart.legend
 
 
+def test_runs_chart_hours_carry_their_moment_for_the_viewers_zone() -> None:
+    buckets = [_bucket(1_700_000_000 + h * 3600, 1, 0, 100, 100) for h in range(24)]
+    chart = runs_chart(buckets)
+    # The label is UTC text (what a page without script shows); ts is the bucket's start, to show it locally.
+    assert [(t.label, t.ts) for t in chart.x_ticks[:2]] == [("22:13", 1_700_000_000.0), ("02:13", 1_700_014_400.0)]
+    assert [b.ts for b in chart.bars] == [float(b["start"]) for b in buckets]
+    assert chart.bars[0].title == "22:13: succeeded 1" and chart.bars[0].detail == "succeeded 1"
+    assert (chart.x_label, chart.x_label_local) == ("hour (UTC)", "hour (your time)")
+
+
+def test_a_bar_chart_of_labels_alone_carries_no_moments() -> None:
+    chart = bar_chart(["05-01", "05-02"], [Series("bar-ok", "runs", [1, 2])], x_label="UTC day")
+    assert all(t.ts is None for t in chart.x_ticks) and all(b.ts is None for b in chart.bars)
+    assert chart.x_label_local == ""
+
+
 def test_runs_chart_of_a_quiet_day_is_empty() -> None:
     chart = runs_chart([_bucket(h * 3600, 0, 0, None, None) for h in range(24)])
     assert chart.empty and chart.lines[0].segments == ()
@@ -145,5 +161,13 @@ def test_highlighted_scripts_carry_classes_line_numbers_and_escaped_text_but_no_
     html = str(highlight.highlight_python('def execute(ctx):\n    return "<b>hi</b>"  # done\n'))
     assert '<span class="k">def</span>' in html and '<span class="c1"># done</span>' in html
     assert "&lt;b&gt;hi&lt;/b&gt;" in html and "<b>" not in html
-    assert 'href="#L-2"' in html and 'class="linenos"' in html
+    assert 'class="linenos"' in html and ">2</span>" in html.split('class="code"')[0]
     assert "style=" not in html  # the console's CSP blocks inline styles
+
+
+def test_each_script_line_has_an_id_to_link_to_but_its_number_is_no_tab_stop() -> None:
+    html = str(highlight.highlight_python("".join(f"x{n} = {n}\n" for n in range(1, 301))))
+    # #L-12 in an address scrolls to line 12: the id is on the line itself (an <a> without href: not focusable).
+    assert '<a id="L-12" name="L-12"></a>' in html and 'id="L-300"' in html
+    # Hundreds of lines must not be hundreds of Tab stops: no line number is a link.
+    assert "href=" not in html

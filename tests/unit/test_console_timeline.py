@@ -1,6 +1,7 @@
 """The console's timeline: rows, their order and their bars as fractions of one axis (pure, no I/O)."""
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -148,3 +149,86 @@ def test_a_failed_route_without_a_latency_lasts_until_its_fallback_started() -> 
                                   _model(T0 + 5, 1000, fallback=1)])
     failed, _ = build([record], now=T0 + 100).rows[1:]
     assert (failed.start, failed.end) == (T0 + 2, T0 + 5) and "until the next call" in failed.title
+
+
+def _http(index: int, started: float) -> dict[str, Any]:
+    return {"kind": "http", "method": "GET", "host": "127.0.0.1", "port": 8080, "path": f"/n/{index}",
+            "status": "ok", "status_code": 200, "started_at": started, "latency_ms": 10.0, "bytes": 1}
+
+
+def test_http_calls_over_the_records_cap_are_a_note_row_not_a_bar() -> None:
+    omitted = {"kind": "omitted", "status": "omitted", "count": 7,
+               "note": "7 more HTTP calls were made and not recorded"}
+    record = _record(http_calls=[_http(0, T0 + 2), _http(1, T0 + 3), omitted])
+    rows = build([record], now=T0 + 100).rows
+    assert [r.kind for r in rows] == ["run", "http", "http", "note"]
+    note = rows[-1]
+    assert note.label == "7 more HTTP calls not recorded" and note.segments == () and note.start is None
+    assert note.anchor == call_anchor("req_1", "http", 2) and "were made and not recorded" in note.title
+    assert not any(r.label.startswith("HTTP ?") for r in rows)
+
+
+def test_a_note_row_is_drawn_as_text_in_the_timeline_and_the_calls_table() -> None:
+    from flowpool.api.app import create_app
+    from flowpool.settings import Settings
+
+    record = _record(http_calls=[_http(0, T0 + 2), {"kind": "omitted", "count": 1, "note": "1 more, not kept"}])
+    timeline = build([record], now=T0 + 100)
+    app = create_app(Settings(redis_url="redis://127.0.0.1:9"))
+    with app.test_request_context("/console/runs"):
+        module = app.jinja_env.get_template("console/_timeline.html").make_module()
+        drawn = str(module.timeline_svg(timeline)) + str(module.calls_table(timeline.rows[1:]))
+    assert "1 more HTTP call not recorded" in drawn and "1 more, not kept" in drawn
+    assert "HTTP ?" not in drawn and drawn.count('class="tl-row tl-note"') == 1
+    assert drawn.count('<svg class="tl-bar"') == 2  # the run's and the one call's; the note has no bar
+
+
+def _luminance(colour: str) -> float:
+    """WCAG relative luminance of a #rrggbb colour."""
+    def channel(value: int) -> float:
+        c = value / 255
+        return c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
+    r, g, b = (int(colour[i:i + 2], 16) for i in (1, 3, 5))
+    return 0.2126 * channel(r) + 0.7152 * channel(g) + 0.0722 * channel(b)
+
+
+def _contrast(a: str, b: str) -> float:
+    high, low = sorted((_luminance(a), _luminance(b)), reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
+def test_every_timeline_colour_has_3_to_1_contrast_with_its_track_and_the_page_light_and_dark() -> None:
+    from pathlib import Path
+
+    import flowpool.api.console as console
+
+    css = (Path(console.__file__).parent / "static" / "console.css").read_text()
+    found = re.findall(r"--(tl-[a-z]+|bg):\s*(#[0-9a-fA-F]{6});", css)
+    # Two sets of each (light, then dark under prefers-color-scheme: dark), in that order in the file.
+    schemes: list[dict[str, str]] = [{}, {}]
+    for name, colour in found:
+        scheme = schemes[0] if name not in schemes[0] else schemes[1]
+        scheme[name] = colour
+    phases = ("tl-queued", "tl-running", "tl-ended", "tl-failed", "tl-model", "tl-http", "tl-workflow")
+    for scheme in schemes:
+        assert set(phases) <= set(scheme), scheme
+        for phase in phases:
+            for ground in ("tl-track", "bg"):
+                assert _contrast(scheme[phase], scheme[ground]) >= 3.0, (phase, ground, scheme)
+    # Each colour says one thing: no two alike in a scheme.
+    assert all(len({scheme[p].lower() for p in phases}) == len(phases) for scheme in schemes)
+
+
+def test_the_axis_ticks_are_html_text_placed_by_class_the_last_one_aligned_to_the_end() -> None:
+    from flowpool.api.app import create_app
+    from flowpool.settings import Settings
+
+    timeline = build([_record(finished_at=T0 + 8)], now=T0 + 100)  # 8 s: ticks every second, the last at the end
+    app = create_app(Settings(redis_url="redis://127.0.0.1:9"))
+    with app.test_request_context("/console/runs"):
+        drawn = str(app.jinja_env.get_template("console/_timeline.html").make_module().timeline_svg(timeline))
+    ticks = re.findall(r'<span class="tl-tick tl-at-(\d+) tl-tick-(start|mid|end)">([^<]+)</span>', drawn)
+    assert ticks[0] == ("0", "start", "0") and ticks[-1] == ("100", "end", "+8 s")
+    assert [int(at) for at, _, _ in ticks] == [round(n * 100 / 8) for n in range(9)]
+    assert all(align == "mid" for _, align, _ in ticks[1:-1])
+    assert "<text" not in drawn and "style=" not in drawn

@@ -1,7 +1,7 @@
 /* The flowpool console's one script: no build step, no dependencies beyond htmx.
  *
  * Core (below): local times, live streams (FlowpoolConsole.follow), the "/" hotkey and the CSRF token for fetch().
- * Pages add their own parts at the end, each in a clearly marked block of its own.
+ * Each page's own part is a file of its own (workflow.js, playground.js, run.js), loaded by its template.
  * The CSP allows only scripts from this origin's files: nothing here may use eval or inline handlers.
  */
 (function () {
@@ -14,17 +14,49 @@
   })();
   var fullFormat = new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeStyle: "medium" });
   var timeFormat = new Intl.DateTimeFormat(undefined, { timeStyle: "medium" });
+  var compactFormat = new Intl.DateTimeFormat(undefined, { dateStyle: "short", timeStyle: "medium" });
+  var hourFormat = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit", hourCycle: "h23" });
 
-  /* Rewrite every <time datetime data-local> under `root` (the server wrote UTC text) in the viewer's zone. */
+  /* Rewrite every <time datetime data-local> under `root` (the server wrote UTC text) in the viewer's zone.
+   * data-local="time": the time of day only. "compact" and "compact-time" (table cells): the same without the zone's
+   * name, which the column's header says once ([data-local-zone]); their title has the full time and the zone. */
   function localiseTimes(root) {
     var nodes = (root || document).querySelectorAll("time[data-local]");
     for (var i = 0; i < nodes.length; i++) {
       var node = nodes[i];
       var when = new Date(node.getAttribute("datetime"));
       if (isNaN(when.getTime())) { continue; }
-      var format = node.getAttribute("data-local") === "time" ? timeFormat : fullFormat;
-      node.textContent = format.format(when) + (zone ? " " + zone : "");
+      var kind = node.getAttribute("data-local");
+      var full = fullFormat.format(when) + (zone ? " " + zone : "");
+      if (kind === "compact" || kind === "compact-time") {
+        node.textContent = (kind === "compact" ? compactFormat : timeFormat).format(when);
+        node.title = full;
+        continue;
+      }
+      node.textContent = kind === "time" ? timeFormat.format(when) + (zone ? " " + zone : "") : full;
       if (!node.title) { node.title = when.toISOString(); }
+    }
+    var zones = (root || document).querySelectorAll("[data-local-zone]");
+    for (var j = 0; j < zones.length; j++) { zones[j].textContent = zone ? "(" + zone + ")" : ""; }
+    localiseHours(root || document);
+  }
+
+  /* Rewrite every chart label marked data-local="hour" (an SVG <text> or <title> whose data-ts holds the unix time
+   * it labels; the server wrote it in UTC) as the viewer's HH:MM, then its data-after text; the chart's axis name
+   * ([data-local-label] in the same figure) then says so instead of "(UTC)". Idempotent: it reads data-ts. */
+  function localiseHours(root) {
+    var nodes = root.querySelectorAll('[data-local="hour"][data-ts]');
+    for (var i = 0; i < nodes.length; i++) {
+      var ts = parseFloat(nodes[i].getAttribute("data-ts"));
+      if (!isFinite(ts)) { continue; }
+      nodes[i].textContent = hourFormat.format(new Date(ts * 1000)) + (nodes[i].getAttribute("data-after") || "");
+    }
+    var labels = root.querySelectorAll("[data-local-label]");
+    for (var j = 0; j < labels.length; j++) {
+      var figure = labels[j].closest("figure") || document;
+      if (figure.querySelector('[data-local="hour"][data-ts]')) {
+        labels[j].textContent = labels[j].getAttribute("data-local-label");
+      }
     }
   }
 
@@ -86,6 +118,139 @@
     return { close: close };
   }
 
+  /* ---- core: polling -------------------------------------------------------------------------------------------
+   * Elements marked data-poll that htmx polls (hx-trigger="every Ns"): the runs table's body, a run's detail, a
+   * session's detail. A swap replaces what is inside them, so
+   *  - a poll is skipped while focus is inside the element (the swap would drop it to <body>) or the tab is hidden;
+   *    an answer that comes once focus went in is not swapped in unless focus can be put back on the same link;
+   *  - after a failed poll the element waits twice as long as before (up to MAX_BACKOFF_MS), from its interval;
+   *  - data-fingerprint goes with each request as X-Console-Fingerprint: the server answers 204 (htmx swaps
+   *    nothing) when it is the fingerprint of what it would send, and sends the new one in the same header;
+   *  - data-announce="ID": after a swap, how many rows ([data-id]) are new is said in the role=status element #ID
+   *    (the element itself is not a live region: re-reading it at each poll would flood a screen reader).
+   */
+  var MAX_BACKOFF_MS = 30000;
+  var FINGERPRINT = "X-Console-Fingerprint";
+
+  function polled(elt) { return Boolean(elt && elt.hasAttribute && elt.hasAttribute("data-poll")); }
+
+  function pollState(elt) {
+    if (!elt.__flowpoolPoll) { elt.__flowpoolPoll = { failures: 0, until: 0, ids: null, focus: null }; }
+    return elt.__flowpoolPoll;
+  }
+
+  function pollInterval(elt) {
+    var found = /every\s+(\d+(?:\.\d+)?)(ms|s)\b/.exec(elt.getAttribute("hx-trigger") || "");
+    return found ? parseFloat(found[1]) * (found[2] === "s" ? 1000 : 1) : 2000;
+  }
+
+  function focusInside(elt) {
+    var active = document.activeElement;
+    return Boolean(active && active !== document.body && elt.contains(active));
+  }
+
+  /* A selector that finds the focused element again in new content: its id, or a link's href. */
+  function focusKey(active) {
+    if (active.id) { return "#" + CSS.escape(active.id); }
+    if (active.getAttribute("href")) { return 'a[href="' + CSS.escape(active.getAttribute("href")) + '"]'; }
+    return null;
+  }
+
+  function rowIds(elt) {
+    var ids = {};
+    var rows = elt.querySelectorAll("[data-id]");
+    for (var i = 0; i < rows.length; i++) { ids[rows[i].getAttribute("data-id")] = true; }
+    return ids;
+  }
+
+  function whenFocusLeaves(elt, then) {
+    elt.addEventListener("focusout", function left() {
+      window.setTimeout(function () {
+        if (focusInside(elt)) { return; }
+        elt.removeEventListener("focusout", left);
+        then();
+      }, 0);
+    });
+  }
+
+  document.addEventListener("htmx:beforeRequest", function (event) {
+    var elt = event.detail.elt;
+    if (!polled(elt)) { return; }
+    if (document.visibilityState === "hidden" || focusInside(elt) || Date.now() < pollState(elt).until) {
+      event.preventDefault();
+    }
+  });
+
+  document.addEventListener("htmx:configRequest", function (event) {
+    var elt = event.detail.elt;
+    if (polled(elt) && elt.getAttribute("data-fingerprint")) {
+      event.detail.headers[FINGERPRINT] = elt.getAttribute("data-fingerprint");
+    }
+  });
+
+  document.addEventListener("htmx:beforeSwap", function (event) {
+    var elt = event.detail.elt;
+    if (!polled(elt) || !event.detail.shouldSwap) { return; }
+    var state = pollState(elt);
+    state.focus = null;
+    if (focusInside(elt)) {
+      // Focus went in while the request was on its way: swap only if the same link can be focused again.
+      var key = focusKey(document.activeElement);
+      var fragment = document.createElement("template");
+      fragment.innerHTML = event.detail.serverResponse || "";
+      if (!key || !fragment.content.querySelector(key)) {
+        event.detail.shouldSwap = false;
+        state.skipped = true;
+        return;
+      }
+      state.focus = key;
+    }
+    state.ids = elt.hasAttribute("data-announce") ? rowIds(elt) : null;
+  });
+
+  document.addEventListener("htmx:afterSwap", function (event) {
+    var elt = event.detail.elt;
+    if (!polled(elt)) { return; }
+    var state = pollState(elt);
+    if (state.focus) {
+      var again = elt.querySelector(state.focus);
+      if (again) { again.focus({ preventScroll: true }); }
+      state.focus = null;
+    }
+    var status = document.getElementById(elt.getAttribute("data-announce") || "");
+    if (status && state.ids) {
+      var now = rowIds(elt);
+      var fresh = 0;
+      Object.keys(now).forEach(function (id) { if (!state.ids[id]) { fresh += 1; } });
+      status.textContent = fresh ? fresh + (fresh === 1 ? " new run" : " new runs") : "";
+    }
+    state.ids = null;
+  });
+
+  document.addEventListener("htmx:afterRequest", function (event) {
+    var elt = event.detail.elt;
+    if (!polled(elt)) { return; }
+    var state = pollState(elt);
+    if (event.detail.successful === true) {
+      state.failures = 0;
+      state.until = 0;
+      var print = event.detail.xhr && event.detail.xhr.getResponseHeader(FINGERPRINT);
+      // A fingerprint of rows not swapped in (focus went in meanwhile) would make the next poll a 204 wrongly.
+      if (print && !state.skipped) { elt.setAttribute("data-fingerprint", print); }
+      if (state.skipped && event.detail.xhr.status === 286) {
+        // The last answer (htmx stops polling at a 286) was not swapped in: ask again once focus has left.
+        whenFocusLeaves(elt, function () {
+          window.htmx.ajax("GET", elt.getAttribute("hx-get"), { source: elt, target: elt, swap: "innerHTML" });
+        });
+      }
+    } else {
+      state.failures += 1;
+      var wait = Math.min(pollInterval(elt) * Math.pow(2, state.failures), MAX_BACKOFF_MS);
+      state.until = Date.now() + wait - pollInterval(elt);
+    }
+    state.skipped = false;
+  });
+
   /* ---- core: keyboard ---------------------------------------------------------------------------------------- */
 
   /* "/" focuses the page's filter or search input ([data-hotkey-focus]) unless one is being typed in. */
@@ -115,341 +280,3 @@
     localiseTimes: localiseTimes
   };
 })();
-
-/* ---- pages: each page's block goes below, in a clearly commented section of its own ---------------------------- */
-
-/* ---- page: playground (/console/playground) ------------------------------------------------------------------
- * Switching the workflow fills the textarea with that workflow's example input (from its INPUT_SCHEMA, sent in
- * <script type="application/json" id="playground-workflows">). Invoke (or Ctrl+Enter) checks the JSON here,
- * POSTs it to /console/playground/runs with the session's CSRF token, then follows the run's console stream:
- * chunks and log lines as they come, then the output or the error, and a link to the run's page. When the
- * stream ends without an answer (a run that failed before its first event is answered as plain JSON, which
- * EventSource cannot read), the run's end is asked of /console/playground/runs/<request_id>.
- */
-(function () {
-  "use strict";
-
-  var MESSAGES_EXAMPLE = '[\n  {"role": "user", "content": ""}\n]';
-  var END_TRIES = 60;  // how many times (a second apart) the run's end is asked for once its stream has ended
-
-  function byId(id) { return document.getElementById(id); }
-
-  function show(node, visible) { if (node) { node.hidden = !visible; } }
-
-  function setStatus(status) {
-    var badge = byId("playground-run-status");
-    badge.textContent = String(status).replace(/_/g, " ");
-    badge.className = "badge badge-" + String(status).replace(/_/g, "-");
-  }
-
-  function appendLine(list, text) {
-    var item = document.createElement("li");
-    item.textContent = text;
-    list.appendChild(item);
-  }
-
-  function asText(value) {
-    return typeof value === "string" ? value : JSON.stringify(value);
-  }
-
-  function errorText(error) {
-    if (!error) { return "unknown error"; }
-    var text = (error.type ? error.type + ": " : "") + (error.message || JSON.stringify(error));
-    return error.traceback ? text + "\n\n" + error.traceback : text;
-  }
-
-  function start() {
-    var form = byId("playground-form");
-    var dataNode = byId("playground-workflows");
-    if (!form || !dataNode) { return; }
-    var choices = JSON.parse(dataNode.textContent || "{}");
-    var select = byId("playground-workflow");
-    var field = byId("playground-field");
-    var textarea = byId("playground-input");
-    var version = byId("playground-version");
-    var session = byId("playground-session");
-    var inputError = byId("playground-input-error");
-    var button = byId("playground-invoke");
-    var statusLine = byId("playground-status");
-    var following = null;
-
-    function example() {
-      if (field.value === "messages") { return MESSAGES_EXAMPLE; }
-      var choice = choices[select.value];
-      return choice ? choice.example : "{}";
-    }
-
-    function inputProblem(text) {
-      inputError.textContent = text;
-      show(inputError, Boolean(text));
-      if (text) { textarea.setAttribute("aria-invalid", "true"); } else { textarea.removeAttribute("aria-invalid"); }
-    }
-
-    select.addEventListener("change", function () {
-      var choice = choices[select.value] || {};
-      textarea.value = example();
-      version.value = "";
-      version.placeholder = choice.active_version ? "active: " + choice.active_version
-        : "no active version: name one";
-      byId("playground-description").textContent = choice.description || "";
-      inputProblem("");
-      // The address names the workflow, so a reload or a shared link opens the same one.
-      if (window.history && window.history.replaceState) {
-        window.history.replaceState(null, "", "?workflow=" + encodeURIComponent(select.value));
-      }
-    });
-    field.addEventListener("change", function () {
-      textarea.value = example();
-      inputProblem("");
-    });
-    textarea.addEventListener("input", function () { inputProblem(""); });
-    form.addEventListener("keydown", function (event) {
-      if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
-        event.preventDefault();
-        if (!button.disabled) { form.requestSubmit(button); }
-      }
-    });
-
-    function finish(message) {
-      button.disabled = false;
-      statusLine.textContent = message || "";
-    }
-
-    function showOutput(output) {
-      byId("playground-output").textContent = JSON.stringify(output, null, 2);
-      show(byId("playground-output-box"), true);
-    }
-
-    function showError(error) {
-      byId("playground-error").textContent = errorText(error);
-      show(byId("playground-error-box"), true);
-    }
-
-    /* The run's end, asked again until it has one (a stream can close before the record says so). */
-    function fetchEnd(endUrl, tries) {
-      fetch(endUrl, { headers: { "Accept": "application/json" }, credentials: "same-origin" })
-        .then(function (response) { return response.json(); })
-        .then(function (body) {
-          var data = body.data;
-          if (!data) { showError(body.error); finish(""); return; }
-          setStatus(data.status);
-          if (!data.ended && tries > 1) {
-            window.setTimeout(function () { fetchEnd(endUrl, tries - 1); }, 1000);
-            return;
-          }
-          if (data.error) { showError(data.error); }
-          else if (data.ended && byId("playground-output-box").hidden) { showOutput(data.output); }
-          finish(data.ended ? "" : "still running: see the run's page");
-        })
-        .catch(function () { finish("could not read the run's end: see the run's page"); });
-    }
-
-    function followRun(started) {
-      var chunks = byId("playground-chunks");
-      var logs = byId("playground-logs");
-      var answered = false;
-      var link = byId("playground-run-link");
-      link.textContent = started.request_id;
-      link.href = started.run_url;
-      chunks.textContent = "";
-      logs.textContent = "";
-      show(byId("playground-output-box"), false);
-      show(byId("playground-error-box"), false);
-      setStatus("running");
-      show(byId("playground-result"), true);
-      statusLine.textContent = "running…";
-      following = window.FlowpoolConsole.follow(started.stream_url, {
-        message: function (data) {
-          if (!data || typeof data !== "object") { return; }
-          if (data.object === "workflow.chunk") {
-            appendLine(chunks, (data.type || "chunk") + ": " + asText(data.content));
-          } else if (data.object === "chat.completion") {
-            answered = true;
-            showOutput(data.output);
-          } else if (data.error) {
-            answered = true;
-            showError(data.error);
-          }
-        },
-        log: function (data) {
-          if (data && typeof data === "object") {
-            appendLine(logs, (data.level || "info") + " " + (data.msg || "") +
-                       (data.fields ? " " + JSON.stringify(data.fields) : ""));
-          }
-        },
-        ended: function () { return answered; },
-        done: function () {
-          following = null;
-          fetchEnd(form.getAttribute("data-end-url") + encodeURIComponent(started.request_id), END_TRIES);
-        }
-      });
-    }
-
-    form.addEventListener("submit", function (event) {
-      event.preventDefault();
-      var value;
-      try {
-        value = JSON.parse(textarea.value);
-      } catch (problem) {
-        inputProblem("Not valid JSON: " + problem.message);
-        textarea.focus();
-        return;
-      }
-      if (field.value === "messages" && !Array.isArray(value)) {
-        inputProblem("messages must be a JSON list of chat messages, like " + MESSAGES_EXAMPLE.replace(/\s+/g, " "));
-        textarea.focus();
-        return;
-      }
-      inputProblem("");
-      var body = { workflow: select.value };
-      body[field.value] = value;
-      if (version.value.trim()) { body.version = version.value.trim(); }
-      if (session.value.trim()) { body.session_id = session.value.trim(); }
-      if (following) { following.close(); following = null; }
-      button.disabled = true;
-      statusLine.textContent = "starting…";
-      fetch(form.getAttribute("data-runs-url"), {
-        method: "POST",
-        credentials: "same-origin",
-        headers: { "Content-Type": "application/json", "Accept": "application/json",
-                   "X-CSRF-Token": window.FlowpoolConsole.csrf() },
-        body: JSON.stringify(body)
-      }).then(function (response) {
-        return response.json().then(function (answer) { return { ok: response.ok, answer: answer, status: response.status }; },
-                                    function () { return { ok: false, answer: null, status: response.status }; });
-      }).then(function (result) {
-        if (result.ok && result.answer && result.answer.request_id) {
-          followRun(result.answer);
-          return;
-        }
-        var error = result.answer && result.answer.error;
-        var message = error ? errorText(error) : "the console answered " + result.status + ": reload the page";
-        if (error && error.code === 401) { message += " (sign in again: /console/sign-in)"; }
-        // The input's own problems go next to it; the rest beside the button.
-        if (error && error.code === 400 && ["workflow", "version", "session_id"].indexOf(error.param) === -1) {
-          inputProblem(message);
-          finish("");
-        } else {
-          finish(message);
-        }
-      }).catch(function (problem) {
-        finish("the request did not reach the console: " + problem.message);
-      });
-    });
-  }
-
-  if (document.readyState === "loading") {
-    document.addEventListener("DOMContentLoaded", start);
-  } else {
-    start();
-  }
-})();
-
-/* ---- page: run (/console/runs/<request_id>) ---------------------------------------------------------------------
- * While the run goes, the page has <div data-run-stream="URL" data-run-output="ID">: follow the run's events
- * (chunks as plain messages, log lines as `log` events) and append each to the output list #ID. The detail
- * fragment around that list is re-rendered by htmx every 2 s with everything so far, so each item carries its
- * stream entry id (data-entry "c:<id>" for a chunk, "l:<id>" for a log line) and one already shown is skipped.
- */
-(function () {
-  "use strict";
-
-  function entryOf(event, part) {
-    var ids = (event && event.lastEventId ? event.lastEventId : "").split(".");
-    return ids.length > part ? ids[part] : "";
-  }
-
-  function span(className, text) {
-    var node = document.createElement("span");
-    node.className = className;
-    node.textContent = text;
-    return node;
-  }
-
-  /* Append `item` to the output list unless an item with the same entry id is there already. */
-  function append(outputId, entry, item) {
-    var list = document.getElementById(outputId);
-    if (!list) { return; }
-    if (entry && list.querySelector('[data-entry="' + entry.replace(/[^0-9a-z:.\-]/gi, "") + '"]')) { return; }
-    if (entry) { item.setAttribute("data-entry", entry); }
-    list.appendChild(item);
-    var empty = list.parentNode ? list.parentNode.querySelector(".output-empty") : null;
-    if (empty) { empty.parentNode.removeChild(empty); }
-  }
-
-  function chunkItem(data) {
-    var li = document.createElement("li");
-    li.className = "out-chunk";
-    li.appendChild(span("out-kind", "chunk"));
-    if (data.type) { li.appendChild(document.createTextNode(" ")); li.appendChild(span("out-type", String(data.type))); }
-    li.appendChild(document.createTextNode(" "));
-    var content = data.content;
-    li.appendChild(span("out-content", typeof content === "string" ? content : JSON.stringify(content)));
-    return li;
-  }
-
-  function logItem(data) {
-    var level = String(data.level || "info");
-    var li = document.createElement("li");
-    li.className = "out-log out-log-" + level.replace(/[^a-z]/gi, "");
-    li.appendChild(span("out-kind", "log"));
-    li.appendChild(document.createTextNode(" "));
-    if (typeof data.time === "number") {
-      var time = document.createElement("time");
-      var when = new Date(data.time * 1000);
-      time.setAttribute("datetime", when.toISOString());
-      time.setAttribute("data-local", "time");
-      time.textContent = when.toISOString().slice(11, 19) + " UTC";
-      li.appendChild(time);
-      li.appendChild(document.createTextNode(" "));
-    }
-    li.appendChild(span("out-level", level.toUpperCase()));
-    li.appendChild(document.createTextNode(" "));
-    li.appendChild(span("out-msg", String(data.msg == null ? "" : data.msg)));
-    if (data.fields && typeof data.fields === "object" && Object.keys(data.fields).length) {
-      li.appendChild(document.createTextNode(" "));
-      var code = document.createElement("code");
-      code.className = "out-fields";
-      code.textContent = JSON.stringify(data.fields);
-      li.appendChild(code);
-    }
-    return li;
-  }
-
-  function start() {
-    var holder = document.querySelector("[data-run-stream]");
-    if (!holder || !window.FlowpoolConsole) { return; }
-    var outputId = holder.getAttribute("data-run-output") || "run-output";
-    var ended = false;
-    window.FlowpoolConsole.follow(holder.getAttribute("data-run-stream"), {
-      message: function (data, event) {
-        if (data && data.object === "workflow.chunk") {
-          append(outputId, "c:" + entryOf(event, 0), chunkItem(data));
-        } else if (data && typeof data === "object") {
-          ended = true;  // the completion or the error: the run has ended
-        }
-      },
-      log: function (data, event) {
-        if (!data || typeof data !== "object") { return; }
-        var li = logItem(data);
-        append(outputId, "l:" + entryOf(event, 1), li);
-        window.FlowpoolConsole.localiseTimes(li);
-      },
-      ended: function () { return ended; },
-      done: function () {
-        // One last render of the detail now, not at the next poll (it answers 286, which stops the polling).
-        var detail = document.getElementById("run-detail");
-        if (window.htmx && detail && detail.getAttribute("hx-get")) {
-          window.htmx.ajax("GET", detail.getAttribute("hx-get"), { target: detail, swap: "innerHTML" });
-        }
-      }
-    });
-  }
-
-  if (document.readyState === "loading") {
-    document.addEventListener("DOMContentLoaded", start);
-  } else {
-    start();
-  }
-})();
-/* ---- end of page: run ------------------------------------------------------------------------------------------ */
