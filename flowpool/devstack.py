@@ -440,9 +440,10 @@ class DevStack:
         else:  # never printed: a comment, so the lines still run as printed
             export += ("\n  # FLOWPOOL_REDIS_URL is left out: it holds a password; export it yourself for "
                        "`flowpool accounts` and `flowpool doctor`")
+        console = f"\n  Console:  {api_url}/console  (sign in with the API key)" if self.settings.console_enabled else ""
         return f"""
 flowpool is running.
-  API:      {api_url}
+  API:      {api_url}{console}
   Redis:    {shown_url(redis_url)}{flower}
   API key:  {key}
   Data:     {self.data_dir}: {kept}, kept across restarts; `flowpool dev --reset` wipes it

@@ -275,3 +275,12 @@ def test_dev_on_a_busy_port_says_so_in_one_line_and_leaves_nothing_running(home:
                         r"\(e\.g\. --port \d+\)\n", result.stderr), result.stderr
     assert not (tmp_path / ".flowpool" / "redis").exists()  # no Redis was started
     assert not os.path.exists(tmp_path / ".flowpool" / "dev.json")
+
+
+def test_the_banner_names_the_console_where_its_key_signs_in(dev: Dev) -> None:
+    console = re.search(r"^\s+Console:\s+(\S+)\s+\(sign in with the API key\)$", dev.output, re.M)
+    assert console is not None, dev.output
+    assert console.group(1) == f"{dev.api_url}/console"
+    session = requests.Session()
+    signed_in = session.post(f"{dev.api_url}/console/sign-in", data={"api_key": dev.key}, timeout=30)
+    assert signed_in.status_code == 200 and signed_in.url.startswith(f"{dev.api_url}/console/workflows"), signed_in.url
