@@ -40,11 +40,14 @@ bp = Blueprint("runs", __name__, url_prefix="/api/v1")
 def run_view(svc: Services, record: RunRecord, full: bool = True) -> dict[str, Any]:
     """A run as the API shows it; never the secrets, which are not stored at all.
 
-    A running run's record gets its log lines and chunks with its end: till
-    then they are read from their streams, as far as they have come.
+    A running run's record gets its log lines, chunks and calls with its end:
+    till then they are read from their streams and its live calls (each
+    call's latest entry, one still going with status ``running``), as far as
+    they have come.
     """
     if full and record.status == RunStatus.RUNNING.value:
         chunks, logs, cut = svc.runs.so_far(record.request_id)
+        record = svc.runs.with_live_calls(record)
         return replace(record, logs=logs, logs_truncated=cut).to_view(chunks)
     chunks = svc.runs.chunks(record.request_id) if full and record.chunk_count else []
     return record.to_view(chunks, full=full)

@@ -7,7 +7,8 @@ __all__ = [
     "account_rate", "account_usage", "run_webhook",
     "account", "agents", "api_key", "applications", "console_session", "session_runs", "workflows", "workflow",
     "workflow_ids", "versions", "version",
-    "version_hashes", "run", "run_cancel", "run_events", "run_lease", "run_logs", "run_reply", "workflow_runs", "cache",
+    "version_hashes", "run", "run_cancel", "run_events", "run_calls", "run_lease", "run_logs", "run_reply",
+    "workflow_runs", "cache",
     "account_runs", "cache_record", "inflight", "idempotency", "blob", "datastores", "datastore", "datastore_log",
 ]
 
@@ -144,6 +145,16 @@ def run_logs(request_id: str) -> str:
     minutes more, for the readers still following it.
     """
     return f"{PREFIX}run:{request_id}:logs"
+
+
+def run_calls(request_id: str) -> str:
+    """List: a running run's model, agent, HTTP and workflow calls as they start and end (flowpool.live_calls), one
+    JSON entry each, the calls' own redacted as the record keeps them; merged by call id, the latest entry wins.
+
+    Expires past the run's deadline while it goes; its end (whose record keeps the calls) leaves it the log
+    stream's few minutes more.
+    """
+    return f"{PREFIX}run:{request_id}:calls"
 
 
 def run_reply(request_id: str) -> str:

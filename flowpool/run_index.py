@@ -2,15 +2,18 @@
 
 An index may hold ids whose record has expired (records live ``FLOWPOOL_RUN_TTL_SECONDS``; the indexes are trimmed
 by count): those are passed over as they are read. :class:`RunIndex` is the reading half of
-:class:`~flowpool.runs.RunStore`, which writes the indexes (``run_scripts`` BEGIN, :meth:`RunStore.create`).
+:class:`~flowpool.runs.RunStore`, which writes the indexes (``run_scripts`` BEGIN, :meth:`RunStore.create`). It also
+reads a running run's calls so far (:mod:`flowpool.live_calls`), which its record gets only with its end.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Collection
 
 from flowpool import keys
-from flowpool.run import RunRecord
+from flowpool.live_calls import merge
+from flowpool.run import RunRecord, RunStatus
 from flowpool.runstats import workflow_stats
 
 if TYPE_CHECKING:
@@ -116,6 +119,18 @@ class RunIndex:
         return [RunRecord.from_fields({name.encode(): raw for name, raw in zip(SUMMARY_FIELDS, values)
                                        if raw is not None})
                 for values in pipe.execute()]
+
+    def live_calls(self, request_id: str) -> dict[str, list[dict[str, Any]]]:
+        """A running run's calls so far by record field (``model_calls``, ``http_calls``, ``workflow_calls``): each
+        call's latest entry with its ``call_id``, one still going with status ``running``
+        (:func:`flowpool.live_calls.merge`). One LRANGE."""
+        return merge(self.redis.lrange(keys.run_calls(request_id), 0, -1))
+
+    def with_live_calls(self, record: RunRecord) -> RunRecord:
+        """``record`` with its calls so far while it runs; else as it is (an ended run's record keeps its calls)."""
+        if record.status != RunStatus.RUNNING.value:
+            return record
+        return replace(record, **self.live_calls(record.request_id))
 
     def workflow_stats(self, account_id: str, ref: str, now: float, hours: int = 24) -> dict[str, Any]:
         """The workflow's runs of the ``hours`` up to ``now`` summed up (:func:`flowpool.runstats.workflow_stats`).

@@ -83,10 +83,17 @@ class CallRouter:
         job = self.calls.job.child(workflow, soft, input, messages)
         nested = replace(self, calls=self.calls.child(job), chain=[*self.chain, ref])
         started_at, started = time.time(), time.monotonic()
-        outcome = self.runtime.sandbox.run(script.code, job.sandbox_view(), soft, on_emit=self.on_emit,
-                                           source=script.source,
-                                           on_call=nested, slot_timeout=max(0.05, remaining - soft / 2),
-                                           on_idle=self.on_idle, limits=self.runtime.limits_for(workflow.limits))
+        shown = {"workflow": ref, "version": workflow.version, "caller": self.chain[-1], "depth": len(self.chain),
+                 "error": None, "started_at": started_at, "latency_ms": None}
+        self.calls.started("workflow", shown)
+        try:
+            outcome = self.runtime.sandbox.run(script.code, job.sandbox_view(), soft, on_emit=self.on_emit,
+                                               source=script.source,
+                                               on_call=nested, slot_timeout=max(0.05, remaining - soft / 2),
+                                               on_idle=self.on_idle, limits=self.runtime.limits_for(workflow.limits))
+        except BaseException:  # the worker's own failure: the record keeps no entry of this call
+            self.calls.dropped(shown)
+            raise
         error = outcome.error
         if error is None:
             try:
@@ -94,11 +101,13 @@ class CallRouter:
                              outcome.result_json)
             except FlowpoolError as exc:
                 error = exc  # type: ignore[assignment]
-        self.workflow_calls.append({
+        entry = {
             "workflow": ref, "version": workflow.version, "caller": self.chain[-1], "depth": len(self.chain),
             "status": "ok" if error is None else "error", "error": error.message if error else None,
             "started_at": started_at, "latency_ms": round((time.monotonic() - started) * 1000, 3), "logs": outcome.logs,
-        })
+        }
+        self.workflow_calls.append(entry)
+        self.calls.ended("workflow", entry, started=shown)
         if error is not None:
             if isinstance(error, TimeLimitExceeded) and soft >= remaining:
                 # The caller's own budget bounded the callee: let the caller's
@@ -108,8 +117,9 @@ class CallRouter:
         return outcome.result
 
     def _record_http(self, entry: dict[str, Any]) -> None:
-        """Keep an HTTP call's entry on the run's record, under the workflow this router serves."""
+        """Keep an HTTP call's entry on the run's record, under the workflow this router serves, and publish it."""
         self.http_calls.add(entry, self.calls.job.workflow)
+        self.calls.ended("http", {**entry, "workflow": self.calls.job.workflow})
 
     def call_datastore(self, method: str, params: dict[str, Any], deadline: float | None = None) -> Any:
         """Read a datastore of the run's account: a record by id (or None), or a search's ranked records.

@@ -13,10 +13,12 @@ from typing import TYPE_CHECKING, Any
 import flowpool
 from flowpool.connections import UNREACHABLE, patiently
 from flowpool.errors import NotFound, RunError, SandboxError, ScriptError, WorkerLost
+from flowpool.live_calls import LiveCalls
 from flowpool.quotas import token_increments
 from flowpool.registry import check_output
 # The redactor is the run module's: the API redacts what it records of a request with it too.
 from flowpool.run import Replacements, RunEnd, RunJob, RunStatus, dumps, redact, secret_redactions
+from flowpool.runs import LOG_TAIL_SECONDS
 from flowpool.sandbox import RunOutcome
 from flowpool.sandbox.session import StopRequest
 
@@ -180,8 +182,11 @@ def execute_run(runtime: WorkerRuntime, job: RunJob) -> RunEnd | None:
         runtime.active[request_id] = job.queue
         return True
 
-    calls = RunCalls(job)
     redactions = secret_redactions(job.secret_values())
+    # Its calls are shown while it goes, redacted as its record keeps them; a client that gives up quickly: the
+    # call waits on each write.
+    calls = RunCalls(job, live=LiveCalls(runtime.redis_quick, request_id, redactions, keep_until,
+                                         min(runtime.runs.ttl_ms, LOG_TAIL_SECONDS * 1000)))
     router: CallRouter | None = None
     chunks: _Chunks | None = None
     try:
@@ -302,6 +307,8 @@ def _record_end(runtime: WorkerRuntime, job: RunJob, claim: str, outcome: RunOut
                     [f"queue_runs:{job.queue}:{end.status}",
                      *(f"{record.get('kind', 'model')}_calls:{record['status']}" for record in calls.records)],
                     tokens=token_increments(calls.records))  # its account's usage
+        if calls.live is not None:  # its record keeps the calls now: their live list is left a few minutes
+            calls.live.expire_at_end(pipe)
         return bool(pipe.execute()[finished_at])
 
     if patiently(write, until, f"run {request_id}: writing its outcome"):

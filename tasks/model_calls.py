@@ -27,6 +27,7 @@ import requests
 
 from flowpool.egress import EgressDenied, EgressPolicy, guarded_session
 from flowpool.errors import NotFound
+from flowpool.live_calls import LiveCalls
 from flowpool.registry import Agent, Applications, ProviderKeys, Route
 from flowpool.run import RunJob
 from flowpool.sandbox import CallErrorKind, CallFailed, Streamed
@@ -41,14 +42,34 @@ _RETRYABLE = {408, 409, 425, 429, 500, 502, 503, 504}
 
 @dataclass
 class RunCalls:
-    """The model calls of one run: the job they serve (account, ids, messages, secrets) and the records they leave."""
+    """The model calls of one run: the job they serve (account, ids, messages, secrets) and the records they leave.
+
+    With ``live``, every call of the run (model, agent, HTTP, inline workflow) is also published as it starts
+    and ends, for readers of the running run (:mod:`flowpool.live_calls`).
+    """
 
     job: RunJob
     records: list[dict[str, Any]] = field(default_factory=list)  # each names the workflow whose call it is
+    live: LiveCalls | None = None
 
     def child(self, job: RunJob) -> RunCalls:
-        """The calls of a workflow this run calls inline with ``job``, recorded with the run's own."""
-        return RunCalls(job, self.records)
+        """The calls of a workflow this run calls inline with ``job``, recorded (and published) with the run's own."""
+        return RunCalls(job, self.records, self.live)
+
+    def started(self, kind: str, entry: dict[str, Any]) -> None:
+        """Publish a call of list ``kind`` (model, http, workflow) that starts now (:meth:`LiveCalls.start`)."""
+        if self.live is not None:
+            self.live.start(kind, entry)
+
+    def ended(self, kind: str, entry: dict[str, Any], started: dict[str, Any] | None = None) -> None:
+        """Publish a call's end, ``entry`` as the record keeps it (:meth:`LiveCalls.end`)."""
+        if self.live is not None:
+            self.live.end(kind, entry, started)
+
+    def dropped(self, started: dict[str, Any]) -> None:
+        """Take back a started call the record will not keep (:meth:`LiveCalls.drop`)."""
+        if self.live is not None:
+            self.live.drop(started)
 
     def usage(self) -> dict[str, int]:
         """Token usage summed over the run's calls."""
@@ -113,7 +134,9 @@ class ModelRouter:
             record = {"kind": "model", "application": name, "intent": intent, "model": model,
                       "provider_host": urlsplit(route.base_url).hostname, "fallback": index,
                       "stream": stream, "started_at": time.time(), "attempts": 0,
-                      "session_id": taken.session_id or run.job.session_id, "taken_params": taken.taken}
+                      "session_id": taken.session_id or run.job.session_id, "taken_params": taken.taken,
+                      "workflow": run.job.workflow}
+            run.started("model", record)
             try:
                 if stream:
                     # Posted here, read lazily: a route that refuses or fails before its stream starts moves on to
@@ -123,6 +146,8 @@ class ModelRouter:
                     return Streamed(self._stream(run, response, record, started))
                 return self._complete(run, route, body, record, deadline)
             except _Failed as exc:
+                if "status" not in record:  # given up before anything went out: the record keeps no entry of it
+                    run.dropped(record)
                 failures.append(f"{model} at {record['provider_host']}: {exc}")
         raise CallFailed(CallErrorKind.MODEL, f"every route of {name}/{intent} failed: " + "; ".join(failures))
 
@@ -137,10 +162,14 @@ class ModelRouter:
         record = {"kind": "agent", "agent": name, "model": route.model,
                   "provider_host": urlsplit(route.base_url).hostname, "fallback": 0, "stream": False,
                   "started_at": time.time(), "attempts": 0,
-                  "session_id": taken.session_id or run.job.session_id, "taken_params": taken.taken}
+                  "session_id": taken.session_id or run.job.session_id, "taken_params": taken.taken,
+                  "workflow": run.job.workflow}
+        run.started("model", record)
         try:
             return self._complete(run, route, body, record, deadline)
         except _Failed as exc:
+            if "status" not in record:
+                run.dropped(record)
             raise CallFailed(CallErrorKind.MODEL, f"agent {name!r} at {record['provider_host']} failed: {exc}") from exc
 
     def _headers(self, run: RunCalls, route: Route, session_id: str) -> dict[str, str]:
@@ -256,3 +285,4 @@ class ModelRouter:
                       completion_tokens=int(usage.get("completion_tokens") or 0),
                       total_tokens=int(usage.get("total_tokens") or 0))
         run.records.append(record)
+        run.ended("model", record)

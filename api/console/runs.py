@@ -10,8 +10,10 @@ id: when its batch was written, so a line logged just before a chunk in the same
 While the run goes, the page's output list belongs to the stream it follows, ``/console/runs/<id>/stream`` (the
 API's stream with log lines, resumed after what the page rendered), and the page polls only its detail fragment
 (header, timeline, calls, error; the output once it has ended, out of band), which answers 286 once the run has
-ended so htmx stops polling after one last render. The runs table's rows fragment answers 204 (nothing to swap)
-when the rows are the ones the page shows: the page sends their fingerprint (FINGERPRINT_HEADER) with each poll.
+ended so htmx stops polling after one last render. A running run's calls come from its live list (its record gets
+them with its end): each as far as it has come, one still going drawn up to now and marked running. The runs
+table's rows fragment answers 204 (nothing to swap) when the rows are the ones the page shows: the page sends their
+fingerprint (FINGERPRINT_HEADER) with each poll.
 """
 from __future__ import annotations
 
@@ -337,6 +339,7 @@ def run_page(request_id: str) -> Response:
         return _missing("Run", exc)
     output = _output(svc, record)
     live = record.status in ACTIVE and not output.done
+    record = svc.runs.with_live_calls(record)  # a running run's calls so far: its record gets them at its end
     return render("console/run.html", title=f"Run {request_id}", nav="runs", output=output,
                   output_items=OUTPUT_ITEMS, playground_url=playground_url(record), **_detail(record, live, time.time()))
 
@@ -351,6 +354,7 @@ def run_detail(request_id: str) -> Response:
     svc = services()
     record = own_run(svc, account.id, request_id)
     live = record.status in ACTIVE and not _stream_done(svc, request_id)
+    record = svc.runs.with_live_calls(record)
     return render("console/_run_detail.html", title=f"Run {request_id}", nav="runs", oob=not live,
                   status=200 if live else STOP_POLLING, **_detail(record, live, time.time()))
 
@@ -371,7 +375,7 @@ def run_stream(request_id: str) -> Response:
 def _session(svc: Services, account_id: str, session_id: str, now: float) -> dict[str, Any]:
     """What a session's page (and its polled part) shows; a 404 with a hint when the account has none of it."""
     ids, total = svc.runs.list_for_session(account_id, session_id, 0, SESSION_RUNS)
-    records = [r for r in svc.runs.get_many(ids) if r is not None and r.account == account_id]
+    records = [svc.runs.with_live_calls(r) for r in svc.runs.get_many(ids) if r is not None and r.account == account_id]
     if not records:
         raise NotFound(f"no runs of session {session_id!r} in this account: a session's runs are kept as long as "
                        f"their records ({svc.settings.run_ttl_seconds // 86400} days); pass a session_id when "

@@ -16,6 +16,10 @@ A call with a start but no latency (a model route of a record written before
 failed routes kept theirs) is drawn until the next call of its list started
 (its fallback).
 
+A call still going (a running run's live calls, :mod:`flowpool.live_calls`:
+status ``running``, no latency yet) is drawn from its start to ``now``, its
+bar marked ``call-running`` and its row ``running``.
+
 A record keeps a bounded number of HTTP calls and ends the list with an
 ``{"kind": "omitted", "count": N, "note": ...}`` entry: that is no call, so it
 gives a note row (kind ``note``: no bar, no time) after the run's calls.
@@ -49,7 +53,7 @@ _ENDED = frozenset(s.value for s in RunStatus) - {RunStatus.QUEUED.value, RunSta
 
 @dataclass(frozen=True)
 class Segment:
-    """One bar of a row: ``phase`` is queued, running, ended (the run's) or call."""
+    """One bar of a row: ``phase`` is queued, running, ended (the run's), call or call-running (a call still going)."""
 
     offset: float
     width: float
@@ -145,7 +149,7 @@ def build(records: Sequence[RunRecord], now: float) -> Timeline:
     """The timeline of ``records`` (oldest first on the page) on one axis; ``now`` ends running runs' bars."""
     records = sorted((r for r in records if r.queued_at or r.started_at), key=lambda r: r.queued_at or r.started_at)
     spans = [_span(r, now) for r in records]
-    calls = [_calls(r, span) for r, span in zip(records, spans)]
+    calls = [_calls(r, span, now) for r, span in zip(records, spans)]
     ends = [end for _, end in spans] + [c["_end"] for group in calls for c in group]
     starts = [start for start, _ in spans] + [c["_start"] for group in calls for c in group]
     if not starts:
@@ -172,8 +176,9 @@ def _span(record: RunRecord, now: float) -> tuple[float, float]:
     return start, max(end, start)
 
 
-def _calls(record: RunRecord, span: tuple[float, float]) -> list[dict[str, Any]]:
-    """The run's calls with their kind, index and (possibly estimated) start and end, in the order they started."""
+def _calls(record: RunRecord, span: tuple[float, float], now: float) -> list[dict[str, Any]]:
+    """The run's calls with their kind, index and (possibly estimated) start and end, in the order they started; one
+    still going ends ``now``."""
     found: list[dict[str, Any]] = []
     for kind_list, items in (("model", record.model_calls), ("http", getattr(record, "http_calls", None)),
                              ("workflow", record.workflow_calls)):
@@ -192,7 +197,10 @@ def _calls(record: RunRecord, span: tuple[float, float]) -> list[dict[str, Any]]
         if started is None:
             call["_estimated"] = True
             started = previous_end.get(call["_list"], run_start)
-        elif latency is None:
+        if _going(call) and latency is None:
+            call["_running"] = True
+            seconds = max(0.0, now - started)
+        elif latency is None and not call.get("_estimated"):
             # No latency (a route that failed after its retries): it lasted until the next call of its list
             # started (its fallback), as far as the record tells.
             following = next((_number(c.get("started_at")) for c in found[position + 1:]
@@ -238,15 +246,18 @@ def _call_row(record: RunRecord, call: dict[str, Any], axis: Axis) -> Row:
     kind = call["_kind"]
     label = _call_label(kind, call)
     latency = _number(call.get("latency_ms"))
+    running = bool(call.get("_running"))
+    if running:  # how long it has gone so far
+        latency = (call["_end"] - call["_start"]) * 1000
     status = str(call.get("status") or "unknown")
     fallback = int(_number(call.get("fallback")) or 0)
     ttft_ms = _number(call.get("ttft_ms"))
     ttft = axis.fraction(call["_start"] + ttft_ms / 1000) if ttft_ms is not None and kind in ("model", "agent") \
         else None
     tokens = _number(call.get("total_tokens")) if kind in ("model", "agent") else None
-    parts = [label, status]
+    parts = [label, "in progress" if running else status]
     if latency is not None:
-        parts.append(_ms_text(latency))
+        parts.append(_ms_text(latency) + (" so far" if running else ""))
     if fallback > 0:
         parts.append(f"fallback #{fallback}")
     if ttft_ms is not None and ttft is not None:
@@ -265,9 +276,15 @@ def _call_row(record: RunRecord, call: dict[str, Any], axis: Axis) -> Row:
         del clean["workflow"]  # the run's own: only a nested workflow's call says where it was made
     return Row(kind=kind, label=label, anchor=call_anchor(record.request_id, call["_list"], call["_index"]),
                status=status, start=call["_start"], end=call["_end"], duration_ms=latency,
-               segments=(Segment(offset, width, "call"),), title=" · ".join(parts), request_id=record.request_id,
-               fallback=fallback, ttft=ttft, ttft_ms=ttft_ms, tokens=int(tokens) if tokens is not None else None,
-               estimated=bool(call.get("_estimated")), call=clean)
+               segments=(Segment(offset, width, "call-running" if running else "call"),), title=" · ".join(parts),
+               request_id=record.request_id, fallback=fallback, ttft=ttft, ttft_ms=ttft_ms,
+               tokens=int(tokens) if tokens is not None else None, estimated=bool(call.get("_estimated")),
+               running=running, call=clean)
+
+
+def _going(call: dict[str, Any]) -> bool:
+    """Whether a call is still going: a running run's live entry of a call that has not ended."""
+    return call.get("status") == "running"
 
 
 def _omitted(call: dict[str, Any]) -> bool:

@@ -176,7 +176,8 @@ def test_run_page_shows_calls_on_the_timeline_with_the_fallback_and_output_in_or
     assert '<span class="tl-tick tl-at-0 tl-tick-start">0</span>' in timeline and "<text" not in timeline
     legend = re.search(r'<p class="tl-legend muted">(.*?)</p>', timeline, re.S)
     assert legend and [k.strip() for k in re.split(r"<span[^>]*></span>", legend.group(1)) if k.strip()] == [
-        "queued", "running", "ran", "failed", "model call", "HTTP call", "workflow call", "first token"]
+        "queued", "running", "ran", "failed", "model call", "HTTP call", "workflow call", "in progress",
+        "first token"]
     # A table's times are compact (no zone's name in each cell): the column's header says the zone once.
     assert 'data-local="compact-time"' in timeline and "Started <span class=\"zone-name\" data-local-zone>" in timeline
     # The page's own actions: copy the id, and open the playground with this run's workflow and input.
