@@ -18,13 +18,13 @@ import re
 import time
 from dataclasses import replace
 from datetime import datetime
-from typing import Any
+from typing import Any, Mapping
 
 from flask import Blueprint, Response, g, jsonify, request, url_for
 
 from flowpool.errors import NotFound, OutcomeUnavailable, RequestError, RunError
 from flowpool.registry import Account
-from flowpool.run import RunRecord, RunStatus
+from flowpool.run import STATUSES, UNENDED, RunRecord, RunStatus
 
 from .admission import Admission, admit, discard_quietly, submit
 from .models import RunCreateRequest
@@ -32,7 +32,7 @@ from .parsing import MAX_PAGE, json_body, model_from, page_args, paginated, requ
 from .services import Services, authenticate, mark, services
 from .streaming import stream_response
 
-__all__ = ["bp", "follow_run", "own_run", "run_view", "start_run", "started_headers"]
+__all__ = ["bp", "follow_run", "own_run", "run_view", "start_run", "started_headers", "time_arg"]
 
 bp = Blueprint("runs", __name__, url_prefix="/api/v1")
 
@@ -153,7 +153,7 @@ def get_run(request_id: str):  # type: ignore[no-untyped-def]
     svc, account = services(), authenticate()
     wait = _wait_seconds(svc.settings.run_wait_max_seconds)
     record = own_run(svc, account.id, request_id)
-    if wait > 0 and record.status in (RunStatus.QUEUED.value, RunStatus.RUNNING.value):
+    if wait > 0 and record.status in UNENDED:
         record = _await_end(svc, record, wait)
     return jsonify({"data": _full_view(svc, record)})
 
@@ -287,23 +287,23 @@ def list_all_runs():  # type: ignore[no-untyped-def]
     args = request.args
     raw_status = args.get("status", "")
     status = {part.strip() for part in raw_status.split(",") if part.strip()}
-    unknown = sorted(status - _STATUSES)
+    unknown = sorted(status - set(STATUSES))
     if unknown:
-        raise RequestError(f"status must be one or more of {', '.join(sorted(_STATUSES))} (comma-separated), got "
+        raise RequestError(f"status must be one or more of {', '.join(sorted(STATUSES))} (comma-separated), got "
                            f"{unknown[0][:40]!r}", param="status")
     limit = _int_arg("limit", 50, 1, MAX_PAGE)
     records, next_until = svc.runs.list_runs(
         account.id, workflow=args.get("workflow") or None, status=status or None,
-        session_id=args.get("session_id") or None, since=_time_arg("since"), until=_time_arg("until"), limit=limit)
+        session_id=args.get("session_id") or None, since=time_arg(args, "since"), until=time_arg(args, "until"),
+        limit=limit)
     return jsonify({"data": [run_view(svc, r, full=False) for r in records], "next_until": next_until})
 
 
-_STATUSES = frozenset(s.value for s in RunStatus)
-
-
-def _time_arg(name: str) -> float | None:
-    """A point in time from the query string: unix seconds, or ISO 8601 with its offset; a 400 naming it otherwise."""
-    raw = request.args.get(name)
+def time_arg(args: Mapping[str, str], name: str) -> float | None:
+    """A point in time from a query string's ``name``: unix seconds (finite, 0 or more), or ISO 8601 with its
+    offset; None when absent or empty; a RequestError (400) naming it otherwise. The API's run listing and the
+    console's runs pages read their ``since`` and ``until`` with it."""
+    raw = args.get(name)
     if raw is None or raw == "":
         return None
     try:

@@ -65,8 +65,8 @@ def api_key(key_hash: str) -> str:
 
 
 def console_session(digest: str) -> str:
-    """Hash with a TTL: the console session whose cookie token has the SHA-256 ``digest`` (account, key_hash, csrf,
-    created_at, refreshed_at); the token itself is only in the browser's cookie."""
+    """Hash with a TTL: the console session whose cookie token has the SHA-256 ``digest`` (account, account_name,
+    key_hash, csrf, created_at, refreshed_at); the token itself is only in the browser's cookie."""
     return f"{PREFIX}console:{digest}"
 
 

@@ -27,6 +27,10 @@ is never failed and an unreachable Redis costs at most one failed round trip
 per pause. The list lives until past the run's deadline while it goes; the
 run's end, which writes the calls into its record, leaves it a few minutes
 more (:meth:`LiveCalls.expire_at_end`, in the end's own transaction).
+
+Readers call :func:`with_live_calls` (a running run's record with its calls
+so far), or :func:`read` and :func:`merge` for the lists alone;
+:class:`~flowpool.runs.RunStore` offers both as methods.
 """
 from __future__ import annotations
 
@@ -35,14 +39,15 @@ import json
 import logging
 import threading
 import time
+from dataclasses import replace
 from typing import Any, Iterable
 
 import redis
 
 from flowpool import keys
-from flowpool.run import Replacements, dumps, redact
+from flowpool.run import Replacements, RunRecord, RunStatus, dumps, redact
 
-__all__ = ["LISTS", "MAX_LIVE_BYTES", "MAX_LIVE_CALLS", "LiveCalls", "merge"]
+__all__ = ["LISTS", "MAX_LIVE_BYTES", "MAX_LIVE_CALLS", "LiveCalls", "merge", "read", "with_live_calls"]
 
 log = logging.getLogger("flowpool.worker")
 
@@ -182,3 +187,17 @@ def merge(entries: Iterable[bytes | str]) -> dict[str, list[dict[str, Any]]]:
         if call is not None:
             merged[LISTS[kind]].append({**call, "call_id": call_id})
     return merged
+
+
+def read(client: redis.Redis, request_id: str) -> dict[str, list[dict[str, Any]]]:
+    """A running run's calls so far by record field (``model_calls``, ``http_calls``, ``workflow_calls``): each
+    call's latest entry with its ``call_id``, one still going with status ``running`` (:func:`merge`). One
+    LRANGE."""
+    return merge(client.lrange(keys.run_calls(request_id), 0, -1))
+
+
+def with_live_calls(client: redis.Redis, record: RunRecord) -> RunRecord:
+    """``record`` with its calls so far while it runs; else as it is (an ended run's record keeps its calls)."""
+    if record.status != RunStatus.RUNNING.value:
+        return record
+    return replace(record, **read(client, record.request_id))

@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from flowpool.registry import ResolvedWorkflow
     from flowpool.sealing import Sealer
 
-__all__ = ["CachePlan", "RunEnd", "RunJob", "RunRecord", "RunStatus", "dumps", "encode", "redact", "secret_redactions",
-           "secret_spellings"]
+__all__ = ["ENDED", "ERRORED", "STATUSES", "UNENDED", "CachePlan", "RunEnd", "RunJob", "RunRecord", "RunStatus",
+           "dumps", "encode", "redact", "secret_redactions", "secret_spellings"]
 
 
 class RunStatus(str, Enum):
@@ -57,6 +57,13 @@ class RunStatus(str, Enum):
         if isinstance(error, Cancelled):
             return cls.CANCELLED
         return cls.FAILED
+
+
+# The statuses by what they say of a run, as stored (str values), for every reader that groups them.
+STATUSES: tuple[str, ...] = tuple(s.value for s in RunStatus)  # all, in the order above (a filter's choices)
+UNENDED = frozenset({RunStatus.QUEUED.value, RunStatus.RUNNING.value})  # no outcome yet: it may still change
+ENDED = frozenset(STATUSES) - UNENDED  # final: the record will not change again
+ERRORED = ENDED - {RunStatus.SUCCEEDED.value}  # ended without succeeding: what the stats count as errors
 
 
 def dumps(value: Any) -> str:

@@ -8,12 +8,10 @@ reads a running run's calls so far (:mod:`flowpool.live_calls`), which its recor
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Collection
 
-from flowpool import keys
-from flowpool.live_calls import merge
-from flowpool.run import RunRecord, RunStatus
+from flowpool import keys, live_calls
+from flowpool.run import RunRecord
 from flowpool.runstats import workflow_stats
 
 if TYPE_CHECKING:
@@ -121,16 +119,12 @@ class RunIndex:
                 for values in pipe.execute()]
 
     def live_calls(self, request_id: str) -> dict[str, list[dict[str, Any]]]:
-        """A running run's calls so far by record field (``model_calls``, ``http_calls``, ``workflow_calls``): each
-        call's latest entry with its ``call_id``, one still going with status ``running``
-        (:func:`flowpool.live_calls.merge`). One LRANGE."""
-        return merge(self.redis.lrange(keys.run_calls(request_id), 0, -1))
+        """A running run's calls so far by record field (:func:`flowpool.live_calls.read`)."""
+        return live_calls.read(self.redis, request_id)
 
     def with_live_calls(self, record: RunRecord) -> RunRecord:
-        """``record`` with its calls so far while it runs; else as it is (an ended run's record keeps its calls)."""
-        if record.status != RunStatus.RUNNING.value:
-            return record
-        return replace(record, **self.live_calls(record.request_id))
+        """``record`` with its calls so far while it runs (:func:`flowpool.live_calls.with_live_calls`)."""
+        return live_calls.with_live_calls(self.redis, record)
 
     def workflow_stats(self, account_id: str, ref: str, now: float, hours: int = 24) -> dict[str, Any]:
         """The workflow's runs of the ``hours`` up to ``now`` summed up (:func:`flowpool.runstats.workflow_stats`).

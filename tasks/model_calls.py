@@ -277,7 +277,6 @@ class ModelRouter:
     def _finish(run: RunCalls, record: dict[str, Any], error: str | None = None, latency_ms: float | None = None,
                 ttft_ms: float | None = None, usage: dict[str, Any] | None = None) -> None:
         usage = usage or {}
-        record["workflow"] = run.job.workflow  # the run's own, or that of a workflow it called inline
         record.update(status="error" if error else "ok", error=error,
                       latency_ms=round(latency_ms, 3) if latency_ms is not None else None,
                       ttft_ms=round(ttft_ms, 3) if ttft_ms is not None else None,

@@ -20,6 +20,7 @@ import pytest
 import redis
 import requests
 
+from flowpool.run import UNENDED
 from flowpool.sandbox.backends import Backend, bwrap_binary, probe_bwrap
 
 
@@ -92,6 +93,14 @@ class Client:
         response = self.get(f"/api/v1/runs/{request_id}")
         assert response.status_code == 200, response.text
         return response.json()["data"]
+
+    def ended(self, request_id: str) -> dict[str, Any]:
+        """The run once it has ended (GET /api/v1/runs/<id>?wait=30); fails the test if it has not by then."""
+        response = self.get(f"/api/v1/runs/{request_id}?wait=30", timeout=60)
+        assert response.status_code == 200, response.text
+        run = response.json()["data"]
+        assert run["status"] not in UNENDED, run
+        return run
 
 
 class DevProcess:

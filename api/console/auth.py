@@ -44,6 +44,7 @@ def sign_in() -> Response:
         message = ("Enter an API key." if not api_key else
                    "That API key was not accepted: check that it was copied whole, or create a new one.")
         return render("console/sign_in.html", title="Sign in", next=nxt, error=message, status=401)
+    sessions().end(request.cookies.get(COOKIE))  # a session this browser had is replaced, not left behind
     token = sessions().start(account, api_key)
     response = redirect(nxt, 303)
     # No Max-Age: the cookie ends with the browser session; the Redis TTL ends it on the server side.

@@ -13,14 +13,16 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
-__all__ = ["Bar", "Chart", "Line", "Series", "Sparkline", "Tick", "bar_chart", "format_ms", "format_number",
-           "nice_step", "nice_ticks", "runs_chart", "sparkline", "stats_summary"]
+from .formats import duration_text, format_number
+
+__all__ = ["AxisTick", "Bar", "Chart", "Line", "Series", "Sparkline", "bar_chart", "nice_step", "nice_ticks",
+           "runs_chart", "sparkline", "stats_summary"]
 
 Formatter = Callable[[float], str]
 
 
 @dataclass(frozen=True)
-class Tick:
+class AxisTick:
     """One labelled mark on an axis: its coordinate along that axis and its text."""
 
     pos: float
@@ -86,19 +88,14 @@ class Chart:
     bottom: float
     bars: tuple[Bar, ...] = ()
     lines: tuple[Line, ...] = ()
-    y_ticks: tuple[Tick, ...] = ()
-    y2_ticks: tuple[Tick, ...] = ()  # the right-hand axis, of the lines (empty when there are none)
-    x_ticks: tuple[Tick, ...] = ()
+    y_ticks: tuple[AxisTick, ...] = ()
+    y2_ticks: tuple[AxisTick, ...] = ()  # the right-hand axis, of the lines (empty when there are none)
+    x_ticks: tuple[AxisTick, ...] = ()
     y_label: str = ""
     y2_label: str = ""
     x_label: str = ""
     x_label_local: str = ""  # the x axis's name once a page showed its tick labels in the viewer's zone
     legend: tuple[tuple[str, str], ...] = field(default=())  # (css class, name) of each series
-
-    @property
-    def empty(self) -> bool:
-        """Whether nothing was drawn (every value 0 or missing)."""
-        return not any(bar.height > 0 for bar in self.bars) and not any(line.segments for line in self.lines)
 
 
 def nice_step(raw: float) -> float:
@@ -128,47 +125,22 @@ def nice_ticks(maximum: float, count: int = 4, integer: bool = False) -> list[fl
     return [round(n * step, digits) for n in range(steps + 1)]
 
 
-def format_number(value: float) -> str:
-    """A short label: 950, 1.2k, 3M; fractions with at most two significant digits after the point."""
-    magnitude = abs(value)
-    for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if magnitude >= size:
-            return f"{value / size:.1f}".rstrip("0").rstrip(".") + suffix
-    if value == int(value):
-        return str(int(value))
-    return f"{value:.2g}" if magnitude < 1 else f"{value:.1f}".rstrip("0").rstrip(".")
-
-
-def format_ms(ms: float | None) -> str:
-    """A duration as the console writes it (common.duration_text): "850 ms", "2.4 s", "1 m 3 s"; "—" for none."""
-    if ms is None:
-        return "—"
-    if ms < 1000:
-        return f"{ms:.0f} ms" if ms >= 1 or ms == 0 else f"{ms:.2f} ms"
-    if ms < 60_000:
-        return f"{ms / 1000:.1f} s"
-    seconds = int(round(ms / 1000))
-    if seconds < 3600:
-        return f"{seconds // 60} m {seconds % 60} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60} m"
-
-
 def _scale(value: float, top_value: float, top: float, bottom: float) -> float:
     """The y coordinate of ``value`` on an axis from 0 at ``bottom`` to ``top_value`` at ``top``."""
     return bottom - (value / top_value) * (bottom - top)
 
 
-def _y_ticks(ticks: list[float], top: float, bottom: float, fmt: Formatter) -> tuple[Tick, ...]:
-    return tuple(Tick(_scale(v, ticks[-1], top, bottom), fmt(v)) for v in ticks)
+def _y_ticks(ticks: list[float], top: float, bottom: float, fmt: Formatter) -> tuple[AxisTick, ...]:
+    return tuple(AxisTick(_scale(v, ticks[-1], top, bottom), fmt(v)) for v in ticks)
 
 
 def _x_ticks(labels: Sequence[str], left: float, slot: float, most: int,
-             stamps: Sequence[float] | None = None) -> tuple[Tick, ...]:
+             stamps: Sequence[float] | None = None) -> tuple[AxisTick, ...]:
     """At most ``most`` labels, evenly spaced, each under the middle of its slot (with its slot's moment)."""
     if not labels:
         return ()
     every = max(1, math.ceil(len(labels) / max(most, 1)))
-    return tuple(Tick(left + (i + 0.5) * slot, label, stamps[i] if stamps else None)
+    return tuple(AxisTick(left + (i + 0.5) * slot, label, stamps[i] if stamps else None)
                  for i, label in enumerate(labels) if i % every == 0)
 
 
@@ -180,7 +152,7 @@ def bar_chart(labels: Sequence[str], series: Sequence[Series], *, width: int = 6
 
     ``integer``: the values are counts, so the ticks are whole numbers. ``margins`` are left, top, right and
     bottom: room for the tick labels. ``stamps``: the moment (unix seconds) each slot starts, when the slots are
-    times; the ticks and bars then carry it (Tick.ts, Bar.ts) so a page can show them in the viewer's zone.
+    times; the ticks and bars then carry it (AxisTick.ts, Bar.ts) so a page can show them in the viewer's zone.
     """
     left, top, right_margin, bottom_margin = margins
     right, bottom = width - right_margin, height - bottom_margin
@@ -248,7 +220,8 @@ def runs_chart(buckets: Sequence[dict[str, Any]], *, width: int = 640, height: i
     slot = (chart.right - chart.left) / len(buckets) if buckets else 0.0
     lines = tuple(_line(css, label, values, ticks[-1], chart.left, slot, chart.top, chart.bottom)
                   for css, label, values in (("line-p50", "p50 latency", p50), ("line-p95", "p95 latency", p95)))
-    return replace(chart, lines=lines, y2_label="latency", y2_ticks=_y_ticks(ticks, chart.top, chart.bottom, format_ms),
+    return replace(chart, lines=lines, y2_label="latency",
+                   y2_ticks=_y_ticks(ticks, chart.top, chart.bottom, duration_text),
                    legend=chart.legend + tuple((line.css, line.label) for line in lines))
 
 
@@ -277,15 +250,23 @@ def sparkline(values: Sequence[float], width: int = 96, height: int = 24, pad: f
 
 
 def stats_summary(stats: dict[str, Any]) -> str:
-    """workflow_stats as one sentence: "12 runs, 2 errors (16.7%), p50 850 ms, p95 2.4 s"."""
+    """workflow_stats as one sentence: "12 runs, 2 errors (16.7%), p50 850 ms, p95 2.4 s".
+
+    The error rate is of the runs that ended; while some have not, the sentence says so: "12 runs (2 not ended
+    yet), 2 errors (20.0% of the 10 ended)", and with none ended it names no errors at all.
+    """
     runs, errors = stats.get("runs") or 0, stats.get("errors") or 0
     hours = stats.get("hours", 24)
     if not runs:
         return f"No runs in the last {hours} hours"
+    ended = stats.get("ended", runs)
+    going = runs - ended
+    text = f"{runs} run{'s' if runs != 1 else ''}" + (f" ({going} not ended yet)" if going else "")
     rate = stats.get("error_rate")
-    rate = errors / runs if rate is None else rate
-    text = (f"{runs} run{'s' if runs != 1 else ''}, {errors} error{'s' if errors != 1 else ''} "
-            f"({rate * 100:.1f}%)")
+    if rate is None:  # none ended: no outcome, no latency yet
+        return text
+    text += (f", {errors} error{'s' if errors != 1 else ''} ({rate * 100:.1f}%"
+             + (f" of the {ended} ended)" if going else ")"))
     if stats.get("p50_ms") is not None:
-        text += f", p50 {format_ms(stats['p50_ms'])}, p95 {format_ms(stats.get('p95_ms'))}"
+        text += f", p50 {duration_text(stats['p50_ms'])}, p95 {duration_text(stats.get('p95_ms'))}"
     return text

@@ -16,13 +16,15 @@ from flowpool import __version__
 from flowpool.errors import AuthenticationError, FlowpoolError, PermissionDenied
 from flowpool.registry import Account
 from flowpool.registry.console_sessions import ConsoleSession, ConsoleSessions
+from flowpool.run import ERRORED, UNENDED
 
 from ..errors import render as render_error
 from ..services import services
 from . import bp
+from .formats import duration_text, seconds_text
 
-__all__ = ["COOKIE", "SignInRequired", "csrf_protect", "current_session", "duration_text", "json_response",
-           "render", "safe_next", "sessions", "signed_in"]
+__all__ = ["COOKIE", "NAV", "SignInRequired", "csrf_protect", "current_session", "json_response", "render",
+           "safe_next", "sessions", "signed_in"]
 
 COOKIE = "flowpool_console"  # holds the session's random token, nothing else
 
@@ -33,9 +35,17 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
 
 STATIC_MAX_AGE = 3600  # the static files carry ?v=<version> in their URLs, so an upgrade is fetched at once
 
-NAV = ("workflows", "runs", "usage", "playground")
+# The nav's links: the key ``render(nav=...)`` marks active (its path under /console), and the text.
+NAV = (("workflows", "Workflows"), ("runs", "Runs"), ("usage", "Usage"), ("playground", "Playground"))
 
 _SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+# Writes that need this site's origin but no session's CSRF token. Signing in has no session yet, or (a second
+# sign-in, from a tab opened before another tab signed in) one whose token its form cannot have. Signing out ends
+# whatever session the cookie holds, so a tab left open over a newer sign-in, whose token is stale, still signs
+# out. Neither is reachable from another site: its Origin (or Referer) is refused, and SameSite=Strict keeps the
+# cookie off its requests.
+_ORIGIN_ONLY = frozenset({"console.sign_in", "console.sign_out"})
 
 
 class SignInRequired(Exception):
@@ -105,7 +115,8 @@ def _same_host(url: str) -> bool:
 
 def csrf_protect() -> None:
     """Refuse (403) a cross-site write: Origin (else Referer) must be this host when sent, and a request of a
-    signed-in session must carry its CSRF token (header X-CSRF-Token, or form field csrf_token)."""
+    signed-in session must carry its CSRF token (header X-CSRF-Token, or form field csrf_token), but for signing in
+    and out (_ORIGIN_ONLY)."""
     origin = request.headers.get("Origin")
     referer = request.headers.get("Referer")
     if origin is not None:
@@ -113,9 +124,11 @@ def csrf_protect() -> None:
             raise PermissionDenied("this request was sent from another site")
     elif referer and not _same_host(referer):
         raise PermissionDenied("this request was sent from another site")
+    if request.endpoint in _ORIGIN_ONLY:
+        return
     session = current_session()
     if session is None:
-        return  # nothing of a session to act on: the view signs in, or sends to the sign-in page
+        return  # nothing of a session to act on: the view sends to the sign-in page
     sent = request.headers.get("X-CSRF-Token") or request.form.get("csrf_token") or ""
     if not session.csrf or not hmac.compare_digest(sent.encode(), session.csrf.encode()):
         raise PermissionDenied("the request lacks this session's CSRF token: reload the page and try again")
@@ -181,21 +194,6 @@ def _security_headers(response: Response) -> Response:
     return response
 
 
-def duration_text(value: float | None) -> str:
-    """Milliseconds as people read them: "850 ms", "2.4 s", "1 m 3 s", "2 h 5 m"; "—" for none."""
-    if value is None:
-        return "—"
-    ms = float(value)
-    if ms < 1000:
-        return f"{ms:.0f} ms" if ms >= 1 or ms == 0 else f"{ms:.2f} ms"
-    if ms < 60_000:
-        return f"{ms / 1000:.1f} s"
-    seconds = int(round(ms / 1000))
-    if seconds < 3600:
-        return f"{seconds // 60} m {seconds % 60} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60} m"
-
-
 def _as_datetime(ts: Any) -> datetime | None:
     try:
         return datetime.fromtimestamp(float(ts), timezone.utc)
@@ -219,12 +217,33 @@ def _utc(ts: Any, time_only: bool = False) -> str:
     return moment.strftime("%H:%M:%S UTC" if time_only else "%Y-%m-%d %H:%M:%S UTC")
 
 
+def _number(value: Any) -> float | None:
+    """A template's value as a number; None for none or not a number (a record's field may hold anything)."""
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 @bp.app_template_filter("console_duration")
 def _duration(value: Any) -> str:
-    try:
-        return duration_text(None if value is None else float(value))
-    except (TypeError, ValueError):
-        return "—"
+    """Milliseconds as the console writes a duration (formats.duration_text); "—" for none or not a number."""
+    return duration_text(_number(value))
+
+
+@bp.app_template_filter("console_seconds")
+def _seconds(value: Any) -> str:
+    """Seconds (a setting such as a timeout) as the console writes them (formats.seconds_text): "60 s"."""
+    return seconds_text(_number(value))
+
+
+def _template_globals(state: Any) -> None:
+    """What every console template may read, imported macros included (they see no page's context): the nav and
+    the run statuses grouped as flowpool.run groups them."""
+    state.app.jinja_env.globals.update(console_nav=NAV, unended_statuses=UNENDED, errored_statuses=ERRORED)
+
+
+bp.record_once(_template_globals)
 
 
 @bp.context_processor

@@ -7,7 +7,7 @@ generated, not written by hand: after a Pygments upgrade, regenerate it with
     python -c 'from flowpool.api.console.highlight import stylesheet; print(stylesheet(), end="")' \
         > api/console/static/pygments.css
 
-(tests/unit/test_console_charts.py fails while the file differs from what this
+(tests/unit/test_console_highlight.py fails while the file differs from what this
 module generates).
 """
 from __future__ import annotations

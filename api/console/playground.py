@@ -19,12 +19,11 @@ from typing import Any
 from flask import Response, request
 
 from flowpool.errors import NotFound, RequestError
-from flowpool.run import RunRecord, RunStatus
+from flowpool.run import UNENDED, RunRecord
 
 from ..models import MODEL_PATTERN, RunCreateRequest
 from ..parsing import json_body, model_from
-from ..runs import own_run, started_headers
-from ..runs import start_run as start_api_run
+from ..runs import own_run, start_run, started_headers
 from ..services import services
 from . import bp
 from .common import json_response, render, signed_in
@@ -38,7 +37,6 @@ MAX_WORKFLOWS = 500
 _FIELDS = ("workflow", "version", "input", "messages", "session_id")
 # The example value of a field with no default, example or enum, by its schema type.
 _BY_TYPE: dict[str, Any] = {"string": "", "number": 0, "integer": 0, "boolean": False, "array": [], "object": {}}
-_UNENDED = (RunStatus.QUEUED.value, RunStatus.RUNNING.value)
 
 
 def example_input(schema: dict[str, Any] | None) -> dict[str, Any]:
@@ -168,12 +166,12 @@ def playground() -> Response:
 
 
 @bp.post("/playground/runs")
-def start_run() -> Response:
+def start_playground_run() -> Response:
     """Start a run of the account's workflow: 202 (200 for a cache hit) with where to follow it; an error is the
     API's JSON with its status (the blueprint renders errors of a POST so)."""
     account = signed_in()
     body = _run_request(json_body())
-    admission = start_api_run(services(), account, body, None)  # as POST /api/v1/runs starts one
+    admission = start_run(services(), account, body, None)  # as POST /api/v1/runs starts one
     request_id = admission.request_id
     response = json_response({"request_id": request_id, "session_id": admission.session_id,
                               "run_url": f"{bp.url_prefix}/runs/{request_id}",
@@ -213,5 +211,5 @@ def run_end(request_id: str) -> Response:
     account = signed_in()
     record = own_run(services(), account.id, request_id)
     return json_response({"data": {"request_id": request_id, "status": record.status,
-                                   "ended": record.status not in _UNENDED, "output": record.output,
+                                   "ended": record.status not in UNENDED, "output": record.output,
                                    "error": record.error, "run_url": f"{bp.url_prefix}/runs/{request_id}"}})

@@ -27,10 +27,10 @@ from urllib.parse import quote, urlencode
 from flask import Response, redirect, request
 
 from flowpool import keys
-from flowpool.errors import NotFound
-from flowpool.run import RunRecord, RunStatus
+from flowpool.errors import NotFound, RequestError
+from flowpool.run import STATUSES, UNENDED, RunRecord
 
-from ..runs import follow_run, own_run
+from ..runs import follow_run, own_run, time_arg
 from ..services import Services, services
 from . import bp
 from .common import render, signed_in
@@ -43,8 +43,6 @@ WINDOWS = {"15m": 900, "1h": 3600, "24h": 86400, "7d": 7 * 86400, "all": None}
 WINDOW_LABELS = {"15m": "Last 15 minutes", "1h": "Last hour", "24h": "Last 24 hours", "7d": "Last 7 days",
                  "all": "All kept runs"}
 DEFAULT_WINDOW = "all"
-STATUSES = tuple(s.value for s in RunStatus)
-ACTIVE = (RunStatus.QUEUED.value, RunStatus.RUNNING.value)
 
 # htmx stops polling an element whose request is answered with this status (and still swaps the answer in).
 STOP_POLLING = 286
@@ -67,12 +65,13 @@ class Filters:
 
     @classmethod
     def from_args(cls, args: Any) -> Filters:
-        """The filters of a request's query string; anything unknown falls back to its default."""
+        """The filters of a request's query string; anything unknown falls back to its default (an ``until`` the
+        API's listing would refuse too: not finite, negative, not a time)."""
         status = args.get("status", "")
         window = args.get("window", DEFAULT_WINDOW)
         try:
-            until: float | None = float(args.get("until", ""))
-        except ValueError:
+            until = time_arg(args, "until")
+        except RequestError:
             until = None
         return cls(workflow=args.get("workflow", "").strip()[:200], status=status if status in STATUSES else "",
                    session_id=args.get("session_id", "").strip()[:200],
@@ -245,7 +244,7 @@ def _output(svc: Services, record: RunRecord) -> Output:
         chunk["place"] = chunk["index"] if isinstance(chunk["index"], int) else first_place + position
     chunks_cut = total_chunks > len(chunks)
     kept = record.logs or []
-    if record.status in ACTIVE or n_lines >= len(kept):
+    if record.status in UNENDED or n_lines >= len(kept):
         streamed = [(int(f[b"after"]), e.decode(), json.loads(f[b"data"])) for e, f in lines]
         # Where one list was read from its end, the other's items from before its first are left out: the unread
         # items may lie among them, so their order would not be known.
@@ -338,7 +337,7 @@ def run_page(request_id: str) -> Response:
     except NotFound as exc:
         return _missing("Run", exc)
     output = _output(svc, record)
-    live = record.status in ACTIVE and not output.done
+    live = record.status in UNENDED and not output.done
     record = svc.runs.with_live_calls(record)  # a running run's calls so far: its record gets them at its end
     return render("console/run.html", title=f"Run {request_id}", nav="runs", output=output,
                   output_items=OUTPUT_ITEMS, playground_url=playground_url(record), **_detail(record, live, time.time()))
@@ -353,7 +352,7 @@ def run_detail(request_id: str) -> Response:
     account = signed_in()
     svc = services()
     record = own_run(svc, account.id, request_id)
-    live = record.status in ACTIVE and not _stream_done(svc, request_id)
+    live = record.status in UNENDED and not _stream_done(svc, request_id)
     record = svc.runs.with_live_calls(record)
     return render("console/_run_detail.html", title=f"Run {request_id}", nav="runs", oob=not live,
                   status=200 if live else STOP_POLLING, **_detail(record, live, time.time()))
@@ -383,7 +382,7 @@ def _session(svc: Services, account_id: str, session_id: str, now: float) -> dic
     timeline: Timeline = build(records, now)
     rows = [_row(r) for r in sorted(records, key=lambda r: r.queued_at or 0, reverse=True)]
     return {"session_id": session_id, "timeline": timeline, "rows": rows, "total": total, "shown": len(records),
-            "live": any(r.status in ACTIVE for r in records), **_LINKS}
+            "live": any(r.status in UNENDED for r in records), **_LINKS}
 
 
 @bp.get("/sessions/<session_id>")

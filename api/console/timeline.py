@@ -32,7 +32,9 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from flowpool.registry.workflows import PREVIEW_PREFIX
-from flowpool.run import RunRecord, RunStatus
+from flowpool.run import ENDED, RunRecord, RunStatus
+
+from .formats import duration_text
 
 __all__ = ["LOCAL_RUN", "MIN_WIDTH", "Axis", "Row", "Segment", "Tick", "Timeline", "build", "call_anchor",
            "is_preview", "run_anchor"]
@@ -47,8 +49,6 @@ MIN_WIDTH = 0.005
 _STEPS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800,
           3600, 7200, 21600, 43200, 86400)
 _MAX_TICKS = 8
-
-_ENDED = frozenset(s.value for s in RunStatus) - {RunStatus.QUEUED.value, RunStatus.RUNNING.value}
 
 
 @dataclass(frozen=True)
@@ -81,19 +81,6 @@ class Row:
     estimated: bool = False  # its start was not recorded (see the module's docstring)
     running: bool = False  # a run (or its part) still going: drawn up to ``now``
     call: dict[str, Any] = field(default_factory=dict, compare=False)  # the call's record, for its details row
-
-    @property
-    def offset(self) -> float:
-        """Where the row's first bar starts."""
-        return self.segments[0].offset if self.segments else 0.0
-
-    @property
-    def width(self) -> float:
-        """From the row's first bar's start to its last bar's end."""
-        if not self.segments:
-            return 0.0
-        last = self.segments[-1]
-        return last.offset + last.width - self.segments[0].offset
 
 
 @dataclass(frozen=True)
@@ -169,7 +156,7 @@ def _span(record: RunRecord, now: float) -> tuple[float, float]:
     start = record.queued_at or record.started_at or now
     if record.finished_at:
         end = record.finished_at
-    elif record.status in _ENDED:
+    elif record.status in ENDED:
         end = record.started_at or start  # ended without a finish time (a hit copied from its origin)
     else:
         end = max(now, start)
@@ -180,7 +167,7 @@ def _calls(record: RunRecord, span: tuple[float, float], now: float) -> list[dic
     """The run's calls with their kind, index and (possibly estimated) start and end, in the order they started; one
     still going ends ``now``."""
     found: list[dict[str, Any]] = []
-    for kind_list, items in (("model", record.model_calls), ("http", getattr(record, "http_calls", None)),
+    for kind_list, items in (("model", record.model_calls), ("http", record.http_calls),
                              ("workflow", record.workflow_calls)):
         for index, call in enumerate(items or []):
             if isinstance(call, dict) and not _omitted(call):
@@ -217,7 +204,7 @@ def _calls(record: RunRecord, span: tuple[float, float], now: float) -> list[dic
 
 def _run_row(record: RunRecord, span: tuple[float, float], axis: Axis, now: float) -> Row:
     start, end = span
-    running = record.status not in _ENDED
+    running = record.status not in ENDED
     segments: list[Segment] = []
     began = record.started_at
     if began and began > start:
@@ -231,11 +218,11 @@ def _run_row(record: RunRecord, span: tuple[float, float], axis: Axis, now: floa
     duration = (end - start) * 1000 if record.finished_at or running else None
     version = f"@{record.version}" if record.version else ""
     label = LOCAL_RUN if is_preview(record.workflow) else f"run {record.workflow}{version}"
-    title = f"{label}: {record.status}" + (f", {_ms_text(duration)}" if duration is not None else "")
+    title = f"{label}: {record.status}" + (f", {duration_text(duration)}" if duration is not None else "")
     if running:
         title += " so far"
     if began and began > start:
-        title += f" (queued {_ms_text((began - start) * 1000)})"
+        title += f" (queued {duration_text((began - start) * 1000)})"
     usage = record.usage or {}
     return Row(kind="run", label=label, anchor=run_anchor(record.request_id), status=record.status, start=start,
                end=end, duration_ms=duration, segments=tuple(segments), title=title, request_id=record.request_id,
@@ -257,11 +244,11 @@ def _call_row(record: RunRecord, call: dict[str, Any], axis: Axis) -> Row:
     tokens = _number(call.get("total_tokens")) if kind in ("model", "agent") else None
     parts = [label, "in progress" if running else status]
     if latency is not None:
-        parts.append(_ms_text(latency) + (" so far" if running else ""))
+        parts.append(duration_text(latency) + (" so far" if running else ""))
     if fallback > 0:
         parts.append(f"fallback #{fallback}")
     if ttft_ms is not None and ttft is not None:
-        parts.append(f"first token after {_ms_text(ttft_ms)}")
+        parts.append(f"first token after {duration_text(ttft_ms)}")
     if tokens is not None:
         parts.append(f"{int(tokens)} tokens")
     if call.get("_estimated"):
@@ -295,7 +282,7 @@ def _omitted(call: dict[str, Any]) -> bool:
 def _note_rows(record: RunRecord) -> list[Row]:
     """A note row for each entry of the run's HTTP calls that counts calls made and not recorded."""
     rows = []
-    for index, entry in enumerate(getattr(record, "http_calls", None) or []):
+    for index, entry in enumerate(record.http_calls or []):
         if not isinstance(entry, dict) or not _omitted(entry):
             continue
         count = _number(entry.get("count"))
@@ -354,23 +341,9 @@ def _ticks(start: float, end: float) -> tuple[Tick, ...]:
     ticks = []
     n = 0
     while n * step <= span + 1e-9:
-        ticks.append(Tick(round(n * step / span, 6), "0" if n == 0 else "+" + _ms_text(n * step * 1000)))
+        ticks.append(Tick(round(n * step / span, 6), "0" if n == 0 else "+" + duration_text(n * step * 1000)))
         n += 1
     return tuple(ticks)
-
-
-def _ms_text(ms: float) -> str:
-    """A duration as the console writes it: ``850 ms``, ``2.4 s``, ``1 m 3 s``, ``2 h 5 m``."""
-    if ms < 1000:
-        return f"{ms:.0f} ms" if ms >= 10 or ms == int(ms) else f"{ms:.1f} ms"
-    seconds = ms / 1000
-    if seconds < 60:
-        return f"{seconds:.1f} s".replace(".0 s", " s")
-    minutes, secs = divmod(int(round(seconds)), 60)
-    if minutes < 60:
-        return f"{minutes} m {secs} s" if secs else f"{minutes} m"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes} m" if minutes else f"{hours} h"
 
 
 def _number(value: Any) -> float | None:

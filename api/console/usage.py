@@ -12,8 +12,9 @@ from flowpool.usage import UsageReader, usage_range
 
 from ..services import services
 from . import bp
-from .charts import Series, bar_chart, format_number
+from .charts import Series, bar_chart
 from .common import render, signed_in
+from .formats import format_number
 
 # Today's use against each daily limit: (label, what today counts, the limit's name). 0 as a limit means none.
 _METERS = (("Compute seconds today", "compute_seconds", "compute_seconds_per_day"),

@@ -18,6 +18,7 @@ from .common import current_session, render, signed_in
 from .highlight import highlight_python
 
 PAGE_SIZE = 50        # workflows per page of the list: each costs one stats read
+MAX_PAGE = 10 ** 9    # no account has this many pages; a larger ?page= is read as it, then as the last page
 VERSIONS_SHOWN = 200  # the newest versions a workflow's page lists
 
 
@@ -35,17 +36,21 @@ def workflows() -> Response:
     svc = services()
     page = _page_number(request.args.get("page"))
     items, total = svc.workflows.list(account.id, (page - 1) * PAGE_SIZE, PAGE_SIZE)
+    pages = max(1, math.ceil(total / PAGE_SIZE))
+    if page > pages:  # past the end (an old link, a typed number): the last page
+        page = pages
+        items, total = svc.workflows.list(account.id, (page - 1) * PAGE_SIZE, PAGE_SIZE)
+        pages = max(1, math.ceil(total / PAGE_SIZE))
     now = time.time()
     rows = [{"workflow": item, "stats": _stats(account.id, item["workflow_ref_name"], now)} for item in items]
-    pages = max(1, math.ceil(total / PAGE_SIZE))
     return render("console/workflows.html", title="Workflows", nav="workflows", rows=rows, total=total,
                   page=page, pages=pages)
 
 
 def _page_number(text: str | None) -> int:
-    """``?page=`` as a page number from 1; anything else is the first page."""
+    """``?page=`` as a page number from 1 to MAX_PAGE (a larger one is MAX_PAGE); anything else is the first page."""
     try:
-        return max(1, int(text or 1))
+        return min(MAX_PAGE, max(1, int(text or 1)))
     except ValueError:
         return 1
 

@@ -10,20 +10,34 @@ so); anywhere else the tests are skipped with how to install one.
 One browser serves a whole module; each test opens pages in a context whose
 clock reads Asia/Tokyo and whose locale is en-US, so times the console shows
 are checked against a zone that is not the machine's.
+
+Also here, for every module: signing a context in (:func:`sign_in`), opening a
+page (:func:`open_page`), a gate of the stand-in provider (:func:`gate`),
+screenshots (:func:`shoot`), layout measures, and the ``console`` fixture: an
+account with three workflows, signed in by keyboard (:class:`Console`). Waits
+for a condition in the page use Playwright's ``page.wait_for_function`` with a
+function (``"() => ..."``), which works under the console's CSP from Playwright
+1.55 on (the test extra's floor); a bare expression would be evaluated as a
+string, which the CSP refuses (no 'unsafe-eval').
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
 import psutil
 import pytest
 
+from flowpool.devstack import Stack
 from tests.conftest import SESSION_PIDS
+from tests.helpers import Client
+from tests.provider import StandInProvider
 
 # Chromium's own background traffic (updates, sync, QUIC probes, first-run pages) stays off: the tests run
 # where nothing past loopback can be reached, and a stray connection would only slow them down.
@@ -135,3 +149,193 @@ def new_context(browser: Any) -> Any:
     context.set_default_timeout(WAIT_MS)
     context.set_default_navigation_timeout(WAIT_MS)
     return context
+
+
+def open_page(context: Any, base_url: str, path: str) -> Any:
+    """A new tab of ``context`` at ``path`` of the console's site, loaded."""
+    page = context.new_page()
+    page.goto(base_url + path, wait_until="load", timeout=WAIT_MS)
+    return page
+
+
+def sign_in(target: Any, base_url: str, key: str, keyboard: bool = False) -> None:
+    """Sign in through the sign-in form, landing on the workflows page.
+
+    ``target``: a browser context (a tab is opened for it, then closed) or a page (it stays on the workflows
+    page). ``keyboard``: as a keyboard user does, the key typed into the focused field, Tab to the button, Enter.
+    """
+    page = target.new_page() if hasattr(target, "new_page") else target
+    page.goto(f"{base_url}/console/sign-in", wait_until="load", timeout=WAIT_MS)
+    if keyboard:
+        for _ in range(10):  # the field has autofocus; Tab to it where the browser did not focus it
+            if page.evaluate("document.activeElement && document.activeElement.id") == "api_key":
+                break
+            page.keyboard.press("Tab")
+        assert page.evaluate("document.activeElement.id") == "api_key"
+        page.keyboard.type(key)
+        page.keyboard.press("Tab")
+        assert page.evaluate("document.activeElement.textContent.trim()") == "Sign in"
+        page.keyboard.press("Enter")
+    else:
+        page.fill("#api_key", key)
+        page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(re.compile(r".*/console/workflows$"), timeout=WAIT_MS)
+    if page is not target:
+        page.close()
+
+
+def gate(provider: StandInProvider) -> tuple[str, str]:
+    """A gate of the stand-in provider: the URL a run is held at, and the one that lets it through."""
+    name = uuid.uuid4().hex
+    return f"{provider.origin}/hold/{name}", f"{provider.origin}/gate/{name}"
+
+
+def gate_name(url: str) -> str:
+    """The name of the gate a hold URL of :func:`gate` waits at."""
+    return url.rsplit("/", 1)[1]
+
+
+def shoot(page: Any, folder: Path, name: str) -> Path:
+    """Save the whole page as <name>.png in ``folder`` (the screenshots fixture's); its path."""
+    path = folder / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True, timeout=WAIT_MS)
+    assert path.stat().st_size > 0, path
+    return path
+
+
+def mark_page(page: Any) -> None:
+    """Leave a mark in the page's window: a reload would lose it."""
+    page.evaluate("window.__e2eNoReload = 'still here'")
+
+
+def not_reloaded(page: Any) -> bool:
+    """Whether the page still has the mark :func:`mark_page` left."""
+    return page.evaluate("window.__e2eNoReload") == "still here"
+
+
+def fits_across(page: Any, selector: str) -> dict[str, float]:
+    """How wide ``selector``'s content is against its container (.table-wrap) and the window, in CSS pixels."""
+    return page.evaluate("""(selector) => {
+        const table = document.querySelector(selector);
+        const wrap = table.parentElement;
+        return {scroll: table.scrollWidth, room: wrap.clientWidth, right: wrap.getBoundingClientRect().right,
+                window: document.documentElement.clientWidth};
+    }""", selector)
+
+
+def box(page: Any, selector: str) -> dict[str, float]:
+    """Where ``selector`` is drawn (its bounding box in CSS pixels)."""
+    found = page.locator(selector).bounding_box()
+    assert found is not None, f"{selector} is not drawn"
+    return found
+
+
+# The window widths the console must fit without scrolling sideways: its narrowest supported, and a laptop's.
+WIDTHS = (1024, 1280)
+
+STREAMS = """
+    import time
+
+    from flowpool_workflow import WorkflowContext
+
+    INPUT_SCHEMA = {{
+        "topic": {{"type": "string", "description": "What the steps are about"}},
+        "hold": {{"type": "string", "description": "A URL that answers once the caller lets the run finish"}},
+    }}
+    TIMEOUT_SECONDS = 60
+    CACHE_TTL_SECONDS = 0  # every invocation runs: the tests watch runs, not cached answers
+    # {marker}
+
+
+    def execute(ctx: WorkflowContext):
+        topic = (ctx.input or {{}}).get("topic") or "nothing"
+        ctx.log.info("starting", topic=topic)
+        for i in range(3):
+            ctx.emit("step", f"{{topic}} {{i}}")
+            time.sleep(0.1)
+        hold = (ctx.input or {{}}).get("hold")
+        if hold:
+            ctx.log.info("waiting to be let through")
+            ctx.http.get(hold)
+            ctx.emit("step", f"{{topic}} let through")
+        ctx.log.info("finished", steps=3)
+        return {{"topic": topic, "steps": 3}}
+"""
+
+ASKS = """
+    from flowpool_workflow import WorkflowContext
+
+    APPLICATION = "{app}"
+    INPUT_SCHEMA = {{"q": {{"type": "string", "description": "The question", "required": True}}}}
+    CACHE_TTL_SECONDS = 0
+
+
+    def execute(ctx: WorkflowContext):
+        ctx.log.info("asking the model")
+        resp = ctx.chat.completions.create(intent="answer", messages=[{{"role": "user", "content": ctx.input["q"]}}])
+        return {{"answer": resp["choices"][0]["message"]["content"]}}
+"""
+
+FAILS = """
+    def execute(ctx):
+        ctx.log.warning("about to fail")
+        raise ValueError("the e2e workflow fails on purpose")
+"""
+
+
+class Console:
+    """The module's account, its workflows and runs, and a browser context signed in to the console."""
+
+    def __init__(self, base_url: str, api: Client, context: Any, provider: StandInProvider, suffix: str,
+                 shots: Path) -> None:
+        self.base_url = base_url
+        self.shots = shots  # where screenshots go (the screenshots fixture)
+        self.account = f"e2e-{suffix}"
+        self.api = api
+        self.context = context
+        self.provider = provider
+        self.streams, self.asks, self.fails = f"e2e-streams-{suffix}", f"e2e-asks-{suffix}", f"e2e-fails-{suffix}"
+        self.session_id = f"e2e-session-{suffix}"
+        self.urls: list[str] = []  # every URL the browser asked for
+        context.on("request", lambda request: self.urls.append(request.url))
+
+    def page(self, path: str) -> Any:
+        """A new tab at ``path``, loaded."""
+        return open_page(self.context, self.base_url, path)
+
+    def start(self, ref: str, **body: Any) -> str:
+        """Start a run through the API (POST /api/v1/runs); its request id."""
+        response = self.api.post("/api/v1/runs", json={"model": f"workflow:{ref}", **body})
+        assert response.status_code == 202, response.text
+        return response.json()["request_id"]
+
+    def shoot(self, page: Any, name: str) -> None:
+        """Save the whole page as <name>.png in the screenshots folder (every page, every run)."""
+        shoot(page, self.shots, name)
+
+
+@pytest.fixture(scope="module")
+def console(stack: Stack, browser: Any, provider: StandInProvider, screenshots: Path) -> Iterator[Console]:
+    """A fresh account with three workflows (one a draft waiting), signed in to the console by keyboard."""
+    assert stack.api_url is not None
+    suffix = uuid.uuid4().hex[:6]
+    api = Client(stack.api_url, stack.create_account(f"e2e-{suffix}"))
+    context = new_context(browser)
+    try:
+        c = Console(stack.api_url, api, context, provider, suffix, screenshots)
+        app = f"e2e-app-{suffix}"
+        put = api.request("PUT", f"/api/v1/applications/{app}", json={"intents": {"answer": {
+            "model": "fail", "base_url": provider.base_url,
+            "fallbacks": [{"model": "echo", "base_url": provider.base_url}]}}})
+        assert put.status_code == 201, put.text
+        api.upload(c.streams, STREAMS.format(marker="first version"), description="Emits three steps, logging each")
+        api.upload(c.asks, ASKS.format(app=app), description="Asks a model, through a fallback")
+        api.upload(c.fails, FAILS)
+        # A second version as a draft: the workflow page's activate button publishes it.
+        api.upload(c.streams, STREAMS.format(marker="second version"), publish_version=False,
+                   version_notes="the same steps, published from the console")
+        sign_in(context, stack.api_url, api.key, keyboard=True)
+        yield c
+    finally:
+        context.close()
+

@@ -3,11 +3,10 @@ growing to now marked in progress, and as the record keeps it once it ended; all
 
 The run waits at two gates of the stand-in provider: first an HTTP one (``/hold/<gate>``, before any model call),
 then a held model (``hold-<gate>``); the test opens each, so what the page shows before and after is checked
-without any clock.
+without any clock. The page, a call in progress, is saved as ``run-live-call.png`` with the other screenshots.
 """
 from __future__ import annotations
 
-import re
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -18,7 +17,7 @@ from flowpool.devstack import Stack
 from tests.helpers import Client, eventually
 from tests.provider import StandInProvider
 
-from .conftest import WAIT_MS, new_context
+from .conftest import WAIT_MS, gate, gate_name, mark_page, new_context, not_reloaded, open_page, shoot, sign_in
 
 pytestmark = pytest.mark.slow
 
@@ -52,12 +51,7 @@ def live_console(stack: Stack, browser: Any, provider: StandInProvider) -> Itera
     api.upload(ref, HOLDS_THEN_ASKS.format(app=app))
     context = new_context(browser)
     try:
-        page = context.new_page()
-        page.goto(f"{stack.api_url}/console/sign-in", wait_until="load", timeout=WAIT_MS)
-        page.fill("#api_key", api.key)
-        page.get_by_role("button", name="Sign in").click()
-        page.wait_for_url(re.compile(r".*/console/workflows$"), timeout=WAIT_MS)
-        page.close()
+        sign_in(context, stack.api_url, api.key)
         yield LiveConsole(stack.api_url, api, context, ref)
     finally:
         context.close()
@@ -65,16 +59,16 @@ def live_console(stack: Stack, browser: Any, provider: StandInProvider) -> Itera
 
 def test_the_run_page_shows_a_held_model_call_live_then_finished_without_reload(
         live_console: LiveConsole, provider: StandInProvider, screenshots: Path) -> None:
-    first, model_gate = uuid.uuid4().hex, uuid.uuid4().hex
+    hold, _ = gate(provider)
+    first, model_gate = gate_name(hold), uuid.uuid4().hex
     response = live_console.api.post("/api/v1/runs", json={"model": f"workflow:{live_console.ref}", "input": {
-        "first": f"{provider.origin}/hold/{first}", "model": f"hold-{model_gate}"}})
+        "first": hold, "model": f"hold-{model_gate}"}})
     assert response.status_code == 202, response.text
     request_id = response.json()["request_id"]
     eventually(lambda: provider.held(first) == 1, timeout=30, what="the run to wait at its first gate")
 
-    page = live_console.context.new_page()
-    page.goto(f"{live_console.base_url}/console/runs/{request_id}", wait_until="load", timeout=WAIT_MS)
-    page.evaluate("window.__e2eNoReload = 'still here'")  # a reload would lose it
+    page = open_page(live_console.context, live_console.base_url, f"/console/runs/{request_id}")
+    mark_page(page)
     timeline = page.locator(".run-timeline")
     assert timeline.locator(".tl-row.tl-model").count() == 0  # no model call yet
     assert "in progress" in page.locator(".tl-legend").inner_text()
@@ -87,7 +81,7 @@ def test_the_run_page_shows_a_held_model_call_live_then_finished_without_reload(
     assert held.locator(".tl-meta").inner_text().startswith("running")
     row = page.locator("table.calls tr.call-row.call-running")
     assert row.count() == 1 and "running" in row.locator(".badge").inner_text()
-    page.screenshot(path=str(screenshots / "run-live-call.png"), full_page=True, timeout=WAIT_MS)
+    shoot(page, screenshots, "run-live-call")
 
     provider.open_gate(model_gate)
     page.wait_for_selector(".run-status-line .badge-succeeded", timeout=WAIT_MS)
@@ -96,4 +90,4 @@ def test_the_run_page_shows_a_held_model_call_live_then_finished_without_reload(
     assert page.locator("rect.tl-seg-call-running").count() == 0
     assert done.locator(".tl-meta").inner_text().startswith("ok")
     assert page.locator("table.calls tr.call-row.call-running").count() == 0
-    assert page.evaluate("window.__e2eNoReload") == "still here"
+    assert not_reloaded(page)

@@ -24,7 +24,7 @@ from flowpool.devstack import Stack
 from tests.helpers import Client, eventually
 from tests.provider import StandInProvider
 
-from .conftest import TIMEZONE, WAIT_MS, new_context
+from .conftest import TIMEZONE, WAIT_MS, gate, new_context, open_page, sign_in
 
 pytestmark = pytest.mark.slow
 
@@ -87,37 +87,12 @@ class Pages:
 
     def page(self, path: str) -> Any:
         """A new tab at ``path``, loaded."""
-        page = self.context.new_page()
-        page.goto(self.base_url + path, wait_until="load", timeout=WAIT_MS)
-        return page
-
-    def gate(self) -> tuple[str, str]:
-        """A gate of the stand-in provider: the URL a run is held at, and the one that lets it through."""
-        name = uuid.uuid4().hex
-        return f"{self.provider.origin}/hold/{name}", f"{self.provider.origin}/gate/{name}"
-
-    def ended(self, request_id: str) -> dict[str, Any]:
-        """The run as the API shows it once it has ended."""
-        response = self.api.get(f"/api/v1/runs/{request_id}?wait=30", timeout=60)
-        assert response.status_code == 200, response.text
-        run = response.json()["data"]
-        assert run["status"] not in ("queued", "running"), run
-        return run
+        return open_page(self.context, self.base_url, path)
 
     def active(self, ref: str) -> str:
         response = self.api.get(f"/api/v1/workflows/{ref}")
         assert response.status_code == 200, response.text
         return response.json()["data"]["active_version"]
-
-
-def sign_in(context: Any, base_url: str, key: str) -> None:
-    """Sign the context in through the sign-in form."""
-    page = context.new_page()
-    page.goto(f"{base_url}/console/sign-in", wait_until="load", timeout=WAIT_MS)
-    page.fill("#api_key", key)
-    page.click("button:has-text('Sign in')")
-    page.wait_for_url(re.compile(r".*/console/workflows$"), timeout=WAIT_MS)
-    page.close()
 
 
 @pytest.fixture(scope="module")
@@ -142,12 +117,6 @@ def pages(stack: Stack, browser: Any, provider: StandInProvider) -> Iterator[Pag
         yield p
     finally:
         context.close()
-
-
-def until(page: Any, script: str, what: str) -> None:
-    """Wait until the page's JavaScript expression ``script`` is true (Playwright's wait_for_function would eval a
-    string in the page, which the console's CSP forbids; page.evaluate does not)."""
-    eventually(lambda: page.evaluate(script), timeout=WAIT_MS / 1000, what=what)
 
 
 def focused(page: Any) -> dict[str, Any]:
@@ -183,7 +152,7 @@ def test_activating_asks_first_and_then_focuses_the_message_in_a_status_region_t
     page.on("dialog", accept)
     page.click("#versions button:has-text('Activate 1.1.0')")
     page.wait_for_selector("#active-version:text-is('1.1.0')", timeout=WAIT_MS)
-    until(page, "document.activeElement.id === 'versions-message'", "focus on the message")
+    page.wait_for_function("() => document.activeElement.id === 'versions-message'")  # focus on the message
     assert focused(page) == {"id": "versions-message", "text": "Version 1.1.0 is now active (it was 1.0.0).",
                              "inVersions": False, "region": "versions-status"}
     assert pages.active(pages.flip) == "1.1.0"
@@ -192,7 +161,7 @@ def test_activating_asks_first_and_then_focuses_the_message_in_a_status_region_t
     button.focus()
     page.keyboard.press("Enter")
     page.wait_for_selector("#active-version:text-is('1.0.0')", timeout=WAIT_MS)
-    until(page, "document.activeElement.textContent.includes('Version 1.0.0')", "focus on the new message")
+    page.wait_for_function("() => document.activeElement.textContent.includes('Version 1.0.0')")  # the new message
     assert dialogs[-1] == f"Make 1.0.0 the active version of {pages.flip}? New runs will use it instead of 1.1.0."
     assert focused(page)["region"] == "versions-status" and pages.active(pages.flip) == "1.0.0"
     assert page.evaluate("document.getElementById('versions-status').__kept") == "same element"
@@ -239,7 +208,7 @@ def invoke(page: Any, value: Any) -> None:
 
 def test_the_playground_can_invoke_again_or_stop_following_while_a_run_goes(pages: Pages) -> None:
     page = pages.page(f"/console/playground?workflow={pages.holds}")
-    hold1, open1 = pages.gate()
+    hold1, open1 = gate(pages.provider)
     invoke(page, {"topic": "first", "hold": hold1})
     page.wait_for_selector("#playground-run-link:text-matches('^req_')", timeout=WAIT_MS)
     first = run_id(page)
@@ -248,14 +217,14 @@ def test_the_playground_can_invoke_again_or_stop_following_while_a_run_goes(page
     assert page.locator("#playground-chunks-box").is_hidden() and page.locator("#playground-logs-box").is_hidden()
     assert page.locator("#playground-invoke").is_enabled() and page.locator("#playground-stop").is_visible()
     # Invoke again: the first run is no longer followed, the new one is.
-    hold2, open2 = pages.gate()
+    hold2, open2 = gate(pages.provider)
     invoke(page, {"topic": "second", "hold": hold2})
-    until(page, f"document.getElementById('playground-run-link').textContent.startsWith('req_') && "
-                f"document.getElementById('playground-run-link').textContent !== {json.dumps(first)}",
-          "the second run to be followed")
+    # The second run is followed.
+    page.wait_for_function(f"() => document.getElementById('playground-run-link').textContent.startsWith('req_') && "
+                           f"document.getElementById('playground-run-link').textContent !== {json.dumps(first)}")
     second = run_id(page)
     requests.post(open1, timeout=10)
-    assert pages.ended(first)["status"] == "succeeded"
+    assert pages.api.ended(first)["status"] == "succeeded"
     requests.post(open2, timeout=10)
     page.wait_for_selector("#playground-output-box:not([hidden])", timeout=WAIT_MS)
     assert json.loads(page.locator("#playground-output").inner_text()) == {"topic": "second"}
@@ -271,18 +240,18 @@ def test_the_playground_can_invoke_again_or_stop_following_while_a_run_goes(page
     assert TIMEZONE in log_time.get_attribute("title")
     assert "let through" in page.locator("#playground-logs li").first.inner_text()
     # Stop following: the form is free at once, focus on Invoke, and the run goes on without the page.
-    hold3, open3 = pages.gate()
+    hold3, open3 = gate(pages.provider)
     invoke(page, {"topic": "third", "hold": hold3})
     page.wait_for_selector("#playground-stop:not([hidden])", timeout=WAIT_MS)
-    until(page, "document.getElementById('playground-run-link').textContent !== "
-                f"{json.dumps(second)}", "the third run to be followed")
+    page.wait_for_function("() => document.getElementById('playground-run-link').textContent !== "
+                           f"{json.dumps(second)}")  # the third run is followed
     third = run_id(page)
     page.click("#playground-stop")
     assert page.locator("#playground-stop").is_hidden()
     assert page.evaluate("document.activeElement.id") == "playground-invoke"
     assert "Stopped following" in page.locator("#playground-status").inner_text()
     requests.post(open3, timeout=10)
-    assert pages.ended(third)["status"] == "succeeded"
+    assert pages.api.ended(third)["status"] == "succeeded"
     assert page.locator("#playground-run-status").inner_text() == "running"  # no longer followed
 
 
@@ -292,9 +261,9 @@ def test_the_playground_lists_the_workflows_versions_and_runs_the_one_picked(pag
     assert options.all_inner_texts() == ["1.1.0 (active)", "1.0.0"]
     # Another workflow: the select is refilled with its versions.
     page.select_option("#playground-workflow", pages.pick)
-    until(page, "document.querySelector('#playground-version option') && "
-                "document.querySelector('#playground-version option').textContent === '1.0.0 (active)'",
-          "the versions of the workflow picked")
+    # The versions of the workflow picked fill the select.
+    page.wait_for_function("() => document.querySelector('#playground-version option') && "
+                           "document.querySelector('#playground-version option').textContent === '1.0.0 (active)'")
     assert options.all_inner_texts() == ["1.0.0 (active)", "1.1.0 (draft)"]
     # A draft picked is the version run.
     page.select_option("#playground-version", "1.1.0")
@@ -315,7 +284,7 @@ def test_the_playground_says_what_went_wrong_in_plain_words(pages: Pages) -> Non
     page.select_option("#playground-workflow", pages.fails)
     invoke(page, {})
     page.wait_for_selector("#playground-error-box:not([hidden])", timeout=WAIT_MS)
-    error = pages.ended(run_id(page))["error"]
+    error = pages.api.ended(run_id(page))["error"]
     assert page.locator("#playground-error").inner_text() == error["message"]
     label = page.locator("#playground-error-type")
     assert label.is_visible() and label.get_attribute("title") in (error.get("type"), error.get("kind"))

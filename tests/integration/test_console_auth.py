@@ -134,20 +134,58 @@ def test_an_event_stream_without_a_session_is_a_401_json_error(stack: Stack) -> 
 
 
 def test_a_post_without_the_csrf_token_is_refused(client: Client) -> None:
+    ref = f"guarded-{uuid.uuid4().hex[:6]}"
+    client.upload(ref, "def execute(ctx):\n    return 1\n")
+    activate = f"{client.base_url}/console/workflows/{ref}/activate"
     session = console_session(client.base_url, client.key)
     token = session.headers.pop("X-CSRF-Token")
 
-    refused = session.post(f"{client.base_url}/console/sign-out", allow_redirects=False, timeout=30)
-    wrong = session.post(f"{client.base_url}/console/sign-out", data={"csrf_token": token[:-2] + "xx"},
+    refused = session.post(activate, data={"version": "1.0.0"}, allow_redirects=False, timeout=30)
+    wrong = session.post(activate, data={"version": "1.0.0", "csrf_token": token[:-2] + "xx"},
                          allow_redirects=False, timeout=30)
 
     assert refused.status_code == 403 and wrong.status_code == 403
     assert "CSRF" in refused.json()["error"]["message"]
-    assert session.get(f"{client.base_url}/console/sign-in", allow_redirects=False, timeout=30).status_code == 303
-    # The form field is accepted as well as the header (the sign-out button is a plain form).
-    accepted = session.post(f"{client.base_url}/console/sign-out", data={"csrf_token": token},
+    # The form field is accepted as well as the header (the page's forms are plain forms too).
+    accepted = session.post(activate, data={"version": "1.0.0", "csrf_token": token}, allow_redirects=False,
+                            timeout=30)
+    assert accepted.status_code == 200 and "Version 1.0.0 is active again." in accepted.text
+
+
+def test_a_second_sign_in_over_a_live_session_needs_no_csrf_token(client: Client) -> None:
+    # Two tabs: B signed in; A, opened before, now sends its sign-in form, which has no session's token.
+    session = console_session(client.base_url, client.key)
+    del session.headers["X-CSRF-Token"]
+    first = session.cookies.get("flowpool_console")
+
+    again = session.post(f"{client.base_url}/console/sign-in", data={"api_key": client.key, "next": "/console/runs"},
+                         headers={"Origin": client.base_url}, allow_redirects=False, timeout=30)
+
+    assert again.status_code == 303 and again.headers["Location"] == "/console/runs"
+    second = session.cookies.get("flowpool_console")
+    assert second and second != first
+    assert session.get(f"{client.base_url}/console/runs", allow_redirects=False, timeout=30).status_code == 200
+    # The session it replaced is over: a copy of the first cookie opens nothing.
+    replay = requests.get(f"{client.base_url}/console/runs", cookies={"flowpool_console": first},
+                          allow_redirects=False, timeout=30)
+    assert replay.status_code == 303
+
+
+def test_signing_out_with_a_stale_token_signs_out_and_goes_to_the_sign_in_page(client: Client) -> None:
+    session = console_session(client.base_url, client.key)
+    stale = session.headers.pop("X-CSRF-Token")
+    # Another tab signs in again: this tab's page keeps the token of the session that ended.
+    resigned = session.post(f"{client.base_url}/console/sign-in", data={"api_key": client.key},
                             allow_redirects=False, timeout=30)
-    assert accepted.status_code == 303
+    assert resigned.status_code == 303
+
+    out = session.post(f"{client.base_url}/console/sign-out", data={"csrf_token": stale},
+                       headers={"Origin": client.base_url}, allow_redirects=False, timeout=30)
+
+    assert out.status_code == 303 and out.headers["Location"] == "/console/sign-in"
+    assert "flowpool_console=;" in _cookie_header(out)
+    page = session.get(f"{client.base_url}/console/runs", allow_redirects=False, timeout=30)
+    assert page.status_code == 303 and urlsplit(page.headers["Location"]).path == "/console/sign-in"
 
 
 def test_a_post_from_another_origin_is_refused_even_with_the_token(client: Client) -> None:
@@ -158,6 +196,8 @@ def test_a_post_from_another_origin_is_refused_even_with_the_token(client: Clien
         refused = session.post(f"{client.base_url}/console/sign-out", headers=header, allow_redirects=False,
                                timeout=30)
         assert refused.status_code == 403, header
+        # The session is still there: a page of another site cannot sign anyone out.
+        assert session.get(f"{client.base_url}/console/usage", allow_redirects=False, timeout=30).status_code == 200
     login = requests.post(f"{client.base_url}/console/sign-in", data={"api_key": client.key},
                           headers={"Origin": "http://elsewhere.invalid"}, allow_redirects=False, timeout=30)
     assert login.status_code == 403 and "set-cookie" not in {k.lower() for k in login.headers}

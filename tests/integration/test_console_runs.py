@@ -135,6 +135,19 @@ def test_runs_page_pages_back_with_an_older_link(stack: Stack, client: Client, c
     assert ">Newest</a>" in second
 
 
+def test_an_until_that_is_no_time_is_ignored_as_the_api_would_refuse_it(stack: Stack, client: Client,
+                                                                       console: requests.Session) -> None:
+    ref = _ref("until")
+    client.upload(ref, SUCCEEDS)
+    request_id = _ok(client.invoke(ref, input={}))["request_id"]
+    for until in ("nan", "inf", "-inf", "-1", "not a time"):
+        for path in ("/console/runs", "/console/runs/rows"):
+            page = _page(console, stack, path, until=until)
+            assert request_id in page and ">Newest</a>" not in page, (path, until)  # the first page
+    # An ISO time the API takes is a cursor here too: nothing was queued before 2001.
+    assert request_id not in _page(console, stack, "/console/runs", until="2001-01-01T00:00:00Z")
+
+
 def test_runs_page_says_what_to_do_when_there_are_no_runs(stack: Stack, client: Client,
                                                           console: requests.Session) -> None:
     empty = _page(console, stack, "/console/runs")

@@ -272,6 +272,22 @@ def test_activation_without_the_csrf_token_is_refused(stack: Stack, client: Clie
     assert _active(client, ref) == v1
 
 
+def test_a_workflows_timeout_reads_in_whole_seconds(stack: Stack, client: Client) -> None:
+    ref = _name("timed")
+    client.upload(ref, "TIMEOUT_SECONDS = 60\n\n\ndef execute(ctx):\n    return 1\n")
+    page = _get(console_session(client.base_url, client.key), client, f"/console/workflows/{ref}")
+    assert "<dt>Timeout</dt><dd>60 s</dd>" in page  # not "60.0 s"
+
+
+def test_a_page_number_past_the_end_shows_the_last_page(stack: Stack, client: Client) -> None:
+    ref = _name("paged")
+    client.upload(ref, ECHO_WORKFLOW)
+    session = console_session(client.base_url, client.key)
+    for number in ("2", "99999999999999999999"):
+        page = _get(session, client, "/console/workflows", page=number)
+        assert f'href="/console/workflows/{ref}"' in page, number
+
+
 def test_another_accounts_workflow_is_a_404_page_in_the_console(stack: Stack, client: Client) -> None:
     assert stack.api_url is not None
     other = Client(stack.api_url, stack.create_account(_name("other")))

@@ -68,9 +68,8 @@ def _start(client: Client, ref: str, **body: Any) -> str:
 
 
 def _ended(client: Client, request_id: str) -> dict[str, Any]:
-    response = client.get(f"/api/v1/runs/{request_id}?wait=30", timeout=60)
-    assert response.status_code == 200, response.text
-    run = response.json()["data"]
+    """The run once it has ended, which it did by succeeding."""
+    run = client.ended(request_id)
     assert run["status"] == "succeeded", run
     return run
 

@@ -1,14 +1,10 @@
-"""The console's chart geometry (api/console/charts.py) and the generated Pygments stylesheet it ships."""
+"""The console's chart geometry (api/console/charts.py) and its one-sentence summary of a workflow's stats."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
-from flowpool.api.console import charts, highlight
+from flowpool.api.console import charts
 from flowpool.api.console.charts import Series, bar_chart, nice_ticks, runs_chart, sparkline, stats_summary
-
-STATIC = Path(highlight.__file__).parent / "static"
 
 
 @pytest.mark.parametrize("maximum, ticks", [
@@ -52,18 +48,17 @@ def test_bars_scale_to_the_top_tick_and_stack_series_in_order() -> None:
     assert b_err.title == "b: errors 6"
     assert [t.label for t in chart.x_ticks] == ["a", "b"] and chart.x_ticks[0].pos == 60
     assert chart.legend == (("ok", "ok"), ("err", "errors"))
-    assert not chart.empty
 
 
 def test_a_chart_of_zeros_draws_no_bars_and_keeps_an_axis() -> None:
     chart = bar_chart(["a", "b", "c"], [Series("ok", "runs", [0, 0, 0])])
-    assert chart.bars == () and chart.empty
+    assert chart.bars == ()
     assert [t.label for t in chart.y_ticks] == ["0", "1"]
 
 
 def test_a_chart_of_no_slots_has_no_bars_nor_x_labels() -> None:
     chart = bar_chart([], [Series("ok", "runs", [])])
-    assert chart.bars == () and chart.x_ticks == () and chart.empty
+    assert chart.bars == () and chart.x_ticks == ()
 
 
 def test_one_slot_fills_the_plot_width() -> None:
@@ -95,7 +90,7 @@ def test_runs_chart_stacks_errors_over_successes_and_breaks_latency_lines_at_emp
     assert (p50.css, p95.css) == ("line-p50", "line-p95")
     assert len(p50.segments) == 2 and [len(s) for s in p50.segments] == [1, 2]
     # The latency axis is its own: 2400 ms is under its top tick of 3 s, drawn on the right.
-    assert [t.label for t in chart.y2_ticks] == ["0 ms", "1.0 s", "2.0 s", "3.0 s"]
+    assert [t.label for t in chart.y2_ticks] == ["0 ms", "1 s", "2 s", "3 s"]
     assert p95.segments[0][0][1] == pytest.approx(chart.bottom - 0.8 * (chart.bottom - chart.top))
     assert p50.polylines[1].count(",") == 2
     assert ("line-p95", "p95 latency") in chart.legend
@@ -117,9 +112,9 @@ def test_a_bar_chart_of_labels_alone_carries_no_moments() -> None:
     assert chart.x_label_local == ""
 
 
-def test_runs_chart_of_a_quiet_day_is_empty() -> None:
+def test_runs_chart_of_a_quiet_day_draws_no_bars_nor_lines() -> None:
     chart = runs_chart([_bucket(h * 3600, 0, 0, None, None) for h in range(24)])
-    assert chart.empty and chart.lines[0].segments == ()
+    assert chart.bars == () and all(line.segments == () for line in chart.lines)
     assert len(chart.x_ticks) == 6
 
 
@@ -139,35 +134,8 @@ def test_stats_summary_says_runs_errors_and_latency_in_one_sentence() -> None:
     assert stats_summary({"hours": 24, "runs": 0, "errors": 0, "error_rate": None}) == "No runs in the last 24 hours"
 
 
-@pytest.mark.parametrize("value, text", [(None, "—"), (0, "0 ms"), (850, "850 ms"), (2400, "2.4 s"),
-                                         (63_000, "1 m 3 s"), (7_500_000, "2 h 5 m")])
-def test_durations_read_as_the_console_writes_them(value: float | None, text: str) -> None:
-    from flowpool.api.console.common import duration_text
-    assert charts.format_ms(value) == text == duration_text(value)
-
-
-@pytest.mark.parametrize("value, text", [(0, "0"), (950, "950"), (1200, "1.2k"), (3_000_000, "3M"), (0.25, "0.25"),
-                                         (2.5, "2.5")])
-def test_numbers_are_labelled_short(value: float, text: str) -> None:
-    assert charts.format_number(value) == text
-
-
-def test_the_shipped_pygments_stylesheet_is_what_pygments_generates() -> None:
-    # How to regenerate it: the docstring of api/console/highlight.py.
-    assert (STATIC / "pygments.css").read_text() == highlight.stylesheet()
-
-
-def test_highlighted_scripts_carry_classes_line_numbers_and_escaped_text_but_no_inline_style() -> None:
-    html = str(highlight.highlight_python('def execute(ctx):\n    return "<b>hi</b>"  # done\n'))
-    assert '<span class="k">def</span>' in html and '<span class="c1"># done</span>' in html
-    assert "&lt;b&gt;hi&lt;/b&gt;" in html and "<b>" not in html
-    assert 'class="linenos"' in html and ">2</span>" in html.split('class="code"')[0]
-    assert "style=" not in html  # the console's CSP blocks inline styles
-
-
-def test_each_script_line_has_an_id_to_link_to_but_its_number_is_no_tab_stop() -> None:
-    html = str(highlight.highlight_python("".join(f"x{n} = {n}\n" for n in range(1, 301))))
-    # #L-12 in an address scrolls to line 12: the id is on the line itself (an <a> without href: not focusable).
-    assert '<a id="L-12" name="L-12"></a>' in html and 'id="L-300"' in html
-    # Hundreds of lines must not be hundreds of Tab stops: no line number is a link.
-    assert "href=" not in html
+def test_stats_summary_gives_the_error_rate_of_the_ended_runs_and_says_how_many_have_not_ended() -> None:
+    stats = {"hours": 24, "runs": 10, "ended": 1, "errors": 1, "error_rate": 1.0, "p50_ms": 850, "p95_ms": 850}
+    assert stats_summary(stats) == "10 runs (9 not ended yet), 1 error (100.0% of the 1 ended), p50 850 ms, p95 850 ms"
+    assert stats_summary({"hours": 24, "runs": 3, "ended": 0, "errors": 0, "error_rate": None, "p50_ms": None}) == \
+        "3 runs (3 not ended yet)"

@@ -1,4 +1,4 @@
-"""The console's templates and helpers: nothing the CSP would block, safe redirects, readable durations."""
+"""The console's templates and helpers: nothing the CSP would block, safe redirects, the wheel's files."""
 from __future__ import annotations
 
 import configparser
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from flowpool.api.app import create_app
-from flowpool.api.console.common import duration_text, safe_next
+from flowpool.api.console.common import safe_next
 from flowpool.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,14 +72,6 @@ def test_the_scan_catches_what_the_csp_would_block() -> None:
 ])
 def test_sign_in_returns_only_to_console_pages(value: str | None, expected: str) -> None:
     assert safe_next(value) == expected
-
-
-@pytest.mark.parametrize(("ms", "text"), [
-    (None, "—"), (0, "0 ms"), (850, "850 ms"), (999.4, "999 ms"), (2400, "2.4 s"), (59_940, "59.9 s"),
-    (63_000, "1 m 3 s"), (3_723_000, "1 h 2 m"),
-])
-def test_durations_read_as_people_write_them(ms: float | None, text: str) -> None:
-    assert duration_text(ms) == text
 
 
 def test_the_wheel_carries_every_template_and_static_file() -> None:

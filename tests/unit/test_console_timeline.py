@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from flowpool.api.console.timeline import MIN_WIDTH, build, call_anchor, run_anchor
+from flowpool.api.console.timeline import MIN_WIDTH, Row, build, call_anchor, run_anchor
 from flowpool.run import RunRecord
 
 T0 = 1_700_000_000.0
@@ -17,6 +17,12 @@ def _record(request_id: str = "req_1", **fields: Any) -> RunRecord:
                               "queued_at": T0, "started_at": T0 + 1, "finished_at": T0 + 11}
     values.update(fields)
     return RunRecord(request_id=request_id, **values)
+
+
+def _extent(row: Row) -> tuple[float, float]:
+    """Where a row's bars start and how far they reach, as fractions of the axis."""
+    first, last = row.segments[0], row.segments[-1]
+    return first.offset, last.offset + last.width - first.offset
 
 
 def _model(started: float, latency_ms: float | None, **extra: Any) -> dict[str, Any]:
@@ -44,9 +50,9 @@ def test_calls_are_rows_after_their_run_in_the_order_they_started_at_their_fract
     rows = build([record], now=T0 + 100).rows
     assert [r.label for r in rows] == ["run flow@1.0.0", "model first", "workflow child@2.0.0", "model echo"]
     first, child, echo = rows[1:]
-    assert (first.offset, first.width) == (pytest.approx(2 / 11, abs=1e-6), pytest.approx(1 / 11, abs=1e-6))
-    assert (child.offset, child.width) == (pytest.approx(4 / 11, abs=1e-6), pytest.approx(0.5 / 11, abs=1e-6))
-    assert (echo.offset, echo.width) == (pytest.approx(6 / 11, abs=1e-6), pytest.approx(2 / 11, abs=1e-6))
+    assert _extent(first) == (pytest.approx(2 / 11, abs=1e-6), pytest.approx(1 / 11, abs=1e-6))
+    assert _extent(child) == (pytest.approx(4 / 11, abs=1e-6), pytest.approx(0.5 / 11, abs=1e-6))
+    assert _extent(echo) == (pytest.approx(6 / 11, abs=1e-6), pytest.approx(2 / 11, abs=1e-6))
     # Each row links to its details row: its list and its place in it, not its place on the timeline.
     assert first.anchor == call_anchor("req_1", "model", 1) and echo.anchor == call_anchor("req_1", "model", 0)
     assert child.anchor == call_anchor("req_1", "workflow", 0)
@@ -65,17 +71,18 @@ def test_bars_are_clamped_to_the_axis_and_never_narrower_than_the_minimum() -> N
     record = _record(model_calls=[_model(T0 + 11, 0.0), _model(T0 - 5, 1000), _model(T0 + 3, -50.0)])
     rows = build([record], now=T0 + 100).rows[1:]
     for row in rows:
-        assert 0.0 <= row.offset and row.offset + row.width <= 1.0 + 1e-9
-        assert row.width >= MIN_WIDTH - 1e-9
+        offset, width = _extent(row)
+        assert 0.0 <= offset and offset + width <= 1.0 + 1e-9
+        assert width >= MIN_WIDTH - 1e-9
     instant = next(r for r in rows if r.start == T0 + 11)
-    assert instant.width == pytest.approx(MIN_WIDTH) and instant.offset == pytest.approx(1 - MIN_WIDTH)
+    assert _extent(instant) == (pytest.approx(1 - MIN_WIDTH), pytest.approx(MIN_WIDTH))
 
 
 def test_a_call_outside_the_run_widens_the_axis() -> None:
     record = _record(model_calls=[_model(T0 + 10, 5000)])
     timeline = build([record], now=T0 + 100)
     assert timeline.axis.end == T0 + 15
-    assert timeline.rows[1].offset + timeline.rows[1].width == pytest.approx(1.0)
+    assert sum(_extent(timeline.rows[1])) == pytest.approx(1.0)
 
 
 def test_a_running_run_is_drawn_up_to_now() -> None:
@@ -89,7 +96,7 @@ def test_a_running_run_is_drawn_up_to_now() -> None:
 def test_a_queued_run_is_one_waiting_bar_up_to_now() -> None:
     record = _record(status="queued", started_at=None, finished_at=None)
     [row] = build([record], now=T0 + 4).rows
-    assert [s.phase for s in row.segments] == ["queued"] and row.width == pytest.approx(1.0)
+    assert [s.phase for s in row.segments] == ["queued"] and _extent(row)[1] == pytest.approx(1.0)
 
 
 def test_a_fallback_call_and_its_first_token_are_marked() -> None:
@@ -124,7 +131,7 @@ def test_several_runs_share_one_axis_oldest_first_each_followed_by_its_calls() -
     assert [(r.kind, r.request_id) for r in timeline.rows] == [("run", "req_1"), ("run", "req_2"), ("model", "req_2")]
     assert (timeline.axis.start, timeline.axis.end) == (T0, T0 + 40)
     second = timeline.rows[1]
-    assert second.offset == pytest.approx(0.5) and second.width == pytest.approx(0.5)
+    assert _extent(second) == (pytest.approx(0.5), pytest.approx(0.5))
 
 
 def test_the_axis_has_round_ticks_from_zero_to_its_end() -> None:
@@ -232,3 +239,33 @@ def test_the_axis_ticks_are_html_text_placed_by_class_the_last_one_aligned_to_th
     assert [int(at) for at, _, _ in ticks] == [round(n * 100 / 8) for n in range(9)]
     assert all(align == "mid" for _, align, _ in ticks[1:-1])
     assert "<text" not in drawn and "style=" not in drawn
+
+
+def _running(**calls: Any) -> RunRecord:
+    return RunRecord(request_id="req_1", account="acct", workflow="flow", status="running", version="1.0.0",
+                     queued_at=T0, started_at=T0 + 1, **calls)
+
+
+def test_a_call_still_going_is_a_bar_from_its_start_to_now_marked_running() -> None:
+    timeline = build([_running(model_calls=[
+        {"kind": "model", "model": "done", "status": "ok", "started_at": T0 + 1, "latency_ms": 1000.0},
+        {"kind": "model", "model": "held", "status": "running", "started_at": T0 + 5, "call_id": "2"}])], now=T0 + 10)
+
+    run, done, held = timeline.rows
+    assert (timeline.axis.start, timeline.axis.end) == (T0, T0 + 10)
+    assert (done.running, done.segments[0].phase) == (False, "call")
+    assert held.label == "model held" and held.status == "running" and held.running
+    [bar] = held.segments
+    assert bar.phase == "call-running"
+    assert (bar.offset, bar.width) == (pytest.approx(0.5), pytest.approx(0.5))  # from its start to now
+    assert held.duration_ms == pytest.approx(5000) and "in progress" in held.title and "so far" in held.title
+
+
+def test_a_running_call_is_not_taken_for_a_failed_route_drawn_until_the_next_one() -> None:
+    timeline = build([_running(model_calls=[
+        {"kind": "model", "model": "a", "status": "running", "started_at": T0 + 2},
+        {"kind": "model", "model": "b", "status": "running", "started_at": T0 + 4}])], now=T0 + 6)
+
+    _, first, second = timeline.rows
+    assert first.end == T0 + 6 and second.end == T0 + 6
+    assert [r.segments[0].phase for r in (first, second)] == ["call-running", "call-running"]

@@ -1,5 +1,4 @@
-"""A running run's live calls: what its worker pushes (LiveCalls, on a real Redis), how readers merge it, and the
-console timeline's bar of a call still going."""
+"""A running run's live calls: what its worker pushes (LiveCalls, on a real Redis) and how readers merge it."""
 from __future__ import annotations
 
 import json
@@ -14,8 +13,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from flowpool import keys
-from flowpool.api.console.timeline import build
-from flowpool.live_calls import MAX_LIVE_BYTES, MAX_LIVE_CALLS, LiveCalls, merge
+from flowpool.live_calls import MAX_LIVE_BYTES, MAX_LIVE_CALLS, LiveCalls, merge, with_live_calls
 from flowpool.run import RunRecord, secret_redactions
 from flowpool.tasks.outbound import MAX_RECORDED_HTTP_BYTES, MAX_RECORDED_HTTP_CALLS
 
@@ -162,31 +160,14 @@ def test_entries_redis_did_not_take_go_out_with_the_next_write(redis_db: redis.R
     assert redis_db.pttl(keys.run_calls("req_live")) > 0
 
 
-def _running(**calls: Any) -> RunRecord:
-    return RunRecord(request_id="req_1", account="acct", workflow="flow", status="running", version="1.0.0",
-                     queued_at=T0, started_at=T0 + 1, **calls)
+def test_a_running_runs_record_gets_its_live_calls_and_an_ended_one_keeps_its_own(redis_db: redis.Redis) -> None:
+    live = _live(redis_db)
+    live.start("model", {"kind": "model", "model": "held"})
+    running = RunRecord(request_id="req_live", account="acct", workflow="flow", status="running")
+    ended = RunRecord(request_id="req_live", account="acct", workflow="flow", status="succeeded",
+                      model_calls=[{"kind": "model", "model": "kept", "status": "ok"}])
 
+    assert with_live_calls(redis_db, running).model_calls == [
+        {"kind": "model", "model": "held", "status": "running", "call_id": "1"}]
+    assert with_live_calls(redis_db, ended) is ended
 
-def test_a_call_still_going_is_a_bar_from_its_start_to_now_marked_running() -> None:
-    timeline = build([_running(model_calls=[
-        {"kind": "model", "model": "done", "status": "ok", "started_at": T0 + 1, "latency_ms": 1000.0},
-        {"kind": "model", "model": "held", "status": "running", "started_at": T0 + 5, "call_id": "2"}])], now=T0 + 10)
-
-    run, done, held = timeline.rows
-    assert (timeline.axis.start, timeline.axis.end) == (T0, T0 + 10)
-    assert (done.running, done.segments[0].phase) == (False, "call")
-    assert held.label == "model held" and held.status == "running" and held.running
-    [bar] = held.segments
-    assert bar.phase == "call-running"
-    assert (bar.offset, bar.width) == (pytest.approx(0.5), pytest.approx(0.5))  # from its start to now
-    assert held.duration_ms == pytest.approx(5000) and "in progress" in held.title and "so far" in held.title
-
-
-def test_a_running_call_is_not_taken_for_a_failed_route_drawn_until_the_next_one() -> None:
-    timeline = build([_running(model_calls=[
-        {"kind": "model", "model": "a", "status": "running", "started_at": T0 + 2},
-        {"kind": "model", "model": "b", "status": "running", "started_at": T0 + 4}])], now=T0 + 6)
-
-    _, first, second = timeline.rows
-    assert first.end == T0 + 6 and second.end == T0 + 6
-    assert [r.segments[0].phase for r in (first, second)] == ["call-running", "call-running"]

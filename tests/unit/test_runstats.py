@@ -74,6 +74,18 @@ def test_queued_and_running_runs_count_as_runs_but_not_in_latency_or_errors() ->
     assert stats["p50_ms"] == 2000.0 and stats["p95_ms"] == 2000.0
 
 
+def test_the_error_rate_is_of_the_runs_that_ended_and_none_while_none_has() -> None:
+    failed = _run(10, RunStatus.FAILED, name="failed")
+    running = [_run(20 + i, RunStatus.RUNNING, took=None, name=str(i)) for i in range(9)]
+
+    stats = workflow_stats([failed, *running], NOW)
+
+    assert stats["runs"] == 10 and stats["ended"] == 1 and stats["errors"] == 1
+    assert stats["error_rate"] == 1.0  # 1 of the 1 run that ended, not 1 of 10
+    assert stats["buckets"][-1]["ended"] == 1
+    assert workflow_stats(running, NOW)["error_rate"] is None
+
+
 def test_buckets_split_the_window_and_add_up_to_the_totals() -> None:
     runs = [_run(30, took=1.0), _run(40, RunStatus.FAILED, took=3.0), _run(2 * HOUR + 5, took=5.0),
             _run(6 * HOUR - 1, took=7.0)]

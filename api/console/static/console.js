@@ -1,4 +1,4 @@
-/* The flowpool console's one script: no build step, no dependencies beyond htmx.
+/* The flowpool console's core script, loaded by every page: no build step, no dependencies beyond htmx.
  *
  * Core (below): local times, live streams (FlowpoolConsole.follow), the "/" hotkey and the CSRF token for fetch().
  * Each page's own part is a file of its own (workflow.js, playground.js, run.js), loaded by its template.
