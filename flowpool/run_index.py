@@ -118,10 +118,6 @@ class RunIndex:
                                        if raw is not None})
                 for values in pipe.execute()]
 
-    def live_calls(self, request_id: str) -> dict[str, list[dict[str, Any]]]:
-        """A running run's calls so far by record field (:func:`flowpool.live_calls.read`)."""
-        return live_calls.read(self.redis, request_id)
-
     def with_live_calls(self, record: RunRecord) -> RunRecord:
         """``record`` with its calls so far while it runs (:func:`flowpool.live_calls.with_live_calls`)."""
         return live_calls.with_live_calls(self.redis, record)
@@ -132,25 +128,36 @@ class RunIndex:
         At most ``runs_per_workflow`` runs are read, the newest; ``sampled`` says the window held more, read or
         dropped from the index already (it keeps that many).
         """
-        index = keys.workflow_runs(account_id, ref)
+        return self.workflows_stats(account_id, [ref], now, hours)[0]
+
+    def workflows_stats(self, account_id: str, refs: list[str], now: float, hours: int = 24) -> list[dict[str, Any]]:
+        """:meth:`workflow_stats` of each of ``refs``, in order, in two round trips for them all."""
         start = now - hours * 3600
         cap = self.runs_per_workflow
         pipe = self.redis.pipeline(transaction=False)
-        # Up to +inf: a run queued a moment after ``now`` by another process's clock counts in the last bucket.
-        pipe.zrevrangebyscore(index, "+inf", repr(start), start=0, num=cap + 1)
-        pipe.zcard(index)
-        pipe.zrange(index, 0, 0, withscores=True)
-        members, total, oldest = pipe.execute()
-        ids = [member.decode() for member in members[:cap]]
-        # The index is trimmed to runs_per_workflow: when full, runs older than its oldest may be in the window too.
-        dropped = total >= cap and bool(oldest) and oldest[0][1] > start
-        records = []
-        for request_id, fields in zip(ids, self._fields(ids, _STATS_FIELDS)):
-            if fields is None or fields["account"] != account_id or fields["workflow"] != ref:
-                continue
-            records.append(RunRecord(request_id=request_id, account=account_id, workflow=ref, status=fields["status"],
-                                     queued_at=fields["queued_at"], finished_at=fields["finished_at"]))
-        return workflow_stats(records, now, hours, sampled=len(members) > cap or dropped)
+        for ref in refs:
+            index = keys.workflow_runs(account_id, ref)
+            # Up to +inf: a run queued a moment after ``now`` by another process's clock counts in the last bucket.
+            pipe.zrevrangebyscore(index, "+inf", repr(start), start=0, num=cap + 1)
+            pipe.zcard(index)
+            pipe.zrange(index, 0, 0, withscores=True)
+        replies = pipe.execute()
+        per_ref = [replies[i:i + 3] for i in range(0, len(replies), 3)]
+        ids = [[member.decode() for member in members[:cap]] for members, _, _ in per_ref]
+        fields = iter(self._fields([request_id for some in ids for request_id in some], _STATS_FIELDS))
+        stats = []
+        for ref, (members, total, oldest), some in zip(refs, per_ref, ids):
+            # The index is trimmed to runs_per_workflow: when full, runs older than its oldest may be in the window.
+            dropped = total >= cap and bool(oldest) and oldest[0][1] > start
+            records = []
+            for request_id, found in zip(some, fields):
+                if found is None or found["account"] != account_id or found["workflow"] != ref:
+                    continue
+                records.append(RunRecord(request_id=request_id, account=account_id, workflow=ref,
+                                         status=found["status"], queued_at=found["queued_at"],
+                                         finished_at=found["finished_at"]))
+            stats.append(workflow_stats(records, now, hours, sampled=len(members) > cap or dropped))
+        return stats
 
     def _fields(self, request_ids: list[str], names: tuple[str, ...]) -> list[dict[str, Any] | None]:
         """Some fields of several records in one round trip, decoded (the status as-is); None for a record gone."""
