@@ -290,3 +290,12 @@ def test_a_run_page_copies_its_id_and_the_runs_page_goes_to_a_run_by_its_id(
     runs.goto(f"{console.base_url}/console/runs/go?request_id=req_not_a_run", wait_until="load", timeout=WAIT_MS)
     assert runs.title().startswith("Run not found") and runs.locator("h1").inner_text() == "Run not found"
     assert runs.get_by_role("link", name="Back to the runs").get_attribute("href") == "/console/runs"
+
+
+def test_every_page_loads_only_from_the_api_itself(console: Console, session_runs: list[str]) -> None:
+    """No CDN, no web fonts, no third-party script: everything the browser fetched came from the API's origin."""
+    for path in ["/console/workflows", f"/console/workflows/{console.streams}", "/console/runs",
+                 f"/console/runs/{session_runs[0]}", "/console/usage", f"/console/playground?workflow={console.asks}"]:
+        console.page(path).close()
+    origin = console.api.base_url.rstrip("/") + "/"
+    assert console.urls and [url for url in console.urls if not url.startswith(origin)] == []
